@@ -1,0 +1,75 @@
+"""The one exception hierarchy of copiamail.
+
+Every error a user can cause (a bad job, a bad config, a missing file) is a
+:class:`CopiamailError`; its ``str()`` is one line that names the file, line or
+key. The CLI prints that line and exits non-zero; the node writes it into the
+job's ``EMAIL_ERROR`` and goes on. Anything else escaping is a bug.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CopiamailError(Exception):
+    """Base of every error copiamail raises on purpose."""
+
+
+class LocatedError(CopiamailError):
+    """An error at a place in a file: ``file:line: message``."""
+
+    def __init__(self, message: str, path: Path | str | None = None, line: int | None = None) -> None:
+        self.message = message
+        self.path = Path(path) if path is not None else None
+        self.line = line
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ""
+        if self.path is not None:
+            where = f"{self.path}"
+            if self.line is not None:
+                where += f":{self.line}"
+            where += ": "
+        elif self.line is not None:
+            where = f"line {self.line}: "
+        return f"{where}{self.message}"
+
+
+class SyntaxFileError(LocatedError, ValueError):
+    """A line of an FS or CFG file that does not follow the command syntax."""
+
+
+class ConfigError(LocatedError, ValueError):
+    """A bad key or value in copiamail.yaml or the CFG file."""
+
+
+class JobError(LocatedError, ValueError):
+    """An FS job that cannot be sent as written (the job fails with class Z).
+
+    ``outcome`` is the engine's outcome code written into ``$fax_status2``.
+    """
+
+    def __init__(self, message: str, outcome: int, path: Path | str | None = None, line: int | None = None) -> None:
+        self.outcome = outcome
+        super().__init__(message, path, line)
+
+
+class SpoolError(CopiamailError, OSError):
+    """The spool cannot be used: a missing folder, a full disk, a node already running."""
+
+
+class DeliveryError(CopiamailError):
+    """An SMTP attempt that did not deliver.
+
+    ``code`` is the SMTP reply code or the engine's outcome code, ``klass`` the
+    CopiaFacts class letter, ``text`` the server's reply or our own message, and
+    ``permanent`` tells whether the job fails at once (5xx) or may be retried.
+    """
+
+    def __init__(self, code: int, klass: str, text: str, permanent: bool) -> None:
+        self.code = code
+        self.klass = klass
+        self.text = text
+        self.permanent = permanent
+        super().__init__(text)

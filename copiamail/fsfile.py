@@ -1,0 +1,262 @@
+"""The CopiaFacts command syntax, shared by FS jobs and the CFG file.
+
+A file is a sequence of lines. A line is blank, a comment (``;`` first), or one
+command: ``$name arg arg ...``. Arguments are separated by spaces or tabs; one
+with spaces is written in double quotes, a ``"`` inside quotes as ``""``. A
+``;`` at the start of a line or after white space begins a comment, except
+inside quotes. Command names are case-insensitive.
+
+:class:`CommandFile` keeps the file's exact text (every line with its own line
+ending, the BOM, the encoding) so that ``CommandFile.parse(b).to_bytes() == b``
+for any bytes ``b``. The engine edits a file only through :meth:`set_var`,
+:meth:`set_command` and :meth:`append_command`, which touch one line each and
+keep every other line as it was.
+
+Encoding: UTF-8 (a BOM is allowed); bytes that are not valid UTF-8 are read as
+cp1252. Bytes cp1252 leaves undefined survive as surrogate escapes, so even
+binary junk round-trips; :meth:`commands` then refuses it with a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SyntaxFileError
+
+_BOM = b"\xef\xbb\xbf"
+_SPACE = " \t"
+
+
+@dataclass(frozen=True)
+class Command:
+    """One parsed command line: ``name`` lower-case without ``$``; ``line`` 1-based."""
+
+    name: str
+    args: tuple[str, ...]
+    line: int
+
+
+def tokenize(text: str, line: int = 0, path: Path | str | None = None) -> list[str]:
+    """Split one line (without its line ending) into its arguments.
+
+    Raises :class:`SyntaxFileError` for an unterminated quote.
+    """
+    tokens: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in _SPACE:
+            i += 1
+            continue
+        if c == ";":
+            break
+        buf: list[str] = []
+        while i < n and text[i] not in _SPACE:
+            if text[i] == '"':
+                i += 1
+                while True:
+                    if i >= n:
+                        raise SyntaxFileError("unterminated quote", path, line)
+                    if text[i] == '"':
+                        if i + 1 < n and text[i + 1] == '"':
+                            buf.append('"')
+                            i += 2
+                            continue
+                        i += 1
+                        break
+                    buf.append(text[i])
+                    i += 1
+            else:
+                buf.append(text[i])
+                i += 1
+        tokens.append("".join(buf))
+    return tokens
+
+
+def format_arg(value: str) -> str:
+    """Write one argument so that :func:`tokenize` reads it back as ``value``.
+
+    A line cannot hold a line break, so CR and LF become spaces.
+    """
+    value = value.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
+    if value and not any(c in value for c in ' \t";'):
+        return value
+    return '"' + value.replace('"', '""') + '"'
+
+
+def format_command(name: str, *args: str) -> str:
+    """One command line's text, without its line ending."""
+    return " ".join(["$" + name] + [format_arg(a) for a in args])
+
+
+def _split_lines(text: str) -> tuple[str, ...]:
+    # Only LF ends a line: str.splitlines would also split on VT, FF, U+2028...
+    # and so change the file on the way back.
+    parts = text.split("\n")
+    lines = [p + "\n" for p in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    return tuple(lines)
+
+
+def _body(raw: str) -> str:
+    if raw.endswith("\n"):
+        raw = raw[:-1]
+    if raw.endswith("\r"):
+        raw = raw[:-1]
+    return raw
+
+
+def _key(raw: str) -> tuple[str, str] | None:
+    """The (command, variable) a line sets, for finding lines to edit; None if none."""
+    text = raw.lstrip(_SPACE)
+    if not text.startswith("$"):
+        return None
+    try:
+        tokens = tokenize(_body(text))
+    except SyntaxFileError:
+        return None
+    if not tokens:
+        return None
+    name = tokens[0][1:].lower()
+    if name == "var_def":
+        return (name, tokens[1].upper() if len(tokens) > 1 else "")
+    return (name, "")
+
+
+@dataclass(frozen=True)
+class CommandFile:
+    """An FS or CFG file as exact text, readable as commands and editable by line."""
+
+    lines: tuple[str, ...]
+    encoding: str = "utf-8"
+    bom: bool = False
+    path: Path | None = field(default=None, compare=False)
+
+    @classmethod
+    def parse(cls, data: bytes, path: Path | str | None = None) -> "CommandFile":
+        """Read bytes; never fails (errors surface in :meth:`commands`)."""
+        bom = data.startswith(_BOM)
+        if bom:
+            data = data[len(_BOM):]
+        try:
+            text, encoding = data.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            text, encoding = data.decode("cp1252", errors="surrogateescape"), "cp1252"
+        return cls(_split_lines(text), encoding, bom, Path(path) if path is not None else None)
+
+    @classmethod
+    def read(cls, path: Path | str) -> "CommandFile":
+        """Read a file from disk (an OSError propagates to the caller)."""
+        with open(path, "rb") as f:
+            return cls.parse(f.read(), path)
+
+    def to_bytes(self) -> bytes:
+        data = "".join(self.lines).encode(self.encoding, errors="surrogateescape")
+        return _BOM + data if self.bom else data
+
+    @property
+    def newline(self) -> str:
+        """The file's line ending: that of its first line, LF for a file with none."""
+        for raw in self.lines:
+            if raw.endswith("\n"):
+                return "\r\n" if raw.endswith("\r\n") else "\n"
+        return "\n"
+
+    def commands(self) -> list[Command]:
+        """Every command in file order; the first bad line raises SyntaxFileError."""
+        out: list[Command] = []
+        for number, raw in enumerate(self.lines, 1):
+            text = _body(raw)
+            if "\x00" in text or any(0xDC80 <= ord(c) <= 0xDCFF for c in text):
+                raise SyntaxFileError("binary data, not a command file", self.path, number)
+            stripped = text.strip(_SPACE)
+            if not stripped or stripped.startswith(";"):
+                continue
+            if not stripped.startswith("$"):
+                shown = stripped if len(stripped) <= 40 else stripped[:40] + "..."
+                raise SyntaxFileError(f"expected a $command, found {shown!r}", self.path, number)
+            tokens = tokenize(text, number, self.path)
+            name = tokens[0][1:].lower()
+            if not name:
+                raise SyntaxFileError("a '$' without a command name", self.path, number)
+            out.append(Command(name, tuple(tokens[1:]), number))
+        return out
+
+    def _sanitize(self, value: str) -> str:
+        # A value the file's encoding cannot hold is written with '?' rather than
+        # failing the write-back of a job that must not be lost; so is a NUL,
+        # which would make commands() refuse the job as binary on its next read.
+        value = value.replace("\x00", "?")
+        if self.encoding == "utf-8":
+            return value.encode("utf-8", errors="replace").decode("utf-8")
+        return value.encode(self.encoding, errors="replace").decode(self.encoding)
+
+    def _replace_or_append(self, key: tuple[str, str], text: str) -> "CommandFile":
+        text = self._sanitize(text)
+        lines = list(self.lines)
+        for i in range(len(lines) - 1, -1, -1):
+            if _key(lines[i]) == key:
+                old = lines[i]
+                indent = old[: len(old) - len(old.lstrip(_SPACE))]
+                ending = old[len(_body(old)):]
+                lines[i] = indent + text + ending
+                return CommandFile(tuple(lines), self.encoding, self.bom, self.path)
+        return self._append(lines, text)
+
+    def _append(self, lines: list[str], text: str) -> "CommandFile":
+        newline = self.newline
+        if lines and not lines[-1].endswith("\n"):
+            # A last line cut after its CR only needs the LF: adding a whole
+            # ending would turn that CR into part of the line's text.
+            lines[-1] += "\n" if lines[-1].endswith("\r") else newline
+        lines.append(text + newline)
+        return CommandFile(tuple(lines), self.encoding, self.bom, self.path)
+
+    def set_var(self, name: str, value: str | int) -> "CommandFile":
+        """Update the (last) ``$var_def NAME`` line in place, or append one."""
+        return self._replace_or_append(("var_def", name.upper()), format_command("var_def", name, str(value)))
+
+    def set_command(self, name: str, *args: str | int) -> "CommandFile":
+        """Update the last ``$name`` line in place, or append one (single-valued commands)."""
+        return self._replace_or_append((name.lower(), ""), format_command(name, *(str(a) for a in args)))
+
+    def append_command(self, name: str, *args: str | int) -> "CommandFile":
+        """Append a ``$name`` line (repeatable commands such as ``$attempt_record``)."""
+        return self._append(list(self.lines), self._sanitize(format_command(name, *(str(a) for a in args))))
+
+    def var(self, name: str) -> str | None:
+        """The value of ``$var_def NAME`` at its last occurrence, or None."""
+        wanted = name.upper()
+        value: str | None = None
+        for raw in self.lines:
+            if _key(raw) == ("var_def", wanted):
+                tokens = tokenize(_body(raw))
+                value = " ".join(tokens[2:])
+        return value
+
+
+def write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Create ``path`` holding ``data``: write ``path.tmp``, fsync, rename.
+
+    A reader sees either no file or the whole file, never a part of it.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_all(fd, data)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a write may be partial)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]

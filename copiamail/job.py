@@ -1,0 +1,292 @@
+"""An FS file's meaning: the frozen :class:`Job` the engine sends.
+
+:func:`parse_job` reads the commands of SPEC 2 ("Commands of an e-mail job") and
+the lines the engine writes (SPEC 2, "What the engine writes into a job"). Any
+other command is kept in the file and ignored here: FS files written for
+CopiaFacts carry fax commands too. A job that cannot be sent as written raises
+:class:`~copiamail.errors.JobError` with the outcome code it fails with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from . import outcome
+from .errors import JobError, SyntaxFileError
+from .fsfile import Command, CommandFile
+
+# Lines the engine owns (SPEC 2): it may update or add these; every other line
+# is the submitter's and is kept as written.
+OWNED_VARS = frozenset({"DOMAINBUSY_COUNT", "EMAIL_ERROR", "EMAIL_CONNECT_IP", "EMAIL_BYTECOUNT"})
+OWNED_COMMANDS = frozenset({"attempt_record", "fax_status1", "fax_status2", "fax_next_date", "fax_next_time"})
+
+# Commands that set one value: the last occurrence counts.
+_SINGLE = {"email_address", "email_subject", "email_from", "email_esender", "email_charset"}
+
+_ADDRESS = re.compile(r"^[^\s<>()\[\],;:\"@]+(?:\.[^\s<>()\[\],;:\"@]+)*@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+_QUOTED_LOCAL = re.compile(r'^"[^"\r\n]*"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$')
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")
+
+
+def is_owned(command: Command) -> bool:
+    """Whether a line is one the engine writes (and so may rewrite)."""
+    if command.name == "var_def":
+        return bool(command.args) and command.args[0].upper() in OWNED_VARS
+    return command.name in OWNED_COMMANDS
+
+
+@dataclass(frozen=True)
+class BodyItem:
+    """A piece of a body in file order: a text line, or a file to include."""
+
+    kind: str  # "text" or "file"
+    value: str
+    line: int
+
+
+@dataclass(frozen=True)
+class Attachment:
+    path: str
+    content_type: str | None
+    line: int
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """``$attempt_record MM/DD/YYYY HH:MM:SS E NODE OUTCOME CLASS "text"``."""
+
+    date: str
+    time: str
+    node: str
+    outcome: int
+    klass: str
+    text: str
+
+    @property
+    def counts_as_retry(self) -> bool:
+        """Interruptions (66) do not count as retries (SPEC 4)."""
+        return self.outcome != outcome.INTERRUPTED.code
+
+
+@dataclass(frozen=True)
+class Job:
+    """One parsed e-mail job (one recipient)."""
+
+    name: str
+    address: str
+    domain: str
+    subject: str | None = None
+    body: tuple[BodyItem, ...] = ()
+    alt: tuple[BodyItem, ...] = ()
+    attachments: tuple[Attachment, ...] = ()
+    from_header: str | None = None
+    esender: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    charset: str = "utf-8"
+    retry_delays: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    variables: Mapping[str, str] = field(default_factory=dict)
+    attempts: tuple[AttemptRecord, ...] = ()
+    domainbusy_count: int = 0
+    next_attempt: float | None = None
+    identity: str = ""
+
+    @property
+    def binding(self) -> str | None:
+        return self.variables.get("EMAIL_BINDING")
+
+    @property
+    def binding_group(self) -> str | None:
+        return self.variables.get("EMAIL_BINDING_GROUP")
+
+    @property
+    def interruptions(self) -> int:
+        return sum(1 for a in self.attempts if not a.counts_as_retry)
+
+    def is_due(self, now: float) -> bool:
+        return self.next_attempt is None or self.next_attempt <= now
+
+
+def _joined(cmd: Command) -> str:
+    return " ".join(cmd.args)
+
+
+def _check_header_value(value: str, what: str, cmd: Command, cf: CommandFile) -> str:
+    if "\r" in value or "\n" in value:
+        raise JobError(f"{what} contains CR or LF", outcome.BAD_HEADER.code, cf.path, cmd.line)
+    return value
+
+
+def parse_address(text: str) -> tuple[str, str] | None:
+    """``(address, domain)`` of a plain address, ``<address>`` allowed; None if malformed."""
+    text = text.strip()
+    if text.startswith("<") and text.endswith(">"):
+        text = text[1:-1]
+    if not (_ADDRESS.match(text) or _QUOTED_LOCAL.match(text)):
+        return None
+    return text, text.rsplit("@", 1)[1].lower()
+
+
+def parse_local_time(date: str, clock: str) -> float:
+    """``MM/DD/YYYY`` and ``HH:MM:SS`` in the node's local time, to epoch seconds."""
+    return time.mktime(time.strptime(f"{date} {clock}", "%m/%d/%Y %H:%M:%S"))
+
+
+def job_identity(name: str, cf: CommandFile, commands: list[Command]) -> str:
+    """A digest of the job's name and the lines the engine does not own: stable
+    across the engine's own edits, so a retry carries the same Message-ID."""
+    h = hashlib.sha256(name.encode("utf-8", "surrogateescape"))
+    owned = {c.line for c in commands if is_owned(c)}
+    for number, raw in enumerate(cf.lines, 1):
+        if number not in owned:
+            h.update(raw.rstrip("\r\n").encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()[:32]
+
+
+def parse_job(cf: CommandFile, name: str) -> Job:
+    """The job an FS file describes; raises JobError (with its outcome code)."""
+    try:
+        commands = cf.commands()
+    except SyntaxFileError as e:
+        raise JobError(e.message, outcome.BAD_JOB.code, cf.path, e.line) from None
+
+    single: dict[str, Command] = {}
+    body: list[BodyItem] = []
+    alt: list[BodyItem] = []
+    attachments: list[Attachment] = []
+    headers: list[tuple[str, str]] = []
+    delays: dict[str, tuple[int, ...]] = {}
+    variables: dict[str, str] = {}
+    attempts: list[AttemptRecord] = []
+    next_date: Command | None = None
+    next_time: Command | None = None
+
+    def need_arg(cmd: Command) -> None:
+        if not cmd.args:
+            raise JobError(f"${cmd.name} needs an argument", outcome.BAD_JOB.code, cf.path, cmd.line)
+
+    for cmd in commands:
+        n = cmd.name
+        if n in _SINGLE:
+            need_arg(cmd)
+            single[n] = cmd
+        elif n == "email_text":
+            body.append(BodyItem("text", _joined(cmd), cmd.line))
+        elif n == "email_body":
+            need_arg(cmd)
+            body.append(BodyItem("file", cmd.args[0], cmd.line))
+        elif n == "email_alttext":
+            alt.append(BodyItem("text", _joined(cmd), cmd.line))
+        elif n == "email_altbody":
+            need_arg(cmd)
+            alt.append(BodyItem("file", cmd.args[0], cmd.line))
+        elif n == "email_attach":
+            need_arg(cmd)
+            ctype = cmd.args[1] if len(cmd.args) > 1 else None
+            if ctype is not None and not re.match(r"^[\w.+-]+/[\w.+-]+$", ctype):
+                raise JobError(f"bad content type {ctype!r}", outcome.BAD_JOB.code, cf.path, cmd.line)
+            attachments.append(Attachment(cmd.args[0], ctype, cmd.line))
+        elif n == "email_header":
+            text = _check_header_value(_joined(cmd), "header", cmd, cf)
+            hname, sep, value = text.partition(":")
+            hname = hname.strip()
+            if not sep or not _HEADER_NAME.match(hname):
+                raise JobError(f"bad header {text!r} (NAME: VALUE)", outcome.BAD_HEADER.code, cf.path, cmd.line)
+            headers.append((hname, value.strip()))
+        elif n == "email_retry_delays":
+            if len(cmd.args) < 1:
+                raise JobError("$email_retry_delays needs CLASS \"LIST\"", outcome.BAD_JOB.code, cf.path, cmd.line)
+            try:
+                delays[outcome.parse_retry_class(cmd.args[0])] = outcome.parse_delays(" ".join(cmd.args[1:]))
+            except ValueError as e:
+                raise JobError(str(e), outcome.BAD_JOB.code, cf.path, cmd.line) from None
+        elif n == "var_def":
+            need_arg(cmd)
+            variables[cmd.args[0].upper()] = " ".join(cmd.args[1:])
+        elif n == "attempt_record":
+            record = _parse_attempt(cmd)
+            if record is not None:
+                attempts.append(record)
+        elif n == "fax_next_date":
+            next_date = cmd
+        elif n == "fax_next_time":
+            next_time = cmd
+
+    if "email_address" not in single:
+        raise JobError("no recipient ($email_address is missing)", outcome.BAD_JOB.code, cf.path)
+    addr_cmd = single["email_address"]
+    parsed = parse_address(_check_header_value(_joined(addr_cmd), "$email_address", addr_cmd, cf))
+    if parsed is None:
+        raise JobError(f"bad recipient address {_joined(addr_cmd)!r}", outcome.BAD_HEADER.code, cf.path, addr_cmd.line)
+    address, domain = parsed
+
+    def value(key: str) -> str | None:
+        cmd = single.get(key)
+        return None if cmd is None else _check_header_value(_joined(cmd), "$" + key, cmd, cf)
+
+    esender = value("email_esender")
+    if esender is not None:
+        checked = parse_address(esender)
+        if checked is None:
+            cmd = single["email_esender"]
+            raise JobError(f"bad envelope sender {esender!r}", outcome.BAD_HEADER.code, cf.path, cmd.line)
+        esender = checked[0]
+
+    charset = value("email_charset") or "utf-8"
+    try:
+        "".encode(charset)
+    except (LookupError, UnicodeError):  # UnicodeError: the "undefined" codec
+        cmd = single["email_charset"]
+        raise JobError(f"unknown charset {charset!r}", outcome.BAD_CHARSET.code, cf.path, cmd.line) from None
+
+    next_attempt = None
+    if next_date is not None and next_date.args:
+        clock = next_time.args[0] if next_time is not None and next_time.args else "00:00:00"
+        try:
+            next_attempt = parse_local_time(next_date.args[0], clock)
+        except (ValueError, OverflowError):
+            raise JobError(
+                f"bad $fax_next_date/$fax_next_time {next_date.args[0]} {clock}",
+                outcome.BAD_JOB.code, cf.path, next_date.line,
+            ) from None
+
+    try:
+        busy = int(variables.get("DOMAINBUSY_COUNT", "0") or "0")
+    except ValueError:
+        busy = 0
+
+    return Job(
+        name=name,
+        address=address,
+        domain=domain,
+        subject=value("email_subject"),
+        body=tuple(body),
+        alt=tuple(alt),
+        attachments=tuple(attachments),
+        from_header=value("email_from"),
+        esender=esender,
+        headers=tuple(headers),
+        charset=charset,
+        retry_delays=delays,
+        variables=variables,
+        attempts=tuple(attempts),
+        domainbusy_count=busy,
+        next_attempt=next_attempt,
+        identity=job_identity(name, cf, commands),
+    )
+
+
+def _parse_attempt(cmd: Command) -> AttemptRecord | None:
+    # A record the engine cannot read is kept in the file but not counted; the
+    # alternative, failing the job, would punish it for a hand edit.
+    a = cmd.args
+    if len(a) < 6:
+        return None
+    try:
+        code = int(a[4])
+    except ValueError:
+        return None
+    return AttemptRecord(a[0], a[1], a[3], code, a[5].upper(), " ".join(a[6:]))
