@@ -1,0 +1,446 @@
+"""A parsed :class:`~copiamail.job.Job` as the bytes of an RFC 5322 message (SPEC 2).
+
+:func:`build_message` returns the whole message with CRLF line endings, ready for
+SMTP DATA (not dot-stuffed: the SMTP client does that).
+
+Headers, in this order: ``From`` (``$email_from``, else the envelope sender),
+``To`` (the recipient), ``Subject`` (only when the job has one; non-ASCII is
+written as RFC 2047 encoded words), ``Date`` (``now`` in local time with its
+offset), ``Message-ID`` (``<identity@sender-domain>``: the same for every build of
+the job, so a retry is recognisably the same message), ``MIME-Version``, then
+the job's ``$email_header`` lines in file order. A job header named From, To,
+Subject, Date or Message-ID replaces ours (the last one counts); one naming
+MIME-Version, Content-Type or Content-Transfer-Encoding is refused, since the
+engine writes those to match the body; any other is added. A header name or
+value holding CR, LF or NUL is refused (``BAD_HEADER``).
+
+Body: the ``$email_text`` lines (each ending in a line break) and the contents of
+the ``$email_body`` files (UTF-8, else cp1252; added as they are) in file order,
+with line breaks made CRLF and a final line break added when missing. It is
+text/html when ``<html`` (any case) occurs in its first three lines or one of its
+files ends in ``.htm``/``.html``, else text/plain. Charset: ``$email_charset``
+(default UTF-8), written under its MIME name; text it cannot encode fails the
+job (``BAD_CHARSET``). Transfer encoding: 7bit for ASCII with lines of at most
+998 bytes, else quoted-printable or base64, whichever is shorter.
+
+The ``$email_alttext``/``$email_altbody`` part makes a multipart/alternative with
+the HTML body last (when neither or both are HTML: the alternative part first).
+Attachments make a multipart/mixed: the body first, then each file in base64
+with its given content type, else one guessed from its name, else
+application/octet-stream, and ``Content-Disposition: attachment`` with its name.
+
+Paths: a relative path is taken from ``spool_root``. Its real path (symlinks and
+``..`` followed) must lie inside one of ``attachment_roots`` (real paths too; an
+empty tuple means the spool root), else ``OUTSIDE_ROOTS``; a file that cannot be
+read is ``MISSING_FILE``. Every error is a :class:`~copiamail.errors.JobError`
+carrying its outcome code and, for a file, the job line that names it.
+
+A single text part in UTF-8 or US-ASCII (no alternative, no attachment), the
+common case, is written directly; everything else goes through the stdlib
+``email`` package. Both paths share the header code.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import hashlib
+import mimetypes
+import os
+import re
+import time
+from dataclasses import dataclass
+from email.message import MIMEPart
+from email.policy import SMTP
+from email.utils import parseaddr, parsedate_to_datetime
+from pathlib import Path, PurePath
+from types import MappingProxyType
+
+from . import outcome
+from .errors import JobError
+from .job import Attachment, BodyItem, Job
+
+# 7bit, not the SMTP policy's 8bit: the server may lack 8BITMIME, and the
+# transfer encoding is chosen here anyway.
+_POLICY = SMTP.clone(cte_type="7bit")
+
+# Headers the engine writes; a job header with one of the first names replaces
+# ours, one with the second kind would contradict the body and is refused.
+_OUR_HEADERS = ("From", "To", "Subject", "Date", "Message-ID", "MIME-Version")
+_REPLACEABLE = MappingProxyType(
+    {"from": "From", "to": "To", "subject": "Subject", "date": "Date", "message-id": "Message-ID"}
+)
+_REFUSED = frozenset({"mime-version", "content-type", "content-transfer-encoding"})
+
+_HEADER_NAME = re.compile(r"[!-9;-~]+\Z")
+_PLAIN_VALUE = re.compile(r"[\t\x20-\x7e]*\Z")
+_SAFE_IDENTITY = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
+# Not strftime's %a and %b: those follow the locale.
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_HTML_SUFFIXES = (".htm", ".html")
+_MAX_7BIT_LINE = 998  # RFC 5322 2.1.1, without the CRLF
+_ASCII_TEXT = "".join(chr(c) for c in range(32, 127)) + "\t\r\n"
+_ASCII_BYTES = bytes(range(128))  # deleting these from data leaves its 8-bit bytes
+# Python codecs that are not charsets a mail reader knows, though "".encode() accepts them.
+_NOT_CHARSETS = frozenset({"unicode-escape", "raw-unicode-escape", "idna", "punycode", "undefined", "charmap", "utf-7"})
+# Compressed files: mimetypes reports the inner type plus an encoding, but the
+# bytes sent are the compressed ones.
+_COMPRESSED = MappingProxyType({
+    "gzip": "application/gzip", "bzip2": "application/x-bzip2", "xz": "application/x-xz",
+    "compress": "application/x-compress", "br": "application/x-brotli",
+})
+
+
+def build_message(
+    job: Job,
+    *,
+    spool_root: Path,
+    attachment_roots: tuple[Path, ...],
+    sender: str,
+    now: float | None = None,
+) -> bytes:
+    """The job's message as bytes with CRLF line endings; raises JobError (see module doc)."""
+    return _build(job, spool_root, attachment_roots, sender, now, force_email=False)
+
+
+def _build(
+    job: Job,
+    spool_root: Path,
+    attachment_roots: tuple[Path, ...],
+    sender: str,
+    now: float | None,
+    force_email: bool,
+) -> bytes:
+    head = _header_block(job, sender, time.time() if now is None else now)
+    charset, encodable = _mime_charset(job.charset)
+    files = _Files(spool_root, attachment_roots)
+    main = _load_body(job.body, files)
+    alt = _load_body(job.alt, files) if job.alt else None
+    attachments = [_load_attachment(a, files) for a in job.attachments]
+    if alt is None and not attachments and charset in ("utf-8", "us-ascii") and not force_email:
+        return head + _simple_part(main, charset)
+    return head + _mime_part(main, alt, attachments, charset, encodable, _identity(job))
+
+
+# --- headers -----------------------------------------------------------------
+
+
+def _header_block(job: Job, sender: str, now: float) -> bytes:
+    ours: dict[str, str | None] = {
+        "From": job.from_header if job.from_header is not None else sender,
+        "To": job.address,
+        "Subject": job.subject,
+        "Date": _date(now),
+        "Message-ID": f"<{_identity(job)}@{_domain(sender)}>",
+        "MIME-Version": "1.0",
+    }
+    extra: list[tuple[str, str]] = []
+    for name, value in job.headers:
+        if not _HEADER_NAME.match(name):
+            raise JobError(f"bad header name {name!r}", outcome.BAD_HEADER.code)
+        key = name.lower()
+        if key in _REFUSED:
+            raise JobError(f"header {name} is written by the engine and cannot be set", outcome.BAD_HEADER.code)
+        if key in _REPLACEABLE:
+            if key == "date":
+                _check_date(value)
+            ours[_REPLACEABLE[key]] = value
+        else:
+            extra.append((name, value))
+    lines = [_header_line(n, v) for n in _OUR_HEADERS if (v := ours[n]) is not None]
+    lines.extend(_header_line(n, v) for n, v in extra)
+    return "".join(lines).encode("ascii", "surrogateescape")
+
+
+def _header_line(name: str, value: str) -> str:
+    # Printable ASCII excludes CR, LF and NUL, so the common case needs no other test.
+    if len(name) + len(value) <= _POLICY.max_line_length - 2 and value.isascii() and value.isprintable():
+        return f"{name}: {value}\r\n"
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise JobError(f"header {name} contains CR, LF or NUL", outcome.BAD_HEADER.code)
+    if len(name) + len(value) <= _POLICY.max_line_length - 2 and _PLAIN_VALUE.match(value):
+        return f"{name}: {value}\r\n"
+    # Long or non-ASCII: the email package folds and RFC 2047-encodes. Its
+    # parsers are known to raise assorted exceptions on odd input; any of them
+    # means the header cannot be written.
+    try:
+        return _POLICY.header_factory(name, value).fold(policy=_POLICY)
+    except Exception as e:  # noqa: BLE001
+        raise JobError(f"header {name} cannot be written: {e}", outcome.BAD_HEADER.code) from None
+
+
+def _date(now: float) -> str:
+    """``email.utils.formatdate(now, localtime=True)``, in a quarter of its time."""
+    t = time.localtime(now)
+    offset = (t.tm_gmtoff or 0) // 60
+    sign = "-" if offset < 0 else "+"
+    hours, minutes = divmod(abs(offset), 60)
+    return (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} {sign}{hours:02d}{minutes:02d}"
+    )
+
+
+def _check_date(value: str) -> None:
+    try:
+        parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        raise JobError(f"bad Date header {value!r}", outcome.BAD_HEADER.code) from None
+
+
+def _identity(job: Job) -> str:
+    if _SAFE_IDENTITY.match(job.identity):
+        return job.identity
+    # A Job built without parse_job: derive a stable identity from what it says.
+    seed = job.identity or repr((job.name, job.address, job.subject, job.body, job.alt, job.attachments,
+                                 job.from_header, job.headers))
+    return hashlib.sha256(seed.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def _domain(sender: str) -> str:
+    address = parseaddr(sender)[1] if "<" in sender else sender.strip()
+    domain = address.rpartition("@")[2]
+    if _DOT_ATOM.match(domain):
+        return domain.lower()
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return "localhost"
+    return domain.lower() if _DOT_ATOM.match(domain) else "localhost"
+
+
+# --- charset -----------------------------------------------------------------
+
+
+def _mime_charset(name: str) -> tuple[str, bool]:
+    """The charset's MIME name, and whether ASCII text encodes to itself in it
+    (if not, as for UTF-16, the body can only be sent in base64)."""
+    try:
+        codec = codecs.lookup(name).name
+        "".encode(codec)
+    except LookupError:
+        raise JobError(f"unknown charset {name!r}", outcome.BAD_CHARSET.code) from None
+    if codec in _NOT_CHARSETS:
+        raise JobError(f"{name!r} is not a MIME charset", outcome.BAD_CHARSET.code)
+    if codec in ("utf-8", "utf-8-sig"):
+        return "utf-8", True  # no BOM in mail
+    if codec == "ascii":
+        return "us-ascii", True
+    if codec.startswith("iso8859-"):
+        mime = "iso-8859-" + codec[8:]
+    elif re.fullmatch(r"cp125\d", codec):
+        mime = "windows-" + codec[2:]
+    elif codec.startswith("iso2022_"):
+        mime = "iso-2022-" + codec[8:].replace("_", "-")
+    else:
+        mime = codec.replace("_", "-")
+    try:
+        codecs.lookup(mime)
+    except LookupError:
+        mime = name.lower()
+    try:
+        compatible = _ASCII_TEXT.encode(mime) == _ASCII_TEXT.encode("ascii")
+    except UnicodeError:
+        compatible = False
+    return mime, compatible
+
+
+# --- files -------------------------------------------------------------------
+
+
+class _Files:
+    """Reads the job's files, refusing any whose real path is outside the roots."""
+
+    def __init__(self, spool_root: Path, attachment_roots: tuple[Path, ...]) -> None:
+        self._spool_root = spool_root
+        self._given_roots = attachment_roots or (spool_root,)
+        self._roots: list[str] | None = None
+
+    def read(self, path: str, line: int) -> tuple[bytes, str]:
+        """The file's bytes and its real path."""
+        try:
+            real = os.path.realpath(os.path.join(self._spool_root, path))
+        except ValueError:  # an embedded NUL: no file has that name
+            raise JobError(f"cannot read {path!r}: bad file name", outcome.MISSING_FILE.code, line=line) from None
+        if self._roots is None:
+            # Resolved once per message, and only when a file is named: most jobs name none.
+            self._roots = [os.path.join(os.path.realpath(r), "") for r in self._given_roots]
+        if not any(real == r[:-1] or real.startswith(r) for r in self._roots):
+            raise JobError(f"{path!r} ({real}) is outside attachment_roots", outcome.OUTSIDE_ROOTS.code, line=line)
+        try:
+            # The real path, not the given one: a symlink swapped in after the
+            # check above cannot redirect the read.
+            with open(real, "rb") as f:
+                return f.read(), real
+        except OSError as e:
+            raise JobError(f"cannot read {path!r}: {e.strerror or e}", outcome.MISSING_FILE.code, line=line) from None
+
+
+@dataclass(frozen=True)
+class _Body:
+    text: str  # line breaks are "\n"; ends with one
+    html: bool
+    pieces: tuple[tuple[str, int], ...]  # (text, job line): to name the line of an unencodable character
+
+
+def _load_body(items: tuple[BodyItem, ...], files: _Files) -> _Body:
+    pieces: list[tuple[str, int]] = []
+    html_file = False
+    for item in items:
+        if item.kind == "file":
+            data, _ = files.read(item.value, item.line)
+            pieces.append((_decode(data), item.line))
+            html_file = html_file or item.value.lower().endswith(_HTML_SUFFIXES)
+        else:
+            pieces.append((item.value + "\n", item.line))
+    text = "".join([t for t, _ in pieces])
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.endswith("\n"):
+        text += "\n"
+    # The first three lines: up to the third line break.
+    end = text.find("\n")
+    if end >= 0:
+        end = text.find("\n", end + 1)
+        if end >= 0:
+            end = text.find("\n", end + 1)
+    head = text[:end] if end >= 0 else text
+    return _Body(text, html_file or "<html" in head.lower(), tuple(pieces))
+
+
+def _decode(data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")  # a BOM is not text
+    except UnicodeDecodeError:
+        pass
+    try:
+        return data.decode("cp1252")
+    except UnicodeDecodeError:
+        # The five bytes cp1252 leaves undefined stand for the C1 control of
+        # the same number, as in browsers, rather than failing the job.
+        table = {}
+        for b in range(0x80, 0xA0):
+            try:
+                table[b] = bytes([b]).decode("cp1252")
+            except UnicodeDecodeError:
+                pass
+        return data.decode("latin-1").translate(table)
+
+
+def _load_attachment(att: Attachment, files: _Files) -> tuple[str, str, bytes]:
+    data, _ = files.read(att.path, att.line)
+    # The name as the job wrote it: a symlink's target name is not the sender's to show.
+    filename = PurePath(att.path).name
+    ctype = att.content_type
+    if ctype is None:
+        guessed, encoding = mimetypes.guess_type(filename, strict=False)
+        if encoding is not None:
+            guessed = _COMPRESSED.get(encoding)
+        ctype = guessed or "application/octet-stream"
+    return filename, ctype.lower(), data
+
+
+# --- body encoding -----------------------------------------------------------
+
+
+def _encode(body: _Body, charset: str, linesep: str) -> bytes:
+    try:
+        return body.text.replace("\n", linesep).encode(charset)
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start:e.end]
+        line = None
+        for text, number in body.pieces:
+            try:
+                text.encode(charset)
+            except UnicodeEncodeError:
+                line = number
+                break
+        raise JobError(f"the body cannot be written in {charset}: {bad!r}", outcome.BAD_CHARSET.code,
+                       line=line) from None
+
+
+def _choose_cte(data: bytes) -> str:
+    """7bit, quoted-printable or base64 for ``data`` (with CRLF line breaks)."""
+    eight_bit = len(data.translate(None, _ASCII_BYTES))
+    if not eight_bit and b"\0" not in data:
+        if len(data) <= _MAX_7BIT_LINE or max(map(len, data.split(b"\n"))) <= _MAX_7BIT_LINE + len(b"\r"):
+            return "7bit"
+    # Quoted-printable writes each 8-bit byte in three; base64 every three bytes in four.
+    return "base64" if eight_bit * 6 > len(data) else "quoted-printable"
+
+
+def _simple_part(body: _Body, charset: str) -> bytes:
+    data = _encode(body, charset, "\r\n")
+    cte = _choose_cte(data)
+    if cte == "quoted-printable":
+        data = binascii.b2a_qp(data, quotetabs=False, istext=True, header=False)
+    elif cte == "base64":
+        data = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    subtype = "html" if body.html else "plain"
+    return (
+        f"Content-Type: text/{subtype}; charset=\"{charset}\"\r\n"
+        f"Content-Transfer-Encoding: {cte}\r\n\r\n"
+    ).encode("ascii") + data
+
+
+def _text_part(body: _Body, charset: str, encodable: bool) -> MIMEPart:
+    part = MIMEPart(policy=_POLICY)
+    subtype = "html" if body.html else "plain"
+    if encodable:
+        cte = _choose_cte(_encode(body, charset, "\r\n"))
+        part.set_content(body.text, subtype=subtype, charset=charset, cte=cte)
+    else:
+        # The email package splits encoded bytes on b"\n", which is wrong for
+        # a charset like UTF-16: encode here, with CRLF, and send base64.
+        part.set_content(_encode(body, charset, "\r\n"), "text", subtype, cte="base64")
+        part.set_param("charset", charset)
+    return part
+
+
+def _mime_part(
+    main: _Body,
+    alt: _Body | None,
+    attachments: list[tuple[str, str, bytes]],
+    charset: str,
+    encodable: bool,
+    identity: str,
+) -> bytes:
+    texts = [main.text] + ([alt.text] if alt is not None else [])
+    part = _text_part(main, charset, encodable)
+    if alt is not None:
+        alt_part = _text_part(alt, charset, encodable)
+        ordered = [part, alt_part] if alt.html and not main.html else [alt_part, part]
+        part = _multipart("alternative", ordered, _boundary(identity, "alt", texts))
+    if attachments:
+        parts = [part]
+        for filename, ctype, data in attachments:
+            a = MIMEPart(policy=_POLICY)
+            maintype, _, subtype = ctype.partition("/")
+            a.set_content(data, maintype, subtype, disposition="attachment", filename=filename,
+                          params={"name": filename})
+            parts.append(a)
+        part = _multipart("mixed", parts, _boundary(identity, "mix", texts))
+    return part.as_bytes(policy=_POLICY)
+
+
+def _multipart(subtype: str, parts: list[MIMEPart], boundary: str) -> MIMEPart:
+    container = MIMEPart(policy=_POLICY)
+    container["Content-Type"] = f'multipart/{subtype}; boundary="{boundary}"'
+    for p in parts:
+        container.attach(p)
+    return container
+
+
+def _boundary(identity: str, kind: str, texts: list[str]) -> str:
+    # Derived from the identity so that a job's message is the same bytes at
+    # each build. "=_" cannot occur in quoted-printable or base64, so only a
+    # 7bit text could hold it, and then a counter makes it unique.
+    boundary = f"=_{identity[:24]}.{kind}"
+    n = 0
+    while any(boundary in t for t in texts):
+        n += 1
+        boundary = f"=_{identity[:24]}.{kind}{n}"
+    return boundary
