@@ -1,0 +1,500 @@
+"""Configuration: ``copiamail.yaml`` (ruamel.yaml) and the CFG file, as one frozen,
+validated :class:`Config`.
+
+The YAML file is found as ``--config PATH``, else ``$COPIAMAIL_CONFIG``, else
+``./copiamail.yaml``, else built-in defaults. Unknown keys and bad values raise
+:class:`~copiamail.errors.ConfigError` naming the file, line and key. Relative
+paths are relative to the config file's folder (to the working folder when
+there is no file).
+
+The CFG file (CopiaFacts ``FAXFACTS.CFG`` syntax) holds ``$domain_limit``,
+``$email_retry_delays``, ``$email_retry_max`` and ``$email_esender``; any other
+command is ignored with a warning naming file and line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import YAMLError
+
+from . import outcome
+from .errors import ConfigError, SyntaxFileError
+from .fsfile import CommandFile
+from .job import parse_address
+from .rules import DomainLimitRule, parse_rule
+
+CONFIG_ENV = "COPIAMAIL_CONFIG"
+DEFAULT_CONFIG_NAME = "copiamail.yaml"
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    host: str
+    port: int = 25
+    starttls: str = "auto"  # auto | always | never
+    username: str | None = None
+    password_file: Path | None = None
+    tls_verify: bool = True
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[str, ...] = ()
+    port: int = 53
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class ScopeCaps:
+    """The caps a stanza sets; None where it sets none."""
+
+    scope_max_outbound_connections: int | None = None
+    max_outbound_connections: int | None = None
+    cluster_scope_max_outbound_connections: int | None = None
+
+
+@dataclass(frozen=True)
+class DomainStanza:
+    """A ``domain:`` entry: an exact domain, or ``/regex/`` matched against the whole domain."""
+
+    key: str
+    caps: ScopeCaps
+    pattern: re.Pattern[str] | None = None
+    line: int | None = None
+
+    def matches(self, domain: str) -> bool:
+        if self.pattern is not None:
+            return self.pattern.fullmatch(domain) is not None
+        return self.key.lower() == domain
+
+
+@dataclass(frozen=True)
+class BindingConfig:
+    name: str
+    bind_address: str | None = None
+    caps: ScopeCaps = ScopeCaps()
+    domains: tuple[DomainStanza, ...] = ()
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class BindingGroupConfig:
+    name: str
+    bindings: tuple[str, ...] = ()
+    caps: ScopeCaps = ScopeCaps()
+    domains: tuple[DomainStanza, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostStanza:
+    key: str
+    caps: ScopeCaps
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    redis: str
+    lease_seconds: int = 30
+
+
+@dataclass(frozen=True)
+class CfgRules:
+    """What the CFG file says."""
+
+    path: Path | None = None
+    domain_limits: tuple[DomainLimitRule, ...] = ()
+    retry_delays: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    retry_max: int | None = None
+    esender: str | None = None
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None = None
+    spool: Path = Path("spool")
+    cfg_path: Path | None = None
+    queues: int = 15
+    attachment_roots: tuple[Path, ...] = ()
+    esender: str = "mailer@localhost"
+    shutdown_grace: float = 10.0
+    relay: RelayConfig | None = None
+    dns: DnsConfig = DnsConfig()
+    mx_port: int = 25
+    server_max_outbound_connections: int = 100
+    server_reserve_outbound_connections: int = 0
+    max_outbound_connections: int = 32
+    binding_groups: tuple[BindingGroupConfig, ...] = ()
+    bindings: tuple[BindingConfig, ...] = ()
+    domains: tuple[DomainStanza, ...] = ()
+    hosts: tuple[HostStanza, ...] = ()
+    default_binding_group: str | None = None
+    cluster: ClusterConfig | None = None
+    scan_interval: float = 5.0
+    watcher: str = "native"  # native | polling
+    smtp_timeout: float = 60.0
+    messages_per_connection: int = 100
+    connection_idle: float = 1.0
+    fsync: bool = True
+    helo_name: str | None = None
+    rules: CfgRules = CfgRules()
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        """attachment_roots, defaulting to the spool root."""
+        return self.attachment_roots or (self.spool,)
+
+    def binding(self, name: str) -> BindingConfig | None:
+        return next((b for b in self.bindings if b.name == name), None)
+
+    def binding_group(self, name: str) -> BindingGroupConfig | None:
+        return next((g for g in self.binding_groups if g.name == name), None)
+
+    def with_overrides(self, spool: Path | None = None, relay: str | None = None) -> "Config":
+        """The CLI's ``--spool DIR`` and ``--relay HOST[:PORT]`` on top of the file."""
+        cfg = self
+        if spool is not None:
+            cfg = replace(cfg, spool=Path(spool).absolute())
+        if relay is not None:
+            host, port = parse_host_port(relay, "--relay")
+            base = cfg.relay or RelayConfig(host=host)
+            cfg = replace(cfg, relay=replace(base, host=host, port=port))
+        return cfg
+
+
+def parse_host_port(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, 25
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{what}: bad port in {text!r}")
+    return host, int(port)
+
+
+# --- YAML -------------------------------------------------------------------
+
+
+class _Reader:
+    """Walks the YAML tree, naming file, line and key in every error."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.base = path.parent if path is not None else Path.cwd()
+
+    def error(self, node: Any, key: str, message: str) -> ConfigError:
+        line = None
+        if isinstance(node, CommentedMap) and key.rsplit(".", 1)[-1] in node:
+            try:
+                line = node.lc.key(key.rsplit(".", 1)[-1])[0] + 1
+            except (KeyError, TypeError, AttributeError):
+                line = None
+        if line is None and isinstance(node, (CommentedMap, CommentedSeq)):
+            line = node.lc.line + 1
+        return ConfigError(f"key '{key}': {message}", self.path, line)
+
+    def mapping(self, node: Any, key: str, allowed: set[str]) -> CommentedMap:
+        if not isinstance(node, CommentedMap):
+            raise ConfigError(f"key '{key}': must be a mapping", self.path)
+        for k in node:
+            if str(k) not in allowed:
+                raise self.error(node, f"{key}.{k}" if key else str(k), "unknown key")
+        return node
+
+    def integer(self, m: CommentedMap, key: str, full: str, lo: int, hi: int | None = None) -> int:
+        v = m[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+            span = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
+            raise self.error(m, full, f"must be an integer {span}, got {v!r}")
+        return v
+
+    def number(self, m: CommentedMap, key: str, full: str, lo: float) -> float:
+        v = m[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo:
+            raise self.error(m, full, f"must be a number of at least {lo}, got {v!r}")
+        return float(v)
+
+    def string(self, m: CommentedMap, key: str, full: str, choices: tuple[str, ...] | None = None) -> str:
+        v = m[key]
+        if not isinstance(v, str) or not v:
+            raise self.error(m, full, f"must be a non-empty string, got {v!r}")
+        if choices is not None and v not in choices:
+            raise self.error(m, full, f"must be one of {', '.join(choices)}, got {v!r}")
+        return v
+
+    def boolean(self, m: CommentedMap, key: str, full: str) -> bool:
+        v = m[key]
+        if not isinstance(v, bool):
+            raise self.error(m, full, f"must be true or false, got {v!r}")
+        return v
+
+    def pathval(self, m: CommentedMap, key: str, full: str) -> Path:
+        return (self.base / self.string(m, key, full)).absolute()
+
+    def optional(self, m: CommentedMap, key: str, full: str, read: Callable[..., Any], *args: Any) -> Any:
+        if key not in m or m[key] is None:
+            return None
+        return read(m, key, full, *args)
+
+
+_CAP_KEYS = {"scope_max_outbound_connections", "max_outbound_connections", "cluster_scope_max_outbound_connections"}
+
+
+def _caps(r: _Reader, m: CommentedMap, full: str) -> ScopeCaps:
+    return ScopeCaps(**{k: r.optional(m, k, f"{full}.{k}", r.integer, 1) for k in _CAP_KEYS})
+
+
+def _domains(r: _Reader, node: Any, full: str) -> tuple[DomainStanza, ...]:
+    if node is None:
+        return ()
+    m = r.mapping(node, full, {str(k) for k in node} if isinstance(node, CommentedMap) else set())
+    exact: list[DomainStanza] = []
+    regex: list[DomainStanza] = []
+    for key in m:
+        name = str(key)
+        stanza_key = f"{full}.{name}"
+        body = r.mapping(m[key] if m[key] is not None else CommentedMap(), stanza_key, _CAP_KEYS)
+        line = m.lc.key(key)[0] + 1
+        caps = _caps(r, body, stanza_key)
+        if len(name) >= 2 and name.startswith("/") and name.endswith("/"):
+            try:
+                pattern = re.compile(name[1:-1], re.IGNORECASE)
+            except re.error as e:
+                raise ConfigError(f"key '{stanza_key}': bad regex: {e}", r.path, line) from None
+            regex.append(DomainStanza(name, caps, pattern, line))
+        else:
+            exact.append(DomainStanza(name.lower(), caps, None, line))
+    # Exact stanzas are tried first, then regex stanzas in order (SPEC 5).
+    return tuple(exact + regex)
+
+
+def _binding(r: _Reader, name: str, node: Any, full: str, group: str | None) -> BindingConfig:
+    m = r.mapping(node if node is not None else CommentedMap(), full, {"bind_address", "domain"} | _CAP_KEYS)
+    addr = r.optional(m, "bind_address", f"{full}.bind_address", r.string)
+    if addr is not None:
+        try:
+            ipaddress.ip_address(addr)
+        except ValueError:
+            raise r.error(m, f"{full}.bind_address", f"not an IP address: {addr!r}") from None
+    return BindingConfig(name, addr, _caps(r, m, full), _domains(r, m.get("domain"), f"{full}.domain"), group)
+
+
+_TOP_KEYS = {
+    "spool", "cfg", "queues", "attachment_roots", "esender", "shutdown_grace", "relay", "dns", "mx_port",
+    "server_max_outbound_connections", "server_reserve_outbound_connections", "max_outbound_connections",
+    "scope_max_outbound_connections", "binding_group", "binding", "domain", "host", "default_binding_group",
+    "cluster", "scan_interval", "watcher", "smtp_timeout", "messages_per_connection", "connection_idle",
+    "fsync", "helo_name",
+}
+
+
+def find_config(explicit: Path | str | None) -> Path | None:
+    """The config file to read: explicit, then $COPIAMAIL_CONFIG, then ./copiamail.yaml."""
+    if explicit is not None:
+        p = Path(explicit)
+        if not p.is_file():
+            raise ConfigError("config file not found", p)
+        return p
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        p = Path(env)
+        if not p.is_file():
+            raise ConfigError(f"config file not found (named by ${CONFIG_ENV})", p)
+        return p
+    p = Path(DEFAULT_CONFIG_NAME)
+    return p if p.is_file() else None
+
+
+def load_config(explicit: Path | str | None = None) -> Config:
+    """Find, read and validate the configuration and its CFG file."""
+    path = find_config(explicit)
+    if path is None:
+        return replace(Config(), spool=Path("spool").absolute())
+    path = path.absolute()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read: {e}", path) from None
+    try:
+        data = YAML(typ="rt").load(text)
+    except YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"YAML syntax: {problem}", path, line) from None
+    if data is None:
+        data = CommentedMap()
+    return parse_config(data, path)
+
+
+def parse_config(data: Any, path: Path | None) -> Config:
+    r = _Reader(path)
+    m = r.mapping(data, "", _TOP_KEYS)
+    kw: dict[str, Any] = {"path": path}
+    kw["spool"] = r.pathval(m, "spool", "spool") if m.get("spool") is not None else (r.base / "spool").absolute()
+    if m.get("cfg") is not None:
+        kw["cfg_path"] = r.pathval(m, "cfg", "cfg")
+    ints = {
+        "queues": (0, 99), "mx_port": (1, 65535), "server_max_outbound_connections": (1, None),
+        "server_reserve_outbound_connections": (0, None), "max_outbound_connections": (1, None),
+        "messages_per_connection": (1, None),
+    }
+    for key, (lo, hi) in ints.items():
+        if m.get(key) is not None:
+            kw[key] = r.integer(m, key, key, lo, hi)
+    if m.get("scope_max_outbound_connections") is not None:
+        # In the global scope it behaves like server_max_outbound_connections (Momentum).
+        kw["server_max_outbound_connections"] = min(
+            kw.get("server_max_outbound_connections", Config.server_max_outbound_connections),
+            r.integer(m, "scope_max_outbound_connections", "scope_max_outbound_connections", 1),
+        )
+    for key, lo in {"shutdown_grace": 0.0, "scan_interval": 0.05, "smtp_timeout": 0.1, "connection_idle": 0.0}.items():
+        if m.get(key) is not None:
+            kw[key] = r.number(m, key, key, lo)
+    if m.get("esender") is not None:
+        sender = r.string(m, "esender", "esender")
+        if parse_address(sender) is None:
+            raise r.error(m, "esender", f"not an e-mail address: {sender!r}")
+        kw["esender"] = sender
+    if m.get("watcher") is not None:
+        kw["watcher"] = r.string(m, "watcher", "watcher", ("native", "polling"))
+    if m.get("fsync") is not None:
+        kw["fsync"] = r.boolean(m, "fsync", "fsync")
+    if m.get("helo_name") is not None:
+        kw["helo_name"] = r.string(m, "helo_name", "helo_name")
+    if m.get("attachment_roots") is not None:
+        roots = m["attachment_roots"]
+        if not isinstance(roots, CommentedSeq) or not all(isinstance(x, str) and x for x in roots):
+            raise r.error(m, "attachment_roots", "must be a list of folder paths")
+        kw["attachment_roots"] = tuple((r.base / x).absolute() for x in roots)
+    if m.get("relay") is not None:
+        kw["relay"] = _relay(r, m["relay"])
+    if m.get("dns") is not None:
+        d = r.mapping(m["dns"], "dns", {"nameservers", "port", "timeout"})
+        ns = d.get("nameservers") or []
+        if not isinstance(ns, CommentedSeq) or not all(isinstance(x, str) for x in ns):
+            raise r.error(d, "dns.nameservers", "must be a list of IP addresses")
+        kw["dns"] = DnsConfig(
+            tuple(ns),
+            r.integer(d, "port", "dns.port", 1, 65535) if d.get("port") is not None else 53,
+            r.number(d, "timeout", "dns.timeout", 0.1) if d.get("timeout") is not None else 5.0,
+        )
+
+    groups: list[BindingGroupConfig] = []
+    bindings: list[BindingConfig] = []
+    if m.get("binding_group") is not None:
+        gm = r.mapping(m["binding_group"], "binding_group", {str(k) for k in m["binding_group"]})
+        for gname in gm:
+            full = f"binding_group.{gname}"
+            g = r.mapping(gm[gname] if gm[gname] is not None else CommentedMap(), full, {"binding", "domain"} | _CAP_KEYS)
+            names: list[str] = []
+            if g.get("binding") is not None:
+                bm = r.mapping(g["binding"], f"{full}.binding", {str(k) for k in g["binding"]})
+                for bname in bm:
+                    bindings.append(_binding(r, str(bname), bm[bname], f"{full}.binding.{bname}", str(gname)))
+                    names.append(str(bname))
+            if not names:
+                raise r.error(gm, full, "a binding group needs at least one binding")
+            groups.append(BindingGroupConfig(str(gname), tuple(names), _caps(r, g, full), _domains(r, g.get("domain"), f"{full}.domain")))
+    if m.get("binding") is not None:
+        bm = r.mapping(m["binding"], "binding", {str(k) for k in m["binding"]})
+        for bname in bm:
+            bindings.append(_binding(r, str(bname), bm[bname], f"binding.{bname}", None))
+    seen: set[str] = set()
+    for b in bindings:
+        if b.name in seen:
+            raise ConfigError(f"key 'binding.{b.name}': binding defined twice", path)
+        seen.add(b.name)
+    kw["binding_groups"] = tuple(groups)
+    kw["bindings"] = tuple(bindings)
+    kw["domains"] = _domains(r, m.get("domain"), "domain")
+    if m.get("host") is not None:
+        hm = r.mapping(m["host"], "host", {str(k) for k in m["host"]})
+        kw["hosts"] = tuple(
+            HostStanza(str(h).lower(), _caps(r, r.mapping(hm[h] or CommentedMap(), f"host.{h}", _CAP_KEYS), f"host.{h}"), hm.lc.key(h)[0] + 1)
+            for h in hm
+        )
+    if m.get("default_binding_group") is not None:
+        name = r.string(m, "default_binding_group", "default_binding_group")
+        if name not in {g.name for g in groups}:
+            raise r.error(m, "default_binding_group", f"no binding group named {name!r}")
+        kw["default_binding_group"] = name
+    if m.get("cluster") is not None:
+        c = r.mapping(m["cluster"], "cluster", {"redis", "lease_seconds"})
+        if c.get("redis") is None:
+            raise r.error(c, "cluster.redis", "is required")
+        kw["cluster"] = ClusterConfig(
+            r.string(c, "redis", "cluster.redis"),
+            r.integer(c, "lease_seconds", "cluster.lease_seconds", 1) if c.get("lease_seconds") is not None else 30,
+        )
+    cfg = Config(**kw)
+    if cfg.cfg_path is not None:
+        cfg = replace(cfg, rules=load_cfg(cfg.cfg_path))
+    return cfg
+
+
+def _relay(r: _Reader, node: Any) -> RelayConfig:
+    m = r.mapping(node, "relay", {"host", "port", "starttls", "username", "password_file", "tls_verify", "ca_file"})
+    if m.get("host") is None:
+        raise r.error(m, "relay.host", "is required")
+    return RelayConfig(
+        host=r.string(m, "host", "relay.host"),
+        port=r.integer(m, "port", "relay.port", 1, 65535) if m.get("port") is not None else 25,
+        starttls=r.string(m, "starttls", "relay.starttls", ("auto", "always", "never")) if m.get("starttls") is not None else "auto",
+        username=r.optional(m, "username", "relay.username", r.string),
+        password_file=r.optional(m, "password_file", "relay.password_file", r.pathval),
+        tls_verify=r.boolean(m, "tls_verify", "relay.tls_verify") if m.get("tls_verify") is not None else True,
+        ca_file=r.optional(m, "ca_file", "relay.ca_file", r.pathval),
+    )
+
+
+# --- CFG --------------------------------------------------------------------
+
+
+def load_cfg(path: Path) -> CfgRules:
+    """Read the CFG file: ``$domain_limit``, retry rules, ``$email_esender``."""
+    try:
+        cf = CommandFile.read(path)
+    except FileNotFoundError:
+        raise ConfigError("CFG file not found", path) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read CFG file: {e.strerror}", path) from None
+    try:
+        commands = cf.commands()
+    except SyntaxFileError as e:
+        raise ConfigError(e.message, path, e.line) from None
+    rules: list[DomainLimitRule] = []
+    delays: dict[str, tuple[int, ...]] = {}
+    retry_max: int | None = None
+    esender: str | None = None
+    warnings: list[str] = []
+    for cmd in commands:
+        if cmd.name == "domain_limit":
+            rules.append(parse_rule(cmd, path))
+        elif cmd.name == "email_retry_delays":
+            if not cmd.args:
+                raise ConfigError('$email_retry_delays needs CLASS "LIST"', path, cmd.line)
+            try:
+                delays[outcome.parse_retry_class(cmd.args[0])] = outcome.parse_delays(" ".join(cmd.args[1:]))
+            except ValueError as e:
+                raise ConfigError(str(e), path, cmd.line) from None
+        elif cmd.name == "email_retry_max":
+            if len(cmd.args) != 1 or not cmd.args[0].isdigit() or int(cmd.args[0]) < 1:
+                raise ConfigError("$email_retry_max needs one positive integer", path, cmd.line)
+            retry_max = int(cmd.args[0])
+        elif cmd.name == "email_esender":
+            if len(cmd.args) != 1 or parse_address(cmd.args[0]) is None:
+                raise ConfigError("$email_esender needs one e-mail address", path, cmd.line)
+            esender = cmd.args[0]
+        else:
+            warnings.append(f"{path}:{cmd.line}: ${cmd.name} is not used by copiamail; ignored")
+    return CfgRules(path, tuple(rules), delays, retry_max, esender, tuple(warnings))

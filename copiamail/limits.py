@@ -1,0 +1,150 @@
+"""Connection limits as keys with caps, and the limiter that counts them.
+
+A connection carries one domain's mail over one binding to one host. Before it
+opens, :func:`limits_for` lists every limit that applies to it (a
+:class:`Limit`: a key naming what is counted, and its cap); the connection takes
+one slot of every key at once (all or none) and gives them back when it closes.
+The scopes, from SPEC 3 and 5:
+
+===============================  =========================================
+scope                            key
+===============================  =========================================
+``$domain_limit`` (this node)    ``domain_limit:<domain>``
+node total                       ``server``
+Binding::Domain (max_outbound)   ``binding_domain:<binding>:<domain>``
+Binding::Domain (scope_max)      ``binding_scope:<binding>:<stanza>``
+Binding_Group::Domain            ``group_domain:<group>:<stanza>``
+Global::Domain, pooled           ``global_domain:<stanza>``
+Global::Host                     ``host:<ip>``
+cluster-wide                     the same keys with ``cluster:`` in front
+===============================  =========================================
+
+A regex stanza's ``scope_max_outbound_connections`` pools every matching
+domain into one key named by the stanza; its ``max_outbound_connections``
+limits each matching domain on its own (the binding_domain key).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Protocol, Sequence
+
+from .config import BindingConfig, Config, DomainStanza, ScopeCaps
+from .rules import match
+
+
+@dataclass(frozen=True)
+class Limit:
+    """One counted key and its cap; ``scope`` says in words where it comes from."""
+
+    key: str
+    cap: int
+    scope: str
+
+
+def _first(stanzas: Iterable[DomainStanza], domain: str) -> DomainStanza | None:
+    # Exact stanzas come first in the tuple, then regexes in file order.
+    return next((s for s in stanzas if s.matches(domain)), None)
+
+
+def _domain_caps(stanzas: Iterable[DomainStanza], domain: str) -> tuple[DomainStanza | None, ScopeCaps]:
+    s = _first(stanzas, domain)
+    return s, (s.caps if s is not None else ScopeCaps())
+
+
+def limits_for(
+    config: Config,
+    node: str,
+    address: str,
+    domain: str,
+    binding: BindingConfig | None = None,
+    host_ips: Sequence[str] = (),
+    host_names: Sequence[str] = (),
+) -> tuple[Limit, ...]:
+    """Every limit a connection for ``address`` over ``binding`` to the host at
+    ``host_ips`` must have room in, in a fixed order (acquire order)."""
+    out: list[Limit] = []
+    dl = match(config.rules.domain_limits, node, address)
+    if dl is not None:
+        out.append(Limit(f"domain_limit:{dl.domain}", dl.count, f"$domain_limit {dl.rule.where()} ({dl.rule})"))
+    out.append(Limit("server", config.server_max_outbound_connections, "server_max_outbound_connections"))
+
+    bname = binding.name if binding is not None else "default"
+    global_stanza, global_caps = _domain_caps(config.domains, domain)
+    per_domain = config.max_outbound_connections
+    if global_caps.max_outbound_connections is not None:
+        per_domain = global_caps.max_outbound_connections
+    if binding is not None:
+        group = config.binding_group(binding.group) if binding.group else None
+        if group is not None:
+            gs, gcaps = _domain_caps(group.domains, domain)
+            if gcaps.max_outbound_connections is not None:
+                per_domain = gcaps.max_outbound_connections
+            if gs is not None and gcaps.scope_max_outbound_connections is not None:
+                out.append(Limit(f"group_domain:{group.name}:{gs.key}", gcaps.scope_max_outbound_connections,
+                                 f"Binding_Group::Domain binding_group.{group.name}.domain.{gs.key}"))
+        bs, bcaps = _domain_caps(binding.domains, domain)
+        if bcaps.max_outbound_connections is not None:
+            per_domain = bcaps.max_outbound_connections
+        if bs is not None and bcaps.scope_max_outbound_connections is not None:
+            out.append(Limit(f"binding_scope:{bname}:{bs.key}", bcaps.scope_max_outbound_connections,
+                             f"Binding::Domain binding.{bname}.domain.{bs.key}"))
+    out.append(Limit(f"binding_domain:{bname}:{domain}", per_domain, f"max_outbound_connections (binding {bname}, domain {domain})"))
+    if global_stanza is not None:
+        if global_caps.scope_max_outbound_connections is not None:
+            out.append(Limit(f"global_domain:{global_stanza.key}", global_caps.scope_max_outbound_connections,
+                             f"Global::Domain domain.{global_stanza.key}"))
+        if global_caps.cluster_scope_max_outbound_connections is not None:
+            out.append(Limit(f"cluster:global_domain:{global_stanza.key}", global_caps.cluster_scope_max_outbound_connections,
+                             f"cluster Global::Domain domain.{global_stanza.key}"))
+    for ip in host_ips:
+        names = {ip.lower(), *(h.lower() for h in host_names)}
+        caps = [h.caps for h in config.hosts if h.key in names]
+        scoped = [c.scope_max_outbound_connections for c in caps if c.scope_max_outbound_connections is not None]
+        if scoped:
+            # Where two stanzas come to one IP, the smaller cap holds (SPEC 5).
+            out.append(Limit(f"host:{ip}", min(scoped), f"Global::Host host {ip}"))
+        clustered = [c.cluster_scope_max_outbound_connections for c in caps if c.cluster_scope_max_outbound_connections is not None]
+        if clustered:
+            out.append(Limit(f"cluster:host:{ip}", min(clustered), f"cluster Global::Host host {ip}"))
+    return tuple(out)
+
+
+class Limiter(Protocol):
+    """Counts slots per key. ``try_acquire`` takes a slot of every limit or of
+    none, and returns the first full limit when it takes none."""
+
+    def try_acquire(self, limits: Sequence[Limit]) -> Limit | None: ...
+
+    def release(self, limits: Sequence[Limit]) -> None: ...
+
+    def in_use(self, key: str) -> int: ...
+
+
+class LocalLimiter:
+    """A limiter inside one node's process (one event loop: no locking needed)."""
+
+    def __init__(self) -> None:
+        self._used: dict[str, int] = {}
+
+    def try_acquire(self, limits: Sequence[Limit]) -> Limit | None:
+        for limit in limits:
+            if self._used.get(limit.key, 0) >= limit.cap:
+                return limit
+        for limit in limits:
+            self._used[limit.key] = self._used.get(limit.key, 0) + 1
+        return None
+
+    def release(self, limits: Sequence[Limit]) -> None:
+        for limit in limits:
+            n = self._used.get(limit.key, 0) - 1
+            if n > 0:
+                self._used[limit.key] = n
+            else:
+                self._used.pop(limit.key, None)
+
+    def in_use(self, key: str) -> int:
+        return self._used.get(key, 0)
+
+    def has_room(self, limits: Sequence[Limit]) -> bool:
+        return all(self._used.get(l.key, 0) < l.cap for l in limits)
