@@ -1,0 +1,62 @@
+"""Recovery of a node's claimed jobs after a crash (SPEC 1).
+
+Run when a node starts, and by ``copiamail recover --node N``. Results the
+node had committed are finished first (see :mod:`copiamail.spool`, states 4
+and 5). Every job still claimed was interrupted mid-attempt: it gets an
+attempt record of outcome 66 and goes back to its own folder, or to FAIL with
+outcome 67 once it has been interrupted three times. Interruptions do not count
+as retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from . import outcome, records
+from .errors import SyntaxFileError
+from .fsfile import CommandFile
+from .spool import FAIL, Spool
+
+log = logging.getLogger("copiamail")
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    returned: tuple[str, ...] = ()
+    failed: tuple[str, ...] = ()
+
+
+def _interruptions(cf: CommandFile) -> int:
+    try:
+        commands = cf.commands()
+    except SyntaxFileError:
+        return 0
+    n = 0
+    for c in commands:
+        if c.name == "attempt_record" and len(c.args) > 4 and c.args[4] == str(outcome.INTERRUPTED.code):
+            n += 1
+    return n
+
+
+def recover(spool: Spool, node: str, now: float | None = None) -> RecoveryReport:
+    """Return node ``node``'s interrupted jobs to their folders (or FAIL)."""
+    now = time.time() if now is None else now
+    returned: list[str] = []
+    failed: list[str] = []
+    for claimed in spool.claimed_jobs(node):
+        cf = spool.read(claimed)
+        code = outcome.INTERRUPTED
+        cf = records.interrupted(cf, node, code.code, code.klass, "attempt interrupted", now)
+        if _interruptions(cf) >= outcome.INTERRUPTIONS_TO_FAIL:
+            final = outcome.INTERRUPTED_TOO_OFTEN
+            text = f"interrupted {outcome.INTERRUPTIONS_TO_FAIL} times"
+            spool.finish(claimed, records.failed(cf, node, final.code, final.klass, text, now), FAIL)
+            failed.append(claimed.name)
+            log.warning("%s: %s; moved to FAIL", claimed.name, text)
+        else:
+            spool.finish(claimed, cf, "BACK")
+            returned.append(claimed.name)
+            log.warning("%s: attempt interrupted; returned to %s", claimed.name, claimed.queue)
+    return RecoveryReport(tuple(returned), tuple(failed))

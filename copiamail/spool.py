@@ -1,0 +1,298 @@
+"""The spool: folders, scan order, and the moves of a job between them.
+
+Layout under the root::
+
+    TOSEND, TOSEND1 ... TOSENDn   jobs waiting, TOSEND first; by name inside a folder
+    ACTIVE/<node>/<queue>/NAME.FS a job <node> has claimed from TOSEND<queue>
+    ACTIVE/<node>.lock            held while node <node> runs (filelock)
+    SENT, FAIL                    jobs done
+    TEMP                          scratch files (submit writes here first)
+
+A job is a file whose name ends in ``.FS`` (any case). Every move is a rename;
+nothing is rewritten in place. The states of one job ``X.FS`` claimed by node N
+from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
+
+1. **waiting**: ``Q/X.FS``. Safe: it is in exactly one place, complete (the
+   submitter or the engine made it visible by a rename).
+2. **claimed**: ``rename(Q/X.FS, ACTIVE/N/Q/X.FS)``. Atomic: if two nodes race,
+   one rename fails with ENOENT and that node skips the job. The job is in
+   progress; it is not rewritten to say so. Crash here: recovery (node N
+   restarting, or ``copiamail recover --node N``) finds ``ACTIVE/N/Q/X.FS`` alone,
+   adds an attempt record of outcome 66, and returns it to ``Q`` (to FAIL after
+   three interruptions).
+3. **result written**: the engine writes the job's next version to
+   ``ACTIVE/N/Q/X.FS.<DEST>`` (``.SENT``, ``.FAIL`` or ``.BACK`` for the queue)
+   and fsyncs it. While ``ACTIVE/N/Q/X.FS`` exists the result is not committed:
+   a crash here leaves both files; recovery deletes the result and treats the
+   job as in state 2. For a delivered job this is the window in which a crash
+   after the server's 250 sends the job twice (at-least-once; the Message-ID
+   stays the same, so a receiver can drop the copy).
+4. **committed**: ``unlink(ACTIVE/N/Q/X.FS)``. The one step that commits the
+   result: from now on ``X.FS.<DEST>`` is the job. A crash here leaves it
+   alone in ACTIVE; recovery finishes the move (step 5).
+5. **published**: ``X.FS.<DEST>`` is renamed to ``SENT/X.FS``, ``FAIL/X.FS`` or
+   ``Q/X.FS`` without replacing anything there (``renameat2`` with
+   ``RENAME_NOREPLACE``; where the file system lacks it, ``link`` then ``unlink``,
+   and recovery treats a result file whose link count is above 1 as already
+   published). If a different job took the name meanwhile, the job is
+   published as ``X~1.FS`` (then ``~2`` ...) instead: a write-back never
+   replaces another job.
+
+A job handed back unchanged (at shutdown) goes straight from state 2 to 1 by
+one no-replace rename.
+
+Durability: the result's data is fsynced before the commit step, so after a
+power loss a committed job is complete. Directory entries are left to the file
+system's journal (ext4 and xfs order them after the data).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import SpoolError
+from .fsfile import CommandFile, write_all
+
+ACTIVE = "ACTIVE"
+SENT = "SENT"
+FAIL = "FAIL"
+TEMP = "TEMP"
+BACK = "BACK"  # the suffix of a result that goes back to its own queue
+
+_RESULT_SUFFIXES = (SENT, FAIL, BACK)
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _load_renameat2() -> Callable[..., int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _load_renameat2()
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, failing with FileExistsError if ``dst`` exists."""
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(dst))
+    # No RENAME_NOREPLACE here (NFS, older kernels): link() refuses to replace.
+    os.link(src, dst)
+    os.unlink(src)
+
+
+def is_job_name(name: str) -> bool:
+    return name.upper().endswith(".FS") and len(name) > 3
+
+
+def queue_names(queues: int) -> list[str]:
+    """TOSEND, TOSEND1 ... TOSEND<queues>, highest priority first."""
+    return ["TOSEND"] + [f"TOSEND{i}" for i in range(1, queues + 1)]
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A job file in a TOSEND folder. Ordered by (priority, name bytes)."""
+
+    priority: int
+    queue: str
+    name: str
+    path: Path
+
+    @property
+    def order(self) -> tuple[int, bytes]:
+        return (self.priority, os.fsencode(self.name))
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A job node ``node`` holds in ``ACTIVE/<node>/<queue>/<name>``."""
+
+    node: str
+    queue: str
+    name: str
+    path: Path
+
+
+class Spool:
+    """One spool root. Methods do file-system work only; no policy."""
+
+    def __init__(self, root: Path, queues: int = 15, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.queues = queue_names(queues)
+        self.fsync = fsync
+
+    def folder(self, name: str) -> Path:
+        return self.root / name
+
+    def active_dir(self, node: str) -> Path:
+        return self.root / ACTIVE / node
+
+    def lock_path(self, node: str) -> Path:
+        return self.root / ACTIVE / f"{node}.lock"
+
+    def ensure(self) -> None:
+        """Create the folders that are missing."""
+        try:
+            for name in [*self.queues, ACTIVE, SENT, FAIL, TEMP]:
+                (self.root / name).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SpoolError(f"{e.filename}: cannot create spool folder: {e.strerror}") from None
+
+    def priority(self, queue: str) -> int:
+        try:
+            return self.queues.index(queue)
+        except ValueError:
+            # A queue folder left from a larger `queues:` still drains, last.
+            return len(self.queues) + (int(queue[6:]) if queue[6:].isdigit() else 0)
+
+    # --- scanning -----------------------------------------------------------
+
+    def scan_queue(self, queue: str) -> list[Waiting]:
+        """The job files of one TOSEND folder, in name order."""
+        folder = self.root / queue
+        prio = self.priority(queue)
+        try:
+            with os.scandir(folder) as it:
+                names = [e.name for e in it if is_job_name(e.name) and e.is_file()]
+        except FileNotFoundError:
+            return []
+        names.sort(key=os.fsencode)
+        return [Waiting(prio, queue, n, folder / n) for n in names]
+
+    def scan(self) -> Iterator[Waiting]:
+        """Every job file in every TOSEND folder, in queue order."""
+        for queue in self.queues:
+            yield from self.scan_queue(queue)
+
+    # --- moves ---------------------------------------------------------------
+
+    def claim(self, job: Waiting, node: str) -> Claimed | None:
+        """Take a waiting job (state 1 to 2); None if another node took it first."""
+        dest_dir = self.active_dir(node) / job.queue
+        dest = dest_dir / job.name
+        try:
+            os.rename(job.path, dest)
+        except FileNotFoundError:
+            if not job.path.exists():
+                return None
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(job.path, dest)
+            except FileNotFoundError:
+                return None
+        return Claimed(node, job.queue, job.name, dest)
+
+    def read(self, claimed: Claimed) -> CommandFile:
+        return CommandFile.read(claimed.path)
+
+    def finish(self, claimed: Claimed, cf: CommandFile, dest: str) -> Path:
+        """Write the job's next version and move it to SENT, FAIL or BACK (its
+        own queue) through states 3, 4 and 5. Returns where it landed."""
+        suffix = dest if dest in (SENT, FAIL) else BACK
+        result = claimed.path.with_name(f"{claimed.name}.{suffix}")
+        self._write(result, cf.to_bytes())
+        os.unlink(claimed.path)  # the commit point (state 4)
+        return self._publish(result, claimed)
+
+    def hand_back(self, claimed: Claimed) -> Path:
+        """Return a job unchanged to its own queue (state 2 to 1)."""
+        return self._place(claimed.path, self.root / claimed.queue, claimed.name)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_all(fd, data)
+            if self.fsync:
+                os.fsync(fd)
+        except OSError:
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise
+        os.close(fd)
+
+    def _publish(self, result: Path, claimed: Claimed) -> Path:
+        suffix = result.name.rsplit(".", 1)[1]
+        folder = self.root / (suffix if suffix in (SENT, FAIL) else claimed.queue)
+        return self._place(result, folder, claimed.name)
+
+    def _place(self, src: Path, folder: Path, name: str) -> Path:
+        candidate = name
+        for n in range(1, 10000):
+            try:
+                rename_noreplace(src, folder / candidate)
+                return folder / candidate
+            except FileExistsError:
+                stem, dot, ext = name.rpartition(".")
+                candidate = f"{stem}~{n}{dot}{ext}"
+            except FileNotFoundError:
+                if not src.exists():
+                    raise
+                folder.mkdir(parents=True, exist_ok=True)
+        raise SpoolError(f"{folder / name}: no free name to place the job")
+
+    # --- recovery ------------------------------------------------------------
+
+    def claimed_jobs(self, node: str) -> list[Claimed]:
+        """What node ``node`` holds in ACTIVE after finishing committed results
+        (states 4 and 5) and dropping uncommitted ones (state 3)."""
+        base = self.active_dir(node)
+        out: list[Claimed] = []
+        if not base.is_dir():
+            return out
+        for qdir in sorted(p for p in base.iterdir() if p.is_dir()):
+            files = sorted(os.listdir(qdir))
+            names = set(files)
+            for f in files:
+                head, _, suffix = f.rpartition(".")
+                path = qdir / f
+                if suffix in _RESULT_SUFFIXES and is_job_name(head):
+                    claimed = Claimed(node, qdir.name, head, qdir / head)
+                    if head in names or path.stat().st_nlink > 1:
+                        # Not committed (state 3), or already published by link().
+                        path.unlink()
+                    else:
+                        self._publish(path, claimed)
+                elif f.endswith(".tmp"):
+                    path.unlink()
+            for f in sorted(os.listdir(qdir), key=os.fsencode):
+                if is_job_name(f):
+                    out.append(Claimed(node, qdir.name, f, qdir / f))
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """Job files per folder (TOSEND..., SENT, FAIL) and per node in ACTIVE."""
+        out: dict[str, int] = {}
+        for name in [*self.queues, SENT, FAIL]:
+            try:
+                with os.scandir(self.root / name) as it:
+                    out[name] = sum(1 for e in it if is_job_name(e.name))
+            except FileNotFoundError:
+                out[name] = 0
+        active = self.root / ACTIVE
+        if active.is_dir():
+            for node_dir in sorted(p for p in active.iterdir() if p.is_dir()):
+                out[f"{ACTIVE}/{node_dir.name}"] = sum(
+                    1 for q in node_dir.iterdir() if q.is_dir() for f in os.listdir(q) if is_job_name(f)
+                )
+        return out
+
+    def temp_path(self, name: str) -> Path:
+        return self.root / TEMP / name
