@@ -1,0 +1,375 @@
+"""The ``copiamail`` command line (click), SPEC 6.
+
+Every error a user can cause is printed as one line, ``copiamail: <file:line:
+message>``, with exit code 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .config import Config, load_config
+from .errors import CopiamailError
+from .fsfile import CommandFile, format_command
+from .job import parse_address, parse_job
+from .limits import limits_for
+from .recovery import recover
+from .rules import match, shadowed
+from .spool import ACTIVE, Spool, is_job_name
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def _fail(message: str) -> None:
+    click.echo(f"copiamail: {message}", err=True)
+    sys.exit(2)
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CopiamailError as e:
+            _fail(str(e))
+        except OSError as e:
+            _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+    return wrapper
+
+
+def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--spool", "spool_dir", type=click.Path(file_okay=False, path_type=Path), help="Spool root (overrides spool:).")(fn)
+    fn = click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="copiamail.yaml to read.")(fn)
+    return _user_errors(fn)
+
+
+def _config(config_file: Path | None, spool_dir: Path | None, relay: str | None = None) -> Config:
+    return load_config(config_file).with_overrides(spool=spool_dir, relay=relay)
+
+
+@click.group()
+@click.version_option(__version__)
+@click.option("-v", "--verbose", count=True, help="More log lines on stderr (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """copiamail: file-spool batch e-mail transmission in the CopiaFacts style."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="copiamail: %(message)s", stream=sys.stderr)
+    # watchdog warns when its emitter thread stops during shutdown; not ours to report.
+    logging.getLogger("watchdog").setLevel(logging.ERROR)
+
+
+# --- node ---------------------------------------------------------------------
+
+
+class _Progress:
+    """A live line while --drain runs on a terminal."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.counts: Counter[str] = Counter()
+        self._progress: Any = None
+        self._task: Any = None
+        self.total = total
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("sending", total=self.total or None, detail="")
+        return self
+
+    def event(self, kind: str, name: str) -> None:
+        self.counts[kind] += 1
+        if self._progress is not None:
+            done = self.counts["sent"] + self.counts["failed"]
+            detail = f"sent {self.counts['sent']} failed {self.counts['failed']} retry {self.counts['retried']} deferred {self.counts['deferred']}"
+            self._progress.update(self._task, completed=done, detail=detail)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+@main.command()
+@click.option("--name", required=True, help="This node's name (N1, N2 ...).")
+@click.option("--relay", help="Send through this SMTP relay, HOST[:PORT].")
+@click.option("--drain", is_flag=True, help="Exit once no job is due and none is in flight.")
+@_common
+def node(name: str, relay: str | None, drain: bool, config_file: Path | None, spool_dir: Path | None) -> None:
+    """Run a node: take jobs from the TOSEND folders and send them."""
+    from .node import run_node
+
+    cfg = _config(config_file, spool_dir, relay)
+    for warning in cfg.rules.warnings:
+        click.echo(f"copiamail: warning: {warning}", err=True)
+    total = sum(n for k, n in Spool(cfg.spool, cfg.queues).counts().items() if k.startswith("TOSEND"))
+    with _Progress(total, drain and sys.stdout.isatty()) as progress:
+        result = run_node(cfg, name, drain=drain, on_event=progress.event)
+    if drain:
+        s = result.stats
+        rate = s.sent / result.seconds if result.seconds > 0 else 0.0
+        click.echo(
+            f"{name}: sent {s.sent}, failed {s.failed}, retry later {s.retried}, deferred {s.deferred}, "
+            f"recovered {len(result.recovered.returned) + len(result.recovered.failed)} "
+            f"in {result.seconds:.1f} s ({rate:.0f} msgs/s); spool {cfg.spool}"
+        )
+
+
+# --- submit -------------------------------------------------------------------
+
+
+def _new_job_name(folder: Path) -> tuple[Path, Path]:
+    for _ in range(1000):
+        stem = f"{time.time_ns():020d}{os.getpid() % 100000:05d}"
+        tmp, final = folder / f"{stem}.TFS", folder / f"{stem}.FS"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        if final.exists():
+            os.unlink(tmp)
+            continue
+        return tmp, final
+    raise CopiamailError(f"{folder}: no free job name")
+
+
+@main.command()
+@click.option("--to", "to", required=True, help="Recipient address.")
+@click.option("--subject", help="Subject line.")
+@click.option("--text", multiple=True, help="A body line (repeatable).")
+@click.option("--attach", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A file to attach (repeatable; must lie inside attachment_roots).")
+@click.option("--queue", type=click.IntRange(0, 99), default=0, show_default=True, help="0 for TOSEND, N for TOSENDN.")
+@_common
+def submit(to: str, subject: str | None, text: tuple[str, ...], attach: tuple[Path, ...], queue: int, config_file: Path | None, spool_dir: Path | None) -> None:
+    """Write a job atomically (NAME.TFS, then rename to NAME.FS) and print its path."""
+    cfg = _config(config_file, spool_dir)
+    if parse_address(to) is None:
+        raise CopiamailError(f"--to: not an e-mail address: {to!r}")
+    spool = Spool(cfg.spool, cfg.queues, cfg.fsync)
+    if queue > cfg.queues:
+        raise CopiamailError(f"--queue {queue}: this spool has TOSEND1 to TOSEND{cfg.queues}")
+    spool.ensure()
+    lines = [format_command("email_address", to)]
+    if subject is not None:
+        lines.append(format_command("email_subject", subject))
+    lines += [format_command("email_text", t) for t in text]
+    lines += [format_command("email_attach", str(a.resolve())) for a in attach]
+    folder = spool.folder(spool.queues[queue])
+    tmp, final = _new_job_name(folder)
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, final)
+    click.echo(str(final))
+
+
+# --- status, show -------------------------------------------------------------
+
+
+def _status_table(spool: Spool) -> Any:
+    from rich.table import Table
+
+    counts = spool.counts()
+    table = Table(title=f"spool {spool.root}")
+    table.add_column("folder")
+    table.add_column("jobs", justify="right")
+    for folder, n in counts.items():
+        if n or not folder.startswith("TOSEND") or folder == "TOSEND":
+            table.add_row(folder, str(n))
+    domains: Counter[str] = Counter()
+    for w in spool.scan():
+        try:
+            job = parse_job(CommandFile.read(w.path), w.name)
+            domains[job.domain] += 1
+        except (OSError, CopiamailError):
+            domains["(unreadable)"] += 1
+    per_domain = Table(title="waiting jobs per domain")
+    per_domain.add_column("domain")
+    per_domain.add_column("jobs", justify="right")
+    for domain, n in domains.most_common():
+        per_domain.add_row(domain, str(n))
+    from rich.console import Group
+
+    return Group(table, per_domain)
+
+
+@main.command()
+@click.option("--watch", is_flag=True, help="Refresh every second until interrupted.")
+@_common
+def status(watch: bool, config_file: Path | None, spool_dir: Path | None) -> None:
+    """Jobs per folder, per domain, and in flight per node."""
+    from rich.console import Console
+
+    cfg = _config(config_file, spool_dir)
+    spool = Spool(cfg.spool, cfg.queues)
+    if not spool.root.is_dir():
+        raise CopiamailError(f"{spool.root}: no spool here")
+    console = Console()
+    if not watch:
+        console.print(_status_table(spool))
+        return
+    from rich.live import Live
+
+    try:
+        with Live(_status_table(spool), console=console, refresh_per_second=2) as live:
+            while True:
+                time.sleep(1)
+                live.update(_status_table(spool))
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_common
+def show(file: Path, config_file: Path | None, spool_dir: Path | None) -> None:
+    """What a job file says: recipient, status, attempts, engine variables."""
+    cf = CommandFile.read(file)
+    job = parse_job(cf, file.name)
+    click.echo(f"job        {file}")
+    click.echo(f"recipient  {job.address} (domain {job.domain})")
+    if job.subject is not None:
+        click.echo(f"subject    {job.subject}")
+    if job.esender:
+        click.echo(f"esender    {job.esender}")
+    click.echo(f"body       {len(job.body)} item(s), {len(job.alt)} alternative, {len(job.attachments)} attachment(s)")
+    for key in ("DOMAINBUSY_COUNT", "EMAIL_ERROR", "EMAIL_CONNECT_IP", "EMAIL_BYTECOUNT", "EMAIL_BINDING", "EMAIL_BINDING_GROUP"):
+        if key in job.variables:
+            click.echo(f"{key:<18} {job.variables[key]}")
+    if job.next_attempt is not None:
+        click.echo(f"next try   {time.strftime('%m/%d/%Y %H:%M:%S', time.localtime(job.next_attempt))}")
+    for a in job.attempts:
+        click.echo(f"attempt    {a.date} {a.time} {a.node} {a.outcome} {a.klass} {a.text}")
+
+
+# --- explain, check-config ----------------------------------------------------
+
+
+@main.command()
+@click.argument("address")
+@click.option("--node", "node_name", default="N1", show_default=True, help="The node to explain for.")
+@click.option("--binding", help="The binding the job would use.")
+@_common
+def explain(address: str, node_name: str, binding: str | None, config_file: Path | None, spool_dir: Path | None) -> None:
+    """The $domain_limit rule and every scoped limit that applies to ADDRESS."""
+    cfg = _config(config_file, spool_dir)
+    parsed = parse_address(address)
+    if parsed is None:
+        raise CopiamailError(f"not an e-mail address: {address!r}")
+    address, domain = parsed
+    b = None
+    if binding is not None:
+        b = cfg.binding(binding)
+        if b is None:
+            raise CopiamailError(f"--binding: no binding named {binding!r}")
+    dl = match(cfg.rules.domain_limits, node_name, address)
+    if dl is None:
+        click.echo(f"$domain_limit: no rule applies to {address} on node {node_name}")
+    else:
+        click.echo(f"$domain_limit: {dl.rule} at {dl.rule.where()}")
+        click.echo(f"  limits domain {dl.domain} to {dl.count} connection(s) from node {node_name}")
+    click.echo("limits that apply (key, cap, scope):")
+    relay = cfg.relay
+    ips = (relay.host,) if relay is not None else ()
+    for limit in limits_for(cfg, node_name, address, domain, b, ips, ips):
+        click.echo(f"  {limit.key:<40} {limit.cap:>5}  {limit.scope}")
+
+
+@main.command("check-config")
+@_common
+def check_config(config_file: Path | None, spool_dir: Path | None) -> None:
+    """Validate the config and CFG; warn about rules that can never apply."""
+    cfg = _config(config_file, spool_dir)
+    for warning in cfg.rules.warnings:
+        click.echo(f"warning: {warning}")
+    for rule, earlier in shadowed(cfg.rules.domain_limits):
+        click.echo(f"warning: {rule.where()}: {rule} can never apply: {earlier} at {earlier.where()} matches first")
+    click.echo(f"ok: {cfg.path or 'built-in defaults'}; {len(cfg.rules.domain_limits)} $domain_limit rule(s); spool {cfg.spool}")
+
+
+# --- recover ------------------------------------------------------------------
+
+
+@main.command("recover")
+@click.option("--node", "node_name", required=True, help="The node whose ACTIVE jobs to put back.")
+@_common
+def recover_cmd(node_name: str, config_file: Path | None, spool_dir: Path | None) -> None:
+    """Put a stopped node's ACTIVE jobs back into their folders (outcome 66)."""
+    from filelock import FileLock, Timeout
+
+    from .node import check_node_name
+
+    check_node_name(node_name)
+    cfg = _config(config_file, spool_dir)
+    spool = Spool(cfg.spool, cfg.queues, cfg.fsync)
+    spool.ensure()
+    lock = FileLock(str(spool.lock_path(node_name)))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise CopiamailError(f"node {node_name} is running: stop it first") from None
+    try:
+        report = recover(spool, node_name)
+    finally:
+        lock.release()
+    click.echo(f"{node_name}: returned {len(report.returned)} job(s) to their folders, {len(report.failed)} to FAIL")
+
+
+# --- demo ---------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--dir", "demo_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-spool"), show_default=True, help="Where the demo spool goes (replaced if it holds an earlier demo).")
+@_user_errors
+def demo(demo_dir: Path) -> None:
+    """Send the shipped samples through a node into an embedded SMTP sink."""
+    from .node import run_node
+    from .sink import SmtpSink
+
+    if not (SAMPLES / "copiamail.yaml").is_file():
+        raise CopiamailError(f"{SAMPLES}: the samples are missing (install from a checkout: pip install -e .)")
+    marker = demo_dir / ".copiamail-demo"
+    if demo_dir.exists():
+        if not marker.exists():
+            raise CopiamailError(f"{demo_dir}: exists and is not an earlier demo spool; pass --dir")
+        shutil.rmtree(demo_dir)
+    shutil.copytree(SAMPLES / "spool", demo_dir)
+    marker.write_text("made by copiamail demo\n")
+    cfg = load_config(SAMPLES / "copiamail.yaml")
+    with SmtpSink(delay=0.05) as sink:
+        cfg = cfg.with_overrides(spool=demo_dir, relay=f"{sink.host}:{sink.port}")
+        click.echo(f"embedded SMTP sink on {sink.host}:{sink.port}; node N1 draining {cfg.spool}")
+        total = sum(n for k, n in Spool(cfg.spool, cfg.queues).counts().items() if k.startswith("TOSEND"))
+        with _Progress(total, sys.stdout.isatty()) as progress:
+            result = run_node(cfg, "N1", drain=True, on_event=progress.event)
+    s = result.stats
+    click.echo(f"sent {s.sent}, failed {s.failed}, deferred {s.deferred} (DOMAINBUSY_COUNT), retry later {s.retried}")
+    for folder in ("SENT", "FAIL"):
+        names = sorted(p.name for p in (cfg.spool / folder).iterdir() if is_job_name(p.name))
+        click.echo(f"  {cfg.spool / folder}: {', '.join(names) or '(none)'}")
+    failed = sorted((cfg.spool / "FAIL").glob("*.FS"))
+    if failed:
+        click.echo(f"see why one failed:  copiamail show {failed[0]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""A running node: lock, recovery, watcher, signals, scheduler.
+
+``run_node`` holds the node's lock file (``ACTIVE/<node>.lock``, filelock) for
+its whole life, so a second ``node --name N1`` on this machine refuses to start
+instead of taking N1's jobs. It recovers N1's interrupted jobs, starts the
+watcher, and runs the scheduler until SIGTERM or SIGINT (or, with ``drain``,
+until no job is due and none is in flight).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from filelock import FileLock, Timeout
+
+from .config import Config
+from .errors import ConfigError, SpoolError
+from .recovery import RecoveryReport, recover
+from .scheduler import Scheduler, Stats
+from .spool import Spool
+from .watcher import SpoolWatcher
+
+log = logging.getLogger("copiamail")
+
+_NODE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    stats: Stats
+    recovered: RecoveryReport
+    seconds: float
+
+
+def check_node_name(name: str) -> str:
+    if not _NODE_NAME.match(name) or name in (".", ".."):
+        raise ConfigError(f"bad node name {name!r} (letters, digits, '_', '-', '.'; at most 64)")
+    return name
+
+
+def read_password(config: Config) -> str | None:
+    relay = config.relay
+    if relay is None or relay.password_file is None:
+        return None
+    try:
+        return relay.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"key 'relay.password_file': cannot read: {getattr(e, 'strerror', e)}", relay.password_file) from None
+
+
+def run_node(
+    config: Config,
+    name: str,
+    drain: bool = False,
+    on_event: Callable[[str, str], None] | None = None,
+    on_start: Callable[[Scheduler], None] | None = None,
+) -> NodeResult:
+    """Run node ``name`` until stopped (or drained); returns what it did."""
+    check_node_name(name)
+    if config.relay is None:
+        raise ConfigError("no relay configured: set relay: in the config or pass --relay HOST[:PORT]", config.path)
+    password = read_password(config)
+    spool = Spool(config.spool, config.queues, config.fsync)
+    spool.ensure()
+    lock = FileLock(str(spool.lock_path(name)))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise SpoolError(f"node {name} is already running on this spool ({spool.lock_path(name)} is locked)") from None
+    started = time.monotonic()
+    try:
+        report = recover(spool, name)
+        scheduler = Scheduler(config, spool, name, password=password, on_event=on_event)
+        if on_start is not None:
+            on_start(scheduler)
+        stats = asyncio.run(_serve(config, spool, scheduler, drain))
+    finally:
+        lock.release()
+    return NodeResult(stats, report, time.monotonic() - started)
+
+
+async def _serve(config: Config, spool: Spool, scheduler: Scheduler, drain: bool) -> Stats:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, scheduler.request_stop)
+    watcher = SpoolWatcher(
+        [spool.folder(q) for q in spool.queues],
+        lambda: loop.call_soon_threadsafe(scheduler.wake),
+        polling=config.watcher == "polling",
+    )
+    watcher.start()
+    try:
+        return await scheduler.run(drain=drain)
+    finally:
+        watcher.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
