@@ -58,18 +58,17 @@ def reply_text(code: int, message: str) -> str:
 
 def classify(code: int, message: str, stage: str) -> DeliveryError:
     """A server's refusal at ``stage`` as a DeliveryError (SPEC 4 classes)."""
-    klass = _STAGE_CLASS.get(stage, outcome.SMTP_OTHER)
     m = _ENHANCED.match(message)
     if code == 421:
         klass = outcome.HOST_REJECTED
     elif m is not None:
-        subject = m.group(2)
-        if subject in ("1", "2"):
-            klass = outcome.MAILBOX
-        elif subject == "7":
-            klass = outcome.HOST_REJECTED
-    elif stage == RCPT and code not in (450, 550, 551, 552, 553):
-        klass = outcome.SMTP_OTHER
+        # RFC 3463: X.1.* addressing and X.2.* mailbox status are mailbox
+        # errors, X.7.* security or policy means the host refused us.
+        klass = {"1": outcome.MAILBOX, "2": outcome.MAILBOX, "7": outcome.HOST_REJECTED}.get(m.group(2), outcome.SMTP_OTHER)
+    elif stage == RCPT:
+        klass = outcome.MAILBOX if code in (450, 550, 551, 552, 553) else outcome.SMTP_OTHER
+    else:
+        klass = _STAGE_CLASS.get(stage, outcome.SMTP_OTHER)
     permanent = 500 <= code < 600 and stage in (MAIL, RCPT, DATA)
     return DeliveryError(code, klass, reply_text(code, message), permanent)
 

@@ -1,0 +1,41 @@
+"""Shared pytest fixtures for copiamail's tests."""
+
+# ---------------------------------------------------------------------------
+# BEGIN smtp test server fixtures (see tests/smtpserver.py)
+# ---------------------------------------------------------------------------
+import pytest
+
+from smtpserver import SMTPTestServer, TLSCert, make_self_signed_cert
+
+
+@pytest.fixture(scope="session")
+def tls_cert(tmp_path_factory) -> TLSCert:
+    """Self-signed certificate (IP:127.0.0.1, DNS:localhost), made once per
+    session with the openssl CLI; trust it with cert_bundle=tls_cert.cert_path."""
+    return make_self_signed_cert(tmp_path_factory.mktemp("smtp-tls"))
+
+
+@pytest.fixture
+def smtp_server(tls_cert):
+    """Factory: ``smtp_server(**options)`` returns a started SMTPTestServer
+    (options as SMTPTestServer's); every server made is stopped at teardown.
+    STARTTLS servers get the session's ``tls_cert`` unless given another."""
+    servers: list[SMTPTestServer] = []
+
+    def make(**options) -> SMTPTestServer:
+        if options.get("starttls") and options.get("tls_cert") is None:
+            options["tls_cert"] = tls_cert
+        server = SMTPTestServer(**options)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in reversed(servers):
+        server.stop()
+    errors = [e for server in servers for e in server.errors]
+    assert not errors, f"SMTP test server raised in a session: {errors!r}"
+
+
+# ---------------------------------------------------------------------------
+# END smtp test server fixtures
+# ---------------------------------------------------------------------------

@@ -1,0 +1,553 @@
+"""Self-tests of the SMTP test server (tests/smtpserver.py), with aiosmtplib as
+the client.  Each test is bounded by run()'s overall timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import threading
+import time
+
+import aiosmtplib
+import pytest
+from aiosmtplib import (
+    SMTPConnectResponseError,
+    SMTPConnectTimeoutError,
+    SMTPDataError,
+    SMTPRecipientsRefused,
+    SMTPResponseException,
+    SMTPSenderRefused,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+
+from smtpserver import Rule, SMTPTestServer
+
+FROM = "sender@copiamail.test"
+
+
+def run(coro, timeout: float = 5.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def msg(mid: str = "<m1@copiamail.test>", to: str = "a@x.test") -> bytes:
+    return (f"From: {FROM}\r\nTo: {to}\r\nSubject: test\r\nMessage-ID: {mid}\r\n"
+            f"\r\nHello.\r\n").encode()
+
+
+def client(server: SMTPTestServer, **kw) -> aiosmtplib.SMTP:
+    kw.setdefault("start_tls", False)
+    kw.setdefault("timeout", 2)
+    return aiosmtplib.SMTP(hostname=server.host, port=server.port, **kw)
+
+
+async def send(server, to, data=None, **kw):
+    async with client(server, **kw) as c:
+        return await c.sendmail(FROM, to, data or msg())
+
+
+# --------------------------------------------------------------------------
+# basics, recording
+
+
+def test_records_message(smtp_server):
+    srv = smtp_server()
+    assert srv.host == "127.0.0.1" and srv.port > 0
+    errors, _ = run(send(srv, ["a@x.test", "b@y.test"], msg("<abc@x>")))
+    assert errors == {}
+    (m,) = srv.wait_for(1, timeout=2)
+    assert m.mail_from == FROM
+    assert m.rcpt_tos == ["a@x.test", "b@y.test"]
+    assert m.message_id == "<abc@x>"
+    assert b"Hello." in m.data and m.data.startswith(b"From: ")
+    assert m.peer == "127.0.0.1" and m.peer_port > 0
+    assert m.conn_serial == srv.connections[0].serial
+    assert abs(m.received_at - time.time()) < 5
+    assert m.login is None and m.tls is False
+    assert m.parsed()["Subject"] == "test"
+    srv.wait_idle(2)
+    conn = srv.connections[0]
+    assert conn.commands[:3] == ["EHLO", "MAIL", "RCPT"] and conn.commands[-1] == "QUIT"
+    assert conn.messages == 1 and not conn.open
+
+
+def test_wait_for_times_out(smtp_server):
+    srv = smtp_server()
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        srv.wait_for(1, timeout=0.2)
+    assert time.monotonic() - t0 < 1
+
+
+def test_only_loopback_hosts():
+    with pytest.raises(ValueError):
+        SMTPTestServer(host="0.0.0.0")
+    with pytest.raises(ValueError):
+        SMTPTestServer(host="localhost")
+
+
+def test_other_loopback_address(smtp_server):
+    srv = smtp_server(host="127.0.0.3")
+    run(send(srv, ["a@x.test"]))
+    assert srv.wait_for(1)[0].rcpt_tos == ["a@x.test"]
+
+
+def test_context_manager_and_no_leaks():
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    with SMTPTestServer() as warm:
+        run(send(warm, ["a@x.test"]))
+    threads0, fds0 = threading.active_count(), fds()
+    for _ in range(10):
+        srv = SMTPTestServer(rules=[Rule(stage="DATA", hang=True)])
+        with srv:
+            async def hold():
+                c = client(srv)
+                await c.connect()
+                await c.ehlo()
+                await c.mail(FROM)
+                await c.rcpt("a@x.test")
+                # stop the server while this connection hangs in DATA
+                task = asyncio.ensure_future(c.data(msg()))
+                await asyncio.sleep(0.01)
+                srv.stop()
+                with pytest.raises(SMTPServerDisconnected):
+                    await task
+                c.close()
+            run(hold())
+        assert not srv.running and srv.current == 0
+    assert threading.active_count() == threads0
+    assert fds() <= fds0 + 2
+
+
+# --------------------------------------------------------------------------
+# counting
+
+
+def test_peak_three_simultaneous(smtp_server):
+    srv = smtp_server()
+
+    async def go():
+        cs = [client(srv) for _ in range(3)]
+        await asyncio.gather(*(c.connect() for c in cs))
+        srv.wait_connections(3, 2)
+        assert srv.current == 3
+        for c in cs:
+            await c.quit()
+
+    run(go())
+    srv.wait_idle(2)
+    assert srv.peak == 3 and srv.current == 0 and srv.connections_total == 3
+    srv.reset_counters()
+    assert srv.peak == 0 and srv.connections_total == 0
+    run(send(srv, ["a@x.test"]))
+    srv.wait_idle(2)
+    assert srv.peak == 1 and srv.connections_total == 1
+
+
+def test_peak_by_source(smtp_server):
+    srv = smtp_server()
+
+    async def go():
+        cs = [client(srv, source_address=("127.0.0.2", 0)) for _ in range(2)]
+        cs.append(client(srv))
+        await asyncio.gather(*(c.connect() for c in cs))
+        srv.wait_connections(3, 2)
+        assert srv.current_by_source == {"127.0.0.2": 2, "127.0.0.1": 1}
+        for c in cs:
+            await c.quit()
+
+    run(go())
+    srv.wait_idle(2)
+    assert srv.peak_by_source["127.0.0.2"] == 2
+    assert srv.peak_by_source["127.0.0.1"] == 1
+    assert srv.peak_by_source["127.0.0.9"] == 0
+    assert srv.current_by_source == {}
+    assert srv.peak == 3
+
+
+def test_peak_by_domain(smtp_server):
+    srv = smtp_server()
+
+    async def go():
+        a, b, c = client(srv), client(srv), client(srv)
+        for x in (a, b, c):
+            await x.connect()
+        await a.sendmail(FROM, ["p@copia.com"], msg())
+        await b.sendmail(FROM, ["q@COPIA.com", "r@other.test"], msg())
+        await c.sendmail(FROM, ["s@other.test"], msg())
+        # a keeps counting for copia.com while open, even sending elsewhere
+        await a.sendmail(FROM, ["t@third.test"], msg())
+        assert srv.current_by_domain == {"copia.com": 2, "other.test": 2, "third.test": 1}
+        await a.quit()
+        await b.quit()
+        d = client(srv)
+        await d.connect()
+        await d.sendmail(FROM, ["u@copia.com"], msg())
+        await d.quit()
+        await c.quit()
+
+    run(go())
+    srv.wait_idle(2)
+    assert srv.peak_by_domain["copia.com"] == 2
+    assert srv.peak_by_domain["other.test"] == 2
+    assert srv.peak_by_domain["third.test"] == 1
+    assert srv.current_by_domain == {}
+    assert len(srv.messages) == 5
+
+
+def test_peak_by_domain_counts_refused_rcpt(smtp_server):
+    srv = smtp_server(rules=[Rule(stage="RCPT", code=550, match="@copia.com")])
+    with pytest.raises(SMTPRecipientsRefused):
+        run(send(srv, ["x@copia.com"]))
+    assert srv.peak_by_domain["copia.com"] == 1
+
+
+# --------------------------------------------------------------------------
+# fault rules
+
+
+def test_rcpt_550_partial_refusal(smtp_server):
+    srv = smtp_server()
+    srv.add_rule(Rule(stage="RCPT", code=550, text="5.1.1 <bad@x.test>: User unknown",
+                      match="bad@x.test"))
+    errors, _ = run(send(srv, ["good@x.test", "bad@x.test"]))
+    assert list(errors) == ["bad@x.test"]
+    assert errors["bad@x.test"].code == 550
+    assert "User unknown" in errors["bad@x.test"].message
+    assert srv.wait_for(1)[0].rcpt_tos == ["good@x.test"]
+
+
+def test_rcpt_all_refused(smtp_server):
+    srv = smtp_server(rules=[Rule(stage="RCPT", code=550, text="5.1.1 User unknown")])
+    with pytest.raises(SMTPRecipientsRefused) as ei:
+        run(send(srv, ["a@x.test", "b@x.test"]))
+    assert [e.code for e in ei.value.recipients] == [550, 550]
+    assert srv.messages == []
+
+
+def test_rule_times_then_accept(smtp_server):
+    srv = smtp_server()
+    rule = srv.add_rule(Rule(stage="RCPT", code=451, text="4.3.0 try later", times=2,
+                             match="a@x.test"))
+    for _ in range(2):
+        with pytest.raises(SMTPRecipientsRefused) as ei:
+            run(send(srv, ["a@x.test"]))
+        assert ei.value.recipients[0].code == 451
+    run(send(srv, ["a@x.test"]))
+    assert rule.fired == 2 and rule.spent
+    assert len(srv.wait_for(1)) == 1
+
+
+def test_domain_match_and_specific_before_catch_all(smtp_server):
+    srv = smtp_server()
+    srv.add_rule(Rule(stage="RCPT", code=452, text="4.5.3 too many"))
+    srv.add_rule(Rule(stage="RCPT", code=550, match="@bad.test"))
+    errors_exc = None
+    try:
+        run(send(srv, ["z@bad.test", "y@ok.test"]))
+    except SMTPRecipientsRefused as e:
+        errors_exc = e
+    assert [r.code for r in errors_exc.recipients] == [550, 452]
+    srv.clear_rules()
+    run(send(srv, ["z@bad.test"]))
+
+
+def test_mail_stage_reject(smtp_server):
+    srv = smtp_server(rules=[Rule(stage="MAIL", code=550, text="5.7.1 sender blocked")])
+    with pytest.raises(SMTPSenderRefused) as ei:
+        run(send(srv, ["a@x.test"]))
+    assert ei.value.code == 550
+
+
+def test_data_command_reject(smtp_server):
+    srv = smtp_server(rules=[Rule(stage="DATA", code=554, text="5.5.0 no valid recipients")])
+    with pytest.raises(SMTPDataError) as ei:
+        run(send(srv, ["a@x.test"]))
+    assert ei.value.code == 554 and srv.messages == []
+
+
+def test_eod_552_reject(smtp_server):
+    srv = smtp_server(rules=[Rule(stage="EOD", code=552, text="5.3.4 message too big",
+                                  match="a@x.test")])
+    with pytest.raises(SMTPDataError) as ei:
+        run(send(srv, ["a@x.test"]))
+    assert ei.value.code == 552 and srv.messages == []
+    run(send(srv, ["b@x.test"]))
+    assert srv.wait_for(1)[0].rcpt_tos == ["b@x.test"]
+
+
+def test_eod_custom_success_reply_records(smtp_server):
+    srv = smtp_server(rules=[Rule(stage="EOD", code=250, text="2.0.0 Ok: queued as ABC123")])
+    _, text = run(send(srv, ["a@x.test"]))
+    assert "ABC123" in text
+    assert len(srv.wait_for(1)) == 1
+
+
+def test_multiline_reply(smtp_server):
+    srv = smtp_server(rules=[Rule(stage="RCPT", code=550, text="5.1.1 first\n5.1.1 second")])
+    with pytest.raises(SMTPRecipientsRefused) as ei:
+        run(send(srv, ["a@x.test"]))
+    assert ei.value.recipients[0].message == "5.1.1 first\n5.1.1 second"
+
+
+def test_421_then_close(smtp_server):
+    srv = smtp_server(rules=[Rule(stage="MAIL", code=421, text="4.7.0 too many connections")])
+
+    async def go():
+        c = client(srv)
+        await c.connect()
+        with pytest.raises(SMTPSenderRefused) as ei:
+            await c.sendmail(FROM, ["a@x.test"], msg())
+        assert ei.value.code == 421
+        assert not c.is_connected  # aiosmtplib closes by itself on 421
+
+    run(go())
+    srv.wait_idle(2)
+    assert srv.connections[0].closed_at is not None
+
+
+def test_421_at_rcpt_server_closes(smtp_server):
+    srv = smtp_server(rules=[Rule(stage="RCPT", code=421, match="b@x.test")])
+
+    async def go():
+        c = client(srv)
+        await c.connect()
+        # first RCPT accepted, second gets 421 and the link is gone
+        with pytest.raises(SMTPServerDisconnected):
+            await c.sendmail(FROM, ["a@x.test", "b@x.test", "c@x.test"], msg())
+
+    run(go())
+    srv.wait_idle(2)
+    assert srv.messages == []
+
+
+def test_drop_after_354(smtp_server):
+    srv = smtp_server(rules=[Rule(stage="EOD", drop=True)])
+
+    async def go():
+        c = client(srv)
+        await c.connect()
+        with pytest.raises(SMTPServerDisconnected):
+            await c.sendmail(FROM, ["a@x.test"], msg())
+
+    run(go())
+    srv.wait_idle(2)
+    assert srv.messages == []
+    assert srv.connections[0].commands[-1] == "DATA"
+
+
+def test_drop_at_rcpt(smtp_server):
+    srv = smtp_server(rules=[Rule(stage="RCPT", drop=True)])
+    with pytest.raises(SMTPServerDisconnected):
+        run(send(srv, ["a@x.test"]))
+    srv.wait_idle(2)
+
+
+def test_delay(smtp_server):
+    srv = smtp_server(rules=[Rule(stage="RCPT", delay=0.3)])
+    t0 = time.monotonic()
+    run(send(srv, ["a@x.test"]))
+    assert 0.3 <= time.monotonic() - t0 < 1.5
+    assert len(srv.wait_for(1)) == 1
+
+
+def test_delay_holds_connections_for_limit_tests(smtp_server):
+    srv = smtp_server(rules=[Rule(stage="EOD", delay=0.3)])
+
+    async def go():
+        await asyncio.gather(*(send(srv, [f"r{i}@copia.com"]) for i in range(4)))
+
+    run(go())
+    srv.wait_idle(2)
+    assert srv.peak == 4 and srv.peak_by_domain["copia.com"] == 4
+    assert len(srv.messages) == 4
+
+
+def test_delay_provokes_client_timeout(smtp_server):
+    srv = smtp_server(rules=[Rule(stage="DATA", delay=1.0)])
+
+    async def go():
+        c = client(srv, timeout=0.3)
+        await c.connect()
+        with pytest.raises(SMTPTimeoutError):
+            await c.sendmail(FROM, ["a@x.test"], msg())
+        assert not c.is_connected
+
+    run(go())
+    srv.wait_idle(2)  # server side closes as soon as the client goes away
+    assert srv.messages == []
+
+
+def test_no_greeting(smtp_server):
+    srv = smtp_server(rules=[Rule(stage="CONNECT", hang=True)])
+
+    async def go():
+        c = client(srv, timeout=0.3)
+        t0 = time.monotonic()
+        with pytest.raises(SMTPConnectTimeoutError):
+            await c.connect()
+        assert time.monotonic() - t0 < 1.5
+
+    run(go())
+    assert srv.connections_total == 1
+    srv.wait_idle(2)
+
+
+def test_greeting_554(smtp_server):
+    srv = smtp_server(rules=[Rule(stage="GREETING", code=554, text="5.7.1 go away")])
+
+    async def go():
+        c = client(srv)
+        with pytest.raises(SMTPConnectResponseError) as ei:
+            await c.connect()
+        assert ei.value.code == 554
+
+    run(go())
+    srv.wait_idle(2)
+
+    async def raw():
+        r, w = await asyncio.open_connection(srv.host, srv.port)
+        assert (await r.readline()).startswith(b"554 5.7.1 go away")
+        w.write(b"EHLO me\r\n")
+        assert (await r.readline()).startswith(b"503")
+        w.write(b"QUIT\r\n")
+        assert (await r.readline()).startswith(b"221")
+        w.close()
+
+    run(raw())
+
+
+def test_rules_change_while_running(smtp_server):
+    srv = smtp_server()
+    r = srv.add_rule(Rule(stage="RCPT", code=450))
+    with pytest.raises(SMTPRecipientsRefused):
+        run(send(srv, ["a@x.test"]))
+    srv.remove_rule(r)
+    run(send(srv, ["a@x.test"]))
+    assert srv.rules == []
+
+
+def test_rule_source_match(smtp_server):
+    srv = smtp_server(rules=[Rule(stage="MAIL", code=421, source="127.0.0.2")])
+    with pytest.raises(SMTPSenderRefused):
+        run(send(srv, ["a@x.test"], source_address=("127.0.0.2", 0)))
+    run(send(srv, ["a@x.test"]))
+    assert srv.wait_for(1)[0].peer == "127.0.0.1"
+
+
+def test_rule_validation():
+    with pytest.raises(ValueError):
+        Rule(stage="BOGUS")
+    with pytest.raises(ValueError):
+        Rule(stage="RCPT", code=550, drop=True)
+    assert Rule(stage="helo").stage == "EHLO"
+    assert Rule(stage="RCPT", code=421).closes
+    assert not Rule(stage="RCPT", code=451).closes
+
+
+# --------------------------------------------------------------------------
+# STARTTLS
+
+
+def test_starttls_verified(smtp_server, tls_cert):
+    srv = smtp_server(starttls=True)
+    assert srv.cert_path == tls_cert.cert_path
+
+    async def go():
+        # start_tls=None: aiosmtplib upgrades on its own when STARTTLS is offered
+        async with client(srv, start_tls=None, cert_bundle=srv.cert_path) as c:
+            assert c.get_transport_info("sslcontext") is not None
+            await c.sendmail(FROM, ["a@x.test"], msg())
+
+    run(go())
+    (m,) = srv.wait_for(1)
+    assert m.tls is True and srv.connections[0].tls
+
+
+def test_starttls_untrusted_cert_fails(smtp_server):
+    srv = smtp_server(starttls=True)
+
+    async def go():
+        c = client(srv, start_tls=True)  # system CAs only: our cert is not trusted
+        with pytest.raises((ssl.SSLError, SMTPServerDisconnected, aiosmtplib.SMTPException)):
+            await c.connect()
+
+    run(go())
+    srv.wait_idle(2)
+
+
+def test_require_starttls(smtp_server):
+    srv = smtp_server(starttls=True, require_starttls=True)
+    with pytest.raises(SMTPSenderRefused) as ei:
+        run(send(srv, ["a@x.test"]))
+    assert ei.value.code == 530
+    run(send(srv, ["a@x.test"], start_tls=True, cert_bundle=srv.cert_path))
+    assert srv.wait_for(1)[0].tls
+
+
+def test_starttls_fails(smtp_server):
+    srv = smtp_server(starttls_fails=True)
+
+    async def go():
+        c = client(srv, start_tls=None)  # auto: tries STARTTLS because advertised
+        with pytest.raises(SMTPResponseException) as ei:
+            await c.connect()
+        assert ei.value.code == 454
+        c2 = client(srv)  # start_tls=False: plain text works
+        await c2.connect()
+        await c2.ehlo()
+        assert c2.supports_extension("starttls")
+        await c2.sendmail(FROM, ["a@x.test"], msg())
+        await c2.quit()
+
+    run(go())
+    assert srv.wait_for(1)[0].tls is False
+
+
+# --------------------------------------------------------------------------
+# AUTH
+
+
+@pytest.mark.parametrize("method", ["auth_plain", "auth_login"])
+def test_auth(smtp_server, method):
+    srv = smtp_server(auth=("user", "s3cret"), auth_required=True)
+
+    async def go():
+        async with client(srv) as c:
+            await c.ehlo()
+            assert {"plain", "login"} <= set(c.server_auth_methods)
+            with pytest.raises(SMTPSenderRefused) as ei:
+                await c.sendmail(FROM, ["a@x.test"], msg())
+            assert ei.value.code == 530
+            await getattr(c, method)("user", "s3cret")
+            await c.sendmail(FROM, ["a@x.test"], msg())
+
+    run(go())
+    (m,) = srv.wait_for(1)
+    assert m.login == "user" and srv.connections[0].login == "user"
+
+
+def test_auth_bad_password(smtp_server):
+    srv = smtp_server(auth={"user": "s3cret"})
+
+    async def go():
+        c = client(srv, username="user", password="wrong")
+        with pytest.raises(aiosmtplib.SMTPAuthenticationError) as ei:
+            await c.connect()
+        assert ei.value.code == 535
+
+    run(go())
+
+
+def test_no_auth_not_advertised(smtp_server):
+    srv = smtp_server()
+
+    async def go():
+        async with client(srv) as c:
+            await c.ehlo()
+            assert not c.supports_extension("auth")
+
+    run(go())
