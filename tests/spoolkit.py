@@ -1,0 +1,123 @@
+"""A spool, a config and the `copiamail` CLI, for end-to-end tests.
+
+Each test gets its own spool under tmp_path, a copiamail.yaml pointing at the
+test's SMTP server on 127.0.0.1, and runs the real CLI in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+CLI = [sys.executable, "-m", "copiamail"]
+
+
+class SpoolKit:
+    def __init__(self, base: Path, port: int | None = None, cfg: Iterable[str] = (), yaml: str = "", host: str = "127.0.0.1") -> None:
+        self.base = base
+        self.root = base / "spool"
+        self.cfg_path = base / "FAXFACTS.CFG"
+        self.cfg_path.write_text("\n".join(cfg) + "\n", encoding="utf-8")
+        self.config_path = base / "copiamail.yaml"
+        relay = f"relay: {{host: {host}, port: {port}, starttls: never}}\n" if port is not None else ""
+        self.config_path.write_text(
+            "spool: ./spool\n"
+            "cfg: ./FAXFACTS.CFG\n"
+            "scan_interval: 0.3\n"
+            "connection_idle: 0.2\n"
+            "smtp_timeout: 10\n"
+            "shutdown_grace: 2\n"
+            + relay + yaml,
+            encoding="utf-8",
+        )
+        for d in ["TOSEND"] + [f"TOSEND{i}" for i in range(1, 16)]:
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+
+    # --- jobs ----------------------------------------------------------------
+
+    def job(self, queue: str, name: str, *lines: str, to: str | None = None) -> Path:
+        body = ([f"$email_address {to}"] if to else []) + list(lines)
+        if to and not any(l.startswith("$email_text") or l.startswith("$email_body") for l in lines):
+            body.append(f'$email_text "hello {name}"')
+        path = self.root / queue / name
+        path.write_bytes(("\n".join(body) + "\n").encode("utf-8"))
+        return path
+
+    def names(self, folder: str) -> list[str]:
+        d = self.root / folder
+        return sorted(p.name for p in d.iterdir() if p.name.upper().endswith(".FS")) if d.is_dir() else []
+
+    def read(self, folder: str, name: str) -> str:
+        return (self.root / folder / name).read_text(encoding="utf-8")
+
+    def active(self) -> list[Path]:
+        return sorted(p for p in (self.root / "ACTIVE").rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+
+    def waiting(self) -> list[str]:
+        return [n for q in ["TOSEND"] + [f"TOSEND{i}" for i in range(1, 16)] for n in self.names(q)]
+
+    # --- the CLI -------------------------------------------------------------
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CLI, *args], cwd=self.base, capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, "COPIAMAIL_CONFIG": str(self.config_path)}, stdin=subprocess.DEVNULL,
+        )
+
+    def drain(self, name: str = "N1", *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        result = self.cli("node", "--name", name, "--drain", *args, timeout=timeout)
+        assert "Traceback" not in result.stderr, result.stderr
+        return result
+
+    def start(self, name: str = "N1", *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [*CLI, "node", "--name", name, *args], cwd=self.base, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            env={**os.environ, "COPIAMAIL_CONFIG": str(self.config_path)},
+        )
+
+    def drain_until(self, done, timeout: float = 30, name: str = "N1") -> None:
+        """Drain again and again (retries fall due meanwhile) until done() holds."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, "drain_until: timed out"
+            self.drain(name)
+            if not done():
+                time.sleep(0.3)
+
+
+def var(text: str, name: str) -> str | None:
+    m = None
+    for m in re.finditer(rf"^\$var_def {name} (.*)$", text, re.M):
+        pass
+    return m.group(1).strip('"') if m else None
+
+
+def attempts(text: str) -> list[list[str]]:
+    """The fields after the date and time of each $attempt_record: [E, NODE, OUTCOME, CLASS, text]."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("$attempt_record "):
+            parts = line.split(" ", 7)
+            out.append(parts[3:8])
+    return out
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
+
+
+def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, str, str]:
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err

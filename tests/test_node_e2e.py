@@ -1,0 +1,377 @@
+"""End to end: the `copiamail node` CLI against a real SMTP server on 127.0.0.1,
+reading the spool afterwards (SPEC 1, 3, 4 and 6)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from smtpserver import Rule
+from spoolkit import SpoolKit, attempts, stop, var, wait_until
+
+from copiamail.fsfile import CommandFile
+from copiamail.job import parse_job
+
+
+@pytest.fixture
+def server(smtp_server):
+    return smtp_server()
+
+
+def kit_for(tmp_path, server, *cfg, yaml=""):
+    return SpoolKit(tmp_path, server.port, cfg, yaml)
+
+
+# --- $domain_limit: reached, never exceeded, deferral --------------------------
+
+
+def test_domain_limit_is_reached_and_never_exceeded_at_the_server(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=0.25))
+    kit = kit_for(tmp_path, server, "$domain_limit * @copia.com 3")
+    for i in range(12):
+        kit.job("TOSEND", f"J{i:03d}.FS", to=f"user{i}@copia.com")
+    result = kit.drain()
+    assert result.returncode == 0, result.stderr
+    assert len(kit.names("SENT")) == 12
+    assert server.peak_by_domain["copia.com"] == 3
+    assert server.peak == 3
+
+
+def test_each_domain_a_substring_rule_matches_gets_its_own_limit(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=0.25))
+    kit = kit_for(tmp_path, server, "$domain_limit * @copia. 2")
+    for i in range(6):
+        kit.job("TOSEND", f"A{i}.FS", to=f"a{i}@copia.com")
+        kit.job("TOSEND", f"B{i}.FS", to=f"b{i}@copia.net")
+    assert kit.drain().returncode == 0
+    assert len(kit.names("SENT")) == 12
+    assert server.peak_by_domain["copia.com"] == 2
+    assert server.peak_by_domain["copia.net"] == 2
+    assert server.peak == 4
+
+
+def test_catch_all_rule_limits_every_domain_apart(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=0.2))
+    kit = kit_for(tmp_path, server, "$domain_limit * @ 1")
+    for d in ("any.org", "other.org", "third.org"):
+        for i in range(3):
+            kit.job("TOSEND", f"{d}-{i}.FS", to=f"x{i}@{d}")
+    assert kit.drain().returncode == 0
+    assert len(kit.names("SENT")) == 9
+    assert all(server.peak_by_domain[d] == 1 for d in ("any.org", "other.org", "third.org"))
+    assert server.peak == 3
+
+
+def test_limit_is_used_in_full_at_once_without_slow_start(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=0.6))
+    kit = kit_for(tmp_path, server, "$domain_limit * @copia.com 4")
+    for i in range(4):
+        kit.job("TOSEND", f"J{i}.FS", to=f"u{i}@copia.com")
+    started = time.monotonic()
+    assert kit.drain().returncode == 0
+    assert server.peak_by_domain["copia.com"] == 4
+    opened = sorted(c.opened_at for c in server.connections)
+    assert opened[-1] - opened[0] < 0.5
+    assert time.monotonic() - started < 10
+
+
+def test_a_rule_for_another_node_does_not_limit_this_node(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=0.3))
+    kit = kit_for(tmp_path, server, "$domain_limit N2 @copia.com 1")
+    for i in range(3):
+        kit.job("TOSEND", f"J{i}.FS", to=f"u{i}@copia.com")
+    assert kit.drain("N1").returncode == 0
+    assert server.peak_by_domain["copia.com"] == 3
+    assert all(var(kit.read("SENT", n), "DOMAINBUSY_COUNT") is None for n in kit.names("SENT"))
+
+
+def test_deferred_job_gets_domainbusy_count_and_no_attempt_record(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=0.3))
+    kit = kit_for(tmp_path, server, "$domain_limit * @copia.com 1")
+    for i in range(3):
+        kit.job("TOSEND", f"J{i}.FS", to=f"u{i}@copia.com")
+    assert kit.drain().returncode == 0
+    texts = {n: kit.read("SENT", n) for n in kit.names("SENT")}
+    assert var(texts["J0.FS"], "DOMAINBUSY_COUNT") is None
+    for name in ("J1.FS", "J2.FS"):
+        assert var(texts[name], "DOMAINBUSY_COUNT") == "1"
+    for text in texts.values():
+        # One attempt each: the delivery. A deferral writes no attempt record.
+        assert [a[2] for a in attempts(text)] == ["0"]
+
+
+def test_deferral_changes_nothing_but_domainbusy_count(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=1.5))
+    kit = kit_for(tmp_path, server, "$domain_limit * @copia.com 1")
+    kit.job("TOSEND3", "A.FS", to="a@copia.com")
+    original = kit.job("TOSEND3", "B.FS", "; keep me", "  $email_subject   \"indented\"", to="b@copia.com").read_bytes()
+    proc = kit.start("N1")
+    try:
+        wait_until(lambda: b"DOMAINBUSY_COUNT" in (kit.root / "TOSEND3" / "B.FS").read_bytes() if (kit.root / "TOSEND3" / "B.FS").exists() else False)
+        deferred = (kit.root / "TOSEND3" / "B.FS").read_bytes()
+    finally:
+        stop(proc)
+    assert deferred == original + b"$var_def DOMAINBUSY_COUNT 1\n"
+
+
+def test_job_is_deferred_about_once_per_wait_not_once_per_scan(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=0.15))
+    kit = kit_for(tmp_path, server, "$domain_limit * @copia.com 2")
+    for i in range(20):
+        kit.job("TOSEND", f"J{i:02d}.FS", to=f"u{i}@copia.com")
+    assert kit.drain().returncode == 0
+    counts = [int(var(kit.read("SENT", n), "DOMAINBUSY_COUNT") or 0) for n in kit.names("SENT")]
+    assert len(counts) == 20
+    # 3 s of waiting and ten scans later, no job was deferred more than once.
+    assert max(counts) == 1
+    assert counts.count(0) == 2
+
+
+def test_connection_is_reused_for_the_same_domain(tmp_path, server):
+    kit = kit_for(tmp_path, server, "$domain_limit * @copia.com 1")
+    for i in range(5):
+        kit.job("TOSEND", f"J{i}.FS", to=f"u{i}@copia.com")
+    assert kit.drain().returncode == 0
+    assert len(server.messages) == 5
+    assert server.connections_total == 1
+
+
+def test_priority_order_is_kept_folder_first_then_name(tmp_path, server):
+    kit = kit_for(tmp_path, server, "$domain_limit * @ 1")
+    kit.job("TOSEND2", "A.FS", to="t2a@copia.com")
+    kit.job("TOSEND1", "Z.FS", to="t1z@copia.com")
+    kit.job("TOSEND1", "B.FS", to="t1b@copia.com")
+    kit.job("TOSEND", "Y.FS", to="t0y@copia.com")
+    kit.job("TOSEND10", "A.FS", to="t10a@copia.com")
+    kit.job("TOSEND9", "A.FS", to="t9a@copia.com")
+    assert kit.drain().returncode == 0
+    got = [m.rcpt_tos[0] for m in server.messages]
+    assert got == ["t0y@copia.com", "t1b@copia.com", "t1z@copia.com", "t2a@copia.com", "t9a@copia.com", "t10a@copia.com"]
+
+
+def test_jobs_not_ending_in_fs_are_ignored(tmp_path, server):
+    kit = kit_for(tmp_path, server)
+    kit.job("TOSEND", "J.TFS", to="a@copia.com")
+    kit.job("TOSEND", "J.txt", to="a@copia.com")
+    kit.job("TOSEND", "lower.fs", to="b@copia.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("SENT") == ["lower.fs"]
+    assert (kit.root / "TOSEND" / "J.TFS").exists()
+
+
+# --- outcomes and retries ----------------------------------------------------
+
+
+def test_550_lands_in_fail_with_the_servers_reply_in_email_error(tmp_path, server):
+    server.add_rule(Rule(stage="RCPT", code=550, text="5.1.1 <jane@copia.com>: User unknown", match="jane@copia.com"))
+    kit = kit_for(tmp_path, server)
+    kit.job("TOSEND2", "00012345.FS", to="jane@copia.com")
+    kit.job("TOSEND2", "00012346.FS", to="john@copia.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("FAIL") == ["00012345.FS"]
+    assert kit.names("SENT") == ["00012346.FS"]
+    text = kit.read("FAIL", "00012345.FS")
+    assert var(text, "EMAIL_ERROR") == "550 5.1.1 <jane@copia.com>: User unknown"
+    assert attempts(text) == [["E", "N1", "550", "B", '"550 5.1.1 <jane@copia.com>: User unknown"']]
+    assert "$fax_status1 6" in text and "$fax_status2 550" in text
+
+
+def test_5xx_at_mail_and_at_data_are_final(tmp_path, server):
+    server.add_rule(Rule(stage="MAIL", code=553, text="5.7.1 sender rejected", match="bad@acme.test"))
+    server.add_rule(Rule(stage="EOD", code=552, text="5.3.4 too big", match="big@copia.com"))
+    kit = kit_for(tmp_path, server)
+    kit.job("TOSEND", "M.FS", "$email_esender bad@acme.test", to="m@copia.com")
+    kit.job("TOSEND", "D.FS", to="big@copia.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("FAIL") == ["D.FS", "M.FS"]
+    assert var(kit.read("FAIL", "M.FS"), "EMAIL_ERROR") == "553 5.7.1 sender rejected"
+    assert var(kit.read("FAIL", "D.FS"), "EMAIL_ERROR") == "552 5.3.4 too big"
+
+
+def test_delivered_job_carries_status_connect_ip_and_bytecount(tmp_path, server):
+    kit = kit_for(tmp_path, server)
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    assert kit.drain().returncode == 0
+    text = kit.read("SENT", "J.FS")
+    assert var(text, "EMAIL_CONNECT_IP") == "127.0.0.1"
+    assert int(var(text, "EMAIL_BYTECOUNT")) == len(server.messages[0].data) or int(var(text, "EMAIL_BYTECOUNT")) > 100
+    assert "$fax_status1 6" in text and "$fax_status2 0" in text
+    [[e, node, code, klass, reply]] = attempts(text)
+    assert (e, node, code, klass) == ("E", "N1", "0", "S") and reply.startswith('"250')
+
+
+def test_451_is_retried_after_its_delay_and_then_sent(tmp_path, server):
+    server.add_rule(Rule(stage="RCPT", code=451, text="4.3.0 try later", times=1))
+    kit = kit_for(tmp_path, server, '$email_retry_delays * "2S"')
+    kit.job("TOSEND1", "J.FS", to="a@copia.com")
+    first_try = time.time()
+    assert kit.drain().returncode == 0
+    text = kit.read("TOSEND1", "J.FS")
+    assert var(text, "EMAIL_ERROR") == "451 4.3.0 try later"
+    assert "$fax_status1 2" in text and "$fax_status2 451" in text
+    assert "$fax_next_date" in text and "$fax_next_time" in text
+    assert parse_job(CommandFile.parse(text.encode()), "J.FS").next_attempt >= int(first_try) + 2
+    # Not due yet: a drain leaves it in its folder.
+    assert kit.drain().returncode == 0
+    assert kit.names("TOSEND1") == ["J.FS"] and len(server.messages) == 0
+    kit.drain_until(lambda: kit.names("SENT") == ["J.FS"], timeout=20)
+    assert time.time() - first_try >= 2
+    text = kit.read("SENT", "J.FS")
+    assert [a[2:4] for a in attempts(text)] == [["451", "E"], ["0", "S"]]
+    assert "$fax_status1 6" in text and "$fax_status2 0" in text
+
+
+def test_retries_running_out_send_the_job_to_fail(tmp_path, server):
+    server.add_rule(Rule(stage="RCPT", code=451, text="4.3.0 try later"))
+    kit = kit_for(tmp_path, server, '$email_retry_delays * "1S 1S"')
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    kit.drain_until(lambda: kit.names("FAIL") == ["J.FS"], timeout=20)
+    text = kit.read("FAIL", "J.FS")
+    assert [a[2] for a in attempts(text)] == ["451", "451", "451"]
+    assert "$fax_status2 451" in text and var(text, "EMAIL_ERROR") == "451 4.3.0 try later"
+
+
+def test_fs_retry_delays_override_cfg_and_empty_list_is_final_at_once(tmp_path, server):
+    server.add_rule(Rule(stage="RCPT", code=451, text="4.3.0 try later"))
+    kit = kit_for(tmp_path, server, '$email_retry_delays * "1H"')
+    kit.job("TOSEND", "J.FS", '$email_retry_delays E ""', to="a@copia.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("FAIL") == ["J.FS"]
+
+
+def test_email_retry_max_caps_attempts_of_all_classes(tmp_path, server):
+    server.add_rule(Rule(stage="RCPT", code=451, text="4.3.0 try later"))
+    kit = kit_for(tmp_path, server, '$email_retry_delays * "1S 1S 1S 1S 1S"', "$email_retry_max 2")
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    kit.drain_until(lambda: kit.names("FAIL") == ["J.FS"], timeout=20)
+    assert len(attempts(kit.read("FAIL", "J.FS"))) == 2
+
+
+def test_refused_connection_is_class_c_and_retried(tmp_path):
+    kit = SpoolKit(tmp_path, 1, ['$email_retry_delays * "1H"'])  # nothing listens on port 1
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    assert kit.drain().returncode == 0
+    text = kit.read("TOSEND", "J.FS")
+    [[_, _, code, klass, _]] = attempts(text)
+    assert (code, klass) == ("70", "C")
+    assert "cannot connect" in var(text, "EMAIL_ERROR")
+
+
+def test_message_id_is_stable_for_the_job_across_a_retry(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", code=451, text="4.3.0 later", times=1))
+    kit = kit_for(tmp_path, server, '$email_retry_delays * "1S"')
+    path = kit.job("TOSEND", "J.FS", to="a@copia.com")
+    identity = parse_job(CommandFile.read(path), "J.FS").identity
+    kit.drain_until(lambda: kit.names("SENT") == ["J.FS"], timeout=20)
+    assert server.messages[0].message_id.startswith(f"<{identity}@")
+
+
+# --- bad jobs ----------------------------------------------------------------
+
+
+BAD_JOBS = {
+    "NORCPT.FS": (b'$email_subject "no recipient"\n$email_text "x"\n', "no recipient"),
+    "NOBODY.FS": (b"$email_address a@copia.com\n$email_body files/missing.txt\n", "missing.txt"),
+    "OUTSIDE.FS": (b"$email_address a@copia.com\n$email_attach /etc/hostname\n", "attachment_roots"),
+    "QUOTE.FS": (b'$email_address a@copia.com\n$email_subject "unterminated\n', "unterminated quote"),
+    "JUNK.FS": (bytes(range(256)) * 4, "binary data"),
+    "HEADER.FS": (b"$email_address a@copia.com\n$email_header X-Bad: a\rb\n", "CR or LF"),
+}
+
+
+def test_bad_jobs_land_in_fail_with_a_clear_error_and_the_node_goes_on(tmp_path, server):
+    kit = kit_for(tmp_path, server)
+    for name, (data, _) in BAD_JOBS.items():
+        (kit.root / "TOSEND" / name).write_bytes(data)
+    kit.job("TOSEND", "ZGOOD.FS", to="good@copia.com")
+    result = kit.drain()
+    assert result.returncode == 0
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert kit.names("SENT") == ["ZGOOD.FS"]
+    assert kit.names("FAIL") == sorted(BAD_JOBS)
+    for name, (_, expected) in BAD_JOBS.items():
+        data = (kit.root / "FAIL" / name).read_bytes()
+        error = [l for l in data.split(b"\n") if l.startswith(b"$var_def EMAIL_ERROR")]
+        assert error and expected.encode() in error[-1], (name, error)
+        assert data.startswith(BAD_JOBS[name][0][:20])
+    assert len(server.messages) == 1
+
+
+# --- crash, stop, lock, recover ---------------------------------------------
+
+
+def test_sigkill_mid_send_loses_nothing_and_the_job_comes_back_with_outcome_66(tmp_path, server):
+    rule = server.add_rule(Rule(stage="EOD", hang=True))
+    kit = kit_for(tmp_path, server)
+    kit.job("TOSEND2", "J.FS", to="a@copia.com")
+    proc = kit.start("N1")
+    wait_until(lambda: any(c.open and "DATA" in " ".join(c.commands).upper() for c in server.connections), timeout=10)
+    assert [p.name for p in kit.active()] == ["J.FS"]
+    proc.kill()
+    proc.wait(timeout=10)
+    server.remove_rule(rule)
+    assert kit.drain().returncode == 0
+    assert kit.names("SENT") == ["J.FS"]
+    assert kit.active() == []
+    assert [a[2] for a in attempts(kit.read("SENT", "J.FS"))] == ["66", "0"]
+
+
+def test_sigterm_hands_in_flight_jobs_back_without_attempt_record_and_exits_0(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", hang=True))
+    kit = kit_for(tmp_path, server, yaml="")
+    kit.config_path.write_text(kit.config_path.read_text().replace("shutdown_grace: 2", "shutdown_grace: 0.3"))
+    original = kit.job("TOSEND1", "J.FS", to="a@copia.com").read_bytes()
+    proc = kit.start("N1")
+    wait_until(lambda: kit.active() != [], timeout=10)
+    wait_until(lambda: any(c.open for c in server.connections), timeout=10)
+    code, _, err = stop(proc, signal.SIGTERM)
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert (kit.root / "TOSEND1" / "J.FS").read_bytes() == original
+    assert kit.active() == []
+
+
+def test_sigint_stops_the_node_cleanly(tmp_path, server):
+    kit = kit_for(tmp_path, server)
+    proc = kit.start("N1")
+    time.sleep(1.0)
+    code, _, err = stop(proc, signal.SIGINT)
+    assert code == 0 and "Traceback" not in err
+
+
+def test_second_node_with_the_same_name_refuses_to_start(tmp_path, server):
+    kit = kit_for(tmp_path, server)
+    proc = kit.start("N1")
+    try:
+        wait_until(lambda: (kit.root / "ACTIVE" / "N1.lock").exists(), timeout=10)
+        time.sleep(0.5)
+        second = kit.cli("node", "--name", "N1", "--drain")
+        assert second.returncode == 2
+        assert "already running" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    finally:
+        stop(proc)
+
+
+def test_recover_puts_a_dead_nodes_active_jobs_back_and_third_interruption_fails(tmp_path, server):
+    kit = kit_for(tmp_path, server)
+    active = kit.root / "ACTIVE" / "N7" / "TOSEND4"
+    active.mkdir(parents=True)
+    (active / "A.FS").write_text("$email_address a@copia.com\n")
+    interrupted_twice = "$email_address b@copia.com\n" + "$attempt_record 11/21/2026 10:00:00 E N7 66 Z \"attempt interrupted\"\n" * 2
+    (active / "B.FS").write_text(interrupted_twice)
+    result = kit.cli("recover", "--node", "N7")
+    assert result.returncode == 0, result.stderr
+    assert kit.names("TOSEND4") == ["A.FS"]
+    assert kit.names("FAIL") == ["B.FS"]
+    assert [a[2] for a in attempts(kit.read("TOSEND4", "A.FS"))] == ["66"]
+    assert [a[2] for a in attempts(kit.read("FAIL", "B.FS"))] == ["66", "66", "66", "67"]
+
+
+def test_interruptions_do_not_count_as_retries(tmp_path, server):
+    server.add_rule(Rule(stage="RCPT", code=451, text="4.3.0 later", times=1))
+    kit = kit_for(tmp_path, server, '$email_retry_delays * "1S"')
+    kit.job("TOSEND", "J.FS", '$attempt_record 11/21/2026 10:00:00 E N1 66 Z "attempt interrupted"', to="a@copia.com")
+    kit.drain_until(lambda: kit.names("SENT") + kit.names("FAIL") != [], timeout=20)
+    assert kit.names("SENT") == ["J.FS"]
