@@ -1,0 +1,239 @@
+"""The CLI surface of SPEC 6 besides `node`: submit, show, status, explain,
+check-config, demo, and one-line errors for everything a user can get wrong."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smtpserver import Rule
+from spoolkit import CLI, SpoolKit, attempts, var
+
+from copiamail.fsfile import CommandFile
+from copiamail.job import parse_job
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def kit(tmp_path, smtp_server):
+    server = smtp_server()
+    k = SpoolKit(tmp_path, server.port, ["$domain_limit * @copia.com 2", "$domain_limit * @ 3", "$domain_limit * @copia.com 1"])
+    k.server = server
+    return k
+
+
+def test_submit_writes_a_job_atomically_and_prints_its_path(kit):
+    result = kit.cli("submit", "--to", "jane@copia.com", "--subject", 'Your "November" statement', "--text", "line one", "--text", "line two", "--queue", "3")
+    assert result.returncode == 0, result.stderr
+    path = Path(result.stdout.strip())
+    assert path.parent == kit.root / "TOSEND3" and path.name.endswith(".FS")
+    job = parse_job(CommandFile.read(path), path.name)
+    assert job.address == "jane@copia.com" and job.subject == 'Your "November" statement'
+    assert [b.value for b in job.body] == ["line one", "line two"]
+    assert not list((kit.root / "TOSEND3").glob("*.TFS"))
+
+
+def test_submitted_jobs_sort_in_submission_order_and_are_sent(tmp_path, smtp_server):
+    server = smtp_server()
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 1"])
+    kit.server = server
+    paths = [Path(kit.cli("submit", "--to", f"u{i}@copia.com", "--text", "hi").stdout.strip()) for i in range(3)]
+    assert sorted(p.name for p in paths) == [p.name for p in paths]
+    assert kit.drain().returncode == 0
+    assert kit.names("SENT") == sorted(p.name for p in paths)
+    assert [m.rcpt_tos[0] for m in kit.server.messages] == ["u0@copia.com", "u1@copia.com", "u2@copia.com"]
+
+
+def test_submit_with_an_attachment_inside_the_spool_is_sent(kit):
+    (kit.root / "files").mkdir()
+    pdf = kit.root / "files" / "a.pdf"
+    pdf.write_bytes(b"%PDF-1.4 test")
+    result = kit.cli("submit", "--to", "a@copia.com", "--attach", str(pdf))
+    assert result.returncode == 0
+    assert kit.drain().returncode == 0
+    msg = kit.server.messages[0].parsed()
+    [part] = [p for p in msg.iter_attachments()]
+    assert part.get_content() == b"%PDF-1.4 test"
+
+
+def test_submit_refuses_a_bad_address_in_one_line(kit):
+    assert "not an e-mail address" in one_line_error(kit.cli("submit", "--to", "nobody"))
+
+
+def test_show_prints_recipient_error_and_attempts(kit):
+    kit.server.add_rule(Rule(stage="RCPT", code=550, text="5.1.1 <jane@copia.com>: User unknown"))
+    kit.job("TOSEND", "J.FS", to="jane@copia.com")
+    kit.drain()
+    result = kit.cli("show", str(kit.root / "FAIL" / "J.FS"))
+    assert result.returncode == 0
+    assert "jane@copia.com" in result.stdout
+    assert "EMAIL_ERROR" in result.stdout and "User unknown" in result.stdout
+    assert "550 B" in result.stdout
+
+
+def test_show_of_a_bad_job_is_one_clear_line(kit):
+    bad = kit.root / "TOSEND" / "BAD.FS"
+    bad.write_bytes(b'$email_address a@copia.com\n$email_subject "open\n')
+    line = one_line_error(kit.cli("show", str(bad)))
+    assert "BAD.FS:2" in line and "unterminated quote" in line
+
+
+def test_status_counts_folders_domains_and_active_jobs(kit):
+    kit.job("TOSEND", "A.FS", to="a@copia.com")
+    kit.job("TOSEND2", "B.FS", to="b@copia.com")
+    kit.job("TOSEND2", "C.FS", to="c@other.org")
+    (kit.root / "ACTIVE" / "N1" / "TOSEND").mkdir(parents=True)
+    (kit.root / "ACTIVE" / "N1" / "TOSEND" / "D.FS").write_text("$email_address d@copia.com\n")
+    result = kit.cli("status")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "TOSEND2" in out and "copia.com" in out and "other.org" in out
+    assert "ACTIVE/N1" in out
+
+
+def test_explain_names_the_rule_file_line_domain_and_scoped_limits(kit):
+    result = kit.cli("explain", "jane@Copia.com", "--node", "N1")
+    assert result.returncode == 0, result.stderr
+    assert "$domain_limit * @copia.com 2" in result.stdout
+    assert "FAXFACTS.CFG:1" in result.stdout
+    assert "copia.com to 2 connection" in result.stdout
+    assert "server_max_outbound_connections" in result.stdout
+    assert "binding_domain:default:copia.com" in result.stdout
+
+
+def test_explain_says_when_no_rule_applies(tmp_path):
+    kit = SpoolKit(tmp_path, 2525, ["$domain_limit N2 @copia.com 1"])
+    result = kit.cli("explain", "a@copia.com", "--node", "N1")
+    assert result.returncode == 0
+    assert "no rule applies" in result.stdout
+
+
+def test_check_config_warns_about_shadowed_rules_and_exits_0(kit):
+    result = kit.cli("check-config")
+    assert result.returncode == 0, result.stderr
+    assert "FAXFACTS.CFG:3" in result.stdout and "can never apply" in result.stdout
+    assert "FAXFACTS.CFG:2" not in result.stdout
+    assert "ok:" in result.stdout
+
+
+def test_check_config_warns_about_ignored_cfg_commands(tmp_path):
+    kit = SpoolKit(tmp_path, 2525, ["$fax_resolution high"])
+    result = kit.cli("check-config")
+    assert result.returncode == 0
+    assert "FAXFACTS.CFG:1" in result.stdout and "ignored" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "yaml,expected",
+    [
+        ("queues: many\n", "queues"),
+        ("relay: {host: 127.0.0.1, prot: 25}\n", "relay.prot"),
+        ("bogus: 1\n", "bogus"),
+        ("domain:\n  \"/(unclosed/\": {scope_max_outbound_connections: 2}\n", "bad regex"),
+        ("server_max_outbound_connections: 0\n", "server_max_outbound_connections"),
+        ("spool: [\n", "YAML syntax"),
+    ],
+)
+def test_check_config_exits_2_with_one_line_naming_file_line_and_key(tmp_path, yaml, expected):
+    kit = SpoolKit(tmp_path, 2525, [])
+    kit.config_path.write_text(yaml)
+    line = one_line_error(kit.cli("check-config"))
+    assert expected in line and "copiamail.yaml:" in line
+
+
+def test_bad_cfg_rule_stops_the_node_with_one_line(tmp_path):
+    kit = SpoolKit(tmp_path, 2525, ["; rules", "$domain_limit * @copia.com zero"])
+    line = one_line_error(kit.cli("node", "--name", "N1", "--drain"))
+    assert "FAXFACTS.CFG:2" in line and "positive integer" in line
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+    kit = SpoolKit(tmp_path, 2525, [])
+    line = one_line_error(kit.cli("check-config", "--config", str(tmp_path / "nope.yaml")))
+    assert "nope.yaml" in line and "not found" in line
+
+
+def test_bad_node_name_is_one_line(kit):
+    assert "bad node name" in one_line_error(kit.cli("node", "--name", "../x", "--drain"))
+
+
+def test_relay_option_overrides_the_config(tmp_path, smtp_server):
+    server = smtp_server()
+    kit = SpoolKit(tmp_path, 1, [])  # the config's relay port has no server
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    result = kit.drain("N1", "--relay", f"127.0.0.1:{server.port}")
+    assert result.returncode == 0, result.stderr
+    assert kit.names("SENT") == ["J.FS"]
+
+
+def test_spool_option_overrides_the_config(tmp_path, smtp_server):
+    server = smtp_server()
+    kit = SpoolKit(tmp_path, server.port, [])
+    other = tmp_path / "other-spool"
+    result = kit.cli("submit", "--to", "a@copia.com", "--spool", str(other))
+    assert Path(result.stdout.strip()).parent == other / "TOSEND"
+    assert kit.drain("N1", "--spool", str(other)).returncode == 0
+    assert len(list((other / "SENT").glob("*.FS"))) == 1
+
+
+def test_starttls_with_certificate_verification_and_auth_from_a_password_file(tmp_path, smtp_server, tls_cert):
+    server = smtp_server(starttls=True, auth=("mailer", "s3cret"), auth_required=True)
+    (tmp_path / "relay.pw").write_text("s3cret\n")
+    kit = SpoolKit(tmp_path, None, [], yaml=(
+        f"relay: {{host: 127.0.0.1, port: {server.port}, starttls: always, username: mailer,"
+        f" password_file: ./relay.pw, ca_file: {tls_cert.cert_path}}}\n"
+    ))
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    result = kit.cli("-vv", "node", "--name", "N1", "--drain")
+    assert result.returncode == 0, result.stderr
+    assert kit.names("SENT") == ["J.FS"]
+    msg = server.messages[0]
+    assert msg.tls and msg.login == "mailer"
+    assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_starttls_auto_refuses_an_untrusted_certificate_as_a_class_c_retry(tmp_path, smtp_server):
+    server = smtp_server(starttls=True)
+    kit = SpoolKit(tmp_path, None, ['$email_retry_delays * "1H"'], yaml=f"relay: {{host: 127.0.0.1, port: {server.port}, starttls: auto}}\n")
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    assert kit.drain().returncode == 0
+    text = kit.read("TOSEND", "J.FS")
+    [[_, _, code, klass, _]] = attempts(text)
+    assert (code, klass) == ("73", "C")
+    assert "TLS" in var(text, "EMAIL_ERROR")
+    assert server.messages == []
+
+
+def test_demo_runs_the_samples_into_the_embedded_sink(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "COPIAMAIL_CONFIG"}
+    result = subprocess.run([*CLI, "demo", "--dir", str(tmp_path / "demo")], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    sent = sorted(p.name for p in (tmp_path / "demo" / "SENT").glob("*.FS"))
+    failed = sorted(p.name for p in (tmp_path / "demo" / "FAIL").glob("*.FS"))
+    samples = sorted(p.name for p in (REPO / "samples" / "spool").rglob("*.FS"))
+    assert sorted(sent + failed) == samples
+    assert failed == ["00002002.FS"]
+    assert "User unknown" in (tmp_path / "demo" / "FAIL" / "00002002.FS").read_text()
+    # A second run replaces its own earlier demo spool.
+    again = subprocess.run([*CLI, "demo", "--dir", str(tmp_path / "demo")], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stderr
+
+
+def test_demo_refuses_to_replace_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "mine").mkdir()
+    result = subprocess.run([*CLI, "demo", "--dir", str(tmp_path / "mine")], cwd=tmp_path, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert "not an earlier demo spool" in one_line_error(result)
