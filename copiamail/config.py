@@ -132,7 +132,6 @@ class Config:
     dns: DnsConfig = DnsConfig()
     mx_port: int = 25
     server_max_outbound_connections: int = 100
-    server_reserve_outbound_connections: int = 0
     max_outbound_connections: int = 32
     binding_groups: tuple[BindingGroupConfig, ...] = ()
     bindings: tuple[BindingConfig, ...] = ()
@@ -153,6 +152,13 @@ class Config:
     def roots(self) -> tuple[Path, ...]:
         """attachment_roots, defaulting to the spool root."""
         return self.attachment_roots or (self.spool,)
+
+    @property
+    def cluster_caps(self) -> list[str]:
+        """Where the config sets a cluster-wide cap (which needs the cluster limiter)."""
+        out = [f"domain.{d.key}" for d in self.domains if d.caps.cluster_scope_max_outbound_connections is not None]
+        out += [f"host.{h.key}" for h in self.hosts if h.caps.cluster_scope_max_outbound_connections is not None]
+        return out
 
     def binding(self, name: str) -> BindingConfig | None:
         return next((b for b in self.bindings if b.name == name), None)
@@ -191,11 +197,13 @@ class _Reader:
         self.path = path
         self.base = path.parent if path is not None else Path.cwd()
 
-    def error(self, node: Any, key: str, message: str) -> ConfigError:
+    def error(self, node: Any, key: str, message: str, leaf: Any = None) -> ConfigError:
+        # ``leaf`` is the key as it stands in ``node`` when it may hold a dot.
+        leaf = key.rsplit(".", 1)[-1] if leaf is None else leaf
         line = None
-        if isinstance(node, CommentedMap) and key.rsplit(".", 1)[-1] in node:
+        if isinstance(node, CommentedMap) and leaf in node:
             try:
-                line = node.lc.key(key.rsplit(".", 1)[-1])[0] + 1
+                line = node.lc.key(leaf)[0] + 1
             except (KeyError, TypeError, AttributeError):
                 line = None
         if line is None and isinstance(node, (CommentedMap, CommentedSeq)):
@@ -207,7 +215,7 @@ class _Reader:
             raise ConfigError(f"key '{key}': must be a mapping", self.path)
         for k in node:
             if str(k) not in allowed:
-                raise self.error(node, f"{key}.{k}" if key else str(k), "unknown key")
+                raise self.error(node, f"{key}.{k}" if key else str(k), "unknown key", leaf=k)
         return node
 
     def integer(self, m: CommentedMap, key: str, full: str, lo: int, hi: int | None = None) -> int:
@@ -290,7 +298,7 @@ def _binding(r: _Reader, name: str, node: Any, full: str, group: str | None) -> 
 
 _TOP_KEYS = {
     "spool", "cfg", "queues", "attachment_roots", "esender", "shutdown_grace", "relay", "dns", "mx_port",
-    "server_max_outbound_connections", "server_reserve_outbound_connections", "max_outbound_connections",
+    "server_max_outbound_connections", "max_outbound_connections",
     "scope_max_outbound_connections", "binding_group", "binding", "domain", "host", "default_binding_group",
     "cluster", "scan_interval", "watcher", "smtp_timeout", "messages_per_connection", "connection_idle",
     "fsync", "helo_name",
@@ -345,7 +353,7 @@ def parse_config(data: Any, path: Path | None) -> Config:
         kw["cfg_path"] = r.pathval(m, "cfg", "cfg")
     ints = {
         "queues": (0, 99), "mx_port": (1, 65535), "server_max_outbound_connections": (1, None),
-        "server_reserve_outbound_connections": (0, None), "max_outbound_connections": (1, None),
+        "max_outbound_connections": (1, None),
         "messages_per_connection": (1, None),
     }
     for key, (lo, hi) in ints.items():
@@ -381,7 +389,7 @@ def parse_config(data: Any, path: Path | None) -> Config:
     if m.get("dns") is not None:
         d = r.mapping(m["dns"], "dns", {"nameservers", "port", "timeout"})
         ns = d.get("nameservers") or []
-        if not isinstance(ns, CommentedSeq) or not all(isinstance(x, str) for x in ns):
+        if not isinstance(ns, CommentedSeq) or not all(isinstance(x, str) and _is_ip(x) for x in ns):
             raise r.error(d, "dns.nameservers", "must be a list of IP addresses")
         kw["dns"] = DnsConfig(
             tuple(ns),
@@ -403,7 +411,7 @@ def parse_config(data: Any, path: Path | None) -> Config:
                     bindings.append(_binding(r, str(bname), bm[bname], f"{full}.binding.{bname}", str(gname)))
                     names.append(str(bname))
             if not names:
-                raise r.error(gm, full, "a binding group needs at least one binding")
+                raise r.error(gm, full, "a binding group needs at least one binding", leaf=gname)
             groups.append(BindingGroupConfig(str(gname), tuple(names), _caps(r, g, full), _domains(r, g.get("domain"), f"{full}.domain")))
     if m.get("binding") is not None:
         bm = r.mapping(m["binding"], "binding", {str(k) for k in m["binding"]})
@@ -440,6 +448,14 @@ def parse_config(data: Any, path: Path | None) -> Config:
     if cfg.cfg_path is not None:
         cfg = replace(cfg, rules=load_cfg(cfg.cfg_path))
     return cfg
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _relay(r: _Reader, node: Any) -> RelayConfig:

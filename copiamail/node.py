@@ -65,6 +65,11 @@ def run_node(
     check_node_name(name)
     if config.relay is None:
         raise ConfigError("no relay configured: set relay: in the config or pass --relay HOST[:PORT]", config.path)
+    if config.cluster_caps:
+        raise ConfigError(
+            f"key '{config.cluster_caps[0]}.cluster_scope_max_outbound_connections': cluster-wide limits "
+            "are not available yet; remove it or use scope_max_outbound_connections", config.path,
+        )
     password = read_password(config)
     spool = Spool(config.spool, config.queues, config.fsync)
     spool.ensure()

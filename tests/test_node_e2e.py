@@ -375,3 +375,30 @@ def test_interruptions_do_not_count_as_retries(tmp_path, server):
     kit.job("TOSEND", "J.FS", '$attempt_record 11/21/2026 10:00:00 E N1 66 Z "attempt interrupted"', to="a@copia.com")
     kit.drain_until(lambda: kit.names("SENT") + kit.names("FAIL") != [], timeout=20)
     assert kit.names("SENT") == ["J.FS"]
+
+
+# --- watcher -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["native", "polling"])
+def test_a_job_dropped_into_a_running_node_is_sent_without_waiting_for_the_scan_timer(tmp_path, server, mode):
+    kit = kit_for(tmp_path, server, yaml=f"watcher: {mode}\n")
+    kit.config_path.write_text(kit.config_path.read_text().replace("scan_interval: 0.3", "scan_interval: 60"))
+    proc = kit.start("N1")
+    try:
+        time.sleep(1.0)  # the node is up and its first scan found nothing
+        tmp = kit.root / "TOSEND" / "J.TFS"
+        tmp.write_text("$email_address a@copia.com\n$email_text hi\n")
+        tmp.rename(kit.root / "TOSEND" / "J.FS")
+        # Far sooner than the 60 s scan timer: the watcher woke the node.
+        wait_until(lambda: kit.names("SENT") == ["J.FS"], timeout=15)
+    finally:
+        code, _, err = stop(proc)
+    assert code == 0, err
+
+
+def test_cluster_wide_caps_are_refused_until_the_cluster_limiter_exists(tmp_path, server):
+    kit = kit_for(tmp_path, server, yaml='domain:\n  "copia.com": {cluster_scope_max_outbound_connections: 2}\n')
+    result = kit.cli("node", "--name", "N1", "--drain")
+    assert result.returncode == 2
+    assert "cluster_scope_max_outbound_connections" in result.stderr and "Traceback" not in result.stderr
