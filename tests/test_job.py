@@ -1,0 +1,419 @@
+"""copiamail.job: what an FS file means (SPEC 2 and 4)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from copiamail import outcome
+from copiamail.errors import JobError
+from copiamail.fsfile import CommandFile
+from copiamail.job import (
+    AttemptRecord,
+    Attachment,
+    BodyItem,
+    is_owned,
+    job_identity,
+    parse_address,
+    parse_job,
+)
+from fs_strategies import apply_edits, engine_edits, fs_files
+
+# SPEC 2, "An example".
+EXAMPLE = b'''; monthly statement, customer 4711
+$email_address jane.doe@example.com
+$email_esender statements@acme.test
+$email_from "Acme Billing <billing@acme.test>"
+$email_subject "Your statement for ""November"""
+$email_text "Dear Jane,"
+$email_body statements/4711.txt
+$email_attach statements/4711.pdf application/pdf
+$var_def CUSTOMER 4711
+'''
+
+# The same job after one deferral and a rejected attempt (SPEC 2).
+EXAMPLE_AFTER = EXAMPLE + b'''$var_def DOMAINBUSY_COUNT 1
+$attempt_record 11/21/2026 14:03:07 E N1 550 B "550 5.1.1 <jane.doe@example.com>: User unknown"
+$var_def EMAIL_ERROR "550 5.1.1 <jane.doe@example.com>: User unknown"
+$fax_status1 6
+$fax_status2 550
+'''
+
+ADDR = b"$email_address jane@example.com\n"
+
+
+def job(data: bytes, name: str = "00012345.FS", path: str | None = None):
+    return parse_job(CommandFile.parse(data, path), name)
+
+
+def job_error(data: bytes, path: str | None = None) -> JobError:
+    with pytest.raises(JobError) as e:
+        job(data, path=path)
+    return e.value
+
+
+def identity(data: bytes, name: str = "00012345.FS") -> str:
+    cf = CommandFile.parse(data)
+    return job_identity(name, cf, cf.commands())
+
+
+# --- the SPEC's example ---------------------------------------------------------
+
+
+def test_parse_job_reads_the_spec_example():
+    j = job(EXAMPLE)
+    assert j.name == "00012345.FS"
+    assert j.address == "jane.doe@example.com"
+    assert j.domain == "example.com"
+    assert j.esender == "statements@acme.test"
+    assert j.from_header == "Acme Billing <billing@acme.test>"
+    assert j.subject == 'Your statement for "November"'
+    assert j.body == (BodyItem("text", "Dear Jane,", 6), BodyItem("file", "statements/4711.txt", 7))
+    assert j.alt == ()
+    assert j.attachments == (Attachment("statements/4711.pdf", "application/pdf", 8),)
+    assert j.variables == {"CUSTOMER": "4711"}
+    assert j.charset == "utf-8"
+    assert j.headers == ()
+    assert j.retry_delays == {}
+    assert j.attempts == ()
+    assert j.domainbusy_count == 0
+    assert j.next_attempt is None
+    assert j.is_due(time.time())
+    assert j.binding is None and j.binding_group is None
+
+
+def test_parse_job_reads_the_spec_example_after_the_engine_wrote_into_it():
+    j = job(EXAMPLE_AFTER)
+    assert j.domainbusy_count == 1
+    assert j.attempts == (
+        AttemptRecord("11/21/2026", "14:03:07", "N1", 550, "B", "550 5.1.1 <jane.doe@example.com>: User unknown"),
+    )
+    assert j.variables["EMAIL_ERROR"] == "550 5.1.1 <jane.doe@example.com>: User unknown"
+    assert j.identity == job(EXAMPLE).identity
+
+
+# --- the recipient --------------------------------------------------------------
+
+
+def test_missing_recipient_fails_with_outcome_60():
+    e = job_error(b"$email_subject hi\n$email_text body\n", path="TOSEND/A.FS")
+    assert e.outcome == outcome.BAD_JOB.code == 60
+    assert "email_address" in str(e)
+    assert "A.FS" in str(e)
+
+
+def test_recipient_without_an_argument_fails_with_outcome_60():
+    e = job_error(b"$email_address\n")
+    assert (e.outcome, e.line) == (60, 1)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [b"jane", b"jane@", b"@example.com", b"jane@@example.com", b"jane@exa mple.com", b'"jane doe@example.com"',
+     b"jane@-example.com", b"jane@example.com.", b"<jane@example.com", b"jane@example.com other@example.com"],
+)
+def test_bad_recipient_address_fails_with_outcome_63_naming_the_line(address):
+    e = job_error(b"; x\n$email_address " + address + b"\n", path="A.FS")
+    assert e.outcome == outcome.BAD_HEADER.code == 63
+    assert e.line == 2
+    assert "A.FS:2:" in str(e)
+
+
+def test_recipient_domain_is_lower_cased_and_angle_brackets_are_dropped():
+    j = job(b"$email_address <Jane@Example.COM>\n")
+    assert (j.address, j.domain) == ("Jane@Example.COM", "example.com")
+
+
+def test_recipient_domain_is_after_the_last_at():
+    assert parse_address('"a@b"@Example.org') == ('"a@b"@Example.org', "example.org")
+
+
+def test_bad_envelope_sender_fails_with_outcome_63():
+    e = job_error(ADDR + b"$email_esender not-an-address\n")
+    assert (e.outcome, e.line) == (63, 2)
+
+
+# --- headers --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"$email_header X-Tag: a\rb",
+        b'$email_header "X-Tag: a\rBcc: evil@example.com"',
+        b"$email_subject Hello\rBcc: evil@example.com",
+        b"$email_from a@b.c\r",
+        b"$email_esender a@b.c\rx",
+        b"$email_address jane@example.com\rBcc: x@y.z",
+    ],
+)
+def test_a_lone_cr_inside_a_header_line_fails_with_bad_header_63(line):
+    e = job_error(ADDR + line + b"\r\n$email_text hi\r\n")
+    assert e.outcome == outcome.BAD_HEADER.code == 63
+    assert e.line == 2
+
+
+def test_email_header_is_name_colon_value():
+    j = job(ADDR + b'$email_header X-Campaign: november\n$email_header "X-Ref:  a: b "\n$EMAIL_HEADER List-Id:<x>\n')
+    assert j.headers == (("X-Campaign", "november"), ("X-Ref", "a: b"), ("List-Id", "<x>"))
+
+
+def test_email_header_may_repeat_and_keeps_file_order():
+    j = job(ADDR + b"$email_header X-A: 1\n$email_header X-B: 2\n$email_header X-A: 3\n")
+    assert j.headers == (("X-A", "1"), ("X-B", "2"), ("X-A", "3"))
+
+
+@pytest.mark.parametrize(
+    "line", [b"$email_header X-Tag", b"$email_header : value", b'$email_header "X Tag: v"', b"$email_header X\xc3\xa9: v"]
+)
+def test_email_header_without_a_proper_name_fails_with_outcome_63(line):
+    e = job_error(ADDR + line + b"\n")
+    assert (e.outcome, e.line) == (63, 2)
+
+
+# --- single-valued commands, body, attachments ----------------------------------
+
+
+def test_last_occurrence_wins_for_single_valued_commands():
+    j = job(
+        b"$email_address first@example.com\n"
+        b"$email_subject first\n$email_from a@first.test\n$email_esender a@first.test\n"
+        b"$email_charset iso-8859-1\n$var_def CUSTOMER 1\n"
+        b"$email_address last@example.org\n"
+        b"$email_subject last\n$email_from a@last.test\n$email_esender a@last.test\n"
+        b"$email_charset utf-8\n$VAR_DEF customer 2\n"
+    )
+    assert (j.address, j.domain, j.subject, j.from_header, j.esender, j.charset) == (
+        "last@example.org", "example.org", "last", "a@last.test", "a@last.test", "utf-8",
+    )
+    assert j.variables == {"CUSTOMER": "2"}
+
+
+def test_an_earlier_bad_value_is_overridden_by_the_last_occurrence():
+    j = job(b"$email_address not-an-address\n$email_address jane@example.com\n")
+    assert j.address == "jane@example.com"
+
+
+def test_body_items_keep_file_order_mixing_text_and_body_files():
+    j = job(
+        ADDR
+        + b'$email_text "Dear Jane,"\n$email_body a.txt\n$email_alttext "<p>alt</p>"\n'
+        + b"$email_text\n$email_body b.html\n$email_altbody alt.html\n$email_text P.S. see  below\n"
+    )
+    assert j.body == (
+        BodyItem("text", "Dear Jane,", 2),
+        BodyItem("file", "a.txt", 3),
+        BodyItem("text", "", 5),
+        BodyItem("file", "b.html", 6),
+        BodyItem("text", "P.S. see below", 8),
+    )
+    assert j.alt == (BodyItem("text", "<p>alt</p>", 4), BodyItem("file", "alt.html", 7))
+
+
+def test_attachments_keep_order_and_optional_content_type():
+    j = job(ADDR + b"$email_attach a.pdf application/pdf\n$email_attach \"my file.bin\"\n")
+    assert j.attachments == (Attachment("a.pdf", "application/pdf", 2), Attachment("my file.bin", None, 3))
+
+
+def test_bad_attachment_content_type_fails_with_outcome_60():
+    e = job_error(ADDR + b"$email_attach a.pdf not-a-type\n")
+    assert (e.outcome, e.line) == (60, 2)
+
+
+@pytest.mark.parametrize("command", [b"$email_body", b"$email_altbody", b"$email_attach", b"$email_subject", b"$var_def"])
+def test_a_command_that_needs_an_argument_fails_without_one(command):
+    e = job_error(ADDR + command + b"\n")
+    assert (e.outcome, e.line) == (60, 2)
+
+
+def test_binding_variables_are_read():
+    j = job(ADDR + b"$var_def EMAIL_BINDING b1\n$var_def email_binding_group pool1\n")
+    assert (j.binding, j.binding_group) == ("b1", "pool1")
+
+
+def test_unknown_commands_are_ignored():
+    j = job(b"$fax_phone 555-1234\n" + ADDR + b'$fax_cover "x y"\n$whatever\n$email_subject hi\n')
+    assert (j.address, j.subject) == ("jane@example.com", "hi")
+
+
+def test_syntax_error_fails_with_outcome_60_naming_file_and_line():
+    e = job_error(ADDR + b'$email_subject "open\n', path="TOSEND/A.FS")
+    assert (e.outcome, e.line) == (60, 2)
+    assert "A.FS:2:" in str(e)
+
+
+def test_binary_job_fails_with_outcome_60():
+    e = job_error(ADDR + b"\x00\x01\x02\x81\n")
+    assert (e.outcome, e.line) == (60, 2)
+
+
+# --- what the engine wrote --------------------------------------------------------
+
+
+def test_attempt_records_are_parsed_in_order():
+    j = job(
+        ADDR
+        + b'$attempt_record 11/21/2026 14:03:07 E N1 421 e "421 4.7.0 try later"\n'
+        + b"$attempt_record 11/21/2026 14:08:09 E N2 72 A no reply\n"
+    )
+    assert j.attempts == (
+        AttemptRecord("11/21/2026", "14:03:07", "N1", 421, "E", "421 4.7.0 try later"),
+        AttemptRecord("11/21/2026", "14:08:09", "N2", 72, "A", "no reply"),
+    )
+
+
+def test_interruptions_are_counted_apart_from_retries():
+    j = job(
+        ADDR
+        + b'$attempt_record 11/21/2026 14:03:07 E N1 66 Z "interrupted"\n'
+        + b'$attempt_record 11/21/2026 14:05:07 E N1 421 E "421 busy"\n'
+        + b'$attempt_record 11/21/2026 14:09:07 E N1 66 Z "interrupted"\n'
+    )
+    assert j.interruptions == 2
+    assert [a.counts_as_retry for a in j.attempts] == [False, True, False]
+    assert [a.klass for a in j.attempts if a.counts_as_retry] == ["E"]
+
+
+def test_an_unreadable_attempt_record_is_not_counted():
+    j = job(ADDR + b"$attempt_record garbage\n$attempt_record 11/21/2026 14:03:07 E N1 abc E x\n")
+    assert j.attempts == ()
+
+
+def test_domainbusy_count_is_read():
+    assert job(ADDR + b"$var_def DOMAINBUSY_COUNT 3\n").domainbusy_count == 3
+    assert job(ADDR + b"$var_def DOMAINBUSY_COUNT 3\n$var_def DOMAINBUSY_COUNT 4\n").domainbusy_count == 4
+    assert job(ADDR).domainbusy_count == 0
+
+
+def test_next_attempt_comes_from_fax_next_date_and_time_in_local_time():
+    j = job(ADDR + b"$fax_next_date 11/21/2026\n$fax_next_time 14:03:07\n")
+    expected = time.mktime((2026, 11, 21, 14, 3, 7, 0, 0, -1))
+    assert j.next_attempt == expected
+    assert not j.is_due(expected - 1)
+    assert j.is_due(expected)
+    assert j.is_due(expected + 1)
+
+
+def test_next_date_without_time_means_midnight():
+    j = job(ADDR + b"$fax_next_date 11/21/2026\n")
+    assert j.next_attempt == time.mktime((2026, 11, 21, 0, 0, 0, 0, 0, -1))
+
+
+def test_last_fax_next_date_and_time_count():
+    j = job(ADDR + b"$fax_next_date 01/01/2020\n$fax_next_time 00:00:00\n$fax_next_date 11/21/2026\n$fax_next_time 14:03:07\n")
+    assert j.next_attempt == time.mktime((2026, 11, 21, 14, 3, 7, 0, 0, -1))
+
+
+def test_job_with_past_next_attempt_is_due():
+    assert job(ADDR + b"$fax_next_date 01/01/2000\n$fax_next_time 00:00:00\n").is_due(time.time())
+
+
+@pytest.mark.parametrize(
+    "date, clock",
+    [(b"13/01/2026", b"00:00:00"), (b"02/30/2026", b"00:00:00"), (b"2026-11-21", b"14:03:07"),
+     (b"11/21/2026", b"25:00:00"), (b"11/21/2026", b"noon"), (b"tomorrow", b"12:00:00")],
+)
+def test_bad_next_date_or_time_fails_with_outcome_60(date, clock):
+    e = job_error(ADDR + b"$fax_next_date " + date + b"\n$fax_next_time " + clock + b"\n")
+    assert e.outcome == 60
+    assert e.line == 2
+
+
+def test_retry_delays_are_read_per_class():
+    j = job(ADDR + b'$email_retry_delays B "30S 5 2H"\n$email_retry_delays * "1"\n$email_retry_delays c ""\n')
+    assert j.retry_delays == {"B": (30, 300, 7200), "*": (60,), "C": ()}
+
+
+def test_retry_delays_last_occurrence_of_a_class_counts():
+    j = job(ADDR + b'$email_retry_delays B "1"\n$email_retry_delays b "2 3"\n')
+    assert j.retry_delays == {"B": (120, 180)}
+
+
+@pytest.mark.parametrize("line", [b'$email_retry_delays X "5"', b'$email_retry_delays B "5 soon"', b"$email_retry_delays"])
+def test_bad_retry_delays_fail_with_outcome_60(line):
+    e = job_error(ADDR + line + b"\n")
+    assert (e.outcome, e.line) == (60, 2)
+
+
+# --- charset ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("charset", [b"klingon", b"rot13", b"base64", b"undefined"])
+def test_unknown_charset_fails_with_outcome_64(charset):
+    e = job_error(ADDR + b"$email_charset " + charset + b"\n")
+    assert e.outcome == outcome.BAD_CHARSET.code == 64
+    assert e.line == 2
+
+
+@pytest.mark.parametrize("charset", ["iso-8859-1", "ISO-8859-15", "windows-1252", "UTF-8"])
+def test_known_charset_is_kept(charset):
+    assert job(ADDR + b"$email_charset " + charset.encode() + b"\n").charset == charset
+
+
+# --- identity -------------------------------------------------------------------------
+
+
+def test_identity_is_stable_across_the_engines_edits():
+    cf = CommandFile.parse(EXAMPLE)
+    edited = (
+        cf.set_var("DOMAINBUSY_COUNT", 1)
+        .set_var("DOMAINBUSY_COUNT", 2)
+        .append_command("attempt_record", "11/21/2026", "14:03:07", "E", "N1", 421, "E", "421 busy")
+        .set_var("EMAIL_ERROR", "421 busy")
+        .set_command("fax_status1", 2)
+        .set_command("fax_status2", 421)
+        .set_command("fax_next_date", "11/21/2026")
+        .set_command("fax_next_time", "14:08:07")
+    )
+    assert parse_job(edited, "00012345.FS").identity == parse_job(cf, "00012345.FS").identity
+
+
+def test_identity_is_stable_when_an_append_ends_the_last_line():
+    assert identity(EXAMPLE.rstrip(b"\n")) == identity(EXAMPLE)
+    assert identity(EXAMPLE.rstrip(b"\n") + b"\r") == identity(EXAMPLE)
+
+
+@given(fs_files(first_lines=("$email_address jane@example.com",)), engine_edits())
+def test_identity_is_stable_across_any_engine_edits(data, edits):
+    cf = CommandFile.parse(data)
+    edited = apply_edits(cf, edits)
+    assert job_identity("A.FS", edited, edited.commands()) == job_identity("A.FS", cf, cf.commands())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda b: b.replace(b"customer 4711", b"customer 4712"),  # a comment
+        lambda b: b.replace(b"November", b"December"),
+        lambda b: b.replace(b"$var_def CUSTOMER 4711", b"$var_def CUSTOMER 4712"),
+        lambda b: b + b"$email_text P.S.\n",
+        lambda b: b.replace(b'$email_text "Dear Jane,"\n', b""),
+        lambda b: b.replace(b"$email_body statements/4711.txt\n$email_attach", b"$email_attach"),
+        lambda b: b.replace(b"Dear Jane", b"Dear jane"),
+    ],
+)
+def test_identity_changes_when_a_submitter_line_changes(change):
+    changed = change(EXAMPLE)
+    assert changed != EXAMPLE
+    assert identity(changed) != identity(EXAMPLE)
+
+
+def test_identity_differs_between_job_names():
+    assert identity(EXAMPLE, "00012345.FS") != identity(EXAMPLE, "00012346.FS")
+
+
+def test_is_owned_marks_only_the_engines_lines():
+    cf = CommandFile.parse(EXAMPLE_AFTER + b"$var_def DOMAINBUSY_COUNTER 1\n$fax_status 1\n$var_def email_connect_ip 1.2.3.4\n")
+    owned = [c.line for c in cf.commands() if is_owned(c)]
+    assert owned == [10, 11, 12, 13, 14, 17]
+
+
+@given(st.one_of(fs_files(first_lines=("$email_address jane@example.com",)), st.binary()))
+def test_parse_job_raises_only_job_errors(data):
+    try:
+        job(data)
+    except JobError as e:
+        assert e.outcome in {c.code for c in outcome.ENGINE_CODES}
