@@ -210,6 +210,16 @@ class _Reader:
             line = node.lc.line + 1
         return ConfigError(f"key '{key}': {message}", self.path, line)
 
+    def child(self, parent: CommentedMap, leaf: Any, full: str, allowed: set[str] | None) -> CommentedMap:
+        """``parent[leaf]`` as a mapping (empty when null) with only ``allowed`` keys
+        (any key when None); the error for a non-mapping names the key's line."""
+        node = parent[leaf]
+        if node is None:
+            return CommentedMap()
+        if not isinstance(node, CommentedMap):
+            raise self.error(parent, full, f"must be a mapping, got {node!r}", leaf=leaf)
+        return self.mapping(node, full, allowed if allowed is not None else {str(k) for k in node})
+
     def mapping(self, node: Any, key: str, allowed: set[str]) -> CommentedMap:
         if not isinstance(node, CommentedMap):
             raise ConfigError(f"key '{key}': must be a mapping", self.path)
@@ -261,16 +271,16 @@ def _caps(r: _Reader, m: CommentedMap, full: str) -> ScopeCaps:
     return ScopeCaps(**{k: r.optional(m, k, f"{full}.{k}", r.integer, 1) for k in _CAP_KEYS})
 
 
-def _domains(r: _Reader, node: Any, full: str) -> tuple[DomainStanza, ...]:
-    if node is None:
+def _domains(r: _Reader, parent: CommentedMap, full: str) -> tuple[DomainStanza, ...]:
+    if parent.get("domain") is None:
         return ()
-    m = r.mapping(node, full, {str(k) for k in node} if isinstance(node, CommentedMap) else set())
+    m = r.child(parent, "domain", full, None)
     exact: list[DomainStanza] = []
     regex: list[DomainStanza] = []
     for key in m:
         name = str(key)
         stanza_key = f"{full}.{name}"
-        body = r.mapping(m[key] if m[key] is not None else CommentedMap(), stanza_key, _CAP_KEYS)
+        body = r.child(m, key, stanza_key, _CAP_KEYS)
         line = m.lc.key(key)[0] + 1
         caps = _caps(r, body, stanza_key)
         if len(name) >= 2 and name.startswith("/") and name.endswith("/"):
@@ -285,15 +295,15 @@ def _domains(r: _Reader, node: Any, full: str) -> tuple[DomainStanza, ...]:
     return tuple(exact + regex)
 
 
-def _binding(r: _Reader, name: str, node: Any, full: str, group: str | None) -> BindingConfig:
-    m = r.mapping(node if node is not None else CommentedMap(), full, {"bind_address", "domain"} | _CAP_KEYS)
+def _binding(r: _Reader, parent: CommentedMap, name: Any, full: str, group: str | None) -> BindingConfig:
+    m = r.child(parent, name, full, {"bind_address", "domain"} | _CAP_KEYS)
     addr = r.optional(m, "bind_address", f"{full}.bind_address", r.string)
     if addr is not None:
         try:
             ipaddress.ip_address(addr)
         except ValueError:
             raise r.error(m, f"{full}.bind_address", f"not an IP address: {addr!r}") from None
-    return BindingConfig(name, addr, _caps(r, m, full), _domains(r, m.get("domain"), f"{full}.domain"), group)
+    return BindingConfig(str(name), addr, _caps(r, m, full), _domains(r, m, f"{full}.domain"), group)
 
 
 _TOP_KEYS = {
@@ -385,9 +395,9 @@ def parse_config(data: Any, path: Path | None) -> Config:
             raise r.error(m, "attachment_roots", "must be a list of folder paths")
         kw["attachment_roots"] = tuple((r.base / x).absolute() for x in roots)
     if m.get("relay") is not None:
-        kw["relay"] = _relay(r, m["relay"])
+        kw["relay"] = _relay(r, r.child(m, "relay", "relay", {"host", "port", "starttls", "username", "password_file", "tls_verify", "ca_file"}))
     if m.get("dns") is not None:
-        d = r.mapping(m["dns"], "dns", {"nameservers", "port", "timeout"})
+        d = r.child(m, "dns", "dns", {"nameservers", "port", "timeout"})
         ns = d.get("nameservers") or []
         if not isinstance(ns, CommentedSeq) or not all(isinstance(x, str) and _is_ip(x) for x in ns):
             raise r.error(d, "dns.nameservers", "must be a list of IP addresses")
@@ -400,23 +410,23 @@ def parse_config(data: Any, path: Path | None) -> Config:
     groups: list[BindingGroupConfig] = []
     bindings: list[BindingConfig] = []
     if m.get("binding_group") is not None:
-        gm = r.mapping(m["binding_group"], "binding_group", {str(k) for k in m["binding_group"]})
+        gm = r.child(m, "binding_group", "binding_group", None)
         for gname in gm:
             full = f"binding_group.{gname}"
-            g = r.mapping(gm[gname] if gm[gname] is not None else CommentedMap(), full, {"binding", "domain"} | _CAP_KEYS)
+            g = r.child(gm, gname, full, {"binding", "domain"} | _CAP_KEYS)
             names: list[str] = []
             if g.get("binding") is not None:
-                bm = r.mapping(g["binding"], f"{full}.binding", {str(k) for k in g["binding"]})
+                bm = r.child(g, "binding", f"{full}.binding", None)
                 for bname in bm:
-                    bindings.append(_binding(r, str(bname), bm[bname], f"{full}.binding.{bname}", str(gname)))
+                    bindings.append(_binding(r, bm, bname, f"{full}.binding.{bname}", str(gname)))
                     names.append(str(bname))
             if not names:
                 raise r.error(gm, full, "a binding group needs at least one binding", leaf=gname)
-            groups.append(BindingGroupConfig(str(gname), tuple(names), _caps(r, g, full), _domains(r, g.get("domain"), f"{full}.domain")))
+            groups.append(BindingGroupConfig(str(gname), tuple(names), _caps(r, g, full), _domains(r, g, f"{full}.domain")))
     if m.get("binding") is not None:
-        bm = r.mapping(m["binding"], "binding", {str(k) for k in m["binding"]})
+        bm = r.child(m, "binding", "binding", None)
         for bname in bm:
-            bindings.append(_binding(r, str(bname), bm[bname], f"binding.{bname}", None))
+            bindings.append(_binding(r, bm, bname, f"binding.{bname}", None))
     seen: set[str] = set()
     for b in bindings:
         if b.name in seen:
@@ -424,11 +434,11 @@ def parse_config(data: Any, path: Path | None) -> Config:
         seen.add(b.name)
     kw["binding_groups"] = tuple(groups)
     kw["bindings"] = tuple(bindings)
-    kw["domains"] = _domains(r, m.get("domain"), "domain")
+    kw["domains"] = _domains(r, m, "domain")
     if m.get("host") is not None:
-        hm = r.mapping(m["host"], "host", {str(k) for k in m["host"]})
+        hm = r.child(m, "host", "host", None)
         kw["hosts"] = tuple(
-            HostStanza(str(h).lower(), _caps(r, r.mapping(hm[h] or CommentedMap(), f"host.{h}", _CAP_KEYS), f"host.{h}"), hm.lc.key(h)[0] + 1)
+            HostStanza(str(h).lower(), _caps(r, r.child(hm, h, f"host.{h}", _CAP_KEYS), f"host.{h}"), hm.lc.key(h)[0] + 1)
             for h in hm
         )
     if m.get("default_binding_group") is not None:
@@ -437,7 +447,7 @@ def parse_config(data: Any, path: Path | None) -> Config:
             raise r.error(m, "default_binding_group", f"no binding group named {name!r}")
         kw["default_binding_group"] = name
     if m.get("cluster") is not None:
-        c = r.mapping(m["cluster"], "cluster", {"redis", "lease_seconds"})
+        c = r.child(m, "cluster", "cluster", {"redis", "lease_seconds"})
         if c.get("redis") is None:
             raise r.error(c, "cluster.redis", "is required")
         kw["cluster"] = ClusterConfig(
@@ -458,8 +468,7 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-def _relay(r: _Reader, node: Any) -> RelayConfig:
-    m = r.mapping(node, "relay", {"host", "port", "starttls", "username", "password_file", "tls_verify", "ca_file"})
+def _relay(r: _Reader, m: CommentedMap) -> RelayConfig:
     if m.get("host") is None:
         raise r.error(m, "relay.host", "is required")
     return RelayConfig(

@@ -97,7 +97,7 @@ def limits_for(
         if global_caps.cluster_scope_max_outbound_connections is not None:
             out.append(Limit(f"cluster:global_domain:{global_stanza.key}", global_caps.cluster_scope_max_outbound_connections,
                              f"cluster Global::Domain domain.{global_stanza.key}"))
-    for ip in host_ips:
+    for ip in dict.fromkeys(host_ips):  # one key per IP, even if listed twice
         names = {ip.lower(), *(h.lower() for h in host_names)}
         caps = [h.caps for h in config.hosts if h.key in names]
         scoped = [c.scope_max_outbound_connections for c in caps if c.scope_max_outbound_connections is not None]
@@ -128,8 +128,11 @@ class LocalLimiter:
         self._used: dict[str, int] = {}
 
     def try_acquire(self, limits: Sequence[Limit]) -> Limit | None:
+        need: dict[str, int] = {}
         for limit in limits:
-            if self._used.get(limit.key, 0) >= limit.cap:
+            # A key listed twice takes two slots: check it against both.
+            need[limit.key] = need.get(limit.key, 0) + 1
+            if self._used.get(limit.key, 0) + need[limit.key] > limit.cap:
                 return limit
         for limit in limits:
             self._used[limit.key] = self._used.get(limit.key, 0) + 1

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import ipaddress
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -130,8 +132,7 @@ class Scheduler:
         self._host_names: tuple[str, ...] = ()
         if relay is not None:
             self._host_names = (relay.host,)
-            if relay.host.replace(".", "").isdigit() or ":" in relay.host:
-                self._host_ips = (relay.host,)
+            self._host_ips = _resolve(relay.host, relay.port)
 
     # --- public --------------------------------------------------------------
 
@@ -554,6 +555,21 @@ class Scheduler:
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _resolve(host: str, port: int) -> tuple[str, ...]:
+    """The relay's IPs, so that host stanzas naming its IP apply (SPEC 5). Done
+    once at start; a name that does not resolve now fails at connect instead."""
+    try:
+        ipaddress.ip_address(host)
+        return (host,)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return ()
+    return tuple(dict.fromkeys(str(i[4][0]) for i in infos))
 
 
 def _job_error_text(e: JobError) -> str:

@@ -32,18 +32,26 @@ from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
    alone in ACTIVE; recovery finishes the move (step 5).
 5. **published**: ``X.FS.<DEST>`` is renamed to ``SENT/X.FS``, ``FAIL/X.FS`` or
    ``Q/X.FS`` without replacing anything there (``renameat2`` with
-   ``RENAME_NOREPLACE``; where the file system lacks it, ``link`` then ``unlink``,
-   and recovery treats a result file whose link count is above 1 as already
-   published). If a different job took the name meanwhile, the job is
-   published as ``X~1.FS`` (then ``~2`` ...) instead: a write-back never
-   replaces another job.
+   ``RENAME_NOREPLACE``, one atomic step). If a different job took the name
+   meanwhile, the job is published as ``X~1.FS`` (then ``~2`` ...) instead: a
+   write-back never replaces another job.
+
+   Where the file system lacks RENAME_NOREPLACE (NFS, older kernels) the move
+   is ``link`` then ``unlink``, and recovery treats a result file whose link
+   count is above 1 as already published. Known gap of that fallback only: a
+   crash between the two calls, followed by another node taking the published
+   copy and replacing it before this node recovers, drops the link count back
+   to 1 and the old version is published again (one extra send).
 
 A job handed back unchanged (at shutdown) goes straight from state 2 to 1 by
 one no-replace rename.
 
 Durability: the result's data is fsynced before the commit step, so after a
-power loss a committed job is complete. Directory entries are left to the file
-system's journal (ext4 and xfs order them after the data).
+power loss a committed job is complete. Directory entries are not fsynced: on
+ext4 and xfs the journal keeps renames in order after the data; elsewhere a
+power loss may roll a move back, which at worst sends a job again (the
+at-least-once window), never loses it, since every move leaves a complete
+copy under one of its names.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -65,6 +74,7 @@ TEMP = "TEMP"
 BACK = "BACK"  # the suffix of a result that goes back to its own queue
 
 _RESULT_SUFFIXES = (SENT, FAIL, BACK)
+_QUEUE_NAME = re.compile(r"^TOSEND(\d+)$")
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
@@ -157,7 +167,8 @@ class Spool:
         try:
             return self.queues.index(queue)
         except ValueError:
-            # A queue folder left from a larger `queues:` still drains, last.
+            # A queue folder left from a larger `queues:` still drains, last
+            # (scan() visits it after the configured ones).
             return len(self.queues) + (int(queue[6:]) if queue[6:].isdigit() else 0)
 
     # --- scanning -----------------------------------------------------------
@@ -174,9 +185,23 @@ class Spool:
         names.sort(key=os.fsencode)
         return [Waiting(prio, queue, n, folder / n) for n in names]
 
+    def queue_folders(self) -> list[str]:
+        """The configured TOSEND folders, then any other ``TOSEND<n>`` folder found
+        (left from a larger ``queues:``, or named by a recovered job), by number."""
+        extra: list[tuple[int, str]] = []
+        try:
+            with os.scandir(self.root) as it:
+                for e in it:
+                    m = _QUEUE_NAME.match(e.name)
+                    if m and e.name not in self.queues and e.is_dir():
+                        extra.append((int(m.group(1)), e.name))
+        except FileNotFoundError:
+            pass
+        return self.queues + [name for _, name in sorted(extra)]
+
     def scan(self) -> Iterator[Waiting]:
         """Every job file in every TOSEND folder, in queue order."""
-        for queue in self.queues:
+        for queue in self.queue_folders():
             yield from self.scan_queue(queue)
 
     # --- moves ---------------------------------------------------------------
@@ -280,7 +305,7 @@ class Spool:
     def counts(self) -> dict[str, int]:
         """Job files per folder (TOSEND..., SENT, FAIL) and per node in ACTIVE."""
         out: dict[str, int] = {}
-        for name in [*self.queues, SENT, FAIL]:
+        for name in [*self.queue_folders(), SENT, FAIL]:
             try:
                 with os.scandir(self.root / name) as it:
                     out[name] = sum(1 for e in it if is_job_name(e.name))

@@ -402,3 +402,56 @@ def test_cluster_wide_caps_are_refused_until_the_cluster_limiter_exists(tmp_path
     result = kit.cli("node", "--name", "N1", "--drain")
     assert result.returncode == 2
     assert "cluster_scope_max_outbound_connections" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- faults: class, EMAIL_ERROR, retry, no reuse after an error ---------------
+
+
+@pytest.mark.parametrize(
+    "rule,code,klass,error_part",
+    [
+        (Rule(stage="EOD", delay=3.0), "72", "A", "timeout"),
+        (Rule(stage="EOD", drop=True), "71", "C", "dropped"),
+        (Rule(stage="MAIL", code=421, text="4.3.2 shutting down"), "421", "H", "421 4.3.2 shutting down"),
+        (Rule(stage="CONNECT", code=554, text="5.7.1 go away"), "554", "H", "554 5.7.1 go away"),
+        (Rule(stage="RCPT", code=452, text="4.2.2 mailbox full"), "452", "B", "452 4.2.2 mailbox full"),
+    ],
+    ids=["timeout", "drop-after-354", "421-at-mail", "554-greeting", "452-mailbox-full"],
+)
+def test_temporary_failures_get_their_class_and_error_and_are_retried(tmp_path, server, rule, code, klass, error_part):
+    server.add_rule(rule)
+    kit = kit_for(tmp_path, server, '$email_retry_delays * "1H"')
+    kit.config_path.write_text(kit.config_path.read_text().replace("smtp_timeout: 10", "smtp_timeout: 1"))
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("TOSEND") == ["J.FS"]
+    text = kit.read("TOSEND", "J.FS")
+    [[_, _, got_code, got_class, _]] = attempts(text)
+    assert (got_code, got_class) == (code, klass)
+    assert error_part in var(text, "EMAIL_ERROR")
+    assert "$fax_status1 2" in text and "$fax_next_time" in text
+
+
+def test_a_connection_is_never_reused_after_an_error(tmp_path, server):
+    server.add_rule(Rule(stage="RCPT", code=550, text="5.1.1 unknown", match="bad@copia.com"))
+    kit = kit_for(tmp_path, server, "$domain_limit * @copia.com 1")
+    kit.job("TOSEND", "A.FS", to="bad@copia.com")
+    kit.job("TOSEND", "B.FS", to="good1@copia.com")
+    kit.job("TOSEND", "C.FS", to="good2@copia.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("FAIL") == ["A.FS"] and kit.names("SENT") == ["B.FS", "C.FS"]
+    first = server.connections[0]
+    assert first.messages == 0
+    assert server.connections_total == 2
+    assert all(m.conn_serial != first.serial for m in server.messages)
+
+
+def test_a_host_stanza_naming_the_relay_by_host_name_limits_its_connections(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=0.25))
+    kit = kit_for(tmp_path, server, yaml='host:\n  "127.0.0.1": {scope_max_outbound_connections: 2}\n')
+    kit.config_path.write_text(kit.config_path.read_text().replace("host: 127.0.0.1,", "host: localhost,"))
+    for i in range(8):
+        kit.job("TOSEND", f"J{i}.FS", to=f"u@d{i}.org")
+    assert kit.drain().returncode == 0
+    assert len(kit.names("SENT")) == 8
+    assert server.peak == 2

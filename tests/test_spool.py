@@ -1,0 +1,469 @@
+"""copiamail.spool: folders, scan order, claims and the crash states of its docstring."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import copiamail.spool as spool_mod
+from copiamail.fsfile import CommandFile
+from copiamail.spool import Claimed, Spool, Waiting, queue_names, rename_noreplace
+
+JOB = b"$email_address a@example.com\n"
+
+
+def make_spool(tmp_path: Path, queues: int = 15) -> Spool:
+    sp = Spool(tmp_path / "spool", queues=queues, fsync=False)
+    sp.ensure()
+    return sp
+
+
+def put(sp: Spool, queue: str, name: str, data: bytes = JOB) -> Path:
+    path = sp.folder(queue) / name
+    path.write_bytes(data)
+    return path
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(os.listdir(folder)) if folder.exists() else []
+
+
+def active_files(sp: Spool) -> list[str]:
+    base = sp.root / spool_mod.ACTIVE
+    return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
+
+
+# --- ensure ------------------------------------------------------------------
+
+
+def test_ensure_creates_every_tosend_folder_and_active_sent_fail_temp(tmp_path):
+    sp = Spool(tmp_path / "root", queues=15)
+    sp.ensure()
+    expected = {"TOSEND", *(f"TOSEND{i}" for i in range(1, 16)), "ACTIVE", "SENT", "FAIL", "TEMP"}
+    assert {p.name for p in (tmp_path / "root").iterdir() if p.is_dir()} == expected
+
+
+def test_ensure_honours_the_number_of_queues(tmp_path):
+    sp = Spool(tmp_path / "root", queues=3)
+    sp.ensure()
+    names = {p.name for p in (tmp_path / "root").iterdir()}
+    assert names == {"TOSEND", "TOSEND1", "TOSEND2", "TOSEND3", "ACTIVE", "SENT", "FAIL", "TEMP"}
+
+
+def test_ensure_keeps_existing_folders_and_their_jobs(tmp_path):
+    sp = make_spool(tmp_path)
+    put(sp, "TOSEND", "A.FS")
+    sp.ensure()
+    assert listing(sp.folder("TOSEND")) == ["A.FS"]
+
+
+def test_queue_names_are_tosend_then_numbered_in_priority_order():
+    assert queue_names(3) == ["TOSEND", "TOSEND1", "TOSEND2", "TOSEND3"]
+
+
+# --- scan --------------------------------------------------------------------
+
+
+def test_scan_offers_tosend_before_tosend1_before_tosend2(tmp_path):
+    sp = make_spool(tmp_path)
+    put(sp, "TOSEND2", "A.FS")
+    put(sp, "TOSEND1", "Z.FS")
+    put(sp, "TOSEND", "M.FS")
+    assert [(w.queue, w.name) for w in sp.scan()] == [("TOSEND", "M.FS"), ("TOSEND1", "Z.FS"), ("TOSEND2", "A.FS")]
+
+
+def test_scan_orders_queues_by_priority_number_not_string_so_tosend10_after_tosend9(tmp_path):
+    sp = make_spool(tmp_path)
+    for q in ("TOSEND10", "TOSEND9", "TOSEND2", "TOSEND15", "TOSEND1"):
+        put(sp, q, "J.FS")
+    assert [w.queue for w in sp.scan()] == ["TOSEND1", "TOSEND2", "TOSEND9", "TOSEND10", "TOSEND15"]
+    prios = [w.priority for w in sp.scan()]
+    assert prios == sorted(prios)
+
+
+def test_scan_orders_a_folder_by_file_name_in_byte_order(tmp_path):
+    sp = make_spool(tmp_path)
+    names = ["b.FS", "B.FS", "a.FS", "A.FS", "10.FS", "9.FS", "_x.FS", "\u00e9.FS", "~.FS"]
+    for n in names:
+        put(sp, "TOSEND", n)
+    got = [w.name for w in sp.scan()]
+    assert got == sorted(names, key=lambda n: n.encode("utf-8"))
+    # byte order: upper case before lower case, '10' before '9'
+    assert got.index("B.FS") < got.index("a.FS")
+    assert got.index("10.FS") < got.index("9.FS")
+
+
+def test_waiting_order_key_is_priority_then_name_bytes(tmp_path):
+    sp = make_spool(tmp_path)
+    put(sp, "TOSEND3", "A.FS")
+    put(sp, "TOSEND", "Z.FS")
+    waiting = list(sp.scan())
+    assert sorted(waiting, key=lambda w: w.order) == waiting
+    assert waiting[0].order == (0, b"Z.FS")
+
+
+def test_scan_counts_only_fs_files_in_any_case(tmp_path):
+    sp = make_spool(tmp_path)
+    for n in ("A.FS", "b.fs", "C.Fs", "D.TFS", "E.tmp", "F.FS.BACK", "G.FS.tmp", "H.FSX", ".FS", "I.txt"):
+        put(sp, "TOSEND", n)
+    (sp.folder("TOSEND") / "DIR.FS").mkdir()
+    assert [w.name for w in sp.scan()] == ["A.FS", "C.Fs", "b.fs"]
+
+
+def test_scan_of_a_missing_queue_folder_is_empty(tmp_path):
+    sp = Spool(tmp_path / "nothing", queues=2, fsync=False)
+    assert list(sp.scan()) == []
+
+
+def test_a_leftover_queue_folder_sorts_after_every_configured_queue(tmp_path):
+    sp = make_spool(tmp_path, queues=2)
+    assert sp.priority("TOSEND") == 0 and sp.priority("TOSEND2") == 2
+    assert sp.priority("TOSEND5") > sp.priority("TOSEND2")
+    assert sp.priority("TOSEND10") > sp.priority("TOSEND9")
+
+
+# --- claim -------------------------------------------------------------------
+
+
+def test_claim_moves_the_job_to_active_node_queue_name(tmp_path):
+    sp = make_spool(tmp_path)
+    put(sp, "TOSEND2", "X.FS", b"data\n")
+    [w] = sp.scan()
+    c = sp.claim(w, "N1")
+    assert c == Claimed("N1", "TOSEND2", "X.FS", sp.root / "ACTIVE" / "N1" / "TOSEND2" / "X.FS")
+    assert c.path.read_bytes() == b"data\n"
+    assert listing(sp.folder("TOSEND2")) == []
+    assert list(sp.scan()) == []
+
+
+def test_a_second_claim_of_the_same_waiting_job_returns_none(tmp_path):
+    sp = make_spool(tmp_path)
+    put(sp, "TOSEND", "X.FS")
+    [w] = sp.scan()
+    first = sp.claim(w, "N1")
+    second = sp.claim(w, "N2")
+    assert first is not None
+    assert second is None
+    assert active_files(sp) == ["N1/TOSEND/X.FS"]
+
+
+def test_a_second_claim_by_the_same_node_returns_none(tmp_path):
+    sp = make_spool(tmp_path)
+    put(sp, "TOSEND", "X.FS")
+    [w] = sp.scan()
+    assert sp.claim(w, "N1") is not None
+    assert sp.claim(w, "N1") is None
+
+
+def test_claim_of_a_job_that_vanished_returns_none(tmp_path):
+    sp = make_spool(tmp_path)
+    w = Waiting(0, "TOSEND", "GONE.FS", sp.folder("TOSEND") / "GONE.FS")
+    assert sp.claim(w, "N1") is None
+
+
+def test_read_returns_the_claimed_job_as_a_command_file(tmp_path):
+    sp = make_spool(tmp_path)
+    put(sp, "TOSEND", "X.FS", JOB)
+    c = sp.claim(next(sp.scan()), "N1")
+    assert sp.read(c).to_bytes() == JOB
+
+
+# --- finish / hand_back ------------------------------------------------------
+
+
+def _claim(sp: Spool, queue: str = "TOSEND3", name: str = "X.FS", data: bytes = JOB) -> Claimed:
+    put(sp, queue, name, data)
+    w = next(w for w in sp.scan() if w.name == name and w.queue == queue)
+    c = sp.claim(w, "N1")
+    assert c is not None
+    return c
+
+
+@pytest.mark.parametrize("dest", ["SENT", "FAIL"])
+def test_finish_writes_the_new_bytes_to_sent_or_fail_and_leaves_nothing_in_active(tmp_path, dest):
+    sp = make_spool(tmp_path)
+    c = _claim(sp)
+    new = CommandFile.parse(JOB + b"$fax_status1 6\n")
+    where = sp.finish(c, new, dest)
+    assert where == sp.folder(dest) / "X.FS"
+    assert where.read_bytes() == JOB + b"$fax_status1 6\n"
+    assert active_files(sp) == []
+    assert listing(sp.folder("TOSEND3")) == []
+
+
+@pytest.mark.parametrize("dest", ["BACK", "TOSEND3", "anything"])
+def test_finish_back_returns_the_new_bytes_to_the_jobs_own_queue(tmp_path, dest):
+    sp = make_spool(tmp_path)
+    c = _claim(sp, "TOSEND3")
+    new = CommandFile.parse(JOB + b"$var_def DOMAINBUSY_COUNT 1\n")
+    where = sp.finish(c, new, dest)
+    assert where == sp.folder("TOSEND3") / "X.FS"
+    assert where.read_bytes() == JOB + b"$var_def DOMAINBUSY_COUNT 1\n"
+    assert active_files(sp) == []
+    assert [w.name for w in sp.scan()] == ["X.FS"]
+
+
+def test_finish_with_fsync_on_works(tmp_path):
+    sp = Spool(tmp_path / "s", fsync=True)
+    sp.ensure()
+    c = _claim(sp)
+    assert sp.finish(c, CommandFile.parse(b"new\n"), "SENT").read_bytes() == b"new\n"
+
+
+@pytest.mark.parametrize("dest,folder", [("BACK", "TOSEND3"), ("SENT", "SENT"), ("FAIL", "FAIL")])
+def test_a_write_back_never_replaces_a_different_job_that_took_the_same_name(tmp_path, dest, folder):
+    sp = make_spool(tmp_path)
+    c = _claim(sp, "TOSEND3")
+    other = put(sp, folder, "X.FS", b"another job\n")
+    where = sp.finish(c, CommandFile.parse(b"mine\n"), dest)
+    assert where == sp.folder(folder) / "X~1.FS"
+    assert where.read_bytes() == b"mine\n"
+    assert other.read_bytes() == b"another job\n"
+    assert active_files(sp) == []
+
+
+def test_a_write_back_takes_the_next_free_tilde_number(tmp_path):
+    sp = make_spool(tmp_path)
+    c = _claim(sp, "TOSEND3", "X.fs")
+    put(sp, "SENT", "X.fs", b"0")
+    put(sp, "SENT", "X~1.fs", b"1")
+    where = sp.finish(c, CommandFile.parse(b"mine\n"), "SENT")
+    assert where.name == "X~2.fs"
+    assert (sp.folder("SENT") / "X.fs").read_bytes() == b"0"
+    assert (sp.folder("SENT") / "X~1.fs").read_bytes() == b"1"
+
+
+def test_finish_recreates_a_missing_destination_folder(tmp_path):
+    sp = make_spool(tmp_path)
+    c = _claim(sp)
+    os.rmdir(sp.folder("SENT"))
+    where = sp.finish(c, CommandFile.parse(b"x\n"), "SENT")
+    assert where == sp.folder("SENT") / "X.FS"
+
+
+def test_hand_back_returns_the_unchanged_file_to_its_queue(tmp_path):
+    sp = make_spool(tmp_path)
+    data = b"; comment\r\n$email_address a@b.c\r\n\x00junk"
+    c = _claim(sp, "TOSEND7", "X.FS", data)
+    where = sp.hand_back(c)
+    assert where == sp.folder("TOSEND7") / "X.FS"
+    assert where.read_bytes() == data
+    assert active_files(sp) == []
+
+
+def test_hand_back_never_replaces_a_different_job_with_the_same_name(tmp_path):
+    sp = make_spool(tmp_path)
+    c = _claim(sp, "TOSEND", "X.FS", b"mine")
+    put(sp, "TOSEND", "X.FS", b"theirs")
+    where = sp.hand_back(c)
+    assert where.name == "X~1.FS"
+    assert where.read_bytes() == b"mine"
+    assert (sp.folder("TOSEND") / "X.FS").read_bytes() == b"theirs"
+
+
+# --- rename_noreplace ----------------------------------------------------------
+
+
+@pytest.fixture(params=["renameat2", "link-unlink"])
+def rename_impl(request, monkeypatch):
+    if request.param == "link-unlink":
+        monkeypatch.setattr(spool_mod, "_RENAMEAT2", None)
+    elif spool_mod._RENAMEAT2 is None:
+        pytest.skip("renameat2 not available here")
+    return request.param
+
+
+def test_rename_noreplace_moves_the_file(tmp_path, rename_impl):
+    src, dst = tmp_path / "a", tmp_path / "b"
+    src.write_bytes(b"A")
+    rename_noreplace(src, dst)
+    assert not src.exists()
+    assert dst.read_bytes() == b"A"
+    assert dst.stat().st_nlink == 1
+
+
+def test_rename_noreplace_refuses_an_existing_destination(tmp_path, rename_impl):
+    src, dst = tmp_path / "a", tmp_path / "b"
+    src.write_bytes(b"A")
+    dst.write_bytes(b"B")
+    with pytest.raises(FileExistsError):
+        rename_noreplace(src, dst)
+    assert src.read_bytes() == b"A"
+    assert dst.read_bytes() == b"B"
+
+
+def test_rename_noreplace_of_a_missing_source_is_file_not_found(tmp_path, rename_impl):
+    with pytest.raises(FileNotFoundError):
+        rename_noreplace(tmp_path / "missing", tmp_path / "b")
+
+
+def test_finish_and_collision_work_with_the_link_unlink_fallback(tmp_path, monkeypatch):
+    monkeypatch.setattr(spool_mod, "_RENAMEAT2", None)
+    sp = make_spool(tmp_path)
+    c = _claim(sp, "TOSEND1")
+    put(sp, "TOSEND1", "X.FS", b"theirs")
+    where = sp.finish(c, CommandFile.parse(b"mine\n"), "BACK")
+    assert where == sp.folder("TOSEND1") / "X~1.FS"
+    assert where.read_bytes() == b"mine\n"
+    assert where.stat().st_nlink == 1
+    assert active_files(sp) == []
+
+
+# --- crash states (claimed_jobs) -----------------------------------------------
+
+
+def qdir(sp: Spool, node: str = "N1", queue: str = "TOSEND4") -> Path:
+    d = sp.active_dir(node) / queue
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def test_claimed_jobs_of_a_node_without_active_folder_is_empty(tmp_path):
+    sp = make_spool(tmp_path)
+    assert sp.claimed_jobs("N1") == []
+
+
+def test_crash_in_state_2_the_claimed_job_is_returned_as_claimed(tmp_path):
+    sp = make_spool(tmp_path)
+    d = qdir(sp)
+    (d / "X.FS").write_bytes(b"orig")
+    assert sp.claimed_jobs("N1") == [Claimed("N1", "TOSEND4", "X.FS", d / "X.FS")]
+    assert (d / "X.FS").read_bytes() == b"orig"
+
+
+@pytest.mark.parametrize("suffix", ["SENT", "FAIL", "BACK"])
+def test_crash_in_state_3_the_uncommitted_result_is_deleted_and_the_job_is_claimed(tmp_path, suffix):
+    sp = make_spool(tmp_path)
+    d = qdir(sp)
+    (d / "X.FS").write_bytes(b"orig")
+    (d / f"X.FS.{suffix}").write_bytes(b"result")
+    assert sp.claimed_jobs("N1") == [Claimed("N1", "TOSEND4", "X.FS", d / "X.FS")]
+    assert listing(d) == ["X.FS"]
+    assert (d / "X.FS").read_bytes() == b"orig"
+    for folder in ("SENT", "FAIL", "TOSEND4"):
+        assert listing(sp.folder(folder)) == []
+
+
+@pytest.mark.parametrize("suffix", ["SENT", "FAIL"])
+def test_crash_in_state_4_a_committed_result_is_published_and_nothing_is_claimed(tmp_path, suffix):
+    sp = make_spool(tmp_path)
+    d = qdir(sp)
+    (d / f"X.FS.{suffix}").write_bytes(b"result")
+    assert sp.claimed_jobs("N1") == []
+    assert (sp.folder(suffix) / "X.FS").read_bytes() == b"result"
+    assert listing(d) == []
+    assert listing(sp.folder("TOSEND4")) == []
+
+
+def test_crash_in_state_4_a_committed_back_result_is_published_to_its_own_queue(tmp_path):
+    sp = make_spool(tmp_path)
+    d = qdir(sp, queue="TOSEND11")
+    (d / "X.FS.BACK").write_bytes(b"result")
+    assert sp.claimed_jobs("N1") == []
+    assert (sp.folder("TOSEND11") / "X.FS").read_bytes() == b"result"
+    assert listing(d) == []
+
+
+def test_crash_in_state_4_publishing_never_replaces_a_job_with_the_same_name(tmp_path):
+    sp = make_spool(tmp_path)
+    d = qdir(sp)
+    (d / "X.FS.SENT").write_bytes(b"result")
+    put(sp, "SENT", "X.FS", b"another")
+    assert sp.claimed_jobs("N1") == []
+    assert (sp.folder("SENT") / "X.FS").read_bytes() == b"another"
+    assert (sp.folder("SENT") / "X~1.FS").read_bytes() == b"result"
+
+
+@pytest.mark.parametrize("suffix,folder", [("SENT", "SENT"), ("FAIL", "FAIL"), ("BACK", "TOSEND4")])
+def test_a_result_already_linked_into_its_folder_is_deleted_not_published_twice(tmp_path, suffix, folder):
+    sp = make_spool(tmp_path)
+    d = qdir(sp)
+    result = d / f"X.FS.{suffix}"
+    result.write_bytes(b"result")
+    os.link(result, sp.folder(folder) / "X.FS")  # link() done, crash before unlink()
+    assert sp.claimed_jobs("N1") == []
+    assert listing(d) == []
+    assert listing(sp.folder(folder)) == ["X.FS"]
+    assert (sp.folder(folder) / "X.FS").read_bytes() == b"result"
+    assert (sp.folder(folder) / "X.FS").stat().st_nlink == 1
+
+
+def test_stray_tmp_files_in_active_are_deleted(tmp_path):
+    sp = make_spool(tmp_path)
+    d = qdir(sp)
+    (d / "X.FS.tmp").write_bytes(b"half")
+    (d / "Y.FS").write_bytes(b"job")
+    assert [c.name for c in sp.claimed_jobs("N1")] == ["Y.FS"]
+    assert listing(d) == ["Y.FS"]
+
+
+def test_claimed_jobs_mixes_states_across_queues_and_leaves_other_nodes_alone(tmp_path):
+    sp = make_spool(tmp_path)
+    d1 = qdir(sp, queue="TOSEND")
+    d2 = qdir(sp, queue="TOSEND2")
+    other = qdir(sp, node="N2", queue="TOSEND")
+    (d1 / "B.FS").write_bytes(b"b")
+    (d1 / "A.FS").write_bytes(b"a")
+    (d1 / "A.FS.SENT").write_bytes(b"a2")
+    (d2 / "C.FS.FAIL").write_bytes(b"c2")
+    (d2 / "D.fs").write_bytes(b"d")
+    (other / "Z.FS").write_bytes(b"z")
+    (other / "Y.FS.SENT").write_bytes(b"y")
+    got = sp.claimed_jobs("N1")
+    assert [(c.queue, c.name) for c in got] == [("TOSEND", "A.FS"), ("TOSEND", "B.FS"), ("TOSEND2", "D.fs")]
+    assert (sp.folder("FAIL") / "C.FS").read_bytes() == b"c2"
+    assert listing(sp.folder("SENT")) == []
+    assert listing(other) == ["Y.FS.SENT", "Z.FS"]
+
+
+def test_a_real_claim_then_claimed_jobs_returns_it(tmp_path):
+    sp = make_spool(tmp_path)
+    c = _claim(sp, "TOSEND9")
+    assert sp.claimed_jobs("N1") == [c]
+
+
+# --- counts --------------------------------------------------------------------
+
+
+def test_counts_per_folder_and_per_node_in_active(tmp_path):
+    sp = make_spool(tmp_path, queues=2)
+    put(sp, "TOSEND", "A.FS")
+    put(sp, "TOSEND", "B.fs")
+    put(sp, "TOSEND", "C.TFS")
+    put(sp, "TOSEND2", "D.FS")
+    put(sp, "SENT", "E.FS")
+    put(sp, "FAIL", "F.FS")
+    put(sp, "FAIL", "G.FS")
+    (qdir(sp, "N1", "TOSEND") / "H.FS").write_bytes(b"")
+    (qdir(sp, "N1", "TOSEND1") / "I.FS").write_bytes(b"")
+    (qdir(sp, "N1", "TOSEND1") / "I.FS.SENT").write_bytes(b"")
+    (qdir(sp, "N2", "TOSEND") / "J.FS").write_bytes(b"")
+    sp.lock_path("N1").write_bytes(b"")
+    assert sp.counts() == {
+        "TOSEND": 2, "TOSEND1": 0, "TOSEND2": 1, "SENT": 1, "FAIL": 2,
+        "ACTIVE/N1": 2, "ACTIVE/N2": 1,
+    }
+
+
+def test_counts_of_an_empty_or_missing_spool_are_zero(tmp_path):
+    sp = Spool(tmp_path / "none", queues=1)
+    assert sp.counts() == {"TOSEND": 0, "TOSEND1": 0, "SENT": 0, "FAIL": 0}
+
+
+def test_temp_path_is_under_temp(tmp_path):
+    sp = make_spool(tmp_path)
+    assert sp.temp_path("x") == sp.root / "TEMP" / "x"
+
+
+def test_a_tosend_folder_beyond_queues_still_drains_after_the_configured_ones(tmp_path):
+    from copiamail.spool import Spool
+
+    spool = Spool(tmp_path, queues=2)
+    spool.ensure()
+    (tmp_path / "TOSEND16").mkdir()
+    (tmp_path / "TOSEND16" / "A.FS").write_text("$email_address a@b.c\n")
+    (tmp_path / "TOSEND2" / "B.FS").write_text("$email_address a@b.c\n")
+    assert [(w.queue, w.name) for w in spool.scan()] == [("TOSEND2", "B.FS"), ("TOSEND16", "A.FS")]
+    assert spool.counts()["TOSEND16"] == 1
