@@ -27,6 +27,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from . import outcome, records
@@ -95,7 +96,7 @@ class _Start:
 
 @dataclass
 class _PeekCache:
-    entries: dict[str, tuple[tuple[int, int, int], Job | None, JobError | None]] = field(default_factory=dict)
+    entries: dict[Path, tuple[tuple[int, int, int], Job | None, JobError | None]] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -122,7 +123,7 @@ class Scheduler:
         self._wake: asyncio.Event | None = None
         self._connections: set[_Connection] = set()
         self._idle: dict[str, list[_Connection]] = {}
-        self._waiting: dict[str, _WaitEntry] = {}
+        self._waiting: dict[Path, _WaitEntry] = {}
         self._heaps: dict[str, list[_WaitEntry]] = {}
         self._caps: dict[str, int] = {}
         self._by_domain: dict[str, list[_WaitEntry]] = {}
@@ -185,7 +186,7 @@ class Scheduler:
         except FileNotFoundError:
             return None
         sig = (st.st_ino, st.st_mtime_ns, st.st_size)
-        cached = self._peek.entries.get(w.name)
+        cached = self._peek.entries.get(w.path)
         if cached is not None and cached[0] == sig:
             return cached[1], cached[2]
         try:
@@ -199,7 +200,7 @@ class Scheduler:
             job, err = parse_job(cf, w.name), None
         except JobError as e:
             job, err = None, e
-        self._peek.entries[w.name] = (sig, job, err)
+        self._peek.entries[w.path] = (sig, job, err)
         return job, err
 
     async def _scan(self) -> tuple[int, float | None]:
@@ -208,15 +209,15 @@ class Scheduler:
         now = self.clock()
         found = 0
         next_due: float | None = None
-        seen: set[str] = set()
+        seen: set[Path] = set()
         for i, w in enumerate(self.spool.scan()):
             if self.stopping:
                 break
             if i % _SCAN_YIELD_EVERY == _SCAN_YIELD_EVERY - 1:
                 # A large backlog must not starve the connections already open.
                 await asyncio.sleep(0)
-            seen.add(w.name)
-            if w.name in self._waiting:
+            seen.add(w.path)
+            if w.path in self._waiting:
                 continue
             peeked = self._peeked(w)
             if peeked is None:
@@ -231,18 +232,18 @@ class Scheduler:
                 continue
             found += 1
             self._dispatch(claimed)
-        for name in [n for n in self._peek.entries if n not in seen]:
-            del self._peek.entries[name]
+        for path in [p for p in self._peek.entries if p not in seen]:
+            del self._peek.entries[path]
         self._recheck_waiting()
         return found, next_due
 
     def _recheck_waiting(self) -> None:
         # The safety net for a lost wake-up: drop waiting jobs whose file is
         # gone, and offer any key that has room.
-        for name, entry in list(self._waiting.items()):
-            if not entry.waiting.path.exists():
+        for path, entry in list(self._waiting.items()):
+            if not path.exists():
                 entry.active = False
-                del self._waiting[name]
+                del self._waiting[path]
         for key in list(self._heaps):
             if self.limiter.in_use(key) < self._caps.get(key, 0):
                 self._offer_key(key)
@@ -331,7 +332,7 @@ class Scheduler:
         self.on_event("deferred", claimed.name)
         w = Waiting(self.spool.priority(claimed.queue), claimed.queue, path.name, path)
         entry = _WaitEntry(w.order, w, job)
-        self._waiting[w.name] = entry
+        self._waiting[w.path] = entry
         self._caps[limit.key] = limit.cap
         heapq.heappush(self._heaps.setdefault(limit.key, []), entry)
         heapq.heappush(self._by_domain.setdefault(job.domain, []), entry)
@@ -349,7 +350,7 @@ class Scheduler:
     def _take(self, entry: _WaitEntry) -> Claimed | None:
         """Claim a waiting job; it stops waiting either way."""
         entry.active = False
-        self._waiting.pop(entry.waiting.name, None)
+        self._waiting.pop(entry.waiting.path, None)
         return self.spool.claim(entry.waiting, self.node)
 
     def _offer_key(self, key: str) -> None:
@@ -400,32 +401,43 @@ class Scheduler:
     def _next_for(self, conn: _Connection) -> _Item | None:
         """The next waiting job for this connection's domain, in queue order."""
         heap = self._by_domain.get(conn.domain)
-        while heap:
+        skipped: list[_WaitEntry] = []
+        item: _Item | None = None
+        while heap and item is None:
             entry = heapq.heappop(heap)
             if not entry.active:
                 continue
-            if entry.job.binding or entry.job.binding_group or self.config.default_binding_group:
-                try:
-                    if conn.binding not in self._bindings_for(entry.job):
-                        heapq.heappush(heap, entry)
-                        return None
-                except JobError:
-                    pass
-            claimed = self._take(entry)
-            if claimed is None:
+            if not self._can_use(conn, entry.job):
+                skipped.append(entry)
                 continue
-            try:
-                cf = self.spool.read(claimed)
-                job = parse_job(cf, claimed.name)
-            except (OSError, JobError):
-                self._dispatch(claimed)
-                continue
-            if job.domain != conn.domain:
-                self._dispatch(claimed)
-                continue
-            return _Item(claimed, cf, job)
-        self._by_domain.pop(conn.domain, None)
-        return None
+            item = self._claim_for(conn, entry)
+        for entry in skipped:
+            heapq.heappush(self._by_domain.setdefault(conn.domain, []), entry)
+        if not self._by_domain.get(conn.domain):
+            self._by_domain.pop(conn.domain, None)
+        return item
+
+    def _can_use(self, conn: _Connection, job: Job) -> bool:
+        try:
+            return conn.binding in self._bindings_for(job)
+        except JobError:
+            return True  # take it: _dispatch fails it with the reason
+
+    def _claim_for(self, conn: _Connection, entry: _WaitEntry) -> _Item | None:
+        """Claim a waiting job to ride on an open connection; None if it cannot."""
+        claimed = self._take(entry)
+        if claimed is None:
+            return None
+        try:
+            cf = self.spool.read(claimed)
+            job = parse_job(cf, claimed.name)
+        except (OSError, JobError):
+            self._dispatch(claimed)
+            return None
+        if job.domain != conn.domain:
+            self._dispatch(claimed)
+            return None
+        return _Item(claimed, cf, job)
 
     # --- connections ---------------------------------------------------------
 

@@ -16,6 +16,14 @@ from pathlib import Path
 from typing import Iterable
 
 CLI = [sys.executable, "-m", "copiamail"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a CLI subprocess: the checkout under test comes first
+    on the import path, whatever copy of copiamail pip installed last."""
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 class SpoolKit:
@@ -67,7 +75,7 @@ class SpoolKit:
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*CLI, *args], cwd=self.base, capture_output=True, text=True, timeout=timeout,
-            env={**os.environ, "COPIAMAIL_CONFIG": str(self.config_path)}, stdin=subprocess.DEVNULL,
+            env=cli_env(COPIAMAIL_CONFIG=str(self.config_path)), stdin=subprocess.DEVNULL,
         )
 
     def drain(self, name: str = "N1", *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -79,7 +87,7 @@ class SpoolKit:
         return subprocess.Popen(
             [*CLI, "node", "--name", name, *args], cwd=self.base, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            env={**os.environ, "COPIAMAIL_CONFIG": str(self.config_path)},
+            env=cli_env(COPIAMAIL_CONFIG=str(self.config_path)),
         )
 
     def drain_until(self, done, timeout: float = 30, name: str = "N1") -> None:

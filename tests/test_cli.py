@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from smtpserver import Rule
-from spoolkit import CLI, SpoolKit, attempts, var
+from spoolkit import CLI, SpoolKit, attempts, cli_env, var
 
 from copiamail.fsfile import CommandFile
 from copiamail.job import parse_job
@@ -218,7 +218,7 @@ def test_starttls_auto_refuses_an_untrusted_certificate_as_a_class_c_retry(tmp_p
 
 
 def test_demo_runs_the_samples_into_the_embedded_sink(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "COPIAMAIL_CONFIG"}
+    env = {k: v for k, v in cli_env().items() if k != "COPIAMAIL_CONFIG"}
     result = subprocess.run([*CLI, "demo", "--dir", str(tmp_path / "demo")], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
@@ -235,7 +235,7 @@ def test_demo_runs_the_samples_into_the_embedded_sink(tmp_path):
 
 def test_demo_refuses_to_replace_a_folder_it_did_not_make(tmp_path):
     (tmp_path / "mine").mkdir()
-    result = subprocess.run([*CLI, "demo", "--dir", str(tmp_path / "mine")], cwd=tmp_path, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    result = subprocess.run([*CLI, "demo", "--dir", str(tmp_path / "mine")], cwd=tmp_path, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, env=cli_env())
     assert "not an earlier demo spool" in one_line_error(result)
 
 
@@ -249,7 +249,7 @@ def test_drain_on_a_terminal_shows_a_progress_bar_and_a_summary(tmp_path, smtp_s
     master, slave = pty.openpty()
     proc = subprocess.Popen(
         [*CLI, "node", "--name", "N1", "--drain"], cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE,
-        env={**os.environ, "COPIAMAIL_CONFIG": str(kit.config_path), "TERM": "xterm", "COLUMNS": "120"},
+        env=cli_env(COPIAMAIL_CONFIG=str(kit.config_path), TERM="xterm", COLUMNS="120"),
     )
     os.close(slave)
     chunks = []
