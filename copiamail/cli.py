@@ -368,7 +368,7 @@ def demo(demo_dir: Path) -> None:
         click.echo(f"  {cfg.spool / folder}: {', '.join(names) or '(none)'}")
     failed = sorted((cfg.spool / "FAIL").glob("*.FS"))
     if failed:
-        click.echo(f"see why one failed:  copiamail show {failed[0]}")
+        click.echo(f"see why one failed:  python3 -m copiamail show {failed[0]}")
 
 
 if __name__ == "__main__":

@@ -375,9 +375,9 @@ def parse_config(data: Any, path: Path | None) -> Config:
             kw.get("server_max_outbound_connections", Config.server_max_outbound_connections),
             r.integer(m, "scope_max_outbound_connections", "scope_max_outbound_connections", 1),
         )
-    for key, lo in {"shutdown_grace": 0.0, "scan_interval": 0.05, "smtp_timeout": 0.1, "connection_idle": 0.0}.items():
+    for key, least in {"shutdown_grace": 0.0, "scan_interval": 0.05, "smtp_timeout": 0.1, "connection_idle": 0.0}.items():
         if m.get(key) is not None:
-            kw[key] = r.number(m, key, key, lo)
+            kw[key] = r.number(m, key, key, least)
     if m.get("esender") is not None:
         sender = r.string(m, "esender", "esender")
         if parse_address(sender) is None:

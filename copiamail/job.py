@@ -191,11 +191,11 @@ def parse_job(cf: CommandFile, name: str) -> Job:
             attachments.append(Attachment(cmd.args[0], ctype, cmd.line))
         elif n == "email_header":
             text = _check_header_value(_joined(cmd), "header", cmd, cf)
-            hname, sep, value = text.partition(":")
+            hname, sep, hvalue = text.partition(":")
             hname = hname.strip()
             if not sep or not _HEADER_NAME.match(hname):
                 raise JobError(f"bad header {text!r} (NAME: VALUE)", outcome.BAD_HEADER.code, cf.path, cmd.line)
-            headers.append((hname, value.strip()))
+            headers.append((hname, hvalue.strip()))
         elif n == "email_retry_delays":
             if len(cmd.args) < 1:
                 raise JobError("$email_retry_delays needs CLASS \"LIST\"", outcome.BAD_JOB.code, cf.path, cmd.line)

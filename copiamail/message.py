@@ -64,6 +64,7 @@ from .job import Attachment, BodyItem, Job
 # 7bit, not the SMTP policy's 8bit: the server may lack 8BITMIME, and the
 # transfer encoding is chosen here anyway.
 _POLICY = SMTP.clone(cte_type="7bit")
+_MAX_HEADER_LINE = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters
 
 # Headers the engine writes; a job header with one of the first names replaces
 # ours, one with the second kind would contradict the body and is refused.
@@ -157,11 +158,11 @@ def _header_block(job: Job, sender: str, now: float) -> bytes:
 
 def _header_line(name: str, value: str) -> str:
     # Printable ASCII excludes CR, LF and NUL, so the common case needs no other test.
-    if len(name) + len(value) <= _POLICY.max_line_length - 2 and value.isascii() and value.isprintable():
+    if len(name) + len(value) <= _MAX_HEADER_LINE - 2 and value.isascii() and value.isprintable():
         return f"{name}: {value}\r\n"
     if "\r" in value or "\n" in value or "\0" in value:
         raise JobError(f"header {name} contains CR, LF or NUL", outcome.BAD_HEADER.code)
-    if len(name) + len(value) <= _POLICY.max_line_length - 2 and _PLAIN_VALUE.match(value):
+    if len(name) + len(value) <= _MAX_HEADER_LINE - 2 and _PLAIN_VALUE.match(value):
         return f"{name}: {value}\r\n"
     # Long or non-ASCII: the email package folds and RFC 2047-encodes. Its
     # parsers are known to raise assorted exceptions on odd input; any of them

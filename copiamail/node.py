@@ -94,9 +94,13 @@ async def _serve(config: Config, spool: Spool, scheduler: Scheduler, drain: bool
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, scheduler.request_stop)
+
+    def wake_from_thread() -> None:
+        loop.call_soon_threadsafe(scheduler.wake)
+
     watcher = SpoolWatcher(
         [spool.folder(q) for q in spool.queues],
-        lambda: loop.call_soon_threadsafe(scheduler.wake),
+        wake_from_thread,
         polling=config.watcher == "polling",
     )
     watcher.start()

@@ -37,7 +37,8 @@ class _EphemeralController(Controller):
     # aiosmtpd's start() connects to (hostname, port) to check the server is up;
     # with port 0 that must be the port the OS actually chose.
     def _trigger_server(self) -> None:
-        self.port = self.server.sockets[0].getsockname()[1]
+        assert self.server is not None
+        self.port = self.server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         super()._trigger_server()
 
 
