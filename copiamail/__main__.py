@@ -1,5 +1,5 @@
 """``python -m copiamail``: the same as the ``copiamail`` command."""
 
-from .cli import main
+from .cli import run
 
-main()
+run()

@@ -22,11 +22,12 @@ from . import __version__
 from .config import Config, load_config
 from .errors import CopiamailError
 from .fsfile import CommandFile, format_command
+from .delivery import resolve_relay
 from .job import parse_address, parse_job
-from .limits import limits_for
+from .limits import bindings_for, limits_for
 from .recovery import recover
 from .rules import match, shadowed
-from .spool import ACTIVE, Spool, is_job_name
+from .spool import Spool, is_job_name
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -66,7 +67,7 @@ def main(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="copiamail: %(message)s", stream=sys.stderr)
     # watchdog warns when its emitter thread stops during shutdown; not ours to report.
-    logging.getLogger("watchdog").setLevel(logging.ERROR)
+    logging.getLogger("watchdog").setLevel(logging.CRITICAL)
 
 
 # --- node ---------------------------------------------------------------------
@@ -154,7 +155,7 @@ def _new_job_name(folder: Path) -> tuple[Path, Path]:
 @click.option("--to", "to", required=True, help="Recipient address.")
 @click.option("--subject", help="Subject line.")
 @click.option("--text", multiple=True, help="A body line (repeatable).")
-@click.option("--attach", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A file to attach (repeatable; must lie inside attachment_roots).")
+@click.option("--attach", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A file to attach (repeatable; it must lie inside attachment_roots).")
 @click.option("--queue", type=click.IntRange(0, 99), default=0, show_default=True, help="0 for TOSEND, N for TOSENDN.")
 @_common
 def submit(to: str, subject: str | None, text: tuple[str, ...], attach: tuple[Path, ...], queue: int, config_file: Path | None, spool_dir: Path | None) -> None:
@@ -170,6 +171,11 @@ def submit(to: str, subject: str | None, text: tuple[str, ...], attach: tuple[Pa
     if subject is not None:
         lines.append(format_command("email_subject", subject))
     lines += [format_command("email_text", t) for t in text]
+    roots = [r.resolve() for r in cfg.roots]
+    for a in attach:
+        real = a.resolve()
+        if not any(real == r or r in real.parents for r in roots):
+            raise CopiamailError(f"--attach {a}: outside attachment_roots ({', '.join(map(str, roots))})")
     lines += [format_command("email_attach", str(a.resolve())) for a in attach]
     folder = spool.folder(spool.queues[queue])
     tmp, final = _new_job_name(folder)
@@ -276,22 +282,26 @@ def explain(address: str, node_name: str, binding: str | None, config_file: Path
     if parsed is None:
         raise CopiamailError(f"not an e-mail address: {address!r}")
     address, domain = parsed
-    b = None
-    if binding is not None:
-        b = cfg.binding(binding)
-        if b is None:
-            raise CopiamailError(f"--binding: no binding named {binding!r}")
+    try:
+        candidates = bindings_for(cfg, binding, None)
+    except KeyError:
+        raise CopiamailError(f"--binding: no binding named {binding!r}") from None
     dl = match(cfg.rules.domain_limits, node_name, address)
     if dl is None:
         click.echo(f"$domain_limit: no rule applies to {address} on node {node_name}")
     else:
         click.echo(f"$domain_limit: {dl.rule} at {dl.rule.where()}")
         click.echo(f"  limits domain {dl.domain} to {dl.count} connection(s) from node {node_name}")
-    click.echo("limits that apply (key, cap, scope):")
     relay = cfg.relay
-    ips = (relay.host,) if relay is not None else ()
-    for limit in limits_for(cfg, node_name, address, domain, b, ips, ips):
-        click.echo(f"  {limit.key:<40} {limit.cap:>5}  {limit.scope}")
+    ips = resolve_relay(relay.host, relay.port) if relay is not None else ()
+    names = (relay.host,) if relay is not None else ()
+    for b in candidates:
+        where = f"binding {b.name} ({b.bind_address or 'no source address'})" if b else "the default binding (no source address)"
+        if len(candidates) > 1:
+            where += f", one of group {b.group}" if b else ""
+        click.echo(f"limits that apply over {where} (key, cap, scope):")
+        for limit in limits_for(cfg, node_name, address, domain, b, ips, names):
+            click.echo(f"  {limit.key:<40} {limit.cap:>5}  {limit.scope}")
 
 
 @main.command("check-config")
@@ -371,5 +381,17 @@ def demo(demo_dir: Path) -> None:
         click.echo(f"see why one failed:  python3 -m copiamail show {failed[0]}")
 
 
+def run() -> None:
+    """The console entry point: click's own usage errors become one line too."""
+    try:
+        code = main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("copiamail: aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as e:
+        _fail(e.format_message().replace("\n", " "))
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    main()
+    run()

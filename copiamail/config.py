@@ -15,6 +15,7 @@ command is ignored with a warning naming file and line.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -179,11 +180,19 @@ class Config:
 
 
 def parse_host_port(text: str, what: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        return text, 25
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{what}: bad port in {text!r}")
+    """``host``, ``host:port``, ``[ipv6]:port`` or a bare IPv6 address (port 25)."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"{what}: bad address {text!r} (use [IPv6]:PORT)")
+        port = rest[1:] if rest else "25"
+    elif text.count(":") > 1:
+        host, port = text, "25"
+    else:
+        host, sep, port = text.partition(":")
+        port = port if sep else "25"
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ConfigError(f"{what}: bad host or port in {text!r}")
     return host, int(port)
 
 
@@ -237,13 +246,13 @@ class _Reader:
 
     def number(self, m: CommentedMap, key: str, full: str, lo: float) -> float:
         v = m[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
             raise self.error(m, full, f"must be a number of at least {lo}, got {v!r}")
         return float(v)
 
     def string(self, m: CommentedMap, key: str, full: str, choices: tuple[str, ...] | None = None) -> str:
         v = m[key]
-        if not isinstance(v, str) or not v:
+        if not isinstance(v, str) or not v or "\x00" in v:
             raise self.error(m, full, f"must be a non-empty string, got {v!r}")
         if choices is not None and v not in choices:
             raise self.error(m, full, f"must be one of {', '.join(choices)}, got {v!r}")
@@ -278,7 +287,9 @@ def _domains(r: _Reader, parent: CommentedMap, full: str) -> tuple[DomainStanza,
     exact: list[DomainStanza] = []
     regex: list[DomainStanza] = []
     for key in m:
-        name = str(key)
+        if not isinstance(key, str) or not key:
+            raise r.error(m, f"{full}.{key}", "a domain key must be a domain name or /regex/", leaf=key)
+        name = key
         stanza_key = f"{full}.{name}"
         body = r.child(m, key, stanza_key, _CAP_KEYS)
         line = m.lc.key(key)[0] + 1
@@ -391,7 +402,7 @@ def parse_config(data: Any, path: Path | None) -> Config:
         kw["helo_name"] = r.string(m, "helo_name", "helo_name")
     if m.get("attachment_roots") is not None:
         roots = m["attachment_roots"]
-        if not isinstance(roots, CommentedSeq) or not all(isinstance(x, str) and x for x in roots):
+        if not isinstance(roots, CommentedSeq) or not all(isinstance(x, str) and x and "\x00" not in x for x in roots):
             raise r.error(m, "attachment_roots", "must be a list of folder paths")
         kw["attachment_roots"] = tuple((r.base / x).absolute() for x in roots)
     if m.get("relay") is not None:
@@ -437,6 +448,9 @@ def parse_config(data: Any, path: Path | None) -> Config:
     kw["domains"] = _domains(r, m, "domain")
     if m.get("host") is not None:
         hm = r.child(m, "host", "host", None)
+        for h in hm:
+            if not isinstance(h, str) or not h:
+                raise r.error(hm, f"host.{h}", "a host key must be a host name or an IP address", leaf=h)
         kw["hosts"] = tuple(
             HostStanza(str(h).lower(), _caps(r, r.child(hm, h, f"host.{h}", _CAP_KEYS), f"host.{h}"), hm.lc.key(h)[0] + 1)
             for h in hm
@@ -513,7 +527,7 @@ def load_cfg(path: Path) -> CfgRules:
             except ValueError as e:
                 raise ConfigError(str(e), path, cmd.line) from None
         elif cmd.name == "email_retry_max":
-            if len(cmd.args) != 1 or not cmd.args[0].isdigit() or int(cmd.args[0]) < 1:
+            if len(cmd.args) != 1 or not (cmd.args[0].isascii() and cmd.args[0].isdigit()) or int(cmd.args[0]) < 1:
                 raise ConfigError("$email_retry_max needs one positive integer", path, cmd.line)
             retry_max = int(cmd.args[0])
         elif cmd.name == "email_esender":

@@ -12,7 +12,9 @@ and whether it is final (a 5xx at MAIL, RCPT or DATA).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import aiosmtplib
 
 from . import outcome
-from .errors import DeliveryError
+from .errors import ConfigError, DeliveryError
 
 MAIL, RCPT, DATA, CONNECT = "MAIL", "RCPT", "DATA", "CONNECT"
 
@@ -43,12 +45,41 @@ class SessionSettings:
     port: int
     source_address: str | None = None
     starttls: str = "auto"  # auto | always | never
-    tls_verify: bool = True
-    ca_file: Path | None = None
+    tls_context: ssl.SSLContext | None = None
     username: str | None = None
     password: str | None = None
     timeout: float = 60.0
     helo_name: str | None = None
+
+
+def make_tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
+    """The TLS context for STARTTLS: certificates verified against ``ca_file``
+    (or the system store) unless ``verify`` is off. Built once per node, so a
+    bad CA file stops the node at start instead of failing every job."""
+    if not verify:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    try:
+        return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"key 'relay.ca_file': cannot load CA certificates: {getattr(e, 'strerror', None) or e}", ca_file) from None
+
+
+def resolve_relay(host: str, port: int) -> tuple[str, ...]:
+    """The relay's IP addresses (so that host stanzas naming an IP apply to it).
+    Resolved once at start; a name that does not resolve now fails at connect."""
+    try:
+        ipaddress.ip_address(host)
+        return (host,)
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return ()
+    return tuple(dict.fromkeys(str(i[4][0]) for i in infos))
 
 
 def reply_text(code: int, message: str) -> str:
@@ -90,21 +121,12 @@ class SmtpSession:
     def is_open(self) -> bool:
         return self._smtp is not None and self._smtp.is_connected
 
-    def _tls_context(self) -> ssl.SSLContext:
-        s = self.settings
-        if not s.tls_verify:
-            ctx = ssl.create_default_context()
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-            return ctx
-        return ssl.create_default_context(cafile=str(s.ca_file) if s.ca_file else None)
-
     async def _open(self) -> aiosmtplib.SMTP:
         s = self.settings
         start_tls = {"auto": None, "always": True, "never": False}[s.starttls]
         smtp = aiosmtplib.SMTP(
             hostname=s.host, port=s.port, timeout=s.timeout, start_tls=start_tls,
-            tls_context=self._tls_context() if s.starttls != "never" else None,
+            tls_context=s.tls_context if s.starttls != "never" else None,
             source_address=(s.source_address, 0) if s.source_address else None,
             local_hostname=s.helo_name,
         )

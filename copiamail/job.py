@@ -121,11 +121,13 @@ def _check_header_value(value: str, what: str, cmd: Command, cf: CommandFile) ->
 
 
 def parse_address(text: str) -> tuple[str, str] | None:
-    """``(address, domain)`` of a plain address, ``<address>`` allowed; None if malformed."""
+    """``(address, domain)`` of a plain address, ``<address>`` allowed; None if
+    malformed. ASCII only: a non-ASCII address needs SMTPUTF8, which copiamail
+    does not send."""
     text = text.strip()
     if text.startswith("<") and text.endswith(">"):
         text = text[1:-1]
-    if not (_ADDRESS.match(text) or _QUOTED_LOCAL.match(text)):
+    if not text.isascii() or not (_ADDRESS.match(text) or _QUOTED_LOCAL.match(text)):
         return None
     return text, text.rsplit("@", 1)[1].lower()
 

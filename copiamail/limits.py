@@ -52,6 +52,24 @@ def _domain_caps(stanzas: Iterable[DomainStanza], domain: str) -> tuple[DomainSt
     return s, (s.caps if s is not None else ScopeCaps())
 
 
+def bindings_for(config: Config, binding: str | None, group: str | None) -> list[BindingConfig | None]:
+    """The bindings a job may use (SPEC 5): its EMAIL_BINDING, else every binding
+    of its EMAIL_BINDING_GROUP, else of default_binding_group, else the default
+    binding (None: no source address). Raises KeyError naming what is unknown."""
+    if binding:
+        b = config.binding(binding)
+        if b is None:
+            raise KeyError(f"EMAIL_BINDING names no binding: {binding!r}")
+        return [b]
+    group_name = group or config.default_binding_group
+    if group_name:
+        g = config.binding_group(group_name)
+        if g is None:
+            raise KeyError(f"EMAIL_BINDING_GROUP names no binding group: {group_name!r}")
+        return [config.binding(n) for n in g.bindings]
+    return [None]
+
+
 def limits_for(
     config: Config,
     node: str,

@@ -48,6 +48,7 @@ import codecs
 import hashlib
 import mimetypes
 import os
+import stat
 import re
 import time
 from dataclasses import dataclass
@@ -274,7 +275,12 @@ class _Files:
         try:
             # The real path, not the given one: a symlink swapped in after the
             # check above cannot redirect the read.
-            with open(real, "rb") as f:
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; the fstat
+            # below then refuses anything that is not a regular file.
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise JobError(f"cannot read {path!r}: not a regular file", outcome.MISSING_FILE.code, line=line)
                 return f.read(), real
         except OSError as e:
             raise JobError(f"cannot read {path!r}: {e.strerror or e}", outcome.MISSING_FILE.code, line=line) from None

@@ -28,7 +28,8 @@ from .watcher import SpoolWatcher
 
 log = logging.getLogger("copiamail")
 
-_NODE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# No dots: the lock file ACTIVE/<name>.lock must never be another node's folder.
+_NODE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class NodeResult:
 
 def check_node_name(name: str) -> str:
     if not _NODE_NAME.match(name) or name in (".", ".."):
-        raise ConfigError(f"bad node name {name!r} (letters, digits, '_', '-', '.'; at most 64)")
+        raise ConfigError(f"bad node name {name!r} (letters, digits, '_' and '-'; at most 64)")
     return name
 
 

@@ -43,14 +43,11 @@ CONNECT_FAILED = OutcomeCode(70, CONNECTION, "connection refused or unreachable"
 CONNECTION_LOST = OutcomeCode(71, CONNECTION, "connection dropped by the server")
 TIMED_OUT = OutcomeCode(72, TIMEOUT, "no reply within the timeout")
 TLS_FAILED = OutcomeCode(73, CONNECTION, "STARTTLS failed or was required but not offered")
-AUTH_SETUP = OutcomeCode(74, FAILURE, "the relay password file cannot be read")
-DNS_FAILED = OutcomeCode(80, DOMAIN, "the recipient domain does not exist (NXDOMAIN)")
-DNS_TEMPORARY = OutcomeCode(81, DOMAIN, "DNS lookup failed or timed out")
+INTERNAL = OutcomeCode(75, SMTP_OTHER, "internal error of the engine (a bug: please report it); retried")
 
 ENGINE_CODES: tuple[OutcomeCode, ...] = (
     BAD_JOB, MISSING_FILE, OUTSIDE_ROOTS, BAD_HEADER, BAD_CHARSET, INTERRUPTED,
-    INTERRUPTED_TOO_OFTEN, CONNECT_FAILED, CONNECTION_LOST, TIMED_OUT, TLS_FAILED,
-    AUTH_SETUP, DNS_FAILED, DNS_TEMPORARY,
+    INTERRUPTED_TOO_OFTEN, CONNECT_FAILED, CONNECTION_LOST, TIMED_OUT, TLS_FAILED, INTERNAL,
 )
 
 INTERRUPTIONS_TO_FAIL = 3
@@ -69,7 +66,7 @@ def parse_delays(text: str) -> tuple[int, ...]:
         if item[-1:].upper() in _UNITS:
             unit = _UNITS[item[-1].upper()]
             number = item[:-1]
-        if not number.isdigit():
+        if not (number.isascii() and number.isdigit()):
             raise ValueError(f"bad retry delay {item!r} (minutes, or a number with S, M or H)")
         out.append(int(number) * unit)
     return tuple(out)

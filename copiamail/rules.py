@@ -57,7 +57,7 @@ def parse_rule(cmd: Command, path: Path | None) -> DomainLimitRule:
     count = 1
     if len(cmd.args) == 3:
         raw = cmd.args[2]
-        if not raw.isdigit() or int(raw) < 1:
+        if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
             raise ConfigError(f"$domain_limit count must be a positive integer, got {raw!r}", path, cmd.line)
         count = int(raw)
     return DomainLimitRule(node, text, count, path, cmd.line)

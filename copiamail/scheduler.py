@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import ipaddress
 import logging
-import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +31,11 @@ from typing import Callable
 
 from . import outcome, records
 from .config import BindingConfig, Config
-from .delivery import Delivered, SessionSettings, SmtpSession
+from .delivery import Delivered, SessionSettings, SmtpSession, make_tls_context, resolve_relay
 from .errors import DeliveryError, JobError
 from .fsfile import CommandFile
 from .job import Job, parse_job
-from .limits import Limit, LocalLimiter, limits_for
+from .limits import Limit, LocalLimiter, bindings_for, limits_for
 from .message import build_message
 from .spool import FAIL, SENT, Claimed, Spool, Waiting
 
@@ -128,12 +127,15 @@ class Scheduler:
         self._caps: dict[str, int] = {}
         self._by_domain: dict[str, list[_WaitEntry]] = {}
         self._peek = _PeekCache()
+        self._parked = False
         relay = config.relay
         self._host_ips: tuple[str, ...] = ()
         self._host_names: tuple[str, ...] = ()
+        self._tls: ssl.SSLContext | None = None
         if relay is not None:
             self._host_names = (relay.host,)
-            self._host_ips = _resolve(relay.host, relay.port)
+            self._host_ips = resolve_relay(relay.host, relay.port)
+            self._tls = make_tls_context(relay.tls_verify, relay.ca_file) if relay.starttls != "never" else None
 
     # --- public --------------------------------------------------------------
 
@@ -163,8 +165,10 @@ class Scheduler:
             while not self.stopping:
                 self._wake.clear()
                 found, next_due = await self._scan()
-                if drain and not found and not self._connections and not self._waiting:
-                    break
+                if drain and not found and not self._waiting:
+                    if not self._connections:
+                        break
+                    self._close_idle()
                 timeout = self.config.scan_interval
                 if next_due is not None:
                     timeout = max(0.01, min(timeout, next_due - self.clock()))
@@ -244,26 +248,17 @@ class Scheduler:
             if not path.exists():
                 entry.active = False
                 del self._waiting[path]
-        for key in list(self._heaps):
-            if self.limiter.in_use(key) < self._caps.get(key, 0):
-                self._offer_key(key)
+        self._offer([k for k in self._heaps if self.limiter.in_use(k) < self._caps.get(k, 0)])
+        if self._parked:
+            self._finish_parked()
 
     # --- dispatch ------------------------------------------------------------
 
     def _bindings_for(self, job: Job) -> list[BindingConfig | None]:
-        cfg = self.config
-        if job.binding:
-            b = cfg.binding(job.binding)
-            if b is None:
-                raise JobError(f"EMAIL_BINDING names no binding: {job.binding!r}", outcome.BAD_JOB.code)
-            return [b]
-        group_name = job.binding_group or cfg.default_binding_group
-        if group_name:
-            group = cfg.binding_group(group_name)
-            if group is None:
-                raise JobError(f"EMAIL_BINDING_GROUP names no binding group: {group_name!r}", outcome.BAD_JOB.code)
-            return [cfg.binding(n) for n in group.bindings]
-        return [None]
+        try:
+            return bindings_for(self.config, job.binding, job.binding_group)
+        except KeyError as e:
+            raise JobError(str(e.args[0]), outcome.BAD_JOB.code) from None
 
     def _open_count(self, binding: BindingConfig | None) -> int:
         return sum(1 for c in self._connections if c.binding is binding)
@@ -316,7 +311,7 @@ class Scheduler:
         return SessionSettings(
             host=relay.host, port=relay.port,
             source_address=binding.bind_address if binding is not None else None,
-            starttls=relay.starttls, tls_verify=relay.tls_verify, ca_file=relay.ca_file,
+            starttls=relay.starttls, tls_context=self._tls,
             username=relay.username, password=self.password,
             timeout=self.config.smtp_timeout, helo_name=self.config.helo_name,
         )
@@ -324,12 +319,17 @@ class Scheduler:
     def _defer(self, claimed: Claimed, cf: CommandFile, job: Job, limit: Limit) -> None:
         try:
             path = self.spool.finish(claimed, records.deferred(cf, job.domainbusy_count), "BACK")
+            self.stats.deferred += 1
+            self.on_event("deferred", claimed.name)
         except OSError as e:
+            # It still waits for a slot (unmarked), rather than being claimed
+            # again on every scan.
             log.error("%s: cannot write the deferral: %s; handing the job back", claimed.path, e.strerror)
-            self._hand_back(claimed)
-            return
-        self.stats.deferred += 1
-        self.on_event("deferred", claimed.name)
+            handed = self._hand_back(claimed)
+            if handed is None:
+                self._parked = True
+                return
+            path = handed
         w = Waiting(self.spool.priority(claimed.queue), claimed.queue, path.name, path)
         entry = _WaitEntry(w.order, w, job)
         self._waiting[w.path] = entry
@@ -398,24 +398,69 @@ class Scheduler:
             return
         self._start(choice, _Item(claimed, cf, job))
 
-    def _next_for(self, conn: _Connection) -> _Item | None:
-        """The next waiting job for this connection's domain, in queue order."""
+    def _next_for(self, conn: _Connection) -> tuple[_Item | None, bool]:
+        """What a connection does after a message: ``(item, False)`` carry the
+        next waiting job of its domain; ``(None, True)`` close, because a job of
+        another domain that waits on a slot it holds comes first in queue order
+        (SPEC 3: freed slots go to waiting jobs in queue order); ``(None,
+        False)`` nothing waits for it."""
         heap = self._by_domain.get(conn.domain)
         skipped: list[_WaitEntry] = []
-        item: _Item | None = None
-        while heap and item is None:
+        own: _WaitEntry | None = None
+        while heap:
             entry = heapq.heappop(heap)
             if not entry.active:
                 continue
-            if not self._can_use(conn, entry.job):
-                skipped.append(entry)
-                continue
-            item = self._claim_for(conn, entry)
+            if self._can_use(conn, entry.job):
+                own = entry
+                break
+            skipped.append(entry)
         for entry in skipped:
             heapq.heappush(self._by_domain.setdefault(conn.domain, []), entry)
-        if not self._by_domain.get(conn.domain):
+        if heap is not None and not heap and own is None:
             self._by_domain.pop(conn.domain, None)
-        return item
+        other = self._first_other(conn)
+        if own is not None and (other is None or own.order <= other.order):
+            item = self._claim_for(conn, own)
+            if item is not None:
+                return item, False
+            return self._next_for(conn)
+        if own is not None:
+            heapq.heappush(self._by_domain.setdefault(conn.domain, []), own)
+        return None, other is not None
+
+    def _head(self, key: str) -> _WaitEntry | None:
+        heap = self._heaps.get(key)
+        while heap and not heap[0].active:
+            heapq.heappop(heap)
+        if heap is not None and not heap:
+            self._heaps.pop(key, None)
+            return None
+        return heap[0] if heap else None
+
+    def _first_other(self, conn: _Connection) -> _WaitEntry | None:
+        """The first waiting job, in queue order, that waits on a slot this
+        connection holds and cannot ride on it."""
+        best: _WaitEntry | None = None
+        for limit in conn.limits:
+            head = self._head(limit.key)
+            if head is None or (head.job.domain == conn.domain and self._can_use(conn, head.job)):
+                continue
+            if best is None or head.order < best.order:
+                best = head
+        return best
+
+    def _offer(self, keys: list[str]) -> None:
+        """Slots of ``keys`` freed: offer them to waiting jobs, the earliest in
+        queue order first."""
+        pending = set(keys)
+        while pending:
+            heads = [(h.order, k) for k in pending if (h := self._head(k)) is not None]
+            if not heads:
+                return
+            _, key = min(heads)
+            pending.discard(key)
+            self._offer_key(key)
 
     def _can_use(self, conn: _Connection, job: Job) -> bool:
         try:
@@ -442,43 +487,57 @@ class Scheduler:
     # --- connections ---------------------------------------------------------
 
     async def _run_connection(self, conn: _Connection, item: _Item | None) -> None:
+        """Carry jobs over one connection until none is left for it. Whatever
+        happens (cancellation, a bug), a claimed job this task holds is either
+        attempted or handed back: it is never left in ACTIVE."""
         try:
-            while item is not None:
-                if self.stopping:
-                    self._hand_back(item.claimed)
-                    break
+            while item is not None and not self.stopping:
                 if conn.session.messages >= self.config.messages_per_connection:
                     await conn.session.close()
                 await self._attempt(conn, item)
+                item = None
                 if self.stopping:
                     break
-                item = self._next_for(conn)
-                if item is None:
+                item, close = self._next_for(conn)
+                if item is None and not close:
                     item = await self._idle_wait(conn)
-            await conn.session.close()
+            if item is None:
+                await conn.session.close()
         except asyncio.CancelledError:
             conn.session.abort()
             raise
+        except Exception:  # noqa: BLE001 - a bug must not strand the jobs
+            log.exception("connection for %s failed", conn.domain)
+            conn.session.abort()
         finally:
+            if item is not None:
+                conn.session.abort()
+                self._hand_back(item.claimed)
             self.limiter.release(conn.limits)
             self._connections.discard(conn)
-            for limit in conn.limits:
-                if not self.stopping:
-                    self._offer_key(limit.key)
+            if not self.stopping:
+                self._offer([l.key for l in conn.limits])
             self.wake()
 
     async def _idle_wait(self, conn: _Connection) -> _Item | None:
+        """Wait up to connection_idle for a job of this connection's domain."""
         if self.stopping or self.config.connection_idle <= 0:
             return None
-        conn.handoff = asyncio.get_running_loop().create_future()
+        handoff: asyncio.Future[_Item | None] = asyncio.get_running_loop().create_future()
+        conn.handoff = handoff
         self._idle.setdefault(conn.domain, []).append(conn)
         try:
-            return await asyncio.wait_for(asyncio.shield(conn.handoff), self.config.connection_idle)
+            return await asyncio.wait_for(asyncio.shield(handoff), self.config.connection_idle)
         except asyncio.TimeoutError:
-            if conn.handoff.done():
-                return conn.handoff.result()
-            conn.handoff.cancel()
+            if handoff.done():
+                return handoff.result()
+            handoff.cancel()
             return None
+        except asyncio.CancelledError:
+            # A job handed over just before the cancel is ours to give back.
+            if handoff.done() and not handoff.cancelled() and handoff.result() is not None:
+                self._hand_back(handoff.result().claimed)  # type: ignore[union-attr]
+            raise
         finally:
             self._idle[conn.domain].remove(conn)
             if not self._idle[conn.domain]:
@@ -486,23 +545,25 @@ class Scheduler:
             conn.handoff = None
 
     async def _attempt(self, conn: _Connection, item: _Item) -> None:
-        """One delivery attempt; the job ends in SENT, FAIL or back in its folder."""
+        """One delivery attempt; the job ends in SENT, FAIL or back in its folder.
+        A cancellation propagates with the job still claimed (the caller hands
+        it back)."""
         claimed, cf, job = item.claimed, item.cf, item.job
         now = self.clock()
         try:
             data = build_message(job, spool_root=self.spool.root, attachment_roots=self.config.roots, sender=self._sender(job), now=now)
+            result = await conn.session.send(self._sender(job), job.address, data)
         except JobError as e:
             self._finish_failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e))
-            return
-        try:
-            result = await conn.session.send(self._sender(job), job.address, data)
         except DeliveryError as e:
             self._finish_error(claimed, cf, job, e)
-            return
-        except asyncio.CancelledError:
-            self._hand_back(claimed)
-            raise
-        self._finish_sent(claimed, cf, result)
+        except Exception as e:  # noqa: BLE001 - a bug: retry later rather than lose or spin
+            log.exception("%s: internal error", claimed.name)
+            conn.session.abort()
+            self._finish_error(claimed, cf, job, DeliveryError(
+                outcome.INTERNAL.code, outcome.INTERNAL.klass, f"internal error: {type(e).__name__}: {e}", False))
+        else:
+            self._finish_sent(claimed, cf, result)
 
     def _sender(self, job: Job) -> str:
         return job.esender or self.config.rules.esender or self.config.esender
@@ -514,9 +575,11 @@ class Scheduler:
             self.spool.finish(claimed, cf, dest)
             return True
         except OSError as e:
-            # A full disk must not lose the job: it stays claimed in ACTIVE and
-            # the next start of this node recovers it.
+            # A full disk must not lose the job: it stays in ACTIVE (claimed, or
+            # committed and parked); the next scan retries a parked result and
+            # the next start of this node recovers a claimed one.
             log.error("%s: cannot write the job's result: %s; it stays in ACTIVE", claimed.path, e.strerror)
+            self._parked = True
             return False
 
     def _finish_sent(self, claimed: Claimed, cf: CommandFile, result: Delivered) -> None:
@@ -545,21 +608,35 @@ class Scheduler:
             self.stats.retried += 1
             self.on_event("retried", claimed.name)
 
-    def _hand_back(self, claimed: Claimed) -> None:
+    def _hand_back(self, claimed: Claimed) -> Path | None:
         try:
-            self.spool.hand_back(claimed)
-            self.stats.handed_back += 1
+            path = self.spool.hand_back(claimed)
         except OSError as e:
             log.error("%s: cannot hand the job back: %s; it stays in ACTIVE", claimed.path, e.strerror)
+            return None
+        self.stats.handed_back += 1
+        return path
+
+    def _finish_parked(self) -> None:
+        # A result committed but not yet moved (a write failed after the
+        # commit): move it now rather than at the next start.
+        try:
+            self.spool.finish_committed(self.node)
+            self._parked = False
+        except OSError as e:
+            log.error("cannot move finished jobs out of ACTIVE yet: %s", e.strerror)
 
     # --- shutdown ------------------------------------------------------------
 
-    async def _shutdown(self) -> None:
-        self.stopping = True
+    def _close_idle(self) -> None:
         for conns in list(self._idle.values()):
             for conn in conns:
                 if conn.handoff is not None and not conn.handoff.done():
                     conn.handoff.set_result(None)
+
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        self._close_idle()
         tasks = [c.task for c in self._connections if c.task is not None]
         if not tasks:
             return
@@ -567,21 +644,6 @@ class Scheduler:
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-
-
-def _resolve(host: str, port: int) -> tuple[str, ...]:
-    """The relay's IPs, so that host stanzas naming its IP apply (SPEC 5). Done
-    once at start; a name that does not resolve now fails at connect instead."""
-    try:
-        ipaddress.ip_address(host)
-        return (host,)
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError:
-        return ()
-    return tuple(dict.fromkeys(str(i[4][0]) for i in infos))
 
 
 def _job_error_text(e: JobError) -> str:

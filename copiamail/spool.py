@@ -169,7 +169,7 @@ class Spool:
         except ValueError:
             # A queue folder left from a larger `queues:` still drains, last
             # (scan() visits it after the configured ones).
-            return len(self.queues) + (int(queue[6:]) if queue[6:].isdigit() else 0)
+            return len(self.queues) + (int(queue[6:]) if queue[6:].isascii() and queue[6:].isdigit() else 0)
 
     # --- scanning -----------------------------------------------------------
 
@@ -275,13 +275,13 @@ class Spool:
 
     # --- recovery ------------------------------------------------------------
 
-    def claimed_jobs(self, node: str) -> list[Claimed]:
-        """What node ``node`` holds in ACTIVE after finishing committed results
-        (states 4 and 5) and dropping uncommitted ones (state 3)."""
+    def finish_committed(self, node: str) -> None:
+        """Publish node ``node``'s committed results (states 4 and 5) and drop
+        uncommitted ones (state 3) and stray temporary files. Safe while the
+        node runs: its own results are written and moved without yielding."""
         base = self.active_dir(node)
-        out: list[Claimed] = []
         if not base.is_dir():
-            return out
+            return
         for qdir in sorted(p for p in base.iterdir() if p.is_dir()):
             files = sorted(os.listdir(qdir))
             names = set(files)
@@ -289,14 +289,23 @@ class Spool:
                 head, _, suffix = f.rpartition(".")
                 path = qdir / f
                 if suffix in _RESULT_SUFFIXES and is_job_name(head):
-                    claimed = Claimed(node, qdir.name, head, qdir / head)
                     if head in names or path.stat().st_nlink > 1:
                         # Not committed (state 3), or already published by link().
                         path.unlink()
                     else:
-                        self._publish(path, claimed)
+                        self._publish(path, Claimed(node, qdir.name, head, qdir / head))
                 elif f.endswith(".tmp"):
                     path.unlink()
+
+    def claimed_jobs(self, node: str) -> list[Claimed]:
+        """What node ``node`` holds in ACTIVE after :meth:`finish_committed`:
+        the jobs whose attempt was interrupted."""
+        self.finish_committed(node)
+        base = self.active_dir(node)
+        out: list[Claimed] = []
+        if not base.is_dir():
+            return out
+        for qdir in sorted(p for p in base.iterdir() if p.is_dir()):
             for f in sorted(os.listdir(qdir), key=os.fsencode):
                 if is_job_name(f):
                     out.append(Claimed(node, qdir.name, f, qdir / f))

@@ -79,8 +79,12 @@ class SpoolKit:
         )
 
     def drain(self, name: str = "N1", *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run `node --drain`; after it exits 0, no job may be left in ACTIVE
+        (SPEC 1: a job is in exactly one place, and a stopped node holds none)."""
         result = self.cli("node", "--name", name, "--drain", *args, timeout=timeout)
         assert "Traceback" not in result.stderr, result.stderr
+        if result.returncode == 0:
+            assert self.active() == [], (self.active(), result.stderr)
         return result
 
     def start(self, name: str = "N1", *args: str) -> subprocess.Popen[str]:

@@ -267,3 +267,79 @@ def test_drain_on_a_terminal_shows_a_progress_bar_and_a_summary(tmp_path, smtp_s
     assert proc.returncode == 0
     assert "sending" in out and "3/3" in out
     assert "N1: sent 3, failed 0" in out
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["node"], "Missing option '--name'"),
+        (["nosuch"], "No such command"),
+        (["node", "--name", "x.lock", "--drain"], "bad node name"),
+        (["show"], "Missing argument"),
+    ],
+)
+def test_usage_errors_are_one_line_too(tmp_path, args, expected):
+    kit = SpoolKit(tmp_path, 2525, [])
+    assert expected in one_line_error(kit.cli(*args))
+
+
+def test_submit_refuses_an_attachment_outside_attachment_roots(kit, tmp_path):
+    outside = tmp_path / "outside.pdf"
+    outside.write_bytes(b"%PDF")
+    assert "outside attachment_roots" in one_line_error(kit.cli("submit", "--to", "a@copia.com", "--attach", str(outside)))
+
+
+def test_explain_lists_the_limits_over_every_binding_of_the_default_group(tmp_path):
+    kit = SpoolKit(tmp_path, 2525, [], yaml=(
+        "binding_group:\n"
+        "  pool1:\n"
+        "    domain:\n"
+        "      \"yahoo.com\": {scope_max_outbound_connections: 6}\n"
+        "    binding:\n"
+        "      b1:\n"
+        "        bind_address: 127.0.0.2\n"
+        "        domain:\n"
+        "          \"yahoo.com\": {scope_max_outbound_connections: 2}\n"
+        "      b2: {bind_address: 127.0.0.3}\n"
+        "default_binding_group: pool1\n"
+        "host:\n"
+        "  \"127.0.0.1\": {scope_max_outbound_connections: 4}\n"
+    ))
+    kit.config_path.write_text(kit.config_path.read_text().replace("host: 127.0.0.1, port: 2525", "host: localhost, port: 2525"))
+    out = kit.cli("explain", "joe@yahoo.com").stdout
+    assert "binding b1 (127.0.0.2)" in out and "binding b2 (127.0.0.3)" in out
+    assert "group_domain:pool1:yahoo.com" in out and "binding_scope:b1:yahoo.com" in out
+    assert "host:127.0.0.1" in out
+    only_b2 = kit.cli("explain", "joe@yahoo.com", "--binding", "b2").stdout
+    assert "binding b1" not in only_b2 and "binding b2" in only_b2
+
+
+@pytest.mark.parametrize(
+    "cfg,expected",
+    [
+        ("$domain_limit * @x.com ²", "positive integer"),
+        ("$email_retry_max ²", "$email_retry_max"),
+        ('$email_retry_delays * "²"', "bad retry delay"),
+    ],
+)
+def test_non_ascii_digits_in_the_cfg_are_one_line_errors(tmp_path, cfg, expected):
+    kit = SpoolKit(tmp_path, 2525, [cfg])
+    line = one_line_error(kit.cli("check-config"))
+    assert expected in line and "FAXFACTS.CFG:1" in line
+
+
+@pytest.mark.parametrize(
+    "yaml,expected",
+    [
+        ("connection_idle: .nan\n", "connection_idle"),
+        ("scan_interval: .inf\n", "scan_interval"),
+        ('spool: "a\\0b"\n', "spool"),
+        ("domain:\n  ~: {max_outbound_connections: 2}\n", "domain"),
+        ("host:\n  [a, b]: {scope_max_outbound_connections: 2}\n", "host"),
+    ],
+)
+def test_odd_yaml_values_are_one_line_errors(tmp_path, yaml, expected):
+    kit = SpoolKit(tmp_path, 2525, [])
+    kit.config_path.write_text(yaml)
+    line = one_line_error(kit.cli("check-config"))
+    assert expected in line and "copiamail.yaml" in line

@@ -513,3 +513,22 @@ def test_with_overrides_nothing_changes_nothing(clean):
 def test_with_overrides_bad_relay_port_is_a_config_error(clean, relay):
     with pytest.raises(ConfigError, match="--relay"):
         load_config().with_overrides(relay=relay)
+
+
+@pytest.mark.parametrize(
+    "text,host,port",
+    [("mx.test", "mx.test", 25), ("mx.test:2525", "mx.test", 2525), ("[::1]:2526", "::1", 2526), ("[::1]", "::1", 25), ("::1", "::1", 25), ("127.0.0.1:25", "127.0.0.1", 25)],
+)
+def test_relay_option_takes_host_port_and_ipv6(text, host, port):
+    from copiamail.config import parse_host_port
+
+    assert parse_host_port(text, "--relay") == (host, port)
+
+
+@pytest.mark.parametrize("text", ["mx.test:x", "mx.test:0", ":25", "[::1", "[::1]x"])
+def test_relay_option_refuses_a_bad_host_or_port(text):
+    from copiamail.config import parse_host_port
+    from copiamail.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        parse_host_port(text, "--relay")

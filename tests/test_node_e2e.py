@@ -278,6 +278,9 @@ BAD_JOBS = {
     "QUOTE.FS": (b'$email_address a@copia.com\n$email_subject "unterminated\n', "unterminated quote"),
     "JUNK.FS": (bytes(range(256)) * 4, "binary data"),
     "HEADER.FS": (b"$email_address a@copia.com\n$email_header X-Bad: a\rb\n", "CR or LF"),
+    "UTF8RCPT.FS": ("$email_address jöhn@copia.com\n".encode(), "bad recipient address"),
+    "UTF8FROM.FS": ("$email_address a@copia.com\n$email_esender jöhn@acme.test\n".encode(), "bad envelope sender"),
+    "CHARSET.FS": (b"$email_address a@copia.com\n$email_charset undefined\n", "charset"),
 }
 
 
@@ -455,3 +458,136 @@ def test_a_host_stanza_naming_the_relay_by_host_name_limits_its_connections(tmp_
     assert kit.drain().returncode == 0
     assert len(kit.names("SENT")) == 8
     assert server.peak == 2
+
+
+# --- the review's findings: nothing stranded, queue order across shared caps --
+
+
+def test_a_fifo_named_as_body_fails_the_job_instead_of_hanging_the_node(tmp_path, server):
+    import os
+
+    kit = kit_for(tmp_path, server)
+    (kit.root / "files").mkdir()
+    os.mkfifo(kit.root / "files" / "pipe")
+    kit.job("TOSEND", "F.FS", "$email_body files/pipe", to="a@copia.com")
+    kit.job("TOSEND", "G.FS", to="b@copia.com")
+    assert kit.drain(timeout=30).returncode == 0
+    assert kit.names("FAIL") == ["F.FS"] and kit.names("SENT") == ["G.FS"]
+    assert "not a regular file" in var(kit.read("FAIL", "F.FS"), "EMAIL_ERROR")
+
+
+def test_a_bad_ca_file_stops_the_node_at_start_and_touches_no_job(tmp_path, server):
+    kit = SpoolKit(tmp_path, None, [], yaml=f"relay: {{host: 127.0.0.1, port: {server.port}, starttls: auto, ca_file: ./nope.pem}}\n")
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    result = kit.cli("node", "--name", "N1", "--drain")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "relay.ca_file" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert kit.names("TOSEND") == ["J.FS"] and kit.active() == []
+
+
+def test_sigterm_while_reconnecting_hands_the_next_job_back_untouched(tmp_path, server):
+    server.add_rule(Rule(stage="QUIT", hang=True))
+    kit = kit_for(tmp_path, server, "$domain_limit * @copia.com 1", yaml="messages_per_connection: 1\n")
+    kit.config_path.write_text(kit.config_path.read_text().replace("shutdown_grace: 2", "shutdown_grace: 0.3"))
+    kit.job("TOSEND", "A.FS", to="a@copia.com")
+    original = kit.job("TOSEND", "B.FS", to="b@copia.com").read_bytes()
+    proc = kit.start("N1")
+    wait_until(lambda: kit.names("SENT") == ["A.FS"], timeout=15)
+    wait_until(lambda: any(c.open and "QUIT" in " ".join(c.commands).upper() for c in server.connections), timeout=15)
+    code, _, err = stop(proc)
+    assert code == 0, err
+    assert kit.active() == []
+    assert (kit.root / "TOSEND" / "B.FS").read_bytes() == original + b"$var_def DOMAINBUSY_COUNT 1\n"
+
+
+def test_queue_order_holds_across_domains_when_a_shared_cap_is_full(tmp_path, server):
+    kit = kit_for(tmp_path, server, yaml="server_max_outbound_connections: 1\n")
+    kit.job("TOSEND", "A1.FS", to="a1@a.com")
+    kit.job("TOSEND", "B1.FS", to="b1@b.com")
+    kit.job("TOSEND1", "A2.FS", to="a2@a.com")
+    kit.job("TOSEND1", "A3.FS", to="a3@a.com")
+    assert kit.drain().returncode == 0
+    assert [m.rcpt_tos[0] for m in server.messages] == ["a1@a.com", "b1@b.com", "a2@a.com", "a3@a.com"]
+    assert server.peak == 1
+
+
+def test_an_idle_connection_gives_a_shared_slot_to_a_waiting_job_of_another_domain(tmp_path, server):
+    kit = kit_for(tmp_path, server, yaml="server_max_outbound_connections: 1\n")
+    kit.config_path.write_text(kit.config_path.read_text().replace("connection_idle: 0.2", "connection_idle: 120"))
+    kit.job("TOSEND", "A.FS", to="a@a.com")
+    kit.job("TOSEND", "B.FS", to="b@b.com")
+    # Were the a.com connection to sit out its 120 s idle time holding the only
+    # slot, this drain would time out.
+    assert kit.drain(timeout=30).returncode == 0
+    assert kit.names("SENT") == ["A.FS", "B.FS"] and server.peak == 1
+
+
+@pytest.mark.parametrize(
+    "rules,addresses,peaks",
+    [
+        (["$domain_limit * @copia.com 1", "$domain_limit * @ 3"], ["a@copia.com"] * 4, {"copia.com": 1}),
+        (["$domain_limit * copia 2"], ["copia@gmail.com"] * 5, {"gmail.com": 2}),
+        (["$domain_limit * @copia.com 1"], ["a@sub.copia.com"] * 3, {"sub.copia.com": 3}),
+        (["$domain_limit * @COPIA.COM 1"], ["A@Copia.Com"] * 3, {"copia.com": 1}),
+        (["$domain_limit * @ 3"], ["x@any.org"] * 6, {"any.org": 3}),
+    ],
+    ids=["first-rule-wins", "substring-in-local-part", "subdomain-not-matched", "case-insensitive", "catch-all-count-3"],
+)
+def test_spec_table_rows_hold_at_a_real_server(tmp_path, server, rules, addresses, peaks):
+    server.add_rule(Rule(stage="EOD", delay=0.3))
+    kit = kit_for(tmp_path, server, *rules)
+    for i, address in enumerate(addresses):
+        kit.job("TOSEND", f"J{i}.FS", to=address)
+    assert kit.drain().returncode == 0
+    assert len(kit.names("SENT")) == len(addresses)
+    assert dict(server.peak_by_domain) == peaks
+
+
+def test_5xx_to_the_data_command_itself_is_final(tmp_path, server):
+    server.add_rule(Rule(stage="DATA", code=554, text="5.7.1 no data for you"))
+    kit = kit_for(tmp_path, server)
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    assert kit.drain().returncode == 0
+    text = kit.read("FAIL", "J.FS")
+    assert "$fax_status2 554" in text and var(text, "EMAIL_ERROR") == "554 5.7.1 no data for you"
+
+
+def test_two_nodes_racing_over_one_spool_send_each_job_once(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=0.01))
+    kit = kit_for(tmp_path, server, "$domain_limit * @ 4")
+    for i in range(200):
+        kit.job(f"TOSEND{i % 3}" if i % 3 else "TOSEND", f"J{i:04d}.FS", to=f"u{i}@d{i % 7}.org")
+    procs = [kit.start(name, "--drain") for name in ("N1", "N2")]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and "Traceback" not in err, err
+    assert len(kit.names("SENT")) == 200 and kit.waiting() == [] and kit.active() == []
+    ids = [m.message_id for m in server.messages]
+    assert len(ids) == 200 and len(set(ids)) == 200
+    nodes = {attempts(kit.read("SENT", n))[-1][1] for n in kit.names("SENT")}
+    assert nodes == {"N1", "N2"}
+
+
+def test_after_sigterm_an_in_flight_send_finishes_within_grace_and_no_new_job_starts(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=1.0))
+    kit = kit_for(tmp_path, server, "$domain_limit * @copia.com 1")
+    kit.config_path.write_text(kit.config_path.read_text().replace("shutdown_grace: 2", "shutdown_grace: 10"))
+    kit.job("TOSEND", "A.FS", to="a@copia.com")
+    kit.job("TOSEND", "B.FS", to="b@copia.com")
+    proc = kit.start("N1")
+    wait_until(lambda: any(c.open and "DATA" in " ".join(c.commands).upper() for c in server.connections), timeout=15)
+    code, _, err = stop(proc)
+    assert code == 0, err
+    assert kit.names("SENT") == ["A.FS"]
+    assert kit.names("TOSEND") == ["B.FS"] and kit.active() == []
+    assert len(server.messages) == 1
+
+
+def test_node_creates_the_missing_spool_folders_as_queues_says(tmp_path, server):
+    kit = kit_for(tmp_path, server, yaml="queues: 3\n")
+    import shutil
+
+    shutil.rmtree(kit.root)
+    assert kit.drain().returncode == 0
+    made = sorted(p.name for p in kit.root.iterdir() if p.is_dir())
+    assert made == ["ACTIVE", "FAIL", "SENT", "TEMP", "TOSEND", "TOSEND1", "TOSEND2", "TOSEND3"]
