@@ -324,23 +324,14 @@ def check_config(config_file: Path | None, spool_dir: Path | None) -> None:
 @_common
 def recover_cmd(node_name: str, config_file: Path | None, spool_dir: Path | None) -> None:
     """Put a stopped node's ACTIVE jobs back into their folders (outcome 66)."""
-    from filelock import FileLock, Timeout
-
-    from .node import check_node_name
+    from .node import check_node_name, node_lock
 
     check_node_name(node_name)
     cfg = _config(config_file, spool_dir)
     spool = Spool(cfg.spool, cfg.queues, cfg.fsync)
     spool.ensure()
-    lock = FileLock(str(spool.lock_path(node_name)))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise CopiamailError(f"node {node_name} is running: stop it first") from None
-    try:
+    with node_lock(spool, node_name):
         report = recover(spool, node_name)
-    finally:
-        lock.release()
     click.echo(f"{node_name}: returned {len(report.returned)} job(s) to their folders, {len(report.failed)} to FAIL")
 
 

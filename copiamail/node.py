@@ -14,8 +14,9 @@ import logging
 import re
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
@@ -74,21 +75,29 @@ def run_node(
     password = read_password(config)
     spool = Spool(config.spool, config.queues, config.fsync)
     spool.ensure()
-    lock = FileLock(str(spool.lock_path(name)))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise SpoolError(f"node {name} is already running on this spool ({spool.lock_path(name)} is locked)") from None
     started = time.monotonic()
-    try:
+    with node_lock(spool, name):
         report = recover(spool, name)
         scheduler = Scheduler(config, spool, name, password=password, on_event=on_event)
         if on_start is not None:
             on_start(scheduler)
         stats = asyncio.run(_serve(config, spool, scheduler, drain))
+    return NodeResult(stats, report, time.monotonic() - started)
+
+
+@contextmanager
+def node_lock(spool: Spool, name: str) -> Iterator[None]:
+    """Hold node ``name``'s lock file (``ACTIVE/<name>.lock``) for the block;
+    SpoolError at once if node ``name`` runs on this spool on this machine."""
+    lock = FileLock(str(spool.lock_path(name)))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise SpoolError(f"node {name} is already running on this spool ({spool.lock_path(name)} is locked)") from None
+    try:
+        yield
     finally:
         lock.release()
-    return NodeResult(stats, report, time.monotonic() - started)
 
 
 async def _serve(config: Config, spool: Spool, scheduler: Scheduler, drain: bool) -> Stats:

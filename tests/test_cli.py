@@ -343,3 +343,19 @@ def test_odd_yaml_values_are_one_line_errors(tmp_path, yaml, expected):
     kit.config_path.write_text(yaml)
     line = one_line_error(kit.cli("check-config"))
     assert expected in line and "copiamail.yaml" in line
+
+
+def test_recover_refuses_while_that_node_runs(kit):
+    proc = kit.start("N1")
+    try:
+        from spoolkit import wait_until
+
+        wait_until(lambda: (kit.root / "ACTIVE" / "N1.lock").exists(), timeout=10)
+        import time
+
+        time.sleep(0.5)
+        assert "already running" in one_line_error(kit.cli("recover", "--node", "N1"))
+    finally:
+        from spoolkit import stop
+
+        stop(proc)
