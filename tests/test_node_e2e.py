@@ -591,3 +591,35 @@ def test_node_creates_the_missing_spool_folders_as_queues_says(tmp_path, server)
     assert kit.drain().returncode == 0
     made = sorted(p.name for p in kit.root.iterdir() if p.is_dir())
     assert made == ["ACTIVE", "FAIL", "SENT", "TEMP", "TOSEND", "TOSEND1", "TOSEND2", "TOSEND3"]
+
+
+def test_one_drain_over_several_folders_gives_every_outcome_in_its_place(tmp_path, server):
+    """Issue 2's scenario in one run: a 550 into FAIL, a 451 retried after its
+    delay then sent, retries running out into FAIL, deferred jobs carrying
+    DOMAINBUSY_COUNT without an attempt record, and priority order kept."""
+    server.add_rule(Rule(stage="EOD", delay=0.2))
+    server.add_rule(Rule(stage="RCPT", code=550, text="5.1.1 <jane@bank.test>: User unknown", match="jane@bank.test"))
+    server.add_rule(Rule(stage="RCPT", code=451, text="4.3.0 greylisted", match="grey@bank.test", times=1))
+    server.add_rule(Rule(stage="RCPT", code=451, text="4.3.0 always busy", match="busy@bank.test"))
+    kit = kit_for(tmp_path, server, "$domain_limit * @copia.com 1", '$email_retry_delays * "2S 2S"')
+    kit.job("TOSEND3", "C1.FS", to="c1@copia.com")
+    kit.job("TOSEND", "C2.FS", to="c2@copia.com")
+    kit.job("TOSEND1", "C3.FS", to="c3@copia.com")
+    kit.job("TOSEND2", "C4.FS", to="c4@copia.com")
+    kit.job("TOSEND1", "JANE.FS", to="jane@bank.test")
+    kit.job("TOSEND2", "GREY.FS", to="grey@bank.test")
+    kit.job("TOSEND3", "BUSY.FS", to="busy@bank.test")
+    assert kit.drain().returncode == 0
+    assert kit.names("SENT") == ["C1.FS", "C2.FS", "C3.FS", "C4.FS"]
+    assert kit.names("FAIL") == ["JANE.FS"]
+    assert kit.names("TOSEND2") == ["GREY.FS"] and kit.names("TOSEND3") == ["BUSY.FS"]
+    copia = [m.rcpt_tos[0] for m in server.messages if m.rcpt_tos[0].endswith("@copia.com")]
+    assert copia == ["c2@copia.com", "c3@copia.com", "c4@copia.com", "c1@copia.com"]
+    for name in ("C1.FS", "C3.FS", "C4.FS"):
+        text = kit.read("SENT", name)
+        assert var(text, "DOMAINBUSY_COUNT") == "1" and [a[2] for a in attempts(text)] == ["0"]
+    assert var(kit.read("FAIL", "JANE.FS"), "EMAIL_ERROR") == "550 5.1.1 <jane@bank.test>: User unknown"
+    kit.drain_until(lambda: "BUSY.FS" in kit.names("FAIL") and "GREY.FS" in kit.names("SENT"), timeout=30)
+    assert [a[2] for a in attempts(kit.read("SENT", "GREY.FS"))] == ["451", "0"]
+    busy = kit.read("FAIL", "BUSY.FS")
+    assert [a[2] for a in attempts(busy)] == ["451", "451", "451"] and "$fax_status2 451" in busy
