@@ -6,6 +6,7 @@ message>``, with exit code 2; never a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -19,12 +20,13 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .config import Config, load_config
-from .errors import CopiamailError
+from .config import Config, is_ip, load_config
+from .errors import CopiamailError, DeliveryError
 from .fsfile import CommandFile, format_command
 from .delivery import resolve_relay
 from .job import parse_address, parse_job
 from .limits import bindings_for, limits_for
+from .mx import MxResolver
 from .recovery import recover
 from .rules import match, shadowed
 from .spool import Spool, is_job_name
@@ -292,16 +294,41 @@ def explain(address: str, node_name: str, binding: str | None, config_file: Path
     else:
         click.echo(f"$domain_limit: {dl.rule} at {dl.rule.where()}")
         click.echo(f"  limits domain {dl.domain} to {dl.count} connection(s) from node {node_name}")
-    relay = cfg.relay
-    ips = resolve_relay(relay.host, relay.port) if relay is not None else ()
-    names = (relay.host,) if relay is not None else ()
     for b in candidates:
         where = f"binding {b.name} ({b.bind_address or 'no source address'})" if b else "the default binding (no source address)"
         if len(candidates) > 1:
             where += f", one of group {b.group}" if b else ""
-        click.echo(f"limits that apply over {where} (key, cap, scope):")
-        for limit in limits_for(cfg, node_name, address, domain, b, ips, names):
-            click.echo(f"  {limit.key:<40} {limit.cap:>5}  {limit.scope}")
+        for host, ips, names in _mail_hosts(cfg, domain):
+            click.echo(f"limits that apply over {where} to {host} (key, cap, scope):")
+            for limit in limits_for(cfg, node_name, address, domain, b, ips, names):
+                click.echo(f"  {limit.key:<40} {limit.cap:>5}  {limit.scope}")
+
+
+def _mail_hosts(cfg: Config, domain: str) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """``(label, addresses, names)`` of each place a connection for ``domain`` may go."""
+    relay = cfg.relay
+    if relay is not None:
+        return [(f"relay {relay.host}:{relay.port}", resolve_relay(relay.host, relay.port), (relay.host,))]
+
+    async def look_up() -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+        mx = MxResolver(cfg.dns)
+        try:
+            route = await mx.route(domain)
+        except DeliveryError as e:
+            raise CopiamailError(f"cannot look up the mail hosts of {domain}: {e.text}") from None
+        known: dict[str, set[str]] = {}
+        for stanza in (h for h in cfg.hosts if not is_ip(h.key)):
+            try:
+                for ip in await mx.addresses(stanza.key):
+                    known.setdefault(ip, set()).add(stanza.key)
+            except DeliveryError:
+                pass
+        return [
+            (f"MX {h.preference} {h.name} ({ip})", (ip,), tuple(sorted({h.name} | known.get(ip, set()))))
+            for h in route.hosts for ip in h.ips
+        ]
+
+    return asyncio.run(look_up())
 
 
 @main.command("check-config")

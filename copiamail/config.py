@@ -133,6 +133,7 @@ class Config:
     dns: DnsConfig = DnsConfig()
     mx_port: int = 25
     server_max_outbound_connections: int = 100
+    server_reserve_outbound_connections: int = 0
     max_outbound_connections: int = 32
     binding_groups: tuple[BindingGroupConfig, ...] = ()
     bindings: tuple[BindingConfig, ...] = ()
@@ -147,6 +148,7 @@ class Config:
     connection_idle: float = 1.0
     fsync: bool = True
     helo_name: str | None = None
+    mx_tls_verify: bool = False
     rules: CfgRules = CfgRules()
 
     @property
@@ -319,10 +321,10 @@ def _binding(r: _Reader, parent: CommentedMap, name: Any, full: str, group: str 
 
 _TOP_KEYS = {
     "spool", "cfg", "queues", "attachment_roots", "esender", "shutdown_grace", "relay", "dns", "mx_port",
-    "server_max_outbound_connections", "max_outbound_connections",
+    "server_max_outbound_connections", "server_reserve_outbound_connections", "max_outbound_connections",
     "scope_max_outbound_connections", "binding_group", "binding", "domain", "host", "default_binding_group",
     "cluster", "scan_interval", "watcher", "smtp_timeout", "messages_per_connection", "connection_idle",
-    "fsync", "helo_name",
+    "fsync", "helo_name", "mx_tls_verify",
 }
 
 
@@ -374,6 +376,7 @@ def parse_config(data: Any, path: Path | None) -> Config:
         kw["cfg_path"] = r.pathval(m, "cfg", "cfg")
     ints = {
         "queues": (0, 99), "mx_port": (1, 65535), "server_max_outbound_connections": (1, None),
+        "server_reserve_outbound_connections": (0, None),
         "max_outbound_connections": (1, None),
         "messages_per_connection": (1, None),
     }
@@ -398,6 +401,8 @@ def parse_config(data: Any, path: Path | None) -> Config:
         kw["watcher"] = r.string(m, "watcher", "watcher", ("native", "polling"))
     if m.get("fsync") is not None:
         kw["fsync"] = r.boolean(m, "fsync", "fsync")
+    if m.get("mx_tls_verify") is not None:
+        kw["mx_tls_verify"] = r.boolean(m, "mx_tls_verify", "mx_tls_verify")
     if m.get("helo_name") is not None:
         kw["helo_name"] = r.string(m, "helo_name", "helo_name")
     if m.get("attachment_roots") is not None:
@@ -410,7 +415,7 @@ def parse_config(data: Any, path: Path | None) -> Config:
     if m.get("dns") is not None:
         d = r.child(m, "dns", "dns", {"nameservers", "port", "timeout"})
         ns = d.get("nameservers") or []
-        if not isinstance(ns, CommentedSeq) or not all(isinstance(x, str) and _is_ip(x) for x in ns):
+        if not isinstance(ns, CommentedSeq) or not all(isinstance(x, str) and is_ip(x) for x in ns):
             raise r.error(d, "dns.nameservers", "must be a list of IP addresses")
         kw["dns"] = DnsConfig(
             tuple(ns),
@@ -468,13 +473,17 @@ def parse_config(data: Any, path: Path | None) -> Config:
             r.string(c, "redis", "cluster.redis"),
             r.integer(c, "lease_seconds", "cluster.lease_seconds", 1) if c.get("lease_seconds") is not None else 30,
         )
+    reserve = kw.get("server_reserve_outbound_connections", 0)
+    if reserve >= kw.get("server_max_outbound_connections", Config.server_max_outbound_connections):
+        raise r.error(m, "server_reserve_outbound_connections", "must be smaller than server_max_outbound_connections")
     cfg = Config(**kw)
     if cfg.cfg_path is not None:
         cfg = replace(cfg, rules=load_cfg(cfg.cfg_path))
     return cfg
 
 
-def _is_ip(text: str) -> bool:
+def is_ip(text: str) -> bool:
+    """Whether ``text`` is an IPv4 or IPv6 address (not a host name)."""
     try:
         ipaddress.ip_address(text)
     except ValueError:

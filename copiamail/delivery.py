@@ -101,11 +101,11 @@ def classify(code: int, message: str, stage: str) -> DeliveryError:
     else:
         klass = _STAGE_CLASS.get(stage, outcome.SMTP_OTHER)
     permanent = 500 <= code < 600 and stage in (MAIL, RCPT, DATA)
-    return DeliveryError(code, klass, reply_text(code, message), permanent)
+    return DeliveryError(code, klass, reply_text(code, message), permanent, stage)
 
 
-def _engine(code: outcome.OutcomeCode, detail: str) -> DeliveryError:
-    return DeliveryError(code.code, code.klass, detail, False)
+def _engine(code: outcome.OutcomeCode, detail: str, stage: str = CONNECT) -> DeliveryError:
+    return DeliveryError(code.code, code.klass, detail, False, stage)
 
 
 class SmtpSession:
@@ -162,7 +162,7 @@ class SmtpSession:
                 await smtp.login(s.username, s.password or "")
             except aiosmtplib.SMTPResponseException as e:
                 smtp.close()
-                raise DeliveryError(e.code, outcome.HOST_REJECTED, reply_text(e.code, e.message), False) from None
+                raise DeliveryError(e.code, outcome.HOST_REJECTED, reply_text(e.code, e.message), False, CONNECT) from None
             except aiosmtplib.SMTPException as e:
                 smtp.close()
                 raise _engine(outcome.CONNECTION_LOST, f"AUTH with {where} failed: {e}") from None
@@ -186,16 +186,16 @@ class SmtpSession:
             response = await smtp.data(data)
         except aiosmtplib.SMTPTimeoutError as e:
             self.abort()
-            raise _engine(outcome.TIMED_OUT, f"timeout at {stage}: {e.message}") from None
+            raise _engine(outcome.TIMED_OUT, f"timeout at {stage}: {e.message}", stage) from None
         except aiosmtplib.SMTPServerDisconnected as e:
             self.abort()
-            raise _engine(outcome.CONNECTION_LOST, f"connection dropped at {stage}: {e.message}") from None
+            raise _engine(outcome.CONNECTION_LOST, f"connection dropped at {stage}: {e.message}", stage) from None
         except aiosmtplib.SMTPResponseException as e:
             self.abort()
             raise classify(e.code, e.message, stage) from None
         except (aiosmtplib.SMTPException, OSError) as e:
             self.abort()
-            raise _engine(outcome.CONNECTION_LOST, f"connection failed at {stage}: {e}") from None
+            raise _engine(outcome.CONNECTION_LOST, f"connection failed at {stage}: {e}", stage) from None
         except BaseException:
             # Cancelled mid-transaction (shutdown): the connection is in an
             # unknown state and must not be reused.

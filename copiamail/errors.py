@@ -63,13 +63,16 @@ class DeliveryError(CopiamailError):
     """An SMTP attempt that did not deliver.
 
     ``code`` is the SMTP reply code or the engine's outcome code, ``klass`` the
-    CopiaFacts class letter, ``text`` the server's reply or our own message, and
-    ``permanent`` tells whether the job fails at once (5xx) or may be retried.
+    CopiaFacts class letter, ``text`` the server's reply or our own message,
+    ``permanent`` tells whether the job fails at once (5xx) or may be retried, and
+    ``stage`` where in the attempt it failed (before any SMTP command, a node
+    may try the domain's next mail host).
     """
 
-    def __init__(self, code: int, klass: str, text: str, permanent: bool) -> None:
+    def __init__(self, code: int, klass: str, text: str, permanent: bool, stage: str = "") -> None:
         self.code = code
         self.klass = klass
         self.text = text
         self.permanent = permanent
+        self.stage = stage  # DNS, CONNECT, MAIL, RCPT or DATA: where it failed
         super().__init__(text)

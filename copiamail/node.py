@@ -65,8 +65,6 @@ def run_node(
 ) -> NodeResult:
     """Run node ``name`` until stopped (or drained); returns what it did."""
     check_node_name(name)
-    if config.relay is None:
-        raise ConfigError("no relay configured: set relay: in the config or pass --relay HOST[:PORT]", config.path)
     if config.cluster_caps:
         raise ConfigError(
             f"key '{config.cluster_caps[0]}.cluster_scope_max_outbound_connections': cluster-wide limits "

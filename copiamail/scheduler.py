@@ -5,23 +5,31 @@ wake-up, on a timer, and when a retry falls due). Each due job is claimed and
 then either
 
 - handed to an idle open connection for its domain and binding,
-- started on a new connection, when every limit that applies has room
-  (:func:`~copiamail.limits.limits_for`; the slots are taken all or none), or
+- started on a new connection to the relay, or to the first of the domain's
+  mail hosts (MX by preference, then each of its addresses) where every limit
+  that applies has room (:func:`~copiamail.limits.limits_for`; the slots are
+  taken all or none), trying the bindings of its group least loaded first, or
 - deferred (SPEC 3): written back to its own folder with DOMAINBUSY_COUNT
   incremented, and remembered as *waiting* on the limit that was full.
 
 A waiting job is not taken up by later scans. It is offered a slot when one
-frees, in queue order (folder priority, then name): a connection that finishes
-a message takes the next waiting job for its domain; a connection that closes
-offers each of its keys to one waiting job. So a job is deferred about once
-per wait, and nothing polls (DESIGN: "no busy loops"). A periodic scan still
-checks waiting jobs, so a lost wake-up costs one scan interval, not a stuck job.
+frees (:mod:`copiamail.waiting` says which job gets it: folder priority, then
+round-robin across domains, then name). A connection that finishes a message
+carries the next waiting job of its domain unless a job of another domain that
+waits on one of its slots comes first; then it closes and its slots go there.
+So a job is deferred about once per wait, one domain cannot starve another,
+and nothing polls (DESIGN: "no busy loops"). A periodic scan still checks
+waiting jobs, so a lost wake-up costs one scan interval, not a stuck job.
+
+Direct delivery: a job whose domain's route is not known yet waits (claimed)
+for one MX lookup per domain; a DNS failure is a class D attempt. A mail host
+that refuses the connection or fails before any SMTP command is skipped for a
+while and the job goes to the next one, within the same attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import ssl
 import time
@@ -30,18 +38,21 @@ from pathlib import Path
 from typing import Callable
 
 from . import outcome, records
-from .config import BindingConfig, Config
-from .delivery import Delivered, SessionSettings, SmtpSession, make_tls_context, resolve_relay
+from .config import BindingConfig, Config, is_ip
+from .delivery import CONNECT, Delivered, SessionSettings, SmtpSession, make_tls_context, resolve_relay
 from .errors import DeliveryError, JobError
 from .fsfile import CommandFile
 from .job import Job, parse_job
 from .limits import Limit, LocalLimiter, bindings_for, limits_for
 from .message import build_message
+from .mx import MxResolver, Route
 from .spool import FAIL, SENT, Claimed, Spool, Waiting
+from .waiting import WaitEntry, WaitingJobs
 
 log = logging.getLogger("copiamail")
 
 _SCAN_YIELD_EVERY = 64
+_HOST_DOWN_SECONDS = 60.0
 
 
 @dataclass
@@ -54,21 +65,23 @@ class Stats:
 
 
 @dataclass(eq=False)
-class _WaitEntry:
-    order: tuple[int, bytes]
-    waiting: Waiting
-    job: Job
-    active: bool = True
-
-    def __lt__(self, other: "_WaitEntry") -> bool:
-        return self.order < other.order
-
-
-@dataclass(eq=False)
 class _Item:
     claimed: Claimed
     cf: CommandFile
     job: Job
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where a connection goes: the relay, or one address of one mail host."""
+
+    host: str
+    port: int
+    ips: tuple[str, ...]  # the addresses host limits count against
+    names: tuple[str, ...]  # the names host stanzas may use
+    starttls: str
+    tls: ssl.SSLContext | None
+    relay: bool
 
 
 @dataclass(eq=False)
@@ -76,6 +89,7 @@ class _Connection:
     domain: str
     binding: BindingConfig | None
     limits: tuple[Limit, ...]
+    target: _Target
     session: SmtpSession
     handoff: "asyncio.Future[_Item | None] | None" = None
     task: "asyncio.Task[None] | None" = None
@@ -89,6 +103,7 @@ class _Blocked:
 @dataclass(eq=False)
 class _Start:
     binding: BindingConfig | None
+    target: _Target | None
     limits: tuple[Limit, ...] = ()
     reuse: _Connection | None = None
 
@@ -122,20 +137,24 @@ class Scheduler:
         self._wake: asyncio.Event | None = None
         self._connections: set[_Connection] = set()
         self._idle: dict[str, list[_Connection]] = {}
-        self._waiting: dict[Path, _WaitEntry] = {}
-        self._heaps: dict[str, list[_WaitEntry]] = {}
-        self._caps: dict[str, int] = {}
-        self._by_domain: dict[str, list[_WaitEntry]] = {}
+        self._waiting = WaitingJobs()
         self._peek = _PeekCache()
         self._parked = False
+        self._resolving: dict[str, list[_Item]] = {}
+        self._lookups: set[asyncio.Task[None]] = set()
+        self._down: dict[str, float] = {}
+        # Every name an address is known by (MX names, host stanza names), so a
+        # host stanza naming one of them limits every connection to that address.
+        self._names_by_ip: dict[str, set[str]] = {}
+        self._mx: MxResolver | None = None
+        self._relay: _Target | None = None
         relay = config.relay
-        self._host_ips: tuple[str, ...] = ()
-        self._host_names: tuple[str, ...] = ()
-        self._tls: ssl.SSLContext | None = None
         if relay is not None:
-            self._host_names = (relay.host,)
-            self._host_ips = resolve_relay(relay.host, relay.port)
-            self._tls = make_tls_context(relay.tls_verify, relay.ca_file) if relay.starttls != "never" else None
+            tls = make_tls_context(relay.tls_verify, relay.ca_file) if relay.starttls != "never" else None
+            self._relay = _Target(relay.host, relay.port, resolve_relay(relay.host, relay.port), (relay.host,), relay.starttls, tls, True)
+        else:
+            self._mx = MxResolver(config.dns)
+            self._mx_tls = make_tls_context(config.mx_tls_verify, None)
 
     # --- public --------------------------------------------------------------
 
@@ -161,11 +180,12 @@ class Scheduler:
         """Run until :meth:`request_stop`, or with ``drain`` until no job is due
         and none is in flight. Then shut down as SPEC 6 says."""
         self._wake = asyncio.Event()
+        await self._learn_host_stanza_addresses()
         try:
             while not self.stopping:
                 self._wake.clear()
                 found, next_due = await self._scan()
-                if drain and not found and not self._waiting:
+                if drain and not found and not len(self._waiting) and not self._resolving:
                     if not self._connections:
                         break
                     self._close_idle()
@@ -181,6 +201,20 @@ class Scheduler:
         finally:
             await self._shutdown()
         return self.stats
+
+    async def _learn_host_stanza_addresses(self) -> None:
+        """Resolve the host names that host stanzas use, once at start, so their
+        limits hold for every MX name that comes to the same address."""
+        if self._mx is None:
+            return
+        names = [h.key for h in self.config.hosts if not is_ip(h.key)]
+        results = await asyncio.gather(*(self._mx.addresses(n) for n in names), return_exceptions=True)
+        for name, ips in zip(names, results):
+            if isinstance(ips, BaseException):
+                log.warning("host %s (a host stanza): cannot resolve it now; its limit applies by name only", name)
+                continue
+            for ip in ips:
+                self._names_by_ip.setdefault(ip, set()).add(name)
 
     # --- scanning ------------------------------------------------------------
 
@@ -244,15 +278,12 @@ class Scheduler:
     def _recheck_waiting(self) -> None:
         # The safety net for a lost wake-up: drop waiting jobs whose file is
         # gone, and offer any key that has room.
-        for path, entry in list(self._waiting.items()):
-            if not path.exists():
-                entry.active = False
-                del self._waiting[path]
-        self._offer([k for k in self._heaps if self.limiter.in_use(k) < self._caps.get(k, 0)])
+        self._waiting.drop_missing()
+        self._offer(self._waiting.keys_with_room(self.limiter.in_use))
         if self._parked:
             self._finish_parked()
 
-    # --- dispatch ------------------------------------------------------------
+    # --- where a job can go --------------------------------------------------
 
     def _bindings_for(self, job: Job) -> list[BindingConfig | None]:
         try:
@@ -260,26 +291,64 @@ class Scheduler:
         except KeyError as e:
             raise JobError(str(e.args[0]), outcome.BAD_JOB.code) from None
 
+    def _targets(self, domain: str, fresh: bool) -> list[_Target] | None:
+        """The relay, or the domain's mail host addresses by preference (those
+        not recently found down first); None when the route must be looked up."""
+        if self._relay is not None:
+            return [self._relay]
+        assert self._mx is not None
+        route = self._mx.cached(domain) if fresh else self._mx.last_known(domain)
+        if route is None:
+            return None
+        return self._mx_targets(route)
+
+    def _mx_targets(self, route: Route) -> list[_Target]:
+        for host in route.hosts:
+            for ip in host.ips:
+                self._names_by_ip.setdefault(ip, set()).add(host.name)
+        targets = [
+            _Target(ip, self.config.mx_port, (ip,), tuple(sorted(self._names_by_ip[ip])), "auto", self._mx_tls, False)
+            for host in route.hosts for ip in host.ips
+        ]
+        now = time.monotonic()
+        up = [t for t in targets if self._down.get(t.host, 0.0) <= now]
+        return up or targets
+
     def _open_count(self, binding: BindingConfig | None) -> int:
         return sum(1 for c in self._connections if c.binding is binding)
 
-    def _choose(self, job: Job) -> _Start | _Blocked:
+    def _reserve_blocks(self, domain: str, limits: tuple[Limit, ...]) -> Limit | None:
+        # Momentum's server_reserve_outbound_connections: the last N slots of the
+        # node total are kept for domains that have no connection open yet.
+        reserve = self.config.server_reserve_outbound_connections
+        if not reserve or not any(c.domain == domain for c in self._connections):
+            return None
+        server = next(l for l in limits if l.key == "server")
+        if self.limiter.in_use("server") >= server.cap - reserve:
+            return server
+        return None
+
+    def _choose(self, job: Job, targets: list[_Target]) -> _Start | _Blocked:
         candidates = self._bindings_for(job)
         for conn in self._idle.get(job.domain, ()):
             if conn.binding in candidates and conn.handoff is not None and not conn.handoff.done():
-                return _Start(conn.binding, conn.limits, reuse=conn)
+                return _Start(conn.binding, conn.target, conn.limits, reuse=conn)
         blocked: Limit | None = None
-        for b in sorted(candidates, key=lambda b: (self._open_count(b), b.name if b else "")):
-            limits = limits_for(self.config, self.node, job.address, job.domain, b, self._host_ips, self._host_names)
-            full = self.limiter.try_acquire(limits)
-            if full is None:
-                return _Start(b, limits)
-            blocked = blocked or full
+        by_load = sorted(candidates, key=lambda b: (self._open_count(b), b.name if b else ""))
+        for target in targets:
+            for b in by_load:
+                limits = limits_for(self.config, self.node, job.address, job.domain, b, target.ips, target.names)
+                full = self._reserve_blocks(job.domain, limits) or self.limiter.try_acquire(limits)
+                if full is None:
+                    return _Start(b, target, limits)
+                blocked = blocked or full
         assert blocked is not None
         return _Blocked(blocked)
 
+    # --- dispatch ------------------------------------------------------------
+
     def _dispatch(self, claimed: Claimed) -> None:
-        """Send, hand off or defer a job this node has just claimed."""
+        """Send, hand off, look up or defer a job this node has just claimed."""
         try:
             cf = self.spool.read(claimed)
         except OSError as e:
@@ -287,36 +356,79 @@ class Scheduler:
             return
         try:
             job = parse_job(cf, claimed.name)
-            choice = self._choose(job)
         except JobError as e:
             self._finish_failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e))
             return
+        self._route(_Item(claimed, cf, job))
+
+    def _route(self, item: _Item, after_lookup: bool = False) -> None:
+        targets = self._targets(item.job.domain, fresh=not after_lookup)
+        if targets is None:
+            self._look_up(item)
+            return
+        try:
+            choice = self._choose(item.job, targets)
+        except JobError as e:
+            self._finish_failed(item.claimed, item.cf, e.outcome, outcome.FAILURE, _job_error_text(e))
+            return
         if isinstance(choice, _Blocked):
-            self._defer(claimed, cf, job, choice.limit)
+            self._defer(item, choice.limit)
         else:
-            self._start(choice, _Item(claimed, cf, job))
+            self._start(choice, item)
+
+    def _look_up(self, item: _Item) -> None:
+        """Park a claimed job until its domain's route is known (one lookup per domain)."""
+        domain = item.job.domain
+        parked = self._resolving.setdefault(domain, [])
+        parked.append(item)
+        if len(parked) == 1:
+            task = asyncio.get_running_loop().create_task(self._resolve(domain))
+            self._lookups.add(task)
+            task.add_done_callback(self._lookups.discard)
+
+    async def _resolve(self, domain: str) -> None:
+        assert self._mx is not None
+        error: DeliveryError | None = None
+        try:
+            await self._mx.route(domain)
+        except DeliveryError as e:
+            error = e
+        finally:
+            items = self._resolving.pop(domain, [])
+            for item in items:
+                if self.stopping:
+                    self._hand_back(item.claimed)
+                elif error is not None:
+                    self._finish_error(item.claimed, item.cf, item.job, error)
+                else:
+                    self._route(item, after_lookup=True)
+            self.wake()
 
     def _start(self, choice: _Start, item: _Item) -> None:
+        self._waiting.served(item.job.domain)
         if choice.reuse is not None:
             assert choice.reuse.handoff is not None
             choice.reuse.handoff.set_result(item)
             return
-        conn = _Connection(item.job.domain, choice.binding, choice.limits, SmtpSession(self._settings(choice.binding)))
+        assert choice.target is not None
+        conn = _Connection(item.job.domain, choice.binding, choice.limits, choice.target,
+                           SmtpSession(self._settings(choice.target, choice.binding)))
         self._connections.add(conn)
         conn.task = asyncio.get_running_loop().create_task(self._run_connection(conn, item))
 
-    def _settings(self, binding: BindingConfig | None) -> SessionSettings:
-        relay = self.config.relay
-        assert relay is not None
+    def _settings(self, target: _Target, binding: BindingConfig | None) -> SessionSettings:
+        relay = self.config.relay if target.relay else None
         return SessionSettings(
-            host=relay.host, port=relay.port,
+            host=target.host, port=target.port,
             source_address=binding.bind_address if binding is not None else None,
-            starttls=relay.starttls, tls_context=self._tls,
-            username=relay.username, password=self.password,
+            starttls=target.starttls, tls_context=target.tls,
+            username=relay.username if relay is not None else None,
+            password=self.password if relay is not None else None,
             timeout=self.config.smtp_timeout, helo_name=self.config.helo_name,
         )
 
-    def _defer(self, claimed: Claimed, cf: CommandFile, job: Job, limit: Limit) -> None:
+    def _defer(self, item: _Item, limit: Limit) -> None:
+        claimed, cf, job = item.claimed, item.cf, item.job
         try:
             path = self.spool.finish(claimed, records.deferred(cf, job.domainbusy_count), "BACK")
             self.stats.deferred += 1
@@ -331,11 +443,7 @@ class Scheduler:
                 return
             path = handed
         w = Waiting(self.spool.priority(claimed.queue), claimed.queue, path.name, path)
-        entry = _WaitEntry(w.order, w, job)
-        self._waiting[w.path] = entry
-        self._caps[limit.key] = limit.cap
-        heapq.heappush(self._heaps.setdefault(limit.key, []), entry)
-        heapq.heappush(self._by_domain.setdefault(job.domain, []), entry)
+        self._waiting.add(WaitEntry(w, job), limit.key, limit.cap)
         self._release_idle_holding(limit.key)
 
     def _release_idle_holding(self, key: str) -> None:
@@ -347,44 +455,50 @@ class Scheduler:
                     conn.handoff.set_result(None)
                     return
 
-    def _take(self, entry: _WaitEntry) -> Claimed | None:
+    def _take(self, entry: WaitEntry) -> Claimed | None:
         """Claim a waiting job; it stops waiting either way."""
-        entry.active = False
-        self._waiting.pop(entry.waiting.path, None)
+        self._waiting.take(entry)
         return self.spool.claim(entry.waiting, self.node)
+
+    def _offer(self, keys: list[str]) -> None:
+        """Slots of ``keys`` freed: offer them to waiting jobs, the first by
+        :meth:`WaitingJobs.rank` first."""
+        pending = set(keys)
+        while pending:
+            heads = [(self._waiting.rank(h), k) for k in pending if (h := self._waiting.head(k)) is not None]
+            if not heads:
+                return
+            _, key = min(heads)
+            pending.discard(key)
+            self._offer_key(key)
 
     def _offer_key(self, key: str) -> None:
         """A slot of ``key`` freed: offer it to the first waiting job that can use it."""
-        heap = self._heaps.get(key)
-        while heap:
-            entry = heapq.heappop(heap)
-            if not entry.active:
-                continue
-            try:
-                choice = self._choose(entry.job)
-            except JobError:
-                choice = _Start(None)  # claim it; _dispatch fails it properly
-                claimed = self._take(entry)
-                if claimed is not None:
-                    self._dispatch(claimed)
-                continue
+        while (entry := self._waiting.pop_head(key)) is not None:
+            targets = self._targets(entry.job.domain, fresh=False)
+            choice: _Start | _Blocked | None = None
+            if targets is not None:
+                try:
+                    choice = self._choose(entry.job, targets)
+                except JobError:
+                    choice = None  # claimed below; _dispatch fails it with the reason
             if isinstance(choice, _Blocked):
-                self._caps[choice.limit.key] = choice.limit.cap
-                heapq.heappush(self._heaps.setdefault(choice.limit.key, []), entry)
+                self._waiting.wait_on(entry, choice.limit.key, choice.limit.cap)
                 if choice.limit.key == key:
-                    break
+                    return
                 continue
             claimed = self._take(entry)
             if claimed is None:
-                if choice.reuse is None:
+                if choice is not None and choice.reuse is None:
                     self.limiter.release(choice.limits)
                 continue
-            self._start_claimed(choice, claimed)
-            break
-        if heap is not None and not heap:
-            self._heaps.pop(key, None)
+            if choice is None:
+                self._dispatch(claimed)
+            else:
+                self._start_claimed(choice, claimed, entry.job.domain)
+            return
 
-    def _start_claimed(self, choice: _Start, claimed: Claimed) -> None:
+    def _start_claimed(self, choice: _Start, claimed: Claimed, domain: str) -> None:
         try:
             cf = self.spool.read(claimed)
             job = parse_job(cf, claimed.name)
@@ -393,7 +507,10 @@ class Scheduler:
                 self.limiter.release(choice.limits)
             self._dispatch(claimed)
             return
-        if choice.reuse is not None and job.domain != choice.reuse.domain:
+        if job.domain != domain:
+            # The file changed while it waited: decide afresh.
+            if choice.reuse is None:
+                self.limiter.release(choice.limits)
             self._dispatch(claimed)
             return
         self._start(choice, _Item(claimed, cf, job))
@@ -401,66 +518,29 @@ class Scheduler:
     def _next_for(self, conn: _Connection) -> tuple[_Item | None, bool]:
         """What a connection does after a message: ``(item, False)`` carry the
         next waiting job of its domain; ``(None, True)`` close, because a job of
-        another domain that waits on a slot it holds comes first in queue order
-        (SPEC 3: freed slots go to waiting jobs in queue order); ``(None,
+        another domain that waits on a slot it holds comes first; ``(None,
         False)`` nothing waits for it."""
-        heap = self._by_domain.get(conn.domain)
-        skipped: list[_WaitEntry] = []
-        own: _WaitEntry | None = None
-        while heap:
-            entry = heapq.heappop(heap)
-            if not entry.active:
-                continue
-            if self._can_use(conn, entry.job):
-                own = entry
-                break
-            skipped.append(entry)
-        for entry in skipped:
-            heapq.heappush(self._by_domain.setdefault(conn.domain, []), entry)
-        if heap is not None and not heap and own is None:
-            self._by_domain.pop(conn.domain, None)
-        other = self._first_other(conn)
-        if own is not None and (other is None or own.order <= other.order):
+        while True:
+            own = self._waiting.next_of_domain(conn.domain, lambda job: self._can_use(conn, job))
+            other = self._first_other(conn)
+            if own is None or (other is not None and self._waiting.rank(other) < self._waiting.rank(own)):
+                return None, other is not None
             item = self._claim_for(conn, own)
             if item is not None:
+                self._waiting.served(conn.domain)
                 return item, False
-            return self._next_for(conn)
-        if own is not None:
-            heapq.heappush(self._by_domain.setdefault(conn.domain, []), own)
-        return None, other is not None
 
-    def _head(self, key: str) -> _WaitEntry | None:
-        heap = self._heaps.get(key)
-        while heap and not heap[0].active:
-            heapq.heappop(heap)
-        if heap is not None and not heap:
-            self._heaps.pop(key, None)
-            return None
-        return heap[0] if heap else None
-
-    def _first_other(self, conn: _Connection) -> _WaitEntry | None:
-        """The first waiting job, in queue order, that waits on a slot this
-        connection holds and cannot ride on it."""
-        best: _WaitEntry | None = None
+    def _first_other(self, conn: _Connection) -> WaitEntry | None:
+        """The first waiting job that waits on a slot this connection holds and
+        cannot ride on it."""
+        best: WaitEntry | None = None
         for limit in conn.limits:
-            head = self._head(limit.key)
+            head = self._waiting.head(limit.key)
             if head is None or (head.job.domain == conn.domain and self._can_use(conn, head.job)):
                 continue
-            if best is None or head.order < best.order:
+            if best is None or self._waiting.rank(head) < self._waiting.rank(best):
                 best = head
         return best
-
-    def _offer(self, keys: list[str]) -> None:
-        """Slots of ``keys`` freed: offer them to waiting jobs, the earliest in
-        queue order first."""
-        pending = set(keys)
-        while pending:
-            heads = [(h.order, k) for k in pending if (h := self._head(k)) is not None]
-            if not heads:
-                return
-            _, key = min(heads)
-            pending.discard(key)
-            self._offer_key(key)
 
     def _can_use(self, conn: _Connection, job: Job) -> bool:
         try:
@@ -468,7 +548,7 @@ class Scheduler:
         except JobError:
             return True  # take it: _dispatch fails it with the reason
 
-    def _claim_for(self, conn: _Connection, entry: _WaitEntry) -> _Item | None:
+    def _claim_for(self, conn: _Connection, entry: WaitEntry) -> _Item | None:
         """Claim a waiting job to ride on an open connection; None if it cannot."""
         claimed = self._take(entry)
         if claimed is None:
@@ -490,13 +570,14 @@ class Scheduler:
         """Carry jobs over one connection until none is left for it. Whatever
         happens (cancellation, a bug), a claimed job this task holds is either
         attempted or handed back: it is never left in ACTIVE."""
+        elsewhere: _Item | None = None
         try:
             while item is not None and not self.stopping:
                 if conn.session.messages >= self.config.messages_per_connection:
                     await conn.session.close()
-                await self._attempt(conn, item)
+                elsewhere = await self._attempt(conn, item)
                 item = None
-                if self.stopping:
+                if elsewhere is not None or self.stopping:
                     break
                 item, close = self._next_for(conn)
                 if item is None and not close:
@@ -515,6 +596,11 @@ class Scheduler:
                 self._hand_back(item.claimed)
             self.limiter.release(conn.limits)
             self._connections.discard(conn)
+            if elsewhere is not None:
+                if self.stopping:
+                    self._hand_back(elsewhere.claimed)
+                else:
+                    self._route(elsewhere, after_lookup=True)
             if not self.stopping:
                 self._offer([l.key for l in conn.limits])
             self.wake()
@@ -544,10 +630,11 @@ class Scheduler:
                 del self._idle[conn.domain]
             conn.handoff = None
 
-    async def _attempt(self, conn: _Connection, item: _Item) -> None:
-        """One delivery attempt; the job ends in SENT, FAIL or back in its folder.
-        A cancellation propagates with the job still claimed (the caller hands
-        it back)."""
+    async def _attempt(self, conn: _Connection, item: _Item) -> _Item | None:
+        """One delivery attempt; the job ends in SENT, FAIL or back in its
+        folder, or (returned) goes to the domain's next mail host because this
+        one failed before any SMTP command. A cancellation propagates with the
+        job still claimed (the caller hands it back)."""
         claimed, cf, job = item.claimed, item.cf, item.job
         now = self.clock()
         try:
@@ -556,6 +643,9 @@ class Scheduler:
         except JobError as e:
             self._finish_failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e))
         except DeliveryError as e:
+            if self._next_host_exists(conn, e):
+                log.info("%s: %s; trying the next mail host", claimed.name, e.text)
+                return item
             self._finish_error(claimed, cf, job, e)
         except Exception as e:  # noqa: BLE001 - a bug: retry later rather than lose or spin
             log.exception("%s: internal error", claimed.name)
@@ -564,6 +654,20 @@ class Scheduler:
                 outcome.INTERNAL.code, outcome.INTERNAL.klass, f"internal error: {type(e).__name__}: {e}", False))
         else:
             self._finish_sent(claimed, cf, result)
+        return None
+
+    def _next_host_exists(self, conn: _Connection, e: DeliveryError) -> bool:
+        """Mark a mail host that failed before any SMTP command as down; True if
+        the domain has another host (or address) that is not."""
+        if conn.target.relay or e.stage != CONNECT:
+            return False
+        self._down[conn.target.host] = time.monotonic() + _HOST_DOWN_SECONDS
+        assert self._mx is not None
+        route = self._mx.last_known(conn.domain)
+        if route is None:
+            return False
+        now = time.monotonic()
+        return any(self._down.get(ip, 0.0) <= now for host in route.hosts for ip in host.ips)
 
     def _sender(self, job: Job) -> str:
         return job.esender or self.config.rules.esender or self.config.esender
@@ -637,6 +741,13 @@ class Scheduler:
     async def _shutdown(self) -> None:
         self.stopping = True
         self._close_idle()
+        for task in list(self._lookups):
+            task.cancel()
+        await asyncio.gather(*self._lookups, return_exceptions=True)
+        for items in self._resolving.values():
+            for item in items:
+                self._hand_back(item.claimed)
+        self._resolving.clear()
         tasks = [c.task for c in self._connections if c.task is not None]
         if not tasks:
             return

@@ -39,3 +39,24 @@ def smtp_server(tls_cert):
 # ---------------------------------------------------------------------------
 # END smtp test server fixtures
 # ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# BEGIN dns test server fixtures (see tests/dnsserver.py)
+# ---------------------------------------------------------------------------
+from dnsserver import DNSTestServer
+
+
+@pytest.fixture
+def dns_server():
+    """A started DNSTestServer on 127.0.0.1 (ephemeral port, UDP + TCP), empty
+    table; stopped at teardown, which fails if answering raised."""
+    server = DNSTestServer().start()
+    yield server
+    server.stop()
+    assert not server.errors, f"DNS test server raised: {server.errors!r}"
+
+
+# ---------------------------------------------------------------------------
+# END dns test server fixtures
+# ---------------------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""Jobs a node deferred, waiting for a slot, and who gets a freed slot.
+
+Each waiting job waits on one limit key (the one that was full when it was
+deferred) and is indexed twice: under that key, per domain, and under its own
+domain. When a slot of a key frees, :meth:`WaitingJobs.head` names the job that
+gets it:
+
+- folder priority first (every TOSEND job before any TOSEND1 job, SPEC 1);
+- then, among domains, the one served least recently: a key shared by many
+  domains (the node total, a pooled regex, a host) is handed round-robin across
+  them, as Postfix's queue manager does, so one huge domain cannot starve a small
+  one that arrived later;
+- then, inside a domain, by name (SPEC 3's queue order).
+
+For a key of one domain (``$domain_limit``, per binding and domain) this is
+plain queue order. Entries are removed lazily: :meth:`take` marks an entry
+inactive, and the heaps drop inactive heads when they are looked at.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .job import Job
+from .spool import Waiting
+
+
+@dataclass(eq=False)
+class WaitEntry:
+    waiting: Waiting
+    job: Job
+    active: bool = True
+
+    @property
+    def order(self) -> tuple[int, bytes]:
+        return self.waiting.order
+
+    def __lt__(self, other: "WaitEntry") -> bool:
+        return self.order < other.order
+
+
+class WaitingJobs:
+    """The waiting jobs of one node (used from one event loop)."""
+
+    def __init__(self) -> None:
+        self._by_path: dict[Path, WaitEntry] = {}
+        self._by_key: dict[str, dict[str, list[WaitEntry]]] = {}
+        self._by_domain: dict[str, list[WaitEntry]] = {}
+        self._caps: dict[str, int] = {}
+        self._served: dict[str, int] = {}
+        self._turn = 0
+
+    def __len__(self) -> int:
+        return len(self._by_path)
+
+    def __contains__(self, path: Path) -> bool:
+        return path in self._by_path
+
+    def entries(self) -> Iterator[WaitEntry]:
+        return iter(list(self._by_path.values()))
+
+    def add(self, entry: WaitEntry, key: str, cap: int) -> None:
+        """A job just deferred because ``key`` (cap ``cap``) was full."""
+        self._by_path[entry.waiting.path] = entry
+        heapq.heappush(self._by_domain.setdefault(entry.job.domain, []), entry)
+        self.wait_on(entry, key, cap)
+
+    def wait_on(self, entry: WaitEntry, key: str, cap: int) -> None:
+        """Let ``entry`` wait on ``key`` (again, or now on another key)."""
+        self._caps[key] = cap
+        heapq.heappush(self._by_key.setdefault(key, {}).setdefault(entry.job.domain, []), entry)
+
+    def take(self, entry: WaitEntry) -> None:
+        """The job stops waiting (it is being claimed, or its file is gone)."""
+        entry.active = False
+        self._by_path.pop(entry.waiting.path, None)
+
+    def served(self, domain: str) -> None:
+        """A job of ``domain`` just started: it goes to the back of the round."""
+        self._turn += 1
+        self._served[domain] = self._turn
+
+    def rank(self, entry: WaitEntry) -> tuple[int, int, bytes]:
+        priority, name = entry.order
+        return (priority, self._served.get(entry.job.domain, 0), name)
+
+    def head(self, key: str) -> WaitEntry | None:
+        """The job a freed slot of ``key`` goes to (not removed)."""
+        domains = self._by_key.get(key)
+        if domains is None:
+            return None
+        best: WaitEntry | None = None
+        for domain in list(domains):
+            heap = domains[domain]
+            while heap and not heap[0].active:
+                heapq.heappop(heap)
+            if not heap:
+                del domains[domain]
+                continue
+            if best is None or self.rank(heap[0]) < self.rank(best):
+                best = heap[0]
+        if not domains:
+            del self._by_key[key]
+            self._caps.pop(key, None)
+        return best
+
+    def pop_head(self, key: str) -> WaitEntry | None:
+        """Remove and return :meth:`head` from ``key``'s index (it stays indexed by domain)."""
+        entry = self.head(key)
+        if entry is not None:
+            heap = self._by_key[key][entry.job.domain]
+            heapq.heappop(heap)
+        return entry
+
+    def next_of_domain(self, domain: str, usable: Callable[[Job], bool]) -> WaitEntry | None:
+        """The first waiting job of ``domain``, in queue order, that ``usable`` accepts (not removed)."""
+        heap = self._by_domain.get(domain)
+        skipped: list[WaitEntry] = []
+        found: WaitEntry | None = None
+        while heap:
+            entry = heapq.heappop(heap)
+            if not entry.active:
+                continue
+            skipped.append(entry)
+            if usable(entry.job):
+                found = entry
+                break
+        for entry in skipped:
+            heapq.heappush(self._by_domain.setdefault(domain, []), entry)
+        if not self._by_domain.get(domain):
+            self._by_domain.pop(domain, None)
+        return found
+
+    def keys_with_room(self, in_use: Callable[[str], int]) -> list[str]:
+        return [k for k, cap in self._caps.items() if in_use(k) < cap]
+
+    def drop_missing(self) -> None:
+        """Forget waiting jobs whose file is gone (taken by another node, removed)."""
+        for path, entry in list(self._by_path.items()):
+            if not path.exists():
+                self.take(entry)
