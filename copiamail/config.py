@@ -161,6 +161,14 @@ class Config:
         """Where the config sets a cluster-wide cap (which needs the cluster limiter)."""
         out = [f"domain.{d.key}" for d in self.domains if d.caps.cluster_scope_max_outbound_connections is not None]
         out += [f"host.{h.key}" for h in self.hosts if h.caps.cluster_scope_max_outbound_connections is not None]
+        for g in self.binding_groups:
+            if g.caps.cluster_scope_max_outbound_connections is not None:
+                out.append(f"binding_group.{g.name}")
+            out += [f"binding_group.{g.name}.domain.{d.key}" for d in g.domains if d.caps.cluster_scope_max_outbound_connections is not None]
+        for b in self.bindings:
+            if b.caps.cluster_scope_max_outbound_connections is not None:
+                out.append(f"binding.{b.name}")
+            out += [f"binding.{b.name}.domain.{d.key}" for d in b.domains if d.caps.cluster_scope_max_outbound_connections is not None]
         return out
 
     def binding(self, name: str) -> BindingConfig | None:

@@ -89,6 +89,9 @@ def limits_for(
 
     bname = binding.name if binding is not None else "default"
     global_stanza, global_caps = _domain_caps(config.domains, domain)
+    # max_outbound_connections: the innermost scope that sets it wins (Momentum):
+    # Binding::Domain, Binding, Binding_Group::Domain, Binding_Group,
+    # Global::Domain, global. Applied here from the outside in.
     per_domain = config.max_outbound_connections
     if global_caps.max_outbound_connections is not None:
         per_domain = global_caps.max_outbound_connections
@@ -96,14 +99,22 @@ def limits_for(
         group = config.binding_group(binding.group) if binding.group else None
         if group is not None:
             gs, gcaps = _domain_caps(group.domains, domain)
-            if gcaps.max_outbound_connections is not None:
-                per_domain = gcaps.max_outbound_connections
+            for cap in (group.caps.max_outbound_connections, gcaps.max_outbound_connections):
+                if cap is not None:
+                    per_domain = cap
+            if group.caps.scope_max_outbound_connections is not None:
+                out.append(Limit(f"group_total:{group.name}", group.caps.scope_max_outbound_connections,
+                                 f"Binding_Group binding_group.{group.name} (all its bindings, all domains)"))
             if gs is not None and gcaps.scope_max_outbound_connections is not None:
                 out.append(Limit(f"group_domain:{group.name}:{gs.key}", gcaps.scope_max_outbound_connections,
                                  f"Binding_Group::Domain binding_group.{group.name}.domain.{gs.key}"))
         bs, bcaps = _domain_caps(binding.domains, domain)
-        if bcaps.max_outbound_connections is not None:
-            per_domain = bcaps.max_outbound_connections
+        for cap in (binding.caps.max_outbound_connections, bcaps.max_outbound_connections):
+            if cap is not None:
+                per_domain = cap
+        if binding.caps.scope_max_outbound_connections is not None:
+            out.append(Limit(f"binding_total:{bname}", binding.caps.scope_max_outbound_connections,
+                             f"Binding binding {bname} (all domains)"))
         if bs is not None and bcaps.scope_max_outbound_connections is not None:
             out.append(Limit(f"binding_scope:{bname}:{bs.key}", bcaps.scope_max_outbound_connections,
                              f"Binding::Domain binding.{bname}.domain.{bs.key}"))
