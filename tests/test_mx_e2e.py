@@ -186,3 +186,17 @@ def test_explain_lists_the_limits_for_each_mail_host(tmp_path, dns_server, mx_se
     out = kit.cli("explain", "u@f.test").stdout
     assert "mx1.f.test" in out and "127.0.0.2" in out and "mx2.f.test" in out
     assert "host:127.0.0.3" in out and "domain_limit:f.test" in out
+
+
+def test_when_every_mail_host_is_full_the_job_is_deferred(tmp_path, dns_server, mx_servers):
+    (srv,) = mx_servers(1)
+    srv.add_rule(Rule(stage="EOD", delay=0.3))
+    dns_server.add("g.test", "MX", "10 mx.g.test.")
+    dns_server.add("mx.g.test", "A", "127.0.0.2")
+    kit = mx_kit(tmp_path, dns_server, srv.port, yaml='host:\n  "mx.g.test": {scope_max_outbound_connections: 1}\n')
+    for i in range(3):
+        kit.job("TOSEND", f"J{i}.FS", to=f"u{i}@g.test")
+    assert kit.drain().returncode == 0
+    counts = sorted(var(kit.read("SENT", n), "DOMAINBUSY_COUNT") or "0" for n in kit.names("SENT"))
+    assert counts == ["0", "1", "1"] and srv.peak == 1
+    assert all([a[2] for a in attempts(kit.read("SENT", n))] == ["0"] for n in kit.names("SENT"))
