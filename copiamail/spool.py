@@ -65,6 +65,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import SpoolError
+from .faults import crash_point
 from .fsfile import CommandFile, write_all
 
 ACTIVE = "ACTIVE"
@@ -220,6 +221,7 @@ class Spool:
                 os.rename(job.path, dest)
             except FileNotFoundError:
                 return None
+        crash_point("claimed")
         return Claimed(node, job.queue, job.name, dest)
 
     def read(self, claimed: Claimed) -> CommandFile:
@@ -231,7 +233,9 @@ class Spool:
         suffix = dest if dest in (SENT, FAIL) else BACK
         result = claimed.path.with_name(f"{claimed.name}.{suffix}")
         self._write(result, cf.to_bytes())
+        crash_point(f"written-{suffix}")
         os.unlink(claimed.path)  # the commit point (state 4)
+        crash_point(f"committed-{suffix}")
         return self._publish(result, claimed)
 
     def hand_back(self, claimed: Claimed) -> Path:

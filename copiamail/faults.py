@@ -1,0 +1,28 @@
+"""Test-only crash points for the crash matrix (issue 4).
+
+With ``COPIAMAIL_CRASH_AT=<point>`` in its environment, a node kills itself with
+SIGKILL the moment it reaches that point, so a test can see what each step of
+the spool protocol leaves behind. Unset (always, outside tests) it does nothing
+but one dictionary lookup. The points:
+
+``claimed``                 a job was just renamed into ACTIVE (state 2)
+``written-SENT``, ``written-FAIL``, ``written-BACK``
+                            a result was written and fsynced beside the claimed
+                            job, not yet committed (state 3)
+``committed-SENT``, ``committed-FAIL``, ``committed-BACK``
+                            the claimed job was unlinked, the result not yet
+                            moved to its folder (state 4)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+CRASH_ENV = "COPIAMAIL_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    """Die here, without any clean-up, if the environment names this point."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
