@@ -191,7 +191,8 @@ class DNSTestServer:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._udp: Optional[asyncio.DatagramTransport] = None
-        self._tcp: Optional[asyncio.AbstractServer] = None
+        self._listener: Optional[socket.socket] = None  # TCP, accepted via add_reader
+        self._accepted: set[socket.socket] = set()  # accepted, no transport yet
         self._tasks: set[asyncio.Task] = set()
         self._transports: set[asyncio.BaseTransport] = set()  # TCP connections
 
@@ -309,7 +310,10 @@ class DNSTestServer:
     async def _open(self, udp: socket.socket, tcp: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         self._udp, _ = await loop.create_datagram_endpoint(lambda: _UDPProtocol(self), sock=udp)
-        self._tcp = await loop.create_server(lambda: _TCPProtocol(self), sock=tcp)
+        # Not loop.create_server(): on 3.11, Server.close() racing an accept
+        # leaks the accepted socket (AssertionError in Server._attach).
+        self._listener = tcp
+        loop.add_reader(tcp.fileno(), self._accept)
 
     def stop(self) -> None:
         """Cancel pending answers, close the sockets, end the thread."""
@@ -330,15 +334,17 @@ class DNSTestServer:
         if self._udp is not None:
             self._udp.close()
             self._udp = None
-        if self._tcp is not None:
-            self._tcp.close()
-            self._tcp = None
-        for _ in range(3):  # let connections accepted just now reach connection_made
-            await asyncio.sleep(0)
+        if self._listener is not None:
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
         tasks = [t for t in self._tasks if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for conn in list(self._accepted):
+            conn.close()
+        self._accepted.clear()
         for transport in list(self._transports):
             transport.close()
         for _ in range(3):  # transports close their sockets in a later callback
@@ -350,6 +356,25 @@ class DNSTestServer:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:  # BlockingIOError: another wakeup took it; or a reset
+            return
+        conn.setblocking(False)
+        self._accepted.add(conn)
+        self._spawn(self._adopt(conn))
+
+    async def _adopt(self, conn: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: _TCPProtocol(self), sock=conn)
+        except OSError:
+            conn.close()
+        finally:
+            self._accepted.discard(conn)
 
     async def _respond(self, data: bytes, tcp: bool) -> Optional[bytes]:
         """Wire answer to the wire query ``data`` (None: send nothing)."""
