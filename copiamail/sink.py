@@ -9,16 +9,22 @@ DATA a moment so that connection limits visibly defer jobs.
 from __future__ import annotations
 
 import asyncio
+import re
+from collections import Counter
 from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 
+_MESSAGE_ID = re.compile(rb"^Message-ID:\s*(<[^>\r\n]*>)", re.IGNORECASE | re.MULTILINE)
+
+
 class _Handler:
     def __init__(self, delay: float) -> None:
         self.delay = delay
         self.received = 0
+        self.message_ids: Counter[str] = Counter()
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]) -> str:
         if address.lower().startswith("unknown"):
@@ -30,6 +36,9 @@ class _Handler:
         if self.delay:
             await asyncio.sleep(self.delay)
         self.received += 1
+        m = _MESSAGE_ID.search(envelope.original_content or b"")
+        if m is not None:
+            self.message_ids[m.group(1).decode("ascii", "replace")] += 1
         return f"250 2.0.0 Ok: queued as DEMO{self.received:05d}"
 
 
@@ -62,3 +71,8 @@ class SmtpSink:
     @property
     def received(self) -> int:
         return self.handler.received
+
+    @property
+    def message_ids(self) -> Counter[str]:
+        """How many times each Message-ID was received (copies show as > 1)."""
+        return self.handler.message_ids

@@ -1,0 +1,18 @@
+"""scripts/killloop.py in a small size, so the script keeps working (its full
+run, 1,000 jobs and 25 kills, is quoted in the README)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_kill_loop_script_loses_nothing_and_leaves_nothing_stuck():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "killloop.py"), "--jobs", "150", "--kills", "6", "--seed", "7"],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "kills 6" in result.stdout
+    assert "lost 0, stuck 0, temporary files left 0" in result.stdout
