@@ -12,14 +12,27 @@ but one dictionary lookup. The points:
 ``committed-SENT``, ``committed-FAIL``, ``committed-BACK``
                             the claimed job was unlinked, the result not yet
                             moved to its folder (state 4)
+
+With ``COPIAMAIL_FULL_DISK=<path>``, every job file the spool writes fails with
+ENOSPC while the file ``<path>`` exists: a full disk, simulated, that a test can
+fill and free.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
 CRASH_ENV = "COPIAMAIL_CRASH_AT"
+FULL_DISK_ENV = "COPIAMAIL_FULL_DISK"
+
+
+def check_disk_space(path: str) -> None:
+    """Raise ENOSPC for ``path`` while the simulated disk is full."""
+    flag = os.environ.get(FULL_DISK_ENV)
+    if flag is not None and os.path.exists(flag):
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)", path)
 
 
 def crash_point(name: str) -> None:

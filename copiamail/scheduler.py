@@ -140,6 +140,7 @@ class Scheduler:
         self._waiting = WaitingJobs()
         self._peek = _PeekCache()
         self._parked = False
+        self._owed: list[tuple[Claimed, CommandFile, str, str]] = []
         self._resolving: dict[str, list[_Item]] = {}
         self._lookups: set[asyncio.Task[None]] = set()
         self._down: dict[str, float] = {}
@@ -248,8 +249,12 @@ class Scheduler:
         found = 0
         next_due: float | None = None
         seen: set[Path] = set()
+        if self._owed:
+            self._pay_owed()
+            if self._owed:
+                return len(self._owed), None
         for i, w in enumerate(self.spool.scan()):
-            if self.stopping:
+            if self.stopping or self._paused:
                 break
             if i % _SCAN_YIELD_EVERY == _SCAN_YIELD_EVERY - 1:
                 # A large backlog must not starve the connections already open.
@@ -462,7 +467,9 @@ class Scheduler:
 
     def _offer(self, keys: list[str]) -> None:
         """Slots of ``keys`` freed: offer them to waiting jobs, the first by
-        :meth:`WaitingJobs.rank` first."""
+        :meth:`WaitingJobs.rank` first (none while results are owed)."""
+        if self._paused:
+            return
         pending = set(keys)
         while pending:
             heads = [(self._waiting.rank(h), k) for k in pending if (h := self._waiting.head(k)) is not None]
@@ -577,7 +584,7 @@ class Scheduler:
                     await conn.session.close()
                 elsewhere = await self._attempt(conn, item)
                 item = None
-                if elsewhere is not None or self.stopping:
+                if elsewhere is not None or self.stopping or self._paused:
                     break
                 item, close = self._next_for(conn)
                 if item is None and not close:
@@ -674,28 +681,50 @@ class Scheduler:
 
     # --- outcomes ------------------------------------------------------------
 
-    def _write(self, claimed: Claimed, cf: CommandFile, dest: str) -> bool:
+    def _write(self, claimed: Claimed, cf: CommandFile, dest: str, kind: str) -> None:
+        """Write a job's result and count it; a result that cannot be written
+        (a full disk) is owed: kept in memory and written when space returns,
+        so a delivered job is not sent again and nothing is lost."""
         try:
             self.spool.finish(claimed, cf, dest)
-            return True
         except OSError as e:
-            # A full disk must not lose the job: it stays in ACTIVE (claimed, or
-            # committed and parked); the next scan retries a parked result and
-            # the next start of this node recovers a claimed one.
-            log.error("%s: cannot write the job's result: %s; it stays in ACTIVE", claimed.path, e.strerror)
-            self._parked = True
-            return False
+            if claimed.path.exists():
+                # Not committed: the claimed job is intact; pause and retry.
+                if not self._owed:
+                    log.error("spool: cannot write job results (%s); taking no new job until it can", e.strerror)
+                self._owed.append((claimed, cf, dest, kind))
+            else:
+                # Committed, not moved: the result waits in ACTIVE (state 4).
+                log.error("%s: cannot move the job's result out of ACTIVE: %s; retrying", claimed.path, e.strerror)
+                self._parked = True
+                self._count(kind, claimed.name)
+            return
+        self._count(kind, claimed.name)
+
+    def _count(self, kind: str, name: str) -> None:
+        setattr(self.stats, kind, getattr(self.stats, kind) + 1)
+        self.on_event(kind, name)
+
+    def _pay_owed(self) -> None:
+        owed, self._owed = self._owed, []
+        for claimed, cf, dest, kind in owed:
+            if self._owed:
+                self._owed.append((claimed, cf, dest, kind))
+                continue
+            self._write(claimed, cf, dest, kind)
+        if owed and not self._owed:
+            log.warning("spool: job results written again; taking jobs again")
+
+    @property
+    def _paused(self) -> bool:
+        return bool(self._owed)
 
     def _finish_sent(self, claimed: Claimed, cf: CommandFile, result: Delivered) -> None:
-        if self._write(claimed, records.delivered(cf, self.node, result.reply, result.ip, result.bytecount, self.clock()), SENT):
-            self.stats.sent += 1
-            self.on_event("sent", claimed.name)
+        self._write(claimed, records.delivered(cf, self.node, result.reply, result.ip, result.bytecount, self.clock()), SENT, "sent")
 
     def _finish_failed(self, claimed: Claimed, cf: CommandFile, code: int, klass: str, text: str) -> None:
         log.warning("%s: failed: %s", claimed.name, text)
-        if self._write(claimed, records.failed(cf, self.node, code, klass, text, self.clock()), FAIL):
-            self.stats.failed += 1
-            self.on_event("failed", claimed.name)
+        self._write(claimed, records.failed(cf, self.node, code, klass, text, self.clock()), FAIL, "failed")
 
     def _finish_error(self, claimed: Claimed, cf: CommandFile, job: Job, e: DeliveryError) -> None:
         if e.permanent:
@@ -708,9 +737,7 @@ class Scheduler:
             self._finish_failed(claimed, cf, e.code, e.klass, e.text)
             return
         now = self.clock()
-        if self._write(claimed, records.retry(cf, self.node, e.code, e.klass, e.text, now, now + wait), "BACK"):
-            self.stats.retried += 1
-            self.on_event("retried", claimed.name)
+        self._write(claimed, records.retry(cf, self.node, e.code, e.klass, e.text, now, now + wait), "BACK", "retried")
 
     def _hand_back(self, claimed: Claimed) -> Path | None:
         try:
@@ -740,6 +767,9 @@ class Scheduler:
 
     async def _shutdown(self) -> None:
         self.stopping = True
+        if self._owed:
+            log.error("%d job result(s) could not be written (the disk is full?): they stay in %s and come back "
+                      "at this node's next start", len(self._owed), self.spool.active_dir(self.node))
         self._close_idle()
         for task in list(self._lookups):
             task.cancel()

@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import SpoolError
-from .faults import crash_point
+from .faults import check_disk_space, crash_point
 from .fsfile import CommandFile, write_all
 
 ACTIVE = "ACTIVE"
@@ -243,6 +243,7 @@ class Spool:
         return self._place(claimed.path, self.root / claimed.queue, claimed.name)
 
     def _write(self, path: Path, data: bytes) -> None:
+        check_disk_space(str(path))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             write_all(fd, data)
