@@ -223,3 +223,41 @@ def test_other_loopback_address_and_restart():
     finally:
         server.stop()
     assert not server.errors
+
+
+def test_stop_with_answers_pending_is_quick_and_leaks_nothing():
+    import gc
+    import threading
+    import warnings
+
+    import dns.message
+    import dns.query
+
+    def client(send, server):  # its timeout or EOF is expected: the server stops
+        try:
+            send(dns.message.make_query("slow.test", "A"), server.host,
+                 port=server.port, timeout=0.3)
+        except (dns.exception.DNSException, OSError, EOFError):
+            pass
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        for _ in range(3):
+            server = DNSTestServer().start()
+            server.add("slow.test", "A", "127.0.0.2")
+            server.delay("slow.test", 30)
+            clients = [threading.Thread(target=client, args=(send, server), daemon=True)
+                       for send in (dns.query.udp, dns.query.tcp)]
+            for thread in clients:
+                thread.start()
+            with socket.create_connection(server.address, timeout=1):
+                pass  # a connection accepted just before stop()
+            time.sleep(0.05)
+            start = time.monotonic()
+            server.stop()
+            assert time.monotonic() - start < 1
+            assert not server.errors
+            for thread in clients:
+                thread.join(2)
+            gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
