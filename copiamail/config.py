@@ -149,27 +149,13 @@ class Config:
     fsync: bool = True
     helo_name: str | None = None
     mx_tls_verify: bool = False
+    node_stale_after: float = 300.0
     rules: CfgRules = CfgRules()
 
     @property
     def roots(self) -> tuple[Path, ...]:
         """attachment_roots, defaulting to the spool root."""
         return self.attachment_roots or (self.spool,)
-
-    @property
-    def cluster_caps(self) -> list[str]:
-        """Where the config sets a cluster-wide cap (which needs the cluster limiter)."""
-        out = [f"domain.{d.key}" for d in self.domains if d.caps.cluster_scope_max_outbound_connections is not None]
-        out += [f"host.{h.key}" for h in self.hosts if h.caps.cluster_scope_max_outbound_connections is not None]
-        for g in self.binding_groups:
-            if g.caps.cluster_scope_max_outbound_connections is not None:
-                out.append(f"binding_group.{g.name}")
-            out += [f"binding_group.{g.name}.domain.{d.key}" for d in g.domains if d.caps.cluster_scope_max_outbound_connections is not None]
-        for b in self.bindings:
-            if b.caps.cluster_scope_max_outbound_connections is not None:
-                out.append(f"binding.{b.name}")
-            out += [f"binding.{b.name}.domain.{d.key}" for d in b.domains if d.caps.cluster_scope_max_outbound_connections is not None]
-        return out
 
     def binding(self, name: str) -> BindingConfig | None:
         return next((b for b in self.bindings if b.name == name), None)
@@ -287,6 +273,12 @@ _CAP_KEYS = {"scope_max_outbound_connections", "max_outbound_connections", "clus
 
 
 def _caps(r: _Reader, m: CommentedMap, full: str) -> ScopeCaps:
+    key = "cluster_scope_max_outbound_connections"
+    if m.get(key) is not None:
+        # Refused rather than enforced per node: a cluster-wide cap held by one
+        # node alone would be a limit users believe in and that does not hold.
+        raise r.error(m, f"{full}.{key}" if full else key,
+                      "cluster-wide limits are not available yet; use scope_max_outbound_connections (per node)")
     return ScopeCaps(**{k: r.optional(m, k, f"{full}.{k}", r.integer, 1) for k in _CAP_KEYS})
 
 
@@ -307,7 +299,7 @@ def _domains(r: _Reader, parent: CommentedMap, full: str) -> tuple[DomainStanza,
         if len(name) >= 2 and name.startswith("/") and name.endswith("/"):
             try:
                 pattern = re.compile(name[1:-1], re.IGNORECASE)
-            except re.error as e:
+            except (re.error, OverflowError, RecursionError) as e:
                 raise ConfigError(f"key '{stanza_key}': bad regex: {e}", r.path, line) from None
             regex.append(DomainStanza(name, caps, pattern, line))
         else:
@@ -332,7 +324,7 @@ _TOP_KEYS = {
     "server_max_outbound_connections", "server_reserve_outbound_connections", "max_outbound_connections",
     "scope_max_outbound_connections", "binding_group", "binding", "domain", "host", "default_binding_group",
     "cluster", "scan_interval", "watcher", "smtp_timeout", "messages_per_connection", "connection_idle",
-    "fsync", "helo_name", "mx_tls_verify",
+    "fsync", "helo_name", "mx_tls_verify", "node_stale_after",
 }
 
 
@@ -370,9 +362,16 @@ def load_config(explicit: Path | str | None = None) -> Config:
         line = mark.line + 1 if mark is not None else None
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"YAML syntax: {problem}", path, line) from None
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        # ruamel's constructors: a tagged value they cannot build (!!int x,
+        # a date that does not exist), or nesting too deep to read.
+        raise ConfigError(f"YAML value cannot be read: {type(e).__name__}: {e}", path) from None
     if data is None:
         data = CommentedMap()
-    return parse_config(data, path)
+    try:
+        return parse_config(data, path)
+    except RecursionError:
+        raise ConfigError("YAML nested too deeply", path) from None
 
 
 def parse_config(data: Any, path: Path | None) -> Config:
@@ -397,7 +396,8 @@ def parse_config(data: Any, path: Path | None) -> Config:
             kw.get("server_max_outbound_connections", Config.server_max_outbound_connections),
             r.integer(m, "scope_max_outbound_connections", "scope_max_outbound_connections", 1),
         )
-    for key, least in {"shutdown_grace": 0.0, "scan_interval": 0.05, "smtp_timeout": 0.1, "connection_idle": 0.0}.items():
+    for key, least in {"shutdown_grace": 0.0, "scan_interval": 0.05, "smtp_timeout": 0.1, "connection_idle": 0.0,
+                       "node_stale_after": 0.0}.items():
         if m.get(key) is not None:
             kw[key] = r.number(m, key, key, least)
     if m.get("esender") is not None:
@@ -422,8 +422,10 @@ def parse_config(data: Any, path: Path | None) -> Config:
         kw["relay"] = _relay(r, r.child(m, "relay", "relay", {"host", "port", "starttls", "username", "password_file", "tls_verify", "ca_file"}))
     if m.get("dns") is not None:
         d = r.child(m, "dns", "dns", {"nameservers", "port", "timeout"})
-        ns = d.get("nameservers") or []
-        if not isinstance(ns, CommentedSeq) or not all(isinstance(x, str) and is_ip(x) for x in ns):
+        ns = d.get("nameservers")
+        if ns is None:
+            ns = []  # the system resolver
+        elif not isinstance(ns, CommentedSeq) or not all(isinstance(x, str) and is_ip(x) for x in ns):
             raise r.error(d, "dns.nameservers", "must be a list of IP addresses")
         kw["dns"] = DnsConfig(
             tuple(ns),
@@ -524,6 +526,8 @@ def load_cfg(path: Path) -> CfgRules:
         raise ConfigError("CFG file not found", path) from None
     except OSError as e:
         raise ConfigError(f"cannot read CFG file: {e.strerror}", path) from None
+    except ValueError as e:  # a name the file system cannot take (NUL, a lone surrogate)
+        raise ConfigError(f"bad CFG file name: {e}", repr(str(path))) from None
     try:
         commands = cf.commands()
     except SyntaxFileError as e:

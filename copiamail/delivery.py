@@ -133,11 +133,23 @@ class SmtpSession:
         where = f"{s.host}:{s.port}"
         try:
             await smtp.connect()
+            # Greet now, not inside MAIL: a refusal of EHLO/HELO is the host's
+            # (class H, retried), never a final 5xx at MAIL.
+            if smtp.is_ehlo_or_helo_needed:
+                try:
+                    await smtp.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    if not smtp.is_connected:
+                        raise
+                    await smtp.helo()
         except aiosmtplib.SMTPConnectTimeoutError as e:
             raise _engine(outcome.TIMED_OUT, f"timeout connecting to {where}: {e.message}") from None
         except aiosmtplib.SMTPConnectResponseError as e:
             raise classify(e.code, e.message, CONNECT) from None
         except aiosmtplib.SMTPConnectError as e:
+            if "EOF" in e.message:
+                # Accepted, then closed before the greeting: dropped, not refused.
+                raise _engine(outcome.CONNECTION_LOST, f"{where} closed the connection before its greeting") from None
             raise _engine(outcome.CONNECT_FAILED, f"cannot connect to {where}: {e.message}") from None
         except aiosmtplib.SMTPTimeoutError as e:
             smtp.close()

@@ -33,7 +33,8 @@ class LocatedError(CopiamailError):
             where += ": "
         elif self.line is not None:
             where = f"line {self.line}: "
-        return f"{where}{self.message}"
+        # One line, always: a key or value may hold a line break.
+        return " ".join(f"{where}{self.message}".splitlines())
 
 
 class SyntaxFileError(LocatedError, ValueError):

@@ -27,8 +27,12 @@ OWNED_COMMANDS = frozenset({"attempt_record", "fax_status1", "fax_status2", "fax
 # Commands that set one value: the last occurrence counts.
 _SINGLE = {"email_address", "email_subject", "email_from", "email_esender", "email_charset"}
 
-_ADDRESS = re.compile(r"^[^\s<>()\[\],;:\"@]+(?:\.[^\s<>()\[\],;:\"@]+)*@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
-_QUOTED_LOCAL = re.compile(r'^"[^"\r\n]*"@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$')
+# RFC 5321: a dot-atom local part (no leading, trailing or double dot) or a
+# quoted one, and a domain of non-empty labels.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
+_ADDRESS = re.compile(rf"^[^\s<>()\[\],;:\"@.]+(?:\.[^\s<>()\[\],;:\"@.]+)*@{_DOMAIN}$")
+_QUOTED_LOCAL = re.compile(rf'^"[^"\r\n]*"@{_DOMAIN}$')
 _HEADER_NAME = re.compile(r"^[!-9;-~]+$")
 
 
@@ -188,8 +192,11 @@ def parse_job(cf: CommandFile, name: str) -> Job:
         elif n == "email_attach":
             need_arg(cmd)
             ctype = cmd.args[1] if len(cmd.args) > 1 else None
-            if ctype is not None and not re.match(r"^[\w.+-]+/[\w.+-]+$", ctype):
-                raise JobError(f"bad content type {ctype!r}", outcome.BAD_JOB.code, cf.path, cmd.line)
+            if ctype is not None and (not re.fullmatch(r"[A-Za-z0-9.+-]+/[A-Za-z0-9.+-]+", ctype)
+                                      or ctype.lower().startswith(("message/", "multipart/"))):
+                # message/* and multipart/* are structures, not file types: an
+                # attachment is sent as bytes (base64), which they cannot be.
+                raise JobError(f"bad content type {ctype!r} for an attachment", outcome.BAD_JOB.code, cf.path, cmd.line)
             attachments.append(Attachment(cmd.args[0], ctype, cmd.line))
         elif n == "email_header":
             text = _check_header_value(_joined(cmd), "header", cmd, cf)

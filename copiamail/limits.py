@@ -16,7 +16,6 @@ Binding::Domain (scope_max)      ``binding_scope:<binding>:<stanza>``
 Binding_Group::Domain            ``group_domain:<group>:<stanza>``
 Global::Domain, pooled           ``global_domain:<stanza>``
 Global::Host                     ``host:<ip>``
-cluster-wide                     the same keys with ``cluster:`` in front
 ===============================  =========================================
 
 A regex stanza's ``scope_max_outbound_connections`` pools every matching
@@ -123,9 +122,6 @@ def limits_for(
         if global_caps.scope_max_outbound_connections is not None:
             out.append(Limit(f"global_domain:{global_stanza.key}", global_caps.scope_max_outbound_connections,
                              f"Global::Domain domain.{global_stanza.key}"))
-        if global_caps.cluster_scope_max_outbound_connections is not None:
-            out.append(Limit(f"cluster:global_domain:{global_stanza.key}", global_caps.cluster_scope_max_outbound_connections,
-                             f"cluster Global::Domain domain.{global_stanza.key}"))
     for ip in dict.fromkeys(host_ips):  # one key per IP, even if listed twice
         names = {ip.lower(), *(h.lower() for h in host_names)}
         caps = [h.caps for h in config.hosts if h.key in names]
@@ -133,9 +129,6 @@ def limits_for(
         if scoped:
             # Where two stanzas come to one IP, the smaller cap holds (SPEC 5).
             out.append(Limit(f"host:{ip}", min(scoped), f"Global::Host host {ip}"))
-        clustered = [c.cluster_scope_max_outbound_connections for c in caps if c.cluster_scope_max_outbound_connections is not None]
-        if clustered:
-            out.append(Limit(f"cluster:host:{ip}", min(clustered), f"cluster Global::Host host {ip}"))
     return tuple(out)
 
 
@@ -177,6 +170,13 @@ class LocalLimiter:
 
     def in_use(self, key: str) -> int:
         return self._used.get(key, 0)
+
+    def force_acquire(self, limits: Sequence[Limit]) -> None:
+        """Count connections that are already open against limits they did not
+        know of when they opened (a host name learned late): the count is then
+        true, and no new connection opens until it is back under the cap."""
+        for limit in limits:
+            self._used[limit.key] = self._used.get(limit.key, 0) + 1
 
     def has_room(self, limits: Sequence[Limit]) -> bool:
         return all(self._used.get(l.key, 0) < l.cap for l in limits)

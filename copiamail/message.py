@@ -149,12 +149,17 @@ def _header_block(job: Job, sender: str, now: float) -> bytes:
         if key in _REPLACEABLE:
             if key == "date":
                 _check_date(value)
+            if key == "message-id" and not (value.isascii() and value.isprintable()):
+                raise JobError(f"header {name}: an identifier must be printable ASCII", outcome.BAD_HEADER.code)
             ours[_REPLACEABLE[key]] = value
         else:
             extra.append((name, value))
     lines = [_header_line(n, v) for n in _OUR_HEADERS if (v := ours[n]) is not None]
     lines.extend(_header_line(n, v) for n, v in extra)
-    return "".join(lines).encode("ascii", "surrogateescape")
+    try:
+        return "".join(lines).encode("ascii", "surrogateescape")
+    except UnicodeEncodeError:
+        raise JobError("a header cannot be written in ASCII", outcome.BAD_HEADER.code) from None
 
 
 def _header_line(name: str, value: str) -> str:

@@ -22,6 +22,7 @@ from filelock import FileLock, Timeout
 
 from .config import Config
 from .errors import ConfigError, SpoolError
+from .peers import Peers, heartbeat_interval
 from .recovery import RecoveryReport, recover
 from .scheduler import Scheduler, Stats
 from .spool import Spool
@@ -65,11 +66,6 @@ def run_node(
 ) -> NodeResult:
     """Run node ``name`` until stopped (or drained); returns what it did."""
     check_node_name(name)
-    if config.cluster_caps:
-        raise ConfigError(
-            f"key '{config.cluster_caps[0]}.cluster_scope_max_outbound_connections': cluster-wide limits "
-            "are not available yet; remove it or use scope_max_outbound_connections", config.path,
-        )
     password = read_password(config)
     spool = Spool(config.spool, config.queues, config.fsync)
     spool.ensure()
@@ -98,8 +94,20 @@ def node_lock(spool: Spool, name: str) -> Iterator[None]:
         lock.release()
 
 
+async def _heartbeat(peers: Peers, scheduler: Scheduler) -> None:
+    """Beat, and take over dead peers' jobs, until cancelled."""
+    interval = heartbeat_interval(peers.stale_after)
+    while True:
+        peers.beat()
+        if peers.check():
+            scheduler.wake()
+        await asyncio.sleep(interval)
+
+
 async def _serve(config: Config, spool: Spool, scheduler: Scheduler, drain: bool) -> Stats:
     loop = asyncio.get_running_loop()
+    peers = Peers(spool, scheduler.node, config.node_stale_after)
+    beating = loop.create_task(_heartbeat(peers, scheduler))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, scheduler.request_stop)
 
@@ -115,6 +123,9 @@ async def _serve(config: Config, spool: Spool, scheduler: Scheduler, drain: bool
     try:
         return await scheduler.run(drain=drain)
     finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
+        peers.stop()
         watcher.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -59,6 +59,7 @@ INTERRUPTIONS_TO_FAIL = 3
 DEFAULT_RETRY_DELAYS: Mapping[str, tuple[int, ...]] = {"*": (300, 1200, 3600, 14400, 43200)}
 
 _UNITS = {"S": 1, "M": 60, "H": 3600}
+MAX_RETRY_DELAY = 366 * 24 * 3600
 
 
 def parse_delays(text: str) -> tuple[int, ...]:
@@ -72,6 +73,8 @@ def parse_delays(text: str) -> tuple[int, ...]:
             number = item[:-1]
         if not (number.isascii() and number.isdigit()):
             raise ValueError(f"bad retry delay {item!r} (minutes, or a number with S, M or H)")
+        if int(number) * unit > MAX_RETRY_DELAY:
+            raise ValueError(f"retry delay {item!r} is longer than a year")
         out.append(int(number) * unit)
     return tuple(out)
 

@@ -40,19 +40,22 @@ def _interruptions(cf: CommandFile) -> int:
     return n
 
 
-def recover(spool: Spool, node: str, now: float | None = None) -> RecoveryReport:
-    """Return node ``node``'s interrupted jobs to their folders (or FAIL)."""
+def recover(spool: Spool, node: str, now: float | None = None, recorder: str | None = None) -> RecoveryReport:
+    """Return node ``node``'s interrupted jobs to their folders (or FAIL).
+    ``recorder`` names the node in the attempt records (the one recovering a
+    folder it took over; by default ``node`` itself)."""
     now = time.time() if now is None else now
+    me = recorder or node
     returned: list[str] = []
     failed: list[str] = []
     for claimed in spool.claimed_jobs(node):
         cf = spool.read(claimed)
         code = outcome.INTERRUPTED
-        cf = records.interrupted(cf, node, code.code, code.klass, "attempt interrupted", now)
+        cf = records.interrupted(cf, me, code.code, code.klass, "attempt interrupted", now)
         if _interruptions(cf) >= outcome.INTERRUPTIONS_TO_FAIL:
             final = outcome.INTERRUPTED_TOO_OFTEN
             text = f"interrupted {outcome.INTERRUPTIONS_TO_FAIL} times"
-            spool.finish(claimed, records.failed(cf, node, final.code, final.klass, text, now), FAIL)
+            spool.finish(claimed, records.failed(cf, me, final.code, final.klass, text, now), FAIL)
             failed.append(claimed.name)
             log.warning("%s: %s; moved to FAIL", claimed.name, text)
         else:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,10 @@ log = logging.getLogger("copiamail")
 
 _SCAN_YIELD_EVERY = 64
 _HOST_DOWN_SECONDS = 60.0
+# A connection carries this many more messages of its own domain before it
+# yields a shared slot to another domain's waiting job of the same folder: a
+# fair turn, without a new connection for every message.
+_TURN_MESSAGES = 10
 
 
 @dataclass
@@ -69,6 +74,7 @@ class _Item:
     claimed: Claimed
     cf: CommandFile
     job: Job
+    tried: set[str] = field(default_factory=set)  # mail host addresses this attempt found dead
 
 
 @dataclass(frozen=True)
@@ -87,17 +93,26 @@ class _Target:
 @dataclass(eq=False)
 class _Connection:
     domain: str
+    address: str  # of its first job: what its limits were computed for
     binding: BindingConfig | None
     limits: tuple[Limit, ...]
     target: _Target
     session: SmtpSession
+    turn: int = 0
     handoff: "asyncio.Future[_Item | None] | None" = None
     task: "asyncio.Task[None] | None" = None
 
 
 @dataclass(frozen=True)
 class _Blocked:
-    limit: Limit
+    """The full limits that kept a job from starting: the first full one of each
+    binding and mail host it could have used (it waits on all of them)."""
+
+    limits: tuple[Limit, ...]
+
+    @property
+    def limit(self) -> Limit:
+        return self.limits[0]
 
 
 @dataclass(eq=False)
@@ -147,7 +162,11 @@ class Scheduler:
         # Every name an address is known by (MX names, host stanza names), so a
         # host stanza naming one of them limits every connection to that address.
         self._names_by_ip: dict[str, set[str]] = {}
+        self._unresolved_hosts: list[str] = []
+        self._host_lookup: asyncio.Task[None] | None = None
         self._mx: MxResolver | None = None
+        # socket.getfqdn(), aiosmtplib's default, may ask DNS: the host name will do.
+        self._helo_name = config.helo_name or socket.gethostname()
         self._relay: _Target | None = None
         relay = config.relay
         if relay is not None:
@@ -208,14 +227,17 @@ class Scheduler:
         limits hold for every MX name that comes to the same address."""
         if self._mx is None:
             return
-        names = [h.key for h in self.config.hosts if not is_ip(h.key)]
+        names = self._unresolved_hosts or [h.key for h in self.config.hosts if not is_ip(h.key)]
         results = await asyncio.gather(*(self._mx.addresses(n) for n in names), return_exceptions=True)
+        self._unresolved_hosts = []
         for name, ips in zip(names, results):
             if isinstance(ips, BaseException):
-                log.warning("host %s (a host stanza): cannot resolve it now; its limit applies by name only", name)
+                log.warning("host %s (a host stanza): cannot resolve it now (retried at each scan); "
+                            "until then its limit applies by name only", name)
+                self._unresolved_hosts.append(name)
                 continue
             for ip in ips:
-                self._names_by_ip.setdefault(ip, set()).add(name)
+                self._learn(ip, name)
 
     # --- scanning ------------------------------------------------------------
 
@@ -253,6 +275,8 @@ class Scheduler:
             self._pay_owed()
             if self._owed:
                 return len(self._owed), None
+        if self._unresolved_hosts and (self._host_lookup is None or self._host_lookup.done()):
+            self._host_lookup = asyncio.get_running_loop().create_task(self._learn_host_stanza_addresses())
         for i, w in enumerate(self.spool.scan()):
             if self.stopping or self._paused:
                 break
@@ -296,28 +320,47 @@ class Scheduler:
         except KeyError as e:
             raise JobError(str(e.args[0]), outcome.BAD_JOB.code) from None
 
-    def _targets(self, domain: str, fresh: bool) -> list[_Target] | None:
-        """The relay, or the domain's mail host addresses by preference (those
-        not recently found down first); None when the route must be looked up."""
+    def _targets(self, domain: str, fresh: bool, tried: set[str] | None = None) -> list[_Target] | None:
+        """The relay, or the domain's mail host addresses by preference, less
+        those this attempt already found dead (``tried``) and, while others
+        remain, those recently found down; None when the route must be looked up."""
         if self._relay is not None:
             return [self._relay]
         assert self._mx is not None
         route = self._mx.cached(domain) if fresh else self._mx.last_known(domain)
         if route is None:
             return None
-        return self._mx_targets(route)
+        return self._mx_targets(route, tried or set())
 
-    def _mx_targets(self, route: Route) -> list[_Target]:
+    def _mx_targets(self, route: Route, tried: set[str]) -> list[_Target]:
         for host in route.hosts:
             for ip in host.ips:
-                self._names_by_ip.setdefault(ip, set()).add(host.name)
+                self._learn(ip, host.name)
         targets = [
             _Target(ip, self.config.mx_port, (ip,), tuple(sorted(self._names_by_ip[ip])), "auto", self._mx_tls, False)
             for host in route.hosts for ip in host.ips
         ]
+        untried = [t for t in targets if t.host not in tried] or targets
         now = time.monotonic()
-        up = [t for t in targets if self._down.get(t.host, 0.0) <= now]
-        return up or targets
+        up = [t for t in untried if self._down.get(t.host, 0.0) <= now]
+        return up or untried
+
+    def _learn(self, ip: str, name: str) -> None:
+        """``name`` is a name of ``ip``. If that brings a host stanza to ``ip``,
+        connections already open to it start counting against its limit."""
+        names = self._names_by_ip.setdefault(ip, set())
+        if name in names:
+            return
+        names.add(name)
+        for conn in self._connections:
+            if conn.target.relay or conn.target.host != ip:
+                continue
+            held = {l.key for l in conn.limits}
+            now = limits_for(self.config, self.node, conn.address, conn.domain, conn.binding, (ip,), tuple(sorted(names)))
+            extra = tuple(l for l in now if l.key not in held and l.key.startswith("host:"))
+            if extra:
+                self.limiter.force_acquire(extra)
+                conn.limits = conn.limits + extra
 
     def _open_count(self, binding: BindingConfig | None) -> int:
         return sum(1 for c in self._connections if c.binding is binding)
@@ -338,7 +381,7 @@ class Scheduler:
         for conn in self._idle.get(job.domain, ()):
             if conn.binding in candidates and conn.handoff is not None and not conn.handoff.done():
                 return _Start(conn.binding, conn.target, conn.limits, reuse=conn)
-        blocked: Limit | None = None
+        blocked: dict[str, Limit] = {}
         by_load = sorted(candidates, key=lambda b: (self._open_count(b), b.name if b else ""))
         for target in targets:
             for b in by_load:
@@ -346,9 +389,8 @@ class Scheduler:
                 full = self._reserve_blocks(job.domain, limits) or self.limiter.try_acquire(limits)
                 if full is None:
                     return _Start(b, target, limits)
-                blocked = blocked or full
-        assert blocked is not None
-        return _Blocked(blocked)
+                blocked.setdefault(full.key, full)
+        return _Blocked(tuple(blocked.values()))
 
     # --- dispatch ------------------------------------------------------------
 
@@ -367,7 +409,7 @@ class Scheduler:
         self._route(_Item(claimed, cf, job))
 
     def _route(self, item: _Item, after_lookup: bool = False) -> None:
-        targets = self._targets(item.job.domain, fresh=not after_lookup)
+        targets = self._targets(item.job.domain, fresh=not after_lookup, tried=item.tried)
         if targets is None:
             self._look_up(item)
             return
@@ -377,7 +419,7 @@ class Scheduler:
             self._finish_failed(item.claimed, item.cf, e.outcome, outcome.FAILURE, _job_error_text(e))
             return
         if isinstance(choice, _Blocked):
-            self._defer(item, choice.limit)
+            self._defer(item, choice)
         else:
             self._start(choice, item)
 
@@ -398,15 +440,22 @@ class Scheduler:
             await self._mx.route(domain)
         except DeliveryError as e:
             error = e
+        except Exception as e:  # noqa: BLE001 - a bug in the lookup: a retry, not a loop
+            log.exception("MX lookup of %s failed", domain)
+            error = DeliveryError(outcome.DNS_TEMPORARY.code, outcome.DNS_TEMPORARY.klass, f"DNS: lookup of {domain} failed: {e}", False, "DNS")
         finally:
             items = self._resolving.pop(domain, [])
             for item in items:
-                if self.stopping:
+                try:
+                    if self.stopping:
+                        self._hand_back(item.claimed)
+                    elif error is not None:
+                        self._finish_error(item.claimed, item.cf, item.job, error)
+                    else:
+                        self._route(item, after_lookup=True)
+                except Exception:  # noqa: BLE001 - never strand the rest
+                    log.exception("%s: cannot route the job; handing it back", item.claimed.name)
                     self._hand_back(item.claimed)
-                elif error is not None:
-                    self._finish_error(item.claimed, item.cf, item.job, error)
-                else:
-                    self._route(item, after_lookup=True)
             self.wake()
 
     def _start(self, choice: _Start, item: _Item) -> None:
@@ -416,7 +465,7 @@ class Scheduler:
             choice.reuse.handoff.set_result(item)
             return
         assert choice.target is not None
-        conn = _Connection(item.job.domain, choice.binding, choice.limits, choice.target,
+        conn = _Connection(item.job.domain, item.job.address, choice.binding, choice.limits, choice.target,
                            SmtpSession(self._settings(choice.target, choice.binding)))
         self._connections.add(conn)
         conn.task = asyncio.get_running_loop().create_task(self._run_connection(conn, item))
@@ -429,10 +478,10 @@ class Scheduler:
             starttls=target.starttls, tls_context=target.tls,
             username=relay.username if relay is not None else None,
             password=self.password if relay is not None else None,
-            timeout=self.config.smtp_timeout, helo_name=self.config.helo_name,
+            timeout=self.config.smtp_timeout, helo_name=self._helo_name,
         )
 
-    def _defer(self, item: _Item, limit: Limit) -> None:
+    def _defer(self, item: _Item, blocked: _Blocked) -> None:
         claimed, cf, job = item.claimed, item.cf, item.job
         try:
             path = self.spool.finish(claimed, records.deferred(cf, job.domainbusy_count), "BACK")
@@ -448,8 +497,9 @@ class Scheduler:
                 return
             path = handed
         w = Waiting(self.spool.priority(claimed.queue), claimed.queue, path.name, path)
-        self._waiting.add(WaitEntry(w, job), limit.key, limit.cap)
-        self._release_idle_holding(limit.key)
+        self._waiting.add(WaitEntry(w, job), [(l.key, l.cap) for l in blocked.limits])
+        for limit in blocked.limits:
+            self._release_idle_holding(limit.key)
 
     def _release_idle_holding(self, key: str) -> None:
         # An idle connection that holds the full key closes, so its slot can
@@ -481,7 +531,8 @@ class Scheduler:
 
     def _offer_key(self, key: str) -> None:
         """A slot of ``key`` freed: offer it to the first waiting job that can use it."""
-        while (entry := self._waiting.pop_head(key)) is not None:
+        passed_over: set[str] = set()
+        while (entry := self._waiting.pop_head(key, passed_over)) is not None:
             targets = self._targets(entry.job.domain, fresh=False)
             choice: _Start | _Blocked | None = None
             if targets is not None:
@@ -490,9 +541,13 @@ class Scheduler:
                 except JobError:
                     choice = None  # claimed below; _dispatch fails it with the reason
             if isinstance(choice, _Blocked):
-                self._waiting.wait_on(entry, choice.limit.key, choice.limit.cap)
-                if choice.limit.key == key:
-                    return
+                for limit in choice.limits:
+                    self._waiting.wait_on(entry, limit.key, limit.cap)
+                if self.limiter.in_use(key) >= self._waiting.cap(key):
+                    return  # the slot is taken again
+                # The slot is free but not for this job (the reserve, or another
+                # of its limits): it goes to the next domain's job instead.
+                passed_over.add(entry.job.domain)
                 continue
             claimed = self._take(entry)
             if claimed is None:
@@ -530,11 +585,17 @@ class Scheduler:
         while True:
             own = self._waiting.next_of_domain(conn.domain, lambda job: self._can_use(conn, job))
             other = self._first_other(conn)
-            if own is None or (other is not None and self._waiting.rank(other) < self._waiting.rank(own)):
+            if own is None:
                 return None, other is not None
+            if other is not None and self._waiting.rank(other) < self._waiting.rank(own):
+                # An earlier folder goes first at once; within a folder the
+                # connection yields when its turn is over.
+                if other.order[0] < own.order[0] or conn.turn >= _TURN_MESSAGES:
+                    return None, True
             item = self._claim_for(conn, own)
             if item is not None:
                 self._waiting.served(conn.domain)
+                conn.turn += 1
                 return item, False
 
     def _first_other(self, conn: _Connection) -> WaitEntry | None:
@@ -650,7 +711,7 @@ class Scheduler:
         except JobError as e:
             self._finish_failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e))
         except DeliveryError as e:
-            if self._next_host_exists(conn, e):
+            if self._next_host_exists(conn, e, item):
                 log.info("%s: %s; trying the next mail host", claimed.name, e.text)
                 return item
             self._finish_error(claimed, cf, job, e)
@@ -663,18 +724,20 @@ class Scheduler:
             self._finish_sent(claimed, cf, result)
         return None
 
-    def _next_host_exists(self, conn: _Connection, e: DeliveryError) -> bool:
+    def _next_host_exists(self, conn: _Connection, e: DeliveryError, item: _Item) -> bool:
         """Mark a mail host that failed before any SMTP command as down; True if
-        the domain has another host (or address) that is not."""
+        the domain has a host (or address) this attempt has not tried that is
+        not down. Each address is tried once per attempt, so an attempt ends."""
         if conn.target.relay or e.stage != CONNECT:
             return False
+        item.tried.add(conn.target.host)
         self._down[conn.target.host] = time.monotonic() + _HOST_DOWN_SECONDS
         assert self._mx is not None
         route = self._mx.last_known(conn.domain)
         if route is None:
             return False
         now = time.monotonic()
-        return any(self._down.get(ip, 0.0) <= now for host in route.hosts for ip in host.ips)
+        return any(ip not in item.tried and self._down.get(ip, 0.0) <= now for host in route.hosts for ip in host.ips)
 
     def _sender(self, job: Job) -> str:
         return job.esender or self.config.rules.esender or self.config.esender
@@ -771,6 +834,8 @@ class Scheduler:
             log.error("%d job result(s) could not be written (the disk is full?): they stay in %s and come back "
                       "at this node's next start", len(self._owed), self.spool.active_dir(self.node))
         self._close_idle()
+        if self._host_lookup is not None:
+            self._host_lookup.cancel()
         for task in list(self._lookups):
             task.cancel()
         await asyncio.gather(*self._lookups, return_exceptions=True)

@@ -316,6 +316,20 @@ class Spool:
                     out.append(Claimed(node, qdir.name, f, qdir / f))
         return out
 
+    def holds_jobs(self, node: str) -> bool:
+        """Whether ``ACTIVE/<node>`` holds a claimed job or a result."""
+        base = self.active_dir(node)
+        try:
+            qdirs = [q for q in base.iterdir() if q.is_dir()]
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        for qdir in qdirs:
+            for f in os.listdir(qdir):
+                head, _, suffix = f.rpartition(".")
+                if is_job_name(f) or (suffix in _RESULT_SUFFIXES and is_job_name(head)):
+                    return True
+        return False
+
     def counts(self) -> dict[str, int]:
         """Job files per folder (TOSEND..., SENT, FAIL) and per node in ACTIVE."""
         out: dict[str, int] = {}

@@ -20,9 +20,9 @@ inactive, and the heaps drop inactive heads when they are looked at.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator, Sequence
 
 from .job import Job
 from .spool import Waiting
@@ -33,6 +33,7 @@ class WaitEntry:
     waiting: Waiting
     job: Job
     active: bool = True
+    keys: set[str] = field(default_factory=set)  # the keys it waits on
 
     @property
     def order(self) -> tuple[int, bytes]:
@@ -62,16 +63,25 @@ class WaitingJobs:
     def entries(self) -> Iterator[WaitEntry]:
         return iter(list(self._by_path.values()))
 
-    def add(self, entry: WaitEntry, key: str, cap: int) -> None:
-        """A job just deferred because ``key`` (cap ``cap``) was full."""
+    def add(self, entry: WaitEntry, limits: Sequence[tuple[str, int]]) -> None:
+        """A job just deferred because these ``(key, cap)`` were full: it waits
+        on each (a job that may use several bindings or mail hosts waits on the
+        full key of each), and the first that frees takes it."""
         self._by_path[entry.waiting.path] = entry
         heapq.heappush(self._by_domain.setdefault(entry.job.domain, []), entry)
-        self.wait_on(entry, key, cap)
+        for key, cap in limits:
+            self.wait_on(entry, key, cap)
 
     def wait_on(self, entry: WaitEntry, key: str, cap: int) -> None:
         """Let ``entry`` wait on ``key`` (again, or now on another key)."""
         self._caps[key] = cap
+        if key in entry.keys:
+            return
+        entry.keys.add(key)
         heapq.heappush(self._by_key.setdefault(key, {}).setdefault(entry.job.domain, []), entry)
+
+    def cap(self, key: str) -> int:
+        return self._caps.get(key, 0)
 
     def take(self, entry: WaitEntry) -> None:
         """The job stops waiting (it is being claimed, or its file is gone)."""
@@ -87,8 +97,9 @@ class WaitingJobs:
         priority, name = entry.order
         return (priority, self._served.get(entry.job.domain, 0), name)
 
-    def head(self, key: str) -> WaitEntry | None:
-        """The job a freed slot of ``key`` goes to (not removed)."""
+    def head(self, key: str, exclude: Collection[str] = ()) -> WaitEntry | None:
+        """The job a freed slot of ``key`` goes to (not removed), leaving out
+        the domains in ``exclude``."""
         domains = self._by_key.get(key)
         if domains is None:
             return None
@@ -96,9 +107,11 @@ class WaitingJobs:
         for domain in list(domains):
             heap = domains[domain]
             while heap and not heap[0].active:
-                heapq.heappop(heap)
+                heapq.heappop(heap).keys.discard(key)
             if not heap:
                 del domains[domain]
+                continue
+            if domain in exclude:
                 continue
             if best is None or self.rank(heap[0]) < self.rank(best):
                 best = heap[0]
@@ -107,12 +120,13 @@ class WaitingJobs:
             self._caps.pop(key, None)
         return best
 
-    def pop_head(self, key: str) -> WaitEntry | None:
-        """Remove and return :meth:`head` from ``key``'s index (it stays indexed by domain)."""
-        entry = self.head(key)
+    def pop_head(self, key: str, exclude: Collection[str] = ()) -> WaitEntry | None:
+        """Remove and return :meth:`head` from ``key``'s index (it stays indexed
+        by domain, and under the other keys it waits on)."""
+        entry = self.head(key, exclude)
         if entry is not None:
-            heap = self._by_key[key][entry.job.domain]
-            heapq.heappop(heap)
+            heapq.heappop(self._by_key[key][entry.job.domain])
+            entry.keys.discard(key)
         return entry
 
     def next_of_domain(self, domain: str, usable: Callable[[Job], bool]) -> WaitEntry | None:

@@ -98,8 +98,10 @@ def main() -> int:
     where = job_files(root, QUEUES + ["ACTIVE", "SENT", "FAIL"])
     lost = [n for n in names if n not in where]
     stuck = [n for n, f in where.items() if f in QUEUES or f == "ACTIVE"]
+    # Inside node folders of ACTIVE, and in TEMP; the lock and heartbeat files
+    # beside the node folders are the nodes' own, not jobs.
     temp = [p for p in list((root / "ACTIVE").rglob("*")) + list((root / "TEMP").rglob("*"))
-            if p.is_file() and not p.name.endswith(".lock")] if (root / "TEMP").exists() else []
+            if p.is_file() and p.parent != root / "ACTIVE"]
     sent = sum(1 for f in where.values() if f == "SENT")
     failed = sum(1 for f in where.values() if f == "FAIL")
     duplicated = sum(n - 1 for n in ids.values() if n > 1)

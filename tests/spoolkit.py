@@ -65,7 +65,10 @@ class SpoolKit:
         return (self.root / folder / name).read_text(encoding="utf-8")
 
     def active(self) -> list[Path]:
-        return sorted(p for p in (self.root / "ACTIVE").rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+        """Files inside node folders of ACTIVE (claimed jobs, results, temporary
+        files); the lock and heartbeat files beside those folders are not jobs."""
+        active = self.root / "ACTIVE"
+        return sorted(p for p in active.rglob("*") if p.is_file() and p.parent != active)
 
     def waiting(self) -> list[str]:
         return [n for q in ["TOSEND"] + [f"TOSEND{i}" for i in range(1, 16)] for n in self.names(q)]

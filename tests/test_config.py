@@ -316,7 +316,7 @@ def test_every_unknown_key_is_an_error_naming_file_line_and_key(tmp_path, clean,
         ("domain:\n  x.test: {scope_max_outbound_connections: 0}\n", 2, "domain.x.test.scope_max_outbound_connections"),
         ("domain:\n  x.test:\n    max_outbound_connections: -2\n", 3, "domain.x.test.max_outbound_connections"),
         (
-            "host:\n  mx.test:\n    cluster_scope_max_outbound_connections: 0\n",
+            "host:\n  mx.test:\n    cluster_scope_max_outbound_connections: 2\n",
             3,
             "host.mx.test.cluster_scope_max_outbound_connections",
         ),

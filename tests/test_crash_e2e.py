@@ -32,8 +32,8 @@ def start_with_crash(kit: SpoolKit, point: str):
 
 
 def leftovers(kit: SpoolKit) -> list[str]:
-    """Anything in ACTIVE but the lock file: claimed jobs, results, temporary files."""
-    return sorted(str(p.relative_to(kit.root)) for p in (kit.root / "ACTIVE").rglob("*") if p.is_file() and not p.name.endswith(".lock"))
+    """Anything in ACTIVE's node folders: claimed jobs, results, temporary files."""
+    return sorted(str(p.relative_to(kit.root)) for p in kit.active())
 
 
 @pytest.mark.parametrize(

@@ -188,9 +188,20 @@ def test_a_per_domain_regex_gives_separate_binding_domain_keys_with_its_cap(tmp_
     assert not any(k.startswith("global_domain:") for k in [*aol, *yahoo])
 
 
-def test_a_cluster_cap_in_a_domain_stanza_gives_a_cluster_key(tmp_path):
-    cfg = config(tmp_path, "domain:\n  x.test: {cluster_scope_max_outbound_connections: 8}\n")
-    assert caps(lim(cfg, "a@x.test"))["cluster:global_domain:x.test"] == 8
+@pytest.mark.parametrize(
+    "yaml",
+    [
+        "domain:\n  x.test: {cluster_scope_max_outbound_connections: 8}\n",
+        "host:\n  192.0.2.1: {cluster_scope_max_outbound_connections: 5}\n",
+        "binding:\n  b1: {bind_address: 127.0.0.2, cluster_scope_max_outbound_connections: 2}\n",
+        "binding_group:\n  g:\n    binding: {b1: {}}\n    domain: {x.test: {cluster_scope_max_outbound_connections: 2}}\n",
+    ],
+)
+def test_a_cluster_cap_anywhere_is_refused_until_the_cluster_limiter_exists(tmp_path, yaml):
+    from copiamail.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cluster-wide limits are not available yet"):
+        config(tmp_path, yaml)
 
 
 # --- bindings and groups -----------------------------------------------------------------
@@ -291,13 +302,6 @@ def test_where_two_stanzas_hit_one_ip_the_smaller_cap_holds(tmp_path, order):
     cfg = config(tmp_path, "host:\n" + "\n".join(stanzas) + "\n")
     got = caps(lim(cfg, "a@x.test", ips=("192.0.2.1",), names=("mx.shared.test",)))
     assert got["host:192.0.2.1"] == 2
-
-
-def test_a_cluster_host_cap_gives_a_cluster_host_key(tmp_path):
-    cfg = config(tmp_path, "host:\n  192.0.2.1: {cluster_scope_max_outbound_connections: 5}\n")
-    got = caps(lim(cfg, "a@x.test", ips=("192.0.2.1",)))
-    assert got["cluster:host:192.0.2.1"] == 5
-    assert "host:192.0.2.1" not in got
 
 
 def test_limits_for_the_full_spec_config_with_a_cfg_rule(tmp_path):

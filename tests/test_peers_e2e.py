@@ -1,0 +1,118 @@
+"""Several nodes on one spool (issue 4): racing nodes send each job exactly once,
+and a dead node's ACTIVE jobs are taken over by a live node after its heartbeat
+has been still for node_stale_after seconds, while a live node's are not."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from smtpserver import Rule
+from spoolkit import SpoolKit, attempts, stop, wait_until
+
+from copiamail.peers import Peers
+from copiamail.spool import Spool
+
+
+def test_four_nodes_racing_over_2000_jobs_send_each_exactly_once(tmp_path, smtp_server):
+    server = smtp_server()
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 3"])
+    for i in range(2000):
+        kit.job(f"TOSEND{i % 4}" if i % 4 else "TOSEND", f"R{i:05d}.FS", to=f"u{i}@d{i % 25}.test")
+    procs = [kit.start(name, "--drain") for name in ("N1", "N2", "N3", "N4")]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0 and "Traceback" not in err, err
+    assert len(kit.names("SENT")) == 2000 and kit.waiting() == [] and kit.active() == []
+    ids = [m.message_id for m in server.messages]
+    assert len(ids) == 2000 and len(set(ids)) == 2000
+    by_node = {attempts(kit.read("SENT", n))[-1][1] for n in kit.names("SENT")}
+    assert len(by_node) >= 2
+
+
+def test_a_dead_nodes_jobs_are_taken_over_by_a_live_node(tmp_path, smtp_server):
+    server = smtp_server()
+    hang = server.add_rule(Rule(stage="EOD", hang=True))
+    kit = SpoolKit(tmp_path, server.port, [], yaml="node_stale_after: 1\n")
+    kit.job("TOSEND2", "J.FS", to="a@copia.com")
+    n1 = kit.start("N1")
+    wait_until(lambda: [p.name for p in kit.active()] == ["J.FS"], timeout=15)
+    wait_until(lambda: any(c.open and "DATA" in " ".join(c.commands).upper() for c in server.connections), timeout=15)
+    n1.send_signal(signal.SIGKILL)
+    n1.wait(timeout=10)
+    server.remove_rule(hang)
+    n2 = kit.start("N2")
+    try:
+        wait_until(lambda: kit.names("SENT") == ["J.FS"], timeout=30)
+    finally:
+        code, _, err = stop(n2)
+    assert code == 0, err
+    assert "took over its jobs" in err
+    assert [(a[1], a[2]) for a in attempts(kit.read("SENT", "J.FS"))] == [("N2", "66"), ("N2", "0")]
+    assert kit.active() == [] and not (kit.root / "ACTIVE" / "N1").exists()
+
+
+def test_a_live_nodes_jobs_are_not_taken_over(tmp_path, smtp_server):
+    server = smtp_server()
+    server.add_rule(Rule(stage="EOD", delay=3.0))
+    kit = SpoolKit(tmp_path, server.port, [], yaml="node_stale_after: 1\n")
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    n1 = kit.start("N1")
+    wait_until(lambda: [p.name for p in kit.active()] == ["J.FS"], timeout=15)
+    n2 = kit.start("N2")
+    try:
+        time.sleep(2.0)  # twice node_stale_after: N1 beats all along
+        assert (kit.root / "ACTIVE" / "N1" / "TOSEND" / "J.FS").exists()
+        wait_until(lambda: kit.names("SENT") == ["J.FS"], timeout=15)
+    finally:
+        stop(n2)
+        stop(n1)
+    assert [(a[1], a[2]) for a in attempts(kit.read("SENT", "J.FS"))] == [("N1", "0")]
+    assert len(server.messages) == 1
+
+
+def test_a_peer_is_dead_only_after_its_heartbeat_stays_unchanged_for_stale_after(tmp_path):
+    spool = Spool(tmp_path)
+    spool.ensure()
+    (tmp_path / "ACTIVE" / "P" / "TOSEND").mkdir(parents=True)
+    (tmp_path / "ACTIVE" / "P" / "TOSEND" / "J.FS").write_text("$email_address a@b.test\n")
+    now = [1000.0]
+    watcher = Peers(spool, "W", stale_after=10, clock=lambda: now[0])
+    peer = Peers(spool, "P", stale_after=10)
+    peer.beat()
+    assert watcher.check() == []  # first sight
+    now[0] += 9
+    assert watcher.check() == []
+    peer.beat()  # alive: the content changed, the wait starts over
+    now[0] += 9
+    assert watcher.check() == []
+    now[0] += 2
+    assert watcher.check() == []  # 2 s since the change was seen
+    now[0] += 9
+    [(name, report)] = watcher.check()
+    assert name == "P" and report.returned == ("J.FS",)
+    assert (tmp_path / "TOSEND" / "J.FS").exists() and not (tmp_path / "ACTIVE" / "P").exists()
+
+
+def test_a_peer_with_an_empty_active_folder_is_left_alone(tmp_path):
+    spool = Spool(tmp_path)
+    spool.ensure()
+    (tmp_path / "ACTIVE" / "P" / "TOSEND").mkdir(parents=True)
+    now = [0.0]
+    watcher = Peers(spool, "W", stale_after=1, clock=lambda: now[0])
+    for _ in range(3):
+        now[0] += 5
+        assert watcher.check() == []
+    assert (tmp_path / "ACTIVE" / "P").exists()
+
+
+def test_taking_over_is_off_with_node_stale_after_0(tmp_path):
+    spool = Spool(tmp_path)
+    spool.ensure()
+    (tmp_path / "ACTIVE" / "P" / "TOSEND").mkdir(parents=True)
+    (tmp_path / "ACTIVE" / "P" / "TOSEND" / "J.FS").write_text("$email_address a@b.test\n")
+    now = [0.0]
+    watcher = Peers(spool, "W", stale_after=0, clock=lambda: now[0])
+    for _ in range(3):
+        now[0] += 1000
+        assert watcher.check() == []
