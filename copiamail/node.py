@@ -69,6 +69,8 @@ def run_node(
     password = read_password(config)
     spool = Spool(config.spool, config.queues, config.fsync)
     spool.ensure()
+    for path in spool.writable_by_others():
+        log.warning("%s: writable by every user: anyone on this machine can drop, change or remove jobs here", path)
     started = time.monotonic()
     with node_lock(spool, name):
         report = recover(spool, name)

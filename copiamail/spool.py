@@ -60,6 +60,7 @@ import ctypes
 import errno
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -163,6 +164,18 @@ class Spool:
                 (self.root / name).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SpoolError(f"{e.filename}: cannot create spool folder: {e.strerror}") from None
+
+    def writable_by_others(self) -> list[Path]:
+        """Spool folders any user may write into (and so drop or replace jobs in)."""
+        out = []
+        for name in ["", *self.queues, ACTIVE, SENT, FAIL, TEMP]:
+            path = self.root / name
+            try:
+                if path.stat().st_mode & stat.S_IWOTH:
+                    out.append(path)
+            except OSError:
+                continue
+        return out
 
     def priority(self, queue: str) -> int:
         try:

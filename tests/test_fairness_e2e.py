@@ -69,3 +69,27 @@ def test_reserve_must_be_smaller_than_the_node_total(tmp_path):
     kit = SpoolKit(tmp_path, 2525, [], yaml="server_max_outbound_connections: 4\nserver_reserve_outbound_connections: 4\n")
     result = kit.cli("check-config")
     assert result.returncode == 2 and "server_reserve_outbound_connections" in result.stderr
+
+
+def test_a_reserved_slot_goes_to_a_new_domain_even_behind_a_higher_priority_domain(tmp_path, smtp_server):
+    server = smtp_server()
+    server.add_rule(Rule(stage="EOD", delay=0.4))
+    kit = SpoolKit(tmp_path, server.port, [], yaml="server_max_outbound_connections: 4\nserver_reserve_outbound_connections: 2\n")
+    for i in range(16):
+        kit.job("TOSEND", f"B{i:03d}.FS", to=f"u{i}@big.test")
+    for i in range(2):
+        kit.job("TOSEND1", f"S{i}.FS", to=f"s{i}@small.test")
+    assert kit.drain().returncode == 0
+    assert server.peak_by_domain["big.test"] == 2 and server.peak == 3
+    last_big = max(m.received_at for m in server.messages if m.rcpt_tos[0].endswith("big.test"))
+    assert all(m.received_at < last_big for m in server.messages if m.rcpt_tos[0].endswith("small.test"))
+
+
+def test_round_robin_does_not_open_a_connection_per_message(tmp_path, smtp_server):
+    server = smtp_server()
+    kit = SpoolKit(tmp_path, server.port, [], yaml="server_max_outbound_connections: 2\n")
+    for i in range(300):
+        kit.job("TOSEND", f"J{i:04d}.FS", to=f"u{i}@d{i % 3}.test")
+    assert kit.drain().returncode == 0
+    assert len(server.messages) == 300
+    assert server.connections_total <= 60, server.connections_total  # turns of 10 messages, not 1

@@ -200,3 +200,54 @@ def test_when_every_mail_host_is_full_the_job_is_deferred(tmp_path, dns_server, 
     counts = sorted(var(kit.read("SENT", n), "DOMAINBUSY_COUNT") or "0" for n in kit.names("SENT"))
     assert counts == ["0", "1", "1"] and srv.peak == 1
     assert all([a[2] for a in attempts(kit.read("SENT", n))] == ["0"] for n in kit.names("SENT"))
+
+
+def test_mail_hosts_that_never_greet_cost_one_attempt_and_the_drain_ends(tmp_path, dns_server, mx_servers):
+    mx1, mx2 = mx_servers(2)
+    for s in (mx1, mx2):
+        s.add_rule(Rule(stage="CONNECT", hang=True))
+    dns_server.add("h.test", "MX", "10 mx1.h.test.", "20 mx2.h.test.")
+    dns_server.add("mx1.h.test", "A", "127.0.0.2")
+    dns_server.add("mx2.h.test", "A", "127.0.0.3")
+    kit = mx_kit(tmp_path, dns_server, mx1.port, '$email_retry_delays * "1H"')
+    kit.config_path.write_text(kit.config_path.read_text().replace("smtp_timeout: 10", "smtp_timeout: 1"))
+    kit.job("TOSEND", "J.FS", to="u@h.test")
+    assert kit.drain(timeout=60).returncode == 0
+    text = kit.read("TOSEND", "J.FS")
+    [[_, _, code, klass, _]] = attempts(text)
+    assert (code, klass) == ("72", "A")
+    assert mx1.connections_total == 1 and mx2.connections_total == 1
+
+
+def test_a_host_stanza_name_resolved_late_still_limits_the_address(tmp_path, dns_server, mx_servers):
+    import time
+
+    from spoolkit import stop, wait_until
+
+    (srv,) = mx_servers(1)
+    srv.add_rule(Rule(stage="EOD", delay=1.5))
+    dns_server.add("orange.fr", "MX", "10 smtp.orange.test.")
+    dns_server.add("wanadoo.fr", "MX", "10 smtp.wanadoo.test.")
+    dns_server.add("smtp.orange.test", "A", "127.0.0.2")
+    dns_server.add("smtp.wanadoo.test", "A", "127.0.0.2")
+    dns_server.add("stanza.name.test", "A", "127.0.0.2")
+    dns_server.delay("stanza.name.test", 3)  # the stanza's name does not resolve at start
+    kit = mx_kit(tmp_path, dns_server, srv.port, yaml='host:\n  "stanza.name.test": {scope_max_outbound_connections: 2}\n')
+    kit.config_path.write_text(kit.config_path.read_text().replace("timeout: 2", "timeout: 0.5"))
+    for i in range(4):
+        kit.job("TOSEND", f"O{i}.FS", to=f"o{i}@orange.fr")
+    proc = kit.start("N1")
+    try:
+        wait_until(lambda: srv.current == 4, timeout=15)  # unknown yet: no limit on the address
+        dns_server.delay("stanza.name.test", 0)
+        time.sleep(1.0)  # a scan learns the name: the 4 open connections now count
+        for i in range(4):
+            kit.job("TOSEND", f"W{i}.FS", to=f"w{i}@wanadoo.fr")
+        wait_until(lambda: len(kit.names("SENT")) == 8, timeout=30)
+    finally:
+        stop(proc)
+    assert srv.peak == 4  # the wanadoo jobs did not add to the 4 already open
+    wanadoo_opened = min(c.opened_at for c in srv.connections if "wanadoo.fr" in c.rcpt_domains)
+    orange_open_then = [c for c in srv.connections if "orange.fr" in c.rcpt_domains and c.opened_at < wanadoo_opened
+                        and (c.closed_at is None or c.closed_at > wanadoo_opened)]
+    assert len(orange_open_then) < 2

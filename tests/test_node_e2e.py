@@ -623,3 +623,13 @@ def test_one_drain_over_several_folders_gives_every_outcome_in_its_place(tmp_pat
     assert [a[2] for a in attempts(kit.read("SENT", "GREY.FS"))] == ["451", "0"]
     busy = kit.read("FAIL", "BUSY.FS")
     assert [a[2] for a in attempts(busy)] == ["451", "451", "451"] and "$fax_status2 451" in busy
+
+
+def test_a_spool_folder_writable_by_every_user_is_warned_about(tmp_path, server):
+    kit = kit_for(tmp_path, server)
+    (kit.root / "TOSEND").chmod(0o777)
+    result = kit.drain()
+    assert result.returncode == 0
+    assert "TOSEND: writable by every user" in result.stderr
+    (kit.root / "TOSEND").chmod(0o755)
+    assert "writable by every user" not in kit.drain().stderr
