@@ -359,3 +359,20 @@ def test_recover_refuses_while_that_node_runs(kit):
         from spoolkit import stop
 
         stop(proc)
+
+
+def test_the_relay_password_is_never_logged_even_when_auth_fails_at_debug_level(tmp_path, smtp_server):
+    import base64
+
+    server = smtp_server(auth=("mailer", "right-one"), auth_required=True)
+    (tmp_path / "relay.pw").write_text("Wr0ng-s3cret\n")
+    kit = SpoolKit(tmp_path, None, ['$email_retry_delays * "1H"'], yaml=(
+        f"relay: {{host: 127.0.0.1, port: {server.port}, starttls: never, username: mailer, password_file: ./relay.pw}}\n"
+    ))
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    result = kit.cli("-vv", "node", "--name", "N1", "--drain")
+    assert result.returncode == 0
+    out = result.stdout + result.stderr + kit.read("TOSEND", "J.FS")
+    assert "535" in kit.read("TOSEND", "J.FS")
+    for secret in ("Wr0ng-s3cret", base64.b64encode(b"\0mailer\0Wr0ng-s3cret").decode(), base64.b64encode(b"Wr0ng-s3cret").decode()):
+        assert secret not in out
