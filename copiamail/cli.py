@@ -27,6 +27,7 @@ from .delivery import resolve_relay
 from .job import parse_address, parse_job
 from .limits import bindings_for, limits_for
 from .mx import MxResolver
+from .peers import TAKEOVER_MARK
 from .recovery import recover
 from .rules import match, shadowed
 from .spool import Spool, is_job_name
@@ -358,8 +359,16 @@ def recover_cmd(node_name: str, config_file: Path | None, spool_dir: Path | None
     spool = Spool(cfg.spool, cfg.queues, cfg.fsync)
     spool.ensure()
     with node_lock(spool, node_name):
-        report = recover(spool, node_name)
-    click.echo(f"{node_name}: returned {len(report.returned)} job(s) to their folders, {len(report.failed)} to FAIL")
+        reports = [recover(spool, node_name)]
+        # Folders this node had taken over from dead peers, if it died midway.
+        for folder in sorted((spool.root / "ACTIVE").glob(f"{node_name}{TAKEOVER_MARK}*")):
+            if folder.is_dir():
+                reports.append(recover(spool, folder.name, recorder=node_name))
+                shutil.rmtree(folder, ignore_errors=True)
+    returned = sum(len(r.returned) for r in reports)
+    failed = sum(len(r.failed) for r in reports)
+    sent = sum(len(r.sent) for r in reports)
+    click.echo(f"{node_name}: returned {returned} job(s) to their folders, {failed} to FAIL, {sent} accepted before the stop to SENT")
 
 
 # --- demo ---------------------------------------------------------------------

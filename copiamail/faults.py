@@ -9,6 +9,9 @@ but one dictionary lookup. The points:
 ``written-SENT``, ``written-FAIL``, ``written-BACK``
                             a result was written and fsynced beside the claimed
                             job, not yet committed (state 3)
+``writing-SENT``, ``writing-FAIL``, ``writing-BACK``
+                            half of a result is written, not fsynced (state 3,
+                            with a partial file)
 ``committed-SENT``, ``committed-FAIL``, ``committed-BACK``
                             the claimed job was unlinked, the result not yet
                             moved to its folder (state 4)

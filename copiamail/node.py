@@ -101,7 +101,7 @@ async def _heartbeat(peers: Peers, scheduler: Scheduler) -> None:
     interval = heartbeat_interval(peers.stale_after)
     while True:
         peers.beat()
-        if peers.check():
+        if peers.check():  # never raises
             scheduler.wake()
         await asyncio.sleep(interval)
 

@@ -1,12 +1,14 @@
 """Heartbeats, and taking over the jobs of a node that died (issue 4).
 
-Every running node rewrites ``ACTIVE/<node>.alive`` (write then rename) every
-few seconds with a counter that changes at each beat. Another node that sees
-jobs in ``ACTIVE/<peer>/`` watches that file: when its content has not changed
-for ``node_stale_after`` seconds *of the watcher's own monotonic clock*, the
-peer is taken for dead. Only content is compared, never mtimes, so clocks that
-differ between machines on a shared spool do not matter (DESIGN: "do not
-trust mtimes across machines").
+Every running node moves its heartbeat on every few seconds: an empty file
+``ACTIVE/<node>.alive.<n>`` renamed to ``<n+1>`` (a rename needs no free disk
+space, so a node on a full disk still beats). Another node that sees jobs in
+``ACTIVE/<peer>/`` watches those names: when they have not changed for
+``node_stale_after`` seconds *of the watcher's own monotonic clock*, the peer is
+taken for dead. Only names are compared, never mtimes, so clocks that differ
+between machines on a shared spool do not matter (DESIGN: "do not trust mtimes
+across machines"). A takeover folder (below) is watched through its taker's
+heartbeat, so a taker that dies halfway is taken over in turn.
 
 Taking over is one rename: ``ACTIVE/<peer>`` becomes ``ACTIVE/<me>~from~<peer>~<n>``.
 On a shared spool several nodes may try at once; the rename is atomic, so one
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,11 @@ from .spool import ACTIVE, Spool
 log = logging.getLogger("copiamail")
 
 TAKEOVER_MARK = "~from~"
+# Test-only: behave as if every peer ran on another machine (its lock unseen),
+# so tests on one machine show that the heartbeat alone decides.
+IGNORE_LOCKS_ENV = "COPIAMAIL_IGNORE_PEER_LOCKS"
+# Test-only: a node that runs but never beats (to show the heartbeat matters).
+NO_HEARTBEAT_ENV = "COPIAMAIL_NO_HEARTBEAT"
 
 
 def heartbeat_interval(stale_after: float) -> float:
@@ -52,7 +58,7 @@ def heartbeat_interval(stale_after: float) -> float:
 
 @dataclass
 class _Seen:
-    content: bytes | None
+    content: tuple[str, ...]
     since: float
 
 
@@ -65,93 +71,115 @@ class Peers:
         self.stale_after = stale_after
         self.clock = clock
         self._beats = 0
+        self._current: Path | None = None
         self._seen: dict[str, _Seen] = {}
-        self._ident = f"{socket.gethostname()} {os.getpid()}"
 
-    def alive_path(self, node: str) -> Path:
-        return self.spool.root / ACTIVE / f"{node}.alive"
+    def _beat_files(self, node: str) -> list[str]:
+        prefix = f"{node}.alive."
+        try:
+            return sorted(n for n in os.listdir(self.spool.root / ACTIVE) if n.startswith(prefix) and n[len(prefix):].isdigit())
+        except OSError:
+            return []
 
     def beat(self) -> None:
-        """Rewrite this node's heartbeat (a rename, so readers see all or nothing)."""
+        """Move this node's heartbeat on: ``ACTIVE/<node>.alive.<n>`` is renamed
+        to the next ``n``. A rename needs no free disk space, so a node whose
+        disk is full still shows it is alive."""
+        if os.environ.get(NO_HEARTBEAT_ENV):
+            return
+        base = self.spool.root / ACTIVE
         self._beats += 1
-        path = self.alive_path(self.node)
-        tmp = path.with_name(f".{path.name}.tmp")
+        nxt = base / f"{self.node}.alive.{self._beats}"
         try:
-            tmp.write_text(f"{self._ident} {self._beats}\n", encoding="utf-8")
-            os.replace(tmp, path)
+            if self._current is None:
+                for old in self._beat_files(self.node):
+                    (base / old).unlink()
+                nxt.touch()
+            else:
+                os.rename(self._current, nxt)
+            self._current = nxt
         except OSError as e:
-            log.warning("%s: cannot write the heartbeat: %s", path, e.strerror)
+            log.warning("%s: cannot move the heartbeat on: %s", nxt, e.strerror)
+            self._current = None
 
     def stop(self) -> None:
         """A clean stop: the heartbeat goes, unless jobs stay in ACTIVE (results
         a full disk kept from being written): then it stays, frozen, and a peer
         takes those over after node_stale_after."""
-        if self.spool.holds_jobs(self.node):
+        if self.spool.holds_jobs(self.node) or self._current is None:
             return
         try:
-            self.alive_path(self.node).unlink()
+            self._current.unlink()
         except OSError:
             pass
 
     def check(self) -> list[tuple[str, RecoveryReport]]:
-        """Take over every peer seen dead; returns what was recovered from whom."""
-        if self.stale_after <= 0:
-            return []
+        """Take over the jobs of every node seen dead; returns what was recovered
+        from which folder. Never raises: a failure is logged and tried again at
+        the next check."""
         out: list[tuple[str, RecoveryReport]] = []
+        try:
+            self._check(out)
+        except Exception as e:  # noqa: BLE001 - the heartbeat must go on whatever happens here
+            log.error("checking other nodes failed: %s", e)
+        return out
+
+    def _check(self, out: list[tuple[str, RecoveryReport]]) -> None:
         now = self.clock()
         base = self.spool.root / ACTIVE
         try:
-            peers = [p.name for p in base.iterdir() if p.is_dir() and p.name != self.node]
+            folders = [p.name for p in base.iterdir() if p.is_dir() and p.name != self.node]
         except FileNotFoundError:
-            return out
-        for peer in peers:
-            if TAKEOVER_MARK in peer:
-                if peer.startswith(self.node + TAKEOVER_MARK):
-                    out.append((peer, self._recover_taken(peer)))  # ours, left by a crash mid-takeover
+            return
+        for folder in folders:
+            # A takeover folder belongs to its taker: ours is recovered now (a
+            # crash cut our takeover short); another's when its taker is dead.
+            owner = folder.split(TAKEOVER_MARK, 1)[0]
+            if owner == self.node:
+                out.append((folder, self._recover_taken(folder)))
                 continue
-            if not self.spool.holds_jobs(peer):
-                self._seen.pop(peer, None)
+            if self.stale_after <= 0:
                 continue
-            content = self._read(peer)
-            seen = self._seen.get(peer)
+            if not self.spool.holds_jobs(folder):
+                self._seen.pop(folder, None)
+                continue
+            content = tuple(self._beat_files(owner))
+            seen = self._seen.get(folder)
             if seen is None or seen.content != content:
-                self._seen[peer] = _Seen(content, now)
+                self._seen[folder] = _Seen(content, now)
                 continue
-            if now - seen.since < self.stale_after or self._locked_here(peer):
+            if now - seen.since < self.stale_after or self._locked_here(owner):
                 continue
-            taken = self._take(peer)
-            self._seen.pop(peer, None)
+            taken = self._take(folder)
+            self._seen.pop(folder, None)
             if taken is not None:
-                log.warning("node %s: no heartbeat for %.0f s; took over its jobs", peer, now - seen.since)
-                out.append((peer, self._recover_taken(taken)))
-        return out
-
-    def _read(self, peer: str) -> bytes | None:
-        try:
-            return self.alive_path(peer).read_bytes()
-        except OSError:
-            return None
+                log.warning("node %s: no heartbeat for %.0f s; took over its jobs", owner, now - seen.since)
+                out.append((folder, self._recover_taken(taken)))
 
     def _locked_here(self, peer: str) -> bool:
         # A peer on this machine holds its lock file while it runs: alive,
-        # whatever its heartbeat says. (On a network share the lock proves
-        # nothing, and the heartbeat decides.)
+        # whatever its heartbeat says. On a network share a lock proves nothing
+        # (and may fail): then the heartbeat alone decides.
+        if os.environ.get(IGNORE_LOCKS_ENV):
+            return False
         lock = FileLock(str(self.spool.lock_path(peer)))
         try:
             lock.acquire(timeout=0)
         except Timeout:
             return True
+        except OSError:
+            return False
         lock.release()
         return False
 
-    def _take(self, peer: str) -> str | None:
+    def _take(self, folder: str) -> str | None:
         base = self.spool.root / ACTIVE
         for n in range(1, 1000):
-            name = f"{self.node}{TAKEOVER_MARK}{peer}~{n}"
+            name = f"{self.node}{TAKEOVER_MARK}{folder}~{n}"
             if (base / name).exists():
                 continue
             try:
-                os.rename(base / peer, base / name)
+                os.rename(base / folder, base / name)
             except FileNotFoundError:
                 return None  # another node took it first
             except OSError:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from . import outcome, records
 from .errors import SyntaxFileError
 from .fsfile import CommandFile
-from .spool import FAIL, Spool
+from .spool import FAIL, SENT, Spool
 
 log = logging.getLogger("copiamail")
 
@@ -26,6 +26,7 @@ log = logging.getLogger("copiamail")
 class RecoveryReport:
     returned: tuple[str, ...] = ()
     failed: tuple[str, ...] = ()
+    sent: tuple[str, ...] = ()
 
 
 def _interruptions(cf: CommandFile) -> int:
@@ -48,7 +49,14 @@ def recover(spool: Spool, node: str, now: float | None = None, recorder: str | N
     me = recorder or node
     returned: list[str] = []
     failed: list[str] = []
-    for claimed in spool.claimed_jobs(node):
+    sent: list[str] = []
+    interrupted, delivered = spool.claimed_jobs(node)
+    for claimed in delivered:
+        # The server accepted it before the stop: finish it, never send it again.
+        cf = records.delivered(spool.read(claimed), me, "250 (accepted; the rest of the reply was not recorded before a stop)", "", 0, now)
+        spool.finish(claimed, cf, SENT)
+        sent.append(claimed.name)
+    for claimed in interrupted:
         cf = spool.read(claimed)
         code = outcome.INTERRUPTED
         cf = records.interrupted(cf, me, code.code, code.klass, "attempt interrupted", now)
@@ -62,4 +70,4 @@ def recover(spool: Spool, node: str, now: float | None = None, recorder: str | N
             spool.finish(claimed, cf, "BACK")
             returned.append(claimed.name)
             log.warning("%s: attempt interrupted; returned to %s", claimed.name, claimed.queue)
-    return RecoveryReport(tuple(returned), tuple(failed))
+    return RecoveryReport(tuple(returned), tuple(failed), tuple(sent))

@@ -447,7 +447,7 @@ class Scheduler:
             items = self._resolving.pop(domain, [])
             for item in items:
                 try:
-                    if self.stopping:
+                    if self.stopping or self._paused:
                         self._hand_back(item.claimed)
                     elif error is not None:
                         self._finish_error(item.claimed, item.cf, item.job, error)
@@ -665,7 +665,7 @@ class Scheduler:
             self.limiter.release(conn.limits)
             self._connections.discard(conn)
             if elsewhere is not None:
-                if self.stopping:
+                if self.stopping or self._paused:
                     self._hand_back(elsewhere.claimed)
                 else:
                     self._route(elsewhere, after_lookup=True)
@@ -783,6 +783,12 @@ class Scheduler:
         return bool(self._owed)
 
     def _finish_sent(self, claimed: Claimed, cf: CommandFile, result: Delivered) -> None:
+        try:
+            # First a rename (no disk space needed): from now on a crash or a
+            # full disk can no longer make this message go out twice.
+            claimed = self.spool.mark_delivered(claimed)
+        except OSError as e:
+            log.error("%s: cannot mark the job delivered: %s", claimed.path, e.strerror)
         self._write(claimed, records.delivered(cf, self.node, result.reply, result.ip, result.bytecount, self.clock()), SENT, "sent")
 
     def _finish_failed(self, claimed: Claimed, cf: CommandFile, code: int, klass: str, text: str) -> None:

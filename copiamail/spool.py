@@ -20,13 +20,17 @@ from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
    restarting, or ``copiamail recover --node N``) finds ``ACTIVE/N/Q/X.FS`` alone,
    adds an attempt record of outcome 66, and returns it to ``Q`` (to FAIL after
    three interruptions).
+2b. **delivered**: right after the server's 250 the claimed job is renamed
+   to ``ACTIVE/N/Q/X.FS.DELIVERED`` (a rename: no disk space needed). A crash
+   from here on never sends the job again: recovery writes it to SENT (with an
+   attempt record saying the server's reply was lost). The window in which a
+   crash sends a message twice is therefore only the wait for the server's reply
+   to the end of DATA, plus this one rename.
 3. **result written**: the engine writes the job's next version to
    ``ACTIVE/N/Q/X.FS.<DEST>`` (``.SENT``, ``.FAIL`` or ``.BACK`` for the queue)
-   and fsyncs it. While ``ACTIVE/N/Q/X.FS`` exists the result is not committed:
-   a crash here leaves both files; recovery deletes the result and treats the
-   job as in state 2. For a delivered job this is the window in which a crash
-   after the server's 250 sends the job twice (at-least-once; the Message-ID
-   stays the same, so a receiver can drop the copy).
+   and fsyncs it. While ``ACTIVE/N/Q/X.FS`` (or ``X.FS.DELIVERED``) exists
+   the result is not committed: a crash here leaves both files; recovery
+   deletes the result and treats the job as in state 2 (or 2b).
 4. **committed**: ``unlink(ACTIVE/N/Q/X.FS)``. The one step that commits the
    result: from now on ``X.FS.<DEST>`` is the job. A crash here leaves it
    alone in ACTIVE; recovery finishes the move (step 5).
@@ -66,7 +70,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import SpoolError
-from .faults import check_disk_space, crash_point
+from .faults import CRASH_ENV, check_disk_space, crash_point
 from .fsfile import CommandFile, write_all
 
 ACTIVE = "ACTIVE"
@@ -76,6 +80,7 @@ TEMP = "TEMP"
 BACK = "BACK"  # the suffix of a result that goes back to its own queue
 
 _RESULT_SUFFIXES = (SENT, FAIL, BACK)
+DELIVERED = "DELIVERED"  # the suffix of a claimed job the server has accepted
 _QUEUE_NAME = re.compile(r"^TOSEND(\d+)$")
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -237,6 +242,12 @@ class Spool:
         crash_point("claimed")
         return Claimed(node, job.queue, job.name, dest)
 
+    def mark_delivered(self, claimed: Claimed) -> Claimed:
+        """State 2 to 2b: the server accepted the message (one rename)."""
+        path = claimed.path.with_name(f"{claimed.name}.{DELIVERED}")
+        os.rename(claimed.path, path)
+        return Claimed(claimed.node, claimed.queue, claimed.name, path)
+
     def read(self, claimed: Claimed) -> CommandFile:
         return CommandFile.read(claimed.path)
 
@@ -259,6 +270,9 @@ class Spool:
         check_disk_space(str(path))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
+            if os.environ.get(CRASH_ENV, "").startswith("writing-"):
+                write_all(fd, data[: len(data) // 2])
+                crash_point(f"writing-{path.name.rsplit('.', 1)[1]}")
             write_all(fd, data)
             if self.fsync:
                 os.fsync(fd)
@@ -307,7 +321,7 @@ class Spool:
                 head, _, suffix = f.rpartition(".")
                 path = qdir / f
                 if suffix in _RESULT_SUFFIXES and is_job_name(head):
-                    if head in names or path.stat().st_nlink > 1:
+                    if head in names or f"{head}.{DELIVERED}" in names or path.stat().st_nlink > 1:
                         # Not committed (state 3), or already published by link().
                         path.unlink()
                     else:
@@ -315,19 +329,24 @@ class Spool:
                 elif f.endswith(".tmp"):
                     path.unlink()
 
-    def claimed_jobs(self, node: str) -> list[Claimed]:
+    def claimed_jobs(self, node: str) -> tuple[list[Claimed], list[Claimed]]:
         """What node ``node`` holds in ACTIVE after :meth:`finish_committed`:
-        the jobs whose attempt was interrupted."""
+        the jobs whose attempt was interrupted, and the jobs the server had
+        accepted (state 2b)."""
         self.finish_committed(node)
         base = self.active_dir(node)
-        out: list[Claimed] = []
+        interrupted: list[Claimed] = []
+        delivered: list[Claimed] = []
         if not base.is_dir():
-            return out
+            return interrupted, delivered
         for qdir in sorted(p for p in base.iterdir() if p.is_dir()):
             for f in sorted(os.listdir(qdir), key=os.fsencode):
+                head, _, suffix = f.rpartition(".")
                 if is_job_name(f):
-                    out.append(Claimed(node, qdir.name, f, qdir / f))
-        return out
+                    interrupted.append(Claimed(node, qdir.name, f, qdir / f))
+                elif suffix == DELIVERED and is_job_name(head):
+                    delivered.append(Claimed(node, qdir.name, head, qdir / f))
+        return interrupted, delivered
 
     def holds_jobs(self, node: str) -> bool:
         """Whether ``ACTIVE/<node>`` holds a claimed job or a result."""
@@ -339,7 +358,7 @@ class Spool:
         for qdir in qdirs:
             for f in os.listdir(qdir):
                 head, _, suffix = f.rpartition(".")
-                if is_job_name(f) or (suffix in _RESULT_SUFFIXES and is_job_name(head)):
+                if is_job_name(f) or (suffix in (*_RESULT_SUFFIXES, DELIVERED) and is_job_name(head)):
                     return True
         return False
 

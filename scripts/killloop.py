@@ -15,8 +15,10 @@ SIGKILLed after a random 0.2-0.8 s, --kills times (bounded also by
 - temporary files left in ACTIVE or TEMP (must be 0)
 - failed: jobs in FAIL (interrupted three times: outcome 67)
 - duplicated: messages the sink received more than once, all with one
-  Message-ID per job: the documented at-least-once window (a kill between the
-  end of DATA and the commit)
+  Message-ID per job: the documented at-least-once window (a kill while the
+  node waits for the server's reply to the end of DATA)
+- in two places / under another name: a job found in more than one folder, or
+  published again as NAME~1.FS (must be 0)
 
 Exit status 0 when lost, stuck and temporary files are all 0.
 """
@@ -42,14 +44,16 @@ from copiamail.sink import SmtpSink  # noqa: E402
 QUEUES = ["TOSEND", "TOSEND1", "TOSEND2", "TOSEND3"]
 
 
-def job_files(root: Path, folders: list[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
+def job_files(root: Path, folders: list[str]) -> dict[str, list[str]]:
+    """Every job file name (and the job name of a result file) -> the folders it is in."""
+    out: dict[str, list[str]] = {}
     for folder in folders:
         d = root / folder
         if d.is_dir():
             for p in d.rglob("*"):
-                if p.is_file() and p.name.upper().endswith(".FS"):
-                    out[p.name] = folder
+                name = p.name.split(".FS.")[0] + ".FS" if ".FS." in p.name else p.name
+                if p.is_file() and name.upper().endswith(".FS"):
+                    out.setdefault(name, []).append(folder)
     return out
 
 
@@ -97,25 +101,28 @@ def main() -> int:
         ids = dict(sink.message_ids)
     where = job_files(root, QUEUES + ["ACTIVE", "SENT", "FAIL"])
     lost = [n for n in names if n not in where]
-    stuck = [n for n, f in where.items() if f in QUEUES or f == "ACTIVE"]
+    stuck = [n for n, f in where.items() if any(x in QUEUES or x == "ACTIVE" for x in f)]
+    twice = [n for n, f in where.items() if len(f) > 1]
+    strangers = [n for n in where if n not in set(names)]  # e.g. a job published again as NAME~1.FS
     # Inside node folders of ACTIVE, and in TEMP; the lock and heartbeat files
     # beside the node folders are the nodes' own, not jobs.
     temp = [p for p in list((root / "ACTIVE").rglob("*")) + list((root / "TEMP").rglob("*"))
             if p.is_file() and p.parent != root / "ACTIVE"]
-    sent = sum(1 for f in where.values() if f == "SENT")
-    failed = sum(1 for f in where.values() if f == "FAIL")
+    sent = sum(1 for f in where.values() if f == ["SENT"])
+    failed = sum(1 for f in where.values() if f == ["FAIL"])
     duplicated = sum(n - 1 for n in ids.values() if n > 1)
     print(f"jobs {args.jobs}, kills {kills} (SIGKILL at random moments), then one drain "
           f"(exit {final.returncode}) in {time.monotonic() - started:.1f} s")
     print(f"sent {sent}, failed {failed} (interrupted three times), lost {len(lost)}, stuck {len(stuck)}, "
-          f"temporary files left {len(temp)}")
+          f"in two places {len(twice)}, under another name {len(strangers)}, temporary files left {len(temp)}")
     print(f"messages received {sum(ids.values())} for {len(ids)} jobs; duplicated {duplicated} "
-          f"(the at-least-once window: a kill between the end of DATA and the commit)")
+          f"(the at-least-once window: a kill while waiting for the server's reply to the end of DATA)")
     if args.keep:
         print(f"spool kept at {root}")
     else:
         shutil.rmtree(base)
-    return 0 if not lost and not stuck and not temp and final.returncode == 0 else 1
+    whole = sent + failed == args.jobs
+    return 0 if whole and not lost and not stuck and not twice and not strangers and not temp and final.returncode == 0 else 1
 
 
 if __name__ == "__main__":

@@ -37,14 +37,17 @@ def leftovers(kit: SpoolKit) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "point,expect_resent,attempt_codes",
+    "point,attempt_codes",
     [
-        ("claimed", False, ["66", "0"]),
-        ("written-SENT", True, ["66", "0"]),  # after the 250, before the commit: the documented window
-        ("committed-SENT", False, ["0"]),
+        ("claimed", ["66", "0"]),
+        # After the server's 250 the job is marked delivered (a rename); a crash
+        # from then on finishes it to SENT and never sends it again.
+        ("writing-SENT", ["0"]),
+        ("written-SENT", ["0"]),
+        ("committed-SENT", ["0"]),
     ],
 )
-def test_crash_points_on_the_way_to_sent(tmp_path, smtp_server, point, expect_resent, attempt_codes):
+def test_crash_points_on_the_way_to_sent(tmp_path, smtp_server, point, attempt_codes):
     server = smtp_server()
     kit = SpoolKit(tmp_path, server.port, [])
     kit.job("TOSEND1", "J.FS", to="a@copia.com")
@@ -54,12 +57,10 @@ def test_crash_points_on_the_way_to_sent(tmp_path, smtp_server, point, expect_re
     assert kit.drain().returncode == 0
     assert kit.names("SENT") == ["J.FS"] and kit.waiting() == [] and leftovers(kit) == []
     assert [a[2] for a in attempts(kit.read("SENT", "J.FS"))] == attempt_codes
-    ids = [m.message_id for m in server.messages]
-    assert len(ids) == (2 if expect_resent else 1 if point != "claimed" else 1)
-    assert len(set(ids)) == 1  # a copy carries the same Message-ID
+    assert len(server.messages) == 1  # sent exactly once
 
 
-@pytest.mark.parametrize("point", ["written-FAIL", "committed-FAIL"])
+@pytest.mark.parametrize("point", ["writing-FAIL", "written-FAIL", "committed-FAIL"])
 def test_crash_points_on_the_way_to_fail(tmp_path, smtp_server, point):
     server = smtp_server()
     server.add_rule(Rule(stage="RCPT", code=550, text="5.1.1 unknown"))
@@ -71,7 +72,7 @@ def test_crash_points_on_the_way_to_fail(tmp_path, smtp_server, point):
     assert var(kit.read("FAIL", "J.FS"), "EMAIL_ERROR") == "550 5.1.1 unknown"
 
 
-@pytest.mark.parametrize("point,codes", [("written-BACK", ["66", "451", "0"]), ("committed-BACK", ["451", "0"])])
+@pytest.mark.parametrize("point,codes", [("writing-BACK", ["66", "0"]), ("written-BACK", ["66", "0"]), ("committed-BACK", ["451", "0"])])
 def test_crash_in_the_middle_of_a_retry_write(tmp_path, smtp_server, point, codes):
     server = smtp_server()
     server.add_rule(Rule(stage="RCPT", code=451, text="4.3.0 later", times=1))
@@ -83,11 +84,11 @@ def test_crash_in_the_middle_of_a_retry_write(tmp_path, smtp_server, point, code
     got = [a[2] for a in attempts(kit.read("SENT", "J.FS"))]
     # Written but not committed: the retry record is dropped with the result and
     # the attempt counts as interrupted; the next try meets a healthy server.
-    assert got == (["66", "0"] if point == "written-BACK" else codes)
+    assert got == codes
     assert len(server.messages) == 1
 
 
-@pytest.mark.parametrize("point", ["written-BACK", "committed-BACK"])
+@pytest.mark.parametrize("point", ["writing-BACK", "written-BACK", "committed-BACK"])
 def test_crash_in_the_middle_of_a_deferral_write(tmp_path, smtp_server, point):
     server = smtp_server()
     server.add_rule(Rule(stage="EOD", delay=0.5))
@@ -158,3 +159,23 @@ def test_no_temporary_file_survives_a_crash_loop(tmp_path, smtp_server):
     received = {m.message_id for m in server.messages}
     assert len(kit.names("SENT")) <= len(received) <= 30
     assert os.listdir(kit.root / "TEMP") == []
+
+
+def test_sigkill_while_the_message_text_is_being_sent(tmp_path, smtp_server):
+    import os as _os
+
+    server = smtp_server(size_limit=200 * 1024 * 1024)
+    server.add_rule(Rule(stage="EOD", delay=5))  # should the text get through, no 250 comes back in time
+    kit = SpoolKit(tmp_path, server.port, [])
+    (kit.root / "files").mkdir()
+    (kit.root / "files" / "big.bin").write_bytes(_os.urandom(1 << 20) * 30)
+    kit.job("TOSEND", "J.FS", "$email_attach files/big.bin", to="a@copia.com")
+    proc = kit.start("N1")
+    wait_until(lambda: any(c.open and "DATA" in " ".join(c.commands).upper() for c in server.connections), timeout=30, interval=0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    server.clear_rules()
+    assert kit.drain(timeout=120).returncode == 0
+    assert kit.names("SENT") == ["J.FS"] and leftovers(kit) == []
+    assert [a[2] for a in attempts(kit.read("SENT", "J.FS"))] == ["66", "0"]
+    assert len(server.messages) == 1

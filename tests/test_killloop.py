@@ -15,4 +15,4 @@ def test_kill_loop_script_loses_nothing_and_leaves_nothing_stuck():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "kills 6" in result.stdout
-    assert "lost 0, stuck 0, temporary files left 0" in result.stdout
+    assert "lost 0, stuck 0, in two places 0, under another name 0, temporary files left 0" in result.stdout

@@ -116,3 +116,91 @@ def test_taking_over_is_off_with_node_stale_after_0(tmp_path):
     for _ in range(3):
         now[0] += 1000
         assert watcher.check() == []
+
+
+def _start(kit, name, **env):
+    import subprocess
+
+    from spoolkit import CLI, cli_env
+
+    return subprocess.Popen(
+        [*CLI, "node", "--name", name], cwd=kit.base, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL, env=cli_env(COPIAMAIL_CONFIG=str(kit.config_path), **env),
+    )
+
+
+def test_the_heartbeat_alone_keeps_a_live_node_on_another_machine_from_being_taken_over(tmp_path, smtp_server):
+    from copiamail.peers import IGNORE_LOCKS_ENV
+
+    server = smtp_server()
+    server.add_rule(Rule(stage="EOD", delay=3.0))
+    kit = SpoolKit(tmp_path, server.port, [], yaml="node_stale_after: 1\n")
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    n1 = _start(kit, "N1")
+    wait_until(lambda: [p.name for p in kit.active()] == ["J.FS"], timeout=15)
+    n2 = _start(kit, "N2", **{IGNORE_LOCKS_ENV: "1"})  # N2 cannot see N1's lock: as if on another machine
+    try:
+        wait_until(lambda: kit.names("SENT") == ["J.FS"], timeout=20)
+    finally:
+        _, _, err2 = stop(n2)
+        stop(n1)
+    assert "took over" not in err2
+    assert [(a[1], a[2]) for a in attempts(kit.read("SENT", "J.FS"))] == [("N1", "0")]
+    assert len(server.messages) == 1
+
+
+def test_without_a_heartbeat_a_node_on_another_machine_would_be_taken_over(tmp_path, smtp_server):
+    """The control for the test above: the same run, but N1 never beats."""
+    from copiamail.peers import IGNORE_LOCKS_ENV, NO_HEARTBEAT_ENV
+
+    server = smtp_server()
+    server.add_rule(Rule(stage="EOD", delay=3.0))
+    kit = SpoolKit(tmp_path, server.port, [], yaml="node_stale_after: 1\n")
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    n1 = _start(kit, "N1", **{NO_HEARTBEAT_ENV: "1"})
+    wait_until(lambda: [p.name for p in kit.active()] == ["J.FS"], timeout=15)
+    n2 = _start(kit, "N2", **{IGNORE_LOCKS_ENV: "1"})
+    try:
+        wait_until(lambda: not (kit.root / "ACTIVE" / "N1").exists(), timeout=20)
+    finally:
+        _, _, err2 = stop(n2)
+        stop(n1)
+    assert "took over" in err2
+
+
+def test_a_takeover_left_halfway_by_a_dead_taker_is_taken_over_in_turn(tmp_path):
+    spool = Spool(tmp_path)
+    spool.ensure()
+    taken = tmp_path / "ACTIVE" / "W~from~P~1" / "TOSEND"
+    taken.mkdir(parents=True)
+    (taken / "J.FS").write_text("$email_address a@b.test\n")
+    now = [0.0]
+    watcher = Peers(spool, "N3", stale_after=10, clock=lambda: now[0])
+    assert watcher.check() == []  # first sight of the still heartbeat of W
+    now[0] += 11
+    [(name, report)] = watcher.check()
+    assert report.returned == ("J.FS",)
+    assert (tmp_path / "TOSEND" / "J.FS").exists() and list((tmp_path / "ACTIVE").glob("*~from~*")) == []
+
+
+def test_a_node_recovers_its_own_half_done_takeover(tmp_path):
+    spool = Spool(tmp_path)
+    spool.ensure()
+    mine = tmp_path / "ACTIVE" / "N3~from~P~1" / "TOSEND1"
+    mine.mkdir(parents=True)
+    (mine / "J.FS").write_text("$email_address a@b.test\n")
+    [(name, report)] = Peers(spool, "N3", stale_after=0).check()
+    assert name == "N3~from~P~1" and report.returned == ("J.FS",)
+    assert (tmp_path / "TOSEND1" / "J.FS").exists()
+
+
+def test_the_heartbeat_moves_on_by_rename_only(tmp_path):
+    spool = Spool(tmp_path)
+    spool.ensure()
+    p = Peers(spool, "N1", stale_after=10)
+    p.beat()
+    first = sorted(x.name for x in (tmp_path / "ACTIVE").iterdir() if x.name.startswith("N1.alive"))
+    p.beat()
+    second = sorted(x.name for x in (tmp_path / "ACTIVE").iterdir() if x.name.startswith("N1.alive"))
+    assert first == ["N1.alive.1"] and second == ["N1.alive.2"]
+    assert (tmp_path / "ACTIVE" / "N1.alive.2").stat().st_size == 0

@@ -186,3 +186,19 @@ def test_a_recovered_job_never_replaces_a_job_that_took_its_name(tmp_path):
     recover(sp, "N1", now=NOW)
     assert (sp.folder("TOSEND") / "X.FS").read_bytes() == b"another job\n"
     assert (sp.folder("TOSEND") / "X~1.FS").read_bytes().startswith(JOB)
+
+
+def test_a_job_the_server_accepted_before_a_crash_is_finished_to_sent_not_sent_again(tmp_path):
+    from copiamail.recovery import recover
+    from copiamail.spool import Spool
+
+    sp = Spool(tmp_path)
+    sp.ensure()
+    d = tmp_path / "ACTIVE" / "N1" / "TOSEND2"
+    d.mkdir(parents=True)
+    (d / "J.FS.DELIVERED").write_text("$email_address a@b.test\n")
+    report = recover(sp, "N1")
+    assert report.sent == ("J.FS",) and report.returned == ()
+    text = (tmp_path / "SENT" / "J.FS").read_text()
+    assert " E N1 0 S " in text and "$fax_status1 6" in text and "$fax_status2 0" in text
+    assert not (tmp_path / "TOSEND2" / "J.FS").exists()

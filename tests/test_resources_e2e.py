@@ -30,9 +30,9 @@ def test_a_full_disk_pauses_the_node_and_loses_nothing_nor_sends_twice(tmp_path,
         wait_until(lambda: len(server.messages) == 1, timeout=15)
         time.sleep(1.5)  # several scans while the disk is full
         # A was delivered but its result cannot be written: it stays claimed,
-        # and no new job is taken meanwhile.
+        # marked delivered, and no new job is taken meanwhile.
         assert len(server.messages) == 1
-        assert [p.name for p in kit.active()] == ["A.FS"]
+        assert [p.name for p in kit.active()] == ["A.FS.DELIVERED"]
         assert (kit.root / "TOSEND" / "B.FS").read_bytes() == b_before
         flag.unlink()
         wait_until(lambda: kit.names("SENT") == ["A.FS", "B.FS"], timeout=15)
@@ -61,10 +61,12 @@ def test_a_node_stopped_while_the_disk_is_full_keeps_the_job_for_its_next_start(
     wait_until(lambda: len(server.messages) == 1, timeout=15)
     code, _, err = stop(proc)
     assert code == 0 and "could not be written" in err
-    assert [p.name for p in kit.active()] == ["A.FS"]  # not lost: recovered at the next start
+    # Not lost: marked delivered (a rename), it is finished at the next start...
+    assert [p.name for p in kit.active()] == ["A.FS.DELIVERED"]
     flag.unlink()
     assert kit.drain().returncode == 0
     assert kit.names("SENT") == ["A.FS"]
+    assert len(server.messages) == 1  # ...and not sent again
 
 
 def test_a_50_mb_attachment_is_sent_whole(tmp_path, smtp_server):

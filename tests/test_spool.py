@@ -322,14 +322,14 @@ def qdir(sp: Spool, node: str = "N1", queue: str = "TOSEND4") -> Path:
 
 def test_claimed_jobs_of_a_node_without_active_folder_is_empty(tmp_path):
     sp = make_spool(tmp_path)
-    assert sp.claimed_jobs("N1") == []
+    assert sp.claimed_jobs("N1")[0] == []
 
 
 def test_crash_in_state_2_the_claimed_job_is_returned_as_claimed(tmp_path):
     sp = make_spool(tmp_path)
     d = qdir(sp)
     (d / "X.FS").write_bytes(b"orig")
-    assert sp.claimed_jobs("N1") == [Claimed("N1", "TOSEND4", "X.FS", d / "X.FS")]
+    assert sp.claimed_jobs("N1")[0] == [Claimed("N1", "TOSEND4", "X.FS", d / "X.FS")]
     assert (d / "X.FS").read_bytes() == b"orig"
 
 
@@ -339,7 +339,7 @@ def test_crash_in_state_3_the_uncommitted_result_is_deleted_and_the_job_is_claim
     d = qdir(sp)
     (d / "X.FS").write_bytes(b"orig")
     (d / f"X.FS.{suffix}").write_bytes(b"result")
-    assert sp.claimed_jobs("N1") == [Claimed("N1", "TOSEND4", "X.FS", d / "X.FS")]
+    assert sp.claimed_jobs("N1")[0] == [Claimed("N1", "TOSEND4", "X.FS", d / "X.FS")]
     assert listing(d) == ["X.FS"]
     assert (d / "X.FS").read_bytes() == b"orig"
     for folder in ("SENT", "FAIL", "TOSEND4"):
@@ -351,7 +351,7 @@ def test_crash_in_state_4_a_committed_result_is_published_and_nothing_is_claimed
     sp = make_spool(tmp_path)
     d = qdir(sp)
     (d / f"X.FS.{suffix}").write_bytes(b"result")
-    assert sp.claimed_jobs("N1") == []
+    assert sp.claimed_jobs("N1")[0] == []
     assert (sp.folder(suffix) / "X.FS").read_bytes() == b"result"
     assert listing(d) == []
     assert listing(sp.folder("TOSEND4")) == []
@@ -361,7 +361,7 @@ def test_crash_in_state_4_a_committed_back_result_is_published_to_its_own_queue(
     sp = make_spool(tmp_path)
     d = qdir(sp, queue="TOSEND11")
     (d / "X.FS.BACK").write_bytes(b"result")
-    assert sp.claimed_jobs("N1") == []
+    assert sp.claimed_jobs("N1")[0] == []
     assert (sp.folder("TOSEND11") / "X.FS").read_bytes() == b"result"
     assert listing(d) == []
 
@@ -371,7 +371,7 @@ def test_crash_in_state_4_publishing_never_replaces_a_job_with_the_same_name(tmp
     d = qdir(sp)
     (d / "X.FS.SENT").write_bytes(b"result")
     put(sp, "SENT", "X.FS", b"another")
-    assert sp.claimed_jobs("N1") == []
+    assert sp.claimed_jobs("N1")[0] == []
     assert (sp.folder("SENT") / "X.FS").read_bytes() == b"another"
     assert (sp.folder("SENT") / "X~1.FS").read_bytes() == b"result"
 
@@ -383,7 +383,7 @@ def test_a_result_already_linked_into_its_folder_is_deleted_not_published_twice(
     result = d / f"X.FS.{suffix}"
     result.write_bytes(b"result")
     os.link(result, sp.folder(folder) / "X.FS")  # link() done, crash before unlink()
-    assert sp.claimed_jobs("N1") == []
+    assert sp.claimed_jobs("N1")[0] == []
     assert listing(d) == []
     assert listing(sp.folder(folder)) == ["X.FS"]
     assert (sp.folder(folder) / "X.FS").read_bytes() == b"result"
@@ -395,7 +395,7 @@ def test_stray_tmp_files_in_active_are_deleted(tmp_path):
     d = qdir(sp)
     (d / "X.FS.tmp").write_bytes(b"half")
     (d / "Y.FS").write_bytes(b"job")
-    assert [c.name for c in sp.claimed_jobs("N1")] == ["Y.FS"]
+    assert [c.name for c in sp.claimed_jobs("N1")[0]] == ["Y.FS"]
     assert listing(d) == ["Y.FS"]
 
 
@@ -411,7 +411,7 @@ def test_claimed_jobs_mixes_states_across_queues_and_leaves_other_nodes_alone(tm
     (d2 / "D.fs").write_bytes(b"d")
     (other / "Z.FS").write_bytes(b"z")
     (other / "Y.FS.SENT").write_bytes(b"y")
-    got = sp.claimed_jobs("N1")
+    got = sp.claimed_jobs("N1")[0]
     assert [(c.queue, c.name) for c in got] == [("TOSEND", "A.FS"), ("TOSEND", "B.FS"), ("TOSEND2", "D.fs")]
     assert (sp.folder("FAIL") / "C.FS").read_bytes() == b"c2"
     assert listing(sp.folder("SENT")) == []
@@ -421,7 +421,7 @@ def test_claimed_jobs_mixes_states_across_queues_and_leaves_other_nodes_alone(tm
 def test_a_real_claim_then_claimed_jobs_returns_it(tmp_path):
     sp = make_spool(tmp_path)
     c = _claim(sp, "TOSEND9")
-    assert sp.claimed_jobs("N1") == [c]
+    assert sp.claimed_jobs("N1")[0] == [c]
 
 
 # --- counts --------------------------------------------------------------------
@@ -467,3 +467,17 @@ def test_a_tosend_folder_beyond_queues_still_drains_after_the_configured_ones(tm
     (tmp_path / "TOSEND2" / "B.FS").write_text("$email_address a@b.c\n")
     assert [(w.queue, w.name) for w in spool.scan()] == [("TOSEND2", "B.FS"), ("TOSEND16", "A.FS")]
     assert spool.counts()["TOSEND16"] == 1
+
+
+def test_a_delivered_job_is_listed_apart_and_its_uncommitted_result_dropped(tmp_path):
+    from copiamail.spool import Claimed, Spool
+
+    sp = Spool(tmp_path)
+    sp.ensure()
+    d = tmp_path / "ACTIVE" / "N1" / "TOSEND"
+    d.mkdir(parents=True)
+    (d / "X.FS.DELIVERED").write_text("$email_address a@b.test\n")
+    (d / "X.FS.SENT").write_text("partial")  # written but not committed: the marker still exists
+    interrupted, delivered = sp.claimed_jobs("N1")
+    assert interrupted == [] and delivered == [Claimed("N1", "TOSEND", "X.FS", d / "X.FS.DELIVERED")]
+    assert not (d / "X.FS.SENT").exists() and not (tmp_path / "SENT" / "X.FS").exists()
