@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,15 +72,17 @@ class Peers:
         self.stale_after = stale_after
         self.clock = clock
         self._beats = 0
+        self._token = secrets.token_hex(4)
         self._current: Path | None = None
         self._seen: dict[str, _Seen] = {}
 
-    def _beat_files(self, node: str) -> list[str]:
+    def _beat_files(self, node: str) -> list[str] | None:
+        """The names of ``node``'s heartbeat files; None if ACTIVE cannot be listed."""
         prefix = f"{node}.alive."
         try:
-            return sorted(n for n in os.listdir(self.spool.root / ACTIVE) if n.startswith(prefix) and n[len(prefix):].isdigit())
+            return sorted(n for n in os.listdir(self.spool.root / ACTIVE) if n.startswith(prefix))
         except OSError:
-            return []
+            return None
 
     def beat(self) -> None:
         """Move this node's heartbeat on: ``ACTIVE/<node>.alive.<n>`` is renamed
@@ -89,10 +92,12 @@ class Peers:
             return
         base = self.spool.root / ACTIVE
         self._beats += 1
-        nxt = base / f"{self.node}.alive.{self._beats}"
+        # A token new at every start: a node that restarts before its second
+        # beat never shows the name it showed before it died.
+        nxt = base / f"{self.node}.alive.{self._token}.{self._beats}"
         try:
             if self._current is None:
-                for old in self._beat_files(self.node):
+                for old in self._beat_files(self.node) or []:
                     (base / old).unlink()
                 nxt.touch()
             else:
@@ -143,7 +148,10 @@ class Peers:
             if not self.spool.holds_jobs(folder):
                 self._seen.pop(folder, None)
                 continue
-            content = tuple(self._beat_files(owner))
+            names = self._beat_files(owner)
+            if names is None:
+                continue  # cannot tell: never take a node for dead on a listing error
+            content = tuple(names)
             seen = self._seen.get(folder)
             if seen is None or seen.content != content:
                 self._seen[folder] = _Seen(content, now)

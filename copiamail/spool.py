@@ -229,6 +229,13 @@ class Spool:
         """Take a waiting job (state 1 to 2); None if another node took it first."""
         dest_dir = self.active_dir(node) / job.queue
         dest = dest_dir / job.name
+        # A job of the same name still claimed here (a name reused by a
+        # submitter) must not be overwritten: this one waits its turn. Only this
+        # node writes into its ACTIVE folder, so checking first is race-free; the
+        # rename itself stays a plain one, atomic between nodes on any file
+        # system (link-then-unlink would let two nodes both take the job).
+        if dest.exists() or dest.with_name(f"{job.name}.{DELIVERED}").exists():
+            return None
         try:
             os.rename(job.path, dest)
         except FileNotFoundError:

@@ -202,5 +202,18 @@ def test_the_heartbeat_moves_on_by_rename_only(tmp_path):
     first = sorted(x.name for x in (tmp_path / "ACTIVE").iterdir() if x.name.startswith("N1.alive"))
     p.beat()
     second = sorted(x.name for x in (tmp_path / "ACTIVE").iterdir() if x.name.startswith("N1.alive"))
-    assert first == ["N1.alive.1"] and second == ["N1.alive.2"]
-    assert (tmp_path / "ACTIVE" / "N1.alive.2").stat().st_size == 0
+    assert len(first) == len(second) == 1 and first != second
+    assert first[0].endswith(".1") and second[0].endswith(".2")
+    assert (tmp_path / "ACTIVE" / second[0]).stat().st_size == 0
+
+
+def test_a_restarted_node_never_shows_the_heartbeat_it_showed_before(tmp_path):
+    spool = Spool(tmp_path)
+    spool.ensure()
+    before = Peers(spool, "N1", stale_after=10)
+    before.beat()
+    shown = sorted(x.name for x in (tmp_path / "ACTIVE").iterdir() if x.name.startswith("N1.alive"))
+    after = Peers(spool, "N1", stale_after=10)  # the same node, started again
+    after.beat()
+    now = sorted(x.name for x in (tmp_path / "ACTIVE").iterdir() if x.name.startswith("N1.alive"))
+    assert len(now) == 1 and now != shown

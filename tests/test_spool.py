@@ -481,3 +481,17 @@ def test_a_delivered_job_is_listed_apart_and_its_uncommitted_result_dropped(tmp_
     interrupted, delivered = sp.claimed_jobs("N1")
     assert interrupted == [] and delivered == [Claimed("N1", "TOSEND", "X.FS", d / "X.FS.DELIVERED")]
     assert not (d / "X.FS.SENT").exists() and not (tmp_path / "SENT" / "X.FS").exists()
+
+
+def test_a_claim_never_replaces_a_job_of_the_same_name_still_claimed(tmp_path):
+    from copiamail.spool import Spool
+
+    sp = Spool(tmp_path)
+    sp.ensure()
+    (tmp_path / "TOSEND" / "X.FS").write_text("first\n")
+    [w] = list(sp.scan())
+    first = sp.claim(w, "N1")
+    (tmp_path / "TOSEND" / "X.FS").write_text("second\n")  # the name reused while the first is in flight
+    [w2] = list(sp.scan())
+    assert sp.claim(w2, "N1") is None
+    assert first.path.read_text() == "first\n" and (tmp_path / "TOSEND" / "X.FS").read_text() == "second\n"
