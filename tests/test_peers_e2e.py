@@ -154,14 +154,14 @@ def test_without_a_heartbeat_a_node_on_another_machine_would_be_taken_over(tmp_p
     from copiamail.peers import IGNORE_LOCKS_ENV, NO_HEARTBEAT_ENV
 
     server = smtp_server()
-    server.add_rule(Rule(stage="EOD", delay=3.0))
+    server.add_rule(Rule(stage="EOD", hang=True))  # N1's send stays in flight however slow the machine
     kit = SpoolKit(tmp_path, server.port, [], yaml="node_stale_after: 1\n")
     kit.job("TOSEND", "J.FS", to="a@copia.com")
     n1 = _start(kit, "N1", **{NO_HEARTBEAT_ENV: "1"})
     wait_until(lambda: [p.name for p in kit.active()] == ["J.FS"], timeout=15)
     n2 = _start(kit, "N2", **{IGNORE_LOCKS_ENV: "1"})
     try:
-        wait_until(lambda: not (kit.root / "ACTIVE" / "N1").exists(), timeout=20)
+        wait_until(lambda: not (kit.root / "ACTIVE" / "N1").exists(), timeout=60)
     finally:
         _, _, err2 = stop(n2)
         stop(n1)
