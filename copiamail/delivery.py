@@ -12,7 +12,6 @@ and whether it is final (a 5xx at MAIL, RCPT or DATA).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import re
 import socket
 import ssl
@@ -22,6 +21,7 @@ from pathlib import Path
 import aiosmtplib
 
 from . import outcome
+from .config import is_ip
 from .errors import ConfigError, DeliveryError
 
 MAIL, RCPT, DATA, CONNECT = "MAIL", "RCPT", "DATA", "CONNECT"
@@ -70,11 +70,8 @@ def make_tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
 def resolve_relay(host: str, port: int) -> tuple[str, ...]:
     """The relay's IP addresses (so that host stanzas naming an IP apply to it).
     Resolved once at start; a name that does not resolve now fails at connect."""
-    try:
-        ipaddress.ip_address(host)
+    if is_ip(host):
         return (host,)
-    except ValueError:
-        pass
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError:
@@ -116,10 +113,6 @@ class SmtpSession:
         self._smtp: aiosmtplib.SMTP | None = None
         self.messages = 0
         self.peer_ip = ""
-
-    @property
-    def is_open(self) -> bool:
-        return self._smtp is not None and self._smtp.is_connected
 
     async def _open(self) -> aiosmtplib.SMTP:
         s = self.settings

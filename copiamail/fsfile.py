@@ -238,22 +238,6 @@ class CommandFile:
         return value
 
 
-def write_atomic(path: Path, data: bytes, fsync: bool = True) -> None:
-    """Create ``path`` holding ``data``: write ``path.tmp``, fsync, rename.
-
-    A reader sees either no file or the whole file, never a part of it.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        write_all(fd, data)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def write_all(fd: int, data: bytes) -> None:
     """os.write until every byte is written (a write may be partial)."""
     view = memoryview(data)

@@ -216,7 +216,7 @@ def parse_job(cf: CommandFile, name: str) -> Job:
             need_arg(cmd)
             variables[cmd.args[0].upper()] = " ".join(cmd.args[1:])
         elif n == "attempt_record":
-            record = _parse_attempt(cmd)
+            record = parse_attempt(cmd)
             if record is not None:
                 attempts.append(record)
         elif n == "fax_next_date":
@@ -288,7 +288,8 @@ def parse_job(cf: CommandFile, name: str) -> Job:
     )
 
 
-def _parse_attempt(cmd: Command) -> AttemptRecord | None:
+def parse_attempt(cmd: Command) -> AttemptRecord | None:
+    """An ``$attempt_record`` line, or None when it cannot be read."""
     # A record the engine cannot read is kept in the file but not counted; the
     # alternative, failing the job, would punish it for a hand edit.
     a = cmd.args

@@ -62,7 +62,6 @@ def run_node(
     name: str,
     drain: bool = False,
     on_event: Callable[[str, str], None] | None = None,
-    on_start: Callable[[Scheduler], None] | None = None,
 ) -> NodeResult:
     """Run node ``name`` until stopped (or drained); returns what it did."""
     check_node_name(name)
@@ -75,8 +74,6 @@ def run_node(
     with node_lock(spool, name):
         report = recover(spool, name)
         scheduler = Scheduler(config, spool, name, password=password, on_event=on_event)
-        if on_start is not None:
-            on_start(scheduler)
         stats = asyncio.run(_serve(config, spool, scheduler, drain))
     return NodeResult(stats, report, time.monotonic() - started)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from . import outcome, records
 from .errors import SyntaxFileError
 from .fsfile import CommandFile
+from .job import parse_attempt
 from .spool import FAIL, SENT, Spool
 
 log = logging.getLogger("copiamail")
@@ -33,12 +34,9 @@ def _interruptions(cf: CommandFile) -> int:
     try:
         commands = cf.commands()
     except SyntaxFileError:
-        return 0
-    n = 0
-    for c in commands:
-        if c.name == "attempt_record" and len(c.args) > 4 and c.args[4] == str(outcome.INTERRUPTED.code):
-            n += 1
-    return n
+        return 0  # junk: it goes back, and fails as a bad job when next taken
+    records = (parse_attempt(c) for c in commands if c.name == "attempt_record")
+    return sum(1 for r in records if r is not None and not r.counts_as_retry)
 
 
 def recover(spool: Spool, node: str, now: float | None = None, recorder: str | None = None) -> RecoveryReport:

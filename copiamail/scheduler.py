@@ -123,11 +123,6 @@ class _Start:
     reuse: _Connection | None = None
 
 
-@dataclass
-class _PeekCache:
-    entries: dict[Path, tuple[tuple[int, int, int], Job | None, JobError | None]] = field(default_factory=dict)
-
-
 class Scheduler:
     """One node's scheduling loop over one spool."""
 
@@ -153,7 +148,9 @@ class Scheduler:
         self._connections: set[_Connection] = set()
         self._idle: dict[str, list[_Connection]] = {}
         self._waiting = WaitingJobs()
-        self._peek = _PeekCache()
+        # What each TOSEND file said when last read, by (inode, mtime, size):
+        # a scan reads a file again only when it changed.
+        self._peek: dict[Path, tuple[tuple[int, int, int], Job | None, JobError | None]] = {}
         self._parked = False
         self._owed: list[tuple[Claimed, CommandFile, str, str]] = []
         self._resolving: dict[str, list[_Item]] = {}
@@ -187,14 +184,6 @@ class Scheduler:
         """Take no new job; in-flight sends get shutdown_grace seconds."""
         self.stopping = True
         self.wake()
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._connections)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
 
     async def run(self, drain: bool = False) -> Stats:
         """Run until :meth:`request_stop`, or with ``drain`` until no job is due
@@ -247,7 +236,7 @@ class Scheduler:
         except FileNotFoundError:
             return None
         sig = (st.st_ino, st.st_mtime_ns, st.st_size)
-        cached = self._peek.entries.get(w.path)
+        cached = self._peek.get(w.path)
         if cached is not None and cached[0] == sig:
             return cached[1], cached[2]
         try:
@@ -261,7 +250,7 @@ class Scheduler:
             job, err = parse_job(cf, w.name), None
         except JobError as e:
             job, err = None, e
-        self._peek.entries[w.path] = (sig, job, err)
+        self._peek[w.path] = (sig, job, err)
         return job, err
 
     async def _scan(self) -> tuple[int, float | None]:
@@ -299,8 +288,8 @@ class Scheduler:
                 continue
             found += 1
             self._dispatch(claimed)
-        for path in [p for p in self._peek.entries if p not in seen]:
-            del self._peek.entries[path]
+        for path in [p for p in self._peek if p not in seen]:
+            del self._peek[path]
         self._recheck_waiting()
         return found, next_due
 

@@ -385,6 +385,3 @@ class Spool:
                     1 for q in node_dir.iterdir() if q.is_dir() for f in os.listdir(q) if is_job_name(f)
                 )
         return out
-
-    def temp_path(self, name: str) -> Path:
-        return self.root / TEMP / name

@@ -13,7 +13,6 @@ from copiamail.fsfile import (
     format_arg,
     format_command,
     tokenize,
-    write_atomic,
 )
 from fs_strategies import (
     BOM,
@@ -475,11 +474,3 @@ def test_read_keeps_the_path_for_error_messages(tmp_path):
     assert cf.path == p
     with pytest.raises(SyntaxFileError, match="A.FS:1:"):
         cf.commands()
-
-
-def test_write_atomic_creates_the_file_and_leaves_no_temp(tmp_path):
-    p = tmp_path / "A.FS"
-    write_atomic(p, b"$x 1\r\n")
-    write_atomic(p, b"$x 2\r\n", fsync=False)
-    assert p.read_bytes() == b"$x 2\r\n"
-    assert [f.name for f in tmp_path.iterdir()] == ["A.FS"]

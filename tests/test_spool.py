@@ -452,11 +452,6 @@ def test_counts_of_an_empty_or_missing_spool_are_zero(tmp_path):
     assert sp.counts() == {"TOSEND": 0, "TOSEND1": 0, "SENT": 0, "FAIL": 0}
 
 
-def test_temp_path_is_under_temp(tmp_path):
-    sp = make_spool(tmp_path)
-    assert sp.temp_path("x") == sp.root / "TEMP" / "x"
-
-
 def test_a_tosend_folder_beyond_queues_still_drains_after_the_configured_ones(tmp_path):
     from copiamail.spool import Spool
 
