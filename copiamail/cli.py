@@ -47,6 +47,10 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except CopiamailError as e:
             _fail(str(e))
+        except BrokenPipeError:
+            # `copiamail show X | head`: the reader has all it wanted.
+            sys.stderr.close()
+            sys.exit(0)
         except OSError as e:
             _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
     return wrapper

@@ -375,3 +375,12 @@ def test_the_relay_password_is_never_logged_even_when_auth_fails_at_debug_level(
     assert "535" in kit.read("TOSEND", "J.FS")
     for secret in ("Wr0ng-s3cret", base64.b64encode(b"\0mailer\0Wr0ng-s3cret").decode(), base64.b64encode(b"Wr0ng-s3cret").decode()):
         assert secret not in out
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_no_error(kit):
+    # Far more output than a pipe buffer holds, so the writer meets the closed pipe.
+    records = [f'$attempt_record 11/21/2026 10:00:{i % 60:02d} E N1 451 E "4.3.0 try later {i}"' for i in range(5000)]
+    kit.job("TOSEND", "J.FS", *records, to="a@copia.com")
+    shell = f"{' '.join(CLI)} show {kit.root / 'TOSEND' / 'J.FS'} | head -1"
+    result = subprocess.run(["bash", "-c", shell], cwd=kit.base, capture_output=True, text=True, timeout=60, env=cli_env())
+    assert result.stdout.startswith("job") and result.stderr == ""
