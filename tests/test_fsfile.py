@@ -94,6 +94,53 @@ def test_quote_inside_a_comment_is_not_a_quote():
     assert tokenize('$email_text a ; "unterminated') == ["$email_text", "a"]
 
 
+def reference_tokenize(text: str) -> list[str] | None:
+    """The syntax read one character at a time, as SPEC 2 words it; None for
+    an unterminated quote. The oracle for the regex tokenizer."""
+    tokens: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] in " \t":
+            i += 1
+            continue
+        if text[i] == ";":
+            break
+        buf: list[str] = []
+        while i < n and text[i] not in " \t":
+            if text[i] == '"':
+                i += 1
+                while True:
+                    if i >= n:
+                        return None
+                    if text[i] == '"':
+                        if i + 1 < n and text[i + 1] == '"':
+                            buf.append('"')
+                            i += 2
+                            continue
+                        i += 1
+                        break
+                    buf.append(text[i])
+                    i += 1
+            else:
+                buf.append(text[i])
+                i += 1
+        tokens.append("".join(buf))
+    return tokens
+
+
+syntax_heavy_text = st.text(alphabet=st.sampled_from(['"', " ", "\t", ";", "a", "b", "$", "\u00e9"]), max_size=30)
+
+
+@given(st.one_of(syntax_heavy_text, no_line_break))
+def test_tokenize_reads_every_line_as_the_character_by_character_reference_does(text):
+    expected = reference_tokenize(text)
+    if expected is None:
+        with pytest.raises(SyntaxFileError):
+            tokenize(text)
+    else:
+        assert tokenize(text) == expected
+
+
 @pytest.mark.parametrize("text", ['$email_subject "abc', '$x "a""', '$x a"b', '$x "a" "'])
 def test_tokenize_unterminated_quote_raises_with_the_line_number(text):
     with pytest.raises(SyntaxFileError) as e:
