@@ -166,8 +166,7 @@ class CommandFile:
     @classmethod
     def read(cls, path: Path | str) -> "CommandFile":
         """Read a file from disk (an OSError propagates to the caller)."""
-        with open(path, "rb") as f:
-            return cls.parse(f.read(), path)
+        return cls.parse(read_bytes(path), path)
 
     def to_bytes(self) -> bytes:
         data = "".join(self.lines).encode(self.encoding, errors="surrogateescape")
@@ -255,6 +254,29 @@ class CommandFile:
                 tokens = tokenize(_body(raw))
                 value = " ".join(tokens[2:])
         return value
+
+
+_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+def read_bytes(path: Path | str) -> bytes:
+    """A whole file, read without updating its access time where the system
+    allows it: a job file was just created or renamed, so reading it would
+    otherwise dirty its inode, and each such update waits for the file
+    system's journal (behind every fsync in flight)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOATIME)
+    except PermissionError:
+        if not _NOATIME:
+            raise
+        fd = os.open(path, os.O_RDONLY)  # O_NOATIME is for the file's owner only
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def write_all(fd: int, data: bytes) -> None:

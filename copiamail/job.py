@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, NamedTuple
 
 from . import outcome
@@ -109,6 +109,11 @@ class Job:
     @property
     def interruptions(self) -> int:
         return sum(1 for a in self.attempts if not a.counts_as_retry)
+
+    def without_content(self) -> "Job":
+        """This job less its body, alternative, attachments and headers: what
+        scheduling needs, at a fraction of the memory."""
+        return replace(self, body=(), alt=(), attachments=(), headers=())
 
     def is_due(self, now: float) -> bool:
         return self.next_attempt is None or self.next_attempt <= now

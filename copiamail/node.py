@@ -99,7 +99,7 @@ async def _heartbeat(peers: Peers, scheduler: Scheduler) -> None:
     while True:
         peers.beat()
         if peers.check():  # never raises
-            scheduler.wake()
+            scheduler.request_scan()
         await asyncio.sleep(interval)
 
 
@@ -110,15 +110,8 @@ async def _serve(config: Config, spool: Spool, scheduler: Scheduler, drain: bool
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, scheduler.request_stop)
 
-    def wake_from_thread() -> None:
-        loop.call_soon_threadsafe(scheduler.wake)
-
-    watcher = SpoolWatcher(
-        [spool.folder(q) for q in spool.queues],
-        wake_from_thread,
-        polling=config.watcher == "polling",
-    )
-    watcher.start()
+    watcher = SpoolWatcher([spool.folder(q) for q in spool.queues], scheduler.hint, polling=config.watcher == "polling")
+    watcher.start(loop)
     try:
         return await scheduler.run(drain=drain)
     finally:

@@ -47,7 +47,7 @@ from .job import Job, parse_job
 from .limits import Limit, LocalLimiter, bindings_for, limits_for
 from .message import build_message
 from .mx import MxResolver, Route
-from .spool import FAIL, SENT, Claimed, Spool, Waiting
+from .spool import FAIL, SENT, Claimed, Spool, Waiting, is_job_name
 from .waiting import WaitEntry, WaitingJobs
 
 log = logging.getLogger("copiamail")
@@ -104,6 +104,28 @@ class _Connection:
 
 
 @dataclass(frozen=True)
+class _Result:
+    """A job's next version and where it goes (SENT, FAIL or BACK), and the
+    :class:`Stats` field it counts in."""
+
+    claimed: Claimed
+    cf: CommandFile
+    dest: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class _Peek:
+    """A TOSEND file as last read: its text and job when just read (None when
+    only its due time was remembered, or for a job that cannot be parsed)."""
+
+    sig: tuple[int, int, int]
+    cf: CommandFile | None
+    job: Job | None
+    next_attempt: float | None
+
+
+@dataclass(frozen=True)
 class _Blocked:
     """The full limits that kept a job from starting: the first full one of each
     binding and mail host it could have used (it waits on all of them)."""
@@ -148,11 +170,15 @@ class Scheduler:
         self._connections: set[_Connection] = set()
         self._idle: dict[str, list[_Connection]] = {}
         self._waiting = WaitingJobs()
-        # What each TOSEND file said when last read, by (inode, mtime, size):
-        # a scan reads a file again only when it changed.
-        self._peek: dict[Path, tuple[tuple[int, int, int], Job | None, JobError | None]] = {}
+        # The due time of each TOSEND job not yet due, by (inode, mtime, size):
+        # a scan reads such a file again only when it changed.
+        self._later: dict[Path, tuple[tuple[int, int, int], float]] = {}
+        self._next_due: float | None = None
+        self._hints: set[Path] = set()
+        self._full_scan_due = True
+        self._queue_dirs = {spool.folder(q) for q in spool.queues}
         self._parked = False
-        self._owed: list[tuple[Claimed, CommandFile, str, str]] = []
+        self._owed: list[_Result] = []
         self._resolving: dict[str, list[_Item]] = {}
         self._lookups: set[asyncio.Task[None]] = set()
         self._down: dict[str, float] = {}
@@ -176,9 +202,22 @@ class Scheduler:
     # --- public --------------------------------------------------------------
 
     def wake(self) -> None:
-        """A hint that the spool changed (from the watcher, via the loop)."""
+        """Look again at what can be done (a send ended, a lookup finished)."""
         if self._wake is not None:
             self._wake.set()
+
+    def hint(self, path: str | Path) -> None:
+        """A file appeared or changed at ``path`` (from the watcher, via the
+        loop): look at that one file, not the whole spool."""
+        p = Path(path)
+        if p.parent in self._queue_dirs and is_job_name(p.name):
+            self._hints.add(p)
+            self.wake()
+
+    def request_scan(self) -> None:
+        """Scan every TOSEND folder soon (jobs came back from a dead peer)."""
+        self._full_scan_due = True
+        self.wake()
 
     def request_stop(self) -> None:
         """Take no new job; in-flight sends get shutdown_grace seconds."""
@@ -187,25 +226,43 @@ class Scheduler:
 
     async def run(self, drain: bool = False) -> Stats:
         """Run until :meth:`request_stop`, or with ``drain`` until no job is due
-        and none is in flight. Then shut down as SPEC 6 says."""
+        and none is in flight. Then shut down as SPEC 6 says.
+
+        The whole spool is scanned at start, every ``scan_interval`` and when a
+        retry falls due; in between, only the files the watcher names are
+        looked at, so the cost of a wake-up does not grow with the backlog."""
         self._wake = asyncio.Event()
         await self._learn_host_stanza_addresses()
+        next_full = 0.0
         try:
             while not self.stopping:
                 self._wake.clear()
-                found, next_due = await self._scan()
-                if drain and not found and not len(self._waiting) and not self._resolving:
+                full = self._full_scan_due or time.monotonic() >= next_full
+                if full:
+                    self._full_scan_due = False
+                    self._hints.clear()
+                    self._next_due = None
+                    found = await self._scan()
+                    next_full = time.monotonic() + self.config.scan_interval
+                else:
+                    found = await self._scan_hinted()
+                if drain and not found and not len(self._waiting) and not self._resolving and not self._hints:
+                    if not full:
+                        # Finish only after a whole scan has found nothing left.
+                        self._full_scan_due = True
+                        continue
                     if not self._connections:
                         break
                     self._close_idle()
-                timeout = self.config.scan_interval
-                if next_due is not None:
-                    timeout = max(0.01, min(timeout, next_due - self.clock()))
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                except asyncio.TimeoutError:
-                    pass
-                # Let a burst of watcher events and finishing sends settle into one scan.
+                if self._next_due is not None:
+                    next_full = min(next_full, time.monotonic() + max(0.01, self._next_due - self.clock()))
+                timeout = next_full - time.monotonic()
+                if timeout > 0 and not self._hints and not self._full_scan_due:
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), timeout)
+                    except asyncio.TimeoutError:
+                        pass
+                # Let a burst of watcher events and finishing sends settle into one pass.
                 await asyncio.sleep(0.01)
         finally:
             await self._shutdown()
@@ -230,15 +287,19 @@ class Scheduler:
 
     # --- scanning ------------------------------------------------------------
 
-    def _peeked(self, w: Waiting) -> tuple[Job | None, JobError | None] | None:
+    def _peeked(self, w: Waiting) -> _Peek | None:
+        """What the file of ``w`` says now; None if it is gone or unreadable.
+        A file whose (inode, mtime, size) has not changed since the last look
+        is not read again (only jobs not yet due are remembered, and only
+        their due time, so a large backlog costs little memory)."""
         try:
             st = w.path.stat()
         except FileNotFoundError:
             return None
         sig = (st.st_ino, st.st_mtime_ns, st.st_size)
-        cached = self._peek.get(w.path)
-        if cached is not None and cached[0] == sig:
-            return cached[1], cached[2]
+        later = self._later.get(w.path)
+        if later is not None and later[0] == sig:
+            return _Peek(sig, None, None, later[1])
         try:
             cf = CommandFile.read(w.path)
         except FileNotFoundError:
@@ -247,23 +308,45 @@ class Scheduler:
             log.warning("%s: cannot read: %s", w.path, e.strerror)
             return None
         try:
-            job, err = parse_job(cf, w.name), None
-        except JobError as e:
-            job, err = None, e
-        self._peek[w.path] = (sig, job, err)
-        return job, err
+            job = parse_job(cf, w.name)
+        except JobError:
+            return _Peek(sig, cf, None, None)
+        return _Peek(sig, cf, job, job.next_attempt)
 
-    async def _scan(self) -> tuple[int, float | None]:
-        """Start or defer every due job not already waiting; returns how many
-        were taken up and when the next not-yet-due job falls due."""
+    def _consider(self, w: Waiting, now: float) -> bool:
+        """Claim and dispatch the job of ``w`` if it is due and not waiting;
+        True if it was taken up."""
+        if w.path in self._waiting:
+            return False
+        peek = self._peeked(w)
+        if peek is None:
+            return False
+        if peek.next_attempt is not None and peek.next_attempt > now:
+            self._later[w.path] = (peek.sig, peek.next_attempt)
+            if self._next_due is None or peek.next_attempt < self._next_due:
+                self._next_due = peek.next_attempt
+            return False
+        self._later.pop(w.path, None)
+        claimed = self.spool.claim(w, self.node)
+        if claimed is None:
+            return False
+        if peek.cf is not None and self.spool.unchanged(claimed, peek.sig):
+            self._dispatch(claimed, peek.cf, peek.job)
+        else:
+            self._dispatch(claimed)
+        return True
+
+    async def _scan(self) -> int:
+        """Start or defer every due job in the spool not already waiting;
+        returns how many were taken up (and sets when the next not-yet-due
+        job falls due)."""
         now = self.clock()
         found = 0
-        next_due: float | None = None
         seen: set[Path] = set()
         if self._owed:
             self._pay_owed()
             if self._owed:
-                return len(self._owed), None
+                return len(self._owed)
         if self._unresolved_hosts and (self._host_lookup is None or self._host_lookup.done()):
             self._host_lookup = asyncio.get_running_loop().create_task(self._learn_host_stanza_addresses())
         for i, w in enumerate(self.spool.scan()):
@@ -273,30 +356,35 @@ class Scheduler:
                 # A large backlog must not starve the connections already open.
                 await asyncio.sleep(0)
             seen.add(w.path)
-            if w.path in self._waiting:
-                continue
-            peeked = self._peeked(w)
-            if peeked is None:
-                continue
-            job, _ = peeked
-            if job is not None and not job.is_due(now):
-                if job.next_attempt is not None and (next_due is None or job.next_attempt < next_due):
-                    next_due = job.next_attempt
-                continue
-            claimed = self.spool.claim(w, self.node)
-            if claimed is None:
-                continue
-            found += 1
-            self._dispatch(claimed)
-        for path in [p for p in self._peek if p not in seen]:
-            del self._peek[path]
-        self._recheck_waiting()
-        return found, next_due
+            if self._consider(w, now):
+                found += 1
+        for path in [p for p in self._later if p not in seen]:
+            del self._later[path]
+        self._recheck_waiting(seen)
+        return found
 
-    def _recheck_waiting(self) -> None:
+    async def _scan_hinted(self) -> int:
+        """Look at the files the watcher named since the last pass, in queue order."""
+        if self._owed or self.stopping:
+            return 0
+        now = self.clock()
+        hinted = sorted((Waiting(self.spool.priority(p.parent.name), p.parent.name, p.name, p) for p in self._hints),
+                        key=lambda w: w.order)
+        self._hints.clear()
+        found = 0
+        for i, w in enumerate(hinted):
+            if self.stopping or self._paused:
+                break
+            if i % _SCAN_YIELD_EVERY == _SCAN_YIELD_EVERY - 1:
+                await asyncio.sleep(0)
+            if self._consider(w, now):
+                found += 1
+        return found
+
+    def _recheck_waiting(self, seen: set[Path]) -> None:
         # The safety net for a lost wake-up: drop waiting jobs whose file is
         # gone, and offer any key that has room.
-        self._waiting.drop_missing()
+        self._waiting.drop_missing(seen)
         self._offer(self._waiting.keys_with_room(self.limiter.in_use))
         if self._parked:
             self._finish_parked()
@@ -383,17 +471,19 @@ class Scheduler:
 
     # --- dispatch ------------------------------------------------------------
 
-    def _dispatch(self, claimed: Claimed) -> None:
-        """Send, hand off, look up or defer a job this node has just claimed."""
+    def _dispatch(self, claimed: Claimed, cf: CommandFile | None = None, job: Job | None = None) -> None:
+        """Send, hand off, look up or defer a job this node has just claimed
+        (``cf`` and ``job``: its text and meaning, when already read)."""
+        if cf is None:
+            try:
+                cf = self.spool.read(claimed)
+            except OSError as e:
+                log.error("%s: cannot read claimed job: %s", claimed.path, e.strerror)
+                return
         try:
-            cf = self.spool.read(claimed)
-        except OSError as e:
-            log.error("%s: cannot read claimed job: %s", claimed.path, e.strerror)
-            return
-        try:
-            job = parse_job(cf, claimed.name)
+            job = job if job is not None else parse_job(cf, claimed.name)
         except JobError as e:
-            self._finish_failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e))
+            self._write(self._failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e)))
             return
         self._route(_Item(claimed, cf, job))
 
@@ -405,7 +495,7 @@ class Scheduler:
         try:
             choice = self._choose(item.job, targets)
         except JobError as e:
-            self._finish_failed(item.claimed, item.cf, e.outcome, outcome.FAILURE, _job_error_text(e))
+            self._write(self._failed(item.claimed, item.cf, e.outcome, outcome.FAILURE, _job_error_text(e)))
             return
         if isinstance(choice, _Blocked):
             self._defer(item, choice)
@@ -439,7 +529,7 @@ class Scheduler:
                     if self.stopping or self._paused:
                         self._hand_back(item.claimed)
                     elif error is not None:
-                        self._finish_error(item.claimed, item.cf, item.job, error)
+                        self._write(self._after_error(item.claimed, item.cf, item.job, error))
                     else:
                         self._route(item, after_lookup=True)
                 except Exception:  # noqa: BLE001 - never strand the rest
@@ -486,7 +576,8 @@ class Scheduler:
                 return
             path = handed
         w = Waiting(self.spool.priority(claimed.queue), claimed.queue, path.name, path)
-        self._waiting.add(WaitEntry(w, job), [(l.key, l.cap) for l in blocked.limits])
+        # Only what scheduling needs is kept: a large backlog costs little memory.
+        self._waiting.add(WaitEntry(w, job.without_content()), [(l.key, l.cap) for l in blocked.limits])
         for limit in blocked.limits:
             self._release_idle_holding(limit.key)
 
@@ -696,21 +787,22 @@ class Scheduler:
         now = self.clock()
         try:
             data = build_message(job, spool_root=self.spool.root, attachment_roots=self.config.roots, sender=self._sender(job), now=now)
-            result = await conn.session.send(self._sender(job), job.address, data)
+            sent = await conn.session.send(self._sender(job), job.address, data)
         except JobError as e:
-            self._finish_failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e))
+            result = self._failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e))
         except DeliveryError as e:
             if self._next_host_exists(conn, e, item):
                 log.info("%s: %s; trying the next mail host", claimed.name, e.text)
                 return item
-            self._finish_error(claimed, cf, job, e)
+            result = self._after_error(claimed, cf, job, e)
         except Exception as e:  # noqa: BLE001 - a bug: retry later rather than lose or spin
             log.exception("%s: internal error", claimed.name)
             conn.session.abort()
-            self._finish_error(claimed, cf, job, DeliveryError(
+            result = self._after_error(claimed, cf, job, DeliveryError(
                 outcome.INTERNAL.code, outcome.INTERNAL.klass, f"internal error: {type(e).__name__}: {e}", False))
         else:
-            self._finish_sent(claimed, cf, result)
+            result = self._sent(claimed, cf, sent)
+        self._write(result)
         return None
 
     def _next_host_exists(self, conn: _Connection, e: DeliveryError, item: _Item) -> bool:
@@ -733,25 +825,29 @@ class Scheduler:
 
     # --- outcomes ------------------------------------------------------------
 
-    def _write(self, claimed: Claimed, cf: CommandFile, dest: str, kind: str) -> None:
+    def _write(self, result: _Result) -> None:
         """Write a job's result and count it; a result that cannot be written
         (a full disk) is owed: kept in memory and written when space returns,
         so a delivered job is not sent again and nothing is lost."""
         try:
-            self.spool.finish(claimed, cf, dest)
+            self.spool.finish(result.claimed, result.cf, result.dest)
         except OSError as e:
-            if claimed.path.exists():
-                # Not committed: the claimed job is intact; pause and retry.
-                if not self._owed:
-                    log.error("spool: cannot write job results (%s); taking no new job until it can", e.strerror)
-                self._owed.append((claimed, cf, dest, kind))
-            else:
-                # Committed, not moved: the result waits in ACTIVE (state 4).
-                log.error("%s: cannot move the job's result out of ACTIVE: %s; retrying", claimed.path, e.strerror)
-                self._parked = True
-                self._count(kind, claimed.name)
+            self._not_written(result, e)
             return
-        self._count(kind, claimed.name)
+        self._count(result.kind, result.claimed.name)
+
+    def _not_written(self, result: _Result, e: OSError) -> None:
+        claimed = result.claimed
+        if claimed.path.exists():
+            # Not committed: the claimed job is intact; pause and retry.
+            if not self._owed:
+                log.error("spool: cannot write job results (%s); taking no new job until it can", e.strerror)
+            self._owed.append(result)
+        else:
+            # Committed, not moved: the result waits in ACTIVE (state 4).
+            log.error("%s: cannot move the job's result out of ACTIVE: %s; retrying", claimed.path, e.strerror)
+            self._parked = True
+            self._count(result.kind, claimed.name)
 
     def _count(self, kind: str, name: str) -> None:
         setattr(self.stats, kind, getattr(self.stats, kind) + 1)
@@ -759,11 +855,11 @@ class Scheduler:
 
     def _pay_owed(self) -> None:
         owed, self._owed = self._owed, []
-        for claimed, cf, dest, kind in owed:
+        for result in owed:
             if self._owed:
-                self._owed.append((claimed, cf, dest, kind))
+                self._owed.append(result)
                 continue
-            self._write(claimed, cf, dest, kind)
+            self._write(result)
         if owed and not self._owed:
             log.warning("spool: job results written again; taking jobs again")
 
@@ -771,31 +867,30 @@ class Scheduler:
     def _paused(self) -> bool:
         return bool(self._owed)
 
-    def _finish_sent(self, claimed: Claimed, cf: CommandFile, result: Delivered) -> None:
+    def _sent(self, claimed: Claimed, cf: CommandFile, result: Delivered) -> _Result:
         try:
             # First a rename (no disk space needed): from now on a crash or a
             # full disk can no longer make this message go out twice.
             claimed = self.spool.mark_delivered(claimed)
         except OSError as e:
             log.error("%s: cannot mark the job delivered: %s", claimed.path, e.strerror)
-        self._write(claimed, records.delivered(cf, self.node, result.reply, result.ip, result.bytecount, self.clock()), SENT, "sent")
+        return _Result(claimed, records.delivered(cf, self.node, result.reply, result.ip, result.bytecount, self.clock()), SENT, "sent")
 
-    def _finish_failed(self, claimed: Claimed, cf: CommandFile, code: int, klass: str, text: str) -> None:
+    def _failed(self, claimed: Claimed, cf: CommandFile, code: int, klass: str, text: str) -> _Result:
         log.warning("%s: failed: %s", claimed.name, text)
-        self._write(claimed, records.failed(cf, self.node, code, klass, text, self.clock()), FAIL, "failed")
+        return _Result(claimed, records.failed(cf, self.node, code, klass, text, self.clock()), FAIL, "failed")
 
-    def _finish_error(self, claimed: Claimed, cf: CommandFile, job: Job, e: DeliveryError) -> None:
+    def _after_error(self, claimed: Claimed, cf: CommandFile, job: Job, e: DeliveryError) -> _Result:
+        """A failed attempt: a retry later, or (permanent, or retries used up) FAIL."""
         if e.permanent:
-            self._finish_failed(claimed, cf, e.code, e.klass, e.text)
-            return
+            return self._failed(claimed, cf, e.code, e.klass, e.text)
         delays = outcome.delays_for(e.klass, job.retry_delays, self.config.rules.retry_delays)
         earlier = [a.klass for a in job.attempts if a.counts_as_retry]
         wait = outcome.retry_delay(e.klass, earlier, delays, self.config.rules.retry_max)
         if wait is None:
-            self._finish_failed(claimed, cf, e.code, e.klass, e.text)
-            return
+            return self._failed(claimed, cf, e.code, e.klass, e.text)
         now = self.clock()
-        self._write(claimed, records.retry(cf, self.node, e.code, e.klass, e.text, now, now + wait), "BACK", "retried")
+        return _Result(claimed, records.retry(cf, self.node, e.code, e.klass, e.text, now, now + wait), "BACK", "retried")
 
     def _hand_back(self, claimed: Claimed) -> Path | None:
         try:
@@ -839,12 +934,11 @@ class Scheduler:
                 self._hand_back(item.claimed)
         self._resolving.clear()
         tasks = [c.task for c in self._connections if c.task is not None]
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=self.config.shutdown_grace)
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.config.shutdown_grace)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _job_error_text(e: JobError) -> str:

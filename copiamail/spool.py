@@ -249,6 +249,15 @@ class Spool:
         crash_point("claimed")
         return Claimed(node, job.queue, job.name, dest)
 
+    def unchanged(self, claimed: Claimed, sig: tuple[int, int, int]) -> bool:
+        """Whether the claimed file is still the one read as (inode, mtime, size)
+        ``sig`` before the claim (a rename keeps all three)."""
+        try:
+            st = claimed.path.stat()
+        except OSError:
+            return False
+        return (st.st_ino, st.st_mtime_ns, st.st_size) == sig
+
     def mark_delivered(self, claimed: Claimed) -> Claimed:
         """State 2 to 2b: the server accepted the message (one rename)."""
         path = claimed.path.with_name(f"{claimed.name}.{DELIVERED}")

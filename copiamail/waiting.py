@@ -30,14 +30,17 @@ from .spool import Waiting
 
 @dataclass(eq=False)
 class WaitEntry:
+    """A deferred job: where it waits, and what the scheduler needs of it
+    (a job without its body, so a large backlog costs little memory)."""
+
     waiting: Waiting
     job: Job
     active: bool = True
     keys: set[str] = field(default_factory=set)  # the keys it waits on
+    order: tuple[int, bytes] = field(init=False)
 
-    @property
-    def order(self) -> tuple[int, bytes]:
-        return self.waiting.order
+    def __post_init__(self) -> None:
+        self.order = self.waiting.order  # computed once: heaps compare it often
 
     def __lt__(self, other: "WaitEntry") -> bool:
         return self.order < other.order
@@ -151,8 +154,9 @@ class WaitingJobs:
     def keys_with_room(self, in_use: Callable[[str], int]) -> list[str]:
         return [k for k, cap in self._caps.items() if in_use(k) < cap]
 
-    def drop_missing(self) -> None:
-        """Forget waiting jobs whose file is gone (taken by another node, removed)."""
+    def drop_missing(self, seen: Collection[Path]) -> None:
+        """Forget waiting jobs whose file is gone (taken by another node,
+        removed); ``seen``: paths just listed, known to exist."""
         for path, entry in list(self._by_path.items()):
-            if not path.exists():
+            if path not in seen and not path.exists():
                 self.take(entry)

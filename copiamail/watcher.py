@@ -3,16 +3,30 @@
 Events are lost (inotify overflow), mislabelled (a move shows as a create) and
 absent on network shares, so they are only hints: the scheduler also scans at
 start and on a timer. ``watcher: polling`` uses watchdog's PollingObserver,
-which works on network shares. A handler exception never kills the observer.
+which works on network shares.
+
+watchdog runs its observers in threads (two per watched folder). In the node's
+own process those threads would contend with the event loop for the
+interpreter lock at every event, and a busy node makes thousands of events
+(every job written back is one). So the observer runs in a child process,
+``python -m copiamail.watcher``, which writes the path of each job file that
+appeared or changed to its standard output, NUL-terminated; the node reads
+that pipe from its event loop. The child exits when its standard input closes,
+so it never outlives the node, even one killed with SIGKILL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import FileClosedEvent, FileCreatedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -21,34 +35,117 @@ log = logging.getLogger("copiamail")
 
 
 class _Hint(FileSystemEventHandler):
-    def __init__(self, wake: Callable[[], None]) -> None:
-        self._wake = wake
+    def __init__(self, report: Callable[[str], None]) -> None:
+        self._report = report
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
+        if event.event_type in ("opened", "closed_no_write", "deleted"):
             return
-        path = str(getattr(event, "dest_path", "") or event.src_path)
+        path = os.fsdecode(getattr(event, "dest_path", "") or event.src_path)
         if not path.upper().endswith(".FS"):
             return
         try:
-            self._wake()
+            self._report(path)
         except Exception:  # noqa: BLE001 - the observer thread must survive anything
-            log.exception("watcher wake-up failed")
+            log.exception("watcher report failed")
+
+
+def observe(folders: list[Path], report: Callable[[str], None], polling: bool = False, poll_interval: float = 1.0) -> BaseObserver:
+    """Start an observer that calls ``report(path)`` (from its threads) for
+    each job file that appears or changes in ``folders``."""
+    observer: BaseObserver = PollingObserver(timeout=poll_interval) if polling else Observer()
+    handler = _Hint(report)
+    for folder in folders:
+        # Only what makes a job appear or change. Without the filter every
+        # read of a job (open, close) and every claim would be an event.
+        observer.schedule(handler, str(folder), recursive=False,
+                          event_filter=[FileCreatedEvent, FileMovedEvent, FileClosedEvent])
+    observer.daemon = True
+    observer.start()
+    return observer
 
 
 class SpoolWatcher:
-    """Watches the TOSEND folders; calls ``wake`` (thread-safe) on any job file event."""
+    """Watches the TOSEND folders from a child process; calls ``on_path(path)``
+    on the event loop for each job file event, with the path the file has now."""
 
-    def __init__(self, folders: list[Path], wake: Callable[[], None], polling: bool = False, poll_interval: float = 1.0) -> None:
-        self._observer: BaseObserver = PollingObserver(timeout=poll_interval) if polling else Observer()
-        handler = _Hint(wake)
-        for folder in folders:
-            self._observer.schedule(handler, str(folder), recursive=False)
+    def __init__(self, folders: list[Path], on_path: Callable[[str], None], polling: bool = False) -> None:
+        self._folders = folders
+        self._on_path = on_path
+        self._polling = polling
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._rest = b""
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def start(self) -> None:
-        self._observer.daemon = True
-        self._observer.start()
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        argv = [sys.executable, "-m", "copiamail.watcher"] + (["--polling"] if self._polling else [])
+        argv += [os.fspath(f) for f in self._folders]
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        assert self._proc.stdout is not None
+        os.set_blocking(self._proc.stdout.fileno(), False)
+        self._loop = loop
+        loop.add_reader(self._proc.stdout.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        try:
+            data = os.read(self._proc.stdout.fileno(), 1 << 16)
+        except BlockingIOError:
+            return
+        if not data:
+            log.warning("the spool watcher stopped; new jobs are found by the scan every scan_interval")
+            self._stop_reading()
+            return
+        parts = (self._rest + data).split(b"\0")
+        self._rest = parts.pop()
+        for raw in parts:
+            self._on_path(os.fsdecode(raw))
+
+    def _stop_reading(self) -> None:
+        if self._loop is not None and self._proc is not None and self._proc.stdout is not None:
+            self._loop.remove_reader(self._proc.stdout.fileno())
+            self._loop = None
 
     def stop(self) -> None:
-        self._observer.stop()
-        self._observer.join(timeout=5)
+        self._stop_reading()
+        if self._proc is None:
+            return
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.close()  # the child's cue to exit
+        try:
+            self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc.stdout.close()
+        self._proc = None
+
+
+def _child(argv: list[str]) -> int:
+    # The node stops this process by closing its standard input; a Ctrl-C or
+    # a SIGTERM sent to the whole process group is the node's to handle.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    polling = "--polling" in argv
+    folders = [Path(a) for a in argv if a != "--polling"]
+    out = sys.stdout.fileno()
+
+    def report(path: str) -> None:
+        os.write(out, os.fsencode(path) + b"\0")
+
+    try:
+        observer = observe(folders, report, polling=polling)
+    except OSError as e:
+        print(f"copiamail watcher: {e}", file=sys.stderr)
+        return 1
+    try:
+        while sys.stdin.buffer.read(4096):
+            pass
+    except (KeyboardInterrupt, OSError):
+        pass
+    observer.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))

@@ -138,6 +138,28 @@ def test_claim_moves_the_job_to_active_node_queue_name(tmp_path):
     assert list(sp.scan()) == []
 
 
+def signature(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def test_a_claimed_job_is_unchanged_when_the_claim_kept_the_file_read_before_it(tmp_path):
+    sp = make_spool(tmp_path)
+    path = put(sp, "TOSEND", "X.FS")
+    sig = signature(path)
+    [w] = sp.scan()
+    assert sp.unchanged(sp.claim(w, "N1"), sig)
+
+
+def test_a_job_rewritten_after_it_was_read_is_not_unchanged_once_claimed(tmp_path):
+    sp = make_spool(tmp_path)
+    path = put(sp, "TOSEND", "X.FS")
+    sig = signature(path)
+    path.write_bytes(JOB + b"$email_subject changed\n")
+    [w] = sp.scan()
+    assert not sp.unchanged(sp.claim(w, "N1"), sig)
+
+
 def test_a_second_claim_of_the_same_waiting_job_returns_none(tmp_path):
     sp = make_spool(tmp_path)
     put(sp, "TOSEND", "X.FS")

@@ -1,0 +1,74 @@
+"""copiamail.watcher: job file events, reported from a child process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from copiamail.watcher import SpoolWatcher
+
+
+async def watch_while(folders: list[Path], act, seconds: float = 5.0, polling: bool = False) -> tuple[list[str], SpoolWatcher]:
+    """Start a watcher, run ``act`` once it is up, and collect the paths it
+    reports until ``seconds`` pass or the expected count arrives."""
+    seen: list[str] = []
+    watcher = SpoolWatcher(folders, seen.append, polling=polling)
+    watcher.start(asyncio.get_running_loop())
+    try:
+        await asyncio.sleep(1.0)  # the child has started watching
+        expected = act()
+        deadline = asyncio.get_running_loop().time() + seconds
+        while len(seen) < expected and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # anything more would show now
+    finally:
+        watcher.stop()
+    return seen, watcher
+
+
+@pytest.mark.parametrize("polling", [False, True])
+def test_a_job_renamed_into_a_watched_folder_is_reported_with_its_new_path(tmp_path, polling):
+    folder = tmp_path / "TOSEND"
+    folder.mkdir()
+    (tmp_path / "X.TFS").write_bytes(b"$email_address a@b.c\n")
+
+    def act() -> int:
+        os.rename(tmp_path / "X.TFS", folder / "X.FS")
+        return 1
+
+    seen, _ = asyncio.run(watch_while([folder], act, polling=polling))
+    assert str(folder / "X.FS") in seen
+
+
+def test_reading_or_removing_a_job_and_writing_other_files_are_not_reported(tmp_path):
+    folder = tmp_path / "TOSEND"
+    folder.mkdir()
+    job = folder / "X.FS"
+    job.write_bytes(b"$email_address a@b.c\n")
+
+    def act() -> int:
+        job.read_bytes()
+        (folder / "NOTES.TXT").write_text("not a job")
+        os.rename(job, tmp_path / "X.FS")  # a claim: the job leaves the folder
+        return 0
+
+    seen, _ = asyncio.run(watch_while([folder], act, seconds=1.0))
+    assert seen == []
+
+
+def test_the_watcher_process_ends_when_the_node_stops_it(tmp_path):
+    folder = tmp_path / "TOSEND"
+    folder.mkdir()
+
+    async def run() -> None:
+        watcher = SpoolWatcher([folder], lambda p: None)
+        watcher.start(asyncio.get_running_loop())
+        proc = watcher._proc
+        assert proc is not None and proc.poll() is None
+        watcher.stop()
+        assert proc.poll() is not None
+
+    asyncio.run(run())
