@@ -52,7 +52,9 @@ from .waiting import WaitEntry, WaitingJobs
 
 log = logging.getLogger("copiamail")
 
-_SCAN_YIELD_EVERY = 64
+# A scan gives the event loop a turn this often (seconds of work), so the
+# connections it starts send while it defers a large backlog.
+_SCAN_SLICE = 0.002
 _HOST_DOWN_SECONDS = 60.0
 # A connection carries this many more messages of its own domain before it
 # yields a shared slot to another domain's waiting job of the same folder: a
@@ -349,12 +351,13 @@ class Scheduler:
                 return len(self._owed)
         if self._unresolved_hosts and (self._host_lookup is None or self._host_lookup.done()):
             self._host_lookup = asyncio.get_running_loop().create_task(self._learn_host_stanza_addresses())
-        for i, w in enumerate(self.spool.scan()):
+        turn = time.monotonic()
+        for w in self.spool.scan():
             if self.stopping or self._paused:
                 break
-            if i % _SCAN_YIELD_EVERY == _SCAN_YIELD_EVERY - 1:
-                # A large backlog must not starve the connections already open.
+            if time.monotonic() - turn > _SCAN_SLICE:
                 await asyncio.sleep(0)
+                turn = time.monotonic()
             seen.add(w.path)
             if self._consider(w, now):
                 found += 1
@@ -372,11 +375,13 @@ class Scheduler:
                         key=lambda w: w.order)
         self._hints.clear()
         found = 0
-        for i, w in enumerate(hinted):
+        turn = time.monotonic()
+        for w in hinted:
             if self.stopping or self._paused:
                 break
-            if i % _SCAN_YIELD_EVERY == _SCAN_YIELD_EVERY - 1:
+            if time.monotonic() - turn > _SCAN_SLICE:
                 await asyncio.sleep(0)
+                turn = time.monotonic()
             if self._consider(w, now):
                 found += 1
         return found

@@ -192,17 +192,20 @@ class Spool:
 
     # --- scanning -----------------------------------------------------------
 
-    def scan_queue(self, queue: str) -> list[Waiting]:
-        """The job files of one TOSEND folder, in name order."""
+    def scan_queue(self, queue: str) -> Iterator[Waiting]:
+        """The job files of one TOSEND folder, in name order. The folder is
+        listed at once; each Waiting is made as it is taken, so the first job
+        of a large backlog comes without waiting for objects for all of it."""
         folder = self.root / queue
         prio = self.priority(queue)
         try:
             with os.scandir(folder) as it:
                 names = [e.name for e in it if is_job_name(e.name) and e.is_file()]
         except FileNotFoundError:
-            return []
+            return
         names.sort(key=os.fsencode)
-        return [Waiting(prio, queue, n, folder / n) for n in names]
+        for n in names:
+            yield Waiting(prio, queue, n, folder / n)
 
     def queue_folders(self) -> list[str]:
         """The configured TOSEND folders, then any other ``TOSEND<n>`` folder found
