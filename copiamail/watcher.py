@@ -126,6 +126,8 @@ def _child(argv: list[str]) -> int:
     # a SIGTERM sent to the whole process group is the node's to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # watchdog warns when events arrive while it stops: noise at every node exit.
+    logging.getLogger("watchdog").setLevel(logging.ERROR)
     polling = "--polling" in argv
     folders = [Path(a) for a in argv if a != "--polling"]
     out = sys.stdout.fileno()
