@@ -369,6 +369,10 @@ class Scheduler:
     async def _scan_hinted(self) -> int:
         """Look at the files the watcher named since the last pass, in queue order."""
         if self._owed or self.stopping:
+            # No new job while results are owed: the full scan that pays them
+            # (every scan_interval) finds these files too; keeping the hints
+            # would wake the loop again and again for nothing.
+            self._hints.clear()
             return 0
         now = self.clock()
         hinted = sorted((Waiting(self.spool.priority(p.parent.name), p.parent.name, p.name, p) for p in self._hints),
