@@ -126,8 +126,10 @@ def _child(argv: list[str]) -> int:
     # a SIGTERM sent to the whole process group is the node's to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # watchdog warns when events arrive while it stops: noise at every node exit.
-    logging.getLogger("watchdog").setLevel(logging.ERROR)
+    # watchdog logs an error when an emitter is asked for events while it
+    # stops ("called when the thread is inactive"): noise at every node exit.
+    # Failures to watch a folder are exceptions, reported below.
+    logging.getLogger("watchdog").setLevel(logging.CRITICAL)
     polling = "--polling" in argv
     folders = [Path(a) for a in argv if a != "--polling"]
     out = sys.stdout.fileno()
