@@ -36,7 +36,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from . import outcome, records
 from .config import BindingConfig, Config, is_ip
@@ -343,7 +343,6 @@ class Scheduler:
         returns how many were taken up (and sets when the next not-yet-due
         job falls due)."""
         now = self.clock()
-        found = 0
         seen: set[Path] = set()
         if self._owed:
             self._pay_owed()
@@ -351,16 +350,7 @@ class Scheduler:
                 return len(self._owed)
         if self._unresolved_hosts and (self._host_lookup is None or self._host_lookup.done()):
             self._host_lookup = asyncio.get_running_loop().create_task(self._learn_host_stanza_addresses())
-        turn = time.monotonic()
-        for w in self.spool.scan():
-            if self.stopping or self._paused:
-                break
-            if time.monotonic() - turn > _SCAN_SLICE:
-                await asyncio.sleep(0)
-                turn = time.monotonic()
-            seen.add(w.path)
-            if self._consider(w, now):
-                found += 1
+        found = await self._consider_all(self.spool.scan(), now, seen)
         for path in [p for p in self._later if p not in seen]:
             del self._later[path]
         self._recheck_waiting(seen)
@@ -378,14 +368,22 @@ class Scheduler:
         hinted = sorted((Waiting(self.spool.priority(p.parent.name), p.parent.name, p.name, p) for p in self._hints),
                         key=lambda w: w.order)
         self._hints.clear()
+        return await self._consider_all(hinted, now)
+
+    async def _consider_all(self, jobs: Iterable[Waiting], now: float, seen: set[Path] | None = None) -> int:
+        """:meth:`_consider` each job in turn, giving the event loop a turn every
+        ``_SCAN_SLICE`` seconds; ``seen`` collects the paths looked at. Returns
+        how many were taken up."""
         found = 0
         turn = time.monotonic()
-        for w in hinted:
+        for w in jobs:
             if self.stopping or self._paused:
                 break
             if time.monotonic() - turn > _SCAN_SLICE:
                 await asyncio.sleep(0)
                 turn = time.monotonic()
+            if seen is not None:
+                seen.add(w.path)
             if self._consider(w, now):
                 found += 1
         return found
