@@ -7,6 +7,7 @@ message>``, with exit code 2; never a traceback.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -20,7 +21,7 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .config import Config, is_ip, load_config
+from .config import Config, is_ip, load_config, workers_problem
 from .errors import CopiamailError, DeliveryError
 from .fsfile import CommandFile, format_command
 from .delivery import resolve_relay
@@ -118,12 +119,18 @@ class _Progress:
 @click.option("--name", required=True, help="This node's name (N1, N2 ...).")
 @click.option("--relay", help="Send through this SMTP relay, HOST[:PORT].")
 @click.option("--drain", is_flag=True, help="Exit once no job is due and none is in flight.")
+@click.option("--workers", type=click.IntRange(1, 64), help="Worker processes (overrides workers:).")
 @_common
-def node(name: str, relay: str | None, drain: bool, config_file: Path | None, spool_dir: Path | None) -> None:
+def node(name: str, relay: str | None, drain: bool, workers: int | None, config_file: Path | None, spool_dir: Path | None) -> None:
     """Run a node: take jobs from the TOSEND folders and send them."""
     from .node import run_node
 
     cfg = _config(config_file, spool_dir, relay)
+    if workers is not None:
+        cfg = dataclasses.replace(cfg, workers=workers)
+        problem = workers_problem(cfg)
+        if problem is not None:
+            raise CopiamailError(f"--workers: {problem}")
     for warning in cfg.rules.warnings:
         click.echo(f"copiamail: warning: {warning}", err=True)
     total = sum(n for k, n in Spool(cfg.spool, cfg.queues).counts().items() if k.startswith("TOSEND"))
@@ -137,6 +144,8 @@ def node(name: str, relay: str | None, drain: bool, config_file: Path | None, sp
             f"recovered {len(result.recovered.returned) + len(result.recovered.failed)} "
             f"in {result.seconds:.1f} s ({rate:.0f} msgs/s); spool {cfg.spool}"
         )
+    if result.failed_workers:
+        sys.exit(1)
 
 
 # --- submit -------------------------------------------------------------------

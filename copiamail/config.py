@@ -150,6 +150,7 @@ class Config:
     helo_name: str | None = None
     mx_tls_verify: bool = False
     node_stale_after: float = 300.0
+    workers: int = 1
     rules: CfgRules = CfgRules()
 
     @property
@@ -162,6 +163,33 @@ class Config:
 
     def binding_group(self, name: str) -> BindingGroupConfig | None:
         return next((g for g in self.binding_groups if g.name == name), None)
+
+    def shared_caps(self) -> list[tuple[str, int]]:
+        """The caps that count connections of more than one domain (key, cap):
+        the node total, binding and group totals, the pooled cap of a regex
+        stanza, a host's cap. With ``workers`` > 1 each is divided between the
+        workers; a cap of one domain alone is not (its domain has one worker)."""
+        out = [("server_max_outbound_connections", self.server_max_outbound_connections)]
+
+        def pooled(stanzas: tuple[DomainStanza, ...], where: str) -> None:
+            for s in stanzas:
+                if s.pattern is not None and s.caps.scope_max_outbound_connections is not None:
+                    out.append((f"{where}.domain.{s.key}.scope_max_outbound_connections", s.caps.scope_max_outbound_connections))
+
+        for g in self.binding_groups:
+            if g.caps.scope_max_outbound_connections is not None:
+                out.append((f"binding_group.{g.name}.scope_max_outbound_connections", g.caps.scope_max_outbound_connections))
+            pooled(g.domains, f"binding_group.{g.name}")
+        for b in self.bindings:
+            where = f"binding_group.{b.group}.binding.{b.name}" if b.group else f"binding.{b.name}"
+            if b.caps.scope_max_outbound_connections is not None:
+                out.append((f"{where}.scope_max_outbound_connections", b.caps.scope_max_outbound_connections))
+            pooled(b.domains, where)
+        pooled(self.domains, "")
+        for h in self.hosts:
+            if h.caps.scope_max_outbound_connections is not None:
+                out.append((f"host.{h.key}.scope_max_outbound_connections", h.caps.scope_max_outbound_connections))
+        return [(k.lstrip("."), cap) for k, cap in out]
 
     def with_overrides(self, spool: Path | None = None, relay: str | None = None) -> "Config":
         """The CLI's ``--spool DIR`` and ``--relay HOST[:PORT]`` on top of the file."""
@@ -324,7 +352,7 @@ _TOP_KEYS = {
     "server_max_outbound_connections", "server_reserve_outbound_connections", "max_outbound_connections",
     "scope_max_outbound_connections", "binding_group", "binding", "domain", "host", "default_binding_group",
     "cluster", "scan_interval", "watcher", "smtp_timeout", "messages_per_connection", "connection_idle",
-    "fsync", "helo_name", "mx_tls_verify", "node_stale_after",
+    "fsync", "helo_name", "mx_tls_verify", "node_stale_after", "workers",
 }
 
 
@@ -386,6 +414,7 @@ def parse_config(data: Any, path: Path | None) -> Config:
         "server_reserve_outbound_connections": (0, None),
         "max_outbound_connections": (1, None),
         "messages_per_connection": (1, None),
+        "workers": (1, 64),
     }
     for key, (lo, hi) in ints.items():
         if m.get(key) is not None:
@@ -487,9 +516,23 @@ def parse_config(data: Any, path: Path | None) -> Config:
     if reserve >= kw.get("server_max_outbound_connections", Config.server_max_outbound_connections):
         raise r.error(m, "server_reserve_outbound_connections", "must be smaller than server_max_outbound_connections")
     cfg = Config(**kw)
+    problem = workers_problem(cfg)
+    if problem is not None:
+        raise r.error(m, "workers", problem)
     if cfg.cfg_path is not None:
         cfg = replace(cfg, rules=load_cfg(cfg.cfg_path))
     return cfg
+
+
+def workers_problem(cfg: Config) -> str | None:
+    """Why ``cfg.workers`` cannot run, or None. More workers than a shared cap
+    has slots is refused: a worker with no slot of the node total (or of a
+    pooled cap) could never send its domains."""
+    for key, cap in cfg.shared_caps():
+        if cap < cfg.workers:
+            return (f"{cfg.workers} workers share '{key}' ({cap}), which needs at least one slot per worker; "
+                    f"use at most {cap} workers or raise the cap")
+    return None
 
 
 def is_ip(text: str) -> bool:

@@ -21,11 +21,19 @@ Global::Host                     ``host:<ip>``
 A regex stanza's ``scope_max_outbound_connections`` pools every matching
 domain into one key named by the stanza; its ``max_outbound_connections``
 limits each matching domain on its own (the binding_domain key).
+
+Workers (``workers:`` > 1): each worker process sends the domains that
+:func:`worker_of` gives it, so a key of one domain lives in one worker and
+keeps its whole cap. A key that counts several domains (``shared``: the node
+total, binding and group totals, a regex stanza's pool, a host) is divided:
+worker ``i`` of ``n`` gets ``cap // n``, plus one if ``i < cap % n``. The
+workers' parts add up to the cap, so the node as a whole never exceeds it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from typing import Iterable, Protocol, Sequence
 
 from .config import BindingConfig, Config, DomainStanza, ScopeCaps
@@ -39,6 +47,18 @@ class Limit:
     key: str
     cap: int
     scope: str
+    shared: bool = False  # counts connections of more than one domain
+
+
+def worker_of(key: str, workers: int) -> int:
+    """The worker (0 .. workers-1) that sends the jobs of domain ``key`` (a
+    job that cannot be read: of its file name). Stable across runs and machines."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % workers
+
+
+def worker_cap(cap: int, worker: int, workers: int) -> int:
+    """Worker ``worker``'s part of a shared cap; the parts add up to ``cap``."""
+    return cap // workers + (1 if worker < cap % workers else 0)
 
 
 def _first(stanzas: Iterable[DomainStanza], domain: str) -> DomainStanza | None:
@@ -77,14 +97,17 @@ def limits_for(
     binding: BindingConfig | None = None,
     host_ips: Sequence[str] = (),
     host_names: Sequence[str] = (),
+    worker: int = 0,
+    workers: int = 1,
 ) -> tuple[Limit, ...]:
     """Every limit a connection for ``address`` over ``binding`` to the host at
-    ``host_ips`` must have room in, in a fixed order (acquire order)."""
+    ``host_ips`` must have room in, in a fixed order (acquire order); shared
+    caps as worker ``worker`` of ``workers`` holds them."""
     out: list[Limit] = []
     dl = match(config.rules.domain_limits, node, address)
     if dl is not None:
         out.append(Limit(f"domain_limit:{dl.domain}", dl.count, f"$domain_limit {dl.rule.where()} ({dl.rule})"))
-    out.append(Limit("server", config.server_max_outbound_connections, "server_max_outbound_connections"))
+    out.append(Limit("server", config.server_max_outbound_connections, "server_max_outbound_connections", True))
 
     bname = binding.name if binding is not None else "default"
     global_stanza, global_caps = _domain_caps(config.domains, domain)
@@ -103,32 +126,34 @@ def limits_for(
                     per_domain = cap
             if group.caps.scope_max_outbound_connections is not None:
                 out.append(Limit(f"group_total:{group.name}", group.caps.scope_max_outbound_connections,
-                                 f"Binding_Group binding_group.{group.name} (all its bindings, all domains)"))
+                                 f"Binding_Group binding_group.{group.name} (all its bindings, all domains)", True))
             if gs is not None and gcaps.scope_max_outbound_connections is not None:
                 out.append(Limit(f"group_domain:{group.name}:{gs.key}", gcaps.scope_max_outbound_connections,
-                                 f"Binding_Group::Domain binding_group.{group.name}.domain.{gs.key}"))
+                                 f"Binding_Group::Domain binding_group.{group.name}.domain.{gs.key}", gs.pattern is not None))
         bs, bcaps = _domain_caps(binding.domains, domain)
         for cap in (binding.caps.max_outbound_connections, bcaps.max_outbound_connections):
             if cap is not None:
                 per_domain = cap
         if binding.caps.scope_max_outbound_connections is not None:
             out.append(Limit(f"binding_total:{bname}", binding.caps.scope_max_outbound_connections,
-                             f"Binding binding {bname} (all domains)"))
+                             f"Binding binding {bname} (all domains)", True))
         if bs is not None and bcaps.scope_max_outbound_connections is not None:
             out.append(Limit(f"binding_scope:{bname}:{bs.key}", bcaps.scope_max_outbound_connections,
-                             f"Binding::Domain binding.{bname}.domain.{bs.key}"))
+                             f"Binding::Domain binding.{bname}.domain.{bs.key}", bs.pattern is not None))
     out.append(Limit(f"binding_domain:{bname}:{domain}", per_domain, f"max_outbound_connections (binding {bname}, domain {domain})"))
     if global_stanza is not None:
         if global_caps.scope_max_outbound_connections is not None:
             out.append(Limit(f"global_domain:{global_stanza.key}", global_caps.scope_max_outbound_connections,
-                             f"Global::Domain domain.{global_stanza.key}"))
+                             f"Global::Domain domain.{global_stanza.key}", global_stanza.pattern is not None))
     for ip in dict.fromkeys(host_ips):  # one key per IP, even if listed twice
         names = {ip.lower(), *(h.lower() for h in host_names)}
         caps = [h.caps for h in config.hosts if h.key in names]
         scoped = [c.scope_max_outbound_connections for c in caps if c.scope_max_outbound_connections is not None]
         if scoped:
             # Where two stanzas come to one IP, the smaller cap holds (SPEC 5).
-            out.append(Limit(f"host:{ip}", min(scoped), f"Global::Host host {ip}"))
+            out.append(Limit(f"host:{ip}", min(scoped), f"Global::Host host {ip}", True))
+    if workers > 1:
+        return tuple(replace(l, cap=worker_cap(l.cap, worker, workers)) if l.shared else l for l in out)
     return tuple(out)
 
 

@@ -5,6 +5,10 @@ its whole life, so a second ``node --name N1`` on this machine refuses to start
 instead of taking N1's jobs. It recovers N1's interrupted jobs, starts the
 watcher, and runs the scheduler until SIGTERM or SIGINT (or, with ``drain``,
 until no job is due and none is in flight).
+
+With ``workers:`` above 1 the scheduling runs in worker processes instead
+(:mod:`copiamail.workers`); this process keeps the lock, the recovery, the
+heartbeat, the watcher and the signals.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import re
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
@@ -27,6 +31,7 @@ from .recovery import RecoveryReport, recover
 from .scheduler import Scheduler, Stats
 from .spool import Spool
 from .watcher import SpoolWatcher
+from .workers import run_workers
 
 log = logging.getLogger("copiamail")
 
@@ -39,6 +44,7 @@ class NodeResult:
     stats: Stats
     recovered: RecoveryReport
     seconds: float
+    failed_workers: list[int] = field(default_factory=list)  # worker processes that crashed
 
 
 def check_node_name(name: str) -> str:
@@ -73,6 +79,9 @@ def run_node(
     started = time.monotonic()
     with node_lock(spool, name):
         report = recover(spool, name)
+        if config.workers > 1:
+            result = run_workers(config, spool, name, password, drain, on_event or (lambda kind, job: None), _start_heartbeat)
+            return NodeResult(result.stats, report, time.monotonic() - started, result.failed_workers)
         scheduler = Scheduler(config, spool, name, password=password, on_event=on_event)
         stats = asyncio.run(_serve(config, spool, scheduler, drain))
     return NodeResult(stats, report, time.monotonic() - started)
@@ -93,20 +102,24 @@ def node_lock(spool: Spool, name: str) -> Iterator[None]:
         lock.release()
 
 
-async def _heartbeat(peers: Peers, scheduler: Scheduler) -> None:
+async def _heartbeat(peers: Peers, on_takeover: Callable[[], None]) -> None:
     """Beat, and take over dead peers' jobs, until cancelled."""
     interval = heartbeat_interval(peers.stale_after)
     while True:
         peers.beat()
         if peers.check():  # never raises
-            scheduler.request_scan()
+            on_takeover()
         await asyncio.sleep(interval)
+
+
+def _start_heartbeat(peers: Peers, on_takeover: Callable[[], None]) -> "asyncio.Task[None]":
+    return asyncio.get_running_loop().create_task(_heartbeat(peers, on_takeover))
 
 
 async def _serve(config: Config, spool: Spool, scheduler: Scheduler, drain: bool) -> Stats:
     loop = asyncio.get_running_loop()
     peers = Peers(spool, scheduler.node, config.node_stale_after)
-    beating = loop.create_task(_heartbeat(peers, scheduler))
+    beating = _start_heartbeat(peers, scheduler.request_scan)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, scheduler.request_stop)
 

@@ -43,8 +43,8 @@ from .config import BindingConfig, Config, is_ip
 from .delivery import CONNECT, Delivered, SessionSettings, SmtpSession, make_tls_context, resolve_relay
 from .errors import DeliveryError, JobError
 from .fsfile import CommandFile
-from .job import Job, parse_job
-from .limits import Limit, LocalLimiter, bindings_for, limits_for
+from .job import Job, parse_job, quick_domain
+from .limits import Limit, LocalLimiter, bindings_for, limits_for, worker_cap, worker_of
 from .message import build_message
 from .mx import MxResolver, Route
 from .spool import FAIL, SENT, Claimed, Spool, Waiting, is_job_name
@@ -158,8 +158,16 @@ class Scheduler:
         password: str | None = None,
         clock: Callable[[], float] = time.time,
         on_event: Callable[[str, str], None] | None = None,
+        worker: int = 0,
+        workers: int = 1,
     ) -> None:
+        """``worker`` of ``workers``: this scheduler sends only the jobs whose
+        domain :func:`~copiamail.limits.worker_of` gives it, and holds its part
+        of each shared cap (the other workers run the same code in other
+        processes, on the same spool and ACTIVE folder)."""
         self.config = config
+        self.worker = worker
+        self.workers = workers
         self.spool = spool
         self.node = node
         self.password = password
@@ -175,6 +183,9 @@ class Scheduler:
         # The due time of each TOSEND job not yet due, by (inode, mtime, size):
         # a scan reads such a file again only when it changed.
         self._later: dict[Path, tuple[tuple[int, int, int], float]] = {}
+        # Files another worker sends, by (inode, mtime, size): not read again
+        # until they change.
+        self._foreign: dict[Path, tuple[int, int, int]] = {}
         self._next_due: float | None = None
         self._hints: set[Path] = set()
         self._full_scan_due = True
@@ -299,6 +310,8 @@ class Scheduler:
         except FileNotFoundError:
             return None
         sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._foreign.get(w.path) == sig:
+            return None
         later = self._later.get(w.path)
         if later is not None and later[0] == sig:
             return _Peek(sig, None, None, later[1])
@@ -309,11 +322,29 @@ class Scheduler:
         except OSError as e:
             log.warning("%s: cannot read: %s", w.path, e.strerror)
             return None
+        # Which worker sends a job: by its domain, read quickly when it can be
+        # (most jobs: then other workers' jobs are not parsed at all), else
+        # parsed; by its file name when it cannot be parsed. Every worker
+        # computes the same answer from the same file.
+        quick = quick_domain(cf) if self.workers > 1 else None
+        if quick is not None and not self._mine(quick):
+            self._foreign[w.path] = sig
+            return None
         try:
             job = parse_job(cf, w.name)
         except JobError:
+            if quick is None and not self._mine(w.name):
+                self._foreign[w.path] = sig
+                return None
             return _Peek(sig, cf, None, None)
+        if quick is None and not self._mine(job.domain):
+            self._foreign[w.path] = sig
+            return None
         return _Peek(sig, cf, job, job.next_attempt)
+
+    def _mine(self, key: str) -> bool:
+        """Whether this worker sends the jobs of domain (or file name) ``key``."""
+        return self.workers == 1 or worker_of(key, self.workers) == self.worker
 
     def _consider(self, w: Waiting, now: float) -> bool:
         """Claim and dispatch the job of ``w`` if it is due and not waiting;
@@ -353,6 +384,8 @@ class Scheduler:
         found = await self._consider_all(self.spool.scan(), now, seen)
         for path in [p for p in self._later if p not in seen]:
             del self._later[path]
+        for path in [p for p in self._foreign if p not in seen]:
+            del self._foreign[path]
         self._recheck_waiting(seen)
         return found
 
@@ -440,7 +473,8 @@ class Scheduler:
             if conn.target.relay or conn.target.host != ip:
                 continue
             held = {l.key for l in conn.limits}
-            now = limits_for(self.config, self.node, conn.address, conn.domain, conn.binding, (ip,), tuple(sorted(names)))
+            now = limits_for(self.config, self.node, conn.address, conn.domain, conn.binding, (ip,), tuple(sorted(names)),
+                             self.worker, self.workers)
             extra = tuple(l for l in now if l.key not in held and l.key.startswith("host:"))
             if extra:
                 self.limiter.force_acquire(extra)
@@ -452,7 +486,7 @@ class Scheduler:
     def _reserve_blocks(self, domain: str, limits: tuple[Limit, ...]) -> Limit | None:
         # Momentum's server_reserve_outbound_connections: the last N slots of the
         # node total are kept for domains that have no connection open yet.
-        reserve = self.config.server_reserve_outbound_connections
+        reserve = worker_cap(self.config.server_reserve_outbound_connections, self.worker, self.workers)
         if not reserve or not any(c.domain == domain for c in self._connections):
             return None
         server = next(l for l in limits if l.key == "server")
@@ -469,7 +503,8 @@ class Scheduler:
         by_load = sorted(candidates, key=lambda b: (self._open_count(b), b.name if b else ""))
         for target in targets:
             for b in by_load:
-                limits = limits_for(self.config, self.node, job.address, job.domain, b, target.ips, target.names)
+                limits = limits_for(self.config, self.node, job.address, job.domain, b, target.ips, target.names,
+                                    self.worker, self.workers)
                 full = self._reserve_blocks(job.domain, limits) or self.limiter.try_acquire(limits)
                 if full is None:
                     return _Start(b, target, limits)
@@ -491,6 +526,11 @@ class Scheduler:
             job = job if job is not None else parse_job(cf, claimed.name)
         except JobError as e:
             self._write(self._failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e)))
+            return
+        if not self._mine(job.domain):
+            # Its file changed while it waited here, to another worker's
+            # domain: that worker's limits count it, so it goes back for it.
+            self._hand_back(claimed)
             return
         self._route(_Item(claimed, cf, job))
 
@@ -912,7 +952,9 @@ class Scheduler:
         # A result committed but not yet moved (a write failed after the
         # commit): move it now rather than at the next start.
         try:
-            self.spool.finish_committed(self.node)
+            # Only committed results: with workers, a result not yet committed
+            # may be another worker's, written a moment ago.
+            self.spool.finish_committed(self.node, drop_uncommitted=False)
             self._parked = False
         except OSError as e:
             log.error("cannot move finished jobs out of ACTIVE yet: %s", e.strerror)

@@ -326,10 +326,12 @@ class Spool:
 
     # --- recovery ------------------------------------------------------------
 
-    def finish_committed(self, node: str) -> None:
-        """Publish node ``node``'s committed results (states 4 and 5) and drop
+    def finish_committed(self, node: str, drop_uncommitted: bool = True) -> None:
+        """Publish node ``node``'s committed results (states 4 and 5) and, with
+        ``drop_uncommitted`` (at recovery, when nothing of the node runs), drop
         uncommitted ones (state 3) and stray temporary files. Safe while the
-        node runs: its own results are written and moved without yielding."""
+        node runs without ``drop_uncommitted``: a result another process of
+        the node publishes at the same moment is skipped."""
         base = self.active_dir(node)
         if not base.is_dir():
             return
@@ -339,14 +341,20 @@ class Spool:
             for f in files:
                 head, _, suffix = f.rpartition(".")
                 path = qdir / f
-                if suffix in _RESULT_SUFFIXES and is_job_name(head):
-                    if head in names or f"{head}.{DELIVERED}" in names or path.stat().st_nlink > 1:
-                        # Not committed (state 3), or already published by link().
+                try:
+                    if suffix in _RESULT_SUFFIXES and is_job_name(head):
+                        if head in names or f"{head}.{DELIVERED}" in names or path.stat().st_nlink > 1:
+                            # Not committed (state 3), or already published by link().
+                            if drop_uncommitted:
+                                path.unlink()
+                        else:
+                            self._publish(path, Claimed(node, qdir.name, head, qdir / head))
+                    elif f.endswith(".tmp") and drop_uncommitted:
                         path.unlink()
-                    else:
-                        self._publish(path, Claimed(node, qdir.name, head, qdir / head))
-                elif f.endswith(".tmp"):
-                    path.unlink()
+                except FileNotFoundError:
+                    if drop_uncommitted:
+                        raise
+                    continue  # published (or dropped) by the process that wrote it
 
     def claimed_jobs(self, node: str) -> tuple[list[Claimed], list[Claimed]]:
         """What node ``node`` holds in ACTIVE after :meth:`finish_committed`:

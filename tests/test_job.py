@@ -19,6 +19,7 @@ from copiamail.job import (
     job_identity,
     parse_address,
     parse_job,
+    quick_domain,
 )
 from fs_strategies import apply_edits, engine_edits, fs_files
 
@@ -417,3 +418,45 @@ def test_parse_job_raises_only_job_errors(data):
         job(data)
     except JobError as e:
         assert e.outcome in {c.code for c in outcome.ENGINE_CODES}
+
+
+# --- quick_domain: a worker's cheap look at the recipient ------------------------------
+
+
+@given(fs_files())
+def test_quick_domain_agrees_with_parse_job_whenever_both_give_a_domain(data):
+    cf = CommandFile.parse(data)
+    quick = quick_domain(cf)
+    try:
+        job = parse_job(cf, "X.FS")
+    except JobError:
+        return
+    assert quick is None or quick == job.domain
+
+
+@given(fs_files(first_lines=("$email_address someone@Example.ORG",)))
+def test_quick_domain_reads_a_plain_address_line(data):
+    cf = CommandFile.parse(data)
+    lines = [c for c in cf.commands() if c.name == "email_address"] if _parses(cf) else None
+    if lines is not None and len(lines) == 1:
+        assert quick_domain(cf) == "example.org"
+
+
+def _parses(cf: CommandFile) -> bool:
+    try:
+        cf.commands()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("text", [
+    '$email_address "a b"@x.org\n',
+    "$email_address a@x.org\n$EMAIL_ADDRESS b@y.org\n",
+    "$email_address a@x.org ;comment\n",
+    "$email_address <a@x.org> more\n",
+    "; $email_address a@x.org\n",
+])
+def test_quick_domain_leaves_anything_but_one_plain_line_to_the_full_parse(text):
+    cf = CommandFile.parse(text.encode())
+    assert quick_domain(cf) is None or quick_domain(cf) == parse_job(cf, "X.FS").domain

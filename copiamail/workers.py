@@ -1,0 +1,341 @@
+"""One node as several processes: the supervisor and its workers.
+
+With ``workers: n`` (n > 1) the node's own process is the *supervisor*. It
+holds the node's lock, recovers, beats the heartbeat, runs the spool watcher
+and handles signals; it sends no mail. It forks ``n`` *workers*, each a full
+:class:`~copiamail.scheduler.Scheduler` with its own event loop. Worker ``i``
+sends only the jobs whose domain :func:`~copiamail.limits.worker_of` gives it,
+so every limit of one domain lives in one process with its whole cap, and
+each cap shared between domains is divided between the workers (the parts
+add up to the cap). All workers claim into the same ``ACTIVE/<node>`` folder:
+a claim is a rename, so two workers never hold the same job.
+
+Pipes, one pair per worker, records ending in NUL:
+
+- supervisor to worker: ``H<path>`` a watcher event; ``R`` scan the whole
+  spool (a dead peer's jobs came back); ``Q`` stop. End of file: stop.
+- worker to supervisor: ``E<kind>\\t<name>`` a job's outcome (for the
+  progress bar); ``S<sent> <failed> <retried> <deferred> <handed back>`` its
+  totals, last.
+
+Crashes: a worker dies with the supervisor (``PR_SET_PDEATHSIG`` with
+SIGKILL), so no worker outlives the node's lock (which the workers also hold,
+by the inherited descriptor). When a worker ends without its totals, the
+supervisor stops the others; its claimed jobs are recovered at the node's
+next start, as after any crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import logging
+import os
+import select
+import signal
+import sys
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .config import Config
+from .peers import Peers
+from .scheduler import Scheduler, Stats
+from .spool import Spool
+from .watcher import SpoolWatcher
+
+log = logging.getLogger("copiamail")
+
+_PR_SET_PDEATHSIG = 1
+_STATS_FIELDS = ("sent", "failed", "retried", "deferred", "handed_back")
+
+
+@dataclass
+class WorkersResult:
+    stats: Stats
+    failed_workers: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Worker:
+    index: int
+    pid: int
+    ctl: int  # supervisor to worker (non-blocking)
+    out: int  # worker to supervisor
+    rest: bytes = b""
+    stats: Stats | None = None
+    ended: bool = False
+    pending: list[bytes] = field(default_factory=list)
+    scan_owed: bool = False
+
+
+def run_workers(
+    config: Config,
+    spool: Spool,
+    node: str,
+    password: str | None,
+    drain: bool,
+    on_event: Callable[[str, str], None],
+    heartbeat: Callable[[Peers, Callable[[], None]], "asyncio.Future[None]"],
+) -> WorkersResult:
+    """Fork ``config.workers`` workers and supervise them until all have
+    ended (drained, or stopped by SIGTERM/SIGINT). Call with the node's lock
+    held and its recovery done, before any thread or event loop is started."""
+    workers: list[_Worker] = []
+    for i in range(config.workers):
+        ctl_r, ctl_w = os.pipe()
+        out_r, out_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 70
+            try:
+                os.close(ctl_w)
+                os.close(out_r)
+                for w in workers:
+                    os.close(w.ctl)
+                    os.close(w.out)
+                code = _worker_main(config, spool, node, password, drain, i, ctl_r, out_w)
+            except BaseException:  # noqa: BLE001 - report, never return into the supervisor's code
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(ctl_r)
+        os.close(out_w)
+        os.set_blocking(ctl_w, False)
+        workers.append(_Worker(i, pid, ctl_w, out_r))
+    try:
+        asyncio.run(_supervise(config, spool, node, workers, on_event, heartbeat))
+    finally:
+        for w in workers:
+            for fd in (w.ctl, w.out):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            _reap(w)
+    total = Stats()
+    failed = []
+    for w in workers:
+        if w.stats is None:
+            failed.append(w.index)
+            continue
+        for name in _STATS_FIELDS:
+            setattr(total, name, getattr(total, name) + getattr(w.stats, name))
+    return WorkersResult(total, failed)
+
+
+def _reap(w: _Worker) -> None:
+    try:
+        _, status = os.waitpid(w.pid, 0)
+    except ChildProcessError:
+        return
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0 or w.stats is None:
+        log.error("worker %d (pid %d) ended with %s; the jobs it held are recovered at this node's next start",
+                  w.index, w.pid, f"signal {-code}" if code < 0 else f"exit code {code}")
+
+
+# --- the supervisor ------------------------------------------------------------
+
+
+async def _supervise(
+    config: Config,
+    spool: Spool,
+    node: str,
+    workers: list[_Worker],
+    on_event: Callable[[str, str], None],
+    heartbeat: Callable[[Peers, Callable[[], None]], "asyncio.Future[None]"],
+) -> None:
+    loop = asyncio.get_running_loop()
+    all_ended = loop.create_future()
+    flush_due = False
+
+    def flush() -> None:
+        nonlocal flush_due
+        flush_due = False
+        for w in workers:
+            _send(w)
+
+    def tell_all(record: bytes) -> None:
+        nonlocal flush_due
+        for w in workers:
+            if not w.ended:
+                w.pending.append(record)
+        if not flush_due:
+            flush_due = True
+            loop.call_soon(flush)
+
+    def stop() -> None:
+        tell_all(b"Q")
+
+    def readable(w: _Worker) -> None:
+        try:
+            data = os.read(w.out, 1 << 16)
+        except BlockingIOError:
+            return
+        if data:
+            parts = (w.rest + data).split(b"\0")
+            w.rest = parts.pop()
+            for record in parts:
+                _received(w, record, on_event)
+            return
+        loop.remove_reader(w.out)
+        w.ended = True
+        if w.stats is None:
+            # It crashed: its jobs wait for recovery; the others stop too, so
+            # the next start can recover the whole node.
+            stop()
+        if all(x.ended for x in workers) and not all_ended.done():
+            all_ended.set_result(None)
+
+    for w in workers:
+        loop.add_reader(w.out, readable, w)
+    peers = Peers(spool, node, config.node_stale_after)
+    beating = heartbeat(peers, lambda: tell_all(b"R"))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    watcher = SpoolWatcher([spool.folder(q) for q in spool.queues], lambda p: tell_all(b"H" + os.fsencode(p)),
+                           polling=config.watcher == "polling")
+    watcher.start(loop)
+    try:
+        await all_ended
+    finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
+        peers.stop()
+        watcher.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        for w in workers:
+            if not w.ended:
+                loop.remove_reader(w.out)
+
+
+def _send(w: _Worker) -> None:
+    """Write what the worker is owed without blocking, in writes of at most
+    PIPE_BUF bytes of whole records (such a write is all or nothing). When
+    the pipe is full, watcher events are replaced by one request to scan
+    (the scan finds those files); a stop is kept and sent again."""
+    if w.ended or not (w.pending or w.scan_owed):
+        return
+    records = ([b"R"] if w.scan_owed else []) + w.pending
+    w.pending, w.scan_owed = [], False
+    i = 0
+    while i < len(records):
+        chunk: list[bytes] = []
+        size = 0
+        while i < len(records) and size + len(records[i]) + 1 <= select.PIPE_BUF:
+            chunk.append(records[i])
+            size += len(records[i]) + 1
+            i += 1
+        if not chunk:
+            w.scan_owed = True  # an event for a path too long for one write
+            i += 1
+            continue
+        try:
+            os.write(w.ctl, b"".join(r + b"\0" for r in chunk))
+        except BlockingIOError:
+            left = chunk + records[i:]
+            w.scan_owed = True
+            w.pending = [b"Q"] if b"Q" in left else []
+            asyncio.get_running_loop().call_later(0.01, _send, w)
+            return
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                return  # it has ended; its reader sees the end of file
+            raise
+
+
+def _received(w: _Worker, record: bytes, on_event: Callable[[str, str], None]) -> None:
+    if record[:1] == b"E":
+        kind, _, name = record[1:].partition(b"\t")
+        on_event(kind.decode("ascii", "replace"), os.fsdecode(name))
+    elif record[:1] == b"S":
+        try:
+            values = [int(x) for x in record[1:].split()]
+        except ValueError:
+            return
+        if len(values) == len(_STATS_FIELDS):
+            w.stats = Stats(*values)
+
+
+# --- a worker -------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (AttributeError, OSError):
+        pass  # not Linux: the end of file on the control pipe still stops it
+
+
+def _worker_main(config: Config, spool: Spool, node: str, password: str | None, drain: bool,
+                 index: int, ctl: int, out: int) -> int:
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:
+        return 1  # the supervisor died before the death signal was set
+    events: list[bytes] = []
+
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(out, view):]
+
+    def on_event(kind: str, name: str) -> None:
+        if not events:
+            asyncio.get_running_loop().call_soon(flush_events)
+        events.append(b"E" + kind.encode("ascii") + b"\t" + os.fsencode(name) + b"\0")
+
+    def flush_events() -> None:
+        if events:
+            write(b"".join(events))
+            events.clear()
+
+    scheduler = Scheduler(config, spool, node, password=password, on_event=on_event,
+                          worker=index, workers=config.workers)
+    stats = asyncio.run(_serve_worker(scheduler, drain, ctl))
+    flush_events()
+    write(b"S" + " ".join(str(getattr(stats, f)) for f in _STATS_FIELDS).encode("ascii") + b"\0")
+    return 0
+
+
+async def _serve_worker(scheduler: Scheduler, drain: bool, ctl: int) -> Stats:
+    loop = asyncio.get_running_loop()
+    rest = b""
+
+    def readable() -> None:
+        nonlocal rest
+        try:
+            data = os.read(ctl, 1 << 16)
+        except BlockingIOError:
+            return
+        if not data:
+            loop.remove_reader(ctl)
+            scheduler.request_stop()  # the supervisor is gone
+            return
+        parts = (rest + data).split(b"\0")
+        rest = parts.pop()
+        for record in parts:
+            kind = record[:1]
+            if kind == b"H":
+                scheduler.hint(os.fsdecode(record[1:]))
+            elif kind == b"R":
+                scheduler.request_scan()
+            elif kind == b"Q":
+                scheduler.request_stop()
+
+    os.set_blocking(ctl, False)
+    loop.add_reader(ctl, readable)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, scheduler.request_stop)
+    try:
+        return await scheduler.run(drain=drain)
+    finally:
+        loop.remove_reader(ctl)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

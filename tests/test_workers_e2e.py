@@ -1,0 +1,113 @@
+"""End to end: one node run as several worker processes (``workers:``), against a
+real SMTP server on 127.0.0.1, reading the spool afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from smtpserver import Rule
+from spoolkit import SpoolKit, stop, wait_until
+
+from copiamail.limits import worker_of
+
+
+@pytest.fixture
+def server(smtp_server):
+    return smtp_server()
+
+
+def domains_of_both_workers(n: int) -> list[str]:
+    """``n`` domains that, between them, go to both of two workers."""
+    names = [f"d{i}.example" for i in range(40)]
+    picked = [d for d in names if worker_of(d, 2) == 0][: n // 2] + [d for d in names if worker_of(d, 2) == 1][: n - n // 2]
+    assert {worker_of(d, 2) for d in picked} == {0, 1}
+    return picked
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def test_two_workers_send_every_job_once_and_keep_each_domain_limit(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=0.05))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 2"], "workers: 2\n")
+    domains = domains_of_both_workers(6)
+    for i in range(60):
+        kit.job("TOSEND", f"J{i:03d}.FS", to=f"u{i}@{domains[i % 6]}")
+    result = kit.drain()
+    assert result.returncode == 0, result.stderr
+    assert len(kit.names("SENT")) == 60
+    assert kit.waiting() == [] and kit.names("FAIL") == []
+    assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(f"u{i}@{domains[i % 6]}" for i in range(60))
+    for d in domains:
+        assert server.peak_by_domain[d] == 2
+    assert "sent 60, failed 0" in result.stdout
+
+
+def test_a_shared_cap_is_divided_so_the_node_never_exceeds_it(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=0.1))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 3"], "workers: 2\nserver_max_outbound_connections: 3\n")
+    domains = domains_of_both_workers(4)
+    for i in range(40):
+        kit.job("TOSEND", f"J{i:03d}.FS", to=f"u{i}@{domains[i % 4]}")
+    assert kit.drain().returncode == 0
+    assert len(kit.names("SENT")) == 40
+    assert server.peak <= 3
+
+
+def test_more_workers_than_a_shared_cap_is_one_clear_error(tmp_path, server):
+    kit = SpoolKit(tmp_path, server.port, [], "server_max_outbound_connections: 2\n")
+    result = kit.cli("node", "--name", "N1", "--drain", "--workers", "3")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "--workers" in result.stderr and "server_max_outbound_connections" in result.stderr
+
+
+def test_sigterm_stops_every_worker_and_hands_back_their_jobs(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=1.0))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 1"], "workers: 2\n")
+    domains = domains_of_both_workers(2)
+    for i in range(8):
+        kit.job("TOSEND", f"J{i:03d}.FS", to=f"u{i}@{domains[i % 2]}")
+    proc = kit.start()
+    wait_until(lambda: server.current >= 2, timeout=15)
+    code, _, err = stop(proc, signal.SIGTERM)
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert kit.active() == []
+    assert len(kit.names("SENT")) + len(kit.waiting()) == 8
+
+
+def test_a_killed_node_takes_its_workers_with_it_and_the_next_start_recovers(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=30))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 1"], "workers: 2\n")
+    domains = domains_of_both_workers(2)
+    for i in range(4):
+        kit.job("TOSEND", f"J{i:03d}.FS", to=f"u{i}@{domains[i % 2]}")
+    proc = kit.start()
+    wait_until(lambda: server.current >= 2, timeout=15)
+    workers = [p for p in children_of(proc.pid) if b"copiamail.watcher" not in open(f"/proc/{p}/cmdline", "rb").read()]
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait(timeout=10)
+    wait_until(lambda: not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"
+                               for p in workers), timeout=10)
+    assert kit.active() != []  # the claimed jobs are still there
+    server.clear_rules()
+    result = kit.drain()
+    assert result.returncode == 0, result.stderr
+    assert len(kit.names("SENT")) == 4
