@@ -48,6 +48,15 @@ def recover(spool: Spool, node: str, now: float | None = None, recorder: str | N
     returned: list[str] = []
     failed: list[str] = []
     sent: list[str] = []
+    try:
+        _recover(spool, node, now, me, returned, failed, sent)
+    finally:
+        # Spares live in the recovered folder, which a takeover removes next.
+        spool.drop_spares()
+    return RecoveryReport(tuple(returned), tuple(failed), tuple(sent))
+
+
+def _recover(spool: Spool, node: str, now: float, me: str, returned: list[str], failed: list[str], sent: list[str]) -> None:
     interrupted, delivered = spool.claimed_jobs(node)
     for claimed in delivered:
         # The server accepted it before the stop: finish it, never send it again.
@@ -68,4 +77,3 @@ def recover(spool: Spool, node: str, now: float | None = None, recorder: str | N
             spool.finish(claimed, cf, "BACK")
             returned.append(claimed.name)
             log.warning("%s: attempt interrupted; returned to %s", claimed.name, claimed.queue)
-    return RecoveryReport(tuple(returned), tuple(failed), tuple(sent))

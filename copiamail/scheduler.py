@@ -988,6 +988,7 @@ class Scheduler:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        self.spool.drop_spares()
 
 
 def _job_error_text(e: JobError) -> str:

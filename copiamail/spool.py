@@ -4,6 +4,7 @@ Layout under the root::
 
     TOSEND, TOSEND1 ... TOSENDn   jobs waiting, TOSEND first; by name inside a folder
     ACTIVE/<node>/<queue>/NAME.FS a job <node> has claimed from TOSEND<queue>
+    ACTIVE/<node>/.spare/         spare files: no job, only inodes to write results into
     ACTIVE/<node>.lock            held while node <node> runs (filelock)
     SENT, FAIL                    jobs done
     TEMP                          scratch files (submit writes here first)
@@ -26,14 +27,17 @@ from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
    attempt record saying the server's reply was lost). The window in which a
    crash sends a message twice is therefore only the wait for the server's reply
    to the end of DATA, plus this one rename.
-3. **result written**: the engine writes the job's next version to
-   ``ACTIVE/N/Q/X.FS.<DEST>`` (``.SENT``, ``.FAIL`` or ``.BACK`` for the queue)
-   and fsyncs it. While ``ACTIVE/N/Q/X.FS`` (or ``X.FS.DELIVERED``) exists
-   the result is not committed: a crash here leaves both files; recovery
-   deletes the result and treats the job as in state 2 (or 2b).
-4. **committed**: ``unlink(ACTIVE/N/Q/X.FS)``. The one step that commits the
-   result: from now on ``X.FS.<DEST>`` is the job. A crash here leaves it
-   alone in ACTIVE; recovery finishes the move (step 5).
+3. **result written**: the engine writes the job's next version into a spare
+   file ``ACTIVE/N/.spare/S`` and fsyncs it (a crash meanwhile leaves only a
+   spare: no job), then renames it to ``ACTIVE/N/Q/X.FS.<DEST>`` (``.SENT``,
+   ``.FAIL`` or ``.BACK`` for the queue). While ``ACTIVE/N/Q/X.FS`` (or
+   ``X.FS.DELIVERED``) exists the result is not committed: a crash here
+   leaves both files; recovery deletes the result and treats the job as in
+   state 2 (or 2b).
+4. **committed**: ``rename(ACTIVE/N/Q/X.FS, ACTIVE/N/.spare/S2)``. The one
+   step that commits the result: from now on ``X.FS.<DEST>`` is the job, and
+   the claimed copy's inode is a spare for a later result. A crash here leaves
+   the result alone in ACTIVE; recovery finishes the move (step 5).
 5. **published**: ``X.FS.<DEST>`` is renamed to ``SENT/X.FS``, ``FAIL/X.FS`` or
    ``Q/X.FS`` without replacing anything there (``renameat2`` with
    ``RENAME_NOREPLACE``, one atomic step). If a different job took the name
@@ -50,6 +54,14 @@ from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
 A job handed back unchanged (at shutdown) goes straight from state 2 to 1 by
 one no-replace rename.
 
+Spare files: creating a file costs far more than rewriting an existing one
+where the file system has many recently deleted inodes to step over (ext4
+measured here: 0.2 to 0.45 ms against 10 to 30 µs), and a busy spool deletes
+one file per job. So the claimed copy is not deleted at the commit but kept
+as a spare, and the next result is written into it (truncated first). A spare
+is never a job: it has no job name, and recovery deletes spares, as does a
+node when it stops. Each process of a node takes only the spares it made.
+
 Durability: the result's data is fsynced before the commit step, so after a
 power loss a committed job is complete. Directory entries are not fsynced: on
 ext4 and xfs the journal keeps renames in order after the data; elsewhere a
@@ -62,6 +74,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import re
 import stat
@@ -78,6 +91,8 @@ SENT = "SENT"
 FAIL = "FAIL"
 TEMP = "TEMP"
 BACK = "BACK"  # the suffix of a result that goes back to its own queue
+SPARE = ".spare"  # the folder of spare files inside ACTIVE/<node>
+_SPARES_KEPT = 512  # at most this many spares per process; more are deleted
 
 _RESULT_SUFFIXES = (SENT, FAIL, BACK)
 DELIVERED = "DELIVERED"  # the suffix of a claimed job the server has accepted
@@ -152,6 +167,8 @@ class Spool:
         self.root = Path(root)
         self.queues = queue_names(queues)
         self.fsync = fsync
+        self._spares: list[str] = []
+        self._spare_numbers = itertools.count()
 
     def folder(self, name: str) -> Path:
         return self.root / name
@@ -275,9 +292,9 @@ class Spool:
         own queue) through states 3, 4 and 5. Returns where it landed."""
         suffix = dest if dest in (SENT, FAIL) else BACK
         result = claimed.path.with_name(f"{claimed.name}.{suffix}")
-        self._write(result, cf.to_bytes())
+        self._write(result, cf.to_bytes(), claimed.node)
         crash_point(f"written-{suffix}")
-        os.unlink(claimed.path)  # the commit point (state 4)
+        self._retire(claimed)  # the commit point (state 4)
         crash_point(f"committed-{suffix}")
         return self._publish(result, claimed)
 
@@ -285,9 +302,10 @@ class Spool:
         """Return a job unchanged to its own queue (state 2 to 1)."""
         return self._place(claimed.path, self.root / claimed.queue, claimed.name)
 
-    def _write(self, path: Path, data: bytes) -> None:
+    def _write(self, path: Path, data: bytes, node: str) -> None:
+        """Write ``data`` (fsynced) into a spare file, then rename it to ``path``."""
         check_disk_space(str(path))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        spare, fd = self._open_spare(node)
         try:
             if os.environ.get(CRASH_ENV, "").startswith("writing-"):
                 write_all(fd, data[: len(data) // 2])
@@ -298,11 +316,56 @@ class Spool:
         except OSError:
             os.close(fd)
             try:
-                os.unlink(path)
+                os.unlink(spare)
             except OSError:
                 pass
             raise
         os.close(fd)
+        os.rename(spare, path)
+
+    def _open_spare(self, node: str) -> tuple[str, int]:
+        """A spare file of this process, emptied and open for writing (a new
+        one when none is left)."""
+        while self._spares:
+            spare = self._spares.pop()
+            try:
+                return spare, os.open(spare, os.O_WRONLY | os.O_TRUNC)
+            except FileNotFoundError:
+                continue  # removed by hand, or by a recovery: take the next
+        folder = self.active_dir(node) / SPARE
+        for _ in range(2):
+            spare = f"{folder}/{os.getpid()}-{next(self._spare_numbers)}"
+            try:
+                return spare, os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileNotFoundError:
+                folder.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                continue  # left by an earlier process of the same number
+        spare = f"{folder}/{os.getpid()}-{next(self._spare_numbers)}"
+        return spare, os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def _retire(self, claimed: Claimed) -> None:
+        """Remove the claimed job's name (the commit): its inode becomes a
+        spare, or is deleted when this process has spares enough."""
+        if len(self._spares) >= _SPARES_KEPT:
+            os.unlink(claimed.path)
+            return
+        spare = f"{self.active_dir(claimed.node) / SPARE}/{os.getpid()}-{next(self._spare_numbers)}"
+        try:
+            os.rename(claimed.path, spare)
+        except FileNotFoundError:
+            os.unlink(claimed.path)  # the spare folder was removed meanwhile
+            return
+        self._spares.append(spare)
+
+    def drop_spares(self) -> None:
+        """Delete this process's spare files (when it stops)."""
+        spares, self._spares = self._spares, []
+        for spare in spares:
+            try:
+                os.unlink(spare)
+            except OSError:
+                pass
 
     def _publish(self, result: Path, claimed: Claimed) -> Path:
         suffix = result.name.rsplit(".", 1)[1]
@@ -335,7 +398,7 @@ class Spool:
         base = self.active_dir(node)
         if not base.is_dir():
             return
-        for qdir in sorted(p for p in base.iterdir() if p.is_dir()):
+        for qdir in sorted(p for p in base.iterdir() if p.is_dir() and p.name != SPARE):
             files = sorted(os.listdir(qdir))
             names = set(files)
             for f in files:
@@ -355,6 +418,18 @@ class Spool:
                     if drop_uncommitted:
                         raise
                     continue  # published (or dropped) by the process that wrote it
+        if drop_uncommitted:
+            # Spares left by a process that stopped without cleaning up.
+            spares = base / SPARE
+            try:
+                names = os.listdir(spares)
+            except FileNotFoundError:
+                names = []
+            for f in names:
+                try:
+                    os.unlink(spares / f)
+                except FileNotFoundError:
+                    pass
 
     def claimed_jobs(self, node: str) -> tuple[list[Claimed], list[Claimed]]:
         """What node ``node`` holds in ACTIVE after :meth:`finish_committed`:
@@ -366,7 +441,7 @@ class Spool:
         delivered: list[Claimed] = []
         if not base.is_dir():
             return interrupted, delivered
-        for qdir in sorted(p for p in base.iterdir() if p.is_dir()):
+        for qdir in sorted(p for p in base.iterdir() if p.is_dir() and p.name != SPARE):
             for f in sorted(os.listdir(qdir), key=os.fsencode):
                 head, _, suffix = f.rpartition(".")
                 if is_job_name(f):
@@ -379,7 +454,7 @@ class Spool:
         """Whether ``ACTIVE/<node>`` holds a claimed job or a result."""
         base = self.active_dir(node)
         try:
-            qdirs = [q for q in base.iterdir() if q.is_dir()]
+            qdirs = [q for q in base.iterdir() if q.is_dir() and q.name != SPARE]
         except (FileNotFoundError, NotADirectoryError):
             return False
         for qdir in qdirs:
@@ -402,6 +477,6 @@ class Spool:
         if active.is_dir():
             for node_dir in sorted(p for p in active.iterdir() if p.is_dir()):
                 out[f"{ACTIVE}/{node_dir.name}"] = sum(
-                    1 for q in node_dir.iterdir() if q.is_dir() for f in os.listdir(q) if is_job_name(f)
+                    1 for q in node_dir.iterdir() if q.is_dir() and q.name != SPARE for f in os.listdir(q) if is_job_name(f)
                 )
         return out

@@ -31,8 +31,14 @@ def listing(folder: Path) -> list[str]:
 
 
 def active_files(sp: Spool) -> list[str]:
+    """Files in ACTIVE other than spares (which hold no job)."""
     base = sp.root / spool_mod.ACTIVE
-    return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file())
+    return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file() and p.parent.name != spool_mod.SPARE)
+
+
+def spares(sp: Spool, node: str = "N1") -> list[Path]:
+    folder = sp.active_dir(node) / spool_mod.SPARE
+    return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
 # --- ensure ------------------------------------------------------------------
@@ -512,3 +518,41 @@ def test_a_claim_never_replaces_a_job_of_the_same_name_still_claimed(tmp_path):
     [w2] = list(sp.scan())
     assert sp.claim(w2, "N1") is None
     assert first.path.read_text() == "first\n" and (tmp_path / "TOSEND" / "X.FS").read_text() == "second\n"
+
+
+# --- spare files -------------------------------------------------------------------
+
+
+def test_the_claimed_copy_becomes_a_spare_and_the_next_result_is_written_into_it(tmp_path):
+    sp = make_spool(tmp_path)
+    a = _claim(sp, "TOSEND", "A.FS")
+    sp.finish(a, CommandFile.parse(b"a done\n"), "SENT")
+    [spare] = spares(sp)
+    inode = spare.stat().st_ino
+    assert spare.read_bytes() == JOB  # the old copy: no job name, never scanned
+    b = _claim(sp, "TOSEND", "B.FS")
+    sp.finish(b, CommandFile.parse(b"b done\n"), "SENT")
+    assert (sp.folder("SENT") / "B.FS").stat().st_ino == inode  # written into the spare
+    assert (sp.folder("SENT") / "B.FS").read_bytes() == b"b done\n"
+    assert len(spares(sp)) == 1
+
+
+def test_a_stopping_node_deletes_its_spares_and_recovery_deletes_any_left(tmp_path):
+    sp = make_spool(tmp_path)
+    sp.finish(_claim(sp, "TOSEND", "A.FS"), CommandFile.parse(b"x\n"), "SENT")
+    assert len(spares(sp)) == 1
+    sp.drop_spares()
+    assert spares(sp) == []
+    (sp.active_dir("N1") / spool_mod.SPARE / "999-1").write_bytes(b"left by a crash")
+    assert sp.claimed_jobs("N1") == ([], [])
+    assert spares(sp) == []
+
+
+def test_a_spare_removed_by_hand_is_replaced_by_a_new_file(tmp_path):
+    sp = make_spool(tmp_path)
+    sp.finish(_claim(sp, "TOSEND", "A.FS"), CommandFile.parse(b"a\n"), "SENT")
+    for f in spares(sp):
+        f.unlink()
+    sp.finish(_claim(sp, "TOSEND", "B.FS"), CommandFile.parse(b"b\n"), "FAIL")
+    assert (sp.folder("FAIL") / "B.FS").read_bytes() == b"b\n"
+    assert active_files(sp) == []
