@@ -184,9 +184,16 @@ class SmtpSession:
         smtp = self._smtp
         stage = MAIL
         try:
-            await smtp.mail(sender)
+            # MAIL and RCPT through execute_command: both addresses were checked
+            # when the job was read (ASCII, plain or quoted local part), so
+            # aiosmtplib's second parse of each (email.utils) is not needed.
+            reply = await smtp.execute_command(b"MAIL", b"FROM:<" + sender.encode("ascii") + b">")
+            if reply.code != 250:
+                raise aiosmtplib.SMTPSenderRefused(reply.code, reply.message, sender)
             stage = RCPT
-            await smtp.rcpt(recipient)
+            reply = await smtp.execute_command(b"RCPT", b"TO:<" + recipient.encode("ascii") + b">")
+            if reply.code not in (250, 251):
+                raise aiosmtplib.SMTPRecipientRefused(reply.code, reply.message, recipient)
             stage = DATA
             response = await smtp.data(data)
         except aiosmtplib.SMTPTimeoutError as e:

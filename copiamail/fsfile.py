@@ -19,6 +19,7 @@ binary junk round-trips; :meth:`commands` then refuses it with a clear error.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ class Command(NamedTuple):
     line: int
 
 
+# Command(...) without the named tuple's Python-level __new__: a job has a few
+# dozen lines and is parsed at every claim.
+_command = functools.partial(tuple.__new__, Command)
+
 # A token is a run of unquoted characters and quoted parts; inside quotes
 # ``""`` is one ``"``. The alternatives are tried in this order, so a ``""``
 # inside quotes is always read as an escaped quote, as the syntax says.
@@ -51,6 +56,9 @@ _GAPS = re.compile(r"[ \t]+")
 _GAP = re.compile(r"[ \t]*")
 # The common job line, ``$name "text"``, with no quote inside the text.
 _NAME_AND_QUOTED = re.compile(r'[ \t]*(\$[^ \t";][^ \t"]*)[ \t]+"([^"]*)"(?:[ \t]*|[ \t]+;.*)')
+# The same line whole, with its line ending: what commands() reads without
+# tokenizing. After the closing quote only blanks, or blanks and a comment.
+_NAME_AND_QUOTED_LINE = re.compile(r'[ \t]*\$([^ \t";][^ \t"]*)[ \t]+"([^"]*)"(?:[ \t]*|[ \t]+;[^\n]*)\r?\n?')
 # NUL, or a byte that cp1252 leaves undefined (read as a surrogate escape).
 _BINARY = re.compile("[\x00\udc80-\udcff]")
 
@@ -185,7 +193,13 @@ class CommandFile:
         out: list[Command] = []
         # Text decoded as UTF-8 holds no surrogate escapes: only a NUL can make it binary.
         suspect = self.encoding != "utf-8" or any("\x00" in raw for raw in self.lines)
+        fast = None if suspect else _NAME_AND_QUOTED_LINE.fullmatch
         for number, raw in enumerate(self.lines, 1):
+            if fast is not None and (m := fast(raw)) is not None:
+                # Most job lines: `$name "text"` (test_fsfile holds this to the
+                # general reader below).
+                out.append(_command((m.group(1).lower(), (m.group(2),), number)))
+                continue
             text = _body(raw)
             if suspect and _BINARY.search(text):
                 raise SyntaxFileError("binary data, not a command file", self.path, number)

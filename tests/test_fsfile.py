@@ -521,3 +521,45 @@ def test_read_keeps_the_path_for_error_messages(tmp_path):
     assert cf.path == p
     with pytest.raises(SyntaxFileError, match="A.FS:1:"):
         cf.commands()
+
+
+def reference_commands(cf: CommandFile) -> list[Command]:
+    """commands() as it reads every line through tokenize (no whole-line fast path)."""
+    out = []
+    for number, raw in enumerate(cf.lines, 1):
+        text = raw[:-1] if raw.endswith("\n") else raw
+        text = text[:-1] if text.endswith("\r") else text
+        if "\x00" in text or any("\udc80" <= c <= "\udcff" for c in text):
+            return None  # binary: commands() raises
+        stripped = text.strip(" \t")
+        if not stripped or stripped.startswith(";"):
+            continue
+        if not stripped.startswith("$"):
+            return None
+        tokens = reference_tokenize(text)
+        if tokens is None or not tokens[0][1:]:
+            return None
+        out.append(Command(tokens[0][1:].lower(), tuple(tokens[1:]), number))
+    return out
+
+
+line_heavy_file = st.lists(
+    st.one_of(
+        syntax_heavy_text,
+        st.builds(lambda n, t, tail: f'$email_{n} "{t}"{tail}', st.sampled_from(["text", "Subject", "x"]),
+                  st.text(alphabet=st.sampled_from(['a', ' ', '\t', ';', '$', '\r', '\u00e9']), max_size=8),
+                  st.sampled_from(["", " ", "\t", " ;c", ";c", ' "', "\r", "\r\r", " x"])),
+    ),
+    max_size=8,
+).flatmap(lambda lines: st.sampled_from(["\n", "\r\n", "\r"]).map(lambda end: end.join(lines)))
+
+
+@given(st.one_of(line_heavy_file, fs_files().map(lambda b: CommandFile.parse(b).to_bytes().decode("utf-8", "replace"))))
+def test_commands_reads_every_file_as_the_line_by_line_reference_does(text):
+    cf = CommandFile.parse(text.encode("utf-8"))
+    expected = reference_commands(cf)
+    if expected is None:
+        with pytest.raises(SyntaxFileError):
+            cf.commands()
+    else:
+        assert cf.commands() == expected
