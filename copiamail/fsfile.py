@@ -125,6 +125,21 @@ def _split_lines(text: str) -> tuple[str, ...]:
     return tuple(lines)
 
 
+@functools.lru_cache(maxsize=64)
+def _candidates(names: frozenset[str]) -> "re.Pattern[str]":
+    """Lines whose command may be one of ``names``: the first token is one of
+    them (any case), or holds a quote (then only the tokenizer can tell)."""
+    alternatives = "|".join(re.escape(n) for n in sorted(names))
+    return re.compile(rf'[ \t]*\$(?:(?:{alternatives})(?=[ \t]|\r?\n?$)|[^ \t\r\n"]*")', re.IGNORECASE)
+
+
+def _newline(lines: "tuple[str, ...] | list[str]") -> str:
+    for raw in lines:
+        if raw.endswith("\n"):
+            return "\r\n" if raw.endswith("\r\n") else "\n"
+    return "\n"
+
+
 def _body(raw: str) -> str:
     if raw.endswith("\n"):
         raw = raw[:-1]
@@ -183,10 +198,7 @@ class CommandFile:
     @property
     def newline(self) -> str:
         """The file's line ending: that of its first line, LF for a file with none."""
-        for raw in self.lines:
-            if raw.endswith("\n"):
-                return "\r\n" if raw.endswith("\r\n") else "\n"
-        return "\n"
+        return _newline(self.lines)
 
     def commands(self) -> list[Command]:
         """Every command in file order; the first bad line raises SyntaxFileError."""
@@ -245,6 +257,46 @@ class CommandFile:
             # ending would turn that CR into part of the line's text.
             lines[-1] += "\n" if lines[-1].endswith("\r") else newline
         lines.append(text + newline)
+        return CommandFile(tuple(lines), self.encoding, self.bom, self.path)
+
+    def edited(self, append: tuple[tuple[str, tuple[str | int, ...]], ...] = (),
+               variables: tuple[tuple[str, str | int], ...] = (),
+               commands: tuple[tuple[str, tuple[str | int, ...]], ...] = ()) -> "CommandFile":
+        """:meth:`append_command` for each of ``append``, then :meth:`set_var`
+        for each of ``variables``, then :meth:`set_command` for each of
+        ``commands``, in one pass over the lines (the same result as the calls
+        one after another; each variable and command at most once)."""
+        wanted: dict[tuple[str, str], str] = {}
+        for name, value in variables:
+            wanted[("var_def", name.upper())] = self._sanitize(format_command("var_def", name, str(value)))
+        for name, args in commands:
+            wanted[(name.lower(), "")] = self._sanitize(format_command(name, *(str(a) for a in args)))
+        assert len(wanted) == len(variables) + len(commands), "each variable and command at most once"
+        candidate = _candidates(frozenset(k[0] for k in wanted)).match
+        lines = list(self.lines)
+        found: set[tuple[str, str]] = set()
+        for i in range(len(lines) - 1, -1, -1):
+            if len(found) == len(wanted):
+                break
+            if candidate(lines[i]) is None:
+                continue
+            key = _key(lines[i])
+            if key in wanted and key not in found:
+                found.add(key)
+                old = lines[i]
+                indent = old[: len(old) - len(old.lstrip(_SPACE))]
+                lines[i] = indent + wanted[key] + old[len(_body(old)):]
+        added = [self._sanitize(format_command(name, *(str(a) for a in args))) for name, args in append]
+        added += [text for key, text in wanted.items() if key not in found]
+        if not added:
+            return CommandFile(tuple(lines), self.encoding, self.bom, self.path)
+        for text in added:
+            # As _append: the line ending is the file's as it stands after
+            # the previous addition (which may have ended a cut last line).
+            newline = _newline(lines)
+            if lines and not lines[-1].endswith("\n"):
+                lines[-1] += "\n" if lines[-1].endswith("\r") else newline
+            lines.append(text + newline)
         return CommandFile(tuple(lines), self.encoding, self.bom, self.path)
 
     def set_var(self, name: str, value: str | int) -> "CommandFile":

@@ -21,34 +21,46 @@ def local_stamp(when: float) -> tuple[str, str]:
     return time.strftime("%m/%d/%Y", t), time.strftime("%H:%M:%S", t)
 
 
-def _attempt(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float) -> CommandFile:
+def _record(node: str, code: int, klass: str, text: str, now: float) -> tuple[str, tuple[str, ...]]:
     date, clock = local_stamp(now)
-    return cf.append_command("attempt_record", date, clock, "E", node, str(code), klass, text)
+    return ("attempt_record", (date, clock, "E", node, str(code), klass, text))
+
+
+def _attempt(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float) -> CommandFile:
+    return cf.edited(append=(_record(node, code, klass, text, now),))
 
 
 def deferred(cf: CommandFile, busy_count: int) -> CommandFile:
     """A deferral by a connection limit: DOMAINBUSY_COUNT incremented, nothing else."""
-    return cf.set_var("DOMAINBUSY_COUNT", busy_count + 1)
+    return cf.edited(variables=(("DOMAINBUSY_COUNT", busy_count + 1),))
 
 
 def delivered(cf: CommandFile, node: str, reply: str, ip: str, bytecount: int, now: float) -> CommandFile:
-    cf = _attempt(cf, node, 0, "S", reply, now)
-    cf = cf.set_var("EMAIL_CONNECT_IP", ip).set_var("EMAIL_BYTECOUNT", bytecount)
-    return cf.set_command("fax_status1", STATUS_DONE).set_command("fax_status2", 0)
+    return cf.edited(
+        append=(_record(node, 0, "S", reply, now),),
+        variables=(("EMAIL_CONNECT_IP", ip), ("EMAIL_BYTECOUNT", bytecount)),
+        commands=(("fax_status1", (STATUS_DONE,)), ("fax_status2", (0,))),
+    )
 
 
 def failed(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float) -> CommandFile:
     """A final failure (5xx, a bad job, retries used up): the job goes to FAIL."""
-    cf = _attempt(cf, node, code, klass, text, now).set_var("EMAIL_ERROR", text)
-    return cf.set_command("fax_status1", STATUS_DONE).set_command("fax_status2", code)
+    return cf.edited(
+        append=(_record(node, code, klass, text, now),),
+        variables=(("EMAIL_ERROR", text),),
+        commands=(("fax_status1", (STATUS_DONE,)), ("fax_status2", (code,))),
+    )
 
 
 def retry(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float, not_before: float) -> CommandFile:
     """A temporary failure: back to its folder until ``not_before`` (rounded up to the second)."""
-    cf = _attempt(cf, node, code, klass, text, now).set_var("EMAIL_ERROR", text)
     date, clock = local_stamp(math.ceil(not_before))
-    cf = cf.set_command("fax_status1", STATUS_WAITING).set_command("fax_status2", code)
-    return cf.set_command("fax_next_date", date).set_command("fax_next_time", clock)
+    return cf.edited(
+        append=(_record(node, code, klass, text, now),),
+        variables=(("EMAIL_ERROR", text),),
+        commands=(("fax_status1", (STATUS_WAITING,)), ("fax_status2", (code,)),
+                  ("fax_next_date", (date,)), ("fax_next_time", (clock,))),
+    )
 
 
 def interrupted(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float) -> CommandFile:

@@ -15,6 +15,9 @@ from copiamail.fsfile import (
     tokenize,
 )
 from fs_strategies import (
+    OWNED_COMMANDS,
+    OWNED_VARS,
+    engine_values,
     BOM,
     apply_edits,
     engine_edits,
@@ -563,3 +566,25 @@ def test_commands_reads_every_file_as_the_line_by_line_reference_does(text):
             cf.commands()
     else:
         assert cf.commands() == expected
+
+
+@given(
+    fs_files(),
+    st.lists(st.tuples(st.sampled_from(OWNED_VARS + ["customer", "Email_Error"]), engine_values), max_size=4,
+             unique_by=lambda v: v[0].upper()),
+    st.lists(st.tuples(st.sampled_from(OWNED_COMMANDS + ["email_subject"]), st.lists(engine_values, max_size=2)),
+             max_size=4, unique_by=lambda c: c[0]),
+    st.lists(st.tuples(st.just("attempt_record"), st.lists(engine_values, max_size=7)), max_size=2),
+)
+def test_edited_in_one_pass_equals_the_edits_one_after_another(data, variables, commands, append):
+    cf = CommandFile.parse(data)
+    expected = cf
+    for name, args in append:
+        expected = expected.append_command(name, *args)
+    for name, value in variables:
+        expected = expected.set_var(name, value)
+    for name, args in commands:
+        expected = expected.set_command(name, *args)
+    got = cf.edited(tuple((n, tuple(a)) for n, a in append), tuple(variables), tuple((n, tuple(a)) for n, a in commands))
+    assert got.lines == expected.lines
+    assert got.to_bytes() == expected.to_bytes()
