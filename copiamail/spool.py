@@ -114,7 +114,7 @@ def _load_renameat2() -> Callable[..., int] | None:
 _RENAMEAT2 = _load_renameat2()
 
 
-def rename_noreplace(src: Path, dst: Path) -> None:
+def rename_noreplace(src: Path | str, dst: Path | str) -> None:
     """Rename ``src`` to ``dst``, failing with FileExistsError if ``dst`` exists."""
     if _RENAMEAT2 is not None:
         if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
@@ -167,6 +167,7 @@ class Spool:
         self.root = Path(root)
         self.queues = queue_names(queues)
         self.fsync = fsync
+        self._root = os.fspath(self.root)
         self._spares: list[str] = []
         self._spare_numbers = itertools.count()
 
@@ -247,27 +248,28 @@ class Spool:
 
     def claim(self, job: Waiting, node: str) -> Claimed | None:
         """Take a waiting job (state 1 to 2); None if another node took it first."""
-        dest_dir = self.active_dir(node) / job.queue
-        dest = dest_dir / job.name
+        # Paths as strings on this path: pathlib costs more than the system calls.
+        dest_dir = f"{self._root}/{ACTIVE}/{node}/{job.queue}"
+        dest = f"{dest_dir}/{job.name}"
         # A job of the same name still claimed here (a name reused by a
         # submitter) must not be overwritten: this one waits its turn. Only this
         # node writes into its ACTIVE folder, so checking first is race-free; the
         # rename itself stays a plain one, atomic between nodes on any file
         # system (link-then-unlink would let two nodes both take the job).
-        if dest.exists() or dest.with_name(f"{job.name}.{DELIVERED}").exists():
+        if os.path.exists(dest) or os.path.exists(f"{dest}.{DELIVERED}"):
             return None
         try:
             os.rename(job.path, dest)
         except FileNotFoundError:
             if not job.path.exists():
                 return None
-            dest_dir.mkdir(parents=True, exist_ok=True)
+            os.makedirs(dest_dir, exist_ok=True)
             try:
                 os.rename(job.path, dest)
             except FileNotFoundError:
                 return None
         crash_point("claimed")
-        return Claimed(node, job.queue, job.name, dest)
+        return Claimed(node, job.queue, job.name, Path(dest))
 
     def unchanged(self, claimed: Claimed, sig: tuple[int, int, int]) -> bool:
         """Whether the claimed file is still the one read as (inode, mtime, size)
@@ -291,7 +293,7 @@ class Spool:
         """Write the job's next version and move it to SENT, FAIL or BACK (its
         own queue) through states 3, 4 and 5. Returns where it landed."""
         suffix = dest if dest in (SENT, FAIL) else BACK
-        result = claimed.path.with_name(f"{claimed.name}.{suffix}")
+        result = f"{os.path.dirname(claimed.path)}/{claimed.name}.{suffix}"
         self._write(result, cf.to_bytes(), claimed.node)
         crash_point(f"written-{suffix}")
         self._retire(claimed)  # the commit point (state 4)
@@ -300,16 +302,16 @@ class Spool:
 
     def hand_back(self, claimed: Claimed) -> Path:
         """Return a job unchanged to its own queue (state 2 to 1)."""
-        return self._place(claimed.path, self.root / claimed.queue, claimed.name)
+        return self._place(os.fspath(claimed.path), f"{self._root}/{claimed.queue}", claimed.name)
 
-    def _write(self, path: Path, data: bytes, node: str) -> None:
+    def _write(self, path: str, data: bytes, node: str) -> None:
         """Write ``data`` (fsynced) into a spare file, then rename it to ``path``."""
-        check_disk_space(str(path))
+        check_disk_space(path)
         spare, fd = self._open_spare(node)
         try:
             if os.environ.get(CRASH_ENV, "").startswith("writing-"):
                 write_all(fd, data[: len(data) // 2])
-                crash_point(f"writing-{path.name.rsplit('.', 1)[1]}")
+                crash_point(f"writing-{path.rsplit('.', 1)[1]}")
             write_all(fd, data)
             if self.fsync:
                 os.fsync(fd)
@@ -332,13 +334,13 @@ class Spool:
                 return spare, os.open(spare, os.O_WRONLY | os.O_TRUNC)
             except FileNotFoundError:
                 continue  # removed by hand, or by a recovery: take the next
-        folder = self.active_dir(node) / SPARE
+        folder = self._spare_folder(node)
         for _ in range(2):
             spare = f"{folder}/{os.getpid()}-{next(self._spare_numbers)}"
             try:
                 return spare, os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileNotFoundError:
-                folder.mkdir(parents=True, exist_ok=True)
+                os.makedirs(folder, exist_ok=True)
             except FileExistsError:
                 continue  # left by an earlier process of the same number
         spare = f"{folder}/{os.getpid()}-{next(self._spare_numbers)}"
@@ -350,13 +352,16 @@ class Spool:
         if len(self._spares) >= _SPARES_KEPT:
             os.unlink(claimed.path)
             return
-        spare = f"{self.active_dir(claimed.node) / SPARE}/{os.getpid()}-{next(self._spare_numbers)}"
+        spare = f"{self._spare_folder(claimed.node)}/{os.getpid()}-{next(self._spare_numbers)}"
         try:
             os.rename(claimed.path, spare)
         except FileNotFoundError:
             os.unlink(claimed.path)  # the spare folder was removed meanwhile
             return
         self._spares.append(spare)
+
+    def _spare_folder(self, node: str) -> str:
+        return f"{self._root}/{ACTIVE}/{node}/{SPARE}"
 
     def drop_spares(self) -> None:
         """Delete this process's spare files (when it stops)."""
@@ -367,25 +372,27 @@ class Spool:
             except OSError:
                 pass
 
-    def _publish(self, result: Path, claimed: Claimed) -> Path:
-        suffix = result.name.rsplit(".", 1)[1]
-        folder = self.root / (suffix if suffix in (SENT, FAIL) else claimed.queue)
+    def _publish(self, result: str | Path, claimed: Claimed) -> Path:
+        result = os.fspath(result)
+        suffix = result.rsplit(".", 1)[1]
+        folder = f"{self._root}/{suffix if suffix in (SENT, FAIL) else claimed.queue}"
         return self._place(result, folder, claimed.name)
 
-    def _place(self, src: Path, folder: Path, name: str) -> Path:
+    def _place(self, src: str, folder: str, name: str) -> Path:
         candidate = name
         for n in range(1, 10000):
+            dest = f"{folder}/{candidate}"
             try:
-                rename_noreplace(src, folder / candidate)
-                return folder / candidate
+                rename_noreplace(src, dest)
+                return Path(dest)
             except FileExistsError:
                 stem, dot, ext = name.rpartition(".")
                 candidate = f"{stem}~{n}{dot}{ext}"
             except FileNotFoundError:
-                if not src.exists():
+                if not os.path.exists(src):
                     raise
-                folder.mkdir(parents=True, exist_ok=True)
-        raise SpoolError(f"{folder / name}: no free name to place the job")
+                os.makedirs(folder, exist_ok=True)
+        raise SpoolError(f"{folder}/{name}: no free name to place the job")
 
     # --- recovery ------------------------------------------------------------
 
