@@ -15,7 +15,7 @@ BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench"
 
 def test_bench_deferral_part_reports_writes_per_job_domainbusy_and_cpu(tmp_path):
     r = subprocess.run([sys.executable, str(BENCH), "--only", "deferral", "--deferral-jobs", "40", "--delay", "0.01",
-                        "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300, env=cli_env())
+                        "--workdir", str(tmp_path), "--workers", "2"], capture_output=True, text=True, timeout=300, env=cli_env())
     assert r.returncode == 0, r.stderr + r.stdout
     out = r.stdout
     assert re.search(r"copiamail, one slow domain\s+40 msgs", out), out
