@@ -195,6 +195,8 @@ class Scheduler:
         self._queue_dirs = {spool.folder(q) for q in spool.queues}
         self._parked = False
         self._owed: list[_Result] = []
+        self._batch: list[_Result] = []  # results of this turn of the loop, not yet written
+        self._batch_written: "asyncio.Future[None] | None" = None
         self._resolving: dict[str, list[_Item]] = {}
         self._lookups: set[asyncio.Task[None]] = set()
         self._down: dict[str, float] = {}
@@ -775,6 +777,10 @@ class Scheduler:
                     await conn.session.close()
                 elsewhere = await self._attempt(conn, item)
                 item = None
+                # Its result is written before the connection takes another
+                # job: a result that cannot be written (a full disk) pauses
+                # the node first.
+                await self._results_written()
                 if elsewhere is not None or self.stopping or self._paused:
                     break
                 item, close = self._next_for(conn)
@@ -876,15 +882,41 @@ class Scheduler:
     # --- outcomes ------------------------------------------------------------
 
     def _write(self, result: _Result) -> None:
-        """Write a job's result and count it; a result that cannot be written
-        (a full disk) is owed: kept in memory and written when space returns,
-        so a delivered job is not sent again and nothing is lost."""
+        """Write a job's result and count it, together with the other results
+        of this turn of the event loop (one wait for the disk for all of them;
+        until then the job stays claimed, or marked delivered, in ACTIVE)."""
+        self._batch.append(result)
+        if len(self._batch) == 1:
+            loop = asyncio.get_running_loop()
+            self._batch_written = loop.create_future()
+            loop.call_soon(self._write_batch)
+
+    def _write_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        done, self._batch_written = self._batch_written, None
         try:
-            self.spool.finish(result.claimed, result.cf, result.dest)
-        except OSError as e:
-            self._not_written(result, e)
+            self._write_now(batch)
+        finally:
+            if done is not None and not done.done():
+                done.set_result(None)
+
+    async def _results_written(self) -> None:
+        """Wait until the results queued so far are written (or owed)."""
+        if self._batch_written is not None and not self._batch_written.done():
+            await asyncio.shield(self._batch_written)
+
+    def _write_now(self, results: list[_Result]) -> None:
+        """Write results at once; one that cannot be written (a full disk) is
+        owed: kept in memory and written when space returns, so a delivered
+        job is not sent again and nothing is lost."""
+        if not results:
             return
-        self._count(result.kind, result.claimed.name)
+        landed = self.spool.finish_many([(r.claimed, r.cf, r.dest) for r in results])
+        for result, where in zip(results, landed):
+            if isinstance(where, OSError):
+                self._not_written(result, where)
+            else:
+                self._count(result.kind, result.claimed.name)
 
     def _not_written(self, result: _Result, e: OSError) -> None:
         claimed = result.claimed
@@ -909,7 +941,7 @@ class Scheduler:
             if self._owed:
                 self._owed.append(result)
                 continue
-            self._write(result)
+            self._write_now([result])
         if owed and not self._owed:
             log.warning("spool: job results written again; taking jobs again")
 
@@ -972,9 +1004,6 @@ class Scheduler:
 
     async def _shutdown(self) -> None:
         self.stopping = True
-        if self._owed:
-            log.error("%d job result(s) could not be written (the disk is full?): they stay in %s and come back "
-                      "at this node's next start", len(self._owed), self.spool.active_dir(self.node))
         self._close_idle()
         if self._host_lookup is not None:
             self._host_lookup.cancel()
@@ -991,6 +1020,10 @@ class Scheduler:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        self._write_batch()
+        if self._owed:
+            log.error("%d job result(s) could not be written (the disk is full?): they stay in %s and come back "
+                      "at this node's next start", len(self._owed), self.spool.active_dir(self.node))
         self.spool.drop_spares()
 
 

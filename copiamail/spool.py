@@ -54,6 +54,12 @@ from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
 A job handed back unchanged (at shutdown) goes straight from state 2 to 1 by
 one no-replace rename.
 
+Results are written in batches (:meth:`Spool.finish_many`, the results of one
+turn of the node's event loop): each into its spare, then the disk is asked to
+write them all (``sync_file_range``), then each is fsynced, and only then is
+each committed and published in turn. The order per job is as above; the
+fsyncs of a batch overlap instead of adding up.
+
 Spare files: creating a file costs far more than rewriting an existing one
 where the file system has many recently deleted inodes to step over (ext4
 measured here: 0.2 to 0.45 ms against 10 to 30 µs), and a busy spool deletes
@@ -80,7 +86,7 @@ import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from .errors import SpoolError
 from .faults import CRASH_ENV, check_disk_space, crash_point
@@ -125,6 +131,38 @@ def rename_noreplace(src: Path | str, dst: Path | str) -> None:
     # No RENAME_NOREPLACE here (NFS, older kernels): link() refuses to replace.
     os.link(src, dst)
     os.unlink(src)
+
+
+def _load_sync_file_range() -> Callable[..., int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int) -> None:
+    """Ask the disk to start writing a file's data now, without waiting (Linux):
+    the fsyncs that follow for a batch of results then wait once, together.
+    Only a hint: durability comes from the fsync."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
+def _drop(spare: str, fd: int | None) -> None:
+    """Close and delete a spare whose result could not be written."""
+    if fd is not None:
+        os.close(fd)
+    try:
+        os.unlink(spare)
+    except OSError:
+        pass
 
 
 def is_job_name(name: str) -> bool:
@@ -292,20 +330,68 @@ class Spool:
     def finish(self, claimed: Claimed, cf: CommandFile, dest: str) -> Path:
         """Write the job's next version and move it to SENT, FAIL or BACK (its
         own queue) through states 3, 4 and 5. Returns where it landed."""
-        suffix = dest if dest in (SENT, FAIL) else BACK
-        result = f"{os.path.dirname(claimed.path)}/{claimed.name}.{suffix}"
-        self._write(result, cf.to_bytes(), claimed.node)
-        crash_point(f"written-{suffix}")
-        self._retire(claimed)  # the commit point (state 4)
-        crash_point(f"committed-{suffix}")
-        return self._publish(result, claimed)
+        [landed] = self.finish_many([(claimed, cf, dest)])
+        if isinstance(landed, OSError):
+            raise landed
+        return landed
+
+    def finish_many(self, jobs: Sequence[tuple[Claimed, CommandFile, str]]) -> list[Path | OSError]:
+        """:meth:`finish` for several jobs, their results made durable together:
+        every result is written into a spare, the disk is asked to write them
+        all, then each is fsynced (the waits overlap instead of adding up),
+        and only then is each committed and published in turn. For each job:
+        where it landed, or the OSError that stopped it (raised before its
+        commit, the claimed job is intact; after, its result waits in ACTIVE)."""
+        out: list[Path | OSError | None] = [None] * len(jobs)
+        written: list[tuple[int, str, int, str]] = []  # (index, spare, fd, result)
+        for i, (claimed, cf, dest) in enumerate(jobs):
+            suffix = dest if dest in (SENT, FAIL) else BACK
+            result = f"{os.path.dirname(claimed.path)}/{claimed.name}.{suffix}"
+            try:
+                spare, fd = self._write_spare(result, cf.to_bytes(), claimed.node)
+            except OSError as e:
+                out[i] = e
+                continue
+            written.append((i, spare, fd, result))
+        if self.fsync:
+            for _, _, fd, _ in written:
+                _start_writeback(fd)
+            synced = []
+            for entry in written:
+                try:
+                    os.fsync(entry[2])
+                except OSError as e:
+                    out[entry[0]] = e
+                    _drop(entry[1], entry[2])
+                    continue
+                synced.append(entry)
+            written = synced
+        for i, spare, fd, result in written:
+            claimed = jobs[i][0]
+            suffix = result.rsplit(".", 1)[1]
+            os.close(fd)
+            try:
+                os.rename(spare, result)
+            except OSError as e:
+                out[i] = e
+                _drop(spare, None)
+                continue
+            crash_point(f"written-{suffix}")
+            try:
+                self._retire(claimed)  # the commit point (state 4)
+                crash_point(f"committed-{suffix}")
+                out[i] = self._publish(result, claimed)
+            except OSError as e:
+                out[i] = e
+        return out  # type: ignore[return-value]  # every slot is set above
 
     def hand_back(self, claimed: Claimed) -> Path:
         """Return a job unchanged to its own queue (state 2 to 1)."""
         return self._place(os.fspath(claimed.path), f"{self._root}/{claimed.queue}", claimed.name)
 
-    def _write(self, path: str, data: bytes, node: str) -> None:
-        """Write ``data`` (fsynced) into a spare file, then rename it to ``path``."""
+    def _write_spare(self, path: str, data: bytes, node: str) -> tuple[str, int]:
+        """Write ``data`` into a spare file (not yet fsynced) for the result
+        ``path``; the spare's name and its still open descriptor."""
         check_disk_space(path)
         spare, fd = self._open_spare(node)
         try:
@@ -313,17 +399,10 @@ class Spool:
                 write_all(fd, data[: len(data) // 2])
                 crash_point(f"writing-{path.rsplit('.', 1)[1]}")
             write_all(fd, data)
-            if self.fsync:
-                os.fsync(fd)
         except OSError:
-            os.close(fd)
-            try:
-                os.unlink(spare)
-            except OSError:
-                pass
+            _drop(spare, fd)
             raise
-        os.close(fd)
-        os.rename(spare, path)
+        return spare, fd
 
     def _open_spare(self, node: str) -> tuple[str, int]:
         """A spare file of this process, emptied and open for writing (a new
