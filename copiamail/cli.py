@@ -135,7 +135,9 @@ def node(name: str, relay: str | None, drain: bool, workers: int | None, config_
         click.echo(f"copiamail: warning: {warning}", err=True)
     total = sum(n for k, n in Spool(cfg.spool, cfg.queues).counts().items() if k.startswith("TOSEND"))
     with _Progress(total, drain and sys.stdout.isatty()) as progress:
-        result = run_node(cfg, name, drain=drain, on_event=progress.event)
+        # Without a live line nothing reads the events (and workers would send
+        # each one to this process).
+        result = run_node(cfg, name, drain=drain, on_event=progress.event if progress.enabled else None)
     if drain:
         s = result.stats
         rate = s.sent / result.seconds if result.seconds > 0 else 0.0

@@ -80,7 +80,7 @@ def run_node(
     with node_lock(spool, name):
         report = recover(spool, name)
         if config.workers > 1:
-            result = run_workers(config, spool, name, password, drain, on_event or (lambda kind, job: None), _start_heartbeat)
+            result = run_workers(config, spool, name, password, drain, on_event, _start_heartbeat)
             return NodeResult(result.stats, report, time.monotonic() - started, result.failed_workers)
         scheduler = Scheduler(config, spool, name, password=password, on_event=on_event)
         stats = asyncio.run(_serve(config, spool, scheduler, drain))

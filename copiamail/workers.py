@@ -14,8 +14,8 @@ Pipes, one pair per worker, records ending in NUL:
 
 - supervisor to worker: ``H<path>`` a watcher event; ``R`` scan the whole
   spool (a dead peer's jobs came back); ``Q`` stop. End of file: stop.
-- worker to supervisor: ``E<kind>\\t<name>`` a job's outcome (for the
-  progress bar); ``S<sent> <failed> <retried> <deferred> <handed back>`` its
+- worker to supervisor: ``E<kind>\\t<name>`` a job's outcome (only when
+  the node shows a progress line); ``S<sent> <failed> <retried> <deferred> <handed back>`` its
   totals, last.
 
 Crashes: a worker dies with the supervisor (``PR_SET_PDEATHSIG`` with
@@ -76,7 +76,7 @@ def run_workers(
     node: str,
     password: str | None,
     drain: bool,
-    on_event: Callable[[str, str], None],
+    on_event: Callable[[str, str], None] | None,
     heartbeat: Callable[[Peers, Callable[[], None]], "asyncio.Future[None]"],
 ) -> WorkersResult:
     """Fork ``config.workers`` workers and supervise them until all have
@@ -97,7 +97,7 @@ def run_workers(
                 for w in workers:
                     os.close(w.ctl)
                     os.close(w.out)
-                code = _worker_main(config, spool, node, password, drain, i, ctl_r, out_w)
+                code = _worker_main(config, spool, node, password, drain, i, ctl_r, out_w, on_event is not None)
             except BaseException:  # noqa: BLE001 - report, never return into the supervisor's code
                 traceback.print_exc()
             finally:
@@ -108,7 +108,7 @@ def run_workers(
         os.set_blocking(ctl_w, False)
         workers.append(_Worker(i, pid, ctl_w, out_r))
     try:
-        asyncio.run(_supervise(config, spool, node, workers, on_event, heartbeat))
+        asyncio.run(_supervise(config, spool, node, workers, on_event or (lambda kind, job: None), heartbeat))
     finally:
         for w in workers:
             for fd in (w.ctl, w.out):
@@ -274,7 +274,7 @@ def _die_with_parent() -> None:
 
 
 def _worker_main(config: Config, spool: Spool, node: str, password: str | None, drain: bool,
-                 index: int, ctl: int, out: int) -> int:
+                 index: int, ctl: int, out: int, report_events: bool) -> int:
     parent = os.getppid()
     _die_with_parent()
     if os.getppid() != parent:
@@ -296,7 +296,7 @@ def _worker_main(config: Config, spool: Spool, node: str, password: str | None, 
             write(b"".join(events))
             events.clear()
 
-    scheduler = Scheduler(config, spool, node, password=password, on_event=on_event,
+    scheduler = Scheduler(config, spool, node, password=password, on_event=on_event if report_events else None,
                           worker=index, workers=config.workers)
     stats = asyncio.run(_serve_worker(scheduler, drain, ctl))
     flush_events()

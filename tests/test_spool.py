@@ -556,3 +556,25 @@ def test_a_spare_removed_by_hand_is_replaced_by_a_new_file(tmp_path):
     sp.finish(_claim(sp, "TOSEND", "B.FS"), CommandFile.parse(b"b\n"), "FAIL")
     assert (sp.folder("FAIL") / "B.FS").read_bytes() == b"b\n"
     assert active_files(sp) == []
+
+
+def test_finish_many_lands_every_job_and_reports_a_failure_for_its_own_job_only(tmp_path):
+    sp = make_spool(tmp_path)
+    a, b, c = (_claim(sp, "TOSEND", n) for n in ("A.FS", "B.FS", "C.FS"))
+    b.path.unlink()  # B's claimed copy is gone: its commit cannot happen
+    landed = sp.finish_many([(a, CommandFile.parse(b"a\n"), "SENT"), (b, CommandFile.parse(b"b\n"), "FAIL"),
+                             (c, CommandFile.parse(b"c\n"), "BACK")])
+    assert landed[0] == sp.folder("SENT") / "A.FS" and landed[2] == sp.folder("TOSEND") / "C.FS"
+    assert isinstance(landed[1], FileNotFoundError)
+    assert (sp.folder("SENT") / "A.FS").read_bytes() == b"a\n"
+    assert (sp.folder("TOSEND") / "C.FS").read_bytes() == b"c\n"
+    assert not (sp.folder("FAIL") / "B.FS").exists()
+    # B's result is the only copy left: recovery publishes it (as state 4).
+    assert active_files(sp) == ["N1/TOSEND/B.FS.FAIL"]
+    assert sp.claimed_jobs("N1") == ([], [])
+    assert active_files(sp) == []
+    assert (sp.folder("FAIL") / "B.FS").read_bytes() == b"b\n"
+
+
+def test_finish_many_of_nothing_does_nothing(tmp_path):
+    assert make_spool(tmp_path).finish_many([]) == []
