@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,12 +25,10 @@ from filelock import FileLock, Timeout
 
 from .config import Config
 from .errors import ConfigError, SpoolError
-from .peers import Peers, heartbeat_interval
 from .recovery import RecoveryReport, recover
 from .scheduler import Scheduler, Stats
 from .spool import Spool
-from .watcher import SpoolWatcher
-from .workers import run_workers
+from .workers import node_services, run_workers
 
 log = logging.getLogger("copiamail")
 
@@ -80,7 +77,7 @@ def run_node(
     with node_lock(spool, name):
         report = recover(spool, name)
         if config.workers > 1:
-            result = run_workers(config, spool, name, password, drain, on_event, _start_heartbeat)
+            result = run_workers(config, spool, name, password, drain, on_event)
             return NodeResult(result.stats, report, time.monotonic() - started, result.failed_workers)
         scheduler = Scheduler(config, spool, name, password=password, on_event=on_event)
         stats = asyncio.run(_serve(config, spool, scheduler, drain))
@@ -102,35 +99,7 @@ def node_lock(spool: Spool, name: str) -> Iterator[None]:
         lock.release()
 
 
-async def _heartbeat(peers: Peers, on_takeover: Callable[[], None]) -> None:
-    """Beat, and take over dead peers' jobs, until cancelled."""
-    interval = heartbeat_interval(peers.stale_after)
-    while True:
-        peers.beat()
-        if peers.check():  # never raises
-            on_takeover()
-        await asyncio.sleep(interval)
-
-
-def _start_heartbeat(peers: Peers, on_takeover: Callable[[], None]) -> "asyncio.Task[None]":
-    return asyncio.get_running_loop().create_task(_heartbeat(peers, on_takeover))
-
-
 async def _serve(config: Config, spool: Spool, scheduler: Scheduler, drain: bool) -> Stats:
-    loop = asyncio.get_running_loop()
-    peers = Peers(spool, scheduler.node, config.node_stale_after)
-    beating = _start_heartbeat(peers, scheduler.request_scan)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, scheduler.request_stop)
-
-    watcher = SpoolWatcher([spool.folder(q) for q in spool.queues], scheduler.hint, polling=config.watcher == "polling")
-    watcher.start(loop)
-    try:
+    async with node_services(config, spool, scheduler.node, on_takeover=scheduler.request_scan,
+                             on_stop=scheduler.request_stop, on_path=scheduler.hint):
         return await scheduler.run(drain=drain)
-    finally:
-        beating.cancel()
-        await asyncio.gather(beating, return_exceptions=True)
-        peers.stop()
-        watcher.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)

@@ -332,20 +332,16 @@ class Scheduler:
         # parsed; by its file name when it cannot be parsed. Every worker
         # computes the same answer from the same file.
         quick = quick_domain(cf) if self.workers > 1 else None
-        if quick is not None and not self._mine(quick):
+        job: Job | None = None
+        if quick is None or self._mine(quick):
+            try:
+                job = parse_job(cf, w.name)
+            except JobError:
+                pass
+        if not self._mine(quick or (job.domain if job is not None else w.name)):
             self._foreign[w.path] = sig
             return None
-        try:
-            job = parse_job(cf, w.name)
-        except JobError:
-            if quick is None and not self._mine(w.name):
-                self._foreign[w.path] = sig
-                return None
-            return _Peek(sig, cf, None, None)
-        if quick is None and not self._mine(job.domain):
-            self._foreign[w.path] = sig
-            return None
-        return _Peek(sig, cf, job, job.next_attempt)
+        return _Peek(sig, cf, job, job.next_attempt if job is not None else None)
 
     def _mine(self, key: str) -> bool:
         """Whether this worker sends the jobs of domain (or file name) ``key``."""

@@ -1,4 +1,6 @@
-"""One node as several processes: the supervisor and its workers.
+"""One node as several processes: the supervisor and its workers; and
+:func:`node_services`, what a node's own process runs besides scheduling
+(heartbeat, signals, watcher), with or without workers.
 
 With ``workers: n`` (n > 1) the node's own process is the *supervisor*. It
 holds the node's lock, recovers, beats the heartbeat, runs the spool watcher
@@ -36,11 +38,12 @@ import select
 import signal
 import sys
 import traceback
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 from .config import Config
-from .peers import Peers
+from .peers import Peers, heartbeat_interval
 from .scheduler import Scheduler, Stats
 from .spool import Spool
 from .watcher import SpoolWatcher
@@ -77,7 +80,6 @@ def run_workers(
     password: str | None,
     drain: bool,
     on_event: Callable[[str, str], None] | None,
-    heartbeat: Callable[[Peers, Callable[[], None]], "asyncio.Future[None]"],
 ) -> WorkersResult:
     """Fork ``config.workers`` workers and supervise them until all have
     ended (drained, or stopped by SIGTERM/SIGINT). Call with the node's lock
@@ -108,7 +110,7 @@ def run_workers(
         os.set_blocking(ctl_w, False)
         workers.append(_Worker(i, pid, ctl_w, out_r))
     try:
-        asyncio.run(_supervise(config, spool, node, workers, on_event or (lambda kind, job: None), heartbeat))
+        asyncio.run(_supervise(config, spool, node, workers, on_event or (lambda kind, job: None)))
     finally:
         for w in workers:
             for fd in (w.ctl, w.out):
@@ -139,6 +141,43 @@ def _reap(w: _Worker) -> None:
                   w.index, w.pid, f"signal {-code}" if code < 0 else f"exit code {code}")
 
 
+# --- the node's own services ------------------------------------------------------
+
+
+async def _heartbeat(peers: Peers, on_takeover: Callable[[], None]) -> None:
+    """Beat, and take over dead peers' jobs, until cancelled."""
+    interval = heartbeat_interval(peers.stale_after)
+    while True:
+        peers.beat()
+        if peers.check():  # never raises
+            on_takeover()
+        await asyncio.sleep(interval)
+
+
+@asynccontextmanager
+async def node_services(config: Config, spool: Spool, node: str, on_takeover: Callable[[], None],
+                        on_stop: Callable[[], None], on_path: Callable[[str], None]) -> AsyncIterator[None]:
+    """What a node's own process runs besides scheduling, for the block: the
+    heartbeat (``on_takeover`` when a dead peer's jobs came back), SIGTERM and
+    SIGINT (``on_stop``) and the spool watcher (``on_path`` for each event)."""
+    loop = asyncio.get_running_loop()
+    peers = Peers(spool, node, config.node_stale_after)
+    beating = loop.create_task(_heartbeat(peers, on_takeover))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop)
+    watcher = SpoolWatcher([spool.folder(q) for q in spool.queues], on_path, polling=config.watcher == "polling")
+    watcher.start(loop)
+    try:
+        yield
+    finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
+        peers.stop()
+        watcher.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
 # --- the supervisor ------------------------------------------------------------
 
 
@@ -148,7 +187,6 @@ async def _supervise(
     node: str,
     workers: list[_Worker],
     on_event: Callable[[str, str], None],
-    heartbeat: Callable[[Peers, Callable[[], None]], "asyncio.Future[None]"],
 ) -> None:
     loop = asyncio.get_running_loop()
     all_ended = loop.create_future()
@@ -194,22 +232,11 @@ async def _supervise(
 
     for w in workers:
         loop.add_reader(w.out, readable, w)
-    peers = Peers(spool, node, config.node_stale_after)
-    beating = heartbeat(peers, lambda: tell_all(b"R"))
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop)
-    watcher = SpoolWatcher([spool.folder(q) for q in spool.queues], lambda p: tell_all(b"H" + os.fsencode(p)),
-                           polling=config.watcher == "polling")
-    watcher.start(loop)
     try:
-        await all_ended
+        async with node_services(config, spool, node, on_takeover=lambda: tell_all(b"R"), on_stop=stop,
+                                 on_path=lambda p: tell_all(b"H" + os.fsencode(p))):
+            await all_ended
     finally:
-        beating.cancel()
-        await asyncio.gather(beating, return_exceptions=True)
-        peers.stop()
-        watcher.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
         for w in workers:
             if not w.ended:
                 loop.remove_reader(w.out)
