@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl
 import time
@@ -185,10 +186,10 @@ class Scheduler:
         self._waiting = WaitingJobs()
         # The due time of each TOSEND job not yet due, by (inode, mtime, size):
         # a scan reads such a file again only when it changed.
-        self._later: dict[Path, tuple[tuple[int, int, int], float]] = {}
+        self._later: dict[str, tuple[tuple[int, int, int], float]] = {}  # by Waiting.file
         # Files another worker sends, by (inode, mtime, size): not read again
         # until they change.
-        self._foreign: dict[Path, tuple[int, int, int]] = {}
+        self._foreign: dict[str, tuple[int, int, int]] = {}  # by Waiting.file
         self._next_due: float | None = None
         self._hints: set[Path] = set()
         self._full_scan_due = True
@@ -311,17 +312,17 @@ class Scheduler:
         is not read again (only jobs not yet due are remembered, and only
         their due time, so a large backlog costs little memory)."""
         try:
-            st = w.path.stat()
+            st = os.stat(w.file)
         except FileNotFoundError:
             return None
         sig = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if self._foreign.get(w.path) == sig:
+        if self._foreign.get(w.file) == sig:
             return None
-        later = self._later.get(w.path)
+        later = self._later.get(w.file)
         if later is not None and later[0] == sig:
             return _Peek(sig, None, None, later[1])
         try:
-            cf = CommandFile.read(w.path)
+            cf = CommandFile.read(w.file)
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -339,7 +340,7 @@ class Scheduler:
             except JobError:
                 pass
         if not self._mine(quick or (job.domain if job is not None else w.name)):
-            self._foreign[w.path] = sig
+            self._foreign[w.file] = sig
             return None
         return _Peek(sig, cf, job, job.next_attempt if job is not None else None)
 
@@ -350,17 +351,17 @@ class Scheduler:
     def _consider(self, w: Waiting, now: float) -> bool:
         """Claim and dispatch the job of ``w`` if it is due and not waiting;
         True if it was taken up."""
-        if w.path in self._waiting:
+        if w.file in self._waiting:
             return False
         peek = self._peeked(w)
         if peek is None:
             return False
         if peek.next_attempt is not None and peek.next_attempt > now:
-            self._later[w.path] = (peek.sig, peek.next_attempt)
+            self._later[w.file] = (peek.sig, peek.next_attempt)
             if self._next_due is None or peek.next_attempt < self._next_due:
                 self._next_due = peek.next_attempt
             return False
-        self._later.pop(w.path, None)
+        self._later.pop(w.file, None)
         claimed = self.spool.claim(w, self.node)
         if claimed is None:
             return False
@@ -375,7 +376,7 @@ class Scheduler:
         returns how many were taken up (and sets when the next not-yet-due
         job falls due)."""
         now = self.clock()
-        seen: set[Path] = set()
+        seen: set[str] = set()
         if self._owed:
             self._pay_owed()
             if self._owed:
@@ -399,12 +400,12 @@ class Scheduler:
             self._hints.clear()
             return 0
         now = self.clock()
-        hinted = sorted((Waiting(self.spool.priority(p.parent.name), p.parent.name, p.name, p) for p in self._hints),
+        hinted = sorted((Waiting(self.spool.priority(p.parent.name), p.parent.name, p.name, str(p)) for p in self._hints),
                         key=lambda w: w.order)
         self._hints.clear()
         return await self._consider_all(hinted, now)
 
-    async def _consider_all(self, jobs: Iterable[Waiting], now: float, seen: set[Path] | None = None) -> int:
+    async def _consider_all(self, jobs: Iterable[Waiting], now: float, seen: set[str] | None = None) -> int:
         """:meth:`_consider` each job in turn, giving the event loop a turn every
         ``_SCAN_SLICE`` seconds; ``seen`` collects the paths looked at. Returns
         how many were taken up."""
@@ -417,12 +418,12 @@ class Scheduler:
                 await asyncio.sleep(0)
                 turn = time.monotonic()
             if seen is not None:
-                seen.add(w.path)
+                seen.add(w.file)
             if self._consider(w, now):
                 found += 1
         return found
 
-    def _recheck_waiting(self, seen: set[Path]) -> None:
+    def _recheck_waiting(self, seen: set[str]) -> None:
         # The safety net for a lost wake-up: drop waiting jobs whose file is
         # gone, and offer any key that has room.
         self._waiting.drop_missing(seen)
@@ -623,7 +624,7 @@ class Scheduler:
                 self._parked = True
                 return
             path = handed
-        w = Waiting(self.spool.priority(claimed.queue), claimed.queue, path.name, path)
+        w = Waiting(self.spool.priority(claimed.queue), claimed.queue, path.name, str(path))
         # Only what scheduling needs is kept: a large backlog costs little memory.
         self._waiting.add(WaitEntry(w, job.without_content()), [(l.key, l.cap) for l in blocked.limits])
         for limit in blocked.limits:

@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import itertools
 import os
 import re
@@ -176,12 +177,19 @@ def queue_names(queues: int) -> list[str]:
 
 @dataclass(frozen=True)
 class Waiting:
-    """A job file in a TOSEND folder. Ordered by (priority, name bytes)."""
+    """A job file in a TOSEND folder. Ordered by (priority, name bytes).
+    ``file`` is its path as a string: the scheduler keys its tables by it
+    (a scan makes one Waiting per file; a Path would cost more to build and
+    hash than the scan's system calls)."""
 
     priority: int
     queue: str
     name: str
-    path: Path
+    file: str
+
+    @functools.cached_property
+    def path(self) -> Path:
+        return Path(self.file)
 
     @property
     def order(self) -> tuple[int, bytes]:
@@ -252,7 +260,7 @@ class Spool:
         """The job files of one TOSEND folder, in name order. The folder is
         listed at once; each Waiting is made as it is taken, so the first job
         of a large backlog comes without waiting for objects for all of it."""
-        folder = self.root / queue
+        folder = f"{self._root}/{queue}"
         prio = self.priority(queue)
         try:
             with os.scandir(folder) as it:
@@ -261,7 +269,7 @@ class Spool:
             return
         names.sort(key=os.fsencode)
         for n in names:
-            yield Waiting(prio, queue, n, folder / n)
+            yield Waiting(prio, queue, n, f"{folder}/{n}")
 
     def queue_folders(self) -> list[str]:
         """The configured TOSEND folders, then any other ``TOSEND<n>`` folder found
@@ -297,13 +305,13 @@ class Spool:
         if os.path.exists(dest) or os.path.exists(f"{dest}.{DELIVERED}"):
             return None
         try:
-            os.rename(job.path, dest)
+            os.rename(job.file, dest)
         except FileNotFoundError:
-            if not job.path.exists():
+            if not os.path.exists(job.file):
                 return None
             os.makedirs(dest_dir, exist_ok=True)
             try:
-                os.rename(job.path, dest)
+                os.rename(job.file, dest)
             except FileNotFoundError:
                 return None
         crash_point("claimed")

@@ -20,8 +20,8 @@ inactive, and the heaps drop inactive heads when they are looked at.
 from __future__ import annotations
 
 import heapq
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Collection, Iterator, Sequence
 
 from .job import Job
@@ -50,7 +50,7 @@ class WaitingJobs:
     """The waiting jobs of one node (used from one event loop)."""
 
     def __init__(self) -> None:
-        self._by_path: dict[Path, WaitEntry] = {}
+        self._by_path: dict[str, WaitEntry] = {}  # by Waiting.file
         self._by_key: dict[str, dict[str, list[WaitEntry]]] = {}
         self._by_domain: dict[str, list[WaitEntry]] = {}
         self._caps: dict[str, int] = {}
@@ -60,7 +60,7 @@ class WaitingJobs:
     def __len__(self) -> int:
         return len(self._by_path)
 
-    def __contains__(self, path: Path) -> bool:
+    def __contains__(self, path: str) -> bool:
         return path in self._by_path
 
     def entries(self) -> Iterator[WaitEntry]:
@@ -70,7 +70,7 @@ class WaitingJobs:
         """A job just deferred because these ``(key, cap)`` were full: it waits
         on each (a job that may use several bindings or mail hosts waits on the
         full key of each), and the first that frees takes it."""
-        self._by_path[entry.waiting.path] = entry
+        self._by_path[entry.waiting.file] = entry
         heapq.heappush(self._by_domain.setdefault(entry.job.domain, []), entry)
         for key, cap in limits:
             self.wait_on(entry, key, cap)
@@ -89,7 +89,7 @@ class WaitingJobs:
     def take(self, entry: WaitEntry) -> None:
         """The job stops waiting (it is being claimed, or its file is gone)."""
         entry.active = False
-        self._by_path.pop(entry.waiting.path, None)
+        self._by_path.pop(entry.waiting.file, None)
 
     def served(self, domain: str) -> None:
         """A job of ``domain`` just started: it goes to the back of the round."""
@@ -154,9 +154,10 @@ class WaitingJobs:
     def keys_with_room(self, in_use: Callable[[str], int]) -> list[str]:
         return [k for k, cap in self._caps.items() if in_use(k) < cap]
 
-    def drop_missing(self, seen: Collection[Path]) -> None:
+    def drop_missing(self, seen: Collection[str]) -> None:
         """Forget waiting jobs whose file is gone (taken by another node,
-        removed); ``seen``: paths just listed, known to exist."""
+        removed); ``seen``: the files (``Waiting.file``) just listed, known
+        to exist."""
         for path, entry in list(self._by_path.items()):
-            if path not in seen and not path.exists():
+            if path not in seen and not os.path.exists(path):
                 self.take(entry)

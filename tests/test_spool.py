@@ -187,7 +187,7 @@ def test_a_second_claim_by_the_same_node_returns_none(tmp_path):
 
 def test_claim_of_a_job_that_vanished_returns_none(tmp_path):
     sp = make_spool(tmp_path)
-    w = Waiting(0, "TOSEND", "GONE.FS", sp.folder("TOSEND") / "GONE.FS")
+    w = Waiting(0, "TOSEND", "GONE.FS", str(sp.folder("TOSEND") / "GONE.FS"))
     assert sp.claim(w, "N1") is None
 
 
