@@ -327,6 +327,8 @@ class _Handler:
         out = [r for r in responses if srv._users or not r[4:].upper().startswith("AUTH")]
         if srv.starttls_fails and not proto._tls_protocol:
             out.insert(len(out) - 1, "250-STARTTLS")
+        if srv.pipelining:
+            out.insert(len(out) - 1, "250-PIPELINING")
         return out
 
     async def handle_exception(self, error: Exception) -> str:
@@ -513,6 +515,8 @@ class SMTPTestServer:
       server_hostname   name in banner / EHLO
       idle_timeout      server closes a silent connection after this many s
       size_limit        SIZE advertised and enforced (aiosmtpd default 32 MiB)
+      pipelining        advertise PIPELINING (RFC 2920); aiosmtpd reads the
+                        commands in order either way
     """
 
     def __init__(
@@ -531,6 +535,7 @@ class SMTPTestServer:
         server_hostname: str = "mx.smtp-test.invalid",
         idle_timeout: float = 60.0,
         size_limit: Optional[int] = None,
+        pipelining: bool = False,
     ) -> None:
         self.host = _check_host(host)
         self.port = int(port)
@@ -557,6 +562,7 @@ class SMTPTestServer:
         self.server_hostname = server_hostname
         self.idle_timeout = idle_timeout
         self.size_limit = size_limit
+        self.pipelining = pipelining
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)

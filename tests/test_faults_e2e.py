@@ -17,6 +17,11 @@ checks its own case, from the job files and the server's records:
   and ``$fax_next_date/time`` one hour on (``$email_retry_delays * "1H"``);
 * ``B.FS`` went out over a NEW connection: the erroring connection carried no
   later MAIL.
+
+Each fault in the transaction (MAIL, RCPT, DATA, the end of data) runs twice:
+once against a server without PIPELINING (one command, one reply), and once,
+as ``<name>+pipelining``, against one that offers it, so that MAIL, RCPT and
+DATA go out in one write and the replies are read in turn.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import math
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import pytest
@@ -253,18 +258,31 @@ def runs(request, tmp_path_factory, tls_cert) -> Iterator[dict[str, Future]]:
     wanted = [item.callspec.params["name"] for item in request.session.items
               if item.module is sys.modules[__name__] and hasattr(item, "callspec")]
     with ThreadPoolExecutor(max_workers=6) as pool:
-        yield {name: pool.submit(run_case, FAULTS[name], tmp_path_factory.mktemp(name), tls_cert) for name in wanted}
+        yield {name: pool.submit(run_case, fault_of(name), tmp_path_factory.mktemp(name), tls_cert) for name in wanted}
+
+
+PIPELINED = "+pipelining"
+
+
+def fault_of(name: str) -> Fault:
+    """The fault of a case name; ``<name>+pipelining``: against a server that
+    offers PIPELINING."""
+    base, pipelined, _ = name.partition(PIPELINED)
+    fault = FAULTS[base]
+    return replace(fault, server={**fault.server, "pipelining": True}) if pipelined else fault
 
 
 def params():
     for name, fault in FAULTS.items():
         marks = [pytest.mark.xfail(strict=True, reason=fault.xfail)] if fault.xfail else []
         yield pytest.param(name, id=name, marks=marks)
+        if name.split("-")[0] in ("mail", "rcpt", "data", "eod") or name == "starttls-required-but-never":
+            yield pytest.param(name + PIPELINED, id=name + PIPELINED, marks=marks)
 
 
 @pytest.mark.parametrize("name", params())
 def test_smtp_fault(runs, name):
-    fault = FAULTS[name]
+    fault = fault_of(name)
     run = runs[name].result(timeout=120)
     kit, server = run.kit, run.server
     where = f"127.0.0.1:{server.port}"

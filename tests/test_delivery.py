@@ -1,0 +1,194 @@
+"""copiamail.delivery: the SMTP transaction on a connection aiosmtplib opened.
+
+A scripted server on 127.0.0.1 (asyncio streams, in the test's own loop)
+answers each command the way a test needs, and records what arrived when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable
+
+import pytest
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+from hypothesis import given
+from hypothesis import strategies as st
+
+from copiamail import outcome
+from copiamail.delivery import SessionSettings, SmtpSession, data_block
+from copiamail.errors import DeliveryError
+
+EHLO_PLAIN = b"250-test.invalid\r\n250 8BITMIME\r\n"
+EHLO_PIPELINING = b"250-test.invalid\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+MESSAGE = b"Subject: t\r\n\r\nbody\r\n"
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, list[bytes]], Awaitable[None]]
+
+
+async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ehlo: bytes) -> None:
+    writer.write(b"220 test.invalid ESMTP\r\n")
+    await reader.readline()  # EHLO
+    writer.write(ehlo)
+    await writer.drain()
+
+
+async def read_message(reader: asyncio.StreamReader) -> bytes:
+    lines = []
+    while (line := await reader.readline()) not in (b".\r\n", b""):
+        lines.append(line)
+    return b"".join(lines)
+
+
+async def talk(script: Script, timeout: float = 5.0) -> tuple[list[bytes], object]:
+    """Run one SmtpSession.send against ``script``; (what the server saw, the
+    Delivered or the DeliveryError)."""
+    seen: list[bytes] = []
+    served = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await script(reader, writer, seen)
+        finally:
+            writer.close()
+            served.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    session = SmtpSession(SessionSettings(host="127.0.0.1", port=port, starttls="never", timeout=timeout,
+                                          helo_name="client.invalid"))
+    try:
+        result: object = await session.send("a@b.test", "c@d.test", MESSAGE)
+    except DeliveryError as e:
+        result = e
+    await session.close()
+    await asyncio.wait_for(served.wait(), 5)  # the script saw the end of the connection
+    server.close()
+    await server.wait_closed()
+    return seen, result
+
+
+def test_with_pipelining_offered_mail_rcpt_and_data_go_out_before_the_first_reply():
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_PIPELINING)
+        # No reply until all three commands are here: a client that waited
+        # for the MAIL reply would time out.
+        for _ in range(3):
+            seen.append(await reader.readline())
+        writer.write(b"250 sender ok\r\n250 rcpt ok\r\n354 go\r\n")
+        seen.append(await read_message(reader))
+        writer.write(b"250 2.0.0 queued as X\r\n")
+        seen.append(await reader.readline())  # QUIT
+        writer.write(b"221 bye\r\n")
+
+    seen, result = asyncio.run(talk(script, timeout=2))
+    assert seen[:3] == [b"MAIL FROM:<a@b.test>\r\n", b"RCPT TO:<c@d.test>\r\n", b"DATA\r\n"]
+    assert seen[3] == MESSAGE and seen[4] == b"QUIT\r\n"
+    assert result.reply == "250 2.0.0 queued as X"
+
+
+def test_without_pipelining_each_command_waits_for_the_reply_before_it():
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_PLAIN)
+        seen.append(await reader.readline())  # MAIL
+        await asyncio.sleep(0.2)
+        # Nothing more may have arrived before the MAIL reply.
+        seen.append(b"early: " + (reader._buffer and bytes(reader._buffer) or b""))  # noqa: SLF001
+        writer.write(b"250 ok\r\n")
+        seen.append(await reader.readline())  # RCPT
+        writer.write(b"250 ok\r\n")
+        seen.append(await reader.readline())  # DATA
+        writer.write(b"354 go\r\n")
+        await read_message(reader)
+        writer.write(b"250 done\r\n")
+        await reader.readline()
+        writer.write(b"221 bye\r\n")
+
+    seen, result = asyncio.run(talk(script))
+    assert seen == [b"MAIL FROM:<a@b.test>\r\n", b"early: ", b"RCPT TO:<c@d.test>\r\n", b"DATA\r\n"]
+    assert result.reply == "250 done"
+
+
+def test_pipelined_replies_split_anywhere_and_multi_line_are_read_in_order():
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_PIPELINING)
+        for _ in range(3):
+            await reader.readline()
+        for chunk in (b"25", b"0 ok\r\n250-first", b" line\r\n250 second line\r", b"\n354 go\r\n"):
+            writer.write(chunk)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        await read_message(reader)
+        writer.write(b"250-queued\r\n250 as Y\r\n")
+        await reader.readline()
+        writer.write(b"221 bye\r\n")
+
+    _, result = asyncio.run(talk(script))
+    assert result.reply == "250 queued as Y"
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+def test_a_refused_recipient_is_classified_at_rcpt_and_the_connection_is_dropped(pipelining):
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_PIPELINING if pipelining else EHLO_PLAIN)
+        await reader.readline()
+        writer.write(b"250 ok\r\n")
+        await reader.readline()
+        writer.write(b"550-5.1.1 no such user\r\n550 5.1.1 check the address\r\n")
+        if pipelining:
+            await reader.readline()
+            writer.write(b"554 no valid recipients\r\n")
+        seen.append(await reader.read())  # the client closes: no QUIT, no message
+
+    seen, result = asyncio.run(talk(script))
+    assert isinstance(result, DeliveryError)
+    assert (result.code, result.stage, result.permanent) == (550, "RCPT", True)
+    assert result.text == "550 5.1.1 no such user 5.1.1 check the address"
+    assert seen == [b""]
+
+
+def test_a_malformed_reply_fails_the_stage_with_aiosmtplibs_text():
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_PLAIN)
+        await reader.readline()
+        writer.write(b"hello there\r\n")
+        await reader.read()
+
+    _, result = asyncio.run(talk(script))
+    assert isinstance(result, DeliveryError)
+    assert (result.code, result.stage) == (-1, "MAIL")
+    assert result.text == "-1 Malformed SMTP response line: hello there"
+
+
+def test_a_reply_the_client_did_not_ask_for_is_not_taken_for_a_later_one():
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_PLAIN)
+        writer.write(b"250 unasked\r\n")  # before any command of the transaction
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        await reader.readline()
+        writer.write(b"451 4.3.0 try later\r\n")
+        await reader.read()
+
+    _, result = asyncio.run(talk(script))
+    assert isinstance(result, DeliveryError)
+    assert (result.code, result.stage) == (451, "MAIL")
+
+
+def test_a_server_that_goes_silent_times_out_at_the_stage_it_was_asked():
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_PIPELINING)
+        for _ in range(3):
+            await reader.readline()
+        writer.write(b"250 ok\r\n")
+        await reader.read()
+
+    _, result = asyncio.run(talk(script, timeout=0.5))
+    assert isinstance(result, DeliveryError)
+    assert (result.code, result.stage) == (outcome.TIMED_OUT.code, "RCPT")
+    assert result.text == "timeout at RCPT: Timed out waiting for server response"
+
+
+@given(st.lists(st.sampled_from([b"a", b".", b"..", b"\r", b"\n", b"\r\n", b" ", b"x.y"]), max_size=30).map(b"".join))
+def test_data_block_is_what_aiosmtplib_sends_after_data(message):
+    expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
+    assert data_block(message) == expected
