@@ -48,7 +48,8 @@ from .job import Job, parse_job, quick_domain
 from .limits import Limit, LocalLimiter, bindings_for, limits_for, worker_cap, worker_of
 from .message import build_message
 from .mx import MxResolver, Route
-from .spool import FAIL, SENT, Claimed, Spool, Waiting, is_job_name
+from .spool import FAIL, SENT, Claimed, ResultBatch, Spool, Waiting, is_job_name
+from .syncer import Syncer
 from .waiting import WaitEntry, WaitingJobs
 
 log = logging.getLogger("copiamail")
@@ -107,6 +108,7 @@ class _Connection:
     turn: int = 0
     handoff: "asyncio.Future[_Item | None] | None" = None
     task: "asyncio.Task[None] | None" = None
+    written: "asyncio.Future[None] | None" = None  # its last result's batch: done when committed
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,10 @@ class Scheduler:
         self._owed: list[_Result] = []
         self._batch: list[_Result] = []  # results of this turn of the loop, not yet written
         self._batch_written: "asyncio.Future[None] | None" = None
+        # Results go to the syncer process for their fsyncs, one batch at a
+        # time; results made meanwhile wait in _batch for the next one.
+        self._syncer: Syncer | None = None
+        self._syncing: "asyncio.Future[None] | None" = None
         self._resolving: dict[str, list[_Item]] = {}
         self._lookups: set[asyncio.Task[None]] = set()
         self._down: dict[str, float] = {}
@@ -251,6 +257,8 @@ class Scheduler:
         retry falls due; in between, only the files the watcher names are
         looked at, so the cost of a wake-up does not grow with the backlog."""
         self._wake = asyncio.Event()
+        if self.spool.fsync and self._syncer is None:
+            self._syncer = Syncer.start(self._syncer_lost)
         await self._learn_host_stanza_addresses()
         next_full = 0.0
         try:
@@ -777,7 +785,9 @@ class Scheduler:
                 # Its result is written before the connection takes another
                 # job: a result that cannot be written (a full disk) pauses
                 # the node first.
-                await self._results_written()
+                if conn.written is not None:
+                    await asyncio.shield(conn.written)
+                    conn.written = None
                 if elsewhere is not None or self.stopping or self._paused:
                     break
                 item, close = self._next_for(conn)
@@ -855,7 +865,7 @@ class Scheduler:
                 outcome.INTERNAL.code, outcome.INTERNAL.klass, f"internal error: {type(e).__name__}: {e}", False))
         else:
             result = self._sent(claimed, cf, sent)
-        self._write(result)
+        conn.written = self._write(result)
         return None
 
     def _next_host_exists(self, conn: _Connection, e: DeliveryError, item: _Item) -> bool:
@@ -878,29 +888,81 @@ class Scheduler:
 
     # --- outcomes ------------------------------------------------------------
 
-    def _write(self, result: _Result) -> None:
+    def _write(self, result: _Result) -> "asyncio.Future[None]":
         """Write a job's result and count it, together with the other results
         of this turn of the event loop (one wait for the disk for all of them;
-        until then the job stays claimed, or marked delivered, in ACTIVE)."""
+        until then the job stays claimed, or marked delivered, in ACTIVE).
+        Returns a future done when the result is committed (or owed)."""
         self._batch.append(result)
-        if len(self._batch) == 1:
+        if self._batch_written is None:
             loop = asyncio.get_running_loop()
             self._batch_written = loop.create_future()
             loop.call_soon(self._write_batch)
+        return self._batch_written
 
     def _write_batch(self) -> None:
+        """Write the queued results into spares now. Their fsyncs go to the
+        syncer process (the event loop goes on with other jobs meanwhile) or,
+        without one, are made here; each is committed after its fsync."""
+        if self._syncing is not None:
+            return  # these join the batch written when the one in flight is synced
         batch, self._batch = self._batch, []
         done, self._batch_written = self._batch_written, None
+        if not batch:
+            _settle(done)
+            return
         try:
-            self._write_now(batch)
-        finally:
-            if done is not None and not done.done():
-                done.set_result(None)
+            pending = self.spool.write_results([(r.claimed, r.cf, r.dest) for r in batch])
+        except BaseException:
+            _settle(done)
+            raise
+        if self.spool.fsync and len(pending) and self._syncer is not None:
+            syncing = asyncio.get_running_loop().create_future()
+            self._syncing = syncing
+            if self._syncer.submit(pending.fds, lambda errnos: self._synced(syncing, batch, pending, done, errnos)):
+                return
+            self._syncing = None
+        pending.sync()
+        self._commit_batch(batch, pending, done)
 
-    async def _results_written(self) -> None:
-        """Wait until the results queued so far are written (or owed)."""
-        if self._batch_written is not None and not self._batch_written.done():
-            await asyncio.shield(self._batch_written)
+    def _synced(self, syncing: "asyncio.Future[None]", batch: list[_Result], pending: ResultBatch,
+                done: "asyncio.Future[None] | None", errnos: list[int] | None) -> None:
+        """The syncer's answer for a batch (None: it was lost before answering)."""
+        if errnos is None:
+            pending.sync()
+        else:
+            pending.synced(errnos)
+        try:
+            self._commit_batch(batch, pending, done)
+        finally:
+            self._syncing = None
+            _settle(syncing)
+            if self._batch:
+                self._write_batch()
+
+    def _syncer_lost(self) -> None:
+        """The syncer process is gone (the batch in flight, if any, is then
+        answered with None and synced here)."""
+        self._syncer = None
+
+    def _commit_batch(self, batch: list[_Result], pending: ResultBatch, done: "asyncio.Future[None] | None") -> None:
+        try:
+            landed = pending.commit()
+            for result, where in zip(batch, landed):
+                if isinstance(where, OSError):
+                    self._not_written(result, where)
+                else:
+                    self._count(result.kind, result.claimed.name)
+        finally:
+            _settle(done)
+
+    async def _results_settled(self) -> None:
+        """Write every queued result and wait until all are committed (or owed)."""
+        while self._batch or self._syncing is not None:
+            if self._syncing is not None:
+                await asyncio.shield(self._syncing)
+            else:
+                self._write_batch()
 
     def _write_now(self, results: list[_Result]) -> None:
         """Write results at once; one that cannot be written (a full disk) is
@@ -1017,11 +1079,19 @@ class Scheduler:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        self._write_batch()
+        await self._results_settled()
+        if self._syncer is not None:
+            self._syncer.close()
+            self._syncer = None
         if self._owed:
             log.error("%d job result(s) could not be written (the disk is full?): they stay in %s and come back "
                       "at this node's next start", len(self._owed), self.spool.active_dir(self.node))
         self.spool.drop_spares()
+
+
+def _settle(done: "asyncio.Future[None] | None") -> None:
+    if done is not None and not done.done():
+        done.set_result(None)
 
 
 def _job_error_text(e: JobError) -> str:

@@ -54,11 +54,13 @@ from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
 A job handed back unchanged (at shutdown) goes straight from state 2 to 1 by
 one no-replace rename.
 
-Results are written in batches (:meth:`Spool.finish_many`, the results of one
+Results are written in batches (:class:`ResultBatch`, the results of one
 turn of the node's event loop): each into its spare, then the disk is asked to
 write them all (``sync_file_range``), then each is fsynced, and only then is
 each committed and published in turn. The order per job is as above; the
-fsyncs of a batch overlap instead of adding up.
+fsyncs of a batch overlap instead of adding up. A node has them made by its
+syncer process (:mod:`copiamail.syncer`, handed the open descriptors) while
+its event loop goes on, and commits each result only after the answer.
 
 Spare files: creating a file costs far more than rewriting an existing one
 where the file system has many recently deleted inodes to step over (ext4
@@ -206,6 +208,79 @@ class Claimed:
     path: Path
 
 
+class ResultBatch:
+    """The results of several jobs between states 3 and 5, made by
+    :meth:`Spool.write_results`: each written into a spare, its descriptor
+    still open. Then either ``sync`` (fsync here) or ``synced`` (the fsyncs
+    were made elsewhere: :mod:`copiamail.syncer`), and ``commit``."""
+
+    def __init__(self, spool: "Spool", claimed: list[Claimed]) -> None:
+        self._spool = spool
+        self._claimed = claimed
+        self.out: list[Path | OSError | None] = [None] * len(claimed)
+        self.written: list[tuple[int, str, int, str]] = []  # (index, spare, fd, result)
+
+    def __len__(self) -> int:
+        return len(self.written)
+
+    @property
+    def fds(self) -> list[int]:
+        """The open descriptors of the written results, in order."""
+        return [fd for _, _, fd, _ in self.written]
+
+    def sync(self) -> None:
+        """fsync every written result (with fsync on): the disk is asked to
+        write them all first, so the waits overlap instead of adding up."""
+        if not self._spool.fsync:
+            return
+        for fd in self.fds:
+            _start_writeback(fd)
+        errors = []
+        for fd in self.fds:
+            try:
+                os.fsync(fd)
+                errors.append(0)
+            except OSError as e:
+                errors.append(e.errno or errno.EIO)
+        self.synced(errors)
+
+    def synced(self, errors: Sequence[int]) -> None:
+        """The fsync of each written result was made, with these errnos (0:
+        durable, in the order of :attr:`fds`). A result that could not be
+        synced is dropped (its job is intact, still claimed)."""
+        kept = []
+        for entry, err in zip(self.written, errors):
+            if err:
+                self.out[entry[0]] = OSError(err, os.strerror(err), entry[1])
+                _drop(entry[1], entry[2])
+            else:
+                kept.append(entry)
+        self.written = kept
+
+    def commit(self) -> list[Path | OSError]:
+        """States 3 to 5 for each synced result, in turn: where each job
+        landed, or the OSError that stopped it."""
+        for i, spare, fd, result in self.written:
+            claimed = self._claimed[i]
+            suffix = result.rsplit(".", 1)[1]
+            os.close(fd)
+            try:
+                os.rename(spare, result)
+            except OSError as e:
+                self.out[i] = e
+                _drop(spare, None)
+                continue
+            crash_point(f"written-{suffix}")
+            try:
+                self._spool._retire(claimed)  # the commit point (state 4)
+                crash_point(f"committed-{suffix}")
+                self.out[i] = self._spool._publish(result, claimed)
+            except OSError as e:
+                self.out[i] = e
+        self.written = []
+        return self.out  # type: ignore[return-value]  # every slot is set by now
+
+
 class Spool:
     """One spool root. Methods do file-system work only; no policy."""
 
@@ -344,54 +419,30 @@ class Spool:
         return landed
 
     def finish_many(self, jobs: Sequence[tuple[Claimed, CommandFile, str]]) -> list[Path | OSError]:
-        """:meth:`finish` for several jobs, their results made durable together:
-        every result is written into a spare, the disk is asked to write them
-        all, then each is fsynced (the waits overlap instead of adding up),
-        and only then is each committed and published in turn. For each job:
-        where it landed, or the OSError that stopped it (raised before its
-        commit, the claimed job is intact; after, its result waits in ACTIVE)."""
-        out: list[Path | OSError | None] = [None] * len(jobs)
-        written: list[tuple[int, str, int, str]] = []  # (index, spare, fd, result)
+        """:meth:`finish` for several jobs, their results made durable together
+        (:meth:`write_results`, then the batch's ``sync`` and ``commit``). For
+        each job: where it landed, or the OSError that stopped it (raised
+        before its commit, the claimed job is intact; after, its result waits
+        in ACTIVE)."""
+        batch = self.write_results(jobs)
+        batch.sync()
+        return batch.commit()
+
+    def write_results(self, jobs: Sequence[tuple[Claimed, CommandFile, str]]) -> "ResultBatch":
+        """State 3, first half, for each job: its next version (``cf``, for
+        ``dest`` SENT, FAIL or back to its queue) written into a spare, not yet
+        fsynced. The batch goes on with ``sync`` (or ``synced``) and ``commit``."""
+        batch = ResultBatch(self, [claimed for claimed, _, _ in jobs])
         for i, (claimed, cf, dest) in enumerate(jobs):
             suffix = dest if dest in (SENT, FAIL) else BACK
             result = f"{os.path.dirname(claimed.path)}/{claimed.name}.{suffix}"
             try:
                 spare, fd = self._write_spare(result, cf.to_bytes(), claimed.node)
             except OSError as e:
-                out[i] = e
+                batch.out[i] = e
                 continue
-            written.append((i, spare, fd, result))
-        if self.fsync:
-            for _, _, fd, _ in written:
-                _start_writeback(fd)
-            synced = []
-            for entry in written:
-                try:
-                    os.fsync(entry[2])
-                except OSError as e:
-                    out[entry[0]] = e
-                    _drop(entry[1], entry[2])
-                    continue
-                synced.append(entry)
-            written = synced
-        for i, spare, fd, result in written:
-            claimed = jobs[i][0]
-            suffix = result.rsplit(".", 1)[1]
-            os.close(fd)
-            try:
-                os.rename(spare, result)
-            except OSError as e:
-                out[i] = e
-                _drop(spare, None)
-                continue
-            crash_point(f"written-{suffix}")
-            try:
-                self._retire(claimed)  # the commit point (state 4)
-                crash_point(f"committed-{suffix}")
-                out[i] = self._publish(result, claimed)
-            except OSError as e:
-                out[i] = e
-        return out  # type: ignore[return-value]  # every slot is set above
+            batch.written.append((i, spare, fd, result))
+        return batch
 
     def hand_back(self, claimed: Claimed) -> Path:
         """Return a job unchanged to its own queue (state 2 to 1)."""

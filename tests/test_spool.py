@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -578,3 +579,16 @@ def test_finish_many_lands_every_job_and_reports_a_failure_for_its_own_job_only(
 
 def test_finish_many_of_nothing_does_nothing(tmp_path):
     assert make_spool(tmp_path).finish_many([]) == []
+
+
+def test_a_result_whose_fsync_failed_elsewhere_is_dropped_and_its_job_stays_claimed(tmp_path):
+    sp = make_spool(tmp_path)
+    a, b = (_claim(sp, "TOSEND", n) for n in ("A.FS", "B.FS"))
+    batch = sp.write_results([(a, CommandFile.parse(b"a\n"), "SENT"), (b, CommandFile.parse(b"b\n"), "SENT")])
+    assert len(batch.fds) == 2
+    batch.synced([0, errno.EIO])  # the syncer's answer: B's file is not durable
+    landed = batch.commit()
+    assert landed[0] == sp.folder("SENT") / "A.FS"
+    assert isinstance(landed[1], OSError) and landed[1].errno == errno.EIO
+    assert b.path.exists() and sorted(os.listdir(sp.folder("SENT"))) == ["A.FS"]
+    assert active_files(sp) == ["N1/TOSEND/B.FS"]

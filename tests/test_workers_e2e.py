@@ -10,7 +10,7 @@ import time
 import pytest
 
 from smtpserver import Rule
-from spoolkit import SpoolKit, stop, wait_until
+from spoolkit import SpoolKit, children_of, stop, wait_until
 
 from copiamail.limits import worker_of
 
@@ -26,20 +26,6 @@ def domains_of_both_workers(n: int) -> list[str]:
     picked = [d for d in names if worker_of(d, 2) == 0][: n // 2] + [d for d in names if worker_of(d, 2) == 1][: n - n // 2]
     assert {worker_of(d, 2) for d in picked} == {0, 1}
     return picked
-
-
-def children_of(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 def test_two_workers_send_every_job_once_and_keep_each_domain_limit(tmp_path, server):

@@ -1,0 +1,114 @@
+"""copiamail.syncer: fsyncs in a child process, answered on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+from pathlib import Path
+
+from smtpserver import Rule
+from spoolkit import SpoolKit, children_of, wait_until
+
+from copiamail.syncer import MAX_FDS, Syncer
+
+
+def open_files(folder: Path, n: int) -> list[int]:
+    fds = []
+    for i in range(n):
+        fd = os.open(folder / f"f{i}", os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, b"result\n")
+        fds.append(fd)
+    return fds
+
+
+async def submit(syncer: Syncer, fds: list[int], timeout: float = 10) -> list[int] | None:
+    answer: asyncio.Future[list[int] | None] = asyncio.get_running_loop().create_future()
+    assert syncer.submit(fds, answer.set_result)
+    return await asyncio.wait_for(answer, timeout)
+
+
+def test_each_file_handed_over_is_answered_with_errno_zero_in_order(tmp_path):
+    async def run() -> list[int] | None:
+        syncer = Syncer.start(lambda: None)
+        assert syncer is not None
+        try:
+            return await submit(syncer, open_files(tmp_path, 3))
+        finally:
+            syncer.close()
+
+    assert asyncio.run(run()) == [0, 0, 0]
+
+
+def test_a_batch_larger_than_one_message_is_answered_once_for_all_its_files(tmp_path):
+    async def run() -> list[int] | None:
+        syncer = Syncer.start(lambda: None)
+        assert syncer is not None
+        try:
+            return await submit(syncer, open_files(tmp_path, MAX_FDS * 2 + 7))
+        finally:
+            syncer.close()
+
+    assert asyncio.run(run()) == [0] * (MAX_FDS * 2 + 7)
+
+
+def test_a_file_that_cannot_be_synced_gets_its_errno(tmp_path):
+    # fsync of a pipe is EINVAL: the answer says so for that file only.
+    async def run() -> list[int] | None:
+        syncer = Syncer.start(lambda: None)
+        assert syncer is not None
+        r, w = os.pipe()
+        try:
+            return await submit(syncer, [open_files(tmp_path, 1)[0], r])
+        finally:
+            os.close(w)
+            syncer.close()
+
+    assert asyncio.run(run()) == [0, errno.EINVAL]
+
+
+def test_when_the_syncer_dies_batches_in_flight_get_none_and_later_ones_are_refused(tmp_path):
+    lost: list[bool] = []
+
+    async def run() -> tuple[list[int] | None, bool]:
+        syncer = Syncer.start(lambda: lost.append(True))
+        assert syncer is not None
+        await submit(syncer, open_files(tmp_path, 1))  # it is up
+        os.kill(syncer._pid, signal.SIGSTOP)  # noqa: SLF001 - it must not answer before it dies
+        answer: asyncio.Future[list[int] | None] = asyncio.get_running_loop().create_future()
+        assert syncer.submit(open_files(tmp_path, 2), answer.set_result)
+        os.kill(syncer._pid, signal.SIGKILL)  # noqa: SLF001
+        got = await asyncio.wait_for(answer, 10)
+        refused = not syncer.submit(open_files(tmp_path, 1), lambda errnos: None)
+        syncer.close()
+        return got, refused
+
+    got, refused = asyncio.run(run())
+    assert got is None and refused and lost == [True]
+
+
+def test_the_syncer_process_ends_when_the_node_closes_it(tmp_path):
+    syncer = Syncer.start(lambda: None)
+    assert syncer is not None
+    pid = syncer._pid  # noqa: SLF001
+    syncer.close()
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_a_node_whose_syncer_is_killed_goes_on_and_sends_every_job_once(tmp_path, smtp_server):
+    server = smtp_server()
+    server.add_rule(Rule(stage="EOD", delay=0.02))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 2"])
+    names = [f"J{i:03d}.FS" for i in range(40)]
+    for i, name in enumerate(names):
+        kit.job("TOSEND", name, to=f"u{i}@d.example")
+    proc = kit.start("N1", "--drain")
+    wait_until(lambda: len(kit.names("SENT")) >= 5, timeout=30)
+    [syncer] = [p for p in children_of(proc.pid) if b"copiamail.watcher" not in open(f"/proc/{p}/cmdline", "rb").read()]
+    os.kill(syncer, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "the syncer process ended; results are fsynced by the node itself from now on" in err
+    assert kit.names("SENT") == names and kit.active() == []
+    assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(f"u{i}@d.example" for i in range(40))
