@@ -177,25 +177,45 @@ class _Link(asyncio.Protocol):
         self._transport.write(data)
 
     async def reply(self, timeout: float | None) -> tuple[int, str]:
-        """The next reply, as (code, text with lines joined by LF)."""
-        while not self._replies:
-            if self._bad is not None:
-                raise self._bad
-            if self._ended is not None:
-                raise _Lost(self._ended)
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            timer = asyncio.get_running_loop().call_later(timeout, _expire, waiter) if timeout else None
-            try:
+        """The next reply, as (code, text with lines joined by LF), within
+        ``timeout`` seconds for the whole reply (a server that trickles a
+        reply byte by byte does not get a new timeout for each byte)."""
+        if self._replies:
+            return self._replies.popleft()
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, _expire, waiter) if timeout else None
+        try:
+            while not self._replies:
+                if self._bad is not None:
+                    raise self._bad
+                if self._ended is not None:
+                    raise _Lost(self._ended)
                 await waiter
-            finally:
-                self._waiter = None
-                if timer is not None:
-                    timer.cancel()
+                if not self._replies:
+                    waiter = self._waiter = loop.create_future()
+                    if timer is not None:
+                        # The same deadline, on the new future.
+                        deadline = timer.when()
+                        timer.cancel()
+                        timer = loop.call_at(deadline, _expire, waiter)
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
         return self._replies.popleft()
 
     def close(self) -> None:
+        """Close after QUIT: what is still buffered is sent first."""
         self._ended = self._ended or "Connection lost"
         self._transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once, discarding anything not yet sent: after
+        an error or a timeout, the rest of a message still being uploaded must
+        not reach the server (it could accept a message recorded as failed)."""
+        self._ended = self._ended or "Connection lost"
+        self._transport.abort()
 
     # asyncio.Protocol
 
@@ -339,8 +359,10 @@ class SmtpSession:
                 raise _engine(outcome.CONNECTION_LOST, f"AUTH with {where} failed: {e}") from None
         transport = smtp.protocol.transport if smtp.protocol is not None else None
         if transport is None or transport.is_closing():
+            # Closed right after the greeting: what aiosmtplib said when MAIL
+            # then found the connection gone.
             smtp.close()
-            raise _engine(outcome.CONNECTION_LOST, f"{where} closed the connection: Connection lost")
+            raise _engine(outcome.CONNECTION_LOST, "connection dropped at MAIL: Connection lost", MAIL)
         link = _Link(transport, smtp.supports_extension("pipelining"))
         self.peer_ip = link.peer_ip() or s.host
         self.messages = 0
@@ -405,7 +427,7 @@ class SmtpSession:
     def abort(self) -> None:
         """Drop the connection without QUIT (after an error)."""
         if self._link is not None:
-            self._link.close()
+            self._link.abort()
             self._link = None
 
     async def close(self) -> None:

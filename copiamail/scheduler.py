@@ -30,6 +30,7 @@ while and the job goes to the next one, within the same attempt.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -927,9 +928,11 @@ class Scheduler:
 
     def _synced(self, syncing: "asyncio.Future[None]", batch: list[_Result], pending: ResultBatch,
                 done: "asyncio.Future[None] | None", errnos: list[int] | None) -> None:
-        """The syncer's answer for a batch (None: it was lost before answering)."""
+        """The syncer's answer for a batch (None: it was lost before answering,
+        so none of the batch is known to be durable: the results are owed and
+        written again, here)."""
         if errnos is None:
-            pending.sync()
+            pending.abandon(OSError(errno.EIO, "the syncer process ended before it answered"))
         else:
             pending.synced(errnos)
         try:
@@ -941,9 +944,8 @@ class Scheduler:
                 self._write_batch()
 
     def _syncer_lost(self) -> None:
-        """The syncer process is gone (the batch in flight, if any, is then
-        answered with None and synced here)."""
-        self._syncer = None
+        """The syncer process is gone: from now on results are fsynced here
+        (the syncer refuses new batches; it is reaped at shutdown)."""
 
     def _commit_batch(self, batch: list[_Result], pending: ResultBatch, done: "asyncio.Future[None] | None") -> None:
         try:
@@ -957,10 +959,16 @@ class Scheduler:
             _settle(done)
 
     async def _results_settled(self) -> None:
-        """Write every queued result and wait until all are committed (or owed)."""
+        """Write every queued result and wait until all are committed (or
+        owed). A syncer that does not answer within shutdown_grace is given
+        up: its batch is owed, and its jobs stay in ACTIVE for recovery."""
         while self._batch or self._syncing is not None:
             if self._syncing is not None:
-                await asyncio.shield(self._syncing)
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._syncing), max(1.0, self.config.shutdown_grace))
+                except asyncio.TimeoutError:
+                    if self._syncer is not None:
+                        self._syncer.close()  # answers the batch with None
             else:
                 self._write_batch()
 

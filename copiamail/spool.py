@@ -248,6 +248,8 @@ class ResultBatch:
         """The fsync of each written result was made, with these errnos (0:
         durable, in the order of :attr:`fds`). A result that could not be
         synced is dropped (its job is intact, still claimed)."""
+        errors = list(errors)[: len(self.written)]
+        errors += [errno.EIO] * (len(self.written) - len(errors))  # no answer: not durable
         kept = []
         for entry, err in zip(self.written, errors):
             if err:
@@ -256,6 +258,14 @@ class ResultBatch:
             else:
                 kept.append(entry)
         self.written = kept
+
+    def abandon(self, error: OSError) -> None:
+        """Give up every written result not yet committed: each spare is
+        deleted and its job (intact, still claimed) gets ``error``."""
+        for i, spare, fd, _ in self.written:
+            self.out[i] = error
+            _drop(spare, fd)
+        self.written = []
 
     def commit(self) -> list[Path | OSError]:
         """States 3 to 5 for each synced result, in turn: where each job

@@ -25,9 +25,13 @@ descriptors open until then.
 
 Failure: the syncer exits when its socket closes (the node is done) and dies
 with the process that forked it (``PR_SET_PDEATHSIG``). If it dies first, or
-the socket fails, each batch in flight is answered with None (the node then
-fsyncs it itself: a repeated fsync is harmless), ``on_lost`` is called, and
-the node fsyncs in its own process from then on.
+the socket fails, each batch in flight is answered with None: none of its
+results may be taken as durable (an fsync repeated elsewhere would not do,
+since Linux reports a writeback error to one fsync only), so the node writes
+them again. ``on_lost`` is called, and the node fsyncs in its own process from
+then on. An answer with fewer errnos than the files sent (the kernel drops
+passed descriptors beyond the syncer's open-file limit) counts as EIO for
+every file of that request.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import os
 import signal
 import socket
 import struct
+import time
 from typing import Callable, Sequence
 
 log = logging.getLogger("copiamail")
@@ -57,8 +62,9 @@ class Syncer:
         self._pid = pid
         self._on_lost = on_lost
         self._seq = 0
-        # Per batch in flight: its callback and the answer of each chunk.
-        self._batches: dict[int, tuple[Callable[[list[int] | None], None], list[list[int] | None]]] = {}
+        # Per batch in flight: its callback, the size of each chunk, and the
+        # answer of each chunk.
+        self._batches: dict[int, tuple[Callable[[list[int] | None], None], list[int], list[list[int] | None]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.alive = True
 
@@ -80,8 +86,14 @@ class Syncer:
             theirs.close()
             return None
         if pid == 0:
-            ours.close()
-            os._exit(_serve(theirs))
+            # Never return into the node's code in this process (its finally
+            # blocks would release the node's lock, shared with the parent).
+            code = 1
+            try:
+                ours.close()
+                code = _serve(theirs)
+            finally:
+                os._exit(code)
         theirs.close()
         ours.setblocking(False)
         syncer = cls(ours, pid, on_lost)
@@ -108,7 +120,7 @@ class Syncer:
                 # may be taken as synced, and the caller syncs it.
                 self._lost(f"cannot hand files to the syncer: {e.strerror or e}")
                 return False
-        self._batches[seq] = (done, [None] * len(chunks))
+        self._batches[seq] = (done, [len(c) for c in chunks], [None] * len(chunks))
         return True
 
     def _readable(self) -> None:
@@ -127,8 +139,9 @@ class Syncer:
         batch = self._batches.get(seq)
         if batch is None:
             return
-        done, answers = batch
-        answers[index] = list(struct.unpack_from(f"={count}i", data, _HEADER.size))
+        done, sizes, answers = batch
+        errnos = list(struct.unpack_from(f"={count}i", data, _HEADER.size))
+        answers[index] = errnos if len(errnos) == sizes[index] else [errno.EIO] * sizes[index]
         if all(a is not None for a in answers):
             del self._batches[seq]
             done([e for part in answers for e in part])  # type: ignore[union-attr]
@@ -141,7 +154,7 @@ class Syncer:
         self._stop_reading()
         batches, self._batches = self._batches, {}
         self._on_lost()
-        for done, _ in batches.values():
+        for done, _, _ in batches.values():
             done(None)
 
     def _stop_reading(self) -> None:
@@ -149,15 +162,35 @@ class Syncer:
             self._loop.remove_reader(self._sock.fileno())
             self._loop = None
 
+    @property
+    def busy(self) -> bool:
+        """Whether a batch waits for its answer."""
+        return bool(self._batches)
+
     def close(self) -> None:
-        """End the syncer (it exits when its socket closes) and reap it."""
+        """End the syncer (it exits when its socket closes) and reap it. A
+        batch still unanswered is given up (answered with None) and the
+        syncer killed: a node that stops does not wait on a stuck one."""
+        stuck = bool(self._batches)
+        if stuck:
+            self._lost("the syncer did not answer in time")
         self.alive = False
         self._stop_reading()
         self._sock.close()
-        try:
-            os.waitpid(self._pid, 0)
-        except ChildProcessError:
-            pass
+        if stuck:
+            try:
+                os.kill(self._pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for _ in range(100):
+            try:
+                if os.waitpid(self._pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.01)
+        # Still in the kernel (a disk that does not answer): it is reaped
+        # with the node; nothing of the node waits on it.
 
 
 def _serve(sock: socket.socket) -> int:

@@ -192,3 +192,67 @@ def test_a_server_that_goes_silent_times_out_at_the_stage_it_was_asked():
 def test_data_block_is_what_aiosmtplib_sends_after_data(message):
     expected = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
     assert data_block(message) == expected
+
+
+def test_a_reply_trickled_byte_by_byte_still_times_out_once_the_timeout_is_over():
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_PLAIN)
+        await reader.readline()
+        for byte in b"250 slowly, one byte at a time\r\n":
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        await reader.read()
+
+    _, result = asyncio.run(talk(script, timeout=1.0))
+    assert isinstance(result, DeliveryError)
+    assert (result.code, result.stage) == (outcome.TIMED_OUT.code, "MAIL")
+
+
+def test_after_a_timeout_the_rest_of_a_message_still_being_uploaded_never_reaches_the_server():
+    # The server stops reading after 354; the client times out at DATA with
+    # most of the message still in its buffer. Sent on after the error, the
+    # final dot could make the server accept a message recorded as failed.
+    big = b"x" * 998 + b"\r\n"
+
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_PLAIN)
+        for reply in (b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+            await reader.readline()
+            writer.write(reply)
+        await asyncio.sleep(1.5)  # past the client's timeout, reading nothing
+        rest = b""
+        try:
+            while chunk := await reader.read(1 << 20):
+                rest += chunk
+        except ConnectionResetError:
+            pass
+        seen.append(rest[-5:])
+
+    async def run() -> tuple[list[bytes], object]:
+        seen: list[bytes] = []
+        served = asyncio.Event()
+
+        async def serve(reader, writer):
+            try:
+                await script(reader, writer, seen)
+            finally:
+                writer.close()
+                served.set()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        session = SmtpSession(SessionSettings(host="127.0.0.1", port=port, starttls="never", timeout=0.5,
+                                              helo_name="client.invalid"))
+        try:
+            result: object = await session.send("a@b.test", "c@d.test", big * 16_000)  # 16 MB
+        except DeliveryError as e:
+            result = e
+        await asyncio.wait_for(served.wait(), 10)
+        server.close()
+        await server.wait_closed()
+        return seen, result
+
+    seen, result = asyncio.run(run())
+    assert isinstance(result, DeliveryError) and result.code == outcome.TIMED_OUT.code
+    assert seen != [b"\r\n.\r\n"]

@@ -112,3 +112,42 @@ def test_a_node_whose_syncer_is_killed_goes_on_and_sends_every_job_once(tmp_path
     assert "the syncer process ended; results are fsynced by the node itself from now on" in err
     assert kit.names("SENT") == names and kit.active() == []
     assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(f"u{i}@d.example" for i in range(40))
+
+
+def test_an_answer_short_of_files_counts_as_eio_for_every_file_of_the_request(tmp_path):
+    # The kernel hands the syncer no more descriptors than its open-file limit
+    # allows (inherited from the node): those it never saw are not durable.
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (40, hard))
+    try:
+        syncer = Syncer.start(lambda: None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert syncer is not None
+    fds = open_files(tmp_path, 120)
+
+    async def run() -> list[int] | None:
+        try:
+            return await submit(syncer, fds)
+        finally:
+            syncer.close()
+
+    assert asyncio.run(run()) == [errno.EIO] * 120
+
+
+def test_a_syncer_that_fails_at_start_exits_and_never_runs_the_callers_code(tmp_path, monkeypatch):
+    import copiamail.syncer as syncer_mod
+
+    def broken(sock):
+        raise OSError(errno.EMFILE, "no descriptor left")
+
+    monkeypatch.setattr(syncer_mod, "_serve", broken)
+    syncer = Syncer.start(lambda: None)
+    (tmp_path / f"after-start-{os.getpid()}").write_text("")  # the child must never get here
+    assert syncer is not None
+    _, status = os.waitpid(syncer._pid, 0)  # noqa: SLF001
+    assert os.waitstatus_to_exitcode(status) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [f"after-start-{os.getpid()}"]
+    syncer._sock.close()  # noqa: SLF001
