@@ -39,7 +39,7 @@ async def read_message(reader: asyncio.StreamReader) -> bytes:
     return b"".join(lines)
 
 
-async def talk(script: Script, timeout: float = 5.0) -> tuple[list[bytes], object]:
+async def talk(script: Script, timeout: float = 5.0, message: bytes = MESSAGE) -> tuple[list[bytes], object]:
     """Run one SmtpSession.send against ``script``; (what the server saw, the
     Delivered or the DeliveryError)."""
     seen: list[bytes] = []
@@ -57,11 +57,11 @@ async def talk(script: Script, timeout: float = 5.0) -> tuple[list[bytes], objec
     session = SmtpSession(SessionSettings(host="127.0.0.1", port=port, starttls="never", timeout=timeout,
                                           helo_name="client.invalid"))
     try:
-        result: object = await session.send("a@b.test", "c@d.test", MESSAGE)
+        result: object = await session.send("a@b.test", "c@d.test", message)
     except DeliveryError as e:
         result = e
     await session.close()
-    await asyncio.wait_for(served.wait(), 5)  # the script saw the end of the connection
+    await asyncio.wait_for(served.wait(), 10)  # the script saw the end of the connection
     server.close()
     await server.wait_closed()
     return seen, result
@@ -229,30 +229,6 @@ def test_after_a_timeout_the_rest_of_a_message_still_being_uploaded_never_reache
             pass
         seen.append(rest[-5:])
 
-    async def run() -> tuple[list[bytes], object]:
-        seen: list[bytes] = []
-        served = asyncio.Event()
-
-        async def serve(reader, writer):
-            try:
-                await script(reader, writer, seen)
-            finally:
-                writer.close()
-                served.set()
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        session = SmtpSession(SessionSettings(host="127.0.0.1", port=port, starttls="never", timeout=0.5,
-                                              helo_name="client.invalid"))
-        try:
-            result: object = await session.send("a@b.test", "c@d.test", big * 16_000)  # 16 MB
-        except DeliveryError as e:
-            result = e
-        await asyncio.wait_for(served.wait(), 10)
-        server.close()
-        await server.wait_closed()
-        return seen, result
-
-    seen, result = asyncio.run(run())
+    seen, result = asyncio.run(talk(script, timeout=0.5, message=big * 16_000))  # 16 MB
     assert isinstance(result, DeliveryError) and result.code == outcome.TIMED_OUT.code
     assert seen != [b"\r\n.\r\n"]
