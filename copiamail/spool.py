@@ -136,6 +136,21 @@ def rename_noreplace(src: Path | str, dst: Path | str) -> None:
     os.unlink(src)
 
 
+def move_unless_taken(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst``; FileExistsError if ``dst`` exists. One atomic
+    step where RENAME_NOREPLACE works; elsewhere a check, then a plain rename
+    (never link-then-unlink, which would let two nodes both take a job)."""
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), dst)
+    if os.path.exists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    os.rename(src, dst)
+
+
 def _load_sync_file_range() -> Callable[..., int] | None:
     try:
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
@@ -384,20 +399,22 @@ class Spool:
         dest = f"{dest_dir}/{job.name}"
         # A job of the same name still claimed here (a name reused by a
         # submitter) must not be overwritten: this one waits its turn. Only this
-        # node writes into its ACTIVE folder, so checking first is race-free; the
-        # rename itself stays a plain one, atomic between nodes on any file
-        # system (link-then-unlink would let two nodes both take the job).
-        if os.path.exists(dest) or os.path.exists(f"{dest}.{DELIVERED}"):
+        # node writes into its ACTIVE folder, so checking for the delivered
+        # mark first is race-free; the claimed name itself is checked by the
+        # rename (move_unless_taken), atomic between nodes on any file system.
+        if os.path.exists(f"{dest}.{DELIVERED}"):
             return None
         try:
-            os.rename(job.file, dest)
+            move_unless_taken(job.file, dest)
+        except FileExistsError:
+            return None
         except FileNotFoundError:
             if not os.path.exists(job.file):
                 return None
             os.makedirs(dest_dir, exist_ok=True)
             try:
-                os.rename(job.file, dest)
-            except FileNotFoundError:
+                move_unless_taken(job.file, dest)
+            except (FileExistsError, FileNotFoundError):
                 return None
         crash_point("claimed")
         return Claimed(node, job.queue, job.name, Path(dest))

@@ -521,6 +521,23 @@ def test_a_claim_never_replaces_a_job_of_the_same_name_still_claimed(tmp_path):
     assert first.path.read_text() == "first\n" and (tmp_path / "TOSEND" / "X.FS").read_text() == "second\n"
 
 
+@pytest.mark.parametrize("renameat2", [True, False])
+def test_a_claim_never_replaces_a_job_of_the_same_name_claimed_or_delivered(tmp_path, monkeypatch, renameat2):
+    # Without RENAME_NOREPLACE (NFS, old kernels) the check is made before a
+    # plain rename: never link-then-unlink, which two nodes could both win.
+    if not renameat2:
+        monkeypatch.setattr(spool_mod, "_RENAMEAT2", None)
+    sp = make_spool(tmp_path)
+    first = _claim(sp, "TOSEND", "X.FS")
+    put(sp, "TOSEND", "X.FS", b"$email_address second@b.c\n")
+    [w] = sp.scan()
+    assert sp.claim(w, "N1") is None
+    sp.mark_delivered(first)
+    assert sp.claim(w, "N1") is None
+    assert active_files(sp) == ["N1/TOSEND/X.FS.DELIVERED"]
+    assert (sp.folder("TOSEND") / "X.FS").read_bytes() == b"$email_address second@b.c\n"
+
+
 # --- spare files -------------------------------------------------------------------
 
 
