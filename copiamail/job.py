@@ -145,12 +145,35 @@ def parse_address(text: str) -> tuple[str, str] | None:
 _ADDRESS_LINE = re.compile(r"^[ \t]*\$email_address(?=[ \t]|\r?$)(.*)$", re.IGNORECASE | re.MULTILINE)
 
 
+def address_lines(text: str) -> list[str]:
+    """What follows ``$email_address`` on each line that starts with it (any
+    case, after blanks): ``_ADDRESS_LINE.findall(text)``, found faster in
+    ASCII text (tested against it) with ``str.find`` on the lowered text.
+    Not for other text: there, case folding can match other letters (the
+    long s, the Kelvin sign) and change lengths."""
+    if not text.isascii():
+        return _ADDRESS_LINE.findall(text)
+    low = text.lower()
+    found = []
+    at = low.find("$email_address")
+    while at != -1:
+        after = at + 14
+        line_start = low.rfind("\n", 0, at) + 1
+        if not low[line_start:at].strip(" \t"):
+            next_char = low[after:after + 1]
+            if next_char in ("", " ", "\t", "\n") or (next_char == "\r" and low[after + 1:after + 2] in ("", "\n")):
+                end = low.find("\n", after)
+                found.append(text[after:] if end == -1 else text[after:end])
+        at = low.find("$email_address", after)
+    return found
+
+
 def quick_domain(cf: CommandFile) -> str | None:
     """The recipient's domain read without parsing the whole job, when the file
     has one plain ``$email_address`` line (no quotes, no comment); else None.
     Where it gives a domain and :func:`parse_job` succeeds, the two agree
     (tested): it lets a worker skip other workers' jobs cheaply."""
-    lines = _ADDRESS_LINE.findall("".join(cf.lines))
+    lines = address_lines("".join(cf.lines))
     if len(lines) != 1:
         return None
     arg = lines[0].rstrip("\r").strip(" \t")

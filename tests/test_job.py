@@ -442,6 +442,14 @@ def test_quick_domain_reads_a_plain_address_line(data):
         assert quick_domain(cf) == "example.org"
 
 
+@given(st.lists(st.sampled_from(["$email_address", "$EMAIL_Address", "$email_addresses", " ", "\t", "\r", "\n",
+                                  "\r\n", "a@b.c", "x", "$", ";"]), max_size=25).map("".join))
+def test_address_lines_finds_what_the_line_pattern_finds(text):
+    from copiamail.job import _ADDRESS_LINE, address_lines
+
+    assert address_lines(text) == _ADDRESS_LINE.findall(text)
+
+
 def _parses(cf: CommandFile) -> bool:
     try:
         cf.commands()
