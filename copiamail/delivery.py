@@ -183,22 +183,24 @@ class _Link(asyncio.Protocol):
         if self._replies:
             return self._replies.popleft()
         loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout, _expire, waiter) if timeout else None
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            self._wake()
+
+        timer = loop.call_later(timeout, expire) if timeout else None
         try:
             while not self._replies:
                 if self._bad is not None:
                     raise self._bad
                 if self._ended is not None:
                     raise _Lost(self._ended)
-                await waiter
-                if not self._replies:
-                    waiter = self._waiter = loop.create_future()
-                    if timer is not None:
-                        # The same deadline, on the new future.
-                        deadline = timer.when()
-                        timer.cancel()
-                        timer = loop.call_at(deadline, _expire, waiter)
+                if expired:
+                    raise _Timeout()
+                self._waiter = loop.create_future()
+                await self._waiter
         finally:
             self._waiter = None
             if timer is not None:
@@ -280,11 +282,6 @@ class _Link(asyncio.Protocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-
-
-def _expire(waiter: "asyncio.Future[None]") -> None:
-    if not waiter.done():
-        waiter.set_exception(_Timeout())
 
 
 def _engine(code: outcome.OutcomeCode, detail: str, stage: str = CONNECT) -> DeliveryError:

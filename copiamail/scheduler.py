@@ -202,7 +202,9 @@ class Scheduler:
         self._batch: list[_Result] = []  # results of this turn of the loop, not yet written
         self._batch_written: "asyncio.Future[None] | None" = None
         # Results go to the syncer process for their fsyncs, one batch at a
-        # time; results made meanwhile wait in _batch for the next one.
+        # time; results made meanwhile wait in _batch for the next one. A lost
+        # syncer refuses batches (they are fsynced here) and is reaped at
+        # shutdown.
         self._syncer: Syncer | None = None
         self._syncing: "asyncio.Future[None] | None" = None
         self._resolving: dict[str, list[_Item]] = {}
@@ -259,7 +261,7 @@ class Scheduler:
         looked at, so the cost of a wake-up does not grow with the backlog."""
         self._wake = asyncio.Event()
         if self.spool.fsync and self._syncer is None:
-            self._syncer = Syncer.start(self._syncer_lost)
+            self._syncer = Syncer.start()
         await self._learn_host_stanza_addresses()
         next_full = 0.0
         try:
@@ -942,10 +944,6 @@ class Scheduler:
             _settle(syncing)
             if self._batch:
                 self._write_batch()
-
-    def _syncer_lost(self) -> None:
-        """The syncer process is gone: from now on results are fsynced here
-        (the syncer refuses new batches; it is reaped at shutdown)."""
 
     def _commit_batch(self, batch: list[_Result], pending: ResultBatch, done: "asyncio.Future[None] | None") -> None:
         try:

@@ -57,7 +57,7 @@ _PR_SET_PDEATHSIG = 1
 class Syncer:
     """The node side of one syncer process (used from one event loop)."""
 
-    def __init__(self, sock: socket.socket, pid: int, on_lost: Callable[[], None]) -> None:
+    def __init__(self, sock: socket.socket, pid: int, on_lost: Callable[[], None] | None = None) -> None:
         self._sock = sock
         self._pid = pid
         self._on_lost = on_lost
@@ -69,9 +69,10 @@ class Syncer:
         self.alive = True
 
     @classmethod
-    def start(cls, on_lost: Callable[[], None]) -> "Syncer | None":
+    def start(cls, on_lost: Callable[[], None] | None = None) -> "Syncer | None":
         """Fork a syncer; None where that cannot be done (no fork or no
-        SCM_RIGHTS here, or the fork failed): the caller fsyncs itself."""
+        SCM_RIGHTS here, or the fork failed): the caller fsyncs itself.
+        ``on_lost`` is called once if the syncer is lost while in use."""
         if not hasattr(os, "fork") or not hasattr(socket, "send_fds"):
             return None
         try:
@@ -96,8 +97,7 @@ class Syncer:
                 os._exit(code)
         theirs.close()
         ours.setblocking(False)
-        syncer = cls(ours, pid, on_lost)
-        return syncer
+        return cls(ours, pid, on_lost)
 
     def submit(self, fds: Sequence[int], done: Callable[[list[int] | None], None]) -> bool:
         """Ask for ``fds`` to be fsynced; ``done(errnos)`` is called on the
@@ -153,7 +153,8 @@ class Syncer:
         log.warning("%s; results are fsynced by the node itself from now on", why)
         self._stop_reading()
         batches, self._batches = self._batches, {}
-        self._on_lost()
+        if self._on_lost is not None:
+            self._on_lost()
         for done, _, _ in batches.values():
             done(None)
 
@@ -161,11 +162,6 @@ class Syncer:
         if self._loop is not None:
             self._loop.remove_reader(self._sock.fileno())
             self._loop = None
-
-    @property
-    def busy(self) -> bool:
-        """Whether a batch waits for its answer."""
-        return bool(self._batches)
 
     def close(self) -> None:
         """End the syncer (it exits when its socket closes) and reap it. A
