@@ -70,15 +70,16 @@ def _unquote(token: str) -> str:
                    for m in _QUOTED_PART.finditer(token))
 
 
-def tokenize(text: str, line: int = 0, path: Path | str | None = None) -> list[str]:
-    """Split one line (without its line ending) into its arguments.
+def tokenize(text: str, line: int = 0, path: Path | str | None = None, keep_quotes: bool = False) -> list[str]:
+    """Split one line (without its line ending) into its arguments; with
+    ``keep_quotes``, each token as written (its double quotes kept).
 
     Raises :class:`SyntaxFileError` for an unterminated quote.
     """
     tokens: list[str] = []
     simple = _NAME_AND_QUOTED.fullmatch(text)
     if simple is not None:
-        return [simple.group(1), simple.group(2)]
+        return [simple.group(1), f'"{simple.group(2)}"' if keep_quotes else simple.group(2)]
     if '"' not in text:
         for token in _GAPS.split(text):
             if not token:
@@ -95,7 +96,7 @@ def tokenize(text: str, line: int = 0, path: Path | str | None = None) -> list[s
         m = _TOKEN.match(text, i)
         if m is None or (m.end() < n and text[m.end()] == '"'):
             raise SyntaxFileError("unterminated quote", path, line)
-        tokens.append(_unquote(m.group()))
+        tokens.append(m.group() if keep_quotes else _unquote(m.group()))
         i = m.end()
 
 
@@ -227,6 +228,13 @@ class CommandFile:
                 raise SyntaxFileError("a '$' without a command name", self.path, number)
             out.append(Command(name, tuple(tokens[1:]), number))
         return out
+
+    def as_written(self, command: Command) -> str:
+        """The arguments of ``command`` as the file writes them: its tokens
+        with their double quotes, joined by single spaces (CopiaFacts reads
+        addresses this way: quotes pass through to the header as they are)."""
+        tokens = tokenize(_body(self.lines[command.line - 1]), command.line, self.path, keep_quotes=True)
+        return " ".join(tokens[1:])
 
     def _sanitize(self, value: str) -> str:
         # A value the file's encoding cannot hold is written with '?' rather than

@@ -13,6 +13,7 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass, field, replace
+from email.utils import parsedate_to_datetime
 from typing import Mapping, NamedTuple
 
 from . import outcome
@@ -26,6 +27,19 @@ OWNED_COMMANDS = frozenset({"attempt_record", "fax_status1", "fax_status2", "fax
 
 # Commands that set one value: the last occurrence counts.
 _SINGLE = {"email_address", "email_subject", "email_from", "email_esender", "email_charset"}
+
+# Every ``$email...`` command of the CopiaFacts FS and CFG command lists. A
+# line that begins ``$email`` and names none of these is a typo
+# (``$email_subjct``, ``$emailtext``) and fails the job: a typo must never
+# send an empty message. Commands copiamail does not act on are listed too,
+# so a real CopiaFacts file never fails as a typo.
+KNOWN_EMAIL_COMMANDS = frozenset({
+    "email_address", "email_alt_address", "email_altbody", "email_alttext", "email_attach", "email_body",
+    "email_charset", "email_dkim_keyfile", "email_esender", "email_from", "email_header", "email_options",
+    "email_retry_delays", "email_retry_max", "email_subject", "email_text",
+    # CFG-only commands, harmless in an FS file.
+    "email_settings", "email_server", "email_domain", "email_bcc", "email_dkim_selector",
+})
 
 # RFC 5321: a dot-atom local part (no leading, trailing or double dot) or a
 # quoted one, and a domain of non-empty labels.
@@ -83,6 +97,7 @@ class Job:
     name: str
     address: str
     domain: str
+    to_header: str | None = None  # the recipient as written, where it has a display name
     subject: str | None = None
     body: tuple[BodyItem, ...] = ()
     alt: tuple[BodyItem, ...] = ()
@@ -127,6 +142,79 @@ def _check_header_value(value: str, what: str, cmd: Command, cf: CommandFile) ->
     if "\r" in value or "\n" in value:
         raise JobError(f"{what} contains CR or LF", outcome.BAD_HEADER.code, cf.path, cmd.line)
     return value
+
+
+def _as_written(cmd: Command, cf: CommandFile) -> str:
+    """An address command's text as CopiaFacts takes it: the rest of the line
+    as written, double quotes kept; one token quoted whole (the older form
+    ``$email_from "Acme Billing <billing@acme.test>"``) is read unquoted."""
+    text = cf.as_written(cmd)
+    if len(cmd.args) == 1 and text.startswith('"') and text.endswith('"'):
+        text = cmd.args[0]
+    return text
+
+
+class Mailbox(NamedTuple):
+    """An address as a job writes it: ``address`` for SMTP, its ``domain``
+    (lower-case), and ``header``: the text for a header where it carries
+    more than the address (a display name), else None."""
+
+    address: str
+    domain: str
+    header: str | None
+
+
+_AROUND_AT = re.compile(r"[ \t]*@[ \t]*")
+
+
+def read_mailbox(text: str) -> Mailbox | None:
+    """A mailbox as CopiaFacts reads ``$email_address``: the address is the
+    text between ``<`` and the first ``>`` where there is one, else the
+    whole text with blanks next to the ``@`` dropped; double quotes around
+    the address are dropped. None if no valid address is found."""
+    text = text.strip(" \t")
+    close = text.find(">")
+    header: str | None = None
+    if close >= 0:
+        opening = text.rfind("<", 0, close)
+        if opening < 0:
+            return None
+        candidate = text[opening + 1:close].strip(" \t")
+        if text[:opening].strip(" \t") or text[close + 1:].strip(" \t"):
+            header = text
+    else:
+        # Text beside a bare address would be guesswork: it needs <...>.
+        candidate = _AROUND_AT.sub("@", text)
+    if len(candidate) > 2 and candidate.startswith('"') and candidate.endswith('"') and candidate.count('"') == 2:
+        candidate = candidate[1:-1]
+    parsed = parse_address(candidate)
+    if parsed is None:
+        return None
+    return Mailbox(parsed[0], parsed[1], header)
+
+
+def check_header(name: str, value: str) -> None:
+    """Refuse a job header the engine cannot send as asked (JobError,
+    BAD_HEADER): a bad name, one the engine writes to match the body, a CR,
+    LF or NUL, a Date that is no date, a Message-ID that is not printable ASCII."""
+    if not _HEADER_NAME.match(name):
+        raise JobError(f"bad header name {name!r}", outcome.BAD_HEADER.code)
+    key = name.lower()
+    if key in ENGINE_HEADERS:
+        raise JobError(f"header {name} is written by the engine and cannot be set", outcome.BAD_HEADER.code)
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise JobError(f"header {name} contains CR, LF or NUL", outcome.BAD_HEADER.code)
+    if key == "date":
+        try:
+            parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            raise JobError(f"bad Date header {value!r}", outcome.BAD_HEADER.code) from None
+    if key == "message-id" and not (value.isascii() and value.isprintable()):
+        raise JobError(f"header {name}: an identifier must be printable ASCII", outcome.BAD_HEADER.code)
+
+
+# Headers the engine writes to match the body: a job cannot set them.
+ENGINE_HEADERS = frozenset({"mime-version", "content-type", "content-transfer-encoding"})
 
 
 def parse_address(text: str) -> tuple[str, str] | None:
@@ -251,6 +339,10 @@ def parse_job(cf: CommandFile, name: str) -> Job:
             hname = hname.strip()
             if not sep or not _HEADER_NAME.match(hname):
                 raise JobError(f"bad header {text!r} (NAME: VALUE)", outcome.BAD_HEADER.code, cf.path, cmd.line)
+            try:
+                check_header(hname, hvalue.strip())
+            except JobError as e:
+                raise JobError(e.message, e.outcome, cf.path, cmd.line) from None
             headers.append((hname, hvalue.strip()))
         elif n == "email_retry_delays":
             if len(cmd.args) < 1:
@@ -270,26 +362,35 @@ def parse_job(cf: CommandFile, name: str) -> Job:
             next_date = cmd
         elif n == "fax_next_time":
             next_time = cmd
+        elif n.startswith("email") and n not in KNOWN_EMAIL_COMMANDS:
+            raise JobError(f"unknown command ${n} (a typo?)", outcome.BAD_JOB.code, cf.path, cmd.line)
 
     if "email_address" not in single:
         raise JobError("no recipient ($email_address is missing)", outcome.BAD_JOB.code, cf.path)
     addr_cmd = single["email_address"]
-    parsed = parse_address(_check_header_value(_joined(addr_cmd), "$email_address", addr_cmd, cf))
-    if parsed is None:
-        raise JobError(f"bad recipient address {_joined(addr_cmd)!r}", outcome.BAD_HEADER.code, cf.path, addr_cmd.line)
-    address, domain = parsed
+    written = _check_header_value(_as_written(addr_cmd, cf), "$email_address", addr_cmd, cf)
+    recipient = read_mailbox(written)
+    if recipient is None:
+        raise JobError(f"bad recipient address {written!r}", outcome.BAD_HEADER.code, cf.path, addr_cmd.line)
 
     def value(key: str) -> str | None:
         cmd = single.get(key)
         return None if cmd is None else _check_header_value(_joined(cmd), "$" + key, cmd, cf)
 
-    esender = value("email_esender")
-    if esender is not None:
-        checked = parse_address(esender)
-        if checked is None:
-            cmd = single["email_esender"]
-            raise JobError(f"bad envelope sender {esender!r}", outcome.BAD_HEADER.code, cf.path, cmd.line)
-        esender = checked[0]
+    esender = None
+    if "email_esender" in single:
+        cmd = single["email_esender"]
+        written_sender = _check_header_value(_as_written(cmd, cf), "$email_esender", cmd, cf)
+        sender = read_mailbox(written_sender)
+        if sender is None:
+            raise JobError(f"bad envelope sender {written_sender!r}", outcome.BAD_HEADER.code, cf.path, cmd.line)
+        esender = sender.address
+    from_header = None
+    if "email_from" in single:
+        cmd = single["email_from"]
+        from_header = _check_header_value(_as_written(cmd, cf), "$email_from", cmd, cf)
+
+    subject = value("email_subject")
 
     charset = value("email_charset") or "utf-8"
     try:
@@ -316,13 +417,14 @@ def parse_job(cf: CommandFile, name: str) -> Job:
 
     return Job(
         name=name,
-        address=address,
-        domain=domain,
-        subject=value("email_subject"),
+        address=recipient.address,
+        domain=recipient.domain,
+        to_header=recipient.header,
+        subject=subject,
         body=tuple(body),
         alt=tuple(alt),
         attachments=tuple(attachments),
-        from_header=value("email_from"),
+        from_header=from_header,
         esender=esender,
         headers=tuple(headers),
         charset=charset,

@@ -54,13 +54,13 @@ import time
 from dataclasses import dataclass
 from email.message import MIMEPart
 from email.policy import SMTP
-from email.utils import parseaddr, parsedate_to_datetime
+from email.utils import parseaddr
 from pathlib import Path, PurePath
 from types import MappingProxyType
 
 from . import outcome
 from .errors import JobError
-from .job import Attachment, BodyItem, Job
+from .job import Attachment, BodyItem, Job, check_header
 
 # 7bit, not the SMTP policy's 8bit: the server may lack 8BITMIME, and the
 # transfer encoding is chosen here anyway.
@@ -73,9 +73,7 @@ _OUR_HEADERS = ("From", "To", "Subject", "Date", "Message-ID", "MIME-Version")
 _REPLACEABLE = MappingProxyType(
     {"from": "From", "to": "To", "subject": "Subject", "date": "Date", "message-id": "Message-ID"}
 )
-_REFUSED = frozenset({"mime-version", "content-type", "content-transfer-encoding"})
 
-_HEADER_NAME = re.compile(r"[!-9;-~]+\Z")
 _PLAIN_VALUE = re.compile(r"[\t\x20-\x7e]*\Z")
 _SAFE_IDENTITY = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
@@ -116,6 +114,10 @@ def _build(
     now: float | None,
     force_email: bool,
 ) -> bytes:
+    if not job.subject and not job.body and not job.alt and not job.attachments:
+        # CopiaFacts: "each e-mail item must have at least one of a subject,
+        # a body or an attachment". Most often a typo lost them.
+        raise JobError("nothing to send: no $email_subject, no body and no attachment", outcome.BAD_JOB.code)
     head = _header_block(job, sender, time.time() if now is None else now)
     charset, encodable = _mime_charset(job.charset)
     files = _Files(spool_root, attachment_roots)
@@ -133,7 +135,7 @@ def _build(
 def _header_block(job: Job, sender: str, now: float) -> bytes:
     ours: dict[str, str | None] = {
         "From": job.from_header if job.from_header is not None else sender,
-        "To": job.address,
+        "To": job.to_header if job.to_header is not None else job.address,
         "Subject": job.subject,
         "Date": _date(now),
         "Message-ID": f"<{_identity(job)}@{_domain(sender)}>",
@@ -141,16 +143,9 @@ def _header_block(job: Job, sender: str, now: float) -> bytes:
     }
     extra: list[tuple[str, str]] = []
     for name, value in job.headers:
-        if not _HEADER_NAME.match(name):
-            raise JobError(f"bad header name {name!r}", outcome.BAD_HEADER.code)
+        check_header(name, value)
         key = name.lower()
-        if key in _REFUSED:
-            raise JobError(f"header {name} is written by the engine and cannot be set", outcome.BAD_HEADER.code)
         if key in _REPLACEABLE:
-            if key == "date":
-                _check_date(value)
-            if key == "message-id" and not (value.isascii() and value.isprintable()):
-                raise JobError(f"header {name}: an identifier must be printable ASCII", outcome.BAD_HEADER.code)
             ours[_REPLACEABLE[key]] = value
         else:
             extra.append((name, value))
@@ -190,12 +185,6 @@ def _date(now: float) -> str:
         f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} {sign}{hours:02d}{minutes:02d}"
     )
 
-
-def _check_date(value: str) -> None:
-    try:
-        parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        raise JobError(f"bad Date header {value!r}", outcome.BAD_HEADER.code) from None
 
 
 def _identity(job: Job) -> str:

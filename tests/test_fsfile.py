@@ -588,3 +588,10 @@ def test_edited_in_one_pass_equals_the_edits_one_after_another(data, variables, 
     got = cf.edited(tuple((n, tuple(a)) for n, a in append), tuple(variables), tuple((n, tuple(a)) for n, a in commands))
     assert got.lines == expected.lines
     assert got.to_bytes() == expected.to_bytes()
+
+
+def test_as_written_keeps_the_double_quotes_and_joins_tokens_by_one_space():
+    cf = CommandFile.parse(b'$email_from   "Doe, Jane"\t <j@x.test> ; note\n$email_text "a ""b"""\n')
+    first, second = cf.commands()
+    assert cf.as_written(first) == '"Doe, Jane" <j@x.test>'
+    assert cf.as_written(second) == '"a ""b"""'

@@ -468,3 +468,62 @@ def _parses(cf: CommandFile) -> bool:
 def test_quick_domain_leaves_anything_but_one_plain_line_to_the_full_parse(text):
     cf = CommandFile.parse(text.encode())
     assert quick_domain(cf) is None or quick_domain(cf) == parse_job(cf, "X.FS").domain
+
+
+# --- addresses as CopiaFacts writes them, typos --------------------------------
+
+
+@pytest.mark.parametrize("line, address, header", [
+    (b"$email_address Jane Doe <jane@example.com>", "jane@example.com", "Jane Doe <jane@example.com>"),
+    (b'$email_address "Doe, Jane" <jane@example.com>', "jane@example.com", '"Doe, Jane" <jane@example.com>'),
+    (b"$email_address   Jane   Doe   <Jane@Example.COM>", "Jane@Example.COM", "Jane Doe <Jane@Example.COM>"),
+    (b"$email_address <jane@example.com>", "jane@example.com", None),
+    (b"$email_address jane @ example.com", "jane@example.com", None),
+    (b'$email_address "jane@example.com"', "jane@example.com", None),
+    (b'$email_address "Jane Doe <jane@example.com>"', "jane@example.com", "Jane Doe <jane@example.com>"),
+])
+def test_email_address_is_read_as_written_with_its_display_name(line, address, header):
+    j = job(line + b"\n$email_subject s\n")
+    assert (j.address, j.domain, j.to_header) == (address, "example.com", header)
+
+
+def test_email_from_keeps_its_double_quotes_as_written():
+    j = job(ADDR + b'$email_from "Doe, Jane" <jane@acme.test>\n$email_subject s\n')
+    assert j.from_header == '"Doe, Jane" <jane@acme.test>'
+
+
+def test_email_from_quoted_whole_is_read_unquoted():
+    assert job(EXAMPLE).from_header == "Acme Billing <billing@acme.test>"
+
+
+def test_email_esender_with_a_display_name_sends_the_address_inside_angle_brackets():
+    j = job(ADDR + b"$email_esender Statements Desk <statements@acme.test>\n$email_subject s\n")
+    assert j.esender == "statements@acme.test"
+
+
+@pytest.mark.parametrize("line", [b"$email_subjct \"typo\"", b"$emailtext \"body\"", b"$EMAIL_BODYY x.txt"])
+def test_an_unknown_email_command_fails_the_job_with_outcome_60_naming_the_line(line):
+    e = job_error(ADDR + b"$email_subject ok\n" + line + b"\n", path="T.FS")
+    assert e.outcome == outcome.BAD_JOB.code == 60
+    assert e.line == 3
+    assert "unknown command" in e.message
+
+
+def test_every_copiafacts_email_command_is_known():
+    data = ADDR + b"".join(b"$" + n.encode() + b" x\n" for n in [
+        "email_alt_address", "email_options", "email_dkim_keyfile", "email_retry_max", "email_settings"])
+    job(data + b"$email_subject s\n")
+
+
+def test_unknown_commands_other_than_email_ones_are_kept_and_ignored():
+    j = job(ADDR + b"$fax_phone 5551234\n$email_subject s\n")
+    assert j.subject == "s"
+
+
+@pytest.mark.parametrize("header", [b"$email_header Content-Type: text/plain", b"$email_header Date: yesterday",
+                                    b"$email_header Bad Name: x"])
+def test_a_header_error_names_its_line(header):
+    e = job_error(ADDR + b"$email_subject s\n" + header + b"\n", path="H.FS")
+    assert e.outcome == outcome.BAD_HEADER.code
+    assert e.line == 3
+    assert str(e).startswith("H.FS:3: ")

@@ -306,10 +306,17 @@ def test_a_utf8_bom_in_a_body_file_is_dropped(tmp_path: Path) -> None:
     assert content(parse(build(make_job(body=(BodyItem("file", "bom.txt", 1),)), tmp_path))) == "hello\n"
 
 
-def test_an_empty_body_is_a_valid_message(tmp_path: Path) -> None:
-    msg = parse(build(make_job(), tmp_path))
+def test_a_subject_with_an_empty_body_is_a_valid_message(tmp_path: Path) -> None:
+    msg = parse(build(make_job(subject="only a subject"), tmp_path))
     assert msg.get_content_type() == "text/plain"
     assert content(msg).strip() == ""
+
+
+def test_a_job_with_no_subject_body_or_attachment_fails_with_outcome_60(tmp_path: Path) -> None:
+    with pytest.raises(JobError) as e:
+        build(make_job(), tmp_path)
+    assert e.value.outcome == outcome.BAD_JOB.code == 60
+    assert "nothing to send" in e.value.message
 
 
 def test_short_ascii_body_is_sent_7bit(tmp_path: Path) -> None:
@@ -665,7 +672,7 @@ AGREEMENT_CASES = {
     "ascii charset": dict(body=texts("only ascii"), charset="us-ascii"),
     "headers": dict(body=texts("x"), from_header="Jörg <j@acme.test>",
                     headers=(("X-Foo", "bar"), ("Subject", "über"))),
-    "empty": dict(),
+    "empty": dict(subject="s"),
     "tabs and equals": dict(body=texts("a\tb=c\t", "=?utf-8?q?x?=")),
 }
 
