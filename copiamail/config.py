@@ -151,6 +151,10 @@ class Config:
     mx_tls_verify: bool = False
     node_stale_after: float = 300.0
     workers: int = 1
+    # Windows path prefixes (lower-case, as written in jobs) and the local
+    # folders they stand for, longest prefix first.
+    path_map: tuple[tuple[str, str], ...] = ()
+    write_settle: float = 5.0
     rules: CfgRules = CfgRules()
 
     @property
@@ -353,7 +357,25 @@ _TOP_KEYS = {
     "scope_max_outbound_connections", "binding_group", "binding", "domain", "host", "default_binding_group",
     "cluster", "scan_interval", "watcher", "smtp_timeout", "messages_per_connection", "connection_idle",
     "fsync", "helo_name", "mx_tls_verify", "node_stale_after", "workers",
+    "path_map", "write_settle",
 }
+
+
+def _path_map(r: "_Reader", m: CommentedMap) -> tuple[tuple[str, str], ...]:
+    """``path_map``: Windows path prefixes as jobs write them (matched in any
+    case) to local folders (relative to the config file's folder)."""
+    out = []
+    for prefix, folder in m.items():
+        key = f"path_map.{prefix}"
+        if not isinstance(prefix, str) or not prefix:
+            raise r.error(m, "path_map", "keys must be path prefixes such as 'C:\\Copia\\'", leaf=prefix)
+        if not isinstance(folder, str) or not folder or "\x00" in folder:
+            raise r.error(m, key, "must be a local folder path", leaf=prefix)
+        local = os.fspath((r.base / folder).absolute())
+        if folder.endswith("/") or prefix.endswith(("\\", "/")):
+            local = os.path.join(local, "")
+        out.append((prefix.lower(), local))
+    return tuple(sorted(out, key=lambda pair: -len(pair[0])))
 
 
 def find_config(explicit: Path | str | None) -> Path | None:
@@ -426,7 +448,7 @@ def parse_config(data: Any, path: Path | None) -> Config:
             r.integer(m, "scope_max_outbound_connections", "scope_max_outbound_connections", 1),
         )
     for key, least in {"shutdown_grace": 0.0, "scan_interval": 0.05, "smtp_timeout": 0.1, "connection_idle": 0.0,
-                       "node_stale_after": 0.0}.items():
+                       "node_stale_after": 0.0, "write_settle": 0.0}.items():
         if m.get(key) is not None:
             kw[key] = r.number(m, key, key, least)
     if m.get("esender") is not None:
@@ -447,6 +469,8 @@ def parse_config(data: Any, path: Path | None) -> Config:
         if not isinstance(roots, CommentedSeq) or not all(isinstance(x, str) and x and "\x00" not in x for x in roots):
             raise r.error(m, "attachment_roots", "must be a list of folder paths")
         kw["attachment_roots"] = tuple((r.base / x).absolute() for x in roots)
+    if m.get("path_map") is not None:
+        kw["path_map"] = _path_map(r, r.child(m, "path_map", "path_map", None))
     if m.get("relay") is not None:
         kw["relay"] = _relay(r, r.child(m, "relay", "relay", {"host", "port", "starttls", "username", "password_file", "tls_verify", "ca_file"}))
     if m.get("dns") is not None:

@@ -101,9 +101,10 @@ def build_message(
     attachment_roots: tuple[Path, ...],
     sender: str,
     now: float | None = None,
+    path_map: tuple[tuple[str, str], ...] = (),
 ) -> bytes:
     """The job's message as bytes with CRLF line endings; raises JobError (see module doc)."""
-    return _build(job, spool_root, attachment_roots, sender, now, force_email=False)
+    return _build(job, spool_root, attachment_roots, sender, now, force_email=False, path_map=path_map)
 
 
 def _build(
@@ -113,6 +114,7 @@ def _build(
     sender: str,
     now: float | None,
     force_email: bool,
+    path_map: tuple[tuple[str, str], ...] = (),
 ) -> bytes:
     if not job.subject and not job.body and not job.alt and not job.attachments:
         # CopiaFacts: "each e-mail item must have at least one of a subject,
@@ -120,7 +122,7 @@ def _build(
         raise JobError("nothing to send: no $email_subject, no body and no attachment", outcome.BAD_JOB.code)
     head = _header_block(job, sender, time.time() if now is None else now)
     charset, encodable = _mime_charset(job.charset)
-    files = _Files(spool_root, attachment_roots)
+    files = _Files(spool_root, attachment_roots, path_map)
     main = _load_body(job.body, files)
     alt = _load_body(job.alt, files) if job.alt else None
     attachments = [_load_attachment(a, files) for a in job.attachments]
@@ -247,18 +249,43 @@ def _mime_charset(name: str) -> tuple[str, bool]:
 # --- files -------------------------------------------------------------------
 
 
+_WINDOWS_DRIVE = re.compile(r"[A-Za-z]:[\\/]|\\\\")
+
+
+def local_path(path: str, path_map: tuple[tuple[str, str], ...]) -> str:
+    """A job's file path as this machine names it: the longest ``path_map``
+    prefix it starts with (any case) replaced by its folder, and every
+    backslash a separator (CopiaFacts jobs carry Windows paths)."""
+    low = path.lower()
+    for prefix, folder in path_map:
+        if low.startswith(prefix):
+            return os.path.join(folder, path[len(prefix):].replace("\\", "/").lstrip("/"))
+    return path.replace("\\", "/")
+
+
 class _Files:
     """Reads the job's files, refusing any whose real path is outside the roots."""
 
-    def __init__(self, spool_root: Path, attachment_roots: tuple[Path, ...]) -> None:
+    def __init__(self, spool_root: Path, attachment_roots: tuple[Path, ...],
+                 path_map: tuple[tuple[str, str], ...] = ()) -> None:
         self._spool_root = spool_root
         self._given_roots = attachment_roots or (spool_root,)
         self._roots: list[str] | None = None
+        self._path_map = path_map
+
+    def local(self, path: str, line: int) -> str:
+        """``path`` as this machine names it (see :func:`local_path`)."""
+        local = local_path(path, self._path_map)
+        if local == path.replace("\\", "/") and _WINDOWS_DRIVE.match(path):
+            raise JobError(f"cannot read {path!r}: a Windows path with no path_map entry for it",
+                           outcome.MISSING_FILE.code, line=line)
+        return local
 
     def read(self, path: str, line: int) -> tuple[bytes, str]:
         """The file's bytes and its real path."""
+        local = self.local(path, line)
         try:
-            real = os.path.realpath(os.path.join(self._spool_root, path))
+            real = os.path.realpath(os.path.join(self._spool_root, local))
         except ValueError:  # an embedded NUL: no file has that name
             raise JobError(f"cannot read {path!r}: bad file name", outcome.MISSING_FILE.code, line=line) from None
         if self._roots is None:
@@ -334,7 +361,7 @@ def _decode(data: bytes) -> str:
 def _load_attachment(att: Attachment, files: _Files) -> tuple[str, str, bytes]:
     data, _ = files.read(att.path, att.line)
     # The name as the job wrote it: a symlink's target name is not the sender's to show.
-    filename = PurePath(att.path).name
+    filename = PurePath(files.local(att.path, att.line)).name
     ctype = att.content_type
     if ctype is None:
         guessed, encoding = mimetypes.guess_type(filename, strict=False)

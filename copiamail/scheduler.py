@@ -852,7 +852,8 @@ class Scheduler:
         claimed, cf, job = item.claimed, item.cf, item.job
         now = self.clock()
         try:
-            data = build_message(job, spool_root=self.spool.root, attachment_roots=self.config.roots, sender=self._sender(job), now=now)
+            data = build_message(job, spool_root=self.spool.root, attachment_roots=self.config.roots, sender=self._sender(job),
+                                 now=now, path_map=self.config.path_map)
             sent = await conn.session.send(self._sender(job), job.address, data)
         except JobError as e:
             result = self._failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e))

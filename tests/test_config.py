@@ -556,3 +556,14 @@ def test_more_workers_than_a_shared_cap_has_slots_is_refused_naming_the_cap(tmp_
 def test_a_cap_of_one_domain_does_not_limit_the_number_of_workers(tmp_path):
     cfg = load_yaml(tmp_path, 'spool: s\nworkers: 4\ndomain:\n  "copia.com": {scope_max_outbound_connections: 1}\n')
     assert cfg.workers == 4
+
+
+def test_path_map_keys_are_matched_in_any_case_and_folders_are_relative_to_the_config(tmp_path):
+    cfg = load_yaml(tmp_path, 'path_map: {"C:\\\\Copia\\\\": copia/, "D:\\\\Long\\\\Prefix\\\\": /srv/x}\n')
+    assert cfg.path_map == (("d:\\long\\prefix\\", "/srv/x/"), ("c:\\copia\\", str(tmp_path / "copia") + "/"))
+
+
+def test_path_map_must_map_to_a_folder_path(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_yaml(tmp_path, 'path_map:\n  "C:\\\\Copia\\\\": 3\n')
+    assert "path_map" in str(e.value) and ":2:" in str(e.value)

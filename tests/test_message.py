@@ -735,3 +735,41 @@ def test_the_spec_example_job_builds_the_expected_message(tmp_path: Path) -> Non
     assert pdf.get_content_type() == "application/pdf"
     assert pdf.get_filename() == "4711.pdf"
     assert pdf.get_content() == b"%PDF-1.4\n\x00\xff"
+
+
+# --- Windows paths (CopiaFacts jobs) ------------------------------------------
+
+
+def test_a_backslash_in_a_path_is_a_separator(tmp_path: Path) -> None:
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "report.pdf").write_bytes(b"%PDF-1.4 report")
+    job = make_job(subject="s", body=texts("hi"), attachments=(Attachment("files\\report.pdf", None, 3),))
+    msg = parse(build(job, tmp_path))
+    [att] = list(msg.iter_attachments())
+    assert att.get_filename() == "report.pdf"
+    assert att.get_content() == b"%PDF-1.4 report"
+
+
+def test_path_map_maps_a_windows_prefix_in_any_case(tmp_path: Path) -> None:
+    local = tmp_path / "srv" / "copia"
+    (local / "Statements").mkdir(parents=True)
+    (local / "Statements" / "4711.txt").write_text("Your balance is 12.00\n")
+    job = make_job(subject="s", body=(BodyItem("file", "c:\\COPIA\\Statements\\4711.txt", 4),))
+    data = build_message(job, spool_root=tmp_path, attachment_roots=(tmp_path,), sender=SENDER, now=NOW,
+                         path_map=(("c:\\copia\\", str(local) + "/"),))
+    assert "Your balance is 12.00" in content(parse(data))
+
+
+def test_an_unmapped_windows_drive_path_fails_naming_path_map(tmp_path: Path) -> None:
+    job = make_job(subject="s", attachments=(Attachment("C:\\Copia\\x.pdf", None, 5),))
+    with pytest.raises(JobError) as e:
+        build(job, tmp_path)
+    assert e.value.outcome == outcome.MISSING_FILE.code
+    assert e.value.line == 5 and "path_map" in e.value.message
+
+
+def test_local_path_prefers_the_longest_prefix() -> None:
+    mapping = (("c:\\copia\\statements\\", "/data/st/"), ("c:\\copia\\", "/srv/copia/"))
+    assert message_module.local_path("C:\\Copia\\Statements\\a\\b.txt", mapping) == "/data/st/a/b.txt"
+    assert message_module.local_path("C:\\Copia\\other.txt", mapping) == "/srv/copia/other.txt"
+    assert message_module.local_path("rel/x.txt", mapping) == "rel/x.txt"
