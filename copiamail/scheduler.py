@@ -195,6 +195,12 @@ class Scheduler:
         self._foreign: dict[str, tuple[int, int, int]] = {}  # by Waiting.file
         self._next_due: float | None = None
         self._hints: set[Path] = set()
+        # Job files written in place (not renamed in) that may still be
+        # incomplete: (inode, mtime, size) at the last look, and when (time.
+        # monotonic) that look found it changed. Taken once left alone for
+        # write_settle seconds.
+        self._settling: dict[str, tuple[tuple[int, int, int] | None, float]] = {}
+        self._scanned_once = False
         self._full_scan_due = True
         self._queue_dirs = {spool.folder(q) for q in spool.queues}
         self._parked = False
@@ -234,11 +240,17 @@ class Scheduler:
         if self._wake is not None:
             self._wake.set()
 
-    def hint(self, path: str | Path) -> None:
+    def hint(self, path: str | Path, written: bool = False) -> None:
         """A file appeared or changed at ``path`` (from the watcher, via the
-        loop): look at that one file, not the whole spool."""
+        loop): look at that one file, not the whole spool. ``written``: it was
+        written in place rather than renamed in, so it may still be
+        incomplete and waits until left alone for ``write_settle`` seconds."""
         p = Path(path)
         if p.parent in self._queue_dirs and is_job_name(p.name):
+            if written and self.config.write_settle > 0:
+                self._settling[str(p)] = (None, time.monotonic())
+            else:
+                self._settling.pop(str(p), None)
             self._hints.add(p)
             self.wake()
 
@@ -267,6 +279,7 @@ class Scheduler:
         try:
             while not self.stopping:
                 self._wake.clear()
+                self._hint_settled()
                 full = self._full_scan_due or time.monotonic() >= next_full
                 if full:
                     self._full_scan_due = False
@@ -276,7 +289,8 @@ class Scheduler:
                     next_full = time.monotonic() + self.config.scan_interval
                 else:
                     found = await self._scan_hinted()
-                if drain and not found and not len(self._waiting) and not self._resolving and not self._hints:
+                if (drain and not found and not len(self._waiting) and not self._resolving and not self._hints
+                        and not self._settling):
                     if not full:
                         # Finish only after a whole scan has found nothing left.
                         self._full_scan_due = True
@@ -287,6 +301,8 @@ class Scheduler:
                 if self._next_due is not None:
                     next_full = min(next_full, time.monotonic() + max(0.01, self._next_due - self.clock()))
                 timeout = next_full - time.monotonic()
+                if self._settling:
+                    timeout = min(timeout, self._next_settle_look() - time.monotonic())
                 if timeout > 0 and not self._hints and not self._full_scan_due:
                     try:
                         await asyncio.wait_for(self._wake.wait(), timeout)
@@ -316,6 +332,39 @@ class Scheduler:
                 self._learn(ip, name)
 
     # --- scanning ------------------------------------------------------------
+
+    def _left_alone(self, file: str, sig: tuple[int, int, int], mtime: float, now: float, unknown_recent: bool) -> bool:
+        """Whether a job file can be taken as complete: it was renamed in (the
+        submission protocol), or it has not changed for ``write_settle``
+        seconds by this process's clock. With ``unknown_recent`` (a full scan
+        after the first), a file no event told of and written less than
+        ``write_settle`` ago is not known to be complete either: its event may
+        still be on its way. Files present at the node's start count as
+        complete (the watcher could not see them arrive)."""
+        settle = self.config.write_settle
+        entry = self._settling.get(file)
+        if entry is None:
+            if not unknown_recent or settle <= 0 or not now - settle < mtime <= now:
+                return True
+            entry = (None, 0.0)
+        looked = time.monotonic()
+        if entry[0] != sig:
+            self._settling[file] = (sig, looked)
+            return False
+        if looked - entry[1] >= settle:
+            del self._settling[file]
+            return True
+        return False
+
+    def _next_settle_look(self) -> float:
+        """When (time.monotonic) the first settling file is due another look."""
+        return min(since for _, since in self._settling.values()) + self.config.write_settle
+
+    def _hint_settled(self) -> None:
+        # Settling files whose time is up are looked at again, as hints.
+        if self._settling:
+            due = time.monotonic() - self.config.write_settle
+            self._hints.update(Path(f) for f, (_, since) in self._settling.items() if since <= due)
 
     def _peeked(self, w: Waiting) -> _Peek | None:
         """What the file of ``w`` says now; None if it is gone or unreadable.
@@ -359,18 +408,22 @@ class Scheduler:
         """Whether this worker sends the jobs of domain (or file name) ``key``."""
         return self.workers == 1 or worker_of(key, self.workers) == self.worker
 
-    def _consider(self, w: Waiting, now: float) -> bool:
-        """Claim and dispatch the job of ``w`` if it is due and not waiting;
-        True if it was taken up."""
+    def _consider(self, w: Waiting, now: float, unknown_recent: bool = False) -> bool:
+        """Claim and dispatch the job of ``w`` if it is due, complete and not
+        waiting; True if it was taken up."""
         if w.file in self._waiting:
             return False
         peek = self._peeked(w)
         if peek is None:
+            self._settling.pop(w.file, None)  # gone, or another worker's: not ours to settle
             return False
         if peek.next_attempt is not None and peek.next_attempt > now:
+            self._settling.pop(w.file, None)  # by its due time it is long complete
             self._later[w.file] = (peek.sig, peek.next_attempt)
             if self._next_due is None or peek.next_attempt < self._next_due:
                 self._next_due = peek.next_attempt
+            return False
+        if (self._settling or unknown_recent) and not self._left_alone(w.file, peek.sig, peek.sig[1] / 1e9, now, unknown_recent):
             return False
         self._later.pop(w.file, None)
         claimed = self.spool.claim(w, self.node)
@@ -394,7 +447,11 @@ class Scheduler:
                 return len(self._owed)
         if self._unresolved_hosts and (self._host_lookup is None or self._host_lookup.done()):
             self._host_lookup = asyncio.get_running_loop().create_task(self._learn_host_stanza_addresses())
-        found = await self._consider_all(self.spool.scan(), now, seen)
+        found = await self._consider_all(self.spool.scan(), now, seen, unknown_recent=self._scanned_once)
+        self._scanned_once = True
+        if not (self.stopping or self._paused):  # the scan went through every folder
+            for path in [p for p in self._settling if p not in seen]:
+                del self._settling[path]
         for path in [p for p in self._later if p not in seen]:
             del self._later[path]
         for path in [p for p in self._foreign if p not in seen]:
@@ -416,7 +473,8 @@ class Scheduler:
         self._hints.clear()
         return await self._consider_all(hinted, now)
 
-    async def _consider_all(self, jobs: Iterable[Waiting], now: float, seen: set[str] | None = None) -> int:
+    async def _consider_all(self, jobs: Iterable[Waiting], now: float, seen: set[str] | None = None,
+                            unknown_recent: bool = False) -> int:
         """:meth:`_consider` each job in turn, giving the event loop a turn every
         ``_SCAN_SLICE`` seconds; ``seen`` collects the paths looked at. Returns
         how many were taken up."""
@@ -430,7 +488,7 @@ class Scheduler:
                 turn = time.monotonic()
             if seen is not None:
                 seen.add(w.file)
-            if self._consider(w, now):
+            if self._consider(w, now, unknown_recent):
                 found += 1
         return found
 
@@ -540,12 +598,19 @@ class Scheduler:
         except JobError as e:
             self._write(self._failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e)))
             return
-        if not self._mine(job.domain):
-            # Its file changed while it waited here, to another worker's
-            # domain: that worker's limits count it, so it goes back for it.
+        if not self._mine(job.domain) or not job.is_due(self.clock()):
+            # Its file changed while it waited here: to another worker's
+            # domain (that worker's limits count it), or to a later time.
             self._hand_back(claimed)
             return
         self._route(_Item(claimed, cf, job))
+
+    def _as_planned(self, job: Job, planned: Job) -> bool:
+        """Whether a job read from the file just claimed is the one its slot
+        was chosen for (same recipient and binding, and due): a waiting job's
+        file may have been replaced meanwhile, and the file decides."""
+        return (job.address == planned.address and job.binding == planned.binding
+                and job.binding_group == planned.binding_group and job.is_due(self.clock()))
 
     def _route(self, item: _Item, after_lookup: bool = False) -> None:
         targets = self._targets(item.job.domain, fresh=not after_lookup, tried=item.tried)
@@ -697,10 +762,10 @@ class Scheduler:
             if choice is None:
                 self._dispatch(claimed)
             else:
-                self._start_claimed(choice, claimed, entry.job.domain)
+                self._start_claimed(choice, claimed, entry.job)
             return
 
-    def _start_claimed(self, choice: _Start, claimed: Claimed, domain: str) -> None:
+    def _start_claimed(self, choice: _Start, claimed: Claimed, planned: Job) -> None:
         try:
             cf = self.spool.read(claimed)
             job = parse_job(cf, claimed.name)
@@ -709,11 +774,11 @@ class Scheduler:
                 self.limiter.release(choice.limits)
             self._dispatch(claimed)
             return
-        if job.domain != domain:
+        if not self._as_planned(job, planned):
             # The file changed while it waited: decide afresh.
             if choice.reuse is None:
                 self.limiter.release(choice.limits)
-            self._dispatch(claimed)
+            self._dispatch(claimed, cf, job)
             return
         self._start(choice, _Item(claimed, cf, job))
 
@@ -767,8 +832,8 @@ class Scheduler:
         except (OSError, JobError):
             self._dispatch(claimed)
             return None
-        if job.domain != conn.domain:
-            self._dispatch(claimed)
+        if not self._as_planned(job, entry.job):
+            self._dispatch(claimed, cf, job)
             return None
         return _Item(claimed, cf, job)
 

@@ -13,6 +13,13 @@ interpreter lock at every event, and a busy node makes thousands of events
 appeared or changed to its standard output, NUL-terminated; the node reads
 that pipe from its event loop. The child exits when its standard input closes,
 so it never outlives the node, even one killed with SIGKILL.
+
+Each event says how the file came: renamed into the folder (the submission
+protocol: the file is complete), or written there in place (created, or
+closed after writing: it may still be incomplete, so the scheduler waits
+until it has been left alone for ``write_settle`` seconds). The polling
+watcher cannot tell a rename from a write: every file it reports counts as
+written in place.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from watchdog.events import FileClosedEvent, FileCreatedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.api import BaseObserver
@@ -34,10 +41,15 @@ from watchdog.observers.polling import PollingObserver
 
 log = logging.getLogger("copiamail")
 
+# The first byte of each record the child writes: how the file came.
+_WRITTEN = b"W"
+_MOVED = b"M"
+
 
 class _Hint(FileSystemEventHandler):
-    def __init__(self, report: Callable[[str], None]) -> None:
+    def __init__(self, report: Callable[[str, bool], None], polling: bool) -> None:
         self._report = report
+        self._polling = polling
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write", "deleted"):
@@ -46,7 +58,7 @@ class _Hint(FileSystemEventHandler):
         if not path.upper().endswith(".FS"):
             return
         try:
-            self._report(path)
+            self._report(path, self._polling or event.event_type != "moved")
         except Exception:  # noqa: BLE001 - the observer thread must survive anything
             log.exception("watcher report failed")
 
@@ -62,12 +74,20 @@ class _ArrivalsEmitter(InotifyEmitter):
         return (InotifyConstants.IN_DELETE_SELF | InotifyConstants.IN_CREATE | InotifyConstants.IN_MOVED_TO
                 | InotifyConstants.IN_CLOSE_WRITE)
 
+    def build_and_queue_event(self, event: Any, *, full_events: bool = False) -> None:
+        # "Full events": a file renamed in from an unwatched folder is a move
+        # (with no source), not a creation, so a renamed job can be told from
+        # one written in place.
+        super().build_and_queue_event(event, full_events=True)
 
-def observe(folders: list[Path], report: Callable[[str], None], polling: bool = False, poll_interval: float = 1.0) -> BaseObserver:
-    """Start an observer that calls ``report(path)`` (from its threads) for
-    each job file that appears or changes in ``folders``."""
+
+def observe(folders: list[Path], report: Callable[[str, bool], None], polling: bool = False,
+            poll_interval: float = 1.0) -> BaseObserver:
+    """Start an observer that calls ``report(path, written)`` (from its
+    threads) for each job file that appears or changes in ``folders``;
+    ``written`` is False only for a file renamed into the folder."""
     observer: BaseObserver = PollingObserver(timeout=poll_interval) if polling else BaseObserver(_ArrivalsEmitter)
-    handler = _Hint(report)
+    handler = _Hint(report, polling)
     for folder in folders:
         # Only what makes a job appear or change. Without the filter every
         # read of a job (open, close) and every claim would be an event.
@@ -79,10 +99,11 @@ def observe(folders: list[Path], report: Callable[[str], None], polling: bool = 
 
 
 class SpoolWatcher:
-    """Watches the TOSEND folders from a child process; calls ``on_path(path)``
-    on the event loop for each job file event, with the path the file has now."""
+    """Watches the TOSEND folders from a child process; calls ``on_path(path,
+    written)`` on the event loop for each job file event, with the path the
+    file has now and whether it was written in place (see the module doc)."""
 
-    def __init__(self, folders: list[Path], on_path: Callable[[str], None], polling: bool = False) -> None:
+    def __init__(self, folders: list[Path], on_path: Callable[[str, bool], None], polling: bool = False) -> None:
         self._folders = folders
         self._on_path = on_path
         self._polling = polling
@@ -112,7 +133,7 @@ class SpoolWatcher:
         parts = (self._rest + data).split(b"\0")
         self._rest = parts.pop()
         for raw in parts:
-            self._on_path(os.fsdecode(raw))
+            self._on_path(os.fsdecode(raw[1:]), raw[:1] == _WRITTEN)
 
     def _stop_reading(self) -> None:
         if self._loop is not None and self._proc is not None and self._proc.stdout is not None:
@@ -147,8 +168,8 @@ def _child(argv: list[str]) -> int:
     folders = [Path(a) for a in argv if a != "--polling"]
     out = sys.stdout.fileno()
 
-    def report(path: str) -> None:
-        os.write(out, os.fsencode(path) + b"\0")
+    def report(path: str, written: bool) -> None:
+        os.write(out, (_WRITTEN if written else _MOVED) + os.fsencode(path) + b"\0")
 
     try:
         observer = observe(folders, report, polling=polling)

@@ -156,10 +156,11 @@ async def _heartbeat(peers: Peers, on_takeover: Callable[[], None]) -> None:
 
 @asynccontextmanager
 async def node_services(config: Config, spool: Spool, node: str, on_takeover: Callable[[], None],
-                        on_stop: Callable[[], None], on_path: Callable[[str], None]) -> AsyncIterator[None]:
+                        on_stop: Callable[[], None], on_path: Callable[[str, bool], None]) -> AsyncIterator[None]:
     """What a node's own process runs besides scheduling, for the block: the
     heartbeat (``on_takeover`` when a dead peer's jobs came back), SIGTERM and
-    SIGINT (``on_stop``) and the spool watcher (``on_path`` for each event)."""
+    SIGINT (``on_stop``) and the spool watcher (``on_path(path, written)`` for
+    each event)."""
     loop = asyncio.get_running_loop()
     peers = Peers(spool, node, config.node_stale_after)
     beating = loop.create_task(_heartbeat(peers, on_takeover))
@@ -234,7 +235,7 @@ async def _supervise(
         loop.add_reader(w.out, readable, w)
     try:
         async with node_services(config, spool, node, on_takeover=lambda: tell_all(b"R"), on_stop=stop,
-                                 on_path=lambda p: tell_all(b"H" + os.fsencode(p))):
+                                 on_path=lambda p, written: tell_all((b"W" if written else b"H") + os.fsencode(p))):
             await all_ended
     finally:
         for w in workers:
@@ -349,8 +350,8 @@ async def _serve_worker(scheduler: Scheduler, drain: bool, ctl: int) -> Stats:
         rest = parts.pop()
         for record in parts:
             kind = record[:1]
-            if kind == b"H":
-                scheduler.hint(os.fsdecode(record[1:]))
+            if kind in (b"H", b"W"):
+                scheduler.hint(os.fsdecode(record[1:]), written=kind == b"W")
             elif kind == b"R":
                 scheduler.request_scan()
             elif kind == b"Q":

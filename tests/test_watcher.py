@@ -11,11 +11,19 @@ import pytest
 from copiamail.watcher import SpoolWatcher
 
 
-async def watch_while(folders: list[Path], act, seconds: float = 5.0, polling: bool = False) -> tuple[list[str], SpoolWatcher]:
+async def watch_while(folders: list[Path], act, seconds: float = 5.0, polling: bool = False,
+                      kinds: list[tuple[str, bool]] | None = None) -> tuple[list[str], SpoolWatcher]:
     """Start a watcher, run ``act`` once it is up, and collect the paths it
-    reports until ``seconds`` pass or the expected count arrives."""
+    reports until ``seconds`` pass or the expected count arrives (each with
+    whether it was written in place, into ``kinds``)."""
     seen: list[str] = []
-    watcher = SpoolWatcher(folders, seen.append, polling=polling)
+    kinds = [] if kinds is None else kinds
+
+    def on_path(path: str, written: bool) -> None:
+        seen.append(path)
+        kinds.append((path, written))
+
+    watcher = SpoolWatcher(folders, on_path, polling=polling)
     watcher.start(asyncio.get_running_loop())
     try:
         await asyncio.sleep(1.0)  # the child has started watching
@@ -64,7 +72,7 @@ def test_the_watcher_process_ends_when_the_node_stops_it(tmp_path):
     folder.mkdir()
 
     async def run() -> None:
-        watcher = SpoolWatcher([folder], lambda p: None)
+        watcher = SpoolWatcher([folder], lambda p, written: None)
         watcher.start(asyncio.get_running_loop())
         proc = watcher._proc
         assert proc is not None and proc.poll() is None
@@ -97,3 +105,21 @@ def test_the_watcher_does_not_ask_inotify_for_files_leaving_a_folder():
     mask = _ArrivalsEmitter.get_event_mask_from_filter(None)  # type: ignore[arg-type]
     assert not mask & InotifyConstants.IN_MOVED_FROM
     assert mask & InotifyConstants.IN_MOVED_TO and mask & InotifyConstants.IN_CREATE and mask & InotifyConstants.IN_CLOSE_WRITE
+
+
+@pytest.mark.parametrize("polling", [False, True])
+def test_a_renamed_job_is_reported_as_complete_and_one_written_in_place_as_written(tmp_path, polling):
+    folder = tmp_path / "TOSEND"
+    folder.mkdir()
+    (tmp_path / "R.TFS").write_bytes(b"$email_address a@b.c\n")
+
+    def act() -> int:
+        os.rename(tmp_path / "R.TFS", folder / "R.FS")
+        (folder / "W.FS").write_bytes(b"$email_address a@b.c\n")
+        return 2
+
+    kinds: list[tuple[str, bool]] = []
+    asyncio.run(watch_while([folder], act, polling=polling, kinds=kinds))
+    assert {written for path, written in kinds if path.endswith("W.FS")} == {True}
+    # The polling watcher cannot tell a rename from a write.
+    assert {written for path, written in kinds if path.endswith("R.FS")} == {polling}

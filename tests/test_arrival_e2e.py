@@ -1,0 +1,104 @@
+"""How jobs arrive (SPEC 1): renamed in, or written in place by an
+application that gets the protocol wrong; and a job is judged by the file it
+claimed, not by what the node remembers of it."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from smtpserver import Rule
+from spoolkit import SpoolKit, stop, var, wait_until
+
+PIECES = [
+    "$email_address slow@example.com\n",
+    '$email_subject "Written in three pieces"\n',
+    '$email_text "first line of the body"\n$email_text "last line of the body"\n',
+]
+
+
+@pytest.fixture
+def server(smtp_server):
+    return smtp_server()
+
+
+def running_node(kit: SpoolKit):
+    proc = kit.start("N1")
+    active = kit.root / "ACTIVE"
+    wait_until(lambda: active.is_dir() and any(p.name.startswith("N1.alive") for p in active.iterdir()), timeout=15)
+    time.sleep(0.5)  # its watcher is up
+    return proc
+
+
+@pytest.mark.parametrize("keep_open, yaml", [(False, ""), (True, ""), (False, "workers: 2\n")],
+                         ids=["reopened-for-each-piece", "kept-open", "two-workers"])
+def test_a_job_written_in_place_in_pieces_is_sent_whole_and_keeps_every_line(tmp_path, server, keep_open, yaml):
+    kit = SpoolKit(tmp_path, server.port, yaml=yaml)
+    proc = running_node(kit)
+    path = kit.root / "TOSEND" / "SLOW.FS"
+    try:
+        if keep_open:
+            with open(path, "w", encoding="utf-8") as f:
+                for i, piece in enumerate(PIECES):
+                    if i:
+                        time.sleep(2)
+                    f.write(piece)
+                    f.flush()
+        else:
+            for i, piece in enumerate(PIECES):
+                if i:
+                    time.sleep(2)
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(piece)
+        wait_until(lambda: kit.names("SENT") == ["SLOW.FS"], timeout=30)
+    finally:
+        code, _, err = stop(proc)
+    assert code == 0, err
+    [msg] = server.messages
+    text = msg.data.decode()
+    assert "Subject: Written in three pieces" in text
+    assert "first line of the body" in text and "last line of the body" in text
+    sent = kit.read("SENT", "SLOW.FS")
+    for piece in PIECES:
+        assert piece in sent
+    assert kit.waiting() == [] and kit.names("FAIL") == []
+
+
+def test_a_job_renamed_in_is_not_held_back_by_the_settle_time(tmp_path, server):
+    kit = SpoolKit(tmp_path, server.port, yaml="write_settle: 120\n")
+    proc = running_node(kit)
+    try:
+        tfs = kit.root / "TOSEND" / "QUICK.TFS"
+        tfs.write_text("$email_address quick@example.com\n$email_subject hi\n", encoding="utf-8")
+        os.rename(tfs, kit.root / "TOSEND" / "QUICK.FS")
+        wait_until(lambda: kit.names("SENT") == ["QUICK.FS"], timeout=30)
+    finally:
+        code, _, err = stop(proc)
+    assert code == 0, err
+
+
+def test_a_waiting_job_replaced_by_one_due_later_is_not_sent(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=3))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @example.com 1"])
+    kit.job("TOSEND", "A.FS", to="a@example.com")
+    kit.job("TOSEND", "B.FS", to="b@example.com")
+    proc = kit.start("N1")
+    try:
+        wait_until(lambda: var(kit.read("TOSEND", "B.FS"), "DOMAINBUSY_COUNT") == "1"
+                   if kit.names("TOSEND") == ["B.FS"] else False, timeout=15)
+        # The submitter replaces the waiting job, by rename as the protocol asks,
+        # with a version due in 2099.
+        replacement = kit.root / "TOSEND" / "B.TFS"
+        replacement.write_text("$email_address b@example.com\n$email_subject later\n"
+                               "$fax_next_date 01/01/2099\n$fax_next_time 00:00:00\n", encoding="utf-8")
+        os.rename(replacement, kit.root / "TOSEND" / "B.FS")
+        wait_until(lambda: kit.names("SENT") == ["A.FS"], timeout=20)
+        time.sleep(1.5)  # the slot A freed has been offered
+    finally:
+        code, _, err = stop(proc)
+    assert code == 0, err
+    assert [m.rcpt_tos for m in server.messages] == [["a@example.com"]]
+    assert kit.names("TOSEND") == ["B.FS"]
+    assert "$fax_next_date 01/01/2099" in kit.read("TOSEND", "B.FS")
