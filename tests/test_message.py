@@ -773,3 +773,12 @@ def test_local_path_prefers_the_longest_prefix() -> None:
     assert message_module.local_path("C:\\Copia\\Statements\\a\\b.txt", mapping) == "/data/st/a/b.txt"
     assert message_module.local_path("C:\\Copia\\other.txt", mapping) == "/srv/copia/other.txt"
     assert message_module.local_path("rel/x.txt", mapping) == "rel/x.txt"
+
+
+def test_every_shipped_sample_job_builds_a_message_that_greets_once() -> None:
+    samples = Path(__file__).resolve().parent.parent / "samples" / "spool"
+    for path in sorted(samples.rglob("*.FS")):
+        job = parse_job(CommandFile.read(path), path.name)
+        text = build_message(job, spool_root=samples, attachment_roots=(samples,), sender=SENDER, now=NOW)
+        greetings = re.findall(rb"^Dear [^\r\n]*", text, re.M)
+        assert len(greetings) <= 1, (path.name, greetings)
