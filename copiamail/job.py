@@ -14,11 +14,13 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 from email.utils import parsedate_to_datetime
-from typing import Mapping, NamedTuple
+from types import MappingProxyType
+from typing import Callable, Mapping, NamedTuple
 
 from . import outcome
 from .errors import JobError, SyntaxFileError
 from .fsfile import Command, CommandFile
+from .variables import GRAVE, UndefinedVariable, chained, expand, expand_path, starts_with_path_variable
 
 # Lines the engine owns (SPEC 2): it may update or add these; every other line
 # is the submitter's and is kept as written.
@@ -71,6 +73,18 @@ class Attachment:
     path: str
     content_type: str | None
     line: int
+    name: str | None = None  # the name shown (``TYPE; name=SHOWN``), else the file's
+    embedded: bool = False  # ``EMBEDDED:TYPE``: an inline part an HTML body refers to by cid:
+
+
+@dataclass(frozen=True)
+class JobEnv:
+    """What a job may draw on besides its own lines: the variables of the CFG
+    file and of config ``variables:`` (merged, CFG first; names upper-case),
+    and the envelope sender used when the job names none."""
+
+    variables: Mapping[str, str] = field(default_factory=dict)
+    esender: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,12 +120,18 @@ class Job:
     esender: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
     charset: str = "utf-8"
+    body_encoding: str | None = None  # base64, quoted-printable or 8bit, as $email_charset asks
+    header_encoding: str | None = None  # base64 or quoted-printable for encoded words
     retry_delays: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     variables: Mapping[str, str] = field(default_factory=dict)
     attempts: tuple[AttemptRecord, ...] = ()
     domainbusy_count: int = 0
     next_attempt: float | None = None
     identity: str = ""
+    options: frozenset[str] = frozenset()  # $email_options keywords, lower-case
+    to_list: str | None = None  # EMAILTO_LIST: the To: header shown (the job still goes to `address` alone)
+    cc_list: str | None = None  # EMAILCC_LIST: a Cc: header shown
+    env: JobEnv | None = None  # set when variables are expanded (body files expand with it)
 
     @property
     def binding(self) -> str | None:
@@ -287,154 +307,327 @@ def job_identity(name: str, cf: CommandFile, commands: list[Command]) -> str:
     return h.hexdigest()[:32]
 
 
-def parse_job(cf: CommandFile, name: str) -> Job:
-    """The job an FS file describes; raises JobError (with its outcome code)."""
+def parse_job(cf: CommandFile, name: str, env: JobEnv | None = None) -> Job:
+    """The job an FS file describes; raises JobError (with its outcome code).
+    ``env``: the CFG's and config's variables and default sender, which the
+    job's `` `NAME `` references may draw on."""
     try:
         commands = cf.commands()
     except SyntaxFileError as e:
         raise JobError(e.message, outcome.BAD_JOB.code, cf.path, e.line) from None
+    return _JobReader(cf, name, env or JobEnv(), commands).job()
 
-    single: dict[str, Command] = {}
-    body: list[BodyItem] = []
-    alt: list[BodyItem] = []
-    attachments: list[Attachment] = []
-    headers: list[tuple[str, str]] = []
-    delays: dict[str, tuple[int, ...]] = {}
-    variables: dict[str, str] = {}
-    attempts: list[AttemptRecord] = []
-    next_date: Command | None = None
-    next_time: Command | None = None
 
-    def need_arg(cmd: Command) -> None:
+class _JobReader:
+    """One pass over a job's commands (after a first look at its variables
+    and options, which every ``$email...`` command may use)."""
+
+    def __init__(self, cf: CommandFile, name: str, env: JobEnv, commands: list[Command]) -> None:
+        self.cf = cf
+        self.name = name
+        self.env = env
+        self.commands = commands
+        self.variables: dict[str, str] = {}
+        options: list[str] = []
+        for cmd in commands:
+            if cmd.name == "var_def" and cmd.args:
+                self.variables[cmd.args[0].upper()] = " ".join(cmd.args[1:])
+            elif cmd.name == "email_options":
+                options.extend(w.lower() for a in cmd.args for w in re.split(r"[\s,]+", a) if w)
+        self.options = frozenset(options)
+        self.macros = "nomacro" not in self.options and any(GRAVE in line for line in cf.lines)
+        self.single: dict[str, Command] = {}
+        self.body: list[BodyItem] = []
+        self.alt: list[BodyItem] = []
+        self.attachments: list[Attachment] = []
+        self.headers: list[tuple[str, str]] = []
+        self.delays: dict[str, tuple[int, ...]] = {}
+        self.attempts: list[AttemptRecord] = []
+        self.dates: dict[str, Command] = {}
+
+    # --- helpers ------------------------------------------------------------
+
+    def error(self, message: str, cmd: Command | None, code: int = outcome.BAD_JOB.code) -> JobError:
+        return JobError(message, code, self.cf.path, cmd.line if cmd is not None else None)
+
+    def lookup(self) -> Callable[[str], str | None]:
+        return chained(self.variables, self.env.variables, engine_variables(self.name, self.esender_or_default()))
+
+    def esender_or_default(self) -> str:
+        cmd = self.single.get("email_esender")
+        if cmd is not None:
+            mailbox = read_mailbox(self.expanded(_as_written(cmd, self.cf), cmd, own=False))
+            if mailbox is not None:
+                return mailbox.address
+        return self.env.esender or ""
+
+    def expanded(self, text: str, cmd: Command, own: bool = True) -> str:
+        """``text`` of an ``$email...`` command with its variables expanded
+        (``own``: EMAIL_ESENDER may be used; not while finding it)."""
+        if not self.macros or GRAVE not in text:
+            return text
+        lookup = self.lookup() if own else chained(self.variables, self.env.variables)
+        try:
+            return expand(text, lookup)
+        except UndefinedVariable as e:
+            raise self.error(f"undefined variable `{e.name} (no $var_def, CFG $var_def or config variables: defines it)",
+                             cmd) from None
+
+    def args(self, cmd: Command) -> tuple[str, ...]:
+        return tuple(self.expanded(a, cmd) for a in cmd.args) if self.macros else cmd.args
+
+    def path(self, cmd: Command, text: str) -> str:
+        """A file path of the job with its variables expanded (path
+        variables also without the grave accent at its start)."""
+        if "nomacro" in self.options or not (self.macros or starts_with_path_variable(text)):
+            return text
+        try:
+            return expand_path(text, self.lookup())
+        except UndefinedVariable as e:
+            raise self.error(f"undefined variable `{e.name} (no $var_def, CFG $var_def or config variables: defines it)",
+                             cmd) from None
+
+    def need_arg(self, cmd: Command) -> None:
         if not cmd.args:
-            raise JobError(f"${cmd.name} needs an argument", outcome.BAD_JOB.code, cf.path, cmd.line)
+            raise self.error(f"${cmd.name} needs an argument", cmd)
 
-    for cmd in commands:
-        n = cmd.name
-        if n in _SINGLE:
-            need_arg(cmd)
-            single[n] = cmd
-        elif n == "email_text":
-            body.append(BodyItem("text", _joined(cmd), cmd.line))
-        elif n == "email_body":
-            need_arg(cmd)
-            body.append(BodyItem("file", cmd.args[0], cmd.line))
-        elif n == "email_alttext":
-            alt.append(BodyItem("text", _joined(cmd), cmd.line))
-        elif n == "email_altbody":
-            need_arg(cmd)
-            alt.append(BodyItem("file", cmd.args[0], cmd.line))
-        elif n == "email_attach":
-            need_arg(cmd)
-            ctype = cmd.args[1] if len(cmd.args) > 1 else None
+    def value(self, key: str) -> str | None:
+        cmd = self.single.get(key)
+        if cmd is None:
+            return None
+        return _check_header_value(" ".join(self.args(cmd)), "$" + key, cmd, self.cf)
+
+    # --- the pass -------------------------------------------------------------
+
+    def job(self) -> Job:
+        for cmd in self.commands:
+            handler = _HANDLERS.get(cmd.name)
+            if handler is not None:
+                handler(self, cmd)
+            elif cmd.name in _SINGLE:
+                self.need_arg(cmd)
+                self.single[cmd.name] = cmd
+            elif cmd.name.startswith("email") and cmd.name not in KNOWN_EMAIL_COMMANDS:
+                raise self.error(f"unknown command ${cmd.name} (a typo?)", cmd)
+        recipient = self.mailbox("email_address", "recipient")
+        if recipient is None:
+            raise JobError("no recipient ($email_address is missing)", outcome.BAD_JOB.code, self.cf.path)
+        sender = self.mailbox("email_esender", "envelope sender")
+        charset, body_encoding, header_encoding = self.charset()
+        try:
+            busy = int(self.variables.get("DOMAINBUSY_COUNT", "0") or "0")
+        except ValueError:
+            busy = 0
+        lookup = self.lookup() if self.macros else None
+        return Job(
+            name=self.name,
+            address=recipient.address,
+            domain=recipient.domain,
+            to_header=recipient.header,
+            subject=self.value("email_subject"),
+            body=tuple(self.body),
+            alt=tuple(self.alt),
+            attachments=tuple(self.attachments),
+            from_header=self.written("email_from"),
+            esender=sender.address if sender is not None else None,
+            headers=tuple(self.headers),
+            charset=charset,
+            body_encoding=body_encoding,
+            header_encoding=header_encoding,
+            retry_delays=self.delays,
+            variables=self.variables,
+            attempts=tuple(self.attempts),
+            domainbusy_count=busy,
+            next_attempt=self.next_attempt(),
+            identity=job_identity(self.name, self.cf, self.commands),
+            options=self.options,
+            to_list=self.list_variable("EMAILTO_LIST", lookup),
+            cc_list=self.list_variable("EMAILCC_LIST", lookup),
+            env=self.env if self.macros else None,
+        )
+
+    def written(self, key: str) -> str | None:
+        cmd = self.single.get(key)
+        if cmd is None:
+            return None
+        return _check_header_value(self.expanded(_as_written(cmd, self.cf), cmd), "$" + key, cmd, self.cf)
+
+    def mailbox(self, key: str, what: str) -> Mailbox | None:
+        text = self.written(key)
+        if text is None:
+            return None
+        mailbox = read_mailbox(text)
+        if mailbox is None:
+            raise self.error(f"bad {what} address {text!r}", self.single[key], outcome.BAD_HEADER.code)
+        return mailbox
+
+    def list_variable(self, name: str, lookup: Callable[[str], str | None] | None) -> str | None:
+        value = self.variables.get(name) or self.env.variables.get(name)
+        if not value:
+            return None
+        if lookup is not None and GRAVE in value:
+            try:
+                value = expand(value, lookup)
+            except UndefinedVariable as e:
+                raise JobError(f"undefined variable `{e.name} in {name}", outcome.BAD_JOB.code, self.cf.path) from None
+        if "\r" in value or "\n" in value:
+            raise JobError(f"{name} contains CR or LF", outcome.BAD_HEADER.code, self.cf.path)
+        return value
+
+    def charset(self) -> tuple[str, str | None, str | None]:
+        """``$email_charset CHARSET [ENCODING [HEADER_ENCODING]]``: the
+        charset (``""`` is UTF-8) and the transfer encodings asked for."""
+        cmd = self.single.get("email_charset")
+        if cmd is None:
+            return "utf-8", None, None
+        args = self.args(cmd)
+        charset = args[0] or "utf-8"
+        try:
+            "".encode(charset)
+        except (LookupError, UnicodeError):  # UnicodeError: the "undefined" codec
+            raise self.error(f"unknown charset {charset!r}", cmd, outcome.BAD_CHARSET.code) from None
+        encodings = []
+        for given in args[1:3]:
+            encoding = _ENCODINGS.get(given.lower())
+            if encoding is None:
+                raise self.error(f"unknown encoding {given!r} (base64, quoted-printable or 8bit)", cmd,
+                                 outcome.BAD_CHARSET.code)
+            encodings.append(encoding)
+        body_encoding = encodings[0] if encodings else None
+        header_encoding = encodings[1] if len(encodings) > 1 else None
+        if header_encoding == "8bit":
+            raise self.error("headers cannot be sent 8bit (base64 or quoted-printable)", cmd, outcome.BAD_CHARSET.code)
+        return charset, body_encoding, header_encoding
+
+    def next_attempt(self) -> float | None:
+        """When the job is due: its next retry time (``$fax_next_date/time``),
+        and not before its ``$fax_send_date/time`` (a date alone means
+        midnight; a time alone, today)."""
+        due = None
+        next_date, next_time = self.dates.get("fax_next_date"), self.dates.get("fax_next_time")
+        if next_date is not None and next_date.args:
+            clock = next_time.args[0] if next_time is not None and next_time.args else "00:00:00"
+            due = self.local_time(next_date, next_date.args[0], clock, "$fax_next_date/$fax_next_time")
+        send_date, send_time = self.dates.get("fax_send_date"), self.dates.get("fax_send_time")
+        if (send_date is not None and send_date.args) or (send_time is not None and send_time.args):
+            date = send_date.args[0] if send_date is not None and send_date.args else time.strftime("%m/%d/%Y")
+            clock = send_time.args[0] if send_time is not None and send_time.args else "00:00:00"
+            if clock.count(":") == 1:
+                clock += ":00"
+            send_at = self.local_time(send_date or send_time, date, clock, "$fax_send_date/$fax_send_time")
+            due = send_at if due is None else max(due, send_at)
+        return due
+
+    def local_time(self, cmd: Command | None, date: str, clock: str, what: str) -> float:
+        try:
+            return parse_local_time(date, clock)
+        except (ValueError, OverflowError):
+            raise self.error(f"bad {what} {date} {clock}", cmd) from None
+
+    # --- one command each -----------------------------------------------------
+
+    def text(self, cmd: Command) -> None:
+        (self.alt if cmd.name == "email_alttext" else self.body).append(BodyItem("text", " ".join(self.args(cmd)), cmd.line))
+
+    def body_file(self, cmd: Command) -> None:
+        self.need_arg(cmd)
+        item = BodyItem("file", self.path(cmd, cmd.args[0]), cmd.line)
+        (self.alt if cmd.name == "email_altbody" else self.body).append(item)
+
+    def attach(self, cmd: Command) -> None:
+        self.need_arg(cmd)
+        args = self.args(cmd)
+        path = self.path(cmd, cmd.args[0])
+        ctype, shown, embedded = None, None, False
+        if len(args) > 1:
+            ctype, shown, embedded = _attachment_type(args[1])
             if ctype is not None and (not re.fullmatch(r"[A-Za-z0-9.+-]+/[A-Za-z0-9.+-]+", ctype)
                                       or ctype.lower().startswith(("message/", "multipart/"))):
                 # message/* and multipart/* are structures, not file types: an
                 # attachment is sent as bytes (base64), which they cannot be.
-                raise JobError(f"bad content type {ctype!r} for an attachment", outcome.BAD_JOB.code, cf.path, cmd.line)
-            attachments.append(Attachment(cmd.args[0], ctype, cmd.line))
-        elif n == "email_header":
-            text = _check_header_value(_joined(cmd), "header", cmd, cf)
-            hname, sep, hvalue = text.partition(":")
-            hname = hname.strip()
-            if not sep or not _HEADER_NAME.match(hname):
-                raise JobError(f"bad header {text!r} (NAME: VALUE)", outcome.BAD_HEADER.code, cf.path, cmd.line)
-            try:
-                check_header(hname, hvalue.strip())
-            except JobError as e:
-                raise JobError(e.message, e.outcome, cf.path, cmd.line) from None
-            headers.append((hname, hvalue.strip()))
-        elif n == "email_retry_delays":
-            if len(cmd.args) < 1:
-                raise JobError("$email_retry_delays needs CLASS \"LIST\"", outcome.BAD_JOB.code, cf.path, cmd.line)
-            try:
-                delays[outcome.parse_retry_class(cmd.args[0])] = outcome.parse_delays(" ".join(cmd.args[1:]))
-            except ValueError as e:
-                raise JobError(str(e), outcome.BAD_JOB.code, cf.path, cmd.line) from None
-        elif n == "var_def":
-            need_arg(cmd)
-            variables[cmd.args[0].upper()] = " ".join(cmd.args[1:])
-        elif n == "attempt_record":
-            record = parse_attempt(cmd)
-            if record is not None:
-                attempts.append(record)
-        elif n == "fax_next_date":
-            next_date = cmd
-        elif n == "fax_next_time":
-            next_time = cmd
-        elif n.startswith("email") and n not in KNOWN_EMAIL_COMMANDS:
-            raise JobError(f"unknown command ${n} (a typo?)", outcome.BAD_JOB.code, cf.path, cmd.line)
+                raise self.error(f"bad content type {args[1]!r} for an attachment", cmd)
+            if shown is not None:
+                _check_header_value(shown, "attachment name", cmd, self.cf)
+        self.attachments.append(Attachment(path, ctype, cmd.line, shown, embedded))
 
-    if "email_address" not in single:
-        raise JobError("no recipient ($email_address is missing)", outcome.BAD_JOB.code, cf.path)
-    addr_cmd = single["email_address"]
-    written = _check_header_value(_as_written(addr_cmd, cf), "$email_address", addr_cmd, cf)
-    recipient = read_mailbox(written)
-    if recipient is None:
-        raise JobError(f"bad recipient address {written!r}", outcome.BAD_HEADER.code, cf.path, addr_cmd.line)
-
-    def value(key: str) -> str | None:
-        cmd = single.get(key)
-        return None if cmd is None else _check_header_value(_joined(cmd), "$" + key, cmd, cf)
-
-    esender = None
-    if "email_esender" in single:
-        cmd = single["email_esender"]
-        written_sender = _check_header_value(_as_written(cmd, cf), "$email_esender", cmd, cf)
-        sender = read_mailbox(written_sender)
-        if sender is None:
-            raise JobError(f"bad envelope sender {written_sender!r}", outcome.BAD_HEADER.code, cf.path, cmd.line)
-        esender = sender.address
-    from_header = None
-    if "email_from" in single:
-        cmd = single["email_from"]
-        from_header = _check_header_value(_as_written(cmd, cf), "$email_from", cmd, cf)
-
-    subject = value("email_subject")
-
-    charset = value("email_charset") or "utf-8"
-    try:
-        "".encode(charset)
-    except (LookupError, UnicodeError):  # UnicodeError: the "undefined" codec
-        cmd = single["email_charset"]
-        raise JobError(f"unknown charset {charset!r}", outcome.BAD_CHARSET.code, cf.path, cmd.line) from None
-
-    next_attempt = None
-    if next_date is not None and next_date.args:
-        clock = next_time.args[0] if next_time is not None and next_time.args else "00:00:00"
+    def header(self, cmd: Command) -> None:
+        args = self.args(cmd)
+        text = _check_header_value(" ".join(args), "header", cmd, self.cf)
+        first = args[0] if args else ""
+        if ":" in first:
+            hname, _, hvalue = text.partition(":")
+        else:
+            # CopiaFacts: "if you do not include a colon at the end, one will be added".
+            hname, hvalue = first, " ".join(args[1:])
+        hname, hvalue = hname.strip(), hvalue.strip()
+        if not hname or not _HEADER_NAME.match(hname) or (":" not in first and len(args) < 2):
+            raise self.error(f"bad header {text!r} (NAME VALUE)", cmd, outcome.BAD_HEADER.code)
         try:
-            next_attempt = parse_local_time(next_date.args[0], clock)
-        except (ValueError, OverflowError):
-            raise JobError(
-                f"bad $fax_next_date/$fax_next_time {next_date.args[0]} {clock}",
-                outcome.BAD_JOB.code, cf.path, next_date.line,
-            ) from None
+            check_header(hname, hvalue)
+        except JobError as e:
+            raise self.error(e.message, cmd, e.outcome) from None
+        self.headers.append((hname, hvalue))
 
-    try:
-        busy = int(variables.get("DOMAINBUSY_COUNT", "0") or "0")
-    except ValueError:
-        busy = 0
+    def retry_delays(self, cmd: Command) -> None:
+        if len(cmd.args) < 1:
+            raise self.error('$email_retry_delays needs CLASS "LIST"', cmd)
+        try:
+            self.delays[outcome.parse_retry_class(cmd.args[0])] = outcome.parse_delays(" ".join(cmd.args[1:]))
+        except ValueError as e:
+            raise self.error(str(e), cmd) from None
 
-    return Job(
-        name=name,
-        address=recipient.address,
-        domain=recipient.domain,
-        to_header=recipient.header,
-        subject=subject,
-        body=tuple(body),
-        alt=tuple(alt),
-        attachments=tuple(attachments),
-        from_header=from_header,
-        esender=esender,
-        headers=tuple(headers),
-        charset=charset,
-        retry_delays=delays,
-        variables=variables,
-        attempts=tuple(attempts),
-        domainbusy_count=busy,
-        next_attempt=next_attempt,
-        identity=job_identity(name, cf, commands),
-    )
+    def attempt(self, cmd: Command) -> None:
+        record = parse_attempt(cmd)
+        if record is not None:
+            self.attempts.append(record)
+
+    def date(self, cmd: Command) -> None:
+        self.dates[cmd.name] = cmd
+
+    def ignore(self, cmd: Command) -> None:
+        pass
+
+
+_HANDLERS: Mapping[str, Callable[[_JobReader, Command], None]] = MappingProxyType({
+    "email_text": _JobReader.text,
+    "email_alttext": _JobReader.text,
+    "email_body": _JobReader.body_file,
+    "email_altbody": _JobReader.body_file,
+    "email_attach": _JobReader.attach,
+    "email_header": _JobReader.header,
+    "email_retry_delays": _JobReader.retry_delays,
+    "attempt_record": _JobReader.attempt,
+    "fax_next_date": _JobReader.date,
+    "fax_next_time": _JobReader.date,
+    "fax_send_date": _JobReader.date,
+    "fax_send_time": _JobReader.date,
+    "var_def": _JobReader.need_arg,  # its value was read by the first look
+    "email_options": _JobReader.ignore,
+})
+
+_ENCODINGS = MappingProxyType({"base64": "base64", "b": "base64", "quoted-printable": "quoted-printable",
+                               "q": "quoted-printable", "qp": "quoted-printable", "8bit": "8bit"})
+
+
+def _attachment_type(text: str) -> tuple[str | None, str | None, bool]:
+    """``TYPE``, ``TYPE; name=SHOWN`` or ``EMBEDDED:TYPE`` to (type, shown
+    name, embedded)."""
+    embedded = text[:9].upper() == "EMBEDDED:"
+    if embedded:
+        text = text[9:]
+    ctype, _, params = text.partition(";")
+    shown = None
+    m = re.search(r'(?:^|;)\s*name\s*=\s*("?)([^";]+)\1', params, re.IGNORECASE)
+    if m is not None:
+        shown = m.group(2).strip()
+    return (ctype.strip() or None), shown, embedded
+
+
+def engine_variables(name: str, esender: str) -> Mapping[str, str]:
+    """The variables the engine defines for a job: FSNUM (its name without
+    ``.FS``) and EMAIL_ESENDER (its envelope sender)."""
+    stem = name[:-3] if name.upper().endswith(".FS") else name
+    return {"FSNUM": stem, "EMAIL_ESENDER": esender}
 
 
 def parse_attempt(cmd: Command) -> AttemptRecord | None:

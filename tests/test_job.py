@@ -521,7 +521,7 @@ def test_unknown_commands_other_than_email_ones_are_kept_and_ignored():
 
 
 @pytest.mark.parametrize("header", [b"$email_header Content-Type: text/plain", b"$email_header Date: yesterday",
-                                    b"$email_header Bad Name: x"])
+                                    b'$email_header "Bad Name:" x'])
 def test_a_header_error_names_its_line(header):
     e = job_error(ADDR + b"$email_subject s\n" + header + b"\n", path="H.FS")
     assert e.outcome == outcome.BAD_HEADER.code
