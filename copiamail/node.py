@@ -28,7 +28,7 @@ from .errors import ConfigError, SpoolError
 from .recovery import RecoveryReport, recover
 from .scheduler import Scheduler, Stats
 from .spool import Spool
-from .workers import node_services, run_workers
+from .workers import ignore_hangups, node_services, run_workers
 
 log = logging.getLogger("copiamail")
 
@@ -68,6 +68,7 @@ def run_node(
 ) -> NodeResult:
     """Run node ``name`` until stopped (or drained); returns what it did."""
     check_node_name(name)
+    ignore_hangups()
     password = read_password(config)
     spool = Spool(config.spool, config.queues, config.fsync)
     spool.ensure()

@@ -1,0 +1,96 @@
+"""First-day operator problems (issue 11), as an operator meets them: the
+`copiamail` CLI in a subprocess, its output, exit code and the spool after."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from smtpserver import Rule
+from spoolkit import CLI, SpoolKit, attempts, children_of, cli_env, wait_until
+
+
+@pytest.fixture
+def server(smtp_server):
+    return smtp_server()
+
+
+def start_in_own_group(kit: SpoolKit, *args: str) -> subprocess.Popen[str]:
+    """A node in a process group of its own, as a shell's foreground job is:
+    a terminal's hang-up goes to that whole group."""
+    return subprocess.Popen(
+        [*CLI, *args], cwd=kit.base, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL, env=cli_env(COPIAMAIL_CONFIG=str(kit.config_path)), start_new_session=True,
+    )
+
+
+def all_job_texts(kit: SpoolKit) -> dict[str, str]:
+    return {str(p.relative_to(kit.root)): p.read_text(encoding="utf-8")
+            for p in kit.root.rglob("*") if p.is_file() and p.name.upper().endswith(".FS")}
+
+
+def descendants(pid: int) -> list[int]:
+    out = []
+    for child in children_of(pid):
+        out += [child, *descendants(child)]
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# --- 3: SIGHUP ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("yaml", ["", "workers: 2\n"], ids=["one-process", "workers"])
+def test_a_hang_up_of_the_whole_process_group_does_not_stop_the_node(tmp_path, server, yaml):
+    server.add_rule(Rule(stage="EOD", delay=1.0))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 2"], yaml)
+    for i in range(6):
+        kit.job("TOSEND", f"J{i}.FS", to=f"u{i}@d{i % 3}.example")
+    proc = start_in_own_group(kit, "node", "--name", "N1")
+    try:
+        wait_until(lambda: server.current >= 1 and kit.active() != [], timeout=15)
+        family = descendants(proc.pid)
+        assert family, "the node has no child process (watcher, syncer, workers)"
+        os.killpg(proc.pid, signal.SIGHUP)
+        time.sleep(1.0)
+        assert proc.poll() is None, proc.communicate()
+        assert [p for p in family if not alive(p)] == []
+        wait_until(lambda: len(kit.names("SENT")) == 6, timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "SIGHUP: reload is not supported yet; ignored" in err
+    assert "Traceback" not in err
+    assert kit.active() == []
+    for name, text in all_job_texts(kit).items():
+        assert "66" not in [a[2] for a in attempts(text)], (name, text)
+
+
+def test_a_hang_up_during_a_drain_lets_it_finish(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=0.5))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 1"])
+    for i in range(4):
+        kit.job("TOSEND", f"J{i}.FS", to=f"u{i}@copia.com")
+    proc = start_in_own_group(kit, "node", "--name", "N1", "--drain")
+    wait_until(lambda: server.current >= 1, timeout=15)
+    os.killpg(proc.pid, signal.SIGHUP)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert kit.names("SENT") == ["J0.FS", "J1.FS", "J2.FS", "J3.FS"]
+    assert kit.active() == []
+    assert all("66" not in [a[2] for a in attempts(t)] for t in all_job_texts(kit).values())
