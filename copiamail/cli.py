@@ -133,7 +133,7 @@ def node(name: str, relay: str | None, drain: bool, workers: int | None, config_
             raise CopiamailError(f"--workers: {problem}")
     for warning in cfg.rules.warnings:
         click.echo(f"copiamail: warning: {warning}", err=True)
-    total = sum(n for k, n in Spool(cfg.spool, cfg.queues).counts().items() if k.startswith("TOSEND"))
+    total = sum(n for k, n in Spool(cfg.spool, cfg.queues).counts().items() if k.upper().startswith("TOSEND"))
     with _Progress(total, drain and sys.stdout.isatty()) as progress:
         # Without a live line nothing reads the events (and workers would send
         # each one to this process).
@@ -217,7 +217,7 @@ def _status_table(spool: Spool) -> Any:
     table.add_column("folder")
     table.add_column("jobs", justify="right")
     for folder, n in counts.items():
-        if n or not folder.startswith("TOSEND") or folder == "TOSEND":
+        if n or not folder.upper().startswith("TOSEND") or folder.upper() == "TOSEND":
             table.add_row(folder, str(n))
     domains: Counter[str] = Counter()
     for w in spool.scan():
@@ -410,7 +410,7 @@ def demo(demo_dir: Path) -> None:
     with SmtpSink(delay=0.05) as sink:
         cfg = cfg.with_overrides(spool=demo_dir, relay=f"{sink.host}:{sink.port}")
         click.echo(f"embedded SMTP sink on {sink.host}:{sink.port}; node N1 draining {cfg.spool}")
-        total = sum(n for k, n in Spool(cfg.spool, cfg.queues).counts().items() if k.startswith("TOSEND"))
+        total = sum(n for k, n in Spool(cfg.spool, cfg.queues).counts().items() if k.upper().startswith("TOSEND"))
         with _Progress(total, sys.stdout.isatty()) as progress:
             result = run_node(cfg, "N1", drain=True, on_event=progress.event)
     s = result.stats

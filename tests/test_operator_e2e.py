@@ -94,3 +94,42 @@ def test_a_hang_up_during_a_drain_lets_it_finish(tmp_path, server):
     assert kit.names("SENT") == ["J0.FS", "J1.FS", "J2.FS", "J3.FS"]
     assert kit.active() == []
     assert all("66" not in [a[2] for a in attempts(t)] for t in all_job_texts(kit).values())
+
+
+# --- 5: what is a job, in which folder -----------------------------------------------
+
+
+def status_rows(out: str) -> dict[str, str]:
+    """``folder -> jobs`` from the folder table `status` prints."""
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in re.split(r"[│|┃]", line) if c.strip()]
+        if len(cells) == 2 and cells[1].isdigit():
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+def test_a_folder_named_like_a_job_is_not_counted_as_waiting(tmp_path, server):
+    kit = SpoolKit(tmp_path, server.port, [])
+    (kit.root / "TOSEND" / "B005.FS").mkdir()
+    kit.job("TOSEND", "A.FS", to="a@copia.com")
+    assert status_rows(kit.cli("status").stdout)["TOSEND"] == "1"
+    assert kit.drain().returncode == 0
+    assert status_rows(kit.cli("status").stdout)["TOSEND"] == "0"
+
+
+def test_a_lower_case_queue_folder_is_that_queue(tmp_path, server):
+    server.add_rule(Rule(stage="RCPT", code=451, text="4.3.0 later", match="late@copia.com"))
+    kit = SpoolKit(tmp_path, server.port, ['$domain_limit * @ 1', '$email_retry_delays * "1H"'])
+    (kit.root / "TOSEND1").rmdir()
+    (kit.root / "tosend1").mkdir()
+    kit.job("tosend1", "A.FS", to="a@copia.com")
+    kit.job("tosend1", "LATE.FS", to="late@copia.com")
+    kit.job("TOSEND2", "B.FS", to="b@copia.com")
+    assert status_rows(kit.cli("status").stdout)["tosend1"] == "2"
+    assert kit.drain().returncode == 0
+    assert kit.names("SENT") == ["A.FS", "B.FS"]
+    assert [m.rcpt_tos[0] for m in server.messages] == ["a@copia.com", "b@copia.com"]  # queue 1 before 2
+    # The retry is written back into the folder it came from, as that is named.
+    assert kit.names("tosend1") == ["LATE.FS"] and [a[2] for a in attempts(kit.read("tosend1", "LATE.FS"))] == ["451"]
+    assert not (kit.root / "TOSEND1").exists()
