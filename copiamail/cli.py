@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +28,7 @@ from .fsfile import CommandFile, format_command
 from .delivery import resolve_relay
 from .job import parse_address, parse_job
 from .limits import bindings_for, limits_for
+from .logs import live_display_on, setup_logging
 from .mx import MxResolver
 from .peers import TAKEOVER_MARK
 from .recovery import recover
@@ -69,11 +71,10 @@ def _config(config_file: Path | None, spool_dir: Path | None, relay: str | None 
 
 @click.group()
 @click.version_option(__version__)
-@click.option("-v", "--verbose", count=True, help="More log lines on stderr (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True, help="More log lines on stderr (-v deliveries and deferrals, -vv debug, -vvv libraries' debug).")
 def main(verbose: int) -> None:
     """copiamail: file-spool batch e-mail transmission in the CopiaFacts style."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="copiamail: %(message)s", stream=sys.stderr)
+    setup_logging(verbose, sys.stderr)
     # watchdog warns when its emitter thread stops during shutdown; not ours to report.
     logging.getLogger("watchdog").setLevel(logging.CRITICAL)
 
@@ -89,6 +90,7 @@ class _Progress:
         self.counts: Counter[str] = Counter()
         self._progress: Any = None
         self._task: Any = None
+        self._stack = ExitStack()
         self.total = total
 
     def __enter__(self) -> "_Progress":
@@ -100,6 +102,8 @@ class _Progress:
                 TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), transient=False,
             )
             self._progress.start()
+            self._stack.callback(self._progress.stop)
+            self._stack.enter_context(live_display_on(sys.stdout))
             self._task = self._progress.add_task("sending", total=self.total or None, detail="")
         return self
 
@@ -111,8 +115,7 @@ class _Progress:
             self._progress.update(self._task, completed=done, detail=detail)
 
     def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+        self._stack.close()
 
 
 @main.command()

@@ -78,11 +78,25 @@ def run_node(
     with node_lock(spool, name):
         report = recover(spool, name)
         if config.workers > 1:
+            _log_start(config, name)
             result = run_workers(config, spool, name, password, drain, on_event)
-            return NodeResult(result.stats, report, time.monotonic() - started, result.failed_workers)
-        scheduler = Scheduler(config, spool, name, password=password, on_event=on_event)
-        stats = asyncio.run(_serve(config, spool, scheduler, drain))
-    return NodeResult(stats, report, time.monotonic() - started)
+            done = NodeResult(result.stats, report, time.monotonic() - started, result.failed_workers)
+        else:
+            scheduler = Scheduler(config, spool, name, password=password, on_event=on_event)
+            _log_start(config, name)
+            done = NodeResult(asyncio.run(_serve(config, spool, scheduler, drain)), report, time.monotonic() - started)
+    s = done.stats
+    log.info("node %s stopped: sent %d, failed %d, retry later %d, deferred %d, handed back %d in %.1f s",
+             name, s.sent, s.failed, s.retried, s.deferred, s.handed_back, done.seconds)
+    return done
+
+
+def _log_start(config: Config, name: str) -> None:
+    relay = config.relay
+    rules = config.rules
+    log.info("node %s started: spool %s, %s, limits %s (%d $domain_limit rule(s)), %d worker(s)",
+             name, config.spool, f"relay {relay.host}:{relay.port}" if relay else "direct to each domain's MX",
+             rules.path or "none", len(rules.domain_limits), config.workers)
 
 
 @contextmanager

@@ -187,6 +187,11 @@ def is_job_name(name: str) -> bool:
     return name.upper().endswith(".FS") and len(name) > 3
 
 
+def is_queue_name(name: str) -> bool:
+    """Whether a folder of this name is a TOSEND folder (SPEC 1: any case)."""
+    return _QUEUE_NAME.match(name) is not None
+
+
 def queue_names(queues: int) -> list[str]:
     """TOSEND, TOSEND1 ... TOSEND<queues>, highest priority first."""
     return ["TOSEND"] + [f"TOSEND{i}" for i in range(1, queues + 1)]
@@ -393,7 +398,7 @@ class Spool:
         try:
             with os.scandir(self.root) as it:
                 for e in it:
-                    if _QUEUE_NAME.match(e.name) and e.is_dir():
+                    if is_queue_name(e.name) and e.is_dir():
                         found.setdefault(e.name.upper(), []).append(e.name)
         except FileNotFoundError:
             pass

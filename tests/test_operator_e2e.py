@@ -133,3 +133,97 @@ def test_a_lower_case_queue_folder_is_that_queue(tmp_path, server):
     # The retry is written back into the folder it came from, as that is named.
     assert kit.names("tosend1") == ["LATE.FS"] and [a[2] for a in attempts(kit.read("tosend1", "LATE.FS"))] == ["451"]
     assert not (kit.root / "TOSEND1").exists()
+
+
+# --- 10: what a node logs --------------------------------------------------------------
+
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d copiamail: "
+
+
+def outcome_kit(tmp_path, server) -> SpoolKit:
+    server.add_rule(Rule(stage="RCPT", code=550, text="5.1.1 <jane@copia.com>: User unknown", match="jane@copia.com"))
+    server.add_rule(Rule(stage="RCPT", code=451, text="4.3.0 greylisted", match="grey@copia.com"))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 1", '$email_retry_delays * "1H"'])
+    kit.job("TOSEND", "A.FS", to="a@copia.com")
+    kit.job("TOSEND", "JANE.FS", to="jane@copia.com")
+    kit.job("TOSEND", "GREY.FS", to="grey@copia.com")
+    return kit
+
+
+def test_a_running_node_logs_its_start_retries_failures_and_stop_with_a_timestamp(tmp_path, server):
+    kit = outcome_kit(tmp_path, server)
+    proc = kit.start("N1")
+    try:
+        wait_until(lambda: kit.names("SENT") == ["A.FS"] and kit.names("FAIL") == ["JANE.FS"]
+                   and "451" in kit.read("TOSEND", "GREY.FS"), timeout=20)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    lines = err.splitlines()
+    assert lines and all(re.match(STAMP, line) for line in lines), err
+    [start] = [l for l in lines if "started" in l]
+    assert "node N1" in start and f"spool {kit.root}" in start and f"relay 127.0.0.1:{server.port}" in start
+    assert str(kit.cfg_path) in start
+    [retry] = [l for l in lines if "GREY.FS" in l]
+    assert "grey@copia.com" in retry and "retry" in retry and "451 4.3.0 greylisted" in retry
+    [failure] = [l for l in lines if "JANE.FS" in l]
+    assert "jane@copia.com" in failure and "failed" in failure and "550 5.1.1" in failure
+    assert re.search(STAMP + r"node N1 stopped: sent 1, failed 1, retry later 1", lines[-1]), err
+    assert not any("A.FS" in l for l in lines)  # deliveries only from -v on
+
+
+def test_v_adds_deliveries_and_deferrals_and_vv_no_library_debug_lines(tmp_path, server):
+    kit = outcome_kit(tmp_path, server)
+    quiet = kit.cli("node", "--name", "N1", "--drain")
+    assert quiet.returncode == 0 and "delivered" not in quiet.stderr and "deferred:" not in quiet.stderr
+    for i in range(2):
+        kit.job("TOSEND", f"B{i}.FS", to=f"b{i}@copia.com")
+    verbose = kit.cli("-v", "node", "--name", "N1", "--drain")
+    assert verbose.returncode == 0, verbose.stderr
+    assert re.search(STAMP + r"B0\.FS to b0@copia\.com delivered \(127\.0\.0\.1\): 250", verbose.stderr), verbose.stderr
+    assert re.search(STAMP + r"B1\.FS to b1@copia\.com deferred", verbose.stderr), verbose.stderr
+    kit.job("TOSEND", "C.FS", to="c@copia.com")
+    debug = kit.cli("-vv", "node", "--name", "N1", "--drain")
+    assert debug.returncode == 0 and "C.FS to c@copia.com delivered" in debug.stderr
+    assert all(re.match(STAMP, line) for line in debug.stderr.splitlines()), debug.stderr
+
+
+# --- 7: log lines and the progress bar on one terminal ----------------------------------
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def test_log_lines_start_on_their_own_line_below_the_progress_bar(tmp_path, server):
+    import pty
+
+    server.add_rule(Rule(stage="EOD", delay=0.4))
+    server.add_rule(Rule(stage="RCPT", code=550, text="5.1.1 User unknown", match="jane@copia.com"))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 1"])
+    for i in range(3):
+        kit.job("TOSEND", f"J{i}.FS", to=f"u{i}@copia.com")
+    kit.job("TOSEND", "J9.FS", to="jane@copia.com")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*CLI, "node", "--name", "N1", "--drain"], cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+        env=cli_env(COPIAMAIL_CONFIG=str(kit.config_path), TERM="xterm", COLUMNS="100"),
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=60)
+    os.close(master)
+    out = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 0, out
+    assert "4/4" in out and "J9.FS to jane@copia.com failed" in out
+    for m in re.finditer(r"copiamail: ", out):
+        line_start = max(out.rfind("\n", 0, m.start()), out.rfind("\r", 0, m.start())) + 1
+        before = ANSI.sub("", out[line_start:m.start()])
+        assert re.fullmatch(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d )?", before), repr(out[line_start:m.end() + 40])
