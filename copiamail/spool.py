@@ -335,7 +335,7 @@ class Spool:
         """Create the folders that are missing."""
         try:
             # A queue folder named in another case (tosend1) is that queue: not made again.
-            present = self._queue_folders_on_disk()
+            present = self.queue_folders_on_disk()
             for name in [*(q for q in self.queues if q not in present), ACTIVE, SENT, FAIL, TEMP]:
                 (self.root / name).mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -385,14 +385,19 @@ class Spool:
         ``TOSEND<n>`` folder found (left from a larger ``queues:``, or named by
         a recovered job), by number. Two folders of one queue in different
         cases are both scanned, in name order."""
-        found = self._queue_folders_on_disk()
+        found = self.queue_folders_on_disk()
         folders: list[str] = []
         for queue in self.queues:
             folders += sorted(found.pop(queue, [queue]), key=os.fsencode)
         extra = sorted(found.items(), key=lambda kv: (int(kv[0][6:]), kv[0]))  # TOSEND itself is configured
         return folders + [name for _, names in extra for name in sorted(names, key=os.fsencode)]
 
-    def _queue_folders_on_disk(self) -> dict[str, list[str]]:
+    def queue_folder(self, queue: str) -> Path:
+        """The folder of queue ``queue`` (``TOSEND3``) as it is named on disk,
+        in any case; under that name when there is none."""
+        return self.root / self.queue_folders_on_disk().get(queue, [queue])[0]
+
+    def queue_folders_on_disk(self) -> dict[str, list[str]]:
         """The TOSEND folders under the root, by upper-case name (TOSEND1: [tosend1])."""
         found: dict[str, list[str]] = {}
         try:

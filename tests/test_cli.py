@@ -182,6 +182,7 @@ def test_spool_option_overrides_the_config(tmp_path, smtp_server):
     server = smtp_server()
     kit = SpoolKit(tmp_path, server.port, [])
     other = tmp_path / "other-spool"
+    assert kit.cli("init", "--spool", str(other)).returncode == 0
     result = kit.cli("submit", "--to", "a@copia.com", "--spool", str(other))
     assert Path(result.stdout.strip()).parent == other / "TOSEND"
     assert kit.drain("N1", "--spool", str(other)).returncode == 0

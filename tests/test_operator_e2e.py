@@ -227,3 +227,131 @@ def test_log_lines_start_on_their_own_line_below_the_progress_bar(tmp_path, serv
         line_start = max(out.rfind("\n", 0, m.start()), out.rfind("\r", 0, m.start())) + 1
         before = ANSI.sub("", out[line_start:m.start()])
         assert re.fullmatch(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d )?", before), repr(out[line_start:m.end() + 40])
+
+
+# --- 4: show ------------------------------------------------------------------------------
+
+
+def show(kit: SpoolKit, path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return kit.cli("show", *args, str(path))
+
+
+@pytest.mark.parametrize("bad_line", [b'$email_subject "open', b"\x00\x01\x02binary\xff", b"$email_text no address here"],
+                         ids=["unterminated-quote", "binary", "no-address"])
+def test_show_of_a_failed_job_that_does_not_parse_prints_its_email_error_first(tmp_path, bad_line):
+    kit = SpoolKit(tmp_path, 2525, [])
+    (kit.root / "FAIL").mkdir()
+    address = b"" if b"no address" in bad_line else b"$email_address a@copia.com\n"
+    path = kit.root / "FAIL" / "BAD.FS"
+    path.write_bytes(address + bad_line + b"\n"
+                     b'$attempt_record 11/21/2026 10:00:00 E N1 65 Z "bad job"\n'
+                     b'$var_def EMAIL_ERROR "65 line 2: unterminated quote"\n')
+    result = show(kit, path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "BAD.FS" in result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("job") and "failed" in lines[0]
+    engine = [l for l in lines if not l.startswith(("job", "recipient"))]
+    assert engine[0].startswith("EMAIL_ERROR") and "65 line 2: unterminated quote" in engine[0]
+    assert any(l.startswith("attempt") and "N1 65 Z bad job" in l for l in engine)
+    if address:
+        assert "a@copia.com" in result.stdout
+
+
+def test_show_starts_with_the_state_and_shows_a_next_try_only_while_waiting(tmp_path, server):
+    server.add_rule(Rule(stage="RCPT", code=451, text="4.3.0 later", match="late@copia.com", times=1))
+    kit = SpoolKit(tmp_path, server.port, ['$email_retry_delays * "2S"'])
+    kit.job("TOSEND", "LATE.FS", to="late@copia.com")
+    kit.job("TOSEND", "NEW.FS", to="new@copia.com")
+    (kit.root / "ACTIVE" / "N7" / "TOSEND3").mkdir(parents=True)
+    kit.job("ACTIVE/N7/TOSEND3", "FLY.FS", to="fly@copia.com")
+    assert show(kit, kit.root / "TOSEND" / "NEW.FS").stdout.startswith("job        waiting (due)")
+    assert show(kit, kit.root / "ACTIVE" / "N7" / "TOSEND3" / "FLY.FS").stdout.startswith("job        in flight on node N7")
+    (kit.root / "ACTIVE" / "N7" / "TOSEND3" / "FLY.FS").unlink()
+    assert kit.drain().returncode == 0
+    waiting = show(kit, kit.root / "TOSEND" / "LATE.FS").stdout
+    assert re.match(r"job        waiting \(next try \d\d/\d\d/\d{4} \d\d:\d\d:\d\d\)", waiting), waiting
+    time.sleep(2.2)
+    kit.drain()
+    delivered = show(kit, kit.root / "SENT" / "LATE.FS")
+    assert delivered.returncode == 0 and delivered.stdout.startswith("job        delivered")
+    assert "next try" not in delivered.stdout and "$fax_next_date" in kit.read("SENT", "LATE.FS")
+
+
+def test_show_message_prints_the_mime_message_as_it_would_be_sent(tmp_path):
+    kit = SpoolKit(tmp_path, 2525, ["$email_esender bounces@copia.com"])
+    path = kit.job("TOSEND", "J.FS", '$email_subject "Your statement"', '$email_text "Dear Jane,"', to="jane@copia.com")
+    result = show(kit, path, "--message")
+    assert result.returncode == 0, result.stderr
+    assert "Subject: Your statement" in result.stdout and "To: jane@copia.com" in result.stdout
+    assert "From: bounces@copia.com" in result.stdout and "Dear Jane," in result.stdout
+    assert "Message-ID:" in result.stdout
+
+
+# --- 6: a spool that does not exist, or is none -----------------------------------------
+
+
+@pytest.mark.parametrize("command", [["node", "--name", "N1", "--drain"], ["submit", "--to", "a@copia.com"], ["status"],
+                                     ["recover", "--node", "N1"], ["check-config"], ["explain", "a@copia.com"]])
+def test_a_mistyped_spool_is_refused_in_one_line_and_nothing_is_made(tmp_path, command):
+    kit = SpoolKit(tmp_path, 2525, [])
+    typo = tmp_path / "spoool"
+    result = kit.cli(*command, "--spool", str(typo))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    [line] = result.stderr.strip().splitlines()
+    assert str(typo) in line and "no such spool folder" in line
+    assert not typo.exists()
+
+
+def test_status_on_a_folder_that_is_no_spool_says_so(tmp_path):
+    kit = SpoolKit(tmp_path, 2525, [])
+    result = kit.cli("status", "--spool", str(tmp_path))
+    assert result.returncode == 2
+    assert "not a spool" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_init_makes_a_spool_that_submit_and_node_then_use(tmp_path, server):
+    kit = SpoolKit(tmp_path, server.port, [])
+    fresh = tmp_path / "new-spool"
+    made = kit.cli("init", "--spool", str(fresh))
+    assert made.returncode == 0 and str(fresh) in made.stdout
+    assert sorted(p.name for p in fresh.iterdir()) == sorted(["ACTIVE", "FAIL", "SENT", "TEMP", "TOSEND"] + [f"TOSEND{i}" for i in range(1, 16)])
+    assert kit.cli("submit", "--to", "a@copia.com", "--spool", str(fresh)).returncode == 0
+    assert kit.drain("N1", "--spool", str(fresh)).returncode == 0
+    assert len(list((fresh / "SENT").glob("*.FS"))) == 1
+
+
+def test_a_node_makes_the_missing_folders_of_an_existing_spool(tmp_path, server):
+    kit = SpoolKit(tmp_path, server.port, [])
+    for d in kit.root.iterdir():
+        if d.name != "TOSEND":
+            d.rmdir()
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("SENT") == ["J.FS"] and (kit.root / "TOSEND15").is_dir()
+
+
+# --- 8: status --watch, piped -------------------------------------------------------------
+
+
+def test_status_watch_piped_prints_a_frame_per_refresh_and_stops_cleanly_on_sigterm(tmp_path):
+    import selectors
+
+    kit = SpoolKit(tmp_path, 2525, [])
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    proc = subprocess.Popen([*CLI, "status", "--watch"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, env=cli_env(COPIAMAIL_CONFIG=str(kit.config_path)))
+    seen = b""
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + 20
+    try:
+        while seen.count(b"spool ") < 2 and time.monotonic() < deadline:
+            if sel.select(timeout=0.5):
+                seen += os.read(proc.stdout.fileno(), 65536)
+        assert seen.count(b"spool ") >= 2, seen
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and err == b"", err
+    assert b"TOSEND" in seen
