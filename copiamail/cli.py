@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping
 import click
 
 from . import __version__
-from .config import Config, is_ip, load_config, workers_problem
+from .config import Config, is_ip, load_config, read_password, workers_problem
 from .errors import CopiamailError, DeliveryError, JobError, SpoolError
 from .fsfile import CommandFile, format_command
 from .delivery import resolve_relay
@@ -164,14 +164,22 @@ def node(name: str, relay: str | None, drain: bool, workers: int | None, config_
         result = run_node(cfg, name, drain=drain, on_event=progress.event if progress.enabled else None)
     if drain:
         s = result.stats
-        rate = s.sent / result.seconds if result.seconds > 0 else 0.0
         click.echo(
             f"{name}: sent {s.sent}, failed {s.failed}, retry later {s.retried}, deferred {s.deferred}, "
             f"recovered {len(result.recovered.returned) + len(result.recovered.failed)} "
-            f"in {result.seconds:.1f} s ({rate:.0f} msgs/s); spool {cfg.spool}"
+            f"in {result.seconds:.1f} s{_rate(s.sent, result.seconds)}; spool {cfg.spool}"
         )
     if result.failed_workers:
         sys.exit(1)
+
+
+def _rate(sent: int, seconds: float) -> str:
+    """`` (N msgs/s)`` for a drain's summary; nothing when there is nothing
+    to measure (no message sent, or a run too short for its clock)."""
+    if sent == 0 or seconds < 0.05:
+        return ""
+    rate = sent / seconds
+    return f" ({rate:.0f} msgs/s)" if rate >= 10 else f" ({rate:.2g} msgs/s)"
 
 
 # --- submit -------------------------------------------------------------------
@@ -417,6 +425,7 @@ def check_config(config_file: Path | None, spool_dir: Path | None) -> None:
     """Validate the config and CFG; warn about rules that can never apply."""
     cfg = _config(config_file, spool_dir)
     _spool_folder(cfg)
+    read_password(cfg)
     for warning in cfg.rules.warnings:
         click.echo(f"warning: {warning}")
     for rule, earlier in shadowed(cfg.rules.domain_limits):
@@ -466,7 +475,9 @@ def demo(demo_dir: Path) -> None:
     marker = demo_dir / ".copiamail-demo"
     if demo_dir.exists():
         if not marker.exists():
-            raise CopiamailError(f"{demo_dir}: exists and is not an earlier demo spool; pass --dir")
+            given = click.get_current_context().get_parameter_source("demo_dir") is not click.core.ParameterSource.DEFAULT
+            raise CopiamailError(f"{demo_dir}: exists and is not an earlier demo spool; "
+                                 + ("choose a folder that does not exist yet" if given else "pass --dir with a folder that does not exist yet"))
         shutil.rmtree(demo_dir)
     shutil.copytree(SAMPLES / "spool", demo_dir)
     marker.write_text("made by copiamail demo\n")

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
-from .config import Config
+from .config import Config, read_password
 from .errors import ConfigError, SpoolError
 from .recovery import RecoveryReport, recover
 from .scheduler import Scheduler, Stats
@@ -48,16 +48,6 @@ def check_node_name(name: str) -> str:
     if not _NODE_NAME.match(name) or name in (".", ".."):
         raise ConfigError(f"bad node name {name!r} (letters, digits, '_' and '-'; at most 64)")
     return name
-
-
-def read_password(config: Config) -> str | None:
-    relay = config.relay
-    if relay is None or relay.password_file is None:
-        return None
-    try:
-        return relay.password_file.read_text(encoding="utf-8").rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"key 'relay.password_file': cannot read: {getattr(e, 'strerror', e)}", relay.password_file) from None
 
 
 def run_node(

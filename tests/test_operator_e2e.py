@@ -355,3 +355,57 @@ def test_status_watch_piped_prints_a_frame_per_refresh_and_stops_cleanly_on_sigt
         out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0 and err == b"", err
     assert b"TOSEND" in seen
+
+
+# --- 9: an unreadable relay.password_file --------------------------------------------------
+
+
+def test_an_unreadable_password_file_is_named_by_yaml_file_line_and_key(tmp_path, server):
+    kit = SpoolKit(tmp_path, None, [], yaml=(
+        "relay:\n"
+        f"  host: 127.0.0.1\n"
+        f"  port: {server.port}\n"
+        "  username: mailer\n"
+        "  password_file: /nope\n"
+    ))
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    expected = f"{kit.config_path}:11: key 'relay.password_file': cannot read /nope: No such file or directory"
+    for command in (["check-config"], ["node", "--name", "N1", "--drain"]):
+        result = kit.cli(*command)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert result.stderr.strip().splitlines() == [f"copiamail: {expected}"], result.stderr
+    assert kit.names("TOSEND") == ["J.FS"]
+
+
+# --- 12: smaller ones ---------------------------------------------------------------------------
+
+
+def test_a_yaml_whose_top_level_is_a_list_says_so(tmp_path):
+    kit = SpoolKit(tmp_path, 2525, [])
+    kit.config_path.write_text("- spool: ./spool\n- queues: 3\n")
+    result = kit.cli("check-config")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"copiamail: {kit.config_path}:1: the top level must be a mapping of keys"
+
+
+def test_demo_with_a_dir_that_exists_does_not_ask_for_dir(tmp_path):
+    (tmp_path / "mine").mkdir()
+    env = {k: v for k, v in cli_env().items() if k != "COPIAMAIL_CONFIG"}
+    result = subprocess.run([*CLI, "demo", "--dir", str(tmp_path / "mine")], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60, stdin=subprocess.DEVNULL, env=env)
+    assert result.returncode == 2 and "not an earlier demo spool" in result.stderr
+    assert "pass --dir" not in result.stderr
+    (tmp_path / "demo-spool").mkdir()
+    default = subprocess.run([*CLI, "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                             stdin=subprocess.DEVNULL, env=env)
+    assert default.returncode == 2 and "--dir" in default.stderr
+
+
+def test_the_drain_summary_gives_a_rate_for_a_single_slow_message(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=2.5))
+    kit = SpoolKit(tmp_path, server.port, [])
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    result = kit.drain()
+    assert result.returncode == 0, result.stderr
+    assert "sent 1" in result.stdout and "(0 msgs/s)" not in result.stdout
+    assert re.search(r"\(0\.\d+ msgs/s\)", result.stdout), result.stdout
