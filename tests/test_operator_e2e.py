@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from smtpserver import Rule
-from spoolkit import CLI, SpoolKit, attempts, children_of, cli_env, wait_until
+from spoolkit import CLI, SpoolKit, attempts, children_of, cli_env, run_on_a_terminal, wait_until
 
 
 @pytest.fixture
@@ -195,33 +195,15 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def test_log_lines_start_on_their_own_line_below_the_progress_bar(tmp_path, server):
-    import pty
-
     server.add_rule(Rule(stage="EOD", delay=0.4))
     server.add_rule(Rule(stage="RCPT", code=550, text="5.1.1 User unknown", match="jane@copia.com"))
     kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 1"])
     for i in range(3):
         kit.job("TOSEND", f"J{i}.FS", to=f"u{i}@copia.com")
     kit.job("TOSEND", "J9.FS", to="jane@copia.com")
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [*CLI, "node", "--name", "N1", "--drain"], cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
-        env=cli_env(COPIAMAIL_CONFIG=str(kit.config_path), TERM="xterm", COLUMNS="100"),
-    )
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    proc.wait(timeout=60)
-    os.close(master)
-    out = b"".join(chunks).decode("utf-8", "replace")
-    assert proc.returncode == 0, out
+    code, out = run_on_a_terminal([*CLI, "node", "--name", "N1", "--drain"], tmp_path, stderr_too=True,
+                                  env=cli_env(COPIAMAIL_CONFIG=str(kit.config_path), TERM="xterm", COLUMNS="100"))
+    assert code == 0, out
     assert "4/4" in out and "J9.FS to jane@copia.com failed" in out
     for m in re.finditer(r"copiamail: ", out):
         line_start = max(out.rfind("\n", 0, m.start()), out.rfind("\r", 0, m.start())) + 1
