@@ -3,7 +3,6 @@ check-config, demo, and one-line errors for everything a user can get wrong."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
