@@ -12,21 +12,27 @@ import functools
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Mapping
 
 import click
 
 from . import __version__
-from .config import Config, is_ip, load_config, workers_problem
-from .errors import CopiamailError, DeliveryError
+from .config import Config, is_ip, load_config, read_password, workers_problem
+from .errors import CopiamailError, DeliveryError, JobError, SpoolError
 from .fsfile import CommandFile, format_command
 from .delivery import resolve_relay
-from .job import parse_address, parse_job
+from .job import AttemptRecord, parse_address, parse_job
+from .jobview import ENGINE_VARS, engine_lines, job_state, readable_commands, recipient_of, sender_for
 from .limits import bindings_for, limits_for
+from .logs import live_display_on, setup_logging
+from .message import build_message
 from .mx import MxResolver
 from .peers import TAKEOVER_MARK
 from .recovery import recover
@@ -67,13 +73,29 @@ def _config(config_file: Path | None, spool_dir: Path | None, relay: str | None 
     return load_config(config_file).with_overrides(spool=spool_dir, relay=relay)
 
 
+def _spool_folder(cfg: Config) -> Spool:
+    """The config's spool, whose folder must exist: a mistyped ``--spool``
+    must not start a new, empty spool (SPEC 6). Its subfolders may be missing."""
+    spool = Spool(cfg.spool, cfg.queues, cfg.fsync)
+    if not spool.root.is_dir():
+        raise SpoolError(f"{spool.root}: no such spool folder (copiamail init --spool {spool.root} makes one)")
+    return spool
+
+
+def _spool(cfg: Config) -> Spool:
+    """The config's spool, which must exist and hold a TOSEND folder."""
+    spool = _spool_folder(cfg)
+    if not spool.queue_folders_on_disk():
+        raise SpoolError(f"{spool.root}: not a spool (no TOSEND folder; copiamail init --spool {spool.root} makes one)")
+    return spool
+
+
 @click.group()
 @click.version_option(__version__)
-@click.option("-v", "--verbose", count=True, help="More log lines on stderr (-v info, -vv debug).")
+@click.option("-v", "--verbose", count=True, help="More log lines on stderr (-v deliveries and deferrals, -vv debug, -vvv libraries' debug).")
 def main(verbose: int) -> None:
     """copiamail: file-spool batch e-mail transmission in the CopiaFacts style."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="copiamail: %(message)s", stream=sys.stderr)
+    setup_logging(verbose, sys.stderr)
     # watchdog warns when its emitter thread stops during shutdown; not ours to report.
     logging.getLogger("watchdog").setLevel(logging.CRITICAL)
 
@@ -89,6 +111,7 @@ class _Progress:
         self.counts: Counter[str] = Counter()
         self._progress: Any = None
         self._task: Any = None
+        self._stack = ExitStack()
         self.total = total
 
     def __enter__(self) -> "_Progress":
@@ -100,6 +123,8 @@ class _Progress:
                 TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), transient=False,
             )
             self._progress.start()
+            self._stack.callback(self._progress.stop)
+            self._stack.enter_context(live_display_on(sys.stdout))
             self._task = self._progress.add_task("sending", total=self.total or None, detail="")
         return self
 
@@ -111,8 +136,7 @@ class _Progress:
             self._progress.update(self._task, completed=done, detail=detail)
 
     def __exit__(self, *exc: Any) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+        self._stack.close()
 
 
 @main.command()
@@ -133,21 +157,29 @@ def node(name: str, relay: str | None, drain: bool, workers: int | None, config_
             raise CopiamailError(f"--workers: {problem}")
     for warning in cfg.rules.warnings:
         click.echo(f"copiamail: warning: {warning}", err=True)
-    total = sum(n for k, n in Spool(cfg.spool, cfg.queues).counts().items() if k.startswith("TOSEND"))
+    total = sum(n for k, n in _spool_folder(cfg).counts().items() if k.upper().startswith("TOSEND"))
     with _Progress(total, drain and sys.stdout.isatty()) as progress:
         # Without a live line nothing reads the events (and workers would send
         # each one to this process).
         result = run_node(cfg, name, drain=drain, on_event=progress.event if progress.enabled else None)
     if drain:
         s = result.stats
-        rate = s.sent / result.seconds if result.seconds > 0 else 0.0
         click.echo(
             f"{name}: sent {s.sent}, failed {s.failed}, retry later {s.retried}, deferred {s.deferred}, "
             f"recovered {len(result.recovered.returned) + len(result.recovered.failed)} "
-            f"in {result.seconds:.1f} s ({rate:.0f} msgs/s); spool {cfg.spool}"
+            f"in {result.seconds:.1f} s{_rate(s.sent, result.seconds)}; spool {cfg.spool}"
         )
     if result.failed_workers:
         sys.exit(1)
+
+
+def _rate(sent: int, seconds: float) -> str:
+    """`` (N msgs/s)`` for a drain's summary; nothing when there is nothing
+    to measure (no message sent, or a run too short for its clock)."""
+    if sent == 0 or seconds < 0.05:
+        return ""
+    rate = sent / seconds
+    return f" ({rate:.0f} msgs/s)" if rate >= 10 else f" ({rate:.2g} msgs/s)"
 
 
 # --- submit -------------------------------------------------------------------
@@ -181,7 +213,7 @@ def submit(to: str, subject: str | None, text: tuple[str, ...], attach: tuple[Pa
     cfg = _config(config_file, spool_dir)
     if parse_address(to) is None:
         raise CopiamailError(f"--to: not an e-mail address: {to!r}")
-    spool = Spool(cfg.spool, cfg.queues, cfg.fsync)
+    spool = _spool(cfg)
     if queue > cfg.queues:
         raise CopiamailError(f"--queue {queue}: this spool has TOSEND1 to TOSEND{cfg.queues}")
     spool.ensure()
@@ -195,7 +227,7 @@ def submit(to: str, subject: str | None, text: tuple[str, ...], attach: tuple[Pa
         if not any(real == r or r in real.parents for r in roots):
             raise CopiamailError(f"--attach {a}: outside attachment_roots ({', '.join(map(str, roots))})")
     lines += [format_command("email_attach", str(a.resolve())) for a in attach]
-    folder = spool.folder(spool.queues[queue])
+    folder = spool.queue_folder(spool.queues[queue])
     tmp, final = _new_job_name(folder)
     data = ("\n".join(lines) + "\n").encode("utf-8")
     with open(tmp, "wb") as f:
@@ -217,7 +249,7 @@ def _status_table(spool: Spool) -> Any:
     table.add_column("folder")
     table.add_column("jobs", justify="right")
     for folder, n in counts.items():
-        if n or not folder.startswith("TOSEND") or folder == "TOSEND":
+        if n or not folder.upper().startswith("TOSEND") or folder.upper() == "TOSEND":
             table.add_row(folder, str(n))
     domains: Counter[str] = Counter()
     for w in spool.scan():
@@ -243,46 +275,84 @@ def status(watch: bool, config_file: Path | None, spool_dir: Path | None) -> Non
     """Jobs per folder, per domain, and in flight per node."""
     from rich.console import Console
 
-    cfg = _config(config_file, spool_dir)
-    spool = Spool(cfg.spool, cfg.queues)
-    if not spool.root.is_dir():
-        raise CopiamailError(f"{spool.root}: no spool here")
+    spool = _spool(_config(config_file, spool_dir))
     console = Console()
     if not watch:
         console.print(_status_table(spool))
         return
-    from rich.live import Live
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if console.is_terminal:
+        from rich.live import Live
 
-    try:
         with Live(_status_table(spool), console=console, refresh_per_second=2) as live:
-            while True:
-                time.sleep(1)
+            while not stop.wait(1):
                 live.update(_status_table(spool))
-    except KeyboardInterrupt:
-        pass
+        return
+    # Piped or redirected: one frame per refresh, each complete when written.
+    while True:
+        console.print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        console.print(_status_table(spool))
+        console.file.flush()
+        if stop.wait(1):
+            return
 
 
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--message", "as_message", is_flag=True, help="Print the MIME message as it would be sent.")
 @_common
-def show(file: Path, config_file: Path | None, spool_dir: Path | None) -> None:
-    """What a job file says: recipient, status, attempts, engine variables."""
+def show(file: Path, as_message: bool, config_file: Path | None, spool_dir: Path | None) -> None:
+    """A job's state, then what its file says: recipient, attempts, engine
+    variables. A job that does not parse shows its parse error (exit 2) and
+    the engine's lines that can be read."""
+    # Only --message needs the config: show reads a job wherever it lies.
+    cfg = _config(config_file, spool_dir) if as_message or spool_dir is not None else None
+    if cfg is not None and spool_dir is not None:
+        _spool_folder(cfg)
     cf = CommandFile.read(file)
-    job = parse_job(cf, file.name)
-    click.echo(f"job        {file}")
+    if cfg is not None and as_message:
+        job = parse_job(cf, file.name)
+        data = build_message(job, spool_root=cfg.spool, attachment_roots=cfg.roots, sender=sender_for(job, cfg))
+        sys.stdout.buffer.write(data)
+        return
+    try:
+        job = parse_job(cf, file.name)
+    except JobError as e:
+        variables, attempts, next_attempt = engine_lines(readable_commands(cf))
+        click.echo(f"job        {job_state(file, next_attempt, time.time())}: {file}")
+        sys.stdout.flush()
+        click.echo(f"copiamail: {e}", err=True)
+        click.echo(f"recipient  {recipient_of(cf)}")
+        _show_engine_lines(variables, attempts)
+        sys.exit(2)
+    click.echo(f"job        {job_state(file, job.next_attempt, time.time())}: {file}")
     click.echo(f"recipient  {job.address} (domain {job.domain})")
     if job.subject is not None:
         click.echo(f"subject    {job.subject}")
     if job.esender:
         click.echo(f"esender    {job.esender}")
     click.echo(f"body       {len(job.body)} item(s), {len(job.alt)} alternative, {len(job.attachments)} attachment(s)")
-    for key in ("DOMAINBUSY_COUNT", "EMAIL_ERROR", "EMAIL_CONNECT_IP", "EMAIL_BYTECOUNT", "EMAIL_BINDING", "EMAIL_BINDING_GROUP"):
-        if key in job.variables:
-            click.echo(f"{key:<18} {job.variables[key]}")
-    if job.next_attempt is not None:
-        click.echo(f"next try   {time.strftime('%m/%d/%Y %H:%M:%S', time.localtime(job.next_attempt))}")
-    for a in job.attempts:
+    _show_engine_lines(job.variables, job.attempts)
+
+
+def _show_engine_lines(variables: Mapping[str, str], attempts: Iterable[AttemptRecord]) -> None:
+    for key in (*ENGINE_VARS, "EMAIL_BINDING", "EMAIL_BINDING_GROUP"):
+        if key in variables:
+            click.echo(f"{key:<18} {variables[key]}")
+    for a in attempts:
         click.echo(f"attempt    {a.date} {a.time} {a.node} {a.outcome} {a.klass} {a.text}")
+
+
+@main.command()
+@_common
+def init(config_file: Path | None, spool_dir: Path | None) -> None:
+    """Make a spool: its folder (--spool, or spool:) and every folder in it."""
+    cfg = _config(config_file, spool_dir)
+    existed = cfg.spool.is_dir()
+    Spool(cfg.spool, cfg.queues, cfg.fsync).ensure()
+    click.echo(f"spool {cfg.spool}: {'missing folders made' if existed else 'made'}")
 
 
 # --- explain, check-config ----------------------------------------------------
@@ -296,6 +366,8 @@ def show(file: Path, config_file: Path | None, spool_dir: Path | None) -> None:
 def explain(address: str, node_name: str, binding: str | None, config_file: Path | None, spool_dir: Path | None) -> None:
     """The $domain_limit rule and every scoped limit that applies to ADDRESS."""
     cfg = _config(config_file, spool_dir)
+    if spool_dir is not None:
+        _spool_folder(cfg)  # explain does not use the spool, but a --spool given must exist
     parsed = parse_address(address)
     if parsed is None:
         raise CopiamailError(f"not an e-mail address: {address!r}")
@@ -352,6 +424,8 @@ def _mail_hosts(cfg: Config, domain: str) -> list[tuple[str, tuple[str, ...], tu
 def check_config(config_file: Path | None, spool_dir: Path | None) -> None:
     """Validate the config and CFG; warn about rules that can never apply."""
     cfg = _config(config_file, spool_dir)
+    _spool_folder(cfg)
+    read_password(cfg)
     for warning in cfg.rules.warnings:
         click.echo(f"warning: {warning}")
     for rule, earlier in shadowed(cfg.rules.domain_limits):
@@ -370,8 +444,7 @@ def recover_cmd(node_name: str, config_file: Path | None, spool_dir: Path | None
     from .node import check_node_name, node_lock
 
     check_node_name(node_name)
-    cfg = _config(config_file, spool_dir)
-    spool = Spool(cfg.spool, cfg.queues, cfg.fsync)
+    spool = _spool(_config(config_file, spool_dir))
     spool.ensure()
     with node_lock(spool, node_name):
         reports = [recover(spool, node_name)]
@@ -402,7 +475,9 @@ def demo(demo_dir: Path) -> None:
     marker = demo_dir / ".copiamail-demo"
     if demo_dir.exists():
         if not marker.exists():
-            raise CopiamailError(f"{demo_dir}: exists and is not an earlier demo spool; pass --dir")
+            given = click.get_current_context().get_parameter_source("demo_dir") is not click.core.ParameterSource.DEFAULT
+            raise CopiamailError(f"{demo_dir}: exists and is not an earlier demo spool; "
+                                 + ("choose a folder that does not exist yet" if given else "pass --dir with a folder that does not exist yet"))
         shutil.rmtree(demo_dir)
     shutil.copytree(SAMPLES / "spool", demo_dir)
     marker.write_text("made by copiamail demo\n")
@@ -410,7 +485,7 @@ def demo(demo_dir: Path) -> None:
     with SmtpSink(delay=0.05) as sink:
         cfg = cfg.with_overrides(spool=demo_dir, relay=f"{sink.host}:{sink.port}")
         click.echo(f"embedded SMTP sink on {sink.host}:{sink.port}; node N1 draining {cfg.spool}")
-        total = sum(n for k, n in Spool(cfg.spool, cfg.queues).counts().items() if k.startswith("TOSEND"))
+        total = sum(n for k, n in Spool(cfg.spool, cfg.queues).counts().items() if k.upper().startswith("TOSEND"))
         with _Progress(total, sys.stdout.isatty()) as progress:
             result = run_node(cfg, "N1", drain=True, on_event=progress.event)
     s = result.stats

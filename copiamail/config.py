@@ -45,6 +45,7 @@ class RelayConfig:
     password_file: Path | None = None
     tls_verify: bool = True
     ca_file: Path | None = None
+    password_file_line: int | None = field(default=None, compare=False)  # in the YAML file, for errors
 
 
 @dataclass(frozen=True)
@@ -237,15 +238,19 @@ class _Reader:
     def error(self, node: Any, key: str, message: str, leaf: Any = None) -> ConfigError:
         # ``leaf`` is the key as it stands in ``node`` when it may hold a dot.
         leaf = key.rsplit(".", 1)[-1] if leaf is None else leaf
-        line = None
+        return ConfigError(f"key '{key}': {message}", self.path, self.line(node, leaf))
+
+    @staticmethod
+    def line(node: Any, leaf: Any) -> int | None:
+        """The line of key ``leaf`` in ``node`` (else of ``node`` itself)."""
         if isinstance(node, CommentedMap) and leaf in node:
             try:
-                line = node.lc.key(leaf)[0] + 1
+                return node.lc.key(leaf)[0] + 1
             except (KeyError, TypeError, AttributeError):
-                line = None
-        if line is None and isinstance(node, (CommentedMap, CommentedSeq)):
-            line = node.lc.line + 1
-        return ConfigError(f"key '{key}': {message}", self.path, line)
+                pass
+        if isinstance(node, (CommentedMap, CommentedSeq)):
+            return node.lc.line + 1
+        return None
 
     def child(self, parent: CommentedMap, leaf: Any, full: str, allowed: set[str] | None) -> CommentedMap:
         """``parent[leaf]`` as a mapping (empty when null) with only ``allowed`` keys
@@ -259,6 +264,8 @@ class _Reader:
 
     def mapping(self, node: Any, key: str, allowed: set[str]) -> CommentedMap:
         if not isinstance(node, CommentedMap):
+            if not key:
+                raise ConfigError("the top level must be a mapping of keys", self.path, self.line(node, None) or 1)
             raise ConfigError(f"key '{key}': must be a mapping", self.path)
         for k in node:
             if str(k) not in allowed:
@@ -579,7 +586,25 @@ def _relay(r: _Reader, m: CommentedMap) -> RelayConfig:
         password_file=r.optional(m, "password_file", "relay.password_file", r.pathval),
         tls_verify=r.boolean(m, "tls_verify", "relay.tls_verify") if m.get("tls_verify") is not None else True,
         ca_file=r.optional(m, "ca_file", "relay.ca_file", r.pathval),
+        password_file_line=r.line(m, "password_file"),
     )
+
+
+def read_password(config: Config) -> str | None:
+    """The relay's password, read from ``relay.password_file`` (None without
+    one); a ConfigError naming the YAML file, line and key when it cannot be
+    read (check-config checks this too, so a node never stops on it)."""
+    relay = config.relay
+    if relay is None or relay.password_file is None:
+        return None
+    try:
+        return relay.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as e:
+        why = e.strerror or str(e)
+    except UnicodeDecodeError:
+        why = "not UTF-8 text"
+    raise ConfigError(f"key 'relay.password_file': cannot read {relay.password_file}: {why}",
+                      config.path, relay.password_file_line)
 
 
 # --- CFG --------------------------------------------------------------------

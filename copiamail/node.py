@@ -23,12 +23,12 @@ from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
-from .config import Config
+from .config import Config, read_password
 from .errors import ConfigError, SpoolError
 from .recovery import RecoveryReport, recover
 from .scheduler import Scheduler, Stats
 from .spool import Spool
-from .workers import node_services, run_workers
+from .workers import ignore_hangups, node_services, run_workers
 
 log = logging.getLogger("copiamail")
 
@@ -50,16 +50,6 @@ def check_node_name(name: str) -> str:
     return name
 
 
-def read_password(config: Config) -> str | None:
-    relay = config.relay
-    if relay is None or relay.password_file is None:
-        return None
-    try:
-        return relay.password_file.read_text(encoding="utf-8").rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"key 'relay.password_file': cannot read: {getattr(e, 'strerror', e)}", relay.password_file) from None
-
-
 def run_node(
     config: Config,
     name: str,
@@ -68,6 +58,7 @@ def run_node(
 ) -> NodeResult:
     """Run node ``name`` until stopped (or drained); returns what it did."""
     check_node_name(name)
+    ignore_hangups()
     password = read_password(config)
     spool = Spool(config.spool, config.queues, config.fsync)
     spool.ensure()
@@ -77,11 +68,25 @@ def run_node(
     with node_lock(spool, name):
         report = recover(spool, name)
         if config.workers > 1:
+            _log_start(config, name)
             result = run_workers(config, spool, name, password, drain, on_event)
-            return NodeResult(result.stats, report, time.monotonic() - started, result.failed_workers)
-        scheduler = Scheduler(config, spool, name, password=password, on_event=on_event)
-        stats = asyncio.run(_serve(config, spool, scheduler, drain))
-    return NodeResult(stats, report, time.monotonic() - started)
+            done = NodeResult(result.stats, report, time.monotonic() - started, result.failed_workers)
+        else:
+            scheduler = Scheduler(config, spool, name, password=password, on_event=on_event)
+            _log_start(config, name)
+            done = NodeResult(asyncio.run(_serve(config, spool, scheduler, drain)), report, time.monotonic() - started)
+    s = done.stats
+    log.info("node %s stopped: sent %d, failed %d, retry later %d, deferred %d, handed back %d in %.1f s",
+             name, s.sent, s.failed, s.retried, s.deferred, s.handed_back, done.seconds)
+    return done
+
+
+def _log_start(config: Config, name: str) -> None:
+    relay = config.relay
+    rules = config.rules
+    log.info("node %s started: spool %s, %s, limits %s (%d $domain_limit rule(s)), %d worker(s)",
+             name, config.spool, f"relay {relay.host}:{relay.port}" if relay else "direct to each domain's MX",
+             rules.path or "none", len(rules.domain_limits), config.workers)
 
 
 @contextmanager

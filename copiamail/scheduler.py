@@ -46,7 +46,9 @@ from .delivery import CONNECT, Delivered, SessionSettings, SmtpSession, make_tls
 from .errors import DeliveryError, JobError
 from .fsfile import CommandFile
 from .job import Job, parse_job, quick_domain
+from .jobview import recipient_of
 from .limits import Limit, LocalLimiter, bindings_for, limits_for, worker_cap, worker_of
+from .logs import OUTCOMES
 from .message import build_message
 from .mx import MxResolver, Route
 from .spool import FAIL, SENT, Claimed, ResultBatch, Spool, Waiting, is_job_name
@@ -54,6 +56,7 @@ from .syncer import Syncer
 from .waiting import WaitEntry, WaitingJobs
 
 log = logging.getLogger("copiamail")
+outcomes = logging.getLogger(OUTCOMES)  # deliveries and deferrals: shown from -v on
 
 # A scan gives the event loop a turn this often (seconds of work), so the
 # connections it starts send while it defers a large backlog, and a job it
@@ -202,7 +205,7 @@ class Scheduler:
         self._settling: dict[str, tuple[tuple[int, int, int] | None, float]] = {}
         self._scanned_once = False
         self._full_scan_due = True
-        self._queue_dirs = {spool.folder(q) for q in spool.queues}
+        self._queue_dirs = {spool.folder(q) for q in spool.queue_folders()}
         self._parked = False
         self._owed: list[_Result] = []
         self._batch: list[_Result] = []  # results of this turn of the loop, not yet written
@@ -690,6 +693,7 @@ class Scheduler:
         try:
             path = self.spool.finish(claimed, records.deferred(cf, job.domainbusy_count), "BACK")
             self.stats.deferred += 1
+            outcomes.info("%s to %s deferred: %s is busy", claimed.name, job.address, job.domain)
             self.on_event("deferred", claimed.name)
         except OSError as e:
             # It still waits for a slot (unmarked), rather than being claimed
@@ -1081,6 +1085,8 @@ class Scheduler:
         return bool(self._owed)
 
     def _sent(self, claimed: Claimed, cf: CommandFile, result: Delivered) -> _Result:
+        if outcomes.isEnabledFor(logging.INFO):
+            outcomes.info("%s to %s delivered (%s): %s", claimed.name, recipient_of(cf), result.ip, result.reply)
         try:
             # First a rename (no disk space needed): from now on a crash or a
             # full disk can no longer make this message go out twice.
@@ -1090,7 +1096,7 @@ class Scheduler:
         return _Result(claimed, records.delivered(cf, self.node, result.reply, result.ip, result.bytecount, self.clock()), SENT, "sent")
 
     def _failed(self, claimed: Claimed, cf: CommandFile, code: int, klass: str, text: str) -> _Result:
-        log.warning("%s: failed: %s", claimed.name, text)
+        log.warning("%s to %s failed: %s", claimed.name, recipient_of(cf), text)
         return _Result(claimed, records.failed(cf, self.node, code, klass, text, self.clock()), FAIL, "failed")
 
     def _after_error(self, claimed: Claimed, cf: CommandFile, job: Job, e: DeliveryError) -> _Result:
@@ -1103,6 +1109,7 @@ class Scheduler:
         if wait is None:
             return self._failed(claimed, cf, e.code, e.klass, e.text)
         now = self.clock()
+        log.info("%s to %s: retry in %d s: %s", claimed.name, job.address, wait, e.text)
         return _Result(claimed, records.retry(cf, self.node, e.code, e.klass, e.text, now, now + wait), "BACK", "retried")
 
     def _hand_back(self, claimed: Claimed) -> Path | None:

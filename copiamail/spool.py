@@ -105,7 +105,7 @@ _SPARES_KEPT = 512  # at most this many spares per process; more are deleted
 
 _RESULT_SUFFIXES = (SENT, FAIL, BACK)
 DELIVERED = "DELIVERED"  # the suffix of a claimed job the server has accepted
-_QUEUE_NAME = re.compile(r"^TOSEND(\d+)$")
+_QUEUE_NAME = re.compile(r"^TOSEND(\d*)$", re.IGNORECASE)
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
@@ -185,6 +185,11 @@ def _drop(spare: str, fd: int | None) -> None:
 
 def is_job_name(name: str) -> bool:
     return name.upper().endswith(".FS") and len(name) > 3
+
+
+def is_queue_name(name: str) -> bool:
+    """Whether a folder of this name is a TOSEND folder (SPEC 1: any case)."""
+    return _QUEUE_NAME.match(name) is not None
 
 
 def queue_names(queues: int) -> list[str]:
@@ -329,7 +334,9 @@ class Spool:
     def ensure(self) -> None:
         """Create the folders that are missing."""
         try:
-            for name in [*self.queues, ACTIVE, SENT, FAIL, TEMP]:
+            # A queue folder named in another case (tosend1) is that queue: not made again.
+            present = self.queue_folders_on_disk()
+            for name in [*(q for q in self.queues if q not in present), ACTIVE, SENT, FAIL, TEMP]:
                 (self.root / name).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SpoolError(f"{e.filename}: cannot create spool folder: {e.strerror}") from None
@@ -348,7 +355,7 @@ class Spool:
 
     def priority(self, queue: str) -> int:
         try:
-            return self.queues.index(queue)
+            return self.queues.index(queue.upper())
         except ValueError:
             # A queue folder left from a larger `queues:` still drains, last
             # (scan() visits it after the configured ones).
@@ -372,18 +379,35 @@ class Spool:
             yield Waiting(prio, queue, n, f"{folder}/{n}")
 
     def queue_folders(self) -> list[str]:
-        """The configured TOSEND folders, then any other ``TOSEND<n>`` folder found
-        (left from a larger ``queues:``, or named by a recovered job), by number."""
-        extra: list[tuple[int, str]] = []
+        """The TOSEND folders as they are named on disk (SPEC 1: any case), in
+        scan order: the configured ones by number (a missing one under its
+        own name, so a scan of it finds nothing), then any other
+        ``TOSEND<n>`` folder found (left from a larger ``queues:``, or named by
+        a recovered job), by number. Two folders of one queue in different
+        cases are both scanned, in name order."""
+        found = self.queue_folders_on_disk()
+        folders: list[str] = []
+        for queue in self.queues:
+            folders += sorted(found.pop(queue, [queue]), key=os.fsencode)
+        extra = sorted(found.items(), key=lambda kv: (int(kv[0][6:]), kv[0]))  # TOSEND itself is configured
+        return folders + [name for _, names in extra for name in sorted(names, key=os.fsencode)]
+
+    def queue_folder(self, queue: str) -> Path:
+        """The folder of queue ``queue`` (``TOSEND3``) as it is named on disk,
+        in any case; under that name when there is none."""
+        return self.root / self.queue_folders_on_disk().get(queue, [queue])[0]
+
+    def queue_folders_on_disk(self) -> dict[str, list[str]]:
+        """The TOSEND folders under the root, by upper-case name (TOSEND1: [tosend1])."""
+        found: dict[str, list[str]] = {}
         try:
             with os.scandir(self.root) as it:
                 for e in it:
-                    m = _QUEUE_NAME.match(e.name)
-                    if m and e.name not in self.queues and e.is_dir():
-                        extra.append((int(m.group(1)), e.name))
+                    if is_queue_name(e.name) and e.is_dir():
+                        found.setdefault(e.name.upper(), []).append(e.name)
         except FileNotFoundError:
             pass
-        return self.queues + [name for _, name in sorted(extra)]
+        return found
 
     def scan(self) -> Iterator[Waiting]:
         """Every job file in every TOSEND folder, in queue order."""
@@ -642,7 +666,7 @@ class Spool:
         for name in [*self.queue_folders(), SENT, FAIL]:
             try:
                 with os.scandir(self.root / name) as it:
-                    out[name] = sum(1 for e in it if is_job_name(e.name))
+                    out[name] = sum(1 for e in it if is_job_name(e.name) and e.is_file())
             except FileNotFoundError:
                 out[name] = 0
         active = self.root / ACTIVE

@@ -156,10 +156,11 @@ class SpoolWatcher:
 
 
 def _child(argv: list[str]) -> int:
-    # The node stops this process by closing its standard input; a Ctrl-C or
-    # a SIGTERM sent to the whole process group is the node's to handle.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The node stops this process by closing its standard input; a Ctrl-C,
+    # a SIGTERM or a terminal's hang-up sent to the whole process group is
+    # the node's to handle.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     # watchdog logs an error when an emitter is asked for events while it
     # stops ("called when the thread is inactive"): noise at every node exit.
     # Failures to watch a folder are exceptions, reported below.

@@ -151,3 +151,28 @@ def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float 
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
+
+
+def run_on_a_terminal(argv: list[str], cwd: Path, env: dict[str, str], stderr_too: bool,
+                      timeout: float = 60) -> tuple[int, str]:
+    """Run ``argv`` with its stdout (and, with ``stderr_too``, its stderr) on a
+    pseudo-terminal, as an operator's shell would; its exit code and all it
+    wrote to the terminal."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=slave,
+                            stderr=slave if stderr_too else subprocess.PIPE, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break  # EIO: every writer has closed the terminal
+        if not data:
+            break
+        chunks.append(data)
+    proc.communicate(timeout=timeout)
+    os.close(master)
+    return proc.returncode, b"".join(chunks).decode("utf-8", "replace")

@@ -3,14 +3,13 @@ check-config, demo, and one-line errors for everything a user can get wrong."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from smtpserver import Rule
-from spoolkit import CLI, SpoolKit, attempts, cli_env, var
+from spoolkit import CLI, SpoolKit, attempts, cli_env, run_on_a_terminal, var
 
 from copiamail.fsfile import CommandFile
 from copiamail.job import parse_job
@@ -182,6 +181,7 @@ def test_spool_option_overrides_the_config(tmp_path, smtp_server):
     server = smtp_server()
     kit = SpoolKit(tmp_path, server.port, [])
     other = tmp_path / "other-spool"
+    assert kit.cli("init", "--spool", str(other)).returncode == 0
     result = kit.cli("submit", "--to", "a@copia.com", "--spool", str(other))
     assert Path(result.stdout.strip()).parent == other / "TOSEND"
     assert kit.drain("N1", "--spool", str(other)).returncode == 0
@@ -239,31 +239,13 @@ def test_demo_refuses_to_replace_a_folder_it_did_not_make(tmp_path):
 
 
 def test_drain_on_a_terminal_shows_a_progress_bar_and_a_summary(tmp_path, smtp_server):
-    import pty
-
     server = smtp_server()
     kit = SpoolKit(tmp_path, server.port, [])
     for i in range(3):
         kit.job("TOSEND", f"J{i}.FS", to=f"u{i}@copia.com")
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [*CLI, "node", "--name", "N1", "--drain"], cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE,
-        env=cli_env(COPIAMAIL_CONFIG=str(kit.config_path), TERM="xterm", COLUMNS="120"),
-    )
-    os.close(slave)
-    chunks = []
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    proc.wait(timeout=60)
-    os.close(master)
-    out = b"".join(chunks).decode("utf-8", "replace")
-    assert proc.returncode == 0
+    code, out = run_on_a_terminal([*CLI, "node", "--name", "N1", "--drain"], tmp_path, stderr_too=False,
+                                  env=cli_env(COPIAMAIL_CONFIG=str(kit.config_path), TERM="xterm", COLUMNS="120"))
+    assert code == 0
     assert "sending" in out and "3/3" in out
     assert "N1: sent 3, failed 0" in out
 

@@ -588,6 +588,7 @@ def test_node_creates_the_missing_spool_folders_as_queues_says(tmp_path, server)
     import shutil
 
     shutil.rmtree(kit.root)
+    kit.root.mkdir()
     assert kit.drain().returncode == 0
     made = sorted(p.name for p in kit.root.iterdir() if p.is_dir())
     assert made == ["ACTIVE", "FAIL", "SENT", "TEMP", "TOSEND", "TOSEND1", "TOSEND2", "TOSEND3"]
