@@ -28,7 +28,7 @@ from .config import Config, is_ip, load_config, read_password, workers_problem
 from .errors import CopiamailError, DeliveryError, JobError, SpoolError
 from .fsfile import CommandFile, format_command
 from .delivery import resolve_relay
-from .job import AttemptRecord, parse_address, parse_job
+from .job import AttemptRecord, JobEnv, parse_address, parse_job
 from .jobview import ENGINE_VARS, engine_lines, job_state, readable_commands, recipient_of, sender_for
 from .limits import bindings_for, limits_for
 from .logs import live_display_on, setup_logging
@@ -213,6 +213,8 @@ def submit(to: str, subject: str | None, text: tuple[str, ...], attach: tuple[Pa
     cfg = _config(config_file, spool_dir)
     if parse_address(to) is None:
         raise CopiamailError(f"--to: not an e-mail address: {to!r}")
+    if not subject and not text and not attach:
+        raise CopiamailError("nothing to send: give --subject, --text or --attach")
     spool = _spool(cfg)
     if queue > cfg.queues:
         raise CopiamailError(f"--queue {queue}: this spool has TOSEND1 to TOSEND{cfg.queues}")
@@ -241,7 +243,7 @@ def submit(to: str, subject: str | None, text: tuple[str, ...], attach: tuple[Pa
 # --- status, show -------------------------------------------------------------
 
 
-def _status_table(spool: Spool) -> Any:
+def _status_table(spool: Spool, env: JobEnv) -> Any:
     from rich.table import Table
 
     counts = spool.counts()
@@ -254,7 +256,7 @@ def _status_table(spool: Spool) -> Any:
     domains: Counter[str] = Counter()
     for w in spool.scan():
         try:
-            job = parse_job(CommandFile.read(w.path), w.name)
+            job = parse_job(CommandFile.read(w.path), w.name, env)
             domains[job.domain] += 1
         except (OSError, CopiamailError):
             domains["(unreadable)"] += 1
@@ -275,10 +277,11 @@ def status(watch: bool, config_file: Path | None, spool_dir: Path | None) -> Non
     """Jobs per folder, per domain, and in flight per node."""
     from rich.console import Console
 
-    spool = _spool(_config(config_file, spool_dir))
+    cfg = _config(config_file, spool_dir)
+    spool = _spool(cfg)
     console = Console()
     if not watch:
-        console.print(_status_table(spool))
+        console.print(_status_table(spool, cfg.job_env))
         return
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -286,14 +289,14 @@ def status(watch: bool, config_file: Path | None, spool_dir: Path | None) -> Non
     if console.is_terminal:
         from rich.live import Live
 
-        with Live(_status_table(spool), console=console, refresh_per_second=2) as live:
+        with Live(_status_table(spool, cfg.job_env), console=console, refresh_per_second=2) as live:
             while not stop.wait(1):
-                live.update(_status_table(spool))
+                live.update(_status_table(spool, cfg.job_env))
         return
     # Piped or redirected: one frame per refresh, each complete when written.
     while True:
         console.print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        console.print(_status_table(spool))
+        console.print(_status_table(spool, cfg.job_env))
         console.file.flush()
         if stop.wait(1):
             return
@@ -313,8 +316,9 @@ def show(file: Path, as_message: bool, config_file: Path | None, spool_dir: Path
         _spool_folder(cfg)
     cf = CommandFile.read(file)
     if cfg is not None and as_message:
-        job = parse_job(cf, file.name)
-        data = build_message(job, spool_root=cfg.spool, attachment_roots=cfg.roots, sender=sender_for(job, cfg))
+        job = parse_job(cf, file.name, cfg.job_env)
+        data = build_message(job, spool_root=cfg.spool, attachment_roots=cfg.roots, sender=sender_for(job, cfg),
+                             path_map=cfg.path_map)
         sys.stdout.buffer.write(data)
         return
     try:

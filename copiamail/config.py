@@ -14,6 +14,7 @@ command is ignored with a warning naming file and line.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import os
@@ -29,7 +30,7 @@ from ruamel.yaml.error import YAMLError
 from . import outcome
 from .errors import ConfigError, SyntaxFileError
 from .fsfile import CommandFile
-from .job import parse_address
+from .job import JobEnv, parse_address
 from .rules import DomainLimitRule, parse_rule
 
 CONFIG_ENV = "COPIAMAIL_CONFIG"
@@ -119,6 +120,7 @@ class CfgRules:
     retry_max: int | None = None
     esender: str | None = None
     warnings: tuple[str, ...] = ()
+    variables: Mapping[str, str] = field(default_factory=dict)  # $var_def, names upper-case
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,14 @@ class Config:
     # folders they stand for, longest prefix first.
     path_map: tuple[tuple[str, str], ...] = ()
     write_settle: float = 5.0
+    variables: Mapping[str, str] = field(default_factory=dict)  # `variables:`, names upper-case
     rules: CfgRules = CfgRules()
+
+    @functools.cached_property
+    def job_env(self) -> JobEnv:
+        """What jobs' `NAME references draw on besides the job: the CFG's
+        $var_def over config ``variables:``, and the default envelope sender."""
+        return JobEnv({**self.variables, **self.rules.variables}, self.rules.esender or self.esender)
 
     @property
     def roots(self) -> tuple[Path, ...]:
@@ -364,8 +373,20 @@ _TOP_KEYS = {
     "scope_max_outbound_connections", "binding_group", "binding", "domain", "host", "default_binding_group",
     "cluster", "scan_interval", "watcher", "smtp_timeout", "messages_per_connection", "connection_idle",
     "fsync", "helo_name", "mx_tls_verify", "node_stale_after", "workers",
-    "path_map", "write_settle",
+    "path_map", "write_settle", "variables",
 }
+
+
+def _variables(r: "_Reader", m: CommentedMap) -> dict[str, str]:
+    """``variables:``: NAME: value, as a CFG's ``$var_def NAME value``."""
+    out = {}
+    for name, value in m.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_]{1,32}", name):
+            raise r.error(m, f"variables.{name}", "a variable name is letters, digits and '_' (at most 32)", leaf=name)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise r.error(m, f"variables.{name}", "must be a text or a number", leaf=name)
+        out[name.upper()] = str(value)
+    return out
 
 
 def _path_map(r: "_Reader", m: CommentedMap) -> tuple[tuple[str, str], ...]:
@@ -476,6 +497,8 @@ def parse_config(data: Any, path: Path | None) -> Config:
         if not isinstance(roots, CommentedSeq) or not all(isinstance(x, str) and x and "\x00" not in x for x in roots):
             raise r.error(m, "attachment_roots", "must be a list of folder paths")
         kw["attachment_roots"] = tuple((r.base / x).absolute() for x in roots)
+    if m.get("variables") is not None:
+        kw["variables"] = _variables(r, r.child(m, "variables", "variables", None))
     if m.get("path_map") is not None:
         kw["path_map"] = _path_map(r, r.child(m, "path_map", "path_map", None))
     if m.get("relay") is not None:
@@ -629,6 +652,7 @@ def load_cfg(path: Path) -> CfgRules:
     retry_max: int | None = None
     esender: str | None = None
     warnings: list[str] = []
+    variables: dict[str, str] = {}
     for cmd in commands:
         if cmd.name == "domain_limit":
             rules.append(parse_rule(cmd, path))
@@ -647,6 +671,10 @@ def load_cfg(path: Path) -> CfgRules:
             if len(cmd.args) != 1 or parse_address(cmd.args[0]) is None:
                 raise ConfigError("$email_esender needs one e-mail address", path, cmd.line)
             esender = cmd.args[0]
+        elif cmd.name == "var_def":
+            if not cmd.args:
+                raise ConfigError("$var_def needs a NAME", path, cmd.line)
+            variables[cmd.args[0].upper()] = " ".join(cmd.args[1:])
         else:
             warnings.append(f"{path}:{cmd.line}: ${cmd.name} is not used by copiamail; ignored")
-    return CfgRules(path, tuple(rules), delays, retry_max, esender, tuple(warnings))
+    return CfgRules(path, tuple(rules), delays, retry_max, esender, tuple(warnings), variables)

@@ -4,7 +4,7 @@ A file is a sequence of lines. A line is blank, a comment (``;`` first), or one
 command: ``$name arg arg ...``. Arguments are separated by spaces or tabs; one
 with spaces is written in double quotes, a ``"`` inside quotes as ``""``. A
 ``;`` at the start of a line or after white space begins a comment, except
-inside quotes. Command names are case-insensitive.
+inside quotes, and so does ``/*`` (CopiaFacts). Command names are case-insensitive.
 
 :class:`CommandFile` keeps the file's exact text (every line with its own line
 ending, the BOM, the encoding) so that ``CommandFile.parse(b).to_bytes() == b``
@@ -55,10 +55,10 @@ _QUOTED_PART = re.compile(r'"((?:[^"]|"")*)"|([^"]+)')
 _GAPS = re.compile(r"[ \t]+")
 _GAP = re.compile(r"[ \t]*")
 # The common job line, ``$name "text"``, with no quote inside the text.
-_NAME_AND_QUOTED = re.compile(r'[ \t]*(\$[^ \t";][^ \t"]*)[ \t]+"([^"]*)"(?:[ \t]*|[ \t]+;.*)')
+_NAME_AND_QUOTED = re.compile(r'[ \t]*(\$[^ \t";][^ \t"]*)[ \t]+"([^"]*)"(?:[ \t]*|[ \t]+(?:;|/\*).*)')
 # The same line whole, with its line ending: what commands() reads without
 # tokenizing. After the closing quote only blanks, or blanks and a comment.
-_NAME_AND_QUOTED_LINE = re.compile(r'[ \t]*\$([^ \t";][^ \t"]*)[ \t]+"([^"]*)"(?:[ \t]*|[ \t]+;[^\n]*)\r?\n?')
+_NAME_AND_QUOTED_LINE = re.compile(r'[ \t]*\$([^ \t";][^ \t"]*)[ \t]+"([^"]*)"(?:[ \t]*|[ \t]+(?:;|/\*)[^\n]*)\r?\n?')
 # NUL, or a byte that cp1252 leaves undefined (read as a surrogate escape).
 _BINARY = re.compile("[\x00\udc80-\udcff]")
 
@@ -84,14 +84,14 @@ def tokenize(text: str, line: int = 0, path: Path | str | None = None, keep_quot
         for token in _GAPS.split(text):
             if not token:
                 continue
-            if token[0] == ";":
+            if token[0] == ";" or token.startswith("/*"):
                 break
             tokens.append(token)
         return tokens
     i, n = 0, len(text)
     while True:
         i = _GAP.match(text, i).end()  # type: ignore[union-attr]
-        if i >= n or text[i] == ";":
+        if i >= n or text[i] == ";" or text.startswith("/*", i):
             return tokens
         m = _TOKEN.match(text, i)
         if m is None or (m.end() < n and text[m.end()] == '"'):
@@ -106,7 +106,7 @@ def format_arg(value: str) -> str:
     A line cannot hold a line break, so CR and LF become spaces.
     """
     value = value.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
-    if value and not any(c in value for c in ' \t";'):
+    if value and not any(c in value for c in ' \t";') and not value.startswith("/*"):
         return value
     return '"' + value.replace('"', '""') + '"'
 
@@ -217,7 +217,7 @@ class CommandFile:
             if suspect and _BINARY.search(text):
                 raise SyntaxFileError("binary data, not a command file", self.path, number)
             stripped = text.strip(_SPACE)
-            if not stripped or stripped.startswith(";"):
+            if not stripped or stripped.startswith((";", "/*")):
                 continue
             if not stripped.startswith("$"):
                 shown = stripped if len(stripped) <= 40 else stripped[:40] + "..."

@@ -13,7 +13,7 @@ import hashlib
 import re
 import time
 from dataclasses import dataclass, field, replace
-from email.utils import parsedate_to_datetime
+from email.utils import parseaddr, parsedate_to_datetime
 from types import MappingProxyType
 from typing import Callable, Mapping, NamedTuple
 
@@ -344,6 +344,7 @@ class _JobReader:
         self.delays: dict[str, tuple[int, ...]] = {}
         self.attempts: list[AttemptRecord] = []
         self.dates: dict[str, Command] = {}
+        self.identity = job_identity(name, cf, commands)
 
     # --- helpers ------------------------------------------------------------
 
@@ -351,7 +352,8 @@ class _JobReader:
         return JobError(message, code, self.cf.path, cmd.line if cmd is not None else None)
 
     def lookup(self) -> Callable[[str], str | None]:
-        return chained(self.variables, self.env.variables, engine_variables(self.name, self.esender_or_default()))
+        return chained(self.variables, self.env.variables,
+                       engine_variables(self.name, self.esender_or_default(), self.identity))
 
     def esender_or_default(self) -> str:
         cmd = self.single.get("email_esender")
@@ -439,7 +441,7 @@ class _JobReader:
             attempts=tuple(self.attempts),
             domainbusy_count=busy,
             next_attempt=self.next_attempt(),
-            identity=job_identity(self.name, self.cf, self.commands),
+            identity=self.identity,
             options=self.options,
             to_list=self.list_variable("EMAILTO_LIST", lookup),
             cc_list=self.list_variable("EMAILCC_LIST", lookup),
@@ -623,11 +625,28 @@ def _attachment_type(text: str) -> tuple[str | None, str | None, bool]:
     return (ctype.strip() or None), shown, embedded
 
 
-def engine_variables(name: str, esender: str) -> Mapping[str, str]:
+def engine_variables(name: str, esender: str, identity: str) -> Mapping[str, str]:
     """The variables the engine defines for a job: FSNUM (its name without
-    ``.FS``) and EMAIL_ESENDER (its envelope sender)."""
+    ``.FS``), EMAIL_ESENDER (its envelope sender) and EM_MSGID (its
+    Message-ID without the angle brackets: embedded parts are ``cid:imageN.`EM_MSGID``)."""
     stem = name[:-3] if name.upper().endswith(".FS") else name
-    return {"FSNUM": stem, "EMAIL_ESENDER": esender}
+    return {"FSNUM": stem, "EMAIL_ESENDER": esender, "EM_MSGID": f"{identity}@{message_id_domain(esender)}"}
+
+
+_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
+
+
+def message_id_domain(sender: str) -> str:
+    """The domain of a job's Message-ID: its envelope sender's, else localhost."""
+    address = parseaddr(sender)[1] if "<" in sender else sender.strip()
+    domain = address.rpartition("@")[2]
+    if _DOT_ATOM.match(domain):
+        return domain.lower()
+    try:
+        domain = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return "localhost"
+    return domain.lower() if _DOT_ATOM.match(domain) else "localhost"
 
 
 def parse_attempt(cmd: Command) -> AttemptRecord | None:

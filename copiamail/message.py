@@ -4,12 +4,15 @@
 SMTP DATA (not dot-stuffed: the SMTP client does that).
 
 Headers, in this order: ``From`` (``$email_from``, else the envelope sender),
-``To`` (the recipient), ``Subject`` (only when the job has one; non-ASCII is
-written as RFC 2047 encoded words), ``Date`` (``now`` in local time with its
-offset), ``Message-ID`` (``<identity@sender-domain>``: the same for every build of
-the job, so a retry is recognisably the same message), ``MIME-Version``, then
-the job's ``$email_header`` lines in file order. A job header named From, To,
-Subject, Date or Message-ID replaces ours (the last one counts); one naming
+``To`` (EMAILTO_LIST, else the recipient as written), ``Cc`` (EMAILCC_LIST,
+when set), ``Subject`` (only when the job has one; non-ASCII is written as RFC
+2047 encoded words, B or Q as ``$email_charset`` asks), ``Date`` (``now`` in
+local time with its offset), ``Message-ID`` (``<identity@sender-domain>``: the
+same for every build of the job, so a retry is recognisably the same message),
+``MIME-Version``, ``X-Mailer: copiamail VERSION``, then the job's
+``$email_header`` lines in file order. A job header named From, To, Cc,
+Subject, Date, Message-ID or X-Mailer replaces ours (the last one counts;
+``X-Mailer none`` drops it); one naming
 MIME-Version, Content-Type or Content-Transfer-Encoding is refused, since the
 engine writes those to match the body; any other is added. A header name or
 value holding CR, LF or NUL is refused (``BAD_HEADER``).
@@ -45,6 +48,8 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import email.charset
+import email.header
 import hashlib
 import mimetypes
 import os
@@ -52,15 +57,17 @@ import stat
 import re
 import time
 from dataclasses import dataclass
+from typing import Callable
 from email.message import MIMEPart
 from email.policy import SMTP
-from email.utils import parseaddr
 from pathlib import Path, PurePath
 from types import MappingProxyType
 
 from . import outcome
 from .errors import JobError
-from .job import Attachment, BodyItem, Job, check_header
+from . import __version__
+from .job import Attachment, BodyItem, Job, check_header, engine_variables, message_id_domain
+from .variables import GRAVE, UndefinedVariable, chained, expand
 
 # 7bit, not the SMTP policy's 8bit: the server may lack 8BITMIME, and the
 # transfer encoding is chosen here anyway.
@@ -69,14 +76,17 @@ _MAX_HEADER_LINE = 78  # RFC 5322 2.1.1: lines SHOULD be at most 78 characters
 
 # Headers the engine writes; a job header with one of the first names replaces
 # ours, one with the second kind would contradict the body and is refused.
-_OUR_HEADERS = ("From", "To", "Subject", "Date", "Message-ID", "MIME-Version")
+_OUR_HEADERS = ("From", "To", "Cc", "Subject", "Date", "Message-ID", "MIME-Version", "X-Mailer")
 _REPLACEABLE = MappingProxyType(
-    {"from": "From", "to": "To", "subject": "Subject", "date": "Date", "message-id": "Message-ID"}
+    {"from": "From", "to": "To", "cc": "Cc", "subject": "Subject", "date": "Date", "message-id": "Message-ID",
+     "x-mailer": "X-Mailer"}
 )
+# Headers whose value holds addresses: encoded words would break them, so the
+# email package writes them (it encodes display names only).
+_ADDRESS_HEADERS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender", "resent-from", "resent-to"})
 
 _PLAIN_VALUE = re.compile(r"[\t\x20-\x7e]*\Z")
 _SAFE_IDENTITY = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
-_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
 # Not strftime's %a and %b: those follow the locale.
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -123,12 +133,18 @@ def _build(
     head = _header_block(job, sender, time.time() if now is None else now)
     charset, encodable = _mime_charset(job.charset)
     files = _Files(spool_root, attachment_roots, path_map)
-    main = _load_body(job.body, files)
-    alt = _load_body(job.alt, files) if job.alt else None
+    lookup = None
+    if job.env is not None:
+        # CopiaFacts expands `NAME in e-mail body files too.
+        lookup = chained(job.variables, job.env.variables, engine_variables(job.name, sender, job.identity))
+    main = _load_body(job.body, files, lookup)
+    alt = _load_body(job.alt, files, lookup) if job.alt else None
     attachments = [_load_attachment(a, files) for a in job.attachments]
+    cte = job.body_encoding
     if alt is None and not attachments and charset in ("utf-8", "us-ascii") and not force_email:
-        return head + _simple_part(main, charset)
-    return head + _mime_part(main, alt, attachments, charset, encodable, _identity(job))
+        return head + _simple_part(main, charset, cte)
+    related_id = f"{_identity(job)}@{message_id_domain(sender)}"
+    return head + _mime_part(main, alt, attachments, charset, encodable, _identity(job), cte, related_id)
 
 
 # --- headers -----------------------------------------------------------------
@@ -137,29 +153,34 @@ def _build(
 def _header_block(job: Job, sender: str, now: float) -> bytes:
     ours: dict[str, str | None] = {
         "From": job.from_header if job.from_header is not None else sender,
-        "To": job.to_header if job.to_header is not None else job.address,
+        "To": job.to_list or (job.to_header if job.to_header is not None else job.address),
+        "Cc": job.cc_list,
         "Subject": job.subject,
         "Date": _date(now),
-        "Message-ID": f"<{_identity(job)}@{_domain(sender)}>",
+        "Message-ID": f"<{_identity(job)}@{message_id_domain(sender)}>",
         "MIME-Version": "1.0",
+        "X-Mailer": f"copiamail {__version__}",
     }
     extra: list[tuple[str, str]] = []
     for name, value in job.headers:
         check_header(name, value)
         key = name.lower()
-        if key in _REPLACEABLE:
+        if key == "x-mailer" and value.lower() == "none":
+            ours["X-Mailer"] = None  # CopiaFacts: "none" suppresses the X-Mailer header
+        elif key in _REPLACEABLE:
             ours[_REPLACEABLE[key]] = value
         else:
             extra.append((name, value))
-    lines = [_header_line(n, v) for n in _OUR_HEADERS if (v := ours[n]) is not None]
-    lines.extend(_header_line(n, v) for n, v in extra)
+    encoding = job.header_encoding
+    lines = [_header_line(n, v, encoding, job.charset) for n in _OUR_HEADERS if (v := ours[n]) is not None]
+    lines.extend(_header_line(n, v, encoding, job.charset) for n, v in extra)
     try:
         return "".join(lines).encode("ascii", "surrogateescape")
     except UnicodeEncodeError:
         raise JobError("a header cannot be written in ASCII", outcome.BAD_HEADER.code) from None
 
 
-def _header_line(name: str, value: str) -> str:
+def _header_line(name: str, value: str, encoding: str | None = None, charset: str = "utf-8") -> str:
     # Printable ASCII excludes CR, LF and NUL, so the common case needs no other test.
     if len(name) + len(value) <= _MAX_HEADER_LINE - 2 and value.isascii() and value.isprintable():
         return f"{name}: {value}\r\n"
@@ -167,6 +188,9 @@ def _header_line(name: str, value: str) -> str:
         raise JobError(f"header {name} contains CR, LF or NUL", outcome.BAD_HEADER.code)
     if len(name) + len(value) <= _MAX_HEADER_LINE - 2 and _PLAIN_VALUE.match(value):
         return f"{name}: {value}\r\n"
+    if encoding is not None and not value.isascii() and name.lower() not in _ADDRESS_HEADERS:
+        # $email_charset's header encoding: encoded words in that charset, B or Q as asked.
+        return f"{name}: {_encoded_words(name, value, encoding, charset)}\r\n"
     # Long or non-ASCII: the email package folds and RFC 2047-encodes. Its
     # parsers are known to raise assorted exceptions on odd input; any of them
     # means the header cannot be written.
@@ -174,6 +198,15 @@ def _header_line(name: str, value: str) -> str:
         return _POLICY.header_factory(name, value).fold(policy=_POLICY)
     except Exception as e:  # noqa: BLE001
         raise JobError(f"header {name} cannot be written: {e}", outcome.BAD_HEADER.code) from None
+
+
+def _encoded_words(name: str, value: str, encoding: str, charset: str) -> str:
+    mime_charset = email.charset.Charset(_mime_charset(charset)[0])
+    mime_charset.header_encoding = email.charset.BASE64 if encoding == "base64" else email.charset.QP
+    try:
+        return email.header.Header(value, mime_charset, header_name=name).encode(linesep="\r\n")
+    except UnicodeError:
+        raise JobError(f"header {name} cannot be written in {charset}", outcome.BAD_CHARSET.code) from None
 
 
 def _date(now: float) -> str:
@@ -196,18 +229,6 @@ def _identity(job: Job) -> str:
     seed = job.identity or repr((job.name, job.address, job.subject, job.body, job.alt, job.attachments,
                                  job.from_header, job.headers))
     return hashlib.sha256(seed.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-
-
-def _domain(sender: str) -> str:
-    address = parseaddr(sender)[1] if "<" in sender else sender.strip()
-    domain = address.rpartition("@")[2]
-    if _DOT_ATOM.match(domain):
-        return domain.lower()
-    try:
-        domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return "localhost"
-    return domain.lower() if _DOT_ATOM.match(domain) else "localhost"
 
 
 # --- charset -----------------------------------------------------------------
@@ -314,13 +335,21 @@ class _Body:
     pieces: tuple[tuple[str, int], ...]  # (text, job line): to name the line of an unencodable character
 
 
-def _load_body(items: tuple[BodyItem, ...], files: _Files) -> _Body:
+def _load_body(items: tuple[BodyItem, ...], files: _Files,
+               lookup: Callable[[str], str | None] | None = None) -> _Body:
     pieces: list[tuple[str, int]] = []
     html_file = False
     for item in items:
         if item.kind == "file":
             data, _ = files.read(item.value, item.line)
-            pieces.append((_decode(data), item.line))
+            text = _decode(data)
+            if lookup is not None and GRAVE in text:
+                try:
+                    text = expand(text, lookup)
+                except UndefinedVariable as e:
+                    raise JobError(f"undefined variable `{e.name} in {item.value!r}", outcome.BAD_JOB.code,
+                                   line=item.line) from None
+            pieces.append((text, item.line))
             html_file = html_file or item.value.lower().endswith(_HTML_SUFFIXES)
         else:
             pieces.append((item.value + "\n", item.line))
@@ -358,17 +387,28 @@ def _decode(data: bytes) -> str:
         return data.decode("latin-1").translate(table)
 
 
-def _load_attachment(att: Attachment, files: _Files) -> tuple[str, str, bytes]:
+@dataclass(frozen=True)
+class _Loaded:
+    """An attachment read: the name shown, its content type, its bytes, and
+    whether it is embedded (an inline part of a multipart/related)."""
+
+    filename: str
+    ctype: str
+    data: bytes
+    embedded: bool
+
+
+def _load_attachment(att: Attachment, files: _Files) -> _Loaded:
     data, _ = files.read(att.path, att.line)
     # The name as the job wrote it: a symlink's target name is not the sender's to show.
-    filename = PurePath(files.local(att.path, att.line)).name
+    filename = att.name or PurePath(files.local(att.path, att.line)).name
     ctype = att.content_type
     if ctype is None:
         guessed, encoding = mimetypes.guess_type(filename, strict=False)
         if encoding is not None:
             guessed = _COMPRESSED.get(encoding)
         ctype = guessed or "application/octet-stream"
-    return filename, ctype.lower(), data
+    return _Loaded(filename, ctype.lower(), data, att.embedded)
 
 
 # --- body encoding -----------------------------------------------------------
@@ -390,9 +430,12 @@ def _encode(body: _Body, charset: str, linesep: str) -> bytes:
                        line=line) from None
 
 
-def _choose_cte(data: bytes) -> str:
-    """7bit, quoted-printable or base64 for ``data`` (with CRLF line breaks)."""
+def _choose_cte(data: bytes, asked: str | None = None) -> str:
+    """7bit, quoted-printable or base64 for ``data`` (with CRLF line breaks);
+    ``asked`` ($email_charset's encoding) is used for text that is not 7bit."""
     eight_bit = len(data.translate(None, _ASCII_BYTES))
+    if asked is not None and (eight_bit or b"\0" in data or asked == "base64"):
+        return asked
     if not eight_bit and b"\0" not in data:
         if len(data) <= _MAX_7BIT_LINE or max(map(len, data.split(b"\n"))) <= _MAX_7BIT_LINE + len(b"\r"):
             return "7bit"
@@ -400,9 +443,9 @@ def _choose_cte(data: bytes) -> str:
     return "base64" if eight_bit * 6 > len(data) else "quoted-printable"
 
 
-def _simple_part(body: _Body, charset: str) -> bytes:
+def _simple_part(body: _Body, charset: str, asked: str | None = None) -> bytes:
     data = _encode(body, charset, "\r\n")
-    cte = _choose_cte(data)
+    cte = _choose_cte(data, asked)
     if cte == "quoted-printable":
         data = binascii.b2a_qp(data, quotetabs=False, istext=True, header=False)
     elif cte == "base64":
@@ -414,11 +457,15 @@ def _simple_part(body: _Body, charset: str) -> bytes:
     ).encode("ascii") + data
 
 
-def _text_part(body: _Body, charset: str, encodable: bool) -> MIMEPart:
+def _text_part(body: _Body, charset: str, encodable: bool, asked: str | None = None) -> MIMEPart:
     part = MIMEPart(policy=_POLICY)
     subtype = "html" if body.html else "plain"
     if encodable:
-        cte = _choose_cte(_encode(body, charset, "\r\n"))
+        cte = _choose_cte(_encode(body, charset, "\r\n"), asked)
+        if cte == "8bit":
+            part.set_content(_encode(body, charset, "\r\n"), "text", subtype, cte="8bit")
+            part.set_param("charset", charset)
+            return part
         part.set_content(body.text, subtype=subtype, charset=charset, cte=cte)
     else:
         # The email package splits encoded bytes on b"\n", which is wrong for
@@ -431,27 +478,44 @@ def _text_part(body: _Body, charset: str, encodable: bool) -> MIMEPart:
 def _mime_part(
     main: _Body,
     alt: _Body | None,
-    attachments: list[tuple[str, str, bytes]],
+    attachments: list[_Loaded],
     charset: str,
     encodable: bool,
     identity: str,
+    asked: str | None = None,
+    related_id: str = "",
 ) -> bytes:
+    """The body, its alternative (multipart/alternative), embedded parts
+    (multipart/related: the N-th is ``Content-ID: <imageN.EM_MSGID>``, with
+    its file name as Content-Location) and attachments (multipart/mixed)."""
     texts = [main.text] + ([alt.text] if alt is not None else [])
-    part = _text_part(main, charset, encodable)
+    part = _text_part(main, charset, encodable, asked)
     if alt is not None:
-        alt_part = _text_part(alt, charset, encodable)
+        alt_part = _text_part(alt, charset, encodable, asked)
         ordered = [part, alt_part] if alt.html and not main.html else [alt_part, part]
         part = _multipart("alternative", ordered, _boundary(identity, "alt", texts))
-    if attachments:
-        parts = [part]
-        for filename, ctype, data in attachments:
-            a = MIMEPart(policy=_POLICY)
-            maintype, _, subtype = ctype.partition("/")
-            a.set_content(data, maintype, subtype, disposition="attachment", filename=filename,
-                          params={"name": filename})
-            parts.append(a)
-        part = _multipart("mixed", parts, _boundary(identity, "mix", texts))
+    embedded = [a for a in attachments if a.embedded]
+    if embedded:
+        inline = [part]
+        for n, a in enumerate(embedded, 1):
+            p = _file_part(a, "inline")
+            p["Content-ID"] = f"<image{n}.{related_id}>"
+            p["Content-Location"] = a.filename
+            inline.append(p)
+        part = _multipart("related", inline, _boundary(identity, "rel", texts))
+    attached = [a for a in attachments if not a.embedded]
+    if attached:
+        part = _multipart("mixed", [part, *(_file_part(a, "attachment") for a in attached)],
+                          _boundary(identity, "mix", texts))
     return part.as_bytes(policy=_POLICY)
+
+
+def _file_part(a: _Loaded, disposition: str) -> MIMEPart:
+    part = MIMEPart(policy=_POLICY)
+    maintype, _, subtype = a.ctype.partition("/")
+    part.set_content(a.data, maintype, subtype, disposition=disposition, filename=a.filename,
+                     params={"name": a.filename})
+    return part
 
 
 def _multipart(subtype: str, parts: list[MIMEPart], boundary: str) -> MIMEPart:

@@ -399,7 +399,7 @@ class Scheduler:
         job: Job | None = None
         if quick is None or self._mine(quick):
             try:
-                job = parse_job(cf, w.name)
+                job = parse_job(cf, w.name, self.config.job_env)
             except JobError:
                 pass
         if not self._mine(quick or (job.domain if job is not None else w.name)):
@@ -597,7 +597,7 @@ class Scheduler:
                 log.error("%s: cannot read claimed job: %s", claimed.path, e.strerror)
                 return
         try:
-            job = job if job is not None else parse_job(cf, claimed.name)
+            job = job if job is not None else parse_job(cf, claimed.name, self.config.job_env)
         except JobError as e:
             self._write(self._failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e)))
             return
@@ -772,7 +772,7 @@ class Scheduler:
     def _start_claimed(self, choice: _Start, claimed: Claimed, planned: Job) -> None:
         try:
             cf = self.spool.read(claimed)
-            job = parse_job(cf, claimed.name)
+            job = parse_job(cf, claimed.name, self.config.job_env)
         except (OSError, JobError):
             if choice.reuse is None:
                 self.limiter.release(choice.limits)
@@ -832,7 +832,7 @@ class Scheduler:
             return None
         try:
             cf = self.spool.read(claimed)
-            job = parse_job(cf, claimed.name)
+            job = parse_job(cf, claimed.name, self.config.job_env)
         except (OSError, JobError):
             self._dispatch(claimed)
             return None

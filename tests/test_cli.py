@@ -182,7 +182,7 @@ def test_spool_option_overrides_the_config(tmp_path, smtp_server):
     kit = SpoolKit(tmp_path, server.port, [])
     other = tmp_path / "other-spool"
     assert kit.cli("init", "--spool", str(other)).returncode == 0
-    result = kit.cli("submit", "--to", "a@copia.com", "--spool", str(other))
+    result = kit.cli("submit", "--to", "a@copia.com", "--subject", "s", "--spool", str(other))
     assert Path(result.stdout.strip()).parent == other / "TOSEND"
     assert kit.drain("N1", "--spool", str(other)).returncode == 0
     assert len(list((other / "SENT").glob("*.FS"))) == 1
@@ -366,3 +366,9 @@ def test_output_piped_into_a_reader_that_stops_early_is_no_error(kit):
     shell = f"{' '.join(CLI)} show {kit.root / 'TOSEND' / 'J.FS'} | head -1"
     result = subprocess.run(["bash", "-c", shell], cwd=kit.base, capture_output=True, text=True, timeout=60, env=cli_env())
     assert result.stdout.startswith("job") and result.stderr == ""
+
+
+def test_submit_refuses_a_job_with_nothing_to_send(tmp_path):
+    kit = SpoolKit(tmp_path, None, [])
+    assert "nothing to send" in one_line_error(kit.cli("submit", "--to", "a@copia.com"))
+    assert kit.waiting() == []

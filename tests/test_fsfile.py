@@ -595,3 +595,22 @@ def test_as_written_keeps_the_double_quotes_and_joins_tokens_by_one_space():
     first, second = cf.commands()
     assert cf.as_written(first) == '"Doe, Jane" <j@x.test>'
     assert cf.as_written(second) == '"a ""b"""'
+
+
+@pytest.mark.parametrize("line, args", [
+    (b'$email_text "hello" /* a comment', ("hello",)),
+    (b"$email_subject plain words /* comment ; more", ("plain", "words")),
+    (b'$email_text "a /* not a comment"', ("a /* not a comment",)),
+    (b"$email_text a/*b", ("a/*b",)),
+])
+def test_a_slash_star_after_white_space_begins_a_comment(line, args):
+    [cmd] = CommandFile.parse(line + b"\n").commands()
+    assert cmd.args == args
+
+
+def test_a_line_starting_with_slash_star_is_a_comment():
+    assert CommandFile.parse(b"/* header of the job\n$email_text x\n").commands()[0].args == ("x",)
+
+
+def test_format_arg_quotes_a_value_starting_with_slash_star():
+    assert tokenize(format_command("email_text", "/*x")) == ["$email_text", "/*x"]

@@ -168,7 +168,7 @@ def test_date_defaults_to_the_current_time(tmp_path: Path) -> None:
 def test_headers_come_in_the_documented_order(tmp_path: Path) -> None:
     job = make_job(subject="s", body=texts("hi"), headers=(("X-Foo", "1"), ("Reply-To", "r@acme.test")))
     names = list(parse(build(job, tmp_path)).keys())
-    assert names == ["From", "To", "Subject", "Date", "Message-ID", "MIME-Version", "X-Foo", "Reply-To",
+    assert names == ["From", "To", "Subject", "Date", "Message-ID", "MIME-Version", "X-Mailer", "X-Foo", "Reply-To",
                      "Content-Type", "Content-Transfer-Encoding"]
 
 

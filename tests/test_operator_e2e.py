@@ -273,7 +273,8 @@ def test_show_message_prints_the_mime_message_as_it_would_be_sent(tmp_path):
 # --- 6: a spool that does not exist, or is none -----------------------------------------
 
 
-@pytest.mark.parametrize("command", [["node", "--name", "N1", "--drain"], ["submit", "--to", "a@copia.com"], ["status"],
+@pytest.mark.parametrize("command", [["node", "--name", "N1", "--drain"], ["submit", "--to", "a@copia.com", "--subject", "s"],
+                                     ["status"],
                                      ["recover", "--node", "N1"], ["check-config"], ["explain", "a@copia.com"]])
 def test_a_mistyped_spool_is_refused_in_one_line_and_nothing_is_made(tmp_path, command):
     kit = SpoolKit(tmp_path, 2525, [])
@@ -298,7 +299,7 @@ def test_init_makes_a_spool_that_submit_and_node_then_use(tmp_path, server):
     made = kit.cli("init", "--spool", str(fresh))
     assert made.returncode == 0 and str(fresh) in made.stdout
     assert sorted(p.name for p in fresh.iterdir()) == sorted(["ACTIVE", "FAIL", "SENT", "TEMP", "TOSEND"] + [f"TOSEND{i}" for i in range(1, 16)])
-    assert kit.cli("submit", "--to", "a@copia.com", "--spool", str(fresh)).returncode == 0
+    assert kit.cli("submit", "--to", "a@copia.com", "--subject", "s", "--spool", str(fresh)).returncode == 0
     assert kit.drain("N1", "--spool", str(fresh)).returncode == 0
     assert len(list((fresh / "SENT").glob("*.FS"))) == 1
 
