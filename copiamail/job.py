@@ -131,7 +131,7 @@ class Job:
     options: frozenset[str] = frozenset()  # $email_options keywords, lower-case
     to_list: str | None = None  # EMAILTO_LIST: the To: header shown (the job still goes to `address` alone)
     cc_list: str | None = None  # EMAILCC_LIST: a Cc: header shown
-    env: JobEnv | None = None  # set when variables are expanded (body files expand with it)
+    env: JobEnv | None = None  # None with $email_options nomacro; body files expand with it
 
     @property
     def binding(self) -> str | None:
@@ -445,7 +445,7 @@ class _JobReader:
             options=self.options,
             to_list=self.list_variable("EMAILTO_LIST", lookup),
             cc_list=self.list_variable("EMAILCC_LIST", lookup),
-            env=self.env if self.macros else None,
+            env=None if "nomacro" in self.options else self.env,
         )
 
     def written(self, key: str) -> str | None:

@@ -13,6 +13,7 @@ from copiamail.errors import JobError
 from copiamail.fsfile import CommandFile
 from copiamail.job import (
     AttemptRecord,
+    JobEnv,
     Attachment,
     BodyItem,
     is_owned,
@@ -527,3 +528,69 @@ def test_a_header_error_names_its_line(header):
     assert e.outcome == outcome.BAD_HEADER.code
     assert e.line == 3
     assert str(e).startswith("H.FS:3: ")
+
+
+# --- CopiaFacts variables, options, dates ---------------------------------------
+
+
+def test_email_commands_expand_variables_from_the_job_then_the_cfg_and_config():
+    env = JobEnv({"COMPANY": "Acme", "NAME": "from cfg"}, "bounce@acme.test")
+    j = parse_job(CommandFile.parse(
+        b"$email_address `NAME <jane@example.com>\n$email_subject \"Hi `NAME of `COMPANY (`FSNUM)\"\n"
+        b"$email_text \"sent by `EMAIL_ESENDER\"\n$var_def NAME Jane\n"), "00004711.FS", env)
+    assert j.subject == "Hi Jane of Acme (00004711)"
+    assert j.to_header == "Jane <jane@example.com>"
+    assert j.body[0].value == "sent by bounce@acme.test"
+
+
+def test_nomacro_turns_expansion_off():
+    j = job(ADDR + b'$email_options "nomacro"\n$email_subject "Hi `NAME"\n')
+    assert j.subject == "Hi `NAME"
+
+
+def test_an_undefined_variable_fails_the_job_with_outcome_60_naming_it():
+    e = job_error(ADDR + b'$email_subject "Hi `NOBODY"\n', path="U.FS")
+    assert e.outcome == 60 and e.line == 2 and "`NOBODY" in e.message
+
+
+def test_other_commands_never_expand():
+    j = job(ADDR + b'$email_subject s\n$fax_phone "`NOBODY"\n')
+    assert j.subject == "s"
+
+
+def test_email_header_takes_name_and_value_without_a_colon():
+    j = job(ADDR + b"$email_subject s\n$email_header X-Campaign november\n$email_header Reply-To: r@acme.test\n")
+    assert j.headers == (("X-Campaign", "november"), ("Reply-To", "r@acme.test"))
+
+
+def test_email_charset_reads_its_encodings():
+    j = job(ADDR + b"$email_subject s\n$email_charset iso-8859-1 base64 quoted-printable\n")
+    assert (j.charset, j.body_encoding, j.header_encoding) == ("iso-8859-1", "base64", "quoted-printable")
+    e = job_error(ADDR + b"$email_subject s\n$email_charset utf-8 uuencode\n")
+    assert e.outcome == outcome.BAD_CHARSET.code
+
+
+def test_email_attach_reads_a_shown_name_and_embedded_parts():
+    j = job(ADDR + b'$email_subject s\n$email_attach a.pdf "application/pdf; name=Statement.pdf"\n'
+            b"$email_attach logo.png EMBEDDED:image/png\n")
+    assert j.attachments[0].content_type == "application/pdf" and j.attachments[0].name == "Statement.pdf"
+    assert j.attachments[1].content_type == "image/png" and j.attachments[1].embedded
+
+
+def test_email_options_are_read_in_lower_case():
+    assert job(ADDR + b'$email_subject s\n$email_options "reqTLS, nomacro"\n').options == {"reqtls", "nomacro"}
+
+
+def test_fax_send_date_and_time_defer_the_job():
+    j = job(ADDR + b"$email_subject s\n$fax_send_date 01/02/2099\n$fax_send_time 08:30\n")
+    assert j.next_attempt == time.mktime(time.strptime("01/02/2099 08:30:00", "%m/%d/%Y %H:%M:%S"))
+    j = job(ADDR + b"$email_subject s\n$fax_send_date 01/02/2099\n")
+    assert j.next_attempt == time.mktime(time.strptime("01/02/2099 00:00:00", "%m/%d/%Y %H:%M:%S"))
+    today = time.strftime("%m/%d/%Y")
+    j = job(ADDR + b"$email_subject s\n$fax_send_time 23:59:59\n")
+    assert j.next_attempt == time.mktime(time.strptime(f"{today} 23:59:59", "%m/%d/%Y %H:%M:%S"))
+
+
+def test_emailto_and_emailcc_lists_are_read_from_variables():
+    j = job(ADDR + b'$email_subject s\n$var_def EMAILTO_LIST "a@x.test, b@x.test"\n$var_def EMAILCC_LIST c@x.test\n')
+    assert (j.to_list, j.cc_list) == ("a@x.test, b@x.test", "c@x.test")

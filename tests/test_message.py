@@ -782,3 +782,84 @@ def test_every_shipped_sample_job_builds_a_message_that_greets_once() -> None:
         text = build_message(job, spool_root=samples, attachment_roots=(samples,), sender=SENDER, now=NOW)
         greetings = re.findall(rb"^Dear [^\r\n]*", text, re.M)
         assert len(greetings) <= 1, (path.name, greetings)
+
+
+# --- CopiaFacts message details -------------------------------------------------
+
+
+def fs_message(tmp_path: Path, text: bytes, env=None, name: str = "00000001.FS") -> EmailMessage:
+    from copiamail.job import JobEnv
+    job = parse_job(CommandFile.parse(text), name, env or JobEnv(esender=SENDER))
+    return parse(build_message(job, spool_root=tmp_path, attachment_roots=(tmp_path,), sender=SENDER, now=NOW))
+
+
+def test_the_engine_adds_x_mailer_and_x_mailer_none_drops_it(tmp_path: Path) -> None:
+    from copiamail import __version__
+    base = b"$email_address a@example.com\n$email_subject s\n"
+    assert fs_message(tmp_path, base)["X-Mailer"] == f"copiamail {__version__}"
+    assert fs_message(tmp_path, base + b"$email_header X-Mailer none\n")["X-Mailer"] is None
+    assert fs_message(tmp_path, base + b"$email_header X-Mailer: Ours 1.0\n")["X-Mailer"] == "Ours 1.0"
+
+
+def test_emailto_and_emailcc_lists_become_to_and_cc(tmp_path: Path) -> None:
+    msg = fs_message(tmp_path, b'$email_address a@example.com\n$email_subject s\n'
+                               b'$var_def EMAILTO_LIST "a@example.com, b@example.com"\n$var_def EMAILCC_LIST c@example.com\n')
+    assert msg["To"] == "a@example.com, b@example.com" and msg["Cc"] == "c@example.com"
+
+
+def test_variables_are_expanded_inside_body_files(tmp_path: Path) -> None:
+    (tmp_path / "letter.txt").write_text("Dear `NAME,\nyour number is `FSNUM.\n", encoding="utf-8")
+    msg = fs_message(tmp_path, b"$email_address a@example.com\n$email_body letter.txt\n$var_def NAME Jane\n",
+                     name="00004711.FS")
+    assert content(msg) == "Dear Jane,\nyour number is 00004711.\n"
+
+
+def test_an_undefined_variable_in_a_body_file_fails_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "letter.txt").write_text("Dear `NOBODY,\n", encoding="utf-8")
+    with pytest.raises(JobError) as e:
+        fs_message(tmp_path, b"$email_address a@example.com\n$email_body letter.txt\n$var_def NAME `x\n")
+    assert e.value.outcome == 60 and "`NOBODY" in e.value.message and e.value.line == 2
+
+
+@pytest.mark.parametrize("encoding, cte", [("base64", "base64"), ("quoted-printable", "quoted-printable"),
+                                           ("8bit", "8bit")])
+def test_email_charset_encoding_sets_the_body_transfer_encoding(tmp_path: Path, encoding, cte) -> None:
+    msg = fs_message(tmp_path, f'$email_address a@example.com\n$email_charset utf-8 {encoding}\n'
+                               f'$email_text "Grüße"\n'.encode())
+    assert msg["Content-Transfer-Encoding"] == cte
+    assert content(msg) == "Grüße\n"
+
+
+@pytest.mark.parametrize("encoding, marker", [("base64", "?b?"), ("quoted-printable", "?q?")])
+def test_email_charset_header_encoding_sets_encoded_words(tmp_path: Path, encoding, marker) -> None:
+    data = build_message(parse_job(CommandFile.parse(
+        f'$email_address a@example.com\n$email_charset iso-8859-1 quoted-printable {encoding}\n'
+        f'$email_subject "Grüße aus Köln"\n'.encode()), "X.FS"), spool_root=tmp_path, attachment_roots=(tmp_path,),
+        sender=SENDER, now=NOW)
+    subject = re.search(rb"^Subject: (.*(?:\r\n[ \t].*)*)", data, re.M).group(1).decode()
+    assert marker in subject.lower() and "iso-8859-1" in subject.lower()
+    assert parse(data)["Subject"] == "Grüße aus Köln"
+
+
+def test_an_attachment_shows_the_name_its_type_gives(tmp_path: Path) -> None:
+    (tmp_path / "4711.pdf").write_bytes(b"%PDF")
+    msg = fs_message(tmp_path, b'$email_address a@example.com\n$email_subject s\n'
+                               b'$email_attach 4711.pdf "application/pdf; name=Statement November.pdf"\n')
+    [att] = list(msg.iter_attachments())
+    assert att.get_filename() == "Statement November.pdf" and att.get_content_type() == "application/pdf"
+
+
+def test_embedded_attachments_make_a_related_part_an_html_body_refers_to(tmp_path: Path) -> None:
+    (tmp_path / "logo.png").write_bytes(b"\x89PNG logo")
+    (tmp_path / "a.pdf").write_bytes(b"%PDF")
+    msg = fs_message(tmp_path, b'$email_address a@example.com\n$email_subject s\n'
+                               b'$email_text "<html><body><img src=""cid:image1.`EM_MSGID""></body></html>"\n'
+                               b"$email_attach logo.png EMBEDDED:image/png\n$email_attach a.pdf application/pdf\n")
+    assert msg.get_content_type() == "multipart/mixed"
+    related, pdf = msg.get_payload()
+    assert related.get_content_type() == "multipart/related" and pdf.get_content_type() == "application/pdf"
+    html, logo = related.get_payload()
+    cid = logo["Content-ID"].strip("<>")
+    assert f"cid:{cid}" in html.get_content()
+    assert logo["Content-Location"] == "logo.png" and logo.get_content_disposition() == "inline"
+    assert cid == "image1." + msg["Message-ID"].strip("<>")
