@@ -30,7 +30,7 @@ from ruamel.yaml.error import YAMLError
 from . import outcome
 from .errors import ConfigError, SyntaxFileError
 from .fsfile import CommandFile
-from .job import JobEnv, parse_address
+from .job import JobEnv, parse_address, read_mailbox
 from .rules import DomainLimitRule, parse_rule
 
 CONFIG_ENV = "COPIAMAIL_CONFIG"
@@ -116,11 +116,17 @@ class CfgRules:
 
     path: Path | None = None
     domain_limits: tuple[DomainLimitRule, ...] = ()
-    retry_delays: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    retry_delays: Mapping[str, tuple[outcome.RetryItem, ...]] = field(default_factory=dict)
     retry_max: int | None = None
     esender: str | None = None
     warnings: tuple[str, ...] = ()
     variables: Mapping[str, str] = field(default_factory=dict)  # $var_def, names upper-case
+    fallback_delays: Mapping[str, tuple[outcome.RetryItem, ...]] = field(default_factory=dict)  # $retry_delays
+    fallback_max: int | None = None  # $retry_max
+
+    @property
+    def retry_rules(self) -> outcome.RetryRules:
+        return outcome.RetryRules(self.retry_delays, self.retry_max, self.fallback_delays, self.fallback_max)
 
 
 @dataclass(frozen=True)
@@ -633,6 +639,11 @@ def read_password(config: Config) -> str | None:
 # --- CFG --------------------------------------------------------------------
 
 
+# CFG commands of CopiaFacts' e-mail set that copiamail accepts without a
+# warning and leaves to copiamail.yaml ($email_settings: DNS and SMTP timeouts).
+_CFG_KNOWN_UNUSED = frozenset({"email_settings"})
+
+
 def load_cfg(path: Path) -> CfgRules:
     """Read the CFG file: ``$domain_limit``, retry rules, ``$email_esender``."""
     try:
@@ -648,33 +659,37 @@ def load_cfg(path: Path) -> CfgRules:
     except SyntaxFileError as e:
         raise ConfigError(e.message, path, e.line) from None
     rules: list[DomainLimitRule] = []
-    delays: dict[str, tuple[int, ...]] = {}
-    retry_max: int | None = None
+    delays: dict[str, dict[str, tuple[outcome.RetryItem, ...]]] = {"email_retry_delays": {}, "retry_delays": {}}
+    maxima: dict[str, int] = {}
     esender: str | None = None
     warnings: list[str] = []
     variables: dict[str, str] = {}
     for cmd in commands:
         if cmd.name == "domain_limit":
             rules.append(parse_rule(cmd, path))
-        elif cmd.name == "email_retry_delays":
-            if not cmd.args:
-                raise ConfigError('$email_retry_delays needs CLASS "LIST"', path, cmd.line)
+        elif cmd.name in delays:
             try:
-                delays[outcome.parse_retry_class(cmd.args[0])] = outcome.parse_delays(" ".join(cmd.args[1:]))
+                klass, items = outcome.parse_retry_command(cmd.args)
             except ValueError as e:
-                raise ConfigError(str(e), path, cmd.line) from None
-        elif cmd.name == "email_retry_max":
-            if len(cmd.args) != 1 or not (cmd.args[0].isascii() and cmd.args[0].isdigit()) or int(cmd.args[0]) < 1:
-                raise ConfigError("$email_retry_max needs one positive integer", path, cmd.line)
-            retry_max = int(cmd.args[0])
+                raise ConfigError(f"${cmd.name}: {e}" if not cmd.args else str(e), path, cmd.line) from None
+            delays[cmd.name][klass] = items
+        elif cmd.name in ("email_retry_max", "retry_max"):
+            if len(cmd.args) != 1 or not (cmd.args[0].isascii() and cmd.args[0].isdigit()):
+                raise ConfigError(f"${cmd.name} needs one number of retries", path, cmd.line)
+            maxima[cmd.name] = int(cmd.args[0])
         elif cmd.name == "email_esender":
-            if len(cmd.args) != 1 or parse_address(cmd.args[0]) is None:
-                raise ConfigError("$email_esender needs one e-mail address", path, cmd.line)
-            esender = cmd.args[0]
+            mailbox = read_mailbox(" ".join(cmd.args))
+            if mailbox is None:
+                raise ConfigError("$email_esender needs one e-mail address (a display name may come first)",
+                                  path, cmd.line)
+            esender = mailbox.address
         elif cmd.name == "var_def":
             if not cmd.args:
                 raise ConfigError("$var_def needs a NAME", path, cmd.line)
             variables[cmd.args[0].upper()] = " ".join(cmd.args[1:])
+        elif cmd.name in _CFG_KNOWN_UNUSED:
+            continue
         else:
             warnings.append(f"{path}:{cmd.line}: ${cmd.name} is not used by copiamail; ignored")
-    return CfgRules(path, tuple(rules), delays, retry_max, esender, tuple(warnings), variables)
+    return CfgRules(path, tuple(rules), delays["email_retry_delays"], maxima.get("email_retry_max"), esender,
+                    tuple(warnings), variables, delays["retry_delays"], maxima.get("retry_max"))

@@ -20,6 +20,7 @@ from typing import Callable, Mapping, NamedTuple
 from . import outcome
 from .errors import JobError, SyntaxFileError
 from .fsfile import Command, CommandFile
+from .outcome import RetryItem, RetryRules
 from .variables import GRAVE, UndefinedVariable, chained, expand, expand_path, starts_with_path_variable
 
 # Lines the engine owns (SPEC 2): it may update or add these; every other line
@@ -89,7 +90,7 @@ class JobEnv:
 
 @dataclass(frozen=True)
 class AttemptRecord:
-    """``$attempt_record MM/DD/YYYY HH:MM:SS E NODE OUTCOME CLASS "text"``."""
+    """One ``$attempt_record`` line, in any of the layouts :func:`parse_attempt` reads."""
 
     date: str
     time: str
@@ -97,11 +98,13 @@ class AttemptRecord:
     outcome: int
     klass: str
     text: str
+    line: int = field(default=0, compare=False)  # its line in the file
 
     @property
     def counts_as_retry(self) -> bool:
-        """Interruptions (66) do not count as retries (SPEC 4)."""
-        return self.outcome != outcome.INTERRUPTED.code
+        """Interruptions (66) and CopiaFacts' ignored failures (class I) do
+        not count as retries."""
+        return self.outcome != outcome.INTERRUPTED.code and self.klass != outcome.IGNORED
 
 
 @dataclass(frozen=True)
@@ -122,9 +125,18 @@ class Job:
     charset: str = "utf-8"
     body_encoding: str | None = None  # base64, quoted-printable or 8bit, as $email_charset asks
     header_encoding: str | None = None  # base64 or quoted-printable for encoded words
-    retry_delays: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    retry_delays: Mapping[str, tuple[RetryItem, ...]] = field(default_factory=dict)
     variables: Mapping[str, str] = field(default_factory=dict)
     attempts: tuple[AttemptRecord, ...] = ()
+    # Retry rules past $email_retry_delays: $email_retry_max, and the
+    # $retry_delays/$retry_max fallback.
+    retry_max: int | None = None
+    fallback_delays: Mapping[str, tuple[RetryItem, ...]] = field(default_factory=dict)
+    fallback_max: int | None = None
+    # The line of the last $fax_status1 6: a job moved back from SENT or FAIL
+    # by hand starts its retries afresh (only attempts after it count).
+    restart_line: int = 0
+    restarted: bool = False  # it sits in a queue with $fax_status1 6 (moved back by hand)
     domainbusy_count: int = 0
     next_attempt: float | None = None
     identity: str = ""
@@ -142,8 +154,17 @@ class Job:
         return self.variables.get("EMAIL_BINDING_GROUP")
 
     @property
+    def current_attempts(self) -> tuple[AttemptRecord, ...]:
+        """The attempts since the job last started afresh."""
+        return tuple(a for a in self.attempts if a.line > self.restart_line)
+
+    @property
+    def retry_rules(self) -> RetryRules:
+        return RetryRules(self.retry_delays, self.retry_max, self.fallback_delays, self.fallback_max)
+
+    @property
     def interruptions(self) -> int:
-        return sum(1 for a in self.attempts if not a.counts_as_retry)
+        return sum(1 for a in self.current_attempts if a.outcome == outcome.INTERRUPTED.code)
 
     def without_content(self) -> "Job":
         """This job less its body, alternative, attachments and headers: what
@@ -341,7 +362,10 @@ class _JobReader:
         self.alt: list[BodyItem] = []
         self.attachments: list[Attachment] = []
         self.headers: list[tuple[str, str]] = []
-        self.delays: dict[str, tuple[int, ...]] = {}
+        self.delays: dict[str, tuple[RetryItem, ...]] = {}
+        self.fallback_delays: dict[str, tuple[RetryItem, ...]] = {}
+        self.retry_max: dict[str, int] = {}
+        self.status1: list[tuple[int, str]] = []
         self.attempts: list[AttemptRecord] = []
         self.dates: dict[str, Command] = {}
         self.identity = job_identity(name, cf, commands)
@@ -437,6 +461,11 @@ class _JobReader:
             body_encoding=body_encoding,
             header_encoding=header_encoding,
             retry_delays=self.delays,
+            retry_max=self.retry_max.get("email_retry_max"),
+            fallback_delays=self.fallback_delays,
+            fallback_max=self.retry_max.get("retry_max"),
+            restart_line=max((line for line, value in self.status1 if value == "6"), default=0),
+            restarted=bool(self.status1) and self.status1[-1][1] == "6",
             variables=self.variables,
             attempts=tuple(self.attempts),
             domainbusy_count=busy,
@@ -571,12 +600,20 @@ class _JobReader:
         self.headers.append((hname, hvalue))
 
     def retry_delays(self, cmd: Command) -> None:
-        if len(cmd.args) < 1:
-            raise self.error('$email_retry_delays needs CLASS "LIST"', cmd)
         try:
-            self.delays[outcome.parse_retry_class(cmd.args[0])] = outcome.parse_delays(" ".join(cmd.args[1:]))
+            klass, delays = outcome.parse_retry_command(cmd.args)
         except ValueError as e:
-            raise self.error(str(e), cmd) from None
+            raise self.error(f"${cmd.name}: {e}" if not cmd.args else str(e), cmd) from None
+        (self.delays if cmd.name == "email_retry_delays" else self.fallback_delays)[klass] = delays
+
+    def max_retries(self, cmd: Command) -> None:
+        if len(cmd.args) != 1 or not (cmd.args[0].isascii() and cmd.args[0].isdigit()):
+            raise self.error(f"${cmd.name} needs a number of retries", cmd)
+        self.retry_max[cmd.name] = int(cmd.args[0])
+
+    def status(self, cmd: Command) -> None:
+        if cmd.args:
+            self.status1.append((cmd.line, cmd.args[0]))
 
     def attempt(self, cmd: Command) -> None:
         record = parse_attempt(cmd)
@@ -598,6 +635,10 @@ _HANDLERS: Mapping[str, Callable[[_JobReader, Command], None]] = MappingProxyTyp
     "email_attach": _JobReader.attach,
     "email_header": _JobReader.header,
     "email_retry_delays": _JobReader.retry_delays,
+    "retry_delays": _JobReader.retry_delays,
+    "email_retry_max": _JobReader.max_retries,
+    "retry_max": _JobReader.max_retries,
+    "fax_status1": _JobReader.status,
     "attempt_record": _JobReader.attempt,
     "fax_next_date": _JobReader.date,
     "fax_next_time": _JobReader.date,
@@ -650,14 +691,27 @@ def message_id_domain(sender: str) -> str:
 
 
 def parse_attempt(cmd: Command) -> AttemptRecord | None:
-    """An ``$attempt_record`` line, or None when it cannot be read."""
+    """An ``$attempt_record`` line, or None when it cannot be read. Three layouts:
+
+    - CopiaFacts' own field order, which copiamail writes: ``DATE TIME TYPE
+      SKIPPED SCHED OUTCOME CLASS SENT TOSEND FLAGS BOARDLINE BAUD CALL
+      CONNECT ANSWERBACK``, then (copiamail only) the node's name;
+    - copiamail's earlier layout: ``DATE TIME E NODE OUTCOME CLASS "TEXT"``
+      (the third field is the letter E, never a number).
+    """
     # A record the engine cannot read is kept in the file but not counted; the
     # alternative, failing the job, would punish it for a hand edit.
     a = cmd.args
     if len(a) < 6:
         return None
+    if a[2].upper() == "E":
+        field, node, text = 4, a[3], " ".join(a[6:])
+    elif len(a) >= 7:
+        field, node, text = 5, (a[15] if len(a) > 15 else ""), (a[14] if len(a) > 14 else "")
+    else:
+        return None
     try:
-        code = int(a[4])
+        code = int(a[field])
     except ValueError:
         return None
-    return AttemptRecord(a[0], a[1], a[3], code, a[5].upper(), " ".join(a[6:]))
+    return AttemptRecord(a[0], a[1], node, code, a[field + 1].upper(), text, cmd.line)

@@ -8,8 +8,10 @@ decided here from the job's earlier attempt records, the retry delays
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Mapping
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, NamedTuple, Union
 
 # CopiaFacts classes.
 TIMEOUT = "A"
@@ -20,7 +22,10 @@ SMTP_OTHER = "E"
 HOST_REJECTED = "H"
 SUCCESS = "S"
 FAILURE = "Z"
-CLASSES = "ABCDEHSZ"
+IGNORED = "I"  # CopiaFacts: an ignored failure, not counted as a retry
+# CopiaFacts' letters: A-H and J-O are retried classes, I an ignored failure,
+# S success, Z final failure. The engine itself gives A-E, H, S and Z.
+CLASSES = "ABCDEFGHIJKLMNOSZ"
 
 
 @dataclass(frozen=True)
@@ -60,22 +65,47 @@ DEFAULT_RETRY_DELAYS: Mapping[str, tuple[int, ...]] = {"*": (300, 1200, 3600, 14
 
 _UNITS = {"S": 1, "M": 60, "H": 3600}
 MAX_RETRY_DELAY = 366 * 24 * 3600
+_ITEM = re.compile(r"(I?)(?:(\d+)([SMH]?)|(\d{1,2}):(\d{2})([WN]?))\Z", re.IGNORECASE)
 
 
-def parse_delays(text: str) -> tuple[int, ...]:
-    """``"30S 5 2H"`` to seconds ``(30, 300, 7200)``; raises ValueError naming the bad item."""
-    out: list[int] = []
+class RetryAt(NamedTuple):
+    """A retry LIST item other than a plain delay: a delay (``seconds``) or
+    a time of day (``hour``:``minute``; ``day`` W: the next working day,
+    Monday to Friday, N: the next non-working day), and ``relay``: with the
+    ``I`` prefix the retry goes through ``retry_relay:``."""
+
+    seconds: int | None
+    hour: int = 0
+    minute: int = 0
+    day: str = ""
+    relay: bool = False
+
+
+# A plain delay in seconds (most lists), or a RetryAt.
+RetryItem = Union[int, RetryAt]
+
+
+def parse_delays(text: str) -> tuple[RetryItem, ...]:
+    """A retry LIST: ``"30S 5 2H"`` to seconds ``(30, 300, 7200)``; items
+    ``hh:mm`` (with ``W`` or ``N``) and an ``I`` prefix give RetryAt.
+    Raises ValueError naming the bad item."""
+    out: list[RetryItem] = []
     for item in text.replace(",", " ").split():
-        unit = 60
-        number = item
-        if item[-1:].upper() in _UNITS:
-            unit = _UNITS[item[-1].upper()]
-            number = item[:-1]
-        if not (number.isascii() and number.isdigit()):
-            raise ValueError(f"bad retry delay {item!r} (minutes, or a number with S, M or H)")
-        if int(number) * unit > MAX_RETRY_DELAY:
-            raise ValueError(f"retry delay {item!r} is longer than a year")
-        out.append(int(number) * unit)
+        m = _ITEM.match(item) if item.isascii() else None
+        if m is None:
+            raise ValueError(f"bad retry delay {item!r} (minutes, a number with S, M or H, or hh:mm with W or N; "
+                             "I first to retry through retry_relay)")
+        relay = bool(m.group(1))
+        if m.group(2) is not None:
+            seconds = int(m.group(2)) * _UNITS[(m.group(3) or "M").upper()]
+            if seconds > MAX_RETRY_DELAY:
+                raise ValueError(f"retry delay {item!r} is longer than a year")
+            out.append(RetryAt(seconds, relay=True) if relay else seconds)
+            continue
+        hour, minute = int(m.group(4)), int(m.group(5))
+        if hour > 23 or minute > 59:
+            raise ValueError(f"bad retry time {item!r} (hh:mm, 00:00 to 23:59)")
+        out.append(RetryAt(None, hour, minute, m.group(6).upper(), relay))
     return tuple(out)
 
 
@@ -87,7 +117,82 @@ def parse_retry_class(text: str) -> str:
     return klass
 
 
-def delays_for(klass: str, *levels: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
+def parse_retry_command(args: tuple[str, ...]) -> tuple[str, tuple[RetryItem, ...]]:
+    """``$email_retry_delays`` / ``$retry_delays`` arguments: ``CLASS LIST``,
+    or the CFG form ``LINE CLASS LIST`` (LINE names fax lines or line groups:
+    accepted and ignored). Raises ValueError."""
+    if not args:
+        raise ValueError('needs CLASS "LIST"')
+    if len(args) == 3 and len(args[1]) == 1 and args[1].upper() in CLASSES + "*":
+        try:
+            return parse_retry_class(args[1]), parse_delays(args[2])
+        except ValueError:
+            pass  # not the LINE form after all: read as CLASS LIST below
+    return parse_retry_class(args[0]), parse_delays(" ".join(args[1:]))
+
+
+def wait_for(item: RetryItem, now: float) -> float:
+    """Seconds from ``now`` until the retry an item names (a time of day in
+    the node's local time: its next occurrence, on a working day for W,
+    on a Saturday or Sunday for N)."""
+    if isinstance(item, int):
+        return item
+    if item.seconds is not None:
+        return item.seconds
+    t = time.localtime(now)
+    for days in range(0, 8):
+        candidate = time.mktime((t.tm_year, t.tm_mon, t.tm_mday + days, item.hour, item.minute, 0, 0, 0, -1))
+        if candidate <= now:
+            continue
+        weekday = time.localtime(candidate).tm_wday
+        if item.day == "W" and weekday >= 5 or item.day == "N" and weekday < 5:
+            continue
+        return candidate - now
+    raise AssertionError("a week always holds such a day")  # pragma: no cover
+
+
+def through_relay(item: RetryItem) -> bool:
+    return isinstance(item, RetryAt) and item.relay
+
+
+@dataclass(frozen=True)
+class RetryRules:
+    """One level's retry rules (an FS file's, or the CFG's): the
+    ``$email_retry_delays`` lists and ``$email_retry_max``, and the
+    ``$retry_delays``/``$retry_max`` ones used when no level has an e-mail list."""
+
+    delays: Mapping[str, tuple[RetryItem, ...]] = field(default_factory=dict)
+    retry_max: int | None = None
+    fallback_delays: Mapping[str, tuple[RetryItem, ...]] = field(default_factory=dict)
+    fallback_max: int | None = None
+
+
+class RetryPlan(NamedTuple):
+    wait: float  # seconds
+    relay: bool  # through retry_relay
+
+
+def plan_retry(klass: str, earlier_classes: Iterable[str], job: RetryRules, cfg: RetryRules,
+               now: float | None = None) -> RetryPlan | None:
+    """The next retry after a temporary failure of ``klass`` (FS over CFG over
+    the built-in default), or None when the job's retries have run out.
+    CopiaFacts: if no ``$email_retry_delays`` exists at any level,
+    ``$retry_delays`` and ``$retry_max`` are used instead."""
+    if job.delays or cfg.delays or not (job.fallback_delays or cfg.fallback_delays):
+        delays = delays_for(klass, job.delays, cfg.delays)
+        retry_max = job.retry_max if job.retry_max is not None else cfg.retry_max
+    else:
+        delays = delays_for(klass, job.fallback_delays, cfg.fallback_delays)
+        retry_max = job.fallback_max if job.fallback_max is not None else cfg.fallback_max
+    earlier = list(earlier_classes)
+    nth = sum(1 for c in earlier if c == klass) + 1
+    if nth > len(delays) or (retry_max is not None and len(earlier) + 1 > retry_max):
+        return None
+    item = delays[nth - 1]
+    return RetryPlan(wait_for(item, time.time() if now is None else now), through_relay(item))
+
+
+def delays_for(klass: str, *levels: Mapping[str, tuple[RetryItem, ...]]) -> tuple[RetryItem, ...]:
     """The delay list for ``klass``: each level (FS, then CFG) is asked for the
     class's own list, then its ``*`` list; the built-in default comes last."""
     for level in (*levels, DEFAULT_RETRY_DELAYS):
@@ -101,19 +206,16 @@ def delays_for(klass: str, *levels: Mapping[str, tuple[int, ...]]) -> tuple[int,
 def retry_delay(
     klass: str,
     earlier_classes: Iterable[str],
-    delays: tuple[int, ...],
+    delays: tuple[RetryItem, ...],
     retry_max: int | None,
-) -> int | None:
+    now: float | None = None,
+) -> float | None:
     """Seconds to wait before the next try after a temporary failure of ``klass``,
-    or None when the job's retries have run out.
+    or None when the job's retries have run out (:func:`plan_retry` with one list).
 
     ``earlier_classes`` are the classes of the job's earlier counted attempts
-    (interruptions excluded); this attempt is not among them.
+    (interruptions excluded); this attempt is not among them. ``retry_max``
+    counts retries, as CopiaFacts does: N allows N+1 attempts.
     """
-    earlier = list(earlier_classes)
-    nth = sum(1 for c in earlier if c == klass) + 1
-    if nth > len(delays):
-        return None
-    if retry_max is not None and len(earlier) + 1 >= retry_max:
-        return None
-    return delays[nth - 1]
+    plan = plan_retry(klass, earlier_classes, RetryRules({klass: delays}, retry_max), RetryRules(), now)
+    return None if plan is None else plan.wait

@@ -17,6 +17,7 @@ from copiamail.config import (
     load_config,
 )
 from copiamail.errors import ConfigError
+from copiamail import outcome
 
 # SPEC 5, verbatim.
 SPEC_YAML = r'''spool: ./spool
@@ -448,9 +449,9 @@ def test_a_domain_limit_count_that_is_not_a_positive_integer_names_file_and_line
     [
         "$domain_limit *",
         "$domain_limit * @a 1 2",
-        "$email_retry_max 0",
+        "$email_retry_max -1",
         "$email_retry_max x",
-        '$email_retry_delays Q "5"',
+        '$email_retry_delays P "5"',
         '$email_retry_delays * "5 x"',
         "$email_retry_delays",
         "$email_esender not-an-address",
@@ -567,3 +568,23 @@ def test_path_map_must_map_to_a_folder_path(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_yaml(tmp_path, 'path_map:\n  "C:\\\\Copia\\\\": 3\n')
     assert "path_map" in str(e.value) and ":2:" in str(e.value)
+
+
+def test_a_cfg_from_the_copiafacts_manual_is_read(tmp_path):
+    path = write(tmp_path / "FAXFACTS.CFG", "\n".join([
+        "$email_settings 5000 3 35000 10000",
+        '$email_retry_delays 1-4 A "5 10 I30"',
+        '$email_retry_delays * B "14:30W 2H"',
+        "$email_retry_max 7",
+        '$email_esender "Acme Billing" <billing@acme.test>',
+        "$var_def COMPANY Acme",
+        '$retry_delays * "1"',
+        "$retry_max 2",
+        "$domain_limit * @copia.com 2",
+    ]) + "\n")
+    rules = load_cfg(path)
+    assert rules.warnings == ()
+    assert rules.retry_delays["A"][:2] == (300, 600) and rules.retry_delays["A"][2].relay
+    assert rules.retry_delays["B"][0] == outcome.RetryAt(None, 14, 30, "W")
+    assert (rules.retry_max, rules.fallback_max) == (7, 2) and rules.fallback_delays == {"*": (60,)}
+    assert rules.esender == "billing@acme.test" and rules.variables == {"COMPANY": "Acme"}

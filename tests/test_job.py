@@ -511,7 +511,7 @@ def test_an_unknown_email_command_fails_the_job_with_outcome_60_naming_the_line(
 
 
 def test_every_copiafacts_email_command_is_known():
-    data = ADDR + b"".join(b"$" + n.encode() + b" x\n" for n in [
+    data = ADDR + b"".join(b"$" + n.encode() + b" 3\n" for n in [
         "email_alt_address", "email_options", "email_dkim_keyfile", "email_retry_max", "email_settings"])
     job(data + b"$email_subject s\n")
 

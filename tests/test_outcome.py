@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -83,7 +85,7 @@ def test_parse_retry_class_is_case_insensitive(klass):
     assert parse_retry_class(klass) == klass.upper()
 
 
-@pytest.mark.parametrize("text", ["", "X", "F", "AB", "**", "1", " A", "?"])
+@pytest.mark.parametrize("text", ["", "X", "P", "AB", "**", "1", " A", "?"])
 def test_parse_retry_class_refuses_anything_else(text):
     with pytest.raises(ValueError):
         parse_retry_class(text)
@@ -92,7 +94,8 @@ def test_parse_retry_class_refuses_anything_else(text):
 def test_classes_are_the_copiafacts_letters():
     assert (outcome.TIMEOUT, outcome.MAILBOX, outcome.CONNECTION, outcome.DOMAIN, outcome.SMTP_OTHER,
             outcome.HOST_REJECTED, outcome.SUCCESS, outcome.FAILURE) == tuple("ABCDEHSZ")
-    assert set(CLASSES) == set("ABCDEHSZ")
+    # CopiaFacts retries A-H and J-O; I is an ignored failure, S success, Z final.
+    assert set(CLASSES) == set("ABCDEFGHJKLMNO") | {"I", "S", "Z"}
 
 
 # --- delays_for: FS over CFG over the default ---------------------------------------------
@@ -177,15 +180,16 @@ def test_retry_delay_depends_only_on_earlier_failures_of_the_same_class(earlier,
     assert retry_delay(klass, earlier, delays, None) == retry_delay(klass, same, delays, None)
 
 
-def test_retry_max_caps_attempts_of_all_classes_together():
+def test_retry_max_caps_retries_of_all_classes_together():
+    # CopiaFacts counts retries: $email_retry_max 2 allows 3 attempts.
     delays = (1, 2, 3, 4, 5)
-    assert retry_delay("A", [], delays, 3) == 1  # attempt 1 failed
-    assert retry_delay("B", ["A"], delays, 3) == 1  # attempt 2 failed
-    assert retry_delay("C", ["A", "B"], delays, 3) is None  # attempt 3 was the last
+    assert retry_delay("A", [], delays, 2) == 1  # attempt 1 failed: retry 1
+    assert retry_delay("B", ["A"], delays, 2) == 1  # attempt 2 failed: retry 2
+    assert retry_delay("C", ["A", "B"], delays, 2) is None  # attempt 3 was the last
 
 
-def test_retry_max_of_one_allows_no_retry():
-    assert retry_delay("A", [], (1, 2), 1) is None
+def test_retry_max_of_zero_allows_no_retry():
+    assert retry_delay("A", [], (1, 2), 0) is None
 
 
 def test_retry_max_none_means_no_cap():
@@ -206,12 +210,12 @@ def test_a_job_failing_again_and_again_stops_at_the_first_exhausted_class_or_at_
         wait = retry_delay(klass, earlier, tuple(delays), retry_max)
         nth = earlier.count(klass) + 1
         if wait is None:
-            assert attempts >= retry_max or nth > len(delays)
+            assert attempts > retry_max or nth > len(delays)
             break
-        assert attempts < retry_max
+        assert attempts <= retry_max
         assert wait == delays[nth - 1]
         earlier.append(klass)
-    assert attempts <= retry_max
+    assert attempts <= retry_max + 1
 
 
 # --- outcome codes -----------------------------------------------------------------------------
@@ -238,3 +242,51 @@ def test_bad_job_codes_are_class_z():
 def test_a_retry_delay_longer_than_a_year_is_refused(text):
     with pytest.raises(ValueError, match="longer than a year"):
         parse_delays(text)
+
+
+# --- CopiaFacts forms: time of day, I, the LINE form, the $retry_delays fallback --------------
+
+
+def test_parse_delays_reads_times_of_day_and_the_i_prefix():
+    assert parse_delays("I5 14:30 08:00W 9:05N I2H") == (
+        outcome.RetryAt(300, relay=True), outcome.RetryAt(None, 14, 30), outcome.RetryAt(None, 8, 0, "W"),
+        outcome.RetryAt(None, 9, 5, "N"), outcome.RetryAt(7200, relay=True))
+
+
+@pytest.mark.parametrize("text", ["24:00", "12:60", "12:5", "X5", "5W", "I"])
+def test_parse_delays_refuses_bad_times(text):
+    with pytest.raises(ValueError):
+        parse_delays(text)
+
+
+def test_a_time_of_day_waits_until_its_next_occurrence():
+    monday_10 = time.mktime((2026, 11, 30, 10, 0, 0, 0, 0, -1))  # a Monday
+    assert outcome.wait_for(outcome.RetryAt(None, 14, 30), monday_10) == 4.5 * 3600
+    assert outcome.wait_for(outcome.RetryAt(None, 9, 0), monday_10) == 23 * 3600
+    friday_18 = time.mktime((2026, 12, 4, 18, 0, 0, 0, 0, -1))
+    # W: the next working day (Monday); N: the next non-working day (Saturday).
+    assert time.localtime(friday_18 + outcome.wait_for(outcome.RetryAt(None, 8, 0, "W"), friday_18)).tm_wday == 0
+    assert time.localtime(friday_18 + outcome.wait_for(outcome.RetryAt(None, 8, 0, "N"), friday_18)).tm_wday == 5
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("1", "A", "5 10"), ("A", (300, 600))),
+    (("1-4", "*", "30S"), ("*", (30,))),
+    (("A", "5 10"), ("A", (300, 600))),
+    (("*", "5", "10", "20"), ("*", (300, 600, 1200))),
+])
+def test_retry_commands_take_the_cfg_line_form_and_the_two_argument_form(args, expected):
+    assert outcome.parse_retry_command(args) == expected
+
+
+def test_retry_delays_are_the_fallback_only_where_no_email_list_exists():
+    fallback = outcome.RetryRules(fallback_delays={"*": (60,)}, fallback_max=0)
+    assert outcome.plan_retry("A", [], outcome.RetryRules(), fallback) is None  # $retry_max 0
+    with_email = outcome.RetryRules(delays={"B": (5,)}, fallback_delays={"*": (60,)}, fallback_max=0)
+    assert outcome.plan_retry("A", [], outcome.RetryRules(), with_email).wait == 300  # the default, not $retry_delays
+    assert outcome.plan_retry("A", [], outcome.RetryRules(fallback_delays={"A": (7,)}), outcome.RetryRules()).wait == 7
+
+
+def test_an_i_item_retries_through_the_retry_relay():
+    plan = outcome.plan_retry("C", ["C"], outcome.RetryRules(delays={"C": parse_delays("5 I10")}), outcome.RetryRules())
+    assert plan == outcome.RetryPlan(600, True)
