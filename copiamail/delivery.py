@@ -22,6 +22,7 @@ lost connections).
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import ssl
@@ -284,6 +285,20 @@ class _Link(asyncio.Protocol):
             self._waiter.set_result(None)
 
 
+def _why_not_connected(e: aiosmtplib.SMTPConnectError) -> str:
+    """Why a connection could not be made, once (``connection refused``):
+    aiosmtplib's message repeats the address, and asyncio's OSError text
+    (``Connect call failed ('127.0.0.1', 25)``) a third time."""
+    cause = e.__cause__
+    if isinstance(cause, socket.gaierror):
+        reason = str(cause.strerror or cause)
+    elif isinstance(cause, OSError) and cause.errno:
+        reason = os.strerror(cause.errno)
+    else:
+        reason = str(cause or e.message)
+    return reason[:1].lower() + reason[1:]
+
+
 def _engine(code: outcome.OutcomeCode, detail: str, stage: str = CONNECT) -> DeliveryError:
     return DeliveryError(code.code, code.klass, detail, False, stage)
 
@@ -326,7 +341,7 @@ class SmtpSession:
             if "EOF" in e.message:
                 # Accepted, then closed before the greeting: dropped, not refused.
                 raise _engine(outcome.CONNECTION_LOST, f"{where} closed the connection before its greeting") from None
-            raise _engine(outcome.CONNECT_FAILED, f"cannot connect to {where}: {e.message}") from None
+            raise _engine(outcome.CONNECT_FAILED, f"cannot connect to {where}: {_why_not_connected(e)}") from None
         except aiosmtplib.SMTPTimeoutError as e:
             smtp.close()
             raise _engine(outcome.TIMED_OUT, f"timeout greeting {where}: {e.message}") from None
