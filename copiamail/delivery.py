@@ -33,7 +33,7 @@ from pathlib import Path
 import aiosmtplib
 
 from . import outcome
-from .config import is_ip
+from .config import is_fqdn, is_ip
 from .errors import ConfigError, DeliveryError
 
 MAIL, RCPT, DATA, CONNECT = "MAIL", "RCPT", "DATA", "CONNECT"
@@ -61,7 +61,7 @@ class SessionSettings:
     username: str | None = None
     password: str | None = None
     timeout: float = 60.0
-    helo_name: str | None = None
+    helo_name: str | None = None  # None: the address literal of the connection's local address
 
 
 def make_tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
@@ -89,6 +89,22 @@ def resolve_relay(host: str, port: int) -> tuple[str, ...]:
     except OSError:
         return ()
     return tuple(dict.fromkeys(str(i[4][0]) for i in infos))
+
+
+def machine_helo_name() -> str | None:
+    """The machine's fully qualified domain name, for EHLO where ``helo_name``
+    is not set; None when it has none (a bare host name, ``localhost``).
+    Then each connection greets with the address literal of its own local
+    address (:func:`address_literal`): RFC 5321 4.1.3 asks for the address
+    the connection comes from, which is what the server sees. Asks the
+    resolver, and may block: called once at node start, never per connection."""
+    name = socket.getfqdn()
+    return name if is_fqdn(name) else None
+
+
+def address_literal(ip: str) -> str:
+    """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` (RFC 5321 4.1.3)."""
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
 
 
 def reply_text(code: int, message: str) -> str:
@@ -303,6 +319,16 @@ def _engine(code: outcome.OutcomeCode, detail: str, stage: str = CONNECT) -> Del
     return DeliveryError(code.code, code.klass, detail, False, stage)
 
 
+async def _greet(smtp: aiosmtplib.SMTP) -> None:
+    """EHLO, or HELO where the server refuses EHLO (RFC 5321 4.1.1.1)."""
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        if not smtp.is_connected:
+            raise
+        await smtp.helo()
+
+
 class SmtpSession:
     """One SMTP connection (opened lazily), used by one task at a time."""
 
@@ -314,25 +340,25 @@ class SmtpSession:
 
     async def _open(self) -> _Link:
         s = self.settings
-        start_tls = {"auto": None, "always": True, "never": False}[s.starttls]
         smtp = aiosmtplib.SMTP(
-            hostname=s.host, port=s.port, timeout=s.timeout, start_tls=start_tls,
+            hostname=s.host, port=s.port, timeout=s.timeout, start_tls=False,
             tls_context=s.tls_context if s.starttls != "never" else None,
             source_address=(s.source_address, 0) if s.source_address else None,
-            local_hostname=s.helo_name,
+            # Without a name, set below from the connection; any value here
+            # keeps aiosmtplib from asking DNS for the machine's name each time.
+            local_hostname=s.helo_name or "[127.0.0.1]",
         )
         where = f"{s.host}:{s.port}"
         try:
             await smtp.connect()
+            if s.helo_name is None:
+                smtp.local_hostname = address_literal(str(smtp.get_transport_info("sockname")[0]))
             # Greet now, not inside MAIL: a refusal of EHLO/HELO is the host's
             # (class H, retried), never a final 5xx at MAIL.
-            if smtp.is_ehlo_or_helo_needed:
-                try:
-                    await smtp.ehlo()
-                except aiosmtplib.SMTPHeloError:
-                    if not smtp.is_connected:
-                        raise
-                    await smtp.helo()
+            await _greet(smtp)
+            if s.starttls == "always" or (s.starttls == "auto" and smtp.supports_extension("starttls")):
+                await smtp.starttls()
+                await _greet(smtp)  # RFC 3207 4.2: the server forgets the first EHLO
         except aiosmtplib.SMTPConnectTimeoutError as e:
             raise _engine(outcome.TIMED_OUT, f"timeout connecting to {where}: {e.message}") from None
         except aiosmtplib.SMTPConnectResponseError as e:

@@ -33,7 +33,6 @@ import asyncio
 import errno
 import logging
 import os
-import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from typing import Callable, Iterable
 
 from . import outcome, records
 from .config import BindingConfig, Config, is_ip
-from .delivery import CONNECT, Delivered, SessionSettings, SmtpSession, make_tls_context, resolve_relay
+from .delivery import CONNECT, Delivered, SessionSettings, SmtpSession, machine_helo_name, make_tls_context, resolve_relay
 from .errors import DeliveryError, JobError
 from .fsfile import CommandFile
 from .job import Job, parse_job, quick_domain
@@ -216,8 +215,9 @@ class Scheduler:
         self._unresolved_hosts: list[str] = []
         self._host_lookup: asyncio.Task[None] | None = None
         self._mx: MxResolver | None = None
-        # socket.getfqdn(), aiosmtplib's default, may ask DNS: the host name will do.
-        self._helo_name = config.helo_name or socket.gethostname()
+        # Once, at start: machine_helo_name() may ask DNS (SPEC 4: an FQDN,
+        # else each connection's address literal, never a bare host name).
+        self._helo_name = config.helo_name or machine_helo_name()
         self._relay: _Target | None = None
         relay = config.relay
         if relay is not None:

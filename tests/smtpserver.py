@@ -64,6 +64,7 @@ import email.policy
 import functools
 import ipaddress
 import logging
+import re
 import shutil
 import socket
 import ssl
@@ -101,6 +102,7 @@ __all__ = [
     "SMTPTestServer",
     "make_self_signed_cert",
     "default_cert",
+    "fully_qualified",
     "STAGES",
 ]
 
@@ -287,6 +289,7 @@ class ConnectionInfo:
     rcpt_domains: set[str] = field(default_factory=set)
     commands: list[str] = field(default_factory=list)
     messages: int = 0
+    helo: Optional[str] = None  # the name of the last EHLO or HELO
 
     @property
     def open(self) -> bool:
@@ -300,6 +303,24 @@ def _message_id(data: bytes) -> Optional[str]:
         return str(v).strip() if v is not None else None
     except Exception:
         return None
+
+
+_HELO_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def fully_qualified(name: str) -> bool:
+    """What Postfix's reject_non_fqdn_helo_hostname lets through: an address
+    literal (``[192.0.2.1]``, ``[IPv6:...]``) or a name of two or more valid
+    labels."""
+    if name.startswith("[") and name.endswith("]"):
+        inner = name[1:-1]
+        try:
+            ipaddress.ip_address(inner[5:] if inner[:5].lower() == "ipv6:" else inner)
+        except ValueError:
+            return False
+        return True
+    labels = name.rstrip(".").split(".")
+    return len(labels) >= 2 and all(_HELO_LABEL.fullmatch(label) for label in labels)
 
 
 def _check_host(host: str) -> str:
@@ -460,6 +481,8 @@ class _TestSMTP(SMTP):
                 srv._rcpt_seen(conn, a)
         elif command == "DATA" and self.envelope is not None:
             addresses = list(self.envelope.rcpt_tos)
+        elif command in ("EHLO", "HELO"):
+            conn.helo = (arg or "").strip()
 
         if (command in ("MAIL", "RCPT", "DATA") and srv.auth_required
                 and self.session is not None and not self.session.authenticated):
@@ -470,6 +493,9 @@ class _TestSMTP(SMTP):
         if rule is not None:
             for line in rule.reply_lines():
                 await self._raw_push(line)
+            return
+        if command in ("EHLO", "HELO") and srv.strict_helo and not fully_qualified(conn.helo or ""):
+            await self._raw_push(f"504 5.5.2 <{conn.helo}>: Helo command rejected: need fully-qualified hostname")
             return
         if command == "STARTTLS" and srv.starttls_fails:
             await self._raw_push("454 4.7.0 TLS not available due to temporary reason")
@@ -517,6 +543,11 @@ class SMTPTestServer:
       size_limit        SIZE advertised and enforced (aiosmtpd default 32 MiB)
       pipelining        advertise PIPELINING (RFC 2920); aiosmtpd reads the
                         commands in order either way
+      strict_helo       as Postfix's reject_non_fqdn_helo_hostname: an EHLO or
+                        HELO name that is neither a fully qualified domain name
+                        nor an address literal gets
+                        504 5.5.2 <NAME>: Helo command rejected: need
+                        fully-qualified hostname
     """
 
     def __init__(
@@ -536,6 +567,7 @@ class SMTPTestServer:
         idle_timeout: float = 60.0,
         size_limit: Optional[int] = None,
         pipelining: bool = False,
+        strict_helo: bool = False,
     ) -> None:
         self.host = _check_host(host)
         self.port = int(port)
@@ -563,6 +595,7 @@ class SMTPTestServer:
         self.idle_timeout = idle_timeout
         self.size_limit = size_limit
         self.pipelining = pipelining
+        self.strict_helo = strict_helo
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 
+from smtpserver import fully_qualified
 from spoolkit import SpoolKit, attempts, var
 
 
@@ -33,3 +34,42 @@ def test_a_refused_connection_is_one_plain_statement(tmp_path):
     assert var(text, "EMAIL_ERROR") == f"cannot connect to 127.0.0.1:{port}: connection refused"
     [[_, _, code, klass, _]] = attempts(text)
     assert (code, klass) == ("70", "C")
+
+
+# --- 13: the EHLO name is fully qualified -------------------------------------
+
+
+def test_without_helo_name_the_node_greets_with_an_fqdn_or_its_address_literal(tmp_path, smtp_server):
+    server = smtp_server(strict_helo=True)
+    kit = SpoolKit(tmp_path, server.port, ['$email_retry_delays * "1H"'])
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("SENT") == ["J.FS"], kit.read("TOSEND", "J.FS")
+    [conn] = server.connections
+    assert fully_qualified(conn.helo) and conn.helo in (socket.getfqdn(), "[127.0.0.1]")
+
+
+def test_the_address_literal_is_the_one_the_connection_comes_from(tmp_path, smtp_server):
+    server = smtp_server(strict_helo=True)
+    kit = SpoolKit(tmp_path, server.port, [], yaml="binding:\n  b3: {bind_address: 127.0.0.3}\n")
+    kit.job("TOSEND", "J.FS", "$var_def EMAIL_BINDING b3", to="a@copia.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("SENT") == ["J.FS"]
+    [conn] = server.connections
+    assert conn.peer == "127.0.0.3" and conn.helo in (socket.getfqdn(), "[127.0.0.3]")
+
+
+def test_helo_name_from_the_config_is_sent_as_written(tmp_path, smtp_server):
+    server = smtp_server(strict_helo=True)
+    kit = SpoolKit(tmp_path, server.port, [], yaml="helo_name: mail.copia.test\n")
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("SENT") == ["J.FS"] and server.connections[0].helo == "mail.copia.test"
+
+
+def test_a_bare_host_name_as_helo_name_is_refused_with_one_line(tmp_path):
+    kit = SpoolKit(tmp_path, 2525, [], yaml="helo_name: mailhost\n")
+    result = kit.cli("check-config")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "copiamail.yaml:" in line and "helo_name" in line and "fully qualified" in line
