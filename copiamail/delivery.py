@@ -62,6 +62,7 @@ class SessionSettings:
     password: str | None = None
     timeout: float = 60.0
     helo_name: str | None = None  # None: the address literal of the connection's local address
+    server_name: str | None = None  # the name its certificate must carry (None: host)
 
 
 def make_tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
@@ -357,7 +358,7 @@ class SmtpSession:
             # (class H, retried), never a final 5xx at MAIL.
             await _greet(smtp)
             if s.starttls == "always" or (s.starttls == "auto" and smtp.supports_extension("starttls")):
-                await smtp.starttls()
+                await smtp.starttls(server_hostname=s.server_name or s.host)
                 await _greet(smtp)  # RFC 3207 4.2: the server forgets the first EHLO
         except aiosmtplib.SMTPConnectTimeoutError as e:
             raise _engine(outcome.TIMED_OUT, f"timeout connecting to {where}: {e.message}") from None

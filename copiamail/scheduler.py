@@ -95,6 +95,7 @@ class _Target:
     starttls: str
     tls: ssl.SSLContext | None
     relay: bool
+    server_name: str | None = None  # the MX host's name, which its certificate must carry
 
 
 @dataclass(eq=False)
@@ -467,7 +468,7 @@ class Scheduler:
             for ip in host.ips:
                 self._learn(ip, host.name)
         targets = [
-            _Target(ip, self.config.mx_port, (ip,), tuple(sorted(self._names_by_ip[ip])), "auto", self._mx_tls, False)
+            _Target(ip, self.config.mx_port, (ip,), tuple(sorted(self._names_by_ip[ip])), "auto", self._mx_tls, False, host.name)
             for host in route.hosts for ip in host.ips
         ]
         untried = [t for t in targets if t.host not in tried] or targets
@@ -617,7 +618,7 @@ class Scheduler:
             starttls=target.starttls, tls_context=target.tls,
             username=relay.username if relay is not None else None,
             password=self.password if relay is not None else None,
-            timeout=self.config.smtp_timeout, helo_name=self._helo_name,
+            timeout=self.config.smtp_timeout, helo_name=self._helo_name, server_name=target.server_name,
         )
 
     def _defer(self, item: _Item, blocked: _Blocked) -> None:

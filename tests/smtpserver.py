@@ -135,9 +135,12 @@ class TLSCert:
         return ssl.create_default_context(cafile=self.cert_path)
 
 
-def make_self_signed_cert(directory: str | Path, cn: str = "localhost") -> TLSCert:
-    """Make an EC P-256 self-signed certificate with the openssl CLI, valid for
-    IP 127.0.0.1 and DNS localhost, into ``directory``."""
+def make_self_signed_cert(directory: str | Path, cn: str = "localhost",
+                          names: Iterable[str] = ("IP:127.0.0.1", "DNS:localhost")) -> TLSCert:
+    """Make an EC P-256 self-signed certificate with the openssl CLI into
+    ``directory``, valid for ``names`` (subjectAltName entries: by default IP
+    127.0.0.1 and DNS localhost; ``("DNS:mx.example.test",)`` for an MX host
+    checked by its name alone)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     cert, key = d / "smtp-test-cert.pem", d / "smtp-test-key.pem"
@@ -146,7 +149,7 @@ def make_self_signed_cert(directory: str | Path, cn: str = "localhost") -> TLSCe
         "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
         "-keyout", str(key), "-out", str(cert), "-days", "7",
         "-subj", f"/CN={cn}",
-        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        "-addext", f"subjectAltName={','.join(names)}",
         "-addext", "basicConstraints=critical,CA:TRUE",
         "-addext", "keyUsage=critical,digitalSignature,keyCertSign",
         "-addext", "extendedKeyUsage=serverAuth",

@@ -10,9 +10,13 @@ bytes, how each connection ended).
 from __future__ import annotations
 
 import socket
+import subprocess
 
-from smtpserver import fully_qualified
-from spoolkit import SpoolKit, attempts, var
+import pytest
+
+from smtpserver import TLSCert, fully_qualified, make_self_signed_cert
+from spoolkit import CLI, SpoolKit, attempts, cli_env, var
+from test_mx_e2e import mx_kit
 
 
 def free_port() -> int:
@@ -20,6 +24,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def drain_trusting(kit: SpoolKit, cert: TLSCert) -> subprocess.CompletedProcess[str]:
+    """`node --drain` with ``cert`` as the machine's trust store (SSL_CERT_FILE:
+    what mx_tls_verify checks MX certificates against)."""
+    result = subprocess.run(
+        [*CLI, "node", "--name", "N1", "--drain"], cwd=kit.base, capture_output=True, text=True, timeout=60,
+        env=cli_env(COPIAMAIL_CONFIG=str(kit.config_path), SSL_CERT_FILE=cert.cert_path), stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    return result
 
 
 # --- 12b: a refused connection, said once ------------------------------------
@@ -73,3 +88,38 @@ def test_a_bare_host_name_as_helo_name_is_refused_with_one_line(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     [line] = result.stderr.strip().splitlines()
     assert "copiamail.yaml:" in line and "helo_name" in line and "fully qualified" in line
+
+
+# --- 14: an MX host's certificate is checked against its name -----------------
+
+
+@pytest.fixture(scope="module")
+def mx_cert(tmp_path_factory) -> TLSCert:
+    """A self-signed certificate for the name mx.example.test only (no IP)."""
+    return make_self_signed_cert(tmp_path_factory.mktemp("mx-cert"), "mx.example.test", ["DNS:mx.example.test"])
+
+
+def test_with_mx_tls_verify_an_mx_certificate_for_its_host_name_passes(tmp_path, dns_server, smtp_server, mx_cert):
+    server = smtp_server(host="127.0.0.2", starttls=True, tls_cert=mx_cert)
+    dns_server.add("example.test", "MX", "10 mx.example.test.")
+    dns_server.add("mx.example.test", "A", "127.0.0.2")
+    kit = mx_kit(tmp_path, dns_server, server.port, '$email_retry_delays * "1H"', yaml="mx_tls_verify: true\n")
+    kit.job("TOSEND", "J.FS", to="u@example.test")
+    drain_trusting(kit, mx_cert)
+    assert kit.names("SENT") == ["J.FS"], kit.read("TOSEND", "J.FS")
+    [message] = server.messages
+    assert message.tls
+
+
+def test_with_mx_tls_verify_a_certificate_for_another_name_is_refused(tmp_path, dns_server, smtp_server, mx_cert):
+    server = smtp_server(host="127.0.0.2", starttls=True, tls_cert=mx_cert)
+    dns_server.add("other.test", "MX", "10 mx.other.test.")
+    dns_server.add("mx.other.test", "A", "127.0.0.2")
+    kit = mx_kit(tmp_path, dns_server, server.port, '$email_retry_delays * "1H"', yaml="mx_tls_verify: true\n")
+    kit.job("TOSEND", "J.FS", to="u@other.test")
+    drain_trusting(kit, mx_cert)
+    text = kit.read("TOSEND", "J.FS")
+    [[_, _, code, klass, _]] = attempts(text)
+    assert (code, klass) == ("73", "C")
+    assert "mx.other.test" in var(text, "EMAIL_ERROR")
+    assert server.messages == []
