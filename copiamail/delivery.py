@@ -1,12 +1,17 @@
 """SMTP sessions, and the classification of what a server says.
 
 A :class:`SmtpSession` is one connection to one host, used by one task at a time
-(never shared). It opens lazily on the first :meth:`SmtpSession.send`, carries
-one message after another, and is closed on any error, never reused after one
-(DESIGN: "close a connection on any error and reopen lazily"). Every failure
-comes out as a :class:`~copiamail.errors.DeliveryError` with the reply code (or
-the engine's outcome code), the CopiaFacts class, the text for ``EMAIL_ERROR``,
-and whether it is final (a 5xx at MAIL, RCPT or DATA).
+(never shared). It opens lazily on the first :meth:`SmtpSession.send` and
+carries one message after another. A refusal (a 4xx or 5xx reply to MAIL,
+RCPT, DATA or the message) leaves the dialogue in a known state: the
+connection stays, reset with RSET before the next message, and ends with
+QUIT (SPEC 4, RFC 5321). Any other error (a timeout, a lost connection, a 421,
+a reply that cannot be trusted) drops it at once, never to be reused; the
+next send reopens lazily (DESIGN: "close a connection on any error and
+reopen lazily"). Every failure comes out as a
+:class:`~copiamail.errors.DeliveryError` with the reply code (or the engine's
+outcome code), the CopiaFacts class, the text for ``EMAIL_ERROR``, and whether
+it is final (a 5xx at MAIL, RCPT or DATA).
 
 aiosmtplib opens the connection: connect, greeting, EHLO (HELO), STARTTLS and
 AUTH. The transactions (MAIL, RCPT, DATA, the message) and QUIT then run on the
@@ -183,6 +188,17 @@ class _Link(asyncio.Protocol):
     def usable(self) -> bool:
         return self._ended is None and self._bad is None and not self._transport.is_closing()
 
+    @property
+    def owed(self) -> int:
+        """Replies still to be read for commands written."""
+        return len(self._replies) + self._expected
+
+    @property
+    def unsent(self) -> bool:
+        """Whether written bytes still wait in the buffer (a message upload
+        the server answered before it was all sent)."""
+        return self._transport.get_write_buffer_size() > 0
+
     def peer_ip(self) -> str | None:
         info = self._transport.get_extra_info("peername")
         return str(info[0]) if info else None
@@ -330,12 +346,26 @@ async def _greet(smtp: aiosmtplib.SMTP) -> None:
         await smtp.helo()
 
 
+async def _quit(smtp: aiosmtplib.SMTP, refused: int, timeout: float) -> None:
+    """QUIT and close after the server refused ``refused`` while the session
+    was being opened (RFC 5321 4.1.1.10); only close after a 421, with which
+    the server closes. Never raises."""
+    try:
+        if refused != 421 and smtp.is_connected:
+            await smtp.quit(timeout=min(5.0, timeout))
+    except (aiosmtplib.SMTPException, OSError):
+        pass
+    finally:
+        smtp.close()
+
+
 class SmtpSession:
     """One SMTP connection (opened lazily), used by one task at a time."""
 
     def __init__(self, settings: SessionSettings) -> None:
         self.settings = settings
         self._link: _Link | None = None
+        self._reset_due = False  # a transaction was refused: RSET before the next one
         self.messages = 0
         self.peer_ip = ""
 
@@ -376,7 +406,7 @@ class SmtpSession:
             smtp.close()
             raise _engine(outcome.CONNECTION_LOST, f"{where} closed the connection: {e.message}") from None
         except aiosmtplib.SMTPResponseException as e:
-            smtp.close()
+            await _quit(smtp, e.code, s.timeout)
             if "STARTTLS" in e.message.upper() or e.code == 454:
                 raise _engine(outcome.TLS_FAILED, f"STARTTLS failed at {where}: {reply_text(e.code, e.message)}") from None
             raise classify(e.code, e.message, CONNECT) from None
@@ -391,7 +421,7 @@ class SmtpSession:
             try:
                 await smtp.login(s.username, s.password or "")
             except aiosmtplib.SMTPResponseException as e:
-                smtp.close()
+                await _quit(smtp, e.code, s.timeout)
                 raise DeliveryError(e.code, outcome.HOST_REJECTED, reply_text(e.code, e.message), False, CONNECT) from None
             except aiosmtplib.SMTPException as e:
                 smtp.close()
@@ -408,13 +438,11 @@ class SmtpSession:
         return link
 
     async def send(self, sender: str, recipient: str, data: bytes) -> Delivered:
-        """Deliver one message; raises DeliveryError (and closes) on any failure.
-        Both addresses were checked when the job was read (ASCII, no control
-        characters)."""
-        if self._link is None or not self._link.usable:
-            self._link = None
-            self._link = await self._open()
-        link = self._link
+        """Deliver one message; raises DeliveryError on any failure (the
+        connection stays after a refusal, see :meth:`_after_refusal`, and is
+        dropped after anything else). Both addresses were checked when the
+        job was read (ASCII, no control characters)."""
+        link = await self._ready()
         timeout = self.settings.timeout
         stage = MAIL
         try:
@@ -450,8 +478,9 @@ class SmtpSession:
             self.abort()
             raise _engine(outcome.CONNECTION_LOST, f"connection dropped at {stage}: {e}", stage) from None
         except _Refused as e:
-            self.abort()
-            raise classify(e.code, e.message, stage) from None
+            error = classify(e.code, e.message, stage)
+            await self._after_refusal(link, e.code)
+            raise error from None
         except OSError as e:
             self.abort()
             raise _engine(outcome.CONNECTION_LOST, f"connection failed at {stage}: {e}", stage) from None
@@ -463,14 +492,67 @@ class SmtpSession:
         self.messages += 1
         return Delivered(reply_text(code, text), self.peer_ip, len(data))
 
+    async def _ready(self) -> _Link:
+        """The connection for the next transaction: the open one, reset with
+        RSET after a refusal; a new one where there is none, or where the old
+        one does not take the RSET."""
+        link = self._link
+        if link is not None and link.usable and self._reset_due:
+            self._reset_due = False
+            try:
+                link.write(b"RSET\r\n", 1)
+                code, _ = await link.reply(self.settings.timeout)
+            except (_Lost, _Timeout, _Refused, OSError):
+                self.abort()
+            except BaseException:
+                self.abort()
+                raise
+            else:
+                if code != 250:
+                    await self.close()
+        if self._link is None or not self._link.usable:
+            self.abort()
+            self._link = await self._open()
+        return self._link
+
+    async def _after_refusal(self, link: _Link, code: int) -> None:
+        """After the server refused a command of the transaction: the dialogue
+        is in a known state, so the connection stays, to be reset (RSET) for
+        the next message or closed with QUIT (RFC 5321 4.1.1.5, 3.8).
+
+        The replies still owed for pipelined commands are read first. It is
+        dropped instead where its state is not known or not safe: a 421 (the
+        server closes it), a malformed reply, a reply that came while part of
+        the message was still unsent (the rest must never reach the server),
+        or a 354 among the owed replies (the server waits for a message)."""
+        if code == 421 or code < 0 or link.unsent:
+            self.abort()
+            return
+        try:
+            while link.owed:
+                later, _ = await link.reply(min(5.0, self.settings.timeout))
+                if later in (354, 421):
+                    self.abort()
+                    return
+        except (_Lost, _Timeout, _Refused):
+            self.abort()
+            return
+        except BaseException:
+            self.abort()
+            raise
+        self._reset_due = True
+
     def abort(self) -> None:
-        """Drop the connection without QUIT (after an error)."""
+        """Drop the connection without QUIT (after a timeout, a lost or
+        broken connection, or a cancellation)."""
+        self._reset_due = False
         if self._link is not None:
             self._link.abort()
             self._link = None
 
     async def close(self) -> None:
         """QUIT politely and close; never raises."""
+        self._reset_due = False
         link, self._link = self._link, None
         if link is None:
             return

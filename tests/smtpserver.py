@@ -293,6 +293,10 @@ class ConnectionInfo:
     commands: list[str] = field(default_factory=list)
     messages: int = 0
     helo: Optional[str] = None  # the name of the last EHLO or HELO
+    # The last command before the client closed or reset the connection
+    # without QUIT ("CONNECT" before any), as Postfix logs "lost connection
+    # after RCPT"; None while open, after QUIT, and when the server closed it.
+    lost_after: Optional[str] = None
 
     @property
     def open(self) -> bool:
@@ -376,6 +380,7 @@ class _TestSMTP(SMTP):
         self._lost = False
         self._greeted = False
         self._greeting_rejected = False
+        self._ended_by: Optional[str] = None  # "client" or "server": who ended the connection first
         super().__init__(handler, **kwargs)
         for name, method in list(self._smtp_methods.items()):
             self._smtp_methods[name] = functools.partial(self._dispatch, name, method)
@@ -390,12 +395,25 @@ class _TestSMTP(SMTP):
         if not first and self._tls_protocol is not None:
             self._conn.tls = True
 
+    def eof_received(self) -> Optional[bool]:
+        self._ended_by = self._ended_by or "client"
+        return super().eof_received()
+
+    def _timeout_cb(self) -> None:
+        self._ended_by = self._ended_by or "server"
+        super()._timeout_cb()
+
     def connection_lost(self, error: Optional[Exception]) -> None:
+        if error is not None:
+            self._ended_by = self._ended_by or "client"  # reset by the client
         try:
             super().connection_lost(error)
         finally:
             if self._conn is not None and not self._lost:
                 self._lost = True
+                last = self._conn.commands[-1] if self._conn.commands else "CONNECT"
+                if self._ended_by == "client" and last != "QUIT":
+                    self._conn.lost_after = last
                 self._srv._closed(self, self._conn)
 
     # -- fault injection ---------------------------------------------------
@@ -403,6 +421,7 @@ class _TestSMTP(SMTP):
         await self.loop.create_future()  # until cancelled (connection lost / stop)
 
     def _close(self) -> None:
+        self._ended_by = self._ended_by or "server"
         if self.transport is not None:
             self.transport.close()
 
@@ -722,6 +741,7 @@ class SMTPTestServer:
         assert self._aserver is not None
         self._aserver.close()
         for proto in list(self._protocols):
+            proto._ended_by = proto._ended_by or "server"
             t = proto._original_transport or proto.transport
             if t is not None:
                 t.abort()

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from smtpserver import TLSCert, fully_qualified, make_self_signed_cert
+from smtpserver import Rule, TLSCert, fully_qualified, make_self_signed_cert
 from spoolkit import CLI, SpoolKit, attempts, cli_env, var
 from test_mx_e2e import mx_kit
 
@@ -123,3 +123,55 @@ def test_with_mx_tls_verify_a_certificate_for_another_name_is_refused(tmp_path, 
     assert (code, klass) == ("73", "C")
     assert "mx.other.test" in var(text, "EMAIL_ERROR")
     assert server.messages == []
+
+
+# --- 15: QUIT after a refused command; a refused RCPT keeps the connection ---
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["plain", "pipelining"])
+def test_after_a_refused_recipient_the_next_job_rides_on_the_same_connection(tmp_path, smtp_server, pipelining):
+    server = smtp_server(pipelining=pipelining)
+    server.add_rule(Rule(stage="RCPT", code=550, text="5.1.1 <bad@copia.com>: Recipient address rejected: User unknown",
+                         match="bad@copia.com"))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @copia.com 1"])
+    kit.job("TOSEND", "A.FS", to="bad@copia.com")
+    kit.job("TOSEND", "B.FS", to="good@copia.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("FAIL") == ["A.FS"] and kit.names("SENT") == ["B.FS"]
+    assert var(kit.read("FAIL", "A.FS"), "EMAIL_ERROR") == "550 5.1.1 <bad@copia.com>: Recipient address rejected: User unknown"
+    [conn] = server.connections
+    [message] = server.messages
+    assert message.conn_serial == conn.serial and message.rcpt_tos == ["good@copia.com"]
+    assert "RSET" in conn.commands and conn.commands[-1] == "QUIT"
+    assert conn.lost_after is None
+
+
+@pytest.mark.parametrize("stage,code,text", [
+    ("EOD", 552, "5.3.4 Message size exceeds fixed limit"),
+    ("MAIL", 553, "5.7.1 <bad@acme.test>: Sender address rejected: Access denied"),
+    ("EHLO", 550, "5.7.1 Client host rejected: Access denied"),
+], ids=["eod-552", "mail-553", "ehlo-550"])
+def test_a_refused_command_is_followed_by_quit_not_a_lost_connection(tmp_path, smtp_server, stage, code, text):
+    server = smtp_server()
+    server.add_rule(Rule(stage=stage, code=code, text=text))
+    kit = SpoolKit(tmp_path, server.port, ['$email_retry_delays * "1H"'])
+    kit.job("TOSEND", "A.FS", "$email_esender bad@acme.test", to="a@copia.com")
+    assert kit.drain().returncode == 0
+    folder = "TOSEND" if stage == "EHLO" else "FAIL"
+    assert var(kit.read(folder, "A.FS"), "EMAIL_ERROR") == f"{code} {text}"
+    assert server.messages == []
+    [conn] = server.connections
+    assert conn.commands[-1] == "QUIT" and conn.lost_after is None, conn.commands
+
+
+def test_a_421_is_not_answered_with_rset_or_quit(tmp_path, smtp_server):
+    server = smtp_server()
+    server.add_rule(Rule(stage="RCPT", code=421, text="4.7.0 Too many errors", match="bad@copia.com"))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @copia.com 1", '$email_retry_delays * "1H"'])
+    kit.job("TOSEND", "A.FS", to="bad@copia.com")
+    kit.job("TOSEND", "B.FS", to="good@copia.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("TOSEND") == ["A.FS"] and kit.names("SENT") == ["B.FS"]
+    first, second = server.connections
+    assert first.commands[-1] == "RCPT" and first.lost_after is None  # the server closed it
+    assert second.messages == 1
