@@ -173,8 +173,9 @@ class _Link(asyncio.Protocol):
     arrives when none is awaited is dropped (as aiosmtplib does), so a stray
     line can never be taken for the answer to a later command."""
 
-    def __init__(self, transport: asyncio.Transport, pipelining: bool) -> None:
+    def __init__(self, transport: asyncio.Transport, pipelining: bool, size: int | None) -> None:
         self.pipelining = pipelining
+        self.size = size  # SIZE as offered (RFC 1870): None not offered, 0 no fixed limit
         self._transport = transport
         self._buffer = bytearray()
         self._replies: deque[tuple[int, str]] = deque()
@@ -346,6 +347,15 @@ async def _greet(smtp: aiosmtplib.SMTP) -> None:
         await smtp.helo()
 
 
+def _offered_size(smtp: aiosmtplib.SMTP) -> int | None:
+    """The SIZE extension as the server's EHLO offers it (RFC 1870 4): None
+    when not offered, else its limit in bytes, 0 for none (no number, or 0)."""
+    if not smtp.supports_extension("size"):
+        return None
+    value = smtp.esmtp_extensions.get("size", "").strip()
+    return int(value) if value.isascii() and value.isdigit() else 0
+
+
 async def _quit(smtp: aiosmtplib.SMTP, refused: int, timeout: float) -> None:
     """QUIT and close after the server refused ``refused`` while the session
     was being opened (RFC 5321 4.1.1.10); only close after a 421, with which
@@ -432,7 +442,7 @@ class SmtpSession:
             # then found the connection gone.
             smtp.close()
             raise _engine(outcome.CONNECTION_LOST, "connection dropped at MAIL: Connection lost", MAIL)
-        link = _Link(transport, smtp.supports_extension("pipelining"))
+        link = _Link(transport, smtp.supports_extension("pipelining"), _offered_size(smtp))
         self.peer_ip = link.peer_ip() or s.host
         self.messages = 0
         return link
@@ -444,9 +454,21 @@ class SmtpSession:
         job was read (ASCII, no control characters)."""
         link = await self._ready()
         timeout = self.settings.timeout
+        block = data_block(data)
+        mail = b"MAIL FROM:<" + sender.encode("ascii") + b">"
+        if link.size is not None:
+            # RFC 1870: the size as sent (dot-stuffing counted, so never less
+            # than the server counts); a message over the server's limit is
+            # refused here, before a byte of it is uploaded.
+            size = len(block) - 3
+            if link.size and size > link.size:
+                s = self.settings
+                raise classify(552, f"5.3.4 Message size {size} exceeds the fixed limit {link.size} that "
+                                    f"{s.host}:{s.port} advertises (SIZE); not sent", MAIL)
+            mail += b" SIZE=%d" % size
+        mail += b"\r\n"
         stage = MAIL
         try:
-            mail = b"MAIL FROM:<" + sender.encode("ascii") + b">\r\n"
             rcpt = b"RCPT TO:<" + recipient.encode("ascii") + b">\r\n"
             if link.pipelining:
                 link.write(mail + rcpt + b"DATA\r\n", 3)
@@ -467,7 +489,7 @@ class SmtpSession:
             code, text = await link.reply(timeout)
             if code != 354:
                 raise _Refused(code, text)
-            link.write(data_block(data), 1)
+            link.write(block, 1)
             code, text = await link.reply(timeout)
             if code != 250:
                 raise _Refused(code, text)

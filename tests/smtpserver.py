@@ -293,6 +293,7 @@ class ConnectionInfo:
     commands: list[str] = field(default_factory=list)
     messages: int = 0
     helo: Optional[str] = None  # the name of the last EHLO or HELO
+    bytes_received: int = 0   # everything the client sent (after TLS: the plain text)
     # The last command before the client closed or reset the connection
     # without QUIT ("CONNECT" before any), as Postfix logs "lost connection
     # after RCPT"; None while open, after QUIT, and when the server closed it.
@@ -312,6 +313,7 @@ def _message_id(data: bytes) -> Optional[str]:
         return None
 
 
+_SIZE_PARAM = re.compile(r"\sSIZE=(\d+)", re.IGNORECASE)
 _HELO_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -394,6 +396,11 @@ class _TestSMTP(SMTP):
         super().connection_made(transport)
         if not first and self._tls_protocol is not None:
             self._conn.tls = True
+
+    def data_received(self, data: bytes) -> None:
+        if self._conn is not None:
+            self._conn.bytes_received += len(data)
+        super().data_received(data)
 
     def eof_received(self) -> Optional[bool]:
         self._ended_by = self._ended_by or "client"
@@ -516,6 +523,10 @@ class _TestSMTP(SMTP):
             for line in rule.reply_lines():
                 await self._raw_push(line)
             return
+        size = _SIZE_PARAM.search(arg or "") if command == "MAIL" else None
+        if size is not None and srv.size_limit and int(size.group(1)) > srv.size_limit:
+            await self._raw_push("552 5.3.4 Message size exceeds fixed limit")
+            return
         if command in ("EHLO", "HELO") and srv.strict_helo and not fully_qualified(conn.helo or ""):
             await self._raw_push(f"504 5.5.2 <{conn.helo}>: Helo command rejected: need fully-qualified hostname")
             return
@@ -562,7 +573,9 @@ class SMTPTestServer:
       rules             initial Rule objects
       server_hostname   name in banner / EHLO
       idle_timeout      server closes a silent connection after this many s
-      size_limit        SIZE advertised and enforced (aiosmtpd default 32 MiB)
+      size_limit        SIZE advertised and enforced (aiosmtpd default 32 MiB); a
+                        MAIL FROM declaring more gets Postfix's 552 5.3.4
+                        Message size exceeds fixed limit
       pipelining        advertise PIPELINING (RFC 2920); aiosmtpd reads the
                         commands in order either way
       strict_helo       as Postfix's reject_non_fqdn_helo_hostname: an EHLO or

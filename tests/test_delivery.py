@@ -305,3 +305,19 @@ def test_after_a_timeout_the_rest_of_a_message_still_being_uploaded_never_reache
     seen, result = asyncio.run(talk(script, timeout=0.5, message=big * 16_000))  # 16 MB
     assert isinstance(result, DeliveryError) and result.code == outcome.TIMED_OUT.code
     assert seen != [b"\r\n.\r\n"]
+
+
+def test_size_offered_without_a_limit_is_declared_and_nothing_is_refused():
+    async def script(reader, writer, seen):
+        await greet(reader, writer, b"250-test.invalid\r\n250 SIZE\r\n")
+        for reply in (b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+            seen.append(await reader.readline())
+            writer.write(reply)
+        await read_message(reader)
+        writer.write(b"250 queued\r\n")
+        await reader.readline()
+        writer.write(b"221 bye\r\n")
+
+    seen, result = asyncio.run(talk(script, message=b"x" * 5000 + b"\r\n"))
+    assert result.reply == "250 queued"
+    assert seen[0] == b"MAIL FROM:<a@b.test> SIZE=5002\r\n"

@@ -175,3 +175,29 @@ def test_a_421_is_not_answered_with_rset_or_quit(tmp_path, smtp_server):
     first, second = server.connections
     assert first.commands[-1] == "RCPT" and first.lost_after is None  # the server closed it
     assert second.messages == 1
+
+
+# --- 16: SIZE is declared, and a message over the limit is never uploaded ----
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["plain", "pipelining"])
+def test_a_message_over_the_servers_size_limit_fails_before_its_upload(tmp_path, smtp_server, pipelining):
+    server = smtp_server(size_limit=50_000, pipelining=pipelining)
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @copia.com 1"])
+    big = kit.root / "big.bin"
+    big.write_bytes(bytes(range(256)) * 800)  # 200 KB, about 270 KB in base64
+    kit.job("TOSEND", "A.FS", f"$email_attach {big}", to="a@copia.com")
+    kit.job("TOSEND", "B.FS", to="b@copia.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("FAIL") == ["A.FS"] and kit.names("SENT") == ["B.FS"]
+    text = kit.read("FAIL", "A.FS")
+    error = var(text, "EMAIL_ERROR")
+    assert error.startswith("552 5.3.4 ") and "50000" in error and "SIZE" in error
+    [[_, _, code, klass, _]] = attempts(text)
+    assert (code, klass) == ("552", "E") and "$fax_status2 552\n" in text
+    [conn] = server.connections
+    assert conn.bytes_received < 5_000  # B's message and the commands; none of A's 270 KB
+    [message] = server.messages
+    assert message.rcpt_tos == ["b@copia.com"]
+    [declared] = [int(o[5:]) for o in message.mail_options if o.upper().startswith("SIZE=")]
+    assert len(message.data) <= declared <= len(message.data) + 10  # RFC 1870: the size as sent
