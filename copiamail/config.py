@@ -191,8 +191,11 @@ class Config:
                 out.append((f"host.{h.key}.scope_max_outbound_connections", h.caps.scope_max_outbound_connections))
         return [(k.lstrip("."), cap) for k, cap in out]
 
-    def with_overrides(self, spool: Path | None = None, relay: str | None = None) -> "Config":
-        """The CLI's ``--spool DIR`` and ``--relay HOST[:PORT]`` on top of the file."""
+    def with_overrides(self, spool: Path | None = None, relay: str | None = None,
+                       relay_ca_file: Path | None = None, relay_tls_verify: bool | None = None) -> "Config":
+        """The CLI's ``--spool DIR``, ``--relay HOST[:PORT]``, ``--relay-ca FILE``
+        (relay.ca_file) and ``--relay-no-verify`` (relay.tls_verify: false) on
+        top of the file; the last two need a relay and exclude each other."""
         cfg = self
         if spool is not None:
             cfg = replace(cfg, spool=Path(spool).absolute())
@@ -200,6 +203,13 @@ class Config:
             host, port = parse_host_port(relay, "--relay")
             base = cfg.relay or RelayConfig(host=host)
             cfg = replace(cfg, relay=replace(base, host=host, port=port))
+        if relay_ca_file is not None or relay_tls_verify is not None:
+            if cfg.relay is None:
+                raise ConfigError("--relay-ca and --relay-no-verify need a relay (--relay HOST[:PORT] or relay: in the config)")
+            if relay_ca_file is not None and relay_tls_verify is False:
+                raise ConfigError("--relay-ca and --relay-no-verify exclude each other (a CA file is for verifying)")
+            tls = replace(cfg.relay, ca_file=Path(relay_ca_file).absolute()) if relay_ca_file is not None else cfg.relay
+            cfg = replace(cfg, relay=replace(tls, tls_verify=relay_tls_verify) if relay_tls_verify is not None else tls)
         return cfg
 
 

@@ -68,6 +68,7 @@ class SessionSettings:
     timeout: float = 60.0
     helo_name: str | None = None  # None: the address literal of the connection's local address
     server_name: str | None = None  # the name its certificate must carry (None: host)
+    relay: bool = False  # the host is the configured relay (error texts name its keys)
 
 
 def make_tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
@@ -319,6 +320,28 @@ class _Link(asyncio.Protocol):
             self._waiter.set_result(None)
 
 
+_SSL_SOURCE = re.compile(r"^\[[A-Z0-9_: ]+\]\s*|\s*\(_ssl\.c:\d+\)$")
+
+
+def _without_ssl_source(text: str) -> str:
+    """An OpenSSL message as a sentence: ``[SSL: WRONG_VERSION_NUMBER] wrong
+    version number (_ssl.c:1006)`` is ``wrong version number``."""
+    return _SSL_SOURCE.sub("", text).rstrip(".") or text
+
+
+def _untrusted(s: SessionSettings, e: ssl.SSLCertVerificationError) -> str:
+    """EMAIL_ERROR for a certificate that did not verify: whose, why, and
+    which settings decide (SPEC 6: one clear line)."""
+    name = s.server_name or s.host
+    whose = f"{name} ({s.host})" if name != s.host else name
+    why = _without_ssl_source(str(e.verify_message or e.strerror or e))
+    if s.relay:
+        advice = "set relay.ca_file or --relay-ca FILE, or relay.tls_verify: false or --relay-no-verify"
+    else:
+        advice = "mx_tls_verify: true checks MX certificates against the system's CAs"
+    return f"TLS: certificate of {whose} not trusted: {why} ({advice})"
+
+
 def _why_not_connected(e: aiosmtplib.SMTPConnectError) -> str:
     """Why a connection could not be made, once (``connection refused``):
     aiosmtplib's message repeats the address, and asyncio's OSError text
@@ -420,10 +443,13 @@ class SmtpSession:
             if "STARTTLS" in e.message.upper() or e.code == 454:
                 raise _engine(outcome.TLS_FAILED, f"STARTTLS failed at {where}: {reply_text(e.code, e.message)}") from None
             raise classify(e.code, e.message, CONNECT) from None
+        except ssl.SSLCertVerificationError as e:
+            smtp.close()
+            raise _engine(outcome.TLS_FAILED, _untrusted(s, e)) from None
         except (ssl.SSLError, aiosmtplib.SMTPException) as e:
             smtp.close()
             detail = getattr(e, "message", None) or str(e)
-            raise _engine(outcome.TLS_FAILED, f"TLS with {where} failed: {detail}") from None
+            raise _engine(outcome.TLS_FAILED, f"TLS with {where} failed: {_without_ssl_source(detail)}") from None
         except OSError as e:
             smtp.close()
             raise _engine(outcome.CONNECT_FAILED, f"cannot connect to {where}: {e.strerror or e}") from None

@@ -619,6 +619,7 @@ class Scheduler:
             username=relay.username if relay is not None else None,
             password=self.password if relay is not None else None,
             timeout=self.config.smtp_timeout, helo_name=self._helo_name, server_name=target.server_name,
+            relay=target.relay,
         )
 
     def _defer(self, item: _Item, blocked: _Blocked) -> None:

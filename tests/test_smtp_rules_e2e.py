@@ -121,7 +121,9 @@ def test_with_mx_tls_verify_a_certificate_for_another_name_is_refused(tmp_path, 
     text = kit.read("TOSEND", "J.FS")
     [[_, _, code, klass, _]] = attempts(text)
     assert (code, klass) == ("73", "C")
-    assert "mx.other.test" in var(text, "EMAIL_ERROR")
+    assert var(text, "EMAIL_ERROR") == (
+        "TLS: certificate of mx.other.test (127.0.0.2) not trusted: Hostname mismatch, certificate is not valid "
+        "for 'mx.other.test' (mx_tls_verify: true checks MX certificates against the system's CAs)")
     assert server.messages == []
 
 
@@ -201,3 +203,55 @@ def test_a_message_over_the_servers_size_limit_fails_before_its_upload(tmp_path,
     assert message.rcpt_tos == ["b@copia.com"]
     [declared] = [int(o[5:]) for o in message.mail_options if o.upper().startswith("SIZE=")]
     assert len(message.data) <= declared <= len(message.data) + 10  # RFC 1870: the size as sent
+
+
+# --- 18: a relay's self-signed certificate: a clear line, and options --------
+
+UNTRUSTED_RELAY = ("TLS: certificate of 127.0.0.1 not trusted: self-signed certificate (set relay.ca_file or "
+                   "--relay-ca FILE, or relay.tls_verify: false or --relay-no-verify)")
+
+
+def relay_kit(tmp_path) -> SpoolKit:
+    kit = SpoolKit(tmp_path, None, ['$email_retry_delays * "1H"'])  # no relay: in the config
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    return kit
+
+
+def test_an_untrusted_relay_certificate_is_one_clear_sentence(tmp_path, smtp_server):
+    server = smtp_server(starttls=True)
+    kit = relay_kit(tmp_path)
+    assert kit.drain("N1", "--relay", f"127.0.0.1:{server.port}").returncode == 0
+    text = kit.read("TOSEND", "J.FS")
+    assert var(text, "EMAIL_ERROR") == UNTRUSTED_RELAY
+    [[_, _, code, klass, _]] = attempts(text)
+    assert (code, klass) == ("73", "C")
+    assert server.messages == []
+
+
+def test_relay_ca_trusts_the_relays_own_certificate(tmp_path, smtp_server, tls_cert):
+    server = smtp_server(starttls=True)
+    kit = relay_kit(tmp_path)
+    result = kit.drain("N1", "--relay", f"127.0.0.1:{server.port}", "--relay-ca", tls_cert.cert_path)
+    assert result.returncode == 0, result.stderr
+    assert kit.names("SENT") == ["J.FS"] and server.messages[0].tls
+
+
+def test_relay_no_verify_sends_over_tls_without_checking(tmp_path, smtp_server):
+    server = smtp_server(starttls=True)
+    kit = relay_kit(tmp_path)
+    result = kit.drain("N1", "--relay", f"127.0.0.1:{server.port}", "--relay-no-verify")
+    assert result.returncode == 0, result.stderr
+    assert kit.names("SENT") == ["J.FS"] and server.messages[0].tls
+
+
+@pytest.mark.parametrize("options,expected", [
+    (["--relay-no-verify"], "need a relay"),
+    (["--relay", "127.0.0.1:2525", "--relay-no-verify", "--relay-ca", "{ca}"], "exclude each other"),
+], ids=["without-relay", "both"])
+def test_relay_tls_options_that_cannot_apply_are_one_line(tmp_path, tls_cert, options, expected):
+    kit = relay_kit(tmp_path)
+    result = kit.cli("node", "--name", "N1", "--drain", *[o.format(ca=tls_cert.cert_path) for o in options])
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert expected in line and "--relay-" in line
+    assert kit.names("TOSEND") == ["J.FS"]
