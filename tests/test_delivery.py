@@ -190,30 +190,29 @@ def test_after_a_refusal_the_next_message_rides_on_the_same_connection_after_rse
     assert seen[-5:] == [b"RSET\r\n", b"MAIL FROM:<a@b.test>\r\n", b"RCPT TO:<y@d.test>\r\n", b"DATA\r\n", b"QUIT\r\n"]
 
 
-def test_a_421_ends_the_session_without_rset_or_quit():
+def answering_the_pipelined_group(replies: bytes) -> Script:
+    """A server that offers PIPELINING, reads MAIL, RCPT and DATA, answers
+    ``replies``, then records whatever else comes until the client closes."""
     async def script(reader, writer, seen):
-        await greet(reader, writer, EHLO_PLAIN)
-        await reader.readline()
-        writer.write(b"250 ok\r\n")
-        await reader.readline()
-        writer.write(b"421 4.3.2 closing\r\n")
+        await greet(reader, writer, EHLO_PIPELINING)
+        for _ in range(3):
+            await reader.readline()
+        writer.write(replies)
         seen.append(await reader.read())
+    return script
 
-    seen, result = asyncio.run(talk(script))
-    assert isinstance(result, DeliveryError) and result.code == 421
+
+def test_a_421_ends_the_session_without_rset_or_quit():
+    # The server closes after a 421 (RFC 5321 3.8): nothing more is said.
+    seen, result = asyncio.run(talk(answering_the_pipelined_group(b"250 ok\r\n421 4.3.2 closing\r\n")))
+    assert isinstance(result, DeliveryError) and (result.code, result.stage) == (421, "RCPT")
     assert seen == [b""]
 
 
 def test_a_354_to_a_pipelined_data_after_a_refused_recipient_drops_the_connection():
     # The server waits for a message that must never come: nothing more is
     # sent (not even a final dot, which could deliver an empty message).
-    async def script(reader, writer, seen):
-        await greet(reader, writer, EHLO_PIPELINING)
-        for _ in range(3):
-            await reader.readline()
-        writer.write(b"250 ok\r\n550 5.1.1 unknown\r\n354 go ahead\r\n")
-        seen.append(await reader.read())
-
+    script = answering_the_pipelined_group(b"250 ok\r\n550 5.1.1 unknown\r\n354 go ahead\r\n")
     seen, result = asyncio.run(talk(script))
     assert isinstance(result, DeliveryError) and (result.code, result.stage) == (550, "RCPT")
     assert seen == [b""]
@@ -248,14 +247,7 @@ def test_a_reply_the_client_did_not_ask_for_is_not_taken_for_a_later_one():
 
 
 def test_a_server_that_goes_silent_times_out_at_the_stage_it_was_asked():
-    async def script(reader, writer, seen):
-        await greet(reader, writer, EHLO_PIPELINING)
-        for _ in range(3):
-            await reader.readline()
-        writer.write(b"250 ok\r\n")
-        await reader.read()
-
-    _, result = asyncio.run(talk(script, timeout=0.5))
+    _, result = asyncio.run(talk(answering_the_pipelined_group(b"250 ok\r\n"), timeout=0.5))
     assert isinstance(result, DeliveryError)
     assert (result.code, result.stage) == (outcome.TIMED_OUT.code, "RCPT")
     assert result.text == "timeout at RCPT: Timed out waiting for server response"

@@ -99,25 +99,27 @@ def mx_cert(tmp_path_factory) -> TLSCert:
     return make_self_signed_cert(tmp_path_factory.mktemp("mx-cert"), "mx.example.test", ["DNS:mx.example.test"])
 
 
-def test_with_mx_tls_verify_an_mx_certificate_for_its_host_name_passes(tmp_path, dns_server, smtp_server, mx_cert):
-    server = smtp_server(host="127.0.0.2", starttls=True, tls_cert=mx_cert)
-    dns_server.add("example.test", "MX", "10 mx.example.test.")
-    dns_server.add("mx.example.test", "A", "127.0.0.2")
+def verified_mx_drain(tmp_path, dns_server, smtp_server, cert: TLSCert, domain: str) -> tuple[SpoolKit, object]:
+    """A job for ``domain``, whose one MX (mx.DOMAIN, 127.0.0.2) presents
+    ``cert``, drained with mx_tls_verify: true and ``cert`` trusted."""
+    server = smtp_server(host="127.0.0.2", starttls=True, tls_cert=cert)
+    dns_server.add(domain, "MX", f"10 mx.{domain}.")
+    dns_server.add(f"mx.{domain}", "A", "127.0.0.2")
     kit = mx_kit(tmp_path, dns_server, server.port, '$email_retry_delays * "1H"', yaml="mx_tls_verify: true\n")
-    kit.job("TOSEND", "J.FS", to="u@example.test")
-    drain_trusting(kit, mx_cert)
+    kit.job("TOSEND", "J.FS", to=f"u@{domain}")
+    drain_trusting(kit, cert)
+    return kit, server
+
+
+def test_with_mx_tls_verify_an_mx_certificate_for_its_host_name_passes(tmp_path, dns_server, smtp_server, mx_cert):
+    kit, server = verified_mx_drain(tmp_path, dns_server, smtp_server, mx_cert, "example.test")
     assert kit.names("SENT") == ["J.FS"], kit.read("TOSEND", "J.FS")
     [message] = server.messages
     assert message.tls
 
 
 def test_with_mx_tls_verify_a_certificate_for_another_name_is_refused(tmp_path, dns_server, smtp_server, mx_cert):
-    server = smtp_server(host="127.0.0.2", starttls=True, tls_cert=mx_cert)
-    dns_server.add("other.test", "MX", "10 mx.other.test.")
-    dns_server.add("mx.other.test", "A", "127.0.0.2")
-    kit = mx_kit(tmp_path, dns_server, server.port, '$email_retry_delays * "1H"', yaml="mx_tls_verify: true\n")
-    kit.job("TOSEND", "J.FS", to="u@other.test")
-    drain_trusting(kit, mx_cert)
+    kit, server = verified_mx_drain(tmp_path, dns_server, smtp_server, mx_cert, "other.test")
     text = kit.read("TOSEND", "J.FS")
     [[_, _, code, klass, _]] = attempts(text)
     assert (code, klass) == ("73", "C")
