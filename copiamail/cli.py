@@ -142,14 +142,19 @@ class _Progress:
 @main.command()
 @click.option("--name", required=True, help="This node's name (N1, N2 ...).")
 @click.option("--relay", help="Send through this SMTP relay, HOST[:PORT].")
+@click.option("--relay-ca", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Verify the relay's certificate against this CA file (overrides relay.ca_file).")
+@click.option("--relay-no-verify", is_flag=True, help="Do not verify the relay's certificate (relay.tls_verify: false).")
 @click.option("--drain", is_flag=True, help="Exit once no job is due and none is in flight.")
 @click.option("--workers", type=click.IntRange(1, 64), help="Worker processes (overrides workers:).")
 @_common
-def node(name: str, relay: str | None, drain: bool, workers: int | None, config_file: Path | None, spool_dir: Path | None) -> None:
+def node(name: str, relay: str | None, relay_ca: Path | None, relay_no_verify: bool, drain: bool, workers: int | None,
+         config_file: Path | None, spool_dir: Path | None) -> None:
     """Run a node: take jobs from the TOSEND folders and send them."""
     from .node import run_node
 
-    cfg = _config(config_file, spool_dir, relay)
+    cfg = _config(config_file, spool_dir, relay).with_overrides(
+        relay_ca_file=relay_ca, relay_tls_verify=False if relay_no_verify else None)
     if workers is not None:
         cfg = dataclasses.replace(cfg, workers=workers)
         problem = workers_problem(cfg)

@@ -211,8 +211,11 @@ class Config:
                 out.append((f"host.{h.key}.scope_max_outbound_connections", h.caps.scope_max_outbound_connections))
         return [(k.lstrip("."), cap) for k, cap in out]
 
-    def with_overrides(self, spool: Path | None = None, relay: str | None = None) -> "Config":
-        """The CLI's ``--spool DIR`` and ``--relay HOST[:PORT]`` on top of the file."""
+    def with_overrides(self, spool: Path | None = None, relay: str | None = None,
+                       relay_ca_file: Path | None = None, relay_tls_verify: bool | None = None) -> "Config":
+        """The CLI's ``--spool DIR``, ``--relay HOST[:PORT]``, ``--relay-ca FILE``
+        (relay.ca_file) and ``--relay-no-verify`` (relay.tls_verify: false) on
+        top of the file; the last two need a relay and exclude each other."""
         cfg = self
         if spool is not None:
             cfg = replace(cfg, spool=Path(spool).absolute())
@@ -220,6 +223,13 @@ class Config:
             host, port = parse_host_port(relay, "--relay")
             base = cfg.relay or RelayConfig(host=host)
             cfg = replace(cfg, relay=replace(base, host=host, port=port))
+        if relay_ca_file is not None or relay_tls_verify is not None:
+            if cfg.relay is None:
+                raise ConfigError("--relay-ca and --relay-no-verify need a relay (--relay HOST[:PORT] or relay: in the config)")
+            if relay_ca_file is not None and relay_tls_verify is False:
+                raise ConfigError("--relay-ca and --relay-no-verify exclude each other (a CA file is for verifying)")
+            tls = replace(cfg.relay, ca_file=Path(relay_ca_file).absolute()) if relay_ca_file is not None else cfg.relay
+            cfg = replace(cfg, relay=replace(tls, tls_verify=relay_tls_verify) if relay_tls_verify is not None else tls)
         return cfg
 
 
@@ -498,6 +508,9 @@ def parse_config(data: Any, path: Path | None) -> Config:
         kw["mx_tls_verify"] = r.boolean(m, "mx_tls_verify", "mx_tls_verify")
     if m.get("helo_name") is not None:
         kw["helo_name"] = r.string(m, "helo_name", "helo_name")
+        if not (is_fqdn(kw["helo_name"]) or is_address_literal(kw["helo_name"])):
+            raise r.error(m, "helo_name", f"must be a fully qualified domain name (mail.example.com) or an address "
+                                          f"literal ([192.0.2.1]), got {kw['helo_name']!r}")
     if m.get("attachment_roots") is not None:
         roots = m["attachment_roots"]
         if not isinstance(roots, CommentedSeq) or not all(isinstance(x, str) and x and "\x00" not in x for x in roots):
@@ -602,6 +615,32 @@ def is_ip(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def is_fqdn(name: str) -> bool:
+    """Whether ``name`` is a fully qualified domain name as an EHLO name must be
+    (RFC 5321 4.1.1.1, 2.3.5): two or more labels, a top label that is not all
+    digits, and not a name that only ever means this machine (``localhost``,
+    ``localhost.localdomain``)."""
+    labels = name[:-1].split(".") if name.endswith(".") else name.split(".")
+    return (
+        len(labels) >= 2 and len(name) <= 253 and all(_LABEL.fullmatch(label) for label in labels)
+        and not labels[-1].isdigit() and labels[0].lower() != "localhost" and labels[-1].lower() != "localdomain"
+    )
+
+
+def is_address_literal(text: str) -> bool:
+    """Whether ``text`` is an RFC 5321 4.1.3 address literal: ``[192.0.2.1]``
+    or ``[IPv6:2001:db8::1]``."""
+    if not (text.startswith("[") and text.endswith("]")):
+        return False
+    inner = text[1:-1]
+    if inner[:5].lower() == "ipv6:":
+        return ":" in inner[5:] and is_ip(inner[5:])
+    return "." in inner and is_ip(inner)
 
 
 def _relay(r: _Reader, m: CommentedMap) -> RelayConfig:

@@ -1,12 +1,17 @@
 """SMTP sessions, and the classification of what a server says.
 
 A :class:`SmtpSession` is one connection to one host, used by one task at a time
-(never shared). It opens lazily on the first :meth:`SmtpSession.send`, carries
-one message after another, and is closed on any error, never reused after one
-(DESIGN: "close a connection on any error and reopen lazily"). Every failure
-comes out as a :class:`~copiamail.errors.DeliveryError` with the reply code (or
-the engine's outcome code), the CopiaFacts class, the text for ``EMAIL_ERROR``,
-and whether it is final (a 5xx at MAIL, RCPT or DATA).
+(never shared). It opens lazily on the first :meth:`SmtpSession.send` and
+carries one message after another. A refusal (a 4xx or 5xx reply to MAIL,
+RCPT, DATA or the message) leaves the dialogue in a known state: the
+connection stays, reset with RSET before the next message, and ends with
+QUIT (SPEC 4, RFC 5321). Any other error (a timeout, a lost connection, a 421,
+a reply that cannot be trusted) drops it at once, never to be reused; the
+next send reopens lazily (DESIGN: "close a connection on any error and
+reopen lazily"). Every failure comes out as a
+:class:`~copiamail.errors.DeliveryError` with the reply code (or the engine's
+outcome code), the CopiaFacts class, the text for ``EMAIL_ERROR``, and whether
+it is final (a 5xx at MAIL, RCPT or DATA).
 
 aiosmtplib opens the connection: connect, greeting, EHLO (HELO), STARTTLS and
 AUTH. The transactions (MAIL, RCPT, DATA, the message) and QUIT then run on the
@@ -22,6 +27,7 @@ lost connections).
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import ssl
@@ -32,7 +38,7 @@ from pathlib import Path
 import aiosmtplib
 
 from . import outcome
-from .config import is_ip
+from .config import is_fqdn, is_ip
 from .errors import ConfigError, DeliveryError
 
 MAIL, RCPT, DATA, CONNECT = "MAIL", "RCPT", "DATA", "CONNECT"
@@ -60,7 +66,9 @@ class SessionSettings:
     username: str | None = None
     password: str | None = None
     timeout: float = 60.0
-    helo_name: str | None = None
+    helo_name: str | None = None  # None: the address literal of the connection's local address
+    server_name: str | None = None  # the name its certificate must carry (None: host)
+    relay: bool = False  # the host is the configured relay (error texts name its keys)
 
 
 def make_tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
@@ -88,6 +96,22 @@ def resolve_relay(host: str, port: int) -> tuple[str, ...]:
     except OSError:
         return ()
     return tuple(dict.fromkeys(str(i[4][0]) for i in infos))
+
+
+def machine_helo_name() -> str | None:
+    """The machine's fully qualified domain name, for EHLO where ``helo_name``
+    is not set; None when it has none (a bare host name, ``localhost``).
+    Then each connection greets with the address literal of its own local
+    address (:func:`address_literal`): RFC 5321 4.1.3 asks for the address
+    the connection comes from, which is what the server sees. Asks the
+    resolver, and may block: called once at node start, never per connection."""
+    name = socket.getfqdn()
+    return name if is_fqdn(name) else None
+
+
+def address_literal(ip: str) -> str:
+    """``[192.0.2.1]`` or ``[IPv6:2001:db8::1]`` (RFC 5321 4.1.3)."""
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
 
 
 def reply_text(code: int, message: str) -> str:
@@ -150,8 +174,9 @@ class _Link(asyncio.Protocol):
     arrives when none is awaited is dropped (as aiosmtplib does), so a stray
     line can never be taken for the answer to a later command."""
 
-    def __init__(self, transport: asyncio.Transport, pipelining: bool) -> None:
+    def __init__(self, transport: asyncio.Transport, pipelining: bool, size: int | None) -> None:
         self.pipelining = pipelining
+        self.size = size  # SIZE as offered (RFC 1870): None not offered, 0 no fixed limit
         self._transport = transport
         self._buffer = bytearray()
         self._replies: deque[tuple[int, str]] = deque()
@@ -164,6 +189,17 @@ class _Link(asyncio.Protocol):
     @property
     def usable(self) -> bool:
         return self._ended is None and self._bad is None and not self._transport.is_closing()
+
+    @property
+    def owed(self) -> int:
+        """Replies still to be read for commands written."""
+        return len(self._replies) + self._expected
+
+    @property
+    def unsent(self) -> bool:
+        """Whether written bytes still wait in the buffer (a message upload
+        the server answered before it was all sent)."""
+        return self._transport.get_write_buffer_size() > 0
 
     def peer_ip(self) -> str | None:
         info = self._transport.get_extra_info("peername")
@@ -284,8 +320,76 @@ class _Link(asyncio.Protocol):
             self._waiter.set_result(None)
 
 
+_SSL_SOURCE = re.compile(r"^\[[A-Z0-9_: ]+\]\s*|\s*\(_ssl\.c:\d+\)$")
+
+
+def _without_ssl_source(text: str) -> str:
+    """An OpenSSL message as a sentence: ``[SSL: WRONG_VERSION_NUMBER] wrong
+    version number (_ssl.c:1006)`` is ``wrong version number``."""
+    return _SSL_SOURCE.sub("", text).rstrip(".") or text
+
+
+def _untrusted(s: SessionSettings, e: ssl.SSLCertVerificationError) -> str:
+    """EMAIL_ERROR for a certificate that did not verify: whose, why, and
+    which settings decide (SPEC 6: one clear line)."""
+    name = s.server_name or s.host
+    whose = f"{name} ({s.host})" if name != s.host else name
+    why = _without_ssl_source(str(e.verify_message or e.strerror or e))
+    if s.relay:
+        advice = "set relay.ca_file or --relay-ca FILE, or relay.tls_verify: false or --relay-no-verify"
+    else:
+        advice = "mx_tls_verify: true checks MX certificates against the system's CAs"
+    return f"TLS: certificate of {whose} not trusted: {why} ({advice})"
+
+
+def _why_not_connected(e: aiosmtplib.SMTPConnectError) -> str:
+    """Why a connection could not be made, once (``connection refused``):
+    aiosmtplib's message repeats the address, and asyncio's OSError text
+    (``Connect call failed ('127.0.0.1', 25)``) a third time."""
+    cause = e.__cause__
+    if isinstance(cause, socket.gaierror):
+        reason = str(cause.strerror or cause)
+    elif isinstance(cause, OSError) and cause.errno:
+        reason = os.strerror(cause.errno)
+    else:
+        reason = str(cause or e.message)
+    return reason[:1].lower() + reason[1:]
+
+
 def _engine(code: outcome.OutcomeCode, detail: str, stage: str = CONNECT) -> DeliveryError:
     return DeliveryError(code.code, code.klass, detail, False, stage)
+
+
+async def _greet(smtp: aiosmtplib.SMTP) -> None:
+    """EHLO, or HELO where the server refuses EHLO (RFC 5321 4.1.1.1)."""
+    try:
+        await smtp.ehlo()
+    except aiosmtplib.SMTPHeloError:
+        if not smtp.is_connected:
+            raise
+        await smtp.helo()
+
+
+def _offered_size(smtp: aiosmtplib.SMTP) -> int | None:
+    """The SIZE extension as the server's EHLO offers it (RFC 1870 4): None
+    when not offered, else its limit in bytes, 0 for none (no number, or 0)."""
+    if not smtp.supports_extension("size"):
+        return None
+    value = smtp.esmtp_extensions.get("size", "").strip()
+    return int(value) if value.isascii() and value.isdigit() else 0
+
+
+async def _quit(smtp: aiosmtplib.SMTP, refused: int, timeout: float) -> None:
+    """QUIT and close after the server refused ``refused`` while the session
+    was being opened (RFC 5321 4.1.1.10); only close after a 421, with which
+    the server closes. Never raises."""
+    try:
+        if refused != 421 and smtp.is_connected:
+            await smtp.quit(timeout=min(5.0, timeout))
+    except (aiosmtplib.SMTPException, OSError):
+        pass
+    finally:
+        smtp.close()
 
 
 class SmtpSession:
@@ -294,30 +398,31 @@ class SmtpSession:
     def __init__(self, settings: SessionSettings) -> None:
         self.settings = settings
         self._link: _Link | None = None
+        self._reset_due = False  # a transaction was refused: RSET before the next one
         self.messages = 0
         self.peer_ip = ""
 
     async def _open(self) -> _Link:
         s = self.settings
-        start_tls = {"auto": None, "always": True, "never": False}[s.starttls]
         smtp = aiosmtplib.SMTP(
-            hostname=s.host, port=s.port, timeout=s.timeout, start_tls=start_tls,
+            hostname=s.host, port=s.port, timeout=s.timeout, start_tls=False,
             tls_context=s.tls_context if s.starttls != "never" else None,
             source_address=(s.source_address, 0) if s.source_address else None,
-            local_hostname=s.helo_name,
+            # Without a name, set below from the connection; any value here
+            # keeps aiosmtplib from asking DNS for the machine's name each time.
+            local_hostname=s.helo_name or "[127.0.0.1]",
         )
         where = f"{s.host}:{s.port}"
         try:
             await smtp.connect()
+            if s.helo_name is None:
+                smtp.local_hostname = address_literal(str(smtp.get_transport_info("sockname")[0]))
             # Greet now, not inside MAIL: a refusal of EHLO/HELO is the host's
             # (class H, retried), never a final 5xx at MAIL.
-            if smtp.is_ehlo_or_helo_needed:
-                try:
-                    await smtp.ehlo()
-                except aiosmtplib.SMTPHeloError:
-                    if not smtp.is_connected:
-                        raise
-                    await smtp.helo()
+            await _greet(smtp)
+            if s.starttls == "always" or (s.starttls == "auto" and smtp.supports_extension("starttls")):
+                await smtp.starttls(server_hostname=s.server_name or s.host)
+                await _greet(smtp)  # RFC 3207 4.2: the server forgets the first EHLO
         except aiosmtplib.SMTPConnectTimeoutError as e:
             raise _engine(outcome.TIMED_OUT, f"timeout connecting to {where}: {e.message}") from None
         except aiosmtplib.SMTPConnectResponseError as e:
@@ -326,7 +431,7 @@ class SmtpSession:
             if "EOF" in e.message:
                 # Accepted, then closed before the greeting: dropped, not refused.
                 raise _engine(outcome.CONNECTION_LOST, f"{where} closed the connection before its greeting") from None
-            raise _engine(outcome.CONNECT_FAILED, f"cannot connect to {where}: {e.message}") from None
+            raise _engine(outcome.CONNECT_FAILED, f"cannot connect to {where}: {_why_not_connected(e)}") from None
         except aiosmtplib.SMTPTimeoutError as e:
             smtp.close()
             raise _engine(outcome.TIMED_OUT, f"timeout greeting {where}: {e.message}") from None
@@ -334,14 +439,17 @@ class SmtpSession:
             smtp.close()
             raise _engine(outcome.CONNECTION_LOST, f"{where} closed the connection: {e.message}") from None
         except aiosmtplib.SMTPResponseException as e:
-            smtp.close()
+            await _quit(smtp, e.code, s.timeout)
             if "STARTTLS" in e.message.upper() or e.code == 454:
                 raise _engine(outcome.TLS_FAILED, f"STARTTLS failed at {where}: {reply_text(e.code, e.message)}") from None
             raise classify(e.code, e.message, CONNECT) from None
+        except ssl.SSLCertVerificationError as e:
+            smtp.close()
+            raise _engine(outcome.TLS_FAILED, _untrusted(s, e)) from None
         except (ssl.SSLError, aiosmtplib.SMTPException) as e:
             smtp.close()
             detail = getattr(e, "message", None) or str(e)
-            raise _engine(outcome.TLS_FAILED, f"TLS with {where} failed: {detail}") from None
+            raise _engine(outcome.TLS_FAILED, f"TLS with {where} failed: {_without_ssl_source(detail)}") from None
         except OSError as e:
             smtp.close()
             raise _engine(outcome.CONNECT_FAILED, f"cannot connect to {where}: {e.strerror or e}") from None
@@ -349,7 +457,7 @@ class SmtpSession:
             try:
                 await smtp.login(s.username, s.password or "")
             except aiosmtplib.SMTPResponseException as e:
-                smtp.close()
+                await _quit(smtp, e.code, s.timeout)
                 raise DeliveryError(e.code, outcome.HOST_REJECTED, reply_text(e.code, e.message), False, CONNECT) from None
             except aiosmtplib.SMTPException as e:
                 smtp.close()
@@ -360,23 +468,33 @@ class SmtpSession:
             # then found the connection gone.
             smtp.close()
             raise _engine(outcome.CONNECTION_LOST, "connection dropped at MAIL: Connection lost", MAIL)
-        link = _Link(transport, smtp.supports_extension("pipelining"))
+        link = _Link(transport, smtp.supports_extension("pipelining"), _offered_size(smtp))
         self.peer_ip = link.peer_ip() or s.host
         self.messages = 0
         return link
 
     async def send(self, sender: str, recipient: str, data: bytes) -> Delivered:
-        """Deliver one message; raises DeliveryError (and closes) on any failure.
-        Both addresses were checked when the job was read (ASCII, no control
-        characters)."""
-        if self._link is None or not self._link.usable:
-            self._link = None
-            self._link = await self._open()
-        link = self._link
+        """Deliver one message; raises DeliveryError on any failure (the
+        connection stays after a refusal, see :meth:`_after_refusal`, and is
+        dropped after anything else). Both addresses were checked when the
+        job was read (ASCII, no control characters)."""
+        link = await self._ready()
         timeout = self.settings.timeout
+        block = data_block(data)
+        mail = b"MAIL FROM:<" + sender.encode("ascii") + b">"
+        if link.size is not None:
+            # RFC 1870: the size as sent (dot-stuffing counted, so never less
+            # than the server counts); a message over the server's limit is
+            # refused here, before a byte of it is uploaded.
+            size = len(block) - 3
+            if link.size and size > link.size:
+                s = self.settings
+                raise classify(552, f"5.3.4 Message size {size} exceeds the fixed limit {link.size} that "
+                                    f"{s.host}:{s.port} advertises (SIZE); not sent", MAIL)
+            mail += b" SIZE=%d" % size
+        mail += b"\r\n"
         stage = MAIL
         try:
-            mail = b"MAIL FROM:<" + sender.encode("ascii") + b">\r\n"
             rcpt = b"RCPT TO:<" + recipient.encode("ascii") + b">\r\n"
             if link.pipelining:
                 link.write(mail + rcpt + b"DATA\r\n", 3)
@@ -397,7 +515,7 @@ class SmtpSession:
             code, text = await link.reply(timeout)
             if code != 354:
                 raise _Refused(code, text)
-            link.write(data_block(data), 1)
+            link.write(block, 1)
             code, text = await link.reply(timeout)
             if code != 250:
                 raise _Refused(code, text)
@@ -408,8 +526,9 @@ class SmtpSession:
             self.abort()
             raise _engine(outcome.CONNECTION_LOST, f"connection dropped at {stage}: {e}", stage) from None
         except _Refused as e:
-            self.abort()
-            raise classify(e.code, e.message, stage) from None
+            error = classify(e.code, e.message, stage)
+            await self._after_refusal(link, e.code)
+            raise error from None
         except OSError as e:
             self.abort()
             raise _engine(outcome.CONNECTION_LOST, f"connection failed at {stage}: {e}", stage) from None
@@ -421,14 +540,67 @@ class SmtpSession:
         self.messages += 1
         return Delivered(reply_text(code, text), self.peer_ip, len(data))
 
+    async def _ready(self) -> _Link:
+        """The connection for the next transaction: the open one, reset with
+        RSET after a refusal; a new one where there is none, or where the old
+        one does not take the RSET."""
+        link = self._link
+        if link is not None and link.usable and self._reset_due:
+            self._reset_due = False
+            try:
+                link.write(b"RSET\r\n", 1)
+                code, _ = await link.reply(self.settings.timeout)
+            except (_Lost, _Timeout, _Refused, OSError):
+                self.abort()
+            except BaseException:
+                self.abort()
+                raise
+            else:
+                if code != 250:
+                    await self.close()
+        if self._link is None or not self._link.usable:
+            self.abort()
+            self._link = await self._open()
+        return self._link
+
+    async def _after_refusal(self, link: _Link, code: int) -> None:
+        """After the server refused a command of the transaction: the dialogue
+        is in a known state, so the connection stays, to be reset (RSET) for
+        the next message or closed with QUIT (RFC 5321 4.1.1.5, 3.8).
+
+        The replies still owed for pipelined commands are read first. It is
+        dropped instead where its state is not known or not safe: a 421 (the
+        server closes it), a malformed reply, a reply that came while part of
+        the message was still unsent (the rest must never reach the server),
+        or a 354 among the owed replies (the server waits for a message)."""
+        if code == 421 or code < 0 or link.unsent:
+            self.abort()
+            return
+        try:
+            while link.owed:
+                later, _ = await link.reply(min(5.0, self.settings.timeout))
+                if later in (354, 421):
+                    self.abort()
+                    return
+        except (_Lost, _Timeout, _Refused):
+            self.abort()
+            return
+        except BaseException:
+            self.abort()
+            raise
+        self._reset_due = True
+
     def abort(self) -> None:
-        """Drop the connection without QUIT (after an error)."""
+        """Drop the connection without QUIT (after a timeout, a lost or
+        broken connection, or a cancellation)."""
+        self._reset_due = False
         if self._link is not None:
             self._link.abort()
             self._link = None
 
     async def close(self) -> None:
         """QUIT politely and close; never raises."""
+        self._reset_due = False
         link, self._link = self._link, None
         if link is None:
             return

@@ -6,9 +6,11 @@ record, preference 0). A null MX (RFC 7505, ``0 .``) means the domain takes no
 mail. Results are cached for their TTL (at most ``max_cache`` seconds); one
 lookup per domain runs at a time, however many jobs wait for it.
 
-Failures come out as :class:`~copiamail.errors.DeliveryError` of class D:
-NXDOMAIN (outcome 80) and lookup failures (81) are retried like any temporary
-failure; a null MX (82) is final.
+Failures come out as :class:`~copiamail.errors.DeliveryError` of class D. A
+domain that does not exist (NXDOMAIN, outcome 80) or takes no mail (null MX,
+82) is final, as Postfix bounces it (SPEC 4); a lookup that fails or times out
+(SERVFAIL, no answer), a mail host name that does not exist and a domain
+whose mail hosts have no address (81) are retried like any temporary failure.
 """
 
 from __future__ import annotations
@@ -98,12 +100,10 @@ class MxResolver:
     async def _query(self, name: str, rtype: str) -> dns.resolver.Answer:
         try:
             return await self._resolver.resolve(name, rtype, search=False)
-        except dns.resolver.NXDOMAIN:
-            raise _error(outcome.DNS_FAILED, f"DNS: {name} does not exist (NXDOMAIN)") from None
+        except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+            raise
         except dns.exception.Timeout:
             raise _error(outcome.DNS_TEMPORARY, f"DNS: {rtype} lookup of {name} timed out") from None
-        except dns.resolver.NoAnswer:
-            raise
         except dns.exception.DNSException as e:
             raise _error(outcome.DNS_TEMPORARY, f"DNS: {rtype} lookup of {name} failed: {e}") from None
 
@@ -117,6 +117,10 @@ class MxResolver:
             answer = await self._query(name, "A")
         except dns.resolver.NoAnswer:
             return (), self._max_cache
+        except dns.resolver.NXDOMAIN:
+            # A mail host's name, not the recipient domain: a fault of the
+            # domain's DNS that its owner may mend, so not final.
+            raise _error(outcome.DNS_TEMPORARY, f"DNS: {name}: no such host (NXDOMAIN)") from None
         return tuple(r.address for r in answer), float(answer.rrset.ttl if answer.rrset is not None else 0)
 
     async def _lookup(self, domain: str) -> Route:
@@ -128,6 +132,8 @@ class MxResolver:
                 ttl = min(ttl, float(answer.rrset.ttl))
         except dns.resolver.NoAnswer:
             records = []
+        except dns.resolver.NXDOMAIN:
+            raise _error(outcome.DNS_FAILED, f"DNS: {domain}: no such domain (NXDOMAIN)", permanent=True) from None
         if len(records) == 1 and records[0].exchange.to_text() == ".":
             raise _error(outcome.NULL_MX, f"DNS: {domain} accepts no mail (null MX, RFC 7505)", permanent=True)
         targets = [(r.preference, r.exchange.to_text().rstrip(".").lower()) for r in records if r.exchange.to_text() != "."]

@@ -48,8 +48,8 @@ CONNECT_FAILED = OutcomeCode(70, CONNECTION, "connection refused or unreachable"
 CONNECTION_LOST = OutcomeCode(71, CONNECTION, "connection dropped by the server")
 TIMED_OUT = OutcomeCode(72, TIMEOUT, "no reply within the timeout")
 TLS_FAILED = OutcomeCode(73, CONNECTION, "STARTTLS failed or was required but not offered")
-DNS_FAILED = OutcomeCode(80, DOMAIN, "the recipient domain does not exist (NXDOMAIN)")
-DNS_TEMPORARY = OutcomeCode(81, DOMAIN, "DNS lookup failed or timed out, or no mail host has an address")
+DNS_FAILED = OutcomeCode(80, DOMAIN, "the recipient domain does not exist (NXDOMAIN): final")
+DNS_TEMPORARY = OutcomeCode(81, DOMAIN, "DNS lookup failed or timed out, a mail host's name does not exist, or no mail host has an address")
 NULL_MX = OutcomeCode(82, DOMAIN, "the domain accepts no mail (null MX, RFC 7505): final")
 INTERNAL = OutcomeCode(75, SMTP_OTHER, "internal error of the engine (a bug: please report it); retried")
 

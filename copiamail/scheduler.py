@@ -33,7 +33,6 @@ import asyncio
 import errno
 import logging
 import os
-import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from typing import Callable, Iterable
 
 from . import outcome, records
 from .config import BindingConfig, Config, is_ip
-from .delivery import CONNECT, Delivered, SessionSettings, SmtpSession, make_tls_context, resolve_relay
+from .delivery import CONNECT, Delivered, SessionSettings, SmtpSession, machine_helo_name, make_tls_context, resolve_relay
 from .errors import DeliveryError, JobError
 from .fsfile import CommandFile
 from .job import Job, parse_job, quick_domain
@@ -99,6 +98,7 @@ class _Target:
     starttls: str
     tls: ssl.SSLContext | None
     relay: bool
+    server_name: str | None = None  # the MX host's name, which its certificate must carry
 
 
 @dataclass(eq=False)
@@ -225,8 +225,9 @@ class Scheduler:
         self._unresolved_hosts: list[str] = []
         self._host_lookup: asyncio.Task[None] | None = None
         self._mx: MxResolver | None = None
-        # socket.getfqdn(), aiosmtplib's default, may ask DNS: the host name will do.
-        self._helo_name = config.helo_name or socket.gethostname()
+        # Once, at start: machine_helo_name() may ask DNS (SPEC 4: an FQDN,
+        # else each connection's address literal, never a bare host name).
+        self._helo_name = config.helo_name or machine_helo_name()
         self._relay: _Target | None = None
         relay = config.relay
         if relay is not None:
@@ -528,7 +529,7 @@ class Scheduler:
             for ip in host.ips:
                 self._learn(ip, host.name)
         targets = [
-            _Target(ip, self.config.mx_port, (ip,), tuple(sorted(self._names_by_ip[ip])), "auto", self._mx_tls, False)
+            _Target(ip, self.config.mx_port, (ip,), tuple(sorted(self._names_by_ip[ip])), "auto", self._mx_tls, False, host.name)
             for host in route.hosts for ip in host.ips
         ]
         untried = [t for t in targets if t.host not in tried] or targets
@@ -685,7 +686,8 @@ class Scheduler:
             starttls=target.starttls, tls_context=target.tls,
             username=relay.username if relay is not None else None,
             password=self.password if relay is not None else None,
-            timeout=self.config.smtp_timeout, helo_name=self._helo_name,
+            timeout=self.config.smtp_timeout, helo_name=self._helo_name, server_name=target.server_name,
+            relay=target.relay,
         )
 
     def _defer(self, item: _Item, blocked: _Blocked) -> None:

@@ -64,6 +64,7 @@ import email.policy
 import functools
 import ipaddress
 import logging
+import re
 import shutil
 import socket
 import ssl
@@ -101,6 +102,7 @@ __all__ = [
     "SMTPTestServer",
     "make_self_signed_cert",
     "default_cert",
+    "fully_qualified",
     "STAGES",
 ]
 
@@ -133,9 +135,12 @@ class TLSCert:
         return ssl.create_default_context(cafile=self.cert_path)
 
 
-def make_self_signed_cert(directory: str | Path, cn: str = "localhost") -> TLSCert:
-    """Make an EC P-256 self-signed certificate with the openssl CLI, valid for
-    IP 127.0.0.1 and DNS localhost, into ``directory``."""
+def make_self_signed_cert(directory: str | Path, cn: str = "localhost",
+                          names: Iterable[str] = ("IP:127.0.0.1", "DNS:localhost")) -> TLSCert:
+    """Make an EC P-256 self-signed certificate with the openssl CLI into
+    ``directory``, valid for ``names`` (subjectAltName entries: by default IP
+    127.0.0.1 and DNS localhost; ``("DNS:mx.example.test",)`` for an MX host
+    checked by its name alone)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     cert, key = d / "smtp-test-cert.pem", d / "smtp-test-key.pem"
@@ -144,7 +149,7 @@ def make_self_signed_cert(directory: str | Path, cn: str = "localhost") -> TLSCe
         "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
         "-keyout", str(key), "-out", str(cert), "-days", "7",
         "-subj", f"/CN={cn}",
-        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        "-addext", f"subjectAltName={','.join(names)}",
         "-addext", "basicConstraints=critical,CA:TRUE",
         "-addext", "keyUsage=critical,digitalSignature,keyCertSign",
         "-addext", "extendedKeyUsage=serverAuth",
@@ -287,6 +292,12 @@ class ConnectionInfo:
     rcpt_domains: set[str] = field(default_factory=set)
     commands: list[str] = field(default_factory=list)
     messages: int = 0
+    helo: Optional[str] = None  # the name of the last EHLO or HELO
+    bytes_received: int = 0   # everything the client sent (after TLS: the plain text)
+    # The last command before the client closed or reset the connection
+    # without QUIT ("CONNECT" before any), as Postfix logs "lost connection
+    # after RCPT"; None while open, after QUIT, and when the server closed it.
+    lost_after: Optional[str] = None
 
     @property
     def open(self) -> bool:
@@ -300,6 +311,25 @@ def _message_id(data: bytes) -> Optional[str]:
         return str(v).strip() if v is not None else None
     except Exception:
         return None
+
+
+_SIZE_PARAM = re.compile(r"\sSIZE=(\d+)", re.IGNORECASE)
+_HELO_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def fully_qualified(name: str) -> bool:
+    """What Postfix's reject_non_fqdn_helo_hostname lets through: an address
+    literal (``[192.0.2.1]``, ``[IPv6:...]``) or a name of two or more valid
+    labels."""
+    if name.startswith("[") and name.endswith("]"):
+        inner = name[1:-1]
+        try:
+            ipaddress.ip_address(inner[5:] if inner[:5].lower() == "ipv6:" else inner)
+        except ValueError:
+            return False
+        return True
+    labels = name.rstrip(".").split(".")
+    return len(labels) >= 2 and all(_HELO_LABEL.fullmatch(label) for label in labels)
 
 
 def _check_host(host: str) -> str:
@@ -352,6 +382,7 @@ class _TestSMTP(SMTP):
         self._lost = False
         self._greeted = False
         self._greeting_rejected = False
+        self._ended_by: Optional[str] = None  # "client" or "server": who ended the connection first
         super().__init__(handler, **kwargs)
         for name, method in list(self._smtp_methods.items()):
             self._smtp_methods[name] = functools.partial(self._dispatch, name, method)
@@ -366,12 +397,30 @@ class _TestSMTP(SMTP):
         if not first and self._tls_protocol is not None:
             self._conn.tls = True
 
+    def data_received(self, data: bytes) -> None:
+        if self._conn is not None:
+            self._conn.bytes_received += len(data)
+        super().data_received(data)
+
+    def eof_received(self) -> Optional[bool]:
+        self._ended_by = self._ended_by or "client"
+        return super().eof_received()
+
+    def _timeout_cb(self) -> None:
+        self._ended_by = self._ended_by or "server"
+        super()._timeout_cb()
+
     def connection_lost(self, error: Optional[Exception]) -> None:
+        if error is not None:
+            self._ended_by = self._ended_by or "client"  # reset by the client
         try:
             super().connection_lost(error)
         finally:
             if self._conn is not None and not self._lost:
                 self._lost = True
+                last = self._conn.commands[-1] if self._conn.commands else "CONNECT"
+                if self._ended_by == "client" and last != "QUIT":
+                    self._conn.lost_after = last
                 self._srv._closed(self, self._conn)
 
     # -- fault injection ---------------------------------------------------
@@ -379,6 +428,7 @@ class _TestSMTP(SMTP):
         await self.loop.create_future()  # until cancelled (connection lost / stop)
 
     def _close(self) -> None:
+        self._ended_by = self._ended_by or "server"
         if self.transport is not None:
             self.transport.close()
 
@@ -460,6 +510,8 @@ class _TestSMTP(SMTP):
                 srv._rcpt_seen(conn, a)
         elif command == "DATA" and self.envelope is not None:
             addresses = list(self.envelope.rcpt_tos)
+        elif command in ("EHLO", "HELO"):
+            conn.helo = (arg or "").strip()
 
         if (command in ("MAIL", "RCPT", "DATA") and srv.auth_required
                 and self.session is not None and not self.session.authenticated):
@@ -470,6 +522,13 @@ class _TestSMTP(SMTP):
         if rule is not None:
             for line in rule.reply_lines():
                 await self._raw_push(line)
+            return
+        size = _SIZE_PARAM.search(arg or "") if command == "MAIL" else None
+        if size is not None and srv.size_limit and int(size.group(1)) > srv.size_limit:
+            await self._raw_push("552 5.3.4 Message size exceeds fixed limit")
+            return
+        if command in ("EHLO", "HELO") and srv.strict_helo and not fully_qualified(conn.helo or ""):
+            await self._raw_push(f"504 5.5.2 <{conn.helo}>: Helo command rejected: need fully-qualified hostname")
             return
         if command == "STARTTLS" and srv.starttls_fails:
             await self._raw_push("454 4.7.0 TLS not available due to temporary reason")
@@ -514,9 +573,16 @@ class SMTPTestServer:
       rules             initial Rule objects
       server_hostname   name in banner / EHLO
       idle_timeout      server closes a silent connection after this many s
-      size_limit        SIZE advertised and enforced (aiosmtpd default 32 MiB)
+      size_limit        SIZE advertised and enforced (aiosmtpd default 32 MiB); a
+                        MAIL FROM declaring more gets Postfix's 552 5.3.4
+                        Message size exceeds fixed limit
       pipelining        advertise PIPELINING (RFC 2920); aiosmtpd reads the
                         commands in order either way
+      strict_helo       as Postfix's reject_non_fqdn_helo_hostname: an EHLO or
+                        HELO name that is neither a fully qualified domain name
+                        nor an address literal gets
+                        504 5.5.2 <NAME>: Helo command rejected: need
+                        fully-qualified hostname
     """
 
     def __init__(
@@ -536,6 +602,7 @@ class SMTPTestServer:
         idle_timeout: float = 60.0,
         size_limit: Optional[int] = None,
         pipelining: bool = False,
+        strict_helo: bool = False,
     ) -> None:
         self.host = _check_host(host)
         self.port = int(port)
@@ -563,6 +630,7 @@ class SMTPTestServer:
         self.idle_timeout = idle_timeout
         self.size_limit = size_limit
         self.pipelining = pipelining
+        self.strict_helo = strict_helo
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -686,6 +754,7 @@ class SMTPTestServer:
         assert self._aserver is not None
         self._aserver.close()
         for proto in list(self._protocols):
+            proto._ended_by = proto._ended_by or "server"
             t = proto._original_transport or proto.transport
             if t is not None:
                 t.abort()

@@ -42,6 +42,13 @@ async def read_message(reader: asyncio.StreamReader) -> bytes:
 async def talk(script: Script, timeout: float = 5.0, message: bytes = MESSAGE) -> tuple[list[bytes], object]:
     """Run one SmtpSession.send against ``script``; (what the server saw, the
     Delivered or the DeliveryError)."""
+    seen, [result] = await converse(script, [("c@d.test", message)], timeout)
+    return seen, result
+
+
+async def converse(script: Script, sends: list[tuple[str, bytes]], timeout: float = 5.0) -> tuple[list[bytes], list[object]]:
+    """One SmtpSession sends each (recipient, message) in turn, then closes;
+    (what the server saw, the Delivered or DeliveryError of each send)."""
     seen: list[bytes] = []
     served = asyncio.Event()
 
@@ -56,15 +63,17 @@ async def talk(script: Script, timeout: float = 5.0, message: bytes = MESSAGE) -
     port = server.sockets[0].getsockname()[1]
     session = SmtpSession(SessionSettings(host="127.0.0.1", port=port, starttls="never", timeout=timeout,
                                           helo_name="client.invalid"))
-    try:
-        result: object = await session.send("a@b.test", "c@d.test", message)
-    except DeliveryError as e:
-        result = e
+    results: list[object] = []
+    for recipient, message in sends:
+        try:
+            results.append(await session.send("a@b.test", recipient, message))
+        except DeliveryError as e:
+            results.append(e)
     await session.close()
     await asyncio.wait_for(served.wait(), 10)  # the script saw the end of the connection
     server.close()
     await server.wait_closed()
-    return seen, result
+    return seen, results
 
 
 def test_with_pipelining_offered_mail_rcpt_and_data_go_out_before_the_first_reply():
@@ -127,7 +136,7 @@ def test_pipelined_replies_split_anywhere_and_multi_line_are_read_in_order():
 
 
 @pytest.mark.parametrize("pipelining", [False, True])
-def test_a_refused_recipient_is_classified_at_rcpt_and_the_connection_is_dropped(pipelining):
+def test_a_refused_recipient_is_classified_at_rcpt_and_the_session_ends_with_quit(pipelining):
     async def script(reader, writer, seen):
         await greet(reader, writer, EHLO_PIPELINING if pipelining else EHLO_PLAIN)
         await reader.readline()
@@ -137,12 +146,75 @@ def test_a_refused_recipient_is_classified_at_rcpt_and_the_connection_is_dropped
         if pipelining:
             await reader.readline()
             writer.write(b"554 no valid recipients\r\n")
-        seen.append(await reader.read())  # the client closes: no QUIT, no message
+        seen.append(await reader.readline())
+        writer.write(b"221 bye\r\n")
+        seen.append(await reader.read())
 
     seen, result = asyncio.run(talk(script))
     assert isinstance(result, DeliveryError)
     assert (result.code, result.stage, result.permanent) == (550, "RCPT", True)
     assert result.text == "550 5.1.1 no such user 5.1.1 check the address"
+    assert seen == [b"QUIT\r\n", b""]  # no message; QUIT, not a dropped connection (RFC 5321 4.1.1.10)
+
+
+@pytest.mark.parametrize("pipelining", [False, True])
+@pytest.mark.parametrize("refused", ["MAIL", "RCPT", "DATA", "EOD"])
+def test_after_a_refusal_the_next_message_rides_on_the_same_connection_after_rset(pipelining, refused):
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_PIPELINING if pipelining else EHLO_PLAIN)
+        # The first message: refused at its stage; pipelined, every command
+        # of the group was sent and gets its reply.
+        answers = {"MAIL": [b"550 5.7.1 no\r\n", b"503 5.5.1 no sender\r\n", b"503 5.5.1 no recipient\r\n"],
+                   "RCPT": [b"250 ok\r\n", b"550 5.1.1 unknown\r\n", b"554 5.5.1 no valid recipients\r\n"],
+                   "DATA": [b"250 ok\r\n", b"250 ok\r\n", b"554 5.7.1 no\r\n"],
+                   "EOD": [b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"]}[refused]
+        for answer in answers:
+            seen.append(await reader.readline())
+            writer.write(answer)
+            if not pipelining and answer[:1] != b"2":
+                break
+        if refused == "EOD":
+            await read_message(reader)
+            writer.write(b"552 5.3.4 too big\r\n")
+        for reply in (b"250 reset\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+            seen.append(await reader.readline())
+            writer.write(reply)
+        await read_message(reader)
+        writer.write(b"250 2.0.0 queued\r\n")
+        seen.append(await reader.readline())
+        writer.write(b"221 bye\r\n")
+
+    seen, (first, second) = asyncio.run(converse(script, [("x@d.test", MESSAGE), ("y@d.test", MESSAGE)]))
+    assert isinstance(first, DeliveryError) and first.stage == ("DATA" if refused == "EOD" else refused)
+    assert second.reply == "250 2.0.0 queued"
+    assert seen[-5:] == [b"RSET\r\n", b"MAIL FROM:<a@b.test>\r\n", b"RCPT TO:<y@d.test>\r\n", b"DATA\r\n", b"QUIT\r\n"]
+
+
+def answering_the_pipelined_group(replies: bytes) -> Script:
+    """A server that offers PIPELINING, reads MAIL, RCPT and DATA, answers
+    ``replies``, then records whatever else comes until the client closes."""
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_PIPELINING)
+        for _ in range(3):
+            await reader.readline()
+        writer.write(replies)
+        seen.append(await reader.read())
+    return script
+
+
+def test_a_421_ends_the_session_without_rset_or_quit():
+    # The server closes after a 421 (RFC 5321 3.8): nothing more is said.
+    seen, result = asyncio.run(talk(answering_the_pipelined_group(b"250 ok\r\n421 4.3.2 closing\r\n")))
+    assert isinstance(result, DeliveryError) and (result.code, result.stage) == (421, "RCPT")
+    assert seen == [b""]
+
+
+def test_a_354_to_a_pipelined_data_after_a_refused_recipient_drops_the_connection():
+    # The server waits for a message that must never come: nothing more is
+    # sent (not even a final dot, which could deliver an empty message).
+    script = answering_the_pipelined_group(b"250 ok\r\n550 5.1.1 unknown\r\n354 go ahead\r\n")
+    seen, result = asyncio.run(talk(script))
+    assert isinstance(result, DeliveryError) and (result.code, result.stage) == (550, "RCPT")
     assert seen == [b""]
 
 
@@ -175,14 +247,7 @@ def test_a_reply_the_client_did_not_ask_for_is_not_taken_for_a_later_one():
 
 
 def test_a_server_that_goes_silent_times_out_at_the_stage_it_was_asked():
-    async def script(reader, writer, seen):
-        await greet(reader, writer, EHLO_PIPELINING)
-        for _ in range(3):
-            await reader.readline()
-        writer.write(b"250 ok\r\n")
-        await reader.read()
-
-    _, result = asyncio.run(talk(script, timeout=0.5))
+    _, result = asyncio.run(talk(answering_the_pipelined_group(b"250 ok\r\n"), timeout=0.5))
     assert isinstance(result, DeliveryError)
     assert (result.code, result.stage) == (outcome.TIMED_OUT.code, "RCPT")
     assert result.text == "timeout at RCPT: Timed out waiting for server response"
@@ -232,3 +297,19 @@ def test_after_a_timeout_the_rest_of_a_message_still_being_uploaded_never_reache
     seen, result = asyncio.run(talk(script, timeout=0.5, message=big * 16_000))  # 16 MB
     assert isinstance(result, DeliveryError) and result.code == outcome.TIMED_OUT.code
     assert seen != [b"\r\n.\r\n"]
+
+
+def test_size_offered_without_a_limit_is_declared_and_nothing_is_refused():
+    async def script(reader, writer, seen):
+        await greet(reader, writer, b"250-test.invalid\r\n250 SIZE\r\n")
+        for reply in (b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+            seen.append(await reader.readline())
+            writer.write(reply)
+        await read_message(reader)
+        writer.write(b"250 queued\r\n")
+        await reader.readline()
+        writer.write(b"221 bye\r\n")
+
+    seen, result = asyncio.run(talk(script, message=b"x" * 5000 + b"\r\n"))
+    assert result.reply == "250 queued"
+    assert seen[0] == b"MAIL FROM:<a@b.test> SIZE=5002\r\n"

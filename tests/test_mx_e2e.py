@@ -88,16 +88,47 @@ def test_a_domain_without_mx_gets_its_mail_at_its_a_record(tmp_path, dns_server,
     assert kit.names("SENT") == ["J.FS"] and len(srv.messages) == 1
 
 
-def test_nxdomain_is_a_class_d_retry_with_email_error(tmp_path, dns_server, mx_servers):
+def test_nxdomain_fails_the_job_at_once_as_class_d(tmp_path, dns_server, mx_servers):
+    # SPEC 4: a domain that does not exist fails at once, as Postfix bounces it.
     (srv,) = mx_servers(1)
     kit = mx_kit(tmp_path, dns_server, srv.port, '$email_retry_delays * "1H"')
     kit.job("TOSEND2", "J.FS", to="u@nowhere.test")
     assert kit.drain().returncode == 0
-    text = kit.read("TOSEND2", "J.FS")
+    assert kit.names("FAIL") == ["J.FS"]
+    text = kit.read("FAIL", "J.FS")
     [[_, _, code, klass, _]] = attempts(text)
     assert (code, klass) == ("80", "D")
-    assert "nowhere.test does not exist" in var(text, "EMAIL_ERROR")
+    assert var(text, "EMAIL_ERROR") == "DNS: nowhere.test: no such domain (NXDOMAIN)"
+    assert "$fax_status1 6" in text and "$fax_status2 80" in text and "$fax_next_time" not in text
+
+
+def retried_once(kit: SpoolKit, to: str) -> tuple[str, str, str]:
+    """Drain one job for ``to``; it must be back in TOSEND for a retry: its
+    (outcome, class, EMAIL_ERROR)."""
+    kit.job("TOSEND", "J.FS", to=to)
+    assert kit.drain().returncode == 0
+    text = kit.read("TOSEND", "J.FS")
     assert "$fax_status1 2" in text and "$fax_next_time" in text
+    [[_, _, code, klass, _]] = attempts(text)
+    return code, klass, var(text, "EMAIL_ERROR")
+
+
+def test_servfail_is_a_class_d_retry(tmp_path, dns_server, mx_servers):
+    (srv,) = mx_servers(1)
+    dns_server.add("broken.test", "MX", "10 mx.broken.test.")
+    dns_server.servfail("broken.test")
+    kit = mx_kit(tmp_path, dns_server, srv.port, '$email_retry_delays * "1H"')
+    code, klass, error = retried_once(kit, "u@broken.test")
+    assert (code, klass) == ("81", "D") and "broken.test" in error
+
+
+def test_a_mail_host_name_that_does_not_exist_is_a_class_d_retry(tmp_path, dns_server, mx_servers):
+    # The domain exists; its MX names a host that does not: the domain's DNS
+    # is at fault and may be mended, so the job is not failed for good.
+    (srv,) = mx_servers(1)
+    dns_server.add("typo.test", "MX", "10 mx.tpyo.test.")
+    kit = mx_kit(tmp_path, dns_server, srv.port, '$email_retry_delays * "1H"')
+    assert retried_once(kit, "u@typo.test") == ("81", "D", "DNS: mx.tpyo.test: no such host (NXDOMAIN)")
 
 
 def test_a_dns_timeout_is_a_class_d_retry(tmp_path, dns_server, mx_servers):
