@@ -710,11 +710,11 @@ def load_cfg(path: Path) -> CfgRules:
             try:
                 klass, items = outcome.parse_retry_command(cmd.args)
             except ValueError as e:
-                raise ConfigError(f"${cmd.name}: {e}" if not cmd.args else str(e), path, cmd.line) from None
+                raise ConfigError(f"${cmd.name} {e}" if not cmd.args else str(e), path, cmd.line) from None
             delays[cmd.name][klass] = items
         elif cmd.name in ("email_retry_max", "retry_max"):
             if len(cmd.args) != 1 or not (cmd.args[0].isascii() and cmd.args[0].isdigit()):
-                raise ConfigError(f"${cmd.name} needs one number of retries", path, cmd.line)
+                raise ConfigError(f"${cmd.name} needs one number of retries (0 or more)", path, cmd.line)
             maxima[cmd.name] = int(cmd.args[0])
         elif cmd.name == "email_esender":
             mailbox = read_mailbox(" ".join(cmd.args))

@@ -133,10 +133,12 @@ class Job:
     retry_max: int | None = None
     fallback_delays: Mapping[str, tuple[RetryItem, ...]] = field(default_factory=dict)
     fallback_max: int | None = None
-    # The line of the last $fax_status1 6: a job moved back from SENT or FAIL
-    # by hand starts its retries afresh (only attempts after it count).
+    # A job moved back from SENT or FAIL by hand starts its retries afresh:
+    # only attempts after its last $fax_status1 6 count. restart_line: the
+    # last such line before its current status (where its latest run began);
+    # restarted: its current status is 6 (done, or, in a queue, moved back).
     restart_line: int = 0
-    restarted: bool = False  # it sits in a queue with $fax_status1 6 (moved back by hand)
+    restarted: bool = False
     domainbusy_count: int = 0
     next_attempt: float | None = None
     identity: str = ""
@@ -155,8 +157,14 @@ class Job:
 
     @property
     def current_attempts(self) -> tuple[AttemptRecord, ...]:
-        """The attempts since the job last started afresh."""
+        """The attempts of the job's latest run (since it last started afresh)."""
         return tuple(a for a in self.attempts if a.line > self.restart_line)
+
+    @property
+    def earlier_retries(self) -> list[str]:
+        """The classes of the attempts that count as retries before the job's
+        next attempt: none for a job moved back by hand (it starts afresh)."""
+        return [] if self.restarted else [a.klass for a in self.current_attempts if a.counts_as_retry]
 
     @property
     def retry_rules(self) -> RetryRules:
@@ -464,7 +472,7 @@ class _JobReader:
             retry_max=self.retry_max.get("email_retry_max"),
             fallback_delays=self.fallback_delays,
             fallback_max=self.retry_max.get("retry_max"),
-            restart_line=max((line for line, value in self.status1 if value == "6"), default=0),
+            restart_line=max((line for line, value in self.status1[:-1] if value == "6"), default=0),
             restarted=bool(self.status1) and self.status1[-1][1] == "6",
             variables=self.variables,
             attempts=tuple(self.attempts),
@@ -603,7 +611,7 @@ class _JobReader:
         try:
             klass, delays = outcome.parse_retry_command(cmd.args)
         except ValueError as e:
-            raise self.error(f"${cmd.name}: {e}" if not cmd.args else str(e), cmd) from None
+            raise self.error(f"${cmd.name} {e}" if not cmd.args else str(e), cmd) from None
         (self.delays if cmd.name == "email_retry_delays" else self.fallback_delays)[klass] = delays
 
     def max_retries(self, cmd: Command) -> None:

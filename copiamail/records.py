@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 from .fsfile import CommandFile
 
@@ -21,13 +22,47 @@ def local_stamp(when: float) -> tuple[str, str]:
     return time.strftime("%m/%d/%Y", t), time.strftime("%H:%M:%S", t)
 
 
-def _record(node: str, code: int, klass: str, text: str, now: float) -> tuple[str, tuple[str, ...]]:
+@dataclass(frozen=True)
+class Where:
+    """The circumstances of an attempt that its record tells: the queue it
+    came from (TOSEND number), the worker (BOARDLINE ``E<n>``), when the
+    connection was started and made (CALL and CONNECT; None: not known, or
+    never made), and whether the job had been moved back by hand from SENT or
+    FAIL (its ``$fax_status1 6`` line then stays, as the mark after which its
+    attempts count, and a new status line is added after it)."""
+
+    queue: int = 0
+    worker: int = 1
+    call: float | None = None
+    connect: float | None = None
+    restarted: bool = False
+
+
+def _clock(when: float | None) -> str:
+    return "-" if when is None else time.strftime("%H:%M:%S", time.localtime(when))
+
+
+def _record(node: str, code: int, klass: str, text: str, now: float, where: Where) -> tuple[str, tuple[str, ...]]:
+    """``$attempt_record`` in CopiaFacts' field order: DATE TIME TYPE SKIPPED
+    SCHED OUTCOME CLASS SENT TOSEND FLAGS BOARDLINE BAUD CALL CONNECT
+    ANSWERBACK, then the node's name (copiamail's own field)."""
     date, clock = local_stamp(now)
-    return ("attempt_record", (date, clock, "E", node, str(code), klass, text))
+    return ("attempt_record", (date, clock, "0", "0", "0", str(code), klass, "0", str(where.queue), "0",
+                               f"E{where.worker}", "0", _clock(where.call), _clock(where.connect), text, node))
 
 
-def _attempt(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float) -> CommandFile:
-    return cf.edited(append=(_record(node, code, klass, text, now),))
+def _attempt(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float, where: Where) -> CommandFile:
+    return cf.edited(append=(_record(node, code, klass, text, now, where),))
+
+
+def _finished(cf: CommandFile, record: tuple[str, tuple[str, ...]], variables: tuple[tuple[str, str | int], ...],
+              commands: tuple[tuple[str, tuple[str | int, ...]], ...], where: Where) -> CommandFile:
+    """``cf`` with an attempt record appended and its engine lines set; for a
+    job moved back by hand its status lines are added after the record
+    instead of replacing the old ones (see :class:`Where`)."""
+    if where.restarted:
+        return cf.edited(append=(record, *commands), variables=variables)
+    return cf.edited(append=(record,), variables=variables, commands=commands)
 
 
 def deferred(cf: CommandFile, busy_count: int) -> CommandFile:
@@ -35,34 +70,30 @@ def deferred(cf: CommandFile, busy_count: int) -> CommandFile:
     return cf.edited(variables=(("DOMAINBUSY_COUNT", busy_count + 1),))
 
 
-def delivered(cf: CommandFile, node: str, reply: str, ip: str, bytecount: int, now: float) -> CommandFile:
-    return cf.edited(
-        append=(_record(node, 0, "S", reply, now),),
-        variables=(("EMAIL_CONNECT_IP", ip), ("EMAIL_BYTECOUNT", bytecount)),
-        commands=(("fax_status1", (STATUS_DONE,)), ("fax_status2", (0,))),
-    )
+def delivered(cf: CommandFile, node: str, reply: str, ip: str, bytecount: int, now: float,
+              where: Where = Where()) -> CommandFile:
+    return _finished(cf, _record(node, 0, "S", reply, now, where),
+                     (("EMAIL_CONNECT_IP", ip), ("EMAIL_BYTECOUNT", bytecount)),
+                     (("fax_status1", (STATUS_DONE,)), ("fax_status2", (0,))), where)
 
 
-def failed(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float) -> CommandFile:
+def failed(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float,
+           where: Where = Where()) -> CommandFile:
     """A final failure (5xx, a bad job, retries used up): the job goes to FAIL."""
-    return cf.edited(
-        append=(_record(node, code, klass, text, now),),
-        variables=(("EMAIL_ERROR", text),),
-        commands=(("fax_status1", (STATUS_DONE,)), ("fax_status2", (code,))),
-    )
+    return _finished(cf, _record(node, code, klass, text, now, where), (("EMAIL_ERROR", text),),
+                     (("fax_status1", (STATUS_DONE,)), ("fax_status2", (code,))), where)
 
 
-def retry(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float, not_before: float) -> CommandFile:
+def retry(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float, not_before: float,
+          where: Where = Where()) -> CommandFile:
     """A temporary failure: back to its folder until ``not_before`` (rounded up to the second)."""
     date, clock = local_stamp(math.ceil(not_before))
-    return cf.edited(
-        append=(_record(node, code, klass, text, now),),
-        variables=(("EMAIL_ERROR", text),),
-        commands=(("fax_status1", (STATUS_WAITING,)), ("fax_status2", (code,)),
-                  ("fax_next_date", (date,)), ("fax_next_time", (clock,))),
-    )
+    return _finished(cf, _record(node, code, klass, text, now, where), (("EMAIL_ERROR", text),),
+                     (("fax_status1", (STATUS_WAITING,)), ("fax_status2", (code,)),
+                      ("fax_next_date", (date,)), ("fax_next_time", (clock,))), where)
 
 
-def interrupted(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float) -> CommandFile:
+def interrupted(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float,
+                where: Where = Where()) -> CommandFile:
     """An attempt cut off by a crash or stop: an attempt record only (not a retry)."""
-    return _attempt(cf, node, code, klass, text, now)
+    return _attempt(cf, node, code, klass, text, now, where)

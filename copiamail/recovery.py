@@ -31,12 +31,26 @@ class RecoveryReport:
 
 
 def _interruptions(cf: CommandFile) -> int:
+    """Interruptions since the job last started afresh (after its last
+    ``$fax_status1 6``: a job moved back from SENT or FAIL by hand)."""
     try:
         commands = cf.commands()
     except SyntaxFileError:
         return 0  # junk: it goes back, and fails as a bad job when next taken
-    records = (parse_attempt(c) for c in commands if c.name == "attempt_record")
-    return sum(1 for r in records if r is not None and not r.counts_as_retry)
+    restart = max((c.line for c in commands if c.name == "fax_status1" and c.args[:1] == ("6",)), default=0)
+    records = (parse_attempt(c) for c in commands if c.name == "attempt_record" and c.line > restart)
+    return sum(1 for r in records if r is not None and r.outcome == outcome.INTERRUPTED.code)
+
+
+def _where(queue: str, cf: CommandFile) -> records.Where:
+    """The record of a recovered job: its queue, and whether it had been
+    moved back by hand (see :class:`copiamail.records.Where`)."""
+    number = queue[6:]
+    try:
+        status = [c.args[0] for c in cf.commands() if c.name == "fax_status1" and c.args]
+    except SyntaxFileError:
+        status = []
+    return records.Where(int(number) if number.isdigit() else 0, restarted=status[-1:] == ["6"])
 
 
 def recover(spool: Spool, node: str, now: float | None = None, recorder: str | None = None) -> RecoveryReport:
@@ -60,17 +74,20 @@ def _recover(spool: Spool, node: str, now: float, me: str, returned: list[str], 
     interrupted, delivered = spool.claimed_jobs(node)
     for claimed in delivered:
         # The server accepted it before the stop: finish it, never send it again.
-        cf = records.delivered(spool.read(claimed), me, "250 (accepted; the rest of the reply was not recorded before a stop)", "", 0, now)
+        cf = spool.read(claimed)
+        cf = records.delivered(cf, me, "250 (accepted; the rest of the reply was not recorded before a stop)", "", 0, now,
+                               _where(claimed.queue, cf))
         spool.finish(claimed, cf, SENT)
         sent.append(claimed.name)
     for claimed in interrupted:
         cf = spool.read(claimed)
         code = outcome.INTERRUPTED
-        cf = records.interrupted(cf, me, code.code, code.klass, "attempt interrupted", now)
+        where = _where(claimed.queue, cf)
+        cf = records.interrupted(cf, me, code.code, code.klass, "attempt interrupted", now, where)
         if _interruptions(cf) >= outcome.INTERRUPTIONS_TO_FAIL:
             final = outcome.INTERRUPTED_TOO_OFTEN
             text = f"interrupted {outcome.INTERRUPTIONS_TO_FAIL} times"
-            spool.finish(claimed, records.failed(cf, me, final.code, final.klass, text, now), FAIL)
+            spool.finish(claimed, records.failed(cf, me, final.code, final.klass, text, now, where), FAIL)
             failed.append(claimed.name)
             log.warning("%s: %s; moved to FAIL", claimed.name, text)
         else:

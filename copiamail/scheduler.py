@@ -600,7 +600,7 @@ class Scheduler:
         try:
             job = job if job is not None else parse_job(cf, claimed.name, self.config.job_env)
         except JobError as e:
-            self._write(self._failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e)))
+            self._write(self._failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e), self._where(claimed, None)))
             return
         if not self._mine(job.domain) or not job.is_due(self.clock()):
             # Its file changed while it waited here: to another worker's
@@ -624,7 +624,8 @@ class Scheduler:
         try:
             choice = self._choose(item.job, targets)
         except JobError as e:
-            self._write(self._failed(item.claimed, item.cf, e.outcome, outcome.FAILURE, _job_error_text(e)))
+            self._write(self._failed(item.claimed, item.cf, e.outcome, outcome.FAILURE, _job_error_text(e),
+                                     self._where(item.claimed, item.job)))
             return
         if isinstance(choice, _Blocked):
             self._defer(item, choice)
@@ -658,7 +659,8 @@ class Scheduler:
                     if self.stopping or self._paused:
                         self._hand_back(item.claimed)
                     elif error is not None:
-                        self._write(self._after_error(item.claimed, item.cf, item.job, error))
+                        self._write(self._after_error(item.claimed, item.cf, item.job, error,
+                                                      self._where(item.claimed, item.job, self.clock())))
                     else:
                         self._route(item, after_lookup=True)
                 except Exception:  # noqa: BLE001 - never strand the rest
@@ -922,24 +924,27 @@ class Scheduler:
         job still claimed (the caller hands it back)."""
         claimed, cf, job = item.claimed, item.cf, item.job
         now = self.clock()
+        reused = conn.session.messages > 0
         try:
             data = build_message(job, spool_root=self.spool.root, attachment_roots=self.config.roots, sender=self._sender(job),
                                  now=now, path_map=self.config.path_map)
             sent = await conn.session.send(self._sender(job), job.address, data)
         except JobError as e:
-            result = self._failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e))
+            result = self._failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e), self._where(claimed, job, now))
         except DeliveryError as e:
             if self._next_host_exists(conn, e, item):
                 log.info("%s: %s; trying the next mail host", claimed.name, e.text)
                 return item
-            result = self._after_error(claimed, cf, job, e)
+            connected = None if e.stage in (CONNECT, "DNS") and not reused else now
+            result = self._after_error(claimed, cf, job, e, self._where(claimed, job, now, connected))
         except Exception as e:  # noqa: BLE001 - a bug: retry later rather than lose or spin
             log.exception("%s: internal error", claimed.name)
             conn.session.abort()
             result = self._after_error(claimed, cf, job, DeliveryError(
-                outcome.INTERNAL.code, outcome.INTERNAL.klass, f"internal error: {type(e).__name__}: {e}", False))
+                outcome.INTERNAL.code, outcome.INTERNAL.klass, f"internal error: {type(e).__name__}: {e}", False),
+                self._where(claimed, job, now))
         else:
-            result = self._sent(claimed, cf, sent)
+            result = self._sent(claimed, cf, sent, self._where(claimed, job, now, now))
         conn.written = self._write(result)
         return None
 
@@ -1086,7 +1091,17 @@ class Scheduler:
     def _paused(self) -> bool:
         return bool(self._owed)
 
-    def _sent(self, claimed: Claimed, cf: CommandFile, result: Delivered) -> _Result:
+    def _where(self, claimed: Claimed, job: Job | None, call: float | None = None,
+               connected: float | None = None) -> records.Where:
+        """What the attempt record of a job claimed from ``claimed.queue`` tells
+        besides its outcome (CALL: when the attempt started, CONNECT: when its
+        connection was made; the connection of a message is made, or reused, as
+        its attempt starts)."""
+        queue = claimed.queue[6:]
+        return records.Where(int(queue) if queue.isdigit() else 0, self.worker + 1, call, connected,
+                             job is not None and job.restarted)
+
+    def _sent(self, claimed: Claimed, cf: CommandFile, result: Delivered, where: records.Where) -> _Result:
         if outcomes.isEnabledFor(logging.INFO):
             outcomes.info("%s to %s delivered (%s): %s", claimed.name, recipient_of(cf), result.ip, result.reply)
         try:
@@ -1095,24 +1110,27 @@ class Scheduler:
             claimed = self.spool.mark_delivered(claimed)
         except OSError as e:
             log.error("%s: cannot mark the job delivered: %s", claimed.path, e.strerror)
-        return _Result(claimed, records.delivered(cf, self.node, result.reply, result.ip, result.bytecount, self.clock()), SENT, "sent")
+        return _Result(claimed, records.delivered(cf, self.node, result.reply, result.ip, result.bytecount, self.clock(),
+                                                  where), SENT, "sent")
 
-    def _failed(self, claimed: Claimed, cf: CommandFile, code: int, klass: str, text: str) -> _Result:
+    def _failed(self, claimed: Claimed, cf: CommandFile, code: int, klass: str, text: str,
+                where: records.Where) -> _Result:
         log.warning("%s to %s failed: %s", claimed.name, recipient_of(cf), text)
-        return _Result(claimed, records.failed(cf, self.node, code, klass, text, self.clock()), FAIL, "failed")
+        return _Result(claimed, records.failed(cf, self.node, code, klass, text, self.clock(), where), FAIL, "failed")
 
-    def _after_error(self, claimed: Claimed, cf: CommandFile, job: Job, e: DeliveryError) -> _Result:
+    def _after_error(self, claimed: Claimed, cf: CommandFile, job: Job, e: DeliveryError,
+                     where: records.Where) -> _Result:
         """A failed attempt: a retry later, or (permanent, or retries used up) FAIL."""
         if e.permanent:
-            return self._failed(claimed, cf, e.code, e.klass, e.text)
-        delays = outcome.delays_for(e.klass, job.retry_delays, self.config.rules.retry_delays)
-        earlier = [a.klass for a in job.attempts if a.counts_as_retry]
-        wait = outcome.retry_delay(e.klass, earlier, delays, self.config.rules.retry_max)
-        if wait is None:
-            return self._failed(claimed, cf, e.code, e.klass, e.text)
+            return self._failed(claimed, cf, e.code, e.klass, e.text, where)
         now = self.clock()
-        log.info("%s to %s: retry in %d s: %s", claimed.name, job.address, wait, e.text)
-        return _Result(claimed, records.retry(cf, self.node, e.code, e.klass, e.text, now, now + wait), "BACK", "retried")
+        plan = outcome.plan_retry(e.klass, job.earlier_retries, job.retry_rules, self.config.rules.retry_rules, now)
+        if plan is None:
+            return self._failed(claimed, cf, e.code, e.klass, e.text, where)
+        log.info("%s to %s: retry in %d s%s: %s", claimed.name, job.address, plan.wait,
+                 " through retry_relay" if plan.relay else "", e.text)
+        return _Result(claimed, records.retry(cf, self.node, e.code, e.klass, e.text, now, now + plan.wait, where),
+                       "BACK", "retried")
 
     def _hand_back(self, claimed: Claimed) -> Path | None:
         try:

@@ -115,12 +115,16 @@ def var(text: str, name: str) -> str | None:
 
 
 def attempts(text: str) -> list[list[str]]:
-    """The fields after the date and time of each $attempt_record: [E, NODE, OUTCOME, CLASS, text]."""
+    """What each $attempt_record says, in any layout copiamail reads, as
+    [E, NODE, OUTCOME, CLASS, text] (the fields of copiamail's first layout;
+    the text as written, quoted where it needs quotes)."""
+    from copiamail.fsfile import CommandFile, format_arg
+    from copiamail.job import parse_attempt
+
     out = []
-    for line in text.splitlines():
-        if line.startswith("$attempt_record "):
-            parts = line.split(" ", 7)
-            out.append(parts[3:8])
+    for cmd in CommandFile.parse(text.encode("utf-8")).commands():
+        if cmd.name == "attempt_record" and (record := parse_attempt(cmd)) is not None:
+            out.append(["E", record.node, str(record.outcome), record.klass, format_arg(record.text)])
     return out
 
 

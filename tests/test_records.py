@@ -26,7 +26,9 @@ $var_def CUSTOMER 4711
 # 11/21/2026 14:03:07 in the node's local time.
 NOW = time.mktime((2026, 11, 21, 14, 3, 7, 0, 0, -1))
 REPLY_550 = "550 5.1.1 <jane.doe@example.com>: User unknown"
-RECORD = re.compile(rb'^\$attempt_record \d\d/\d\d/\d{4} \d\d:\d\d:\d\d E \S+ \d+ [A-Z] ".*"$')
+# CopiaFacts' field order: DATE TIME TYPE SKIPPED SCHED OUTCOME CLASS SENT TOSEND FLAGS BOARDLINE BAUD CALL
+# CONNECT ANSWERBACK, then the node.
+RECORD = re.compile(rb'^\$attempt_record \d\d/\d\d/\d{4} \d\d:\d\d:\d\d 0 0 0 \d+ [A-Z] 0 \d+ 0 E\d+ 0 \S+ \S+ ".*" \S+$')
 
 
 def cf(data: bytes = EXAMPLE) -> CommandFile:
@@ -91,7 +93,7 @@ def test_the_spec_example_after_one_deferral_and_a_rejected_attempt():
     c = records.failed(c, "N1", 550, "B", REPLY_550, NOW)
     assert c.to_bytes() == EXAMPLE + (
         b"$var_def DOMAINBUSY_COUNT 1\n"
-        b'$attempt_record 11/21/2026 14:03:07 E N1 550 B "550 5.1.1 <jane.doe@example.com>: User unknown"\n'
+        b'$attempt_record 11/21/2026 14:03:07 0 0 0 550 B 0 0 0 E1 0 - - "550 5.1.1 <jane.doe@example.com>: User unknown" N1\n'
         b'$var_def EMAIL_ERROR "550 5.1.1 <jane.doe@example.com>: User unknown"\n'
         b"$fax_status1 6\n"
         b"$fax_status2 550\n"
@@ -102,7 +104,7 @@ def test_failed_with_an_engine_code_writes_class_z_and_the_code_as_status2():
     out = records.failed(cf(), "N2", 61, "Z", "statements/4711.pdf: no such file", NOW)
     lines = added(EXAMPLE, out)
     assert lines == [
-        b'$attempt_record 11/21/2026 14:03:07 E N2 61 Z "statements/4711.pdf: no such file"',
+        b'$attempt_record 11/21/2026 14:03:07 0 0 0 61 Z 0 0 0 E1 0 - - "statements/4711.pdf: no such file" N2',
         b'$var_def EMAIL_ERROR "statements/4711.pdf: no such file"',
         b"$fax_status1 6",
         b"$fax_status2 61",
@@ -123,7 +125,7 @@ def test_delivered_writes_attempt_record_0_s_connect_ip_bytecount_and_status_6_0
     out = records.delivered(cf(), "N1", "250 2.0.0 Ok: queued as 4711", "192.0.2.7", 1234, NOW)
     lines = added(EXAMPLE, out)
     assert lines == [
-        b'$attempt_record 11/21/2026 14:03:07 E N1 0 S "250 2.0.0 Ok: queued as 4711"',
+        b'$attempt_record 11/21/2026 14:03:07 0 0 0 0 S 0 0 0 E1 0 - - "250 2.0.0 Ok: queued as 4711" N1',
         b"$var_def EMAIL_CONNECT_IP 192.0.2.7",
         b"$var_def EMAIL_BYTECOUNT 1234",
         b"$fax_status1 6",
@@ -149,7 +151,7 @@ def test_delivered_after_retries_updates_status_in_place_and_keeps_the_old_recor
 def test_retry_writes_record_error_status_2_and_next_date_time():
     out = records.retry(cf(), "N1", 421, "E", "421 4.7.0 try later", NOW, NOW + 300)
     assert added(EXAMPLE, out) == [
-        b'$attempt_record 11/21/2026 14:03:07 E N1 421 E "421 4.7.0 try later"',
+        b'$attempt_record 11/21/2026 14:03:07 0 0 0 421 E 0 0 0 E1 0 - - "421 4.7.0 try later" N1',
         b'$var_def EMAIL_ERROR "421 4.7.0 try later"',
         b"$fax_status1 2",
         b"$fax_status2 421",
@@ -190,13 +192,13 @@ def test_a_second_retry_updates_status_and_next_time_in_place_while_attempt_reco
     second = records.retry(first, "N2", 451, "A", "451 second", NOW + 600, NOW + 1800)
     lines = added(EXAMPLE, second)
     assert lines == [
-        b'$attempt_record 11/21/2026 14:03:07 E N1 421 E "421 first"',
+        b'$attempt_record 11/21/2026 14:03:07 0 0 0 421 E 0 0 0 E1 0 - - "421 first" N1',
         b'$var_def EMAIL_ERROR "451 second"',
         b"$fax_status1 2",
         b"$fax_status2 451",
         b"$fax_next_date 11/21/2026",
         b"$fax_next_time 14:33:07",
-        b'$attempt_record 11/21/2026 14:13:07 E N2 451 A "451 second"',
+        b'$attempt_record 11/21/2026 14:13:07 0 0 0 451 A 0 0 0 E1 0 - - "451 second" N2',
     ]
     job = parse_job(second, "X.FS")
     assert [(a.node, a.outcome, a.klass) for a in job.attempts] == [("N1", 421, "E"), ("N2", 451, "A")]
@@ -226,7 +228,7 @@ def test_engine_lines_already_written_by_the_submitter_are_updated_in_place():
 
 def test_interrupted_appends_only_an_attempt_record():
     out = records.interrupted(cf(), "N1", 66, "Z", "attempt interrupted", NOW)
-    assert added(EXAMPLE, out) == [b'$attempt_record 11/21/2026 14:03:07 E N1 66 Z "attempt interrupted"']
+    assert added(EXAMPLE, out) == [b'$attempt_record 11/21/2026 14:03:07 0 0 0 66 Z 0 0 0 E1 0 - - "attempt interrupted" N1']
 
 
 @pytest.fixture
@@ -244,5 +246,5 @@ def test_stamps_are_in_the_nodes_local_time_not_utc(tz_minus5):
     assert time.gmtime(epoch)[:6] == (2026, 11, 21, 14, 3, 7)
     assert records.local_stamp(epoch) == ("11/21/2026", "09:03:07")
     out = records.retry(cf(), "N1", 421, "E", "x", epoch, epoch - 10 * 3600 + 0.25).to_bytes()
-    assert b"$attempt_record 11/21/2026 09:03:07 E N1 421 E" in out
+    assert b"$attempt_record 11/21/2026 09:03:07 0 0 0 421 E " in out
     assert b"$fax_next_date 11/20/2026\n$fax_next_time 23:03:08\n" in out

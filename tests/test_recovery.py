@@ -40,9 +40,10 @@ def active_files(sp: Spool) -> list[Path]:
     return [p for p in (sp.root / "ACTIVE").rglob("*") if p.is_file()]
 
 
-def record_line(node: str, code: int, klass: str, text: str, now: float = NOW) -> bytes:
+def record_line(node: str, code: int, klass: str, text: str, now: float = NOW, queue: int = 0) -> bytes:
+    """An attempt record in CopiaFacts' field order, as the engine writes it."""
     date, clock = local_stamp(now)
-    return f'$attempt_record {date} {clock} E {node} {code} {klass} "{text}"'.encode()
+    return f'$attempt_record {date} {clock} 0 0 0 {code} {klass} 0 {queue} 0 E1 0 - - "{text}" {node}'.encode()
 
 
 def test_recover_adds_an_outcome_66_attempt_record_and_returns_the_job_to_its_own_folder(tmp_path):
@@ -52,8 +53,8 @@ def test_recover_adds_an_outcome_66_attempt_record_and_returns_the_job_to_its_ow
     assert report == RecoveryReport(returned=("X.FS",), failed=())
     back = sp.folder("TOSEND5") / "X.FS"
     data = back.read_bytes()
-    assert data == JOB + record_line("N1", 66, "Z", "attempt interrupted") + b"\r\n"
-    assert b" E N1 66 " in data
+    assert data == JOB + record_line("N1", 66, "Z", "attempt interrupted", queue=5) + b"\r\n"
+    assert b" 0 0 0 66 Z 0 5 " in data
     assert active_files(sp) == []
     for folder in ("TOSEND", "SENT", "FAIL"):
         assert os.listdir(sp.folder(folder)) == []
@@ -113,8 +114,8 @@ def test_the_third_interruption_sends_the_job_to_fail_with_outcome_67_and_email_
     assert out.startswith(data)
     lines = out[len(data):].split(b"\r\n")
     assert lines[-1] == b""
-    assert lines[0] == record_line("N1", 66, "Z", "attempt interrupted")
-    assert lines[1].startswith(b"$attempt_record ") and b" E N1 67 Z " in lines[1]
+    assert lines[0] == record_line("N1", 66, "Z", "attempt interrupted", queue=3)
+    assert lines[1].startswith(b"$attempt_record ") and b" 0 0 0 67 Z 0 3 " in lines[1] and lines[1].endswith(b" N1")
     assert b'$var_def EMAIL_ERROR "interrupted 3 times"' in lines
     assert b"$fax_status1 6" in lines
     assert b"$fax_status2 67" in lines
@@ -200,5 +201,5 @@ def test_a_job_the_server_accepted_before_a_crash_is_finished_to_sent_not_sent_a
     report = recover(sp, "N1")
     assert report.sent == ("J.FS",) and report.returned == ()
     text = (tmp_path / "SENT" / "J.FS").read_text()
-    assert " E N1 0 S " in text and "$fax_status1 6" in text and "$fax_status2 0" in text
+    assert " 0 0 0 0 S 0 2 0 E1 0 " in text and text.split("\n")[1].endswith(" N1") and "$fax_status1 6" in text and "$fax_status2 0" in text
     assert not (tmp_path / "TOSEND2" / "J.FS").exists()
