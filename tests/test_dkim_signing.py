@@ -1,0 +1,161 @@
+"""copiamail.dkim_signing: signatures a receiver verifies (dkimpy with the
+public key record), the header set, keys refused, and which jobs are signed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dkimkeys import damaged_copy, make_key, public_record, signature_tags, verifies
+
+from copiamail import outcome
+from copiamail.dkim_signing import from_domain, is_dns_name, key_problem, sign
+from copiamail.errors import JobError
+from copiamail.fsfile import CommandFile
+from copiamail.job import Job, parse_job
+from copiamail.message import build_message
+
+NOW = 1_795_000_000.0
+SENDER = "bounce@acme.test"
+RECORD_NAME = "s2026._domainkey.acme.test"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("keys")
+    make_key(d / "acme.key")
+    make_key(d / "other.key")
+    return d
+
+
+@pytest.fixture(scope="module")
+def acme_key(keys) -> bytes:
+    return (keys / "acme.key").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def records(keys) -> dict[str, bytes]:
+    return {RECORD_NAME: public_record(keys / "acme.key")}
+
+
+def job_of(root: Path, *lines: str) -> Job:
+    text = "\n".join(["$email_address jane@example.com", "$email_from Billing <billing@acme.test>", *lines]) + "\n"
+    path = root / "J1.FS"
+    return parse_job(CommandFile.parse(text.encode("utf-8"), path), "J1.FS")
+
+
+def built(root: Path, *lines: str) -> bytes:
+    return build_message(job_of(root, *lines), spool_root=root, attachment_roots=(root,), sender=SENDER, now=NOW)
+
+
+# --- sign: the signature verifies on the bytes sent ------------------------------
+
+
+def test_a_signed_message_verifies_with_the_published_key(tmp_path, acme_key, records):
+    message = built(tmp_path, '$email_subject "Your statement"', '$email_text "Dear Jane,"')
+    signed = sign(message, "acme.test", "s2026", acme_key)
+    assert signed.startswith(b"DKIM-Signature: ")
+    assert signed.endswith(message)  # the message itself is sent exactly as built
+    assert verifies(signed, records)
+
+
+def test_the_signature_is_rsa_sha256_relaxed_relaxed_for_the_domain_and_selector(tmp_path, acme_key):
+    signed = sign(built(tmp_path, '$email_subject "x"', '$email_text "hi"'), "acme.test", "s2026", acme_key)
+    tags = signature_tags(signed)
+    assert (tags["a"], tags["c"], tags["d"], tags["s"]) == ("rsa-sha256", "relaxed/relaxed", "acme.test", "s2026")
+
+
+def test_a_changed_body_or_header_or_another_key_does_not_verify(tmp_path, keys, acme_key, records):
+    signed = sign(built(tmp_path, '$email_subject "Your statement"', '$email_text "Pay 10 EUR"'),
+                  "acme.test", "s2026", acme_key)
+    assert not verifies(signed.replace(b"Pay 10 EUR", b"Pay 99 EUR"), records)
+    assert not verifies(signed.replace(b"Your statement", b"Your invoice!!"), records)
+    assert not verifies(signed, {RECORD_NAME: public_record(keys / "other.key")})
+    assert not verifies(signed, {})
+
+
+def test_the_usual_headers_are_signed_where_present(tmp_path, acme_key):
+    plain = sign(built(tmp_path, '$email_subject "x"', '$email_text "hi"'), "acme.test", "s2026", acme_key)
+    assert signature_tags(plain)["h"].split(":") == [
+        "from", "to", "subject", "date", "message-id", "mime-version", "content-type", "content-transfer-encoding"]
+    more = sign(built(tmp_path, '$email_subject "x"', '$email_text "hi"', "$email_header Reply-To: desk@acme.test",
+                      "$email_header Cc: boss@acme.test", "$email_header X-Campaign: 7"),
+                "acme.test", "s2026", acme_key)
+    assert signature_tags(more)["h"].split(":") == [
+        "from", "to", "subject", "date", "message-id", "mime-version", "content-type", "content-transfer-encoding",
+        "reply-to", "cc"]
+    no_subject = sign(built(tmp_path, '$email_text "hi"'), "acme.test", "s2026", acme_key)
+    assert "subject" not in signature_tags(no_subject)["h"].split(":")
+
+
+def test_a_quoted_printable_body_is_signed_as_encoded(tmp_path, acme_key, records):
+    message = built(tmp_path, '$email_subject "Grüße"', '$email_text "Schöne Grüße aus Köln, ' + "x" * 90 + '"')
+    assert b"Content-Transfer-Encoding: quoted-printable" in message
+    assert verifies(sign(message, "acme.test", "s2026", acme_key), records)
+
+
+def test_a_multipart_message_with_a_base64_attachment_verifies(tmp_path, acme_key, records):
+    (tmp_path / "report.pdf").write_bytes(bytes(range(256)) * 40)
+    message = built(tmp_path, '$email_subject "Report"', '$email_text "attached"', "$email_attach report.pdf")
+    assert b"multipart/mixed" in message and b"Content-Transfer-Encoding: base64" in message
+    assert verifies(sign(message, "acme.test", "s2026", acme_key), records)
+
+
+def test_a_key_file_with_windows_line_endings_signs(tmp_path, acme_key, records):
+    message = built(tmp_path, '$email_subject "x"', '$email_text "hi"')
+    crlf = acme_key.replace(b"\n", b"\r\n")
+    assert key_problem(crlf) is None
+    assert verifies(sign(message, "acme.test", "s2026", crlf), records)
+
+
+def test_a_pkcs1_key_signs_as_well(tmp_path, keys, acme_key, records):
+    pkcs1 = damaged_copy(keys / "acme.key", tmp_path / "pkcs1.key", change=0).read_bytes()
+    assert pkcs1.startswith(b"-----BEGIN RSA PRIVATE KEY-----")
+    assert key_problem(pkcs1) is None
+    assert verifies(sign(built(tmp_path, '$email_text "hi"'), "acme.test", "s2026", pkcs1), records)
+
+
+# --- keys dkimpy cannot sign with -----------------------------------------------
+
+
+def test_garbage_is_not_a_key(tmp_path):
+    assert "not an unencrypted RSA private key" in key_problem(b"hello")
+    assert "not an unencrypted RSA private key" in key_problem(b"-----BEGIN PRIVATE KEY-----\n!!!\n-----END PRIVATE KEY-----\n")
+    assert "not an unencrypted RSA private key" in key_problem(b"")
+
+
+def test_a_key_under_1024_bits_is_refused(tmp_path):
+    problem = key_problem(make_key(tmp_path / "short.key", bits=512).read_bytes())
+    assert problem is not None and "512-bit" in problem and "1024" in problem
+
+
+def test_a_key_whose_numbers_disagree_is_refused(tmp_path, keys):
+    problem = key_problem(damaged_copy(keys / "acme.key", tmp_path / "bad.key").read_bytes())
+    assert problem is not None and "damaged" in problem
+
+
+def test_signing_with_a_bad_key_or_name_is_a_dkim_job_error(tmp_path, acme_key):
+    message = built(tmp_path, '$email_text "hi"')
+    for domain, selector, key in [("acme.test", "s2026", b"garbage"), ("acme.test", "s 2026", acme_key),
+                                  ("acme.test;x=1", "s2026", acme_key)]:
+        with pytest.raises(JobError) as e:
+            sign(message, domain, selector, key)
+        assert e.value.outcome == outcome.DKIM_FAILED.code == 65
+        assert "DKIM signing failed" in str(e.value)
+
+
+# --- names ------------------------------------------------------------------------
+
+
+def test_from_domain_reads_the_from_header_as_built():
+    assert from_domain(b"To: a@b.test\r\nFrom: \"Doe, J\" <J@Acme.Test>\r\n\r\nbody") == "acme.test"
+    assert from_domain(b"From:\r\n =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n <billing@acme.test>\r\nTo: x@y.test\r\n\r\n") == "acme.test"
+    assert from_domain(b"To: a@b.test\r\n\r\nFrom: x@evil.test\r\n") is None
+    assert from_domain(b"From: nobody\r\n\r\n") is None
+
+
+@pytest.mark.parametrize("name, ok", [("s2026", True), ("mail.acme-1.test", True), ("", False), ("a b", False),
+                                      ("-x", False), ("x.", False), ("x;y", False), ("sélecteur", False)])
+def test_selectors_and_domains_are_dns_names(name, ok):
+    assert is_dns_name(name) is ok
