@@ -112,6 +112,7 @@ class Job:
     domainbusy_count: int = 0
     next_attempt: float | None = None
     identity: str = ""
+    dkim_keyfile: tuple[str, int] | None = None  # $email_dkim_keyfile: (path, job line)
 
     @property
     def binding(self) -> str | None:
@@ -304,6 +305,7 @@ def parse_job(cf: CommandFile, name: str) -> Job:
     attempts: list[AttemptRecord] = []
     next_date: Command | None = None
     next_time: Command | None = None
+    dkim_keyfile: tuple[str, int] | None = None
 
     def need_arg(cmd: Command) -> None:
         if not cmd.args:
@@ -351,6 +353,9 @@ def parse_job(cf: CommandFile, name: str) -> Job:
                 delays[outcome.parse_retry_class(cmd.args[0])] = outcome.parse_delays(" ".join(cmd.args[1:]))
             except ValueError as e:
                 raise JobError(str(e), outcome.BAD_JOB.code, cf.path, cmd.line) from None
+        elif n == "email_dkim_keyfile":
+            need_arg(cmd)
+            dkim_keyfile = (cmd.args[0], cmd.line)
         elif n == "var_def":
             need_arg(cmd)
             variables[cmd.args[0].upper()] = " ".join(cmd.args[1:])
@@ -434,6 +439,7 @@ def parse_job(cf: CommandFile, name: str) -> Job:
         domainbusy_count=busy,
         next_attempt=next_attempt,
         identity=job_identity(name, cf, commands),
+        dkim_keyfile=dkim_keyfile,
     )
 
 

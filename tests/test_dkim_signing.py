@@ -159,3 +159,11 @@ def test_from_domain_reads_the_from_header_as_built():
                                       ("-x", False), ("x.", False), ("x;y", False), ("sélecteur", False)])
 def test_selectors_and_domains_are_dns_names(name, ok):
     assert is_dns_name(name) is ok
+
+
+def test_the_job_command_is_read_last_occurrence_first(tmp_path):
+    job = job_of(tmp_path, '$email_text "hi"', "$email_dkim_keyfile a.key", '$email_dkim_keyfile "b c.key"')
+    assert job.dkim_keyfile == ("b c.key", 5)
+    with pytest.raises(JobError) as e:
+        job_of(tmp_path, '$email_text "hi"', "$email_dkim_keyfile")
+    assert e.value.outcome == outcome.BAD_JOB.code
