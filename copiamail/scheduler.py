@@ -43,6 +43,7 @@ from typing import Callable, Iterable
 from . import outcome, records
 from .config import BindingConfig, Config, is_ip
 from .delivery import CONNECT, Delivered, SessionSettings, SmtpSession, make_tls_context, resolve_relay
+from .dkim_signing import sign_for_job
 from .errors import DeliveryError, JobError
 from .fsfile import CommandFile
 from .job import Job, parse_job, quick_domain
@@ -919,6 +920,7 @@ class Scheduler:
         try:
             data = build_message(job, spool_root=self.spool.root, attachment_roots=self.config.roots, sender=self._sender(job),
                                  now=now, path_map=self.config.path_map)
+            data = sign_for_job(data, job, self.config, self.spool.root)  # the exact bytes sent (SPEC 10, DKIM)
             sent = await conn.session.send(self._sender(job), job.address, data)
         except JobError as e:
             result = self._failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e))

@@ -3,14 +3,17 @@ public key record), the header set, keys refused, and which jobs are signed."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
 from dkimkeys import damaged_copy, make_key, public_record, signature_tags, verifies
 
 from copiamail import outcome
-from copiamail.dkim_signing import from_domain, is_dns_name, key_problem, sign
+from copiamail.config import Config, DkimKey
+from copiamail.dkim_signing import from_domain, is_dns_name, key_problem, sign, sign_for_job
 from copiamail.errors import JobError
 from copiamail.fsfile import CommandFile
 from copiamail.job import Job, parse_job
@@ -159,6 +162,83 @@ def test_from_domain_reads_the_from_header_as_built():
                                       ("-x", False), ("x.", False), ("x;y", False), ("sélecteur", False)])
 def test_selectors_and_domains_are_dns_names(name, ok):
     assert is_dns_name(name) is ok
+
+
+# --- sign_for_job: which jobs are signed, with which key --------------------------
+
+
+def config_with(root: Path, acme_key: bytes | None = None, **kw) -> Config:
+    dkim = {} if acme_key is None else {"acme.test": DkimKey("acme.test", "s2026", root / "acme.key", acme_key)}
+    return replace(Config(), spool=root, dkim=MappingProxyType(dkim), **kw)
+
+
+def test_without_dkim_config_or_job_key_the_message_is_returned_as_it_is(tmp_path):
+    message = built(tmp_path, '$email_text "hi"')
+    assert sign_for_job(message, job_of(tmp_path, '$email_text "hi"'), config_with(tmp_path), tmp_path) is message
+
+
+def test_config_dkim_signs_mail_from_its_domain_only(tmp_path, acme_key, records):
+    cfg = config_with(tmp_path, acme_key)
+    job = job_of(tmp_path, '$email_text "hi"')
+    message = built(tmp_path, '$email_text "hi"')
+    assert verifies(sign_for_job(message, job, cfg, tmp_path), records)
+    # From: as the job's own header wrote it decides, not the envelope sender.
+    other = built(tmp_path, '$email_text "hi"', "$email_header From: news@other.test")
+    assert sign_for_job(other, job, cfg, tmp_path) is other
+
+
+def test_a_job_key_signs_with_the_selector_of_its_var_def(tmp_path, keys, records):
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "job.key").write_bytes((keys / "acme.key").read_bytes())
+    lines = ('$email_text "hi"', "$email_dkim_keyfile keys\\job.key", "$var_def DKIM_SELECTOR s2026")
+    signed = sign_for_job(built(tmp_path, *lines), job_of(tmp_path, *lines), config_with(tmp_path), tmp_path)
+    assert signature_tags(signed)["s"] == "s2026" and verifies(signed, records)
+
+
+def test_a_job_key_wins_over_the_config_key(tmp_path, keys, acme_key):
+    (tmp_path / "other.key").write_bytes((keys / "other.key").read_bytes())
+    lines = ('$email_text "hi"', "$email_dkim_keyfile other.key", "$var_def DKIM_SELECTOR s2027")
+    signed = sign_for_job(built(tmp_path, *lines), job_of(tmp_path, *lines), config_with(tmp_path, acme_key), tmp_path)
+    assert verifies(signed, {"s2027._domainkey.acme.test": public_record(keys / "other.key")})
+
+
+def test_a_job_key_path_is_mapped_with_path_map(tmp_path, keys, records):
+    (tmp_path / "copia").mkdir()
+    (tmp_path / "copia" / "acme.key").write_bytes((keys / "acme.key").read_bytes())
+    cfg = config_with(tmp_path, path_map=(("c:\\copia\\", str(tmp_path / "copia") + "/"),))
+    lines = ('$email_text "hi"', "$email_dkim_keyfile C:\\Copia\\acme.key", "$var_def DKIM_SELECTOR s2026")
+    assert verifies(sign_for_job(built(tmp_path, *lines), job_of(tmp_path, *lines), cfg, tmp_path), records)
+
+
+def dkim_error(tmp_path: Path, *lines: str, cfg: Config | None = None) -> JobError:
+    job = job_of(tmp_path, '$email_text "hi"', *lines)
+    with pytest.raises(JobError) as e:
+        sign_for_job(built(tmp_path, '$email_text "hi"', *lines), job, cfg or config_with(tmp_path), tmp_path)
+    assert e.value.outcome == outcome.DKIM_FAILED.code
+    return e.value
+
+
+def test_a_job_key_that_cannot_be_used_fails_the_job_naming_its_line(tmp_path, keys):
+    (tmp_path / "good.key").write_bytes((keys / "acme.key").read_bytes())
+    (tmp_path / "bad.key").write_bytes(b"not a key\n")
+    cases = [
+        (("$email_dkim_keyfile missing.key", "$var_def DKIM_SELECTOR s1"), "missing.key"),
+        (("$email_dkim_keyfile bad.key", "$var_def DKIM_SELECTOR s1"), "not an unencrypted RSA private key"),
+        (("$email_dkim_keyfile good.key",), "$var_def DKIM_SELECTOR"),
+        (("$email_dkim_keyfile good.key", "$var_def DKIM_SELECTOR bad;selector"), "bad selector"),
+        (("$email_dkim_keyfile /etc/hostname", "$var_def DKIM_SELECTOR s1"), "outside attachment_roots"),
+        (("$email_dkim_keyfile C:\\keys\\a.key", "$var_def DKIM_SELECTOR s1"), "path_map"),
+    ]
+    for lines, words in cases:
+        err = dkim_error(tmp_path, *lines)
+        assert err.line == 4, (lines, str(err))  # the $email_dkim_keyfile line
+        assert words in err.message, (lines, err.message)
+
+
+def test_a_missing_job_key_is_refused_even_when_the_config_has_one(tmp_path, acme_key):
+    err = dkim_error(tmp_path, "$email_dkim_keyfile missing.key", "$var_def DKIM_SELECTOR s1",
+                     cfg=config_with(tmp_path, acme_key))
+    assert "DKIM key file" in err.message and "missing.key" in err.message
 
 
 def test_the_job_command_is_read_last_occurrence_first(tmp_path):
