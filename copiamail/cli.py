@@ -28,6 +28,7 @@ from .config import Config, is_ip, load_config, read_password, workers_problem
 from .errors import CopiamailError, DeliveryError, JobError, SpoolError
 from .fsfile import CommandFile, format_command
 from .delivery import resolve_relay
+from .dkim_signing import sign_for_job
 from .job import AttemptRecord, JobEnv, parse_address, parse_job
 from .jobview import ENGINE_VARS, engine_lines, job_state, readable_commands, recipient_of, sender_for
 from .limits import bindings_for, limits_for
@@ -324,6 +325,7 @@ def show(file: Path, as_message: bool, config_file: Path | None, spool_dir: Path
         job = parse_job(cf, file.name, cfg.job_env)
         data = build_message(job, spool_root=cfg.spool, attachment_roots=cfg.roots, sender=sender_for(job, cfg),
                              path_map=cfg.path_map)
+        data = sign_for_job(data, job, cfg, cfg.spool)
         sys.stdout.buffer.write(data)
         return
     try:

@@ -19,8 +19,10 @@ import ipaddress
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from ruamel.yaml import YAML
@@ -28,6 +30,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
 from . import outcome
+from .dkim_signing import is_dns_name, key_problem
 from .errors import ConfigError, SyntaxFileError
 from .fsfile import CommandFile
 from .job import JobEnv, parse_address, read_mailbox
@@ -111,6 +114,17 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class DkimKey:
+    """A ``dkim:`` entry: the key that signs mail whose From: domain is ``domain``."""
+
+    domain: str  # lower-case
+    selector: str
+    key_file: Path
+    key: bytes = field(repr=False)  # the PEM, read and checked once, when the config is loaded
+    line: int | None = None
+
+
+@dataclass(frozen=True)
 class CfgRules:
     """What the CFG file says."""
 
@@ -165,6 +179,7 @@ class Config:
     path_map: tuple[tuple[str, str], ...] = ()
     write_settle: float = 5.0
     variables: Mapping[str, str] = field(default_factory=dict)  # `variables:`, names upper-case
+    dkim: Mapping[str, DkimKey] = field(default_factory=lambda: MappingProxyType({}))  # by From: domain
     rules: CfgRules = CfgRules()
 
     @functools.cached_property
@@ -389,8 +404,44 @@ _TOP_KEYS = {
     "scope_max_outbound_connections", "binding_group", "binding", "domain", "host", "default_binding_group",
     "cluster", "scan_interval", "watcher", "smtp_timeout", "messages_per_connection", "connection_idle",
     "fsync", "helo_name", "mx_tls_verify", "node_stale_after", "workers",
-    "path_map", "write_settle", "variables",
+    "path_map", "write_settle", "variables", "dkim",
 }
+
+# A PEM RSA key of 4096 bits is about 3 KiB; a larger file is not a key.
+_MAX_KEY_FILE = 64 * 1024
+
+
+def _dkim(r: "_Reader", m: CommentedMap) -> Mapping[str, DkimKey]:
+    """``dkim``: ``{domain: {selector, key_file}}``. Each key is read and checked
+    here, so a missing or bad key stops the node at start (and check-config
+    names it) rather than failing every message."""
+    out: dict[str, DkimKey] = {}
+    for domain in m:
+        full = f"dkim.{domain}"
+        if not isinstance(domain, str) or not is_dns_name(domain):
+            raise r.error(m, full, "must be a domain name (the From: domain to sign for)", leaf=domain)
+        if domain.lower() in out:
+            raise r.error(m, full, "domain listed twice", leaf=domain)
+        body = r.child(m, domain, full, {"selector", "key_file"})
+        for needed in ("selector", "key_file"):
+            if body.get(needed) is None:
+                raise r.error(m, f"{full}.{needed}", "is required", leaf=domain)
+        selector = r.string(body, "selector", f"{full}.selector")
+        if not is_dns_name(selector):
+            raise r.error(body, f"{full}.selector", f"not a DKIM selector (letters, digits, '-' and '.'): {selector!r}")
+        key_file = r.pathval(body, "key_file", f"{full}.key_file")
+        try:
+            info = key_file.stat()
+            if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_KEY_FILE:
+                raise r.error(body, f"{full}.key_file", f"{key_file} is not a key file (not a regular file of at most 64 KiB)")
+            key = key_file.read_bytes()
+        except OSError as e:
+            raise r.error(body, f"{full}.key_file", f"cannot read {key_file}: {e.strerror or e}") from None
+        problem = key_problem(key)
+        if problem is not None:
+            raise r.error(body, f"{full}.key_file", f"{key_file}: {problem}")
+        out[domain.lower()] = DkimKey(domain.lower(), selector, key_file, key, m.lc.key(domain)[0] + 1)
+    return MappingProxyType(out)
 
 
 def _variables(r: "_Reader", m: CommentedMap) -> dict[str, str]:
@@ -520,6 +571,8 @@ def parse_config(data: Any, path: Path | None) -> Config:
         kw["variables"] = _variables(r, r.child(m, "variables", "variables", None))
     if m.get("path_map") is not None:
         kw["path_map"] = _path_map(r, r.child(m, "path_map", "path_map", None))
+    if m.get("dkim") is not None:
+        kw["dkim"] = _dkim(r, r.child(m, "dkim", "dkim", None))
     if m.get("relay") is not None:
         kw["relay"] = _relay(r, r.child(m, "relay", "relay", {"host", "port", "starttls", "username", "password_file", "tls_verify", "ca_file"}))
     if m.get("dns") is not None:

@@ -146,6 +146,7 @@ class Job:
     to_list: str | None = None  # EMAILTO_LIST: the To: header shown (the job still goes to `address` alone)
     cc_list: str | None = None  # EMAILCC_LIST: a Cc: header shown
     env: JobEnv | None = None  # None with $email_options nomacro; body files expand with it
+    dkim_keyfile: tuple[str, int] | None = None  # $email_dkim_keyfile: (path, job line)
 
     @property
     def binding(self) -> str | None:
@@ -377,6 +378,7 @@ class _JobReader:
         self.attempts: list[AttemptRecord] = []
         self.dates: dict[str, Command] = {}
         self.identity = job_identity(name, cf, commands)
+        self.dkim_keyfile: tuple[str, int] | None = None
 
     # --- helpers ------------------------------------------------------------
 
@@ -483,6 +485,7 @@ class _JobReader:
             to_list=self.list_variable("EMAILTO_LIST", lookup),
             cc_list=self.list_variable("EMAILCC_LIST", lookup),
             env=None if "nomacro" in self.options else self.env,
+            dkim_keyfile=self.dkim_keyfile,
         )
 
     def written(self, key: str) -> str | None:
@@ -628,6 +631,10 @@ class _JobReader:
         if record is not None:
             self.attempts.append(record)
 
+    def dkim_key(self, cmd: Command) -> None:
+        self.need_arg(cmd)
+        self.dkim_keyfile = (self.path(cmd, cmd.args[0]), cmd.line)
+
     def date(self, cmd: Command) -> None:
         self.dates[cmd.name] = cmd
 
@@ -647,6 +654,7 @@ _HANDLERS: Mapping[str, Callable[[_JobReader, Command], None]] = MappingProxyTyp
     "email_retry_max": _JobReader.max_retries,
     "retry_max": _JobReader.max_retries,
     "fax_status1": _JobReader.status,
+    "email_dkim_keyfile": _JobReader.dkim_key,
     "attempt_record": _JobReader.attempt,
     "fax_next_date": _JobReader.date,
     "fax_next_time": _JobReader.date,

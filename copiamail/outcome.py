@@ -42,6 +42,7 @@ MISSING_FILE = OutcomeCode(61, FAILURE, "a body or attachment file is missing or
 OUTSIDE_ROOTS = OutcomeCode(62, FAILURE, "a body or attachment path lies outside attachment_roots")
 BAD_HEADER = OutcomeCode(63, FAILURE, "a header or address holds CR/LF or is malformed")
 BAD_CHARSET = OutcomeCode(64, FAILURE, "the body cannot be written in $email_charset")
+DKIM_FAILED = OutcomeCode(65, FAILURE, "DKIM signing failed: the key is missing, unreadable or refused, or no selector")
 INTERRUPTED = OutcomeCode(66, FAILURE, "attempt interrupted (node stopped or crashed while sending)")
 INTERRUPTED_TOO_OFTEN = OutcomeCode(67, FAILURE, "interrupted three times: moved to FAIL")
 CONNECT_FAILED = OutcomeCode(70, CONNECTION, "connection refused or unreachable")
@@ -54,7 +55,7 @@ NULL_MX = OutcomeCode(82, DOMAIN, "the domain accepts no mail (null MX, RFC 7505
 INTERNAL = OutcomeCode(75, SMTP_OTHER, "internal error of the engine (a bug: please report it); retried")
 
 ENGINE_CODES: tuple[OutcomeCode, ...] = (
-    BAD_JOB, MISSING_FILE, OUTSIDE_ROOTS, BAD_HEADER, BAD_CHARSET, INTERRUPTED,
+    BAD_JOB, MISSING_FILE, OUTSIDE_ROOTS, BAD_HEADER, BAD_CHARSET, DKIM_FAILED, INTERRUPTED,
     INTERRUPTED_TOO_OFTEN, CONNECT_FAILED, CONNECTION_LOST, TIMED_OUT, TLS_FAILED, INTERNAL,
     DNS_FAILED, DNS_TEMPORARY, NULL_MX,
 )

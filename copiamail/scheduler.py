@@ -42,6 +42,7 @@ from typing import Callable, Iterable
 from . import outcome, records
 from .config import BindingConfig, Config, is_ip
 from .delivery import CONNECT, Delivered, SessionSettings, SmtpSession, machine_helo_name, make_tls_context, resolve_relay
+from .dkim_signing import sign_for_job
 from .errors import DeliveryError, JobError
 from .fsfile import CommandFile
 from .job import Job, parse_job, quick_domain
@@ -928,6 +929,8 @@ class Scheduler:
         try:
             data = build_message(job, spool_root=self.spool.root, attachment_roots=self.config.roots, sender=self._sender(job),
                                  now=now, path_map=self.config.path_map)
+            data = sign_for_job(data, job, self.config, self.spool.root)  # DKIM signs the exact bytes sent
+            data = sign_for_job(data, job, self.config, self.spool.root)  # the exact bytes sent (SPEC 10, DKIM)
             sent = await conn.session.send(self._sender(job), job.address, data)
         except JobError as e:
             result = self._failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e), self._where(claimed, job, now))
