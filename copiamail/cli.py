@@ -437,6 +437,7 @@ def check_config(config_file: Path | None, spool_dir: Path | None) -> None:
     cfg = _config(config_file, spool_dir)
     _spool_folder(cfg)
     read_password(cfg)
+    read_password(cfg, "retry_relay")
     for warning in cfg.rules.warnings:
         click.echo(f"warning: {warning}")
     for rule, earlier in shadowed(cfg.rules.domain_limits):

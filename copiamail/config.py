@@ -153,6 +153,7 @@ class Config:
     esender: str = "mailer@localhost"
     shutdown_grace: float = 10.0
     relay: RelayConfig | None = None
+    retry_relay: RelayConfig | None = None  # where a retry list's I items send their retries
     dns: DnsConfig = DnsConfig()
     mx_port: int = 25
     server_max_outbound_connections: int = 100
@@ -399,7 +400,7 @@ def _binding(r: _Reader, parent: CommentedMap, name: Any, full: str, group: str 
 
 
 _TOP_KEYS = {
-    "spool", "cfg", "queues", "attachment_roots", "esender", "shutdown_grace", "relay", "dns", "mx_port",
+    "spool", "cfg", "queues", "attachment_roots", "esender", "shutdown_grace", "relay", "retry_relay", "dns", "mx_port",
     "server_max_outbound_connections", "server_reserve_outbound_connections", "max_outbound_connections",
     "scope_max_outbound_connections", "binding_group", "binding", "domain", "host", "default_binding_group",
     "cluster", "scan_interval", "watcher", "smtp_timeout", "messages_per_connection", "connection_idle",
@@ -573,8 +574,10 @@ def parse_config(data: Any, path: Path | None) -> Config:
         kw["path_map"] = _path_map(r, r.child(m, "path_map", "path_map", None))
     if m.get("dkim") is not None:
         kw["dkim"] = _dkim(r, r.child(m, "dkim", "dkim", None))
-    if m.get("relay") is not None:
-        kw["relay"] = _relay(r, r.child(m, "relay", "relay", {"host", "port", "starttls", "username", "password_file", "tls_verify", "ca_file"}))
+    for key in ("relay", "retry_relay"):
+        if m.get(key) is not None:
+            kw[key] = _relay(r, r.child(m, key, key, {"host", "port", "starttls", "username", "password_file", "tls_verify",
+                                                     "ca_file"}), key)
     if m.get("dns") is not None:
         d = r.child(m, "dns", "dns", {"nameservers", "port", "timeout"})
         ns = d.get("nameservers")
@@ -696,26 +699,27 @@ def is_address_literal(text: str) -> bool:
     return "." in inner and is_ip(inner)
 
 
-def _relay(r: _Reader, m: CommentedMap) -> RelayConfig:
+def _relay(r: _Reader, m: CommentedMap, key: str = "relay") -> RelayConfig:
     if m.get("host") is None:
-        raise r.error(m, "relay.host", "is required")
+        raise r.error(m, f"{key}.host", "is required")
     return RelayConfig(
-        host=r.string(m, "host", "relay.host"),
-        port=r.integer(m, "port", "relay.port", 1, 65535) if m.get("port") is not None else 25,
-        starttls=r.string(m, "starttls", "relay.starttls", ("auto", "always", "never")) if m.get("starttls") is not None else "auto",
-        username=r.optional(m, "username", "relay.username", r.string),
-        password_file=r.optional(m, "password_file", "relay.password_file", r.pathval),
-        tls_verify=r.boolean(m, "tls_verify", "relay.tls_verify") if m.get("tls_verify") is not None else True,
-        ca_file=r.optional(m, "ca_file", "relay.ca_file", r.pathval),
+        host=r.string(m, "host", f"{key}.host"),
+        port=r.integer(m, "port", f"{key}.port", 1, 65535) if m.get("port") is not None else 25,
+        starttls=r.string(m, "starttls", f"{key}.starttls", ("auto", "always", "never")) if m.get("starttls") is not None else "auto",
+        username=r.optional(m, "username", f"{key}.username", r.string),
+        password_file=r.optional(m, "password_file", f"{key}.password_file", r.pathval),
+        tls_verify=r.boolean(m, "tls_verify", f"{key}.tls_verify") if m.get("tls_verify") is not None else True,
+        ca_file=r.optional(m, "ca_file", f"{key}.ca_file", r.pathval),
         password_file_line=r.line(m, "password_file"),
     )
 
 
-def read_password(config: Config) -> str | None:
-    """The relay's password, read from ``relay.password_file`` (None without
-    one); a ConfigError naming the YAML file, line and key when it cannot be
-    read (check-config checks this too, so a node never stops on it)."""
-    relay = config.relay
+def read_password(config: Config, key: str = "relay") -> str | None:
+    """The password of ``relay`` (or ``retry_relay``), read from its
+    ``password_file`` (None without one); a ConfigError naming the YAML file,
+    line and key when it cannot be read (check-config checks this too, so a
+    node never stops on it)."""
+    relay = config.relay if key == "relay" else config.retry_relay
     if relay is None or relay.password_file is None:
         return None
     try:
@@ -724,7 +728,7 @@ def read_password(config: Config) -> str | None:
         why = e.strerror or str(e)
     except UnicodeDecodeError:
         why = "not UTF-8 text"
-    raise ConfigError(f"key 'relay.password_file': cannot read {relay.password_file}: {why}",
+    raise ConfigError(f"key '{key}.password_file': cannot read {relay.password_file}: {why}",
                       config.path, relay.password_file_line)
 
 

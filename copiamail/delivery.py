@@ -175,6 +175,7 @@ class _Link(asyncio.Protocol):
     line can never be taken for the answer to a later command."""
 
     def __init__(self, transport: asyncio.Transport, pipelining: bool, size: int | None) -> None:
+        self.encrypted = False  # STARTTLS made it TLS
         self.pipelining = pipelining
         self.size = size  # SIZE as offered (RFC 1870): None not offered, 0 no fixed limit
         self._transport = transport
@@ -469,16 +470,23 @@ class SmtpSession:
             smtp.close()
             raise _engine(outcome.CONNECTION_LOST, "connection dropped at MAIL: Connection lost", MAIL)
         link = _Link(transport, smtp.supports_extension("pipelining"), _offered_size(smtp))
+        link.encrypted = transport.get_extra_info("sslcontext") is not None
         self.peer_ip = link.peer_ip() or s.host
         self.messages = 0
         return link
 
-    async def send(self, sender: str, recipient: str, data: bytes) -> Delivered:
+    async def send(self, sender: str, recipient: str, data: bytes, require_tls: bool = False) -> Delivered:
         """Deliver one message; raises DeliveryError on any failure (the
         connection stays after a refusal, see :meth:`_after_refusal`, and is
         dropped after anything else). Both addresses were checked when the
-        job was read (ASCII, no control characters)."""
+        job was read (ASCII, no control characters). With ``require_tls``
+        ($email_options reqTLS) nothing is sent over a connection without TLS:
+        the job fails (outcome 160) before MAIL FROM."""
         link = await self._ready()
+        if require_tls and not link.encrypted:
+            s = self.settings
+            raise DeliveryError(outcome.TLS_REQUIRED.code, outcome.TLS_REQUIRED.klass,
+                                f"{s.host}:{s.port} offers no TLS and the job requires it (reqTLS); not sent", True, MAIL)
         timeout = self.settings.timeout
         block = data_block(data)
         mail = b"MAIL FROM:<" + sender.encode("ascii") + b">"

@@ -25,11 +25,14 @@ from .variables import GRAVE, UndefinedVariable, chained, expand, expand_path, s
 
 # Lines the engine owns (SPEC 2): it may update or add these; every other line
 # is the submitter's and is kept as written.
-OWNED_VARS = frozenset({"DOMAINBUSY_COUNT", "EMAIL_ERROR", "EMAIL_CONNECT_IP", "EMAIL_BYTECOUNT"})
+OWNED_VARS = frozenset({"DOMAINBUSY_COUNT", "EMAIL_ERROR", "EMAIL_CONNECT_IP", "EMAIL_BYTECOUNT", "EMAIL_USING_ALT"})
+# Set when the job's $email_alt_address is tried (the main address failed for
+# good); its line marks where the alternative's own retries begin.
+USING_ALT = "EMAIL_USING_ALT"
 OWNED_COMMANDS = frozenset({"attempt_record", "fax_status1", "fax_status2", "fax_next_date", "fax_next_time"})
 
 # Commands that set one value: the last occurrence counts.
-_SINGLE = {"email_address", "email_subject", "email_from", "email_esender", "email_charset"}
+_SINGLE = {"email_address", "email_subject", "email_from", "email_esender", "email_charset", "email_alt_address"}
 
 # Every ``$email...`` command of the CopiaFacts FS and CFG command lists. A
 # line that begins ``$email`` and names none of these is a typo
@@ -139,6 +142,7 @@ class Job:
     # restarted: its current status is 6 (done, or, in a queue, moved back).
     restart_line: int = 0
     restarted: bool = False
+    alt_address: str | None = None  # $email_alt_address, not yet tried: for when `address` fails for good
     domainbusy_count: int = 0
     next_attempt: float | None = None
     identity: str = ""
@@ -358,10 +362,13 @@ class _JobReader:
         self.env = env
         self.commands = commands
         self.variables: dict[str, str] = {}
+        self.alt_line = 0
         options: list[str] = []
         for cmd in commands:
             if cmd.name == "var_def" and cmd.args:
                 self.variables[cmd.args[0].upper()] = " ".join(cmd.args[1:])
+                if cmd.args[0].upper() == USING_ALT:
+                    self.alt_line = cmd.line
             elif cmd.name == "email_options":
                 options.extend(w.lower() for a in cmd.args for w in re.split(r"[\s,]+", a) if w)
         self.options = frozenset(options)
@@ -448,6 +455,10 @@ class _JobReader:
         recipient = self.mailbox("email_address", "recipient")
         if recipient is None:
             raise JobError("no recipient ($email_address is missing)", outcome.BAD_JOB.code, self.cf.path)
+        alternative = self.mailbox("email_alt_address", "alternative")
+        using_alt = alternative is not None and self.variables.get(USING_ALT, "") not in ("", "0")
+        if using_alt:
+            recipient = alternative
         sender = self.mailbox("email_esender", "envelope sender")
         charset, body_encoding, header_encoding = self.charset()
         try:
@@ -474,7 +485,9 @@ class _JobReader:
             retry_max=self.retry_max.get("email_retry_max"),
             fallback_delays=self.fallback_delays,
             fallback_max=self.retry_max.get("retry_max"),
-            restart_line=max((line for line, value in self.status1[:-1] if value == "6"), default=0),
+            restart_line=max(max((line for line, value in self.status1[:-1] if value == "6"), default=0),
+                             self.alt_line if using_alt else 0),
+            alt_address=alternative.address if alternative is not None and not using_alt else None,
             restarted=bool(self.status1) and self.status1[-1][1] == "6",
             variables=self.variables,
             attempts=tuple(self.attempts),

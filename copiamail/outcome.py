@@ -51,13 +51,14 @@ TIMED_OUT = OutcomeCode(72, TIMEOUT, "no reply within the timeout")
 TLS_FAILED = OutcomeCode(73, CONNECTION, "STARTTLS failed or was required but not offered")
 DNS_FAILED = OutcomeCode(80, DOMAIN, "the recipient domain does not exist (NXDOMAIN): final")
 DNS_TEMPORARY = OutcomeCode(81, DOMAIN, "DNS lookup failed or timed out, a mail host's name does not exist, or no mail host has an address")
+TLS_REQUIRED = OutcomeCode(160, FAILURE, "$email_options reqTLS and the server offers no TLS: not sent (final)")
 NULL_MX = OutcomeCode(82, DOMAIN, "the domain accepts no mail (null MX, RFC 7505): final")
 INTERNAL = OutcomeCode(75, SMTP_OTHER, "internal error of the engine (a bug: please report it); retried")
 
 ENGINE_CODES: tuple[OutcomeCode, ...] = (
     BAD_JOB, MISSING_FILE, OUTSIDE_ROOTS, BAD_HEADER, BAD_CHARSET, DKIM_FAILED, INTERRUPTED,
     INTERRUPTED_TOO_OFTEN, CONNECT_FAILED, CONNECTION_LOST, TIMED_OUT, TLS_FAILED, INTERNAL,
-    DNS_FAILED, DNS_TEMPORARY, NULL_MX,
+    DNS_FAILED, DNS_TEMPORARY, NULL_MX, TLS_REQUIRED,
 )
 
 INTERRUPTIONS_TO_FAIL = 3

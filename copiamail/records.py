@@ -93,6 +93,17 @@ def retry(cf: CommandFile, node: str, code: int, klass: str, text: str, now: flo
                       ("fax_next_date", (date,)), ("fax_next_time", (clock,))), where)
 
 
+def to_alternative(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float,
+                   where: Where = Where()) -> CommandFile:
+    """The main address failed for good and the job has an
+    ``$email_alt_address``: back to its folder, due now, to be sent there
+    (EMAIL_USING_ALT marks where the alternative's own retries begin)."""
+    date, clock = local_stamp(math.ceil(now))
+    return _finished(cf, _record(node, code, klass, text, now, where), (("EMAIL_ERROR", text), ("EMAIL_USING_ALT", 1)),
+                     (("fax_status1", (STATUS_WAITING,)), ("fax_status2", (code,)),
+                      ("fax_next_date", (date,)), ("fax_next_time", (clock,))), where)
+
+
 def interrupted(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float,
                 where: Where = Where()) -> CommandFile:
     """An attempt cut off by a crash or stop: an attempt record only (not a retry)."""

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from . import outcome, records
-from .config import BindingConfig, Config, is_ip
+from .config import BindingConfig, Config, RelayConfig, is_ip, read_password
 from .delivery import CONNECT, Delivered, SessionSettings, SmtpSession, machine_helo_name, make_tls_context, resolve_relay
 from .dkim_signing import sign_for_job
 from .errors import DeliveryError, JobError
@@ -100,6 +100,7 @@ class _Target:
     tls: ssl.SSLContext | None
     relay: bool
     server_name: str | None = None  # the MX host's name, which its certificate must carry
+    login: tuple[str, str] | None = None  # AUTH (user name, password) for a relay
 
 
 @dataclass(eq=False)
@@ -229,12 +230,10 @@ class Scheduler:
         # Once, at start: machine_helo_name() may ask DNS (SPEC 4: an FQDN,
         # else each connection's address literal, never a bare host name).
         self._helo_name = config.helo_name or machine_helo_name()
-        self._relay: _Target | None = None
-        relay = config.relay
-        if relay is not None:
-            tls = make_tls_context(relay.tls_verify, relay.ca_file) if relay.starttls != "never" else None
-            self._relay = _Target(relay.host, relay.port, resolve_relay(relay.host, relay.port), (relay.host,), relay.starttls, tls, True)
-        else:
+        self._relay = _relay_target(config.relay, password)
+        # Retries whose list item carries the I prefix go through here.
+        self._retry_relay = _relay_target(config.retry_relay, read_password(config, "retry_relay"))
+        if self._relay is None:
             self._mx = MxResolver(config.dns)
             self._mx_tls = make_tls_context(config.mx_tls_verify, None)
 
@@ -513,17 +512,30 @@ class Scheduler:
         except KeyError as e:
             raise JobError(str(e.args[0]), outcome.BAD_JOB.code) from None
 
-    def _targets(self, domain: str, fresh: bool, tried: set[str] | None = None) -> list[_Target] | None:
-        """The relay, or the domain's mail host addresses by preference, less
-        those this attempt already found dead (``tried``) and, while others
-        remain, those recently found down; None when the route must be looked up."""
+    def _targets(self, job: Job, fresh: bool, tried: set[str] | None = None) -> list[_Target] | None:
+        """The relay (the retry relay for a retry its list sends there), or the
+        domain's mail host addresses by preference, less those this attempt
+        already found dead (``tried``) and, while others remain, those recently
+        found down; None when the route must be looked up."""
+        if self._retry_relay is not None and self._retry_through_relay(job):
+            return [self._retry_relay]
         if self._relay is not None:
             return [self._relay]
+        domain = job.domain
         assert self._mx is not None
         route = self._mx.cached(domain) if fresh else self._mx.last_known(domain)
         if route is None:
             return None
         return self._mx_targets(route, tried or set())
+
+    def _retry_through_relay(self, job: Job) -> bool:
+        """Whether the job's next attempt is a retry that its retry list sends
+        through ``retry_relay`` (an ``I`` item)."""
+        counted = [a.klass for a in job.current_attempts if a.counts_as_retry] if not job.restarted else []
+        if not counted:
+            return False
+        plan = outcome.plan_retry(counted[-1], counted[:-1], job.retry_rules, self.config.rules.retry_rules, self.clock())
+        return plan is not None and plan.relay
 
     def _mx_targets(self, route: Route, tried: set[str]) -> list[_Target]:
         for host in route.hosts:
@@ -573,7 +585,8 @@ class Scheduler:
     def _choose(self, job: Job, targets: list[_Target]) -> _Start | _Blocked:
         candidates = self._bindings_for(job)
         for conn in self._idle.get(job.domain, ()):
-            if conn.binding in candidates and conn.handoff is not None and not conn.handoff.done():
+            if (conn.binding in candidates and conn.handoff is not None and not conn.handoff.done()
+                    and conn.session.settings.starttls == _starttls_for(conn.target, job)):
                 return _Start(conn.binding, conn.target, conn.limits, reuse=conn)
         blocked: dict[str, Limit] = {}
         by_load = sorted(candidates, key=lambda b: (self._open_count(b), b.name if b else ""))
@@ -618,7 +631,7 @@ class Scheduler:
                 and job.binding_group == planned.binding_group and job.is_due(self.clock()))
 
     def _route(self, item: _Item, after_lookup: bool = False) -> None:
-        targets = self._targets(item.job.domain, fresh=not after_lookup, tried=item.tried)
+        targets = self._targets(item.job, fresh=not after_lookup, tried=item.tried)
         if targets is None:
             self._look_up(item)
             return
@@ -677,18 +690,17 @@ class Scheduler:
             return
         assert choice.target is not None
         conn = _Connection(item.job.domain, item.job.address, choice.binding, choice.limits, choice.target,
-                           SmtpSession(self._settings(choice.target, choice.binding)))
+                           SmtpSession(self._settings(choice.target, choice.binding, _starttls_for(choice.target, item.job))))
         self._connections.add(conn)
         conn.task = asyncio.get_running_loop().create_task(self._run_connection(conn, item))
 
-    def _settings(self, target: _Target, binding: BindingConfig | None) -> SessionSettings:
-        relay = self.config.relay if target.relay else None
+    def _settings(self, target: _Target, binding: BindingConfig | None, starttls: str) -> SessionSettings:
         return SessionSettings(
             host=target.host, port=target.port,
             source_address=binding.bind_address if binding is not None else None,
-            starttls=target.starttls, tls_context=target.tls,
-            username=relay.username if relay is not None else None,
-            password=self.password if relay is not None else None,
+            starttls=starttls, tls_context=target.tls,
+            username=target.login[0] if target.login is not None else None,
+            password=target.login[1] if target.login is not None else None,
             timeout=self.config.smtp_timeout, helo_name=self._helo_name, server_name=target.server_name,
             relay=target.relay,
         )
@@ -747,7 +759,7 @@ class Scheduler:
         """A slot of ``key`` freed: offer it to the first waiting job that can use it."""
         passed_over: set[str] = set()
         while (entry := self._waiting.pop_head(key, passed_over)) is not None:
-            targets = self._targets(entry.job.domain, fresh=False)
+            targets = self._targets(entry.job, fresh=False)
             choice: _Start | _Blocked | None = None
             if targets is not None:
                 try:
@@ -825,6 +837,8 @@ class Scheduler:
         return best
 
     def _can_use(self, conn: _Connection, job: Job) -> bool:
+        if conn.session.settings.starttls != _starttls_for(conn.target, job):
+            return False
         try:
             return conn.binding in self._bindings_for(job)
         except JobError:
@@ -931,7 +945,7 @@ class Scheduler:
                                  now=now, path_map=self.config.path_map)
             data = sign_for_job(data, job, self.config, self.spool.root)  # DKIM signs the exact bytes sent
             data = sign_for_job(data, job, self.config, self.spool.root)  # the exact bytes sent (SPEC 10, DKIM)
-            sent = await conn.session.send(self._sender(job), job.address, data)
+            sent = await conn.session.send(self._sender(job), job.address, data, require_tls="reqtls" in job.options)
         except JobError as e:
             result = self._failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e), self._where(claimed, job, now))
         except DeliveryError as e:
@@ -1124,10 +1138,14 @@ class Scheduler:
     def _after_error(self, claimed: Claimed, cf: CommandFile, job: Job, e: DeliveryError,
                      where: records.Where) -> _Result:
         """A failed attempt: a retry later, or (permanent, or retries used up) FAIL."""
-        if e.permanent:
-            return self._failed(claimed, cf, e.code, e.klass, e.text, where)
         now = self.clock()
-        plan = outcome.plan_retry(e.klass, job.earlier_retries, job.retry_rules, self.config.rules.retry_rules, now)
+        plan = None if e.permanent else outcome.plan_retry(e.klass, job.earlier_retries, job.retry_rules,
+                                                           self.config.rules.retry_rules, now)
+        if plan is None and job.alt_address is not None and e.code != outcome.TLS_REQUIRED.code:
+            log.warning("%s to %s failed for good: %s; trying its alternative address %s", claimed.name, job.address,
+                        e.text, job.alt_address)
+            return _Result(claimed, records.to_alternative(cf, self.node, e.code, e.klass, e.text, now, where),
+                           "BACK", "retried")
         if plan is None:
             return self._failed(claimed, cf, e.code, e.klass, e.text, where)
         log.info("%s to %s: retry in %d s%s: %s", claimed.name, job.address, plan.wait,
@@ -1189,6 +1207,25 @@ class Scheduler:
             log.error("%d job result(s) could not be written (the disk is full?): they stay in %s and come back "
                       "at this node's next start", len(self._owed), self.spool.active_dir(self.node))
         self.spool.drop_spares()
+
+
+def _relay_target(relay: RelayConfig | None, password: str | None) -> _Target | None:
+    if relay is None:
+        return None
+    # The TLS context is made even for starttls: never: a job with
+    # $email_options useTLS or reqTLS uses STARTTLS wherever it is offered.
+    tls = make_tls_context(relay.tls_verify, relay.ca_file)
+    login = (relay.username, password or "") if relay.username is not None else None
+    return _Target(relay.host, relay.port, resolve_relay(relay.host, relay.port), (relay.host,), relay.starttls, tls,
+                   True, login=login)
+
+
+def _starttls_for(target: _Target, job: Job) -> str:
+    """The STARTTLS mode of a connection for ``job``: the target's, except
+    that $email_options useTLS or reqTLS use STARTTLS wherever it is offered."""
+    if target.starttls == "never" and job.options & {"usetls", "reqtls"}:
+        return "auto"
+    return target.starttls
 
 
 def _settle(done: "asyncio.Future[None] | None") -> None:

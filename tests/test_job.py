@@ -511,8 +511,9 @@ def test_an_unknown_email_command_fails_the_job_with_outcome_60_naming_the_line(
 
 
 def test_every_copiafacts_email_command_is_known():
-    data = ADDR + b"".join(b"$" + n.encode() + b" 3\n" for n in [
-        "email_alt_address", "email_options", "email_dkim_keyfile", "email_retry_max", "email_settings"])
+    data = ADDR + b"".join(b"$" + n.encode() + b" " + v + b"\n" for n, v in [
+        ("email_alt_address", b"alt@example.com"), ("email_options", b"second"), ("email_dkim_keyfile", b"k.pem"),
+        ("email_retry_max", b"3"), ("email_settings", b"5000 3 35000 10000")])
     job(data + b"$email_subject s\n")
 
 
@@ -594,3 +595,37 @@ def test_fax_send_date_and_time_defer_the_job():
 def test_emailto_and_emailcc_lists_are_read_from_variables():
     j = job(ADDR + b'$email_subject s\n$var_def EMAILTO_LIST "a@x.test, b@x.test"\n$var_def EMAILCC_LIST c@x.test\n')
     assert (j.to_list, j.cc_list) == ("a@x.test, b@x.test", "c@x.test")
+
+
+def test_email_alt_address_is_kept_for_when_the_main_address_fails_for_good():
+    j = job(ADDR + b"$email_subject s\n$email_alt_address Jane Home <jane@home.test>\n")
+    assert (j.address, j.alt_address) == ("jane@example.com", "jane@home.test")
+
+
+def test_once_switched_the_job_goes_to_its_alternative_with_retries_of_its_own():
+    j = job(ADDR + b"$email_subject s\n$email_alt_address jane@home.test\n"
+            b'$attempt_record 11/21/2026 14:03:07 0 0 0 451 E 0 0 0 E1 0 - - "451 later" N1\n'
+            b"$var_def EMAIL_USING_ALT 1\n")
+    assert (j.address, j.domain, j.alt_address) == ("jane@home.test", "home.test", None)
+    assert j.current_attempts == () and len(j.attempts) == 1
+
+
+def test_a_job_moved_back_by_hand_starts_its_retries_afresh():
+    records = (b'$attempt_record 11/21/2026 14:03:07 0 0 0 451 E 0 0 0 E1 0 - - "451 later" N1\n'
+               b'$attempt_record 11/21/2026 14:08:07 0 0 0 451 E 0 0 0 E1 0 - - "451 later" N1\n')
+    done = job(ADDR + b"$email_subject s\n" + records + b"$fax_status1 6\n$fax_status2 451\n")
+    assert done.restarted and done.earlier_retries == [] and len(done.current_attempts) == 2
+    again = job(ADDR + b"$email_subject s\n" + records + b"$fax_status1 6\n$fax_status2 451\n"
+                + records.split(b"\n")[0] + b"\n$fax_status1 2\n")
+    assert not again.restarted and again.earlier_retries == ["E"]
+
+
+@pytest.mark.parametrize("line, node, code, klass, text", [
+    (b'$attempt_record 11/21/2026 14:03:07 0 0 0 550 B 0 2 0 E1 0 14:03:07 14:03:07 "550 5.1.1 unknown" N1',
+     "N1", 550, "B", "550 5.1.1 unknown"),
+    (b"$attempt_record 11/21/2026 14:03:07 0 0 0 550 B 0 2 0 E1 0 14:03:07 14:03:07", "", 550, "B", ""),
+    (b'$attempt_record 11/21/2026 14:03:07 E N1 421 E "421 try later"', "N1", 421, "E", "421 try later"),
+])
+def test_attempt_records_are_read_in_every_layout(line, node, code, klass, text):
+    [record] = job(ADDR + b"$email_subject s\n" + line + b"\n").attempts
+    assert (record.node, record.outcome, record.klass, record.text) == (node, code, klass, text)
