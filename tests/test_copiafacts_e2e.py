@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -240,3 +241,24 @@ def test_the_alternative_address_is_tried_once_the_main_one_fails_for_good(tmp_p
     kit.drain_until(lambda: kit.names("SENT") == ["A.FS"], timeout=20)
     assert [m.rcpt_tos for m in server.messages] == [["alt@home.test"]]
     assert [a[2] for a in attempts(kit.read("SENT", "A.FS"))] == ["550", "0"]
+
+
+def test_the_migration_page_examples_are_read_as_it_says(tmp_path):
+    import copiamail
+    from copiamail.config import load_cfg, parse_config
+    from copiamail.fsfile import CommandFile
+    from copiamail.job import parse_job
+
+    page = (Path(copiamail.__file__).resolve().parent.parent / "docs" / "migration.md").read_text(encoding="utf-8")
+    job_text, yaml_text, cfg_text = re.findall(r"```(?:yaml)?\n(.*?)```", page, re.S)[:3]
+    cfg_path = tmp_path / "FAXFACTS.CFG"
+    cfg_path.write_text(cfg_text, encoding="utf-8")
+    rules = load_cfg(cfg_path)
+    assert [w for w in rules.warnings if "$fax_header" not in w] == []
+    assert rules.esender == "mailer@acme.test" and rules.retry_max == 6
+    from ruamel.yaml import YAML
+    config = parse_config(YAML(typ="rt").load(yaml_text.replace("/srv/copia", str(tmp_path))), tmp_path / "copiamail.yaml")
+    job = parse_job(CommandFile.parse(job_text.encode("utf-8")), "00004711.FS", config.job_env)
+    assert job.subject == "Your statement for November, Jane"
+    assert job.attachments[0].path == "C:\\Copia\\Statements\\4711.pdf" and job.attachments[0].name == "Statement November.pdf"
+    assert (job.address, job.to_header) == ("jane.doe@example.com", '"Doe, Jane" <jane.doe@example.com>')
