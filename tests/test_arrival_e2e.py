@@ -27,7 +27,11 @@ def server(smtp_server):
 def running_node(kit: SpoolKit):
     proc = kit.start("N1")
     active = kit.root / "ACTIVE"
-    wait_until(lambda: active.is_dir() and any(p.name.startswith("N1.alive") for p in active.iterdir()), timeout=15)
+    try:
+        wait_until(lambda: active.is_dir() and any(p.name.startswith("N1.alive") for p in active.iterdir()), timeout=15)
+    except BaseException:
+        stop(proc)
+        raise
     time.sleep(0.5)  # its watcher is up
     return proc
 
