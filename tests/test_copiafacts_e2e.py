@@ -262,3 +262,12 @@ def test_the_migration_page_examples_are_read_as_it_says(tmp_path):
     assert job.subject == "Your statement for November, Jane"
     assert job.attachments[0].path == "C:\\Copia\\Statements\\4711.pdf" and job.attachments[0].name == "Statement November.pdf"
     assert (job.address, job.to_header) == ("jane.doe@example.com", '"Doe, Jane" <jane.doe@example.com>')
+
+
+def test_records_in_copiamails_earlier_layout_still_count_as_retries(tmp_path, server):
+    server.add_rule(Rule(stage="RCPT", code=451, text="4.3.0 try later"))
+    kit = SpoolKit(tmp_path, server.port, ['$email_retry_delays * "1S"'])
+    kit.job("TOSEND", "O.FS", '$attempt_record 11/21/2026 14:03:07 E N1 451 E "451 4.3.0 try later"', to="o@example.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("FAIL") == ["O.FS"]
+    assert [a[2] for a in attempts(kit.read("FAIL", "O.FS"))] == ["451", "451"]
