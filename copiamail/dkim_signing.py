@@ -23,9 +23,6 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import dkim
-import dkim.crypto
-
 from . import outcome
 from .errors import JobError
 from .job import Job
@@ -65,6 +62,10 @@ def _pem(key: bytes) -> bytes:
 def key_problem(key: bytes) -> str | None:
     """Why dkimpy cannot make good rsa-sha256 signatures with ``key`` (PEM,
     PKCS#1 or PKCS#8, unencrypted), or None when it can."""
+    # dkimpy is imported where it is used: importing it costs a node 70 ms
+    # at every start, and most nodes never sign.
+    import dkim.crypto
+
     try:
         pk = dkim.crypto.parse_pem_private_key(_pem(key))
     except Exception as e:  # noqa: BLE001 - dkimpy's ASN.1 and base64 readers raise assorted errors on garbage
@@ -104,6 +105,8 @@ def sign(message: bytes, domain: str, selector: str, key: bytes) -> bytes:
     for what, name in (("domain", domain), ("selector", selector)):
         if not is_dns_name(name):
             raise JobError(f"DKIM signing failed: bad {what} {name!r}", outcome.DKIM_FAILED.code)
+    import dkim
+
     try:
         header = dkim.sign(
             message, selector.encode("ascii"), domain.encode("ascii"), _pem(key),

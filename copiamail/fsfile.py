@@ -53,6 +53,8 @@ _command = functools.partial(tuple.__new__, Command)
 _TOKEN = re.compile(r'(?:[^ \t"]+|"(?:[^"]|"")*")+')
 _QUOTED_PART = re.compile(r'"((?:[^"]|"")*)"|([^"]+)')
 _GAPS = re.compile(r"[ \t]+")
+# An argument written as it is: no blank, quote, comment start or line break.
+_PLAIN_ARG = re.compile(r'(?!/\*)[^ \t";\r\n]+\Z')
 _GAP = re.compile(r"[ \t]*")
 # The common job line, ``$name "text"``, with no quote inside the text.
 _NAME_AND_QUOTED = re.compile(r'[ \t]*(\$[^ \t";][^ \t"]*)[ \t]+"([^"]*)"(?:[ \t]*|[ \t]+(?:;|/\*).*)')
@@ -105,6 +107,8 @@ def format_arg(value: str) -> str:
 
     A line cannot hold a line break, so CR and LF become spaces.
     """
+    if _PLAIN_ARG.match(value):
+        return value
     value = value.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
     if value and not any(c in value for c in ' \t";') and not value.startswith("/*"):
         return value
@@ -175,6 +179,11 @@ class CommandFile:
     bom: bool = False
     path: Path | None = field(default=None, compare=False)
 
+    @functools.cached_property
+    def text(self) -> str:
+        """The whole text (the lines joined): one search in it is cheaper than one per line."""
+        return "".join(self.lines)
+
     @classmethod
     def parse(cls, data: bytes, path: Path | str | None = None) -> "CommandFile":
         """Read bytes; never fails (errors surface in :meth:`commands`)."""
@@ -205,7 +214,7 @@ class CommandFile:
         """Every command in file order; the first bad line raises SyntaxFileError."""
         out: list[Command] = []
         # Text decoded as UTF-8 holds no surrogate escapes: only a NUL can make it binary.
-        suspect = self.encoding != "utf-8" or any("\x00" in raw for raw in self.lines)
+        suspect = self.encoding != "utf-8" or "\x00" in self.text
         fast = None if suspect else _NAME_AND_QUOTED_LINE.fullmatch
         for number, raw in enumerate(self.lines, 1):
             if fast is not None and (m := fast(raw)) is not None:
@@ -233,7 +242,10 @@ class CommandFile:
         """The arguments of ``command`` as the file writes them: its tokens
         with their double quotes, joined by single spaces (CopiaFacts reads
         addresses this way: quotes pass through to the header as they are)."""
-        tokens = tokenize(_body(self.lines[command.line - 1]), command.line, self.path, keep_quotes=True)
+        raw = self.lines[command.line - 1]
+        if '"' not in raw:
+            return " ".join(command.args)
+        tokens = tokenize(_body(raw), command.line, self.path, keep_quotes=True)
         return " ".join(tokens[1:])
 
     def _sanitize(self, value: str) -> str:

@@ -315,7 +315,7 @@ def quick_domain(cf: CommandFile) -> str | None:
     has one plain ``$email_address`` line (no quotes, no comment); else None.
     Where it gives a domain and :func:`parse_job` succeeds, the two agree
     (tested): it lets a worker skip other workers' jobs cheaply."""
-    lines = address_lines("".join(cf.lines))
+    lines = address_lines(cf.text)
     if len(lines) != 1:
         return None
     arg = lines[0].rstrip("\r").strip(" \t")
@@ -353,8 +353,9 @@ def parse_job(cf: CommandFile, name: str, env: JobEnv | None = None) -> Job:
 
 
 class _JobReader:
-    """One pass over a job's commands (after a first look at its variables
-    and options, which every ``$email...`` command may use)."""
+    """One pass over a job's commands; where the file holds a grave accent,
+    a first look at its variables and options, which every ``$email...``
+    command may then use."""
 
     def __init__(self, cf: CommandFile, name: str, env: JobEnv, commands: list[Command]) -> None:
         self.cf = cf
@@ -363,16 +364,13 @@ class _JobReader:
         self.commands = commands
         self.variables: dict[str, str] = {}
         self.alt_line = 0
-        options: list[str] = []
-        for cmd in commands:
-            if cmd.name == "var_def" and cmd.args:
-                self.variables[cmd.args[0].upper()] = " ".join(cmd.args[1:])
-                if cmd.args[0].upper() == USING_ALT:
-                    self.alt_line = cmd.line
-            elif cmd.name == "email_options":
-                options.extend(w.lower() for a in cmd.args for w in re.split(r"[\s,]+", a) if w)
-        self.options = frozenset(options)
-        self.macros = "nomacro" not in self.options and any(GRAVE in line for line in cf.lines)
+        self.option_words: list[str] = []
+        self.macros = GRAVE in cf.text
+        if self.macros:
+            for cmd in commands:
+                if cmd.name in ("var_def", "email_options"):
+                    _HANDLERS[cmd.name](self, cmd)
+            self.macros = "nomacro" not in self.option_words
         self.single: dict[str, Command] = {}
         self.body: list[BodyItem] = []
         self.alt: list[BodyItem] = []
@@ -422,13 +420,19 @@ class _JobReader:
     def path(self, cmd: Command, text: str) -> str:
         """A file path of the job with its variables expanded (path
         variables also without the grave accent at its start)."""
-        if "nomacro" in self.options or not (self.macros or starts_with_path_variable(text)):
+        if not (self.macros or starts_with_path_variable(text)) or self.nomacro():
             return text
         try:
             return expand_path(text, self.lookup())
         except UndefinedVariable as e:
             raise self.error(f"undefined variable `{e.name} (no $var_def, CFG $var_def or config variables: defines it)",
                              cmd) from None
+
+    def nomacro(self) -> bool:
+        """$email_options nomacro, wherever in the file (rarely asked: only
+        for a path that starts with a path variable, or where the file holds
+        a grave accent)."""
+        return any(cmd.name == "email_options" and "nomacro" in " ".join(cmd.args).lower() for cmd in self.commands)
 
     def need_arg(self, cmd: Command) -> None:
         if not cmd.args:
@@ -443,7 +447,14 @@ class _JobReader:
     # --- the pass -------------------------------------------------------------
 
     def job(self) -> Job:
+        body, macros = self.body, self.macros
         for cmd in self.commands:
+            if cmd.name == "email_text" and not macros:
+                # Most lines of most jobs: the hot path, without a call.
+                body.append(BodyItem("text", " ".join(cmd.args), cmd.line))
+                continue
+            if macros and cmd.name in ("var_def", "email_options"):
+                continue  # read by the first look
             handler = _HANDLERS.get(cmd.name)
             if handler is not None:
                 handler(self, cmd)
@@ -494,10 +505,10 @@ class _JobReader:
             domainbusy_count=busy,
             next_attempt=self.next_attempt(),
             identity=self.identity,
-            options=self.options,
+            options=frozenset(self.option_words),
             to_list=self.list_variable("EMAILTO_LIST", lookup),
             cc_list=self.list_variable("EMAILCC_LIST", lookup),
-            env=None if "nomacro" in self.options else self.env,
+            env=None if "nomacro" in self.option_words else self.env,
             dkim_keyfile=self.dkim_keyfile,
         )
 
@@ -651,8 +662,14 @@ class _JobReader:
     def date(self, cmd: Command) -> None:
         self.dates[cmd.name] = cmd
 
-    def ignore(self, cmd: Command) -> None:
-        pass
+    def var_def(self, cmd: Command) -> None:
+        self.need_arg(cmd)
+        self.variables[cmd.args[0].upper()] = " ".join(cmd.args[1:])
+        if cmd.args[0].upper() == USING_ALT:
+            self.alt_line = cmd.line
+
+    def email_options(self, cmd: Command) -> None:
+        self.option_words.extend(w.lower() for a in cmd.args for w in re.split(r"[\s,]+", a) if w)
 
 
 _HANDLERS: Mapping[str, Callable[[_JobReader, Command], None]] = MappingProxyType({
@@ -673,8 +690,8 @@ _HANDLERS: Mapping[str, Callable[[_JobReader, Command], None]] = MappingProxyTyp
     "fax_next_time": _JobReader.date,
     "fax_send_date": _JobReader.date,
     "fax_send_time": _JobReader.date,
-    "var_def": _JobReader.need_arg,  # its value was read by the first look
-    "email_options": _JobReader.ignore,
+    "var_def": _JobReader.var_def,
+    "email_options": _JobReader.email_options,
 })
 
 _ENCODINGS = MappingProxyType({"base64": "base64", "b": "base64", "quoted-printable": "quoted-printable",

@@ -38,8 +38,12 @@ class Where:
     restarted: bool = False
 
 
-def _clock(when: float | None) -> str:
-    return "-" if when is None else time.strftime("%H:%M:%S", time.localtime(when))
+def _clock(when: float | None, now: float, now_clock: str) -> str:
+    if when is None:
+        return "-"
+    if int(when) == int(now):
+        return now_clock  # the usual case: one strftime for all three
+    return time.strftime("%H:%M:%S", time.localtime(when))
 
 
 def _record(node: str, code: int, klass: str, text: str, now: float, where: Where) -> tuple[str, tuple[str, ...]]:
@@ -48,7 +52,8 @@ def _record(node: str, code: int, klass: str, text: str, now: float, where: Wher
     ANSWERBACK, then the node's name (copiamail's own field)."""
     date, clock = local_stamp(now)
     return ("attempt_record", (date, clock, "0", "0", "0", str(code), klass, "0", str(where.queue), "0",
-                               f"E{where.worker}", "0", _clock(where.call), _clock(where.connect), text, node))
+                               f"E{where.worker}", "0", _clock(where.call, now, clock), _clock(where.connect, now, clock),
+                               text, node))
 
 
 def _attempt(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float, where: Where) -> CommandFile:
