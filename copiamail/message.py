@@ -135,8 +135,12 @@ def _build(
     files = _Files(spool_root, attachment_roots, path_map)
     lookup = None
     if job.env is not None:
-        # CopiaFacts expands `NAME in e-mail body files too.
-        lookup = chained(job.variables, job.env.variables, engine_variables(job.name, sender, job.identity))
+        env = job.env
+
+        # CopiaFacts expands `NAME in e-mail body files too (made only when a
+        # file holds a grave accent).
+        def lookup() -> Callable[[str], str | None]:
+            return chained(job.variables, env.variables, engine_variables(job.name, sender, job.identity))
     main = _load_body(job.body, files, lookup)
     alt = _load_body(job.alt, files, lookup) if job.alt else None
     attachments = [_load_attachment(a, files) for a in job.attachments]
@@ -336,7 +340,7 @@ class _Body:
 
 
 def _load_body(items: tuple[BodyItem, ...], files: _Files,
-               lookup: Callable[[str], str | None] | None = None) -> _Body:
+               lookup: Callable[[], Callable[[str], str | None]] | None = None) -> _Body:
     pieces: list[tuple[str, int]] = []
     html_file = False
     for item in items:
@@ -345,7 +349,7 @@ def _load_body(items: tuple[BodyItem, ...], files: _Files,
             text = _decode(data)
             if lookup is not None and GRAVE in text:
                 try:
-                    text = expand(text, lookup)
+                    text = expand(text, lookup())
                 except UndefinedVariable as e:
                     raise JobError(f"undefined variable `{e.name} in {item.value!r}", outcome.BAD_JOB.code,
                                    line=item.line) from None
