@@ -33,7 +33,7 @@ from . import outcome
 from .dkim_signing import is_dns_name, key_problem
 from .errors import ConfigError, SyntaxFileError
 from .fsfile import CommandFile
-from .job import JobEnv, parse_address, read_mailbox
+from .job import JobEnv, parse_address, read_mailbox, written_address
 from .rules import DomainLimitRule, parse_rule
 
 CONFIG_ENV = "COPIAMAIL_CONFIG"
@@ -137,6 +137,7 @@ class CfgRules:
     variables: Mapping[str, str] = field(default_factory=dict)  # $var_def, names upper-case
     fallback_delays: Mapping[str, tuple[outcome.RetryItem, ...]] = field(default_factory=dict)  # $retry_delays
     fallback_max: int | None = None  # $retry_max
+    from_header: str | None = None  # $email_from, else $email_esender as written
 
     @property
     def retry_rules(self) -> outcome.RetryRules:
@@ -187,7 +188,8 @@ class Config:
     def job_env(self) -> JobEnv:
         """What jobs' `NAME references draw on besides the job: the CFG's
         $var_def over config ``variables:``, and the default envelope sender."""
-        return JobEnv({**self.variables, **self.rules.variables}, self.rules.esender or self.esender)
+        return JobEnv({**self.variables, **self.rules.variables}, self.rules.esender or self.esender,
+                      self.rules.from_header)
 
     @property
     def roots(self) -> tuple[Path, ...]:
@@ -758,6 +760,7 @@ def load_cfg(path: Path) -> CfgRules:
     delays: dict[str, dict[str, tuple[outcome.RetryItem, ...]]] = {"email_retry_delays": {}, "retry_delays": {}}
     maxima: dict[str, int] = {}
     esender: str | None = None
+    written: dict[str, str] = {}
     warnings: list[str] = []
     variables: dict[str, str] = {}
     for cmd in commands:
@@ -773,12 +776,15 @@ def load_cfg(path: Path) -> CfgRules:
             if len(cmd.args) != 1 or not (cmd.args[0].isascii() and cmd.args[0].isdigit()):
                 raise ConfigError(f"${cmd.name} needs one number of retries (0 or more)", path, cmd.line)
             maxima[cmd.name] = int(cmd.args[0])
-        elif cmd.name == "email_esender":
-            mailbox = read_mailbox(" ".join(cmd.args))
+        elif cmd.name in ("email_esender", "email_from"):
+            text = written_address(cmd, cf)
+            mailbox = read_mailbox(text)
             if mailbox is None:
-                raise ConfigError("$email_esender needs one e-mail address (a display name may come first)",
+                raise ConfigError(f"${cmd.name} needs one e-mail address (a display name may come first)",
                                   path, cmd.line)
-            esender = mailbox.address
+            written[cmd.name] = text
+            if cmd.name == "email_esender":
+                esender = mailbox.address
         elif cmd.name == "var_def":
             if not cmd.args:
                 raise ConfigError("$var_def needs a NAME", path, cmd.line)
@@ -788,4 +794,5 @@ def load_cfg(path: Path) -> CfgRules:
         else:
             warnings.append(f"{path}:{cmd.line}: ${cmd.name} is not used by copiamail; ignored")
     return CfgRules(path, tuple(rules), delays["email_retry_delays"], maxima.get("email_retry_max"), esender,
-                    tuple(warnings), variables, delays["retry_delays"], maxima.get("retry_max"))
+                    tuple(warnings), variables, delays["retry_delays"], maxima.get("retry_max"),
+                    written.get("email_from") or written.get("email_esender"))

@@ -89,6 +89,9 @@ class JobEnv:
 
     variables: Mapping[str, str] = field(default_factory=dict)
     esender: str | None = None
+    # The From: header where the job has neither $email_from nor
+    # $email_esender: the CFG's $email_from, else its $email_esender as written.
+    from_header: str | None = None
 
 
 @dataclass(frozen=True)
@@ -198,7 +201,7 @@ def _check_header_value(value: str, what: str, cmd: Command, cf: CommandFile) ->
     return value
 
 
-def _as_written(cmd: Command, cf: CommandFile) -> str:
+def written_address(cmd: Command, cf: CommandFile) -> str:
     """An address command's text as CopiaFacts takes it: the rest of the line
     as written, double quotes kept; one token quoted whole (the older form
     ``$email_from "Acme Billing <billing@acme.test>"``) is read unquoted."""
@@ -397,7 +400,7 @@ class _JobReader:
     def esender_or_default(self) -> str:
         cmd = self.single.get("email_esender")
         if cmd is not None:
-            mailbox = read_mailbox(self.expanded(_as_written(cmd, self.cf), cmd, own=False))
+            mailbox = read_mailbox(self.expanded(written_address(cmd, self.cf), cmd, own=False))
             if mailbox is not None:
                 return mailbox.address
         return self.env.esender or ""
@@ -486,7 +489,9 @@ class _JobReader:
             body=tuple(self.body),
             alt=tuple(self.alt),
             attachments=tuple(self.attachments),
-            from_header=self.written("email_from"),
+            # CopiaFacts: without $email_from, the job's $email_esender as
+            # written is the From: header (even where the CFG has $email_from).
+            from_header=self.written("email_from") or self.written("email_esender") or self.env.from_header,
             esender=sender.address if sender is not None else None,
             headers=tuple(self.headers),
             charset=charset,
@@ -516,7 +521,7 @@ class _JobReader:
         cmd = self.single.get(key)
         if cmd is None:
             return None
-        return _check_header_value(self.expanded(_as_written(cmd, self.cf), cmd), "$" + key, cmd, self.cf)
+        return _check_header_value(self.expanded(written_address(cmd, self.cf), cmd), "$" + key, cmd, self.cf)
 
     def mailbox(self, key: str, what: str) -> Mailbox | None:
         text = self.written(key)

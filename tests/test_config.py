@@ -588,3 +588,10 @@ def test_a_cfg_from_the_copiafacts_manual_is_read(tmp_path):
     assert rules.retry_delays["B"][0] == outcome.RetryAt(None, 14, 30, "W")
     assert (rules.retry_max, rules.fallback_max) == (7, 2) and rules.fallback_delays == {"*": (60,)}
     assert rules.esender == "billing@acme.test" and rules.variables == {"COMPANY": "Acme"}
+
+
+def test_cfg_email_from_and_esender_as_written_give_the_default_from_header(tmp_path):
+    path = write(tmp_path / "FAXFACTS.CFG", '$email_esender "Acme Mailer" <mailer@acme.test>\n')
+    assert load_cfg(path).from_header == '"Acme Mailer" <mailer@acme.test>'
+    path = write(tmp_path / "FAXFACTS.CFG", '$email_esender mailer@acme.test\n$email_from "Acme" <info@acme.test>\n')
+    assert load_cfg(path).from_header == '"Acme" <info@acme.test>' and load_cfg(path).esender == "mailer@acme.test"

@@ -629,3 +629,15 @@ def test_a_job_moved_back_by_hand_starts_its_retries_afresh():
 def test_attempt_records_are_read_in_every_layout(line, node, code, klass, text):
     [record] = job(ADDR + b"$email_subject s\n" + line + b"\n").attempts
     assert (record.node, record.outcome, record.klass, record.text) == (node, code, klass, text)
+
+
+def test_without_email_from_the_jobs_esender_as_written_is_the_from_header():
+    j = job(ADDR + b'$email_subject s\n$email_esender "Acme Billing" <billing@acme.test>\n')
+    assert (j.esender, j.from_header) == ("billing@acme.test", '"Acme Billing" <billing@acme.test>')
+
+
+def test_the_cfgs_from_comes_after_the_jobs_from_and_esender():
+    env = JobEnv(from_header="Acme <cfg@acme.test>")
+    assert parse_job(CommandFile.parse(ADDR + b"$email_subject s\n"), "X.FS", env).from_header == "Acme <cfg@acme.test>"
+    j = parse_job(CommandFile.parse(ADDR + b"$email_subject s\n$email_esender e@acme.test\n"), "X.FS", env)
+    assert j.from_header == "e@acme.test"
