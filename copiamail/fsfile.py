@@ -50,17 +50,21 @@ _command = functools.partial(tuple.__new__, Command)
 # A token is a run of unquoted characters and quoted parts; inside quotes
 # ``""`` is one ``"``. The alternatives are tried in this order, so a ``""``
 # inside quotes is always read as an escaped quote, as the syntax says.
-_TOKEN = re.compile(r'(?:[^ \t"]+|"(?:[^"]|"")*")+')
-_QUOTED_PART = re.compile(r'"((?:[^"]|"")*)"|([^"]+)')
+# Inside quotes, a grave accent followed by one quote is that quote, kept as
+# the two characters (CopiaFacts' older escape, which its variable expansion
+# turns into a quote); before a doubled quote it is a plain character.
+_IN_QUOTES = r'(?:`(?="")|`"|`(?!")|[^"`]|"")*'
+_TOKEN = re.compile(rf'(?:[^ \t"]+|"{_IN_QUOTES}")+')
+_QUOTED_PART = re.compile(rf'"({_IN_QUOTES})"|([^"]+)')
 _GAPS = re.compile(r"[ \t]+")
 # An argument written as it is: no blank, quote, comment start or line break.
 _PLAIN_ARG = re.compile(r'(?!/\*)[^ \t";\r\n]+\Z')
 _GAP = re.compile(r"[ \t]*")
 # The common job line, ``$name "text"``, with no quote inside the text.
-_NAME_AND_QUOTED = re.compile(r'[ \t]*(\$[^ \t";][^ \t"]*)[ \t]+"([^"]*)"(?:[ \t]*|[ \t]+(?:;|/\*).*)')
+_NAME_AND_QUOTED = re.compile(r'[ \t]*(\$[^ \t";][^ \t"]*)[ \t]+"((?:[^"`]|`(?!"))*)"(?:[ \t]*|[ \t]+(?:;|/\*).*)')
 # The same line whole, with its line ending: what commands() reads without
 # tokenizing. After the closing quote only blanks, or blanks and a comment.
-_NAME_AND_QUOTED_LINE = re.compile(r'[ \t]*\$([^ \t";][^ \t"]*)[ \t]+"([^"]*)"(?:[ \t]*|[ \t]+(?:;|/\*)[^\n]*)\r?\n?')
+_NAME_AND_QUOTED_LINE = re.compile(r'[ \t]*\$([^ \t";][^ \t"]*)[ \t]+"((?:[^"`]|`(?!"))*)"(?:[ \t]*|[ \t]+(?:;|/\*)[^\n]*)\r?\n?')
 # NUL, or a byte that cp1252 leaves undefined (read as a surrogate escape).
 _BINARY = re.compile("[\x00\udc80-\udcff]")
 
@@ -281,11 +285,14 @@ class CommandFile:
 
     def edited(self, append: tuple[tuple[str, tuple[str | int, ...]], ...] = (),
                variables: tuple[tuple[str, str | int], ...] = (),
-               commands: tuple[tuple[str, tuple[str | int, ...]], ...] = ()) -> "CommandFile":
+               commands: tuple[tuple[str, tuple[str | int, ...]], ...] = (),
+               moved: tuple[str, ...] = ()) -> "CommandFile":
         """:meth:`append_command` for each of ``append``, then :meth:`set_var`
         for each of ``variables``, then :meth:`set_command` for each of
         ``commands``, in one pass over the lines (the same result as the calls
-        one after another; each variable and command at most once)."""
+        one after another; each variable and command at most once). The
+        commands named in ``moved`` are not set in place: their last
+        occurrence is removed and they are appended at the end."""
         wanted: dict[tuple[str, str], str] = {}
         for name, value in variables:
             wanted[("var_def", name.upper())] = self._sanitize(format_command("var_def", name, str(value)))
@@ -295,6 +302,7 @@ class CommandFile:
         candidate = _candidates(frozenset(k[0] for k in wanted)).match
         lines = list(self.lines)
         found: set[tuple[str, str]] = set()
+        removed: list[int] = []
         for i in range(len(lines) - 1, -1, -1):
             if len(found) == len(wanted):
                 break
@@ -303,9 +311,15 @@ class CommandFile:
             key = _key(lines[i])
             if key in wanted and key not in found:
                 found.add(key)
+                if key[0] in moved and not key[1]:
+                    removed.append(i)
+                    continue
                 old = lines[i]
                 indent = old[: len(old) - len(old.lstrip(_SPACE))]
                 lines[i] = indent + wanted[key] + old[len(_body(old)):]
+        for i in removed:  # from the end: earlier indexes stay valid
+            del lines[i]
+        found = {k for k in found if not (k[0] in moved and not k[1])}
         added = [self._sanitize(format_command(name, *(str(a) for a in args))) for name, args in append]
         added += [text for key, text in wanted.items() if key not in found]
         if not added:

@@ -62,12 +62,19 @@ def _attempt(cf: CommandFile, node: str, code: int, klass: str, text: str, now: 
 
 def _finished(cf: CommandFile, record: tuple[str, tuple[str, ...]], variables: tuple[tuple[str, str | int], ...],
               commands: tuple[tuple[str, tuple[str | int, ...]], ...], where: Where) -> CommandFile:
-    """``cf`` with an attempt record appended and its engine lines set; for a
-    job moved back by hand its status lines are added after the record
-    instead of replacing the old ones (see :class:`Where`)."""
+    """``cf`` with an attempt record appended and its engine lines set.
+
+    ``$fax_status1 6`` (the job is done) always goes after the records of the
+    run it ends: its line is where a later run of the job, moved back from
+    SENT or FAIL by hand, starts counting its attempts. So a final status
+    line is moved to the end, not set in place; and for a job moved back by
+    hand (:class:`Where`) the old ``6`` stays and its new status lines are
+    added after it."""
     if where.restarted:
         return cf.edited(append=(record, *commands), variables=variables)
-    return cf.edited(append=(record,), variables=variables, commands=commands)
+    final = any(name == "fax_status1" and args == (STATUS_DONE,) for name, args in commands)
+    return cf.edited(append=(record,), variables=variables, commands=commands,
+                     moved=("fax_status1",) if final else ())
 
 
 def deferred(cf: CommandFile, busy_count: int) -> CommandFile:

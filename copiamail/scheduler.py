@@ -944,7 +944,6 @@ class Scheduler:
             data = build_message(job, spool_root=self.spool.root, attachment_roots=self.config.roots, sender=self._sender(job),
                                  now=now, path_map=self.config.path_map)
             data = sign_for_job(data, job, self.config, self.spool.root)  # DKIM signs the exact bytes sent
-            data = sign_for_job(data, job, self.config, self.spool.root)  # the exact bytes sent (SPEC 10, DKIM)
             sent = await conn.session.send(self._sender(job), job.address, data, require_tls="reqtls" in job.options)
         except JobError as e:
             result = self._failed(claimed, cf, e.outcome, outcome.FAILURE, _job_error_text(e), self._where(claimed, job, now))

@@ -248,3 +248,25 @@ def test_stamps_are_in_the_nodes_local_time_not_utc(tz_minus5):
     out = records.retry(cf(), "N1", 421, "E", "x", epoch, epoch - 10 * 3600 + 0.25).to_bytes()
     assert b"$attempt_record 11/21/2026 09:03:07 0 0 0 421 E " in out
     assert b"$fax_next_date 11/20/2026\n$fax_next_time 23:03:08\n" in out
+
+
+def test_a_job_moved_back_by_hand_counts_only_the_attempts_of_its_new_run():
+    from copiamail.job import parse_job
+
+    def job(c):
+        return parse_job(c, "X.FS")
+
+    c = cf()
+    for _ in range(2):
+        c = records.retry(c, "N1", 421, "E", "421 busy", NOW, NOW + 1)
+    c = records.failed(c, "N1", 421, "E", "421 busy", NOW)
+    assert job(c).restarted and job(c).earlier_retries == []  # moved back by hand: afresh
+    c = records.retry(c, "N1", 421, "E", "421 busy", NOW, NOW + 1, records.Where(restarted=True))
+    assert not job(c).restarted and job(c).earlier_retries == ["E"]
+    c = records.retry(c, "N1", 421, "E", "421 busy", NOW, NOW + 1)
+    assert job(c).earlier_retries == ["E", "E"]
+    c = records.failed(c, "N1", 421, "E", "421 busy", NOW)
+    assert job(c).restarted and job(c).earlier_retries == []  # and again
+    c = records.retry(c, "N1", 421, "E", "421 busy", NOW, NOW + 1, records.Where(restarted=True))
+    assert job(c).earlier_retries == ["E"]
+    assert c.to_bytes().count(b"$attempt_record") == 7
