@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import os
 import ssl
 import time
@@ -206,6 +207,9 @@ class Scheduler:
         # write_settle seconds.
         self._settling: dict[str, tuple[tuple[int, int, int] | None, float]] = {}
         self._scanned_once = False
+        # Files the watcher saw renamed in since the last full scan: complete,
+        # whatever their mtime says (a full scan clears the hints).
+        self._renamed: set[str] = set()
         self._full_scan_due = True
         self._queue_dirs = {spool.folder(q) for q in spool.queue_folders()}
         self._parked = False
@@ -253,8 +257,10 @@ class Scheduler:
         if p.parent in self._queue_dirs and is_job_name(p.name):
             if written and self.config.write_settle > 0:
                 self._settling[str(p)] = (None, time.monotonic())
+                self._renamed.discard(str(p))
             else:
                 self._settling.pop(str(p), None)
+                self._renamed.add(str(p))
             self._hints.add(p)
             self.wake()
 
@@ -348,7 +354,8 @@ class Scheduler:
         settle = self.config.write_settle
         entry = self._settling.get(file)
         if entry is None:
-            if not unknown_recent or settle <= 0 or not now - settle < mtime <= now:
+            # A future mtime (another machine's clock) is judged by our clock too.
+            if not unknown_recent or settle <= 0 or mtime <= now - settle or file in self._renamed:
                 return True
             entry = (None, 0.0)
         looked = time.monotonic()
@@ -361,14 +368,18 @@ class Scheduler:
         return False
 
     def _next_settle_look(self) -> float:
-        """When (time.monotonic) the first settling file is due another look."""
-        return min(since for _, since in self._settling.values()) + self.config.write_settle
+        """When (time.monotonic) the first settling file not waiting for a
+        slot is due another look (none: the next full scan)."""
+        looks = [since for f, (_, since) in self._settling.items() if f not in self._waiting]
+        return (min(looks) + self.config.write_settle) if looks else math.inf
 
     def _hint_settled(self) -> None:
-        # Settling files whose time is up are looked at again, as hints.
+        # Settling files whose time is up are looked at again, as hints; a
+        # waiting one only when a slot is offered to it (_take).
         if self._settling:
             due = time.monotonic() - self.config.write_settle
-            self._hints.update(Path(f) for f, (_, since) in self._settling.items() if since <= due)
+            self._hints.update(Path(f) for f, (_, since) in self._settling.items()
+                               if since <= due and f not in self._waiting)
 
     def _peeked(self, w: Waiting) -> _Peek | None:
         """What the file of ``w`` says now; None if it is gone or unreadable.
@@ -431,6 +442,8 @@ class Scheduler:
             return False
         self._later.pop(w.file, None)
         claimed = self.spool.claim(w, self.node)
+        if self._renamed:
+            self._renamed.discard(w.file)
         if claimed is None:
             return False
         if peek.cf is not None and self.spool.unchanged(claimed, peek.sig):
@@ -456,6 +469,7 @@ class Scheduler:
         if not (self.stopping or self._paused):  # the scan went through every folder
             for path in [p for p in self._settling if p not in seen]:
                 del self._settling[path]
+            self._renamed.intersection_update(seen)
         for path in [p for p in self._later if p not in seen]:
             del self._later[path]
         for path in [p for p in self._foreign if p not in seen]:
@@ -531,7 +545,7 @@ class Scheduler:
     def _retry_through_relay(self, job: Job) -> bool:
         """Whether the job's next attempt is a retry that its retry list sends
         through ``retry_relay`` (an ``I`` item)."""
-        counted = [a.klass for a in job.current_attempts if a.counts_as_retry] if not job.restarted else []
+        counted = job.earlier_retries
         if not counted:
             return False
         plan = outcome.plan_retry(counted[-1], counted[:-1], job.retry_rules, self.config.rules.retry_rules, self.clock())
@@ -586,7 +600,7 @@ class Scheduler:
         candidates = self._bindings_for(job)
         for conn in self._idle.get(job.domain, ()):
             if (conn.binding in candidates and conn.handoff is not None and not conn.handoff.done()
-                    and conn.session.settings.starttls == _starttls_for(conn.target, job)):
+                    and conn.target in targets and conn.session.settings.starttls == _starttls_for(conn.target, job)):
                 return _Start(conn.binding, conn.target, conn.limits, reuse=conn)
         blocked: dict[str, Limit] = {}
         by_load = sorted(candidates, key=lambda b: (self._open_count(b), b.name if b else ""))
@@ -628,7 +642,8 @@ class Scheduler:
         was chosen for (same recipient and binding, and due): a waiting job's
         file may have been replaced meanwhile, and the file decides."""
         return (job.address == planned.address and job.binding == planned.binding
-                and job.binding_group == planned.binding_group and job.is_due(self.clock()))
+                and job.binding_group == planned.binding_group and job.options == planned.options
+                and job.attempts == planned.attempts and job.is_due(self.clock()))
 
     def _route(self, item: _Item, after_lookup: bool = False) -> None:
         targets = self._targets(item.job, fresh=not after_lookup, tried=item.tried)
@@ -737,8 +752,18 @@ class Scheduler:
                     return
 
     def _take(self, entry: WaitEntry) -> Claimed | None:
-        """Claim a waiting job; it stops waiting either way."""
+        """Claim a waiting job; it stops waiting either way. A file that is
+        being written in place is not claimed: it is looked at again once it
+        has been left alone (as any settling file)."""
         self._waiting.take(entry)
+        file = entry.waiting.file
+        if file in self._settling:
+            try:
+                st = os.stat(file)
+            except OSError:
+                return None
+            if not self._left_alone(file, (st.st_ino, st.st_mtime_ns, st.st_size), st.st_mtime, self.clock(), False):
+                return None
         return self.spool.claim(entry.waiting, self.node)
 
     def _offer(self, keys: list[str]) -> None:
@@ -837,7 +862,12 @@ class Scheduler:
         return best
 
     def _can_use(self, conn: _Connection, job: Job) -> bool:
+        """Whether ``job`` may ride on ``conn``: the same binding, STARTTLS
+        mode, and route (a retry sent through retry_relay rides only on a
+        connection to it, and nothing else does)."""
         if conn.session.settings.starttls != _starttls_for(conn.target, job):
+            return False
+        if self._retry_relay is not None and (conn.target is self._retry_relay) != self._retry_through_relay(job):
             return False
         try:
             return conn.binding in self._bindings_for(job)
@@ -855,7 +885,7 @@ class Scheduler:
         except (OSError, JobError):
             self._dispatch(claimed)
             return None
-        if not self._as_planned(job, entry.job):
+        if not self._as_planned(job, entry.job) or not self._can_use(conn, job):
             self._dispatch(claimed, cf, job)
             return None
         return _Item(claimed, cf, job)

@@ -68,7 +68,8 @@ class _ArrivalsEmitter(InotifyEmitter):
     leave it. watchdog's filter for moves asks for both halves of a rename,
     so every claim (a rename out of TOSEND) was an event: 10,000 claims cost
     the watcher 0.8 s of CPU for nothing. A rename into the folder alone is
-    reported as a created file, which is all a hint needs."""
+    reported as a move with no source ("full events"), a file written there
+    as a creation and a close after writing."""
 
     def get_event_mask_from_filter(self) -> int:  # type: ignore[override]
         return (InotifyConstants.IN_DELETE_SELF | InotifyConstants.IN_CREATE | InotifyConstants.IN_MOVED_TO
