@@ -53,7 +53,7 @@ _command = functools.partial(tuple.__new__, Command)
 # Inside quotes, a grave accent followed by one quote is that quote, kept as
 # the two characters (CopiaFacts' older escape, which its variable expansion
 # turns into a quote); before a doubled quote it is a plain character.
-_IN_QUOTES = r'(?:`(?="")|`"|`(?!")|[^"`]|"")*'
+_IN_QUOTES = r'[^"`]*(?:(?:`(?="")|`"|`(?!")|"")[^"`]*)*'
 _TOKEN = re.compile(rf'(?:[^ \t"]+|"{_IN_QUOTES}")+')
 _QUOTED_PART = re.compile(rf'"({_IN_QUOTES})"|([^"]+)')
 _GAPS = re.compile(r"[ \t]+")
@@ -61,10 +61,10 @@ _GAPS = re.compile(r"[ \t]+")
 _PLAIN_ARG = re.compile(r'(?!/\*)[^ \t";\r\n]+\Z')
 _GAP = re.compile(r"[ \t]*")
 # The common job line, ``$name "text"``, with no quote inside the text.
-_NAME_AND_QUOTED = re.compile(r'[ \t]*(\$[^ \t";][^ \t"]*)[ \t]+"((?:[^"`]|`(?!"))*)"(?:[ \t]*|[ \t]+(?:;|/\*).*)')
+_NAME_AND_QUOTED = re.compile(r'[ \t]*(\$[^ \t";][^ \t"]*)[ \t]+"([^"]*)"(?:[ \t]*|[ \t]+(?:;|/\*).*)')
 # The same line whole, with its line ending: what commands() reads without
 # tokenizing. After the closing quote only blanks, or blanks and a comment.
-_NAME_AND_QUOTED_LINE = re.compile(r'[ \t]*\$([^ \t";][^ \t"]*)[ \t]+"((?:[^"`]|`(?!"))*)"(?:[ \t]*|[ \t]+(?:;|/\*)[^\n]*)\r?\n?')
+_NAME_AND_QUOTED_LINE = re.compile(r'[ \t]*\$([^ \t";][^ \t"]*)[ \t]+"([^"]*)"(?:[ \t]*|[ \t]+(?:;|/\*)[^\n]*)\r?\n?')
 # NUL, or a byte that cp1252 leaves undefined (read as a surrogate escape).
 _BINARY = re.compile("[\x00\udc80-\udcff]")
 
@@ -84,7 +84,9 @@ def tokenize(text: str, line: int = 0, path: Path | str | None = None, keep_quot
     """
     tokens: list[str] = []
     simple = _NAME_AND_QUOTED.fullmatch(text)
-    if simple is not None:
+    # A grave accent before the closing quote makes it a literal quote: that
+    # line is read by the general reader below.
+    if simple is not None and not simple.group(2).endswith("`"):
         return [simple.group(1), f'"{simple.group(2)}"' if keep_quotes else simple.group(2)]
     if '"' not in text:
         for token in _GAPS.split(text):
@@ -116,7 +118,10 @@ def format_arg(value: str) -> str:
     value = value.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
     if value and not any(c in value for c in ' \t";') and not value.startswith("/*"):
         return value
-    return '"' + value.replace('"', '""') + '"'
+    # Trailing grave accents go after the closing quote: inside, the last
+    # one and that quote would read as a literal quote.
+    body = value.rstrip("`")
+    return '"' + body.replace('"', '""') + '"' + value[len(body):]
 
 
 def format_command(name: str, *args: str) -> str:
@@ -221,7 +226,7 @@ class CommandFile:
         suspect = self.encoding != "utf-8" or "\x00" in self.text
         fast = None if suspect else _NAME_AND_QUOTED_LINE.fullmatch
         for number, raw in enumerate(self.lines, 1):
-            if fast is not None and (m := fast(raw)) is not None:
+            if fast is not None and (m := fast(raw)) is not None and not m.group(2).endswith("`"):
                 # Most job lines: `$name "text"` (test_fsfile holds this to the
                 # general reader below).
                 out.append(_command((m.group(1).lower(), (m.group(2),), number)))

@@ -356,9 +356,10 @@ def parse_job(cf: CommandFile, name: str, env: JobEnv | None = None) -> Job:
 
 
 class _JobReader:
-    """One pass over a job's commands; where the file holds a grave accent,
-    a first look at its variables and options, which every ``$email...``
-    command may then use."""
+    """One pass over a job's commands. Variables and options are read by a
+    first look at the whole file, made only where something is to be
+    expanded: the file holds a grave accent, a path starts with a path
+    variable, or a CFG or config variable holds one."""
 
     def __init__(self, cf: CommandFile, name: str, env: JobEnv, commands: list[Command]) -> None:
         self.cf = cf
@@ -368,12 +369,9 @@ class _JobReader:
         self.variables: dict[str, str] = {}
         self.alt_line = 0
         self.option_words: list[str] = []
-        self.macros = GRAVE in cf.text
-        if self.macros:
-            for cmd in commands:
-                if cmd.name in ("var_def", "email_options"):
-                    _HANDLERS[cmd.name](self, cmd)
-            self.macros = "nomacro" not in self.option_words
+        self.looked = False
+        self._lookup: Callable[[str], str | None] | None = None
+        self.macros = GRAVE in cf.text and not self.first_look()
         self.single: dict[str, Command] = {}
         self.body: list[BodyItem] = []
         self.alt: list[BodyItem] = []
@@ -388,31 +386,55 @@ class _JobReader:
         self.identity = job_identity(name, cf, commands)
         self.dkim_keyfile: tuple[str, int] | None = None
 
+    def first_look(self) -> bool:
+        """Read every ``$var_def`` and ``$email_options`` of the file (once);
+        True if expansion is off (``nomacro``)."""
+        if not self.looked:
+            self.looked = True
+            for cmd in self.commands:
+                if cmd.name in ("var_def", "email_options"):
+                    _HANDLERS[cmd.name](self, cmd)
+        return "nomacro" in self.option_words
+
     # --- helpers ------------------------------------------------------------
 
     def error(self, message: str, cmd: Command | None, code: int = outcome.BAD_JOB.code) -> JobError:
         return JobError(message, code, self.cf.path, cmd.line if cmd is not None else None)
 
     def lookup(self) -> Callable[[str], str | None]:
-        return chained(self.variables, self.env.variables,
-                       engine_variables(self.name, self.esender_or_default(), self.identity))
+        """Values by precedence: the job's $var_def, the CFG's, config
+        ``variables:``, the engine's own (made once per job)."""
+        if self._lookup is None:
+            self.first_look()
+            self._lookup = chained(self.variables, self.env.variables,
+                                   engine_variables(self.name, self.esender_or_default(), self.identity))
+        return self._lookup
 
     def esender_or_default(self) -> str:
-        cmd = self.single.get("email_esender")
+        """EMAIL_ESENDER: the job's last $email_esender (expanded without
+        EMAIL_ESENDER itself), else the default sender."""
+        cmd = next((c for c in reversed(self.commands) if c.name == "email_esender" and c.args), None)
         if cmd is not None:
-            mailbox = read_mailbox(self.expanded(written_address(cmd, self.cf), cmd, own=False))
+            text = written_address(cmd, self.cf)
+            if GRAVE in text and not self.first_look():
+                engine = dict(engine_variables(self.name, "", self.identity))
+                del engine["EMAIL_ESENDER"]
+                try:
+                    text = expand(text, chained(self.variables, self.env.variables, engine))
+                except UndefinedVariable as e:
+                    raise self.error(f"undefined variable `{e.name} (no $var_def, CFG $var_def or config variables: "
+                                     "defines it)", cmd) from None
+            mailbox = read_mailbox(text)
             if mailbox is not None:
                 return mailbox.address
         return self.env.esender or ""
 
-    def expanded(self, text: str, cmd: Command, own: bool = True) -> str:
-        """``text`` of an ``$email...`` command with its variables expanded
-        (``own``: EMAIL_ESENDER may be used; not while finding it)."""
+    def expanded(self, text: str, cmd: Command) -> str:
+        """``text`` of an ``$email...`` command with its variables expanded."""
         if not self.macros or GRAVE not in text:
             return text
-        lookup = self.lookup() if own else chained(self.variables, self.env.variables)
         try:
-            return expand(text, lookup)
+            return expand(text, self.lookup())
         except UndefinedVariable as e:
             raise self.error(f"undefined variable `{e.name} (no $var_def, CFG $var_def or config variables: defines it)",
                              cmd) from None
@@ -423,19 +445,13 @@ class _JobReader:
     def path(self, cmd: Command, text: str) -> str:
         """A file path of the job with its variables expanded (path
         variables also without the grave accent at its start)."""
-        if not (self.macros or starts_with_path_variable(text)) or self.nomacro():
+        if not (self.macros or starts_with_path_variable(text)) or self.first_look():
             return text
         try:
             return expand_path(text, self.lookup())
         except UndefinedVariable as e:
             raise self.error(f"undefined variable `{e.name} (no $var_def, CFG $var_def or config variables: defines it)",
                              cmd) from None
-
-    def nomacro(self) -> bool:
-        """$email_options nomacro, wherever in the file (rarely asked: only
-        for a path that starts with a path variable, or where the file holds
-        a grave accent)."""
-        return any(cmd.name == "email_options" and "nomacro" in " ".join(cmd.args).lower() for cmd in self.commands)
 
     def need_arg(self, cmd: Command) -> None:
         if not cmd.args:
@@ -456,7 +472,7 @@ class _JobReader:
                 # Most lines of most jobs: the hot path, without a call.
                 body.append(BodyItem("text", " ".join(cmd.args), cmd.line))
                 continue
-            if macros and cmd.name in ("var_def", "email_options"):
+            if self.looked and cmd.name in ("var_def", "email_options"):
                 continue  # read by the first look
             handler = _HANDLERS.get(cmd.name)
             if handler is not None:
@@ -479,7 +495,6 @@ class _JobReader:
             busy = int(self.variables.get("DOMAINBUSY_COUNT", "0") or "0")
         except ValueError:
             busy = 0
-        lookup = self.lookup() if self.macros else None
         return Job(
             name=self.name,
             address=recipient.address,
@@ -511,9 +526,9 @@ class _JobReader:
             next_attempt=self.next_attempt(),
             identity=self.identity,
             options=frozenset(self.option_words),
-            to_list=self.list_variable("EMAILTO_LIST", lookup),
-            cc_list=self.list_variable("EMAILCC_LIST", lookup),
-            env=None if "nomacro" in self.option_words else self.env,
+            to_list=self.list_variable("EMAILTO_LIST"),
+            cc_list=self.list_variable("EMAILCC_LIST"),
+            env=None if self.first_look() else self.env,
             dkim_keyfile=self.dkim_keyfile,
         )
 
@@ -532,13 +547,13 @@ class _JobReader:
             raise self.error(f"bad {what} address {text!r}", self.single[key], outcome.BAD_HEADER.code)
         return mailbox
 
-    def list_variable(self, name: str, lookup: Callable[[str], str | None] | None) -> str | None:
+    def list_variable(self, name: str) -> str | None:
         value = self.variables.get(name) or self.env.variables.get(name)
         if not value:
             return None
-        if lookup is not None and GRAVE in value:
+        if GRAVE in value and not self.first_look():
             try:
-                value = expand(value, lookup)
+                value = expand(value, self.lookup())
             except UndefinedVariable as e:
                 raise JobError(f"undefined variable `{e.name} in {name}", outcome.BAD_JOB.code, self.cf.path) from None
         if "\r" in value or "\n" in value:
@@ -607,16 +622,16 @@ class _JobReader:
 
     def attach(self, cmd: Command) -> None:
         self.need_arg(cmd)
-        args = self.args(cmd)
         path = self.path(cmd, cmd.args[0])
         ctype, shown, embedded = None, None, False
-        if len(args) > 1:
-            ctype, shown, embedded = _attachment_type(args[1])
+        if len(cmd.args) > 1:
+            given = self.expanded(cmd.args[1], cmd)
+            ctype, shown, embedded = _attachment_type(given)
             if ctype is not None and (not re.fullmatch(r"[A-Za-z0-9.+-]+/[A-Za-z0-9.+-]+", ctype)
                                       or ctype.lower().startswith(("message/", "multipart/"))):
                 # message/* and multipart/* are structures, not file types: an
                 # attachment is sent as bytes (base64), which they cannot be.
-                raise self.error(f"bad content type {args[1]!r} for an attachment", cmd)
+                raise self.error(f"bad content type {given!r} for an attachment", cmd)
             if shown is not None:
                 _check_header_value(shown, "attachment name", cmd, self.cf)
         self.attachments.append(Attachment(path, ctype, cmd.line, shown, embedded))
@@ -722,7 +737,10 @@ def engine_variables(name: str, esender: str, identity: str) -> Mapping[str, str
     ``.FS``), EMAIL_ESENDER (its envelope sender) and EM_MSGID (its
     Message-ID without the angle brackets: embedded parts are ``cid:imageN.`EM_MSGID``)."""
     stem = name[:-3] if name.upper().endswith(".FS") else name
-    return {"FSNUM": stem, "EMAIL_ESENDER": esender, "EM_MSGID": f"{identity}@{message_id_domain(esender)}"}
+    # The engine's own lines, before the engine has written them (the job's
+    # $var_def comes first in any lookup).
+    return {"FSNUM": stem, "EMAIL_ESENDER": esender, "EM_MSGID": f"{identity}@{message_id_domain(esender)}",
+            "DOMAINBUSY_COUNT": "0", "EMAIL_ERROR": "", "EMAIL_CONNECT_IP": "", "EMAIL_BYTECOUNT": "0"}
 
 
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")

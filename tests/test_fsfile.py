@@ -614,3 +614,21 @@ def test_a_line_starting_with_slash_star_is_a_comment():
 
 def test_format_arg_quotes_a_value_starting_with_slash_star():
     assert tokenize(format_command("email_text", "/*x")) == ["$email_text", "/*x"]
+
+
+def test_a_grave_accent_before_a_quote_inside_quotes_is_that_quote():
+    [cmd] = CommandFile.parse(b'$email_subject "say `"hello`" now"\n').commands()
+    assert cmd.args == ('say `"hello`" now',)  # the expansion of $email commands makes it a quote
+
+
+@pytest.mark.parametrize("value", ['a`"b', '`"', 'x`', '``""``', 'end`', 'a b`', '` `', '"`', '`""`'])
+def test_values_with_grave_accents_and_quotes_are_written_back_as_they_were(value):
+    line = format_command("var_def", "X", value)
+    assert tokenize(line) == ["$var_def", "X", value]
+    [cmd] = CommandFile.parse(line.encode() + b"\n").commands()
+    assert cmd.args == ("X", value)
+
+
+@given(st.text(alphabet=st.sampled_from(list('`"; \tab/*')), max_size=12))
+def test_format_arg_and_tokenize_round_trip_grave_accents_and_quotes(value):
+    assert tokenize(format_command("var_def", "X", value)) == ["$var_def", "X", value] if value else True

@@ -641,3 +641,28 @@ def test_the_cfgs_from_comes_after_the_jobs_from_and_esender():
     assert parse_job(CommandFile.parse(ADDR + b"$email_subject s\n"), "X.FS", env).from_header == "Acme <cfg@acme.test>"
     j = parse_job(CommandFile.parse(ADDR + b"$email_subject s\n$email_esender e@acme.test\n"), "X.FS", env)
     assert j.from_header == "e@acme.test"
+
+
+def test_a_grave_accent_quote_is_a_literal_quote_in_email_commands():
+    assert job(ADDR + b'$email_subject "say `"hello`" now"\n').subject == 'say "hello" now'
+
+
+def test_engine_variables_are_known_before_the_engine_writes_them():
+    j = job(ADDR + b'$email_subject "tries `DOMAINBUSY_COUNT, error [`EMAIL_ERROR]"\n')
+    assert j.subject == "tries 0, error []"
+
+
+def test_email_esender_may_use_variables_and_email_esender_is_its_last_occurrence():
+    j = job(ADDR + b'$email_text "from `EMAIL_ESENDER"\n$email_esender first@acme.test\n'
+            b"$email_esender b-`FSNUM@acme.test\n$email_subject s\n", name="00000042.FS")
+    assert j.esender == "b-00000042@acme.test" and j.body[0].value == "from b-00000042@acme.test"
+
+
+def test_a_path_variable_defined_after_its_use_expands_without_any_grave_accent():
+    j = job(ADDR + b"$email_subject s\n$email_attach FFJOBS\\x.pdf\n$var_def FFJOBS C:\\Copia\\Jobs\n")
+    assert j.attachments[0].path == "C:\\Copia\\Jobs\\x.pdf"
+
+
+def test_a_list_variable_from_the_cfg_expands_in_a_job_without_a_grave_accent():
+    env = JobEnv({"EMAILTO_LIST": "ref-`FSNUM@example.com"})
+    assert parse_job(CommandFile.parse(ADDR + b"$email_subject s\n"), "00000007.FS", env).to_list == "ref-00000007@example.com"
