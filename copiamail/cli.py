@@ -316,8 +316,15 @@ def show(file: Path, as_message: bool, config_file: Path | None, spool_dir: Path
     """A job's state, then what its file says: recipient, attempts, engine
     variables. A job that does not parse shows its parse error (exit 2) and
     the engine's lines that can be read."""
-    # Only --message needs the config: show reads a job wherever it lies.
-    cfg = _config(config_file, spool_dir) if as_message or spool_dir is not None else None
+    # show reads a job wherever it lies; the config (where one is found)
+    # gives the variables a job may use, and --message needs it.
+    if as_message or spool_dir is not None:
+        cfg: Config | None = _config(config_file, spool_dir)
+    else:
+        try:
+            cfg = _config(config_file, None)
+        except CopiamailError:
+            cfg = None  # a bad config must not hide the job: read it alone
     if cfg is not None and spool_dir is not None:
         _spool_folder(cfg)
     cf = CommandFile.read(file)
@@ -329,7 +336,7 @@ def show(file: Path, as_message: bool, config_file: Path | None, spool_dir: Path
         sys.stdout.buffer.write(data)
         return
     try:
-        job = parse_job(cf, file.name)
+        job = parse_job(cf, file.name, cfg.job_env if cfg is not None else None)
     except JobError as e:
         variables, attempts, next_attempt = engine_lines(readable_commands(cf))
         click.echo(f"job        {job_state(file, next_attempt, time.time())}: {file}")

@@ -595,6 +595,11 @@ class _JobReader:
             clock = next_time.args[0] if next_time is not None and next_time.args else "00:00:00"
             due = self.local_time(next_date, next_date.args[0], clock, "$fax_next_date/$fax_next_time")
         send_date, send_time = self.dates.get("fax_send_date"), self.dates.get("fax_send_time")
+        if (send_date is None or not send_date.args) and (self.attempts or self.variables.get("DOMAINBUSY_COUNT")):
+            # A time alone means the day the job was submitted: once it has
+            # been tried or deferred, that time has come (it must not mean
+            # the next day's once midnight has passed).
+            send_time = None
         if (send_date is not None and send_date.args) or (send_time is not None and send_time.args):
             date = send_date.args[0] if send_date is not None and send_date.args else time.strftime("%m/%d/%Y")
             clock = send_time.args[0] if send_time is not None and send_time.args else "00:00:00"

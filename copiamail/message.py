@@ -438,7 +438,9 @@ def _choose_cte(data: bytes, asked: str | None = None) -> str:
     """7bit, quoted-printable or base64 for ``data`` (with CRLF line breaks);
     ``asked`` ($email_charset's encoding) is used for text that is not 7bit."""
     eight_bit = len(data.translate(None, _ASCII_BYTES))
-    if asked is not None and (eight_bit or b"\0" in data or asked == "base64"):
+    # 8bit is never sent: copiamail does not ask servers for 8BITMIME, so a
+    # request for it is met with the 7-bit-safe choice below.
+    if asked in ("base64", "quoted-printable") and (eight_bit or b"\0" in data or asked == "base64"):
         return asked
     if not eight_bit and b"\0" not in data:
         if len(data) <= _MAX_7BIT_LINE or max(map(len, data.split(b"\n"))) <= _MAX_7BIT_LINE + len(b"\r"):
@@ -466,10 +468,6 @@ def _text_part(body: _Body, charset: str, encodable: bool, asked: str | None = N
     subtype = "html" if body.html else "plain"
     if encodable:
         cte = _choose_cte(_encode(body, charset, "\r\n"), asked)
-        if cte == "8bit":
-            part.set_content(_encode(body, charset, "\r\n"), "text", subtype, cte="8bit")
-            part.set_param("charset", charset)
-            return part
         part.set_content(body.text, subtype=subtype, charset=charset, cte=cte)
     else:
         # The email package splits encoded bytes on b"\n", which is wrong for
@@ -503,7 +501,10 @@ def _mime_part(
         inline = [part]
         for n, a in enumerate(embedded, 1):
             p = _file_part(a, "inline")
-            p["Content-ID"] = f"<image{n}.{related_id}>"
+            # The body names it cid:FILE, or (the CopiaFacts manual's MHTML
+            # way) cid:imageN.`EM_MSGID.
+            by_name = any(f"cid:{a.filename}" in t for t in texts)
+            p["Content-ID"] = f"<{a.filename}>" if by_name else f"<image{n}.{related_id}>"
             p["Content-Location"] = a.filename
             inline.append(p)
         part = _multipart("related", inline, _boundary(identity, "rel", texts))

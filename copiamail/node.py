@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 from filelock import FileLock, Timeout
 
 from .config import Config, read_password
+from .delivery import make_tls_context
 from .errors import ConfigError, SpoolError
 from .recovery import RecoveryReport, recover
 from .scheduler import Scheduler, Stats
@@ -60,6 +61,12 @@ def run_node(
     check_node_name(name)
     ignore_hangups()
     password = read_password(config)
+    # What every scheduler reads again at its start, checked here once: in
+    # worker processes a bad file would not be one clear line.
+    read_password(config, "retry_relay")
+    for relay in (config.relay, config.retry_relay):
+        if relay is not None:
+            make_tls_context(relay.tls_verify, relay.ca_file)
     spool = Spool(config.spool, config.queues, config.fsync)
     spool.ensure()
     for path in spool.writable_by_others():

@@ -126,10 +126,7 @@ def parse_retry_command(args: tuple[str, ...]) -> tuple[str, tuple[RetryItem, ..
     if not args:
         raise ValueError('needs CLASS "LIST"')
     if len(args) == 3 and len(args[1]) == 1 and args[1].upper() in CLASSES + "*":
-        try:
-            return parse_retry_class(args[1]), parse_delays(args[2])
-        except ValueError:
-            pass  # not the LINE form after all: read as CLASS LIST below
+        return parse_retry_class(args[1]), parse_delays(args[2])
     return parse_retry_class(args[0]), parse_delays(" ".join(args[1:]))
 
 
@@ -180,12 +177,15 @@ def plan_retry(klass: str, earlier_classes: Iterable[str], job: RetryRules, cfg:
     the built-in default), or None when the job's retries have run out.
     CopiaFacts: if no ``$email_retry_delays`` exists at any level,
     ``$retry_delays`` and ``$retry_max`` are used instead."""
-    if job.delays or cfg.delays or not (job.fallback_delays or cfg.fallback_delays):
+    maxima = [job.retry_max, cfg.retry_max, job.fallback_max, cfg.fallback_max]
+    if job.delays or cfg.delays:
         delays = delays_for(klass, job.delays, cfg.delays)
-        retry_max = job.retry_max if job.retry_max is not None else cfg.retry_max
     else:
+        # "The system will also use $retry_max, even if you have
+        # $email_retry_max defined": $retry_max first, here.
         delays = delays_for(klass, job.fallback_delays, cfg.fallback_delays)
-        retry_max = job.fallback_max if job.fallback_max is not None else cfg.fallback_max
+        maxima = maxima[2:] + maxima[:2]
+    retry_max = next((m for m in maxima if m is not None), None)
     earlier = list(earlier_classes)
     nth = sum(1 for c in earlier if c == klass) + 1
     if nth > len(delays) or (retry_max is not None and len(earlier) + 1 > retry_max):

@@ -666,3 +666,9 @@ def test_a_path_variable_defined_after_its_use_expands_without_any_grave_accent(
 def test_a_list_variable_from_the_cfg_expands_in_a_job_without_a_grave_accent():
     env = JobEnv({"EMAILTO_LIST": "ref-`FSNUM@example.com"})
     assert parse_job(CommandFile.parse(ADDR + b"$email_subject s\n"), "00000007.FS", env).to_list == "ref-00000007@example.com"
+
+
+def test_a_send_time_alone_no_longer_holds_once_the_job_was_tried_or_deferred():
+    late = b"$fax_send_time 23:59:59\n"
+    assert job(ADDR + b"$email_subject s\n" + late).next_attempt is not None
+    assert job(ADDR + b"$email_subject s\n" + late + b"$var_def DOMAINBUSY_COUNT 1\n").next_attempt is None

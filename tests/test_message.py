@@ -821,12 +821,13 @@ def test_an_undefined_variable_in_a_body_file_fails_naming_it(tmp_path: Path) ->
     assert e.value.outcome == 60 and "`NOBODY" in e.value.message and e.value.line == 2
 
 
-@pytest.mark.parametrize("encoding, cte", [("base64", "base64"), ("quoted-printable", "quoted-printable"),
-                                           ("8bit", "8bit")])
+@pytest.mark.parametrize("encoding, cte", [("base64", {"base64"}), ("quoted-printable", {"quoted-printable"}),
+                                           ("8bit", {"base64", "quoted-printable"})])
 def test_email_charset_encoding_sets_the_body_transfer_encoding(tmp_path: Path, encoding, cte) -> None:
+    # 8bit is met with a 7-bit-safe encoding: copiamail does not ask servers for 8BITMIME.
     msg = fs_message(tmp_path, f'$email_address a@example.com\n$email_charset utf-8 {encoding}\n'
                                f'$email_text "Grüße"\n'.encode())
-    assert msg["Content-Transfer-Encoding"] == cte
+    assert msg["Content-Transfer-Encoding"] in cte
     assert content(msg) == "Grüße\n"
 
 
@@ -863,3 +864,12 @@ def test_embedded_attachments_make_a_related_part_an_html_body_refers_to(tmp_pat
     assert f"cid:{cid}" in html.get_content()
     assert logo["Content-Location"] == "logo.png" and logo.get_content_disposition() == "inline"
     assert cid == "image1." + msg["Message-ID"].strip("<>")
+
+
+def test_an_embedded_part_the_body_names_by_its_file_name_has_that_content_id(tmp_path: Path) -> None:
+    (tmp_path / "logo.png").write_bytes(b"\x89PNG logo")
+    msg = fs_message(tmp_path, b'$email_address a@example.com\n$email_subject s\n'
+                               b'$email_text "<html><body><img src=""cid:logo.png""></body></html>"\n'
+                               b"$email_attach logo.png EMBEDDED:image/png\n")
+    html, logo = msg.get_payload()
+    assert logo["Content-ID"] == "<logo.png>"

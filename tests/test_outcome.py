@@ -282,7 +282,7 @@ def test_retry_commands_take_the_cfg_line_form_and_the_two_argument_form(args, e
 def test_retry_delays_are_the_fallback_only_where_no_email_list_exists():
     fallback = outcome.RetryRules(fallback_delays={"*": (60,)}, fallback_max=0)
     assert outcome.plan_retry("A", [], outcome.RetryRules(), fallback) is None  # $retry_max 0
-    with_email = outcome.RetryRules(delays={"B": (5,)}, fallback_delays={"*": (60,)}, fallback_max=0)
+    with_email = outcome.RetryRules(delays={"B": (5,)}, fallback_delays={"*": (60,)})
     assert outcome.plan_retry("A", [], outcome.RetryRules(), with_email).wait == 300  # the default, not $retry_delays
     assert outcome.plan_retry("A", [], outcome.RetryRules(fallback_delays={"A": (7,)}), outcome.RetryRules()).wait == 7
 
@@ -290,3 +290,15 @@ def test_retry_delays_are_the_fallback_only_where_no_email_list_exists():
 def test_an_i_item_retries_through_the_retry_relay():
     plan = outcome.plan_retry("C", ["C"], outcome.RetryRules(delays={"C": parse_delays("5 I10")}), outcome.RetryRules())
     assert plan == outcome.RetryPlan(600, True)
+
+
+def test_retry_max_holds_whichever_list_is_used():
+    # $email_retry_max with the $retry_delays fallback, and $retry_max with no list at all.
+    assert outcome.plan_retry("A", ["A"], outcome.RetryRules(retry_max=1, fallback_delays={"*": (1, 1, 1)}),
+                              outcome.RetryRules()) is None
+    assert outcome.plan_retry("A", ["A"], outcome.RetryRules(), outcome.RetryRules(fallback_max=1)) is None
+
+
+def test_a_bad_item_in_the_line_form_is_named():
+    with pytest.raises(ValueError, match="bogus"):
+        outcome.parse_retry_command(("1", "A", "5 bogus"))
