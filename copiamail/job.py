@@ -165,7 +165,9 @@ class Job:
 
     @property
     def current_attempts(self) -> tuple[AttemptRecord, ...]:
-        """The attempts of the job's latest run (since it last started afresh)."""
+        """The attempts since the ``$fax_status1 6`` before the job's current
+        status: its current run, or for a job whose status is 6 (done, or
+        moved back by hand) the run that ended there."""
         return tuple(a for a in self.attempts if a.line > self.restart_line)
 
     @property
@@ -189,10 +191,6 @@ class Job:
 
     def is_due(self, now: float) -> bool:
         return self.next_attempt is None or self.next_attempt <= now
-
-
-def _joined(cmd: Command) -> str:
-    return " ".join(cmd.args)
 
 
 def _check_header_value(value: str, what: str, cmd: Command, cf: CommandFile) -> str:
@@ -486,7 +484,10 @@ class _JobReader:
         if recipient is None:
             raise JobError("no recipient ($email_address is missing)", outcome.BAD_JOB.code, self.cf.path)
         alternative = self.mailbox("email_alt_address", "alternative")
-        using_alt = alternative is not None and self.variables.get(USING_ALT, "") not in ("", "0")
+        # Moved back by hand after the alternative was tried: the main address again.
+        last_six = max((line for line, value in self.status1 if value == "6"), default=0)
+        using_alt = (alternative is not None and self.variables.get(USING_ALT, "") not in ("", "0")
+                     and self.alt_line > last_six)
         if using_alt:
             recipient = alternative
         sender = self.mailbox("email_esender", "envelope sender")
@@ -645,6 +646,9 @@ class _JobReader:
         args = self.args(cmd)
         text = _check_header_value(" ".join(args), "header", cmd, self.cf)
         first = args[0] if args else ""
+        if ":" not in first and len(args) == 1 and " " in first.strip():
+            args = tuple(first.split(None, 1))  # "X-Priority 1": name and value in one quoted argument
+            first = args[0]
         if ":" in first:
             hname, _, hvalue = text.partition(":")
         else:

@@ -78,7 +78,7 @@ def engine_lines(commands: list[Command]) -> tuple[dict[str, str], tuple[Attempt
 def recipient_of(cf: CommandFile) -> str:
     """The recipient a job file names (its last ``$email_address`` line),
     read without parsing the job (cheap: for log lines); ``(none)``."""
-    lines = address_lines("".join(cf.lines))
+    lines = address_lines(cf.text)
     if not lines:
         return "(none)"
     arg = lines[-1].rstrip("\r").strip(" \t")

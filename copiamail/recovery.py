@@ -18,7 +18,7 @@ from . import outcome, records
 from .errors import SyntaxFileError
 from .fsfile import CommandFile
 from .job import parse_attempt
-from .spool import FAIL, SENT, Spool
+from .spool import FAIL, SENT, Spool, queue_number
 
 log = logging.getLogger("copiamail")
 
@@ -45,12 +45,11 @@ def _interruptions(cf: CommandFile) -> int:
 def _where(queue: str, cf: CommandFile) -> records.Where:
     """The record of a recovered job: its queue, and whether it had been
     moved back by hand (see :class:`copiamail.records.Where`)."""
-    number = queue[6:]
     try:
         status = [c.args[0] for c in cf.commands() if c.name == "fax_status1" and c.args]
     except SyntaxFileError:
         status = []
-    return records.Where(int(number) if number.isdigit() else 0, restarted=status[-1:] == ["6"])
+    return records.Where(queue_number(queue), restarted=status[-1:] == ["6"])
 
 
 def recover(spool: Spool, node: str, now: float | None = None, recorder: str | None = None) -> RecoveryReport:

@@ -52,7 +52,7 @@ from .limits import Limit, LocalLimiter, bindings_for, limits_for, worker_cap, w
 from .logs import OUTCOMES
 from .message import build_message
 from .mx import MxResolver, Route
-from .spool import FAIL, SENT, Claimed, ResultBatch, Spool, Waiting, is_job_name
+from .spool import FAIL, SENT, Claimed, ResultBatch, Spool, Waiting, is_job_name, queue_number
 from .syncer import Syncer
 from .waiting import WaitEntry, WaitingJobs
 
@@ -1143,8 +1143,7 @@ class Scheduler:
         besides its outcome (CALL: when the attempt started, CONNECT: when its
         connection was made; the connection of a message is made, or reused, as
         its attempt starts)."""
-        queue = claimed.queue[6:]
-        return records.Where(int(queue) if queue.isdigit() else 0, self.worker + 1, call, connected,
+        return records.Where(queue_number(claimed.queue), self.worker + 1, call, connected,
                              job is not None and job.restarted)
 
     def _sent(self, claimed: Claimed, cf: CommandFile, result: Delivered, where: records.Where) -> _Result:

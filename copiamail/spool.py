@@ -192,6 +192,12 @@ def is_queue_name(name: str) -> bool:
     return _QUEUE_NAME.match(name) is not None
 
 
+def queue_number(queue: str) -> int:
+    """The number of a queue folder: 0 for TOSEND, n for TOSENDn (any case)."""
+    number = queue[6:]
+    return int(number) if number.isascii() and number.isdigit() else 0
+
+
 def queue_names(queues: int) -> list[str]:
     """TOSEND, TOSEND1 ... TOSEND<queues>, highest priority first."""
     return ["TOSEND"] + [f"TOSEND{i}" for i in range(1, queues + 1)]
@@ -359,7 +365,7 @@ class Spool:
         except ValueError:
             # A queue folder left from a larger `queues:` still drains, last
             # (scan() visits it after the configured ones).
-            return len(self.queues) + (int(queue[6:]) if queue[6:].isascii() and queue[6:].isdigit() else 0)
+            return len(self.queues) + queue_number(queue)
 
     # --- scanning -----------------------------------------------------------
 

@@ -672,3 +672,13 @@ def test_a_send_time_alone_no_longer_holds_once_the_job_was_tried_or_deferred():
     late = b"$fax_send_time 23:59:59\n"
     assert job(ADDR + b"$email_subject s\n" + late).next_attempt is not None
     assert job(ADDR + b"$email_subject s\n" + late + b"$var_def DOMAINBUSY_COUNT 1\n").next_attempt is None
+
+
+def test_email_header_name_and_value_in_one_quoted_argument():
+    assert job(ADDR + b'$email_subject s\n$email_header "X-Priority 1"\n').headers == (("X-Priority", "1"),)
+
+
+def test_a_job_moved_back_after_its_alternative_was_tried_goes_to_the_main_address_again():
+    tried = (ADDR + b"$email_subject s\n$email_alt_address alt@home.test\n$var_def EMAIL_USING_ALT 1\n"
+             b"$fax_status1 6\n")
+    assert job(tried).address == "jane@example.com"
