@@ -60,11 +60,12 @@ _GAPS = re.compile(r"[ \t]+")
 # An argument written as it is: no blank, quote, comment start or line break.
 _PLAIN_ARG = re.compile(r'(?!/\*)[^ \t";\r\n]+\Z')
 _GAP = re.compile(r"[ \t]*")
-# The common job line, ``$name "text"``, with no quote inside the text.
-_NAME_AND_QUOTED = re.compile(r'[ \t]*(\$[^ \t";][^ \t"]*)[ \t]+"([^"]*)"(?:[ \t]*|[ \t]+(?:;|/\*).*)')
+# The common job line, ``$name "text"``, with no quote inside the text and no
+# grave accent before its closing quote (which would make that a literal quote).
+_NAME_AND_QUOTED = re.compile(r'[ \t]*(\$[^ \t";][^ \t"]*)[ \t]+"([^"]*)(?<!`)"(?:[ \t]*|[ \t]+(?:;|/\*).*)')
 # The same line whole, with its line ending: what commands() reads without
 # tokenizing. After the closing quote only blanks, or blanks and a comment.
-_NAME_AND_QUOTED_LINE = re.compile(r'[ \t]*\$([^ \t";][^ \t"]*)[ \t]+"([^"]*)"(?:[ \t]*|[ \t]+(?:;|/\*)[^\n]*)\r?\n?')
+_NAME_AND_QUOTED_LINE = re.compile(r'[ \t]*\$([^ \t";][^ \t"]*)[ \t]+"([^"]*)(?<!`)"(?:[ \t]*|[ \t]+(?:;|/\*)[^\n]*)\r?\n?')
 # NUL, or a byte that cp1252 leaves undefined (read as a surrogate escape).
 _BINARY = re.compile("[\x00\udc80-\udcff]")
 
@@ -84,9 +85,7 @@ def tokenize(text: str, line: int = 0, path: Path | str | None = None, keep_quot
     """
     tokens: list[str] = []
     simple = _NAME_AND_QUOTED.fullmatch(text)
-    # A grave accent before the closing quote makes it a literal quote: that
-    # line is read by the general reader below.
-    if simple is not None and not simple.group(2).endswith("`"):
+    if simple is not None:
         return [simple.group(1), f'"{simple.group(2)}"' if keep_quotes else simple.group(2)]
     if '"' not in text:
         for token in _GAPS.split(text):
@@ -122,6 +121,11 @@ def format_arg(value: str) -> str:
     # one and that quote would read as a literal quote.
     body = value.rstrip("`")
     return '"' + body.replace('"', '""') + '"' + value[len(body):]
+
+
+class WrittenLine(str):
+    """A command line already written (by :func:`format_command` rules),
+    for :meth:`CommandFile.edited` to append as it is."""
 
 
 def format_command(name: str, *args: str) -> str:
@@ -226,7 +230,7 @@ class CommandFile:
         suspect = self.encoding != "utf-8" or "\x00" in self.text
         fast = None if suspect else _NAME_AND_QUOTED_LINE.fullmatch
         for number, raw in enumerate(self.lines, 1):
-            if fast is not None and (m := fast(raw)) is not None and not m.group(2).endswith("`"):
+            if fast is not None and (m := fast(raw)) is not None:
                 # Most job lines: `$name "text"` (test_fsfile holds this to the
                 # general reader below).
                 out.append(_command((m.group(1).lower(), (m.group(2),), number)))
@@ -288,7 +292,7 @@ class CommandFile:
         lines.append(text + newline)
         return CommandFile(tuple(lines), self.encoding, self.bom, self.path)
 
-    def edited(self, append: tuple[tuple[str, tuple[str | int, ...]], ...] = (),
+    def edited(self, append: tuple["tuple[str, tuple[str | int, ...]] | WrittenLine", ...] = (),
                variables: tuple[tuple[str, str | int], ...] = (),
                commands: tuple[tuple[str, tuple[str | int, ...]], ...] = (),
                moved: tuple[str, ...] = ()) -> "CommandFile":
@@ -325,7 +329,8 @@ class CommandFile:
         for i in removed:  # from the end: earlier indexes stay valid
             del lines[i]
         found = {k for k in found if not (k[0] in moved and not k[1])}
-        added = [self._sanitize(format_command(name, *(str(a) for a in args))) for name, args in append]
+        added = [self._sanitize(item if isinstance(item, WrittenLine) else format_command(item[0], *(str(a) for a in item[1])))
+                 for item in append]
         added += [text for key, text in wanted.items() if key not in found]
         if not added:
             return CommandFile(tuple(lines), self.encoding, self.bom, self.path)

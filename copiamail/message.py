@@ -83,6 +83,7 @@ _REPLACEABLE = MappingProxyType(
 )
 # Headers whose value holds addresses: encoded words would break them, so the
 # email package writes them (it encodes display names only).
+_X_MAILER = f"copiamail {__version__}"
 _ADDRESS_HEADERS = frozenset({"from", "to", "cc", "bcc", "reply-to", "sender", "resent-from", "resent-to"})
 
 _PLAIN_VALUE = re.compile(r"[\t\x20-\x7e]*\Z")
@@ -163,7 +164,7 @@ def _header_block(job: Job, sender: str, now: float) -> bytes:
         "Date": _date(now),
         "Message-ID": f"<{_identity(job)}@{message_id_domain(sender)}>",
         "MIME-Version": "1.0",
-        "X-Mailer": f"copiamail {__version__}",
+        "X-Mailer": _X_MAILER,
     }
     extra: list[tuple[str, str]] = []
     for name, value in job.headers:

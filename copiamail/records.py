@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
-from .fsfile import CommandFile
+from .fsfile import CommandFile, WrittenLine, format_arg
 
 STATUS_WAITING = 2
 STATUS_DONE = 6
@@ -22,8 +22,7 @@ def local_stamp(when: float) -> tuple[str, str]:
     return time.strftime("%m/%d/%Y", t), time.strftime("%H:%M:%S", t)
 
 
-@dataclass(frozen=True)
-class Where:
+class Where(NamedTuple):
     """The circumstances of an attempt that its record tells: the queue it
     came from (TOSEND number), the worker (BOARDLINE ``E<n>``), when the
     connection was started and made (CALL and CONNECT; None: not known, or
@@ -46,21 +45,23 @@ def _clock(when: float | None, now: float, now_clock: str) -> str:
     return time.strftime("%H:%M:%S", time.localtime(when))
 
 
-def _record(node: str, code: int, klass: str, text: str, now: float, where: Where) -> tuple[str, tuple[str, ...]]:
+def _record(node: str, code: int, klass: str, text: str, now: float, where: Where) -> "WrittenLine":
     """``$attempt_record`` in CopiaFacts' field order: DATE TIME TYPE SKIPPED
     SCHED OUTCOME CLASS SENT TOSEND FLAGS BOARDLINE BAUD CALL CONNECT
     ANSWERBACK, then the node's name (copiamail's own field)."""
     date, clock = local_stamp(now)
-    return ("attempt_record", (date, clock, "0", "0", "0", str(code), klass, "0", str(where.queue), "0",
-                               f"E{where.worker}", "0", _clock(where.call, now, clock), _clock(where.connect, now, clock),
-                               text, node))
+    # Written at once: its fixed fields are plain words (cheaper than
+    # formatting sixteen arguments one by one).
+    return WrittenLine(f"$attempt_record {date} {clock} 0 0 0 {code} {klass} 0 {where.queue} 0 E{where.worker} 0 "
+                       f"{_clock(where.call, now, clock)} {_clock(where.connect, now, clock)} "
+                       f"{format_arg(text)} {format_arg(node)}")
 
 
 def _attempt(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float, where: Where) -> CommandFile:
     return cf.edited(append=(_record(node, code, klass, text, now, where),))
 
 
-def _finished(cf: CommandFile, record: tuple[str, tuple[str, ...]], variables: tuple[tuple[str, str | int], ...],
+def _finished(cf: CommandFile, record: "WrittenLine", variables: tuple[tuple[str, str | int], ...],
               commands: tuple[tuple[str, tuple[str | int, ...]], ...], where: Where) -> CommandFile:
     """``cf`` with an attempt record appended and its engine lines set.
 

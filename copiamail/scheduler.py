@@ -600,7 +600,7 @@ class Scheduler:
         candidates = self._bindings_for(job)
         for conn in self._idle.get(job.domain, ()):
             if (conn.binding in candidates and conn.handoff is not None and not conn.handoff.done()
-                    and conn.target in targets and conn.session.settings.starttls == _starttls_for(conn.target, job)):
+                    and any(conn.target is t for t in targets) and conn.session.settings.starttls == _starttls_for(conn.target, job)):
                 return _Start(conn.binding, conn.target, conn.limits, reuse=conn)
         blocked: dict[str, Limit] = {}
         by_load = sorted(candidates, key=lambda b: (self._open_count(b), b.name if b else ""))
