@@ -483,14 +483,14 @@ class _JobReader:
         recipient = self.mailbox("email_address", "recipient")
         if recipient is None:
             raise JobError("no recipient ($email_address is missing)", outcome.BAD_JOB.code, self.cf.path)
-        alternative = self.mailbox("email_alt_address", "alternative")
+        alternative = self.mailbox("email_alt_address", "alternative") if "email_alt_address" in self.single else None
         # Moved back by hand after the alternative was tried: the main address again.
-        last_six = max((line for line, value in self.status1 if value == "6"), default=0)
         using_alt = (alternative is not None and self.variables.get(USING_ALT, "") not in ("", "0")
-                     and self.alt_line > last_six)
+                     and self.alt_line > max((line for line, value in self.status1 if value == "6"), default=0))
         if using_alt:
             recipient = alternative
-        sender = self.mailbox("email_esender", "envelope sender")
+        sender_text = self.written("email_esender")
+        sender = self.mailbox("email_esender", "envelope sender", sender_text) if sender_text is not None else None
         charset, body_encoding, header_encoding = self.charset()
         try:
             busy = int(self.variables.get("DOMAINBUSY_COUNT", "0") or "0")
@@ -507,7 +507,7 @@ class _JobReader:
             attachments=tuple(self.attachments),
             # CopiaFacts: without $email_from, the job's $email_esender as
             # written is the From: header (even where the CFG has $email_from).
-            from_header=self.written("email_from") or self.written("email_esender") or self.env.from_header,
+            from_header=self.written("email_from") or sender_text or self.env.from_header,
             esender=sender.address if sender is not None else None,
             headers=tuple(self.headers),
             charset=charset,
@@ -518,7 +518,7 @@ class _JobReader:
             fallback_delays=self.fallback_delays,
             fallback_max=self.retry_max.get("retry_max"),
             restart_line=max(max((line for line, value in self.status1[:-1] if value == "6"), default=0),
-                             self.alt_line if using_alt else 0),
+                             self.alt_line if using_alt else 0) if self.status1 or using_alt else 0,
             alt_address=alternative.address if alternative is not None and not using_alt else None,
             restarted=bool(self.status1) and self.status1[-1][1] == "6",
             variables=self.variables,
@@ -529,7 +529,8 @@ class _JobReader:
             options=frozenset(self.option_words),
             to_list=self.list_variable("EMAILTO_LIST"),
             cc_list=self.list_variable("EMAILCC_LIST"),
-            env=None if self.first_look() else self.env,
+            # option_words is complete here (read by the pass, or the first look).
+            env=None if "nomacro" in self.option_words else self.env,
             dkim_keyfile=self.dkim_keyfile,
         )
 
@@ -539,8 +540,8 @@ class _JobReader:
             return None
         return _check_header_value(self.expanded(written_address(cmd, self.cf), cmd), "$" + key, cmd, self.cf)
 
-    def mailbox(self, key: str, what: str) -> Mailbox | None:
-        text = self.written(key)
+    def mailbox(self, key: str, what: str, text: str | None = None) -> Mailbox | None:
+        text = self.written(key) if text is None else text
         if text is None:
             return None
         mailbox = read_mailbox(text)
