@@ -399,6 +399,9 @@ class _JobReader:
     def error(self, message: str, cmd: Command | None, code: int = outcome.BAD_JOB.code) -> JobError:
         return JobError(message, code, self.cf.path, cmd.line if cmd is not None else None)
 
+    def undefined(self, e: UndefinedVariable, cmd: Command) -> JobError:
+        return self.error(f"undefined variable `{e.name} (no $var_def, CFG $var_def or config variables: defines it)", cmd)
+
     def lookup(self) -> Callable[[str], str | None]:
         """Values by precedence: the job's $var_def, the CFG's, config
         ``variables:``, the engine's own (made once per job)."""
@@ -420,8 +423,7 @@ class _JobReader:
                 try:
                     text = expand(text, chained(self.variables, self.env.variables, engine))
                 except UndefinedVariable as e:
-                    raise self.error(f"undefined variable `{e.name} (no $var_def, CFG $var_def or config variables: "
-                                     "defines it)", cmd) from None
+                    raise self.undefined(e, cmd) from None
             mailbox = read_mailbox(text)
             if mailbox is not None:
                 return mailbox.address
@@ -434,8 +436,7 @@ class _JobReader:
         try:
             return expand(text, self.lookup())
         except UndefinedVariable as e:
-            raise self.error(f"undefined variable `{e.name} (no $var_def, CFG $var_def or config variables: defines it)",
-                             cmd) from None
+            raise self.undefined(e, cmd) from None
 
     def args(self, cmd: Command) -> tuple[str, ...]:
         return tuple(self.expanded(a, cmd) for a in cmd.args) if self.macros else cmd.args
@@ -448,8 +449,7 @@ class _JobReader:
         try:
             return expand_path(text, self.lookup())
         except UndefinedVariable as e:
-            raise self.error(f"undefined variable `{e.name} (no $var_def, CFG $var_def or config variables: defines it)",
-                             cmd) from None
+            raise self.undefined(e, cmd) from None
 
     def need_arg(self, cmd: Command) -> None:
         if not cmd.args:
