@@ -1,5 +1,5 @@
 """``python -m copiamail``: the same as the ``copiamail`` command."""
 
-from .cli import run
+from copiamail.cli import run
 
 run()

@@ -23,22 +23,22 @@ from typing import Any, Callable, Iterable, Mapping
 
 import click
 
-from . import __version__
-from .config import Config, is_ip, load_config, read_password, workers_problem
-from .errors import CopiamailError, DeliveryError, JobError, SpoolError
-from .fsfile import CommandFile, format_command
-from .delivery import resolve_relay
-from .dkim_signing import sign_for_job
-from .job import AttemptRecord, JobEnv, parse_address, parse_job
-from .jobview import ENGINE_VARS, engine_lines, job_state, readable_commands, recipient_of, sender_for
-from .limits import bindings_for, limits_for
-from .logs import live_display_on, setup_logging
-from .message import build_message
-from .mx import MxResolver
-from .peers import TAKEOVER_MARK
-from .recovery import recover
-from .rules import match, shadowed
-from .spool import Spool, is_job_name
+from copiamail import __version__
+from copiamail.config import Config, is_ip, load_config, read_password, workers_problem
+from copiamail.errors import CopiamailError, DeliveryError, JobError, SpoolError
+from copiamail.jobfile.fsfile import CommandFile, format_command
+from copiamail.smtp.session import resolve_relay
+from copiamail.jobfile.dkim import sign_for_job
+from copiamail.jobfile.job import AttemptRecord, JobEnv, parse_address, parse_job
+from copiamail.spool.jobview import ENGINE_VARS, engine_lines, job_state, readable_commands, recipient_of, sender_for
+from copiamail.scheduling.limits import bindings_for, limits_for
+from copiamail.logs import live_display_on, setup_logging
+from copiamail.jobfile.message import build_message
+from copiamail.smtp.mx import MxResolver
+from copiamail.spool.peers import TAKEOVER_MARK
+from copiamail.spool.recovery import recover
+from copiamail.jobfile.rules import match, shadowed
+from copiamail.spool.queue import Spool, is_job_name
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -152,7 +152,7 @@ class _Progress:
 def node(name: str, relay: str | None, relay_ca: Path | None, relay_no_verify: bool, drain: bool, workers: int | None,
          config_file: Path | None, spool_dir: Path | None) -> None:
     """Run a node: take jobs from the TOSEND folders and send them."""
-    from .node import run_node
+    from copiamail.node.node import run_node
 
     cfg = _config(config_file, spool_dir, relay).with_overrides(
         relay_ca_file=relay_ca, relay_tls_verify=False if relay_no_verify else None)
@@ -460,7 +460,7 @@ def check_config(config_file: Path | None, spool_dir: Path | None) -> None:
 @_common
 def recover_cmd(node_name: str, config_file: Path | None, spool_dir: Path | None) -> None:
     """Put a stopped node's ACTIVE jobs back into their folders (outcome 66)."""
-    from .node import check_node_name, node_lock
+    from copiamail.node.node import check_node_name, node_lock
 
     check_node_name(node_name)
     spool = _spool(_config(config_file, spool_dir))
@@ -486,8 +486,8 @@ def recover_cmd(node_name: str, config_file: Path | None, spool_dir: Path | None
 @_user_errors
 def demo(demo_dir: Path) -> None:
     """Send the shipped samples through a node into an embedded SMTP sink."""
-    from .node import run_node
-    from .sink import SmtpSink
+    from copiamail.node.node import run_node
+    from copiamail.smtp.sink import SmtpSink
 
     if not (SAMPLES / "copiamail.yaml").is_file():
         raise CopiamailError(f"{SAMPLES}: the samples are missing (install from a checkout: pip install -e .)")

@@ -29,12 +29,12 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
-from . import outcome
-from .dkim_signing import is_dns_name, key_problem
-from .errors import ConfigError, SyntaxFileError
-from .fsfile import CommandFile
-from .job import JobEnv, parse_address, read_mailbox, written_address
-from .rules import DomainLimitRule, parse_rule
+from copiamail.jobfile import outcome
+from copiamail.jobfile.dkim import is_dns_name, key_problem
+from copiamail.errors import ConfigError, SyntaxFileError
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.jobfile.job import JobEnv, parse_address, read_mailbox, written_address
+from copiamail.jobfile.rules import DomainLimitRule, parse_rule
 
 CONFIG_ENV = "COPIAMAIL_CONFIG"
 DEFAULT_CONFIG_NAME = "copiamail.yaml"

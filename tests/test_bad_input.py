@@ -28,12 +28,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
-from copiamail import errors, outcome, records
+from copiamail import errors
+from copiamail.jobfile import outcome
+from copiamail.jobfile import records
 from copiamail.config import load_cfg, load_config
 from copiamail.errors import ConfigError, CopiamailError, JobError, SyntaxFileError
-from copiamail.fsfile import CommandFile, format_arg
-from copiamail.job import parse_job
-from copiamail.message import build_message
+from copiamail.jobfile.fsfile import CommandFile, format_arg
+from copiamail.jobfile.job import parse_job
+from copiamail.jobfile.message import build_message
 from fs_strategies import fs_files
 from spoolkit import cli_env
 

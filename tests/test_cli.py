@@ -11,8 +11,8 @@ import pytest
 from smtpserver import Rule
 from spoolkit import CLI, SpoolKit, attempts, cli_env, run_on_a_terminal, var
 
-from copiamail.fsfile import CommandFile
-from copiamail.job import parse_job
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.jobfile.job import parse_job
 
 REPO = Path(__file__).resolve().parent.parent
 

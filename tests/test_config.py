@@ -17,7 +17,7 @@ from copiamail.config import (
     load_config,
 )
 from copiamail.errors import ConfigError
-from copiamail import outcome
+from copiamail.jobfile import outcome
 
 # SPEC 5, verbatim.
 SPEC_YAML = r'''spool: ./spool

@@ -246,8 +246,8 @@ def test_the_alternative_address_is_tried_once_the_main_one_fails_for_good(tmp_p
 def test_the_migration_page_examples_are_read_as_it_says(tmp_path):
     import copiamail
     from copiamail.config import load_cfg, parse_config
-    from copiamail.fsfile import CommandFile
-    from copiamail.job import parse_job
+    from copiamail.jobfile.fsfile import CommandFile
+    from copiamail.jobfile.job import parse_job
 
     page = (Path(copiamail.__file__).resolve().parent.parent / "docs" / "migration.md").read_text(encoding="utf-8")
     job_text, yaml_text, cfg_text = re.findall(r"```(?:yaml)?\n(.*?)```", page, re.S)[:3]

@@ -4,7 +4,7 @@ except in the documented window (end of DATA to the commit), and no temporary
 or result file is left in ACTIVE.
 
 Steps inside the spool protocol are reached with the test-only crash points of
-copiamail/faults.py; steps inside the SMTP dialogue by a server that stalls
+copiamail/spool/crashpoints.py; steps inside the SMTP dialogue by a server that stalls
 there while the test kills the node."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from smtpserver import Rule
 from spoolkit import SpoolKit, attempts, cli_env, var, wait_until
 
-from copiamail.faults import CRASH_ENV
+from copiamail.spool.crashpoints import CRASH_ENV
 
 
 def start_with_crash(kit: SpoolKit, point: str):

@@ -14,8 +14,8 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from copiamail import outcome
-from copiamail.delivery import SessionSettings, SmtpSession, data_block
+from copiamail.jobfile import outcome
+from copiamail.smtp.session import SessionSettings, SmtpSession, data_block
 from copiamail.errors import DeliveryError
 
 EHLO_PLAIN = b"250-test.invalid\r\n250 8BITMIME\r\n"

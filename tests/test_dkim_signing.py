@@ -11,13 +11,13 @@ import pytest
 
 from dkimkeys import damaged_copy, make_key, public_record, signature_tags, verifies
 
-from copiamail import outcome
+from copiamail.jobfile import outcome
 from copiamail.config import Config, DkimKey
-from copiamail.dkim_signing import from_domain, is_dns_name, key_problem, sign, sign_for_job
+from copiamail.jobfile.dkim import from_domain, is_dns_name, key_problem, sign, sign_for_job
 from copiamail.errors import JobError
-from copiamail.fsfile import CommandFile
-from copiamail.job import Job, parse_job
-from copiamail.message import build_message
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.jobfile.job import Job, parse_job
+from copiamail.jobfile.message import build_message
 
 NOW = 1_795_000_000.0
 SENDER = "bounce@acme.test"

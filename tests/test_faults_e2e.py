@@ -41,15 +41,15 @@ import pytest
 from smtpserver import ConnectionInfo, Rule, SMTPTestServer, TLSCert
 from spoolkit import SpoolKit
 
-from copiamail.fsfile import CommandFile
-from copiamail.job import Job, parse_job
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.jobfile.job import Job, parse_job
 
 BAD_SENDER = "bad@acme.test"      # A's envelope sender (MAIL rules match it)
 BAD_RCPT = "bad@copia.com"        # A's recipient (RCPT, DATA and EOD rules match it)
 GOOD_RCPT = "good@copia.com"      # B: the healthy job sent after A
 RETRY = 3600                      # $email_retry_delays * "1H"
 
-# The engine's own messages, as copiamail/delivery.py writes them ({where} is
+# The engine's own messages, as copiamail/smtp/session.py writes them ({where} is
 # the relay's host:port).
 TIMEOUT_AT = "timeout at {stage}: Timed out waiting for server response"
 NO_GREETING = "timeout connecting to {where}: Timed out waiting for server ready message"

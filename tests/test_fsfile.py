@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from copiamail.errors import SyntaxFileError
-from copiamail.fsfile import (
+from copiamail.jobfile.fsfile import (
     Command,
     CommandFile,
     format_arg,

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from copiamail import outcome
+from copiamail.jobfile import outcome
 from copiamail.errors import JobError
-from copiamail.fsfile import CommandFile
-from copiamail.job import (
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.jobfile.job import (
     AttemptRecord,
     JobEnv,
     Attachment,
@@ -446,7 +446,7 @@ def test_quick_domain_reads_a_plain_address_line(data):
 @given(st.lists(st.sampled_from(["$email_address", "$EMAIL_Address", "$email_addresses", " ", "\t", "\r", "\n",
                                   "\r\n", "a@b.c", "x", "$", ";"]), max_size=25).map("".join))
 def test_address_lines_finds_what_the_line_pattern_finds(text):
-    from copiamail.job import _ADDRESS_LINE, address_lines
+    from copiamail.jobfile.job import _ADDRESS_LINE, address_lines
 
     assert address_lines(text) == _ADDRESS_LINE.findall(text)
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from copiamail.config import Config, load_config
-from copiamail.limits import Limit, LocalLimiter, limits_for, worker_cap, worker_of
+from copiamail.scheduling.limits import Limit, LocalLimiter, limits_for, worker_cap, worker_of
 
 # SPEC 5's example, without cluster and cfg.
 SPEC_YAML = r'''

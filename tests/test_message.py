@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from copiamail import message as message_module
-from copiamail import outcome
+from copiamail.jobfile import message as message_module
+from copiamail.jobfile import outcome
 from copiamail.errors import JobError
-from copiamail.fsfile import CommandFile
-from copiamail.job import Attachment, BodyItem, Job, parse_job
-from copiamail.message import build_message
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.jobfile.job import Attachment, BodyItem, Job, parse_job
+from copiamail.jobfile.message import build_message
 
 SENDER = "bounce@acme.test"
 NOW = 1_795_000_000.0
@@ -788,7 +788,7 @@ def test_every_shipped_sample_job_builds_a_message_that_greets_once() -> None:
 
 
 def fs_message(tmp_path: Path, text: bytes, env=None, name: str = "00000001.FS") -> EmailMessage:
-    from copiamail.job import JobEnv
+    from copiamail.jobfile.job import JobEnv
     job = parse_job(CommandFile.parse(text), name, env or JobEnv(esender=SENDER))
     return parse(build_message(job, spool_root=tmp_path, attachment_roots=(tmp_path,), sender=SENDER, now=NOW))
 

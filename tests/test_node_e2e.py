@@ -11,8 +11,8 @@ import pytest
 from smtpserver import Rule
 from spoolkit import SpoolKit, attempts, stop, var, wait_until
 
-from copiamail.fsfile import CommandFile
-from copiamail.job import parse_job
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.jobfile.job import parse_job
 
 
 @pytest.fixture

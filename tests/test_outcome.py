@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from copiamail import outcome
-from copiamail.outcome import (
+from copiamail.jobfile import outcome
+from copiamail.jobfile.outcome import (
     CLASSES,
     DEFAULT_RETRY_DELAYS,
     delays_for,

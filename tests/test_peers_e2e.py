@@ -10,8 +10,8 @@ import time
 from smtpserver import Rule
 from spoolkit import SpoolKit, attempts, stop, wait_until
 
-from copiamail.peers import Peers
-from copiamail.spool import Spool
+from copiamail.spool.peers import Peers
+from copiamail.spool.queue import Spool
 
 
 def test_four_nodes_racing_over_2000_jobs_send_each_exactly_once(tmp_path, smtp_server):
@@ -140,7 +140,7 @@ def _start(kit, name, **env):
 
 
 def test_the_heartbeat_alone_keeps_a_live_node_on_another_machine_from_being_taken_over(tmp_path, smtp_server):
-    from copiamail.peers import IGNORE_LOCKS_ENV
+    from copiamail.spool.peers import IGNORE_LOCKS_ENV
 
     server = smtp_server()
     server.add_rule(Rule(stage="EOD", delay=3.0))
@@ -161,7 +161,7 @@ def test_the_heartbeat_alone_keeps_a_live_node_on_another_machine_from_being_tak
 
 def test_without_a_heartbeat_a_node_on_another_machine_would_be_taken_over(tmp_path, smtp_server):
     """The control for the test above: the same run, but N1 never beats."""
-    from copiamail.peers import IGNORE_LOCKS_ENV, NO_HEARTBEAT_ENV
+    from copiamail.spool.peers import IGNORE_LOCKS_ENV, NO_HEARTBEAT_ENV
 
     server = smtp_server()
     server.add_rule(Rule(stage="EOD", hang=True))  # N1's send stays in flight however slow the machine

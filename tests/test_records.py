@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from copiamail import records
-from copiamail.fsfile import CommandFile
-from copiamail.job import parse_job
+from copiamail.jobfile import records
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.jobfile.job import parse_job
 
 # SPEC 2, "An example".
 EXAMPLE = b'''; monthly statement, customer 4711
@@ -251,7 +251,7 @@ def test_stamps_are_in_the_nodes_local_time_not_utc(tz_minus5):
 
 
 def test_a_job_moved_back_by_hand_counts_only_the_attempts_of_its_new_run():
-    from copiamail.job import parse_job
+    from copiamail.jobfile.job import parse_job
 
     def job(c):
         return parse_job(c, "X.FS")

@@ -10,7 +10,7 @@ import time
 from smtpserver import Rule
 from spoolkit import CLI, SpoolKit, attempts, cli_env, stop, var, wait_until
 
-from copiamail.faults import FULL_DISK_ENV
+from copiamail.spool.crashpoints import FULL_DISK_ENV
 
 
 def test_a_full_disk_pauses_the_node_and_loses_nothing_nor_sends_twice(tmp_path, smtp_server):

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from copiamail.errors import ConfigError
-from copiamail.fsfile import CommandFile
-from copiamail.rules import DomainLimitRule, match, parse_rule, shadowed
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.jobfile.rules import DomainLimitRule, match, parse_rule, shadowed
 
 
 def rules_from(*lines: str) -> tuple[DomainLimitRule, ...]:

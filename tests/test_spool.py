@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import copiamail.spool as spool_mod
-from copiamail.fsfile import CommandFile
-from copiamail.spool import Claimed, Spool, Waiting, queue_names, rename_noreplace
+import copiamail.spool.queue as spool_mod
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.spool.queue import Claimed, Spool, Waiting, queue_names, rename_noreplace
 
 JOB = b"$email_address a@example.com\n"
 
@@ -482,7 +482,7 @@ def test_counts_of_an_empty_or_missing_spool_are_zero(tmp_path):
 
 
 def test_a_tosend_folder_beyond_queues_still_drains_after_the_configured_ones(tmp_path):
-    from copiamail.spool import Spool
+    from copiamail.spool.queue import Spool
 
     spool = Spool(tmp_path, queues=2)
     spool.ensure()
@@ -494,7 +494,7 @@ def test_a_tosend_folder_beyond_queues_still_drains_after_the_configured_ones(tm
 
 
 def test_a_delivered_job_is_listed_apart_and_its_uncommitted_result_dropped(tmp_path):
-    from copiamail.spool import Claimed, Spool
+    from copiamail.spool.queue import Claimed, Spool
 
     sp = Spool(tmp_path)
     sp.ensure()
@@ -508,7 +508,7 @@ def test_a_delivered_job_is_listed_apart_and_its_uncommitted_result_dropped(tmp_
 
 
 def test_a_claim_never_replaces_a_job_of_the_same_name_still_claimed(tmp_path):
-    from copiamail.spool import Spool
+    from copiamail.spool.queue import Spool
 
     sp = Spool(tmp_path)
     sp.ensure()

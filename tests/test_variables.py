@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from copiamail.variables import UndefinedVariable, chained, expand, expand_path
+from copiamail.jobfile.variables import UndefinedVariable, chained, expand, expand_path
 
 VALUES = {"NAME": "Jane", "CITY": "Amsterdam", "GREETING": "^Dear `NAME", "DEEP": "^`GREETING", "FFJOBS": "C:\\Copia\\Jobs"}
 LOOKUP = chained(VALUES)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from copiamail.watcher import SpoolWatcher
+from copiamail.spool.watcher import SpoolWatcher
 
 
 async def watch_while(folders: list[Path], act, seconds: float = 5.0, polling: bool = False,
@@ -100,7 +100,7 @@ def test_the_watcher_does_not_ask_inotify_for_files_leaving_a_folder():
     # watcher 80 µs of CPU per job.
     from watchdog.observers.inotify_c import InotifyConstants
 
-    from copiamail.watcher import _ArrivalsEmitter
+    from copiamail.spool.watcher import _ArrivalsEmitter
 
     mask = _ArrivalsEmitter.get_event_mask_from_filter(None)  # type: ignore[arg-type]
     assert not mask & InotifyConstants.IN_MOVED_FROM

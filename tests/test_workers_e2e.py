@@ -12,7 +12,7 @@ import pytest
 from smtpserver import Rule
 from spoolkit import SpoolKit, children_of, stop, wait_until
 
-from copiamail.limits import worker_of
+from copiamail.scheduling.limits import worker_of
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_a_killed_node_takes_its_workers_with_it_and_the_next_start_recovers(tmp
         kit.job("TOSEND", f"J{i:03d}.FS", to=f"u{i}@{domains[i % 2]}")
     proc = kit.start()
     wait_until(lambda: server.current >= 2, timeout=15)
-    workers = [p for p in children_of(proc.pid) if b"copiamail.watcher" not in open(f"/proc/{p}/cmdline", "rb").read()]
+    workers = [p for p in children_of(proc.pid) if b"copiamail.spool.watcher" not in open(f"/proc/{p}/cmdline", "rb").read()]
     assert len(workers) == 2
     proc.kill()
     proc.wait(timeout=10)

@@ -17,11 +17,11 @@ from email.utils import parseaddr, parsedate_to_datetime
 from types import MappingProxyType
 from typing import Callable, Mapping, NamedTuple
 
-from . import outcome
-from .errors import JobError, SyntaxFileError
-from .fsfile import Command, CommandFile
-from .outcome import RetryItem, RetryRules
-from .variables import GRAVE, UndefinedVariable, chained, expand, expand_path, starts_with_path_variable
+from copiamail.jobfile import outcome
+from copiamail.errors import JobError, SyntaxFileError
+from copiamail.jobfile.fsfile import Command, CommandFile
+from copiamail.jobfile.outcome import RetryItem, RetryRules
+from copiamail.jobfile.variables import GRAVE, UndefinedVariable, chained, expand, expand_path, starts_with_path_variable
 
 # Lines the engine owns (SPEC 2): it may update or add these; every other line
 # is the submitter's and is kept as written.

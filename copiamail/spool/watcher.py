@@ -113,7 +113,7 @@ class SpoolWatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        argv = [sys.executable, "-m", "copiamail.watcher"] + (["--polling"] if self._polling else [])
+        argv = [sys.executable, "-m", "copiamail.spool.watcher"] + (["--polling"] if self._polling else [])
         argv += [os.fspath(f) for f in self._folders]
         self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         assert self._proc.stdout is not None

@@ -37,8 +37,8 @@ from typing import Callable
 
 from filelock import FileLock, Timeout
 
-from .recovery import RecoveryReport, recover
-from .spool import ACTIVE, Spool
+from copiamail.spool.recovery import RecoveryReport, recover
+from copiamail.spool.queue import ACTIVE, Spool
 
 log = logging.getLogger("copiamail")
 

@@ -40,21 +40,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import outcome, records
-from .config import BindingConfig, Config, RelayConfig, is_ip, read_password
-from .delivery import CONNECT, Delivered, SessionSettings, SmtpSession, machine_helo_name, make_tls_context, resolve_relay
-from .dkim_signing import sign_for_job
-from .errors import DeliveryError, JobError
-from .fsfile import CommandFile
-from .job import Job, parse_job, quick_domain
-from .jobview import recipient_of
-from .limits import Limit, LocalLimiter, bindings_for, limits_for, worker_cap, worker_of
-from .logs import OUTCOMES
-from .message import build_message
-from .mx import MxResolver, Route
-from .spool import FAIL, SENT, Claimed, ResultBatch, Spool, Waiting, is_job_name, queue_number
-from .syncer import Syncer
-from .waiting import WaitEntry, WaitingJobs
+from copiamail.jobfile import outcome
+from copiamail.jobfile import records
+from copiamail.config import BindingConfig, Config, RelayConfig, is_ip, read_password
+from copiamail.smtp.session import CONNECT, Delivered, SessionSettings, SmtpSession, machine_helo_name, make_tls_context, resolve_relay
+from copiamail.jobfile.dkim import sign_for_job
+from copiamail.errors import DeliveryError, JobError
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.jobfile.job import Job, parse_job, quick_domain
+from copiamail.spool.jobview import recipient_of
+from copiamail.scheduling.limits import Limit, LocalLimiter, bindings_for, limits_for, worker_cap, worker_of
+from copiamail.logs import OUTCOMES
+from copiamail.jobfile.message import build_message
+from copiamail.smtp.mx import MxResolver, Route
+from copiamail.spool.queue import FAIL, SENT, Claimed, ResultBatch, Spool, Waiting, is_job_name, queue_number
+from copiamail.spool.syncer import Syncer
+from copiamail.scheduling.waiting import WaitEntry, WaitingJobs
 
 log = logging.getLogger("copiamail")
 outcomes = logging.getLogger(OUTCOMES)  # deliveries and deferrals: shown from -v on

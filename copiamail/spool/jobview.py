@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import Config
-from .errors import SyntaxFileError
-from .fsfile import Command, CommandFile, tokenize
-from .job import OWNED_VARS, AttemptRecord, Job, address_lines, parse_attempt, parse_local_time
-from .spool import ACTIVE, FAIL, SENT, is_queue_name
+from copiamail.config import Config
+from copiamail.errors import SyntaxFileError
+from copiamail.jobfile.fsfile import Command, CommandFile, tokenize
+from copiamail.jobfile.job import OWNED_VARS, AttemptRecord, Job, address_lines, parse_attempt, parse_local_time
+from copiamail.spool.queue import ACTIVE, FAIL, SENT, is_queue_name
 
 # The engine's variables in the order show prints them: the reason first.
 ENGINE_VARS = ("EMAIL_ERROR", *sorted(OWNED_VARS - {"EMAIL_ERROR"}))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Mapping
 
-from .errors import CopiamailError
+from copiamail.errors import CopiamailError
 
 GRAVE = "`"
 _REFERENCE = re.compile(r'`(?:(")|([A-Za-z0-9_]{1,32})(?:\{(\d{1,4})(\+?)\})?)')

@@ -36,8 +36,8 @@ import zlib
 from dataclasses import dataclass, replace
 from typing import Iterable, Protocol, Sequence
 
-from .config import BindingConfig, Config, DomainStanza, ScopeCaps
-from .rules import match
+from copiamail.config import BindingConfig, Config, DomainStanza, ScopeCaps
+from copiamail.jobfile.rules import match
 
 
 @dataclass(frozen=True)

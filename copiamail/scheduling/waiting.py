@@ -24,8 +24,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterator, Sequence
 
-from .job import Job
-from .spool import Waiting
+from copiamail.jobfile.job import Job
+from copiamail.spool.queue import Waiting
 
 
 @dataclass(eq=False)

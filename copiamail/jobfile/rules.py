@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
-from .fsfile import Command
+from copiamail.errors import ConfigError
+from copiamail.jobfile.fsfile import Command
 
 
 @dataclass(frozen=True)

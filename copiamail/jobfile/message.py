@@ -63,11 +63,11 @@ from email.policy import SMTP
 from pathlib import Path, PurePath
 from types import MappingProxyType
 
-from . import outcome
-from .errors import JobError
-from . import __version__
-from .job import Attachment, BodyItem, Job, check_header, engine_variables, message_id_domain
-from .variables import GRAVE, UndefinedVariable, chained, expand
+from copiamail.jobfile import outcome
+from copiamail.errors import JobError
+from copiamail import __version__
+from copiamail.jobfile.job import Attachment, BodyItem, Job, check_header, engine_variables, message_id_domain
+from copiamail.jobfile.variables import GRAVE, UndefinedVariable, chained, expand
 
 # 7bit, not the SMTP policy's 8bit: the server may lack 8BITMIME, and the
 # transfer encoding is chosen here anyway.

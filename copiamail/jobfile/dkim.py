@@ -23,13 +23,13 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import outcome
-from .errors import JobError
-from .job import Job
-from .message import _Files
+from copiamail.jobfile import outcome
+from copiamail.errors import JobError
+from copiamail.jobfile.job import Job
+from copiamail.jobfile.message import _Files
 
 if TYPE_CHECKING:
-    from .config import Config
+    from copiamail.config import Config
 
 # The usual header set (RFC 6376 5.4.1), each signed where the message has it.
 SIGNED_HEADERS = (

@@ -10,7 +10,7 @@ import math
 import time
 from typing import NamedTuple
 
-from .fsfile import CommandFile, WrittenLine, format_arg
+from copiamail.jobfile.fsfile import CommandFile, WrittenLine, format_arg
 
 STATUS_WAITING = 2
 STATUS_DONE = 6

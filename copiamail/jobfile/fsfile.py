@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .errors import SyntaxFileError
+from copiamail.errors import SyntaxFileError
 
 _BOM = b"\xef\xbb\xbf"
 _SPACE = " \t"

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import aiosmtplib
 
-from . import outcome
-from .config import is_fqdn, is_ip
-from .errors import ConfigError, DeliveryError
+from copiamail.jobfile import outcome
+from copiamail.config import is_fqdn, is_ip
+from copiamail.errors import ConfigError, DeliveryError
 
 MAIL, RCPT, DATA, CONNECT = "MAIL", "RCPT", "DATA", "CONNECT"
 

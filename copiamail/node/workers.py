@@ -42,11 +42,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
-from .config import Config
-from .peers import Peers, heartbeat_interval
-from .scheduler import Scheduler, Stats
-from .spool import Spool
-from .watcher import SpoolWatcher
+from copiamail.config import Config
+from copiamail.spool.peers import Peers, heartbeat_interval
+from copiamail.scheduling.scheduler import Scheduler, Stats
+from copiamail.spool.queue import Spool
+from copiamail.spool.watcher import SpoolWatcher
 
 log = logging.getLogger("copiamail")
 

@@ -14,11 +14,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-from . import outcome, records
-from .errors import SyntaxFileError
-from .fsfile import CommandFile
-from .job import parse_attempt
-from .spool import FAIL, SENT, Spool, queue_number
+from copiamail.jobfile import outcome
+from copiamail.jobfile import records
+from copiamail.errors import SyntaxFileError
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.jobfile.job import parse_attempt
+from copiamail.spool.queue import FAIL, SENT, Spool, queue_number
 
 log = logging.getLogger("copiamail")
 

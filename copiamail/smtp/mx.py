@@ -25,9 +25,9 @@ import dns.exception
 import dns.resolver
 import dns.rdatatype
 
-from . import outcome
-from .config import DnsConfig
-from .errors import DeliveryError
+from copiamail.jobfile import outcome
+from copiamail.config import DnsConfig
+from copiamail.errors import DeliveryError
 
 
 @dataclass(frozen=True)

@@ -91,9 +91,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .errors import SpoolError
-from .faults import CRASH_ENV, check_disk_space, crash_point
-from .fsfile import CommandFile, write_all
+from copiamail.errors import SpoolError
+from copiamail.spool.crashpoints import CRASH_ENV, check_disk_space, crash_point
+from copiamail.jobfile.fsfile import CommandFile, write_all
 
 ACTIVE = "ACTIVE"
 SENT = "SENT"

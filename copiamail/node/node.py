@@ -23,13 +23,13 @@ from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
-from .config import Config, read_password
-from .delivery import make_tls_context
-from .errors import ConfigError, SpoolError
-from .recovery import RecoveryReport, recover
-from .scheduler import Scheduler, Stats
-from .spool import Spool
-from .workers import ignore_hangups, node_services, run_workers
+from copiamail.config import Config, read_password
+from copiamail.smtp.session import make_tls_context
+from copiamail.errors import ConfigError, SpoolError
+from copiamail.spool.recovery import RecoveryReport, recover
+from copiamail.scheduling.scheduler import Scheduler, Stats
+from copiamail.spool.queue import Spool
+from copiamail.node.workers import ignore_hangups, node_services, run_workers
 
 log = logging.getLogger("copiamail")
 

@@ -1,0 +1,1 @@
+"""A running node: wiring, signals, worker processes."""

@@ -1,0 +1,1 @@
+"""Which job goes next: the scheduler, the limits and the jobs waiting for a slot."""

@@ -1,0 +1,1 @@
+"""SMTP delivery: sessions with pipelining, MX lookups, the embedded sink."""
