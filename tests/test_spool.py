@@ -10,7 +10,7 @@ import pytest
 
 import copiamail.spool.queue as spool_mod
 from copiamail.jobfile.fsfile import CommandFile
-from copiamail.spool.queue import Claimed, Spool, Waiting, queue_names, rename_noreplace
+from copiamail.spool.queue import Claimed, Destination, QueuedJob, Spool, queue_names, rename_noreplace
 
 JOB = b"$email_address a@example.com\n"
 
@@ -188,7 +188,7 @@ def test_a_second_claim_by_the_same_node_returns_none(tmp_path):
 
 def test_claim_of_a_job_that_vanished_returns_none(tmp_path):
     sp = make_spool(tmp_path)
-    w = Waiting(0, "TOSEND", "GONE.FS", str(sp.folder("TOSEND") / "GONE.FS"))
+    w = QueuedJob(0, "TOSEND", "GONE.FS", str(sp.folder("TOSEND") / "GONE.FS"))
     assert sp.claim(w, "N1") is None
 
 
@@ -210,7 +210,7 @@ def _claim(sp: Spool, queue: str = "TOSEND3", name: str = "X.FS", data: bytes = 
     return c
 
 
-@pytest.mark.parametrize("dest", ["SENT", "FAIL"])
+@pytest.mark.parametrize("dest", [Destination.SENT, Destination.FAIL])
 def test_finish_writes_the_new_bytes_to_sent_or_fail_and_leaves_nothing_in_active(tmp_path, dest):
     sp = make_spool(tmp_path)
     c = _claim(sp)
@@ -222,7 +222,7 @@ def test_finish_writes_the_new_bytes_to_sent_or_fail_and_leaves_nothing_in_activ
     assert listing(sp.folder("TOSEND3")) == []
 
 
-@pytest.mark.parametrize("dest", ["BACK", "TOSEND3", "anything"])
+@pytest.mark.parametrize("dest", [Destination.BACK])
 def test_finish_back_returns_the_new_bytes_to_the_jobs_own_queue(tmp_path, dest):
     sp = make_spool(tmp_path)
     c = _claim(sp, "TOSEND3")
@@ -238,10 +238,10 @@ def test_finish_with_fsync_on_works(tmp_path):
     sp = Spool(tmp_path / "s", fsync=True)
     sp.ensure()
     c = _claim(sp)
-    assert sp.finish(c, CommandFile.parse(b"new\n"), "SENT").read_bytes() == b"new\n"
+    assert sp.finish(c, CommandFile.parse(b"new\n"), Destination.SENT).read_bytes() == b"new\n"
 
 
-@pytest.mark.parametrize("dest,folder", [("BACK", "TOSEND3"), ("SENT", "SENT"), ("FAIL", "FAIL")])
+@pytest.mark.parametrize("dest,folder", [(Destination.BACK, "TOSEND3"), (Destination.SENT, "SENT"), (Destination.FAIL, "FAIL")])
 def test_a_write_back_never_replaces_a_different_job_that_took_the_same_name(tmp_path, dest, folder):
     sp = make_spool(tmp_path)
     c = _claim(sp, "TOSEND3")
@@ -258,7 +258,7 @@ def test_a_write_back_takes_the_next_free_tilde_number(tmp_path):
     c = _claim(sp, "TOSEND3", "X.fs")
     put(sp, "SENT", "X.fs", b"0")
     put(sp, "SENT", "X~1.fs", b"1")
-    where = sp.finish(c, CommandFile.parse(b"mine\n"), "SENT")
+    where = sp.finish(c, CommandFile.parse(b"mine\n"), Destination.SENT)
     assert where.name == "X~2.fs"
     assert (sp.folder("SENT") / "X.fs").read_bytes() == b"0"
     assert (sp.folder("SENT") / "X~1.fs").read_bytes() == b"1"
@@ -268,7 +268,7 @@ def test_finish_recreates_a_missing_destination_folder(tmp_path):
     sp = make_spool(tmp_path)
     c = _claim(sp)
     os.rmdir(sp.folder("SENT"))
-    where = sp.finish(c, CommandFile.parse(b"x\n"), "SENT")
+    where = sp.finish(c, CommandFile.parse(b"x\n"), Destination.SENT)
     assert where == sp.folder("SENT") / "X.FS"
 
 
@@ -333,7 +333,7 @@ def test_finish_and_collision_work_with_the_link_unlink_fallback(tmp_path, monke
     sp = make_spool(tmp_path)
     c = _claim(sp, "TOSEND1")
     put(sp, "TOSEND1", "X.FS", b"theirs")
-    where = sp.finish(c, CommandFile.parse(b"mine\n"), "BACK")
+    where = sp.finish(c, CommandFile.parse(b"mine\n"), Destination.BACK)
     assert where == sp.folder("TOSEND1") / "X~1.FS"
     assert where.read_bytes() == b"mine\n"
     assert where.stat().st_nlink == 1
@@ -544,12 +544,12 @@ def test_a_claim_never_replaces_a_job_of_the_same_name_claimed_or_delivered(tmp_
 def test_the_claimed_copy_becomes_a_spare_and_the_next_result_is_written_into_it(tmp_path):
     sp = make_spool(tmp_path)
     a = _claim(sp, "TOSEND", "A.FS")
-    sp.finish(a, CommandFile.parse(b"a done\n"), "SENT")
+    sp.finish(a, CommandFile.parse(b"a done\n"), Destination.SENT)
     [spare] = spares(sp)
     inode = spare.stat().st_ino
     assert spare.read_bytes() == JOB  # the old copy: no job name, never scanned
     b = _claim(sp, "TOSEND", "B.FS")
-    sp.finish(b, CommandFile.parse(b"b done\n"), "SENT")
+    sp.finish(b, CommandFile.parse(b"b done\n"), Destination.SENT)
     assert (sp.folder("SENT") / "B.FS").stat().st_ino == inode  # written into the spare
     assert (sp.folder("SENT") / "B.FS").read_bytes() == b"b done\n"
     assert len(spares(sp)) == 1
@@ -557,7 +557,7 @@ def test_the_claimed_copy_becomes_a_spare_and_the_next_result_is_written_into_it
 
 def test_a_stopping_node_deletes_its_spares_and_recovery_deletes_any_left(tmp_path):
     sp = make_spool(tmp_path)
-    sp.finish(_claim(sp, "TOSEND", "A.FS"), CommandFile.parse(b"x\n"), "SENT")
+    sp.finish(_claim(sp, "TOSEND", "A.FS"), CommandFile.parse(b"x\n"), Destination.SENT)
     assert len(spares(sp)) == 1
     sp.drop_spares()
     assert spares(sp) == []
@@ -568,10 +568,10 @@ def test_a_stopping_node_deletes_its_spares_and_recovery_deletes_any_left(tmp_pa
 
 def test_a_spare_removed_by_hand_is_replaced_by_a_new_file(tmp_path):
     sp = make_spool(tmp_path)
-    sp.finish(_claim(sp, "TOSEND", "A.FS"), CommandFile.parse(b"a\n"), "SENT")
+    sp.finish(_claim(sp, "TOSEND", "A.FS"), CommandFile.parse(b"a\n"), Destination.SENT)
     for f in spares(sp):
         f.unlink()
-    sp.finish(_claim(sp, "TOSEND", "B.FS"), CommandFile.parse(b"b\n"), "FAIL")
+    sp.finish(_claim(sp, "TOSEND", "B.FS"), CommandFile.parse(b"b\n"), Destination.FAIL)
     assert (sp.folder("FAIL") / "B.FS").read_bytes() == b"b\n"
     assert active_files(sp) == []
 
@@ -580,8 +580,8 @@ def test_finish_many_lands_every_job_and_reports_a_failure_for_its_own_job_only(
     sp = make_spool(tmp_path)
     a, b, c = (_claim(sp, "TOSEND", n) for n in ("A.FS", "B.FS", "C.FS"))
     b.path.unlink()  # B's claimed copy is gone: its commit cannot happen
-    landed = sp.finish_many([(a, CommandFile.parse(b"a\n"), "SENT"), (b, CommandFile.parse(b"b\n"), "FAIL"),
-                             (c, CommandFile.parse(b"c\n"), "BACK")])
+    landed = sp.finish_many([(a, CommandFile.parse(b"a\n"), Destination.SENT), (b, CommandFile.parse(b"b\n"), Destination.FAIL),
+                             (c, CommandFile.parse(b"c\n"), Destination.BACK)])
     assert landed[0] == sp.folder("SENT") / "A.FS" and landed[2] == sp.folder("TOSEND") / "C.FS"
     assert isinstance(landed[1], FileNotFoundError)
     assert (sp.folder("SENT") / "A.FS").read_bytes() == b"a\n"
@@ -601,7 +601,7 @@ def test_finish_many_of_nothing_does_nothing(tmp_path):
 def test_a_result_whose_fsync_failed_elsewhere_is_dropped_and_its_job_stays_claimed(tmp_path):
     sp = make_spool(tmp_path)
     a, b = (_claim(sp, "TOSEND", n) for n in ("A.FS", "B.FS"))
-    batch = sp.write_results([(a, CommandFile.parse(b"a\n"), "SENT"), (b, CommandFile.parse(b"b\n"), "SENT")])
+    batch = sp.write_results([(a, CommandFile.parse(b"a\n"), Destination.SENT), (b, CommandFile.parse(b"b\n"), Destination.SENT)])
     assert len(batch.fds) == 2
     batch.synced([0, errno.EIO])  # the syncer's answer: B's file is not durable
     landed = batch.commit()

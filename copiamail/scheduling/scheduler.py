@@ -53,7 +53,7 @@ from copiamail.scheduling.limits import Limit, LocalLimiter, bindings_for, limit
 from copiamail.logs import OUTCOMES
 from copiamail.jobfile.message import build_message
 from copiamail.smtp.mx import MxResolver, Route
-from copiamail.spool.queue import FAIL, SENT, Claimed, ResultBatch, Spool, Waiting, is_job_name, queue_number
+from copiamail.spool.queue import Claimed, Destination, ResultBatch, Spool, QueuedJob, is_job_name, queue_number
 from copiamail.spool.syncer import Syncer
 from copiamail.scheduling.waiting import WaitEntry, WaitingJobs
 
@@ -126,7 +126,7 @@ class _Result:
 
     claimed: Claimed
     cf: CommandFile
-    dest: str
+    dest: Destination
     kind: str
 
 
@@ -196,10 +196,10 @@ class Scheduler:
         self._waiting = WaitingJobs()
         # The due time of each TOSEND job not yet due, by (inode, mtime, size):
         # a scan reads such a file again only when it changed.
-        self._later: dict[str, tuple[tuple[int, int, int], float]] = {}  # by Waiting.file
+        self._later: dict[str, tuple[tuple[int, int, int], float]] = {}  # by QueuedJob.file
         # Files another worker sends, by (inode, mtime, size): not read again
         # until they change.
-        self._foreign: dict[str, tuple[int, int, int]] = {}  # by Waiting.file
+        self._foreign: dict[str, tuple[int, int, int]] = {}  # by QueuedJob.file
         self._next_due: float | None = None
         self._hints: set[Path] = set()
         # Job files written in place (not renamed in) that may still be
@@ -382,7 +382,7 @@ class Scheduler:
             self._hints.update(Path(f) for f, (_, since) in self._settling.items()
                                if since <= due and f not in self._waiting)
 
-    def _peeked(self, w: Waiting) -> _Peek | None:
+    def _peeked(self, w: QueuedJob) -> _Peek | None:
         """What the file of ``w`` says now; None if it is gone or unreadable.
         A file whose (inode, mtime, size) has not changed since the last look
         is not read again (only jobs not yet due are remembered, and only
@@ -424,7 +424,7 @@ class Scheduler:
         """Whether this worker sends the jobs of domain (or file name) ``key``."""
         return self.workers == 1 or worker_of(key, self.workers) == self.worker
 
-    def _consider(self, w: Waiting, now: float, unknown_recent: bool = False) -> bool:
+    def _consider(self, w: QueuedJob, now: float, unknown_recent: bool = False) -> bool:
         """Claim and dispatch the job of ``w`` if it is due, complete and not
         waiting; True if it was taken up."""
         if w.file in self._waiting:
@@ -487,12 +487,12 @@ class Scheduler:
             self._hints.clear()
             return 0
         now = self.clock()
-        hinted = sorted((Waiting(self.spool.priority(p.parent.name), p.parent.name, p.name, str(p)) for p in self._hints),
+        hinted = sorted((QueuedJob(self.spool.priority(p.parent.name), p.parent.name, p.name, str(p)) for p in self._hints),
                         key=lambda w: w.order)
         self._hints.clear()
         return await self._consider_all(hinted, now)
 
-    async def _consider_all(self, jobs: Iterable[Waiting], now: float, seen: set[str] | None = None,
+    async def _consider_all(self, jobs: Iterable[QueuedJob], now: float, seen: set[str] | None = None,
                             unknown_recent: bool = False) -> int:
         """:meth:`_consider` each job in turn, giving the event loop a turn every
         ``_SCAN_SLICE`` seconds; ``seen`` collects the paths looked at. Returns
@@ -724,7 +724,7 @@ class Scheduler:
     def _defer(self, item: _Item, blocked: _Blocked) -> None:
         claimed, cf, job = item.claimed, item.cf, item.job
         try:
-            path = self.spool.finish(claimed, records.deferred(cf, job.domainbusy_count), "BACK")
+            path = self.spool.finish(claimed, records.deferred(cf, job.domainbusy_count), Destination.BACK)
             self.stats.deferred += 1
             outcomes.info("%s to %s deferred: %s is busy", claimed.name, job.address, job.domain)
             self.on_event("deferred", claimed.name)
@@ -737,7 +737,7 @@ class Scheduler:
                 self._parked = True
                 return
             path = handed
-        w = Waiting(self.spool.priority(claimed.queue), claimed.queue, path.name, str(path))
+        w = QueuedJob(self.spool.priority(claimed.queue), claimed.queue, path.name, str(path))
         # Only what scheduling needs is kept: a large backlog costs little memory.
         self._waiting.add(WaitEntry(w, job.without_content()), [(l.key, l.cap) for l in blocked.limits])
         for limit in blocked.limits:
@@ -1157,12 +1157,12 @@ class Scheduler:
         except OSError as e:
             log.error("%s: cannot mark the job delivered: %s", claimed.path, e.strerror)
         return _Result(claimed, records.delivered(cf, self.node, result.reply, result.ip, result.bytecount, self.clock(),
-                                                  where), SENT, "sent")
+                                                  where), Destination.SENT, "sent")
 
     def _failed(self, claimed: Claimed, cf: CommandFile, code: int, klass: str, text: str,
                 where: records.Where) -> _Result:
         log.warning("%s to %s failed: %s", claimed.name, recipient_of(cf), text)
-        return _Result(claimed, records.failed(cf, self.node, code, klass, text, self.clock(), where), FAIL, "failed")
+        return _Result(claimed, records.failed(cf, self.node, code, klass, text, self.clock(), where), Destination.FAIL, "failed")
 
     def _after_error(self, claimed: Claimed, cf: CommandFile, job: Job, e: DeliveryError,
                      where: records.Where) -> _Result:
@@ -1174,13 +1174,13 @@ class Scheduler:
             log.warning("%s to %s failed for good: %s; trying its alternative address %s", claimed.name, job.address,
                         e.text, job.alt_address)
             return _Result(claimed, records.to_alternative(cf, self.node, e.code, e.klass, e.text, now, where),
-                           "BACK", "retried")
+                           Destination.BACK, "retried")
         if plan is None:
             return self._failed(claimed, cf, e.code, e.klass, e.text, where)
         log.info("%s to %s: retry in %d s%s: %s", claimed.name, job.address, plan.wait,
                  " through retry_relay" if plan.relay else "", e.text)
         return _Result(claimed, records.retry(cf, self.node, e.code, e.klass, e.text, now, now + plan.wait, where),
-                       "BACK", "retried")
+                       Destination.BACK, "retried")
 
     def _hand_back(self, claimed: Claimed) -> Path | None:
         try:

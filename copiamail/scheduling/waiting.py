@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterator, Sequence
 
 from copiamail.jobfile.job import Job
-from copiamail.spool.queue import Waiting
+from copiamail.spool.queue import QueuedJob
 
 
 @dataclass(eq=False)
@@ -33,7 +33,7 @@ class WaitEntry:
     """A deferred job: where it waits, and what the scheduler needs of it
     (a job without its body, so a large backlog costs little memory)."""
 
-    waiting: Waiting
+    waiting: QueuedJob
     job: Job
     active: bool = True
     keys: set[str] = field(default_factory=set)  # the keys it waits on
@@ -50,7 +50,7 @@ class WaitingJobs:
     """The waiting jobs of one node (used from one event loop)."""
 
     def __init__(self) -> None:
-        self._by_path: dict[str, WaitEntry] = {}  # by Waiting.file
+        self._by_path: dict[str, WaitEntry] = {}  # by QueuedJob.file
         self._by_key: dict[str, dict[str, list[WaitEntry]]] = {}
         self._by_domain: dict[str, list[WaitEntry]] = {}
         self._caps: dict[str, int] = {}
@@ -156,7 +156,7 @@ class WaitingJobs:
 
     def drop_missing(self, seen: Collection[str]) -> None:
         """Forget waiting jobs whose file is gone (taken by another node,
-        removed); ``seen``: the files (``Waiting.file``) just listed, known
+        removed); ``seen``: the files (``QueuedJob.file``) just listed, known
         to exist."""
         for path, entry in list(self._by_path.items()):
             if path not in seen and not os.path.exists(path):

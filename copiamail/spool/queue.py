@@ -88,6 +88,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -99,11 +100,21 @@ ACTIVE = "ACTIVE"
 SENT = "SENT"
 FAIL = "FAIL"
 TEMP = "TEMP"
-BACK = "BACK"  # the suffix of a result that goes back to its own queue
 SPARE = ".spare"  # the folder of spare files inside ACTIVE/<node>
 _SPARES_KEPT = 512  # at most this many spares per process; more are deleted
 
-_RESULT_SUFFIXES = (SENT, FAIL, BACK)
+
+
+class Destination(StrEnum):
+    """Where a finished job goes: the SENT or FAIL folder, or BACK to its own
+    queue. The value is also the suffix of its result file in ACTIVE."""
+
+    SENT = "SENT"
+    FAIL = "FAIL"
+    BACK = "BACK"
+
+
+_RESULT_SUFFIXES = tuple(d.value for d in Destination)
 DELIVERED = "DELIVERED"  # the suffix of a claimed job the server has accepted
 _QUEUE_NAME = re.compile(r"^TOSEND(\d*)$", re.IGNORECASE)
 _AT_FDCWD = -100
@@ -204,10 +215,10 @@ def queue_names(queues: int) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Waiting:
+class QueuedJob:
     """A job file in a TOSEND folder. Ordered by (priority, name bytes).
     ``file`` is its path as a string: the scheduler keys its tables by it
-    (a scan makes one Waiting per file; a Path would cost more to build and
+    (a scan makes one QueuedJob per file; a Path would cost more to build and
     hash than the scan's system calls)."""
 
     priority: int
@@ -369,9 +380,9 @@ class Spool:
 
     # --- scanning -----------------------------------------------------------
 
-    def scan_queue(self, queue: str) -> Iterator[Waiting]:
+    def scan_queue(self, queue: str) -> Iterator[QueuedJob]:
         """The job files of one TOSEND folder, in name order. The folder is
-        listed at once; each Waiting is made as it is taken, so the first job
+        listed at once; each QueuedJob is made as it is taken, so the first job
         of a large backlog comes without waiting for objects for all of it."""
         folder = f"{self._root}/{queue}"
         prio = self.priority(queue)
@@ -382,7 +393,7 @@ class Spool:
             return
         names.sort(key=os.fsencode)
         for n in names:
-            yield Waiting(prio, queue, n, f"{folder}/{n}")
+            yield QueuedJob(prio, queue, n, f"{folder}/{n}")
 
     def queue_folders(self) -> list[str]:
         """The TOSEND folders as they are named on disk (SPEC 1: any case), in
@@ -415,14 +426,14 @@ class Spool:
             pass
         return found
 
-    def scan(self) -> Iterator[Waiting]:
+    def scan(self) -> Iterator[QueuedJob]:
         """Every job file in every TOSEND folder, in queue order."""
         for queue in self.queue_folders():
             yield from self.scan_queue(queue)
 
     # --- moves ---------------------------------------------------------------
 
-    def claim(self, job: Waiting, node: str) -> Claimed | None:
+    def claim(self, job: QueuedJob, node: str) -> Claimed | None:
         """Take a waiting job (state 1 to 2); None if another node took it first."""
         # Paths as strings on this path: pathlib costs more than the system calls.
         dest_dir = f"{self._root}/{ACTIVE}/{node}/{job.queue}"
@@ -467,7 +478,7 @@ class Spool:
     def read(self, claimed: Claimed) -> CommandFile:
         return CommandFile.read(claimed.path)
 
-    def finish(self, claimed: Claimed, cf: CommandFile, dest: str) -> Path:
+    def finish(self, claimed: Claimed, cf: CommandFile, dest: Destination) -> Path:
         """Write the job's next version and move it to SENT, FAIL or BACK (its
         own queue) through states 3, 4 and 5. Returns where it landed."""
         [landed] = self.finish_many([(claimed, cf, dest)])
@@ -475,7 +486,7 @@ class Spool:
             raise landed
         return landed
 
-    def finish_many(self, jobs: Sequence[tuple[Claimed, CommandFile, str]]) -> list[Path | OSError]:
+    def finish_many(self, jobs: Sequence[tuple[Claimed, CommandFile, Destination]]) -> list[Path | OSError]:
         """:meth:`finish` for several jobs, their results made durable together
         (:meth:`write_results`, then the batch's ``sync`` and ``commit``). For
         each job: where it landed, or the OSError that stopped it (raised
@@ -485,14 +496,13 @@ class Spool:
         batch.sync()
         return batch.commit()
 
-    def write_results(self, jobs: Sequence[tuple[Claimed, CommandFile, str]]) -> "ResultBatch":
+    def write_results(self, jobs: Sequence[tuple[Claimed, CommandFile, Destination]]) -> "ResultBatch":
         """State 3, first half, for each job: its next version (``cf``, for
         ``dest`` SENT, FAIL or back to its queue) written into a spare, not yet
         fsynced. The batch goes on with ``sync`` (or ``synced``) and ``commit``."""
         batch = ResultBatch(self, [claimed for claimed, _, _ in jobs])
         for i, (claimed, cf, dest) in enumerate(jobs):
-            suffix = dest if dest in (SENT, FAIL) else BACK
-            result = f"{os.path.dirname(claimed.path)}/{claimed.name}.{suffix}"
+            result = f"{os.path.dirname(claimed.path)}/{claimed.name}.{dest.value}"
             try:
                 spare, fd = self._write_spare(result, cf.to_bytes(), claimed.node)
             except OSError as e:

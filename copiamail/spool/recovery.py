@@ -19,7 +19,7 @@ from copiamail.jobfile import records
 from copiamail.errors import SyntaxFileError
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import parse_attempt
-from copiamail.spool.queue import FAIL, SENT, Spool, queue_number
+from copiamail.spool.queue import Destination, Spool, queue_number
 
 log = logging.getLogger("copiamail")
 
@@ -77,7 +77,7 @@ def _recover(spool: Spool, node: str, now: float, me: str, returned: list[str], 
         cf = spool.read(claimed)
         cf = records.delivered(cf, me, "250 (accepted; the rest of the reply was not recorded before a stop)", "", 0, now,
                                _where(claimed.queue, cf))
-        spool.finish(claimed, cf, SENT)
+        spool.finish(claimed, cf, Destination.SENT)
         sent.append(claimed.name)
     for claimed in interrupted:
         cf = spool.read(claimed)
@@ -87,10 +87,10 @@ def _recover(spool: Spool, node: str, now: float, me: str, returned: list[str], 
         if _interruptions(cf) >= outcome.INTERRUPTIONS_TO_FAIL:
             final = outcome.INTERRUPTED_TOO_OFTEN
             text = f"interrupted {outcome.INTERRUPTIONS_TO_FAIL} times"
-            spool.finish(claimed, records.failed(cf, me, final.code, final.klass, text, now, where), FAIL)
+            spool.finish(claimed, records.failed(cf, me, final.code, final.klass, text, now, where), Destination.FAIL)
             failed.append(claimed.name)
             log.warning("%s: %s; moved to FAIL", claimed.name, text)
         else:
-            spool.finish(claimed, cf, "BACK")
+            spool.finish(claimed, cf, Destination.BACK)
             returned.append(claimed.name)
             log.warning("%s: attempt interrupted; returned to %s", claimed.name, claimed.queue)
