@@ -17,28 +17,29 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import click
 
 from copiamail import __version__
 from copiamail.config import Config, is_ip, load_config, read_password, workers_problem
 from copiamail.errors import CopiamailError, DeliveryError, JobError, SpoolError
-from copiamail.jobfile.fsfile import CommandFile, format_command
-from copiamail.smtp.session import resolve_relay
 from copiamail.jobfile.dkim import sign_for_job
+from copiamail.jobfile.fsfile import CommandFile, format_command
 from copiamail.jobfile.job import AttemptRecord, JobEnv, parse_address, parse_job
-from copiamail.spool.jobview import ENGINE_VARS, engine_lines, job_state, readable_commands, recipient_of, sender_for
-from copiamail.scheduling.limits import bindings_for, limits_for
-from copiamail.logs import live_display_on, setup_logging
 from copiamail.jobfile.message import build_message
-from copiamail.smtp.mx import MxResolver
-from copiamail.spool.peers import TAKEOVER_MARK
-from copiamail.spool.recovery import recover
 from copiamail.jobfile.rules import match, shadowed
+from copiamail.logs import live_display_on, setup_logging
+from copiamail.scheduling.limits import bindings_for, limits_for
+from copiamail.smtp.mx import MxResolver
+from copiamail.smtp.session import resolve_relay
+from copiamail.spool.jobview import ENGINE_VARS, engine_lines, job_state, readable_commands, recipient_of, sender_for
+from copiamail.spool.peers import TAKEOVER_MARK
 from copiamail.spool.queue import Spool, is_job_name
+from copiamail.spool.recovery import recover
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -115,7 +116,7 @@ class _Progress:
         self._stack = ExitStack()
         self.total = total
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

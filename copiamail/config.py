@@ -20,18 +20,19 @@ import math
 import os
 import re
 import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
+from copiamail.errors import ConfigError, SyntaxFileError
 from copiamail.jobfile import outcome
 from copiamail.jobfile.dkim import is_dns_name, key_problem
-from copiamail.errors import ConfigError, SyntaxFileError
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import JobEnv, parse_address, read_mailbox, written_address
 from copiamail.jobfile.rules import DomainLimitRule, parse_rule
@@ -230,7 +231,7 @@ class Config:
         return [(k.lstrip("."), cap) for k, cap in out]
 
     def with_overrides(self, spool: Path | None = None, relay: str | None = None,
-                       relay_ca_file: Path | None = None, relay_tls_verify: bool | None = None) -> "Config":
+                       relay_ca_file: Path | None = None, relay_tls_verify: bool | None = None) -> Config:
         """The CLI's ``--spool DIR``, ``--relay HOST[:PORT]``, ``--relay-ca FILE``
         (relay.ca_file) and ``--relay-no-verify`` (relay.tls_verify: false) on
         top of the file; the last two need a relay and exclude each other."""
@@ -414,7 +415,7 @@ _TOP_KEYS = {
 _MAX_KEY_FILE = 64 * 1024
 
 
-def _dkim(r: "_Reader", m: CommentedMap) -> Mapping[str, DkimKey]:
+def _dkim(r: _Reader, m: CommentedMap) -> Mapping[str, DkimKey]:
     """``dkim``: ``{domain: {selector, key_file}}``. Each key is read and checked
     here, so a missing or bad key stops the node at start (and check-config
     names it) rather than failing every message."""
@@ -447,7 +448,7 @@ def _dkim(r: "_Reader", m: CommentedMap) -> Mapping[str, DkimKey]:
     return MappingProxyType(out)
 
 
-def _variables(r: "_Reader", m: CommentedMap) -> dict[str, str]:
+def _variables(r: _Reader, m: CommentedMap) -> dict[str, str]:
     """``variables:``: NAME: value, as a CFG's ``$var_def NAME value``."""
     out = {}
     for name, value in m.items():
@@ -459,7 +460,7 @@ def _variables(r: "_Reader", m: CommentedMap) -> dict[str, str]:
     return out
 
 
-def _path_map(r: "_Reader", m: CommentedMap) -> tuple[tuple[str, str], ...]:
+def _path_map(r: _Reader, m: CommentedMap) -> tuple[tuple[str, str], ...]:
     """``path_map``: Windows path prefixes as jobs write them (matched in any
     case) to local folders (relative to the config file's folder)."""
     out = []

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, TextIO
+from typing import TextIO
 
 OUTCOMES = "copiamail.outcomes"  # one line per delivery or deferral: -v
 _FORMAT = "%(asctime)s %(source)s: %(message)s"

@@ -4,7 +4,6 @@
 # BEGIN smtp test server fixtures (see tests/smtpserver.py)
 # ---------------------------------------------------------------------------
 import pytest
-
 from smtpserver import SMTPTestServer, TLSCert, make_self_signed_cert
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import base64
 import subprocess
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import dkim
 import dkim.crypto

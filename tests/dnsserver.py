@@ -69,7 +69,7 @@ import ipaddress
 import socket
 import threading
 from collections import deque
-from typing import Any, Optional
+from typing import Any
 
 import dns.exception
 import dns.flags
@@ -109,9 +109,9 @@ def _label(name: dns.name.Name) -> str:
 
 
 class _UDPProtocol(asyncio.DatagramProtocol):
-    def __init__(self, server: "DNSTestServer") -> None:
+    def __init__(self, server: DNSTestServer) -> None:
         self.server = server
-        self.transport: Optional[asyncio.DatagramTransport] = None
+        self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -131,9 +131,9 @@ class _UDPProtocol(asyncio.DatagramProtocol):
 class _TCPProtocol(asyncio.Protocol):
     """Length-prefixed DNS over TCP; queries on one connection answered in order."""
 
-    def __init__(self, server: "DNSTestServer") -> None:
+    def __init__(self, server: DNSTestServer) -> None:
         self.server = server
-        self.transport: Optional[asyncio.Transport] = None
+        self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.pending: deque[bytes] = deque()
         self.busy = False
@@ -142,7 +142,7 @@ class _TCPProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.server._transports.add(transport)
 
-    def connection_lost(self, exc: Optional[Exception]) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self.server._transports.discard(self.transport)  # type: ignore[arg-type]
         self.pending.clear()
 
@@ -188,17 +188,17 @@ class DNSTestServer:
         self._table: dict[dns.name.Name, dict[int, dns.rrset.RRset]] = {}
         self._servfail: set[dns.name.Name] = set()
         self._delay: dict[dns.name.Name, float] = {}
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
-        self._udp: Optional[asyncio.DatagramTransport] = None
-        self._listener: Optional[socket.socket] = None  # TCP, accepted via add_reader
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._udp: asyncio.DatagramTransport | None = None
+        self._listener: socket.socket | None = None  # TCP, accepted via add_reader
         self._accepted: set[socket.socket] = set()  # accepted, no transport yet
         self._tasks: set[asyncio.Task] = set()
         self._transports: set[asyncio.BaseTransport] = set()  # TCP connections
 
     # -- table ---------------------------------------------------------------
 
-    def add(self, name: str, rtype: str, *values: str, ttl: Optional[int] = None) -> None:
+    def add(self, name: str, rtype: str, *values: str, ttl: int | None = None) -> None:
         """Add ``values`` (zone-file rdata text) as ``rtype`` records of ``name``."""
         if not values:
             raise ValueError("add() needs at least one value")
@@ -254,7 +254,7 @@ class DNSTestServer:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def __enter__(self) -> "DNSTestServer":
+    def __enter__(self) -> DNSTestServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -266,7 +266,7 @@ class DNSTestServer:
 
     def _bind(self) -> tuple[socket.socket, socket.socket]:
         """UDP and TCP sockets on one port; with port 0, retry until both fit."""
-        last: Optional[OSError] = None
+        last: OSError | None = None
         for _ in range(1 if self.port else 50):
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -288,7 +288,7 @@ class DNSTestServer:
         assert last is not None
         raise last
 
-    def start(self) -> "DNSTestServer":
+    def start(self) -> DNSTestServer:
         """Bind and serve in a background thread; returns self."""
         if self.running:
             return self
@@ -376,7 +376,7 @@ class DNSTestServer:
         finally:
             self._accepted.discard(conn)
 
-    async def _respond(self, data: bytes, tcp: bool) -> Optional[bytes]:
+    async def _respond(self, data: bytes, tcp: bool) -> bytes | None:
         """Wire answer to the wire query ``data`` (None: send nothing)."""
         try:
             query = dns.message.from_wire(data)

@@ -149,6 +149,16 @@ def expected_value(cf: CommandFile, value: object) -> str:
 
 
 __all__ = [
-    "BOM", "OWNED_VARS", "OWNED_COMMANDS", "line_text", "fs_files", "engine_edits", "engine_values",
-    "apply_edit", "apply_edits", "owned_lines", "expected_value", "format_command",
+    "BOM",
+    "OWNED_COMMANDS",
+    "OWNED_VARS",
+    "apply_edit",
+    "apply_edits",
+    "engine_edits",
+    "engine_values",
+    "expected_value",
+    "format_command",
+    "fs_files",
+    "line_text",
+    "owned_lines",
 ]

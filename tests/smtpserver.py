@@ -73,12 +73,18 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
 
 from aiosmtpd.smtp import (
-    SMTP, AuthResult, Envelope, LoginPassword, Session, TLSSetupException,
+    SMTP,
+    AuthResult,
+    Envelope,
+    LoginPassword,
+    Session,
+    TLSSetupException,
 )
 
 log = logging.getLogger("smtpserver")
@@ -95,15 +101,15 @@ class _QuietDeprecation(logging.Filter):
 logging.getLogger("mail.log").addFilter(_QuietDeprecation())
 
 __all__ = [
-    "Rule",
-    "Message",
+    "STAGES",
     "ConnectionInfo",
-    "TLSCert",
+    "Message",
+    "Rule",
     "SMTPTestServer",
-    "make_self_signed_cert",
+    "TLSCert",
     "default_cert",
     "fully_qualified",
-    "STAGES",
+    "make_self_signed_cert",
 ]
 
 STAGES = frozenset({
@@ -160,7 +166,7 @@ def make_self_signed_cert(directory: str | Path, cn: str = "localhost",
     return TLSCert(str(cert), str(key))
 
 
-_default_cert: Optional[TLSCert] = None
+_default_cert: TLSCert | None = None
 _default_cert_lock = threading.Lock()
 
 
@@ -183,15 +189,15 @@ def default_cert() -> TLSCert:
 @dataclass(eq=False)
 class Rule:
     stage: str
-    code: Optional[int] = None
+    code: int | None = None
     text: str = ""
-    match: Optional[str] = None
-    times: Optional[int] = None
+    match: str | None = None
+    times: int | None = None
     delay: float = 0.0
-    close: Optional[bool] = None
+    close: bool | None = None
     drop: bool = False
     hang: bool = False
-    source: Optional[str] = None
+    source: str | None = None
     fired: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -266,10 +272,10 @@ class Message:
     data: bytes
     peer: str                 # client IP
     peer_port: int            # client (source) port
-    message_id: Optional[str]
+    message_id: str | None
     conn_serial: int          # ConnectionInfo.serial of the connection it came over
     received_at: float        # time.time()
-    login: Optional[str] = None
+    login: str | None = None
     tls: bool = False
     mail_options: list[str] = field(default_factory=list)
 
@@ -286,25 +292,25 @@ class ConnectionInfo:
     peer: str
     peer_port: int
     opened_at: float
-    closed_at: Optional[float] = None
+    closed_at: float | None = None
     tls: bool = False
-    login: Optional[str] = None
+    login: str | None = None
     rcpt_domains: set[str] = field(default_factory=set)
     commands: list[str] = field(default_factory=list)
     messages: int = 0
-    helo: Optional[str] = None  # the name of the last EHLO or HELO
+    helo: str | None = None  # the name of the last EHLO or HELO
     bytes_received: int = 0   # everything the client sent (after TLS: the plain text)
     # The last command before the client closed or reset the connection
     # without QUIT ("CONNECT" before any), as Postfix logs "lost connection
     # after RCPT"; None while open, after QUIT, and when the server closed it.
-    lost_after: Optional[str] = None
+    lost_after: str | None = None
 
     @property
     def open(self) -> bool:
         return self.closed_at is None
 
 
-def _message_id(data: bytes) -> Optional[str]:
+def _message_id(data: bytes) -> str | None:
     try:
         hdrs = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(data)
         v = hdrs.get("Message-ID")
@@ -347,10 +353,10 @@ def _check_host(host: str) -> str:
 
 
 class _Handler:
-    def __init__(self, server: "SMTPTestServer") -> None:
+    def __init__(self, server: SMTPTestServer) -> None:
         self._srv = server
 
-    async def handle_EHLO(self, proto: "_TestSMTP", session: Session, envelope: Envelope,
+    async def handle_EHLO(self, proto: _TestSMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
         srv = self._srv
@@ -370,19 +376,19 @@ class _Handler:
             self._srv.errors.append(error)
         return f"500 Error: ({type(error).__name__}) {error}"
 
-    async def handle_DATA(self, proto: "_TestSMTP", session: Session,
+    async def handle_DATA(self, proto: _TestSMTP, session: Session,
                           envelope: Envelope) -> str:
         return await proto._end_of_data(envelope)
 
 
 class _TestSMTP(SMTP):
-    def __init__(self, server: "SMTPTestServer", handler: _Handler, **kwargs: Any) -> None:
+    def __init__(self, server: SMTPTestServer, handler: _Handler, **kwargs: Any) -> None:
         self._srv = server
-        self._conn: Optional[ConnectionInfo] = None
+        self._conn: ConnectionInfo | None = None
         self._lost = False
         self._greeted = False
         self._greeting_rejected = False
-        self._ended_by: Optional[str] = None  # "client" or "server": who ended the connection first
+        self._ended_by: str | None = None  # "client" or "server": who ended the connection first
         super().__init__(handler, **kwargs)
         for name, method in list(self._smtp_methods.items()):
             self._smtp_methods[name] = functools.partial(self._dispatch, name, method)
@@ -402,7 +408,7 @@ class _TestSMTP(SMTP):
             self._conn.bytes_received += len(data)
         super().data_received(data)
 
-    def eof_received(self) -> Optional[bool]:
+    def eof_received(self) -> bool | None:
         self._ended_by = self._ended_by or "client"
         return super().eof_received()
 
@@ -410,7 +416,7 @@ class _TestSMTP(SMTP):
         self._ended_by = self._ended_by or "server"
         super()._timeout_cb()
 
-    def connection_lost(self, error: Optional[Exception]) -> None:
+    def connection_lost(self, error: Exception | None) -> None:
         if error is not None:
             self._ended_by = self._ended_by or "client"  # reset by the client
         try:
@@ -435,7 +441,7 @@ class _TestSMTP(SMTP):
     async def _raw_push(self, line: str) -> None:
         await SMTP.push(self, line)
 
-    async def _apply(self, stage: str, addresses: Iterable[str]) -> Optional[Rule]:
+    async def _apply(self, stage: str, addresses: Iterable[str]) -> Rule | None:
         """Run the rule for this stage, if any.  Returns the rule if it produced
         a reply the caller must send (code set, no close); None if the command
         should proceed normally.  Replies that close the connection, drops and
@@ -478,7 +484,7 @@ class _TestSMTP(SMTP):
                 return
         await self._raw_push(status)
 
-    def _addr(self, keyword: str, arg: Optional[str]) -> Optional[str]:
+    def _addr(self, keyword: str, arg: str | None) -> str | None:
         if not arg:
             return None
         try:
@@ -490,7 +496,7 @@ class _TestSMTP(SMTP):
         except Exception:
             return None
 
-    async def _dispatch(self, command: str, method: Callable, arg: Optional[str]) -> None:
+    async def _dispatch(self, command: str, method: Callable, arg: str | None) -> None:
         conn = self._conn
         assert conn is not None
         conn.commands.append(command)
@@ -591,7 +597,7 @@ class SMTPTestServer:
         port: int = 0,
         *,
         starttls: bool = False,
-        tls_cert: Optional[TLSCert] = None,
+        tls_cert: TLSCert | None = None,
         require_starttls: bool = False,
         starttls_fails: bool = False,
         auth: Any = None,
@@ -600,7 +606,7 @@ class SMTPTestServer:
         rules: Iterable[Rule] = (),
         server_hostname: str = "mx.smtp-test.invalid",
         idle_timeout: float = 60.0,
-        size_limit: Optional[int] = None,
+        size_limit: int | None = None,
         pipelining: bool = False,
         strict_helo: bool = False,
     ) -> None:
@@ -648,16 +654,16 @@ class SMTPTestServer:
         self._cur_dom: Counter[str] = Counter()
         self._peak_dom: Counter[str] = Counter()
 
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
-        self._aserver: Optional[asyncio.AbstractServer] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._aserver: asyncio.AbstractServer | None = None
         self._stopped = threading.Event()
         for r in rules:
             self.add_rule(r)
 
     # -- lifecycle ---------------------------------------------------------
     @property
-    def cert_path(self) -> Optional[str]:
+    def cert_path(self) -> str | None:
         return self.tls_cert.cert_path if self.tls_cert else None
 
     @property
@@ -668,7 +674,7 @@ class SMTPTestServer:
     def running(self) -> bool:
         return self._thread is not None
 
-    def __enter__(self) -> "SMTPTestServer":
+    def __enter__(self) -> SMTPTestServer:
         self.start()
         return self
 
@@ -697,7 +703,7 @@ class SMTPTestServer:
             kw["auth_exclude_mechanism"] = ["PLAIN", "LOGIN"]
         return kw
 
-    def start(self) -> "SMTPTestServer":
+    def start(self) -> SMTPTestServer:
         if self._thread is not None:
             raise RuntimeError("server already running")
         kwargs = self._smtp_kwargs()
@@ -768,7 +774,7 @@ class SMTPTestServer:
             await asyncio.gather(*tasks, return_exceptions=True)
         try:
             await asyncio.wait_for(self._aserver.wait_closed(), 5)
-        except asyncio.TimeoutError:  # pragma: no cover
+        except TimeoutError:  # pragma: no cover
             pass
         for _ in range(3):
             await asyncio.sleep(0)
@@ -807,7 +813,7 @@ class SMTPTestServer:
         with self._lock:
             return list(self._rules)
 
-    def _pick_rule(self, stage: str, addresses: list[str], peer_ip: str) -> Optional[Rule]:
+    def _pick_rule(self, stage: str, addresses: list[str], peer_ip: str) -> Rule | None:
         with self._lock:
             for specific in (True, False):
                 for r in self._rules:

@@ -12,8 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 CLI = [sys.executable, "-m", "copiamail"]
 REPO = Path(__file__).resolve().parent.parent

@@ -8,7 +8,6 @@ import os
 import time
 
 import pytest
-
 from smtpserver import Rule
 from spoolkit import SpoolKit, stop, var, wait_until
 

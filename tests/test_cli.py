@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from smtpserver import Rule
 from spoolkit import CLI, SpoolKit, attempts, cli_env, run_on_a_terminal, var
 

@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from smtpserver import Rule
 from spoolkit import SpoolKit, attempts, var
 

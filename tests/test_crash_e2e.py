@@ -13,7 +13,6 @@ import os
 import signal
 
 import pytest
-
 from smtpserver import Rule
 from spoolkit import SpoolKit, attempts, cli_env, var, wait_until
 

@@ -7,16 +7,16 @@ answers each command the way a test needs, and records what arrived when.
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
+from copiamail.errors import DeliveryError
 from copiamail.jobfile import outcome
 from copiamail.smtp.session import SessionSettings, SmtpSession, data_block
-from copiamail.errors import DeliveryError
 
 EHLO_PLAIN = b"250-test.invalid\r\n250 8BITMIME\r\n"
 EHLO_PIPELINING = b"250-test.invalid\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
@@ -101,7 +101,7 @@ def test_without_pipelining_each_command_waits_for_the_reply_before_it():
         seen.append(await reader.readline())  # MAIL
         await asyncio.sleep(0.2)
         # Nothing more may have arrived before the MAIL reply.
-        seen.append(b"early: " + (reader._buffer and bytes(reader._buffer) or b""))  # noqa: SLF001
+        seen.append(b"early: " + ((reader._buffer and bytes(reader._buffer)) or b""))
         writer.write(b"250 ok\r\n")
         seen.append(await reader.readline())  # RCPT
         writer.write(b"250 ok\r\n")

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from dkimkeys import damaged_copy, make_key
 from spoolkit import cli_env
 

@@ -5,7 +5,6 @@ published key; a job that cannot be signed fails and nothing is sent."""
 from __future__ import annotations
 
 import pytest
-
 from dkimkeys import make_key, public_record, signature_tags, verifies
 from spoolkit import SpoolKit, attempts, var
 

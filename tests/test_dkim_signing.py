@@ -8,13 +8,12 @@ from pathlib import Path
 from types import MappingProxyType
 
 import pytest
-
 from dkimkeys import damaged_copy, make_key, public_record, signature_tags, verifies
 
-from copiamail.jobfile import outcome
 from copiamail.config import Config, DkimKey
-from copiamail.jobfile.dkim import from_domain, is_dns_name, key_problem, sign, sign_for_job
 from copiamail.errors import JobError
+from copiamail.jobfile import outcome
+from copiamail.jobfile.dkim import from_domain, is_dns_name, key_problem, sign, sign_for_job
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job, parse_job
 from copiamail.jobfile.message import build_message

@@ -11,7 +11,6 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 import pytest
-
 from dnsserver import DNSTestServer
 
 

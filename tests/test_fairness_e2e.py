@@ -4,7 +4,6 @@ and Momentum's server_reserve_outbound_connections."""
 
 from __future__ import annotations
 
-
 from smtpserver import Rule
 from spoolkit import SpoolKit, stop, wait_until
 

@@ -32,12 +32,11 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
 
 import pytest
-
 from smtpserver import ConnectionInfo, Rule, SMTPTestServer, TLSCert
 from spoolkit import SpoolKit
 

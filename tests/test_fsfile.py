@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 import pytest
+from fs_strategies import (
+    BOM,
+    OWNED_COMMANDS,
+    OWNED_VARS,
+    apply_edits,
+    engine_edits,
+    engine_values,
+    expected_value,
+    fs_files,
+    owned_lines,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,18 +24,6 @@ from copiamail.jobfile.fsfile import (
     format_arg,
     format_command,
     tokenize,
-)
-from fs_strategies import (
-    OWNED_COMMANDS,
-    OWNED_VARS,
-    engine_values,
-    BOM,
-    apply_edits,
-    engine_edits,
-    engine_values,
-    expected_value,
-    fs_files,
-    owned_lines,
 )
 
 no_line_break = st.text().filter(lambda s: "\r" not in s and "\n" not in s)

@@ -5,24 +5,24 @@ from __future__ import annotations
 import time
 
 import pytest
+from fs_strategies import apply_edits, engine_edits, fs_files
 from hypothesis import given
 from hypothesis import strategies as st
 
-from copiamail.jobfile import outcome
 from copiamail.errors import JobError
+from copiamail.jobfile import outcome
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import (
-    AttemptRecord,
-    JobEnv,
     Attachment,
+    AttemptRecord,
     BodyItem,
+    JobEnv,
     is_owned,
     job_identity,
     parse_address,
     parse_job,
     quick_domain,
 )
-from fs_strategies import apply_edits, engine_edits, fs_files
 
 # SPEC 2, "An example".
 EXAMPLE = b'''; monthly statement, customer 4711

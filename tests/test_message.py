@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from copiamail.errors import JobError
 from copiamail.jobfile import message as message_module
 from copiamail.jobfile import outcome
-from copiamail.errors import JobError
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Attachment, BodyItem, Job, parse_job
 from copiamail.jobfile.message import build_message

@@ -5,7 +5,6 @@ and the `copiamail node` CLI with no relay (SPEC 5, issue 3)."""
 from __future__ import annotations
 
 import pytest
-
 from smtpserver import Rule, SMTPTestServer
 from spoolkit import SpoolKit, attempts, var
 

@@ -7,7 +7,6 @@ import signal
 import time
 
 import pytest
-
 from smtpserver import Rule
 from spoolkit import SpoolKit, attempts, stop, var, wait_until
 

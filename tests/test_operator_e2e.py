@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from smtpserver import Rule
 from spoolkit import CLI, SpoolKit, attempts, children_of, cli_env, run_on_a_terminal, wait_until
 

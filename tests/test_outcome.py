@@ -92,8 +92,8 @@ def test_parse_retry_class_refuses_anything_else(text):
 
 
 def test_classes_are_the_copiafacts_letters():
-    assert (outcome.TIMEOUT, outcome.MAILBOX, outcome.CONNECTION, outcome.DOMAIN, outcome.SMTP_OTHER,
-            outcome.HOST_REJECTED, outcome.SUCCESS, outcome.FAILURE) == tuple("ABCDEHSZ")
+    assert tuple("ABCDEHSZ") == (outcome.TIMEOUT, outcome.MAILBOX, outcome.CONNECTION, outcome.DOMAIN, outcome.SMTP_OTHER,
+            outcome.HOST_REJECTED, outcome.SUCCESS, outcome.FAILURE)
     # CopiaFacts retries A-H and J-O; I is an ignored failure, S success, Z final.
     assert set(CLASSES) == set("ABCDEFGHJKLMNO") | {"I", "S", "Z"}
 
@@ -131,7 +131,7 @@ def test_delays_for_without_levels_is_the_default():
 
 
 def test_default_retry_delays_are_5_20_60_240_720_minutes():
-    assert DEFAULT_RETRY_DELAYS == {"*": parse_delays("5 20 60 240 720")}
+    assert {"*": parse_delays("5 20 60 240 720")} == DEFAULT_RETRY_DELAYS
 
 
 # --- retry_delay ---------------------------------------------------------------------------

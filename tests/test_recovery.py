@@ -9,9 +9,9 @@ from pathlib import Path
 from copiamail.jobfile import outcome
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import parse_job
-from copiamail.spool.recovery import RecoveryReport, recover
 from copiamail.jobfile.records import local_stamp
 from copiamail.spool.queue import Spool
+from copiamail.spool.recovery import RecoveryReport, recover
 
 NOW = time.mktime((2026, 11, 21, 14, 3, 7, 0, 0, -1))
 JOB = (
@@ -190,8 +190,8 @@ def test_a_recovered_job_never_replaces_a_job_that_took_its_name(tmp_path):
 
 
 def test_a_job_the_server_accepted_before_a_crash_is_finished_to_sent_not_sent_again(tmp_path):
-    from copiamail.spool.recovery import recover
     from copiamail.spool.queue import Spool
+    from copiamail.spool.recovery import recover
 
     sp = Spool(tmp_path)
     sp.ensure()

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 import pytest
-
 from smtpserver import Rule, SMTPTestServer
 from spoolkit import SpoolKit
 

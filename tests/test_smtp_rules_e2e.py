@@ -13,7 +13,6 @@ import socket
 import subprocess
 
 import pytest
-
 from smtpserver import Rule, TLSCert, fully_qualified, make_self_signed_cert
 from spoolkit import CLI, SpoolKit, attempts, cli_env, var
 from test_mx_e2e import mx_kit

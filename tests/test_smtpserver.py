@@ -21,7 +21,6 @@ from aiosmtplib import (
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
-
 from smtpserver import Rule, SMTPTestServer
 
 FROM = "sender@copiamail.test"

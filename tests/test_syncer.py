@@ -75,10 +75,10 @@ def test_when_the_syncer_dies_batches_in_flight_get_none_and_later_ones_are_refu
         syncer = Syncer.start(lambda: lost.append(True))
         assert syncer is not None
         await submit(syncer, open_files(tmp_path, 1))  # it is up
-        os.kill(syncer._pid, signal.SIGSTOP)  # noqa: SLF001 - it must not answer before it dies
+        os.kill(syncer._pid, signal.SIGSTOP)
         answer: asyncio.Future[list[int] | None] = asyncio.get_running_loop().create_future()
         assert syncer.submit(open_files(tmp_path, 2), answer.set_result)
-        os.kill(syncer._pid, signal.SIGKILL)  # noqa: SLF001
+        os.kill(syncer._pid, signal.SIGKILL)
         got = await asyncio.wait_for(answer, 10)
         refused = not syncer.submit(open_files(tmp_path, 1), lambda errnos: None)
         syncer.close()
@@ -91,7 +91,7 @@ def test_when_the_syncer_dies_batches_in_flight_get_none_and_later_ones_are_refu
 def test_the_syncer_process_ends_when_the_node_closes_it(tmp_path):
     syncer = Syncer.start(lambda: None)
     assert syncer is not None
-    pid = syncer._pid  # noqa: SLF001
+    pid = syncer._pid
     syncer.close()
     assert not Path(f"/proc/{pid}").exists()
 
@@ -147,7 +147,7 @@ def test_a_syncer_that_fails_at_start_exits_and_never_runs_the_callers_code(tmp_
     syncer = Syncer.start(lambda: None)
     (tmp_path / f"after-start-{os.getpid()}").write_text("")  # the child must never get here
     assert syncer is not None
-    _, status = os.waitpid(syncer._pid, 0)  # noqa: SLF001
+    _, status = os.waitpid(syncer._pid, 0)
     assert os.waitstatus_to_exitcode(status) == 1
     assert [p.name for p in tmp_path.iterdir()] == [f"after-start-{os.getpid()}"]
-    syncer._sock.close()  # noqa: SLF001
+    syncer._sock.close()

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
-
 from smtpserver import Rule
 from spoolkit import SpoolKit, children_of, stop, wait_until
 

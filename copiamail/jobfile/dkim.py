@@ -23,8 +23,8 @@ from email.utils import parseaddr
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from copiamail.jobfile import outcome
 from copiamail.errors import JobError
+from copiamail.jobfile import outcome
 from copiamail.jobfile.job import Job
 from copiamail.jobfile.message import _Files
 
@@ -68,7 +68,7 @@ def key_problem(key: bytes) -> str | None:
 
     try:
         pk = dkim.crypto.parse_pem_private_key(_pem(key))
-    except Exception as e:  # noqa: BLE001 - dkimpy's ASN.1 and base64 readers raise assorted errors on garbage
+    except Exception as e:
         detail = " ".join(str(e).split()) or type(e).__name__
         return f"not an unencrypted RSA private key in PEM form (PKCS#1 or PKCS#8): {detail}"
     n, e, p, q = pk["modulus"], pk["publicExponent"], pk["prime1"], pk["prime2"]

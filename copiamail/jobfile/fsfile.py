@@ -144,14 +144,14 @@ def _split_lines(text: str) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def _candidates(names: frozenset[str]) -> "re.Pattern[str]":
+def _candidates(names: frozenset[str]) -> re.Pattern[str]:
     """Lines whose command may be one of ``names``: the first token is one of
     them (any case), or holds a quote (then only the tokenizer can tell)."""
     alternatives = "|".join(re.escape(n) for n in sorted(names))
     return re.compile(rf'[ \t]*\$(?:(?:{alternatives})(?=[ \t]|\r?\n?$)|[^ \t\r\n"]*")', re.IGNORECASE)
 
 
-def _newline(lines: "tuple[str, ...] | list[str]") -> str:
+def _newline(lines: tuple[str, ...] | list[str]) -> str:
     for raw in lines:
         if raw.endswith("\n"):
             return "\r\n" if raw.endswith("\r\n") else "\n"
@@ -198,7 +198,7 @@ class CommandFile:
         return "".join(self.lines)
 
     @classmethod
-    def parse(cls, data: bytes, path: Path | str | None = None) -> "CommandFile":
+    def parse(cls, data: bytes, path: Path | str | None = None) -> CommandFile:
         """Read bytes; never fails (errors surface in :meth:`commands`)."""
         bom = data.startswith(_BOM)
         if bom:
@@ -210,7 +210,7 @@ class CommandFile:
         return cls(_split_lines(text), encoding, bom, Path(path) if path is not None else None)
 
     @classmethod
-    def read(cls, path: Path | str) -> "CommandFile":
+    def read(cls, path: Path | str) -> CommandFile:
         """Read a file from disk (an OSError propagates to the caller)."""
         return cls.parse(read_bytes(path), path)
 
@@ -270,7 +270,7 @@ class CommandFile:
             return value.encode("utf-8", errors="replace").decode("utf-8")
         return value.encode(self.encoding, errors="replace").decode(self.encoding)
 
-    def _replace_or_append(self, key: tuple[str, str], text: str) -> "CommandFile":
+    def _replace_or_append(self, key: tuple[str, str], text: str) -> CommandFile:
         text = self._sanitize(text)
         lines = list(self.lines)
         for i in range(len(lines) - 1, -1, -1):
@@ -283,7 +283,7 @@ class CommandFile:
                 return CommandFile(tuple(lines), self.encoding, self.bom, self.path)
         return self._append(lines, text)
 
-    def _append(self, lines: list[str], text: str) -> "CommandFile":
+    def _append(self, lines: list[str], text: str) -> CommandFile:
         newline = self.newline
         if lines and not lines[-1].endswith("\n"):
             # A last line cut after its CR only needs the LF: adding a whole
@@ -292,10 +292,10 @@ class CommandFile:
         lines.append(text + newline)
         return CommandFile(tuple(lines), self.encoding, self.bom, self.path)
 
-    def edited(self, append: tuple["tuple[str, tuple[str | int, ...]] | WrittenLine", ...] = (),
+    def edited(self, append: tuple[tuple[str, tuple[str | int, ...]] | WrittenLine, ...] = (),
                variables: tuple[tuple[str, str | int], ...] = (),
                commands: tuple[tuple[str, tuple[str | int, ...]], ...] = (),
-               moved: tuple[str, ...] = ()) -> "CommandFile":
+               moved: tuple[str, ...] = ()) -> CommandFile:
         """:meth:`append_command` for each of ``append``, then :meth:`set_var`
         for each of ``variables``, then :meth:`set_command` for each of
         ``commands``, in one pass over the lines (the same result as the calls
@@ -343,15 +343,15 @@ class CommandFile:
             lines.append(text + newline)
         return CommandFile(tuple(lines), self.encoding, self.bom, self.path)
 
-    def set_var(self, name: str, value: str | int) -> "CommandFile":
+    def set_var(self, name: str, value: str | int) -> CommandFile:
         """Update the (last) ``$var_def NAME`` line in place, or append one."""
         return self._replace_or_append(("var_def", name.upper()), format_command("var_def", name, str(value)))
 
-    def set_command(self, name: str, *args: str | int) -> "CommandFile":
+    def set_command(self, name: str, *args: str | int) -> CommandFile:
         """Update the last ``$name`` line in place, or append one (single-valued commands)."""
         return self._replace_or_append((name.lower(), ""), format_command(name, *(str(a) for a in args)))
 
-    def append_command(self, name: str, *args: str | int) -> "CommandFile":
+    def append_command(self, name: str, *args: str | int) -> CommandFile:
         """Append a ``$name`` line (repeatable commands such as ``$attempt_record``)."""
         return self._append(list(self.lines), self._sanitize(format_command(name, *(str(a) for a in args))))
 

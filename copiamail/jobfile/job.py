@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from email.utils import parseaddr, parsedate_to_datetime
 from types import MappingProxyType
-from typing import Callable, Mapping, NamedTuple
+from typing import NamedTuple
 
-from copiamail.jobfile import outcome
 from copiamail.errors import JobError, SyntaxFileError
+from copiamail.jobfile import outcome
 from copiamail.jobfile.fsfile import Command, CommandFile
 from copiamail.jobfile.outcome import RetryItem, RetryRules
 from copiamail.jobfile.variables import GRAVE, UndefinedVariable, chained, expand, expand_path, starts_with_path_variable
@@ -184,7 +185,7 @@ class Job:
     def interruptions(self) -> int:
         return sum(1 for a in self.current_attempts if a.outcome == outcome.INTERRUPTED.code)
 
-    def without_content(self) -> "Job":
+    def without_content(self) -> Job:
         """This job less its body, alternative, attachments and headers: what
         scheduling needs, at a fraction of the memory."""
         return replace(self, body=(), alt=(), attachments=(), headers=())

@@ -53,19 +53,19 @@ import email.header
 import hashlib
 import mimetypes
 import os
-import stat
 import re
+import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 from email.message import MIMEPart
 from email.policy import SMTP
 from pathlib import Path, PurePath
 from types import MappingProxyType
 
-from copiamail.jobfile import outcome
-from copiamail.errors import JobError
 from copiamail import __version__
+from copiamail.errors import JobError
+from copiamail.jobfile import outcome
 from copiamail.jobfile.job import Attachment, BodyItem, Job, check_header, engine_variables, message_id_domain
 from copiamail.jobfile.variables import GRAVE, UndefinedVariable, chained, expand
 
@@ -201,7 +201,7 @@ def _header_line(name: str, value: str, encoding: str | None = None, charset: st
     # means the header cannot be written.
     try:
         return _POLICY.header_factory(name, value).fold(policy=_POLICY)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise JobError(f"header {name} cannot be written: {e}", outcome.BAD_HEADER.code) from None
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, NamedTuple, Union
+from typing import NamedTuple, Union
 
 # CopiaFacts classes.
 TIMEOUT = "A"
@@ -144,7 +145,7 @@ def wait_for(item: RetryItem, now: float) -> float:
         if candidate <= now:
             continue
         weekday = time.localtime(candidate).tm_wday
-        if item.day == "W" and weekday >= 5 or item.day == "N" and weekday < 5:
+        if (item.day == "W" and weekday >= 5) or (item.day == "N" and weekday < 5):
             continue
         return candidate - now
     raise AssertionError("a week always holds such a day")  # pragma: no cover

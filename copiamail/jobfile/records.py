@@ -45,7 +45,7 @@ def _clock(when: float | None, now: float, now_clock: str) -> str:
     return time.strftime("%H:%M:%S", time.localtime(when))
 
 
-def _record(node: str, code: int, klass: str, text: str, now: float, where: Where) -> "WrittenLine":
+def _record(node: str, code: int, klass: str, text: str, now: float, where: Where) -> WrittenLine:
     """``$attempt_record`` in CopiaFacts' field order: DATE TIME TYPE SKIPPED
     SCHED OUTCOME CLASS SENT TOSEND FLAGS BOARDLINE BAUD CALL CONNECT
     ANSWERBACK, then the node's name (copiamail's own field)."""
@@ -61,7 +61,7 @@ def _attempt(cf: CommandFile, node: str, code: int, klass: str, text: str, now: 
     return cf.edited(append=(_record(node, code, klass, text, now, where),))
 
 
-def _finished(cf: CommandFile, record: "WrittenLine", variables: tuple[tuple[str, str | int], ...],
+def _finished(cf: CommandFile, record: WrittenLine, variables: tuple[tuple[str, str | int], ...],
               commands: tuple[tuple[str, tuple[str | int, ...]], ...], where: Where) -> CommandFile:
     """``cf`` with an attempt record appended and its engine lines set.
 

@@ -20,7 +20,7 @@ file's ``$var_def``, the CFG's, config ``variables:``, the engine's own):
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from copiamail.errors import CopiamailError
 

@@ -17,19 +17,19 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
 from copiamail.config import Config, read_password
-from copiamail.smtp.session import make_tls_context
 from copiamail.errors import ConfigError, SpoolError
-from copiamail.spool.recovery import RecoveryReport, recover
-from copiamail.scheduling.scheduler import Scheduler, Stats
-from copiamail.spool.queue import Spool
 from copiamail.node.workers import ignore_hangups, node_services, run_workers
+from copiamail.scheduling.scheduler import Scheduler, Stats
+from copiamail.smtp.session import make_tls_context
+from copiamail.spool.queue import Spool
+from copiamail.spool.recovery import RecoveryReport, recover
 
 log = logging.getLogger("copiamail")
 

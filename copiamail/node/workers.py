@@ -38,13 +38,13 @@ import select
 import signal
 import sys
 import traceback
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 from copiamail.config import Config
-from copiamail.spool.peers import Peers, heartbeat_interval
 from copiamail.scheduling.scheduler import Scheduler, Stats
+from copiamail.spool.peers import Peers, heartbeat_interval
 from copiamail.spool.queue import Spool
 from copiamail.spool.watcher import SpoolWatcher
 
@@ -100,7 +100,7 @@ def run_workers(
                     os.close(w.ctl)
                     os.close(w.out)
                 code = _worker_main(config, spool, node, password, drain, i, ctl_r, out_w, on_event is not None)
-            except BaseException:  # noqa: BLE001 - report, never return into the supervisor's code
+            except BaseException:
                 traceback.print_exc()
             finally:
                 sys.stderr.flush()

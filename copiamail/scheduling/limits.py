@@ -33,8 +33,9 @@ workers' parts add up to the cap, so the node as a whole never exceeds it.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol
 
 from copiamail.config import BindingConfig, Config, DomainStanza, ScopeCaps
 from copiamail.jobfile.rules import match

@@ -36,26 +36,33 @@ import math
 import os
 import ssl
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
-from copiamail.jobfile import outcome
-from copiamail.jobfile import records
 from copiamail.config import BindingConfig, Config, RelayConfig, is_ip, read_password
-from copiamail.smtp.session import CONNECT, Delivered, SessionSettings, SmtpSession, machine_helo_name, make_tls_context, resolve_relay
-from copiamail.jobfile.dkim import sign_for_job
 from copiamail.errors import DeliveryError, JobError
+from copiamail.jobfile import outcome, records
+from copiamail.jobfile.dkim import sign_for_job
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job, parse_job, quick_domain
-from copiamail.spool.jobview import recipient_of
-from copiamail.scheduling.limits import Limit, LocalLimiter, bindings_for, limits_for, worker_cap, worker_of
-from copiamail.logs import OUTCOMES
 from copiamail.jobfile.message import build_message
-from copiamail.smtp.mx import MxResolver, Route
-from copiamail.spool.queue import Claimed, Destination, ResultBatch, Spool, QueuedJob, is_job_name, queue_number
-from copiamail.spool.syncer import Syncer
+from copiamail.logs import OUTCOMES
+from copiamail.scheduling.limits import Limit, LocalLimiter, bindings_for, limits_for, worker_cap, worker_of
 from copiamail.scheduling.waiting import WaitEntry, WaitingJobs
+from copiamail.smtp.mx import MxResolver, Route
+from copiamail.smtp.session import (
+    CONNECT,
+    Delivered,
+    SessionSettings,
+    SmtpSession,
+    machine_helo_name,
+    make_tls_context,
+    resolve_relay,
+)
+from copiamail.spool.jobview import recipient_of
+from copiamail.spool.queue import Claimed, Destination, QueuedJob, ResultBatch, Spool, is_job_name, queue_number
+from copiamail.spool.syncer import Syncer
 
 log = logging.getLogger("copiamail")
 outcomes = logging.getLogger(OUTCOMES)  # deliveries and deferrals: shown from -v on
@@ -114,9 +121,9 @@ class _Connection:
     target: _Target
     session: SmtpSession
     turn: int = 0
-    handoff: "asyncio.Future[_Item | None] | None" = None
-    task: "asyncio.Task[None] | None" = None
-    written: "asyncio.Future[None] | None" = None  # its last result's batch: done when committed
+    handoff: asyncio.Future[_Item | None] | None = None
+    task: asyncio.Task[None] | None = None
+    written: asyncio.Future[None] | None = None  # its last result's batch: done when committed
 
 
 @dataclass(frozen=True)
@@ -216,13 +223,13 @@ class Scheduler:
         self._parked = False
         self._owed: list[_Result] = []
         self._batch: list[_Result] = []  # results of this turn of the loop, not yet written
-        self._batch_written: "asyncio.Future[None] | None" = None
+        self._batch_written: asyncio.Future[None] | None = None
         # Results go to the syncer process for their fsyncs, one batch at a
         # time; results made meanwhile wait in _batch for the next one. A lost
         # syncer refuses batches (they are fsynced here) and is reaped at
         # shutdown.
         self._syncer: Syncer | None = None
-        self._syncing: "asyncio.Future[None] | None" = None
+        self._syncing: asyncio.Future[None] | None = None
         self._resolving: dict[str, list[_Item]] = {}
         self._lookups: set[asyncio.Task[None]] = set()
         self._down: dict[str, float] = {}
@@ -317,7 +324,7 @@ class Scheduler:
                 if timeout > 0 and not self._hints and not self._full_scan_due:
                     try:
                         await asyncio.wait_for(self._wake.wait(), timeout)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                 # Let a burst of watcher events and finishing sends settle into one pass.
                 await asyncio.sleep(0.01)
@@ -679,7 +686,7 @@ class Scheduler:
             await self._mx.route(domain)
         except DeliveryError as e:
             error = e
-        except Exception as e:  # noqa: BLE001 - a bug in the lookup: a retry, not a loop
+        except Exception as e:
             log.exception("MX lookup of %s failed", domain)
             error = DeliveryError(outcome.DNS_TEMPORARY.code, outcome.DNS_TEMPORARY.klass, f"DNS: lookup of {domain} failed: {e}", False, "DNS")
         finally:
@@ -693,7 +700,7 @@ class Scheduler:
                                                       self._where(item.claimed, item.job, self.clock())))
                     else:
                         self._route(item, after_lookup=True)
-                except Exception:  # noqa: BLE001 - never strand the rest
+                except Exception:
                     log.exception("%s: cannot route the job; handing it back", item.claimed.name)
                     self._hand_back(item.claimed)
             self.wake()
@@ -920,7 +927,7 @@ class Scheduler:
         except asyncio.CancelledError:
             conn.session.abort()
             raise
-        except Exception:  # noqa: BLE001 - a bug must not strand the jobs
+        except Exception:
             log.exception("connection for %s failed", conn.domain)
             conn.session.abort()
         finally:
@@ -947,7 +954,7 @@ class Scheduler:
         self._idle.setdefault(conn.domain, []).append(conn)
         try:
             return await asyncio.wait_for(asyncio.shield(handoff), self.config.connection_idle)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if handoff.done():
                 return handoff.result()
             handoff.cancel()
@@ -984,7 +991,7 @@ class Scheduler:
                 return item
             connected = None if e.stage in (CONNECT, "DNS") and not reused else now
             result = self._after_error(claimed, cf, job, e, self._where(claimed, job, now, connected))
-        except Exception as e:  # noqa: BLE001 - a bug: retry later rather than lose or spin
+        except Exception as e:
             log.exception("%s: internal error", claimed.name)
             conn.session.abort()
             result = self._after_error(claimed, cf, job, DeliveryError(
@@ -1015,7 +1022,7 @@ class Scheduler:
 
     # --- outcomes ------------------------------------------------------------
 
-    def _write(self, result: _Result) -> "asyncio.Future[None]":
+    def _write(self, result: _Result) -> asyncio.Future[None]:
         """Write a job's result and count it, together with the other results
         of this turn of the event loop (one wait for the disk for all of them;
         until then the job stays claimed, or marked delivered, in ACTIVE).
@@ -1052,8 +1059,8 @@ class Scheduler:
         pending.sync()
         self._commit_batch(batch, pending, done)
 
-    def _synced(self, syncing: "asyncio.Future[None]", batch: list[_Result], pending: ResultBatch,
-                done: "asyncio.Future[None] | None", errnos: list[int] | None) -> None:
+    def _synced(self, syncing: asyncio.Future[None], batch: list[_Result], pending: ResultBatch,
+                done: asyncio.Future[None] | None, errnos: list[int] | None) -> None:
         """The syncer's answer for a batch (None: it was lost before answering,
         so none of the batch is known to be durable: the results are owed and
         written again, here)."""
@@ -1069,7 +1076,7 @@ class Scheduler:
             if self._batch:
                 self._write_batch()
 
-    def _commit_batch(self, batch: list[_Result], pending: ResultBatch, done: "asyncio.Future[None] | None") -> None:
+    def _commit_batch(self, batch: list[_Result], pending: ResultBatch, done: asyncio.Future[None] | None) -> None:
         try:
             landed = pending.commit()
             for result, where in zip(batch, landed):
@@ -1088,7 +1095,7 @@ class Scheduler:
             if self._syncing is not None:
                 try:
                     await asyncio.wait_for(asyncio.shield(self._syncing), max(1.0, self.config.shutdown_grace))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if self._syncer is not None:
                         self._syncer.close()  # answers the batch with None
             else:
@@ -1257,7 +1264,7 @@ def _starttls_for(target: _Target, job: Job) -> str:
     return target.starttls
 
 
-def _settle(done: "asyncio.Future[None] | None") -> None:
+def _settle(done: asyncio.Future[None] | None) -> None:
     if done is not None and not done.done():
         done.set_result(None)
 

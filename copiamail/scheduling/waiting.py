@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import heapq
 import os
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Collection, Iterator, Sequence
 
 from copiamail.jobfile.job import Job
 from copiamail.spool.queue import QueuedJob
@@ -42,7 +42,7 @@ class WaitEntry:
     def __post_init__(self) -> None:
         self.order = self.waiting.order  # computed once: heaps compare it often
 
-    def __lt__(self, other: "WaitEntry") -> bool:
+    def __lt__(self, other: WaitEntry) -> bool:
         return self.order < other.order
 
 

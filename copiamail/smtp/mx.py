@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import dns.asyncresolver
 import dns.exception
-import dns.resolver
 import dns.rdatatype
+import dns.resolver
 
-from copiamail.jobfile import outcome
 from copiamail.config import DnsConfig
 from copiamail.errors import DeliveryError
+from copiamail.jobfile import outcome
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import aiosmtplib
 
-from copiamail.jobfile import outcome
 from copiamail.config import is_fqdn, is_ip
 from copiamail.errors import ConfigError, DeliveryError
+from copiamail.jobfile import outcome
 
 MAIL, RCPT, DATA, CONNECT = "MAIL", "RCPT", "DATA", "CONNECT"
 

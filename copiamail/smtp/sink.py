@@ -16,7 +16,6 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-
 _MESSAGE_ID = re.compile(rb"^Message-ID:\s*(<[^>\r\n]*>)", re.IGNORECASE | re.MULTILINE)
 
 
@@ -60,7 +59,7 @@ class SmtpSink:
         self.host = host
         self.port = 0
 
-    def __enter__(self) -> "SmtpSink":
+    def __enter__(self) -> SmtpSink:
         self._controller.start()
         self.port = self._controller.port
         return self

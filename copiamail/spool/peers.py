@@ -31,14 +31,14 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from filelock import FileLock, Timeout
 
-from copiamail.spool.recovery import RecoveryReport, recover
 from copiamail.spool.queue import ACTIVE, Spool
+from copiamail.spool.recovery import RecoveryReport, recover
 
 log = logging.getLogger("copiamail")
 
@@ -125,7 +125,7 @@ class Peers:
         out: list[tuple[str, RecoveryReport]] = []
         try:
             self._check(out)
-        except Exception as e:  # noqa: BLE001 - the heartbeat must go on whatever happens here
+        except Exception as e:
             log.error("checking other nodes failed: %s", e)
         return out
 

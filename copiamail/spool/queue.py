@@ -87,14 +87,14 @@ import itertools
 import os
 import re
 import stat
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from copiamail.errors import SpoolError
-from copiamail.spool.crashpoints import CRASH_ENV, check_disk_space, crash_point
 from copiamail.jobfile.fsfile import CommandFile, write_all
+from copiamail.spool.crashpoints import CRASH_ENV, check_disk_space, crash_point
 
 ACTIVE = "ACTIVE"
 SENT = "SENT"
@@ -251,7 +251,7 @@ class ResultBatch:
     still open. Then either ``sync`` (fsync here) or ``synced`` (the fsyncs
     were made elsewhere: :mod:`copiamail.syncer`), and ``commit``."""
 
-    def __init__(self, spool: "Spool", claimed: list[Claimed]) -> None:
+    def __init__(self, spool: Spool, claimed: list[Claimed]) -> None:
         self._spool = spool
         self._claimed = claimed
         self.out: list[Path | OSError | None] = [None] * len(claimed)
@@ -496,7 +496,7 @@ class Spool:
         batch.sync()
         return batch.commit()
 
-    def write_results(self, jobs: Sequence[tuple[Claimed, CommandFile, Destination]]) -> "ResultBatch":
+    def write_results(self, jobs: Sequence[tuple[Claimed, CommandFile, Destination]]) -> ResultBatch:
         """State 3, first half, for each job: its next version (``cf``, for
         ``dest`` SENT, FAIL or back to its queue) written into a spare, not yet
         fsynced. The batch goes on with ``sync`` (or ``synced``) and ``commit``."""

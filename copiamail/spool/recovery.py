@@ -14,9 +14,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from copiamail.jobfile import outcome
-from copiamail.jobfile import records
 from copiamail.errors import SyntaxFileError
+from copiamail.jobfile import outcome, records
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import parse_attempt
 from copiamail.spool.queue import Destination, Spool, queue_number

@@ -45,7 +45,7 @@ import signal
 import socket
 import struct
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger("copiamail")
 
@@ -69,7 +69,7 @@ class Syncer:
         self.alive = True
 
     @classmethod
-    def start(cls, on_lost: Callable[[], None] | None = None) -> "Syncer | None":
+    def start(cls, on_lost: Callable[[], None] | None = None) -> Syncer | None:
         """Fork a syncer; None where that cannot be done (no fork or no
         SCM_RIGHTS here, or the fork failed): the caller fsyncs itself.
         ``on_lost`` is called once if the syncer is lost while in use."""

@@ -30,8 +30,9 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from watchdog.events import FileClosedEvent, FileCreatedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.api import BaseObserver
@@ -59,7 +60,7 @@ class _Hint(FileSystemEventHandler):
             return
         try:
             self._report(path, self._polling or event.event_type != "moved")
-        except Exception:  # noqa: BLE001 - the observer thread must survive anything
+        except Exception:
             log.exception("watcher report failed")
 
 
