@@ -7,8 +7,8 @@ shows that the node goes on, and whether the connection which saw the error
 carried it. The selected cases run side by side (see ``runs``); each test
 checks its own case, from the job files and the server's records:
 
-* the attempt record of ``A.FS``: outcome code and CopiaFacts class (SPEC 4,
-  README "Outcome codes");
+* the attempt record of ``A.FS``: outcome code and CopiaFacts class (docs/outcomes.md,
+  "Outcome codes");
 * ``EMAIL_ERROR``: exactly the server's reply on one line (``CODE TEXT``), or
   the engine's own message for its codes (71, 72, 73);
 * a final failure (5xx at MAIL, RCPT, DATA or after the final dot) in ``FAIL``
@@ -158,7 +158,7 @@ FAULTS: dict[str, Fault] = {
     # dropped it (71), it did not refuse it (70).
     "greeting-drop": Fault(at("CONNECT", drop=True), 71, "C", "{where} closed the connection before its greeting"),
     # --- EHLO (and the HELO fallback) refused with 5xx: not MAIL, RCPT or
-    # DATA, so retried (README: everything else is retried), whatever starttls says.
+    # DATA, so retried (docs/outcomes.md: everything else is retried), whatever starttls says.
     "ehlo-550-auto": rejected("EHLO", 550, "5.7.1 Client host rejected", "H", times=2, relay="starttls: auto"),
     "ehlo-550-never": rejected("EHLO", 550, "5.7.1 Client host rejected", "H", times=2),
     "no-greeting": Fault(at("CONNECT", hang=True), 72, "A", NO_GREETING, timeout=1),

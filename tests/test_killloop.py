@@ -1,5 +1,5 @@
 """scripts/killloop.py in a small size, so the script keeps working (its full
-run, 1,000 jobs and 25 kills, is quoted in the README)."""
+run, 1,000 jobs and 25 kills, is quoted in docs/reliability.md)."""
 
 import subprocess
 import sys
