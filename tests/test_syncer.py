@@ -140,7 +140,7 @@ def test_an_answer_short_of_files_counts_as_eio_for_every_file_of_the_request(tm
 def test_a_syncer_that_fails_at_start_exits_and_never_runs_the_callers_code(tmp_path, monkeypatch):
     import copiamail.spool.syncer as syncer_mod
 
-    def broken(sock):
+    def broken(sock, node):
         raise OSError(errno.EMFILE, "no descriptor left")
 
     monkeypatch.setattr(syncer_mod, "_serve", broken)

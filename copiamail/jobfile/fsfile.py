@@ -388,10 +388,3 @@ def read_bytes(path: Path | str) -> bytes:
     finally:
         os.close(fd)
 
-
-def write_all(fd: int, data: bytes) -> None:
-    """os.write until every byte is written (a write may be partial)."""
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]

@@ -30,8 +30,8 @@ next start, as after any crash.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
+import functools
 import logging
 import os
 import select
@@ -43,6 +43,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from copiamail.config import Config
+from copiamail.osutil import NulRecords, die_with_parent, write_all
 from copiamail.scheduling.scheduler import Scheduler, Stats
 from copiamail.spool.peers import Peers, heartbeat_interval
 from copiamail.spool.queue import Spool
@@ -50,7 +51,6 @@ from copiamail.spool.watcher import SpoolWatcher
 
 log = logging.getLogger("copiamail")
 
-_PR_SET_PDEATHSIG = 1
 _STATS_FIELDS = ("sent", "failed", "retried", "deferred", "handed_back")
 
 
@@ -65,8 +65,7 @@ class _Worker:
     index: int
     pid: int
     ctl: int  # supervisor to worker (non-blocking)
-    out: int  # worker to supervisor
-    rest: bytes = b""
+    out: NulRecords  # worker to supervisor
     stats: Stats | None = None
     ended: bool = False
     pending: list[bytes] = field(default_factory=list)
@@ -85,6 +84,7 @@ def run_workers(
     ended (drained, or stopped by SIGTERM/SIGINT). Call with the node's lock
     held and its recovery done, before any thread or event loop is started."""
     workers: list[_Worker] = []
+    supervisor = os.getpid()
     for i in range(config.workers):
         ctl_r, ctl_w = os.pipe()
         out_r, out_w = os.pipe()
@@ -98,8 +98,9 @@ def run_workers(
                 os.close(out_r)
                 for w in workers:
                     os.close(w.ctl)
-                    os.close(w.out)
-                code = _worker_main(config, spool, node, password, drain, i, ctl_r, out_w, on_event is not None)
+                    os.close(w.out.fd)
+                code = _worker_main(config, spool, node, password, drain, i, ctl_r, out_w, on_event is not None,
+                                    supervisor)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -108,12 +109,12 @@ def run_workers(
         os.close(ctl_r)
         os.close(out_w)
         os.set_blocking(ctl_w, False)
-        workers.append(_Worker(i, pid, ctl_w, out_r))
+        workers.append(_Worker(i, pid, ctl_w, NulRecords(out_r)))
     try:
         asyncio.run(_supervise(config, spool, node, workers, on_event or (lambda kind, job: None)))
     finally:
         for w in workers:
-            for fd in (w.ctl, w.out):
+            for fd in (w.ctl, w.out.fd):
                 try:
                     os.close(fd)
                 except OSError:
@@ -228,17 +229,12 @@ async def _supervise(
         tell_all(b"Q")
 
     def readable(w: _Worker) -> None:
-        try:
-            data = os.read(w.out, 1 << 16)
-        except BlockingIOError:
-            return
-        if data:
-            parts = (w.rest + data).split(b"\0")
-            w.rest = parts.pop()
-            for record in parts:
+        records = w.out.read()
+        if records is not None:
+            for record in records:
                 _received(w, record, on_event)
             return
-        loop.remove_reader(w.out)
+        loop.remove_reader(w.out.fd)
         w.ended = True
         if w.stats is None:
             # It crashed: its jobs wait for recovery; the others stop too, so
@@ -248,7 +244,7 @@ async def _supervise(
             all_ended.set_result(None)
 
     for w in workers:
-        loop.add_reader(w.out, readable, w)
+        loop.add_reader(w.out.fd, readable, w)
     try:
         async with node_services(config, spool, node, on_takeover=lambda: tell_all(b"R"), on_stop=stop,
                                  on_path=lambda p, written: tell_all((b"W" if written else b"H") + os.fsencode(p))):
@@ -256,7 +252,7 @@ async def _supervise(
     finally:
         for w in workers:
             if not w.ended:
-                loop.remove_reader(w.out)
+                loop.remove_reader(w.out.fd)
 
 
 def _send(w: _Worker) -> None:
@@ -310,25 +306,14 @@ def _received(w: _Worker, record: bytes, on_event: Callable[[str, str], None]) -
 # --- a worker -------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (AttributeError, OSError):
-        pass  # not Linux: the end of file on the control pipe still stops it
-
-
 def _worker_main(config: Config, spool: Spool, node: str, password: str | None, drain: bool,
-                 index: int, ctl: int, out: int, report_events: bool) -> int:
-    parent = os.getppid()
-    _die_with_parent()
-    if os.getppid() != parent:
+                 index: int, ctl: int, out: int, report_events: bool, supervisor: int) -> int:
+    # Where the death signal is missing (not Linux), the end of file on the
+    # control pipe still stops the worker.
+    if not die_with_parent(supervisor):
         return 1  # the supervisor died before the death signal was set
     events: list[bytes] = []
-
-    def write(data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(out, view):]
+    write = functools.partial(write_all, out)
 
     def on_event(kind: str, name: str) -> None:
         if not events:
@@ -350,21 +335,15 @@ def _worker_main(config: Config, spool: Spool, node: str, password: str | None, 
 
 async def _serve_worker(scheduler: Scheduler, drain: bool, ctl: int) -> Stats:
     loop = asyncio.get_running_loop()
-    rest = b""
+    records = NulRecords(ctl)
 
     def readable() -> None:
-        nonlocal rest
-        try:
-            data = os.read(ctl, 1 << 16)
-        except BlockingIOError:
-            return
-        if not data:
+        received = records.read()
+        if received is None:
             loop.remove_reader(ctl)
             scheduler.request_stop()  # the supervisor is gone
             return
-        parts = (rest + data).split(b"\0")
-        rest = parts.pop()
-        for record in parts:
+        for record in received:
             kind = record[:1]
             if kind in (b"H", b"W"):
                 scheduler.hint(os.fsdecode(record[1:]), written=kind == b"W")

@@ -80,20 +80,20 @@ copy under one of its names.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import itertools
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from copiamail.errors import SpoolError
-from copiamail.jobfile.fsfile import CommandFile, write_all
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.osutil import move_unless_taken, rename_noreplace, start_writeback, write_all
 from copiamail.spool.crashpoints import CRASH_ENV, check_disk_space, crash_point
 
 ACTIVE = "ACTIVE"
@@ -102,7 +102,6 @@ FAIL = "FAIL"
 TEMP = "TEMP"
 SPARE = ".spare"  # the folder of spare files inside ACTIVE/<node>
 _SPARES_KEPT = 512  # at most this many spares per process; more are deleted
-
 
 
 class Destination(StrEnum):
@@ -117,71 +116,6 @@ class Destination(StrEnum):
 _RESULT_SUFFIXES = tuple(d.value for d in Destination)
 DELIVERED = "DELIVERED"  # the suffix of a claimed job the server has accepted
 _QUEUE_NAME = re.compile(r"^TOSEND(\d*)$", re.IGNORECASE)
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
-
-
-def _load_renameat2() -> Callable[..., int] | None:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_RENAMEAT2 = _load_renameat2()
-
-
-def rename_noreplace(src: Path | str, dst: Path | str) -> None:
-    """Rename ``src`` to ``dst``, failing with FileExistsError if ``dst`` exists."""
-    if _RENAMEAT2 is not None:
-        if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(err, os.strerror(err), str(dst))
-    # No RENAME_NOREPLACE here (NFS, older kernels): link() refuses to replace.
-    os.link(src, dst)
-    os.unlink(src)
-
-
-def move_unless_taken(src: str, dst: str) -> None:
-    """Rename ``src`` to ``dst``; FileExistsError if ``dst`` exists. One atomic
-    step where RENAME_NOREPLACE works; elsewhere a check, then a plain rename
-    (never link-then-unlink, which would let two nodes both take a job)."""
-    if _RENAMEAT2 is not None:
-        if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(err, os.strerror(err), dst)
-    if os.path.exists(dst):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
-    os.rename(src, dst)
-
-
-def _load_sync_file_range() -> Callable[..., int] | None:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNC_FILE_RANGE = _load_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(fd: int) -> None:
-    """Ask the disk to start writing a file's data now, without waiting (Linux):
-    the fsyncs that follow for a batch of results then wait once, together.
-    Only a hint: durability comes from the fsync."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def _drop(spare: str, fd: int | None) -> None:
@@ -270,10 +204,10 @@ class ResultBatch:
         write them all first, so the waits overlap instead of adding up."""
         if not self._spool.fsync:
             return
-        for fd in self.fds:
-            _start_writeback(fd)
+        fds = self.fds
+        start_writeback(fds)
         errors = []
-        for fd in self.fds:
+        for fd in fds:
             try:
                 os.fsync(fd)
                 errors.append(0)

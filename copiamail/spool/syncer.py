@@ -37,7 +37,6 @@ every file of that request.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import logging
 import os
@@ -47,11 +46,12 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 
+from copiamail.osutil import die_with_parent, start_writeback
+
 log = logging.getLogger("copiamail")
 
 MAX_FDS = 250  # below the kernel's SCM_MAX_FD (253) descriptors per message
 _HEADER = struct.Struct("=QI")  # batch sequence number, chunk index
-_PR_SET_PDEATHSIG = 1
 
 
 class Syncer:
@@ -79,6 +79,7 @@ class Syncer:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError:
             return None
+        node = os.getpid()
         try:
             pid = os.fork()
         except OSError as e:
@@ -92,7 +93,7 @@ class Syncer:
             code = 1
             try:
                 ours.close()
-                code = _serve(theirs)
+                code = _serve(theirs, node)
             finally:
                 os._exit(code)
         theirs.close()
@@ -189,8 +190,9 @@ class Syncer:
         # with the node; nothing of the node waits on it.
 
 
-def _serve(sock: socket.socket) -> int:
-    """The syncer process: answer requests until the socket closes."""
+def _serve(sock: socket.socket, node: int) -> int:
+    """The syncer process: answer requests until the socket closes (or the
+    node process ``node`` ends)."""
     # The node's own signal handling is not this process's: a Ctrl-C sent to
     # the process group is the node's to handle, and its wake-up pipe belongs
     # to the node's event loop.
@@ -209,16 +211,8 @@ def _serve(sock: socket.socket) -> int:
     keep = sock.fileno()
     os.closerange(3, keep)
     os.closerange(keep + 1, 1 << 20)
-    libc = ctypes.CDLL(None, use_errno=True)
-    try:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except AttributeError:
-        pass
-    if os.getppid() == 1:
+    if not die_with_parent(node):
         return 0  # the node died before the death signal was set up
-    sync_file_range = getattr(libc, "sync_file_range", None)
-    if sync_file_range is not None:
-        sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     while True:
         try:
             msg, fds, _, _ = socket.recv_fds(sock, _HEADER.size, MAX_FDS)
@@ -226,9 +220,7 @@ def _serve(sock: socket.socket) -> int:
             return 1
         if not msg:
             return 0
-        if sync_file_range is not None:
-            for fd in fds:
-                sync_file_range(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE: start them all
+        start_writeback(fds)
         errnos = []
         for fd in fds:
             try:

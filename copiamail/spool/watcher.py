@@ -40,6 +40,8 @@ from watchdog.observers.inotify import InotifyEmitter
 from watchdog.observers.inotify_c import InotifyConstants
 from watchdog.observers.polling import PollingObserver
 
+from copiamail.osutil import NulRecords
+
 log = logging.getLogger("copiamail")
 
 # The first byte of each record the child writes: how the file came.
@@ -110,7 +112,7 @@ class SpoolWatcher:
         self._on_path = on_path
         self._polling = polling
         self._proc: subprocess.Popen[bytes] | None = None
-        self._rest = b""
+        self._records: NulRecords | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -119,22 +121,18 @@ class SpoolWatcher:
         self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         assert self._proc.stdout is not None
         os.set_blocking(self._proc.stdout.fileno(), False)
+        self._records = NulRecords(self._proc.stdout.fileno())
         self._loop = loop
         loop.add_reader(self._proc.stdout.fileno(), self._readable)
 
     def _readable(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        try:
-            data = os.read(self._proc.stdout.fileno(), 1 << 16)
-        except BlockingIOError:
-            return
-        if not data:
+        assert self._records is not None
+        records = self._records.read()
+        if records is None:
             log.warning("the spool watcher stopped; new jobs are found by the scan every scan_interval")
             self._stop_reading()
             return
-        parts = (self._rest + data).split(b"\0")
-        self._rest = parts.pop()
-        for raw in parts:
+        for raw in records:
             self._on_path(os.fsdecode(raw[1:]), raw[:1] == _WRITTEN)
 
     def _stop_reading(self) -> None:
