@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from copiamail.errors import JobError
+from copiamail.jobfile import files as files_module
 from copiamail.jobfile import message as message_module
 from copiamail.jobfile import outcome
 from copiamail.jobfile.fsfile import CommandFile
@@ -770,9 +771,9 @@ def test_an_unmapped_windows_drive_path_fails_naming_path_map(tmp_path: Path) ->
 
 def test_local_path_prefers_the_longest_prefix() -> None:
     mapping = (("c:\\copia\\statements\\", "/data/st/"), ("c:\\copia\\", "/srv/copia/"))
-    assert message_module.local_path("C:\\Copia\\Statements\\a\\b.txt", mapping) == "/data/st/a/b.txt"
-    assert message_module.local_path("C:\\Copia\\other.txt", mapping) == "/srv/copia/other.txt"
-    assert message_module.local_path("rel/x.txt", mapping) == "rel/x.txt"
+    assert files_module.local_path("C:\\Copia\\Statements\\a\\b.txt", mapping) == "/data/st/a/b.txt"
+    assert files_module.local_path("C:\\Copia\\other.txt", mapping) == "/srv/copia/other.txt"
+    assert files_module.local_path("rel/x.txt", mapping) == "rel/x.txt"
 
 
 def test_every_shipped_sample_job_builds_a_message_that_greets_once() -> None:

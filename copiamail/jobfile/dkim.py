@@ -1,6 +1,6 @@
 """DKIM signatures (RFC 6376) on the exact bytes copiamail sends, made with dkimpy.
 
-:func:`sign` is the pure part: a message as :func:`~copiamail.message.build_message`
+:func:`sign` is the pure part: a message as :func:`~copiamail.jobfile.message.build_message`
 returns it (CRLF, after any transfer encoding), the signing domain, the selector
 and a PEM RSA private key in; the same bytes with a ``DKIM-Signature`` header on
 top out. rsa-sha256, relaxed/relaxed, over those of :data:`SIGNED_HEADERS` the
@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 from copiamail.errors import JobError
 from copiamail.jobfile import outcome
+from copiamail.jobfile.files import JobFiles
 from copiamail.jobfile.job import Job
-from copiamail.jobfile.message import _Files
 
 if TYPE_CHECKING:
     from copiamail.config import Config
@@ -152,7 +152,7 @@ def sign_for_job(message: bytes, job: Job, config: Config, spool_root: Path) -> 
         if domain is None:
             raise JobError("DKIM signing failed: the From: header has no domain to sign for", outcome.DKIM_FAILED.code)
         try:
-            key, _ = _Files(spool_root, config.roots, config.path_map).read(path, line)
+            key, _ = JobFiles(spool_root, config.roots, config.path_map).read(path, line)
         except JobError as e:
             raise JobError(f"DKIM key file: {e.message}", outcome.DKIM_FAILED.code) from None
         return sign(message, domain, selector, key)

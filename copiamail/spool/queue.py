@@ -242,8 +242,6 @@ class ResultBatch:
         """States 3 to 5 for each synced result, in turn: where each job
         landed, or the OSError that stopped it."""
         for i, spare, fd, result in self.written:
-            claimed = self._claimed[i]
-            suffix = result.rsplit(".", 1)[1]
             os.close(fd)
             try:
                 os.rename(spare, result)
@@ -251,11 +249,9 @@ class ResultBatch:
                 self.out[i] = e
                 _drop(spare, None)
                 continue
-            crash_point(f"written-{suffix}")
+            crash_point(f"written-{result.rsplit('.', 1)[1]}")
             try:
-                self._spool._retire(claimed)  # the commit point (state 4)
-                crash_point(f"committed-{suffix}")
-                self.out[i] = self._spool._publish(result, claimed)
+                self.out[i] = self._spool.commit_result(self._claimed[i], result)
             except OSError as e:
                 self.out[i] = e
         self.written = []
@@ -484,6 +480,16 @@ class Spool:
                 continue  # left by an earlier process of the same number
         spare = f"{folder}/{os.getpid()}-{next(self._spare_numbers)}"
         return spare, os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def commit_result(self, claimed: Claimed, result: str) -> Path:
+        """States 4 and 5 for a result written (and fsynced) beside its claimed
+        job: the claimed job's name is removed, which commits the result (from
+        then on it is the job), and the result is published to its folder.
+        Where it landed; an OSError after the commit leaves the result to be
+        published by recovery."""
+        self._retire(claimed)
+        crash_point(f"committed-{result.rsplit('.', 1)[1]}")
+        return self._publish(result, claimed)
 
     def _retire(self, claimed: Claimed) -> None:
         """Remove the claimed job's name (the commit): its inode becomes a
