@@ -1,24 +1,25 @@
-"""One node as several processes: the supervisor and its workers; and
-:func:`node_services`, what a node's own process runs besides scheduling
-(heartbeat, signals, watcher), with or without workers.
+"""One node as several processes: the supervisor and its workers.
 
 With ``workers: n`` (n > 1) the node's own process is the *supervisor*. It
-holds the node's lock, recovers, beats the heartbeat, runs the spool watcher
-and handles signals; it sends no mail. It forks ``n`` *workers*, each a full
-:class:`~copiamail.scheduler.Scheduler` with its own event loop. Worker ``i``
-sends only the jobs whose domain :func:`~copiamail.limits.worker_of` gives it,
-so every limit of one domain lives in one process with its whole cap, and
-each cap shared between domains is divided between the workers (the parts
-add up to the cap). All workers claim into the same ``ACTIVE/<node>`` folder:
-a claim is a rename, so two workers never hold the same job.
+holds the node's lock, recovers, and runs the node's services
+(:func:`~copiamail.node.services.node_services`: heartbeat, spool watcher,
+signals); it sends no mail. It forks ``n`` *workers*, each a full
+:class:`~copiamail.scheduling.scheduler.Scheduler` with its own event loop.
+Worker ``i`` sends only the jobs whose domain
+:func:`~copiamail.scheduling.limits.worker_of` gives it, so every limit of one
+domain lives in one process with its whole cap, and each cap shared between
+domains is divided between the workers (the parts add up to the cap). All
+workers claim into the same ``ACTIVE/<node>`` folder: a claim is a rename, so
+two workers never hold the same job.
 
 Pipes, one pair per worker, records ending in NUL:
 
-- supervisor to worker: ``H<path>`` a watcher event; ``R`` scan the whole
-  spool (a dead peer's jobs came back); ``Q`` stop. End of file: stop.
-- worker to supervisor: ``E<kind>\\t<name>`` a job's outcome (only when
-  the node shows a progress line); ``S<sent> <failed> <retried> <deferred> <handed back>`` its
-  totals, last.
+- supervisor to worker: ``H<path>`` a job file renamed into a queue and
+  ``W<path>`` one written there in place (watcher events); ``R`` scan the
+  whole spool (a dead peer's jobs came back); ``Q`` stop. End of file: stop.
+- worker to supervisor: ``E<kind>\\t<name>`` a job's outcome (only when the
+  node shows a progress line); ``S<sent> <failed> <retried> <deferred>
+  <handed back>`` its totals, last.
 
 Crashes: a worker dies with the supervisor (``PR_SET_PDEATHSIG`` with
 SIGKILL), so no worker outlives the node's lock (which the workers also hold,
@@ -38,16 +39,14 @@ import select
 import signal
 import sys
 import traceback
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from copiamail.config import Config
+from copiamail.node.services import node_services
 from copiamail.osutil import NulRecords, die_with_parent, write_all
 from copiamail.scheduling.scheduler import Scheduler, Stats
-from copiamail.spool.peers import Peers, heartbeat_interval
 from copiamail.spool.queue import Spool
-from copiamail.spool.watcher import SpoolWatcher
 
 log = logging.getLogger("copiamail")
 
@@ -140,60 +139,6 @@ def _reap(w: _Worker) -> None:
     if code != 0 or w.stats is None:
         log.error("worker %d (pid %d) ended with %s; the jobs it held are recovered at this node's next start",
                   w.index, w.pid, f"signal {-code}" if code < 0 else f"exit code {code}")
-
-
-# --- the node's own services ------------------------------------------------------
-
-
-async def _heartbeat(peers: Peers, on_takeover: Callable[[], None]) -> None:
-    """Beat, and take over dead peers' jobs, until cancelled."""
-    interval = heartbeat_interval(peers.stale_after)
-    while True:
-        peers.beat()
-        if peers.check():  # never raises
-            on_takeover()
-        await asyncio.sleep(interval)
-
-
-@asynccontextmanager
-async def node_services(config: Config, spool: Spool, node: str, on_takeover: Callable[[], None],
-                        on_stop: Callable[[], None], on_path: Callable[[str, bool], None]) -> AsyncIterator[None]:
-    """What a node's own process runs besides scheduling, for the block: the
-    heartbeat (``on_takeover`` when a dead peer's jobs came back), SIGTERM and
-    SIGINT (``on_stop``), SIGHUP (logged and ignored: no reload yet) and the
-    spool watcher (``on_path(path, written)`` for each event). SIGHUP stays
-    ignored after the block; the caller ignores it before starting any child
-    process (see :func:`ignore_hangups`)."""
-    loop = asyncio.get_running_loop()
-    peers = Peers(spool, node, config.node_stale_after)
-    beating = loop.create_task(_heartbeat(peers, on_takeover))
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop)
-    watcher = SpoolWatcher([spool.folder(q) for q in spool.queue_folders()], on_path, polling=config.watcher == "polling")
-    # Started while SIGHUP is still ignored here, so the watcher inherits that
-    # from its first instruction on (a handled signal is reset by exec).
-    watcher.start(loop)
-    loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP: reload is not supported yet; ignored")
-    try:
-        yield
-    finally:
-        beating.cancel()
-        await asyncio.gather(beating, return_exceptions=True)
-        peers.stop()
-        watcher.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        loop.remove_signal_handler(signal.SIGHUP)
-        ignore_hangups()  # removing the handler restored the default, which kills
-
-
-def ignore_hangups() -> None:
-    """Ignore SIGHUP in this process and in every child it starts from now on
-    (forked workers and the syncer inherit it, and so does the watcher: an
-    ignored signal stays ignored across exec). A terminal that hangs up (an
-    SSH session closed) sends SIGHUP to the whole foreground process group;
-    a node must not die of it, nor lose a worker mid-send."""
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 # --- the supervisor ------------------------------------------------------------
