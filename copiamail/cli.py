@@ -37,7 +37,7 @@ from copiamail.scheduling.limits import bindings_for, limits_for
 from copiamail.smtp.mx import MxResolver
 from copiamail.smtp.session import resolve_relay
 from copiamail.spool.jobview import ENGINE_VARS, engine_lines, job_state, readable_commands, recipient_of, sender_for
-from copiamail.spool.peers import TAKEOVER_MARK
+from copiamail.spool.peers import finish_takeover, takeover_folders
 from copiamail.spool.queue import Spool, is_job_name
 from copiamail.spool.recovery import recover
 
@@ -469,10 +469,7 @@ def recover_cmd(node_name: str, config_file: Path | None, spool_dir: Path | None
     with node_lock(spool, node_name):
         reports = [recover(spool, node_name)]
         # Folders this node had taken over from dead peers, if it died midway.
-        for folder in sorted((spool.root / "ACTIVE").glob(f"{node_name}{TAKEOVER_MARK}*")):
-            if folder.is_dir():
-                reports.append(recover(spool, folder.name, recorder=node_name))
-                shutil.rmtree(folder, ignore_errors=True)
+        reports += [finish_takeover(spool, folder, node_name) for folder in takeover_folders(spool, node_name)]
     returned = sum(len(r.returned) for r in reports)
     failed = sum(len(r.failed) for r in reports)
     sent = sum(len(r.sent) for r in reports)

@@ -10,7 +10,7 @@ import time
 from smtpserver import Rule
 from spoolkit import SpoolKit, attempts, stop, wait_until
 
-from copiamail.spool.peers import Peers
+from copiamail.spool.peers import Peers, finish_takeover, takeover_folders
 from copiamail.spool.queue import Spool
 
 
@@ -229,3 +229,26 @@ def test_a_restarted_node_never_shows_the_heartbeat_it_showed_before(tmp_path):
     after.beat()
     now = sorted(x.name for x in (tmp_path / "ACTIVE").iterdir() if x.name.startswith("N1.alive"))
     assert len(now) == 1 and now != shown
+
+
+def test_takeover_folders_are_a_nodes_own_unfinished_takeovers_in_name_order(tmp_path):
+    spool = Spool(tmp_path)
+    spool.ensure()
+    for name in ("N3~from~P~2", "N3~from~P~1", "N31~from~P~1", "P~from~N3~1", "N3"):
+        (tmp_path / "ACTIVE" / name).mkdir()
+    (tmp_path / "ACTIVE" / "N3~from~Q~1").write_text("not a folder")
+    assert takeover_folders(spool, "N3") == ["N3~from~P~1", "N3~from~P~2"]
+    assert takeover_folders(Spool(tmp_path / "none"), "N3") == []
+
+
+def test_finishing_a_takeover_leaves_what_recovery_does_not_know_and_says_so(tmp_path, caplog):
+    spool = Spool(tmp_path)
+    spool.ensure()
+    taken = tmp_path / "ACTIVE" / "N3~from~P~1" / "TOSEND"
+    taken.mkdir(parents=True)
+    (taken / "J.FS").write_text("$email_address a@b.test\n")
+    (taken / "notes.txt").write_text("someone's")
+    report = finish_takeover(spool, "N3~from~P~1", "N3")
+    assert report.returned == ("J.FS",)
+    assert (taken / "notes.txt").read_text() == "someone's"
+    assert "left behind after a takeover" in caplog.text
