@@ -1,7 +1,7 @@
 """Low-level operating-system helpers the standard library lacks or that several
-modules need: a rename that never replaces, a hint to start writing a file
-back, death with the parent process, whole writes, and NUL-terminated
-records read from a non-blocking pipe.
+modules need: a rename that never replaces, fsyncs made together, death with
+the parent process, whole writes, and NUL-terminated records read from a
+non-blocking pipe.
 
 Linux calls are reached through ctypes, looked up once at import; where one is
 missing (another system, an old C library) each helper says what it does
@@ -15,7 +15,7 @@ import ctypes
 import errno
 import os
 import signal
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +83,21 @@ def move_unless_taken(src: str, dst: str) -> None:
     os.rename(src, dst)
 
 
-def start_writeback(fds: Iterable[int]) -> None:
-    """Ask the disk to start writing these files' data now, without waiting
-    (``sync_file_range``, Linux): the fsyncs that follow then wait once,
-    together, instead of one after another. Only a hint, and nothing where
-    the call is missing: durability comes from the fsync."""
-    if _SYNC_FILE_RANGE is None:
-        return
+def fsync_all(fds: Sequence[int]) -> list[int]:
+    """fsync each file, the disk first asked to start writing them all
+    (``sync_file_range``, Linux) so that the waits overlap instead of adding
+    up. One errno per file, in order: 0 when its data is durable."""
+    if _SYNC_FILE_RANGE is not None:
+        for fd in fds:
+            _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # only a hint: the fsync makes it durable
+    errnos = []
     for fd in fds:
-        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        try:
+            os.fsync(fd)
+            errnos.append(0)
+        except OSError as e:
+            errnos.append(e.errno or errno.EIO)
+    return errnos
 
 
 def die_with_parent(parent: int) -> bool:

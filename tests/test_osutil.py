@@ -14,7 +14,7 @@ import time
 import pytest
 
 from copiamail import osutil
-from copiamail.osutil import NulRecords, die_with_parent, move_unless_taken, rename_noreplace, start_writeback, write_all
+from copiamail.osutil import NulRecords, die_with_parent, fsync_all, move_unless_taken, rename_noreplace, write_all
 
 
 @pytest.fixture(params=["renameat2", "fallback"])
@@ -100,23 +100,24 @@ def test_a_file_system_without_noreplace_falls_back(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["c"]
 
 
-# --- start_writeback ----------------------------------------------------------------
+# --- fsync_all ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("available", [True, False])
-def test_start_writeback_changes_nothing_in_the_files(tmp_path, monkeypatch, available):
-    if not available:
+@pytest.mark.parametrize("sync_file_range", [True, False])
+def test_fsync_all_answers_one_errno_per_file_in_order(tmp_path, monkeypatch, sync_file_range):
+    if not sync_file_range:
         monkeypatch.setattr(osutil, "_SYNC_FILE_RANGE", None)
     fds = []
     for i in range(3):
         fd = os.open(tmp_path / f"f{i}", os.O_WRONLY | os.O_CREAT)
         os.write(fd, b"data %d" % i)
         fds.append(fd)
+    r, w = os.pipe()  # a pipe cannot be fsynced: EINVAL, and the others are still synced
     try:
-        start_writeback(fds)
-        start_writeback([])
+        assert fsync_all([fds[0], r, fds[1], fds[2]]) == [0, errno.EINVAL, 0, 0]
+        assert fsync_all([]) == []
     finally:
-        for fd in fds:
+        for fd in (*fds, r, w):
             os.close(fd)
     assert [(tmp_path / f"f{i}").read_bytes() for i in range(3)] == [b"data 0", b"data 1", b"data 2"]
 

@@ -93,7 +93,7 @@ from pathlib import Path
 
 from copiamail.errors import SpoolError
 from copiamail.jobfile.fsfile import CommandFile
-from copiamail.osutil import move_unless_taken, rename_noreplace, start_writeback, write_all
+from copiamail.osutil import fsync_all, move_unless_taken, rename_noreplace, write_all
 from copiamail.spool.crashpoints import CRASH_ENV, check_disk_space, crash_point
 
 ACTIVE = "ACTIVE"
@@ -204,16 +204,7 @@ class ResultBatch:
         write them all first, so the waits overlap instead of adding up."""
         if not self._spool.fsync:
             return
-        fds = self.fds
-        start_writeback(fds)
-        errors = []
-        for fd in fds:
-            try:
-                os.fsync(fd)
-                errors.append(0)
-            except OSError as e:
-                errors.append(e.errno or errno.EIO)
-        self.synced(errors)
+        self.synced(fsync_all(self.fds))
 
     def synced(self, errors: Sequence[int]) -> None:
         """The fsync of each written result was made, with these errnos (0:

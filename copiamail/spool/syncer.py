@@ -46,7 +46,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 
-from copiamail.osutil import die_with_parent, start_writeback
+from copiamail.osutil import die_with_parent, fsync_all
 
 log = logging.getLogger("copiamail")
 
@@ -220,16 +220,9 @@ def _serve(sock: socket.socket, node: int) -> int:
             return 1
         if not msg:
             return 0
-        start_writeback(fds)
-        errnos = []
+        errnos = fsync_all(fds)
         for fd in fds:
-            try:
-                os.fsync(fd)
-                errnos.append(0)
-            except OSError as e:
-                errnos.append(e.errno or errno.EIO)
-            finally:
-                os.close(fd)
+            os.close(fd)
         try:
             sock.send(msg + struct.pack(f"={len(errnos)}i", *errnos))
         except OSError:
