@@ -43,6 +43,9 @@ DEFAULT_CONFIG_NAME = "copiamail.yaml"
 
 @dataclass(frozen=True)
 class RelayConfig:
+    """``relay:`` (or ``retry_relay:``): the SMTP server that takes every
+    message instead of the recipient domains' MX hosts."""
+
     host: str
     port: int = 25
     starttls: str = "auto"  # auto | always | never
@@ -55,6 +58,8 @@ class RelayConfig:
 
 @dataclass(frozen=True)
 class DnsConfig:
+    """``dns:``: where MX and address lookups go (no nameservers: the system's)."""
+
     nameservers: tuple[str, ...] = ()
     port: int = 53
     timeout: float = 5.0
@@ -71,7 +76,10 @@ class ScopeCaps:
 
 @dataclass(frozen=True)
 class DomainStanza:
-    """A ``domain:`` entry: an exact domain, or ``/regex/`` matched against the whole domain."""
+    """A ``domain:`` entry and the caps it sets: for an exact domain ``key``
+    is that domain (lower-case); for ``/regex/`` it is the key as written and
+    ``pattern`` the regex, matched against the whole domain in any case.
+    ``line`` is its line in the YAML file."""
 
     key: str
     caps: ScopeCaps
@@ -86,6 +94,9 @@ class DomainStanza:
 
 @dataclass(frozen=True)
 class BindingConfig:
+    """A binding: a source address to connect from (None: the system's
+    choice), its caps and domain stanzas, and the group it is in, if any."""
+
     name: str
     bind_address: str | None = None
     caps: ScopeCaps = ScopeCaps()
@@ -95,6 +106,8 @@ class BindingConfig:
 
 @dataclass(frozen=True)
 class BindingGroupConfig:
+    """A binding group: the names of its bindings, its caps and domain stanzas."""
+
     name: str
     bindings: tuple[str, ...] = ()
     caps: ScopeCaps = ScopeCaps()
@@ -103,6 +116,9 @@ class BindingGroupConfig:
 
 @dataclass(frozen=True)
 class HostStanza:
+    """A ``host:`` entry: a mail host's name or IP address (lower-case), the
+    caps it sets, and its line in the YAML file."""
+
     key: str
     caps: ScopeCaps
     line: int | None = None
@@ -110,6 +126,9 @@ class HostStanza:
 
 @dataclass(frozen=True)
 class ClusterConfig:
+    """``cluster:``, read and checked; nothing acts on it yet (there is no
+    cluster-wide limiter)."""
+
     redis: str
     lease_seconds: int = 30
 
