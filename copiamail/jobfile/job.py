@@ -66,7 +66,7 @@ def is_owned(command: Command) -> bool:
 
 class BodyItem(NamedTuple):
     """A piece of a body in file order: a text line, or a file to include
-    (a named tuple, like :class:`~copiamail.fsfile.Command`, for speed)."""
+    (a named tuple, like :class:`~copiamail.jobfile.fsfile.Command`, for speed)."""
 
     kind: str  # "text" or "file"
     value: str

@@ -84,8 +84,7 @@ def shadowed(rules: tuple[DomainLimitRule, ...]) -> list[tuple[DomainLimitRule, 
     out: list[tuple[DomainLimitRule, DomainLimitRule]] = []
     for i, rule in enumerate(rules):
         for earlier in rules[:i]:
-            node_covered = earlier.node == "*" or earlier.node.lower() == rule.node.lower()
-            if node_covered and earlier.text.lower() in rule.text.lower():
+            if earlier.covers_node(rule.node) and earlier.text.lower() in rule.text.lower():
                 out.append((rule, earlier))
                 break
     return out

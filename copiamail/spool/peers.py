@@ -1,8 +1,9 @@
 """Heartbeats, and taking over the jobs of a node that died (issue 4).
 
 Every running node moves its heartbeat on every few seconds: an empty file
-``ACTIVE/<node>.alive.<n>`` renamed to ``<n+1>`` (a rename needs no free disk
-space, so a node on a full disk still beats). Another node that sees jobs in
+``ACTIVE/<node>.alive.<token>.<n>`` renamed to ``<n+1>`` (the token is new at
+each start; a rename needs no free disk space, so a node on a full disk still
+beats). Another node that sees jobs in
 ``ACTIVE/<peer>/`` watches those names: when they have not changed for
 ``node_stale_after`` seconds *of the watcher's own monotonic clock*, the peer is
 taken for dead. Only names are compared, never mtimes, so clocks that differ

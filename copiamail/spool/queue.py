@@ -59,7 +59,7 @@ turn of the node's event loop): each into its spare, then the disk is asked to
 write them all (``sync_file_range``), then each is fsynced, and only then is
 each committed and published in turn. The order per job is as above; the
 fsyncs of a batch overlap instead of adding up. A node has them made by its
-syncer process (:mod:`copiamail.syncer`, handed the open descriptors) while
+syncer process (:mod:`copiamail.spool.syncer`, handed the open descriptors) while
 its event loop goes on, and commits each result only after the answer.
 
 Spare files: creating a file costs far more than rewriting an existing one
@@ -183,7 +183,7 @@ class ResultBatch:
     """The results of several jobs between states 3 and 5, made by
     :meth:`Spool.write_results`: each written into a spare, its descriptor
     still open. Then either ``sync`` (fsync here) or ``synced`` (the fsyncs
-    were made elsewhere: :mod:`copiamail.syncer`), and ``commit``."""
+    were made elsewhere: :mod:`copiamail.spool.syncer`), and ``commit``."""
 
     def __init__(self, spool: Spool, claimed: list[Claimed]) -> None:
         self._spool = spool

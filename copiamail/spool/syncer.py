@@ -1,6 +1,7 @@
 """fsyncs in a child process, so that a node's event loop goes on while the disk works.
 
-A job's result must be durable before its commit (``spool.py``, state 3), and
+A job's result must be durable before its commit (:mod:`copiamail.spool.queue`,
+state 3), and
 an fsync waits for the disk (0.1 to 0.3 ms per file on the build machine). On
 the event loop that wait stops every connection of the process. A thread does
 not help: after each fsync it must take the interpreter lock back from the
@@ -20,7 +21,7 @@ Protocol, over a socket pair (``SOCK_SEQPACKET``: one message is one request):
 The syncer asks the disk to write the whole request first
 (``sync_file_range``), then fsyncs each file, closes its copies of the
 descriptors, and answers. The node commits a result only after its answer
-(the order of states in ``spool.py`` is unchanged), and keeps its own
+(the order of states in :mod:`copiamail.spool.queue` is unchanged), and keeps its own
 descriptors open until then.
 
 Failure: the syncer exits when its socket closes (the node is done) and dies

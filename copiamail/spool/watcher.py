@@ -9,9 +9,9 @@ watchdog runs its observers in threads (two per watched folder). In the node's
 own process those threads would contend with the event loop for the
 interpreter lock at every event, and a busy node makes thousands of events
 (every job written back is one). So the observer runs in a child process,
-``python -m copiamail.watcher``, which writes the path of each job file that
-appeared or changed to its standard output, NUL-terminated; the node reads
-that pipe from its event loop. The child exits when its standard input closes,
+``python -m copiamail.spool.watcher``, which writes a record for each job file
+that appeared or changed to its standard output (how it came, one byte, then
+its path; NUL-terminated); the node reads that pipe from its event loop. The child exits when its standard input closes,
 so it never outlives the node, even one killed with SIGKILL.
 
 Each event says how the file came: renamed into the folder (the submission
