@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from copiamail.smtp.sink import SmtpSink  # noqa: E402
+from copiamail.smtp.sink import SmtpSink  # noqa: E402  # importable only once the checkout is on sys.path
 
 QUEUES = ["TOSEND", "TOSEND1", "TOSEND2", "TOSEND3"]
 

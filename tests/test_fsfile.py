@@ -531,7 +531,7 @@ def test_read_keeps_the_path_for_error_messages(tmp_path):
     p.write_bytes(b"oops\n")
     cf = CommandFile.read(p)
     assert cf.path == p
-    with pytest.raises(SyntaxFileError, match="A.FS:1:"):
+    with pytest.raises(SyntaxFileError, match=r"A\.FS:1:"):
         cf.commands()
 
 

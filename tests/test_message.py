@@ -686,7 +686,7 @@ def test_fast_path_and_email_path_say_the_same(tmp_path: Path, case: str) -> Non
     assert re.search(rb"[^\r]\n", slow_bytes) is None
     fast, slow = parse(fast_bytes), parse(slow_bytes)
     assert list(fast.keys()) == list(slow.keys())
-    for name in fast.keys():
+    for name in fast:
         assert fast.get_all(name) == slow.get_all(name), name
     assert fast.get_content_type() == slow.get_content_type()
     assert fast.get_content_charset() == slow.get_content_charset()
@@ -872,5 +872,5 @@ def test_an_embedded_part_the_body_names_by_its_file_name_has_that_content_id(tm
     msg = fs_message(tmp_path, b'$email_address a@example.com\n$email_subject s\n'
                                b'$email_text "<html><body><img src=""cid:logo.png""></body></html>"\n'
                                b"$email_attach logo.png EMBEDDED:image/png\n")
-    html, logo = msg.get_payload()
+    _html, logo = msg.get_payload()
     assert logo["Content-ID"] == "<logo.png>"

@@ -21,7 +21,7 @@ def test_four_nodes_racing_over_2000_jobs_send_each_exactly_once(tmp_path, smtp_
         kit.job(f"TOSEND{i % 4}" if i % 4 else "TOSEND", f"R{i:05d}.FS", to=f"u{i}@d{i % 25}.test")
     procs = [kit.start(name, "--drain") for name in ("N1", "N2", "N3", "N4")]
     for p in procs:
-        out, err = p.communicate(timeout=300)
+        _out, err = p.communicate(timeout=300)
         assert p.returncode == 0 and "Traceback" not in err, err
     assert len(kit.names("SENT")) == 2000 and kit.waiting() == [] and kit.active() == []
     ids = [m.message_id for m in server.messages]
@@ -190,7 +190,7 @@ def test_a_takeover_left_halfway_by_a_dead_taker_is_taken_over_in_turn(tmp_path)
     watcher = Peers(spool, "N3", stale_after=10, clock=lambda: now[0])
     assert watcher.check() == []  # first sight of the still heartbeat of W
     now[0] += 11
-    [(name, report)] = watcher.check()
+    [(_name, report)] = watcher.check()
     assert report.returned == ("J.FS",)
     assert (tmp_path / "TOSEND" / "J.FS").exists() and list((tmp_path / "ACTIVE").glob("*~from~*")) == []
 

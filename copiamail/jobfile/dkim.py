@@ -68,8 +68,8 @@ def key_problem(key: bytes) -> str | None:
 
     try:
         pk = dkim.crypto.parse_pem_private_key(_pem(key))
-    except Exception as e:
-        detail = " ".join(str(e).split()) or type(e).__name__
+    except Exception as error:
+        detail = " ".join(str(error).split()) or type(error).__name__
         return f"not an unencrypted RSA private key in PEM form (PKCS#1 or PKCS#8): {detail}"
     n, e, p, q = pk["modulus"], pk["publicExponent"], pk["prime1"], pk["prime2"]
     if n.bit_length() < MIN_KEY_BITS:
@@ -141,8 +141,9 @@ def sign_for_job(message: bytes, job: Job, config: Config, spool_root: Path) -> 
         return message  # the common case: nothing to look up
     domain = from_domain(message)
     if job.dkim_keyfile is None:
-        signer = config.dkim.get(domain) if domain is not None else None
-        return message if signer is None else sign(message, domain, signer.selector, signer.key)
+        if domain is None or (signer := config.dkim.get(domain)) is None:
+            return message
+        return sign(message, domain, signer.selector, signer.key)
     path, line = job.dkim_keyfile
     selector = job.variables.get(SELECTOR_VARIABLE, "").strip()
     try:

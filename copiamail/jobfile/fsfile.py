@@ -100,7 +100,7 @@ def tokenize(text: str, line: int = 0, path: Path | str | None = None, keep_quot
         return tokens
     i, n = 0, len(text)
     while True:
-        i = _GAP.match(text, i).end()  # type: ignore[union-attr]
+        i = _GAP.match(text, i).end()  # type: ignore[union-attr]  # [ \t]* matches anywhere, if only empty
         if i >= n or text[i] == ";" or text.startswith("/*", i):
             return tokens
         m = _TOKEN.match(text, i)

@@ -488,7 +488,7 @@ class _JobReader:
         # Moved back by hand after the alternative was tried: the main address again.
         using_alt = (alternative is not None and self.variables.get(USING_ALT, "") not in ("", "0")
                      and self.alt_line > max((line for line, value in self.status1 if value == "6"), default=0))
-        if using_alt:
+        if using_alt and alternative is not None:
             recipient = alternative
         sender_text = self.written("email_esender")
         sender = self.mailbox("email_esender", "envelope sender", sender_text) if sender_text is not None else None

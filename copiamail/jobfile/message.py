@@ -381,9 +381,9 @@ def _choose_cte(data: bytes, asked: str | None = None) -> str:
     # request for it is met with the 7-bit-safe choice below.
     if asked in ("base64", "quoted-printable") and (eight_bit or b"\0" in data or asked == "base64"):
         return asked
-    if not eight_bit and b"\0" not in data:
-        if len(data) <= _MAX_7BIT_LINE or max(map(len, data.split(b"\n"))) <= _MAX_7BIT_LINE + len(b"\r"):
-            return "7bit"
+    if not eight_bit and b"\0" not in data and (
+            len(data) <= _MAX_7BIT_LINE or max(map(len, data.split(b"\n"))) <= _MAX_7BIT_LINE + len(b"\r")):
+        return "7bit"
     # Quoted-printable writes each 8-bit byte in three; base64 every three bytes in four.
     return "base64" if eight_bit * 6 > len(data) else "quoted-printable"
 

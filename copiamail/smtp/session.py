@@ -84,7 +84,8 @@ def make_tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
     try:
         return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"key 'relay.ca_file': cannot load CA certificates: {getattr(e, 'strerror', None) or e}", ca_file) from None
+        why = getattr(e, "strerror", None) or e
+        raise ConfigError(f"key 'relay.ca_file': cannot load CA certificates: {why}", ca_file) from None
 
 
 def resolve_relay(host: str, port: int) -> tuple[str, ...]:

@@ -90,6 +90,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import cast
 
 from copiamail.errors import SpoolError
 from copiamail.jobfile.fsfile import CommandFile
@@ -213,7 +214,7 @@ class ResultBatch:
         errors = list(errors)[: len(self.written)]
         errors += [errno.EIO] * (len(self.written) - len(errors))  # no answer: not durable
         kept = []
-        for entry, err in zip(self.written, errors):
+        for entry, err in zip(self.written, errors, strict=True):  # errors was made as long just above
             if err:
                 self.out[entry[0]] = OSError(err, os.strerror(err), entry[1])
                 _drop(entry[1], entry[2])
@@ -246,7 +247,7 @@ class ResultBatch:
             except OSError as e:
                 self.out[i] = e
         self.written = []
-        return self.out  # type: ignore[return-value]  # every slot is set by now
+        return cast("list[Path | OSError]", self.out)  # every slot is set by now
 
 
 class Spool:
@@ -565,10 +566,10 @@ class Spool:
             # Spares left by a process that stopped without cleaning up.
             spares = base / SPARE
             try:
-                names = os.listdir(spares)
+                left = os.listdir(spares)
             except FileNotFoundError:
-                names = []
-            for f in names:
+                left = []
+            for f in left:
                 try:
                     os.unlink(spares / f)
                 except FileNotFoundError:

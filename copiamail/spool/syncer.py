@@ -144,9 +144,10 @@ class Syncer:
         done, sizes, answers = batch
         errnos = list(struct.unpack_from(f"={count}i", data, _HEADER.size))
         answers[index] = errnos if len(errnos) == sizes[index] else [errno.EIO] * sizes[index]
-        if all(a is not None for a in answers):
+        complete = [a for a in answers if a is not None]
+        if len(complete) == len(answers):
             del self._batches[seq]
-            done([e for part in answers for e in part])  # type: ignore[union-attr]
+            done([e for part in complete for e in part])
 
     def _lost(self, why: str) -> None:
         if not self.alive:

@@ -37,7 +37,7 @@ from typing import Any
 from watchdog.events import FileClosedEvent, FileCreatedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify import InotifyEmitter
-from watchdog.observers.inotify_c import InotifyConstants
+from watchdog.observers.inotify_c import InotifyConstants, Mask
 from watchdog.observers.polling import PollingObserver
 
 from copiamail.osutil import NulRecords
@@ -74,9 +74,9 @@ class _ArrivalsEmitter(InotifyEmitter):
     reported as a move with no source ("full events"), a file written there
     as a creation and a close after writing."""
 
-    def get_event_mask_from_filter(self) -> int:  # type: ignore[override]
-        return (InotifyConstants.IN_DELETE_SELF | InotifyConstants.IN_CREATE | InotifyConstants.IN_MOVED_TO
-                | InotifyConstants.IN_CLOSE_WRITE)
+    def get_event_mask_from_filter(self) -> Mask:
+        return Mask(InotifyConstants.IN_DELETE_SELF | InotifyConstants.IN_CREATE | InotifyConstants.IN_MOVED_TO
+                    | InotifyConstants.IN_CLOSE_WRITE)
 
     def build_and_queue_event(self, event: Any, *, full_events: bool = False) -> None:
         # "Full events": a file renamed in from an unwatched folder is a move
