@@ -1,4 +1,4 @@
-"""The ``copiamail`` command line (click), SPEC 6.
+"""The ``copiamail`` command line (click).
 
 Every error a user can cause is printed as one line, ``copiamail: <file:line:
 message>``, with exit code 2; never a traceback.
@@ -79,7 +79,7 @@ def _config(config_file: Path | None, spool_dir: Path | None, relay: str | None 
 
 def _spool_folder(cfg: Config) -> Spool:
     """The config's spool, whose folder must exist: a mistyped ``--spool``
-    must not start a new, empty spool (SPEC 6). Its subfolders may be missing."""
+    must not start a new, empty spool. Its subfolders may be missing."""
     spool = Spool(cfg.spool, cfg.queues, cfg.fsync)
     if not spool.root.is_dir():
         raise SpoolError(f"{spool.root}: no such spool folder (copiamail init --spool {spool.root} makes one)")

@@ -477,7 +477,7 @@ def _domains(r: _Reader, parent: CommentedMap, full: str) -> tuple[DomainStanza,
             regex.append(DomainStanza(name, caps, pattern, line))
         else:
             exact.append(DomainStanza(name.lower(), caps, None, line))
-    # Exact stanzas are tried first, then regex stanzas in order (SPEC 5).
+    # Exact stanzas are tried first, then regex stanzas in order.
     return tuple(exact + regex)
 
 

@@ -1,4 +1,4 @@
-"""Log lines on stderr (SPEC 6 and 9, "Logs"): ``2026-12-01 11:42:07 copiamail: ...``.
+"""Log lines on stderr: ``2026-12-01 11:42:07 copiamail: ...``.
 
 What each verbosity shows:
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Kill a node at random moments many times during a drain, then drain, and
-count what was lost, duplicated and stuck (issue 4).
+count what was lost, duplicated and stuck.
 
     python3 scripts/killloop.py [--jobs 1000] [--kills 25] [--seed 1]
 

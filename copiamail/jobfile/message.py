@@ -1,4 +1,4 @@
-"""A parsed :class:`~copiamail.jobfile.job.Job` as the bytes of an RFC 5322 message (SPEC 2).
+"""A parsed :class:`~copiamail.jobfile.job.Job` as the bytes of an RFC 5322 message.
 
 :func:`build_message` returns the whole message with CRLF line endings, ready for
 SMTP DATA (not dot-stuffed: the SMTP client does that).

@@ -1,4 +1,4 @@
-"""Outcome codes, CopiaFacts classes, and the retry rule (SPEC 4).
+"""Outcome codes, CopiaFacts classes, and the retry rule.
 
 An attempt ends with an outcome (an SMTP reply code, or one of the engine's own
 codes below) and a class letter. Whether and when a job is tried again is

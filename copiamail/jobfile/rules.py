@@ -1,4 +1,4 @@
-"""CopiaFacts ``$domain_limit node @domain [count]`` rules (SPEC 3).
+"""CopiaFacts ``$domain_limit node @domain [count]`` rules.
 
 Rules are tested in file order. The first rule whose node is ``*`` or this
 node's name (case-insensitive) and whose text is a substring of the recipient

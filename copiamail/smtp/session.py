@@ -5,10 +5,9 @@ A :class:`SmtpSession` is one connection to one host, used by one task at a time
 carries one message after another. A refusal (a 4xx or 5xx reply to MAIL,
 RCPT, DATA or the message) leaves the dialogue in a known state: the
 connection stays, reset with RSET before the next message, and ends with
-QUIT (SPEC 4, RFC 5321). Any other error (a timeout, a lost connection, a 421,
-a reply that cannot be trusted) drops it at once, never to be reused; the
-next send reopens lazily (DESIGN: "close a connection on any error and
-reopen lazily"). Every failure comes out as a
+QUIT (RFC 5321). Any other error (a timeout, a lost connection, a 421, a reply
+that cannot be trusted) drops it at once, never to be reused, since its state
+is not known; the next send reopens lazily. Every failure comes out as a
 :class:`~copiamail.errors.DeliveryError` with the reply code (or the engine's
 outcome code), the CopiaFacts class, the text for ``EMAIL_ERROR``, and whether
 it is final (a 5xx at MAIL, RCPT or DATA).
@@ -122,7 +121,7 @@ def reply_text(code: int, message: str) -> str:
 
 
 def classify(code: int, message: str, stage: str) -> DeliveryError:
-    """A server's refusal at ``stage`` as a DeliveryError (SPEC 4 classes)."""
+    """A server's refusal at ``stage`` as a DeliveryError with its CopiaFacts class."""
     m = _ENHANCED.match(message)
     if code == 421:
         klass = outcome.HOST_REJECTED
@@ -344,7 +343,7 @@ def _without_ssl_source(text: str) -> str:
 
 def _untrusted(s: SessionSettings, e: ssl.SSLCertVerificationError) -> str:
     """EMAIL_ERROR for a certificate that did not verify: whose, why, and
-    which settings decide (SPEC 6: one clear line)."""
+    which settings decide, in one line."""
     name = s.server_name or s.host
     whose = f"{name} ({s.host})" if name != s.host else name
     why = _without_ssl_source(str(e.verify_message or e.strerror or e))

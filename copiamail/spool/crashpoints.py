@@ -1,4 +1,4 @@
-"""Test-only crash points for the crash matrix (issue 4).
+"""Test-only crash points: the node killed at each step of the spool protocol.
 
 With ``COPIAMAIL_CRASH_AT=<point>`` in its environment, a node kills itself with
 SIGKILL the moment it reaches that point, so a test can see what each step of

@@ -1,14 +1,13 @@
-"""Heartbeats, and taking over the jobs of a node that died (issue 4).
+"""Heartbeats, and taking over the jobs of a node that died.
 
 Every running node moves its heartbeat on every few seconds: an empty file
 ``ACTIVE/<node>.alive.<token>.<n>`` renamed to ``<n+1>`` (the token is new at
 each start; a rename needs no free disk space, so a node on a full disk still
-beats). Another node that sees jobs in
-``ACTIVE/<peer>/`` watches those names: when they have not changed for
-``node_stale_after`` seconds *of the watcher's own monotonic clock*, the peer is
-taken for dead. Only names are compared, never mtimes, so clocks that differ
-between machines on a shared spool do not matter (DESIGN: "do not trust mtimes
-across machines"). A takeover folder (below) is watched through its taker's
+beats). Another node that sees jobs in ``ACTIVE/<peer>/`` watches those
+names: when they have not changed for ``node_stale_after`` seconds *of the
+watcher's own monotonic clock*, the peer is taken for dead. Only names are
+compared, never mtimes: on a shared spool an mtime comes from another
+machine's clock, which may differ from ours. A takeover folder (below) is watched through its taker's
 heartbeat, so a taker that dies halfway is taken over in turn.
 
 Taking over is one rename: ``ACTIVE/<peer>`` becomes ``ACTIVE/<me>~from~<peer>~<n>``.

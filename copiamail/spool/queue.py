@@ -134,7 +134,7 @@ def is_job_name(name: str) -> bool:
 
 
 def is_queue_name(name: str) -> bool:
-    """Whether a folder of this name is a TOSEND folder (SPEC 1: any case)."""
+    """Whether a folder of this name is a TOSEND folder (in any case: ``tosend1`` is ``TOSEND1``)."""
     return _QUEUE_NAME.match(name) is not None
 
 
@@ -318,7 +318,7 @@ class Spool:
             yield QueuedJob(prio, queue, n, f"{folder}/{n}")
 
     def queue_folders(self) -> list[str]:
-        """The TOSEND folders as they are named on disk (SPEC 1: any case), in
+        """The TOSEND folders as they are named on disk (in any case), in
         scan order: the configured ones by number (a missing one under its
         own name, so a scan of it finds nothing), then any other
         ``TOSEND<n>`` folder found (left from a larger ``queues:``, or named by

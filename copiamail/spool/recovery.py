@@ -1,4 +1,4 @@
-"""Recovery of a node's claimed jobs after a crash (SPEC 1).
+"""Recovery of a node's claimed jobs after a crash.
 
 Run when a node starts, and by ``copiamail recover --node N``. Results the
 node had committed are finished first (see :mod:`copiamail.spool.queue`,
