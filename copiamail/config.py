@@ -699,6 +699,7 @@ _TOP_LEVEL: Mapping[str, _Step] = MappingProxyType({
     "default_binding_group": _default_binding_group,
     "cluster": _field(_section_of(ClusterConfig, _CLUSTER_KEYS)),
 })
+_TOP_KEYS = frozenset(_TOP_LEVEL)  # every key the top level may hold
 
 
 def find_config(explicit: Path | str | None) -> Path | None:
@@ -752,7 +753,7 @@ def parse_config(data: Any, path: Path | None) -> Config:
     """The Config that YAML tree ``data`` (read from ``path``; None: no file)
     describes, with its CFG file read; ConfigError naming file, line and key."""
     r = _Reader(path)
-    m = r.mapping(data, "", _TOP_LEVEL)
+    m = r.mapping(data, "", _TOP_KEYS)
     # A relative path is taken from the config file's folder, the default spool too.
     kw: dict[str, Any] = {"path": path, "spool": (r.base / Config.spool).absolute()}
     for key, step in _TOP_LEVEL.items():
