@@ -1,4 +1,4 @@
-"""The ``copiamail`` command line (click), SPEC 6.
+"""The ``copiamail`` command line (click).
 
 Every error a user can cause is printed as one line, ``copiamail: <file:line:
 message>``, with exit code 2; never a traceback.
@@ -37,7 +37,7 @@ from copiamail.scheduling.limits import bindings_for, limits_for
 from copiamail.smtp.mx import MxResolver
 from copiamail.smtp.session import resolve_relay
 from copiamail.spool.jobview import ENGINE_VARS, engine_lines, job_state, readable_commands, recipient_of, sender_for
-from copiamail.spool.peers import TAKEOVER_MARK
+from copiamail.spool.peers import finish_takeover, takeover_folders
 from copiamail.spool.queue import Spool, is_job_name
 from copiamail.spool.recovery import recover
 
@@ -66,8 +66,10 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--spool", "spool_dir", type=click.Path(file_okay=False, path_type=Path), help="Spool root (overrides spool:).")(fn)
-    fn = click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="copiamail.yaml to read.")(fn)
+    fn = click.option("--spool", "spool_dir", type=click.Path(file_okay=False, path_type=Path),
+                      help="Spool root (overrides spool:).")(fn)
+    fn = click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+                      help="copiamail.yaml to read.")(fn)
     return _user_errors(fn)
 
 
@@ -77,7 +79,7 @@ def _config(config_file: Path | None, spool_dir: Path | None, relay: str | None 
 
 def _spool_folder(cfg: Config) -> Spool:
     """The config's spool, whose folder must exist: a mistyped ``--spool``
-    must not start a new, empty spool (SPEC 6). Its subfolders may be missing."""
+    must not start a new, empty spool. Its subfolders may be missing."""
     spool = Spool(cfg.spool, cfg.queues, cfg.fsync)
     if not spool.root.is_dir():
         raise SpoolError(f"{spool.root}: no such spool folder (copiamail init --spool {spool.root} makes one)")
@@ -94,7 +96,8 @@ def _spool(cfg: Config) -> Spool:
 
 @click.group()
 @click.version_option(__version__)
-@click.option("-v", "--verbose", count=True, help="More log lines on stderr (-v deliveries and deferrals, -vv debug, -vvv libraries' debug).")
+@click.option("-v", "--verbose", count=True,
+              help="More log lines on stderr (-v deliveries and deferrals, -vv debug, -vvv libraries' debug).")
 def main(verbose: int) -> None:
     """copiamail: file-spool batch e-mail transmission in the CopiaFacts style."""
     setup_logging(verbose, sys.stderr)
@@ -134,7 +137,8 @@ class _Progress:
         self.counts[kind] += 1
         if self._progress is not None:
             done = self.counts["sent"] + self.counts["failed"]
-            detail = f"sent {self.counts['sent']} failed {self.counts['failed']} retry {self.counts['retried']} deferred {self.counts['deferred']}"
+            detail = (f"sent {self.counts['sent']} failed {self.counts['failed']} retry {self.counts['retried']} "
+                      f"deferred {self.counts['deferred']}")
             self._progress.update(self._task, completed=done, detail=detail)
 
     def __exit__(self, *exc: Any) -> None:
@@ -212,10 +216,12 @@ def _new_job_name(folder: Path) -> tuple[Path, Path]:
 @click.option("--to", "to", required=True, help="Recipient address.")
 @click.option("--subject", help="Subject line.")
 @click.option("--text", multiple=True, help="A body line (repeatable).")
-@click.option("--attach", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A file to attach (repeatable; it must lie inside attachment_roots).")
+@click.option("--attach", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A file to attach (repeatable; it must lie inside attachment_roots).")
 @click.option("--queue", type=click.IntRange(0, 99), default=0, show_default=True, help="0 for TOSEND, N for TOSENDN.")
 @_common
-def submit(to: str, subject: str | None, text: tuple[str, ...], attach: tuple[Path, ...], queue: int, config_file: Path | None, spool_dir: Path | None) -> None:
+def submit(to: str, subject: str | None, text: tuple[str, ...], attach: tuple[Path, ...], queue: int,
+           config_file: Path | None, spool_dir: Path | None) -> None:
     """Write a job atomically (NAME.TFS, then rename to NAME.FS) and print its path."""
     cfg = _config(config_file, spool_dir)
     if parse_address(to) is None:
@@ -469,21 +475,20 @@ def recover_cmd(node_name: str, config_file: Path | None, spool_dir: Path | None
     with node_lock(spool, node_name):
         reports = [recover(spool, node_name)]
         # Folders this node had taken over from dead peers, if it died midway.
-        for folder in sorted((spool.root / "ACTIVE").glob(f"{node_name}{TAKEOVER_MARK}*")):
-            if folder.is_dir():
-                reports.append(recover(spool, folder.name, recorder=node_name))
-                shutil.rmtree(folder, ignore_errors=True)
+        reports += [finish_takeover(spool, folder, node_name) for folder in takeover_folders(spool, node_name)]
     returned = sum(len(r.returned) for r in reports)
     failed = sum(len(r.failed) for r in reports)
     sent = sum(len(r.sent) for r in reports)
-    click.echo(f"{node_name}: returned {returned} job(s) to their folders, {failed} to FAIL, {sent} accepted before the stop to SENT")
+    click.echo(f"{node_name}: returned {returned} job(s) to their folders, {failed} to FAIL, "
+               f"{sent} accepted before the stop to SENT")
 
 
 # --- demo ---------------------------------------------------------------------
 
 
 @main.command()
-@click.option("--dir", "demo_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-spool"), show_default=True, help="Where the demo spool goes (replaced if it holds an earlier demo).")
+@click.option("--dir", "demo_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("demo-spool"),
+              show_default=True, help="Where the demo spool goes (replaced if it holds an earlier demo).")
 @_user_errors
 def demo(demo_dir: Path) -> None:
     """Send the shipped samples through a node into an embedded SMTP sink."""
@@ -496,8 +501,8 @@ def demo(demo_dir: Path) -> None:
     if demo_dir.exists():
         if not marker.exists():
             given = click.get_current_context().get_parameter_source("demo_dir") is not click.core.ParameterSource.DEFAULT
-            raise CopiamailError(f"{demo_dir}: exists and is not an earlier demo spool; "
-                                 + ("choose a folder that does not exist yet" if given else "pass --dir with a folder that does not exist yet"))
+            fix = "choose a folder that does not exist yet" if given else "pass --dir with a folder that does not exist yet"
+            raise CopiamailError(f"{demo_dir}: exists and is not an earlier demo spool; {fix}")
         shutil.rmtree(demo_dir)
     shutil.copytree(SAMPLES / "spool", demo_dir)
     marker.write_text("made by copiamail demo\n")

@@ -20,8 +20,8 @@ import math
 import os
 import re
 import stat
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -43,6 +43,9 @@ DEFAULT_CONFIG_NAME = "copiamail.yaml"
 
 @dataclass(frozen=True)
 class RelayConfig:
+    """``relay:`` (or ``retry_relay:``): the SMTP server that takes every
+    message instead of the recipient domains' MX hosts."""
+
     host: str
     port: int = 25
     starttls: str = "auto"  # auto | always | never
@@ -55,6 +58,8 @@ class RelayConfig:
 
 @dataclass(frozen=True)
 class DnsConfig:
+    """``dns:``: where MX and address lookups go (no nameservers: the system's)."""
+
     nameservers: tuple[str, ...] = ()
     port: int = 53
     timeout: float = 5.0
@@ -62,16 +67,19 @@ class DnsConfig:
 
 @dataclass(frozen=True)
 class ScopeCaps:
-    """The caps a stanza sets; None where it sets none."""
+    """The caps a stanza sets (each at least 1); None where it sets none: the
+    scope's pooled cap, and the cap of each domain in the scope apart."""
 
     scope_max_outbound_connections: int | None = None
     max_outbound_connections: int | None = None
-    cluster_scope_max_outbound_connections: int | None = None
 
 
 @dataclass(frozen=True)
 class DomainStanza:
-    """A ``domain:`` entry: an exact domain, or ``/regex/`` matched against the whole domain."""
+    """A ``domain:`` entry and the caps it sets: for an exact domain ``key``
+    is that domain (lower-case); for ``/regex/`` it is the key as written and
+    ``pattern`` the regex, matched against the whole domain in any case.
+    ``line`` is its line in the YAML file."""
 
     key: str
     caps: ScopeCaps
@@ -86,6 +94,9 @@ class DomainStanza:
 
 @dataclass(frozen=True)
 class BindingConfig:
+    """A binding: a source address to connect from (None: the system's
+    choice), its caps and domain stanzas, and the group it is in, if any."""
+
     name: str
     bind_address: str | None = None
     caps: ScopeCaps = ScopeCaps()
@@ -95,6 +106,8 @@ class BindingConfig:
 
 @dataclass(frozen=True)
 class BindingGroupConfig:
+    """A binding group: the names of its bindings, its caps and domain stanzas."""
+
     name: str
     bindings: tuple[str, ...] = ()
     caps: ScopeCaps = ScopeCaps()
@@ -103,6 +116,9 @@ class BindingGroupConfig:
 
 @dataclass(frozen=True)
 class HostStanza:
+    """A ``host:`` entry: a mail host's name or IP address (lower-case), the
+    caps it sets, and its line in the YAML file."""
+
     key: str
     caps: ScopeCaps
     line: int | None = None
@@ -110,6 +126,9 @@ class HostStanza:
 
 @dataclass(frozen=True)
 class ClusterConfig:
+    """``cluster:``, read and checked; nothing acts on it yet (there is no
+    cluster-wide limiter)."""
+
     redis: str
     lease_seconds: int = 30
 
@@ -296,7 +315,7 @@ class _Reader:
             return node.lc.line + 1
         return None
 
-    def child(self, parent: CommentedMap, leaf: Any, full: str, allowed: set[str] | None) -> CommentedMap:
+    def child(self, parent: CommentedMap, leaf: Any, full: str, allowed: Collection[str] | None) -> CommentedMap:
         """``parent[leaf]`` as a mapping (empty when null) with only ``allowed`` keys
         (any key when None); the error for a non-mapping names the key's line."""
         node = parent[leaf]
@@ -306,7 +325,7 @@ class _Reader:
             raise self.error(parent, full, f"must be a mapping, got {node!r}", leaf=leaf)
         return self.mapping(node, full, allowed if allowed is not None else {str(k) for k in node})
 
-    def mapping(self, node: Any, key: str, allowed: set[str]) -> CommentedMap:
+    def mapping(self, node: Any, key: str, allowed: Collection[str]) -> CommentedMap:
         if not isinstance(node, CommentedMap):
             if not key:
                 raise ConfigError("the top level must be a mapping of keys", self.path, self.line(node, None) or 1)
@@ -346,23 +365,94 @@ class _Reader:
     def pathval(self, m: CommentedMap, key: str, full: str) -> Path:
         return (self.base / self.string(m, key, full)).absolute()
 
-    def optional(self, m: CommentedMap, key: str, full: str, read: Callable[..., Any], *args: Any) -> Any:
-        if key not in m or m[key] is None:
-            return None
-        return read(m, key, full, *args)
+
+# How one key's value is read: ``read(reader, mapping, key, full)`` returns the
+# value of ``mapping[key]`` (there, and not null), named ``full`` in errors.
+_Read = Callable[[_Reader, CommentedMap, str, str], Any]
 
 
-_CAP_KEYS = {"scope_max_outbound_connections", "max_outbound_connections", "cluster_scope_max_outbound_connections"}
+def _integer(lo: int, hi: int | None = None) -> _Read:
+    return lambda r, m, key, full: r.integer(m, key, full, lo, hi)
+
+
+def _number(lo: float) -> _Read:
+    return lambda r, m, key, full: r.number(m, key, full, lo)
+
+
+def _choice(*choices: str) -> _Read:
+    return lambda r, m, key, full: r.string(m, key, full, choices)
+
+
+_string: _Read = _Reader.string
+_boolean: _Read = _Reader.boolean
+_path: _Read = _Reader.pathval
+
+
+def _values(r: _Reader, m: CommentedMap, keys: Mapping[str, _Read], full: str) -> dict[str, Any]:
+    """What ``m`` (named ``full``) sets of ``keys``, each read by its reader, in
+    the order of ``keys``; a key that is missing or null is left out (its
+    field keeps its default)."""
+    return {key: read(r, m, key, f"{full}.{key}" if full else key)
+            for key, read in keys.items() if m.get(key) is not None}
+
+
+def _required(cls: type) -> tuple[str, ...]:
+    """The fields of dataclass ``cls`` that have no default."""
+    return tuple(f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING)
+
+
+def _section(r: _Reader, parent: CommentedMap, key: str, full: str, cls: type[Any],
+             keys: Mapping[str, _Read]) -> tuple[CommentedMap, Any]:
+    """``parent[key]``, a mapping of ``keys`` only, read into dataclass ``cls``
+    (whose fields without a default it must give): the mapping and the value."""
+    m = r.child(parent, key, full, keys)
+    for name in _required(cls):
+        if m.get(name) is None:
+            raise r.error(m, f"{full}.{name}", "is required")
+    return m, cls(**_values(r, m, keys, full))
+
+
+def _section_of(cls: type[Any], keys: Mapping[str, _Read]) -> _Read:
+    """The reader of a mapping read into dataclass ``cls`` (see :func:`_section`)."""
+    return lambda r, m, key, full: _section(r, m, key, full, cls, keys)[1]
+
+
+_RELAY_KEYS: Mapping[str, _Read] = MappingProxyType({
+    "host": _string, "port": _integer(1, 65535), "starttls": _choice("auto", "always", "never"),
+    "username": _string, "password_file": _path, "tls_verify": _boolean, "ca_file": _path,
+})
+
+
+def _relay(r: _Reader, parent: CommentedMap, key: str, full: str) -> RelayConfig:
+    m, relay = _section(r, parent, key, full, RelayConfig, _RELAY_KEYS)
+    return replace(relay, password_file_line=r.line(m, "password_file"))
+
+
+def _nameservers(r: _Reader, m: CommentedMap, key: str, full: str) -> tuple[str, ...]:
+    ns = m[key]
+    if not isinstance(ns, CommentedSeq) or not all(isinstance(x, str) and is_ip(x) for x in ns):
+        raise r.error(m, full, "must be a list of IP addresses")
+    return tuple(ns)
+
+
+_DNS_KEYS: Mapping[str, _Read] = MappingProxyType({
+    "nameservers": _nameservers, "port": _integer(1, 65535), "timeout": _number(0.1),
+})
+_CLUSTER_KEYS: Mapping[str, _Read] = MappingProxyType({"redis": _string, "lease_seconds": _integer(1)})
+
+# Accepted in every stanza so that it is refused with a reason, not as unknown.
+_CLUSTER_CAP = "cluster_scope_max_outbound_connections"
+_CAP_KEYS: Mapping[str, _Read] = MappingProxyType({f.name: _integer(1) for f in fields(ScopeCaps)})
+_STANZA_KEYS = frozenset({*_CAP_KEYS, _CLUSTER_CAP})
 
 
 def _caps(r: _Reader, m: CommentedMap, full: str) -> ScopeCaps:
-    key = "cluster_scope_max_outbound_connections"
-    if m.get(key) is not None:
+    if m.get(_CLUSTER_CAP) is not None:
         # Refused rather than enforced per node: a cluster-wide cap held by one
         # node alone would be a limit users believe in and that does not hold.
-        raise r.error(m, f"{full}.{key}" if full else key,
+        raise r.error(m, f"{full}.{_CLUSTER_CAP}" if full else _CLUSTER_CAP,
                       "cluster-wide limits are not available yet; use scope_max_outbound_connections (per node)")
-    return ScopeCaps(**{k: r.optional(m, k, f"{full}.{k}", r.integer, 1) for k in _CAP_KEYS})
+    return ScopeCaps(**_values(r, m, _CAP_KEYS, full))
 
 
 def _domains(r: _Reader, parent: CommentedMap, full: str) -> tuple[DomainStanza, ...]:
@@ -376,7 +466,7 @@ def _domains(r: _Reader, parent: CommentedMap, full: str) -> tuple[DomainStanza,
             raise r.error(m, f"{full}.{key}", "a domain key must be a domain name or /regex/", leaf=key)
         name = key
         stanza_key = f"{full}.{name}"
-        body = r.child(m, key, stanza_key, _CAP_KEYS)
+        body = r.child(m, key, stanza_key, _STANZA_KEYS)
         line = m.lc.key(key)[0] + 1
         caps = _caps(r, body, stanza_key)
         if len(name) >= 2 and name.startswith("/") and name.endswith("/"):
@@ -387,13 +477,13 @@ def _domains(r: _Reader, parent: CommentedMap, full: str) -> tuple[DomainStanza,
             regex.append(DomainStanza(name, caps, pattern, line))
         else:
             exact.append(DomainStanza(name.lower(), caps, None, line))
-    # Exact stanzas are tried first, then regex stanzas in order (SPEC 5).
+    # Exact stanzas are tried first, then regex stanzas in order.
     return tuple(exact + regex)
 
 
 def _binding(r: _Reader, parent: CommentedMap, name: Any, full: str, group: str | None) -> BindingConfig:
-    m = r.child(parent, name, full, {"bind_address", "domain"} | _CAP_KEYS)
-    addr = r.optional(m, "bind_address", f"{full}.bind_address", r.string)
+    m = r.child(parent, name, full, {"bind_address", "domain", *_STANZA_KEYS})
+    addr = r.string(m, "bind_address", f"{full}.bind_address") if m.get("bind_address") is not None else None
     if addr is not None:
         try:
             ipaddress.ip_address(addr)
@@ -402,79 +492,214 @@ def _binding(r: _Reader, parent: CommentedMap, name: Any, full: str, group: str 
     return BindingConfig(str(name), addr, _caps(r, m, full), _domains(r, m, f"{full}.domain"), group)
 
 
-_TOP_KEYS = {
-    "spool", "cfg", "queues", "attachment_roots", "esender", "shutdown_grace", "relay", "retry_relay", "dns", "mx_port",
-    "server_max_outbound_connections", "server_reserve_outbound_connections", "max_outbound_connections",
-    "scope_max_outbound_connections", "binding_group", "binding", "domain", "host", "default_binding_group",
-    "cluster", "scan_interval", "watcher", "smtp_timeout", "messages_per_connection", "connection_idle",
-    "fsync", "helo_name", "mx_tls_verify", "node_stale_after", "workers",
-    "path_map", "write_settle", "variables", "dkim",
-}
+def _hosts(r: _Reader, m: CommentedMap, key: str, full: str) -> tuple[HostStanza, ...]:
+    hm = r.child(m, key, full, None)
+    for h in hm:
+        if not isinstance(h, str) or not h:
+            raise r.error(hm, f"{full}.{h}", "a host key must be a host name or an IP address", leaf=h)
+    return tuple(
+        HostStanza(str(h).lower(), _caps(r, r.child(hm, h, f"{full}.{h}", _STANZA_KEYS), f"{full}.{h}"), hm.lc.key(h)[0] + 1)
+        for h in hm
+    )
+
 
 # A PEM RSA key of 4096 bits is about 3 KiB; a larger file is not a key.
 _MAX_KEY_FILE = 64 * 1024
 
 
-def _dkim(r: _Reader, m: CommentedMap) -> Mapping[str, DkimKey]:
+def _dkim(r: _Reader, parent: CommentedMap, key: str, full: str) -> Mapping[str, DkimKey]:
     """``dkim``: ``{domain: {selector, key_file}}``. Each key is read and checked
     here, so a missing or bad key stops the node at start (and check-config
     names it) rather than failing every message."""
+    m = r.child(parent, key, full, None)
     out: dict[str, DkimKey] = {}
     for domain in m:
-        full = f"dkim.{domain}"
+        where = f"{full}.{domain}"
         if not isinstance(domain, str) or not is_dns_name(domain):
-            raise r.error(m, full, "must be a domain name (the From: domain to sign for)", leaf=domain)
+            raise r.error(m, where, "must be a domain name (the From: domain to sign for)", leaf=domain)
         if domain.lower() in out:
-            raise r.error(m, full, "domain listed twice", leaf=domain)
-        body = r.child(m, domain, full, {"selector", "key_file"})
+            raise r.error(m, where, "domain listed twice", leaf=domain)
+        body = r.child(m, domain, where, {"selector", "key_file"})
         for needed in ("selector", "key_file"):
             if body.get(needed) is None:
-                raise r.error(m, f"{full}.{needed}", "is required", leaf=domain)
-        selector = r.string(body, "selector", f"{full}.selector")
+                raise r.error(m, f"{where}.{needed}", "is required", leaf=domain)
+        selector = r.string(body, "selector", f"{where}.selector")
         if not is_dns_name(selector):
-            raise r.error(body, f"{full}.selector", f"not a DKIM selector (letters, digits, '-' and '.'): {selector!r}")
-        key_file = r.pathval(body, "key_file", f"{full}.key_file")
+            raise r.error(body, f"{where}.selector", f"not a DKIM selector (letters, digits, '-' and '.'): {selector!r}")
+        key_file = r.pathval(body, "key_file", f"{where}.key_file")
         try:
             info = key_file.stat()
             if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_KEY_FILE:
-                raise r.error(body, f"{full}.key_file", f"{key_file} is not a key file (not a regular file of at most 64 KiB)")
-            key = key_file.read_bytes()
+                raise r.error(body, f"{where}.key_file", f"{key_file} is not a key file (not a regular file of at most 64 KiB)")
+            key_pem = key_file.read_bytes()
         except OSError as e:
-            raise r.error(body, f"{full}.key_file", f"cannot read {key_file}: {e.strerror or e}") from None
-        problem = key_problem(key)
+            raise r.error(body, f"{where}.key_file", f"cannot read {key_file}: {e.strerror or e}") from None
+        problem = key_problem(key_pem)
         if problem is not None:
-            raise r.error(body, f"{full}.key_file", f"{key_file}: {problem}")
-        out[domain.lower()] = DkimKey(domain.lower(), selector, key_file, key, m.lc.key(domain)[0] + 1)
+            raise r.error(body, f"{where}.key_file", f"{key_file}: {problem}")
+        out[domain.lower()] = DkimKey(domain.lower(), selector, key_file, key_pem, m.lc.key(domain)[0] + 1)
     return MappingProxyType(out)
 
 
-def _variables(r: _Reader, m: CommentedMap) -> dict[str, str]:
+def _variables(r: _Reader, parent: CommentedMap, key: str, full: str) -> dict[str, str]:
     """``variables:``: NAME: value, as a CFG's ``$var_def NAME value``."""
+    m = r.child(parent, key, full, None)
     out = {}
     for name, value in m.items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_]{1,32}", name):
-            raise r.error(m, f"variables.{name}", "a variable name is letters, digits and '_' (at most 32)", leaf=name)
+            raise r.error(m, f"{full}.{name}", "a variable name is letters, digits and '_' (at most 32)", leaf=name)
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise r.error(m, f"variables.{name}", "must be a text or a number", leaf=name)
+            raise r.error(m, f"{full}.{name}", "must be a text or a number", leaf=name)
         out[name.upper()] = str(value)
     return out
 
 
-def _path_map(r: _Reader, m: CommentedMap) -> tuple[tuple[str, str], ...]:
+def _path_map(r: _Reader, parent: CommentedMap, key: str, full: str) -> tuple[tuple[str, str], ...]:
     """``path_map``: Windows path prefixes as jobs write them (matched in any
     case) to local folders (relative to the config file's folder)."""
+    m = r.child(parent, key, full, None)
     out = []
     for prefix, folder in m.items():
-        key = f"path_map.{prefix}"
+        where = f"{full}.{prefix}"
         if not isinstance(prefix, str) or not prefix:
-            raise r.error(m, "path_map", "keys must be path prefixes such as 'C:\\Copia\\'", leaf=prefix)
+            raise r.error(m, full, "keys must be path prefixes such as 'C:\\Copia\\'", leaf=prefix)
         if not isinstance(folder, str) or not folder or "\x00" in folder:
-            raise r.error(m, key, "must be a local folder path", leaf=prefix)
+            raise r.error(m, where, "must be a local folder path", leaf=prefix)
         local = os.fspath((r.base / folder).absolute())
         if folder.endswith("/") or prefix.endswith(("\\", "/")):
             local = os.path.join(local, "")
         out.append((prefix.lower(), local))
     return tuple(sorted(out, key=lambda pair: -len(pair[0])))
+
+
+def _esender(r: _Reader, m: CommentedMap, key: str, full: str) -> str:
+    sender = r.string(m, key, full)
+    if parse_address(sender) is None:
+        raise r.error(m, full, f"not an e-mail address: {sender!r}")
+    return sender
+
+
+def _helo_name(r: _Reader, m: CommentedMap, key: str, full: str) -> str:
+    name = r.string(m, key, full)
+    if not (is_fqdn(name) or is_address_literal(name)):
+        raise r.error(m, full, f"must be a fully qualified domain name (mail.example.com) or an address "
+                               f"literal ([192.0.2.1]), got {name!r}")
+    return name
+
+
+def _folders(r: _Reader, m: CommentedMap, key: str, full: str) -> tuple[Path, ...]:
+    roots = m[key]
+    if not isinstance(roots, CommentedSeq) or not all(isinstance(x, str) and x and "\x00" not in x for x in roots):
+        raise r.error(m, full, "must be a list of folder paths")
+    return tuple((r.base / x).absolute() for x in roots)
+
+
+# One top-level key read into ``kw``, the keyword arguments of Config that
+# the file sets: ``step(reader, top mapping, key, kw)``.
+_Step = Callable[[_Reader, CommentedMap, str, dict[str, Any]], None]
+
+
+def _field(read: _Read, name: str | None = None) -> _Step:
+    """The step of a key that sets one Config field (``name``, else the key's
+    own name) when the file gives it."""
+    def step(r: _Reader, m: CommentedMap, key: str, kw: dict[str, Any]) -> None:
+        if m.get(key) is not None:
+            kw[name or key] = read(r, m, key, key)
+    return step
+
+
+def _global_scope_cap(r: _Reader, m: CommentedMap, key: str, kw: dict[str, Any]) -> None:
+    if m.get(key) is not None:
+        # In the global scope it behaves like server_max_outbound_connections (Momentum).
+        node_cap = kw.get("server_max_outbound_connections", Config.server_max_outbound_connections)
+        kw["server_max_outbound_connections"] = min(node_cap, r.integer(m, key, key, 1))
+
+
+def _binding_groups(r: _Reader, m: CommentedMap, key: str, kw: dict[str, Any]) -> None:
+    """``binding_group``: the groups, and the bindings defined in them."""
+    groups: list[BindingGroupConfig] = []
+    bindings: list[BindingConfig] = []
+    if m.get(key) is not None:
+        gm = r.child(m, key, key, None)
+        for gname in gm:
+            full = f"{key}.{gname}"
+            g = r.child(gm, gname, full, {"binding", "domain", *_STANZA_KEYS})
+            names: list[str] = []
+            if g.get("binding") is not None:
+                bm = r.child(g, "binding", f"{full}.binding", None)
+                for bname in bm:
+                    bindings.append(_binding(r, bm, bname, f"{full}.binding.{bname}", str(gname)))
+                    names.append(str(bname))
+            if not names:
+                raise r.error(gm, full, "a binding group needs at least one binding", leaf=gname)
+            groups.append(BindingGroupConfig(str(gname), tuple(names), _caps(r, g, full), _domains(r, g, f"{full}.domain")))
+    kw["binding_groups"] = tuple(groups)
+    kw["bindings"] = tuple(bindings)
+
+
+def _bindings(r: _Reader, m: CommentedMap, key: str, kw: dict[str, Any]) -> None:
+    """``binding``: the bindings of no group, after those of the groups; a
+    name defined twice (in any two places) is refused."""
+    bindings = list(kw.get("bindings", ()))
+    if m.get(key) is not None:
+        bm = r.child(m, key, key, None)
+        bindings += [_binding(r, bm, bname, f"{key}.{bname}", None) for bname in bm]
+    seen: set[str] = set()
+    for b in bindings:
+        if b.name in seen:
+            raise ConfigError(f"key 'binding.{b.name}': binding defined twice", r.path)
+        seen.add(b.name)
+    kw["bindings"] = tuple(bindings)
+
+
+def _default_binding_group(r: _Reader, m: CommentedMap, key: str, kw: dict[str, Any]) -> None:
+    if m.get(key) is not None:
+        name = r.string(m, key, key)
+        if name not in {g.name for g in kw.get("binding_groups", ())}:
+            raise r.error(m, key, f"no binding group named {name!r}")
+        kw[key] = name
+
+
+# The top-level keys of copiamail.yaml, each with how it is read, in the order
+# they are read: of several bad keys, the first here is the one reported.
+# Every default is the Config field's; a key that is missing or null keeps it.
+_TOP_LEVEL: Mapping[str, _Step] = MappingProxyType({
+    "spool": _field(_path),
+    "cfg": _field(_path, "cfg_path"),
+    "queues": _field(_integer(0, 99)),
+    "mx_port": _field(_integer(1, 65535)),
+    "server_max_outbound_connections": _field(_integer(1)),
+    "server_reserve_outbound_connections": _field(_integer(0)),
+    "max_outbound_connections": _field(_integer(1)),
+    "messages_per_connection": _field(_integer(1)),
+    "workers": _field(_integer(1, 64)),
+    "scope_max_outbound_connections": _global_scope_cap,
+    "shutdown_grace": _field(_number(0.0)),
+    "scan_interval": _field(_number(0.05)),
+    "smtp_timeout": _field(_number(0.1)),
+    "connection_idle": _field(_number(0.0)),
+    "node_stale_after": _field(_number(0.0)),
+    "write_settle": _field(_number(0.0)),
+    "esender": _field(_esender),
+    "watcher": _field(_choice("native", "polling")),
+    "fsync": _field(_boolean),
+    "mx_tls_verify": _field(_boolean),
+    "helo_name": _field(_helo_name),
+    "attachment_roots": _field(_folders),
+    "variables": _field(_variables),
+    "path_map": _field(_path_map),
+    "dkim": _field(_dkim),
+    "relay": _field(_relay),
+    "retry_relay": _field(_relay),
+    "dns": _field(_section_of(DnsConfig, _DNS_KEYS)),
+    "binding_group": _binding_groups,
+    "binding": _bindings,
+    "domain": _field(lambda r, m, key, full: _domains(r, m, full), "domains"),
+    "host": _field(_hosts, "hosts"),
+    "default_binding_group": _default_binding_group,
+    "cluster": _field(_section_of(ClusterConfig, _CLUSTER_KEYS)),
+})
+_TOP_KEYS = frozenset(_TOP_LEVEL)  # every key the top level may hold
 
 
 def find_config(explicit: Path | str | None) -> Path | None:
@@ -495,10 +720,11 @@ def find_config(explicit: Path | str | None) -> Path | None:
 
 
 def load_config(explicit: Path | str | None = None) -> Config:
-    """Find, read and validate the configuration and its CFG file."""
+    """Find, read and validate the configuration and its CFG file; without a
+    file, the defaults (relative paths from the working folder)."""
     path = find_config(explicit)
     if path is None:
-        return replace(Config(), spool=Path("spool").absolute())
+        return parse_config(CommentedMap(), None)
     path = path.absolute()
     try:
         text = path.read_text(encoding="utf-8")
@@ -524,130 +750,17 @@ def load_config(explicit: Path | str | None = None) -> Config:
 
 
 def parse_config(data: Any, path: Path | None) -> Config:
+    """The Config that YAML tree ``data`` (read from ``path``; None: no file)
+    describes, with its CFG file read; ConfigError naming file, line and key."""
     r = _Reader(path)
     m = r.mapping(data, "", _TOP_KEYS)
-    kw: dict[str, Any] = {"path": path}
-    kw["spool"] = r.pathval(m, "spool", "spool") if m.get("spool") is not None else (r.base / "spool").absolute()
-    if m.get("cfg") is not None:
-        kw["cfg_path"] = r.pathval(m, "cfg", "cfg")
-    ints = {
-        "queues": (0, 99), "mx_port": (1, 65535), "server_max_outbound_connections": (1, None),
-        "server_reserve_outbound_connections": (0, None),
-        "max_outbound_connections": (1, None),
-        "messages_per_connection": (1, None),
-        "workers": (1, 64),
-    }
-    for key, (lo, hi) in ints.items():
-        if m.get(key) is not None:
-            kw[key] = r.integer(m, key, key, lo, hi)
-    if m.get("scope_max_outbound_connections") is not None:
-        # In the global scope it behaves like server_max_outbound_connections (Momentum).
-        kw["server_max_outbound_connections"] = min(
-            kw.get("server_max_outbound_connections", Config.server_max_outbound_connections),
-            r.integer(m, "scope_max_outbound_connections", "scope_max_outbound_connections", 1),
-        )
-    for key, least in {"shutdown_grace": 0.0, "scan_interval": 0.05, "smtp_timeout": 0.1, "connection_idle": 0.0,
-                       "node_stale_after": 0.0, "write_settle": 0.0}.items():
-        if m.get(key) is not None:
-            kw[key] = r.number(m, key, key, least)
-    if m.get("esender") is not None:
-        sender = r.string(m, "esender", "esender")
-        if parse_address(sender) is None:
-            raise r.error(m, "esender", f"not an e-mail address: {sender!r}")
-        kw["esender"] = sender
-    if m.get("watcher") is not None:
-        kw["watcher"] = r.string(m, "watcher", "watcher", ("native", "polling"))
-    if m.get("fsync") is not None:
-        kw["fsync"] = r.boolean(m, "fsync", "fsync")
-    if m.get("mx_tls_verify") is not None:
-        kw["mx_tls_verify"] = r.boolean(m, "mx_tls_verify", "mx_tls_verify")
-    if m.get("helo_name") is not None:
-        kw["helo_name"] = r.string(m, "helo_name", "helo_name")
-        if not (is_fqdn(kw["helo_name"]) or is_address_literal(kw["helo_name"])):
-            raise r.error(m, "helo_name", f"must be a fully qualified domain name (mail.example.com) or an address "
-                                          f"literal ([192.0.2.1]), got {kw['helo_name']!r}")
-    if m.get("attachment_roots") is not None:
-        roots = m["attachment_roots"]
-        if not isinstance(roots, CommentedSeq) or not all(isinstance(x, str) and x and "\x00" not in x for x in roots):
-            raise r.error(m, "attachment_roots", "must be a list of folder paths")
-        kw["attachment_roots"] = tuple((r.base / x).absolute() for x in roots)
-    if m.get("variables") is not None:
-        kw["variables"] = _variables(r, r.child(m, "variables", "variables", None))
-    if m.get("path_map") is not None:
-        kw["path_map"] = _path_map(r, r.child(m, "path_map", "path_map", None))
-    if m.get("dkim") is not None:
-        kw["dkim"] = _dkim(r, r.child(m, "dkim", "dkim", None))
-    for key in ("relay", "retry_relay"):
-        if m.get(key) is not None:
-            kw[key] = _relay(r, r.child(m, key, key, {"host", "port", "starttls", "username", "password_file", "tls_verify",
-                                                     "ca_file"}), key)
-    if m.get("dns") is not None:
-        d = r.child(m, "dns", "dns", {"nameservers", "port", "timeout"})
-        ns = d.get("nameservers")
-        if ns is None:
-            ns = []  # the system resolver
-        elif not isinstance(ns, CommentedSeq) or not all(isinstance(x, str) and is_ip(x) for x in ns):
-            raise r.error(d, "dns.nameservers", "must be a list of IP addresses")
-        kw["dns"] = DnsConfig(
-            tuple(ns),
-            r.integer(d, "port", "dns.port", 1, 65535) if d.get("port") is not None else 53,
-            r.number(d, "timeout", "dns.timeout", 0.1) if d.get("timeout") is not None else 5.0,
-        )
-
-    groups: list[BindingGroupConfig] = []
-    bindings: list[BindingConfig] = []
-    if m.get("binding_group") is not None:
-        gm = r.child(m, "binding_group", "binding_group", None)
-        for gname in gm:
-            full = f"binding_group.{gname}"
-            g = r.child(gm, gname, full, {"binding", "domain"} | _CAP_KEYS)
-            names: list[str] = []
-            if g.get("binding") is not None:
-                bm = r.child(g, "binding", f"{full}.binding", None)
-                for bname in bm:
-                    bindings.append(_binding(r, bm, bname, f"{full}.binding.{bname}", str(gname)))
-                    names.append(str(bname))
-            if not names:
-                raise r.error(gm, full, "a binding group needs at least one binding", leaf=gname)
-            groups.append(BindingGroupConfig(str(gname), tuple(names), _caps(r, g, full), _domains(r, g, f"{full}.domain")))
-    if m.get("binding") is not None:
-        bm = r.child(m, "binding", "binding", None)
-        for bname in bm:
-            bindings.append(_binding(r, bm, bname, f"binding.{bname}", None))
-    seen: set[str] = set()
-    for b in bindings:
-        if b.name in seen:
-            raise ConfigError(f"key 'binding.{b.name}': binding defined twice", path)
-        seen.add(b.name)
-    kw["binding_groups"] = tuple(groups)
-    kw["bindings"] = tuple(bindings)
-    kw["domains"] = _domains(r, m, "domain")
-    if m.get("host") is not None:
-        hm = r.child(m, "host", "host", None)
-        for h in hm:
-            if not isinstance(h, str) or not h:
-                raise r.error(hm, f"host.{h}", "a host key must be a host name or an IP address", leaf=h)
-        kw["hosts"] = tuple(
-            HostStanza(str(h).lower(), _caps(r, r.child(hm, h, f"host.{h}", _CAP_KEYS), f"host.{h}"), hm.lc.key(h)[0] + 1)
-            for h in hm
-        )
-    if m.get("default_binding_group") is not None:
-        name = r.string(m, "default_binding_group", "default_binding_group")
-        if name not in {g.name for g in groups}:
-            raise r.error(m, "default_binding_group", f"no binding group named {name!r}")
-        kw["default_binding_group"] = name
-    if m.get("cluster") is not None:
-        c = r.child(m, "cluster", "cluster", {"redis", "lease_seconds"})
-        if c.get("redis") is None:
-            raise r.error(c, "cluster.redis", "is required")
-        kw["cluster"] = ClusterConfig(
-            r.string(c, "redis", "cluster.redis"),
-            r.integer(c, "lease_seconds", "cluster.lease_seconds", 1) if c.get("lease_seconds") is not None else 30,
-        )
-    reserve = kw.get("server_reserve_outbound_connections", 0)
-    if reserve >= kw.get("server_max_outbound_connections", Config.server_max_outbound_connections):
-        raise r.error(m, "server_reserve_outbound_connections", "must be smaller than server_max_outbound_connections")
+    # A relative path is taken from the config file's folder, the default spool too.
+    kw: dict[str, Any] = {"path": path, "spool": (r.base / Config.spool).absolute()}
+    for key, step in _TOP_LEVEL.items():
+        step(r, m, key, kw)
     cfg = Config(**kw)
+    if cfg.server_reserve_outbound_connections >= cfg.server_max_outbound_connections:
+        raise r.error(m, "server_reserve_outbound_connections", "must be smaller than server_max_outbound_connections")
     problem = workers_problem(cfg)
     if problem is not None:
         raise r.error(m, "workers", problem)
@@ -700,21 +813,6 @@ def is_address_literal(text: str) -> bool:
     if inner[:5].lower() == "ipv6:":
         return ":" in inner[5:] and is_ip(inner[5:])
     return "." in inner and is_ip(inner)
-
-
-def _relay(r: _Reader, m: CommentedMap, key: str = "relay") -> RelayConfig:
-    if m.get("host") is None:
-        raise r.error(m, f"{key}.host", "is required")
-    return RelayConfig(
-        host=r.string(m, "host", f"{key}.host"),
-        port=r.integer(m, "port", f"{key}.port", 1, 65535) if m.get("port") is not None else 25,
-        starttls=r.string(m, "starttls", f"{key}.starttls", ("auto", "always", "never")) if m.get("starttls") is not None else "auto",
-        username=r.optional(m, "username", f"{key}.username", r.string),
-        password_file=r.optional(m, "password_file", f"{key}.password_file", r.pathval),
-        tls_verify=r.boolean(m, "tls_verify", f"{key}.tls_verify") if m.get("tls_verify") is not None else True,
-        ca_file=r.optional(m, "ca_file", f"{key}.ca_file", r.pathval),
-        password_file_line=r.line(m, "password_file"),
-    )
 
 
 def read_password(config: Config, key: str = "relay") -> str | None:

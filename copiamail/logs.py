@@ -1,4 +1,4 @@
-"""Log lines on stderr (SPEC 6 and 9, "Logs"): ``2026-12-01 11:42:07 copiamail: ...``.
+"""Log lines on stderr: ``2026-12-01 11:42:07 copiamail: ...``.
 
 What each verbosity shows:
 
@@ -23,7 +23,7 @@ _DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 _CLEAR_LINE = "\r\x1b[2K"  # to column 0, erase the line
 
 
-class LineStartHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class LineStartHandler(logging.StreamHandler[TextIO]):
     """A stream handler whose lines each start on a line of their own while
     a live display (the drain's progress bar) holds the terminal's current
     line: that line is cleared first, and the display draws itself again

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Kill a node at random moments many times during a drain, then drain, and
-count what was lost, duplicated and stuck (issue 4).
+count what was lost, duplicated and stuck.
 
     python3 scripts/killloop.py [--jobs 1000] [--kills 25] [--seed 1]
 
@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from copiamail.smtp.sink import SmtpSink  # noqa: E402
+from copiamail.smtp.sink import SmtpSink  # noqa: E402  # importable only once the checkout is on sys.path
 
 QUEUES = ["TOSEND", "TOSEND1", "TOSEND2", "TOSEND3"]
 

@@ -4,6 +4,7 @@
 # BEGIN smtp test server fixtures (see tests/smtpserver.py)
 # ---------------------------------------------------------------------------
 import pytest
+from dnsserver import DNSTestServer
 from smtpserver import SMTPTestServer, TLSCert, make_self_signed_cert
 
 
@@ -43,7 +44,6 @@ def smtp_server(tls_cert):
 # ---------------------------------------------------------------------------
 # BEGIN dns test server fixtures (see tests/dnsserver.py)
 # ---------------------------------------------------------------------------
-from dnsserver import DNSTestServer
 
 
 @pytest.fixture

@@ -93,7 +93,7 @@ def fs_files(draw, owned: bool = True, first_lines: tuple[str, ...] = ()) -> byt
         endings = ["\n" if mode == "lf" else "\r\n"] * len(texts)
     if texts:
         endings[-1] = draw(st.sampled_from([endings[-1], "", "\r"]))
-    data = "".join(t + e for t, e in zip(texts, endings)).encode(encoding)
+    data = "".join(t + e for t, e in zip(texts, endings, strict=True)).encode(encoding)
     if draw(st.booleans()):
         data = BOM + data
     return data

@@ -108,10 +108,8 @@ class SpoolKit:
 
 
 def var(text: str, name: str) -> str | None:
-    m = None
-    for m in re.finditer(rf"^\$var_def {name} (.*)$", text, re.M):
-        pass
-    return m.group(1).strip('"') if m else None
+    found = re.findall(rf"^\$var_def {name} (.*)$", text, re.M)
+    return found[-1].strip('"') if found else None
 
 
 def attempts(text: str) -> list[list[str]]:

@@ -371,3 +371,15 @@ def test_submit_refuses_a_job_with_nothing_to_send(tmp_path):
     kit = SpoolKit(tmp_path, None, [])
     assert "nothing to send" in one_line_error(kit.cli("submit", "--to", "a@copia.com"))
     assert kit.waiting() == []
+
+
+def test_recover_finishes_a_takeover_the_node_left_halfway(kit):
+    taken = kit.root / "ACTIVE" / "N1~from~N2~1" / "TOSEND1"
+    taken.mkdir(parents=True)
+    (taken / "J.FS").write_text("$email_address a@copia.com\n")
+    result = kit.cli("recover", "--node", "N1")
+    assert result.returncode == 0, result.stderr
+    assert "returned 1 job(s) to their folders" in result.stdout
+    assert (kit.root / "TOSEND1" / "J.FS").exists()
+    assert not (kit.root / "ACTIVE" / "N1~from~N2~1").exists()
+    assert attempts((kit.root / "TOSEND1" / "J.FS").read_text())[-1][1:3] == ["N1", "66"]

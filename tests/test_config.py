@@ -223,7 +223,7 @@ def test_copiamail_config_naming_a_missing_file_is_an_error(clean, monkeypatch):
 
 
 def test_an_explicit_missing_config_is_an_error(clean):
-    with pytest.raises(ConfigError, match="missing.yaml"):
+    with pytest.raises(ConfigError, match=r"missing\.yaml"):
         load_config("missing.yaml")
 
 
@@ -481,7 +481,7 @@ def test_any_other_cfg_command_is_a_warning_naming_file_and_line_not_an_error(tm
 
 
 def test_a_missing_cfg_file_is_an_error_naming_it(tmp_path):
-    with pytest.raises(ConfigError, match="NOPE.CFG"):
+    with pytest.raises(ConfigError, match=r"NOPE\.CFG"):
         load_cfg(tmp_path / "NOPE.CFG")
 
 

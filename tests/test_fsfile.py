@@ -444,6 +444,16 @@ def test_append_after_a_last_line_ending_in_a_lone_cr_completes_its_crlf():
     assert [c.args for c in out.commands()][1] == ("hi",)
 
 
+def test_appending_to_a_lone_line_cut_after_its_cr_ends_the_first_addition_as_the_file_stood():
+    # The file had no line ending yet: the first line appended ends in LF; the
+    # CR completed into CRLF makes the file's ending CRLF for the next one.
+    cf = CommandFile.parse(b"$a 1\r")
+    assert cf.append_command("x").to_bytes() == b"$a 1\r\n$x\n"
+    twice = b"$a 1\r\n$x\n$y\r\n"
+    assert cf.append_command("x").append_command("y").to_bytes() == twice
+    assert cf.edited(append=(("x", ()), ("y", ()))).to_bytes() == twice
+
+
 def test_append_to_an_empty_file():
     assert CommandFile.parse(b"").set_var("DOMAINBUSY_COUNT", 1).to_bytes() == b"$var_def DOMAINBUSY_COUNT 1\n"
     assert CommandFile.parse(BOM).set_var("X", 1).to_bytes() == BOM + b"$var_def X 1\n"
@@ -521,7 +531,7 @@ def test_read_keeps_the_path_for_error_messages(tmp_path):
     p.write_bytes(b"oops\n")
     cf = CommandFile.read(p)
     assert cf.path == p
-    with pytest.raises(SyntaxFileError, match="A.FS:1:"):
+    with pytest.raises(SyntaxFileError, match=r"A\.FS:1:"):
         cf.commands()
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from copiamail.errors import JobError
+from copiamail.jobfile import files as files_module
 from copiamail.jobfile import message as message_module
 from copiamail.jobfile import outcome
 from copiamail.jobfile.fsfile import CommandFile
@@ -685,7 +686,7 @@ def test_fast_path_and_email_path_say_the_same(tmp_path: Path, case: str) -> Non
     assert re.search(rb"[^\r]\n", slow_bytes) is None
     fast, slow = parse(fast_bytes), parse(slow_bytes)
     assert list(fast.keys()) == list(slow.keys())
-    for name in fast.keys():
+    for name in fast:
         assert fast.get_all(name) == slow.get_all(name), name
     assert fast.get_content_type() == slow.get_content_type()
     assert fast.get_content_charset() == slow.get_content_charset()
@@ -770,9 +771,9 @@ def test_an_unmapped_windows_drive_path_fails_naming_path_map(tmp_path: Path) ->
 
 def test_local_path_prefers_the_longest_prefix() -> None:
     mapping = (("c:\\copia\\statements\\", "/data/st/"), ("c:\\copia\\", "/srv/copia/"))
-    assert message_module.local_path("C:\\Copia\\Statements\\a\\b.txt", mapping) == "/data/st/a/b.txt"
-    assert message_module.local_path("C:\\Copia\\other.txt", mapping) == "/srv/copia/other.txt"
-    assert message_module.local_path("rel/x.txt", mapping) == "rel/x.txt"
+    assert files_module.local_path("C:\\Copia\\Statements\\a\\b.txt", mapping) == "/data/st/a/b.txt"
+    assert files_module.local_path("C:\\Copia\\other.txt", mapping) == "/srv/copia/other.txt"
+    assert files_module.local_path("rel/x.txt", mapping) == "rel/x.txt"
 
 
 def test_every_shipped_sample_job_builds_a_message_that_greets_once() -> None:
@@ -871,5 +872,5 @@ def test_an_embedded_part_the_body_names_by_its_file_name_has_that_content_id(tm
     msg = fs_message(tmp_path, b'$email_address a@example.com\n$email_subject s\n'
                                b'$email_text "<html><body><img src=""cid:logo.png""></body></html>"\n'
                                b"$email_attach logo.png EMBEDDED:image/png\n")
-    html, logo = msg.get_payload()
+    _html, logo = msg.get_payload()
     assert logo["Content-ID"] == "<logo.png>"

@@ -560,7 +560,7 @@ def test_two_nodes_racing_over_one_spool_send_each_job_once(tmp_path, server):
         kit.job(f"TOSEND{i % 3}" if i % 3 else "TOSEND", f"J{i:04d}.FS", to=f"u{i}@d{i % 7}.org")
     procs = [kit.start(name, "--drain") for name in ("N1", "N2")]
     for p in procs:
-        out, err = p.communicate(timeout=120)
+        _out, err = p.communicate(timeout=120)
         assert p.returncode == 0 and "Traceback" not in err, err
     assert len(kit.names("SENT")) == 200 and kit.waiting() == [] and kit.active() == []
     ids = [m.message_id for m in server.messages]

@@ -71,7 +71,7 @@ def test_a_hang_up_of_the_whole_process_group_does_not_stop_the_node(tmp_path, s
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "SIGHUP: reload is not supported yet; ignored" in err
     assert "Traceback" not in err
@@ -88,7 +88,7 @@ def test_a_hang_up_during_a_drain_lets_it_finish(tmp_path, server):
     proc = start_in_own_group(kit, "node", "--name", "N1", "--drain")
     wait_until(lambda: server.current >= 1, timeout=15)
     os.killpg(proc.pid, signal.SIGHUP)
-    out, err = proc.communicate(timeout=60)
+    _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert kit.names("SENT") == ["J0.FS", "J1.FS", "J2.FS", "J3.FS"]
     assert kit.active() == []
@@ -334,7 +334,7 @@ def test_status_watch_piped_prints_a_frame_per_refresh_and_stops_cleanly_on_sigt
         assert seen.count(b"spool ") >= 2, seen
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=10)
+        _out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0 and err == b"", err
     assert b"TOSEND" in seen
 

@@ -52,7 +52,7 @@ def test_parse_delays_keeps_zero():
 def test_parse_delays_bad_item_raises_value_error_naming_it(text):
     with pytest.raises(ValueError) as e:
         parse_delays(text)
-    bad = [item for item in text.replace(",", " ").split() if item not in ("5", "30S")][0]
+    bad = next(item for item in text.replace(",", " ").split() if item not in ("5", "30S"))
     assert repr(bad) in str(e.value)
 
 

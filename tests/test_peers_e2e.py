@@ -10,7 +10,7 @@ import time
 from smtpserver import Rule
 from spoolkit import SpoolKit, attempts, stop, wait_until
 
-from copiamail.spool.peers import Peers
+from copiamail.spool.peers import Peers, finish_takeover, takeover_folders
 from copiamail.spool.queue import Spool
 
 
@@ -21,7 +21,7 @@ def test_four_nodes_racing_over_2000_jobs_send_each_exactly_once(tmp_path, smtp_
         kit.job(f"TOSEND{i % 4}" if i % 4 else "TOSEND", f"R{i:05d}.FS", to=f"u{i}@d{i % 25}.test")
     procs = [kit.start(name, "--drain") for name in ("N1", "N2", "N3", "N4")]
     for p in procs:
-        out, err = p.communicate(timeout=300)
+        _out, err = p.communicate(timeout=300)
         assert p.returncode == 0 and "Traceback" not in err, err
     assert len(kit.names("SENT")) == 2000 and kit.waiting() == [] and kit.active() == []
     ids = [m.message_id for m in server.messages]
@@ -190,7 +190,7 @@ def test_a_takeover_left_halfway_by_a_dead_taker_is_taken_over_in_turn(tmp_path)
     watcher = Peers(spool, "N3", stale_after=10, clock=lambda: now[0])
     assert watcher.check() == []  # first sight of the still heartbeat of W
     now[0] += 11
-    [(name, report)] = watcher.check()
+    [(_name, report)] = watcher.check()
     assert report.returned == ("J.FS",)
     assert (tmp_path / "TOSEND" / "J.FS").exists() and list((tmp_path / "ACTIVE").glob("*~from~*")) == []
 
@@ -229,3 +229,26 @@ def test_a_restarted_node_never_shows_the_heartbeat_it_showed_before(tmp_path):
     after.beat()
     now = sorted(x.name for x in (tmp_path / "ACTIVE").iterdir() if x.name.startswith("N1.alive"))
     assert len(now) == 1 and now != shown
+
+
+def test_takeover_folders_are_a_nodes_own_unfinished_takeovers_in_name_order(tmp_path):
+    spool = Spool(tmp_path)
+    spool.ensure()
+    for name in ("N3~from~P~2", "N3~from~P~1", "N31~from~P~1", "P~from~N3~1", "N3"):
+        (tmp_path / "ACTIVE" / name).mkdir()
+    (tmp_path / "ACTIVE" / "N3~from~Q~1").write_text("not a folder")
+    assert takeover_folders(spool, "N3") == ["N3~from~P~1", "N3~from~P~2"]
+    assert takeover_folders(Spool(tmp_path / "none"), "N3") == []
+
+
+def test_finishing_a_takeover_leaves_what_recovery_does_not_know_and_says_so(tmp_path, caplog):
+    spool = Spool(tmp_path)
+    spool.ensure()
+    taken = tmp_path / "ACTIVE" / "N3~from~P~1" / "TOSEND"
+    taken.mkdir(parents=True)
+    (taken / "J.FS").write_text("$email_address a@b.test\n")
+    (taken / "notes.txt").write_text("someone's")
+    report = finish_takeover(spool, "N3~from~P~1", "N3")
+    assert report.returned == ("J.FS",)
+    assert (taken / "notes.txt").read_text() == "someone's"
+    assert "left behind after a takeover" in caplog.text

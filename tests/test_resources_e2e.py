@@ -95,7 +95,7 @@ def test_a_100000_line_fs_file_is_sent_and_deferred_with_every_line_kept(tmp_pat
     text = kit.read("SENT", "HUGE.FS")
     assert text.startswith(original.decode())  # deferred once, then sent: every line kept, in order
     assert var(text, "DOMAINBUSY_COUNT") == "1"
-    body = [m for m in server.messages if m.rcpt_tos == ["b@copia.com"]][0].parsed().get_content()
+    body = next(m for m in server.messages if m.rcpt_tos == ["b@copia.com"]).parsed().get_content()
     assert body.count("\n") >= 100_000 and "line 99999" in body
 
 

@@ -102,7 +102,7 @@ def test_context_manager_and_no_leaks():
     for _ in range(10):
         srv = SMTPTestServer(rules=[Rule(stage="DATA", hang=True)])
         with srv:
-            async def hold():
+            async def hold(srv: SMTPTestServer) -> None:
                 c = client(srv)
                 await c.connect()
                 await c.ehlo()
@@ -115,7 +115,7 @@ def test_context_manager_and_no_leaks():
                 with pytest.raises(SMTPServerDisconnected):
                     await task
                 c.close()
-            run(hold())
+            run(hold(srv))
         assert not srv.running and srv.current == 0
     assert threading.active_count() == threads0
     assert fds() <= fds0 + 2

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 import copiamail.spool.queue as spool_mod
+from copiamail import osutil
 from copiamail.jobfile.fsfile import CommandFile
-from copiamail.spool.queue import Claimed, Destination, QueuedJob, Spool, queue_names, rename_noreplace
+from copiamail.spool.queue import Claimed, Destination, QueuedJob, Spool, queue_names
 
 JOB = b"$email_address a@example.com\n"
 
@@ -292,44 +293,8 @@ def test_hand_back_never_replaces_a_different_job_with_the_same_name(tmp_path):
     assert (sp.folder("TOSEND") / "X.FS").read_bytes() == b"theirs"
 
 
-# --- rename_noreplace ----------------------------------------------------------
-
-
-@pytest.fixture(params=["renameat2", "link-unlink"])
-def rename_impl(request, monkeypatch):
-    if request.param == "link-unlink":
-        monkeypatch.setattr(spool_mod, "_RENAMEAT2", None)
-    elif spool_mod._RENAMEAT2 is None:
-        pytest.skip("renameat2 not available here")
-    return request.param
-
-
-def test_rename_noreplace_moves_the_file(tmp_path, rename_impl):
-    src, dst = tmp_path / "a", tmp_path / "b"
-    src.write_bytes(b"A")
-    rename_noreplace(src, dst)
-    assert not src.exists()
-    assert dst.read_bytes() == b"A"
-    assert dst.stat().st_nlink == 1
-
-
-def test_rename_noreplace_refuses_an_existing_destination(tmp_path, rename_impl):
-    src, dst = tmp_path / "a", tmp_path / "b"
-    src.write_bytes(b"A")
-    dst.write_bytes(b"B")
-    with pytest.raises(FileExistsError):
-        rename_noreplace(src, dst)
-    assert src.read_bytes() == b"A"
-    assert dst.read_bytes() == b"B"
-
-
-def test_rename_noreplace_of_a_missing_source_is_file_not_found(tmp_path, rename_impl):
-    with pytest.raises(FileNotFoundError):
-        rename_noreplace(tmp_path / "missing", tmp_path / "b")
-
-
 def test_finish_and_collision_work_with_the_link_unlink_fallback(tmp_path, monkeypatch):
-    monkeypatch.setattr(spool_mod, "_RENAMEAT2", None)
+    monkeypatch.setattr(osutil, "_RENAMEAT2", None)
     sp = make_spool(tmp_path)
     c = _claim(sp, "TOSEND1")
     put(sp, "TOSEND1", "X.FS", b"theirs")
@@ -526,7 +491,7 @@ def test_a_claim_never_replaces_a_job_of_the_same_name_claimed_or_delivered(tmp_
     # Without RENAME_NOREPLACE (NFS, old kernels) the check is made before a
     # plain rename: never link-then-unlink, which two nodes could both win.
     if not renameat2:
-        monkeypatch.setattr(spool_mod, "_RENAMEAT2", None)
+        monkeypatch.setattr(osutil, "_RENAMEAT2", None)
     sp = make_spool(tmp_path)
     first = _claim(sp, "TOSEND", "X.FS")
     put(sp, "TOSEND", "X.FS", b"$email_address second@b.c\n")

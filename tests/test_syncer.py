@@ -105,7 +105,7 @@ def test_a_node_whose_syncer_is_killed_goes_on_and_sends_every_job_once(tmp_path
         kit.job("TOSEND", name, to=f"u{i}@d.example")
     proc = kit.start("N1", "--drain")
     wait_until(lambda: len(kit.names("SENT")) >= 5, timeout=30)
-    [syncer] = [p for p in children_of(proc.pid) if b"copiamail.spool.watcher" not in open(f"/proc/{p}/cmdline", "rb").read()]
+    [syncer] = [p for p in children_of(proc.pid) if b"copiamail.spool.watcher" not in Path(f"/proc/{p}/cmdline").read_bytes()]
     os.kill(syncer, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
@@ -140,7 +140,7 @@ def test_an_answer_short_of_files_counts_as_eio_for_every_file_of_the_request(tm
 def test_a_syncer_that_fails_at_start_exits_and_never_runs_the_callers_code(tmp_path, monkeypatch):
     import copiamail.spool.syncer as syncer_mod
 
-    def broken(sock):
+    def broken(sock, node):
         raise OSError(errno.EMFILE, "no descriptor left")
 
     monkeypatch.setattr(syncer_mod, "_serve", broken)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 from smtpserver import Rule
@@ -84,11 +85,11 @@ def test_a_killed_node_takes_its_workers_with_it_and_the_next_start_recovers(tmp
         kit.job("TOSEND", f"J{i:03d}.FS", to=f"u{i}@{domains[i % 2]}")
     proc = kit.start()
     wait_until(lambda: server.current >= 2, timeout=15)
-    workers = [p for p in children_of(proc.pid) if b"copiamail.spool.watcher" not in open(f"/proc/{p}/cmdline", "rb").read()]
+    workers = [p for p in children_of(proc.pid) if b"copiamail.spool.watcher" not in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert len(workers) == 2
     proc.kill()
     proc.wait(timeout=10)
-    wait_until(lambda: not any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"
+    wait_until(lambda: not any(os.path.exists(f"/proc/{p}") and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"
                                for p in workers), timeout=10)
     assert kit.active() != []  # the claimed jobs are still there
     server.clear_rules()

@@ -1,6 +1,6 @@
 """DKIM signatures (RFC 6376) on the exact bytes copiamail sends, made with dkimpy.
 
-:func:`sign` is the pure part: a message as :func:`~copiamail.message.build_message`
+:func:`sign` is the pure part: a message as :func:`~copiamail.jobfile.message.build_message`
 returns it (CRLF, after any transfer encoding), the signing domain, the selector
 and a PEM RSA private key in; the same bytes with a ``DKIM-Signature`` header on
 top out. rsa-sha256, relaxed/relaxed, over those of :data:`SIGNED_HEADERS` the
@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 from copiamail.errors import JobError
 from copiamail.jobfile import outcome
+from copiamail.jobfile.files import JobFiles
 from copiamail.jobfile.job import Job
-from copiamail.jobfile.message import _Files
 
 if TYPE_CHECKING:
     from copiamail.config import Config
@@ -68,8 +68,8 @@ def key_problem(key: bytes) -> str | None:
 
     try:
         pk = dkim.crypto.parse_pem_private_key(_pem(key))
-    except Exception as e:
-        detail = " ".join(str(e).split()) or type(e).__name__
+    except Exception as error:
+        detail = " ".join(str(error).split()) or type(error).__name__
         return f"not an unencrypted RSA private key in PEM form (PKCS#1 or PKCS#8): {detail}"
     n, e, p, q = pk["modulus"], pk["publicExponent"], pk["prime1"], pk["prime2"]
     if n.bit_length() < MIN_KEY_BITS:
@@ -141,8 +141,9 @@ def sign_for_job(message: bytes, job: Job, config: Config, spool_root: Path) -> 
         return message  # the common case: nothing to look up
     domain = from_domain(message)
     if job.dkim_keyfile is None:
-        signer = config.dkim.get(domain) if domain is not None else None
-        return message if signer is None else sign(message, domain, signer.selector, signer.key)
+        if domain is None or (signer := config.dkim.get(domain)) is None:
+            return message
+        return sign(message, domain, signer.selector, signer.key)
     path, line = job.dkim_keyfile
     selector = job.variables.get(SELECTOR_VARIABLE, "").strip()
     try:
@@ -152,7 +153,7 @@ def sign_for_job(message: bytes, job: Job, config: Config, spool_root: Path) -> 
         if domain is None:
             raise JobError("DKIM signing failed: the From: header has no domain to sign for", outcome.DKIM_FAILED.code)
         try:
-            key, _ = _Files(spool_root, config.roots, config.path_map).read(path, line)
+            key, _ = JobFiles(spool_root, config.roots, config.path_map).read(path, line)
         except JobError as e:
             raise JobError(f"DKIM key file: {e.message}", outcome.DKIM_FAILED.code) from None
         return sign(message, domain, selector, key)

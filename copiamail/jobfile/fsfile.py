@@ -8,9 +8,12 @@ inside quotes, and so does ``/*`` (CopiaFacts). Command names are case-insensiti
 
 :class:`CommandFile` keeps the file's exact text (every line with its own line
 ending, the BOM, the encoding) so that ``CommandFile.parse(b).to_bytes() == b``
-for any bytes ``b``. The engine edits a file only through :meth:`set_var`,
-:meth:`set_command` and :meth:`append_command`, which touch one line each and
-keep every other line as it was.
+for any bytes ``b``. The engine edits a file only through
+:meth:`CommandFile.edited`, which in one pass appends lines, sets variables
+and sets single-valued commands (each in place where the file has it),
+touching only those lines and keeping every other line as it was. Its result
+is that of :meth:`~CommandFile.append_command`, :meth:`~CommandFile.set_var`
+and :meth:`~CommandFile.set_command` (one line each) called in turn.
 
 Encoding: UTF-8 (a BOM is allowed); bytes that are not valid UTF-8 are read as
 cp1252. Bytes cp1252 leaves undefined survive as surrogate escapes, so even
@@ -97,7 +100,7 @@ def tokenize(text: str, line: int = 0, path: Path | str | None = None, keep_quot
         return tokens
     i, n = 0, len(text)
     while True:
-        i = _GAP.match(text, i).end()  # type: ignore[union-attr]
+        i = _GAP.match(text, i).end()  # type: ignore[union-attr]  # [ \t]* matches anywhere, if only empty
         if i >= n or text[i] == ";" or text.startswith("/*", i):
             return tokens
         m = _TOKEN.match(text, i)
@@ -156,6 +159,23 @@ def _newline(lines: tuple[str, ...] | list[str]) -> str:
         if raw.endswith("\n"):
             return "\r\n" if raw.endswith("\r\n") else "\n"
     return "\n"
+
+
+def _append_line(lines: list[str], text: str) -> None:
+    """Append ``text`` as a line, ending as the file's lines end as they stand
+    (a previous addition may have ended a cut last line)."""
+    newline = _newline(lines)
+    if lines and not lines[-1].endswith("\n"):
+        # A last line cut after its CR only needs the LF: adding a whole
+        # ending would turn that CR into part of the line's text.
+        lines[-1] += "\n" if lines[-1].endswith("\r") else newline
+    lines.append(text + newline)
+
+
+def _replaced(old: str, text: str) -> str:
+    """Line ``old`` with its command replaced by ``text``: its indentation and
+    its line ending kept."""
+    return old[: len(old) - len(old.lstrip(_SPACE))] + text + old[len(_body(old)):]
 
 
 def _body(raw: str) -> str:
@@ -276,20 +296,9 @@ class CommandFile:
         for i in range(len(lines) - 1, -1, -1):
             # The name must appear in the line: a cheap test before tokenizing it.
             if key[0] in lines[i].lower() and _key(lines[i]) == key:
-                old = lines[i]
-                indent = old[: len(old) - len(old.lstrip(_SPACE))]
-                ending = old[len(_body(old)):]
-                lines[i] = indent + text + ending
+                lines[i] = _replaced(lines[i], text)
                 return CommandFile(tuple(lines), self.encoding, self.bom, self.path)
-        return self._append(lines, text)
-
-    def _append(self, lines: list[str], text: str) -> CommandFile:
-        newline = self.newline
-        if lines and not lines[-1].endswith("\n"):
-            # A last line cut after its CR only needs the LF: adding a whole
-            # ending would turn that CR into part of the line's text.
-            lines[-1] += "\n" if lines[-1].endswith("\r") else newline
-        lines.append(text + newline)
+        _append_line(lines, text)
         return CommandFile(tuple(lines), self.encoding, self.bom, self.path)
 
     def edited(self, append: tuple[tuple[str, tuple[str | int, ...]] | WrittenLine, ...] = (),
@@ -323,24 +332,15 @@ class CommandFile:
                 if key[0] in moved and not key[1]:
                     removed.append(i)
                     continue
-                old = lines[i]
-                indent = old[: len(old) - len(old.lstrip(_SPACE))]
-                lines[i] = indent + wanted[key] + old[len(_body(old)):]
+                lines[i] = _replaced(lines[i], wanted[key])
         for i in removed:  # from the end: earlier indexes stay valid
             del lines[i]
         found = {k for k in found if not (k[0] in moved and not k[1])}
         added = [self._sanitize(item if isinstance(item, WrittenLine) else format_command(item[0], *(str(a) for a in item[1])))
                  for item in append]
         added += [text for key, text in wanted.items() if key not in found]
-        if not added:
-            return CommandFile(tuple(lines), self.encoding, self.bom, self.path)
         for text in added:
-            # As _append: the line ending is the file's as it stands after
-            # the previous addition (which may have ended a cut last line).
-            newline = _newline(lines)
-            if lines and not lines[-1].endswith("\n"):
-                lines[-1] += "\n" if lines[-1].endswith("\r") else newline
-            lines.append(text + newline)
+            _append_line(lines, text)
         return CommandFile(tuple(lines), self.encoding, self.bom, self.path)
 
     def set_var(self, name: str, value: str | int) -> CommandFile:
@@ -353,7 +353,9 @@ class CommandFile:
 
     def append_command(self, name: str, *args: str | int) -> CommandFile:
         """Append a ``$name`` line (repeatable commands such as ``$attempt_record``)."""
-        return self._append(list(self.lines), self._sanitize(format_command(name, *(str(a) for a in args))))
+        lines = list(self.lines)
+        _append_line(lines, self._sanitize(format_command(name, *(str(a) for a in args))))
+        return CommandFile(tuple(lines), self.encoding, self.bom, self.path)
 
     def var(self, name: str) -> str | None:
         """The value of ``$var_def NAME`` at its last occurrence, or None."""
@@ -388,10 +390,3 @@ def read_bytes(path: Path | str) -> bytes:
     finally:
         os.close(fd)
 
-
-def write_all(fd: int, data: bytes) -> None:
-    """os.write until every byte is written (a write may be partial)."""
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]

@@ -1,9 +1,10 @@
 """An FS file's meaning: the frozen :class:`Job` the engine sends.
 
-:func:`parse_job` reads the commands of SPEC 2 ("Commands of an e-mail job") and
-the lines the engine writes (SPEC 2, "What the engine writes into a job"). Any
-other command is kept in the file and ignored here: FS files written for
-CopiaFacts carry fax commands too. A job that cannot be sent as written raises
+:func:`parse_job` reads the ``$email...`` commands of an e-mail job, its
+``$var_def`` variables and send time, and the lines the engine writes into it
+(attempt records, status, next try). Any other command is kept in the file and
+ignored here: FS files written for CopiaFacts carry fax commands too; an
+unknown ``$email...`` command is a typo and fails the job. A job that cannot be sent as written raises
 :class:`~copiamail.errors.JobError` with the outcome code it fails with.
 """
 
@@ -24,7 +25,7 @@ from copiamail.jobfile.fsfile import Command, CommandFile
 from copiamail.jobfile.outcome import RetryItem, RetryRules
 from copiamail.jobfile.variables import GRAVE, UndefinedVariable, chained, expand, expand_path, starts_with_path_variable
 
-# Lines the engine owns (SPEC 2): it may update or add these; every other line
+# Lines the engine owns: it may update or add these; every other line
 # is the submitter's and is kept as written.
 OWNED_VARS = frozenset({"DOMAINBUSY_COUNT", "EMAIL_ERROR", "EMAIL_CONNECT_IP", "EMAIL_BYTECOUNT", "EMAIL_USING_ALT"})
 # Set when the job's $email_alt_address is tried (the main address failed for
@@ -66,7 +67,7 @@ def is_owned(command: Command) -> bool:
 
 class BodyItem(NamedTuple):
     """A piece of a body in file order: a text line, or a file to include
-    (a named tuple, like :class:`~copiamail.fsfile.Command`, for speed)."""
+    (a named tuple, like :class:`~copiamail.jobfile.fsfile.Command`, for speed)."""
 
     kind: str  # "text" or "file"
     value: str
@@ -488,7 +489,7 @@ class _JobReader:
         # Moved back by hand after the alternative was tried: the main address again.
         using_alt = (alternative is not None and self.variables.get(USING_ALT, "") not in ("", "0")
                      and self.alt_line > max((line for line, value in self.status1 if value == "6"), default=0))
-        if using_alt:
+        if using_alt and alternative is not None:
             recipient = alternative
         sender_text = self.written("email_esender")
         sender = self.mailbox("email_esender", "envelope sender", sender_text) if sender_text is not None else None

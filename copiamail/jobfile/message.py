@@ -1,4 +1,4 @@
-"""A parsed :class:`~copiamail.job.Job` as the bytes of an RFC 5322 message (SPEC 2).
+"""A parsed :class:`~copiamail.jobfile.job.Job` as the bytes of an RFC 5322 message.
 
 :func:`build_message` returns the whole message with CRLF line endings, ready for
 SMTP DATA (not dot-stuffed: the SMTP client does that).
@@ -52,9 +52,7 @@ import email.charset
 import email.header
 import hashlib
 import mimetypes
-import os
 import re
-import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,6 +64,7 @@ from types import MappingProxyType
 from copiamail import __version__
 from copiamail.errors import JobError
 from copiamail.jobfile import outcome
+from copiamail.jobfile.files import JobFiles
 from copiamail.jobfile.job import Attachment, BodyItem, Job, check_header, engine_variables, message_id_domain
 from copiamail.jobfile.variables import GRAVE, UndefinedVariable, chained, expand
 
@@ -133,7 +132,7 @@ def _build(
         raise JobError("nothing to send: no $email_subject, no body and no attachment", outcome.BAD_JOB.code)
     head = _header_block(job, sender, time.time() if now is None else now)
     charset, encodable = _mime_charset(job.charset)
-    files = _Files(spool_root, attachment_roots, path_map)
+    files = JobFiles(spool_root, attachment_roots, path_map)
     lookup = None
     if job.env is not None:
         env = job.env
@@ -272,67 +271,6 @@ def _mime_charset(name: str) -> tuple[str, bool]:
     return mime, compatible
 
 
-# --- files -------------------------------------------------------------------
-
-
-_WINDOWS_DRIVE = re.compile(r"[A-Za-z]:[\\/]|\\\\")
-
-
-def local_path(path: str, path_map: tuple[tuple[str, str], ...]) -> str:
-    """A job's file path as this machine names it: the longest ``path_map``
-    prefix it starts with (any case) replaced by its folder, and every
-    backslash a separator (CopiaFacts jobs carry Windows paths)."""
-    low = path.lower()
-    for prefix, folder in path_map:
-        if low.startswith(prefix):
-            return os.path.join(folder, path[len(prefix):].replace("\\", "/").lstrip("/"))
-    return path.replace("\\", "/")
-
-
-class _Files:
-    """Reads the job's files, refusing any whose real path is outside the roots."""
-
-    def __init__(self, spool_root: Path, attachment_roots: tuple[Path, ...],
-                 path_map: tuple[tuple[str, str], ...] = ()) -> None:
-        self._spool_root = spool_root
-        self._given_roots = attachment_roots or (spool_root,)
-        self._roots: list[str] | None = None
-        self._path_map = path_map
-
-    def local(self, path: str, line: int) -> str:
-        """``path`` as this machine names it (see :func:`local_path`)."""
-        local = local_path(path, self._path_map)
-        if local == path.replace("\\", "/") and _WINDOWS_DRIVE.match(path):
-            raise JobError(f"cannot read {path!r}: a Windows path with no path_map entry for it",
-                           outcome.MISSING_FILE.code, line=line)
-        return local
-
-    def read(self, path: str, line: int) -> tuple[bytes, str]:
-        """The file's bytes and its real path."""
-        local = self.local(path, line)
-        try:
-            real = os.path.realpath(os.path.join(self._spool_root, local))
-        except ValueError:  # an embedded NUL: no file has that name
-            raise JobError(f"cannot read {path!r}: bad file name", outcome.MISSING_FILE.code, line=line) from None
-        if self._roots is None:
-            # Resolved once per message, and only when a file is named: most jobs name none.
-            self._roots = [os.path.join(os.path.realpath(r), "") for r in self._given_roots]
-        if not any(real == r[:-1] or real.startswith(r) for r in self._roots):
-            raise JobError(f"{path!r} ({real}) is outside attachment_roots", outcome.OUTSIDE_ROOTS.code, line=line)
-        try:
-            # The real path, not the given one: a symlink swapped in after the
-            # check above cannot redirect the read.
-            # O_NONBLOCK: opening a FIFO must not wait for a writer; the fstat
-            # below then refuses anything that is not a regular file.
-            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)
-            with open(fd, "rb") as f:
-                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                    raise JobError(f"cannot read {path!r}: not a regular file", outcome.MISSING_FILE.code, line=line)
-                return f.read(), real
-        except OSError as e:
-            raise JobError(f"cannot read {path!r}: {e.strerror or e}", outcome.MISSING_FILE.code, line=line) from None
-
-
 @dataclass(frozen=True)
 class _Body:
     text: str  # line breaks are "\n"; ends with one
@@ -340,7 +278,7 @@ class _Body:
     pieces: tuple[tuple[str, int], ...]  # (text, job line): to name the line of an unencodable character
 
 
-def _load_body(items: tuple[BodyItem, ...], files: _Files,
+def _load_body(items: tuple[BodyItem, ...], files: JobFiles,
                lookup: Callable[[], Callable[[str], str | None]] | None = None) -> _Body:
     pieces: list[tuple[str, int]] = []
     html_file = False
@@ -403,7 +341,7 @@ class _Loaded:
     embedded: bool
 
 
-def _load_attachment(att: Attachment, files: _Files) -> _Loaded:
+def _load_attachment(att: Attachment, files: JobFiles) -> _Loaded:
     data, _ = files.read(att.path, att.line)
     # The name as the job wrote it: a symlink's target name is not the sender's to show.
     filename = att.name or PurePath(files.local(att.path, att.line)).name
@@ -443,9 +381,9 @@ def _choose_cte(data: bytes, asked: str | None = None) -> str:
     # request for it is met with the 7-bit-safe choice below.
     if asked in ("base64", "quoted-printable") and (eight_bit or b"\0" in data or asked == "base64"):
         return asked
-    if not eight_bit and b"\0" not in data:
-        if len(data) <= _MAX_7BIT_LINE or max(map(len, data.split(b"\n"))) <= _MAX_7BIT_LINE + len(b"\r"):
-            return "7bit"
+    if not eight_bit and b"\0" not in data and (
+            len(data) <= _MAX_7BIT_LINE or max(map(len, data.split(b"\n"))) <= _MAX_7BIT_LINE + len(b"\r")):
+        return "7bit"
     # Quoted-printable writes each 8-bit byte in three; base64 every three bytes in four.
     return "base64" if eight_bit * 6 > len(data) else "quoted-printable"
 

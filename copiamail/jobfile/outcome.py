@@ -1,4 +1,4 @@
-"""Outcome codes, CopiaFacts classes, and the retry rule (SPEC 4).
+"""Outcome codes, CopiaFacts classes, and the retry rule.
 
 An attempt ends with an outcome (an SMTP reply code, or one of the engine's own
 codes below) and a class letter. Whether and when a job is tried again is
@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple, Union
+from typing import NamedTuple, TypeAlias
 
 # CopiaFacts classes.
 TIMEOUT = "A"
@@ -51,7 +51,7 @@ CONNECTION_LOST = OutcomeCode(71, CONNECTION, "connection dropped by the server"
 TIMED_OUT = OutcomeCode(72, TIMEOUT, "no reply within the timeout")
 TLS_FAILED = OutcomeCode(73, CONNECTION, "STARTTLS failed or was required but not offered")
 DNS_FAILED = OutcomeCode(80, DOMAIN, "the recipient domain does not exist (NXDOMAIN): final")
-DNS_TEMPORARY = OutcomeCode(81, DOMAIN, "DNS lookup failed or timed out, a mail host's name does not exist, or no mail host has an address")
+DNS_TEMPORARY = OutcomeCode(81, DOMAIN, "DNS failed or timed out, an MX host's name does not exist, or no MX host has an address")
 TLS_REQUIRED = OutcomeCode(160, FAILURE, "$email_options reqTLS and the server offers no TLS: not sent (final)")
 NULL_MX = OutcomeCode(82, DOMAIN, "the domain accepts no mail (null MX, RFC 7505): final")
 INTERNAL = OutcomeCode(75, SMTP_OTHER, "internal error of the engine (a bug: please report it); retried")
@@ -85,7 +85,7 @@ class RetryAt(NamedTuple):
 
 
 # A plain delay in seconds (most lists), or a RetryAt.
-RetryItem = Union[int, RetryAt]
+RetryItem: TypeAlias = int | RetryAt
 
 
 def parse_delays(text: str) -> tuple[RetryItem, ...]:

@@ -1,4 +1,6 @@
-"""The lines the engine writes into a job (SPEC 2, "What the engine writes").
+"""The lines the engine writes into a job: an attempt record per attempt, the
+``$fax_status1``/``$fax_status2`` status, the next try, and its own variables
+(:data:`~copiamail.jobfile.job.OWNED_VARS`).
 
 Each function takes the job's :class:`CommandFile` and returns the edited copy;
 every line the engine does not own is kept as it was.
@@ -10,6 +12,7 @@ import math
 import time
 from typing import NamedTuple
 
+from copiamail.jobfile import outcome
 from copiamail.jobfile.fsfile import CommandFile, WrittenLine, format_arg
 
 STATUS_WAITING = 2
@@ -85,7 +88,7 @@ def deferred(cf: CommandFile, busy_count: int) -> CommandFile:
 
 def delivered(cf: CommandFile, node: str, reply: str, ip: str, bytecount: int, now: float,
               where: Where = Where()) -> CommandFile:
-    return _finished(cf, _record(node, 0, "S", reply, now, where),
+    return _finished(cf, _record(node, 0, outcome.SUCCESS, reply, now, where),
                      (("EMAIL_CONNECT_IP", ip), ("EMAIL_BYTECOUNT", bytecount)),
                      (("fax_status1", (STATUS_DONE,)), ("fax_status2", (0,))), where)
 

@@ -1,4 +1,4 @@
-"""CopiaFacts ``$domain_limit node @domain [count]`` rules (SPEC 3).
+"""CopiaFacts ``$domain_limit node @domain [count]`` rules.
 
 Rules are tested in file order. The first rule whose node is ``*`` or this
 node's name (case-insensitive) and whose text is a substring of the recipient
@@ -84,8 +84,7 @@ def shadowed(rules: tuple[DomainLimitRule, ...]) -> list[tuple[DomainLimitRule, 
     out: list[tuple[DomainLimitRule, DomainLimitRule]] = []
     for i, rule in enumerate(rules):
         for earlier in rules[:i]:
-            node_covered = earlier.node == "*" or earlier.node.lower() == rule.node.lower()
-            if node_covered and earlier.text.lower() in rule.text.lower():
+            if earlier.covers_node(rule.node) and earlier.text.lower() in rule.text.lower():
                 out.append((rule, earlier))
                 break
     return out

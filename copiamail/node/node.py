@@ -7,8 +7,9 @@ watcher, and runs the scheduler until SIGTERM or SIGINT (or, with ``drain``,
 until no job is due and none is in flight).
 
 With ``workers:`` above 1 the scheduling runs in worker processes instead
-(:mod:`copiamail.workers`); this process keeps the lock, the recovery, the
-heartbeat, the watcher and the signals.
+(:mod:`copiamail.node.workers`); this process keeps the lock, the recovery and
+the node's services (:mod:`copiamail.node.services`: heartbeat, watcher,
+signals).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from filelock import FileLock, Timeout
 
 from copiamail.config import Config, read_password
 from copiamail.errors import ConfigError, SpoolError
-from copiamail.node.workers import ignore_hangups, node_services, run_workers
+from copiamail.node.services import ignore_hangups, node_services
+from copiamail.node.workers import run_workers
 from copiamail.scheduling.scheduler import Scheduler, Stats
 from copiamail.smtp.session import make_tls_context
 from copiamail.spool.queue import Spool

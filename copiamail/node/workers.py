@@ -1,24 +1,25 @@
-"""One node as several processes: the supervisor and its workers; and
-:func:`node_services`, what a node's own process runs besides scheduling
-(heartbeat, signals, watcher), with or without workers.
+"""One node as several processes: the supervisor and its workers.
 
 With ``workers: n`` (n > 1) the node's own process is the *supervisor*. It
-holds the node's lock, recovers, beats the heartbeat, runs the spool watcher
-and handles signals; it sends no mail. It forks ``n`` *workers*, each a full
-:class:`~copiamail.scheduler.Scheduler` with its own event loop. Worker ``i``
-sends only the jobs whose domain :func:`~copiamail.limits.worker_of` gives it,
-so every limit of one domain lives in one process with its whole cap, and
-each cap shared between domains is divided between the workers (the parts
-add up to the cap). All workers claim into the same ``ACTIVE/<node>`` folder:
-a claim is a rename, so two workers never hold the same job.
+holds the node's lock, recovers, and runs the node's services
+(:func:`~copiamail.node.services.node_services`: heartbeat, spool watcher,
+signals); it sends no mail. It forks ``n`` *workers*, each a full
+:class:`~copiamail.scheduling.scheduler.Scheduler` with its own event loop.
+Worker ``i`` sends only the jobs whose domain
+:func:`~copiamail.scheduling.limits.worker_of` gives it, so every limit of one
+domain lives in one process with its whole cap, and each cap shared between
+domains is divided between the workers (the parts add up to the cap). All
+workers claim into the same ``ACTIVE/<node>`` folder: a claim is a rename, so
+two workers never hold the same job.
 
 Pipes, one pair per worker, records ending in NUL:
 
-- supervisor to worker: ``H<path>`` a watcher event; ``R`` scan the whole
-  spool (a dead peer's jobs came back); ``Q`` stop. End of file: stop.
-- worker to supervisor: ``E<kind>\\t<name>`` a job's outcome (only when
-  the node shows a progress line); ``S<sent> <failed> <retried> <deferred> <handed back>`` its
-  totals, last.
+- supervisor to worker: ``H<path>`` a job file renamed into a queue and
+  ``W<path>`` one written there in place (watcher events); ``R`` scan the
+  whole spool (a dead peer's jobs came back); ``Q`` stop. End of file: stop.
+- worker to supervisor: ``E<kind>\\t<name>`` a job's outcome (only when the
+  node shows a progress line); ``S<sent> <failed> <retried> <deferred>
+  <handed back>`` its totals, last.
 
 Crashes: a worker dies with the supervisor (``PR_SET_PDEATHSIG`` with
 SIGKILL), so no worker outlives the node's lock (which the workers also hold,
@@ -30,27 +31,25 @@ next start, as after any crash.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
+import functools
 import logging
 import os
 import select
 import signal
 import sys
 import traceback
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from copiamail.config import Config
+from copiamail.node.services import node_services
+from copiamail.osutil import NulRecords, die_with_parent, write_all
 from copiamail.scheduling.scheduler import Scheduler, Stats
-from copiamail.spool.peers import Peers, heartbeat_interval
 from copiamail.spool.queue import Spool
-from copiamail.spool.watcher import SpoolWatcher
 
 log = logging.getLogger("copiamail")
 
-_PR_SET_PDEATHSIG = 1
 _STATS_FIELDS = ("sent", "failed", "retried", "deferred", "handed_back")
 
 
@@ -65,8 +64,7 @@ class _Worker:
     index: int
     pid: int
     ctl: int  # supervisor to worker (non-blocking)
-    out: int  # worker to supervisor
-    rest: bytes = b""
+    out: NulRecords  # worker to supervisor
     stats: Stats | None = None
     ended: bool = False
     pending: list[bytes] = field(default_factory=list)
@@ -85,6 +83,7 @@ def run_workers(
     ended (drained, or stopped by SIGTERM/SIGINT). Call with the node's lock
     held and its recovery done, before any thread or event loop is started."""
     workers: list[_Worker] = []
+    supervisor = os.getpid()
     for i in range(config.workers):
         ctl_r, ctl_w = os.pipe()
         out_r, out_w = os.pipe()
@@ -98,8 +97,9 @@ def run_workers(
                 os.close(out_r)
                 for w in workers:
                     os.close(w.ctl)
-                    os.close(w.out)
-                code = _worker_main(config, spool, node, password, drain, i, ctl_r, out_w, on_event is not None)
+                    os.close(w.out.fd)
+                code = _worker_main(config, spool, node, password, drain, i, ctl_r, out_w, on_event is not None,
+                                    supervisor)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -108,12 +108,12 @@ def run_workers(
         os.close(ctl_r)
         os.close(out_w)
         os.set_blocking(ctl_w, False)
-        workers.append(_Worker(i, pid, ctl_w, out_r))
+        workers.append(_Worker(i, pid, ctl_w, NulRecords(out_r)))
     try:
         asyncio.run(_supervise(config, spool, node, workers, on_event or (lambda kind, job: None)))
     finally:
         for w in workers:
-            for fd in (w.ctl, w.out):
+            for fd in (w.ctl, w.out.fd):
                 try:
                     os.close(fd)
                 except OSError:
@@ -139,60 +139,6 @@ def _reap(w: _Worker) -> None:
     if code != 0 or w.stats is None:
         log.error("worker %d (pid %d) ended with %s; the jobs it held are recovered at this node's next start",
                   w.index, w.pid, f"signal {-code}" if code < 0 else f"exit code {code}")
-
-
-# --- the node's own services ------------------------------------------------------
-
-
-async def _heartbeat(peers: Peers, on_takeover: Callable[[], None]) -> None:
-    """Beat, and take over dead peers' jobs, until cancelled."""
-    interval = heartbeat_interval(peers.stale_after)
-    while True:
-        peers.beat()
-        if peers.check():  # never raises
-            on_takeover()
-        await asyncio.sleep(interval)
-
-
-@asynccontextmanager
-async def node_services(config: Config, spool: Spool, node: str, on_takeover: Callable[[], None],
-                        on_stop: Callable[[], None], on_path: Callable[[str, bool], None]) -> AsyncIterator[None]:
-    """What a node's own process runs besides scheduling, for the block: the
-    heartbeat (``on_takeover`` when a dead peer's jobs came back), SIGTERM and
-    SIGINT (``on_stop``), SIGHUP (logged and ignored: no reload yet) and the
-    spool watcher (``on_path(path, written)`` for each event). SIGHUP stays
-    ignored after the block; the caller ignores it before starting any child
-    process (see :func:`ignore_hangups`)."""
-    loop = asyncio.get_running_loop()
-    peers = Peers(spool, node, config.node_stale_after)
-    beating = loop.create_task(_heartbeat(peers, on_takeover))
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop)
-    watcher = SpoolWatcher([spool.folder(q) for q in spool.queue_folders()], on_path, polling=config.watcher == "polling")
-    # Started while SIGHUP is still ignored here, so the watcher inherits that
-    # from its first instruction on (a handled signal is reset by exec).
-    watcher.start(loop)
-    loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP: reload is not supported yet; ignored")
-    try:
-        yield
-    finally:
-        beating.cancel()
-        await asyncio.gather(beating, return_exceptions=True)
-        peers.stop()
-        watcher.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        loop.remove_signal_handler(signal.SIGHUP)
-        ignore_hangups()  # removing the handler restored the default, which kills
-
-
-def ignore_hangups() -> None:
-    """Ignore SIGHUP in this process and in every child it starts from now on
-    (forked workers and the syncer inherit it, and so does the watcher: an
-    ignored signal stays ignored across exec). A terminal that hangs up (an
-    SSH session closed) sends SIGHUP to the whole foreground process group;
-    a node must not die of it, nor lose a worker mid-send."""
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 # --- the supervisor ------------------------------------------------------------
@@ -228,17 +174,12 @@ async def _supervise(
         tell_all(b"Q")
 
     def readable(w: _Worker) -> None:
-        try:
-            data = os.read(w.out, 1 << 16)
-        except BlockingIOError:
-            return
-        if data:
-            parts = (w.rest + data).split(b"\0")
-            w.rest = parts.pop()
-            for record in parts:
+        records = w.out.read()
+        if records is not None:
+            for record in records:
                 _received(w, record, on_event)
             return
-        loop.remove_reader(w.out)
+        loop.remove_reader(w.out.fd)
         w.ended = True
         if w.stats is None:
             # It crashed: its jobs wait for recovery; the others stop too, so
@@ -248,7 +189,7 @@ async def _supervise(
             all_ended.set_result(None)
 
     for w in workers:
-        loop.add_reader(w.out, readable, w)
+        loop.add_reader(w.out.fd, readable, w)
     try:
         async with node_services(config, spool, node, on_takeover=lambda: tell_all(b"R"), on_stop=stop,
                                  on_path=lambda p, written: tell_all((b"W" if written else b"H") + os.fsencode(p))):
@@ -256,7 +197,7 @@ async def _supervise(
     finally:
         for w in workers:
             if not w.ended:
-                loop.remove_reader(w.out)
+                loop.remove_reader(w.out.fd)
 
 
 def _send(w: _Worker) -> None:
@@ -310,25 +251,14 @@ def _received(w: _Worker, record: bytes, on_event: Callable[[str, str], None]) -
 # --- a worker -------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (AttributeError, OSError):
-        pass  # not Linux: the end of file on the control pipe still stops it
-
-
 def _worker_main(config: Config, spool: Spool, node: str, password: str | None, drain: bool,
-                 index: int, ctl: int, out: int, report_events: bool) -> int:
-    parent = os.getppid()
-    _die_with_parent()
-    if os.getppid() != parent:
+                 index: int, ctl: int, out: int, report_events: bool, supervisor: int) -> int:
+    # Where the death signal is missing (not Linux), the end of file on the
+    # control pipe still stops the worker.
+    if not die_with_parent(supervisor):
         return 1  # the supervisor died before the death signal was set
     events: list[bytes] = []
-
-    def write(data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(out, view):]
+    write = functools.partial(write_all, out)
 
     def on_event(kind: str, name: str) -> None:
         if not events:
@@ -350,21 +280,15 @@ def _worker_main(config: Config, spool: Spool, node: str, password: str | None, 
 
 async def _serve_worker(scheduler: Scheduler, drain: bool, ctl: int) -> Stats:
     loop = asyncio.get_running_loop()
-    rest = b""
+    records = NulRecords(ctl)
 
     def readable() -> None:
-        nonlocal rest
-        try:
-            data = os.read(ctl, 1 << 16)
-        except BlockingIOError:
-            return
-        if not data:
+        received = records.read()
+        if received is None:
             loop.remove_reader(ctl)
             scheduler.request_stop()  # the supervisor is gone
             return
-        parts = (rest + data).split(b"\0")
-        rest = parts.pop()
-        for record in parts:
+        for record in received:
             kind = record[:1]
             if kind in (b"H", b"W"):
                 scheduler.hint(os.fsdecode(record[1:]), written=kind == b"W")

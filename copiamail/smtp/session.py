@@ -5,10 +5,9 @@ A :class:`SmtpSession` is one connection to one host, used by one task at a time
 carries one message after another. A refusal (a 4xx or 5xx reply to MAIL,
 RCPT, DATA or the message) leaves the dialogue in a known state: the
 connection stays, reset with RSET before the next message, and ends with
-QUIT (SPEC 4, RFC 5321). Any other error (a timeout, a lost connection, a 421,
-a reply that cannot be trusted) drops it at once, never to be reused; the
-next send reopens lazily (DESIGN: "close a connection on any error and
-reopen lazily"). Every failure comes out as a
+QUIT (RFC 5321). Any other error (a timeout, a lost connection, a 421, a reply
+that cannot be trusted) drops it at once, never to be reused, since its state
+is not known; the next send reopens lazily. Every failure comes out as a
 :class:`~copiamail.errors.DeliveryError` with the reply code (or the engine's
 outcome code), the CopiaFacts class, the text for ``EMAIL_ERROR``, and whether
 it is final (a 5xx at MAIL, RCPT or DATA).
@@ -34,6 +33,7 @@ import ssl
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import aiosmtplib
 
@@ -83,7 +83,8 @@ def make_tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
     try:
         return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"key 'relay.ca_file': cannot load CA certificates: {getattr(e, 'strerror', None) or e}", ca_file) from None
+        why = getattr(e, "strerror", None) or e
+        raise ConfigError(f"key 'relay.ca_file': cannot load CA certificates: {why}", ca_file) from None
 
 
 def resolve_relay(host: str, port: int) -> tuple[str, ...]:
@@ -120,7 +121,7 @@ def reply_text(code: int, message: str) -> str:
 
 
 def classify(code: int, message: str, stage: str) -> DeliveryError:
-    """A server's refusal at ``stage`` as a DeliveryError (SPEC 4 classes)."""
+    """A server's refusal at ``stage`` as a DeliveryError with its CopiaFacts class."""
     m = _ENHANCED.match(message)
     if code == 421:
         klass = outcome.HOST_REJECTED
@@ -149,8 +150,18 @@ class _Refused(Exception):
         self.code, self.message = code, message
 
 
-_MAX_LINE = 8192  # as aiosmtplib: a longer reply line is refused
+# As aiosmtplib's SMTPProtocol reads replies (tests/test_session_internals.py
+# holds each to it): the longest line and reply it takes, the code of a reply
+# it cannot read, and its words for what went wrong, so that EMAIL_ERROR reads
+# the same whichever of the two read the reply.
+_MAX_LINE = 8192
 _MAX_REPLY = _MAX_LINE * 4
+_UNREADABLE = -1
+_TOO_LONG = "Response too long"
+_MALFORMED = "Malformed SMTP response line: "
+_CONNECTION_LOST = "Connection lost"
+_UNEXPECTED_EOF = "Unexpected EOF received"
+_NO_REPLY = "Timed out waiting for server response"
 _LINE_ENDS = re.compile(rb"\r\n|\n|\r(?!\n)")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 
@@ -209,7 +220,7 @@ class _Link(asyncio.Protocol):
     def write(self, data: bytes, replies: int) -> None:
         """Send ``data`` (``replies`` commands)."""
         if self._ended is not None or self._transport.is_closing():
-            raise _Lost("Connection lost")
+            raise _Lost(_CONNECTION_LOST)
         self._expected += replies
         self._transport.write(data)
 
@@ -246,14 +257,14 @@ class _Link(asyncio.Protocol):
 
     def close(self) -> None:
         """Close after QUIT: what is still buffered is sent first."""
-        self._ended = self._ended or "Connection lost"
+        self._ended = self._ended or _CONNECTION_LOST
         self._transport.close()
 
     def abort(self) -> None:
         """Drop the connection at once, discarding anything not yet sent: after
         an error or a timeout, the rest of a message still being uploaded must
         not reach the server (it could accept a message recorded as failed)."""
-        self._ended = self._ended or "Connection lost"
+        self._ended = self._ended or _CONNECTION_LOST
         self._transport.abort()
 
     # asyncio.Protocol
@@ -263,7 +274,7 @@ class _Link(asyncio.Protocol):
             return
         self._buffer += data
         if len(self._buffer) > _MAX_REPLY:
-            self._fail(-1, "Response too long")
+            self._fail(_UNREADABLE, _TOO_LONG)
             return
         start = 0
         while self._expected > 0:
@@ -289,12 +300,12 @@ class _Link(asyncio.Protocol):
                 return None
             line = bytes(self._buffer[offset:end + 1])
             if len(line) > _MAX_LINE:
-                self._fail(-1, "Response too long")
+                self._fail(_UNREADABLE, _TOO_LONG)
                 return None
             try:
                 code = int(line[:3])
             except ValueError:
-                self._fail(-1, f"Malformed SMTP response line: {line.decode('utf-8', errors='ignore')}")
+                self._fail(_UNREADABLE, _MALFORMED + line.decode("utf-8", errors="ignore"))
                 return None
             offset = end + 1
             lines.append(line[4:].strip(b" \t\r\n"))
@@ -308,12 +319,12 @@ class _Link(asyncio.Protocol):
         self._wake()
 
     def eof_received(self) -> bool:
-        self._ended = self._ended or "Unexpected EOF received"
+        self._ended = self._ended or _UNEXPECTED_EOF
         self._wake()
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._ended = self._ended or "Connection lost"
+        self._ended = self._ended or _CONNECTION_LOST
         self._wake()
 
     def _wake(self) -> None:
@@ -332,7 +343,7 @@ def _without_ssl_source(text: str) -> str:
 
 def _untrusted(s: SessionSettings, e: ssl.SSLCertVerificationError) -> str:
     """EMAIL_ERROR for a certificate that did not verify: whose, why, and
-    which settings decide (SPEC 6: one clear line)."""
+    which settings decide, in one line."""
     name = s.server_name or s.host
     whose = f"{name} ({s.host})" if name != s.host else name
     why = _without_ssl_source(str(e.verify_message or e.strerror or e))
@@ -463,12 +474,14 @@ class SmtpSession:
             except aiosmtplib.SMTPException as e:
                 smtp.close()
                 raise _engine(outcome.CONNECTION_LOST, f"AUTH with {where} failed: {e}") from None
-        transport = smtp.protocol.transport if smtp.protocol is not None else None
+        # aiosmtplib types its transport as a BaseTransport; it is the stream
+        # transport it writes every command to (its own code casts it so too).
+        transport = cast(asyncio.Transport | None, smtp.protocol.transport if smtp.protocol is not None else None)
         if transport is None or transport.is_closing():
             # Closed right after the greeting: what aiosmtplib said when MAIL
             # then found the connection gone.
             smtp.close()
-            raise _engine(outcome.CONNECTION_LOST, "connection dropped at MAIL: Connection lost", MAIL)
+            raise _engine(outcome.CONNECTION_LOST, f"connection dropped at MAIL: {_CONNECTION_LOST}", MAIL)
         link = _Link(transport, smtp.supports_extension("pipelining"), _offered_size(smtp))
         link.encrypted = transport.get_extra_info("sslcontext") is not None
         self.peer_ip = link.peer_ip() or s.host
@@ -529,7 +542,7 @@ class SmtpSession:
                 raise _Refused(code, text)
         except _Timeout:
             self.abort()
-            raise _engine(outcome.TIMED_OUT, f"timeout at {stage}: Timed out waiting for server response", stage) from None
+            raise _engine(outcome.TIMED_OUT, f"timeout at {stage}: {_NO_REPLY}", stage) from None
         except _Lost as e:
             self.abort()
             raise _engine(outcome.CONNECTION_LOST, f"connection dropped at {stage}: {e}", stage) from None

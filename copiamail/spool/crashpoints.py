@@ -1,4 +1,4 @@
-"""Test-only crash points for the crash matrix (issue 4).
+"""Test-only crash points: the node killed at each step of the spool protocol.
 
 With ``COPIAMAIL_CRASH_AT=<point>`` in its environment, a node kills itself with
 SIGKILL the moment it reaches that point, so a test can see what each step of
@@ -10,11 +10,11 @@ but one dictionary lookup. The points:
                             a result was written and fsynced beside the claimed
                             job, not yet committed (state 3)
 ``writing-SENT``, ``writing-FAIL``, ``writing-BACK``
-                            half of a result is written, not fsynced (state 3,
-                            with a partial file)
+                            half of a result is written into a spare file, not
+                            fsynced (state 3, with a partial file)
 ``committed-SENT``, ``committed-FAIL``, ``committed-BACK``
-                            the claimed job was unlinked, the result not yet
-                            moved to its folder (state 4)
+                            the claimed job's name was removed, the result not
+                            yet moved to its folder (state 4)
 
 With ``COPIAMAIL_FULL_DISK=<path>``, every job file the spool writes fails with
 ENOSPC while the file ``<path>`` exists: a full disk, simulated, that a test can

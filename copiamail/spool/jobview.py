@@ -1,7 +1,7 @@
 """A job file as an operator sees it (``copiamail show``, log lines): its state,
 taken from the folder it is in, and what the engine wrote into it, read line
 by line, so that a job that does not parse still shows its ``EMAIL_ERROR`` and
-attempts (SPEC 6)."""
+attempts."""
 
 from __future__ import annotations
 

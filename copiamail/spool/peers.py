@@ -1,13 +1,13 @@
-"""Heartbeats, and taking over the jobs of a node that died (issue 4).
+"""Heartbeats, and taking over the jobs of a node that died.
 
 Every running node moves its heartbeat on every few seconds: an empty file
-``ACTIVE/<node>.alive.<n>`` renamed to ``<n+1>`` (a rename needs no free disk
-space, so a node on a full disk still beats). Another node that sees jobs in
-``ACTIVE/<peer>/`` watches those names: when they have not changed for
-``node_stale_after`` seconds *of the watcher's own monotonic clock*, the peer is
-taken for dead. Only names are compared, never mtimes, so clocks that differ
-between machines on a shared spool do not matter (DESIGN: "do not trust mtimes
-across machines"). A takeover folder (below) is watched through its taker's
+``ACTIVE/<node>.alive.<token>.<n>`` renamed to ``<n+1>`` (the token is new at
+each start; a rename needs no free disk space, so a node on a full disk still
+beats). Another node that sees jobs in ``ACTIVE/<peer>/`` watches those
+names: when they have not changed for ``node_stale_after`` seconds *of the
+watcher's own monotonic clock*, the peer is taken for dead. Only names are
+compared, never mtimes: on a shared spool an mtime comes from another
+machine's clock, which may differ from ours. A takeover folder (below) is watched through its taker's
 heartbeat, so a taker that dies halfway is taken over in turn.
 
 Taking over is one rename: ``ACTIVE/<peer>`` becomes ``ACTIVE/<me>~from~<peer>~<n>``.
@@ -141,7 +141,7 @@ class Peers:
             # crash cut our takeover short); another's when its taker is dead.
             owner = folder.split(TAKEOVER_MARK, 1)[0]
             if owner == self.node:
-                out.append((folder, self._recover_taken(folder)))
+                out.append((folder, finish_takeover(self.spool, folder, self.node)))
                 continue
             if self.stale_after <= 0:
                 continue
@@ -162,7 +162,7 @@ class Peers:
             self._seen.pop(folder, None)
             if taken is not None:
                 log.warning("node %s: no heartbeat for %.0f s; took over its jobs", owner, now - seen.since)
-                out.append((folder, self._recover_taken(taken)))
+                out.append((folder, finish_takeover(self.spool, taken, self.node)))
 
     def _locked_here(self, peer: str) -> bool:
         # A peer on this machine holds its lock file while it runs: alive,
@@ -195,12 +195,29 @@ class Peers:
             return name
         return None
 
-    def _recover_taken(self, folder: str) -> RecoveryReport:
-        report = recover(self.spool, folder, recorder=self.node)
-        try:
-            for qdir in (self.spool.root / ACTIVE / folder).iterdir():
-                qdir.rmdir()
-            (self.spool.root / ACTIVE / folder).rmdir()
-        except OSError as e:
-            log.warning("%s: left behind after a takeover: %s", folder, e.strerror)
-        return report
+
+def takeover_folders(spool: Spool, node: str) -> list[str]:
+    """The folders in ACTIVE that node ``node`` took over from dead peers and
+    has not finished with (it stopped halfway), in name order."""
+    base = spool.root / ACTIVE
+    try:
+        names = [p.name for p in base.iterdir() if p.is_dir()]
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if TAKEOVER_MARK in n and n.split(TAKEOVER_MARK, 1)[0] == node)
+
+
+def finish_takeover(spool: Spool, folder: str, node: str) -> RecoveryReport:
+    """Recover the jobs of ``folder`` (a dead peer's ACTIVE folder that node
+    ``node`` took over) as that peer would at its restart, recorded as
+    ``node``'s, then remove the folder. Anything recovery does not know is
+    left in it, with a warning, rather than deleted."""
+    report = recover(spool, folder, recorder=node)
+    path = spool.root / ACTIVE / folder
+    try:
+        for qdir in path.iterdir():
+            qdir.rmdir()
+        path.rmdir()
+    except OSError as e:
+        log.warning("%s: left behind after a takeover: %s", folder, e.strerror)
+    return report

@@ -59,7 +59,7 @@ turn of the node's event loop): each into its spare, then the disk is asked to
 write them all (``sync_file_range``), then each is fsynced, and only then is
 each committed and published in turn. The order per job is as above; the
 fsyncs of a batch overlap instead of adding up. A node has them made by its
-syncer process (:mod:`copiamail.syncer`, handed the open descriptors) while
+syncer process (:mod:`copiamail.spool.syncer`, handed the open descriptors) while
 its event loop goes on, and commits each result only after the answer.
 
 Spare files: creating a file costs far more than rewriting an existing one
@@ -80,20 +80,21 @@ copy under one of its names.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import itertools
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import cast
 
 from copiamail.errors import SpoolError
-from copiamail.jobfile.fsfile import CommandFile, write_all
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.osutil import fsync_all, move_unless_taken, rename_noreplace, write_all
 from copiamail.spool.crashpoints import CRASH_ENV, check_disk_space, crash_point
 
 ACTIVE = "ACTIVE"
@@ -102,7 +103,6 @@ FAIL = "FAIL"
 TEMP = "TEMP"
 SPARE = ".spare"  # the folder of spare files inside ACTIVE/<node>
 _SPARES_KEPT = 512  # at most this many spares per process; more are deleted
-
 
 
 class Destination(StrEnum):
@@ -117,71 +117,6 @@ class Destination(StrEnum):
 _RESULT_SUFFIXES = tuple(d.value for d in Destination)
 DELIVERED = "DELIVERED"  # the suffix of a claimed job the server has accepted
 _QUEUE_NAME = re.compile(r"^TOSEND(\d*)$", re.IGNORECASE)
-_AT_FDCWD = -100
-_RENAME_NOREPLACE = 1
-
-
-def _load_renameat2() -> Callable[..., int] | None:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_RENAMEAT2 = _load_renameat2()
-
-
-def rename_noreplace(src: Path | str, dst: Path | str) -> None:
-    """Rename ``src`` to ``dst``, failing with FileExistsError if ``dst`` exists."""
-    if _RENAMEAT2 is not None:
-        if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(err, os.strerror(err), str(dst))
-    # No RENAME_NOREPLACE here (NFS, older kernels): link() refuses to replace.
-    os.link(src, dst)
-    os.unlink(src)
-
-
-def move_unless_taken(src: str, dst: str) -> None:
-    """Rename ``src`` to ``dst``; FileExistsError if ``dst`` exists. One atomic
-    step where RENAME_NOREPLACE works; elsewhere a check, then a plain rename
-    (never link-then-unlink, which would let two nodes both take a job)."""
-    if _RENAMEAT2 is not None:
-        if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise OSError(err, os.strerror(err), dst)
-    if os.path.exists(dst):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
-    os.rename(src, dst)
-
-
-def _load_sync_file_range() -> Callable[..., int] | None:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SYNC_FILE_RANGE = _load_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(fd: int) -> None:
-    """Ask the disk to start writing a file's data now, without waiting (Linux):
-    the fsyncs that follow for a batch of results then wait once, together.
-    Only a hint: durability comes from the fsync."""
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def _drop(spare: str, fd: int | None) -> None:
@@ -199,7 +134,7 @@ def is_job_name(name: str) -> bool:
 
 
 def is_queue_name(name: str) -> bool:
-    """Whether a folder of this name is a TOSEND folder (SPEC 1: any case)."""
+    """Whether a folder of this name is a TOSEND folder (in any case: ``tosend1`` is ``TOSEND1``)."""
     return _QUEUE_NAME.match(name) is not None
 
 
@@ -249,7 +184,7 @@ class ResultBatch:
     """The results of several jobs between states 3 and 5, made by
     :meth:`Spool.write_results`: each written into a spare, its descriptor
     still open. Then either ``sync`` (fsync here) or ``synced`` (the fsyncs
-    were made elsewhere: :mod:`copiamail.syncer`), and ``commit``."""
+    were made elsewhere: :mod:`copiamail.spool.syncer`), and ``commit``."""
 
     def __init__(self, spool: Spool, claimed: list[Claimed]) -> None:
         self._spool = spool
@@ -270,16 +205,7 @@ class ResultBatch:
         write them all first, so the waits overlap instead of adding up."""
         if not self._spool.fsync:
             return
-        for fd in self.fds:
-            _start_writeback(fd)
-        errors = []
-        for fd in self.fds:
-            try:
-                os.fsync(fd)
-                errors.append(0)
-            except OSError as e:
-                errors.append(e.errno or errno.EIO)
-        self.synced(errors)
+        self.synced(fsync_all(self.fds))
 
     def synced(self, errors: Sequence[int]) -> None:
         """The fsync of each written result was made, with these errnos (0:
@@ -288,7 +214,7 @@ class ResultBatch:
         errors = list(errors)[: len(self.written)]
         errors += [errno.EIO] * (len(self.written) - len(errors))  # no answer: not durable
         kept = []
-        for entry, err in zip(self.written, errors):
+        for entry, err in zip(self.written, errors, strict=True):  # errors was made as long just above
             if err:
                 self.out[entry[0]] = OSError(err, os.strerror(err), entry[1])
                 _drop(entry[1], entry[2])
@@ -308,8 +234,6 @@ class ResultBatch:
         """States 3 to 5 for each synced result, in turn: where each job
         landed, or the OSError that stopped it."""
         for i, spare, fd, result in self.written:
-            claimed = self._claimed[i]
-            suffix = result.rsplit(".", 1)[1]
             os.close(fd)
             try:
                 os.rename(spare, result)
@@ -317,15 +241,13 @@ class ResultBatch:
                 self.out[i] = e
                 _drop(spare, None)
                 continue
-            crash_point(f"written-{suffix}")
+            crash_point(f"written-{result.rsplit('.', 1)[1]}")
             try:
-                self._spool._retire(claimed)  # the commit point (state 4)
-                crash_point(f"committed-{suffix}")
-                self.out[i] = self._spool._publish(result, claimed)
+                self.out[i] = self._spool.commit_result(self._claimed[i], result)
             except OSError as e:
                 self.out[i] = e
         self.written = []
-        return self.out  # type: ignore[return-value]  # every slot is set by now
+        return cast("list[Path | OSError]", self.out)  # every slot is set by now
 
 
 class Spool:
@@ -396,7 +318,7 @@ class Spool:
             yield QueuedJob(prio, queue, n, f"{folder}/{n}")
 
     def queue_folders(self) -> list[str]:
-        """The TOSEND folders as they are named on disk (SPEC 1: any case), in
+        """The TOSEND folders as they are named on disk (in any case), in
         scan order: the configured ones by number (a missing one under its
         own name, so a scan of it finds nothing), then any other
         ``TOSEND<n>`` folder found (left from a larger ``queues:``, or named by
@@ -551,6 +473,16 @@ class Spool:
         spare = f"{folder}/{os.getpid()}-{next(self._spare_numbers)}"
         return spare, os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
+    def commit_result(self, claimed: Claimed, result: str) -> Path:
+        """States 4 and 5 for a result written (and fsynced) beside its claimed
+        job: the claimed job's name is removed, which commits the result (from
+        then on it is the job), and the result is published to its folder.
+        Where it landed; an OSError after the commit leaves the result to be
+        published by recovery."""
+        self._retire(claimed)
+        crash_point(f"committed-{result.rsplit('.', 1)[1]}")
+        return self._publish(result, claimed)
+
     def _retire(self, claimed: Claimed) -> None:
         """Remove the claimed job's name (the commit): its inode becomes a
         spare, or is deleted when this process has spares enough."""
@@ -634,10 +566,10 @@ class Spool:
             # Spares left by a process that stopped without cleaning up.
             spares = base / SPARE
             try:
-                names = os.listdir(spares)
+                left = os.listdir(spares)
             except FileNotFoundError:
-                names = []
-            for f in names:
+                left = []
+            for f in left:
                 try:
                     os.unlink(spares / f)
                 except FileNotFoundError:

@@ -1,8 +1,8 @@
-"""Recovery of a node's claimed jobs after a crash (SPEC 1).
+"""Recovery of a node's claimed jobs after a crash.
 
 Run when a node starts, and by ``copiamail recover --node N``. Results the
-node had committed are finished first (see :mod:`copiamail.spool`, states 4
-and 5). Every job still claimed was interrupted mid-attempt: it gets an
+node had committed are finished first (see :mod:`copiamail.spool.queue`,
+states 4 and 5). Every job still claimed was interrupted mid-attempt: it gets an
 attempt record of outcome 66 and goes back to its own folder, or to FAIL with
 outcome 67 once it has been interrupted three times. Interruptions do not count
 as retries.
@@ -44,7 +44,7 @@ def _interruptions(cf: CommandFile) -> int:
 
 def _where(queue: str, cf: CommandFile) -> records.Where:
     """The record of a recovered job: its queue, and whether it had been
-    moved back by hand (see :class:`copiamail.records.Where`)."""
+    moved back by hand (see :class:`copiamail.jobfile.records.Where`)."""
     try:
         status = [c.args[0] for c in cf.commands() if c.name == "fax_status1" and c.args]
     except SyntaxFileError:

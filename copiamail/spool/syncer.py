@@ -1,6 +1,7 @@
 """fsyncs in a child process, so that a node's event loop goes on while the disk works.
 
-A job's result must be durable before its commit (``spool.py``, state 3), and
+A job's result must be durable before its commit (:mod:`copiamail.spool.queue`,
+state 3), and
 an fsync waits for the disk (0.1 to 0.3 ms per file on the build machine). On
 the event loop that wait stops every connection of the process. A thread does
 not help: after each fsync it must take the interpreter lock back from the
@@ -20,7 +21,7 @@ Protocol, over a socket pair (``SOCK_SEQPACKET``: one message is one request):
 The syncer asks the disk to write the whole request first
 (``sync_file_range``), then fsyncs each file, closes its copies of the
 descriptors, and answers. The node commits a result only after its answer
-(the order of states in ``spool.py`` is unchanged), and keeps its own
+(the order of states in :mod:`copiamail.spool.queue` is unchanged), and keeps its own
 descriptors open until then.
 
 Failure: the syncer exits when its socket closes (the node is done) and dies
@@ -37,7 +38,6 @@ every file of that request.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import logging
 import os
@@ -47,11 +47,12 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 
+from copiamail.osutil import die_with_parent, fsync_all
+
 log = logging.getLogger("copiamail")
 
 MAX_FDS = 250  # below the kernel's SCM_MAX_FD (253) descriptors per message
 _HEADER = struct.Struct("=QI")  # batch sequence number, chunk index
-_PR_SET_PDEATHSIG = 1
 
 
 class Syncer:
@@ -79,6 +80,7 @@ class Syncer:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         except OSError:
             return None
+        node = os.getpid()
         try:
             pid = os.fork()
         except OSError as e:
@@ -92,7 +94,7 @@ class Syncer:
             code = 1
             try:
                 ours.close()
-                code = _serve(theirs)
+                code = _serve(theirs, node)
             finally:
                 os._exit(code)
         theirs.close()
@@ -142,9 +144,10 @@ class Syncer:
         done, sizes, answers = batch
         errnos = list(struct.unpack_from(f"={count}i", data, _HEADER.size))
         answers[index] = errnos if len(errnos) == sizes[index] else [errno.EIO] * sizes[index]
-        if all(a is not None for a in answers):
+        complete = [a for a in answers if a is not None]
+        if len(complete) == len(answers):
             del self._batches[seq]
-            done([e for part in answers for e in part])  # type: ignore[union-attr]
+            done([e for part in complete for e in part])
 
     def _lost(self, why: str) -> None:
         if not self.alive:
@@ -189,8 +192,9 @@ class Syncer:
         # with the node; nothing of the node waits on it.
 
 
-def _serve(sock: socket.socket) -> int:
-    """The syncer process: answer requests until the socket closes."""
+def _serve(sock: socket.socket, node: int) -> int:
+    """The syncer process: answer requests until the socket closes (or the
+    node process ``node`` ends)."""
     # The node's own signal handling is not this process's: a Ctrl-C sent to
     # the process group is the node's to handle, and its wake-up pipe belongs
     # to the node's event loop.
@@ -209,16 +213,8 @@ def _serve(sock: socket.socket) -> int:
     keep = sock.fileno()
     os.closerange(3, keep)
     os.closerange(keep + 1, 1 << 20)
-    libc = ctypes.CDLL(None, use_errno=True)
-    try:
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except AttributeError:
-        pass
-    if os.getppid() == 1:
+    if not die_with_parent(node):
         return 0  # the node died before the death signal was set up
-    sync_file_range = getattr(libc, "sync_file_range", None)
-    if sync_file_range is not None:
-        sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     while True:
         try:
             msg, fds, _, _ = socket.recv_fds(sock, _HEADER.size, MAX_FDS)
@@ -226,18 +222,9 @@ def _serve(sock: socket.socket) -> int:
             return 1
         if not msg:
             return 0
-        if sync_file_range is not None:
-            for fd in fds:
-                sync_file_range(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE: start them all
-        errnos = []
+        errnos = fsync_all(fds)
         for fd in fds:
-            try:
-                os.fsync(fd)
-                errnos.append(0)
-            except OSError as e:
-                errnos.append(e.errno or errno.EIO)
-            finally:
-                os.close(fd)
+            os.close(fd)
         try:
             sock.send(msg + struct.pack(f"={len(errnos)}i", *errnos))
         except OSError:

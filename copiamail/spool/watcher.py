@@ -9,9 +9,9 @@ watchdog runs its observers in threads (two per watched folder). In the node's
 own process those threads would contend with the event loop for the
 interpreter lock at every event, and a busy node makes thousands of events
 (every job written back is one). So the observer runs in a child process,
-``python -m copiamail.watcher``, which writes the path of each job file that
-appeared or changed to its standard output, NUL-terminated; the node reads
-that pipe from its event loop. The child exits when its standard input closes,
+``python -m copiamail.spool.watcher``, which writes a record for each job file
+that appeared or changed to its standard output (how it came, one byte, then
+its path; NUL-terminated); the node reads that pipe from its event loop. The child exits when its standard input closes,
 so it never outlives the node, even one killed with SIGKILL.
 
 Each event says how the file came: renamed into the folder (the submission
@@ -37,8 +37,10 @@ from typing import Any
 from watchdog.events import FileClosedEvent, FileCreatedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify import InotifyEmitter
-from watchdog.observers.inotify_c import InotifyConstants
+from watchdog.observers.inotify_c import InotifyConstants, Mask
 from watchdog.observers.polling import PollingObserver
+
+from copiamail.osutil import NulRecords
 
 log = logging.getLogger("copiamail")
 
@@ -72,9 +74,9 @@ class _ArrivalsEmitter(InotifyEmitter):
     reported as a move with no source ("full events"), a file written there
     as a creation and a close after writing."""
 
-    def get_event_mask_from_filter(self) -> int:  # type: ignore[override]
-        return (InotifyConstants.IN_DELETE_SELF | InotifyConstants.IN_CREATE | InotifyConstants.IN_MOVED_TO
-                | InotifyConstants.IN_CLOSE_WRITE)
+    def get_event_mask_from_filter(self) -> Mask:
+        return Mask(InotifyConstants.IN_DELETE_SELF | InotifyConstants.IN_CREATE | InotifyConstants.IN_MOVED_TO
+                    | InotifyConstants.IN_CLOSE_WRITE)
 
     def build_and_queue_event(self, event: Any, *, full_events: bool = False) -> None:
         # "Full events": a file renamed in from an unwatched folder is a move
@@ -110,7 +112,7 @@ class SpoolWatcher:
         self._on_path = on_path
         self._polling = polling
         self._proc: subprocess.Popen[bytes] | None = None
-        self._rest = b""
+        self._records: NulRecords | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -119,22 +121,18 @@ class SpoolWatcher:
         self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         assert self._proc.stdout is not None
         os.set_blocking(self._proc.stdout.fileno(), False)
+        self._records = NulRecords(self._proc.stdout.fileno())
         self._loop = loop
         loop.add_reader(self._proc.stdout.fileno(), self._readable)
 
     def _readable(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        try:
-            data = os.read(self._proc.stdout.fileno(), 1 << 16)
-        except BlockingIOError:
-            return
-        if not data:
+        assert self._records is not None
+        records = self._records.read()
+        if records is None:
             log.warning("the spool watcher stopped; new jobs are found by the scan every scan_interval")
             self._stop_reading()
             return
-        parts = (self._rest + data).split(b"\0")
-        self._rest = parts.pop()
-        for raw in parts:
+        for raw in records:
             self._on_path(os.fsdecode(raw[1:]), raw[:1] == _WRITTEN)
 
     def _stop_reading(self) -> None:

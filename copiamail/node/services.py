@@ -1,0 +1,69 @@
+"""What a node's own process runs besides scheduling: the heartbeat (taking
+over dead peers' jobs), the spool watcher and the signals; the same with or
+without worker processes (with workers, in the supervisor)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from copiamail.config import Config
+from copiamail.spool.peers import Peers, heartbeat_interval
+from copiamail.spool.queue import Spool
+from copiamail.spool.watcher import SpoolWatcher
+
+log = logging.getLogger("copiamail")
+
+
+async def _heartbeat(peers: Peers, on_takeover: Callable[[], None]) -> None:
+    """Beat, and take over dead peers' jobs, until cancelled."""
+    interval = heartbeat_interval(peers.stale_after)
+    while True:
+        peers.beat()
+        if peers.check():  # never raises
+            on_takeover()
+        await asyncio.sleep(interval)
+
+
+@asynccontextmanager
+async def node_services(config: Config, spool: Spool, node: str, on_takeover: Callable[[], None],
+                        on_stop: Callable[[], None], on_path: Callable[[str, bool], None]) -> AsyncIterator[None]:
+    """What a node's own process runs besides scheduling, for the block: the
+    heartbeat (``on_takeover`` when a dead peer's jobs came back), SIGTERM and
+    SIGINT (``on_stop``), SIGHUP (logged and ignored: no reload yet) and the
+    spool watcher (``on_path(path, written)`` for each event). SIGHUP stays
+    ignored after the block; the caller ignores it before starting any child
+    process (see :func:`ignore_hangups`)."""
+    loop = asyncio.get_running_loop()
+    peers = Peers(spool, node, config.node_stale_after)
+    beating = loop.create_task(_heartbeat(peers, on_takeover))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop)
+    watcher = SpoolWatcher([spool.folder(q) for q in spool.queue_folders()], on_path, polling=config.watcher == "polling")
+    # Started while SIGHUP is still ignored here, so the watcher inherits that
+    # from its first instruction on (a handled signal is reset by exec).
+    watcher.start(loop)
+    loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP: reload is not supported yet; ignored")
+    try:
+        yield
+    finally:
+        beating.cancel()
+        await asyncio.gather(beating, return_exceptions=True)
+        peers.stop()
+        watcher.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        loop.remove_signal_handler(signal.SIGHUP)
+        ignore_hangups()  # removing the handler restored the default, which kills
+
+
+def ignore_hangups() -> None:
+    """Ignore SIGHUP in this process and in every child it starts from now on
+    (forked workers and the syncer inherit it, and so does the watcher: an
+    ignored signal stays ignored across exec). A terminal that hangs up (an
+    SSH session closed) sends SIGHUP to the whole foreground process group;
+    a node must not die of it, nor lose a worker mid-send."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)

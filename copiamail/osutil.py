@@ -1,0 +1,139 @@
+"""Low-level operating-system helpers the standard library lacks or that several
+modules need: a rename that never replaces, fsyncs made together, death with
+the parent process, whole writes, and NUL-terminated records read from a
+non-blocking pipe.
+
+Linux calls are reached through ctypes, looked up once at import; where one is
+missing (another system, an old C library) each helper says what it does
+instead. These run on the spool's hot path (every claim, every published
+result, every batch of fsyncs), so each makes only the system calls it must.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_SYNC_FILE_RANGE_WRITE = 2
+_PR_SET_PDEATHSIG = 1
+# What renameat2 answers where the file system (NFS) or the kernel cannot
+# refuse to replace: the caller falls back.
+_NOREPLACE_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def _libc_function(name: str, *argtypes: Any) -> Callable[..., int] | None:
+    """The C library's function ``name`` returning an int, or None where there is none."""
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (AttributeError, OSError, TypeError):  # no such function; no C library to load (not POSIX)
+        return None
+    fn.argtypes = argtypes
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _libc_function("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+_SYNC_FILE_RANGE = _libc_function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+_PRCTL = _libc_function("prctl", ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
+
+
+def _rename_noreplace_at(src: Path | str, dst: Path | str) -> bool:
+    """One ``renameat2(RENAME_NOREPLACE)``: True when ``src`` was renamed,
+    False where this system or file system cannot do it (the caller falls
+    back); FileExistsError if ``dst`` exists, any other OSError as raised."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in _NOREPLACE_UNSUPPORTED:
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(dst))
+
+
+def rename_noreplace(src: Path | str, dst: Path | str) -> None:
+    """Rename ``src`` to ``dst``, failing with FileExistsError if ``dst`` exists.
+
+    One atomic step where RENAME_NOREPLACE works. Elsewhere ``link`` then
+    ``unlink``: ``link`` refuses to replace, but a crash between the two
+    leaves the file under both names (its link count tells)."""
+    if _rename_noreplace_at(src, dst):
+        return
+    os.link(src, dst)
+    os.unlink(src)
+
+
+def move_unless_taken(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst``; FileExistsError if ``dst`` exists.
+
+    One atomic step where RENAME_NOREPLACE works; elsewhere a check, then a
+    plain rename. Never ``link`` then ``unlink``: two processes renaming one
+    file that way could both succeed, each holding a name of it."""
+    if _rename_noreplace_at(src, dst):
+        return
+    if os.path.exists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    os.rename(src, dst)
+
+
+def fsync_all(fds: Sequence[int]) -> list[int]:
+    """fsync each file, the disk first asked to start writing them all
+    (``sync_file_range``, Linux) so that the waits overlap instead of adding
+    up. One errno per file, in order: 0 when its data is durable."""
+    if _SYNC_FILE_RANGE is not None:
+        for fd in fds:
+            _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # only a hint: the fsync makes it durable
+    errnos = []
+    for fd in fds:
+        try:
+            os.fsync(fd)
+            errnos.append(0)
+        except OSError as e:
+            errnos.append(e.errno or errno.EIO)
+    return errnos
+
+
+def die_with_parent(parent: int) -> bool:
+    """Have the kernel kill this process (SIGKILL) when its parent ends
+    (``PR_SET_PDEATHSIG``, Linux; elsewhere nothing is set up). ``parent`` is
+    the process that should be the parent; False if it has already ended
+    (then the signal will never come and the caller should exit)."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    return os.getppid() == parent
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a write may be partial)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class NulRecords:
+    """The records a non-blocking pipe carries, each ended by a NUL byte; a
+    record cut between two reads is kept until its end arrives."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._rest = b""
+
+    def read(self) -> list[bytes] | None:
+        """The records complete after one read of the pipe, without their NULs
+        (none when nothing could be read); None at the end of the pipe."""
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return []
+        if not data:
+            return None
+        records = (self._rest + data).split(b"\0")
+        self._rest = records.pop()
+        return records

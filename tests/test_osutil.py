@@ -1,0 +1,222 @@
+"""copiamail.osutil: each helper, and each fallback where the system call is missing."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from copiamail import osutil
+from copiamail.osutil import NulRecords, die_with_parent, fsync_all, move_unless_taken, rename_noreplace, write_all
+
+
+@pytest.fixture(params=["renameat2", "fallback"])
+def rename_impl(request, monkeypatch):
+    if request.param == "fallback":
+        monkeypatch.setattr(osutil, "_RENAMEAT2", None)
+    elif osutil._RENAMEAT2 is None:
+        pytest.skip("renameat2 not available here")
+    return request.param
+
+
+# --- rename_noreplace (link then unlink where renameat2 is missing) -----------------
+
+
+def test_rename_noreplace_moves_the_file(tmp_path, rename_impl):
+    src, dst = tmp_path / "a", tmp_path / "b"
+    src.write_bytes(b"A")
+    rename_noreplace(src, dst)
+    assert not src.exists()
+    assert dst.read_bytes() == b"A"
+    assert dst.stat().st_nlink == 1
+
+
+def test_rename_noreplace_refuses_an_existing_destination(tmp_path, rename_impl):
+    src, dst = tmp_path / "a", tmp_path / "b"
+    src.write_bytes(b"A")
+    dst.write_bytes(b"B")
+    with pytest.raises(FileExistsError):
+        rename_noreplace(src, dst)
+    assert src.read_bytes() == b"A"
+    assert dst.read_bytes() == b"B"
+
+
+def test_rename_noreplace_of_a_missing_source_is_file_not_found(tmp_path, rename_impl):
+    with pytest.raises(FileNotFoundError):
+        rename_noreplace(tmp_path / "missing", tmp_path / "b")
+
+
+def test_rename_noreplace_takes_strings_too(tmp_path, rename_impl):
+    (tmp_path / "a").write_bytes(b"A")
+    rename_noreplace(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert (tmp_path / "b").read_bytes() == b"A"
+
+
+# --- move_unless_taken (a check, then a plain rename, where renameat2 is missing) ---
+
+
+def test_move_unless_taken_moves_the_file(tmp_path, rename_impl):
+    src, dst = tmp_path / "a", tmp_path / "b"
+    src.write_bytes(b"A")
+    move_unless_taken(str(src), str(dst))
+    assert not src.exists()
+    assert dst.read_bytes() == b"A"
+    assert dst.stat().st_nlink == 1
+
+
+def test_move_unless_taken_refuses_an_existing_destination_naming_it(tmp_path, rename_impl):
+    src, dst = tmp_path / "a", tmp_path / "b"
+    src.write_bytes(b"A")
+    dst.write_bytes(b"B")
+    with pytest.raises(FileExistsError) as info:
+        move_unless_taken(str(src), str(dst))
+    assert info.value.filename == str(dst)
+    assert src.read_bytes() == b"A"
+    assert dst.read_bytes() == b"B"
+
+
+def test_move_unless_taken_of_a_missing_source_is_file_not_found(tmp_path, rename_impl):
+    with pytest.raises(FileNotFoundError):
+        move_unless_taken(str(tmp_path / "missing"), str(tmp_path / "b"))
+
+
+def test_a_file_system_without_noreplace_falls_back(tmp_path, monkeypatch):
+    # What NFS answers: EINVAL. The rename is then made the other way.
+    def unsupported(*args):
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    monkeypatch.setattr(osutil, "_RENAMEAT2", unsupported)
+    (tmp_path / "a").write_bytes(b"A")
+    rename_noreplace(tmp_path / "a", tmp_path / "b")
+    move_unless_taken(str(tmp_path / "b"), str(tmp_path / "c"))
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+# --- fsync_all ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sync_file_range", [True, False])
+def test_fsync_all_answers_one_errno_per_file_in_order(tmp_path, monkeypatch, sync_file_range):
+    if not sync_file_range:
+        monkeypatch.setattr(osutil, "_SYNC_FILE_RANGE", None)
+    fds = []
+    for i in range(3):
+        fd = os.open(tmp_path / f"f{i}", os.O_WRONLY | os.O_CREAT)
+        os.write(fd, b"data %d" % i)
+        fds.append(fd)
+    r, w = os.pipe()  # a pipe cannot be fsynced: EINVAL, and the others are still synced
+    try:
+        assert fsync_all([fds[0], r, fds[1], fds[2]]) == [0, errno.EINVAL, 0, 0]
+        assert fsync_all([]) == []
+    finally:
+        for fd in (*fds, r, w):
+            os.close(fd)
+    assert [(tmp_path / f"f{i}").read_bytes() for i in range(3)] == [b"data 0", b"data 1", b"data 2"]
+
+
+# --- die_with_parent ----------------------------------------------------------------
+
+
+_CHILD = textwrap.dedent("""\
+    import os, sys, time
+    from copiamail.osutil import die_with_parent
+    print(die_with_parent(int(sys.argv[1])), flush=True)
+    time.sleep(60)
+""")
+
+
+def test_die_with_parent_is_false_when_the_parent_is_not_the_given_one():
+    assert die_with_parent(os.getppid()) is True
+    assert die_with_parent(os.getppid() + 1) is False
+
+
+def _alive(pid: int) -> bool:
+    """Running: neither gone nor a zombie its new parent has not reaped yet."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(osutil._PRCTL is None, reason="no prctl here (not Linux)")
+def test_a_process_that_dies_with_its_parent_is_killed_when_the_parent_ends(tmp_path):
+    # A middle process starts the child and ends; the child must die with it.
+    middle = textwrap.dedent(f"""\
+        import subprocess, sys, os
+        child = subprocess.Popen([sys.executable, "-c", {_CHILD!r}, str(os.getpid())], stdout=subprocess.PIPE)
+        print(child.pid, child.stdout.readline().decode().strip(), flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", middle], capture_output=True, text=True, timeout=60, check=True)
+    pid, armed = out.stdout.split()
+    assert armed == "True"
+    for _ in range(500):
+        if not _alive(int(pid)):
+            return
+        time.sleep(0.01)
+    os.kill(int(pid), signal.SIGKILL)
+    pytest.fail("the child outlived its parent")
+
+
+# --- write_all ----------------------------------------------------------------------
+
+
+def test_write_all_writes_every_byte_through_partial_writes(monkeypatch):
+    written = bytearray()
+
+    def partial_write(fd, data):
+        n = min(3, len(data))
+        written.extend(bytes(data[:n]))
+        return n
+
+    monkeypatch.setattr(osutil.os, "write", partial_write)
+    write_all(99, b"0123456789")
+    write_all(99, b"")
+    assert bytes(written) == b"0123456789"
+
+
+# --- NulRecords ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def pipe():
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    yield r, w
+    for fd in (r, w):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def test_records_come_whole_however_the_pipe_cuts_them(pipe):
+    r, w = pipe
+    records = NulRecords(r)
+    assert records.fd == r
+    assert records.read() == []  # nothing written yet: not the end
+    os.write(w, b"one\0tw")
+    assert records.read() == [b"one"]
+    os.write(w, b"o\0\0three\0")
+    assert records.read() == [b"two", b"", b"three"]
+    os.write(w, b"four")
+    assert records.read() == []
+    os.write(w, b"\0")
+    assert records.read() == [b"four"]
+
+
+def test_the_end_of_the_pipe_is_none_and_an_unfinished_record_is_dropped(pipe):
+    r, w = pipe
+    records = NulRecords(r)
+    os.write(w, b"last\0cut")
+    os.close(w)
+    assert records.read() == [b"last"]
+    assert records.read() is None
