@@ -7,7 +7,7 @@ then either
 - handed to an idle open connection for its domain and binding,
 - started on a new connection to the relay, or to the first of the domain's
   mail hosts (MX by preference, then each of its addresses) where every limit
-  that applies has room (:func:`~copiamail.limits.limits_for`; the slots are
+  that applies has room (:class:`~copiamail.scheduling.limits.Scopes`; the slots are
   taken all or none), trying the bindings of its group least loaded first, or
 - deferred (SPEC 3): written back to its own folder with DOMAINBUSY_COUNT
   incremented, and remembered as *waiting* on the limit that was full.
@@ -48,7 +48,8 @@ from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job, parse_job, quick_domain
 from copiamail.jobfile.message import build_message
 from copiamail.logs import OUTCOMES
-from copiamail.scheduling.limits import Limit, LocalLimiter, bindings_for, limits_for, worker_cap, worker_of
+from copiamail.scheduling.limiter import Limiter, LocalLimiter
+from copiamail.scheduling.limits import Limit, Scopes, bindings_for, worker_cap, worker_of
 from copiamail.scheduling.waiting import WaitEntry, WaitingJobs
 from copiamail.smtp.mx import MxResolver, Route
 from copiamail.smtp.session import (
@@ -155,10 +156,6 @@ class _Blocked:
 
     limits: tuple[Limit, ...]
 
-    @property
-    def limit(self) -> Limit:
-        return self.limits[0]
-
 
 @dataclass(eq=False)
 class _Start:
@@ -181,11 +178,13 @@ class Scheduler:
         on_event: Callable[[str, str], None] | None = None,
         worker: int = 0,
         workers: int = 1,
+        limiter: Limiter | None = None,
     ) -> None:
         """``worker`` of ``workers``: this scheduler sends only the jobs whose
         domain :func:`~copiamail.limits.worker_of` gives it, and holds its part
         of each shared cap (the other workers run the same code in other
-        processes, on the same spool and ACTIVE folder)."""
+        processes, on the same spool and ACTIVE folder). ``limiter`` counts
+        the slots of every limit (None: a :class:`LocalLimiter`)."""
         self.config = config
         self.worker = worker
         self.workers = workers
@@ -194,7 +193,8 @@ class Scheduler:
         self.password = password
         self.clock = clock
         self.on_event = on_event or (lambda kind, name: None)
-        self.limiter = LocalLimiter()
+        self.limiter: Limiter = limiter if limiter is not None else LocalLimiter()
+        self._scopes = Scopes(config, node, worker, workers)
         self.stats = Stats()
         self.stopping = False
         self._wake: asyncio.Event | None = None
@@ -583,8 +583,7 @@ class Scheduler:
             if conn.target.relay or conn.target.host != ip:
                 continue
             held = {l.key for l in conn.limits}
-            now = limits_for(self.config, self.node, conn.address, conn.domain, conn.binding, (ip,), tuple(sorted(names)),
-                             self.worker, self.workers)
+            now = self._scopes.limits(conn.address, conn.domain, conn.binding, (ip,), tuple(sorted(names)))
             extra = tuple(l for l in now if l.key not in held and l.key.startswith("host:"))
             if extra:
                 self.limiter.force_acquire(extra)
@@ -614,8 +613,7 @@ class Scheduler:
         by_load = sorted(candidates, key=lambda b: (self._open_count(b), b.name if b else ""))
         for target in targets:
             for b in by_load:
-                limits = limits_for(self.config, self.node, job.address, job.domain, b, target.ips, target.names,
-                                    self.worker, self.workers)
+                limits = self._scopes.limits(job.address, job.domain, b, target.ips, target.names)
                 full = self._reserve_blocks(job.domain, limits) or self.limiter.try_acquire(limits)
                 if full is None:
                     return _Start(b, target, limits)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 import os
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from copiamail.jobfile.job import Job
@@ -62,9 +62,6 @@ class WaitingJobs:
 
     def __contains__(self, path: str) -> bool:
         return path in self._by_path
-
-    def entries(self) -> Iterator[WaitEntry]:
-        return iter(list(self._by_path.values()))
 
     def add(self, entry: WaitEntry, limits: Sequence[tuple[str, int]]) -> None:
         """A job just deferred because these ``(key, cap)`` were full: it waits
