@@ -50,6 +50,7 @@ from copiamail.jobfile.message import build_message
 from copiamail.logs import OUTCOMES
 from copiamail.scheduling.limiter import Limiter, LocalLimiter
 from copiamail.scheduling.limits import Limit, Scopes, bindings_for, worker_cap, worker_of
+from copiamail.scheduling.retry import GiveUp, TryAlternative, after_error, through_retry_relay
 from copiamail.scheduling.waiting import WaitEntry, WaitingJobs
 from copiamail.smtp.mx import MxResolver, Route
 from copiamail.smtp.session import (
@@ -553,11 +554,7 @@ class Scheduler:
     def _retry_through_relay(self, job: Job) -> bool:
         """Whether the job's next attempt is a retry that its retry list sends
         through ``retry_relay`` (an ``I`` item)."""
-        counted = job.earlier_retries
-        if not counted:
-            return False
-        plan = outcome.plan_retry(counted[-1], counted[:-1], job.retry_rules, self.config.rules.retry_rules, self.clock())
-        return plan is not None and plan.relay
+        return through_retry_relay(job, self.config.rules.retry_rules, self.clock())
 
     def _mx_targets(self, route: Route, tried: set[str]) -> list[_Target]:
         for host in route.hosts:
@@ -1171,16 +1168,15 @@ class Scheduler:
 
     def _after_error(self, claimed: Claimed, cf: CommandFile, job: Job, e: DeliveryError,
                      where: records.Where) -> _Result:
-        """A failed attempt: a retry later, or (permanent, or retries used up) FAIL."""
+        """A failed attempt: a retry later, its alternative address, or FAIL."""
         now = self.clock()
-        plan = None if e.permanent else outcome.plan_retry(e.klass, job.earlier_retries, job.retry_rules,
-                                                           self.config.rules.retry_rules, now)
-        if plan is None and job.alt_address is not None and e.code != outcome.TLS_REQUIRED.code:
+        plan = after_error(job, e, self.config.rules.retry_rules, now)
+        if isinstance(plan, TryAlternative):
             log.warning("%s to %s failed for good: %s; trying its alternative address %s", claimed.name, job.address,
-                        e.text, job.alt_address)
+                        e.text, plan.address)
             return _Result(claimed, records.to_alternative(cf, self.node, e.code, e.klass, e.text, now, where),
                            Destination.BACK, "retried")
-        if plan is None:
+        if isinstance(plan, GiveUp):
             return self._failed(claimed, cf, e.code, e.klass, e.text, where)
         log.info("%s to %s: retry in %d s%s: %s", claimed.name, job.address, plan.wait,
                  " through retry_relay" if plan.relay else "", e.text)
