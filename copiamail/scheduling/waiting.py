@@ -60,7 +60,7 @@ class WaitingJobs:
     def __len__(self) -> int:
         return len(self._by_path)
 
-    def __contains__(self, path: str) -> bool:
+    def __contains__(self, path: object) -> bool:
         return path in self._by_path
 
     def add(self, entry: WaitEntry, limits: Sequence[tuple[str, int]]) -> None:
