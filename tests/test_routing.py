@@ -1,17 +1,23 @@
 """copiamail.scheduling.routing: where a job's connection goes (relay, retry
 relay, mail hosts by preference, down hosts, names learned late), without a
-node or a DNS server: a fake resolver and fake clocks."""
+node or a DNS server: a fake resolver and fake clocks. And `copiamail explain`,
+which asks the same router."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
-from copiamail.config import Config, HostStanza, RelayConfig, ScopeCaps
+import pytest
+from spoolkit import SpoolKit
+
+from copiamail.cli import _mail_hosts
+from copiamail.config import Config, HostStanza, RelayConfig, ScopeCaps, load_config
 from copiamail.errors import DeliveryError
 from copiamail.jobfile import outcome, records
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job, parse_job
+from copiamail.scheduling.limits import limits_for
 from copiamail.scheduling.routing import HOST_DOWN_SECONDS, Item, Router
 from copiamail.smtp.mx import MxHost, Route
 from copiamail.spool.queue import Claimed
@@ -245,3 +251,61 @@ def test_closing_cancels_lookups_and_gives_back_the_jobs_not_yet_routed():
     # started, the cancelled lookup would have routed it (with no error).
     assert [i.job.address for i in left] + [i.job.address for items in routed for i in items] == ["u@a.test"]
     assert not router.looking_up
+
+
+# --- explain asks the same router ------------------------------------------------------------------
+
+
+def test_places_name_the_relay_or_each_mail_host_address_then_the_retry_relay():
+    router, _ = direct(retry_password=None)
+    places = asyncio.run(router.places("a.test"))
+    assert [label for label, _ in places] == ["MX 10 mx1.a.test (10.0.0.1)", "MX 10 mx1.a.test (10.0.0.2)",
+                                              "MX 20 mx2.a.test (10.0.0.3)"]
+    assert [t for _, t in places] == router.targets(job(fs()))
+    relayed = Router(Config(relay=RELAY, retry_relay=SPARE))
+    assert [label for label, _ in asyncio.run(relayed.places("a.test"))] == [
+        "relay 192.0.2.1:2525", "retry relay 192.0.2.9:2526, for retries that an I item sends there"]
+
+
+def test_explain_lists_the_retry_relay_and_its_limits_as_the_node_routes_retries_there(tmp_path):
+    # Before: explain computed its own route, the relay only, while the node
+    # sent a retry whose list item has the I prefix to retry_relay, under that
+    # host's limit. Now both ask the Router.
+    kit = SpoolKit(tmp_path, 2525, ['$email_retry_delays * "I1S"'], yaml=(
+        "retry_relay: {host: 127.0.0.5, port: 2526, starttls: never}\n"
+        'host:\n  "127.0.0.5": {scope_max_outbound_connections: 3}\n'))
+    out = kit.cli("explain", "u@a.test").stdout
+    assert "to relay 127.0.0.1:2525" in out
+    assert "to retry relay 127.0.0.5:2526" in out
+    assert "host:127.0.0.5" in out.split("retry relay")[1]
+    cfg = load_config(kit.config_path)
+    node = Router(cfg, clock=Clock())
+    explained = {(ips, names) for _, ips, names in _mail_hosts(cfg, "a.test")}
+    for cf in (fs("u@a.test"), failed(fs("u@a.test"))):
+        [target] = node.targets(job(cf))
+        assert (target.ips, target.names) in explained
+    retry = node.targets(job(failed(fs("u@a.test"))))[0]
+    assert "host:127.0.0.5" in {l.key for l in limits_for(cfg, "N1", "u@a.test", "a.test", None, retry.ips, retry.names)}
+
+
+@pytest.mark.parametrize("relayed", [True, False])
+def test_explain_and_the_node_name_the_same_places(tmp_path, dns_server, relayed):
+    dns_server.add("a.test", "MX", "10 mx1.a.test.", "20 mx2.a.test.")
+    dns_server.add("mx1.a.test", "A", "127.0.0.2")
+    dns_server.add("mx2.a.test", "A", "127.0.0.2", "127.0.0.3")
+    dns_server.add("big.test", "A", "127.0.0.3")
+    kit = SpoolKit(tmp_path, 2525 if relayed else None, yaml=(
+        f"dns: {{nameservers: [127.0.0.1], port: {dns_server.port}, timeout: 2}}\n"
+        'host:\n  "big.test": {scope_max_outbound_connections: 1}\n'))
+    cfg = load_config(kit.config_path)
+    node = Router(cfg, on_routed=lambda items, error: None)
+
+    async def node_targets() -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        await node.learn_host_names()  # as the scheduler does at its start
+        if node.targets(job(fs())) is None:
+            node.look_up(item(fs()))
+            while node.looking_up:
+                await asyncio.sleep(0.01)
+        return [(t.ips, t.names) for t in node.targets(job(fs()))]
+
+    assert [(ips, names) for _, ips, names in _mail_hosts(cfg, "a.test")] == asyncio.run(node_targets())

@@ -1,5 +1,6 @@
 """Where a job's connection goes: the relay, the retry relay, or one address of
-one of the domain's mail hosts.
+one of the domain's mail hosts. The node and ``copiamail explain`` both ask a
+:class:`Router`, so explain shows the places the node uses.
 
 - With ``relay:``, every job goes to the relay; with ``retry_relay:``, a retry
   that its retry list sends there (an ``I`` item) goes to the retry relay
@@ -268,3 +269,23 @@ class Router:
         left = [item for items in self._parked.values() for item in items]
         self._parked.clear()
         return left
+
+    # --- for explain ---------------------------------------------------------
+
+    async def places(self, domain: str) -> list[tuple[str, Target]]:
+        """Every place a connection for ``domain`` may go, each with a label:
+        the relay, or each address of each mail host (looked up now; raises
+        DeliveryError); then the retry relay, if there is one. Call
+        :meth:`learn_host_names` first, as the node does at start."""
+        out: list[tuple[str, Target]] = []
+        if self.relay is not None:
+            out.append((f"relay {self.relay.host}:{self.relay.port}", self.relay))
+        else:
+            assert self._mx is not None
+            route = await self._mx.route(domain)
+            labels = [f"MX {h.preference} {h.name} ({ip})" for h in route.hosts for ip in h.ips]
+            out += zip(labels, self._route_targets(route), strict=True)
+        if self.retry_relay is not None:
+            out.append((f"retry relay {self.retry_relay.host}:{self.retry_relay.port}, for retries that an I item sends there",
+                        self.retry_relay))
+        return out
