@@ -1,7 +1,7 @@
 """The limiter is a seam: the scheduler counts every slot through the Limiter
 it is given (here one that records each call, and one with lower caps of its
 own), so another limiter (adaptive caps, Redis) plugs in without touching the
-scheduler."""
+scheduler. And a node's totals cross the worker pipe by field name."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from copiamail.config import Config, RelayConfig
+from copiamail.node.workers import decode_stats, encode_stats
 from copiamail.scheduling.limiter import Limiter, LocalLimiter
 from copiamail.scheduling.limits import Limit
-from copiamail.scheduling.scheduler import Scheduler, Stats
+from copiamail.scheduling.results import Stats
+from copiamail.scheduling.scheduler import Scheduler
 from copiamail.smtp.sink import SmtpSink
 from copiamail.spool.queue import Spool
 
@@ -82,3 +84,21 @@ def test_caps_the_limiter_holds_are_kept_without_the_scheduler_knowing_them(tmp_
 def test_without_a_limiter_the_scheduler_counts_in_its_own_process():
     scheduler = Scheduler(Config(relay=RelayConfig("192.0.2.1")), Spool(Path("/nonexistent"), 15, False), "N1")
     assert isinstance(scheduler.limiter, LocalLimiter)
+
+
+# --- Stats on the worker pipe ---------------------------------------------------------------------
+
+
+def test_a_workers_totals_cross_the_pipe_by_field_name():
+    stats = Stats(sent=5, failed=1, retried=2, deferred=30, handed_back=4)
+    wire = encode_stats(stats)
+    assert wire == b"sent=5 failed=1 retried=2 deferred=30 handed_back=4"
+    assert decode_stats(wire) == stats
+    assert decode_stats(b"handed_back=4 deferred=30 retried=2 failed=1 sent=5") == stats  # any order
+
+
+def test_totals_with_a_field_unknown_missing_repeated_or_not_a_number_are_refused():
+    for bad in (b"sent=5 failed=1 retried=2 deferred=30", b"sent=5 failed=1 retried=2 deferred=30 handed_back=4 extra=1",
+                b"sent=5 sent=5 failed=1 retried=2 deferred=30 handed_back=4", b"sent=x failed=1 retried=2 deferred=30 handed_back=4",
+                b"5 1 2 30 4"):
+        assert decode_stats(bad) is None, bad
