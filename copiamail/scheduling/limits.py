@@ -169,29 +169,34 @@ class Scopes:
         config = self._config
         group = config.binding_group(binding.group) if binding.group else None
         if group is not None:
-            gs, gcaps = _domain_caps(group.domains, domain)
-            for cap in (group.caps.max_outbound_connections, gcaps.max_outbound_connections):
-                if cap is not None:
-                    per_domain = cap
             where = f"binding_group.{group.name}"
-            if group.caps.scope_max_outbound_connections is not None:
-                out.append(self._limit(f"group_total:{group.name}", group.caps.scope_max_outbound_connections,
-                                       f"Binding_Group {where} (all its bindings, all domains)", f"{where}.{_SCOPE_MAX}"))
-            if gs is not None and gcaps.scope_max_outbound_connections is not None:
-                out.append(self._limit(f"group_domain:{group.name}:{gs.key}", gcaps.scope_max_outbound_connections,
-                                       f"Binding_Group::Domain {where}.domain.{gs.key}", f"{where}.domain.{gs.key}.{_SCOPE_MAX}"))
-        bs, bcaps = _domain_caps(binding.domains, domain)
-        for cap in (binding.caps.max_outbound_connections, bcaps.max_outbound_connections):
-            if cap is not None:
-                per_domain = cap
+            per_domain = self._stanza_limits(
+                out, domain, per_domain, group.caps, group.domains, where,
+                (f"group_total:{group.name}", f"Binding_Group {where} (all its bindings, all domains)"),
+                (f"group_domain:{group.name}", f"Binding_Group::Domain {where}"))
         # The binding's place in the YAML file, as Config.shared_caps names it.
         where = f"binding_group.{binding.group}.binding.{bname}" if binding.group else f"binding.{bname}"
-        if binding.caps.scope_max_outbound_connections is not None:
-            out.append(self._limit(f"binding_total:{bname}", binding.caps.scope_max_outbound_connections,
-                                   f"Binding binding {bname} (all domains)", f"{where}.{_SCOPE_MAX}"))
-        if bs is not None and bcaps.scope_max_outbound_connections is not None:
-            out.append(self._limit(f"binding_scope:{bname}:{bs.key}", bcaps.scope_max_outbound_connections,
-                                   f"Binding::Domain binding.{bname}.domain.{bs.key}", f"{where}.domain.{bs.key}.{_SCOPE_MAX}"))
+        return self._stanza_limits(
+            out, domain, per_domain, binding.caps, binding.domains, where,
+            (f"binding_total:{bname}", f"Binding binding {bname} (all domains)"),
+            (f"binding_scope:{bname}", f"Binding::Domain binding.{bname}"))
+
+    def _stanza_limits(self, out: list[Limit], domain: str, per_domain: int, caps: ScopeCaps,
+                       domains: Iterable[DomainStanza], where: str,
+                       total: tuple[str, str], per_stanza: tuple[str, str]) -> int:
+        """Append the limits of a binding or binding group stanza (at ``where``
+        in the YAML file): its total (``total``: key and scope) and its domain
+        stanza's (``per_stanza``: key and scope, each completed by the stanza's
+        key); returns the per-domain cap as that stanza sets it."""
+        stanza, dcaps = _domain_caps(domains, domain)
+        for cap in (caps.max_outbound_connections, dcaps.max_outbound_connections):
+            if cap is not None:
+                per_domain = cap
+        if caps.scope_max_outbound_connections is not None:
+            out.append(self._limit(total[0], caps.scope_max_outbound_connections, total[1], f"{where}.{_SCOPE_MAX}"))
+        if stanza is not None and dcaps.scope_max_outbound_connections is not None:
+            out.append(self._limit(f"{per_stanza[0]}:{stanza.key}", dcaps.scope_max_outbound_connections,
+                                   f"{per_stanza[1]}.domain.{stanza.key}", f"{where}.domain.{stanza.key}.{_SCOPE_MAX}"))
         return per_domain
 
     def _host_limits(self, out: list[Limit], host_ips: Sequence[str], host_names: Sequence[str]) -> None:
