@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from copiamail.errors import SyntaxFileError
 from copiamail.jobfile import outcome, records
 from copiamail.jobfile.fsfile import CommandFile
-from copiamail.jobfile.job import parse_attempt
+from copiamail.jobfile.owned import parse_attempt
 from copiamail.spool.queue import Destination, Spool, queue_number
 
 log = logging.getLogger("copiamail")
