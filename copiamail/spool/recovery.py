@@ -18,7 +18,8 @@ from copiamail.errors import SyntaxFileError
 from copiamail.jobfile import outcome, records
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.owned import parse_attempt
-from copiamail.spool.queue import Destination, Spool, queue_number
+from copiamail.spool.layout import Destination, queue_number
+from copiamail.spool.queue import Spool
 
 log = logging.getLogger("copiamail")
 
