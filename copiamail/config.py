@@ -15,7 +15,8 @@ This module holds :class:`Config`, finding and loading it, and the checks of
 the whole. Its parts, each name importable from here too: the sections'
 dataclasses (:mod:`copiamail.config_sections`), the YAML tree read value by
 value (:mod:`copiamail.config_yaml`) and key by key
-(:mod:`copiamail.config_keys`), the CFG file (:mod:`copiamail.config_cfg`),
+(:mod:`copiamail.config_keys`; the scopes of limits,
+:mod:`copiamail.config_scopes`), the CFG file (:mod:`copiamail.config_cfg`),
 host names and addresses (:mod:`copiamail.config_checks`).
 """
 

@@ -1,16 +1,17 @@
-"""Every key of ``copiamail.yaml``: how each is read and checked, section by
-section, and the table of the top-level keys in the order they are read.
-The values go into the dataclasses of :mod:`copiamail.config_sections`, and
-the top level into the keyword arguments of :class:`copiamail.config.Config`."""
+"""Every key of ``copiamail.yaml``: how each is read and checked, and the
+table of the top-level keys in the order they are read. The scopes of
+connection limits (stanzas, bindings, groups, hosts) are read by
+:mod:`copiamail.config_scopes`. The values go into the dataclasses of
+:mod:`copiamail.config_sections`, and the top level into the keyword
+arguments of :class:`copiamail.config.Config`."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import stat
 from collections.abc import Callable, Mapping
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -18,19 +19,16 @@ from typing import Any
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from copiamail.config_checks import is_address_literal, is_fqdn, is_ip
-from copiamail.config_sections import (
-    BindingConfig,
-    BindingGroupConfig,
-    ClusterConfig,
-    DkimKey,
-    DnsConfig,
-    DomainStanza,
-    HostStanza,
-    RelayConfig,
-    ScopeCaps,
+from copiamail.config_scopes import (
+    read_binding_groups,
+    read_bindings,
+    read_default_binding_group,
+    read_domains,
+    read_global_scope_cap,
+    read_hosts,
 )
-from copiamail.config_yaml import Read, Reader, boolean, choice, integer, number, path, section, section_of, string, values
-from copiamail.errors import ConfigError
+from copiamail.config_sections import ClusterConfig, DkimKey, DnsConfig, RelayConfig
+from copiamail.config_yaml import Read, Reader, boolean, choice, integer, number, path, section, section_of, string
 from copiamail.jobfile.addresses import parse_address
 from copiamail.jobfile.dkim import is_dns_name, key_problem
 
@@ -56,68 +54,6 @@ _DNS_KEYS: Mapping[str, Read] = MappingProxyType({
     "nameservers": _nameservers, "port": integer(1, 65535), "timeout": number(0.1),
 })
 _CLUSTER_KEYS: Mapping[str, Read] = MappingProxyType({"redis": string, "lease_seconds": integer(1)})
-
-# Accepted in every stanza so that it is refused with a reason, not as unknown.
-_CLUSTER_CAP = "cluster_scope_max_outbound_connections"
-_CAP_KEYS: Mapping[str, Read] = MappingProxyType({f.name: integer(1) for f in fields(ScopeCaps)})
-_STANZA_KEYS = frozenset({*_CAP_KEYS, _CLUSTER_CAP})
-
-
-def _caps(r: Reader, m: CommentedMap, full: str) -> ScopeCaps:
-    if m.get(_CLUSTER_CAP) is not None:
-        # Refused rather than enforced per node: a cluster-wide cap held by one
-        # node alone would be a limit users believe in and that does not hold.
-        raise r.error(m, f"{full}.{_CLUSTER_CAP}" if full else _CLUSTER_CAP,
-                      "cluster-wide limits are not available yet; use scope_max_outbound_connections (per node)")
-    return ScopeCaps(**values(r, m, _CAP_KEYS, full))
-
-
-def _domains(r: Reader, parent: CommentedMap, full: str) -> tuple[DomainStanza, ...]:
-    if parent.get("domain") is None:
-        return ()
-    m = r.child(parent, "domain", full, None)
-    exact: list[DomainStanza] = []
-    regex: list[DomainStanza] = []
-    for key in m:
-        if not isinstance(key, str) or not key:
-            raise r.error(m, f"{full}.{key}", "a domain key must be a domain name or /regex/", leaf=key)
-        name = key
-        stanza_key = f"{full}.{name}"
-        body = r.child(m, key, stanza_key, _STANZA_KEYS)
-        line = m.lc.key(key)[0] + 1
-        caps = _caps(r, body, stanza_key)
-        if len(name) >= 2 and name.startswith("/") and name.endswith("/"):
-            try:
-                pattern = re.compile(name[1:-1], re.IGNORECASE)
-            except (re.error, OverflowError, RecursionError) as e:
-                raise ConfigError(f"key '{stanza_key}': bad regex: {e}", r.path, line) from None
-            regex.append(DomainStanza(name, caps, pattern, line))
-        else:
-            exact.append(DomainStanza(name.lower(), caps, None, line))
-    # Exact stanzas are tried first, then regex stanzas in order.
-    return tuple(exact + regex)
-
-
-def _binding(r: Reader, parent: CommentedMap, name: Any, full: str, group: str | None) -> BindingConfig:
-    m = r.child(parent, name, full, {"bind_address", "domain", *_STANZA_KEYS})
-    addr = r.string(m, "bind_address", f"{full}.bind_address") if m.get("bind_address") is not None else None
-    if addr is not None:
-        try:
-            ipaddress.ip_address(addr)
-        except ValueError:
-            raise r.error(m, f"{full}.bind_address", f"not an IP address: {addr!r}") from None
-    return BindingConfig(str(name), addr, _caps(r, m, full), _domains(r, m, f"{full}.domain"), group)
-
-
-def _hosts(r: Reader, m: CommentedMap, key: str, full: str) -> tuple[HostStanza, ...]:
-    hm = r.child(m, key, full, None)
-    for h in hm:
-        if not isinstance(h, str) or not h:
-            raise r.error(hm, f"{full}.{h}", "a host key must be a host name or an IP address", leaf=h)
-    return tuple(
-        HostStanza(str(h).lower(), _caps(r, r.child(hm, h, f"{full}.{h}", _STANZA_KEYS), f"{full}.{h}"), hm.lc.key(h)[0] + 1)
-        for h in hm
-    )
 
 
 # A PEM RSA key of 4096 bits is about 3 KiB; a larger file is not a key.
@@ -225,57 +161,6 @@ def _field(read: Read, name: str | None = None) -> _Step:
     return step
 
 
-def _global_scope_cap(r: Reader, m: CommentedMap, key: str, kw: dict[str, Any]) -> None:
-    if m.get(key) is not None:
-        # In the global scope it behaves like server_max_outbound_connections (Momentum).
-        kw["server_max_outbound_connections"] = min(kw["server_max_outbound_connections"], r.integer(m, key, key, 1))
-
-
-def _binding_groups(r: Reader, m: CommentedMap, key: str, kw: dict[str, Any]) -> None:
-    """``binding_group``: the groups, and the bindings defined in them."""
-    groups: list[BindingGroupConfig] = []
-    bindings: list[BindingConfig] = []
-    if m.get(key) is not None:
-        gm = r.child(m, key, key, None)
-        for gname in gm:
-            full = f"{key}.{gname}"
-            g = r.child(gm, gname, full, {"binding", "domain", *_STANZA_KEYS})
-            names: list[str] = []
-            if g.get("binding") is not None:
-                bm = r.child(g, "binding", f"{full}.binding", None)
-                for bname in bm:
-                    bindings.append(_binding(r, bm, bname, f"{full}.binding.{bname}", str(gname)))
-                    names.append(str(bname))
-            if not names:
-                raise r.error(gm, full, "a binding group needs at least one binding", leaf=gname)
-            groups.append(BindingGroupConfig(str(gname), tuple(names), _caps(r, g, full), _domains(r, g, f"{full}.domain")))
-    kw["binding_groups"] = tuple(groups)
-    kw["bindings"] = tuple(bindings)
-
-
-def _bindings(r: Reader, m: CommentedMap, key: str, kw: dict[str, Any]) -> None:
-    """``binding``: the bindings of no group, after those of the groups; a
-    name defined twice (in any two places) is refused."""
-    bindings = list(kw.get("bindings", ()))
-    if m.get(key) is not None:
-        bm = r.child(m, key, key, None)
-        bindings += [_binding(r, bm, bname, f"{key}.{bname}", None) for bname in bm]
-    seen: set[str] = set()
-    for b in bindings:
-        if b.name in seen:
-            raise ConfigError(f"key 'binding.{b.name}': binding defined twice", r.path)
-        seen.add(b.name)
-    kw["bindings"] = tuple(bindings)
-
-
-def _default_binding_group(r: Reader, m: CommentedMap, key: str, kw: dict[str, Any]) -> None:
-    if m.get(key) is not None:
-        name = r.string(m, key, key)
-        if name not in {g.name for g in kw.get("binding_groups", ())}:
-            raise r.error(m, key, f"no binding group named {name!r}")
-        kw[key] = name
-
-
 # The top-level keys of copiamail.yaml, each with how it is read, in the order
 # they are read: of several bad keys, the first here is the one reported.
 # Every default is the Config field's; a key that is missing or null keeps it.
@@ -291,7 +176,7 @@ TOP_LEVEL: Mapping[str, _Step] = MappingProxyType({
     "max_outbound_connections": _field(integer(1)),
     "messages_per_connection": _field(integer(1)),
     "workers": _field(integer(1, 64)),
-    "scope_max_outbound_connections": _global_scope_cap,
+    "scope_max_outbound_connections": read_global_scope_cap,
     "shutdown_grace": _field(number(0.0)),
     "scan_interval": _field(number(0.05)),
     "smtp_timeout": _field(number(0.1)),
@@ -310,11 +195,11 @@ TOP_LEVEL: Mapping[str, _Step] = MappingProxyType({
     "relay": _field(_relay),
     "retry_relay": _field(_relay),
     "dns": _field(section_of(DnsConfig, _DNS_KEYS)),
-    "binding_group": _binding_groups,
-    "binding": _bindings,
-    "domain": _field(lambda r, m, key, full: _domains(r, m, full), "domains"),
-    "host": _field(_hosts, "hosts"),
-    "default_binding_group": _default_binding_group,
+    "binding_group": read_binding_groups,
+    "binding": read_bindings,
+    "domain": _field(lambda r, m, key, full: read_domains(r, m, full), "domains"),
+    "host": _field(read_hosts, "hosts"),
+    "default_binding_group": read_default_binding_group,
     "cluster": _field(section_of(ClusterConfig, _CLUSTER_KEYS)),
 })
 TOP_KEYS = frozenset(TOP_LEVEL)  # every key the top level may hold
