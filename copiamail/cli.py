@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from copiamail import __version__
-from copiamail.config import Config, is_ip, load_config, read_password, workers_problem
+from copiamail.config import Config, load_config, read_password, workers_problem
 from copiamail.errors import CopiamailError, DeliveryError, JobError, SpoolError
 from copiamail.jobfile.addresses import parse_address
 from copiamail.jobfile.dkim import sign_for_job
@@ -37,8 +37,7 @@ from copiamail.jobfile.owned import AttemptRecord
 from copiamail.jobfile.rules import match, shadowed
 from copiamail.logs import live_display_on, setup_logging
 from copiamail.scheduling.limits import bindings_for, limits_for
-from copiamail.smtp.mx import MxResolver
-from copiamail.smtp.session import resolve_relay
+from copiamail.scheduling.routing import Router, Target
 from copiamail.spool.jobview import ENGINE_VARS, engine_lines, job_state, readable_commands, recipient_of, sender_for
 from copiamail.spool.peers import finish_takeover, takeover_folders
 from copiamail.spool.queue import Spool, is_job_name
@@ -421,30 +420,18 @@ def explain(address: str, node_name: str, binding: str | None, config_file: Path
 
 
 def _mail_hosts(cfg: Config, domain: str) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
-    """``(label, addresses, names)`` of each place a connection for ``domain`` may go."""
-    relay = cfg.relay
-    if relay is not None:
-        return [(f"relay {relay.host}:{relay.port}", resolve_relay(relay.host, relay.port), (relay.host,))]
+    """``(label, addresses, names)`` of each place a connection for ``domain``
+    may go, as the node's router works them out (the same code)."""
+    router = Router(cfg)
 
-    async def look_up() -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
-        mx = MxResolver(cfg.dns)
+    async def look_up() -> list[tuple[str, Target]]:
+        await router.learn_host_names()  # as a node does at its start
         try:
-            route = await mx.route(domain)
+            return await router.places(domain)
         except DeliveryError as e:
             raise CopiamailError(f"cannot look up the mail hosts of {domain}: {e.text}") from None
-        known: dict[str, set[str]] = {}
-        for stanza in (h for h in cfg.hosts if not is_ip(h.key)):
-            try:
-                for ip in await mx.addresses(stanza.key):
-                    known.setdefault(ip, set()).add(stanza.key)
-            except DeliveryError:
-                pass
-        return [
-            (f"MX {h.preference} {h.name} ({ip})", (ip,), tuple(sorted({h.name} | known.get(ip, set()))))
-            for h in route.hosts for ip in h.ips
-        ]
 
-    return asyncio.run(look_up())
+    return [(label, target.ips, target.names) for label, target in asyncio.run(look_up())]
 
 
 @main.command("check-config")

@@ -1,4 +1,5 @@
-"""copiamail.limits: the keys and caps of every limit (SPEC 3 and 5), and LocalLimiter."""
+"""copiamail.scheduling.limits: the keys and caps of every limit ($domain_limit rules and the
+YAML scopes), and copiamail.scheduling.limiter's LocalLimiter."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from copiamail.config import Config, load_config
-from copiamail.scheduling.limits import Limit, LocalLimiter, limits_for, worker_cap, worker_of
+from copiamail.scheduling.limiter import LocalLimiter
+from copiamail.scheduling.limits import Limit, limits_for, worker_cap, worker_of
 
 # SPEC 5's example, without cluster and cfg.
 SPEC_YAML = r'''
@@ -319,6 +321,11 @@ def test_limits_for_the_full_spec_config_with_a_cfg_rule(tmp_path):
 # --- LocalLimiter -------------------------------------------------------------------------
 
 
+def has_room(lm: LocalLimiter, limits) -> bool:
+    """Whether every limit has a free slot (the limiter has no such method: try_acquire answers it)."""
+    return all(lm.in_use(l.key) < l.cap for l in limits)
+
+
 A = Limit("a", 2, "a")
 B = Limit("b", 1, "b")
 C = Limit("c", 3, "c")
@@ -335,8 +342,8 @@ def test_acquire_is_all_or_none_and_returns_the_full_limit():
     assert lm.try_acquire([B]) is None
     assert lm.try_acquire([A, B, C]) == B
     assert (lm.in_use("a"), lm.in_use("b"), lm.in_use("c")) == (0, 1, 0)
-    assert not lm.has_room([A, B, C])
-    assert lm.has_room([A, C])
+    assert not has_room(lm, [A, B, C])
+    assert has_room(lm, [A, C])
 
 
 def test_acquire_returns_the_first_full_limit_in_order():
@@ -400,7 +407,7 @@ def test_a_random_walk_of_acquire_and_release_never_exceeds_a_cap(steps):
         if acquire or not held:
             limits = LIMIT_SETS[which]
             room = all(model.get(l.key, 0) < l.cap for l in limits)
-            assert lm.has_room(limits) == room
+            assert has_room(lm, limits) == room
             full = lm.try_acquire(limits)
             if room:
                 assert full is None
@@ -505,3 +512,15 @@ def test_a_pooled_regex_stanza_is_shared_between_workers(tmp_path):
         for w in (0, 1)
     ]
     assert sorted(parts) == [1, 2]
+
+
+def test_a_limit_is_shared_exactly_when_config_shared_caps_names_its_setting(tmp_path, monkeypatch):
+    # limits.py does not keep its own list of shared scopes: it asks the config.
+    cfg = config(tmp_path, SPEC_YAML, cfg="$domain_limit * @ 7\n")
+    b1, wanadoo = cfg.binding("b1"), "a@wanadoo.fr"
+    shared = {l.key for l in limits_for(cfg, "N1", wanadoo, "wanadoo.fr", b1, ("10.0.0.1",), ("mx.shared.test",)) if l.shared}
+    assert shared == {"server", r"global_domain:/^(wanadoo|orange)\.fr$/", "host:10.0.0.1"}
+    settings = dict(cfg.shared_caps())
+    monkeypatch.setattr(Config, "shared_caps", lambda self: [(k, c) for k, c in settings.items() if not k.startswith("host.")])
+    shared = {l.key for l in limits_for(cfg, "N1", wanadoo, "wanadoo.fr", b1, ("10.0.0.1",), ("mx.shared.test",), 0, 2) if l.shared}
+    assert shared == {"server", r"global_domain:/^(wanadoo|orange)\.fr$/"}

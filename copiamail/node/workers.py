@@ -17,9 +17,9 @@ Pipes, one pair per worker, records ending in NUL:
 - supervisor to worker: ``H<path>`` a job file renamed into a queue and
   ``W<path>`` one written there in place (watcher events); ``R`` scan the
   whole spool (a dead peer's jobs came back); ``Q`` stop. End of file: stop.
-- worker to supervisor: ``E<kind>\\t<name>`` a job's outcome (only when the
-  node shows a progress line); ``S<sent> <failed> <retried> <deferred>
-  <handed back>`` its totals, last.
+- worker to supervisor: ``E<kind>\\t<name>`` a job's outcome (only when
+  the node shows a progress line); ``S<field>=<count> ...`` its totals
+  (:class:`~copiamail.scheduling.results.Stats`, each field by name), last.
 
 Crashes: a worker dies with the supervisor (``PR_SET_PDEATHSIG`` with
 SIGKILL), so no worker outlives the node's lock (which the workers also hold,
@@ -31,6 +31,7 @@ next start, as after any crash.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import functools
 import logging
@@ -50,7 +51,30 @@ from copiamail.spool.queue import Spool
 
 log = logging.getLogger("copiamail")
 
-_STATS_FIELDS = ("sent", "failed", "retried", "deferred", "handed_back")
+_STATS_FIELDS = frozenset(f.name for f in dataclasses.fields(Stats))
+
+
+def encode_stats(stats: Stats) -> bytes:
+    """A worker's totals as they cross the pipe (without the record's tag):
+    ``name=count`` for each field, so both ends agree by name, not by place."""
+    return " ".join(f"{name}={count}" for name, count in dataclasses.asdict(stats).items()).encode("ascii")
+
+
+def decode_stats(data: bytes) -> Stats | None:
+    """What :func:`encode_stats` wrote; None if it is not that (a field
+    unknown, repeated or missing, or a count that is no number)."""
+    counts: dict[str, int] = {}
+    for part in data.decode("ascii", "replace").split():
+        name, eq, count = part.partition("=")
+        if not eq or name not in _STATS_FIELDS or name in counts:
+            return None
+        try:
+            counts[name] = int(count)
+        except ValueError:
+            return None
+    if counts.keys() != _STATS_FIELDS:
+        return None
+    return Stats(**counts)
 
 
 @dataclass
@@ -125,8 +149,7 @@ def run_workers(
         if w.stats is None:
             failed.append(w.index)
             continue
-        for name in _STATS_FIELDS:
-            setattr(total, name, getattr(total, name) + getattr(w.stats, name))
+        total += w.stats
     return WorkersResult(total, failed)
 
 
@@ -240,12 +263,9 @@ def _received(w: _Worker, record: bytes, on_event: Callable[[str, str], None]) -
         kind, _, name = record[1:].partition(b"\t")
         on_event(kind.decode("ascii", "replace"), os.fsdecode(name))
     elif record[:1] == b"S":
-        try:
-            values = [int(x) for x in record[1:].split()]
-        except ValueError:
-            return
-        if len(values) == len(_STATS_FIELDS):
-            w.stats = Stats(*values)
+        stats = decode_stats(record[1:])
+        if stats is not None:
+            w.stats = stats
 
 
 # --- a worker -------------------------------------------------------------------
@@ -274,7 +294,7 @@ def _worker_main(config: Config, spool: Spool, node: str, password: str | None, 
                           worker=index, workers=config.workers)
     stats = asyncio.run(_serve_worker(scheduler, drain, ctl))
     flush_events()
-    write(b"S" + " ".join(str(getattr(stats, f)) for f in _STATS_FIELDS).encode("ascii") + b"\0")
+    write(b"S" + encode_stats(stats) + b"\0")
     return 0
 
 

@@ -1,44 +1,54 @@
-"""Connection limits as keys with caps, and the limiter that counts them.
+"""Connection limits as keys with caps: which limits apply to a connection.
 
 A connection carries one domain's mail over one binding to one host. Before it
-opens, :func:`limits_for` lists every limit that applies to it (a
+opens, :meth:`Scopes.limits` lists every limit that applies to it (a
 :class:`Limit`: a key naming what is counted, and its cap); the connection takes
-one slot of every key at once (all or none) and gives them back when it closes.
-The scopes, from SPEC 3 and 5:
+one slot of every key at once, all or none (:mod:`copiamail.scheduling.limiter`
+counts them), and gives them back when it closes. The keys, in acquire order:
 
-===============================  =========================================
-scope                            key
-===============================  =========================================
-``$domain_limit`` (this node)    ``domain_limit:<domain>``
-node total                       ``server``
-Binding::Domain (max_outbound)   ``binding_domain:<binding>:<domain>``
-Binding::Domain (scope_max)      ``binding_scope:<binding>:<stanza>``
-Binding_Group::Domain            ``group_domain:<group>:<stanza>``
-Global::Domain, pooled           ``global_domain:<stanza>``
-Global::Host                     ``host:<ip>``
-===============================  =========================================
+=======================================  ======================================  ======
+scope (the setting that gives the cap)   key                                     shared
+=======================================  ======================================  ======
+``$domain_limit`` rule (CFG, this node)  ``domain_limit:<domain>``               no
+``server_max_outbound_connections``      ``server``                              yes
+Binding_Group ``scope_max``              ``group_total:<group>``                 yes
+Binding_Group::Domain ``scope_max``      ``group_domain:<group>:<stanza>``       regex
+Binding ``scope_max``                    ``binding_total:<binding>``             yes
+Binding::Domain ``scope_max``            ``binding_scope:<binding>:<stanza>``    regex
+``max_outbound_connections``             ``binding_domain:<binding>:<domain>``   no
+Global::Domain ``scope_max``             ``global_domain:<stanza>``              regex
+Global::Host ``scope_max``               ``host:<ip>``                           yes
+=======================================  ======================================  ======
 
-A regex stanza's ``scope_max_outbound_connections`` pools every matching
-domain into one key named by the stanza; its ``max_outbound_connections``
-limits each matching domain on its own (the binding_domain key).
+``scope_max`` is ``scope_max_outbound_connections``; ``<binding>`` is
+``default`` for a job without a binding. ``max_outbound_connections`` is taken
+from the innermost scope that sets it (Binding::Domain, Binding,
+Binding_Group::Domain, Binding_Group, Global::Domain, then the top level) and
+limits each domain over each binding on its own. A regex stanza's
+``scope_max_outbound_connections`` pools every domain it matches into one key
+named by the stanza; an exact stanza's counts its one domain.
 
 Workers (``workers:`` > 1): each worker process sends the domains that
 :func:`worker_of` gives it, so a key of one domain lives in one worker and
-keeps its whole cap. A key that counts several domains (``shared``: the node
-total, binding and group totals, a regex stanza's pool, a host) is divided:
-worker ``i`` of ``n`` gets ``cap // n``, plus one if ``i < cap % n``. The
-workers' parts add up to the cap, so the node as a whole never exceeds it.
+keeps its whole cap. A key that counts several domains (*shared*: the table's
+last column) is divided: worker ``i`` of ``n`` gets ``cap // n``, plus one if
+``i < cap % n``. The workers' parts add up to the cap, so the node as a whole
+never exceeds it. Which config caps are shared is decided in one place,
+:meth:`~copiamail.config.Config.shared_caps` (which also checks, at load,
+that each leaves every worker a slot); a limit is shared when the setting its
+cap comes from is one of those.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import dataclass
 
 from copiamail.config import BindingConfig, Config, DomainStanza, ScopeCaps
 from copiamail.jobfile.rules import match
+
+_SCOPE_MAX = "scope_max_outbound_connections"
 
 
 @dataclass(frozen=True)
@@ -73,8 +83,8 @@ def _domain_caps(stanzas: Iterable[DomainStanza], domain: str) -> tuple[DomainSt
 
 
 def bindings_for(config: Config, binding: str | None, group: str | None) -> list[BindingConfig | None]:
-    """The bindings a job may use (SPEC 5): its EMAIL_BINDING, else every binding
-    of its EMAIL_BINDING_GROUP, else of default_binding_group, else the default
+    """The bindings a job may use: its EMAIL_BINDING, else every binding of its
+    EMAIL_BINDING_GROUP, else of default_binding_group, else the default
     binding (None: no source address). Raises KeyError naming what is unknown."""
     if binding:
         b = config.binding(binding)
@@ -90,6 +100,112 @@ def bindings_for(config: Config, binding: str | None, group: str | None) -> list
     return [None]
 
 
+class Scopes:
+    """The limits of connections under one config, as worker ``worker`` of
+    ``workers`` of node ``node`` holds them. A scheduler makes one at start:
+    what does not depend on the connection (the node total, which settings
+    are shared) is worked out once, not for every job."""
+
+    def __init__(self, config: Config, node: str, worker: int = 0, workers: int = 1) -> None:
+        self._config = config
+        self._node = node
+        self._worker = worker
+        self._workers = workers
+        self._shared = frozenset(setting for setting, _ in config.shared_caps())
+        self.server = self._limit("server", config.server_max_outbound_connections, "server_max_outbound_connections",
+                                  "server_max_outbound_connections")
+        # The slots of the node total kept for domains with no connection open (this worker's part).
+        self.reserve = worker_cap(config.server_reserve_outbound_connections, worker, workers)
+
+    def _limit(self, key: str, cap: int, scope: str, setting: str) -> Limit:
+        """A limit whose cap is the config's ``setting``: divided between the
+        workers when :meth:`Config.shared_caps` names that setting."""
+        if setting not in self._shared:
+            return Limit(key, cap, scope)
+        if self._workers > 1:
+            cap = worker_cap(cap, self._worker, self._workers)
+        return Limit(key, cap, scope, True)
+
+    def limits(
+        self,
+        address: str,
+        domain: str,
+        binding: BindingConfig | None = None,
+        host_ips: Sequence[str] = (),
+        host_names: Sequence[str] = (),
+    ) -> tuple[Limit, ...]:
+        """Every limit a connection for ``address`` over ``binding`` to the host
+        at ``host_ips`` (known by ``host_names``) must have room in, in a fixed
+        order (the acquire order)."""
+        config = self._config
+        out: list[Limit] = []
+        dl = match(config.rules.domain_limits, self._node, address)
+        if dl is not None:
+            # A cap of one domain: never divided (its domain has one worker).
+            out.append(Limit(f"domain_limit:{dl.domain}", dl.count, f"$domain_limit {dl.rule.where()} ({dl.rule})"))
+        out.append(self.server)
+        bname = binding.name if binding is not None else "default"
+        global_stanza, global_caps = _domain_caps(config.domains, domain)
+        # max_outbound_connections: the innermost scope that sets it wins
+        # (Momentum): applied here from the outside in.
+        per_domain = config.max_outbound_connections
+        if global_caps.max_outbound_connections is not None:
+            per_domain = global_caps.max_outbound_connections
+        if binding is not None:
+            per_domain = self._binding_limits(out, binding, bname, domain, per_domain)
+        # A cap of one domain over one binding: never divided.
+        out.append(Limit(f"binding_domain:{bname}:{domain}", per_domain,
+                         f"max_outbound_connections (binding {bname}, domain {domain})"))
+        if global_stanza is not None and global_caps.scope_max_outbound_connections is not None:
+            out.append(self._limit(f"global_domain:{global_stanza.key}", global_caps.scope_max_outbound_connections,
+                                   f"Global::Domain domain.{global_stanza.key}", f"domain.{global_stanza.key}.{_SCOPE_MAX}"))
+        if host_ips:
+            self._host_limits(out, host_ips, host_names)
+        return tuple(out)
+
+    def _binding_limits(self, out: list[Limit], binding: BindingConfig, bname: str, domain: str, per_domain: int) -> int:
+        """Append the group and binding limits of a connection over ``binding``;
+        returns its per-domain cap as those scopes set it."""
+        config = self._config
+        group = config.binding_group(binding.group) if binding.group else None
+        if group is not None:
+            gs, gcaps = _domain_caps(group.domains, domain)
+            for cap in (group.caps.max_outbound_connections, gcaps.max_outbound_connections):
+                if cap is not None:
+                    per_domain = cap
+            where = f"binding_group.{group.name}"
+            if group.caps.scope_max_outbound_connections is not None:
+                out.append(self._limit(f"group_total:{group.name}", group.caps.scope_max_outbound_connections,
+                                       f"Binding_Group {where} (all its bindings, all domains)", f"{where}.{_SCOPE_MAX}"))
+            if gs is not None and gcaps.scope_max_outbound_connections is not None:
+                out.append(self._limit(f"group_domain:{group.name}:{gs.key}", gcaps.scope_max_outbound_connections,
+                                       f"Binding_Group::Domain {where}.domain.{gs.key}", f"{where}.domain.{gs.key}.{_SCOPE_MAX}"))
+        bs, bcaps = _domain_caps(binding.domains, domain)
+        for cap in (binding.caps.max_outbound_connections, bcaps.max_outbound_connections):
+            if cap is not None:
+                per_domain = cap
+        # The binding's place in the YAML file, as Config.shared_caps names it.
+        where = f"binding_group.{binding.group}.binding.{bname}" if binding.group else f"binding.{bname}"
+        if binding.caps.scope_max_outbound_connections is not None:
+            out.append(self._limit(f"binding_total:{bname}", binding.caps.scope_max_outbound_connections,
+                                   f"Binding binding {bname} (all domains)", f"{where}.{_SCOPE_MAX}"))
+        if bs is not None and bcaps.scope_max_outbound_connections is not None:
+            out.append(self._limit(f"binding_scope:{bname}:{bs.key}", bcaps.scope_max_outbound_connections,
+                                   f"Binding::Domain binding.{bname}.domain.{bs.key}", f"{where}.domain.{bs.key}.{_SCOPE_MAX}"))
+        return per_domain
+
+    def _host_limits(self, out: list[Limit], host_ips: Sequence[str], host_names: Sequence[str]) -> None:
+        names = {h.lower() for h in host_names}
+        for ip in dict.fromkeys(host_ips):  # one key per IP, even if listed twice
+            stanzas = [h for h in self._config.hosts if h.key == ip.lower() or h.key in names]
+            scoped = [h for h in stanzas if h.caps.scope_max_outbound_connections is not None]
+            if scoped:
+                # Where two stanzas come to one IP, the smaller cap holds.
+                smallest = min(scoped, key=lambda h: h.caps.scope_max_outbound_connections or 0)
+                out.append(self._limit(f"host:{ip}", smallest.caps.scope_max_outbound_connections or 0,
+                                       f"Global::Host host {ip}", f"host.{smallest.key}.{_SCOPE_MAX}"))
+
+
 def limits_for(
     config: Config,
     node: str,
@@ -101,108 +217,7 @@ def limits_for(
     worker: int = 0,
     workers: int = 1,
 ) -> tuple[Limit, ...]:
-    """Every limit a connection for ``address`` over ``binding`` to the host at
-    ``host_ips`` must have room in, in a fixed order (acquire order); shared
-    caps as worker ``worker`` of ``workers`` holds them."""
-    out: list[Limit] = []
-    dl = match(config.rules.domain_limits, node, address)
-    if dl is not None:
-        out.append(Limit(f"domain_limit:{dl.domain}", dl.count, f"$domain_limit {dl.rule.where()} ({dl.rule})"))
-    out.append(Limit("server", config.server_max_outbound_connections, "server_max_outbound_connections", True))
-
-    bname = binding.name if binding is not None else "default"
-    global_stanza, global_caps = _domain_caps(config.domains, domain)
-    # max_outbound_connections: the innermost scope that sets it wins (Momentum):
-    # Binding::Domain, Binding, Binding_Group::Domain, Binding_Group,
-    # Global::Domain, global. Applied here from the outside in.
-    per_domain = config.max_outbound_connections
-    if global_caps.max_outbound_connections is not None:
-        per_domain = global_caps.max_outbound_connections
-    if binding is not None:
-        group = config.binding_group(binding.group) if binding.group else None
-        if group is not None:
-            gs, gcaps = _domain_caps(group.domains, domain)
-            for cap in (group.caps.max_outbound_connections, gcaps.max_outbound_connections):
-                if cap is not None:
-                    per_domain = cap
-            if group.caps.scope_max_outbound_connections is not None:
-                out.append(Limit(f"group_total:{group.name}", group.caps.scope_max_outbound_connections,
-                                 f"Binding_Group binding_group.{group.name} (all its bindings, all domains)", True))
-            if gs is not None and gcaps.scope_max_outbound_connections is not None:
-                out.append(Limit(f"group_domain:{group.name}:{gs.key}", gcaps.scope_max_outbound_connections,
-                                 f"Binding_Group::Domain binding_group.{group.name}.domain.{gs.key}", gs.pattern is not None))
-        bs, bcaps = _domain_caps(binding.domains, domain)
-        for cap in (binding.caps.max_outbound_connections, bcaps.max_outbound_connections):
-            if cap is not None:
-                per_domain = cap
-        if binding.caps.scope_max_outbound_connections is not None:
-            out.append(Limit(f"binding_total:{bname}", binding.caps.scope_max_outbound_connections,
-                             f"Binding binding {bname} (all domains)", True))
-        if bs is not None and bcaps.scope_max_outbound_connections is not None:
-            out.append(Limit(f"binding_scope:{bname}:{bs.key}", bcaps.scope_max_outbound_connections,
-                             f"Binding::Domain binding.{bname}.domain.{bs.key}", bs.pattern is not None))
-    out.append(Limit(f"binding_domain:{bname}:{domain}", per_domain, f"max_outbound_connections (binding {bname}, domain {domain})"))
-    if global_stanza is not None:
-        if global_caps.scope_max_outbound_connections is not None:
-            out.append(Limit(f"global_domain:{global_stanza.key}", global_caps.scope_max_outbound_connections,
-                             f"Global::Domain domain.{global_stanza.key}", global_stanza.pattern is not None))
-    for ip in dict.fromkeys(host_ips):  # one key per IP, even if listed twice
-        names = {ip.lower(), *(h.lower() for h in host_names)}
-        caps = [h.caps for h in config.hosts if h.key in names]
-        scoped = [c.scope_max_outbound_connections for c in caps if c.scope_max_outbound_connections is not None]
-        if scoped:
-            # Where two stanzas come to one IP, the smaller cap holds (SPEC 5).
-            out.append(Limit(f"host:{ip}", min(scoped), f"Global::Host host {ip}", True))
-    if workers > 1:
-        return tuple(replace(l, cap=worker_cap(l.cap, worker, workers)) if l.shared else l for l in out)
-    return tuple(out)
-
-
-class Limiter(Protocol):
-    """Counts slots per key. ``try_acquire`` takes a slot of every limit or of
-    none, and returns the first full limit when it takes none."""
-
-    def try_acquire(self, limits: Sequence[Limit]) -> Limit | None: ...
-
-    def release(self, limits: Sequence[Limit]) -> None: ...
-
-    def in_use(self, key: str) -> int: ...
-
-
-class LocalLimiter:
-    """A limiter inside one node's process (one event loop: no locking needed)."""
-
-    def __init__(self) -> None:
-        self._used: dict[str, int] = {}
-
-    def try_acquire(self, limits: Sequence[Limit]) -> Limit | None:
-        need: dict[str, int] = {}
-        for limit in limits:
-            # A key listed twice takes two slots: check it against both.
-            need[limit.key] = need.get(limit.key, 0) + 1
-            if self._used.get(limit.key, 0) + need[limit.key] > limit.cap:
-                return limit
-        for limit in limits:
-            self._used[limit.key] = self._used.get(limit.key, 0) + 1
-        return None
-
-    def release(self, limits: Sequence[Limit]) -> None:
-        for limit in limits:
-            n = self._used.get(limit.key, 0) - 1
-            if n > 0:
-                self._used[limit.key] = n
-            else:
-                self._used.pop(limit.key, None)
-
-    def in_use(self, key: str) -> int:
-        return self._used.get(key, 0)
-
-    def force_acquire(self, limits: Sequence[Limit]) -> None:
-        """Count connections that are already open against limits they did not
-        know of when they opened (a host name learned late): the count is then
-        true, and no new connection opens until it is back under the cap."""
-        for limit in limits:
-            self._used[limit.key] = self._used.get(limit.key, 0) + 1
-
-    def has_room(self, limits: Sequence[Limit]) -> bool:
-        return all(self._used.get(l.key, 0) < l.cap for l in limits)
+    """:meth:`Scopes.limits` for one connection, without a :class:`Scopes` kept
+    (``explain``, tests): every limit it must have room in, in acquire order;
+    shared caps as worker ``worker`` of ``workers`` holds them."""
+    return Scopes(config, node, worker, workers).limits(address, domain, binding, host_ips, host_names)

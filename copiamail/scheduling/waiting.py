@@ -1,16 +1,19 @@
 """Jobs a node deferred, waiting for a slot, and who gets a freed slot.
 
-Each waiting job waits on one limit key (the one that was full when it was
-deferred) and is indexed twice: under that key, per domain, and under its own
-domain. When a slot of a key frees, :meth:`WaitingJobs.head` names the job that
-gets it:
+A waiting job waits on every limit key that kept it from starting: the first
+full key of each binding and mail host it could have used (so a job that may
+use several bindings or hosts waits on several keys, and the first of them to
+free takes it). It is indexed under each of those keys, per domain, and once
+under its own domain (for a connection of that domain that can carry it).
+When a slot of a key frees, :meth:`WaitingJobs.head` names the job that gets
+it:
 
-- folder priority first (every TOSEND job before any TOSEND1 job, SPEC 1);
+- folder priority first (every TOSEND job before any TOSEND1 job);
 - then, among domains, the one served least recently: a key shared by many
   domains (the node total, a pooled regex, a host) is handed round-robin across
   them, as Postfix's queue manager does, so one huge domain cannot starve a small
   one that arrived later;
-- then, inside a domain, by name (SPEC 3's queue order).
+- then, inside a domain, by file name (the queue order).
 
 For a key of one domain (``$domain_limit``, per binding and domain) this is
 plain queue order. Entries are removed lazily: :meth:`take` marks an entry
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import heapq
 import os
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from copiamail.jobfile.job import Job
@@ -60,11 +63,8 @@ class WaitingJobs:
     def __len__(self) -> int:
         return len(self._by_path)
 
-    def __contains__(self, path: str) -> bool:
+    def __contains__(self, path: object) -> bool:
         return path in self._by_path
-
-    def entries(self) -> Iterator[WaitEntry]:
-        return iter(list(self._by_path.values()))
 
     def add(self, entry: WaitEntry, limits: Sequence[tuple[str, int]]) -> None:
         """A job just deferred because these ``(key, cap)`` were full: it waits

@@ -8,7 +8,7 @@ lookup per domain runs at a time, however many jobs wait for it.
 
 Failures come out as :class:`~copiamail.errors.DeliveryError` of class D. A
 domain that does not exist (NXDOMAIN, outcome 80) or takes no mail (null MX,
-82) is final, as Postfix bounces it (SPEC 4); a lookup that fails or times out
+82) is final: the job fails at once, as Postfix bounces it; a lookup that fails or times out
 (SERVFAIL, no answer), a mail host name that does not exist and a domain
 whose mail hosts have no address (81) are retried like any temporary failure.
 """
@@ -142,7 +142,7 @@ class MxResolver:
         lookups = await asyncio.gather(*(self._addresses(name) for _, name in targets), return_exceptions=True)
         hosts: list[MxHost] = []
         first_error: DeliveryError | None = None
-        for (preference, name), result in zip(targets, lookups):
+        for (preference, name), result in zip(targets, lookups, strict=True):
             if isinstance(result, DeliveryError):
                 first_error = first_error or result
                 continue
@@ -155,5 +155,6 @@ class MxResolver:
         if not hosts:
             if first_error is not None:
                 raise first_error
-            raise _error(outcome.DNS_TEMPORARY, f"DNS: no address for any mail host of {domain} ({', '.join(n for _, n in targets)})")
+            names = ", ".join(n for _, n in targets)
+            raise _error(outcome.DNS_TEMPORARY, f"DNS: no address for any mail host of {domain} ({names})")
         return Route(domain, tuple(hosts), self._clock() + max(ttl, 1.0))

@@ -1,0 +1,137 @@
+"""One delivery attempt of a claimed job over a connection, and the result it
+leads to: SENT, FAIL, or back to its folder (a retry later, its alternative
+address; :mod:`copiamail.scheduling.retry` decides which).
+
+A mail host that refuses the connection, or fails before any SMTP command,
+costs no attempt while the domain has another address to try: the job goes
+there instead (:meth:`Attempts.attempt` returns None).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from copiamail.config import Config
+from copiamail.errors import DeliveryError, JobError
+from copiamail.jobfile import outcome, records
+from copiamail.jobfile.dkim import sign_for_job
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.jobfile.job import Job
+from copiamail.jobfile.message import build_message
+from copiamail.logs import OUTCOMES
+from copiamail.scheduling.connections import Connection
+from copiamail.scheduling.results import Result, Tally
+from copiamail.scheduling.retry import GiveUp, TryAlternative, after_error
+from copiamail.scheduling.routing import Item, Router
+from copiamail.smtp.session import CONNECT, Delivered
+from copiamail.spool.jobview import recipient_of
+from copiamail.spool.queue import Claimed, Destination, Spool, queue_number
+
+log = logging.getLogger("copiamail")
+outcomes = logging.getLogger(OUTCOMES)  # deliveries and deferrals: shown from -v on
+
+
+def job_error_text(e: JobError) -> str:
+    """EMAIL_ERROR for a bad job: the message and the line, not the ACTIVE path."""
+    return f"line {e.line}: {e.message}" if e.line is not None else e.message
+
+
+class Attempts:
+    """Delivery attempts of node ``node`` (worker ``worker``, counted from 0),
+    and the results they lead to. ``router`` is told of mail hosts that fail
+    before any SMTP command."""
+
+    def __init__(self, config: Config, spool: Spool, node: str, router: Router, worker: int = 0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._spool = spool
+        self._node = node
+        self._router = router
+        self._worker = worker
+        self._clock = clock
+
+    async def attempt(self, conn: Connection, item: Item) -> Result | None:
+        """Send ``item``'s job over ``conn``; its result, or None when the job
+        goes to the domain's next mail host because this one failed before any
+        SMTP command. A cancellation propagates with the job still claimed."""
+        claimed, cf, job = item.claimed, item.cf, item.job
+        config = self._config
+        now = self._clock()
+        reused = conn.session.messages > 0
+        try:
+            sender = self._sender(job)
+            data = build_message(job, spool_root=self._spool.root, attachment_roots=config.roots, sender=sender,
+                                 now=now, path_map=config.path_map)
+            data = sign_for_job(data, job, config, self._spool.root)  # DKIM signs the exact bytes sent
+            sent = await conn.session.send(sender, job.address, data, require_tls="reqtls" in job.options)
+        except JobError as e:
+            return self.failed(claimed, cf, e.outcome, outcome.FAILURE, job_error_text(e), self.where(claimed, job, now))
+        except DeliveryError as e:
+            if e.stage == CONNECT and self._router.host_failed(conn.target, conn.domain, item.tried):
+                log.info("%s: %s; trying the next mail host", claimed.name, e.text)
+                return None
+            connected = None if e.stage in (CONNECT, "DNS") and not reused else now
+            return self.after_error(claimed, cf, job, e, self.where(claimed, job, now, connected))
+        except Exception as e:
+            log.exception("%s: internal error", claimed.name)
+            conn.session.abort()
+            return self.after_error(claimed, cf, job, DeliveryError(
+                outcome.INTERNAL.code, outcome.INTERNAL.klass, f"internal error: {type(e).__name__}: {e}", False),
+                self.where(claimed, job, now))
+        return self.sent(claimed, cf, sent, self.where(claimed, job, now, now))
+
+    def _sender(self, job: Job) -> str:
+        return job.esender or self._config.rules.esender or self._config.esender
+
+    def where(self, claimed: Claimed, job: Job | None, call: float | None = None,
+              connected: float | None = None) -> records.Where:
+        """What the attempt record of a job claimed from ``claimed.queue`` tells
+        besides its outcome (CALL: when the attempt started, CONNECT: when its
+        connection was made; the connection of a message is made, or reused, as
+        its attempt starts)."""
+        return records.Where(queue_number(claimed.queue), self._worker + 1, call, connected,
+                             job is not None and job.restarted)
+
+    def sent(self, claimed: Claimed, cf: CommandFile, result: Delivered, where: records.Where) -> Result:
+        if outcomes.isEnabledFor(logging.INFO):
+            outcomes.info("%s to %s delivered (%s): %s", claimed.name, recipient_of(cf), result.ip, result.reply)
+        try:
+            # First a rename (no disk space needed): from now on a crash or a
+            # full disk can no longer make this message go out twice.
+            claimed = self._spool.mark_delivered(claimed)
+        except OSError as e:
+            log.error("%s: cannot mark the job delivered: %s", claimed.path, e.strerror)
+        return Result(claimed, records.delivered(cf, self._node, result.reply, result.ip, result.bytecount, self._clock(),
+                                                 where), Destination.SENT, Tally.SENT)
+
+    def failed(self, claimed: Claimed, cf: CommandFile, code: int, klass: str, text: str, where: records.Where) -> Result:
+        log.warning("%s to %s failed: %s", claimed.name, recipient_of(cf), text)
+        return Result(claimed, records.failed(cf, self._node, code, klass, text, self._clock(), where), Destination.FAIL,
+                      Tally.FAILED)
+
+    def bad_job(self, claimed: Claimed, cf: CommandFile, e: JobError, job: Job | None = None) -> Result:
+        """A job that cannot be sent as written (it does not parse, names an
+        unknown binding): FAIL, saying why."""
+        return self.failed(claimed, cf, e.outcome, outcome.FAILURE, job_error_text(e), self.where(claimed, job))
+
+    def after_error(self, claimed: Claimed, cf: CommandFile, job: Job, e: DeliveryError, where: records.Where) -> Result:
+        """A failed attempt: a retry later, its alternative address, or FAIL."""
+        now = self._clock()
+        verdict = after_error(job, e, self._config.rules.retry_rules, now)
+        if isinstance(verdict, TryAlternative):
+            log.warning("%s to %s failed for good: %s; trying its alternative address %s", claimed.name, job.address,
+                        e.text, verdict.address)
+            return Result(claimed, records.to_alternative(cf, self._node, e.code, e.klass, e.text, now, where),
+                          Destination.BACK, Tally.RETRIED)
+        if isinstance(verdict, GiveUp):
+            return self.failed(claimed, cf, e.code, e.klass, e.text, where)
+        log.info("%s to %s: retry in %d s%s: %s", claimed.name, job.address, verdict.wait,
+                 " through retry_relay" if verdict.relay else "", e.text)
+        return Result(claimed, records.retry(cf, self._node, e.code, e.klass, e.text, now, now + verdict.wait, where),
+                      Destination.BACK, Tally.RETRIED)
+
+    def lookup_failed(self, item: Item, error: DeliveryError) -> Result:
+        """The result of a job whose domain's route could not be looked up."""
+        return self.after_error(item.claimed, item.cf, item.job, error, self.where(item.claimed, item.job, self._clock()))

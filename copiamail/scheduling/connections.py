@@ -1,0 +1,171 @@
+"""The open connections of one scheduler, the slots they hold, and those idle
+between jobs.
+
+A :class:`Connection` carries jobs of one domain over one binding to one
+target, holding a slot of each of its limits until it closes (the slots are
+taken before it opens, and given back by :meth:`Connections.closed`). After a message
+it may wait up to ``connection_idle`` seconds, *idle*, for another job of its
+domain: a job handed to it (its ``handoff``) rides on the open session. An
+idle connection is told to close by handing it None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from copiamail.config import BindingConfig
+from copiamail.jobfile.job import Job
+from copiamail.scheduling.limiter import Limiter
+from copiamail.scheduling.limits import Limit, Scopes
+from copiamail.scheduling.routing import Item, Target
+from copiamail.smtp.session import SessionSettings, SmtpSession
+
+
+@dataclass(eq=False)
+class Connection:
+    domain: str
+    address: str  # of its first job: what its limits were computed for
+    binding: BindingConfig | None
+    limits: tuple[Limit, ...]
+    target: Target
+    session: SmtpSession
+    turn: int = 0  # messages carried since it last yielded to another domain
+    handoff: asyncio.Future[Item | None] | None = None  # while idle: the next job, or None to close
+    task: asyncio.Task[None] | None = None
+    written: asyncio.Future[None] | None = None  # its last result's batch: done when committed
+
+    @property
+    def idle(self) -> bool:
+        """Whether it waits for a job and none was handed to it yet."""
+        return self.handoff is not None and not self.handoff.done()
+
+
+def starttls_for(target: Target, job: Job) -> str:
+    """The STARTTLS mode of a connection for ``job``: the target's, except
+    that $email_options useTLS or reqTLS use STARTTLS wherever it is offered."""
+    if target.starttls == "never" and job.options & {"usetls", "reqtls"}:
+        return "auto"
+    return target.starttls
+
+
+class Connections:
+    """The open connections (used from one event loop), whose slots
+    ``limiter`` counts under the limits ``scopes`` gives. ``timeout``: the
+    SMTP timeout; ``helo_name``: the EHLO name (None: each connection's
+    address literal)."""
+
+    def __init__(self, scopes: Scopes, limiter: Limiter, timeout: float, helo_name: str | None) -> None:
+        self._scopes = scopes
+        self._limiter = limiter
+        self._timeout = timeout
+        self._helo_name = helo_name
+        self._open: set[Connection] = set()
+        self._idle: dict[str, list[Connection]] = {}  # by domain
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def __iter__(self) -> Iterator[Connection]:
+        return iter(self._open)
+
+    def open(self, domain: str, address: str, binding: BindingConfig | None, limits: tuple[Limit, ...], target: Target,
+             starttls: str) -> Connection:
+        """A new connection (its session opens at its first message), counted
+        as open; it holds a slot of each of ``limits``, taken already."""
+        source = binding.bind_address if binding is not None else None
+        login = target.login
+        settings = SessionSettings(
+            host=target.host, port=target.port, source_address=source, starttls=starttls, tls_context=target.tls,
+            username=login[0] if login is not None else None, password=login[1] if login is not None else None,
+            timeout=self._timeout, helo_name=self._helo_name, server_name=target.server_name, relay=target.relay,
+        )
+        conn = Connection(domain, address, binding, limits, target, SmtpSession(settings))
+        self._open.add(conn)
+        return conn
+
+    def closed(self, conn: Connection) -> None:
+        """``conn`` has closed: its slots are given back."""
+        self._limiter.release(conn.limits)
+        self._open.discard(conn)
+
+    def learned_host(self, ip: str, names: tuple[str, ...]) -> None:
+        """``ip`` is known by ``names`` now: if that brings a host stanza to it,
+        connections already open to it count against its limit from now on."""
+        for conn in self._open:
+            if conn.target.relay or conn.target.host != ip:
+                continue
+            held = {l.key for l in conn.limits}
+            now = self._scopes.limits(conn.address, conn.domain, conn.binding, (ip,), names)
+            extra = tuple(l for l in now if l.key not in held and l.key.startswith("host:"))
+            if extra:
+                self._limiter.force_acquire(extra)
+                conn.limits = conn.limits + extra
+
+    def idle_of(self, domain: str) -> Sequence[Connection]:
+        """The idle connections of ``domain``, longest idle first."""
+        return self._idle.get(domain, ())
+
+    def open_count(self, binding: BindingConfig | None) -> int:
+        return sum(1 for c in self._open if c.binding is binding)
+
+    def serves(self, domain: str) -> bool:
+        """Whether a connection of ``domain`` is open."""
+        return any(c.domain == domain for c in self._open)
+
+    def reserved(self, domain: str) -> Limit | None:
+        """The node total's limit when a new connection for ``domain`` may not
+        take one of its last slots, else None. Those slots
+        (server_reserve_outbound_connections, as Momentum has it) are kept for
+        domains that have no connection open yet."""
+        reserve = self._scopes.reserve
+        if not reserve or not self.serves(domain):
+            return None
+        server = self._scopes.server
+        if self._limiter.in_use(server.key) >= server.cap - reserve:
+            return server
+        return None
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [c.task for c in self._open if c.task is not None]
+
+    def close_idle(self) -> None:
+        """Tell every idle connection to close."""
+        for conns in list(self._idle.values()):
+            for conn in conns:
+                if conn.idle:
+                    conn.handoff.set_result(None)  # type: ignore[union-attr]
+
+    def close_one_holding(self, key: str) -> None:
+        """Tell one idle connection that holds a slot of ``key`` to close, so
+        its slot can go to a job that waits for it."""
+        for conns in self._idle.values():
+            for conn in conns:
+                if conn.idle and any(l.key == key for l in conn.limits):
+                    conn.handoff.set_result(None)  # type: ignore[union-attr]
+                    return
+
+    async def wait_idle(self, conn: Connection, seconds: float, hand_back: Callable[[Item], object]) -> Item | None:
+        """Wait up to ``seconds`` for a job handed to ``conn``; None when the
+        time is up or it is told to close. A job handed over just before a
+        cancellation goes to ``hand_back``."""
+        handoff: asyncio.Future[Item | None] = asyncio.get_running_loop().create_future()
+        conn.handoff = handoff
+        self._idle.setdefault(conn.domain, []).append(conn)
+        try:
+            return await asyncio.wait_for(asyncio.shield(handoff), seconds)
+        except TimeoutError:
+            if handoff.done():
+                return handoff.result()
+            handoff.cancel()
+            return None
+        except asyncio.CancelledError:
+            if handoff.done() and not handoff.cancelled() and handoff.result() is not None:
+                hand_back(handoff.result())  # type: ignore[arg-type]
+            raise
+        finally:
+            self._idle[conn.domain].remove(conn)
+            if not self._idle[conn.domain]:
+                del self._idle[conn.domain]
+            conn.handoff = None

@@ -1,0 +1,291 @@
+"""Where a job's connection goes: the relay, the retry relay, or one address of
+one of the domain's mail hosts. The node and ``copiamail explain`` both ask a
+:class:`Router`, so explain shows the places the node uses.
+
+- With ``relay:``, every job goes to the relay; with ``retry_relay:``, a retry
+  that its retry list sends there (an ``I`` item) goes to the retry relay
+  instead of the usual route.
+- Without a relay (direct delivery), a job goes to its domain's mail hosts by
+  MX preference, each of their addresses in turn. A domain's route is looked
+  up once however many jobs wait for it (:meth:`Router.look_up`).
+- A mail host address that refused a connection, or failed before any SMTP
+  command, is *down* for a while: other addresses go first while there are
+  any, and an attempt tries each address at most once, so it ends.
+- Host stanzas (``host:``) may name a mail host rather than its address. Every
+  name an address is known by (MX names, and host stanza names resolved at
+  start) travels with a connection to it, so such a stanza limits every
+  connection to that address, whichever MX name led there. A name learned
+  while connections to its address are open is reported (``on_learned``): they
+  count against its limit from then on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+from copiamail.config import Config, RelayConfig, is_ip
+from copiamail.errors import DeliveryError
+from copiamail.jobfile import outcome
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.jobfile.job import Job
+from copiamail.scheduling.retry import through_retry_relay
+from copiamail.smtp.mx import MxResolver, Route
+from copiamail.smtp.session import make_tls_context, resolve_relay
+from copiamail.spool.queue import Claimed
+
+log = logging.getLogger("copiamail")
+
+HOST_DOWN_SECONDS = 60.0
+_NONE_TRIED: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a connection goes: the relay, or one address of one mail host."""
+
+    host: str
+    port: int
+    ips: tuple[str, ...]  # the addresses host limits count against
+    names: tuple[str, ...]  # the names host stanzas may use
+    starttls: str
+    tls: ssl.SSLContext | None
+    relay: bool
+    server_name: str | None = None  # the MX host's name, which its certificate must carry
+    login: tuple[str, str] | None = None  # AUTH (user name, password) for a relay
+
+
+@dataclass(eq=False)
+class Item:
+    """A claimed job on its way to a mail host: its file, text and meaning."""
+
+    claimed: Claimed
+    cf: CommandFile
+    job: Job
+    tried: set[str] = field(default_factory=set)  # mail host addresses this attempt found dead
+
+
+def relay_target(relay: RelayConfig | None, password: str | None) -> Target | None:
+    """The place ``relay`` stands for (None: no relay)."""
+    if relay is None:
+        return None
+    # The TLS context is made even for starttls: never: a job with
+    # $email_options useTLS or reqTLS uses STARTTLS wherever it is offered.
+    tls = make_tls_context(relay.tls_verify, relay.ca_file)
+    login = (relay.username, password or "") if relay.username is not None else None
+    return Target(relay.host, relay.port, resolve_relay(relay.host, relay.port), (relay.host,), relay.starttls, tls,
+                  True, login=login)
+
+
+class Router:
+    """The routes of one node (used from one event loop). ``password`` and
+    ``retry_password``: the relays' (for AUTH); :attr:`relay` and
+    :attr:`retry_relay` are their targets (None: not configured).
+    ``resolver``: the MX resolver to use (by default one for ``config.dns``;
+    none is made when a relay takes all mail). Jobs parked by :meth:`look_up`
+    are given to ``on_routed`` with the lookup's error (None when the route is
+    known now, or the lookup was cancelled); ``on_learned(ip, names)`` hears
+    of each name an address is found to have."""
+
+    def __init__(
+        self,
+        config: Config,
+        password: str | None = None,
+        retry_password: str | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        resolver: MxResolver | None = None,
+        on_learned: Callable[[str, tuple[str, ...]], None] | None = None,
+        on_routed: Callable[[list[Item], DeliveryError | None], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._monotonic = monotonic
+        self._on_learned = on_learned
+        self._on_routed = on_routed
+        self.relay = relay_target(config.relay, password)
+        # Retries whose list item carries the I prefix go through here.
+        self.retry_relay = relay_target(config.retry_relay, retry_password)
+        self._mx: MxResolver | None = None
+        self._mx_tls: ssl.SSLContext | None = None
+        if self.relay is None:
+            self._mx = resolver or MxResolver(config.dns)
+            self._mx_tls = make_tls_context(config.mx_tls_verify, None)
+        self._down: dict[str, float] = {}  # mail host address: down until (monotonic)
+        # Every name an address is known by (MX names, host stanza names), so a
+        # host stanza naming one of them limits every connection to that address.
+        self._names_by_ip: dict[str, set[str]] = {}
+        self._unresolved_hosts: list[str] = [h.key for h in config.hosts if not is_ip(h.key)]
+        self._host_lookup: asyncio.Task[None] | None = None
+        self._parked: dict[str, list[Item]] = {}  # jobs waiting for their domain's route, by domain
+        self._lookups: set[asyncio.Task[None]] = set()
+
+    # --- where a job goes ----------------------------------------------------
+
+    def targets(self, job: Job, fresh: bool = True, tried: Collection[str] = _NONE_TRIED) -> list[Target] | None:
+        """The relay (the retry relay for a retry its list sends there), or the
+        domain's mail host addresses by preference, less those this attempt
+        already found dead (``tried``) and, while others remain, those recently
+        found down; None when the route must be looked up (``fresh``: only a
+        route whose time to live has not run out will do)."""
+        if self.retry_relay is not None and self.through_retry_relay(job):
+            return [self.retry_relay]
+        if self.relay is not None:
+            return [self.relay]
+        assert self._mx is not None
+        route = self._mx.cached(job.domain) if fresh else self._mx.last_known(job.domain)
+        if route is None:
+            return None
+        return self._mx_targets(route, tried)
+
+    def through_retry_relay(self, job: Job) -> bool:
+        """Whether the job's next attempt is a retry that its retry list sends
+        through ``retry_relay`` (an ``I`` item)."""
+        return through_retry_relay(job, self._config.rules.retry_rules, self._clock())
+
+    def same_route(self, target: Target, job: Job) -> bool:
+        """Whether ``job`` may go to ``target`` as far as the retry relay is
+        concerned: a retry sent through retry_relay rides only on a connection
+        to it, and nothing else does."""
+        return self.retry_relay is None or (target is self.retry_relay) == self.through_retry_relay(job)
+
+    def _mx_targets(self, route: Route, tried: Collection[str]) -> list[Target]:
+        targets = self._route_targets(route)
+        untried = [t for t in targets if t.host not in tried] or targets
+        now = self._monotonic()
+        up = [t for t in untried if self._down.get(t.host, 0.0) <= now]
+        return up or untried
+
+    def _route_targets(self, route: Route) -> list[Target]:
+        """Every address of every mail host of ``route``, by preference."""
+        for host in route.hosts:
+            for ip in host.ips:
+                self._learn(ip, host.name)
+        return [
+            Target(ip, self._config.mx_port, (ip,), tuple(sorted(self._names_by_ip[ip])), "auto", self._mx_tls, False, host.name)
+            for host in route.hosts for ip in host.ips
+        ]
+
+    def host_failed(self, target: Target, domain: str, tried: set[str]) -> bool:
+        """The mail host address ``target`` failed before any SMTP command: mark
+        it down (and tried by this attempt, in ``tried``). True if the domain has
+        an address this attempt has not tried that is not down."""
+        if target.relay:
+            return False
+        tried.add(target.host)
+        self._down[target.host] = self._monotonic() + HOST_DOWN_SECONDS
+        assert self._mx is not None
+        route = self._mx.last_known(domain)
+        if route is None:
+            return False
+        now = self._monotonic()
+        return any(ip not in tried and self._down.get(ip, 0.0) <= now for host in route.hosts for ip in host.ips)
+
+    # --- names of addresses --------------------------------------------------
+
+    def _learn(self, ip: str, name: str) -> None:
+        """``name`` is a name of ``ip``."""
+        names = self._names_by_ip.setdefault(ip, set())
+        if name in names:
+            return
+        names.add(name)
+        if self._on_learned is not None:
+            self._on_learned(ip, tuple(sorted(names)))
+
+    async def learn_host_names(self) -> list[str]:
+        """Resolve the host names that host stanzas use and that are not
+        resolved yet, so their limits hold for every MX name that comes to the
+        same address; returns those that cannot be resolved now (asked again
+        at the next call). Nothing to do with a relay."""
+        if self._mx is None:
+            return []
+        names, self._unresolved_hosts = self._unresolved_hosts, []
+        results = await asyncio.gather(*(self._mx.addresses(n) for n in names), return_exceptions=True)
+        for name, ips in zip(names, results, strict=True):
+            if isinstance(ips, BaseException):
+                self._unresolved_hosts.append(name)
+                continue
+            for ip in ips:
+                self._learn(ip, name)
+        return list(self._unresolved_hosts)
+
+    async def learn_host_names_or_warn(self) -> None:
+        """:meth:`learn_host_names`, with a warning for each name left unresolved."""
+        for name in await self.learn_host_names():
+            log.warning("host %s (a host stanza): cannot resolve it now (retried at each scan); "
+                        "until then its limit applies by name only", name)
+
+    def retry_host_names(self) -> None:
+        """Try again, in the background, the host stanza names not resolved yet."""
+        if self._unresolved_hosts and self._mx is not None and (self._host_lookup is None or self._host_lookup.done()):
+            self._host_lookup = asyncio.get_running_loop().create_task(self.learn_host_names_or_warn())
+
+    # --- lookups -------------------------------------------------------------
+
+    @property
+    def looking_up(self) -> bool:
+        """Whether jobs wait for a route."""
+        return bool(self._parked)
+
+    def look_up(self, item: Item) -> None:
+        """Park a claimed job until its domain's route is known (one lookup per
+        domain), then give it to ``on_routed``."""
+        domain = item.job.domain
+        parked = self._parked.setdefault(domain, [])
+        parked.append(item)
+        if len(parked) == 1:
+            task = asyncio.get_running_loop().create_task(self._resolve(domain))
+            self._lookups.add(task)
+            task.add_done_callback(self._lookups.discard)
+
+    async def _resolve(self, domain: str) -> None:
+        assert self._mx is not None
+        error: DeliveryError | None = None
+        try:
+            await self._mx.route(domain)
+        except DeliveryError as e:
+            error = e
+        except Exception as e:
+            log.exception("MX lookup of %s failed", domain)
+            error = DeliveryError(outcome.DNS_TEMPORARY.code, outcome.DNS_TEMPORARY.klass, f"DNS: lookup of {domain} failed: {e}",
+                                  False, "DNS")
+        finally:
+            items = self._parked.pop(domain, [])
+            if self._on_routed is not None:
+                self._on_routed(items, error)
+
+    async def close(self) -> list[Item]:
+        """Stop every lookup; returns the jobs still parked (to hand back)."""
+        if self._host_lookup is not None:
+            self._host_lookup.cancel()
+        for task in list(self._lookups):
+            task.cancel()
+        await asyncio.gather(*self._lookups, return_exceptions=True)
+        left = [item for items in self._parked.values() for item in items]
+        self._parked.clear()
+        return left
+
+    # --- for explain ---------------------------------------------------------
+
+    async def places(self, domain: str) -> list[tuple[str, Target]]:
+        """Every place a connection for ``domain`` may go, each with a label:
+        the relay, or each address of each mail host (looked up now; raises
+        DeliveryError); then the retry relay, if there is one. Call
+        :meth:`learn_host_names` first, as the node does at start."""
+        out: list[tuple[str, Target]] = []
+        if self.relay is not None:
+            out.append((f"relay {self.relay.host}:{self.relay.port}", self.relay))
+        else:
+            assert self._mx is not None
+            route = await self._mx.route(domain)
+            labels = [f"MX {h.preference} {h.name} ({ip})" for h in route.hosts for ip in h.ips]
+            out += zip(labels, self._route_targets(route), strict=True)
+        if self.retry_relay is not None:
+            out.append((f"retry relay {self.retry_relay.host}:{self.retry_relay.port}, for retries that an I item sends there",
+                        self.retry_relay))
+        return out

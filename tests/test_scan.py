@@ -1,0 +1,224 @@
+"""copiamail.scheduling.scan: due jobs claimed in queue order, jobs not yet due
+and other workers' jobs remembered, files written in place left to settle,
+scans sliced so the event loop gets turns. A real spool in tmp_path; fake
+clocks; the jobs claimed are collected instead of sent."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from copiamail.config import Config
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.scheduling.limits import worker_of
+from copiamail.scheduling.scan import Scanner
+from copiamail.spool.queue import Spool
+
+NOW = 4_000_000_000.0  # jobs dated 2098 are not due yet
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Rig:
+    """A spool, a scanner over it, and what the scanner dispatched."""
+
+    def __init__(self, root: Path, write_settle: float = 5.0, worker: int = 0, workers: int = 1) -> None:
+        self.spool = Spool(root / "spool", 15, fsync=False)
+        self.spool.ensure()
+        self.waiting: set[str] = set()
+        self.halt = False
+        self.dispatched: list[tuple[str, bool]] = []  # (job name, read on the way)
+        self.clock = Clock(NOW)
+        self.mono = Clock(100.0)
+        self.scanner = Scanner(Config(spool=self.spool.root, write_settle=write_settle), self.spool, "N1", self.waiting,
+                               lambda: self.halt, lambda claimed, cf, job: self.dispatched.append((claimed.name, cf is not None)),
+                               worker=worker, workers=workers, clock=self.clock, monotonic=self.mono)
+
+    def job(self, queue: str, name: str, to: str = "u@a.test", *lines: str) -> Path:
+        path = self.spool.root / queue / name
+        path.write_text("\n".join([f"$email_address {to}", '$email_text "hi"', *lines]) + "\n")
+        return path
+
+    def full(self) -> int:
+        self.scanner.start_full()
+        found, _ = asyncio.run(self.scanner.scan(self.clock()))
+        return found
+
+    def hinted(self) -> int:
+        return asyncio.run(self.scanner.scan_hinted())
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.dispatched]
+
+
+def test_due_jobs_are_claimed_in_queue_order_and_dispatched_with_what_was_read(tmp_path):
+    rig = Rig(tmp_path)
+    rig.job("TOSEND1", "A.FS")
+    rig.job("TOSEND", "B.FS")
+    rig.job("TOSEND", "A.FS")
+    assert rig.full() == 3
+    assert rig.dispatched == [("A.FS", True), ("B.FS", True), ("A.FS", True)]
+    assert (rig.spool.active_dir("N1") / "TOSEND1" / "A.FS").exists()
+    assert rig.full() == 0
+
+
+def test_a_job_not_yet_due_is_remembered_and_not_read_again_until_it_changes(tmp_path, monkeypatch):
+    rig = Rig(tmp_path)
+    later = rig.job("TOSEND", "L.FS", "u@a.test", "$fax_send_date 12/31/2098")
+    reads: list[str] = []
+    read = CommandFile.read
+    monkeypatch.setattr(CommandFile, "read", classmethod(lambda cls, path: reads.append(str(path)) or read(path)))
+    assert rig.full() == 0 and rig.scanner.next_due is not None and rig.scanner.next_due > NOW
+    assert rig.full() == 0 and len(reads) == 1
+    rig.job("TOSEND", "L.FS")  # rewritten: due now
+    os.utime(later, ns=(1, 1))
+    assert rig.full() == 1 and len(reads) == 2
+    rig.scanner.start_full()
+    assert rig.scanner.next_due is None
+
+
+def test_a_worker_claims_only_the_jobs_of_its_domains_and_does_not_read_the_others_again(tmp_path, monkeypatch):
+    domains = {worker_of(d, 2): d for d in ("a.test", "b.test", "c.test", "d.test")}
+    rig = Rig(tmp_path, worker=0, workers=2)
+    rig.job("TOSEND", "MINE.FS", f"u@{domains[0]}")
+    rig.job("TOSEND", "THEIRS.FS", f"u@{domains[1]}")
+    reads: list[str] = []
+    read = CommandFile.read
+    monkeypatch.setattr(CommandFile, "read", classmethod(lambda cls, path: reads.append(Path(path).name) or read(path)))
+    assert rig.full() == 1 and rig.names() == ["MINE.FS"]
+    assert rig.full() == 0 and reads == ["MINE.FS", "THEIRS.FS"]
+    assert rig.scanner.mine(domains[0]) and not rig.scanner.mine(domains[1])
+
+
+def test_a_job_that_waits_for_a_slot_is_left_alone(tmp_path):
+    rig = Rig(tmp_path)
+    rig.waiting.add(str(rig.job("TOSEND", "W.FS")))
+    assert rig.full() == 0 and rig.dispatched == []
+
+
+def test_a_scan_stops_when_halted_and_a_hinted_scan_drops_its_hints(tmp_path):
+    rig = Rig(tmp_path)
+    path = rig.job("TOSEND", "A.FS")
+    rig.halt = True
+    assert rig.full() == 0
+    assert rig.scanner.hint(path) and rig.scanner.hinted
+    assert rig.hinted() == 0 and not rig.scanner.hinted
+    rig.halt = False
+    assert rig.full() == 1
+
+
+def test_a_hint_names_one_file_of_a_queue_folder(tmp_path):
+    rig = Rig(tmp_path)
+    rig.job("TOSEND", "A.FS")
+    b = rig.job("TOSEND2", "B.FS")
+    assert not rig.scanner.hint(rig.spool.root / "SENT" / "X.FS")
+    assert not rig.scanner.hint(rig.spool.root / "TOSEND" / "X.TFS")
+    assert rig.scanner.hint(b)
+    assert rig.hinted() == 1 and rig.names() == ["B.FS"]
+
+
+def test_a_file_written_in_place_is_taken_once_left_alone_for_write_settle(tmp_path):
+    rig = Rig(tmp_path, write_settle=5.0)
+    path = rig.job("TOSEND", "P.FS")
+    assert rig.scanner.hint(path, written=True)
+    assert rig.hinted() == 0 and rig.scanner.busy  # first look: it just changed
+    assert rig.scanner.next_settle_look() == 105.0
+    rig.mono.now += 3
+    rig.scanner.hint_settled()
+    assert not rig.scanner.hinted
+    rig.mono.now += 3
+    rig.scanner.hint_settled()
+    assert rig.scanner.hinted and rig.hinted() == 1 and not rig.scanner.busy
+
+
+def test_a_file_that_keeps_changing_keeps_settling(tmp_path):
+    rig = Rig(tmp_path, write_settle=5.0)
+    path = rig.job("TOSEND", "P.FS")
+    rig.scanner.hint(path, written=True)
+    rig.hinted()
+    rig.mono.now += 6
+    path.write_text(path.read_text() + "$email_text more\n")
+    rig.scanner.hint_settled()
+    assert rig.hinted() == 0  # changed since the last look: its clock starts again
+    rig.mono.now += 6
+    rig.scanner.hint_settled()
+    assert rig.hinted() == 1
+
+
+def test_after_the_first_scan_a_recent_file_no_event_told_of_may_be_incomplete(tmp_path):
+    rig = Rig(tmp_path, write_settle=5.0)
+    assert rig.full() == 0
+    path = rig.job("TOSEND", "NEW.FS")
+    mtime = path.stat().st_mtime
+    rig.clock.now = mtime + 1  # written a second ago, by our clock
+    assert rig.full() == 0 and rig.scanner.busy
+    rig.mono.now += 6
+    assert rig.full() == 1
+
+
+def test_a_recent_file_renamed_in_is_complete_at_once(tmp_path):
+    rig = Rig(tmp_path, write_settle=5.0)
+    assert rig.full() == 0
+    path = rig.job("TOSEND", "NEW.FS")
+    rig.clock.now = path.stat().st_mtime + 1
+    rig.scanner.hint(path)
+    assert rig.full() == 1
+
+
+def test_files_present_at_start_count_as_complete(tmp_path):
+    rig = Rig(tmp_path, write_settle=5.0)
+    path = rig.job("TOSEND", "OLD.FS")
+    rig.clock.now = path.stat().st_mtime + 1
+    assert rig.full() == 1
+
+
+def test_a_waiting_file_being_written_is_not_complete_until_left_alone(tmp_path):
+    rig = Rig(tmp_path, write_settle=5.0)
+    path = rig.job("TOSEND", "W.FS")
+    assert rig.scanner.complete(str(path))  # not settling
+    rig.waiting.add(str(path))
+    rig.scanner.hint(path, written=True)
+    rig.scanner.hint_settled()
+    assert rig.scanner.next_settle_look() == float("inf")  # a waiting file is looked at when offered a slot
+    assert not rig.scanner.complete(str(path))
+    rig.mono.now += 6
+    assert rig.scanner.complete(str(path))
+
+
+@pytest.mark.parametrize("jobs", [40])
+def test_a_long_scan_gives_the_event_loop_turns(tmp_path, jobs):
+    rig = Rig(tmp_path)
+    for i in range(jobs):
+        rig.job("TOSEND", f"J{i:03d}.FS")
+    seen_during: list[int] = []
+
+    def tick() -> float:
+        rig.mono.now += 0.001  # each look takes a millisecond
+        return rig.mono.now
+
+    rig.scanner = Scanner(Config(spool=rig.spool.root), rig.spool, "N1", rig.waiting, lambda: False,
+                          lambda claimed, cf, job: rig.dispatched.append((claimed.name, True)), clock=rig.clock, monotonic=tick)
+
+    async def go() -> int:
+        def other_work() -> None:
+            seen_during.append(len(rig.dispatched))
+            if len(seen_during) < 100:
+                asyncio.get_running_loop().call_soon(other_work)
+
+        asyncio.get_running_loop().call_soon(other_work)
+        rig.scanner.start_full()
+        found, seen = await rig.scanner.scan(NOW)
+        assert len(seen) == jobs
+        return found
+
+    assert asyncio.run(go()) == jobs
+    assert any(0 < n < jobs for n in seen_during)
