@@ -37,7 +37,7 @@ from copiamail.jobfile import outcome
 from copiamail.smtp.link import CONNECTION_LOST, NO_REPLY, Link, Lost, Refused, ReplyTimeout, data_block
 from copiamail.smtp.replies import CONNECT, DATA, MAIL, RCPT, classify, reply_text
 
-# Imported from here by the scheduling layer and by cli.py's explain.
+# Imported from here by the scheduling layer (routing, scheduler).
 from copiamail.smtp.startup import machine_helo_name as machine_helo_name
 from copiamail.smtp.startup import make_tls_context as make_tls_context
 from copiamail.smtp.startup import resolve_relay as resolve_relay
