@@ -27,10 +27,13 @@ import click
 from copiamail import __version__
 from copiamail.config import Config, load_config, read_password, workers_problem
 from copiamail.errors import CopiamailError, DeliveryError, JobError, SpoolError
+from copiamail.jobfile.addresses import parse_address
 from copiamail.jobfile.dkim import sign_for_job
 from copiamail.jobfile.fsfile import CommandFile, format_command
-from copiamail.jobfile.job import AttemptRecord, JobEnv, parse_address, parse_job
+from copiamail.jobfile.job import parse_job
 from copiamail.jobfile.message import build_message
+from copiamail.jobfile.model import JobEnv
+from copiamail.jobfile.owned import AttemptRecord
 from copiamail.jobfile.rules import match, shadowed
 from copiamail.logs import live_display_on, setup_logging
 from copiamail.scheduling.limits import bindings_for, limits_for

@@ -8,7 +8,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from copiamail.jobfile.fsfile import CommandFile, format_arg, format_command
-from copiamail.jobfile.job import is_owned
+from copiamail.jobfile.owned import is_owned
 
 BOM = b"\xef\xbb\xbf"
 

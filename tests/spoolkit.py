@@ -117,7 +117,7 @@ def attempts(text: str) -> list[list[str]]:
     [E, NODE, OUTCOME, CLASS, text] (the fields of copiamail's first layout;
     the text as written, quoted where it needs quotes)."""
     from copiamail.jobfile.fsfile import CommandFile, format_arg
-    from copiamail.jobfile.job import parse_attempt
+    from copiamail.jobfile.owned import parse_attempt
 
     out = []
     for cmd in CommandFile.parse(text.encode("utf-8")).commands():

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from copiamail.errors import DeliveryError
 from copiamail.jobfile import outcome
-from copiamail.smtp.session import SessionSettings, SmtpSession, data_block
+from copiamail.smtp.link import data_block
+from copiamail.smtp.session import SessionSettings, SmtpSession
 
 EHLO_PLAIN = b"250-test.invalid\r\n250 8BITMIME\r\n"
 EHLO_PIPELINING = b"250-test.invalid\r\n250-PIPELINING\r\n250 8BITMIME\r\n"

@@ -15,8 +15,9 @@ from copiamail.errors import JobError
 from copiamail.jobfile import outcome
 from copiamail.jobfile.dkim import from_domain, is_dns_name, key_problem, sign, sign_for_job
 from copiamail.jobfile.fsfile import CommandFile
-from copiamail.jobfile.job import Job, parse_job
+from copiamail.jobfile.job import parse_job
 from copiamail.jobfile.message import build_message
+from copiamail.jobfile.model import Job
 
 NOW = 1_795_000_000.0
 SENDER = "bounce@acme.test"

@@ -41,7 +41,8 @@ from smtpserver import ConnectionInfo, Rule, SMTPTestServer, TLSCert
 from spoolkit import SpoolKit
 
 from copiamail.jobfile.fsfile import CommandFile
-from copiamail.jobfile.job import Job, parse_job
+from copiamail.jobfile.job import parse_job
+from copiamail.jobfile.model import Job
 
 BAD_SENDER = "bad@acme.test"      # A's envelope sender (MAIL rules match it)
 BAD_RCPT = "bad@copia.com"        # A's recipient (RCPT, DATA and EOD rules match it)

@@ -11,18 +11,11 @@ from hypothesis import strategies as st
 
 from copiamail.errors import JobError
 from copiamail.jobfile import outcome
+from copiamail.jobfile.addresses import parse_address
 from copiamail.jobfile.fsfile import CommandFile
-from copiamail.jobfile.job import (
-    Attachment,
-    AttemptRecord,
-    BodyItem,
-    JobEnv,
-    is_owned,
-    job_identity,
-    parse_address,
-    parse_job,
-    quick_domain,
-)
+from copiamail.jobfile.job import parse_job, quick_domain
+from copiamail.jobfile.model import Attachment, BodyItem, JobEnv
+from copiamail.jobfile.owned import AttemptRecord, is_owned, job_identity
 
 # SPEC 2, "An example".
 EXAMPLE = b'''; monthly statement, customer 4711
@@ -446,7 +439,7 @@ def test_quick_domain_reads_a_plain_address_line(data):
 @given(st.lists(st.sampled_from(["$email_address", "$EMAIL_Address", "$email_addresses", " ", "\t", "\r", "\n",
                                   "\r\n", "a@b.c", "x", "$", ";"]), max_size=25).map("".join))
 def test_address_lines_finds_what_the_line_pattern_finds(text):
-    from copiamail.jobfile.job import _ADDRESS_LINE, address_lines
+    from copiamail.jobfile.addresses import _ADDRESS_LINE, address_lines
 
     assert address_lines(text) == _ADDRESS_LINE.findall(text)
 

@@ -17,8 +17,9 @@ from copiamail.jobfile import files as files_module
 from copiamail.jobfile import message as message_module
 from copiamail.jobfile import outcome
 from copiamail.jobfile.fsfile import CommandFile
-from copiamail.jobfile.job import Attachment, BodyItem, Job, parse_job
+from copiamail.jobfile.job import parse_job
 from copiamail.jobfile.message import build_message
+from copiamail.jobfile.model import Attachment, BodyItem, Job
 
 SENDER = "bounce@acme.test"
 NOW = 1_795_000_000.0
@@ -789,7 +790,7 @@ def test_every_shipped_sample_job_builds_a_message_that_greets_once() -> None:
 
 
 def fs_message(tmp_path: Path, text: bytes, env=None, name: str = "00000001.FS") -> EmailMessage:
-    from copiamail.jobfile.job import JobEnv
+    from copiamail.jobfile.model import JobEnv
     job = parse_job(CommandFile.parse(text), name, env or JobEnv(esender=SENDER))
     return parse(build_message(job, spool_root=tmp_path, attachment_roots=(tmp_path,), sender=SENDER, now=NOW))
 

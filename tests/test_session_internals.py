@@ -1,10 +1,10 @@
-"""What copiamail.smtp.session relies on inside aiosmtplib.
+"""What copiamail.smtp.session and copiamail.smtp.link rely on inside aiosmtplib.
 
 aiosmtplib opens each connection (connect, greeting, EHLO, STARTTLS, AUTH);
-then ``_Link`` takes its transport over and reads the replies itself, the way
+then ``Link`` takes its transport over and reads the replies itself, the way
 aiosmtplib's ``SMTPProtocol`` reads them. None of that is aiosmtplib's public
 API, so setup.cfg pins its major version, and every test here fails with a
-message naming the aiosmtplib internal that changed: revise ``_Link`` (and
+message naming the aiosmtplib internal that changed: revise ``Link`` (and
 ``data_block``) to match before moving the pin.
 """
 
@@ -19,16 +19,16 @@ import aiosmtplib.protocol
 import pytest
 from aiosmtplib.protocol import SMTPProtocol
 
-from copiamail.smtp import session
-from copiamail.smtp.session import _Link, data_block
+from copiamail.smtp import link as smtp_link
+from copiamail.smtp.link import Link, data_block
 
 PINNED_MAJOR = 5  # setup.cfg: aiosmtplib>=5.1,<6
 
 
 def changed(internal: str, what: str) -> str:
     """The message of a failed check: which internal changed, and how."""
-    return (f"aiosmtplib {aiosmtplib.__version__}: {internal} is not what copiamail.smtp.session relies on "
-            f"({what}); revise _Link before moving the aiosmtplib pin in setup.cfg")
+    return (f"aiosmtplib {aiosmtplib.__version__}: {internal} is not what copiamail.smtp relies on "
+            f"({what}); revise Link before moving the aiosmtplib pin in setup.cfg")
 
 
 def test_the_installed_aiosmtplib_is_the_pinned_major_version():
@@ -36,7 +36,7 @@ def test_the_installed_aiosmtplib_is_the_pinned_major_version():
     assert major == PINNED_MAJOR, changed("the version", f"major {major}, pinned {PINNED_MAJOR}")
 
 
-# --- the transport _Link takes over ----------------------------------------------------
+# --- the transport Link takes over -----------------------------------------------------
 
 
 async def _stub_server() -> tuple[asyncio.base_events.Server, list[bytes]]:
@@ -75,7 +75,7 @@ def test_the_connection_after_ehlo_can_be_taken_over_from_smtp_protocol_transpor
         assert smtp.supports_extension("pipelining") and smtp.esmtp_extensions.get("size") == "1000", changed(
             "SMTP.supports_extension / SMTP.esmtp_extensions", "the extensions of the EHLO reply, by lower-case name")
 
-        link = _Link(transport, pipelining=True, size=1000)
+        link = Link(transport, pipelining=True, size=1000)
         del smtp
         gc.collect()
         assert not transport.is_closing(), changed(
@@ -98,7 +98,7 @@ def test_neither_smtp_nor_its_protocol_closes_anything_when_collected():
         assert not finalizers, changed(f"{cls.__name__}.__del__", f"no finalizer (found in {finalizers})")
 
 
-# --- the reply parser _Link repeats ------------------------------------------------------
+# --- the reply parser Link repeats -------------------------------------------------------
 
 
 class _Transport(asyncio.Transport):
@@ -154,7 +154,7 @@ def _aiosmtplib_reads(data: bytes) -> tuple[object, bytes]:
 
 
 def _link_reads(data: bytes) -> tuple[object, bytes]:
-    link = _Link(_Transport(), pipelining=False, size=None)
+    link = Link(_Transport(), pipelining=False, size=None)
     link._buffer += data
     parsed = link._parse(0)
     if link._bad is not None:
@@ -173,24 +173,24 @@ def test_link_reads_a_reply_as_smtp_protocol_reads_it(data):
 
 
 def test_the_limits_on_reply_length_are_aiosmtplibs():
-    assert getattr(aiosmtplib.protocol, "MAX_LINE_LENGTH", None) == session._MAX_LINE, changed(
-        "protocol.MAX_LINE_LENGTH", f"{session._MAX_LINE} bytes")
-    assert getattr(aiosmtplib.protocol, "MAX_RESPONSE_LENGTH", None) == session._MAX_REPLY, changed(
-        "protocol.MAX_RESPONSE_LENGTH", f"{session._MAX_REPLY} bytes")
+    assert getattr(aiosmtplib.protocol, "MAX_LINE_LENGTH", None) == smtp_link.MAX_LINE, changed(
+        "protocol.MAX_LINE_LENGTH", f"{smtp_link.MAX_LINE} bytes")
+    assert getattr(aiosmtplib.protocol, "MAX_RESPONSE_LENGTH", None) == smtp_link.MAX_REPLY, changed(
+        "protocol.MAX_RESPONSE_LENGTH", f"{smtp_link.MAX_REPLY} bytes")
 
 
 def test_a_reply_too_long_in_all_is_refused_in_aiosmtplibs_words():
     loop = asyncio.new_event_loop()
     protocol = SMTPProtocol(loop)
     protocol.connection_made(_Transport())
-    protocol.data_received((b"250-" + b"x" * 100 + b"\r\n") * (session._MAX_REPLY // 100))
+    protocol.data_received((b"250-" + b"x" * 100 + b"\r\n") * (smtp_link.MAX_REPLY // 100))
     error = protocol._response_waiter.exception()
     assert isinstance(error, aiosmtplib.SMTPResponseException), changed("SMTPProtocol.data_received", repr(error))
-    assert (error.code, error.message) == (session._UNREADABLE, session._TOO_LONG), changed(
+    assert (error.code, error.message) == (smtp_link.UNREADABLE, smtp_link.TOO_LONG), changed(
         "SMTPProtocol.data_received", f"a reply over MAX_RESPONSE_LENGTH refused as ({error.code}, {error.message!r})")
-    link = _Link(_Transport(), pipelining=False, size=None)
+    link = Link(_Transport(), pipelining=False, size=None)
     link.write(b"NOOP\r\n", 1)
-    link.data_received((b"250-" + b"x" * 100 + b"\r\n") * (session._MAX_REPLY // 100))
+    link.data_received((b"250-" + b"x" * 100 + b"\r\n") * (smtp_link.MAX_REPLY // 100))
     assert link._bad is not None and (link._bad.code, link._bad.message) == (error.code, error.message)
     loop.close()
 
@@ -205,7 +205,7 @@ def test_a_reply_nobody_asked_for_is_dropped_as_aiosmtplib_drops_it():
     protocol.data_received(b"250 stray\r\n")
     assert len(protocol._buffer) == 0 and not protocol._response_waiter.done(), changed(
         "SMTPProtocol.data_received", "a reply when none is awaited is dropped")
-    link = _Link(_Transport(), pipelining=False, size=None)
+    link = Link(_Transport(), pipelining=False, size=None)
     link.data_received(b"250 stray\r\n")
     assert link.owed == 0 and len(link._buffer) == 0
     loop.close()
@@ -216,7 +216,7 @@ def test_a_reply_nobody_asked_for_is_dropped_as_aiosmtplib_drops_it():
 
 def test_aiosmtplibs_words_for_an_end_of_file_and_a_lost_connection():
     loop = asyncio.new_event_loop()
-    for end, words in (("eof_received", session._UNEXPECTED_EOF), ("connection_lost", session._CONNECTION_LOST)):
+    for end, words in (("eof_received", smtp_link.UNEXPECTED_EOF), ("connection_lost", smtp_link.CONNECTION_LOST)):
         protocol = SMTPProtocol(loop)
         protocol.connection_made(_Transport())
         getattr(protocol, end)(*(() if end == "eof_received" else (None,)))
@@ -232,8 +232,8 @@ def test_aiosmtplibs_words_for_a_reply_that_does_not_come():
         protocol.connection_made(_Transport())
         with pytest.raises(aiosmtplib.SMTPReadTimeoutError) as info:
             await protocol.read_response(timeout=0.01)
-        assert info.value.message == session._NO_REPLY, changed(
-            "SMTPProtocol.read_response", f"SMTPReadTimeoutError({session._NO_REPLY!r}), got {info.value!r}")
+        assert info.value.message == smtp_link.NO_REPLY, changed(
+            "SMTPProtocol.read_response", f"SMTPReadTimeoutError({smtp_link.NO_REPLY!r}), got {info.value!r}")
 
     asyncio.run(run())
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from copiamail.errors import JobError
 from copiamail.jobfile import outcome
 from copiamail.jobfile.files import JobFiles
-from copiamail.jobfile.job import Job
+from copiamail.jobfile.model import Job
 
 if TYPE_CHECKING:
     from copiamail.config import Config

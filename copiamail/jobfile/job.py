@@ -1,4 +1,5 @@
-"""An FS file's meaning: the frozen :class:`Job` the engine sends.
+"""An FS file's meaning: the frozen :class:`~copiamail.jobfile.model.Job` the
+engine sends (importable from here too), as :func:`parse_job` reads it.
 
 :func:`parse_job` reads the ``$email...`` commands of an e-mail job, its
 ``$var_def`` variables and send time, and the lines the engine writes into it
@@ -10,28 +11,20 @@ unknown ``$email...`` command is a typo and fails the job. A job that cannot be 
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from email.utils import parseaddr, parsedate_to_datetime
 from types import MappingProxyType
-from typing import NamedTuple
 
 from copiamail.errors import JobError, SyntaxFileError
 from copiamail.jobfile import outcome
+from copiamail.jobfile.addresses import Mailbox, address_lines, parse_address, read_mailbox, written_address
 from copiamail.jobfile.fsfile import Command, CommandFile
-from copiamail.jobfile.outcome import RetryItem, RetryRules
+from copiamail.jobfile.headers import HEADER_NAME, check_header
+from copiamail.jobfile.model import Attachment, BodyItem, Job, JobEnv
+from copiamail.jobfile.outcome import RetryItem
+from copiamail.jobfile.owned import USING_ALT, AttemptRecord, engine_variables, job_identity, parse_attempt, parse_local_time
 from copiamail.jobfile.variables import GRAVE, UndefinedVariable, chained, expand, expand_path, starts_with_path_variable
-
-# Lines the engine owns: it may update or add these; every other line
-# is the submitter's and is kept as written.
-OWNED_VARS = frozenset({"DOMAINBUSY_COUNT", "EMAIL_ERROR", "EMAIL_CONNECT_IP", "EMAIL_BYTECOUNT", "EMAIL_USING_ALT"})
-# Set when the job's $email_alt_address is tried (the main address failed for
-# good); its line marks where the alternative's own retries begin.
-USING_ALT = "EMAIL_USING_ALT"
-OWNED_COMMANDS = frozenset({"attempt_record", "fax_status1", "fax_status2", "fax_next_date", "fax_next_time"})
 
 # Commands that set one value: the last occurrence counts.
 _SINGLE = {"email_address", "email_subject", "email_from", "email_esender", "email_charset", "email_alt_address"}
@@ -49,268 +42,11 @@ KNOWN_EMAIL_COMMANDS = frozenset({
     "email_settings", "email_server", "email_domain", "email_bcc", "email_dkim_selector",
 })
 
-# RFC 5321: a dot-atom local part (no leading, trailing or double dot) or a
-# quoted one, and a domain of non-empty labels.
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
-_ADDRESS = re.compile(rf"^[^\s<>()\[\],;:\"@.]+(?:\.[^\s<>()\[\],;:\"@.]+)*@{_DOMAIN}$")
-_QUOTED_LOCAL = re.compile(rf'^"[^"\r\n]*"@{_DOMAIN}$')
-_HEADER_NAME = re.compile(r"^[!-9;-~]+$")
-
-
-def is_owned(command: Command) -> bool:
-    """Whether a line is one the engine writes (and so may rewrite)."""
-    if command.name == "var_def":
-        return bool(command.args) and command.args[0].upper() in OWNED_VARS
-    return command.name in OWNED_COMMANDS
-
-
-class BodyItem(NamedTuple):
-    """A piece of a body in file order: a text line, or a file to include
-    (a named tuple, like :class:`~copiamail.jobfile.fsfile.Command`, for speed)."""
-
-    kind: str  # "text" or "file"
-    value: str
-    line: int
-
-
-@dataclass(frozen=True)
-class Attachment:
-    path: str
-    content_type: str | None
-    line: int
-    name: str | None = None  # the name shown (``TYPE; name=SHOWN``), else the file's
-    embedded: bool = False  # ``EMBEDDED:TYPE``: an inline part an HTML body refers to by cid:
-
-
-@dataclass(frozen=True)
-class JobEnv:
-    """What a job may draw on besides its own lines: the variables of the CFG
-    file and of config ``variables:`` (merged, CFG first; names upper-case),
-    and the envelope sender used when the job names none."""
-
-    variables: Mapping[str, str] = field(default_factory=dict)
-    esender: str | None = None
-    # The From: header where the job has neither $email_from nor
-    # $email_esender: the CFG's $email_from, else its $email_esender as written.
-    from_header: str | None = None
-
-
-@dataclass(frozen=True)
-class AttemptRecord:
-    """One ``$attempt_record`` line, in any of the layouts :func:`parse_attempt` reads."""
-
-    date: str
-    time: str
-    node: str
-    outcome: int
-    klass: str
-    text: str
-    line: int = field(default=0, compare=False)  # its line in the file
-
-    @property
-    def counts_as_retry(self) -> bool:
-        """Interruptions (66) and CopiaFacts' ignored failures (class I) do
-        not count as retries."""
-        return self.outcome != outcome.INTERRUPTED.code and self.klass != outcome.IGNORED
-
-
-@dataclass(frozen=True)
-class Job:
-    """One parsed e-mail job (one recipient)."""
-
-    name: str
-    address: str
-    domain: str
-    to_header: str | None = None  # the recipient as written, where it has a display name
-    subject: str | None = None
-    body: tuple[BodyItem, ...] = ()
-    alt: tuple[BodyItem, ...] = ()
-    attachments: tuple[Attachment, ...] = ()
-    from_header: str | None = None
-    esender: str | None = None
-    headers: tuple[tuple[str, str], ...] = ()
-    charset: str = "utf-8"
-    body_encoding: str | None = None  # base64, quoted-printable or 8bit, as $email_charset asks
-    header_encoding: str | None = None  # base64 or quoted-printable for encoded words
-    retry_delays: Mapping[str, tuple[RetryItem, ...]] = field(default_factory=dict)
-    variables: Mapping[str, str] = field(default_factory=dict)
-    attempts: tuple[AttemptRecord, ...] = ()
-    # Retry rules past $email_retry_delays: $email_retry_max, and the
-    # $retry_delays/$retry_max fallback.
-    retry_max: int | None = None
-    fallback_delays: Mapping[str, tuple[RetryItem, ...]] = field(default_factory=dict)
-    fallback_max: int | None = None
-    # A job moved back from SENT or FAIL by hand starts its retries afresh:
-    # only attempts after its last $fax_status1 6 count. restart_line: the
-    # last such line before its current status (where its latest run began);
-    # restarted: its current status is 6 (done, or, in a queue, moved back).
-    restart_line: int = 0
-    restarted: bool = False
-    alt_address: str | None = None  # $email_alt_address, not yet tried: for when `address` fails for good
-    domainbusy_count: int = 0
-    next_attempt: float | None = None
-    identity: str = ""
-    options: frozenset[str] = frozenset()  # $email_options keywords, lower-case
-    to_list: str | None = None  # EMAILTO_LIST: the To: header shown (the job still goes to `address` alone)
-    cc_list: str | None = None  # EMAILCC_LIST: a Cc: header shown
-    env: JobEnv | None = None  # None with $email_options nomacro; body files expand with it
-    dkim_keyfile: tuple[str, int] | None = None  # $email_dkim_keyfile: (path, job line)
-
-    @property
-    def binding(self) -> str | None:
-        return self.variables.get("EMAIL_BINDING")
-
-    @property
-    def binding_group(self) -> str | None:
-        return self.variables.get("EMAIL_BINDING_GROUP")
-
-    @property
-    def current_attempts(self) -> tuple[AttemptRecord, ...]:
-        """The attempts since the ``$fax_status1 6`` before the job's current
-        status: its current run, or for a job whose status is 6 (done, or
-        moved back by hand) the run that ended there."""
-        return tuple(a for a in self.attempts if a.line > self.restart_line)
-
-    @property
-    def earlier_retries(self) -> list[str]:
-        """The classes of the attempts that count as retries before the job's
-        next attempt: none for a job moved back by hand (it starts afresh)."""
-        return [] if self.restarted else [a.klass for a in self.current_attempts if a.counts_as_retry]
-
-    @property
-    def retry_rules(self) -> RetryRules:
-        return RetryRules(self.retry_delays, self.retry_max, self.fallback_delays, self.fallback_max)
-
-    @property
-    def interruptions(self) -> int:
-        return sum(1 for a in self.current_attempts if a.outcome == outcome.INTERRUPTED.code)
-
-    def without_content(self) -> Job:
-        """This job less its body, alternative, attachments and headers: what
-        scheduling needs, at a fraction of the memory."""
-        return replace(self, body=(), alt=(), attachments=(), headers=())
-
-    def is_due(self, now: float) -> bool:
-        return self.next_attempt is None or self.next_attempt <= now
-
 
 def _check_header_value(value: str, what: str, cmd: Command, cf: CommandFile) -> str:
     if "\r" in value or "\n" in value:
         raise JobError(f"{what} contains CR or LF", outcome.BAD_HEADER.code, cf.path, cmd.line)
     return value
-
-
-def written_address(cmd: Command, cf: CommandFile) -> str:
-    """An address command's text as CopiaFacts takes it: the rest of the line
-    as written, double quotes kept; one token quoted whole (the older form
-    ``$email_from "Acme Billing <billing@acme.test>"``) is read unquoted."""
-    text = cf.as_written(cmd)
-    if len(cmd.args) == 1 and text.startswith('"') and text.endswith('"'):
-        text = cmd.args[0]
-    return text
-
-
-class Mailbox(NamedTuple):
-    """An address as a job writes it: ``address`` for SMTP, its ``domain``
-    (lower-case), and ``header``: the text for a header where it carries
-    more than the address (a display name), else None."""
-
-    address: str
-    domain: str
-    header: str | None
-
-
-_AROUND_AT = re.compile(r"[ \t]*@[ \t]*")
-
-
-def read_mailbox(text: str) -> Mailbox | None:
-    """A mailbox as CopiaFacts reads ``$email_address``: the address is the
-    text between ``<`` and the first ``>`` where there is one, else the
-    whole text with blanks next to the ``@`` dropped; double quotes around
-    the address are dropped. None if no valid address is found."""
-    text = text.strip(" \t")
-    close = text.find(">")
-    header: str | None = None
-    if close >= 0:
-        opening = text.rfind("<", 0, close)
-        if opening < 0:
-            return None
-        candidate = text[opening + 1:close].strip(" \t")
-        if text[:opening].strip(" \t") or text[close + 1:].strip(" \t"):
-            header = text
-    else:
-        # Text beside a bare address would be guesswork: it needs <...>.
-        candidate = _AROUND_AT.sub("@", text)
-    if len(candidate) > 2 and candidate.startswith('"') and candidate.endswith('"') and candidate.count('"') == 2:
-        candidate = candidate[1:-1]
-    parsed = parse_address(candidate)
-    if parsed is None:
-        return None
-    return Mailbox(parsed[0], parsed[1], header)
-
-
-def check_header(name: str, value: str) -> None:
-    """Refuse a job header the engine cannot send as asked (JobError,
-    BAD_HEADER): a bad name, one the engine writes to match the body, a CR,
-    LF or NUL, a Date that is no date, a Message-ID that is not printable ASCII."""
-    if not _HEADER_NAME.match(name):
-        raise JobError(f"bad header name {name!r}", outcome.BAD_HEADER.code)
-    key = name.lower()
-    if key in ENGINE_HEADERS:
-        raise JobError(f"header {name} is written by the engine and cannot be set", outcome.BAD_HEADER.code)
-    if "\r" in value or "\n" in value or "\0" in value:
-        raise JobError(f"header {name} contains CR, LF or NUL", outcome.BAD_HEADER.code)
-    if key == "date":
-        try:
-            parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            raise JobError(f"bad Date header {value!r}", outcome.BAD_HEADER.code) from None
-    if key == "message-id" and not (value.isascii() and value.isprintable()):
-        raise JobError(f"header {name}: an identifier must be printable ASCII", outcome.BAD_HEADER.code)
-
-
-# Headers the engine writes to match the body: a job cannot set them.
-ENGINE_HEADERS = frozenset({"mime-version", "content-type", "content-transfer-encoding"})
-
-
-def parse_address(text: str) -> tuple[str, str] | None:
-    """``(address, domain)`` of a plain address, ``<address>`` allowed; None if
-    malformed. ASCII only: a non-ASCII address needs SMTPUTF8, which copiamail
-    does not send."""
-    text = text.strip()
-    if text.startswith("<") and text.endswith(">"):
-        text = text[1:-1]
-    if not text.isascii() or not (_ADDRESS.match(text) or _QUOTED_LOCAL.match(text)):
-        return None
-    return text, text.rsplit("@", 1)[1].lower()
-
-
-# A line whose command is $email_address (any case), and the rest of it.
-_ADDRESS_LINE = re.compile(r"^[ \t]*\$email_address(?=[ \t]|\r?$)(.*)$", re.IGNORECASE | re.MULTILINE)
-
-
-def address_lines(text: str) -> list[str]:
-    """What follows ``$email_address`` on each line that starts with it (any
-    case, after blanks): ``_ADDRESS_LINE.findall(text)``, found faster in
-    ASCII text (tested against it) with ``str.find`` on the lowered text.
-    Not for other text: there, case folding can match other letters (the
-    long s, the Kelvin sign) and change lengths."""
-    if not text.isascii():
-        return _ADDRESS_LINE.findall(text)
-    low = text.lower()
-    found = []
-    at = low.find("$email_address")
-    while at != -1:
-        after = at + 14
-        line_start = low.rfind("\n", 0, at) + 1
-        if not low[line_start:at].strip(" \t"):
-            next_char = low[after:after + 1]
-            if next_char in ("", " ", "\t", "\n") or (next_char == "\r" and low[after + 1:after + 2] in ("", "\n")):
-                end = low.find("\n", after)
-                found.append(text[after:] if end == -1 else text[after:end])
-        at = low.find("$email_address", after)
-    return found
 
 
 def quick_domain(cf: CommandFile) -> str | None:
@@ -326,22 +62,6 @@ def quick_domain(cf: CommandFile) -> str | None:
         return None
     parsed = parse_address(arg)
     return parsed[1] if parsed is not None else None
-
-
-def parse_local_time(date: str, clock: str) -> float:
-    """``MM/DD/YYYY`` and ``HH:MM:SS`` in the node's local time, to epoch seconds."""
-    return time.mktime(time.strptime(f"{date} {clock}", "%m/%d/%Y %H:%M:%S"))
-
-
-def job_identity(name: str, cf: CommandFile, commands: list[Command]) -> str:
-    """A digest of the job's name and the lines the engine does not own: stable
-    across the engine's own edits, so a retry carries the same Message-ID."""
-    h = hashlib.sha256(name.encode("utf-8", "surrogateescape"))
-    owned = {c.line for c in commands if is_owned(c)}
-    for number, raw in enumerate(cf.lines, 1):
-        if number not in owned:
-            h.update(raw.rstrip("\r\n").encode("utf-8", "surrogateescape") + b"\n")
-    return h.hexdigest()[:32]
 
 
 def parse_job(cf: CommandFile, name: str, env: JobEnv | None = None) -> Job:
@@ -658,7 +378,7 @@ class _JobReader:
             # CopiaFacts: "if you do not include a colon at the end, one will be added".
             hname, hvalue = first, " ".join(args[1:])
         hname, hvalue = hname.strip(), hvalue.strip()
-        if not hname or not _HEADER_NAME.match(hname) or (":" not in first and len(args) < 2):
+        if not hname or not HEADER_NAME.match(hname) or (":" not in first and len(args) < 2):
             raise self.error(f"bad header {text!r} (NAME VALUE)", cmd, outcome.BAD_HEADER.code)
         try:
             check_header(hname, hvalue)
@@ -742,57 +462,3 @@ def _attachment_type(text: str) -> tuple[str | None, str | None, bool]:
     if m is not None:
         shown = m.group(2).strip()
     return (ctype.strip() or None), shown, embedded
-
-
-def engine_variables(name: str, esender: str, identity: str) -> Mapping[str, str]:
-    """The variables the engine defines for a job: FSNUM (its name without
-    ``.FS``), EMAIL_ESENDER (its envelope sender) and EM_MSGID (its
-    Message-ID without the angle brackets: embedded parts are ``cid:imageN.`EM_MSGID``)."""
-    stem = name[:-3] if name.upper().endswith(".FS") else name
-    # The engine's own lines, before the engine has written them (the job's
-    # $var_def comes first in any lookup).
-    return {"FSNUM": stem, "EMAIL_ESENDER": esender, "EM_MSGID": f"{identity}@{message_id_domain(esender)}",
-            "DOMAINBUSY_COUNT": "0", "EMAIL_ERROR": "", "EMAIL_CONNECT_IP": "", "EMAIL_BYTECOUNT": "0"}
-
-
-_DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
-
-
-def message_id_domain(sender: str) -> str:
-    """The domain of a job's Message-ID: its envelope sender's, else localhost."""
-    address = parseaddr(sender)[1] if "<" in sender else sender.strip()
-    domain = address.rpartition("@")[2]
-    if _DOT_ATOM.match(domain):
-        return domain.lower()
-    try:
-        domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return "localhost"
-    return domain.lower() if _DOT_ATOM.match(domain) else "localhost"
-
-
-def parse_attempt(cmd: Command) -> AttemptRecord | None:
-    """An ``$attempt_record`` line, or None when it cannot be read. Three layouts:
-
-    - CopiaFacts' own field order, which copiamail writes: ``DATE TIME TYPE
-      SKIPPED SCHED OUTCOME CLASS SENT TOSEND FLAGS BOARDLINE BAUD CALL
-      CONNECT ANSWERBACK``, then (copiamail only) the node's name;
-    - copiamail's earlier layout: ``DATE TIME E NODE OUTCOME CLASS "TEXT"``
-      (the third field is the letter E, never a number).
-    """
-    # A record the engine cannot read is kept in the file but not counted; the
-    # alternative, failing the job, would punish it for a hand edit.
-    a = cmd.args
-    if len(a) < 6:
-        return None
-    if a[2].upper() == "E":
-        field, node, text = 4, a[3], " ".join(a[6:])
-    elif len(a) >= 7:
-        field, node, text = 5, (a[15] if len(a) > 15 else ""), (a[14] if len(a) > 14 else "")
-    else:
-        return None
-    try:
-        code = int(a[field])
-    except ValueError:
-        return None
-    return AttemptRecord(a[0], a[1], node, code, a[field + 1].upper(), text, cmd.line)

@@ -1,4 +1,4 @@
-"""A parsed :class:`~copiamail.jobfile.job.Job` as the bytes of an RFC 5322 message.
+"""A parsed :class:`~copiamail.jobfile.model.Job` as the bytes of an RFC 5322 message.
 
 :func:`build_message` returns the whole message with CRLF line endings, ready for
 SMTP DATA (not dot-stuffed: the SMTP client does that).
@@ -64,8 +64,11 @@ from types import MappingProxyType
 from copiamail import __version__
 from copiamail.errors import JobError
 from copiamail.jobfile import outcome
+from copiamail.jobfile.addresses import message_id_domain
 from copiamail.jobfile.files import JobFiles
-from copiamail.jobfile.job import Attachment, BodyItem, Job, check_header, engine_variables, message_id_domain
+from copiamail.jobfile.headers import check_header
+from copiamail.jobfile.model import Attachment, BodyItem, Job
+from copiamail.jobfile.owned import engine_variables
 from copiamail.jobfile.variables import GRAVE, UndefinedVariable, chained, expand
 
 # 7bit, not the SMTP policy's 8bit: the server may lack 8BITMIME, and the

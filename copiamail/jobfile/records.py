@@ -1,6 +1,6 @@
 """The lines the engine writes into a job: an attempt record per attempt, the
 ``$fax_status1``/``$fax_status2`` status, the next try, and its own variables
-(:data:`~copiamail.jobfile.job.OWNED_VARS`).
+(:data:`~copiamail.jobfile.owned.OWNED_VARS`).
 
 Each function takes the job's :class:`CommandFile` and returns the edited copy;
 every line the engine does not own is kept as it was.

@@ -29,7 +29,7 @@ from copiamail.errors import ConfigError, SpoolError
 from copiamail.node.services import ignore_hangups, node_services
 from copiamail.node.workers import run_workers
 from copiamail.scheduling.scheduler import Scheduler, Stats
-from copiamail.smtp.session import make_tls_context
+from copiamail.smtp.startup import make_tls_context
 from copiamail.spool.queue import Spool
 from copiamail.spool.recovery import RecoveryReport, recover
 

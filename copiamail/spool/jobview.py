@@ -10,9 +10,11 @@ from pathlib import Path
 
 from copiamail.config import Config
 from copiamail.errors import SyntaxFileError
+from copiamail.jobfile.addresses import address_lines
 from copiamail.jobfile.fsfile import Command, CommandFile, tokenize
-from copiamail.jobfile.job import OWNED_VARS, AttemptRecord, Job, address_lines, parse_attempt, parse_local_time
-from copiamail.spool.queue import ACTIVE, FAIL, SENT, is_queue_name
+from copiamail.jobfile.model import Job
+from copiamail.jobfile.owned import OWNED_VARS, AttemptRecord, parse_attempt, parse_local_time
+from copiamail.spool.layout import ACTIVE, FAIL, SENT, is_queue_name
 
 # The engine's variables in the order show prints them: the reason first.
 ENGINE_VARS = ("EMAIL_ERROR", *sorted(OWNED_VARS - {"EMAIL_ERROR"}))

@@ -37,7 +37,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from copiamail.spool.queue import ACTIVE, Spool
+from copiamail.spool.layout import ACTIVE
+from copiamail.spool.queue import Spool
 from copiamail.spool.recovery import RecoveryReport, recover
 
 log = logging.getLogger("copiamail")

@@ -1,4 +1,8 @@
-"""The spool: folders, scan order, and the moves of a job between them.
+"""The spool: folders, scan order, and the moves of a job between them
+(:class:`Spool`). The names of the folders and of a job's places are in
+:mod:`copiamail.spool.layout`; results are written through spare files by
+:mod:`copiamail.spool.results`; a node's recovery is
+:mod:`copiamail.spool.recovery`.
 
 Layout under the root::
 
@@ -13,36 +17,44 @@ A job is a file whose name ends in ``.FS`` (any case). Every move is a rename;
 nothing is rewritten in place. The states of one job ``X.FS`` claimed by node N
 from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
 
-1. **waiting**: ``Q/X.FS``. Safe: it is in exactly one place, complete (the
-   submitter or the engine made it visible by a rename).
-2. **claimed**: ``rename(Q/X.FS, ACTIVE/N/Q/X.FS)``. Atomic: if two nodes race,
-   one rename fails with ENOENT and that node skips the job. The job is in
-   progress; it is not rewritten to say so. Crash here: recovery (node N
-   restarting, or ``copiamail recover --node N``) finds ``ACTIVE/N/Q/X.FS`` alone,
-   adds an attempt record of outcome 66, and returns it to ``Q`` (to FAIL after
-   three interruptions).
+1. **waiting**: ``Q/X.FS`` (found by :meth:`Spool.scan`). Safe: it is in
+   exactly one place, complete (the submitter or the engine made it visible
+   by a rename).
+2. **claimed**: ``rename(Q/X.FS, ACTIVE/N/Q/X.FS)`` (:meth:`Spool.claim`).
+   Atomic: if two nodes race, one rename fails with ENOENT and that node skips
+   the job. The job is in progress; it is not rewritten to say so. Crash here:
+   recovery (node N restarting, or ``copiamail recover --node N``) finds
+   ``ACTIVE/N/Q/X.FS`` alone, adds an attempt record of outcome 66, and
+   returns it to ``Q`` (to FAIL after three interruptions).
 2b. **delivered**: right after the server's 250 the claimed job is renamed
-   to ``ACTIVE/N/Q/X.FS.DELIVERED`` (a rename: no disk space needed). A crash
-   from here on never sends the job again: recovery writes it to SENT (with an
-   attempt record saying the server's reply was lost). The window in which a
-   crash sends a message twice is therefore only the wait for the server's reply
-   to the end of DATA, plus this one rename.
+   to ``ACTIVE/N/Q/X.FS.DELIVERED`` (:meth:`Spool.mark_delivered`; a rename:
+   no disk space needed). A crash from here on never sends the job again:
+   recovery writes it to SENT (with an attempt record saying the server's
+   reply was lost). The window in which a crash sends a message twice is
+   therefore only the wait for the server's reply to the end of DATA, plus
+   this one rename.
 3. **result written**: the engine writes the job's next version into a spare
    file ``ACTIVE/N/.spare/S`` and fsyncs it (a crash meanwhile leaves only a
    spare: no job), then renames it to ``ACTIVE/N/Q/X.FS.<DEST>`` (``.SENT``,
-   ``.FAIL`` or ``.BACK`` for the queue). While ``ACTIVE/N/Q/X.FS`` (or
-   ``X.FS.DELIVERED``) exists the result is not committed: a crash here
+   ``.FAIL`` or ``.BACK`` for the queue): :meth:`Spool.write_results` and
+   :meth:`Spares.write <copiamail.spool.results.Spares.write>`, then the
+   batch's ``sync`` and ``commit``
+   (:class:`~copiamail.spool.results.ResultBatch`). While ``ACTIVE/N/Q/X.FS``
+   (or ``X.FS.DELIVERED``) exists the result is not committed: a crash here
    leaves both files; recovery deletes the result and treats the job as in
    state 2 (or 2b).
-4. **committed**: ``rename(ACTIVE/N/Q/X.FS, ACTIVE/N/.spare/S2)``. The one
-   step that commits the result: from now on ``X.FS.<DEST>`` is the job, and
-   the claimed copy's inode is a spare for a later result. A crash here leaves
-   the result alone in ACTIVE; recovery finishes the move (step 5).
+4. **committed**: ``rename(ACTIVE/N/Q/X.FS, ACTIVE/N/.spare/S2)``
+   (:meth:`Spool.commit_result` and :meth:`Spares.retire
+   <copiamail.spool.results.Spares.retire>`). The one step that commits the
+   result: from now on ``X.FS.<DEST>`` is the job, and the claimed copy's
+   inode is a spare for a later result. A crash here leaves the result alone
+   in ACTIVE; recovery finishes the move (step 5).
 5. **published**: ``X.FS.<DEST>`` is renamed to ``SENT/X.FS``, ``FAIL/X.FS`` or
-   ``Q/X.FS`` without replacing anything there (``renameat2`` with
-   ``RENAME_NOREPLACE``, one atomic step). If a different job took the name
-   meanwhile, the job is published as ``X~1.FS`` (then ``~2`` ...) instead: a
-   write-back never replaces another job.
+   ``Q/X.FS`` (:meth:`Spool.commit_result`; at recovery
+   :meth:`Spool.finish_committed`) without replacing anything there
+   (``renameat2`` with ``RENAME_NOREPLACE``, one atomic step). If a different
+   job took the name meanwhile, the job is published as ``X~1.FS`` (then
+   ``~2`` ...) instead: a write-back never replaces another job.
 
    Where the file system lacks RENAME_NOREPLACE (NFS, older kernels) the move
    is ``link`` then ``unlink``, and recovery treats a result file whose link
@@ -52,12 +64,13 @@ from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
    to 1 and the old version is published again (one extra send).
 
 A job handed back unchanged (at shutdown) goes straight from state 2 to 1 by
-one no-replace rename.
+one no-replace rename (:meth:`Spool.hand_back`).
 
-Results are written in batches (:class:`ResultBatch`, the results of one
-turn of the node's event loop): each into its spare, then the disk is asked to
-write them all (``sync_file_range``), then each is fsynced, and only then is
-each committed and published in turn. The order per job is as above; the
+Results are written in batches
+(:class:`~copiamail.spool.results.ResultBatch`, the results of one turn of the
+node's event loop): each into its spare, then the disk is asked to write them
+all (``sync_file_range``), then each is fsynced, and only then is each
+committed and published in turn. The order per job is as above; the
 fsyncs of a batch overlap instead of adding up. A node has them made by its
 syncer process (:mod:`copiamail.spool.syncer`, handed the open descriptors) while
 its event loop goes on, and commits each result only after the answer.
@@ -66,9 +79,10 @@ Spare files: creating a file costs far more than rewriting an existing one
 where the file system has many recently deleted inodes to step over (ext4
 measured here: 0.2 to 0.45 ms against 10 to 30 µs), and a busy spool deletes
 one file per job. So the claimed copy is not deleted at the commit but kept
-as a spare, and the next result is written into it (truncated first). A spare
-is never a job: it has no job name, and recovery deletes spares, as does a
-node when it stops. Each process of a node takes only the spares it made.
+as a spare, and the next result is written into it (truncated first;
+:class:`~copiamail.spool.results.Spares`). A spare is never a job: it has no
+job name, and recovery deletes spares, as does a node when it stops. Each
+process of a node takes only the spares it made.
 
 Durability: the result's data is fsynced before the commit step, so after a
 power loss a committed job is complete. Directory entries are not fsynced: on
@@ -80,174 +94,32 @@ copy under one of its names.
 
 from __future__ import annotations
 
-import errno
-import functools
-import itertools
 import os
-import re
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
-from typing import cast
 
 from copiamail.errors import SpoolError
 from copiamail.jobfile.fsfile import CommandFile
-from copiamail.osutil import fsync_all, move_unless_taken, rename_noreplace, write_all
-from copiamail.spool.crashpoints import CRASH_ENV, check_disk_space, crash_point
-
-ACTIVE = "ACTIVE"
-SENT = "SENT"
-FAIL = "FAIL"
-TEMP = "TEMP"
-SPARE = ".spare"  # the folder of spare files inside ACTIVE/<node>
-_SPARES_KEPT = 512  # at most this many spares per process; more are deleted
-
-
-class Destination(StrEnum):
-    """Where a finished job goes: the SENT or FAIL folder, or BACK to its own
-    queue. The value is also the suffix of its result file in ACTIVE."""
-
-    SENT = "SENT"
-    FAIL = "FAIL"
-    BACK = "BACK"
-
-
-_RESULT_SUFFIXES = tuple(d.value for d in Destination)
-DELIVERED = "DELIVERED"  # the suffix of a claimed job the server has accepted
-_QUEUE_NAME = re.compile(r"^TOSEND(\d*)$", re.IGNORECASE)
-
-
-def _drop(spare: str, fd: int | None) -> None:
-    """Close and delete a spare whose result could not be written."""
-    if fd is not None:
-        os.close(fd)
-    try:
-        os.unlink(spare)
-    except OSError:
-        pass
-
-
-def is_job_name(name: str) -> bool:
-    return name.upper().endswith(".FS") and len(name) > 3
-
-
-def is_queue_name(name: str) -> bool:
-    """Whether a folder of this name is a TOSEND folder (in any case: ``tosend1`` is ``TOSEND1``)."""
-    return _QUEUE_NAME.match(name) is not None
-
-
-def queue_number(queue: str) -> int:
-    """The number of a queue folder: 0 for TOSEND, n for TOSENDn (any case)."""
-    number = queue[6:]
-    return int(number) if number.isascii() and number.isdigit() else 0
-
-
-def queue_names(queues: int) -> list[str]:
-    """TOSEND, TOSEND1 ... TOSEND<queues>, highest priority first."""
-    return ["TOSEND"] + [f"TOSEND{i}" for i in range(1, queues + 1)]
-
-
-@dataclass(frozen=True)
-class QueuedJob:
-    """A job file in a TOSEND folder. Ordered by (priority, name bytes).
-    ``file`` is its path as a string: the scheduler keys its tables by it
-    (a scan makes one QueuedJob per file; a Path would cost more to build and
-    hash than the scan's system calls)."""
-
-    priority: int
-    queue: str
-    name: str
-    file: str
-
-    @functools.cached_property
-    def path(self) -> Path:
-        return Path(self.file)
-
-    @property
-    def order(self) -> tuple[int, bytes]:
-        return (self.priority, os.fsencode(self.name))
-
-
-@dataclass(frozen=True)
-class Claimed:
-    """A job node ``node`` holds in ``ACTIVE/<node>/<queue>/<name>``."""
-
-    node: str
-    queue: str
-    name: str
-    path: Path
-
-
-class ResultBatch:
-    """The results of several jobs between states 3 and 5, made by
-    :meth:`Spool.write_results`: each written into a spare, its descriptor
-    still open. Then either ``sync`` (fsync here) or ``synced`` (the fsyncs
-    were made elsewhere: :mod:`copiamail.spool.syncer`), and ``commit``."""
-
-    def __init__(self, spool: Spool, claimed: list[Claimed]) -> None:
-        self._spool = spool
-        self._claimed = claimed
-        self.out: list[Path | OSError | None] = [None] * len(claimed)
-        self.written: list[tuple[int, str, int, str]] = []  # (index, spare, fd, result)
-
-    def __len__(self) -> int:
-        return len(self.written)
-
-    @property
-    def fds(self) -> list[int]:
-        """The open descriptors of the written results, in order."""
-        return [fd for _, _, fd, _ in self.written]
-
-    def sync(self) -> None:
-        """fsync every written result (with fsync on): the disk is asked to
-        write them all first, so the waits overlap instead of adding up."""
-        if not self._spool.fsync:
-            return
-        self.synced(fsync_all(self.fds))
-
-    def synced(self, errors: Sequence[int]) -> None:
-        """The fsync of each written result was made, with these errnos (0:
-        durable, in the order of :attr:`fds`). A result that could not be
-        synced is dropped (its job is intact, still claimed)."""
-        errors = list(errors)[: len(self.written)]
-        errors += [errno.EIO] * (len(self.written) - len(errors))  # no answer: not durable
-        kept = []
-        for entry, err in zip(self.written, errors, strict=True):  # errors was made as long just above
-            if err:
-                self.out[entry[0]] = OSError(err, os.strerror(err), entry[1])
-                _drop(entry[1], entry[2])
-            else:
-                kept.append(entry)
-        self.written = kept
-
-    def abandon(self, error: OSError) -> None:
-        """Give up every written result not yet committed: each spare is
-        deleted and its job (intact, still claimed) gets ``error``."""
-        for i, spare, fd, _ in self.written:
-            self.out[i] = error
-            _drop(spare, fd)
-        self.written = []
-
-    def commit(self) -> list[Path | OSError]:
-        """States 3 to 5 for each synced result, in turn: where each job
-        landed, or the OSError that stopped it."""
-        for i, spare, fd, result in self.written:
-            os.close(fd)
-            try:
-                os.rename(spare, result)
-            except OSError as e:
-                self.out[i] = e
-                _drop(spare, None)
-                continue
-            crash_point(f"written-{result.rsplit('.', 1)[1]}")
-            try:
-                self.out[i] = self._spool.commit_result(self._claimed[i], result)
-            except OSError as e:
-                self.out[i] = e
-        self.written = []
-        return cast("list[Path | OSError]", self.out)  # every slot is set by now
+from copiamail.osutil import move_unless_taken, rename_noreplace
+from copiamail.spool.crashpoints import crash_point
+from copiamail.spool.layout import (
+    ACTIVE,
+    DELIVERED,
+    FAIL,
+    RESULT_SUFFIXES,
+    SENT,
+    SPARE,
+    TEMP,
+    Claimed,
+    Destination,
+    QueuedJob,
+    is_job_name,
+    is_queue_name,
+    queue_names,
+    queue_number,
+)
+from copiamail.spool.results import ResultBatch, Spares
 
 
 class Spool:
@@ -258,8 +130,7 @@ class Spool:
         self.queues = queue_names(queues)
         self.fsync = fsync
         self._root = os.fspath(self.root)
-        self._spares: list[str] = []
-        self._spare_numbers = itertools.count()
+        self._spares = Spares(self._root)
 
     def folder(self, name: str) -> Path:
         return self.root / name
@@ -422,11 +293,11 @@ class Spool:
         """State 3, first half, for each job: its next version (``cf``, for
         ``dest`` SENT, FAIL or back to its queue) written into a spare, not yet
         fsynced. The batch goes on with ``sync`` (or ``synced``) and ``commit``."""
-        batch = ResultBatch(self, [claimed for claimed, _, _ in jobs])
+        batch = ResultBatch([claimed for claimed, _, _ in jobs], self.fsync, self.commit_result)
         for i, (claimed, cf, dest) in enumerate(jobs):
             result = f"{os.path.dirname(claimed.path)}/{claimed.name}.{dest.value}"
             try:
-                spare, fd = self._write_spare(result, cf.to_bytes(), claimed.node)
+                spare, fd = self._spares.write(result, cf.to_bytes(), claimed.node)
             except OSError as e:
                 batch.out[i] = e
                 continue
@@ -437,77 +308,19 @@ class Spool:
         """Return a job unchanged to its own queue (state 2 to 1)."""
         return self._place(os.fspath(claimed.path), f"{self._root}/{claimed.queue}", claimed.name)
 
-    def _write_spare(self, path: str, data: bytes, node: str) -> tuple[str, int]:
-        """Write ``data`` into a spare file (not yet fsynced) for the result
-        ``path``; the spare's name and its still open descriptor."""
-        check_disk_space(path)
-        spare, fd = self._open_spare(node)
-        try:
-            if os.environ.get(CRASH_ENV, "").startswith("writing-"):
-                write_all(fd, data[: len(data) // 2])
-                crash_point(f"writing-{path.rsplit('.', 1)[1]}")
-            write_all(fd, data)
-        except OSError:
-            _drop(spare, fd)
-            raise
-        return spare, fd
-
-    def _open_spare(self, node: str) -> tuple[str, int]:
-        """A spare file of this process, emptied and open for writing (a new
-        one when none is left)."""
-        while self._spares:
-            spare = self._spares.pop()
-            try:
-                return spare, os.open(spare, os.O_WRONLY | os.O_TRUNC)
-            except FileNotFoundError:
-                continue  # removed by hand, or by a recovery: take the next
-        folder = self._spare_folder(node)
-        for _ in range(2):
-            spare = f"{folder}/{os.getpid()}-{next(self._spare_numbers)}"
-            try:
-                return spare, os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileNotFoundError:
-                os.makedirs(folder, exist_ok=True)
-            except FileExistsError:
-                continue  # left by an earlier process of the same number
-        spare = f"{folder}/{os.getpid()}-{next(self._spare_numbers)}"
-        return spare, os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-
     def commit_result(self, claimed: Claimed, result: str) -> Path:
         """States 4 and 5 for a result written (and fsynced) beside its claimed
         job: the claimed job's name is removed, which commits the result (from
         then on it is the job), and the result is published to its folder.
         Where it landed; an OSError after the commit leaves the result to be
         published by recovery."""
-        self._retire(claimed)
+        self._spares.retire(claimed)
         crash_point(f"committed-{result.rsplit('.', 1)[1]}")
         return self._publish(result, claimed)
 
-    def _retire(self, claimed: Claimed) -> None:
-        """Remove the claimed job's name (the commit): its inode becomes a
-        spare, or is deleted when this process has spares enough."""
-        if len(self._spares) >= _SPARES_KEPT:
-            os.unlink(claimed.path)
-            return
-        spare = f"{self._spare_folder(claimed.node)}/{os.getpid()}-{next(self._spare_numbers)}"
-        try:
-            os.rename(claimed.path, spare)
-        except FileNotFoundError:
-            os.unlink(claimed.path)  # the spare folder was removed meanwhile
-            return
-        self._spares.append(spare)
-
-    def _spare_folder(self, node: str) -> str:
-        return f"{self._root}/{ACTIVE}/{node}/{SPARE}"
-
     def drop_spares(self) -> None:
         """Delete this process's spare files (when it stops)."""
-        spares, self._spares = self._spares, []
-        for spare in spares:
-            try:
-                os.unlink(spare)
-            except OSError:
-                pass
+        self._spares.drop()
 
     def _publish(self, result: str | Path, claimed: Claimed) -> Path:
         result = os.fspath(result)
@@ -549,7 +362,7 @@ class Spool:
                 head, _, suffix = f.rpartition(".")
                 path = qdir / f
                 try:
-                    if suffix in _RESULT_SUFFIXES and is_job_name(head):
+                    if suffix in RESULT_SUFFIXES and is_job_name(head):
                         if head in names or f"{head}.{DELIVERED}" in names or path.stat().st_nlink > 1:
                             # Not committed (state 3), or already published by link().
                             if drop_uncommitted:
@@ -604,7 +417,7 @@ class Spool:
         for qdir in qdirs:
             for f in os.listdir(qdir):
                 head, _, suffix = f.rpartition(".")
-                if is_job_name(f) or (suffix in (*_RESULT_SUFFIXES, DELIVERED) and is_job_name(head)):
+                if is_job_name(f) or (suffix in (*RESULT_SUFFIXES, DELIVERED) and is_job_name(head)):
                     return True
         return False
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from copiamail.errors import SyntaxFileError
 from copiamail.jobfile import outcome, records
 from copiamail.jobfile.fsfile import CommandFile
-from copiamail.jobfile.job import parse_attempt
-from copiamail.spool.queue import Destination, Spool, queue_number
+from copiamail.jobfile.owned import parse_attempt
+from copiamail.spool.layout import Destination, queue_number
+from copiamail.spool.queue import Spool
 
 log = logging.getLogger("copiamail")
 

@@ -1,0 +1,219 @@
+"""The SMTP dialogue after the greeting: :class:`Link` writes commands and
+hands out the server's replies in order, and :func:`data_block` makes the
+bytes sent after DATA.
+
+aiosmtplib opens the connection: connect, greeting, EHLO (HELO), STARTTLS and
+AUTH (:mod:`copiamail.smtp.session`). The transactions (MAIL, RCPT, DATA, the
+message) and QUIT then run on the same transport through :class:`Link`, which
+reads replies in order, so that MAIL, RCPT and DATA go out in one write where
+the server offers PIPELINING (RFC 2920). aiosmtplib awaits one reply per
+command and drops any reply that arrives early, so it cannot pipeline; per
+message, its three round trips and its layers cost the node more CPU than the
+rest of the send. The replies are read exactly as aiosmtplib would read them
+(same texts for timeouts and lost connections); tests/test_session_internals.py
+holds this module to each aiosmtplib internal it relies on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import deque
+
+
+class Lost(Exception):
+    """The connection ended while a reply was awaited (the text says how)."""
+
+
+class ReplyTimeout(Exception):
+    """No complete reply within the timeout."""
+
+
+class Refused(Exception):
+    """A reply that refuses (its code and text), or one that cannot be read
+    (code :data:`UNREADABLE`)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        self.code, self.message = code, message
+
+
+# As aiosmtplib's SMTPProtocol reads replies (tests/test_session_internals.py
+# holds each to it): the longest line and reply it takes, the code of a reply
+# it cannot read, and its words for what went wrong, so that EMAIL_ERROR reads
+# the same whichever of the two read the reply.
+MAX_LINE = 8192
+MAX_REPLY = MAX_LINE * 4
+UNREADABLE = -1
+TOO_LONG = "Response too long"
+MALFORMED = "Malformed SMTP response line: "
+CONNECTION_LOST = "Connection lost"
+UNEXPECTED_EOF = "Unexpected EOF received"
+NO_REPLY = "Timed out waiting for server response"
+_LINE_ENDS = re.compile(rb"\r\n|\n|\r(?!\n)")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+def data_block(message: bytes) -> bytes:
+    """The message as sent after DATA: CRLF line ends, ending in CRLF, each
+    leading dot doubled, then the final ``.`` line (RFC 5321 4.5.2)."""
+    rest = message.replace(b"\r\n", b"")
+    if b"\r" in rest or b"\n" in rest:  # a lone CR or LF: every line end made CRLF
+        message = _LINE_ENDS.sub(b"\r\n", message)
+    if not message.endswith(b"\r\n"):
+        message += b"\r\n"
+    if message.startswith(b".") or b"\n." in message:
+        message = _LEADING_DOT.sub(b"..", message)
+    return message + b".\r\n"
+
+
+class Link(asyncio.Protocol):
+    """A connection after its greeting (taken over from aiosmtplib): writes
+    commands and hands out the server's replies in order. A reply that
+    arrives when none is awaited is dropped (as aiosmtplib does), so a stray
+    line can never be taken for the answer to a later command."""
+
+    def __init__(self, transport: asyncio.Transport, pipelining: bool, size: int | None) -> None:
+        self.encrypted = False  # STARTTLS made it TLS
+        self.pipelining = pipelining
+        self.size = size  # SIZE as offered (RFC 1870): None not offered, 0 no fixed limit
+        self._transport = transport
+        self._buffer = bytearray()
+        self._replies: deque[tuple[int, str]] = deque()
+        self._expected = 0  # replies owed for commands written, not yet parsed
+        self._ended: str | None = None
+        self._bad: Refused | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        transport.set_protocol(self)
+
+    @property
+    def usable(self) -> bool:
+        return self._ended is None and self._bad is None and not self._transport.is_closing()
+
+    @property
+    def owed(self) -> int:
+        """Replies still to be read for commands written."""
+        return len(self._replies) + self._expected
+
+    @property
+    def unsent(self) -> bool:
+        """Whether written bytes still wait in the buffer (a message upload
+        the server answered before it was all sent)."""
+        return self._transport.get_write_buffer_size() > 0
+
+    def peer_ip(self) -> str | None:
+        info = self._transport.get_extra_info("peername")
+        return str(info[0]) if info else None
+
+    def write(self, data: bytes, replies: int) -> None:
+        """Send ``data`` (``replies`` commands)."""
+        if self._ended is not None or self._transport.is_closing():
+            raise Lost(CONNECTION_LOST)
+        self._expected += replies
+        self._transport.write(data)
+
+    async def reply(self, timeout: float | None) -> tuple[int, str]:
+        """The next reply, as (code, text with lines joined by LF), within
+        ``timeout`` seconds for the whole reply (a server that trickles a
+        reply byte by byte does not get a new timeout for each byte)."""
+        if self._replies:
+            return self._replies.popleft()
+        loop = asyncio.get_running_loop()
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            self._wake()
+
+        timer = loop.call_later(timeout, expire) if timeout else None
+        try:
+            while not self._replies:
+                if self._bad is not None:
+                    raise self._bad
+                if self._ended is not None:
+                    raise Lost(self._ended)
+                if expired:
+                    raise ReplyTimeout()
+                self._waiter = loop.create_future()
+                await self._waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+        return self._replies.popleft()
+
+    def close(self) -> None:
+        """Close after QUIT: what is still buffered is sent first."""
+        self._ended = self._ended or CONNECTION_LOST
+        self._transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once, discarding anything not yet sent: after
+        an error or a timeout, the rest of a message still being uploaded must
+        not reach the server (it could accept a message recorded as failed)."""
+        self._ended = self._ended or CONNECTION_LOST
+        self._transport.abort()
+
+    # asyncio.Protocol
+
+    def data_received(self, data: bytes) -> None:
+        if self._expected <= 0:
+            return
+        self._buffer += data
+        if len(self._buffer) > MAX_REPLY:
+            self._fail(UNREADABLE, TOO_LONG)
+            return
+        start = 0
+        while self._expected > 0:
+            parsed = self._parse(start)
+            if parsed is None:
+                break
+            start, reply = parsed
+            self._replies.append(reply)
+            self._expected -= 1
+        del self._buffer[:start]
+        if self._expected <= 0:
+            self._buffer.clear()
+        self._wake()
+
+    def _parse(self, start: int) -> tuple[int, tuple[int, str]] | None:
+        """One complete reply from ``start`` in the buffer: (where it ends,
+        the reply); None if it is not all here yet."""
+        lines: list[bytes] = []
+        offset = start
+        while True:
+            end = self._buffer.find(b"\n", offset)
+            if end == -1:
+                return None
+            line = bytes(self._buffer[offset:end + 1])
+            if len(line) > MAX_LINE:
+                self._fail(UNREADABLE, TOO_LONG)
+                return None
+            try:
+                code = int(line[:3])
+            except ValueError:
+                self._fail(UNREADABLE, MALFORMED + line.decode("utf-8", errors="ignore"))
+                return None
+            offset = end + 1
+            lines.append(line[4:].strip(b" \t\r\n"))
+            if line[3:4] != b"-":
+                return offset, (code, b"\n".join(lines).decode("utf-8", "surrogateescape"))
+
+    def _fail(self, code: int, message: str) -> None:
+        self._bad = Refused(code, message)
+        self._expected = 0
+        self._buffer.clear()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._ended = self._ended or UNEXPECTED_EOF
+        self._wake()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended = self._ended or CONNECTION_LOST
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)

@@ -1,0 +1,52 @@
+"""What a node works out once, at start, to reach mail hosts and greet them:
+the TLS context for STARTTLS, the relay's addresses, the machine's name for
+EHLO. Each may fail or block, so none of it is done per connection."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from pathlib import Path
+
+from copiamail.config_checks import is_fqdn, is_ip
+from copiamail.errors import ConfigError
+
+
+def make_tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
+    """The TLS context for STARTTLS: certificates verified against ``ca_file``
+    (or the system store) unless ``verify`` is off. Built once per node, so a
+    bad CA file stops the node at start instead of failing every job."""
+    if not verify:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    try:
+        return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as e:
+        why = getattr(e, "strerror", None) or e
+        raise ConfigError(f"key 'relay.ca_file': cannot load CA certificates: {why}", ca_file) from None
+
+
+def resolve_relay(host: str, port: int) -> tuple[str, ...]:
+    """The relay's IP addresses (so that host stanzas naming an IP apply to it).
+    Resolved once at start; a name that does not resolve now fails at connect."""
+    if is_ip(host):
+        return (host,)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return ()
+    return tuple(dict.fromkeys(str(i[4][0]) for i in infos))
+
+
+def machine_helo_name() -> str | None:
+    """The machine's fully qualified domain name, for EHLO where ``helo_name``
+    is not set; None when it has none (a bare host name, ``localhost``).
+    Then each connection greets with the address literal of its own local
+    address (:func:`copiamail.smtp.session.address_literal`): RFC 5321 4.1.3
+    asks for the address the connection comes from, which is what the server
+    sees. Asks the resolver, and may block: called once at node start, never
+    per connection."""
+    name = socket.getfqdn()
+    return name if is_fqdn(name) else None

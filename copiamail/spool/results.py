@@ -1,0 +1,177 @@
+"""Results written through spare files: states 3 to 5 of the spool protocol
+(:mod:`copiamail.spool.queue` lists every state and what a crash leaves at
+each). :class:`Spares` keeps a process's spare files and writes a job's next
+version into one; :class:`ResultBatch` carries the results of several jobs
+from their spares to their commit, their fsyncs made together."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import cast
+
+from copiamail.osutil import fsync_all, write_all
+from copiamail.spool.crashpoints import CRASH_ENV, check_disk_space, crash_point
+from copiamail.spool.layout import ACTIVE, SPARE, Claimed
+
+_SPARES_KEPT = 512  # at most this many spares per process; more are deleted
+
+
+def _drop(spare: str, fd: int | None) -> None:
+    """Close and delete a spare whose result could not be written."""
+    if fd is not None:
+        os.close(fd)
+    try:
+        os.unlink(spare)
+    except OSError:
+        pass
+
+
+class Spares:
+    """The spare files of one process under spool root ``root``: files with no
+    job in ``ACTIVE/<node>/.spare``, each an inode to write a result into
+    (rewriting a file costs far less than creating one). A retired claimed
+    job becomes one; at most :data:`_SPARES_KEPT` are kept."""
+
+    def __init__(self, root: str) -> None:
+        self._root = root
+        self._files: list[str] = []
+        self._numbers = itertools.count()
+
+    def write(self, path: str, data: bytes, node: str) -> tuple[str, int]:
+        """Write ``data`` into a spare file (not yet fsynced) for the result
+        ``path``; the spare's name and its still open descriptor."""
+        check_disk_space(path)
+        spare, fd = self._open(node)
+        try:
+            if os.environ.get(CRASH_ENV, "").startswith("writing-"):
+                write_all(fd, data[: len(data) // 2])
+                crash_point(f"writing-{path.rsplit('.', 1)[1]}")
+            write_all(fd, data)
+        except OSError:
+            _drop(spare, fd)
+            raise
+        return spare, fd
+
+    def _open(self, node: str) -> tuple[str, int]:
+        """A spare file of this process, emptied and open for writing (a new
+        one when none is left)."""
+        while self._files:
+            spare = self._files.pop()
+            try:
+                return spare, os.open(spare, os.O_WRONLY | os.O_TRUNC)
+            except FileNotFoundError:
+                continue  # removed by hand, or by a recovery: take the next
+        folder = self._folder(node)
+        for _ in range(2):
+            spare = f"{folder}/{os.getpid()}-{next(self._numbers)}"
+            try:
+                return spare, os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileNotFoundError:
+                os.makedirs(folder, exist_ok=True)
+            except FileExistsError:
+                continue  # left by an earlier process of the same number
+        spare = f"{folder}/{os.getpid()}-{next(self._numbers)}"
+        return spare, os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def retire(self, claimed: Claimed) -> None:
+        """Remove the claimed job's name (the commit): its inode becomes a
+        spare, or is deleted when this process has spares enough."""
+        if len(self._files) >= _SPARES_KEPT:
+            os.unlink(claimed.path)
+            return
+        spare = f"{self._folder(claimed.node)}/{os.getpid()}-{next(self._numbers)}"
+        try:
+            os.rename(claimed.path, spare)
+        except FileNotFoundError:
+            os.unlink(claimed.path)  # the spare folder was removed meanwhile
+            return
+        self._files.append(spare)
+
+    def _folder(self, node: str) -> str:
+        return f"{self._root}/{ACTIVE}/{node}/{SPARE}"
+
+    def drop(self) -> None:
+        """Delete this process's spare files (when it stops)."""
+        spares, self._files = self._files, []
+        for spare in spares:
+            try:
+                os.unlink(spare)
+            except OSError:
+                pass
+
+
+class ResultBatch:
+    """The results of several jobs between states 3 and 5, made by
+    :meth:`~copiamail.spool.queue.Spool.write_results`: each written into a
+    spare, its descriptor still open. Then either ``sync`` (fsync here, when
+    ``fsync`` is on) or ``synced`` (the fsyncs were made elsewhere:
+    :mod:`copiamail.spool.syncer`), and ``commit``, which hands each result to
+    ``commit_result`` (states 4 and 5: where the job landed)."""
+
+    def __init__(self, claimed: list[Claimed], fsync: bool, commit_result: Callable[[Claimed, str], Path]) -> None:
+        self._claimed = claimed
+        self._fsync = fsync
+        self._commit_result = commit_result
+        self.out: list[Path | OSError | None] = [None] * len(claimed)
+        self.written: list[tuple[int, str, int, str]] = []  # (index, spare, fd, result)
+
+    def __len__(self) -> int:
+        return len(self.written)
+
+    @property
+    def fds(self) -> list[int]:
+        """The open descriptors of the written results, in order."""
+        return [fd for _, _, fd, _ in self.written]
+
+    def sync(self) -> None:
+        """fsync every written result (with fsync on): the disk is asked to
+        write them all first, so the waits overlap instead of adding up."""
+        if not self._fsync:
+            return
+        self.synced(fsync_all(self.fds))
+
+    def synced(self, errors: Sequence[int]) -> None:
+        """The fsync of each written result was made, with these errnos (0:
+        durable, in the order of :attr:`fds`). A result that could not be
+        synced is dropped (its job is intact, still claimed)."""
+        errors = list(errors)[: len(self.written)]
+        errors += [errno.EIO] * (len(self.written) - len(errors))  # no answer: not durable
+        kept = []
+        for entry, err in zip(self.written, errors, strict=True):  # errors was made as long just above
+            if err:
+                self.out[entry[0]] = OSError(err, os.strerror(err), entry[1])
+                _drop(entry[1], entry[2])
+            else:
+                kept.append(entry)
+        self.written = kept
+
+    def abandon(self, error: OSError) -> None:
+        """Give up every written result not yet committed: each spare is
+        deleted and its job (intact, still claimed) gets ``error``."""
+        for i, spare, fd, _ in self.written:
+            self.out[i] = error
+            _drop(spare, fd)
+        self.written = []
+
+    def commit(self) -> list[Path | OSError]:
+        """States 3 to 5 for each synced result, in turn: where each job
+        landed, or the OSError that stopped it."""
+        for i, spare, fd, result in self.written:
+            os.close(fd)
+            try:
+                os.rename(spare, result)
+            except OSError as e:
+                self.out[i] = e
+                _drop(spare, None)
+                continue
+            crash_point(f"written-{result.rsplit('.', 1)[1]}")
+            try:
+                self.out[i] = self._commit_result(self._claimed[i], result)
+            except OSError as e:
+                self.out[i] = e
+        self.written = []
+        return cast("list[Path | OSError]", self.out)  # every slot is set by now
