@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from copiamail.config import Config
 from copiamail.errors import DeliveryError, JobError
@@ -38,38 +39,37 @@ def job_error_text(e: JobError) -> str:
     return f"line {e.line}: {e.message}" if e.line is not None else e.message
 
 
+@dataclass(frozen=True, eq=False)
 class Attempts:
     """Delivery attempts of node ``node`` (worker ``worker``, counted from 0),
     and the results they lead to. ``router`` is told of mail hosts that fail
     before any SMTP command."""
 
-    def __init__(self, config: Config, spool: Spool, node: str, router: Router, worker: int = 0,
-                 clock: Callable[[], float] = time.time) -> None:
-        self._config = config
-        self._spool = spool
-        self._node = node
-        self._router = router
-        self._worker = worker
-        self._clock = clock
+    config: Config
+    spool: Spool
+    node: str
+    router: Router
+    worker: int = 0
+    clock: Callable[[], float] = time.time
 
     async def attempt(self, conn: Connection, item: Item) -> Result | None:
         """Send ``item``'s job over ``conn``; its result, or None when the job
         goes to the domain's next mail host because this one failed before any
         SMTP command. A cancellation propagates with the job still claimed."""
         claimed, cf, job = item.claimed, item.cf, item.job
-        config = self._config
-        now = self._clock()
+        config = self.config
+        now = self.clock()
         reused = conn.session.messages > 0
         try:
             sender = self._sender(job)
-            data = build_message(job, spool_root=self._spool.root, attachment_roots=config.roots, sender=sender,
+            data = build_message(job, spool_root=self.spool.root, attachment_roots=config.roots, sender=sender,
                                  now=now, path_map=config.path_map)
-            data = sign_for_job(data, job, config, self._spool.root)  # DKIM signs the exact bytes sent
+            data = sign_for_job(data, job, config, self.spool.root)  # DKIM signs the exact bytes sent
             sent = await conn.session.send(sender, job.address, data, require_tls="reqtls" in job.options)
         except JobError as e:
             return self.failed(claimed, cf, e.outcome, outcome.FAILURE, job_error_text(e), self.where(claimed, job, now))
         except DeliveryError as e:
-            if e.stage == CONNECT and self._router.host_failed(conn.target, conn.domain, item.tried):
+            if e.stage == CONNECT and self.router.host_failed(conn.target, conn.domain, item.tried):
                 log.info("%s: %s; trying the next mail host", claimed.name, e.text)
                 return None
             connected = None if e.stage in (CONNECT, "DNS") and not reused else now
@@ -83,7 +83,7 @@ class Attempts:
         return self.sent(claimed, cf, sent, self.where(claimed, job, now, now))
 
     def _sender(self, job: Job) -> str:
-        return job.esender or self._config.rules.esender or self._config.esender
+        return job.esender or self.config.rules.esender or self.config.esender
 
     def where(self, claimed: Claimed, job: Job | None, call: float | None = None,
               connected: float | None = None) -> records.Where:
@@ -91,7 +91,7 @@ class Attempts:
         besides its outcome (CALL: when the attempt started, CONNECT: when its
         connection was made; the connection of a message is made, or reused, as
         its attempt starts)."""
-        return records.Where(queue_number(claimed.queue), self._worker + 1, call, connected,
+        return records.Where(queue_number(claimed.queue), self.worker + 1, call, connected,
                              job is not None and job.restarted)
 
     def sent(self, claimed: Claimed, cf: CommandFile, result: Delivered, where: records.Where) -> Result:
@@ -100,15 +100,15 @@ class Attempts:
         try:
             # First a rename (no disk space needed): from now on a crash or a
             # full disk can no longer make this message go out twice.
-            claimed = self._spool.mark_delivered(claimed)
+            claimed = self.spool.mark_delivered(claimed)
         except OSError as e:
             log.error("%s: cannot mark the job delivered: %s", claimed.path, e.strerror)
-        return Result(claimed, records.delivered(cf, self._node, result.reply, result.ip, result.bytecount, self._clock(),
+        return Result(claimed, records.delivered(cf, self.node, result.reply, result.ip, result.bytecount, self.clock(),
                                                  where), Destination.SENT, Tally.SENT)
 
     def failed(self, claimed: Claimed, cf: CommandFile, code: int, klass: str, text: str, where: records.Where) -> Result:
         log.warning("%s to %s failed: %s", claimed.name, recipient_of(cf), text)
-        return Result(claimed, records.failed(cf, self._node, code, klass, text, self._clock(), where), Destination.FAIL,
+        return Result(claimed, records.failed(cf, self.node, code, klass, text, self.clock(), where), Destination.FAIL,
                       Tally.FAILED)
 
     def bad_job(self, claimed: Claimed, cf: CommandFile, e: JobError, job: Job | None = None) -> Result:
@@ -118,20 +118,20 @@ class Attempts:
 
     def after_error(self, claimed: Claimed, cf: CommandFile, job: Job, e: DeliveryError, where: records.Where) -> Result:
         """A failed attempt: a retry later, its alternative address, or FAIL."""
-        now = self._clock()
-        verdict = after_error(job, e, self._config.rules.retry_rules, now)
+        now = self.clock()
+        verdict = after_error(job, e, self.config.rules.retry_rules, now)
         if isinstance(verdict, TryAlternative):
             log.warning("%s to %s failed for good: %s; trying its alternative address %s", claimed.name, job.address,
                         e.text, verdict.address)
-            return Result(claimed, records.to_alternative(cf, self._node, e.code, e.klass, e.text, now, where),
+            return Result(claimed, records.to_alternative(cf, self.node, e.code, e.klass, e.text, now, where),
                           Destination.BACK, Tally.RETRIED)
         if isinstance(verdict, GiveUp):
             return self.failed(claimed, cf, e.code, e.klass, e.text, where)
         log.info("%s to %s: retry in %d s%s: %s", claimed.name, job.address, verdict.wait,
                  " through retry_relay" if verdict.relay else "", e.text)
-        return Result(claimed, records.retry(cf, self._node, e.code, e.klass, e.text, now, now + verdict.wait, where),
+        return Result(claimed, records.retry(cf, self.node, e.code, e.klass, e.text, now, now + verdict.wait, where),
                       Destination.BACK, Tally.RETRIED)
 
     def lookup_failed(self, item: Item, error: DeliveryError) -> Result:
         """The result of a job whose domain's route could not be looked up."""
-        return self.after_error(item.claimed, item.cf, item.job, error, self.where(item.claimed, item.job, self._clock()))
+        return self.after_error(item.claimed, item.cf, item.job, error, self.where(item.claimed, item.job, self.clock()))
