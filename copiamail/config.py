@@ -52,6 +52,7 @@ from copiamail.config_sections import (
 from copiamail.config_yaml import Reader
 from copiamail.errors import ConfigError
 from copiamail.jobfile.model import JobEnv
+from copiamail.throttle import ThrottlePattern, ThrottleTable, shipped_table
 
 __all__ = [
     "CONFIG_ENV",
@@ -122,6 +123,13 @@ class Config:
     variables: Mapping[str, str] = field(default_factory=dict)  # `variables:`, names upper-case
     dkim: Mapping[str, DkimKey] = field(default_factory=lambda: MappingProxyType({}))  # by From: domain
     rules: CfgRules = CfgRules()
+    throttle_replies: tuple[ThrottlePattern, ...] = ()  # `throttle_replies:`, tried before the shipped table
+
+    @functools.cached_property
+    def throttle_table(self) -> ThrottleTable:
+        """The throttle replies this node knows: the operator's own first,
+        then the table shipped with copiamail."""
+        return shipped_table().before(self.throttle_replies)
 
     @functools.cached_property
     def job_env(self) -> JobEnv:

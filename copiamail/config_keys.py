@@ -29,8 +29,10 @@ from copiamail.config_scopes import (
 )
 from copiamail.config_sections import ClusterConfig, DkimKey, DnsConfig, RelayConfig
 from copiamail.config_yaml import Read, Reader, boolean, choice, integer, number, path, section, section_of, string
+from copiamail.errors import ConfigError
 from copiamail.jobfile.addresses import parse_address
 from copiamail.jobfile.dkim import is_dns_name, key_problem
+from copiamail.throttle import ThrottlePattern, read_patterns
 
 _RELAY_KEYS: Mapping[str, Read] = MappingProxyType({
     "host": string, "port": integer(1, 65535), "starttls": choice("auto", "always", "never"),
@@ -140,6 +142,19 @@ def _helo_name(r: Reader, m: CommentedMap, key: str, full: str) -> str:
     return name
 
 
+def _throttle_replies(r: Reader, m: CommentedMap, key: str, full: str) -> tuple[ThrottlePattern, ...]:
+    """``throttle_replies: FILE``: the operator's own throttle replies. A file
+    that cannot be read is named with this key's line; a bad entry with the
+    file's own line."""
+    file = r.pathval(m, key, full)
+    try:
+        return read_patterns(file)
+    except ConfigError as e:
+        if e.line is None:
+            raise r.error(m, full, f"{file}: {e.message}") from None
+        raise
+
+
 def _folders(r: Reader, m: CommentedMap, key: str, full: str) -> tuple[Path, ...]:
     roots = m[key]
     if not isinstance(roots, CommentedSeq) or not all(isinstance(x, str) and x and "\x00" not in x for x in roots):
@@ -192,6 +207,7 @@ TOP_LEVEL: Mapping[str, _Step] = MappingProxyType({
     "variables": _field(_variables),
     "path_map": _field(_path_map),
     "dkim": _field(_dkim),
+    "throttle_replies": _field(_throttle_replies),
     "relay": _field(_relay),
     "retry_relay": _field(_relay),
     "dns": _field(section_of(DnsConfig, _DNS_KEYS)),

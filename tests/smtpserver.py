@@ -304,6 +304,7 @@ class ConnectionInfo:
     # without QUIT ("CONNECT" before any), as Postfix logs "lost connection
     # after RCPT"; None while open, after QUIT, and when the server closed it.
     lost_after: str | None = None
+    over_limit: bool = False  # beyond max_connections_per_source when it arrived
 
     @property
     def open(self) -> bool:
@@ -472,9 +473,29 @@ class _TestSMTP(SMTP):
             self._close()
             raise
 
+    async def _refuse_over_limit(self) -> bool:
+        """Answer a connection beyond the client's limit with the throttle
+        reply and close it; False if it is within the limit."""
+        assert self._conn is not None
+        reply = self._srv._over_limit(self._conn)
+        if reply is None:
+            return False
+        try:
+            if self._srv.over_limit_delay:
+                await asyncio.sleep(self._srv.over_limit_delay)
+            await self._raw_push(reply)
+            self._close()
+            await self._hang()
+        except asyncio.CancelledError:
+            self._close()
+            raise
+        return True
+
     async def push(self, status: Any) -> None:
         if not self._greeted:
             self._greeted = True
+            if await self._refuse_over_limit():
+                return
             rule = await self._apply("CONNECT", ())
             if rule is not None:
                 for line in rule.reply_lines():
@@ -609,6 +630,9 @@ class SMTPTestServer:
         size_limit: int | None = None,
         pipelining: bool = False,
         strict_helo: bool = False,
+        max_connections_per_source: int | None = None,
+        over_limit_reply: str = "421 4.7.0 {host} Error: too many connections from {ip}",
+        over_limit_delay: float = 0.0,
     ) -> None:
         self.host = _check_host(host)
         self.port = int(port)
@@ -637,6 +661,13 @@ class SMTPTestServer:
         self.size_limit = size_limit
         self.pipelining = pipelining
         self.strict_helo = strict_helo
+        # A receiver's connection limit per client: a connection beyond it
+        # gets over_limit_reply as its greeting (after over_limit_delay) and
+        # is closed, as Postfix's smtpd_client_connection_count_limit does.
+        self.max_connections_per_source = max_connections_per_source
+        self.over_limit_reply = over_limit_reply
+        self.over_limit_delay = over_limit_delay
+        self.throttle_replies: list[str] = []  # every over-limit reply sent
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -844,8 +875,22 @@ class SMTPTestServer:
             self._peak = max(self._peak, self._current)
             self._cur_src[ip] += 1
             self._peak_src[ip] = max(self._peak_src[ip], self._cur_src[ip])
+            # Judged as it arrives, as a receiver counts: the connections
+            # open from this client at that instant, itself included.
+            limit = self.max_connections_per_source
+            info.over_limit = limit is not None and self._cur_src[ip] > limit
             self._cond.notify_all()
             return info
+
+    def _over_limit(self, info: ConnectionInfo) -> str | None:
+        """The throttle reply for the new connection ``info`` if it was beyond
+        ``max_connections_per_source`` when it arrived, else None."""
+        with self._cond:
+            if not info.over_limit:
+                return None
+            reply = self.over_limit_reply.format(host=self.server_hostname, ip=info.peer)
+            self.throttle_replies.append(reply)
+            return reply
 
     def _closed(self, proto: _TestSMTP, info: ConnectionInfo) -> None:
         with self._cond:

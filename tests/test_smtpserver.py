@@ -550,3 +550,16 @@ def test_no_auth_not_advertised(smtp_server):
             assert not c.supports_extension("auth")
 
     run(go())
+
+
+def test_a_connection_beyond_the_clients_limit_gets_the_throttle_reply_and_the_others_go_on(smtp_server):
+    import smtplib
+    srv = smtp_server(max_connections_per_source=1)
+    first = smtplib.SMTP(srv.host, srv.port, timeout=5)
+    with pytest.raises(smtplib.SMTPConnectError) as refused:
+        smtplib.SMTP(srv.host, srv.port, timeout=5)
+    assert refused.value.smtp_code == 421 and b"too many connections from 127.0.0.1" in refused.value.smtp_error
+    first.sendmail("a@x.test", ["b@y.test"], b"Subject: hi\r\n\r\nhello\r\n")
+    first.quit()
+    srv.wait_for(1, timeout=5)
+    assert srv.throttle_replies == ["421 4.7.0 mx.smtp-test.invalid Error: too many connections from 127.0.0.1"]

@@ -16,7 +16,8 @@ from copiamail.jobfile.fsfile import Command, CommandFile
 
 # Lines the engine owns: it may update or add these; every other line
 # is the submitter's and is kept as written.
-OWNED_VARS = frozenset({"DOMAINBUSY_COUNT", "EMAIL_ERROR", "EMAIL_CONNECT_IP", "EMAIL_BYTECOUNT", "EMAIL_USING_ALT"})
+OWNED_VARS = frozenset({"DOMAINBUSY_COUNT", "EMAIL_ERROR", "EMAIL_CONNECT_IP", "EMAIL_BYTECOUNT", "EMAIL_USING_ALT",
+                        "EMAIL_CONNECTIONS"})
 # Set when the job's $email_alt_address is tried (the main address failed for
 # good); its line marks where the alternative's own retries begin.
 USING_ALT = "EMAIL_USING_ALT"

@@ -93,29 +93,38 @@ def delivered(cf: CommandFile, node: str, reply: str, ip: str, bytecount: int, n
                      (("fax_status1", (STATUS_DONE,)), ("fax_status2", (0,))), where)
 
 
+def _error(text: str, connections: int | None) -> tuple[tuple[str, str | int], ...]:
+    """EMAIL_ERROR, and with a throttle reply EMAIL_CONNECTIONS: how many
+    connections to the job's limit were open when the reply came, its own
+    included."""
+    if connections is None:
+        return (("EMAIL_ERROR", text),)
+    return (("EMAIL_ERROR", text), ("EMAIL_CONNECTIONS", connections))
+
+
 def failed(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float,
-           where: Where = Where()) -> CommandFile:
+           where: Where = Where(), connections: int | None = None) -> CommandFile:
     """A final failure (5xx, a bad job, retries used up): the job goes to FAIL."""
-    return _finished(cf, _record(node, code, klass, text, now, where), (("EMAIL_ERROR", text),),
+    return _finished(cf, _record(node, code, klass, text, now, where), _error(text, connections),
                      (("fax_status1", (STATUS_DONE,)), ("fax_status2", (code,))), where)
 
 
 def retry(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float, not_before: float,
-          where: Where = Where()) -> CommandFile:
+          where: Where = Where(), connections: int | None = None) -> CommandFile:
     """A temporary failure: back to its folder until ``not_before`` (rounded up to the second)."""
     date, clock = local_stamp(math.ceil(not_before))
-    return _finished(cf, _record(node, code, klass, text, now, where), (("EMAIL_ERROR", text),),
+    return _finished(cf, _record(node, code, klass, text, now, where), _error(text, connections),
                      (("fax_status1", (STATUS_WAITING,)), ("fax_status2", (code,)),
                       ("fax_next_date", (date,)), ("fax_next_time", (clock,))), where)
 
 
 def to_alternative(cf: CommandFile, node: str, code: int, klass: str, text: str, now: float,
-                   where: Where = Where()) -> CommandFile:
+                   where: Where = Where(), connections: int | None = None) -> CommandFile:
     """The main address failed for good and the job has an
     ``$email_alt_address``: back to its folder, due now, to be sent there
     (EMAIL_USING_ALT marks where the alternative's own retries begin)."""
     date, clock = local_stamp(math.ceil(now))
-    return _finished(cf, _record(node, code, klass, text, now, where), (("EMAIL_ERROR", text), ("EMAIL_USING_ALT", 1)),
+    return _finished(cf, _record(node, code, klass, text, now, where), (*_error(text, connections), ("EMAIL_USING_ALT", 1)),
                      (("fax_status1", (STATUS_WAITING,)), ("fax_status2", (code,)),
                       ("fax_next_date", (date,)), ("fax_next_time", (clock,))), where)
 

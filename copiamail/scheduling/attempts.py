@@ -51,6 +51,9 @@ class Attempts:
     router: Router
     worker: int = 0
     clock: Callable[[], float] = time.time
+    # The other connections past their greeting that share a connection's
+    # job limit (Connections.greeted_sharing): a throttle reply's evidence.
+    greeted_sharing: Callable[[Connection], int] = lambda conn: 0
 
     async def attempt(self, conn: Connection, item: Item) -> Result | None:
         """Send ``item``'s job over ``conn``; its result, or None when the job
@@ -73,7 +76,9 @@ class Attempts:
                 log.info("%s: %s; trying the next mail host", claimed.name, e.text)
                 return None
             connected = None if e.stage in (CONNECT, "DNS") and not reused else now
-            return self.after_error(claimed, cf, job, e, self.where(claimed, job, now, connected))
+            throttled = config.throttle_table.kind(e.code, e.text) is not None
+            return self.after_error(claimed, cf, job, e, self.where(claimed, job, now, connected),
+                                    self.greeted_sharing(conn) + 1 if throttled else None)
         except Exception as e:
             log.exception("%s: internal error", claimed.name)
             conn.session.abort()
@@ -106,30 +111,35 @@ class Attempts:
         return Result(claimed, records.delivered(cf, self.node, result.reply, result.ip, result.bytecount, self.clock(),
                                                  where), Destination.SENT, Tally.SENT)
 
-    def failed(self, claimed: Claimed, cf: CommandFile, code: int, klass: str, text: str, where: records.Where) -> Result:
+    def failed(self, claimed: Claimed, cf: CommandFile, code: int, klass: str, text: str, where: records.Where,
+               connections: int | None = None) -> Result:
         log.warning("%s to %s failed: %s", claimed.name, recipient_of(cf), text)
-        return Result(claimed, records.failed(cf, self.node, code, klass, text, self.clock(), where), Destination.FAIL,
-                      Tally.FAILED)
+        return Result(claimed, records.failed(cf, self.node, code, klass, text, self.clock(), where, connections),
+                      Destination.FAIL, Tally.FAILED)
 
     def bad_job(self, claimed: Claimed, cf: CommandFile, e: JobError, job: Job | None = None) -> Result:
         """A job that cannot be sent as written (it does not parse, names an
         unknown binding): FAIL, saying why."""
         return self.failed(claimed, cf, e.outcome, outcome.FAILURE, job_error_text(e), self.where(claimed, job))
 
-    def after_error(self, claimed: Claimed, cf: CommandFile, job: Job, e: DeliveryError, where: records.Where) -> Result:
-        """A failed attempt: a retry later, its alternative address, or FAIL."""
+    def after_error(self, claimed: Claimed, cf: CommandFile, job: Job, e: DeliveryError, where: records.Where,
+                    connections: int | None = None) -> Result:
+        """A failed attempt: a retry later, its alternative address, or FAIL.
+        ``connections``: with a throttle reply, the connections to the job's
+        limit open when it came, its own included (EMAIL_CONNECTIONS)."""
         now = self.clock()
         verdict = after_error(job, e, self.config.rules.retry_rules, now)
         if isinstance(verdict, TryAlternative):
             log.warning("%s to %s failed for good: %s; trying its alternative address %s", claimed.name, job.address,
                         e.text, verdict.address)
-            return Result(claimed, records.to_alternative(cf, self.node, e.code, e.klass, e.text, now, where),
+            return Result(claimed, records.to_alternative(cf, self.node, e.code, e.klass, e.text, now, where, connections),
                           Destination.BACK, Tally.RETRIED)
         if isinstance(verdict, GiveUp):
-            return self.failed(claimed, cf, e.code, e.klass, e.text, where)
+            return self.failed(claimed, cf, e.code, e.klass, e.text, where, connections)
         log.info("%s to %s: retry in %d s%s: %s", claimed.name, job.address, verdict.wait,
                  " through retry_relay" if verdict.relay else "", e.text)
-        return Result(claimed, records.retry(cf, self.node, e.code, e.klass, e.text, now, now + verdict.wait, where),
+        return Result(claimed, records.retry(cf, self.node, e.code, e.klass, e.text, now, now + verdict.wait, where,
+                                                   connections),
                       Destination.BACK, Tally.RETRIED)
 
     def lookup_failed(self, item: Item, error: DeliveryError) -> Result:

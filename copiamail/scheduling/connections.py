@@ -42,6 +42,16 @@ class Connection:
         return self.handoff is not None and not self.handoff.done()
 
 
+def job_limit_key(limits: Sequence[Limit]) -> str | None:
+    """The key of a connection's limits that a receiver's connection limit
+    shows in: its ``$domain_limit`` key, else its per-domain cap's."""
+    for prefix in ("domain_limit:", "binding_domain:"):
+        for limit in limits:
+            if limit.key.startswith(prefix):
+                return limit.key
+    return None
+
+
 def starttls_for(target: Target, job: Job) -> str:
     """The STARTTLS mode of a connection for ``job``: the target's, except
     that $email_options useTLS or reqTLS use STARTTLS wherever it is offered."""
@@ -69,6 +79,14 @@ class Connections:
 
     def __iter__(self) -> Iterator[Connection]:
         return iter(self._open)
+
+    def greeted_sharing(self, conn: Connection) -> int:
+        """How many other open connections, past their greeting, hold a slot
+        of ``conn``'s job limit (its ``$domain_limit`` key, else its per-domain
+        key): the evidence a throttle reply is judged by."""
+        key = job_limit_key(conn.limits)
+        return sum(1 for c in self._open
+                   if c is not conn and c.session.greeted and any(limit.key == key for limit in c.limits))
 
     def open(self, domain: str, address: str, binding: BindingConfig | None, limits: tuple[Limit, ...], target: Target,
              starttls: str) -> Connection:

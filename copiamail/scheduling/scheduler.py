@@ -136,7 +136,7 @@ class Scheduler:
                               on_learned=self._connections.learned_host, on_routed=self._routed)
         self._scanner = Scanner(config, spool, node, self._waiting, self._halted, self._dispatch, worker=worker,
                                 workers=workers, clock=clock)
-        self._attempts = Attempts(config, spool, node, self._router, worker, clock)
+        self._attempts = Attempts(config, spool, node, self._router, worker, clock, self._connections.greeted_sharing)
 
     @property
     def stats(self) -> Stats:

@@ -154,6 +154,11 @@ class SmtpSession:
         self.messages = 0
         self.peer_ip = ""
 
+    @property
+    def greeted(self) -> bool:
+        """Whether the connection is open and past its greeting and EHLO."""
+        return self._link is not None
+
     async def _open(self) -> Link:
         s = self.settings
         smtp = aiosmtplib.SMTP(

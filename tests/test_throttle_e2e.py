@@ -1,0 +1,36 @@
+"""Throttle replies at a real SMTP server that limits connections per client:
+the evidence the engine writes with each throttled attempt."""
+
+from __future__ import annotations
+
+from smtpserver import Rule
+from spoolkit import SpoolKit, var
+
+
+def test_a_job_refused_by_a_connection_limit_of_2_records_3_connections_and_the_reply(tmp_path, smtp_server):
+    # The receiver allows 2 connections from us and answers a third with
+    # Postfix's reply; the first two stay busy (a slow end of data) while the
+    # refusal comes (after a short delay, so both are past their greeting).
+    server = smtp_server(max_connections_per_source=2, over_limit_delay=0.3)
+    server.add_rule(Rule(stage="EOD", delay=1.0))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 3"], "messages_per_connection: 1\n")
+    for i in range(3):
+        kit.job("TOSEND", f"J{i}.FS", to=f"user{i}@a.test")
+    kit.drain()
+    server.wait_for(2, timeout=5)
+    assert len(server.messages) == 2 and len(server.throttle_replies) == 1
+    [throttled] = kit.names("TOSEND")
+    text = kit.read("TOSEND", throttled)
+    assert var(text, "EMAIL_ERROR") == "421 4.7.0 mx.smtp-test.invalid Error: too many connections from 127.0.0.1"
+    assert var(text, "EMAIL_CONNECTIONS") == "3"
+
+
+def test_a_refusal_that_is_no_throttle_reply_records_no_connections(tmp_path, smtp_server):
+    server = smtp_server()
+    server.add_rule(Rule(stage="RCPT", code=451, text="4.3.0 temporary failure"))
+    kit = SpoolKit(tmp_path, server.port)
+    kit.job("TOSEND", "J.FS", to="user@a.test")
+    kit.drain()
+    text = kit.read("TOSEND", "J.FS")
+    assert var(text, "EMAIL_ERROR") == "451 4.3.0 temporary failure"
+    assert var(text, "EMAIL_CONNECTIONS") is None
