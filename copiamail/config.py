@@ -120,6 +120,7 @@ class Config:
     # folders they stand for, longest prefix first.
     path_map: tuple[tuple[str, str], ...] = ()
     write_settle: float = 5.0
+    refusal_pause: float = 10.0  # seconds without new connections to a host that refused one
     variables: Mapping[str, str] = field(default_factory=dict)  # `variables:`, names upper-case
     dkim: Mapping[str, DkimKey] = field(default_factory=lambda: MappingProxyType({}))  # by From: domain
     rules: CfgRules = CfgRules()

@@ -198,6 +198,7 @@ TOP_LEVEL: Mapping[str, _Step] = MappingProxyType({
     "connection_idle": _field(number(0.0)),
     "node_stale_after": _field(number(0.0)),
     "write_settle": _field(number(0.0)),
+    "refusal_pause": _field(number(0.0)),
     "esender": _field(_esender),
     "watcher": _field(choice("native", "polling")),
     "fsync": _field(boolean),

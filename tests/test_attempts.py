@@ -14,7 +14,7 @@ from copiamail.errors import DeliveryError
 from copiamail.jobfile import outcome
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import parse_job
-from copiamail.scheduling.attempts import Attempts
+from copiamail.scheduling.attempts import Attempts, refused_at_connect
 from copiamail.scheduling.connections import Connection
 from copiamail.scheduling.results import Tally
 from copiamail.scheduling.routing import Item, Target
@@ -56,6 +56,10 @@ class FakeRouter:
     def __init__(self, next_host: bool) -> None:
         self.next_host = next_host
         self.failed: list[str] = []
+        self.refusals: list[str] = []
+
+    def refused(self, target: Target) -> None:
+        self.refusals.append(target.host)
 
     def host_failed(self, target: Target, domain: str, tried: set[str]) -> bool:
         self.failed.append(target.host)
@@ -149,3 +153,18 @@ def test_the_attempt_record_tells_the_queue_the_worker_and_whether_a_connection_
     fields = record.split()
     assert (fields[9], fields[11]) == ("2", "E2")  # TOSEND2, the second worker
     assert fields[13] != "-" and (fields[14] != "-") == connected
+
+
+@pytest.mark.parametrize("error,refusal", [
+    (DeliveryError(outcome.CONNECT_FAILED.code, outcome.CONNECT_FAILED.klass, "connection refused", False, CONNECT), True),
+    (DeliveryError(421, "H", "4.7.0 too many connections from 127.0.0.1", False, CONNECT), True),
+    (DeliveryError(450, "H", "try later", False, CONNECT), True),
+    (DeliveryError(outcome.TIMED_OUT.code, outcome.TIMED_OUT.klass, "timeout connecting", False, CONNECT), False),
+    (DeliveryError(outcome.CONNECTION_LOST.code, outcome.CONNECTION_LOST.klass, "closed", False, CONNECT), False),
+    (DeliveryError(554, "H", "5.7.1 go away", False, CONNECT), False),
+    (DeliveryError(421, "H", "4.7.0 too many connections", False, "MAIL"), False),
+])
+def test_a_refusal_at_connect_is_a_refused_connection_or_a_4xx_greeting(tmp_path, error, refusal):
+    assert refused_at_connect(error) is refusal
+    _, _, _, _, router = attempt(tmp_path, error)
+    assert router.refusals == (["10.0.0.1"] if refusal else [])

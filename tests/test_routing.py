@@ -18,7 +18,7 @@ from copiamail.jobfile import outcome, records
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job, parse_job
 from copiamail.scheduling.limits import limits_for
-from copiamail.scheduling.routing import HOST_DOWN_SECONDS, Item, Router
+from copiamail.scheduling.routing import HOST_DOWN_SECONDS, Item, Router, pause_key
 from copiamail.smtp.mx import MxHost, Route
 from copiamail.spool.queue import Claimed
 
@@ -312,3 +312,28 @@ def test_explain_and_the_node_name_the_same_places(tmp_path, dns_server, relayed
     # any order, and each side asks it separately.
     explained = sorted((tuple(sorted(ips)), names) for _, ips, names in _mail_hosts(cfg, "a.test"))
     assert explained == asyncio.run(node_targets())
+
+
+def test_a_host_that_refused_a_connection_is_paused_for_refusal_pause_then_offered_again():
+    unpaused: list[str] = []
+    router = Router(Config(relay=RelayConfig("192.0.2.1"), refusal_pause=0.2), on_unpaused=unpaused.append)
+    relay = router.relay
+    assert relay is not None
+
+    async def scenario() -> tuple[object, object, object]:
+        router.refused(relay)
+        during = router.paused(relay)
+        router.refused(relay)  # a second refusal does not extend or double the pause
+        await asyncio.sleep(0.4)
+        return during, router.paused(relay), list(unpaused)
+
+    during, after, offered = asyncio.run(scenario())
+    assert during is not None and during.key == pause_key("192.0.2.1") and during.cap == 0
+    assert after is None and offered == [pause_key("192.0.2.1")]
+
+
+def test_refusal_pause_0_pauses_nothing():
+    router = Router(Config(relay=RelayConfig("192.0.2.1"), refusal_pause=0))
+    assert router.relay is not None
+    router.refused(router.relay)
+    assert router.paused(router.relay) is None

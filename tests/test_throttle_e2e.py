@@ -34,3 +34,35 @@ def test_a_refusal_that_is_no_throttle_reply_records_no_connections(tmp_path, sm
     text = kit.read("TOSEND", "J.FS")
     assert var(text, "EMAIL_ERROR") == "451 4.3.0 temporary failure"
     assert var(text, "EMAIL_CONNECTIONS") is None
+
+
+def _postfix_like_run(tmp_path, smtp_server, yaml: str) -> tuple[SpoolKit, object]:
+    """40 jobs to a receiver that allows 2 connections from us, with
+    `$domain_limit * @ 6`: the first 6 connections open at once, 4 are refused."""
+    server = smtp_server(max_connections_per_source=2)
+    server.add_rule(Rule(stage="EOD", delay=0.05))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 6"], yaml)
+    for i in range(40):
+        kit.job("TOSEND", f"J{i:02d}.FS", to=f"user{i}@a.test")
+    kit.drain(timeout=120)
+    return kit, server
+
+
+def test_after_a_refused_connection_no_new_connection_opens_to_that_host_for_refusal_pause(tmp_path, smtp_server):
+    kit, server = _postfix_like_run(tmp_path, smtp_server, "")
+    # Only the connections opened before the first refusal came are refused:
+    # at most 6 - 2. Their jobs are charged one attempt each; every other job
+    # waited (no attempt) and went out over the two connections that stayed.
+    retried = kit.names("TOSEND")
+    assert len(server.throttle_replies) <= 4 and len(retried) == len(server.throttle_replies)
+    assert kit.names("FAIL") == [] and len(kit.names("SENT")) == 40 - len(retried)
+    assert server.peak_by_source["127.0.0.1"] <= 6
+    for name in retried:
+        assert kit.read("TOSEND", name).count("$attempt_record") == 1
+    for name in kit.names("SENT"):
+        assert kit.read("SENT", name).count("$attempt_record") == 1  # delivered at its first attempt
+
+
+def test_without_the_pause_each_refused_connection_makes_room_for_another_refused_one(tmp_path, smtp_server):
+    kit, server = _postfix_like_run(tmp_path, smtp_server, "refusal_pause: 0\n")
+    assert len(server.throttle_replies) > 4 and len(kit.names("TOSEND")) == len(server.throttle_replies)

@@ -39,6 +39,12 @@ def job_error_text(e: JobError) -> str:
     return f"line {e.line}: {e.message}" if e.line is not None else e.message
 
 
+def refused_at_connect(e: DeliveryError) -> bool:
+    """Whether a host refused the connection itself: it could not be made,
+    or its greeting or EHLO was a 4xx reply (not a timeout, not a drop)."""
+    return e.stage == CONNECT and (e.code == outcome.CONNECT_FAILED.code or 400 <= e.code < 500)
+
+
 @dataclass(frozen=True, eq=False)
 class Attempts:
     """Delivery attempts of node ``node`` (worker ``worker``, counted from 0),
@@ -72,6 +78,8 @@ class Attempts:
         except JobError as e:
             return self.failed(claimed, cf, e.outcome, outcome.FAILURE, job_error_text(e), self.where(claimed, job, now))
         except DeliveryError as e:
+            if refused_at_connect(e):
+                self.router.refused(conn.target)
             if e.stage == CONNECT and self.router.host_failed(conn.target, conn.domain, item.tried):
                 log.info("%s: %s; trying the next mail host", claimed.name, e.text)
                 return None

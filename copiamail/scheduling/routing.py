@@ -33,6 +33,7 @@ from copiamail.errors import DeliveryError
 from copiamail.jobfile import outcome
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job
+from copiamail.scheduling.limits import Limit
 from copiamail.scheduling.retry import through_retry_relay
 from copiamail.smtp.mx import MxResolver, Route
 from copiamail.smtp.session import make_tls_context, resolve_relay
@@ -81,6 +82,11 @@ def relay_target(relay: RelayConfig | None, password: str | None) -> Target | No
                   True, login=login)
 
 
+def pause_key(host: str) -> str:
+    """The key jobs wait on while ``host`` is paused after a refusal."""
+    return f"pause:{host}"
+
+
 class Router:
     """The routes of one node (used from one event loop). ``password`` and
     ``retry_password``: the relays' (for AUTH); :attr:`relay` and
@@ -102,8 +108,10 @@ class Router:
         resolver: MxResolver | None = None,
         on_learned: Callable[[str, tuple[str, ...]], None] | None = None,
         on_routed: Callable[[list[Item], DeliveryError | None], None] | None = None,
+        on_unpaused: Callable[[str], None] | None = None,
     ) -> None:
         self._config = config
+        self._on_unpaused = on_unpaused
         self._clock = clock
         self._monotonic = monotonic
         self._on_learned = on_learned
@@ -117,6 +125,7 @@ class Router:
             self._mx = resolver or MxResolver(config.dns)
             self._mx_tls = make_tls_context(config.mx_tls_verify, None)
         self._down: dict[str, float] = {}  # mail host address: down until (monotonic)
+        self._paused: dict[str, asyncio.TimerHandle] = {}  # host that refused a connection: its pause's end
         # Every name an address is known by (MX names, host stanza names), so a
         # host stanza naming one of them limits every connection to that address.
         self._names_by_ip: dict[str, set[str]] = {}
@@ -170,6 +179,29 @@ class Router:
             Target(ip, self._config.mx_port, (ip,), tuple(sorted(self._names_by_ip[ip])), "auto", self._mx_tls, False, host.name)
             for host in route.hosts for ip in host.ips
         ]
+
+    def refused(self, target: Target) -> None:
+        """``target`` refused a connection (connection refused, a 4xx greeting
+        or EHLO): open no new connection to it for ``refusal_pause`` seconds.
+        Its connections already open go on. When the pause ends, its key
+        (:func:`pause_key`) is given to ``on_unpaused``, so the jobs that
+        waited for it are offered the host again."""
+        pause = self._config.refusal_pause
+        if pause <= 0 or target.host in self._paused:
+            return
+        self._paused[target.host] = asyncio.get_running_loop().call_later(pause, self._unpause, target.host)
+
+    def _unpause(self, host: str) -> None:
+        del self._paused[host]
+        if self._on_unpaused is not None:
+            self._on_unpaused(pause_key(host))
+
+    def paused(self, target: Target) -> Limit | None:
+        """While ``target`` is paused after a refusal: a limit with no room
+        that stands for the pause (a job waits on it as on a full limit)."""
+        if target.host not in self._paused:
+            return None
+        return Limit(pause_key(target.host), 0, f"refusal_pause: {target.host} refused a connection")
 
     def host_failed(self, target: Target, domain: str, tried: set[str]) -> bool:
         """The mail host address ``target`` failed before any SMTP command: mark
@@ -260,7 +292,10 @@ class Router:
                 self._on_routed(items, error)
 
     async def close(self) -> list[Item]:
-        """Stop every lookup; returns the jobs still parked (to hand back)."""
+        """Stop every lookup and pause; returns the jobs still parked (to hand back)."""
+        for handle in self._paused.values():
+            handle.cancel()
+        self._paused.clear()
         if self._host_lookup is not None:
             self._host_lookup.cancel()
         for task in list(self._lookups):

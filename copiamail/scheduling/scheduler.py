@@ -133,7 +133,8 @@ class Scheduler:
         self._connections = Connections(self._scopes, self.limiter, config.smtp_timeout,
                                         config.helo_name or machine_helo_name())
         self._router = Router(config, password, read_password(config, "retry_relay"), clock=clock,
-                              on_learned=self._connections.learned_host, on_routed=self._routed)
+                              on_learned=self._connections.learned_host, on_routed=self._routed,
+                              on_unpaused=lambda key: self._offer([key]))
         self._scanner = Scanner(config, spool, node, self._waiting, self._halted, self._dispatch, worker=worker,
                                 workers=workers, clock=clock)
         self._attempts = Attempts(config, spool, node, self._router, worker, clock, self._connections.greeted_sharing)
@@ -248,6 +249,10 @@ class Scheduler:
         blocked: dict[str, Limit] = {}
         by_load = sorted(candidates, key=lambda b: (self._connections.open_count(b), b.name if b else ""))
         for target in targets:
+            paused = self._router.paused(target)
+            if paused is not None:
+                blocked.setdefault(paused.key, paused)
+                continue
             for b in by_load:
                 limits = self._scopes.limits(job.address, job.domain, b, target.ips, target.names)
                 full = self._connections.reserved(job.domain) or self.limiter.try_acquire(limits)
@@ -411,6 +416,10 @@ class Scheduler:
         next waiting job of its domain; ``(None, True)`` close, because a job of
         another domain that waits on a slot it holds comes first; ``(None,
         False)`` nothing waits for it."""
+        if not conn.session.greeted and self._router.paused(conn.target) is not None:
+            # Its host refused it: reopening it for the next job would be
+            # refused again. Close, and let its slots go to jobs that wait.
+            return None, True
         while True:
             own = self._waiting.next_of_domain(conn.domain, lambda job: self._can_use(conn, job))
             other = self._first_other(conn)
