@@ -30,9 +30,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
-from ruamel.yaml.error import YAMLError
 
 from copiamail.config_cfg import CfgRules, load_cfg
 from copiamail.config_checks import is_address_literal, is_fqdn, is_ip, parse_host_port
@@ -53,6 +51,7 @@ from copiamail.config_yaml import Reader
 from copiamail.errors import ConfigError
 from copiamail.jobfile.model import JobEnv
 from copiamail.throttle import ThrottlePattern, ThrottleTable, shipped_table
+from copiamail.yamlfile import load_yaml
 
 __all__ = [
     "CONFIG_ENV",
@@ -223,21 +222,7 @@ def load_config(explicit: Path | str | None = None) -> Config:
     if path is None:
         return parse_config(CommentedMap(), None)
     path = path.absolute()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read: {e}", path) from None
-    try:
-        data = YAML(typ="rt").load(text)
-    except YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"YAML syntax: {problem}", path, line) from None
-    except (ValueError, KeyError, TypeError, RecursionError) as e:
-        # ruamel's constructors: a tagged value they cannot build (!!int x,
-        # a date that does not exist), or nesting too deep to read.
-        raise ConfigError(f"YAML value cannot be read: {type(e).__name__}: {e}", path) from None
+    data = load_yaml(path)
     if data is None:
         data = CommentedMap()
     try:

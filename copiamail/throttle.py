@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.error import YAMLError
 
 from copiamail.errors import ConfigError
+from copiamail.yamlfile import load_yaml
 
 SHIPPED_TABLE = Path(__file__).with_name("throttle_replies.yaml")
 
@@ -86,16 +85,7 @@ def read_patterns(path: Path) -> tuple[ThrottlePattern, ...]:
     ``pattern`` (a regular expression) and ``kind`` (one of the four kinds),
     and optionally ``source`` (where the reply's text comes from). Raises a
     ConfigError naming the file and the line of the first bad entry."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read the throttle replies: {getattr(e, 'strerror', None) or e}", path) from None
-    try:
-        data = YAML(typ="rt").load(text)
-    except YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"not valid YAML: {getattr(e, 'problem', None) or e}", path,
-                          mark.line + 1 if mark is not None else None) from None
+    data = load_yaml(path)
     if data is None:
         return ()
     if not isinstance(data, CommentedSeq):

@@ -88,7 +88,7 @@ def test_the_operators_own_patterns_are_tried_before_the_shipped_ones(tmp_path: 
     ("- pattern: ok\n  kind: rate\n  why: no\n", 1, "the keys pattern, kind and (optionally) source"),
     ("pattern: ok\nkind: rate\n", 1, "must be a list"),
     ("- kind: rate\n", 1, "needs a pattern"),
-    ("- [unclosed\n", 2, "not valid YAML"),
+    ("- [unclosed\n", 2, "YAML syntax"),
 ])
 def test_a_bad_throttle_file_is_one_line_naming_the_file_and_the_entry(tmp_path: Path, text, line, message):
     (tmp_path / "mine.yaml").write_text(text)
