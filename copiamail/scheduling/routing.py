@@ -111,7 +111,6 @@ class Router:
         on_unpaused: Callable[[str], None] | None = None,
     ) -> None:
         self._config = config
-        self._on_unpaused = on_unpaused
         self._clock = clock
         self._monotonic = monotonic
         self._on_learned = on_learned
@@ -125,7 +124,10 @@ class Router:
             self._mx = resolver or MxResolver(config.dns)
             self._mx_tls = make_tls_context(config.mx_tls_verify, None)
         self._down: dict[str, float] = {}  # mail host address: down until (monotonic)
-        self._paused: dict[str, asyncio.TimerHandle] = {}  # host that refused a connection: its pause's end
+        # Hosts that refused a connection: the end of each one's pause, and
+        # whom to tell of it.
+        self._paused: dict[str, asyncio.TimerHandle] = {}
+        self._on_unpaused = on_unpaused
         # Every name an address is known by (MX names, host stanza names), so a
         # host stanza naming one of them limits every connection to that address.
         self._names_by_ip: dict[str, set[str]] = {}
