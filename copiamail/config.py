@@ -109,6 +109,7 @@ class Config:
     watcher: str = "native"  # native | polling
     smtp_timeout: float = 60.0
     messages_per_connection: int = 100
+    max_deliveries_per_connection: int | None = None  # the top level's; stanzas may set their own
     connection_idle: float = 1.0
     fsync: bool = True
     helo_name: str | None = None

@@ -190,6 +190,7 @@ TOP_LEVEL: Mapping[str, _Step] = MappingProxyType({
     "server_reserve_outbound_connections": _field(integer(0)),
     "max_outbound_connections": _field(integer(1)),
     "messages_per_connection": _field(integer(1)),
+    "max_deliveries_per_connection": _field(integer(1)),
     "workers": _field(integer(1, 64)),
     "scope_max_outbound_connections": read_global_scope_cap,
     "shutdown_grace": _field(number(0.0)),

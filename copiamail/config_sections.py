@@ -41,6 +41,7 @@ class ScopeCaps:
 
     scope_max_outbound_connections: int | None = None
     max_outbound_connections: int | None = None
+    max_deliveries_per_connection: int | None = None  # messages one connection carries
 
 
 @dataclass(frozen=True)

@@ -75,7 +75,7 @@ def attempt(tmp_path: Path, answer: Delivered | BaseException, *lines: str, next
     cf = CommandFile.parse(text.encode())
     item = Item(Claimed("N1", "TOSEND2", "J.FS", tmp_path / "J.FS"), cf, parse_job(cf, "J.FS"))
     session = FakeSession(answer, messages)
-    conn = Connection("a.test", "u@a.test", None, (), TARGET, session)  # type: ignore[arg-type]
+    conn = Connection("a.test", "u@a.test", None, (), TARGET, session, 100)  # type: ignore[arg-type]
     spool, router = FakeSpool(tmp_path), FakeRouter(next_host)
     attempts = Attempts(Config(esender="bulk@sender.test", relay=RelayConfig("192.0.2.1")), spool, "N1", router,  # type: ignore[arg-type]
                         worker=1, clock=lambda: NOW)

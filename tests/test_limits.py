@@ -524,3 +524,35 @@ def test_a_limit_is_shared_exactly_when_config_shared_caps_names_its_setting(tmp
     monkeypatch.setattr(Config, "shared_caps", lambda self: [(k, c) for k, c in settings.items() if not k.startswith("host.")])
     shared = {l.key for l in limits_for(cfg, "N1", wanadoo, "wanadoo.fr", b1, ("10.0.0.1",), ("mx.shared.test",), 0, 2) if l.shared}
     assert shared == {"server", r"global_domain:/^(wanadoo|orange)\.fr$/"}
+
+
+def _deliveries(yaml: str, domain: str, binding: str | None = None, ips: tuple[str, ...] = ("192.0.2.9",),
+                names: tuple[str, ...] = ()) -> int:
+    import io
+
+    from ruamel.yaml import YAML
+
+    from copiamail.config import parse_config
+    from copiamail.scheduling.limits import Scopes
+    cfg = parse_config(YAML(typ="rt").load(io.StringIO(yaml)) or {}, None)
+    b = cfg.binding(binding) if binding else None
+    return Scopes(cfg, "N1").deliveries_per_connection(domain, b, ips, names)
+
+
+def test_a_connection_carries_messages_per_connection_when_no_stanza_sets_a_cap():
+    assert _deliveries("messages_per_connection: 40\n", "a.test") == 40
+
+
+def test_max_deliveries_per_connection_the_smallest_of_every_stanza_that_applies_holds():
+    yaml = ("max_deliveries_per_connection: 50\n"
+            "domain:\n  a.test: {max_deliveries_per_connection: 20}\n  /.*\\.org/: {max_deliveries_per_connection: 7}\n"
+            "host:\n  mx.a.test: {max_deliveries_per_connection: 9}\n  192.0.2.5: {max_deliveries_per_connection: 3}\n"
+            "binding_group:\n  g:\n    max_deliveries_per_connection: 15\n"
+            "    binding:\n      b1: {domain: {b.test: {max_deliveries_per_connection: 4}}}\n")
+    assert _deliveries(yaml, "a.test") == 20
+    assert _deliveries(yaml, "x.org") == 7
+    assert _deliveries(yaml, "c.test") == 50
+    assert _deliveries(yaml, "a.test", names=("MX.a.test",)) == 9
+    assert _deliveries(yaml, "c.test", ips=("192.0.2.5",)) == 3
+    assert _deliveries(yaml, "c.test", "b1") == 15
+    assert _deliveries(yaml, "b.test", "b1") == 4

@@ -66,3 +66,22 @@ def test_after_a_refused_connection_no_new_connection_opens_to_that_host_for_ref
 def test_without_the_pause_each_refused_connection_makes_room_for_another_refused_one(tmp_path, smtp_server):
     kit, server = _postfix_like_run(tmp_path, smtp_server, "refusal_pause: 0\n")
     assert len(server.throttle_replies) > 4 and len(kit.names("TOSEND")) == len(server.throttle_replies)
+
+
+def test_max_deliveries_per_connection_is_never_exceeded_at_the_server(tmp_path, smtp_server):
+    server = smtp_server()
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 1"],
+                   "domain:\n  a.test: {max_deliveries_per_connection: 3}\n")
+    for i in range(10):
+        kit.job("TOSEND", f"A{i}.FS", to=f"user{i}@a.test")
+    for i in range(7):
+        kit.job("TOSEND", f"B{i}.FS", to=f"user{i}@b.test")
+    kit.drain()
+    server.wait_for(17, timeout=5)
+    by_connection: dict[int, set[str]] = {}
+    for m in server.messages:
+        by_connection.setdefault(m.conn_serial, set()).update(r.split("@")[1] for r in m.rcpt_tos)
+    per_connection = {c.serial: c.messages for c in server.connections}
+    a_test = [per_connection[s] for s, domains in by_connection.items() if domains == {"a.test"}]
+    assert sum(a_test) == 10 and max(a_test) == 3  # 4 connections: 3, 3, 3, 1
+    assert max(per_connection[s] for s, domains in by_connection.items() if domains == {"b.test"}) == 7

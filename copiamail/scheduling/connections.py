@@ -31,6 +31,7 @@ class Connection:
     limits: tuple[Limit, ...]
     target: Target
     session: SmtpSession
+    max_messages: int  # messages it carries before it is closed (and reopened for the next)
     turn: int = 0  # messages carried since it last yielded to another domain
     handoff: asyncio.Future[Item | None] | None = None  # while idle: the next job, or None to close
     task: asyncio.Task[None] | None = None
@@ -99,7 +100,8 @@ class Connections:
             username=login[0] if login is not None else None, password=login[1] if login is not None else None,
             timeout=self._timeout, helo_name=self._helo_name, server_name=target.server_name, relay=target.relay,
         )
-        conn = Connection(domain, address, binding, limits, target, SmtpSession(settings))
+        max_messages = self._scopes.deliveries_per_connection(domain, binding, target.ips, target.names)
+        conn = Connection(domain, address, binding, limits, target, SmtpSession(settings), max_messages)
         self._open.add(conn)
         return conn
 

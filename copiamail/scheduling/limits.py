@@ -163,6 +163,26 @@ class Scopes:
             self._host_limits(out, host_ips, host_names)
         return tuple(out)
 
+    def deliveries_per_connection(self, domain: str, binding: BindingConfig | None = None,
+                                  host_ips: Sequence[str] = (), host_names: Sequence[str] = ()) -> int:
+        """The messages a connection for ``domain`` over ``binding`` to the host
+        at ``host_ips`` (known by ``host_names``) carries before it is closed:
+        ``messages_per_connection``, lowered by ``max_deliveries_per_connection``
+        at the top level and in every stanza that applies (the smallest holds:
+        it is a receiver's limit, which no scope may raise)."""
+        config = self._config
+        caps = [config.messages_per_connection, config.max_deliveries_per_connection,
+                _domain_caps(config.domains, domain)[1].max_deliveries_per_connection]
+        if binding is not None:
+            group = config.binding_group(binding.group) if binding.group else None
+            for stanza in ([group] if group is not None else []) + [binding]:
+                caps += [stanza.caps.max_deliveries_per_connection,
+                         _domain_caps(stanza.domains, domain)[1].max_deliveries_per_connection]
+        names = {h.lower() for h in host_names}
+        ips = {ip.lower() for ip in host_ips}
+        caps += [h.caps.max_deliveries_per_connection for h in config.hosts if h.key in ips or h.key in names]
+        return min(cap for cap in caps if cap is not None)
+
     def _binding_limits(self, out: list[Limit], binding: BindingConfig, bname: str, domain: str, per_domain: int) -> int:
         """Append the group and binding limits of a connection over ``binding``;
         returns its per-domain cap as those scopes set it."""

@@ -482,7 +482,7 @@ class Scheduler:
         elsewhere: Item | None = None
         try:
             while item is not None and not self.stopping:
-                if conn.session.messages >= self.config.messages_per_connection:
+                if conn.session.messages >= conn.max_messages:
                     await conn.session.close()
                 result = await self._attempts.attempt(conn, item)
                 if result is None:
