@@ -11,8 +11,8 @@ def test_a_job_refused_by_a_connection_limit_of_2_records_3_connections_and_the_
     # The receiver allows 2 connections from us and answers a third with
     # Postfix's reply; the first two stay busy (a slow end of data) while the
     # refusal comes (after a short delay, so both are past their greeting).
-    server = smtp_server(max_connections_per_source=2, over_limit_delay=0.3)
-    server.add_rule(Rule(stage="EOD", delay=1.0))
+    server = smtp_server(max_connections_per_source=2, over_limit_delay=1.0)
+    server.add_rule(Rule(stage="EOD", delay=2.0))
     kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 3"], "messages_per_connection: 1\n")
     for i in range(3):
         kit.job("TOSEND", f"J{i}.FS", to=f"user{i}@a.test")
