@@ -122,6 +122,8 @@ class Connections:
             if extra:
                 self._limiter.force_acquire(extra)
                 conn.limits = conn.limits + extra
+            conn.max_messages = min(conn.max_messages,
+                                    self._scopes.deliveries_per_connection(conn.domain, conn.binding, (ip,), names))
 
     def idle_of(self, domain: str) -> Sequence[Connection]:
         """The idle connections of ``domain``, longest idle first."""

@@ -45,7 +45,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from copiamail.config import BindingConfig, Config, DomainStanza, ScopeCaps
+from copiamail.config import BindingConfig, Config, DomainStanza, HostStanza, ScopeCaps
 from copiamail.jobfile.rules import match
 
 _SCOPE_MAX = "scope_max_outbound_connections"
@@ -179,8 +179,7 @@ class Scopes:
                 caps += [stanza.caps.max_deliveries_per_connection,
                          _domain_caps(stanza.domains, domain)[1].max_deliveries_per_connection]
         names = {h.lower() for h in host_names}
-        ips = {ip.lower() for ip in host_ips}
-        caps += [h.caps.max_deliveries_per_connection for h in config.hosts if h.key in ips or h.key in names]
+        caps += [h.caps.max_deliveries_per_connection for ip in host_ips for h in self._host_stanzas(ip, names)]
         return min(cap for cap in caps if cap is not None)
 
     def _binding_limits(self, out: list[Limit], binding: BindingConfig, bname: str, domain: str, per_domain: int) -> int:
@@ -219,10 +218,14 @@ class Scopes:
                                    f"{per_stanza[1]}.domain.{stanza.key}", f"{where}.domain.{stanza.key}.{_SCOPE_MAX}"))
         return per_domain
 
+    def _host_stanzas(self, ip: str, names: set[str]) -> list[HostStanza]:
+        """The host stanzas that name the address ``ip`` or one of its ``names`` (lower-case)."""
+        return [h for h in self._config.hosts if h.key == ip.lower() or h.key in names]
+
     def _host_limits(self, out: list[Limit], host_ips: Sequence[str], host_names: Sequence[str]) -> None:
         names = {h.lower() for h in host_names}
         for ip in dict.fromkeys(host_ips):  # one key per IP, even if listed twice
-            stanzas = [h for h in self._config.hosts if h.key == ip.lower() or h.key in names]
+            stanzas = self._host_stanzas(ip, names)
             scoped = [h for h in stanzas if h.caps.scope_max_outbound_connections is not None]
             if scoped:
                 # Where two stanzas come to one IP, the smaller cap holds.

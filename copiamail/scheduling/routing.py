@@ -36,7 +36,7 @@ from copiamail.jobfile.job import Job
 from copiamail.scheduling.limits import Limit
 from copiamail.scheduling.retry import through_retry_relay
 from copiamail.smtp.mx import MxResolver, Route
-from copiamail.smtp.session import make_tls_context, resolve_relay
+from copiamail.smtp.startup import make_tls_context, resolve_relay
 from copiamail.spool.queue import Claimed
 
 log = logging.getLogger("copiamail")

@@ -48,7 +48,7 @@ from copiamail.scheduling.results import ResultWriter, Stats
 from copiamail.scheduling.routing import Item, Router, Target
 from copiamail.scheduling.scan import Scanner
 from copiamail.scheduling.waiting import WaitEntry, WaitingJobs
-from copiamail.smtp.session import machine_helo_name
+from copiamail.smtp.startup import machine_helo_name
 from copiamail.spool.queue import Claimed, QueuedJob, Spool
 
 __all__ = ["Scheduler", "Stats"]
@@ -134,7 +134,7 @@ class Scheduler:
                                         config.helo_name or machine_helo_name())
         self._router = Router(config, password, read_password(config, "retry_relay"), clock=clock,
                               on_learned=self._connections.learned_host, on_routed=self._routed,
-                              on_unpaused=lambda key: self._offer([key]))
+                              on_unpaused=self._unpaused)
         self._scanner = Scanner(config, spool, node, self._waiting, self._halted, self._dispatch, worker=worker,
                                 workers=workers, clock=clock)
         self._attempts = Attempts(config, spool, node, self._router, worker, clock, self._connections.greeted_sharing)
@@ -243,11 +243,12 @@ class Scheduler:
     def _choose(self, job: Job, targets: list[Target]) -> _Start | _Blocked:
         candidates = _bindings_of(self.config, job)
         for conn in self._connections.idle_of(job.domain):
-            if (conn.binding in candidates and conn.idle and any(conn.target is t for t in targets)
+            if (conn.binding in candidates and conn.idle and any(conn.target is t or conn.target == t for t in targets)
                     and conn.session.settings.starttls == starttls_for(conn.target, job)):
                 return _Start(conn.binding, conn.target, conn.limits, reuse=conn)
         blocked: dict[str, Limit] = {}
         by_load = sorted(candidates, key=lambda b: (self._connections.open_count(b), b.name if b else ""))
+        reserve = self._connections.reserved(job.domain)
         for target in targets:
             paused = self._router.paused(target)
             if paused is not None:
@@ -255,7 +256,7 @@ class Scheduler:
                 continue
             for b in by_load:
                 limits = self._scopes.limits(job.address, job.domain, b, target.ips, target.names)
-                full = self._connections.reserved(job.domain) or self.limiter.try_acquire(limits)
+                full = reserve or self.limiter.try_acquire(limits)
                 if full is None:
                     return _Start(b, target, limits)
                 blocked.setdefault(full.key, full)
@@ -360,6 +361,21 @@ class Scheduler:
             _, key = min(heads)
             pending.discard(key)
             self._offer_key(key)
+
+    def _unpaused(self, key: str) -> None:
+        """A host's refusal pause is over: every job that waited on it (``key``)
+        is offered the host again, not just the first (a pause frees no slot
+        that a started job would give back, and the scan offers only keys with
+        room: this is the one offer they get)."""
+        if self.stopping:
+            return
+        if self._results.paused:
+            # Results are owed (a full disk): no job is taken now. Ask again
+            # later rather than leave these jobs waiting on a pause that is over.
+            asyncio.get_running_loop().call_later(1.0, self._unpaused, key)
+            return
+        while self._waiting.head(key) is not None:
+            self._offer_key(key)  # each call starts, claims or moves on at least one job
 
     def _offer_key(self, key: str) -> None:
         """A slot of ``key`` freed: offer it to the first waiting job that can use it."""

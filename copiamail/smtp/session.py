@@ -37,11 +37,6 @@ from copiamail.jobfile import outcome
 from copiamail.smtp.link import CONNECTION_LOST, NO_REPLY, Link, Lost, Refused, ReplyTimeout, data_block
 from copiamail.smtp.replies import CONNECT, DATA, MAIL, RCPT, classify, reply_text
 
-# Imported from here by the scheduling layer (routing, scheduler).
-from copiamail.smtp.startup import machine_helo_name as machine_helo_name
-from copiamail.smtp.startup import make_tls_context as make_tls_context
-from copiamail.smtp.startup import resolve_relay as resolve_relay
-
 
 @dataclass(frozen=True)
 class Delivered:
@@ -157,7 +152,7 @@ class SmtpSession:
     @property
     def greeted(self) -> bool:
         """Whether the connection is open and past its greeting and EHLO."""
-        return self._link is not None
+        return self._link is not None and self._link.usable
 
     async def _open(self) -> Link:
         s = self.settings

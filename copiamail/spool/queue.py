@@ -199,7 +199,7 @@ class Spool:
         folders: list[str] = []
         for queue in self.queues:
             folders += sorted(found.pop(queue, [queue]), key=os.fsencode)
-        extra = sorted(found.items(), key=lambda kv: (int(kv[0][6:]), kv[0]))  # TOSEND itself is configured
+        extra = sorted(found.items(), key=lambda kv: (queue_number(kv[0]), kv[0]))  # TOSEND itself is configured
         return folders + [name for _, names in extra for name in sorted(names, key=os.fsencode)]
 
     def queue_folder(self, queue: str) -> Path:
