@@ -12,7 +12,7 @@ idle connection is told to close by handing it None.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 from copiamail.config import BindingConfig
@@ -124,6 +124,17 @@ class Connections:
                 conn.limits = conn.limits + extra
             conn.max_messages = min(conn.max_messages,
                                     self._scopes.deliveries_per_connection(conn.domain, conn.binding, (ip,), names))
+
+    def idle_for(self, job: Job, bindings: Collection[BindingConfig | None], targets: Sequence[Target]) -> Connection | None:
+        """An idle connection of ``job``'s domain that may carry it: over one of
+        ``bindings``, to one of ``targets`` (the same place, not only the same
+        object: a domain's targets are made anew at each lookup), in the
+        STARTTLS mode the job needs."""
+        for conn in self._idle.get(job.domain, ()):
+            if (conn.binding in bindings and conn.idle and any(conn.target is t or conn.target == t for t in targets)
+                    and conn.session.settings.starttls == starttls_for(conn.target, job)):
+                return conn
+        return None
 
     def idle_of(self, domain: str) -> Sequence[Connection]:
         """The idle connections of ``domain``, longest idle first."""

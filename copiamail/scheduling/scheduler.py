@@ -242,16 +242,14 @@ class Scheduler:
 
     def _choose(self, job: Job, targets: list[Target]) -> _Start | _Blocked:
         candidates = _bindings_of(self.config, job)
-        for conn in self._connections.idle_of(job.domain):
-            if (conn.binding in candidates and conn.idle and any(conn.target is t or conn.target == t for t in targets)
-                    and conn.session.settings.starttls == starttls_for(conn.target, job)):
-                return _Start(conn.binding, conn.target, conn.limits, reuse=conn)
+        reuse = self._connections.idle_for(job, candidates, targets)
+        if reuse is not None:
+            return _Start(reuse.binding, reuse.target, reuse.limits, reuse=reuse)
         blocked: dict[str, Limit] = {}
         by_load = sorted(candidates, key=lambda b: (self._connections.open_count(b), b.name if b else ""))
         reserve = self._connections.reserved(job.domain)
         for target in targets:
-            paused = self._router.paused(target)
-            if paused is not None:
+            if (paused := self._router.paused(target)) is not None:
                 blocked.setdefault(paused.key, paused)
                 continue
             for b in by_load:
@@ -363,18 +361,12 @@ class Scheduler:
             self._offer_key(key)
 
     def _unpaused(self, key: str) -> None:
-        """A host's refusal pause is over: every job that waited on it (``key``)
-        is offered the host again, not just the first (a pause frees no slot
-        that a started job would give back, and the scan offers only keys with
-        room: this is the one offer they get)."""
-        if self.stopping:
-            return
-        if self._results.paused:
-            # Results are owed (a full disk): no job is taken now. Ask again
-            # later rather than leave these jobs waiting on a pause that is over.
+        """A host's refusal pause is over: offer the host to every job that
+        waited on it (``key`` has no slot to free: this is their one offer)."""
+        if self._results.paused and not self.stopping:  # results owed: no job is taken now; ask again later
             asyncio.get_running_loop().call_later(1.0, self._unpaused, key)
             return
-        while self._waiting.head(key) is not None:
+        while not self.stopping and self._waiting.head(key) is not None:
             self._offer_key(key)  # each call starts, claims or moves on at least one job
 
     def _offer_key(self, key: str) -> None:
@@ -433,9 +425,7 @@ class Scheduler:
         another domain that waits on a slot it holds comes first; ``(None,
         False)`` nothing waits for it."""
         if not conn.session.greeted and self._router.paused(conn.target) is not None:
-            # Its host refused it: reopening it for the next job would be
-            # refused again. Close, and let its slots go to jobs that wait.
-            return None, True
+            return None, True  # its host refused it: reopened, it would be refused again
         while True:
             own = self._waiting.next_of_domain(conn.domain, lambda job: self._can_use(conn, job))
             other = self._first_other(conn)
