@@ -44,6 +44,7 @@ from copiamail.config_sections import (
     DnsConfig,
     DomainStanza,
     HostStanza,
+    MessageRate,
     RelayConfig,
     ScopeCaps,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "DnsConfig",
     "DomainStanza",
     "HostStanza",
+    "MessageRate",
     "RelayConfig",
     "ScopeCaps",
     "find_config",
@@ -121,6 +123,11 @@ class Config:
     path_map: tuple[tuple[str, str], ...] = ()
     write_settle: float = 5.0
     refusal_pause: float = 10.0  # seconds without new connections to a host that refused one
+    max_message_rate: MessageRate | None = None  # the whole node's
+    adaptive: bool = False  # limits learn from throttle replies (stanzas may say otherwise)
+    adaptive_suspend: float = 900.0  # seconds a domain rests after a `suspend` reply
+    adaptive_recover_after: int = 100  # clean deliveries before a learned limit rises a step
+    adaptive_recover_seconds: float = 60.0  # and at least this long after its last change
     variables: Mapping[str, str] = field(default_factory=dict)  # `variables:`, names upper-case
     dkim: Mapping[str, DkimKey] = field(default_factory=lambda: MappingProxyType({}))  # by From: domain
     rules: CfgRules = CfgRules()

@@ -28,7 +28,20 @@ from copiamail.config_scopes import (
     read_hosts,
 )
 from copiamail.config_sections import ClusterConfig, DkimKey, DnsConfig, RelayConfig
-from copiamail.config_yaml import Read, Reader, boolean, choice, integer, number, path, section, section_of, string
+from copiamail.config_yaml import (
+    Read,
+    Reader,
+    boolean,
+    choice,
+    duration,
+    integer,
+    number,
+    path,
+    rate,
+    section,
+    section_of,
+    string,
+)
 from copiamail.errors import ConfigError
 from copiamail.jobfile.addresses import parse_address
 from copiamail.jobfile.dkim import is_dns_name, key_problem
@@ -200,6 +213,11 @@ TOP_LEVEL: Mapping[str, _Step] = MappingProxyType({
     "node_stale_after": _field(number(0.0)),
     "write_settle": _field(number(0.0)),
     "refusal_pause": _field(number(0.0)),
+    "max_message_rate": _field(rate),
+    "adaptive": _field(boolean),
+    "adaptive_suspend": _field(duration),
+    "adaptive_recover_after": _field(integer(1)),
+    "adaptive_recover_seconds": _field(duration),
     "esender": _field(_esender),
     "watcher": _field(choice("native", "polling")),
     "fsync": _field(boolean),

@@ -16,12 +16,16 @@ from typing import Any
 from ruamel.yaml.comments import CommentedMap
 
 from copiamail.config_sections import BindingConfig, BindingGroupConfig, DomainStanza, HostStanza, ScopeCaps
-from copiamail.config_yaml import Read, Reader, integer, values
+from copiamail.config_yaml import Read, Reader, boolean, integer, rate, values
 from copiamail.errors import ConfigError
 
 # Accepted in every stanza so that it is refused with a reason, not as unknown.
 _CLUSTER_CAP = "cluster_scope_max_outbound_connections"
-_CAP_KEYS: Mapping[str, Read] = MappingProxyType({f.name: integer(1) for f in fields(ScopeCaps)})
+_CAP_KEYS: Mapping[str, Read] = MappingProxyType({
+    "scope_max_outbound_connections": integer(1), "max_outbound_connections": integer(1),
+    "max_deliveries_per_connection": integer(1), "max_message_rate": rate, "adaptive": boolean,
+})
+assert set(_CAP_KEYS) == {f.name for f in fields(ScopeCaps)}
 _STANZA_KEYS = frozenset({*_CAP_KEYS, _CLUSTER_CAP})
 
 

@@ -35,13 +35,35 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class MessageRate:
+    """``max_message_rate: "N/s" | "N/m" | "N/h"``: at most ``count`` messages
+    started in any window of ``period`` seconds."""
+
+    count: int
+    period: float
+
+    @property
+    def spacing(self) -> float:
+        """The seconds between two message starts that keep the rate smooth."""
+        return self.period / self.count
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "m", 3600.0: "h"}.get(self.period)
+        return f"{self.count}/{unit}" if unit else f"{self.count}/{self.period:g}s"
+
+
+@dataclass(frozen=True)
 class ScopeCaps:
     """The caps a stanza sets (each at least 1); None where it sets none: the
-    scope's pooled cap, and the cap of each domain in the scope apart."""
+    scope's pooled cap, and the cap of each domain in the scope apart.
+    ``adaptive``: whether the stanza's limits learn from throttle replies
+    (None: as the top level says)."""
 
     scope_max_outbound_connections: int | None = None
     max_outbound_connections: int | None = None
     max_deliveries_per_connection: int | None = None  # messages one connection carries
+    max_message_rate: MessageRate | None = None
+    adaptive: bool | None = None
 
 
 @dataclass(frozen=True)

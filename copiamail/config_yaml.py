@@ -7,6 +7,7 @@ folder (from the working folder when there is no file).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -14,7 +15,12 @@ from typing import Any
 
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
+from copiamail.config_sections import MessageRate
 from copiamail.errors import ConfigError
+
+_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_RATE = re.compile(r"\s*(\d+)\s*/\s*([smh])\s*", re.IGNORECASE)
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", re.IGNORECASE)
 
 
 class Reader:
@@ -91,6 +97,24 @@ class Reader:
     def pathval(self, m: CommentedMap, key: str, full: str) -> Path:
         return (self.base / self.string(m, key, full)).absolute()
 
+    def rate(self, m: CommentedMap, key: str, full: str) -> MessageRate:
+        """``"N/s"``, ``"N/m"`` or ``"N/h"`` (N at least 1)."""
+        v = m[key]
+        found = _RATE.fullmatch(v) if isinstance(v, str) else None
+        if found is None or int(found.group(1)) < 1:
+            raise self.error(m, full, f'must be a message rate such as "10/s", "300/m" or "5000/h", got {v!r}')
+        return MessageRate(int(found.group(1)), _PERIODS[found.group(2).lower()])
+
+    def duration(self, m: CommentedMap, key: str, full: str) -> float:
+        """Seconds: a number, or a text such as ``"90s"``, ``"15m"``, ``"2h"``."""
+        v = m[key]
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
+            return float(v)
+        found = _DURATION.fullmatch(v) if isinstance(v, str) else None
+        if found is None:
+            raise self.error(m, full, f'must be a duration in seconds, or such as "90s", "15m", "2h", got {v!r}')
+        return float(found.group(1)) * _PERIODS.get(found.group(2).lower(), 1.0)
+
 
 # How one key's value is read: ``read(reader, mapping, key, full)`` returns the
 # value of ``mapping[key]`` (there, and not null), named ``full`` in errors.
@@ -112,6 +136,8 @@ def choice(*choices: str) -> Read:
 string: Read = Reader.string
 boolean: Read = Reader.boolean
 path: Read = Reader.pathval
+rate: Read = Reader.rate
+duration: Read = Reader.duration
 
 
 def values(r: Reader, m: CommentedMap, keys: Mapping[str, Read], full: str) -> dict[str, Any]:

@@ -81,9 +81,13 @@ def _finished(cf: CommandFile, record: WrittenLine, variables: tuple[tuple[str, 
                      moved=("fax_status1",) if final else ())
 
 
-def deferred(cf: CommandFile, busy_count: int) -> CommandFile:
-    """A deferral by a connection limit: DOMAINBUSY_COUNT incremented, nothing else."""
-    return cf.edited(variables=(("DOMAINBUSY_COUNT", busy_count + 1),))
+def deferred(cf: CommandFile, busy_count: int, reply: tuple[str, int] | None = None) -> CommandFile:
+    """A deferral by a connection limit: DOMAINBUSY_COUNT incremented, nothing
+    else; or, when a receiver's reply that it has too many connections from
+    us sent the job back (``reply``: its text, and the connections open
+    then), that reply in EMAIL_ERROR and EMAIL_CONNECTIONS too."""
+    extra = _error(*reply) if reply is not None else ()
+    return cf.edited(variables=(("DOMAINBUSY_COUNT", busy_count + 1), *extra))
 
 
 def delivered(cf: CommandFile, node: str, reply: str, ip: str, bytecount: int, now: float,

@@ -22,15 +22,23 @@ from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job
 from copiamail.jobfile.message import build_message
 from copiamail.logs import OUTCOMES
+from copiamail.scheduling.adaptive import AdaptiveLimits
 from copiamail.scheduling.connections import Connection
+from copiamail.scheduling.limits import Pace, adaptive_limit
+from copiamail.scheduling.pacing import Pacer
 from copiamail.scheduling.results import Result, Tally
 from copiamail.scheduling.retry import GiveUp, TryAlternative, after_error
 from copiamail.scheduling.routing import Item, Router
 from copiamail.smtp.session import CONNECT, Delivered
 from copiamail.spool.jobview import recipient_of
 from copiamail.spool.queue import Claimed, Destination, Spool, queue_number
+from copiamail.throttle import ThrottleKind
 
 log = logging.getLogger("copiamail")
+
+# A message that must wait longer than this for its rate closes its
+# connection first: receivers drop a connection left idle for minutes.
+_CLOSE_BEFORE_WAIT = 20.0
 outcomes = logging.getLogger(OUTCOMES)  # deliveries and deferrals: shown from -v on
 
 
@@ -58,8 +66,49 @@ class Attempts:
     worker: int = 0
     clock: Callable[[], float] = time.time
     # The other connections past their greeting that share a connection's
-    # job limit (Connections.greeted_sharing): a throttle reply's evidence.
-    greeted_sharing: Callable[[Connection], int] = lambda conn: 0
+    # job limit, or the key given (Connections.greeted_sharing): a throttle
+    # reply's evidence.
+    greeted_sharing: Callable[[Connection, str | None], int] = lambda conn, key: 0
+    adaptive: AdaptiveLimits | None = None  # limits learned from throttle replies (None: not adaptive)
+    pacer: Pacer | None = None  # message rates (None: none kept)
+    on_cap_raised: Callable[[str, int], None] = lambda key, cap: None  # an adaptive key's cap rose
+
+    async def _pace(self, conn: Connection) -> None:
+        """Wait until every message rate of ``conn`` allows a message, and
+        close a connection that has carried as many as it learned it may."""
+        key = adaptive_limit(conn.limits) if self.adaptive is not None else None
+        paces = conn.paces
+        if key is not None and self.adaptive is not None:
+            rate = self.adaptive.rate(key.key)
+            if rate is not None:
+                paces = (*paces, Pace(f"learned:{key.key}", 1 / rate, "learned"))
+            per_connection = self.adaptive.per_connection(key.key)
+            if per_connection is not None and conn.session.messages >= per_connection:
+                await conn.session.close()
+        if self.pacer is not None and paces:
+            # Connected and greeted first: the time a connection takes to
+            # open must not come between its turn and its MAIL FROM.
+            await conn.session.ready()
+            await self.pacer.start(paces, conn.session.close, _CLOSE_BEFORE_WAIT)
+        if key is not None and self.adaptive is not None:
+            self.adaptive.started(key.key, time.monotonic())
+
+    def _learn(self, conn: Connection, kind: ThrottleKind | None, e: DeliveryError | None) -> None:
+        """What an attempt on ``conn`` teaches its adaptive key: a throttle
+        reply ``e`` of ``kind``, or (``e`` None) a clean delivery."""
+        key = adaptive_limit(conn.limits)
+        if key is None or self.adaptive is None or key.ceiling is None:
+            return
+        if e is not None and kind is not None:
+            self.adaptive.throttled(key.key, key.ceiling, kind, e.text,
+                                    open_connections=self.greeted_sharing(conn, key.key) + 1,
+                                    messages=conn.session.messages, monotonic=time.monotonic())
+            return
+        rose = self.adaptive.delivered(key.key)
+        if conn.session.messages == 1:
+            rose = self.adaptive.accepted(key.key, self.greeted_sharing(conn, key.key) + 1, conn.opened) or rose
+        if rose:
+            self.on_cap_raised(key.key, self.adaptive.cap(key.key, key.ceiling))
 
     async def attempt(self, conn: Connection, item: Item) -> Result | None:
         """Send ``item``'s job over ``conn``; its result, or None when the job
@@ -67,9 +116,10 @@ class Attempts:
         SMTP command. A cancellation propagates with the job still claimed."""
         claimed, cf, job = item.claimed, item.cf, item.job
         config = self.config
-        now = self.clock()
         reused = conn.session.messages > 0
+        now = self.clock()
         try:
+            await self._pace(conn)
             sender = self._sender(job)
             data = build_message(job, spool_root=self.spool.root, attachment_roots=config.roots, sender=sender,
                                  now=now, path_map=config.path_map)
@@ -78,21 +128,30 @@ class Attempts:
         except JobError as e:
             return self.failed(claimed, cf, e.outcome, outcome.FAILURE, job_error_text(e), self.where(claimed, job, now))
         except DeliveryError as e:
+            kind = config.throttle_table.kind(e.code, e.text)
+            if kind is not None:
+                self._learn(conn, kind, e)
+                if (kind is ThrottleKind.CONNECTIONS and e.stage == CONNECT and self.adaptive is not None
+                        and adaptive_limit(conn.limits) is not None):
+                    # Refused for the connection, not for the message: it
+                    # waits for a slot under the lowered cap, as a deferred job.
+                    item.busy_reply = (e.text, self.greeted_sharing(conn, None) + 1)
+                    return None
             if refused_at_connect(e):
                 self.router.refused(conn.target)
             if e.stage == CONNECT and self.router.host_failed(conn.target, conn.domain, item.tried):
                 log.info("%s: %s; trying the next mail host", claimed.name, e.text)
                 return None
             connected = None if e.stage in (CONNECT, "DNS") and not reused else now
-            throttled = config.throttle_table.kind(e.code, e.text) is not None
             return self.after_error(claimed, cf, job, e, self.where(claimed, job, now, connected),
-                                    self.greeted_sharing(conn) + 1 if throttled else None)
+                                    self.greeted_sharing(conn, None) + 1 if kind is not None else None)
         except Exception as e:
             log.exception("%s: internal error", claimed.name)
             conn.session.abort()
             return self.after_error(claimed, cf, job, DeliveryError(
                 outcome.INTERNAL.code, outcome.INTERNAL.klass, f"internal error: {type(e).__name__}: {e}", False),
                 self.where(claimed, job, now))
+        self._learn(conn, None, None)
         return self.sent(claimed, cf, sent, self.where(claimed, job, now, now))
 
     def _sender(self, job: Job) -> str:

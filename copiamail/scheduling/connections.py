@@ -12,13 +12,14 @@ idle connection is told to close by handing it None.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from copiamail.config import BindingConfig
 from copiamail.jobfile.job import Job
 from copiamail.scheduling.limiter import Limiter
-from copiamail.scheduling.limits import Limit, Scopes
+from copiamail.scheduling.limits import Limit, Pace, Scopes
 from copiamail.scheduling.routing import Item, Target
 from copiamail.smtp.session import SessionSettings, SmtpSession
 
@@ -36,6 +37,8 @@ class Connection:
     handoff: asyncio.Future[Item | None] | None = None  # while idle: the next job, or None to close
     task: asyncio.Task[None] | None = None
     written: asyncio.Future[None] | None = None  # its last result's batch: done when committed
+    paces: tuple[Pace, ...] = ()  # the message rates it keeps
+    opened: float = field(default_factory=time.monotonic)
 
     @property
     def idle(self) -> bool:
@@ -81,11 +84,11 @@ class Connections:
     def __iter__(self) -> Iterator[Connection]:
         return iter(self._open)
 
-    def greeted_sharing(self, conn: Connection) -> int:
+    def greeted_sharing(self, conn: Connection, key: str | None = None) -> int:
         """How many other open connections, past their greeting, hold a slot
-        of ``conn``'s job limit (its ``$domain_limit`` key, else its per-domain
-        key): the evidence a throttle reply is judged by."""
-        key = job_limit_key(conn.limits)
+        of ``key``, by default ``conn``'s job limit (its ``$domain_limit`` key,
+        else its per-domain key): the evidence a throttle reply is judged by."""
+        key = key or job_limit_key(conn.limits)
         return sum(1 for c in self._open
                    if c is not conn and c.session.greeted and any(limit.key == key for limit in c.limits))
 
@@ -101,7 +104,8 @@ class Connections:
             timeout=self._timeout, helo_name=self._helo_name, server_name=target.server_name, relay=target.relay,
         )
         max_messages = self._scopes.deliveries_per_connection(domain, binding, target.ips, target.names)
-        conn = Connection(domain, address, binding, limits, target, SmtpSession(settings), max_messages)
+        conn = Connection(domain, address, binding, limits, target, SmtpSession(settings), max_messages,
+                          paces=self._scopes.paces(domain, binding, target.ips, target.names))
         self._open.add(conn)
         return conn
 
@@ -124,6 +128,7 @@ class Connections:
                 conn.limits = conn.limits + extra
             conn.max_messages = min(conn.max_messages,
                                     self._scopes.deliveries_per_connection(conn.domain, conn.binding, (ip,), names))
+            conn.paces = self._scopes.paces(conn.domain, conn.binding, (ip,), names)
 
     def idle_for(self, job: Job, bindings: Collection[BindingConfig | None], targets: Sequence[Target]) -> Connection | None:
         """An idle connection of ``job``'s domain that may carry it: over one of

@@ -42,10 +42,10 @@ cap comes from is one of those.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from copiamail.config import BindingConfig, Config, DomainStanza, HostStanza, ScopeCaps
+from copiamail.config import BindingConfig, Config, DomainStanza, HostStanza, MessageRate, ScopeCaps
 from copiamail.jobfile.rules import match
 
 _SCOPE_MAX = "scope_max_outbound_connections"
@@ -53,12 +53,31 @@ _SCOPE_MAX = "scope_max_outbound_connections"
 
 @dataclass(frozen=True)
 class Limit:
-    """One counted key and its cap; ``scope`` says in words where it comes from."""
+    """One counted key and its cap; ``scope`` says in words where it comes
+    from. ``ceiling``: for the adaptive key of a connection (its cap learned
+    from throttle replies), the configured cap; None for every other key."""
 
     key: str
     cap: int
     scope: str
     shared: bool = False  # counts connections of more than one domain
+    ceiling: int | None = None
+
+
+@dataclass(frozen=True)
+class Pace:
+    """A message rate a connection keeps: starts of messages counted against
+    ``key`` are ``spacing`` seconds apart at least; ``scope`` says where it
+    comes from."""
+
+    key: str
+    spacing: float
+    scope: str
+
+
+def adaptive_limit(limits: Sequence[Limit]) -> Limit | None:
+    """The limit among ``limits`` whose cap adapts, if any."""
+    return next((limit for limit in limits if limit.ceiling is not None), None)
 
 
 def worker_of(key: str, workers: int) -> int:
@@ -106,8 +125,12 @@ class Scopes:
     what does not depend on the connection (the node total, which settings
     are shared) is worked out once, not for every job."""
 
-    def __init__(self, config: Config, node: str, worker: int = 0, workers: int = 1) -> None:
+    def __init__(self, config: Config, node: str, worker: int = 0, workers: int = 1,
+                 learned: Callable[[str, int], int] | None = None) -> None:
+        """``learned(key, ceiling)``: the cap an adaptive key has learned (None:
+        the configured caps hold)."""
         self._config = config
+        self._learned = learned
         self._node = node
         self._worker = worker
         self._workers = workers
@@ -161,7 +184,64 @@ class Scopes:
                                    f"Global::Domain domain.{global_stanza.key}", f"domain.{global_stanza.key}.{_SCOPE_MAX}"))
         if host_ips:
             self._host_limits(out, host_ips, host_names)
+        return self._adapted(out, domain, host_ips, host_names)
+
+    def _adapted(self, out: list[Limit], domain: str, host_ips: Sequence[str], host_names: Sequence[str]) -> tuple[Limit, ...]:
+        """``out`` with the adaptive key (if the destination is adaptive) marked
+        and its cap lowered to what it learned. The key stands for the
+        receiver: a host stanza's, else a pooled stanza's, else the domain's
+        ``$domain_limit``, else its per-binding cap."""
+        config = self._config
+        names = {h.lower() for h in host_names}
+        host_flags = [h.caps.adaptive for ip in host_ips for h in self._host_stanzas(ip, names)]
+        host_on = any(host_flags) or (config.adaptive and False not in host_flags)
+        stanza = _first(config.domains, domain)
+        domain_on = config.adaptive if stanza is None or stanza.caps.adaptive is None else stanza.caps.adaptive
+        pooled = stanza is not None and stanza.pattern is not None
+        for prefix, on in (("host:", host_on), ("global_domain:" if pooled else "-", domain_on),
+                           ("domain_limit:", domain_on), ("binding_domain:", domain_on)):
+            i = next((i for i, limit in enumerate(out) if on and limit.key.startswith(prefix)), None)
+            if i is not None:
+                limit = out[i]
+                cap = self._learned(limit.key, limit.cap) if self._learned is not None else limit.cap
+                scope = limit.scope if cap >= limit.cap else f"{limit.scope}, learned {cap} of {limit.cap}"
+                out[i] = Limit(limit.key, min(cap, limit.cap), scope, limit.shared, limit.cap)
+                break
         return tuple(out)
+
+    def paces(self, domain: str, binding: BindingConfig | None = None,
+              host_ips: Sequence[str] = (), host_names: Sequence[str] = ()) -> tuple[Pace, ...]:
+        """The message rates (``max_message_rate``) a connection for ``domain``
+        over ``binding`` to the host at ``host_ips`` keeps: the node's, the
+        domain stanza's (a regex stanza's pooled over its domains), the
+        binding group's, the binding's and their domain stanzas', the host
+        stanzas'. A rate counted over several domains is divided between
+        the workers, as shared caps are."""
+        config = self._config
+        found: list[tuple[str, MessageRate | None, str, bool]] = [
+            ("rate:node", config.max_message_rate, "max_message_rate", True)]
+        stanza = _first(config.domains, domain)
+        if stanza is not None:
+            pooled = stanza.pattern is not None
+            found.append((f"rate:domain:{stanza.key if pooled else domain}", stanza.caps.max_message_rate,
+                          f"domain.{stanza.key}.max_message_rate", pooled))
+        if binding is not None:
+            group = config.binding_group(binding.group) if binding.group else None
+            for kind, scope in (("group", group), ("binding", binding)):
+                if scope is None:
+                    continue
+                found.append((f"rate:{kind}:{scope.name}", scope.caps.max_message_rate,
+                              f"{kind} {scope.name} max_message_rate", True))
+                inner = _first(scope.domains, domain)
+                if inner is not None:
+                    found.append((f"rate:{kind}:{scope.name}:{inner.key}", inner.caps.max_message_rate,
+                                  f"{kind} {scope.name} domain.{inner.key}.max_message_rate", True))
+        names = {h.lower() for h in host_names}
+        for ip in dict.fromkeys(host_ips):
+            for h in self._host_stanzas(ip, names):
+                found.append((f"rate:host:{ip}", h.caps.max_message_rate, f"host.{h.key}.max_message_rate", True))
+        return tuple(Pace(key, rate.spacing * (self._workers if shared else 1), where)
+                     for key, rate, where, shared in found if rate is not None)
 
     def deliveries_per_connection(self, domain: str, binding: BindingConfig | None = None,
                                   host_ips: Sequence[str] = (), host_names: Sequence[str] = ()) -> int:
@@ -244,8 +324,10 @@ def limits_for(
     host_names: Sequence[str] = (),
     worker: int = 0,
     workers: int = 1,
+    learned: Callable[[str, int], int] | None = None,
 ) -> tuple[Limit, ...]:
     """:meth:`Scopes.limits` for one connection, without a :class:`Scopes` kept
     (``explain``, tests): every limit it must have room in, in acquire order;
-    shared caps as worker ``worker`` of ``workers`` holds them."""
-    return Scopes(config, node, worker, workers).limits(address, domain, binding, host_ips, host_names)
+    shared caps as worker ``worker`` of ``workers`` holds them; ``learned``:
+    as for :class:`Scopes`."""
+    return Scopes(config, node, worker, workers, learned).limits(address, domain, binding, host_ips, host_names)

@@ -259,12 +259,14 @@ class ResultWriter:
 
     # --- jobs that go back unsent --------------------------------------------
 
-    def defer(self, claimed: Claimed, cf: CommandFile, job: Job) -> Path | None:
+    def defer(self, claimed: Claimed, cf: CommandFile, job: Job, reply: tuple[str, int] | None = None) -> Path | None:
         """Write a job that found no free slot back to its folder, its
-        DOMAINBUSY_COUNT one higher; where it is now (handed back unmarked if
-        the deferral cannot be written; None, and parked, if not even that)."""
+        DOMAINBUSY_COUNT one higher (``reply``: the receiver's reply that sent
+        it back, and the connections open then); where it is now (handed
+        back unmarked if the deferral cannot be written; None, and parked,
+        if not even that)."""
         try:
-            path = self._spool.finish(claimed, records.deferred(cf, job.domainbusy_count), Destination.BACK)
+            path = self._spool.finish(claimed, records.deferred(cf, job.domainbusy_count, reply), Destination.BACK)
             self.stats.count(Tally.DEFERRED)
             outcomes.info("%s to %s deferred: %s is busy", claimed.name, job.address, job.domain)
             self._on_event(Tally.DEFERRED, claimed.name)

@@ -68,6 +68,10 @@ class Item:
     cf: CommandFile
     job: Job
     tried: set[str] = field(default_factory=set)  # mail host addresses this attempt found dead
+    # A receiver's reply that it has too many connections from us, under
+    # adaptive limits, and the connections open then (EMAIL_CONNECTIONS):
+    # the job waits for a slot, and its deferral records the reply.
+    busy_reply: tuple[str, int] | None = None
 
 
 def relay_target(relay: RelayConfig | None, password: str | None) -> Target | None:

@@ -81,8 +81,12 @@ class Scanner:
         workers: int = 1,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        held_until: Callable[[Job], float | None] = lambda job: None,
     ) -> None:
+        """``held_until(job)``: until when a due job stays in its folder
+        unclaimed (its destination is suspended), or None."""
         self._config = config
+        self._held_until = held_until
         self._spool = spool
         self._node = node
         self._waiting = waiting
@@ -249,11 +253,15 @@ class Scanner:
         if peek is None:
             self._settling.pop(w.file, None)  # gone, or another worker's: not ours to settle
             return False
-        if peek.next_attempt is not None and peek.next_attempt > now:
+        due = peek.next_attempt
+        if peek.job is not None and (held := self._held_until(peek.job)) is not None:
+            due = max(due or held, held)
+            peek = Peek(peek.sig, None, None, due)  # read again once the hold is over
+        if due is not None and due > now:
             self._settling.pop(w.file, None)  # by its due time it is long complete
-            self._later[w.file] = (peek.sig, peek.next_attempt)
-            if self.next_due is None or peek.next_attempt < self.next_due:
-                self.next_due = peek.next_attempt
+            self._later[w.file] = (peek.sig, due)
+            if self.next_due is None or due < self.next_due:
+                self.next_due = due
             return False
         if (self._settling or unknown_recent) and not self._left_alone(w.file, peek.sig, peek.sig[1] / 1e9, now, unknown_recent):
             return False

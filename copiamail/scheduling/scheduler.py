@@ -43,10 +43,11 @@ from copiamail.jobfile.job import Job, parse_job
 from copiamail.scheduling.attempts import Attempts
 from copiamail.scheduling.connections import Connection, Connections, starttls_for
 from copiamail.scheduling.limiter import Limiter, LocalLimiter
-from copiamail.scheduling.limits import Limit, Scopes, bindings_for
+from copiamail.scheduling.limits import Limit, bindings_for
 from copiamail.scheduling.results import ResultWriter, Stats
 from copiamail.scheduling.routing import Item, Router, Target
 from copiamail.scheduling.scan import Scanner
+from copiamail.scheduling.shaping import Shaping
 from copiamail.scheduling.waiting import WaitEntry, WaitingJobs
 from copiamail.smtp.startup import machine_helo_name
 from copiamail.spool.queue import Claimed, QueuedJob, Spool
@@ -94,6 +95,30 @@ def _as_planned(job: Job, planned: Job, now: float) -> bool:
             and job.attempts == planned.attempts and job.is_due(now))
 
 
+def _read_claimed(spool: Spool, config: Config, claimed: Claimed) -> tuple[CommandFile | None, Job | None]:
+    """The text and meaning of a job just claimed; (None, None) if it cannot
+    be read or parsed (then the scheduler's dispatch tries again and says why)."""
+    try:
+        cf = spool.read(claimed)
+        return cf, parse_job(cf, claimed.name, config.job_env)
+    except (OSError, JobError):
+        return None, None
+
+
+def _can_ride(config: Config, router: Router, conn: Connection, job: Job) -> bool:
+    """Whether ``job`` may ride on ``conn``: the same binding, STARTTLS mode,
+    and route (a retry sent through retry_relay rides only on a connection
+    to it, and nothing else does)."""
+    if conn.session.settings.starttls != starttls_for(conn.target, job):
+        return False
+    if not router.same_route(conn.target, job):
+        return False
+    try:
+        return conn.binding in _bindings_of(config, job)
+    except JobError:
+        return True  # take it: the scheduler's dispatch fails it with the reason
+
+
 class Scheduler:
     """One node's scheduling loop over one spool (or one worker's part of it).
     It chooses a binding and limits for each job, starts, reuses and closes
@@ -125,7 +150,8 @@ class Scheduler:
         self.stopping = False
         self.limiter: Limiter = limiter if limiter is not None else LocalLimiter()
         self._wake: asyncio.Event | None = None
-        self._scopes = Scopes(config, node, worker, workers)
+        self._shaping = Shaping(config, spool, node, worker, workers, self._unpaused, clock)
+        self._scopes = self._shaping.scopes
         self._waiting = WaitingJobs()
         self._results = ResultWriter(spool, node, on_event)
         # Once, at start: machine_helo_name() may ask DNS (an EHLO name is an
@@ -136,8 +162,9 @@ class Scheduler:
                               on_learned=self._connections.learned_host, on_routed=self._routed,
                               on_unpaused=self._unpaused)
         self._scanner = Scanner(config, spool, node, self._waiting, self._halted, self._dispatch, worker=worker,
-                                workers=workers, clock=clock)
-        self._attempts = Attempts(config, spool, node, self._router, worker, clock, self._connections.greeted_sharing)
+                                workers=workers, clock=clock, held_until=self._shaping.job_held_until)
+        self._attempts = Attempts(config, spool, node, self._router, worker, clock, self._connections.greeted_sharing,
+                                  self._shaping.adaptive, self._shaping.pacer, self._cap_raised)
 
     @property
     def stats(self) -> Stats:
@@ -254,7 +281,7 @@ class Scheduler:
                 continue
             for b in by_load:
                 limits = self._scopes.limits(job.address, job.domain, b, target.ips, target.names)
-                full = reserve or self.limiter.try_acquire(limits)
+                full = reserve or self._shaping.held(limits) or self.limiter.try_acquire(limits)
                 if full is None:
                     return _Start(b, target, limits)
                 blocked.setdefault(full.key, full)
@@ -326,7 +353,7 @@ class Scheduler:
 
     def _defer(self, item: Item, blocked: _Blocked) -> None:
         claimed = item.claimed
-        path = self._results.defer(claimed, item.cf, item.job)
+        path = self._results.defer(claimed, item.cf, item.job, item.busy_reply)
         if path is None:
             return
         w = QueuedJob(self.spool.priority(claimed.queue), claimed.queue, path.name, str(path))
@@ -369,6 +396,11 @@ class Scheduler:
         while not self.stopping and self._waiting.head(key) is not None:
             self._offer_key(key)  # each call starts, claims or moves on at least one job
 
+    def _cap_raised(self, key: str, cap: int) -> None:
+        """An adaptive key's learned cap rose to ``cap``: its waiting jobs may start."""
+        self._waiting.set_cap(key, cap)
+        self._offer([key])
+
     def _offer_key(self, key: str) -> None:
         """A slot of ``key`` freed: offer it to the first waiting job that can use it."""
         passed_over: set[str] = set()
@@ -401,7 +433,7 @@ class Scheduler:
             return
 
     def _start_claimed(self, choice: _Start, claimed: Claimed, planned: Job) -> None:
-        cf, job = self._read_claimed(claimed)
+        cf, job = _read_claimed(self.spool, self.config, claimed)
         if cf is None or job is None or not _as_planned(job, planned, self.clock()):
             # Unreadable, or its file changed while it waited: decide afresh.
             if choice.reuse is None:
@@ -410,22 +442,14 @@ class Scheduler:
             return
         self._start(choice, Item(claimed, cf, job))
 
-    def _read_claimed(self, claimed: Claimed) -> tuple[CommandFile | None, Job | None]:
-        """The text and meaning of a job just claimed; (None, None) if it cannot
-        be read or parsed (then :meth:`_dispatch` tries again and says why)."""
-        try:
-            cf = self.spool.read(claimed)
-            return cf, parse_job(cf, claimed.name, self.config.job_env)
-        except (OSError, JobError):
-            return None, None
-
     def _next_for(self, conn: Connection) -> tuple[Item | None, bool]:
         """What a connection does after a message: ``(item, False)`` carry the
         next waiting job of its domain; ``(None, True)`` close, because a job of
         another domain that waits on a slot it holds comes first; ``(None,
         False)`` nothing waits for it."""
-        if not conn.session.greeted and self._router.paused(conn.target) is not None:
-            return None, True  # its host refused it: reopened, it would be refused again
+        if ((not conn.session.greeted and self._router.paused(conn.target) is not None)
+                or self._shaping.held(conn.limits) is not None):
+            return None, True  # its host refused it, or asked for a rest: reopened, it would be refused again
         while True:
             own = self._waiting.next_of_domain(conn.domain, lambda job: self._can_use(conn, job))
             other = self._first_other(conn)
@@ -456,24 +480,14 @@ class Scheduler:
         return best
 
     def _can_use(self, conn: Connection, job: Job) -> bool:
-        """Whether ``job`` may ride on ``conn``: the same binding, STARTTLS
-        mode, and route (a retry sent through retry_relay rides only on a
-        connection to it, and nothing else does)."""
-        if conn.session.settings.starttls != starttls_for(conn.target, job):
-            return False
-        if not self._router.same_route(conn.target, job):
-            return False
-        try:
-            return conn.binding in _bindings_of(self.config, job)
-        except JobError:
-            return True  # take it: _dispatch fails it with the reason
+        return _can_ride(self.config, self._router, conn, job)
 
     def _claim_for(self, conn: Connection, entry: WaitEntry) -> Item | None:
         """Claim a waiting job to ride on an open connection; None if it cannot."""
         claimed = self._take(entry)
         if claimed is None:
             return None
-        cf, job = self._read_claimed(claimed)
+        cf, job = _read_claimed(self.spool, self.config, claimed)
         if cf is None or job is None or not _as_planned(job, entry.job, self.clock()) or not self._can_use(conn, job):
             self._dispatch(claimed, cf, job)
             return None

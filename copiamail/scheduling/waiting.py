@@ -86,6 +86,11 @@ class WaitingJobs:
     def cap(self, key: str) -> int:
         return self._caps.get(key, 0)
 
+    def set_cap(self, key: str, cap: int) -> None:
+        """``key``'s cap changed (a learned limit rose): jobs waiting on it see the new one."""
+        if key in self._caps:
+            self._caps[key] = cap
+
     def take(self, entry: WaitEntry) -> None:
         """The job stops waiting (it is being claimed, or its file is gone)."""
         entry.active = False

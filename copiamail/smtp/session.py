@@ -301,6 +301,12 @@ class SmtpSession:
         self.messages += 1
         return Delivered(reply_text(code, text), self.peer_ip, len(data))
 
+    async def ready(self) -> None:
+        """Open the connection now (or reset it after a refusal), so that the
+        next :meth:`send` starts its transaction at once; raises DeliveryError
+        as :meth:`send` does when it cannot be opened."""
+        await self._ready()
+
     async def _ready(self) -> Link:
         """The connection for the next transaction: the open one, reset with
         RSET after a refusal; a new one where there is none, or where the old

@@ -1,0 +1,94 @@
+"""Traffic shaping of one scheduler: the message rates it keeps, the limits
+it learns from throttle replies (:mod:`.adaptive`), and the destinations a
+``suspend`` reply has stopped.
+
+A suspended destination takes no new connection until its suspension ends;
+the jobs that meet it wait on the key ``suspend:<adaptive key>`` (cap 0), and
+the jobs in the TOSEND folders are not claimed at all meanwhile (the scan
+skips them as not yet due), so their files stay as they are. When the
+suspension ends, ``on_resumed(key)`` offers the destination to the jobs that
+wait on it, and a scan finds the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from copiamail.config import Config
+from copiamail.jobfile.job import Job
+from copiamail.scheduling.adaptive import AdaptiveLimits, learned_in_spool, state_file
+from copiamail.scheduling.limits import Limit, Scopes, adaptive_limit, bindings_for
+from copiamail.scheduling.pacing import Pacer
+
+if TYPE_CHECKING:
+    from copiamail.spool.queue import Spool
+
+
+def uses_adaptive(config: Config) -> bool:
+    """Whether any limit of ``config`` learns from throttle replies."""
+    return (config.adaptive or any(s.caps.adaptive for s in config.domains)
+            or any(h.caps.adaptive for h in config.hosts))
+
+
+def suspend_key(key: str) -> str:
+    """The key jobs wait on while adaptive key ``key`` is suspended."""
+    return f"suspend:{key}"
+
+
+class Shaping:
+    """Rates, learned limits and suspensions of worker ``worker`` of node
+    ``node`` (used from one event loop). ``adaptive`` is None when nothing in
+    the config is adaptive."""
+
+    def __init__(self, config: Config, spool: Spool, node: str, worker: int, workers: int,
+                 on_resumed: Callable[[str], None], clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._on_resumed = on_resumed
+        self._clock = clock
+        self.pacer = Pacer()
+        self.adaptive: AdaptiveLimits | None = None
+        if uses_adaptive(config):
+            own = learned_in_spool(spool.root, node)
+            self.adaptive = AdaptiveLimits(
+                state_file(spool.root, node, worker), suspend=config.adaptive_suspend,
+                recover_after=config.adaptive_recover_after, recover_seconds=config.adaptive_recover_seconds,
+                clock=clock, load={key: learned for key, (_, learned) in own.items()})
+        self._resuming: set[str] = set()
+        # The limits of connections, adaptive keys lowered to what they learned.
+        self.scopes = Scopes(config, node, worker, workers, learned=self.learned_cap)
+
+    def learned_cap(self, key: str, ceiling: int) -> int:
+        return self.adaptive.cap(key, ceiling) if self.adaptive is not None else ceiling
+
+    def held(self, limits: Sequence[Limit]) -> Limit | None:
+        """The suspension that keeps a connection under ``limits`` from
+        opening (a limit of cap 0 to wait on), or None."""
+        key = adaptive_limit(limits) if self.adaptive is not None else None
+        until = self.adaptive.suspended_until(key.key) if key is not None and self.adaptive is not None else None
+        if key is None or until is None:
+            return None
+        held = Limit(suspend_key(key.key), 0, f"suspended after a throttle reply ({key.scope})")
+        if held.key not in self._resuming:
+            self._resuming.add(held.key)
+            asyncio.get_running_loop().call_later(max(0.0, until - self._clock()) + 0.01, self._resume, held.key)
+        return held
+
+    def _resume(self, key: str) -> None:
+        self._resuming.discard(key)
+        self._on_resumed(key)
+
+    def job_held_until(self, job: Job) -> float | None:
+        """Until when ``job`` stays in its folder unclaimed: its domain is
+        suspended (judged by its domain's own limits; a suspended mail host
+        is met only when the job is routed)."""
+        if self.adaptive is None or not self._resuming:
+            return None
+        try:
+            binding = bindings_for(self._config, job.binding, job.binding_group)[0]
+        except KeyError:
+            return None
+        key = adaptive_limit(self.scopes.limits(job.address, job.domain, binding))
+        return self.adaptive.suspended_until(key.key) if key is not None else None
