@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -454,7 +455,7 @@ def check_config(config_file: Path | None, spool_dir: Path | None) -> None:
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--write", "write_cfg", is_flag=True, help="Insert the proposed lines into the CFG file.")
 @_common
-def advise(since: Any, fmt: str, write_cfg: bool, config_file: Path | None, spool_dir: Path | None) -> None:
+def advise(since: datetime | None, fmt: str, write_cfg: bool, config_file: Path | None, spool_dir: Path | None) -> None:
     """Propose $domain_limit lines from the throttle replies the spool's jobs record."""
     from copiamail import advice
     from copiamail.advice import report

@@ -81,6 +81,19 @@ def test_a_record_without_reply_text_takes_email_error_only_if_it_is_the_last_fa
     assert only.when.day == 21 and only.node == "*" and only.text == "421 Too many connections"
 
 
+def test_attempts_after_the_switch_to_the_alternative_address_are_its_domains(tmp_path):
+    kit = make_kit(tmp_path)
+    path = kit.job("TOSEND", "J.FS", '$email_subject "x"', "$email_alt_address u@alt.test",
+                   copiamail_record("11/20/2026", "10:00:00", 421, POSTFIX),
+                   copiamail_record("11/20/2026", "11:00:00", 550, "550 5.1.1 unknown", klass="B"),
+                   "$var_def EMAIL_USING_ALT 1",
+                   copiamail_record("11/21/2026", "10:00:00", 421, POSTFIX, node='"node 1"'),
+                   f'$var_def EMAIL_ERROR "{POSTFIX}"', to="u@main.test")
+    found = read_job(path, load_config(kit.config_path).throttle_table)
+    # A node field that is no node name (another writer's) gives a line for every node.
+    assert [(t.domain, t.node) for t in found] == [("main.test", "N1"), ("alt.test", "*")]
+
+
 def test_since_keeps_attempts_of_that_day_and_later(tmp_path):
     kit = make_kit(tmp_path, "$domain_limit * @ 8")
     throttled_job(kit, "SENT", "OLD.FS", "u@old.test", copiamail_record("11/20/2026", "23:59:59", 421, POSTFIX), connections=3)

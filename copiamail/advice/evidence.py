@@ -10,6 +10,10 @@ variable holds the last failed attempt's reply only. A reply is a throttle
 reply when the config's throttle table (the operator's patterns, then the
 shipped ones) gives it a kind, as the node judges it when the reply comes.
 
+An attempt is charged to the domain of the job's ``$email_address``, or of
+its ``$email_alt_address`` when the record comes after the line where the
+engine switched the job to it (``EMAIL_USING_ALT``).
+
 ``EMAIL_CONNECTIONS`` is set in place at each throttled attempt, so it
 belongs to the job's last throttled attempt; earlier throttled attempts of
 that job count as replies with no known connection count.
@@ -25,13 +29,14 @@ from pathlib import Path
 
 from copiamail.jobfile.addresses import read_mailbox, written_address
 from copiamail.jobfile.fsfile import Command, CommandFile
-from copiamail.jobfile.owned import AttemptRecord, parse_attempt
+from copiamail.jobfile.owned import USING_ALT, AttemptRecord, parse_attempt
 from copiamail.spool.layout import FAIL, SENT, is_job_name
 from copiamail.spool.queue import Spool
 from copiamail.throttle import ThrottleKind, ThrottleTable
 
 ANY_NODE = "*"
 _CODE = re.compile(r"([45]\d\d)(?![0-9])")
+_NODE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -91,13 +96,27 @@ def _code(record: AttemptRecord, text: str) -> int:
     return int(m.group(1)) if m else record.outcome
 
 
-def _domain(commands: list[Command], cf: CommandFile) -> str | None:
-    """The recipient's domain: that of the last ``$email_address``."""
-    addresses = [c for c in commands if c.name == "email_address"]
+def _domain(commands: list[Command], cf: CommandFile, name: str = "email_address") -> str | None:
+    """The domain of the job's last ``$email_address`` (or other address command ``name``)."""
+    addresses = [c for c in commands if c.name == name]
     if not addresses:
         return None
     mailbox = read_mailbox(written_address(addresses[-1], cf))
     return mailbox.domain if mailbox is not None else None
+
+
+def _alternative_from(commands: list[Command]) -> int | None:
+    """The line after which attempts went to the job's ``$email_alt_address``:
+    the engine writes ``EMAIL_USING_ALT`` after the main address's last record."""
+    marks = [c.line for c in commands if c.name == "var_def" and c.args and c.args[0].upper() == USING_ALT
+             and c.args[1:] not in ((), ("0",))]
+    return marks[-1] if marks else None
+
+
+def _node(record: AttemptRecord) -> str:
+    # A field that is no node name (a record from another writer) must not
+    # become a CFG line that does not parse.
+    return record.node if _NODE_NAME.fullmatch(record.node) else ANY_NODE
 
 
 def read_job(path: Path, table: ThrottleTable, since: date | None = None) -> tuple[Throttled, ...]:
@@ -113,6 +132,8 @@ def read_job(path: Path, table: ThrottleTable, since: date | None = None) -> tup
     domain = _domain(commands, cf)
     if domain is None:
         raise ValueError(f"{path}: no readable $email_address")
+    switched = _alternative_from(commands)
+    alternative = _domain(commands, cf, "email_alt_address") if switched is not None else None
     error = cf.var("EMAIL_ERROR") or ""
     count = cf.var("EMAIL_CONNECTIONS")
     connections = int(count) if count is not None and count.isascii() and count.isdigit() else None
@@ -129,7 +150,8 @@ def read_job(path: Path, table: ThrottleTable, since: date | None = None) -> tup
         if when is None or (since is not None and when.date() < since):
             continue
         known = connections if record is found[-1][0] else None
-        out.append(Throttled(domain, record.node or ANY_NODE, kind, when, text, known, path))
+        to = alternative if alternative is not None and switched is not None and record.line > switched else domain
+        out.append(Throttled(to, _node(record), kind, when, text, known, path))
     return tuple(out)
 
 
