@@ -122,18 +122,14 @@ def _node(record: AttemptRecord) -> str:
 def read_job(path: Path, table: ThrottleTable, since: date | None = None) -> tuple[Throttled, ...]:
     """The throttled attempts of one job file, those that ended on ``since``
     or later where it is given. Raises :class:`~copiamail.errors.SyntaxFileError` naming the
-    file for a file that is no command file, a ValueError for one
-    without a readable recipient, and OSError for one that cannot be read."""
+    file for a file that is no command file, a ValueError for one with
+    throttle replies and no readable recipient, and OSError for one that
+    cannot be read."""
     cf = CommandFile.read(path)
     commands = cf.commands()
     records = [r for c in commands if c.name == "attempt_record" and (r := parse_attempt(c)) is not None]
     if not records:
         return ()
-    domain = _domain(commands, cf)
-    if domain is None:
-        raise ValueError(f"{path}: no readable $email_address")
-    switched = _alternative_from(commands)
-    alternative = _domain(commands, cf, "email_alt_address") if switched is not None else None
     error = cf.var("EMAIL_ERROR") or ""
     count = cf.var("EMAIL_CONNECTIONS")
     connections = int(count) if count is not None and count.isascii() and count.isdigit() else None
@@ -144,6 +140,13 @@ def read_job(path: Path, table: ThrottleTable, since: date | None = None) -> tup
         kind = table.kind(_code(record, text), text) if text else None
         if kind is not None:
             found.append((record, text, kind))
+    if not found:
+        return ()
+    domain = _domain(commands, cf)
+    if domain is None:  # only a job with evidence needs a domain: others stay silent
+        raise ValueError(f"{path}: no readable $email_address")
+    switched = _alternative_from(commands)
+    alternative = _domain(commands, cf, "email_alt_address") if switched is not None else None
     out = []
     for record, text, kind in found:
         when = _when(record)
