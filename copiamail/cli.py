@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -483,6 +484,29 @@ def check_config(config_file: Path | None, spool_dir: Path | None) -> None:
     for rule, earlier in shadowed(cfg.rules.domain_limits):
         click.echo(f"warning: {rule.where()}: {rule} can never apply: {earlier} at {earlier.where()} matches first")
     click.echo(f"ok: {cfg.path or 'built-in defaults'}; {len(cfg.rules.domain_limits)} $domain_limit rule(s); spool {cfg.spool}")
+
+
+@main.command()
+@click.option("--since", type=click.DateTime(["%Y-%m-%d"]), help="Only attempts on this day (YYYY-MM-DD) or later.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--write", "write_cfg", is_flag=True, help="Insert the proposed lines into the CFG file.")
+@_common
+def advise(since: datetime | None, fmt: str, write_cfg: bool, config_file: Path | None, spool_dir: Path | None) -> None:
+    """Propose $domain_limit lines from the throttle replies the spool's jobs record."""
+    from copiamail import advice
+    from copiamail.advice import report
+
+    cfg = _config(config_file, spool_dir)
+    spool = _spool_folder(cfg)
+    found = advice.advise(cfg, since.date() if since is not None else None)
+    for warning in found.warnings:
+        click.echo(f"copiamail: warning: {warning}", err=True)
+    written = advice.write(cfg, found) if write_cfg else 0
+    items = list(found.items)
+    if fmt == "json":
+        click.echo(report.as_json(items, write_cfg))
+    else:
+        click.echo(report.as_text(items, found.files, str(spool.root), str(cfg.cfg_path) if written else None))
 
 
 # --- recover ------------------------------------------------------------------
