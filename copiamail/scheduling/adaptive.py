@@ -226,8 +226,8 @@ class AdaptiveLimits:
         learned.ceiling = ceiling
         before = asdict(learned)
         if kind is ThrottleKind.CONNECTIONS:
-            lower = max(1, min(ceiling, open_connections - 1))
-            if learned.connections is None or lower < learned.connections:
+            lower = max(1, open_connections - 1)
+            if lower < min(ceiling, learned.connections or ceiling):
                 learned.connections = lower
                 self._lowered[key] = monotonic
         elif kind is ThrottleKind.RATE:

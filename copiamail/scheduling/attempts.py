@@ -96,8 +96,10 @@ class Attempts:
     def _learn(self, conn: Connection, kind: ThrottleKind | None, e: DeliveryError | None) -> None:
         """What an attempt on ``conn`` teaches its adaptive key: a throttle
         reply ``e`` of ``kind``, or (``e`` None) a clean delivery."""
+        if self.adaptive is None:
+            return
         key = adaptive_limit(conn.limits)
-        if key is None or self.adaptive is None or key.ceiling is None:
+        if key is None or key.ceiling is None:
             return
         if e is not None and kind is not None:
             self.adaptive.throttled(key.key, key.ceiling, kind, e.text,

@@ -75,6 +75,12 @@ class Pace:
     scope: str
 
 
+def uses_adaptive(config: Config) -> bool:
+    """Whether any limit of ``config`` learns from throttle replies."""
+    return (config.adaptive or any(s.caps.adaptive for s in config.domains)
+            or any(h.caps.adaptive for h in config.hosts))
+
+
 def adaptive_limit(limits: Sequence[Limit]) -> Limit | None:
     """The limit among ``limits`` whose cap adapts, if any."""
     return next((limit for limit in limits if limit.ceiling is not None), None)
@@ -131,6 +137,7 @@ class Scopes:
         the configured caps hold)."""
         self._config = config
         self._learned = learned
+        self._adaptive = uses_adaptive(config)
         self._node = node
         self._worker = worker
         self._workers = workers
@@ -184,7 +191,7 @@ class Scopes:
                                    f"Global::Domain domain.{global_stanza.key}", f"domain.{global_stanza.key}.{_SCOPE_MAX}"))
         if host_ips:
             self._host_limits(out, host_ips, host_names)
-        return self._adapted(out, domain, host_ips, host_names)
+        return self._adapted(out, domain, host_ips, host_names) if self._adaptive else tuple(out)
 
     def _adapted(self, out: list[Limit], domain: str, host_ips: Sequence[str], host_names: Sequence[str]) -> tuple[Limit, ...]:
         """``out`` with the adaptive key (if the destination is adaptive) marked

@@ -20,17 +20,11 @@ from typing import TYPE_CHECKING
 from copiamail.config import Config
 from copiamail.jobfile.job import Job
 from copiamail.scheduling.adaptive import AdaptiveLimits, learned_in_spool, state_file
-from copiamail.scheduling.limits import Limit, Scopes, adaptive_limit, bindings_for
+from copiamail.scheduling.limits import Limit, Scopes, adaptive_limit, bindings_for, uses_adaptive
 from copiamail.scheduling.pacing import Pacer
 
 if TYPE_CHECKING:
     from copiamail.spool.queue import Spool
-
-
-def uses_adaptive(config: Config) -> bool:
-    """Whether any limit of ``config`` learns from throttle replies."""
-    return (config.adaptive or any(s.caps.adaptive for s in config.domains)
-            or any(h.caps.adaptive for h in config.hosts))
 
 
 def suspend_key(key: str) -> str:
