@@ -754,3 +754,31 @@ def test_the_receivers_texts_are_the_kinds_copiamail_knows(text, kind):
 
     line = text.format(host="mx.test", ip="127.0.0.1")
     assert shipped_table().kind(int(line[:3]), line[4:]) == kind
+
+
+def test_receivers_route_each_domain_by_mx_to_its_own_throttling_receiver():
+    import dns.resolver
+    from throttling import Receivers
+
+    with Receivers({"a.test": dict(max_connections_per_source=1), "b.test": dict(latency=0.01)}) as rx:
+        r = dns.resolver.Resolver(configure=False)
+        r.nameservers, r.port = [rx.dns.host], rx.dns.port
+        for domain, address in (("a.test", "127.0.2.1"), ("b.test", "127.0.2.2")):
+            [mx] = r.resolve(domain, "MX")
+            assert str(mx.exchange) == f"mx.{domain}." and [a.address for a in r.resolve(mx.exchange, "A")] == [address]
+            assert rx[domain].address == (address, rx.port)
+        assert rx.transport_map() == f"a.test smtp:[127.0.2.1]:{rx.port}\nb.test smtp:[127.0.2.2]:{rx.port}\n"
+        assert f"mx_port: {rx.port}\n" in rx.copiamail_yaml() and f"port: {rx.dns.port}" in rx.copiamail_yaml()
+        held = smtplib.SMTP("127.0.2.1", rx.port, timeout=5)
+        with pytest.raises(smtplib.SMTPConnectError):
+            smtplib.SMTP("127.0.2.1", rx.port, timeout=5)
+        with smtplib.SMTP("127.0.2.2", rx.port, timeout=5) as c:
+            c.sendmail(FROM, ["u@b.test"], BODY)
+        held.quit()
+        assert rx.messages == 1 and [x.kind for x in rx.throttle_replies] == ["connections"]
+        assert rx.last_message_at() == rx["b.test"].messages[0].received_at
+        assert rx.report() == [
+            "a.test (allows 1 connections): peak 2 open, 0 msgs, throttle replies: connections 1",
+            "b.test (allows any number of connections): peak 1 open, 1 msgs, throttle replies: none",
+        ]
+        assert rx.errors() == []
