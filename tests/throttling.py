@@ -95,15 +95,21 @@ class Receivers:
     def errors(self) -> list[BaseException]:
         return [e for s in self.servers.values() for e in s.errors]
 
-    def report(self) -> list[str]:
+    def report(self, started: float | None = None) -> list[str]:
         """One line per domain: its hidden connection limit, the peak of
-        connections open at once from one client, messages, throttle replies by kind."""
+        connections open at once from one client, messages, throttle replies
+        by kind; and, given the ``time.time()`` the run started, when its last
+        message came."""
         lines = []
         for domain, server in self.servers.items():
             limit = server.max_connections_per_source
             kinds = Counter(r.kind for r in server.throttle_replies)
             peak = max(server.peak_by_source.values(), default=0)
             replies = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "none"
-            lines.append(f"{domain} (allows {limit if limit is not None else 'any number of'} connections): "
-                         f"peak {peak} open, {len(server.messages)} msgs, throttle replies: {replies}")
+            line = (f"{domain} (allows {limit if limit is not None else 'any number of'} connections): "
+                    f"peak {peak} open, {len(server.messages)} msgs, throttle replies: {replies}")
+            messages = server.messages
+            if started is not None and messages:
+                line += f", last message after {max(m.received_at for m in messages) - started:.2f} s"
+            lines.append(line)
         return lines
