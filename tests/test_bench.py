@@ -96,3 +96,10 @@ def test_bench_throttled_part_runs_the_fixed_configuration_end_to_end(tmp_path):
     # Until copiamail knows `adaptive: true`, that configuration is skipped with one line.
     assert "copiamail adaptive @ 10" in out or "copiamail adaptive: skipped, this copiamail refuses its configuration" in out
     assert list(tmp_path.iterdir()) == []  # the work directory is removed
+
+
+def test_the_arrival_line_shows_where_a_slow_tail_starts():
+    bench = load_bench()
+    times = [0.1 * i for i in range(1, 99)] + [30.0, 40.0]  # 100 jobs, two of them late
+    assert bench.arrival_line(times, 100) == "50% 5.00 s, 90% 9.00 s, 99% 30.00 s, last 40.00 s"
+    assert bench.arrival_line([1.0, 2.0], 4) == "50% 2.00 s, 90% never, 99% never, last 2.00 s"
