@@ -78,8 +78,8 @@ def test_the_throttled_figures_read_as_the_report_says():
     assert late["throttle replies received"] == "0" and late["jobs left undelivered when the time ran out"] == "500"
 
 
-def test_bench_throttled_part_runs_the_fixed_configuration_end_to_end(tmp_path):
-    r = subprocess.run([sys.executable, str(BENCH), "--only", "throttled", "--configs", "fixed,adaptive",
+def test_bench_throttled_part_runs_the_fixed_and_exact_configurations_end_to_end(tmp_path):
+    r = subprocess.run([sys.executable, str(BENCH), "--only", "throttled", "--configs", "fixed,adaptive,exact",
                         "--throttled-jobs", "40", "--latency", "0.01", "--retry", "1", "--throttled-timeout", "120",
                         "--workdir", str(tmp_path), "--workers", "2"], capture_output=True, text=True, timeout=300, env=cli_env())
     assert r.returncode == 0, r.stderr + r.stdout
@@ -93,6 +93,8 @@ def test_bench_throttled_part_runs_the_fixed_configuration_end_to_end(tmp_path):
     throttled = re.search(r"attempts throttled: (\d+) of (\d+)", fixed)
     assert int(throttled.group(2)) == 40 + int(throttled.group(1)), out
     assert re.search(r"t1\.bench \(allows 2 connections\): peak \d+ open, 4 msgs", fixed), out
+    assert re.search(r"jobs accepted by: 50% [\d.]+ s, 90% [\d.]+ s, 99% [\d.]+ s, last [\d.]+ s", fixed), out
+    assert re.search(r"copiamail exact\s+40 msgs", out), out
     # Until copiamail knows `adaptive: true`, that configuration is skipped with one line.
     assert "copiamail adaptive @ 10" in out or "copiamail adaptive: skipped, this copiamail refuses its configuration" in out
     assert list(tmp_path.iterdir()) == []  # the work directory is removed
