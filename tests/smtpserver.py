@@ -14,6 +14,12 @@ ephemeral port by default.  It
   CLI), or advertises STARTTLS and then refuses it with 454;
 * optionally offers AUTH PLAIN / LOGIN, allowed without TLS, and records the
   login with each message.
+* behaves, if asked, like a throttling receiver with hidden limits (tests/
+  receiverlimits.py): connections per client, a sliding message rate, messages
+  per connection, a latency per message and a suspension, each answered with a
+  real provider's reply text and changeable while it runs; it records every
+  throttle reply sent (``throttle_replies``), every connection opened and
+  closed (``connection_events``) and every MAIL FROM (``message_starts``).
 
 Usage::
 
@@ -85,6 +91,13 @@ from aiosmtpd.smtp import (
     LoginPassword,
     Session,
     TLSSetupException,
+)
+from receiverlimits import (
+    POSTFIX_CONNECTIONS,
+    ConnectionEvent,
+    MessageStart,
+    ReceiverLimits,
+    ThrottleReply,
 )
 
 log = logging.getLogger("smtpserver")
@@ -389,6 +402,9 @@ class _TestSMTP(SMTP):
         self._lost = False
         self._greeted = False
         self._greeting_rejected = False
+        self._mails = 0  # MAIL FROM commands on this connection
+        self._start: MessageStart | None = None  # the current message's start record
+        self._rcpt_admitted = False  # a recipient of the current message passed the rate limit
         self._ended_by: str | None = None  # "client" or "server": who ended the connection first
         super().__init__(handler, **kwargs)
         for name, method in list(self._smtp_methods.items()):
@@ -473,28 +489,57 @@ class _TestSMTP(SMTP):
             self._close()
             raise
 
-    async def _refuse_over_limit(self) -> bool:
-        """Answer a connection beyond the client's limit with the throttle
-        reply and close it; False if it is within the limit."""
-        assert self._conn is not None
-        reply = self._srv._over_limit(self._conn)
+    async def _throttle(self, reply: ThrottleReply | None, close: bool = False) -> bool:
+        """Send a throttle reply from the receiver's hidden limits, if any
+        (closing the connection after a 421 or when ``close``); False if none."""
         if reply is None:
             return False
         try:
-            if self._srv.over_limit_delay:
-                await asyncio.sleep(self._srv.over_limit_delay)
-            await self._raw_push(reply)
-            self._close()
-            await self._hang()
+            for line in reply.split("\n"):
+                await self._raw_push(line)
+            if close or reply.code == 421:
+                self._close()
+                await self._hang()
         except asyncio.CancelledError:
             self._close()
             raise
         return True
 
+    async def _refuse_at_greeting(self) -> bool:
+        """Answer a connection beyond the client's limit (or one that comes
+        while the receiver suspends at CONNECT) with the throttle reply and
+        close it; False if it may go on."""
+        assert self._conn is not None
+        limits = self._srv.limits
+        if not self._conn.over_limit and not (limits.suspend_stage == "CONNECT" and limits.suspended):
+            return False
+        try:
+            if self._conn.over_limit and limits.over_limit_delay:
+                await asyncio.sleep(limits.over_limit_delay)
+        except asyncio.CancelledError:
+            self._close()
+            raise
+        return await self._throttle(limits.at_connect(self._conn.peer, self._conn.over_limit), close=True)
+
+    async def _hidden_limits(self, command: str) -> bool:
+        """The receiver's hidden limits at MAIL and RCPT; True if a throttle reply was sent."""
+        assert self._conn is not None
+        limits = self._srv.limits
+        if command == "MAIL":
+            self._mails += 1
+            self._rcpt_admitted = False
+            reply, self._start = limits.at_mail(self._conn.peer, self._mails)
+            return await self._throttle(reply, close=reply is not None and reply.kind == "per_connection")
+        if command == "RCPT" and not self._rcpt_admitted and self.envelope is not None and self.envelope.mail_from:
+            reply = limits.at_first_rcpt(self._conn.peer, self._start)
+            self._rcpt_admitted = reply is None
+            return await self._throttle(reply)
+        return False
+
     async def push(self, status: Any) -> None:
         if not self._greeted:
             self._greeted = True
-            if await self._refuse_over_limit():
+            if await self._refuse_at_greeting():
                 return
             rule = await self._apply("CONNECT", ())
             if rule is not None:
@@ -544,6 +589,8 @@ class _TestSMTP(SMTP):
                 and self.session is not None and not self.session.authenticated):
             await self._raw_push("530 5.7.0 Authentication required")
             return
+        if await self._hidden_limits(command):
+            return
 
         rule = await self._apply(stage, addresses)
         if rule is not None:
@@ -570,6 +617,9 @@ class _TestSMTP(SMTP):
 
     async def _end_of_data(self, envelope: Envelope) -> str:
         assert self._conn is not None
+        latency = self._srv.limits.latency
+        if latency:
+            await asyncio.sleep(latency)
         rule = await self._apply("EOD", list(envelope.rcpt_tos))
         status = "250 2.0.0 OK: queued"
         if rule is not None:
@@ -610,6 +660,24 @@ class SMTPTestServer:
                         nor an address literal gets
                         504 5.5.2 <NAME>: Helo command rejected: need
                         fully-qualified hostname
+
+    A throttling receiver's hidden limits (tests/receiverlimits.py; all may
+    be changed while it runs with ``set_limits(**kw)``):
+      max_connections_per_source, over_limit_reply, over_limit_delay
+                        connections at once per client IP; the one beyond
+                        gets over_limit_reply (default Postfix's) and is closed
+      max_message_rate, rate_reply, rate_stage
+                        (N, seconds) or "N/s": N messages in any window; the
+                        one over gets rate_reply (default Gmail's 450 4.2.1) at
+                        rate_stage (RCPT, default, or MAIL)
+      max_messages_per_connection, per_connection_reply
+                        the (N+1)th MAIL FROM on a connection gets Yahoo's 421
+                        Max message per connection reached, and it is closed
+      latency           seconds before every end-of-data reply
+      suspend_reply, suspend_stage
+                        see suspend(seconds): Yahoo's [TSS04] at MAIL or CONNECT
+    Records: throttle_replies, connection_events, message_starts; read by
+    max_open() and max_messages_in_window().
     """
 
     def __init__(
@@ -631,8 +699,9 @@ class SMTPTestServer:
         pipelining: bool = False,
         strict_helo: bool = False,
         max_connections_per_source: int | None = None,
-        over_limit_reply: str = "421 4.7.0 {host} Error: too many connections from {ip}",
+        over_limit_reply: str = POSTFIX_CONNECTIONS,
         over_limit_delay: float = 0.0,
+        **limits: Any,
     ) -> None:
         self.host = _check_host(host)
         self.port = int(port)
@@ -661,16 +730,16 @@ class SMTPTestServer:
         self.size_limit = size_limit
         self.pipelining = pipelining
         self.strict_helo = strict_helo
-        # A receiver's connection limit per client: a connection beyond it
-        # gets over_limit_reply as its greeting (after over_limit_delay) and
-        # is closed, as Postfix's smtpd_client_connection_count_limit does.
-        self.max_connections_per_source = max_connections_per_source
-        self.over_limit_reply = over_limit_reply
-        self.over_limit_delay = over_limit_delay
-        self.throttle_replies: list[str] = []  # every over-limit reply sent
-
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
+        # The receiver's hidden limits (tests/receiverlimits.py): a connection
+        # beyond max_connections_per_source gets over_limit_reply as its
+        # greeting (after over_limit_delay) and is closed, as Postfix's
+        # smtpd_client_connection_count_limit does; rates, per-connection
+        # caps, latency and suspension as the other options say.
+        self.limits = ReceiverLimits(
+            server_hostname, self._cond, max_connections_per_source=max_connections_per_source,
+            over_limit_reply=over_limit_reply, over_limit_delay=over_limit_delay, **limits)
         self._rules: list[Rule] = []
         self.errors: list[BaseException] = []  # unexpected exceptions in sessions
         self._messages: list[Message] = []
@@ -877,26 +946,16 @@ class SMTPTestServer:
             self._peak_src[ip] = max(self._peak_src[ip], self._cur_src[ip])
             # Judged as it arrives, as a receiver counts: the connections
             # open from this client at that instant, itself included.
-            limit = self.max_connections_per_source
-            info.over_limit = limit is not None and self._cur_src[ip] > limit
+            info.over_limit = self.limits.opened(ip)
             self._cond.notify_all()
             return info
-
-    def _over_limit(self, info: ConnectionInfo) -> str | None:
-        """The throttle reply for the new connection ``info`` if it was beyond
-        ``max_connections_per_source`` when it arrived, else None."""
-        with self._cond:
-            if not info.over_limit:
-                return None
-            reply = self.over_limit_reply.format(host=self.server_hostname, ip=info.peer)
-            self.throttle_replies.append(reply)
-            return reply
 
     def _closed(self, proto: _TestSMTP, info: ConnectionInfo) -> None:
         with self._cond:
             info.closed_at = time.time()
             self._protocols.discard(proto)
             self._current -= 1
+            self.limits.closed(info.peer)
             self._cur_src[info.peer] -= 1
             if self._cur_src[info.peer] <= 0:
                 del self._cur_src[info.peer]
@@ -937,6 +996,61 @@ class SMTPTestServer:
             info.messages += 1
             self._messages.append(msg)
             self._cond.notify_all()
+
+    # -- the hidden limits (any thread) ----------------------------------------
+    def set_limits(self, **settings: Any) -> None:
+        """Change hidden limits while the server runs (see ReceiverLimits)."""
+        self.limits.set(**settings)
+
+    def suspend(self, seconds: float, reply: str | None = None, stage: str | None = None) -> None:
+        self.limits.suspend(seconds, reply, stage)
+
+    def resume(self) -> None:
+        self.limits.resume()
+
+    @property
+    def max_connections_per_source(self) -> int | None:
+        return self.limits.max_connections_per_source
+
+    @max_connections_per_source.setter
+    def max_connections_per_source(self, value: int | None) -> None:
+        self.limits.set(max_connections_per_source=value)
+
+    @property
+    def over_limit_reply(self) -> str:
+        return self.limits.over_limit_reply
+
+    @over_limit_reply.setter
+    def over_limit_reply(self, value: str) -> None:
+        self.limits.set(over_limit_reply=value)
+
+    @property
+    def over_limit_delay(self) -> float:
+        return self.limits.over_limit_delay
+
+    @over_limit_delay.setter
+    def over_limit_delay(self, value: float) -> None:
+        self.limits.set(over_limit_delay=value)
+
+    @property
+    def throttle_replies(self) -> list[ThrottleReply]:
+        """Every throttle reply sent (str subclasses with at, kind, source, stage, open)."""
+        return self.limits.throttle_replies
+
+    @property
+    def connection_events(self) -> list[ConnectionEvent]:
+        return self.limits.connection_events
+
+    @property
+    def message_starts(self) -> list[MessageStart]:
+        return self.limits.message_starts
+
+    def max_open(self, since: float | None = None, until: float | None = None, source: str | None = None) -> int:
+        return self.limits.max_open(since, until, source)
+
+    def max_messages_in_window(self, seconds: float, since: float | None = None, until: float | None = None,
+                               source: str | None = None, admitted_only: bool = False) -> int:
+        return self.limits.max_messages_in_window(seconds, since, until, source, admitted_only)
 
     # -- reads (any thread) --------------------------------------------------
     @property

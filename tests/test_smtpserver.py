@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import smtplib
 import ssl
 import threading
 import time
@@ -20,6 +21,14 @@ from aiosmtplib import (
     SMTPSenderRefused,
     SMTPServerDisconnected,
     SMTPTimeoutError,
+)
+from receiverlimits import (
+    EXIM_CONNECTIONS,
+    GMAIL_RATE,
+    MICROSOFT_RATE,
+    YAHOO_PER_CONNECTION,
+    YAHOO_SUSPEND,
+    parse_rate,
 )
 from smtpserver import Rule, SMTPTestServer
 
@@ -553,7 +562,6 @@ def test_no_auth_not_advertised(smtp_server):
 
 
 def test_a_connection_beyond_the_clients_limit_gets_the_throttle_reply_and_the_others_go_on(smtp_server):
-    import smtplib
     srv = smtp_server(max_connections_per_source=1)
     first = smtplib.SMTP(srv.host, srv.port, timeout=5)
     with pytest.raises(smtplib.SMTPConnectError) as refused:
@@ -563,3 +571,214 @@ def test_a_connection_beyond_the_clients_limit_gets_the_throttle_reply_and_the_o
     first.quit()
     srv.wait_for(1, timeout=5)
     assert srv.throttle_replies == ["421 4.7.0 mx.smtp-test.invalid Error: too many connections from 127.0.0.1"]
+
+
+# --------------------------------------------------------------------------
+# The throttling receiver's hidden limits (tests/receiverlimits.py)
+
+BODY = b"Subject: hi\r\n\r\nhello\r\n"
+
+
+def smtp(srv: SMTPTestServer) -> smtplib.SMTP:
+    c = smtplib.SMTP(srv.host, srv.port, timeout=5)
+    c.ehlo("client.copiamail.test")
+    return c
+
+
+def test_the_connection_limits_reply_is_the_receivers_own_and_is_recorded_with_its_evidence(smtp_server):
+    srv = smtp_server(max_connections_per_source=2, over_limit_reply=EXIM_CONNECTIONS, server_hostname="mx.exim.test")
+    first, second = smtp(srv), smtp(srv)
+    with pytest.raises(smtplib.SMTPConnectError) as refused:
+        smtplib.SMTP(srv.host, srv.port, timeout=5)
+    assert refused.value.smtp_code == 421
+    assert refused.value.smtp_error == b"mx.exim.test: Too many concurrent SMTP connections; please try again later"
+    [reply] = srv.throttle_replies
+    assert reply == "421 mx.exim.test: Too many concurrent SMTP connections; please try again later"  # a str, as before
+    assert (reply.kind, reply.source, reply.stage, reply.open, reply.code) == ("connections", "127.0.0.1", "CONNECT", 3, 421)
+    assert time.time() - 5 < reply.at <= time.time()
+    for c in (first, second):
+        c.sendmail(FROM, ["b@y.test"], BODY)
+        c.quit()
+    srv.wait_for(2, timeout=5)
+
+
+def test_the_connection_limit_can_be_raised_while_the_receiver_runs(smtp_server):
+    srv = smtp_server(max_connections_per_source=1)
+    first = smtp(srv)
+    with pytest.raises(smtplib.SMTPConnectError):
+        smtplib.SMTP(srv.host, srv.port, timeout=5)
+    srv.wait_until(lambda: srv.current == 1, what="the refused connection closed")
+    srv.set_limits(max_connections_per_source=3)
+    others = [smtp(srv), smtp(srv)]
+    assert srv.max_connections_per_source == 3 and len(srv.throttle_replies) == 1
+    for c in [first, *others]:
+        c.quit()
+    srv.max_connections_per_source = None  # the old attribute still works
+    assert srv.limits.max_connections_per_source is None
+
+
+def test_a_message_over_the_rate_gets_gmails_reply_at_rcpt_and_the_window_slides(smtp_server):
+    srv = smtp_server(max_message_rate=(3, 2.0))
+    c = smtp(srv)
+    for i in range(3):
+        c.sendmail(FROM, [f"u{i}@gmail.test"], BODY)
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        c.sendmail(FROM, ["u3@gmail.test"], BODY)
+    code, text = refused.value.recipients["u3@gmail.test"]
+    assert code == 450 and text.decode() == GMAIL_RATE[4:]
+    [reply] = srv.throttle_replies
+    assert (reply.kind, reply.stage, reply.open) == ("rate", "RCPT", 1)
+    c.rset()
+    time.sleep(2.05)  # the first three leave the window
+    c.sendmail(FROM, ["u4@gmail.test"], BODY)
+    c.quit()
+    assert len(srv.wait_for(4)) == 4
+    starts = srv.message_starts
+    assert [s.admitted for s in starts] == [True, True, True, False, True]
+    assert srv.max_messages_in_window(2.0) == 4 and srv.max_messages_in_window(2.0, admitted_only=True) == 3
+
+
+def test_the_rate_can_be_judged_at_mail_from_with_microsofts_reply(smtp_server):
+    srv = smtp_server(max_message_rate="1/m", rate_stage="mail", rate_reply=MICROSOFT_RATE)
+    c = smtp(srv)
+    c.sendmail(FROM, ["a@outlook.test"], BODY)
+    with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+        c.sendmail(FROM, ["b@outlook.test"], BODY)
+    assert refused.value.smtp_code == 451
+    assert refused.value.smtp_error.decode() == MICROSOFT_RATE[4:].format(ip="127.0.0.1")
+    assert [(r.kind, r.stage) for r in srv.throttle_replies] == [("rate", "MAIL")]
+    c.rset()
+    c.quit()
+
+
+def test_the_message_after_the_per_connection_cap_gets_yahoos_421_and_the_connection_closes(smtp_server):
+    srv = smtp_server(max_messages_per_connection=2)
+    c = smtp(srv)
+    for i in range(2):
+        c.sendmail(FROM, [f"u{i}@yahoo.test"], BODY)
+    with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+        c.sendmail(FROM, ["u2@yahoo.test"], BODY)
+    assert refused.value.smtp_code == 421 and refused.value.smtp_error.decode() == YAHOO_PER_CONNECTION[4:]
+    srv.wait_idle()
+    [reply] = srv.throttle_replies
+    assert (reply.kind, reply.stage, reply.open) == ("per_connection", "MAIL", 1)
+    [conn] = srv.connections
+    assert conn.messages == 2 and conn.lost_after is None  # closed by the server
+    c2 = smtp(srv)  # a new connection starts a new count
+    c2.sendmail(FROM, ["u3@yahoo.test"], BODY)
+    c2.quit()
+
+
+def test_latency_delays_every_end_of_data_reply(smtp_server):
+    srv = smtp_server(latency=0.3)
+    c = smtp(srv)
+    t0 = time.monotonic()
+    c.sendmail(FROM, ["a@x.test"], BODY)
+    assert time.monotonic() - t0 >= 0.3
+    srv.set_limits(latency=0)
+    t0 = time.monotonic()
+    c.sendmail(FROM, ["b@x.test"], BODY)
+    assert time.monotonic() - t0 < 0.3
+    c.quit()
+
+
+def test_a_suspension_answers_every_mail_from_with_yahoos_tss04_for_its_window(smtp_server):
+    srv = smtp_server()
+    srv.suspend(0.6)
+    c = smtp(srv)
+    with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+        c.sendmail(FROM, ["a@yahoo.test"], BODY)
+    assert refused.value.smtp_code == 421
+    assert refused.value.smtp_error.decode() == YAHOO_SUSPEND[4:].format(ip="127.0.0.1")
+    assert [(r.kind, r.stage) for r in srv.throttle_replies] == [("suspend", "MAIL")]
+    time.sleep(0.7)
+    c = smtp(srv)
+    c.sendmail(FROM, ["a@yahoo.test"], BODY)
+    c.quit()
+
+
+def test_a_suspension_at_connect_refuses_the_greeting_until_resumed(smtp_server):
+    srv = smtp_server()
+    srv.suspend(60, stage="CONNECT")
+    with pytest.raises(smtplib.SMTPConnectError) as refused:
+        smtplib.SMTP(srv.host, srv.port, timeout=5)
+    assert b"[TSS04]" in refused.value.smtp_error
+    srv.resume()
+    smtp(srv).quit()
+    assert [(r.kind, r.stage) for r in srv.throttle_replies] == [("suspend", "CONNECT")]
+
+
+def test_the_timeline_of_connections_answers_how_many_were_open_after_a_moment(smtp_server):
+    srv = smtp_server()
+    a, b, c = smtp(srv), smtp(srv), smtp(srv)
+    a.quit()
+    srv.wait_until(lambda: srv.current == 2, what="one closed")
+    mark = time.time()
+    time.sleep(0.01)
+    b.quit()
+    srv.wait_until(lambda: srv.current == 1, what="two closed")
+    d = smtp(srv)
+    events = srv.connection_events
+    assert [(e.opened, e.open_total) for e in events] == [
+        (True, 1), (True, 2), (True, 3), (False, 2), (False, 1), (True, 2)]
+    assert all(e.source == "127.0.0.1" and e.open_from_source == e.open_total for e in events)
+    assert srv.max_open() == 3
+    assert srv.max_open(since=mark) == 2  # the two open at the mark
+    assert srv.max_open(since=mark, source="127.0.0.9") == 0
+    assert srv.max_open(until=events[1].at) == 2
+    c.quit()
+    d.quit()
+
+
+def test_unknown_or_bad_limits_are_refused():
+    srv = SMTPTestServer()
+    with pytest.raises(TypeError, match="unknown receiver limits"):
+        srv.set_limits(max_conections=3)
+    with pytest.raises(ValueError):
+        srv.set_limits(rate_stage="DATA")
+    with pytest.raises(ValueError):
+        srv.set_limits(max_message_rate="3/d")
+    assert parse_rate("120/m") == (120, 60.0) and parse_rate((5, 2)) == (5, 2.0) and parse_rate(None) is None
+
+
+@pytest.mark.parametrize("text, kind", [
+    (EXIM_CONNECTIONS, "connections"),
+    ("421 4.7.0 {host} Error: too many connections from {ip}", "connections"),
+    (GMAIL_RATE, "rate"),
+    (MICROSOFT_RATE, "rate"),
+    (YAHOO_PER_CONNECTION, "per_connection"),
+    (YAHOO_SUSPEND, "suspend"),
+])
+def test_the_receivers_texts_are_the_kinds_copiamail_knows(text, kind):
+    from copiamail.throttle import shipped_table
+
+    line = text.format(host="mx.test", ip="127.0.0.1")
+    assert shipped_table().kind(int(line[:3]), line[4:]) == kind
+
+
+def test_receivers_route_each_domain_by_mx_to_its_own_throttling_receiver():
+    import dns.resolver
+    from throttling import Receivers
+
+    with Receivers({"a.test": dict(max_connections_per_source=1), "b.test": dict(latency=0.01)}) as rx:
+        r = dns.resolver.Resolver(configure=False)
+        r.nameservers, r.port = [rx.dns.host], rx.dns.port
+        for domain, address in (("a.test", "127.0.2.1"), ("b.test", "127.0.2.2")):
+            [mx] = r.resolve(domain, "MX")
+            assert str(mx.exchange) == f"mx.{domain}." and [a.address for a in r.resolve(mx.exchange, "A")] == [address]
+            assert rx[domain].address == (address, rx.port)
+        assert rx.transport_map() == f"a.test smtp:[127.0.2.1]:{rx.port}\nb.test smtp:[127.0.2.2]:{rx.port}\n"
+        assert f"mx_port: {rx.port}\n" in rx.copiamail_yaml() and f"port: {rx.dns.port}" in rx.copiamail_yaml()
+        held = smtplib.SMTP("127.0.2.1", rx.port, timeout=5)
+        with pytest.raises(smtplib.SMTPConnectError):
+            smtplib.SMTP("127.0.2.1", rx.port, timeout=5)
+        with smtplib.SMTP("127.0.2.2", rx.port, timeout=5) as c:
+            c.sendmail(FROM, ["u@b.test"], BODY)
+        held.quit()
+        assert rx.messages == 1 and [x.kind for x in rx.throttle_replies] == ["connections"]
+        assert rx.last_message_at() == rx["b.test"].messages[0].received_at
+        assert rx.report() == [
+            "a.test (allows 1 connections): peak 2 open, 0 msgs, throttle replies: connections 1",
+            "b.test (allows any number of connections): peak 1 open, 1 msgs, throttle replies: none",
+        ]
+        assert rx.errors() == []
