@@ -310,6 +310,11 @@ class ReceiverLimits:
         with self._cond:
             return list(self._throttle_replies)
 
+    def clear_throttle_replies(self) -> None:
+        """Forget the throttle replies sent so far (a test's second run starts afresh)."""
+        with self._cond:
+            self._throttle_replies.clear()
+
     @property
     def connection_events(self) -> list[ConnectionEvent]:
         with self._cond:

@@ -1037,6 +1037,9 @@ class SMTPTestServer:
         """Every throttle reply sent (str subclasses with at, kind, source, stage, open)."""
         return self.limits.throttle_replies
 
+    def clear_throttle_replies(self) -> None:
+        self.limits.clear_throttle_replies()
+
     @property
     def connection_events(self) -> list[ConnectionEvent]:
         return self.limits.connection_events

@@ -76,7 +76,7 @@ def test_a_learned_limit_climbs_back_when_the_receiver_allows_more_but_never_abo
     assert _learned(kit)["domain_limit:a.test"]["connections"] in (2, 3)
     server.max_connections_per_source = 10
     server.reset_counters()
-    server.throttle_replies.clear()
+    server.clear_throttle_replies()
     started = time.time()
     _jobs(kit, 600, prefix="K")
     kit.drain(timeout=180)
@@ -103,7 +103,7 @@ def test_a_restarted_node_keeps_its_learned_limit_and_meets_no_burst_of_throttle
     assert explain.returncode == 0, explain.stderr
     assert "learned 2 of 10" in explain.stdout and "too many connections" in explain.stdout
     server.reset_counters()
-    server.throttle_replies.clear()
+    server.clear_throttle_replies()
     _jobs(kit, 200, prefix="K")
     kit.drain(timeout=120)
     assert len(kit.names("SENT")) == 300 and server.throttle_replies == []

@@ -96,7 +96,7 @@ def test_advise_proposes_what_the_receivers_allow_and_a_rerun_is_not_throttled(t
     for server in receivers.values():
         server.clear_rules()
         server.add_rule(Rule(stage="EOD", delay=0.3))
-        server.throttle_replies.clear()
+        server.clear_throttle_replies()
     sent_before = set(kit.names("SENT"))
     for domain in LIMITS:
         for i in range(10):
