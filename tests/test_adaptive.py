@@ -114,18 +114,35 @@ def test_a_throttle_reply_on_the_way_up_sets_it_back_and_restarts_the_count():
 
 # --- rate, per connection, suspend ------------------------------------------
 
-def test_a_rate_reply_sets_three_quarters_of_the_rate_it_was_sending_at_and_recovery_drops_it():
+def test_a_rate_reply_sets_half_the_rate_it_was_sending_at_and_recovery_brings_it_back():
     clock = Clock()
     a = _limits(clock=clock, recover_after=1, recover_seconds=0)
     for i in range(11):
         a.started("k", 100.0 + i * 0.1)  # 10 messages a second
     _throttle(a, ThrottleKind.RATE)
-    assert a.rate("k") == pytest.approx(7.5)
+    assert a.rate("k") == pytest.approx(5)
     assert a.cap("k", 10) == 10  # the connection cap is untouched
-    a.delivered("k")
-    assert a.rate("k") == pytest.approx(7.5 * 1.25)
+    for step in (1.25, 1.25 ** 2, 1.25 ** 3):
+        a.delivered("k")
+        assert a.rate("k") == pytest.approx(5 * step)
     a.delivered("k")
     assert a.rate("k") is None and a.get("k") is None  # back at the rate that was throttled
+
+
+def test_the_refusal_of_a_message_started_before_the_rate_was_lowered_teaches_nothing_more():
+    a = _limits()
+    for i in range(11):
+        a.started("k", 100.0 + i * 0.1)
+    assert a.throttled("k", 10, ThrottleKind.RATE, REPLY, open_connections=1, messages=0, monotonic=101.0,
+                       started=100.9)
+    assert not a.throttled("k", 10, ThrottleKind.RATE, REPLY, open_connections=1, messages=0, monotonic=101.1,
+                           started=100.95)  # in flight when the rate was lowered
+    assert a.rate("k") == pytest.approx(5)
+    for i in range(11):
+        a.started("k", 102.0 + i * 0.2)  # 5 a second, as learned
+    assert a.throttled("k", 10, ThrottleKind.RATE, REPLY, open_connections=1, messages=0, monotonic=104.5,
+                       started=104.0)
+    assert a.rate("k") == pytest.approx(2.5)
 
 
 def test_a_rate_reply_with_nothing_sent_yet_teaches_nothing():

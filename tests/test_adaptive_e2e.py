@@ -167,3 +167,32 @@ def test_max_message_rate_is_never_exceeded_in_any_window_at_the_server(tmp_path
     assert _most_in_any_window(a_times, 1.0) <= 10
     assert max(a_times) - started >= 3.0  # 35 messages at 10/s take over three seconds
     assert _most_in_any_window(b_times, 1.0) > 10  # another domain is not held to it
+
+
+def test_a_per_connection_reply_teaches_a_cap_that_the_node_keeps_from_then_on(tmp_path, smtp_server):
+    server = smtp_server(max_messages_per_connection=5)
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 1", '$email_retry_delays * "1S 1S 1S 1S"'],
+                   "adaptive: true\n")
+    _jobs(kit, 40)
+    kit.drain_until(lambda: len(kit.names("SENT")) == 40, timeout=120)
+    assert kit.names("FAIL") == []
+    assert len(server.throttle_replies) == 1 and server.throttle_replies[0].kind == "per_connection"
+    learned = _learned(kit)["domain_limit:a.test"]
+    assert learned["per_connection"] == 5 and learned["kind"] == "per_connection"
+    assert max(c.messages for c in server.connections) <= 5
+
+
+def test_a_rate_reply_teaches_a_slower_rate_and_the_receiver_is_not_throttled_again(tmp_path, smtp_server):
+    server = smtp_server(max_message_rate="20/s")
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 4", '$email_retry_delays * "1S 1S 1S 1S"'],
+                   "adaptive: true\n")
+    _jobs(kit, 150)
+    kit.drain_until(lambda: len(kit.names("SENT")) == 150, timeout=180)
+    assert kit.names("FAIL") == []
+    replies = server.throttle_replies
+    assert 1 <= len(replies) <= 12 and {r.kind for r in replies} == {"rate"}
+    learned = _learned(kit)["domain_limit:a.test"]
+    assert learned["rate"] is not None and learned["rate"] <= 20
+    last = max(r.at for r in replies)
+    admitted = [s.at for s in server.limits.message_starts if s.admitted and s.at > last]
+    assert len(admitted) > 50  # most of the run came after the lesson, and went through

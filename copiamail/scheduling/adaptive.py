@@ -11,7 +11,8 @@ teaches:
 
 - ``connections``: a connection cap below the connections open when it came
   (the others past their greeting, plus the refused one), never below 1;
-- ``rate``: a message rate three quarters of the rate the key was sending at;
+- ``rate``: a message rate half the rate the key was sending at (a refusal
+  of a message started before the last such change teaches nothing more);
 - ``per_connection``: a cap on messages per connection below the count of
   the message that got the reply;
 - ``suspend``: no new connection for ``adaptive_suspend`` seconds.
@@ -167,8 +168,9 @@ class AdaptiveLimits:
         self._keys: dict[str, Learned] = dict(load or {})
         self._clean: dict[str, int] = {}
         self._starts: dict[str, deque[float]] = {}
-        # When (by monotonic) each key's connection cap was last lowered.
+        # When (by monotonic) each key's connection cap, and its rate, was last lowered.
         self._lowered: dict[str, float] = {}
+        self._slowed: dict[str, float] = {}
 
     def __iter__(self) -> Iterator[Learned]:
         return iter(list(self._keys.values()))
@@ -217,11 +219,12 @@ class AdaptiveLimits:
         return (len(starts) - 1) / (starts[-1] - starts[0])
 
     def throttled(self, key: str, ceiling: int, kind: ThrottleKind, reply: str, *,
-                  open_connections: int, messages: int, monotonic: float) -> bool:
+                  open_connections: int, messages: int, monotonic: float, started: float | None = None) -> bool:
         """A throttle reply of ``kind`` came on a connection counted against
         ``key``: ``open_connections`` were open to it then (the others past
         their greeting, and this one); the connection had carried ``messages``
-        before. Returns whether anything was learned."""
+        before; the message that got it started at ``started`` (monotonic).
+        Returns whether anything was learned."""
         learned = self._keys.get(key) or Learned(key, ceiling)
         learned.ceiling = ceiling
         before = asdict(learned)
@@ -232,10 +235,14 @@ class AdaptiveLimits:
                 self._lowered[key] = monotonic
         elif kind is ThrottleKind.RATE:
             sending = self._sending_rate(key)
-            if sending is not None:
-                slower = max(_RATE_FLOOR, sending * 0.75)
+            # A message started before the rate was last lowered was sent at
+            # the old rate: its refusal says nothing of the new one.
+            fresh = started is None or started >= self._slowed.get(key, float("-inf"))
+            if sending is not None and fresh:
+                slower = max(_RATE_FLOOR, sending / 2)
                 if learned.rate is None or slower < learned.rate:
-                    learned.rate, learned.rate_from = slower, sending
+                    learned.rate, learned.rate_from = slower, learned.rate_from or sending
+                    self._slowed[key] = monotonic
         elif kind is ThrottleKind.PER_CONNECTION:
             lower = max(1, messages)
             if learned.per_connection is None or lower < learned.per_connection:

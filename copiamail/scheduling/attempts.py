@@ -36,6 +36,16 @@ from copiamail.throttle import ThrottleKind
 
 log = logging.getLogger("copiamail")
 
+# After a receiver said we send too fast, no message to it for this long:
+# the window it counts in is full.
+_RATE_HOLD = 1.0
+
+
+def learned_pace_key(key: str) -> str:
+    """The rate key of the message rate adaptive key ``key`` learned."""
+    return f"learned:{key}"
+
+
 # A message that must wait longer than this for its rate closes its
 # connection first: receivers drop a connection left idle for minutes.
 _CLOSE_BEFORE_WAIT = 20.0
@@ -81,7 +91,7 @@ class Attempts:
         if key is not None and self.adaptive is not None:
             rate = self.adaptive.rate(key.key)
             if rate is not None:
-                paces = (*paces, Pace(f"learned:{key.key}", 1 / rate, "learned"))
+                paces = (*paces, Pace(learned_pace_key(key.key), 1 / rate, "learned"))
             per_connection = self.adaptive.per_connection(key.key)
             if per_connection is not None and conn.session.messages >= per_connection:
                 await conn.session.close()
@@ -91,7 +101,8 @@ class Attempts:
             await conn.session.ready()
             await self.pacer.start(paces, conn.session.close, _CLOSE_BEFORE_WAIT)
         if key is not None and self.adaptive is not None:
-            self.adaptive.started(key.key, time.monotonic())
+            conn.message_started = time.monotonic()
+            self.adaptive.started(key.key, conn.message_started)
 
     def _learn(self, conn: Connection, kind: ThrottleKind | None, e: DeliveryError | None) -> None:
         """What an attempt on ``conn`` teaches its adaptive key: a throttle
@@ -102,9 +113,14 @@ class Attempts:
         if key is None or key.ceiling is None:
             return
         if e is not None and kind is not None:
-            self.adaptive.throttled(key.key, key.ceiling, kind, e.text,
-                                    open_connections=self.greeted_sharing(conn, key.key) + 1,
-                                    messages=conn.session.messages, monotonic=time.monotonic())
+            learned = self.adaptive.throttled(key.key, key.ceiling, kind, e.text,
+                                              open_connections=self.greeted_sharing(conn, key.key) + 1,
+                                              messages=conn.session.messages, monotonic=time.monotonic(),
+                                              started=conn.message_started)
+            if learned and kind is ThrottleKind.RATE and self.pacer is not None:
+                # Its window is full for now: sent at once, the next messages
+                # would be refused whatever the rate.
+                self.pacer.hold(learned_pace_key(key.key), _RATE_HOLD)
             return
         rose = self.adaptive.delivered(key.key)
         if conn.session.messages == 1:

@@ -39,6 +39,7 @@ class Connection:
     written: asyncio.Future[None] | None = None  # its last result's batch: done when committed
     paces: tuple[Pace, ...] = ()  # the message rates it keeps
     opened: float = field(default_factory=time.monotonic)
+    message_started: float | None = None  # when (monotonic) its last message started, under adaptive limits
 
     @property
     def idle(self) -> bool:

@@ -42,6 +42,11 @@ class Pacer:
         for p in paces:
             self._next[p.key] = now + p.spacing * SLACK
 
+    def hold(self, key: str, seconds: float) -> None:
+        """No start counted against ``key`` for ``seconds`` from now."""
+        now = self._monotonic()
+        self._next[key] = max(self._next.get(key, now), now + seconds)
+
     async def start(self, paces: Sequence[Pace], before_long_wait: Callable[[], Awaitable[None]],
                     long_wait: float = 20.0) -> None:
         """Wait until ``paces`` allow a start, and take it. Before a wait
