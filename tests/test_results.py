@@ -26,7 +26,10 @@ class FakeBatch:
     def __init__(self, spool: FakeSpool, jobs: Sequence[tuple[Claimed, CommandFile, Destination]]) -> None:
         self.spool = spool
         self.jobs = list(jobs)
-        self.out: list[Path | OSError] = [FULL if c.name in spool.cannot_write else c.path for c, _, _ in jobs]
+        # Where a real spool publishes each result: SENT, FAIL, or its own folder.
+        self.out: list[Path | OSError] = [
+            FULL if c.name in spool.cannot_write else spool.root / ("TOSEND" if d is Destination.BACK else d.value) / c.name
+            for c, _, d in jobs]
 
     def __len__(self) -> int:
         return sum(1 for o in self.out if not isinstance(o, OSError))
@@ -281,24 +284,51 @@ def test_a_result_committed_but_not_moved_is_parked_counted_and_moved_at_the_nex
 # --- deferrals and jobs handed back --------------------------------------------------------------
 
 
+def _deferred(writer: ResultWriter, claimed, text: CommandFile, name: str) -> list[Path | None]:
+    """Defer a job and wait for its batch; where the writer says it landed."""
+    landed: list[Path | None] = []
+
+    async def go() -> None:
+        await writer.defer(claimed, text, parse_job(text, name), landed=landed.append)
+
+    asyncio.run(go())
+    return landed
+
+
 def test_a_deferral_is_written_back_with_its_busy_count_one_higher(spool):
     writer, events = writer_for(spool)
     claimed = spool.claimed("D")
     text = cf("D").set_var("DOMAINBUSY_COUNT", 2)
-    assert writer.defer(claimed, text, parse_job(text, "D")) == spool.root / "TOSEND" / "D"
+    assert _deferred(writer, claimed, text, "D") == [spool.root / "TOSEND" / "D"]
     assert spool.landed == [("D", Destination.BACK)] and writer.stats == Stats(deferred=1) and events == [("deferred", "D")]
+    [batch] = spool.batches
+    assert batch == ["D"]
+
+
+def test_deferrals_of_one_turn_of_the_loop_are_made_durable_together_with_results(spool):
+    writer, _ = writer_for(spool)
+    landed: list[Path | None] = []
+
+    async def go() -> None:
+        a = writer.defer(spool.claimed("D"), cf("D"), parse_job(cf("D"), "D"), landed=landed.append)
+        b = writer.write(sent(spool, "S"))
+        await asyncio.gather(a, b)
+
+    asyncio.run(go())
+    assert spool.batches == [["D", "S"]] and landed == [spool.root / "TOSEND" / "D"]
+    assert writer.stats == Stats(sent=1, deferred=1)
 
 
 def test_a_deferral_that_cannot_be_written_hands_the_job_back_unmarked(spool):
     writer, events = writer_for(spool)
     spool.cannot_write.add("D")
-    path = writer.defer(spool.claimed("D"), cf("D"), parse_job(cf("D"), "D"))
-    assert path == spool.root / "TOSEND" / "D" and spool.landed == [("D", "handed back")]
-    assert writer.stats == Stats(handed_back=1) and events == [] and not writer.parked
+    assert _deferred(writer, spool.claimed("D"), cf("D"), "D") == [spool.root / "TOSEND" / "D"]
+    assert spool.landed == [("D", "handed back")]
+    assert writer.stats == Stats(handed_back=1) and events == [] and not writer.parked and not writer.paused
     spool.cannot_write.add("E")
     spool.cannot_hand_back = True
-    assert writer.defer(spool.claimed("E"), cf("E"), parse_job(cf("E"), "E")) is None
-    assert writer.parked
+    assert _deferred(writer, spool.claimed("E"), cf("E"), "E") == [None]
+    assert writer.parked and not writer.paused
 
 
 def test_close_settles_stops_the_syncer_and_drops_spares(spool):

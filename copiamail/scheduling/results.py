@@ -22,7 +22,7 @@ import asyncio
 import errno
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -79,12 +79,14 @@ class Stats:
 @dataclass(frozen=True)
 class Result:
     """A job's next version (``cf``) and where it goes (SENT, FAIL or BACK), and
-    what it counts as."""
+    what it counts as. ``landed(path)``, if given, hears where the job is once
+    the result is committed (None: nowhere a scan finds it yet)."""
 
     claimed: Claimed
     cf: CommandFile
     dest: Destination
     tally: Tally
+    landed: Callable[[Path | None], None] | None = field(default=None, compare=False)
 
 
 def _settle(done: asyncio.Future[None] | None) -> None:
@@ -129,6 +131,11 @@ class ResultWriter:
     def owed(self) -> int:
         """How many results are owed."""
         return len(self._owed)
+
+    @property
+    def busy(self) -> bool:
+        """Whether results are queued or being made durable (not yet committed)."""
+        return bool(self._batch) or self._syncing is not None
 
     @property
     def parked(self) -> bool:
@@ -199,10 +206,33 @@ class ResultWriter:
 
     def _landed(self, results: list[Result], landed: list[Path | OSError]) -> None:
         for result, where in zip(results, landed, strict=True):
+            path: Path | None = None
             if isinstance(where, OSError):
-                self._not_written(result, where)
+                if result.tally is not Tally.DEFERRED:
+                    self._not_written(result, where)
+                    continue
+                path = self._deferral_not_written(result, where)
             else:
+                path = where
                 self._count(result.tally, result.claimed.name)
+            if result.landed is not None:
+                result.landed(path)
+
+    def _deferral_not_written(self, result: Result, e: OSError) -> Path | None:
+        """A deferral that could not be written: the job goes back unmarked (it
+        still waits for a slot, rather than being claimed again on every
+        scan); None, and parked, if not even that."""
+        claimed = result.claimed
+        if not claimed.path.exists():
+            log.error("%s: cannot move the deferred job out of ACTIVE: %s; retrying", claimed.path, e.strerror)
+            self._parked = True
+            self._count(result.tally, claimed.name)
+            return None
+        log.error("%s: cannot write the deferral: %s; handing the job back", claimed.path, e.strerror)
+        handed = self.hand_back(claimed)
+        if handed is None:
+            self._parked = True
+        return handed
 
     async def settle(self, grace: float) -> None:
         """Write every queued result and wait until all are committed (or
@@ -259,26 +289,18 @@ class ResultWriter:
 
     # --- jobs that go back unsent --------------------------------------------
 
-    def defer(self, claimed: Claimed, cf: CommandFile, job: Job, reply: tuple[str, int] | None = None) -> Path | None:
+    def defer(self, claimed: Claimed, cf: CommandFile, job: Job, reply: tuple[str, int] | None = None,
+              landed: Callable[[Path | None], None] | None = None) -> asyncio.Future[None]:
         """Write a job that found no free slot back to its folder, its
         DOMAINBUSY_COUNT one higher (``reply``: the receiver's reply that sent
-        it back, and the connections open then); where it is now (handed
-        back unmarked if the deferral cannot be written; None, and parked,
-        if not even that)."""
-        try:
-            path = self._spool.finish(claimed, records.deferred(cf, job.domainbusy_count, reply), Destination.BACK)
-            self.stats.count(Tally.DEFERRED)
-            outcomes.info("%s to %s deferred: %s is busy", claimed.name, job.address, job.domain)
-            self._on_event(Tally.DEFERRED, claimed.name)
-        except OSError as e:
-            # It still waits for a slot (unmarked), rather than being claimed
-            # again on every scan.
-            log.error("%s: cannot write the deferral: %s; handing the job back", claimed.path, e.strerror)
-            handed = self.hand_back(claimed)
-            if handed is None:
-                self._parked = True
-            return handed
-        return path
+        it back, and the connections open then), with the other results of
+        this turn of the loop: made durable by the syncer while the loop goes
+        on, as results are. ``landed(path)`` hears where it is once it is back
+        (handed back unmarked if the deferral cannot be written; None, and
+        parked, if not even that)."""
+        outcomes.info("%s to %s deferred: %s is busy", claimed.name, job.address, job.domain)
+        return self.write(Result(claimed, records.deferred(cf, job.domainbusy_count, reply), Destination.BACK,
+                                 Tally.DEFERRED, landed))
 
     def hand_back(self, claimed: Claimed) -> Path | None:
         """Return a claimed job unchanged to its folder; None if it cannot be

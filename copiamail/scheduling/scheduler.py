@@ -220,7 +220,8 @@ class Scheduler:
                     next_full = time.monotonic() + self.config.scan_interval
                 else:
                     found = await scanner.scan_hinted()
-                if drain and not found and not len(self._waiting) and not self._router.looking_up and not scanner.busy:
+                if (drain and not found and not len(self._waiting) and not self._router.looking_up and not scanner.busy
+                        and not self._results.busy):
                     if not full:
                         # Finish only after a whole scan has found nothing left.
                         scanner.full_scan_due = True
@@ -352,15 +353,23 @@ class Scheduler:
         conn.task = asyncio.get_running_loop().create_task(self._run_connection(conn, item))
 
     def _defer(self, item: Item, blocked: _Blocked) -> None:
-        claimed = item.claimed
-        path = self._results.defer(claimed, item.cf, item.job, item.busy_reply)
-        if path is None:
+        self._results.defer(item.claimed, item.cf, item.job, item.busy_reply,
+                            lambda path: self._deferred(item, blocked, path))
+
+    def _deferred(self, item: Item, blocked: _Blocked, path: Path | None) -> None:
+        """A deferred job is back in its folder, at ``path``: it waits for a slot."""
+        self.wake()
+        if path is None or self.stopping:
             return
+        claimed = item.claimed
         w = QueuedJob(self.spool.priority(claimed.queue), claimed.queue, path.name, str(path))
         # Only what scheduling needs is kept: a large backlog costs little memory.
         self._waiting.add(WaitEntry(w, item.job.without_content()), [(l.key, l.cap) for l in blocked.limits])
         for limit in blocked.limits:
             self._connections.close_one_holding(limit.key)
+        # While its deferral was being written a slot may have freed, or a
+        # connection of its domain gone idle: it is offered them now.
+        self._offer([l.key for l in blocked.limits])
 
     # --- offers: freed slots to waiting jobs ---------------------------------
 
