@@ -37,7 +37,7 @@ from copiamail.jobfile.model import JobEnv
 from copiamail.jobfile.owned import AttemptRecord
 from copiamail.jobfile.rules import match, shadowed
 from copiamail.logs import live_display_on, setup_logging
-from copiamail.scheduling.adaptive import Learned, learned_in_spool
+from copiamail.scheduling.adaptive import Learned, learned_cap, learned_in_spool, local_time
 from copiamail.scheduling.limits import Scopes, bindings_for, limits_for
 from copiamail.scheduling.routing import Router, Target
 from copiamail.spool.jobview import ENGINE_VARS, engine_lines, job_state, readable_commands, recipient_of, sender_for
@@ -292,7 +292,7 @@ def _status_table(spool: Spool, env: JobEnv) -> Any:
         adaptive.add_column(column)
     for key, (node, what) in sorted(learned.items()):
         adaptive.add_row(key, node, what.describe() or "as configured",
-                         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(what.at)), f"{what.kind}: {what.reply}")
+                         local_time(what.at), f"{what.kind}: {what.reply}")
     return Group(table, per_domain, adaptive)
 
 
@@ -415,6 +415,10 @@ def explain(address: str, node_name: str, binding: str | None, config_file: Path
     except KeyError:
         raise CopiamailError(f"--binding: no binding named {binding!r}") from None
     learned = learned_in_spool(cfg.spool, node_name) if cfg.spool.is_dir() else {}
+
+    def cap_of(key: str, ceiling: int) -> int:
+        return learned_cap(learned[key][1] if key in learned else None, ceiling)
+
     dl = match(cfg.rules.domain_limits, node_name, address)
     if dl is None:
         click.echo(f"$domain_limit: no rule applies to {address} on node {node_name}")
@@ -427,21 +431,12 @@ def explain(address: str, node_name: str, binding: str | None, config_file: Path
             where += f", one of group {b.group}" if b else ""
         for host, ips, names in _mail_hosts(cfg, domain):
             click.echo(f"limits that apply over {where} to {host} (key, cap, scope):")
-            for limit in limits_for(cfg, node_name, address, domain, b, ips, names, learned=_learned_cap(learned)):
+            for limit in limits_for(cfg, node_name, address, domain, b, ips, names, learned=cap_of):
                 click.echo(f"  {limit.key:<40} {limit.cap:>5}  {limit.scope}")
                 if limit.ceiling is not None:
                     _echo_learned(limit.key, learned)
             for pace in Scopes(cfg, node_name).paces(domain, b, ips, names):
                 click.echo(f"  message rate {pace.key:<27} {pace.scope}: a message every {pace.spacing:g} s at most")
-
-
-def _learned_cap(learned: dict[str, tuple[str, Learned]]) -> Callable[[str, int], int]:
-    def cap(key: str, ceiling: int) -> int:
-        found = learned.get(key)
-        if found is None or found[1].connections is None:
-            return ceiling
-        return min(ceiling, found[1].connections)
-    return cap
 
 
 def _echo_learned(key: str, learned: dict[str, tuple[str, Learned]]) -> None:
@@ -451,8 +446,8 @@ def _echo_learned(key: str, learned: dict[str, tuple[str, Learned]]) -> None:
         click.echo("    adaptive: nothing learned (the configured cap holds)")
         return
     node, what = found
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(what.at))
-    click.echo(f"    adaptive: {what.describe() or 'as configured'}, learned by {node} at {when} from a {what.kind} reply: "
+    click.echo(f"    adaptive: {what.describe() or 'as configured'}, learned by {node} at {local_time(what.at)} "
+               f"from a {what.kind} reply: "
                f"{what.reply}")
 
 

@@ -11,10 +11,12 @@ result, every batch of fsyncs), so each makes only the system calls it must.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import signal
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -137,3 +139,22 @@ class NulRecords:
         records = (self._rest + data).split(b"\0")
         self._rest = records.pop()
         return records
+
+
+def replace_file(path: Path, data: bytes, mode: int) -> None:
+    """Replace the file at ``path`` by one holding ``data``, with permissions
+    ``mode``, at once: written beside it under a temporary name, fsynced, then
+    renamed over it, so a reader (or a crash) finds the old file or the new
+    one, never half of one. Raises OSError; no temporary file is left."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

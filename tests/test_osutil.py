@@ -14,7 +14,15 @@ import time
 import pytest
 
 from copiamail import osutil
-from copiamail.osutil import NulRecords, die_with_parent, fsync_all, move_unless_taken, rename_noreplace, write_all
+from copiamail.osutil import (
+    NulRecords,
+    die_with_parent,
+    fsync_all,
+    move_unless_taken,
+    rename_noreplace,
+    replace_file,
+    write_all,
+)
 
 
 @pytest.fixture(params=["renameat2", "fallback"])
@@ -220,3 +228,19 @@ def test_the_end_of_the_pipe_is_none_and_an_unfinished_record_is_dropped(pipe):
     os.close(w)
     assert records.read() == [b"last"]
     assert records.read() is None
+
+
+def test_replace_file_swaps_in_the_whole_new_content_with_the_mode_asked(tmp_path):
+    target = tmp_path / "state.json"
+    target.write_bytes(b"old")
+    replace_file(target, b"new content", 0o640)
+    assert target.read_bytes() == b"new content" and target.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_replace_file_that_cannot_rename_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "a-folder"
+    target.mkdir()
+    with pytest.raises(OSError):
+        replace_file(target, b"data", 0o644)
+    assert [p.name for p in tmp_path.iterdir()] == ["a-folder"]

@@ -23,8 +23,6 @@ without a line ending gets one only when a rule goes after it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from pathlib import Path
 from copiamail.errors import ConfigError, SyntaxFileError
 from copiamail.jobfile.fsfile import CommandFile, tokenize
 from copiamail.jobfile.rules import DomainLimitRule, parse_rule
+from copiamail.osutil import replace_file
 
 INSERT = "insert"
 UPDATE = "update"
@@ -56,11 +55,6 @@ def rules_of(cf: CommandFile) -> list[DomainLimitRule]:
     except SyntaxFileError as e:
         raise ConfigError(e.message, cf.path, e.line) from None
     return [parse_rule(c, cf.path) for c in commands if c.name == "domain_limit"]
-
-
-def shadows(earlier: DomainLimitRule, rule: DomainLimitRule) -> bool:
-    """Whether ``earlier``, coming first, applies wherever ``rule`` would."""
-    return earlier.covers_node(rule.node) and earlier.text.lower() in rule.text.lower()
 
 
 def _same(a: DomainLimitRule, b: DomainLimitRule) -> bool:
@@ -99,7 +93,7 @@ def place(cf: CommandFile, rule: DomainLimitRule) -> tuple[CommandFile, Placemen
     shadows no rule that applied (see the module's docstring)."""
     rules = rules_of(cf)
     lines = list(cf.lines)
-    first = next((r for r in rules if shadows(r, rule)), None)
+    first = next((r for r in rules if r.shadows(rule)), None)
     if first is not None and first.line is not None:
         i = first.line - 1
         if _same(first, rule):
@@ -140,19 +134,7 @@ def write_cfg(path: Path, cf: CommandFile) -> None:
     """Replace the CFG file by ``cf`` at once (a temporary file beside it,
     then a rename), keeping its permissions: a node starting meanwhile reads
     the old file or the new one, never half of one."""
-    folder = path.parent
     try:
-        mode = path.stat().st_mode & 0o7777
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(cf.to_bytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        replace_file(path, cf.to_bytes(), path.stat().st_mode & 0o7777)
     except OSError as e:
         raise ConfigError(f"cannot write CFG file: {e.strerror or e}", path) from None

@@ -29,6 +29,11 @@ class DomainLimitRule:
     def covers_node(self, node: str) -> bool:
         return self.node == "*" or self.node.lower() == node.lower()
 
+    def shadows(self, later: DomainLimitRule) -> bool:
+        """Whether this rule, coming first, applies to every node and address
+        ``later`` would (so ``later`` can never apply)."""
+        return self.covers_node(later.node) and self.text.lower() in later.text.lower()
+
     def where(self) -> str:
         return f"{self.path}:{self.line}" if self.path is not None else f"line {self.line}"
 
@@ -84,7 +89,7 @@ def shadowed(rules: tuple[DomainLimitRule, ...]) -> list[tuple[DomainLimitRule, 
     out: list[tuple[DomainLimitRule, DomainLimitRule]] = []
     for i, rule in enumerate(rules):
         for earlier in rules[:i]:
-            if earlier.covers_node(rule.node) and earlier.text.lower() in rule.text.lower():
+            if earlier.shadows(rule):
                 out.append((rule, earlier))
                 break
     return out

@@ -4,8 +4,8 @@ destinations, and how it unlearns it.
 A destination under ``adaptive`` has one *adaptive key*: the limit key its
 connections count against that stands for the receiver (the host stanza's,
 the pooled stanza's, else the ``$domain_limit`` key of the domain, else its
-per-binding cap; :meth:`~copiamail.scheduling.limits.Scopes.adaptive_limit`
-picks it). Its configured cap is the *ceiling*. A throttle reply on a
+per-binding cap; :class:`~copiamail.scheduling.limits.Scopes` marks it, and
+:func:`~copiamail.scheduling.limits.adaptive_limit` finds it). Its configured cap is the *ceiling*. A throttle reply on a
 connection counted against the key (:class:`~copiamail.throttle.ThrottleKind`)
 teaches:
 
@@ -45,9 +45,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from copiamail.osutil import replace_file
 from copiamail.throttle import ThrottleKind
 
 log = logging.getLogger("copiamail")
+
+LIMITS_FOLDER = "LIMITS"  # in the spool: one state file per node and worker
 
 # A rate is learned from the last starts of messages counted against a key.
 _RATE_SAMPLE = 20
@@ -85,7 +88,7 @@ class Learned:
         if self.per_connection is not None:
             parts.append(f"{self.per_connection} messages per connection")
         if self.suspended_until is not None:
-            parts.append(f"suspended until {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.suspended_until))}")
+            parts.append(f"suspended until {local_time(self.suspended_until)}")
         return ", ".join(parts)
 
 
@@ -150,13 +153,21 @@ def learned_in_spool(spool_root: Path, node: str | None = None) -> dict[str, tup
     return out
 
 
-LIMITS_FOLDER = "LIMITS"
+def local_time(when: float) -> str:
+    """A time in the machine's zone, as ``status`` and ``explain`` show it."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+def learned_cap(learned: Learned | None, ceiling: int) -> int:
+    """The connection cap of a key that has learned ``learned``: never above ``ceiling``."""
+    if learned is None or learned.connections is None:
+        return ceiling
+    return min(ceiling, learned.connections)
 
 
 class AdaptiveLimits:
     """The learned limits of one node's scheduler (one event loop), saved to
-    ``state_file`` (None: not saved). ``on_change(key)`` hears of every
-    change to a key's connection cap or suspension."""
+    ``state_file`` (None: not saved)."""
 
     def __init__(self, state_file: Path | None, *, suspend: float, recover_after: int, recover_seconds: float,
                  clock: Callable[[], float] = time.time, load: dict[str, Learned] | None = None) -> None:
@@ -172,18 +183,12 @@ class AdaptiveLimits:
         self._lowered: dict[str, float] = {}
         self._slowed: dict[str, float] = {}
 
-    def __iter__(self) -> Iterator[Learned]:
-        return iter(list(self._keys.values()))
-
     def get(self, key: str) -> Learned | None:
         return self._keys.get(key)
 
     def cap(self, key: str, ceiling: int) -> int:
         """The connection cap of ``key`` now: the learned one, never above ``ceiling``."""
-        learned = self._keys.get(key)
-        if learned is None or learned.connections is None:
-            return ceiling
-        return min(ceiling, learned.connections)
+        return learned_cap(self._keys.get(key), ceiling)
 
     def rate(self, key: str) -> float | None:
         learned = self._keys.get(key)
@@ -312,13 +317,8 @@ class AdaptiveLimits:
         if self._file is None:
             return
         data = {"keys": {k: {f: v for f, v in asdict(v).items() if f != "key"} for k, v in self._keys.items()}}
-        tmp = self._file.with_name(f".{self._file.name}.tmp")
         try:
             self._file.parent.mkdir(exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._file)
+            replace_file(self._file, json.dumps(data, indent=1, sort_keys=True).encode(), 0o644)
         except OSError as e:
             log.error("%s: cannot save learned limits: %s", self._file, e.strerror or e)

@@ -45,7 +45,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from copiamail.config import BindingConfig, Config, DomainStanza, HostStanza, MessageRate, ScopeCaps
+from copiamail.config import BindingConfig, BindingGroupConfig, Config, DomainStanza, HostStanza, MessageRate, ScopeCaps
 from copiamail.jobfile.rules import match
 
 _SCOPE_MAX = "scope_max_outbound_connections"
@@ -138,6 +138,13 @@ class Scopes:
         self._config = config
         self._learned = learned
         self._adaptive = uses_adaptive(config)
+        # Whether any message rate is configured: most configs set none, and
+        # then a connection's paces cost nothing to find.
+        stanzas: list[DomainStanza | HostStanza | BindingConfig | BindingGroupConfig] = [
+            *config.domains, *config.hosts, *config.bindings, *config.binding_groups]
+        scopes: list[BindingConfig | BindingGroupConfig] = [*config.bindings, *config.binding_groups]
+        stanzas += [d for scope in scopes for d in scope.domains]
+        self._rates = config.max_message_rate is not None or any(s.caps.max_message_rate is not None for s in stanzas)
         self._node = node
         self._worker = worker
         self._workers = workers
@@ -204,10 +211,12 @@ class Scopes:
         host_on = any(host_flags) or (config.adaptive and False not in host_flags)
         stanza = _first(config.domains, domain)
         domain_on = config.adaptive if stanza is None or stanza.caps.adaptive is None else stanza.caps.adaptive
-        pooled = stanza is not None and stanza.pattern is not None
-        for prefix, on in (("host:", host_on), ("global_domain:" if pooled else "-", domain_on),
-                           ("domain_limit:", domain_on), ("binding_domain:", domain_on)):
-            i = next((i for i, limit in enumerate(out) if on and limit.key.startswith(prefix)), None)
+        prefixes = ["host:"] if host_on else []
+        if domain_on:
+            pooled = stanza is not None and stanza.pattern is not None
+            prefixes += ["global_domain:"] * pooled + ["domain_limit:", "binding_domain:"]
+        for prefix in prefixes:
+            i = next((i for i, limit in enumerate(out) if limit.key.startswith(prefix)), None)
             if i is not None:
                 limit = out[i]
                 cap = self._learned(limit.key, limit.cap) if self._learned is not None else limit.cap
@@ -224,6 +233,8 @@ class Scopes:
         binding group's, the binding's and their domain stanzas', the host
         stanzas'. A rate counted over several domains is divided between
         the workers, as shared caps are."""
+        if not self._rates:
+            return ()
         config = self._config
         found: list[tuple[str, MessageRate | None, str, bool]] = [
             ("rate:node", config.max_message_rate, "max_message_rate", True)]

@@ -52,10 +52,10 @@ class Pacer:
         """Wait until ``paces`` allow a start, and take it. Before a wait
         longer than ``long_wait`` seconds, ``before_long_wait()`` is awaited
         (the connection is closed: receivers drop idle ones)."""
-        warned = False
+        closed = False
         while (wait := self.wait_for(paces)) > 0:
-            if wait > long_wait and not warned:
-                warned = True
+            if wait > long_wait and not closed:
+                closed = True
                 await before_long_wait()
                 continue
             await asyncio.sleep(wait)

@@ -369,7 +369,9 @@ class Scheduler:
             self._connections.close_one_holding(limit.key)
         # While its deferral was being written a slot may have freed, or a
         # connection of its domain gone idle: it is offered them now.
-        self._offer([l.key for l in blocked.limits])
+        free = [l.key for l in blocked.limits if self.limiter.in_use(l.key) < self._waiting.cap(l.key)]
+        if free or self._connections.idle_of(item.job.domain):
+            self._offer(free or [l.key for l in blocked.limits])
 
     # --- offers: freed slots to waiting jobs ---------------------------------
 
