@@ -355,3 +355,14 @@ def test_stats_count_each_tally_in_its_own_field_and_add_up():
     assert stats == Stats(sent=2, failed=1, retried=1, deferred=1, handed_back=1)
     assert stats + Stats(sent=1, handed_back=2) == Stats(3, 1, 1, 1, 3)
     assert {t.value for t in Tally} == {"sent", "failed", "retried", "deferred", "handed_back"}
+
+
+def test_however_many_results_one_turn_makes_a_batch_holds_at_most_64_files_open(spool):
+    writer, _ = writer_for(spool)
+
+    async def go() -> None:
+        await asyncio.gather(*(writer.write(sent(spool, f"J{i:03d}")) for i in range(150)))
+
+    asyncio.run(go())
+    assert [len(b) for b in spool.batches] == [64, 64, 22]
+    assert writer.stats == Stats(sent=150) and not writer.busy

@@ -1,9 +1,9 @@
 """Writing jobs' results: batched, made durable by the syncer, and counted.
 
 A result is a job's next version and where it goes: SENT, FAIL, or back to its
-own folder (a retry later, its alternative address). The results made in one
-turn of the event loop are written together (:meth:`ResultWriter.write`): one
-wait for the disk serves them all. Their fsyncs go to the syncer process
+own folder (a retry later, its alternative address, a deferral). The results
+made in one turn of the event loop are written together, 64 at most to a
+batch (:meth:`ResultWriter.write`): one wait for the disk serves them all. Their fsyncs go to the syncer process
 (:mod:`copiamail.spool.syncer`), one batch at a time, while the event loop goes
 on; results made meanwhile wait for the next batch. Without a syncer (fsync
 off, or the syncer lost) the fsyncs are made here. Until its result is
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -34,6 +36,11 @@ from copiamail.spool.queue import Claimed, Destination, ResultBatch, Spool
 from copiamail.spool.syncer import Syncer
 
 log = logging.getLogger("copiamail")
+
+# Results written at once, at most: each holds a file open until it is
+# committed, so however many jobs a scan defers in one turn of the loop, the
+# node's open files stay bounded.
+_MAX_BATCH = 64
 outcomes = logging.getLogger(OUTCOMES)  # deliveries and deferrals: shown from -v on
 
 
@@ -110,6 +117,7 @@ class ResultWriter:
         self._parked = False
         self._batch: list[Result] = []  # results of this turn of the loop, not yet written
         self._batch_written: asyncio.Future[None] | None = None
+        self._full: deque[tuple[list[Result], asyncio.Future[None]]] = deque()  # whole batches waiting their turn
         # Results go to the syncer process for their fsyncs, one batch at a
         # time; results made meanwhile wait in _batch for the next one. A lost
         # syncer refuses batches (they are fsynced here) and is reaped at
@@ -135,7 +143,7 @@ class ResultWriter:
     @property
     def busy(self) -> bool:
         """Whether results are queued or being made durable (not yet committed)."""
-        return bool(self._batch) or self._syncing is not None
+        return bool(self._batch or self._full) or self._syncing is not None
 
     @property
     def parked(self) -> bool:
@@ -149,6 +157,9 @@ class ResultWriter:
         of this turn of the event loop (one wait for the disk for all of them;
         until then the job stays claimed, or marked delivered, in ACTIVE).
         Returns a future done when the result is committed (or owed)."""
+        if len(self._batch) >= _MAX_BATCH and self._batch_written is not None:
+            self._full.append((self._batch, self._batch_written))
+            self._batch, self._batch_written = [], asyncio.get_running_loop().create_future()
         self._batch.append(result)
         if self._batch_written is None:
             loop = asyncio.get_running_loop()
@@ -160,26 +171,32 @@ class ResultWriter:
         """Write the queued results into spares now. Their fsyncs go to the
         syncer process (the event loop goes on with other jobs meanwhile) or,
         without one, are made here; each is committed after its fsync."""
-        if self._syncing is not None:
-            return  # these join the batch written when the one in flight is synced
+        while self._syncing is None and (self._full or self._batch_written is not None):
+            batch, done = self._next_batch()
+            if not batch:
+                _settle(done)
+                continue
+            try:
+                pending = self._spool.write_results([(r.claimed, r.cf, r.dest) for r in batch])
+            except BaseException:
+                _settle(done)
+                raise
+            if self._spool.fsync and len(pending) and self._syncer is not None:
+                syncing = asyncio.get_running_loop().create_future()
+                self._syncing = syncing
+                if self._syncer.submit(pending.fds, functools.partial(self._synced, syncing, batch, pending, done)):
+                    return  # the next batch is written when this one is synced
+                self._syncing = None
+            pending.sync()
+            self._commit_batch(batch, pending, done)
+
+    def _next_batch(self) -> tuple[list[Result], asyncio.Future[None] | None]:
+        """The batch whose turn it is: the oldest whole one, else this turn's."""
+        if self._full:
+            return self._full.popleft()
         batch, self._batch = self._batch, []
         done, self._batch_written = self._batch_written, None
-        if not batch:
-            _settle(done)
-            return
-        try:
-            pending = self._spool.write_results([(r.claimed, r.cf, r.dest) for r in batch])
-        except BaseException:
-            _settle(done)
-            raise
-        if self._spool.fsync and len(pending) and self._syncer is not None:
-            syncing = asyncio.get_running_loop().create_future()
-            self._syncing = syncing
-            if self._syncer.submit(pending.fds, lambda errnos: self._synced(syncing, batch, pending, done, errnos)):
-                return
-            self._syncing = None
-        pending.sync()
-        self._commit_batch(batch, pending, done)
+        return batch, done
 
     def _synced(self, syncing: asyncio.Future[None], batch: list[Result], pending: ResultBatch,
                 done: asyncio.Future[None] | None, errnos: list[int] | None) -> None:
@@ -195,8 +212,7 @@ class ResultWriter:
         finally:
             self._syncing = None
             _settle(syncing)
-            if self._batch:
-                self._write_batch()
+            self._write_batch()
 
     def _commit_batch(self, batch: list[Result], pending: ResultBatch, done: asyncio.Future[None] | None) -> None:
         try:
@@ -239,7 +255,7 @@ class ResultWriter:
         owed). A syncer that does not answer within ``grace`` seconds (at least
         one) is given up: its batch is owed, and its jobs stay in ACTIVE for
         recovery."""
-        while self._batch or self._syncing is not None:
+        while self._batch or self._full or self._syncing is not None:
             if self._syncing is not None:
                 try:
                     await asyncio.wait_for(asyncio.shield(self._syncing), max(1.0, grace))
