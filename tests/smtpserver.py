@@ -808,7 +808,11 @@ class SMTPTestServer:
             raise RuntimeError("server already running")
         kwargs = self._smtp_kwargs()
         handler = _Handler(self)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP named: asyncio turns Nagle off (TCP_NODELAY) only on
+        # sockets whose proto says TCP, and accepted sockets inherit it. With
+        # proto 0, pipelined replies after the first wait for the client's
+        # delayed ACK (about 40 ms), as no real receiver makes them wait.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, self.port))
