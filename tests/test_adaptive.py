@@ -145,6 +145,22 @@ def test_the_refusal_of_a_message_started_before_the_rate_was_lowered_teaches_no
     assert a.rate("k") == pytest.approx(2.5)
 
 
+def test_a_burst_is_counted_as_the_receiver_counts_it_over_a_second_not_extrapolated():
+    a = _limits()
+    for i in range(20):
+        a.started("k", 100.0 + i * 0.0035)  # 20 starts in 70 ms as four connections open
+    _throttle(a, ThrottleKind.RATE)
+    assert a.rate("k") == pytest.approx(19 / 2)  # 19 a second to the receiver, halved; not 270 / 2
+
+
+def test_a_steady_fast_sender_is_measured_over_its_last_second():
+    a = _limits()
+    for i in range(301):
+        a.started("k", 100.0 + i / 200)  # 200 a second for a second and a half
+    _throttle(a, ThrottleKind.RATE)
+    assert a.rate("k") == pytest.approx(100, rel=0.02)
+
+
 def test_a_rate_reply_with_nothing_sent_yet_teaches_nothing():
     a = _limits()
     assert not _throttle(a, ThrottleKind.RATE)

@@ -11,8 +11,9 @@ teaches:
 
 - ``connections``: a connection cap below the connections open when it came
   (the others past their greeting, plus the refused one), never below 1;
-- ``rate``: a message rate half the rate the key was sending at (a refusal
-  of a message started before the last such change teaches nothing more);
+- ``rate``: a message rate half the rate the key was sending at, counted over
+  the last second at least (a refusal of a message started before the last
+  such change teaches nothing more);
 - ``per_connection``: a cap on messages per connection below the count of
   the message that got the reply;
 - ``suspend``: no new connection for ``adaptive_suspend`` seconds.
@@ -52,8 +53,12 @@ log = logging.getLogger("copiamail")
 
 LIMITS_FOLDER = "LIMITS"  # in the spool: one state file per node and worker
 
-# A rate is learned from the last starts of messages counted against a key.
+# A rate is learned from the starts of messages counted against a key: the
+# last _RATE_SAMPLE of them, over _RATE_WINDOW seconds at least. A receiver
+# counts messages in a window (per second, per minute), so a burst of 20 in
+# 70 ms after a connection opens is 20 a second to it, not 300.
 _RATE_SAMPLE = 20
+_RATE_WINDOW = 1.0
 _RATE_FLOOR = 1 / 3600  # one message an hour: a learned rate never goes below
 
 
@@ -214,14 +219,16 @@ class AdaptiveLimits:
         """A message counted against ``key`` started at ``when`` (monotonic)."""
         starts = self._starts.get(key)
         if starts is None:
-            starts = self._starts[key] = deque(maxlen=_RATE_SAMPLE)
+            starts = self._starts[key] = deque()
         starts.append(when)
+        while len(starts) > _RATE_SAMPLE and starts[0] < when - _RATE_WINDOW:
+            starts.popleft()
 
     def _sending_rate(self, key: str) -> float | None:
         starts = self._starts.get(key)
         if not starts or len(starts) < 2 or starts[-1] <= starts[0]:
             return None
-        return (len(starts) - 1) / (starts[-1] - starts[0])
+        return (len(starts) - 1) / max(_RATE_WINDOW, starts[-1] - starts[0])
 
     def throttled(self, key: str, ceiling: int, kind: ThrottleKind, reply: str, *,
                   open_connections: int, messages: int, monotonic: float, started: float | None = None) -> bool:
