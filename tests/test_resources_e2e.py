@@ -19,7 +19,8 @@ def test_a_full_disk_pauses_the_node_and_loses_nothing_nor_sends_twice(tmp_path,
     server = smtp_server()
     kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 1"])
     kit.job("TOSEND", "A.FS", to="a@copia.com")
-    b_before = kit.job("TOSEND", "B.FS", to="b@copia.com").read_bytes()
+    kit.job("TOSEND", "B.FS", to="b@copia.com")
+    c_before = kit.job("TOSEND", "C.FS", to="c@copia.com").read_bytes()
     flag = tmp_path / "disk-is-full"
     flag.write_text("")
     proc = subprocess.Popen(
@@ -27,22 +28,25 @@ def test_a_full_disk_pauses_the_node_and_loses_nothing_nor_sends_twice(tmp_path,
         stdin=subprocess.DEVNULL, env=cli_env(COPIAMAIL_CONFIG=str(kit.config_path), **{FULL_DISK_ENV: str(flag)}),
     )
     try:
-        wait_until(lambda: len(server.messages) == 1, timeout=15)
+        wait_until(lambda: len(server.messages) >= 1, timeout=15)
         time.sleep(1.5)  # several scans while the disk is full
-        # A was delivered but its result cannot be written: it stays claimed,
-        # marked delivered, and no new job is taken meanwhile.
-        assert len(server.messages) == 1
-        assert [p.name for p in kit.active()] == ["A.FS.DELIVERED"]
-        assert (kit.root / "TOSEND" / "B.FS").read_bytes() == b_before
+        # A was delivered but its result cannot be written. Its connection
+        # writes a result while it sends the next message, so B, which waited
+        # for that connection, went too: one message more, then no new job.
+        # Both stay claimed, marked delivered; C is untouched.
+        assert [m.rcpt_tos for m in server.messages] == [["a@copia.com"], ["b@copia.com"]]
+        assert sorted(p.name for p in kit.active()) == ["A.FS.DELIVERED", "B.FS.DELIVERED"]
+        assert (kit.root / "TOSEND" / "C.FS").read_bytes() == c_before
         flag.unlink()
-        wait_until(lambda: kit.names("SENT") == ["A.FS", "B.FS"], timeout=15)
+        wait_until(lambda: kit.names("SENT") == ["A.FS", "B.FS", "C.FS"], timeout=15)
     finally:
         code, _, err = stop(proc)
     assert code == 0
     assert "cannot write job results" in err and "No space left on device" in err
     assert "Traceback" not in err
-    assert len(server.messages) == 2  # A was not sent again
-    assert [a[2] for a in attempts(kit.read("SENT", "A.FS"))] == ["0"]
+    assert len(server.messages) == 3  # neither A nor B was sent again
+    for name in ("A.FS", "B.FS", "C.FS"):
+        assert [a[2] for a in attempts(kit.read("SENT", name))] == ["0"]
     assert kit.active() == []
 
 

@@ -119,6 +119,19 @@ def _can_ride(config: Config, router: Router, conn: Connection, job: Job) -> boo
         return True  # take it: the scheduler's dispatch fails it with the reason
 
 
+def _first_other(waiting: WaitingJobs, conn: Connection, can_use: Callable[[Job], bool]) -> WaitEntry | None:
+    """The first waiting job that waits on a slot ``conn`` holds and cannot
+    ride on it (``can_use``)."""
+    best: WaitEntry | None = None
+    for limit in conn.limits:
+        head = waiting.head(limit.key)
+        if head is None or (head.job.domain == conn.domain and can_use(head.job)):
+            continue
+        if best is None or waiting.rank(head) < waiting.rank(best):
+            best = head
+    return best
+
+
 class Scheduler:
     """One node's scheduling loop over one spool (or one worker's part of it).
     It chooses a binding and limits for each job, starts, reuses and closes
@@ -463,7 +476,7 @@ class Scheduler:
             return None, True  # its host refused it, or asked for a rest: reopened, it would be refused again
         while True:
             own = self._waiting.next_of_domain(conn.domain, lambda job: self._can_use(conn, job))
-            other = self._first_other(conn)
+            other = _first_other(self._waiting, conn, lambda job: self._can_use(conn, job))
             if own is None:
                 return None, other is not None
             # Another domain's job that comes first: from an earlier folder it
@@ -477,18 +490,6 @@ class Scheduler:
                 self._waiting.served(conn.domain)
                 conn.turn += 1
                 return item, False
-
-    def _first_other(self, conn: Connection) -> WaitEntry | None:
-        """The first waiting job that waits on a slot this connection holds and
-        cannot ride on it."""
-        best: WaitEntry | None = None
-        for limit in conn.limits:
-            head = self._waiting.head(limit.key)
-            if head is None or (head.job.domain == conn.domain and self._can_use(conn, head.job)):
-                continue
-            if best is None or self._waiting.rank(head) < self._waiting.rank(best):
-                best = head
-        return best
 
     def _can_use(self, conn: Connection, job: Job) -> bool:
         return _can_ride(self.config, self._router, conn, job)
@@ -516,20 +517,30 @@ class Scheduler:
                 if conn.session.messages >= conn.max_messages:
                     await conn.session.close()
                 result = await self._attempts.attempt(conn, item)
+                # The previous result was made durable while this message was
+                # sent: one in flight per connection at most (a full disk
+                # pauses the node after one more message, not more).
+                if conn.written is not None:
+                    await asyncio.shield(conn.written)
+                    conn.written = None
                 if result is None:
                     elsewhere = item
                 else:
                     conn.written = self._results.write(result)
                 item = None
-                # Its result is written before the connection takes another
-                # job: a result that cannot be written (a full disk) pauses
-                # the node first.
-                if conn.written is not None:
-                    await asyncio.shield(conn.written)
-                    conn.written = None
                 if elsewhere is not None or self._halted():
                     break
                 item, close = self._next_for(conn)
+                if item is None and conn.written is not None:
+                    # Its slots are not given up before its last result is
+                    # written; and deferrals written before that result have
+                    # landed by then: one of them may be next.
+                    await asyncio.shield(conn.written)
+                    conn.written = None
+                    if self._halted():
+                        break
+                    if not close:
+                        item, close = self._next_for(conn)
                 if item is None and not close and not self.stopping and self.config.connection_idle > 0:
                     item = await self._connections.wait_idle(conn, self.config.connection_idle,
                                                              lambda it: self._results.hand_back(it.claimed))
