@@ -285,12 +285,17 @@ class Message:
     data: bytes
     peer: str                 # client IP
     peer_port: int            # client (source) port
-    message_id: str | None
     conn_serial: int          # ConnectionInfo.serial of the connection it came over
     received_at: float        # time.time()
     login: str | None = None
     tls: bool = False
     mail_options: list[str] = field(default_factory=list)
+
+    @functools.cached_property
+    def message_id(self) -> str | None:
+        # Parsed when asked for, not as each message arrives: a receiver that
+        # parses every header block falls behind a fast client.
+        return _message_id(self.data)
 
     def parsed(self) -> email.message.EmailMessage:
         return email.parser.BytesParser(policy=email.policy.default).parsebytes(self.data)
@@ -334,6 +339,7 @@ def _message_id(data: bytes) -> str | None:
 
 
 _SIZE_PARAM = re.compile(r"\sSIZE=(\d+)", re.IGNORECASE)
+_PLAIN_PATH = re.compile(r"(FROM:|TO:)<([A-Za-z0-9._+=-]+@[A-Za-z0-9.-]+|)>(?:\s|$)", re.IGNORECASE)
 _HELO_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -553,6 +559,11 @@ class _TestSMTP(SMTP):
     def _addr(self, keyword: str, arg: str | None) -> str | None:
         if not arg:
             return None
+        # A plain <local@domain> is read at once; anything else by aiosmtpd's
+        # full address parser (costly: a fast client would wait for it).
+        plain = _PLAIN_PATH.match(arg)
+        if plain is not None and plain.group(1).upper() == keyword:
+            return plain.group(2) or None
         try:
             rest = self._strip_command_keyword(keyword, arg)
             if rest is None:
@@ -989,7 +1000,6 @@ class SMTPTestServer:
             data=bytes(data),
             peer=info.peer,
             peer_port=info.peer_port,
-            message_id=_message_id(data),
             conn_serial=info.serial,
             received_at=time.time(),
             login=info.login,
