@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import os
 import shutil
@@ -17,7 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
@@ -26,8 +25,15 @@ from typing import Any
 import click
 
 from copiamail import __version__
+from copiamail.cli_common import common as _common
+from copiamail.cli_common import config as _config
+from copiamail.cli_common import fail as _fail
+from copiamail.cli_common import open_spool as _spool
+from copiamail.cli_common import open_spool_folder as _spool_folder
+from copiamail.cli_common import user_errors as _user_errors
+from copiamail.cli_queue import list_command
 from copiamail.config import Config, load_config, read_password, workers_problem
-from copiamail.errors import CopiamailError, DeliveryError, JobError, SpoolError
+from copiamail.errors import CopiamailError, DeliveryError, JobError
 from copiamail.jobfile.addresses import parse_address
 from copiamail.jobfile.dkim import sign_for_job
 from copiamail.jobfile.fsfile import CommandFile, format_command
@@ -48,56 +54,6 @@ from copiamail.spool.recovery import recover
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
-def _fail(message: str) -> None:
-    click.echo(f"copiamail: {message}", err=True)
-    sys.exit(2)
-
-
-def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except CopiamailError as e:
-            _fail(str(e))
-        except BrokenPipeError:
-            # `copiamail show X | head`: the reader has all it wanted.
-            sys.stderr.close()
-            sys.exit(0)
-        except OSError as e:
-            _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
-    return wrapper
-
-
-def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--spool", "spool_dir", type=click.Path(file_okay=False, path_type=Path),
-                      help="Spool root (overrides spool:).")(fn)
-    fn = click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
-                      help="copiamail.yaml to read.")(fn)
-    return _user_errors(fn)
-
-
-def _config(config_file: Path | None, spool_dir: Path | None, relay: str | None = None) -> Config:
-    return load_config(config_file).with_overrides(spool=spool_dir, relay=relay)
-
-
-def _spool_folder(cfg: Config) -> Spool:
-    """The config's spool, whose folder must exist: a mistyped ``--spool``
-    must not start a new, empty spool. Its subfolders may be missing."""
-    spool = Spool(cfg.spool, cfg.queues, cfg.fsync)
-    if not spool.root.is_dir():
-        raise SpoolError(f"{spool.root}: no such spool folder (copiamail init --spool {spool.root} makes one)")
-    return spool
-
-
-def _spool(cfg: Config) -> Spool:
-    """The config's spool, which must exist and hold a TOSEND folder."""
-    spool = _spool_folder(cfg)
-    if not spool.queue_folders_on_disk():
-        raise SpoolError(f"{spool.root}: not a spool (no TOSEND folder; copiamail init --spool {spool.root} makes one)")
-    return spool
-
-
 @click.group()
 @click.version_option(__version__)
 @click.option("-v", "--verbose", count=True,
@@ -107,6 +63,9 @@ def main(verbose: int) -> None:
     setup_logging(verbose, sys.stderr)
     # watchdog warns when its emitter thread stops during shutdown; not ours to report.
     logging.getLogger("watchdog").setLevel(logging.CRITICAL)
+
+
+main.add_command(list_command)
 
 
 # --- node ---------------------------------------------------------------------
