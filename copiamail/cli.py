@@ -11,9 +11,7 @@ import dataclasses
 import logging
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -32,6 +30,7 @@ from copiamail.cli_common import open_spool as _spool
 from copiamail.cli_common import open_spool_folder as _spool_folder
 from copiamail.cli_common import user_errors as _user_errors
 from copiamail.cli_queue import list_command
+from copiamail.cli_status import status
 from copiamail.config import Config, load_config, read_password, workers_problem
 from copiamail.errors import CopiamailError, DeliveryError, JobError
 from copiamail.jobfile.addresses import parse_address
@@ -39,7 +38,6 @@ from copiamail.jobfile.dkim import sign_for_job
 from copiamail.jobfile.fsfile import CommandFile, format_command
 from copiamail.jobfile.job import parse_job
 from copiamail.jobfile.message import build_message
-from copiamail.jobfile.model import JobEnv
 from copiamail.jobfile.owned import AttemptRecord
 from copiamail.jobfile.rules import match, shadowed
 from copiamail.logs import live_display_on, setup_logging
@@ -66,6 +64,7 @@ def main(verbose: int) -> None:
 
 
 main.add_command(list_command)
+main.add_command(status)
 
 
 # --- node ---------------------------------------------------------------------
@@ -217,74 +216,6 @@ def submit(to: str, subject: str | None, text: tuple[str, ...], attach: tuple[Pa
 
 
 # --- status, show -------------------------------------------------------------
-
-
-def _status_table(spool: Spool, env: JobEnv) -> Any:
-    from rich.table import Table
-
-    counts = spool.counts()
-    table = Table(title=f"spool {spool.root}")
-    table.add_column("folder")
-    table.add_column("jobs", justify="right")
-    for folder, n in counts.items():
-        if n or not folder.upper().startswith("TOSEND") or folder.upper() == "TOSEND":
-            table.add_row(folder, str(n))
-    domains: Counter[str] = Counter()
-    for w in spool.scan():
-        try:
-            job = parse_job(CommandFile.read(w.path), w.name, env)
-            domains[job.domain] += 1
-        except (OSError, CopiamailError):
-            domains["(unreadable)"] += 1
-    per_domain = Table(title="waiting jobs per domain")
-    per_domain.add_column("domain")
-    per_domain.add_column("jobs", justify="right")
-    for domain, n in domains.most_common():
-        per_domain.add_row(domain, str(n))
-    from rich.console import Group
-
-    learned = learned_in_spool(spool.root)
-    if not learned:
-        return Group(table, per_domain)
-    adaptive = Table(title="limits learned from throttle replies")
-    for column in ("key", "node", "learned", "since", "reply"):
-        adaptive.add_column(column)
-    for key, (node, what) in sorted(learned.items()):
-        adaptive.add_row(key, node, what.describe() or "as configured",
-                         local_time(what.at), f"{what.kind}: {what.reply}")
-    return Group(table, per_domain, adaptive)
-
-
-@main.command()
-@click.option("--watch", is_flag=True, help="Refresh every second until interrupted.")
-@_common
-def status(watch: bool, config_file: Path | None, spool_dir: Path | None) -> None:
-    """Jobs per folder, per domain, and in flight per node."""
-    from rich.console import Console
-
-    cfg = _config(config_file, spool_dir)
-    spool = _spool(cfg)
-    console = Console()
-    if not watch:
-        console.print(_status_table(spool, cfg.job_env))
-        return
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    if console.is_terminal:
-        from rich.live import Live
-
-        with Live(_status_table(spool, cfg.job_env), console=console, refresh_per_second=2) as live:
-            while not stop.wait(1):
-                live.update(_status_table(spool, cfg.job_env))
-        return
-    # Piped or redirected: one frame per refresh, each complete when written.
-    while True:
-        console.print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        console.print(_status_table(spool, cfg.job_env))
-        console.file.flush()
-        if stop.wait(1):
-            return
 
 
 @main.command()

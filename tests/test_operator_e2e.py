@@ -103,7 +103,7 @@ def status_rows(out: str) -> dict[str, str]:
     rows = {}
     for line in out.splitlines():
         cells = [c.strip() for c in re.split(r"[│|┃]", line) if c.strip()]
-        if len(cells) == 2 and cells[1].isdigit():
+        if len(cells) >= 2 and cells[1].isdigit() and cells[0] not in rows:  # folder, jobs, oldest
             rows[cells[0]] = cells[1]
     return rows
 

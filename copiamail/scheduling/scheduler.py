@@ -44,6 +44,7 @@ from copiamail.scheduling.attempts import Attempts
 from copiamail.scheduling.connections import Connection, Connections, starttls_for
 from copiamail.scheduling.limiter import Limiter, LocalLimiter
 from copiamail.scheduling.limits import Limit, bindings_for
+from copiamail.scheduling.publishing import publish_live_state
 from copiamail.scheduling.results import ResultWriter, Stats
 from copiamail.scheduling.routing import Item, Router, Target
 from copiamail.scheduling.scan import Scanner
@@ -219,6 +220,8 @@ class Scheduler:
         looked at, so the cost of a wake-up does not grow with the backlog."""
         self._wake = asyncio.Event()
         self._results.start()
+        publisher = asyncio.get_running_loop().create_task(publish_live_state(
+            self.spool.root, self.node, self._attempts.worker, self._connections, lambda: self.stats, self.clock))
         await self._router.learn_host_names_or_warn()
         scanner = self._scanner
         next_full = 0.0
@@ -254,6 +257,8 @@ class Scheduler:
                 await asyncio.sleep(0.01)
         finally:
             await self._shutdown()
+            publisher.cancel()
+            await asyncio.gather(publisher, return_exceptions=True)
         return self.stats
 
     def _halted(self) -> bool:
@@ -475,8 +480,8 @@ class Scheduler:
                 or self._shaping.held(conn.limits) is not None):
             return None, True  # its host refused it, or asked for a rest: reopened, it would be refused again
         while True:
-            own = self._waiting.next_of_domain(conn.domain, lambda job: self._can_use(conn, job))
-            other = _first_other(self._waiting, conn, lambda job: self._can_use(conn, job))
+            own = self._waiting.next_of_domain(conn.domain, lambda job: _can_ride(self.config, self._router, conn, job))
+            other = _first_other(self._waiting, conn, lambda job: _can_ride(self.config, self._router, conn, job))
             if own is None:
                 return None, other is not None
             # Another domain's job that comes first: from an earlier folder it
@@ -491,16 +496,14 @@ class Scheduler:
                 conn.turn += 1
                 return item, False
 
-    def _can_use(self, conn: Connection, job: Job) -> bool:
-        return _can_ride(self.config, self._router, conn, job)
-
     def _claim_for(self, conn: Connection, entry: WaitEntry) -> Item | None:
         """Claim a waiting job to ride on an open connection; None if it cannot."""
         claimed = self._take(entry)
         if claimed is None:
             return None
         cf, job = _read_claimed(self.spool, self.config, claimed)
-        if cf is None or job is None or not _as_planned(job, entry.job, self.clock()) or not self._can_use(conn, job):
+        if (cf is None or job is None or not _as_planned(job, entry.job, self.clock())
+                or not _can_ride(self.config, self._router, conn, job)):
             self._dispatch(claimed, cf, job)
             return None
         return Item(claimed, cf, job)
