@@ -1,15 +1,20 @@
-"""Commands that look at the queue as a whole: ``list``."""
+"""Commands that look at and steer the queue as a whole: ``list``, ``hold``, ``release``."""
 
 from __future__ import annotations
 
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from copiamail.cli_common import common, config, open_spool
+from copiamail.errors import SpoolError
+from copiamail.spool.holds import Hold, add_hold, remove_hold
+from copiamail.spool.layout import is_job_name
 from copiamail.spool.listing import DEFAULT_FOLDERS, ListedJob, folder_choice, list_jobs
 
 
@@ -59,3 +64,60 @@ def list_command(folders: tuple[str, ...], domain: str | None, error_pattern: st
         if job.error is not None:
             click.echo(f"{'':<16} {job.error}")
     click.echo(f"-- {count} job(s)")
+
+
+_DOMAIN = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+
+
+def _holds_named(domains: tuple[str, ...], queues: tuple[int, ...], files: tuple[str, ...]) -> list[Hold]:
+    holds: list[Hold] = []
+    for d in domains:
+        if not _DOMAIN.match(d):
+            raise click.BadParameter(f"{d!r} is not a domain name", param_hint="--domain")
+        holds.append(Hold.domain(d))
+    holds += [Hold.queue(q) for q in queues]
+    for f in files:
+        name = Path(f).name
+        if not is_job_name(name):
+            raise click.BadParameter(f"{f!r} is not a job file (NAME.FS)", param_hint="FILE")
+        holds.append(Hold.job(name))
+    if not holds:
+        raise click.UsageError("name what to hold: --domain D, --queue N or job files")
+    return holds
+
+
+def _hold_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.argument("files", nargs=-1)(fn)
+    fn = click.option("--queue", "queues", multiple=True, type=click.IntRange(0, 99),
+                      help="Every job in TOSEND<N> (0: TOSEND); repeatable.")(fn)
+    fn = click.option("--domain", "domains", multiple=True, help="Every job to this recipient domain; repeatable.")(fn)
+    return common(fn)
+
+
+def _change_holds(holds: list[Hold], root: Path, change: Callable[[Path, Hold], bool], verb: str,
+                  done: str, not_done: str) -> None:
+    for h in holds:
+        try:
+            changed = change(root, h)
+        except OSError as e:
+            raise SpoolError(f"{root}: cannot {verb} {h}: {e.strerror}") from None
+        click.echo(f"{done}: {h}" if changed else f"{not_done}: {h}")
+
+
+@click.command()
+@_hold_options
+def hold(domains: tuple[str, ...], queues: tuple[int, ...], files: tuple[str, ...], config_file: Path | None,
+         spool_dir: Path | None) -> None:
+    """Stop every node from taking these jobs: they stay where they are,
+    untouched, until released (sends already started finish)."""
+    holds = _holds_named(domains, queues, files)
+    _change_holds(holds, open_spool(config(config_file, spool_dir)).root, add_hold, "hold", "held", "already held")
+
+
+@click.command()
+@_hold_options
+def release(domains: tuple[str, ...], queues: tuple[int, ...], files: tuple[str, ...], config_file: Path | None,
+            spool_dir: Path | None) -> None:
+    """Lift holds made by ``hold``: the nodes take these jobs again."""
+    holds = _holds_named(domains, queues, files)
+    _change_holds(holds, open_spool(config(config_file, spool_dir)).root, remove_hold, "release", "released", "not held")

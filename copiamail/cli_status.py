@@ -16,6 +16,7 @@ import click
 
 from copiamail.cli_common import common, config, open_spool
 from copiamail.scheduling.adaptive import learned_in_spool, local_time
+from copiamail.spool.holds import holds_in
 from copiamail.spool.listing import ListedJob, list_jobs
 from copiamail.spool.livestate import WorkerState, read_states
 from copiamail.spool.queue import Spool
@@ -81,7 +82,7 @@ def status_document(spool: Spool, now: float) -> dict[str, Any]:
     failures = [{"name": j.name, "recipient": j.recipient, "domain": j.domain, "age_seconds": round(j.age, 1),
                  "error": j.error} for j in failed]
     return {"spool": str(spool.root), "folders": folders, "domains": domains, "nodes": list(nodes.values()),
-            "failures": failures}
+            "failures": failures, "holds": sorted(str(h) for h in holds_in(spool.root))}
 
 
 def _tables(spool: Spool) -> Any:
@@ -107,6 +108,8 @@ def _tables(spool: Spool) -> Any:
         domains.add_row(Text(d["domain"]), str(d["waiting"]), str(d["connections"]),
                         "" if d["limit"] is None else str(d["limit"]))
     parts.append(domains)
+    if doc["holds"]:
+        parts.append(Text("held (copiamail release lifts): " + ", ".join(doc["holds"])))
     if doc["nodes"]:
         nodes = Table(title="nodes: connections per limit key (open / cap now / configured)")
         for column in ("node", "alive", "beat", "sent", "failed", "deferred", "key", "open", "cap", "configured"):

@@ -81,10 +81,10 @@ class Scanner:
         workers: int = 1,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
-        held_until: Callable[[Job], float | None] = lambda job: None,
+        held_until: Callable[[Job, str], float | None] = lambda job, queue: None,
     ) -> None:
-        """``held_until(job)``: until when a due job stays in its folder
-        unclaimed (its destination is suspended), or None."""
+        """``held_until(job, queue)``: until when a due job stays in its folder
+        unclaimed (an operator holds it, or its destination is suspended), or None."""
         self._config = config
         self._held_until = held_until
         self._spool = spool
@@ -254,7 +254,7 @@ class Scanner:
             self._settling.pop(w.file, None)  # gone, or another worker's: not ours to settle
             return False
         due = peek.next_attempt
-        if peek.job is not None and (held := self._held_until(peek.job)) is not None:
+        if peek.job is not None and (held := self._held_until(peek.job, w.queue)) is not None:
             due = max(due or held, held)
             peek = Peek(peek.sig, None, None, due)  # read again once the hold is over
         if due is not None and due > now:

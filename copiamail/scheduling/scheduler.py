@@ -394,11 +394,11 @@ class Scheduler:
     # --- offers: freed slots to waiting jobs ---------------------------------
 
     def _take(self, entry: WaitEntry) -> Claimed | None:
-        """Claim a waiting job; it stops waiting either way. A file that is
-        being written in place is not claimed: it is looked at again once it
-        has been left alone (as any settling file)."""
+        """Claim a waiting job; it stops waiting either way. A file being written
+        in place, or held, is not claimed: a scan looks at it again later."""
         self._waiting.take(entry)
-        if not self._scanner.complete(entry.waiting.file):
+        w = entry.waiting
+        if not self._scanner.complete(w.file) or self._shaping.held_by_operator(w.queue, w.name, entry.job.domain):
             return None
         return self.spool.claim(entry.waiting, self.node)
 

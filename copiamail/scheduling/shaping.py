@@ -22,6 +22,7 @@ from copiamail.jobfile.job import Job
 from copiamail.scheduling.adaptive import AdaptiveLimits, learned_in_spool, state_file
 from copiamail.scheduling.limits import Limit, Scopes, adaptive_limit, bindings_for, uses_adaptive
 from copiamail.scheduling.pacing import Pacer
+from copiamail.spool.holds import Holds
 
 if TYPE_CHECKING:
     from copiamail.spool.queue import Spool
@@ -43,6 +44,7 @@ class Shaping:
         self._on_resumed = on_resumed
         self._clock = clock
         self.pacer = Pacer()
+        self._holds = Holds(spool.root)
         self.adaptive: AdaptiveLimits | None = None
         if uses_adaptive(config):
             own = learned_in_spool(spool.root, node)
@@ -74,10 +76,17 @@ class Shaping:
         self._resuming.discard(key)
         self._on_resumed(key)
 
-    def job_held_until(self, job: Job) -> float | None:
-        """Until when ``job`` stays in its folder unclaimed: its domain is
-        suspended (judged by its domain's own limits; a suspended mail host
-        is met only when the job is routed)."""
+    def held_by_operator(self, queue: str, name: str, domain: str) -> bool:
+        """Whether an operator's hold (``copiamail hold``) keeps this job in its folder."""
+        return self._holds.held(queue, name, domain)
+
+    def job_held_until(self, job: Job, queue: str) -> float | None:
+        """Until when ``job`` (in folder ``queue``) stays in its folder
+        unclaimed: an operator holds it (looked at again a second later), or
+        its domain is suspended (judged by its domain's own limits; a
+        suspended mail host is met only when the job is routed)."""
+        if self._holds.held(queue, job.name, job.domain):
+            return self._clock() + 1.0
         if self.adaptive is None or not self._resuming:
             return None
         try:
