@@ -1,9 +1,10 @@
-"""Commands that look at and steer the queue as a whole: ``list``, ``hold``, ``release``."""
+"""Commands that look at and steer the queue: ``list``, ``hold``, ``release``, ``cancel``."""
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,8 @@ import click
 
 from copiamail.cli_common import common, config, open_spool
 from copiamail.errors import SpoolError
+from copiamail.spool.control import cancel as cancel_job
+from copiamail.spool.control import finish_cancels
 from copiamail.spool.holds import Hold, add_hold, remove_hold
 from copiamail.spool.layout import is_job_name
 from copiamail.spool.listing import DEFAULT_FOLDERS, ListedJob, folder_choice, list_jobs
@@ -121,3 +124,25 @@ def release(domains: tuple[str, ...], queues: tuple[int, ...], files: tuple[str,
     """Lift holds made by ``hold``: the nodes take these jobs again."""
     holds = _holds_named(domains, queues, files)
     _change_holds(holds, open_spool(config(config_file, spool_dir)).root, remove_hold, "release", "released", "not held")
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@common
+def cancel(files: tuple[Path, ...], config_file: Path | None, spool_dir: Path | None) -> None:
+    """Move waiting jobs to FAIL as cancelled (outcome 68), as a node would
+    claim them: a job a node has taken already is left alone."""
+    spool = open_spool(config(config_file, spool_dir))
+    for path in finish_cancels(spool, time.time()):
+        click.echo(f"cancel finished (it had been interrupted): {path}")
+    failed = False
+    for f in files:
+        try:
+            where = cancel_job(spool, f, time.time())
+        except (SpoolError, OSError) as e:
+            failed = True
+            click.echo(f"copiamail: {e if isinstance(e, SpoolError) else f'{f}: {e.strerror}'}", err=True)
+            continue
+        click.echo(f"cancelled: {f} -> {where}")
+    if failed:
+        sys.exit(2)

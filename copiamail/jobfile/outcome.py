@@ -46,6 +46,7 @@ BAD_CHARSET = OutcomeCode(64, FAILURE, "the body cannot be written in $email_cha
 DKIM_FAILED = OutcomeCode(65, FAILURE, "DKIM signing failed: the key is missing, unreadable or refused, or no selector")
 INTERRUPTED = OutcomeCode(66, FAILURE, "attempt interrupted (node stopped or crashed while sending)")
 INTERRUPTED_TOO_OFTEN = OutcomeCode(67, FAILURE, "interrupted three times: moved to FAIL")
+CANCELLED = OutcomeCode(68, FAILURE, "cancelled by the operator (copiamail cancel)")
 CONNECT_FAILED = OutcomeCode(70, CONNECTION, "connection refused or unreachable")
 CONNECTION_LOST = OutcomeCode(71, CONNECTION, "connection dropped by the server")
 TIMED_OUT = OutcomeCode(72, TIMEOUT, "no reply within the timeout")
@@ -58,7 +59,7 @@ INTERNAL = OutcomeCode(75, SMTP_OTHER, "internal error of the engine (a bug: ple
 
 ENGINE_CODES: tuple[OutcomeCode, ...] = (
     BAD_JOB, MISSING_FILE, OUTSIDE_ROOTS, BAD_HEADER, BAD_CHARSET, DKIM_FAILED, INTERRUPTED,
-    INTERRUPTED_TOO_OFTEN, CONNECT_FAILED, CONNECTION_LOST, TIMED_OUT, TLS_FAILED, INTERNAL,
+    INTERRUPTED_TOO_OFTEN, CANCELLED, CONNECT_FAILED, CONNECTION_LOST, TIMED_OUT, TLS_FAILED, INTERNAL,
     DNS_FAILED, DNS_TEMPORARY, NULL_MX, TLS_REQUIRED,
 )
 

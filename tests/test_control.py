@@ -1,0 +1,116 @@
+"""Cancelling a waiting job (copiamail/spool/control.py, `copiamail cancel`):
+outcome 68 in FAIL, taken by a rename so a node that claims the job first wins,
+an interrupted cancel finished by the next one, and a cancel racing a running
+node losing nothing and leaving nothing in two places."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+from smtpserver import Rule
+from spoolkit import SpoolKit, attempts, stop, var, wait_until
+
+from copiamail.errors import SpoolError
+from copiamail.spool.control import CANCEL_SUFFIX, cancel, finish_cancels
+from copiamail.spool.queue import Spool
+
+
+@pytest.fixture
+def spool(tmp_path) -> Spool:
+    s = Spool(tmp_path / "spool", queues=3)
+    s.ensure()
+    return s
+
+
+def _job(spool: Spool, queue: str, name: str, to: str = "a@copia.com") -> os.PathLike[str]:
+    path = spool.root / queue / name
+    path.write_text(f"$email_address {to}\n$email_subject hello\n", encoding="utf-8")
+    return path
+
+
+def test_a_cancelled_job_goes_to_fail_with_outcome_68_and_its_lines_kept(spool):
+    path = _job(spool, "TOSEND2", "A.FS")
+    where = cancel(spool, path, 1_700_000_000.0)
+    assert where == spool.root / "FAIL" / "A.FS" and not os.path.exists(path)
+    text = where.read_text()
+    assert text.startswith("$email_address a@copia.com\n$email_subject hello\n")
+    [record] = attempts(text)
+    assert record[1:4] == ["cancel", "68", "Z"]
+    assert var(text, "EMAIL_ERROR") == "cancelled by the operator" and "$fax_status1 6" in text
+    assert os.listdir(spool.root / "FAIL") == ["A.FS"]
+
+
+def test_a_job_that_is_in_flight_finished_or_gone_is_not_cancelled(spool):
+    active = spool.root / "ACTIVE" / "N1" / "TOSEND"
+    active.mkdir(parents=True)
+    (active / "B.FS").write_text("$email_address b@copia.com\n")
+    (spool.root / "SENT" / "C.FS").write_text("$email_address c@copia.com\n")
+    for path, why in ((active / "B.FS", "in flight on node N1"), (spool.root / "SENT" / "C.FS", "not waiting"),
+                      (spool.root / "TOSEND" / "GONE.FS", "no longer waiting"), (spool.root / "TOSEND" / "x.txt", "not a job")):
+        with pytest.raises(SpoolError, match=why):
+            cancel(spool, path, 0.0)
+    assert (active / "B.FS").exists() and (spool.root / "SENT" / "C.FS").exists()
+
+
+def test_a_name_taken_in_fail_gives_the_cancelled_job_another(spool):
+    (spool.root / "FAIL" / "A.FS").write_text("an older failure\n")
+    where = cancel(spool, _job(spool, "TOSEND", "A.FS"), 0.0)
+    assert where.name == "A~1.FS" and (spool.root / "FAIL" / "A.FS").read_text() == "an older failure\n"
+
+
+def test_a_cancel_interrupted_after_the_take_is_finished_by_the_next(spool):
+    path = _job(spool, "TOSEND", "A.FS")
+    os.rename(path, spool.root / "FAIL" / f"A.FS{CANCEL_SUFFIX}")  # a crash right after step 1
+    [where] = finish_cancels(spool, 0.0)
+    assert where == spool.root / "FAIL" / "A.FS" and attempts(where.read_text())[0][2] == "68"
+    assert os.listdir(spool.root / "FAIL") == ["A.FS"]
+    assert finish_cancels(spool, 0.0) == []
+
+
+def test_cancel_says_what_it_did_and_one_line_for_each_job_it_could_not(tmp_path):
+    kit = SpoolKit(tmp_path)
+    kit.job("TOSEND", "A.FS", to="a@copia.com")
+    result = kit.cli("cancel", "spool/TOSEND/A.FS", "spool/TOSEND/B.FS")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stdout.startswith("cancelled: spool/TOSEND/A.FS -> ")
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("copiamail: ") and "B.FS: no longer waiting" in line
+    assert kit.names("FAIL") == ["A.FS"]
+
+
+@pytest.mark.timeout(120)
+def test_cancels_racing_a_running_node_lose_nothing_and_leave_nothing_in_two_places(tmp_path, smtp_server):
+    server = smtp_server()
+    server.add_rule(Rule(stage="EOD", delay=0.25))  # about 8 a second: the cancels meet the node halfway
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 2"])
+    names = [f"J{i:03d}.FS" for i in range(120)]
+    for name in names:
+        kit.job("TOSEND", name, to=f"{name.lower()}@copia.com")
+    proc = kit.start("N1")
+    outcomes: dict[str, int] = {}
+
+    def cancel_all() -> None:
+        # From the end of the queue towards the node, one command each: the
+        # first ones find their jobs waiting, the last ones race the node.
+        for name in names[::-2]:
+            outcomes[name] = kit.cli("cancel", f"spool/TOSEND/{name}").returncode
+
+    try:
+        wait_until(lambda: len(server.messages) >= 2, timeout=15)
+        canceller = threading.Thread(target=cancel_all)
+        canceller.start()
+        canceller.join(90)
+        wait_until(lambda: len(kit.names("SENT")) + len(kit.names("FAIL")) == 120, timeout=60)
+    finally:
+        code, _, err = stop(proc)
+    assert code == 0, err
+    sent, failed = set(kit.names("SENT")), set(kit.names("FAIL"))
+    assert sent | failed == set(names) and not sent & failed  # every job once, in one place
+    cancelled = {n for n, rc in outcomes.items() if rc == 0}
+    assert cancelled == failed and cancelled  # what cancel said it cancelled is what is in FAIL
+    for name in failed:
+        assert attempts(kit.read("FAIL", name))[-1][2] == "68"
+    assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(f"{n.lower()}@copia.com" for n in sent)
+    assert not list((kit.root / "FAIL").glob("*.CANCEL")) and kit.active() == []
