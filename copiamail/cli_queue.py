@@ -1,4 +1,4 @@
-"""Commands that look at and steer the queue: ``list``, ``hold``, ``release``, ``cancel``."""
+"""Commands that look at and steer the queue: ``list``, ``hold``, ``release``, ``cancel``, ``flush``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import click
 from copiamail.cli_common import common, config, open_spool
 from copiamail.errors import SpoolError
 from copiamail.spool.control import cancel as cancel_job
-from copiamail.spool.control import finish_cancels
+from copiamail.spool.control import finish_cancels, flush_jobs
 from copiamail.spool.holds import Hold, add_hold, remove_hold
 from copiamail.spool.layout import is_job_name
 from copiamail.spool.listing import DEFAULT_FOLDERS, ListedJob, folder_choice, list_jobs
@@ -146,3 +146,15 @@ def cancel(files: tuple[Path, ...], config_file: Path | None, spool_dir: Path | 
         click.echo(f"cancelled: {f} -> {where}")
     if failed:
         sys.exit(2)
+
+
+@click.command()
+@click.option("--domain", help="Only jobs to this recipient domain.")
+@common
+def flush(domain: str | None, config_file: Path | None, spool_dir: Path | None) -> None:
+    """Make jobs that wait for a retry time due now (held jobs are left alone)."""
+    spool = open_spool(config(config_file, spool_dir))
+    done = flush_jobs(spool, time.time(), domain)
+    for path in done:
+        click.echo(f"due now: {path}")
+    click.echo(f"-- {len(done)} job(s) made due")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 from smtpserver import Rule
@@ -114,3 +115,68 @@ def test_cancels_racing_a_running_node_lose_nothing_and_leave_nothing_in_two_pla
         assert attempts(kit.read("FAIL", name))[-1][2] == "68"
     assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(f"{n.lower()}@copia.com" for n in sent)
     assert not list((kit.root / "FAIL").glob("*.CANCEL")) and kit.active() == []
+
+
+# --- flush ----------------------------------------------------------------------
+
+LATER = ("$fax_next_date 01/01/2099", "$fax_next_time 00:00:00")
+
+
+def _later_job(spool: Spool, queue: str, name: str, to: str) -> os.PathLike[str]:
+    path = spool.root / queue / name
+    path.write_text("\n".join((f"$email_address {to}", *LATER)) + "\n", encoding="utf-8")
+    return path
+
+
+def test_flush_makes_jobs_waiting_for_a_retry_time_due_now_and_leaves_the_rest(spool):
+    from copiamail.jobfile.fsfile import CommandFile
+    from copiamail.spool.control import flush_jobs
+    from copiamail.spool.holds import Hold, add_hold
+    from copiamail.spool.jobview import engine_lines, readable_commands
+
+    a = _later_job(spool, "TOSEND", "A.FS", "a@copia.com")
+    b = _later_job(spool, "TOSEND3", "B.FS", "b@other.test")
+    c = _later_job(spool, "TOSEND", "C.FS", "c@held.test")
+    due = _job(spool, "TOSEND", "D.FS")
+    due_before, held_before = due.read_bytes(), c.read_bytes()
+    add_hold(spool.root, Hold.domain("held.test"))
+    now = time.time()
+    assert flush_jobs(spool, now, domain="copia.com") == [a]
+    assert sorted(p.name for p in flush_jobs(spool, now)) == ["B.FS"]
+    for path in (a, b):
+        text = path.read_text()
+        assert text.startswith(f"$email_address {'a@copia.com' if path == a else 'b@other.test'}\n")
+        assert engine_lines(readable_commands(CommandFile.read(path)))[2] <= now
+    assert due.read_bytes() == due_before and c.read_bytes() == held_before  # already due; held
+    assert not any(p.name.endswith(".FLUSH") for q in ("TOSEND", "TOSEND3") for p in (spool.root / q).iterdir())
+
+
+def test_a_flush_interrupted_after_the_take_is_finished_by_the_next(spool):
+    from copiamail.spool.control import FLUSH_SUFFIX, flush_jobs
+
+    path = _later_job(spool, "TOSEND", "A.FS", "a@copia.com")
+    os.rename(path, f"{path}{FLUSH_SUFFIX}")
+    assert flush_jobs(spool, time.time()) == [path] and path.exists()
+    assert os.listdir(spool.root / "TOSEND") == ["A.FS"]
+
+
+@pytest.mark.timeout(60)
+def test_flush_sends_a_running_nodes_jobs_that_waited_for_their_retry(tmp_path, smtp_server):
+    server = smtp_server()
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 2"])
+    for i in range(5):
+        kit.job("TOSEND", f"L{i}.FS", *LATER, to=f"l{i}@copia.com")
+    kit.job("TOSEND", "N.FS", to="n@copia.com")
+    proc = kit.start("N1")
+    try:
+        wait_until(lambda: kit.names("SENT") == ["N.FS"], timeout=15)
+        time.sleep(0.5)
+        assert len(server.messages) == 1  # the others wait for 2099
+        result = kit.cli("flush")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[-1] == "-- 5 job(s) made due"
+        wait_until(lambda: len(kit.names("SENT")) == 6, timeout=15)
+    finally:
+        code, _, err = stop(proc)
+    assert code == 0, err
+    assert len(server.messages) == 6 and kit.names("FAIL") == [] and kit.names("TOSEND") == []

@@ -1,4 +1,5 @@
-"""An operator's moves of single jobs while nodes run (``copiamail cancel``).
+"""An operator's moves of single jobs while nodes run (``copiamail cancel``
+and ``copiamail flush``).
 
 ``cancel`` takes a waiting job out of its TOSEND folder the way a node claims
 one, with a rename, so a job is in one place at any instant and a node that
@@ -14,6 +15,14 @@ claims it first wins (the cancel then says the job is no longer waiting):
 
 A crash after 1 leaves ``FAIL/NAME.FS.CANCEL``, the job's file unchanged; after
 3, both files. The next ``cancel`` finishes either (:func:`finish_cancels`).
+
+``flush`` makes a job that waits for its retry time due now, the same way:
+``TOSENDx/NAME.FS`` is renamed to ``TOSENDx/NAME.FS.FLUSH`` (invisible to the
+nodes), its version with ``$fax_next_date``/``$fax_next_time`` set to now is
+written beside it, fsynced and renamed to ``NAME.FS`` (if a submitter wrote a
+new ``NAME.FS`` meanwhile, the flush gives up and puts the old one back under
+``NAME~1.FS``), and the ``.FLUSH`` file is removed. A crash in between leaves
+``NAME.FS.FLUSH`` (the job unchanged); the next ``flush`` finishes it.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ from copiamail.errors import SpoolError
 from copiamail.jobfile import outcome, records
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.osutil import rename_noreplace
+from copiamail.spool.holds import Holds
+from copiamail.spool.jobview import engine_lines, readable_commands, recipient_of
 from copiamail.spool.layout import ACTIVE, FAIL, is_job_name, is_queue_name, queue_number
 from copiamail.spool.queue import Spool
 
@@ -41,12 +52,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_cancelled(spool: Spool, taken: Path, queue: int, now: float) -> Path:
-    """Steps 2 and 3 for the job taken at ``taken``; returns where it is in FAIL."""
-    cf = CommandFile.read(taken)
-    version = records.failed(cf, CANCELLER, outcome.CANCELLED.code, outcome.CANCELLED.klass, CANCELLED_TEXT, now,
-                             records.Where(queue, 0, None, None))
-    name = taken.name.removesuffix(CANCEL_SUFFIX)
+def _place_new(tmp: Path, folder: Path, name: str) -> Path:
+    """Rename ``tmp`` to ``folder/name``, or to the first free ``NAME~n.FS``."""
+    candidate = name
+    for n in range(1, 10000):
+        try:
+            rename_noreplace(tmp, folder / candidate)
+            return folder / candidate
+        except FileExistsError:
+            stem, dot, ext = name.rpartition(".")
+            candidate = f"{stem}~{n}{dot}{ext}"
+    raise SpoolError(f"{folder}/{name}: no free name")
+
+
+def _put_in_place(spool: Spool, taken: Path, suffix: str, version: CommandFile) -> Path:
+    """Write ``version`` of the job taken at ``taken`` (its name plus
+    ``suffix``) beside it, fsynced; rename it to the job's name (or the first
+    free one); then remove ``taken``. Returns where the job is."""
+    name = taken.name.removesuffix(suffix)
     tmp = taken.with_name(f".{name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -54,21 +77,18 @@ def _write_cancelled(spool: Spool, taken: Path, queue: int, now: float) -> Path:
         os.fsync(fd)
     finally:
         os.close(fd)
-    folder = taken.parent
-    candidate = name
-    for n in range(1, 10000):
-        try:
-            rename_noreplace(tmp, folder / candidate)
-            break
-        except FileExistsError:
-            stem, dot, ext = name.rpartition(".")
-            candidate = f"{stem}~{n}{dot}{ext}"
-    else:
-        raise SpoolError(f"{folder}/{name}: no free name for the cancelled job")
+    where = _place_new(tmp, taken.parent, name)
     if spool.fsync:
-        _fsync_dir(folder)
+        _fsync_dir(taken.parent)
     taken.unlink()
-    return folder / candidate
+    return where
+
+
+def _write_cancelled(spool: Spool, taken: Path, queue: int, now: float) -> Path:
+    """Steps 2 to 4 for the job taken at ``taken``; returns where it is in FAIL."""
+    version = records.failed(CommandFile.read(taken), CANCELLER, outcome.CANCELLED.code, outcome.CANCELLED.klass,
+                             CANCELLED_TEXT, now, records.Where(queue, 0, None, None))
+    return _put_in_place(spool, taken, CANCEL_SUFFIX, version)
 
 
 def cancel(spool: Spool, path: Path, now: float) -> Path:
@@ -112,4 +132,47 @@ def finish_cancels(spool: Spool, now: float) -> list[Path]:
             done.append(version)
         else:
             done.append(_write_cancelled(spool, taken, 0, now))
+    return done
+
+
+FLUSH_SUFFIX = ".FLUSH"
+
+
+def _write_flushed(spool: Spool, taken: Path, now: float) -> Path:
+    date, clock = records.local_stamp(now)
+    version = CommandFile.read(taken).edited(commands=(("fax_next_date", (date,)), ("fax_next_time", (clock,))))
+    return _put_in_place(spool, taken, FLUSH_SUFFIX, version)
+
+
+def flush_jobs(spool: Spool, now: float, domain: str | None = None) -> list[Path]:
+    """Make every job in the TOSEND folders that waits for a retry time
+    (``$fax_next_date`` after ``now``) due now; only those to ``domain`` when
+    given. Held jobs are left alone (a hold means untouched). Interrupted
+    flushes are finished first. Returns the jobs made due."""
+    holds = Holds(spool.root)
+    done: list[Path] = []
+    for queue in spool.queue_folders():
+        folder = spool.root / queue
+        try:
+            left = sorted(n for n in os.listdir(folder) if n.upper().endswith(".FS" + FLUSH_SUFFIX))
+        except FileNotFoundError:
+            continue
+        done += [_write_flushed(spool, folder / n, now) for n in left]
+    for w in spool.scan():
+        try:
+            cf = CommandFile.read(w.path)
+        except OSError:
+            continue  # taken meanwhile
+        _, _, next_attempt = engine_lines(readable_commands(cf))
+        to = recipient_of(cf).rpartition("@")[2].strip("<> ").lower()
+        if next_attempt is None or next_attempt <= now or (domain is not None and to != domain.lower()):
+            continue
+        if holds.held(w.queue, w.name, to):
+            continue
+        taken = w.path.with_name(w.name + FLUSH_SUFFIX)
+        try:
+            rename_noreplace(w.path, taken)
+        except (FileNotFoundError, FileExistsError):
+            continue  # a node took it, or another flush is at it
+        done.append(_write_flushed(spool, taken, now))
     return done
