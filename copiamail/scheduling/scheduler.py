@@ -29,6 +29,7 @@ their results: :mod:`.attempts`, :mod:`.results`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -400,7 +401,7 @@ class Scheduler:
         w = entry.waiting
         if not self._scanner.complete(w.file) or self._shaping.held_by_operator(w.queue, w.name, entry.job.domain):
             return None
-        return self.spool.claim(entry.waiting, self.node)
+        return self.spool.claim(w, self.node)
 
     def _offer(self, keys: list[str]) -> None:
         """Slots of ``keys`` freed: offer them to waiting jobs, the first by
@@ -479,9 +480,10 @@ class Scheduler:
         if ((not conn.session.greeted and self._router.paused(conn.target) is not None)
                 or self._shaping.held(conn.limits) is not None):
             return None, True  # its host refused it, or asked for a rest: reopened, it would be refused again
+        can_use = functools.partial(_can_ride, self.config, self._router, conn)
         while True:
-            own = self._waiting.next_of_domain(conn.domain, lambda job: _can_ride(self.config, self._router, conn, job))
-            other = _first_other(self._waiting, conn, lambda job: _can_ride(self.config, self._router, conn, job))
+            own = self._waiting.next_of_domain(conn.domain, can_use)
+            other = _first_other(self._waiting, conn, can_use)
             if own is None:
                 return None, other is not None
             # Another domain's job that comes first: from an earlier folder it
@@ -490,20 +492,19 @@ class Scheduler:
             if (other is not None and self._waiting.rank(other) < self._waiting.rank(own)
                     and (other.order[0] < own.order[0] or conn.turn >= _TURN_MESSAGES)):
                 return None, True
-            item = self._claim_for(conn, own)
+            item = self._claim_for(own, can_use)
             if item is not None:
                 self._waiting.served(conn.domain)
                 conn.turn += 1
                 return item, False
 
-    def _claim_for(self, conn: Connection, entry: WaitEntry) -> Item | None:
-        """Claim a waiting job to ride on an open connection; None if it cannot."""
+    def _claim_for(self, entry: WaitEntry, can_use: Callable[[Job], bool]) -> Item | None:
+        """Claim a waiting job to ride on an open connection (``can_use``); None if it cannot."""
         claimed = self._take(entry)
         if claimed is None:
             return None
         cf, job = _read_claimed(self.spool, self.config, claimed)
-        if (cf is None or job is None or not _as_planned(job, entry.job, self.clock())
-                or not _can_ride(self.config, self._router, conn, job)):
+        if cf is None or job is None or not _as_planned(job, entry.job, self.clock()) or not can_use(job):
             self._dispatch(claimed, cf, job)
             return None
         return Item(claimed, cf, job)

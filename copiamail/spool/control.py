@@ -35,7 +35,7 @@ from copiamail.jobfile import outcome, records
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.osutil import rename_noreplace
 from copiamail.spool.holds import Holds
-from copiamail.spool.jobview import engine_lines, readable_commands, recipient_of
+from copiamail.spool.jobview import engine_lines, readable_commands, recipient_domain, recipient_of
 from copiamail.spool.layout import ACTIVE, FAIL, is_job_name, is_queue_name, queue_number
 from copiamail.spool.queue import Spool
 
@@ -52,19 +52,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _place_new(tmp: Path, folder: Path, name: str) -> Path:
-    """Rename ``tmp`` to ``folder/name``, or to the first free ``NAME~n.FS``."""
-    candidate = name
-    for n in range(1, 10000):
-        try:
-            rename_noreplace(tmp, folder / candidate)
-            return folder / candidate
-        except FileExistsError:
-            stem, dot, ext = name.rpartition(".")
-            candidate = f"{stem}~{n}{dot}{ext}"
-    raise SpoolError(f"{folder}/{name}: no free name")
-
-
 def _put_in_place(spool: Spool, taken: Path, suffix: str, version: CommandFile) -> Path:
     """Write ``version`` of the job taken at ``taken`` (its name plus
     ``suffix``) beside it, fsynced; rename it to the job's name (or the first
@@ -77,7 +64,7 @@ def _put_in_place(spool: Spool, taken: Path, suffix: str, version: CommandFile) 
         os.fsync(fd)
     finally:
         os.close(fd)
-    where = _place_new(tmp, taken.parent, name)
+    where = spool.place(os.fspath(tmp), os.fspath(taken.parent), name)
     if spool.fsync:
         _fsync_dir(taken.parent)
     taken.unlink()
@@ -164,7 +151,7 @@ def flush_jobs(spool: Spool, now: float, domain: str | None = None) -> list[Path
         except OSError:
             continue  # taken meanwhile
         _, _, next_attempt = engine_lines(readable_commands(cf))
-        to = recipient_of(cf).rpartition("@")[2].strip("<> ").lower()
+        to = recipient_domain(recipient_of(cf))
         if next_attempt is None or next_attempt <= now or (domain is not None and to != domain.lower()):
             continue
         if holds.held(w.queue, w.name, to):

@@ -90,6 +90,15 @@ def recipient_of(cf: CommandFile) -> str:
         return arg
 
 
+def recipient_domain(recipient: str) -> str:
+    """The domain of a recipient as :func:`recipient_of` shows it (inside its
+    ``<...>`` if it has them), lower case; empty if it has no ``@``."""
+    address = recipient
+    if "<" in address and ">" in address:
+        address = address[address.rindex("<") + 1:address.rindex(">")]
+    return address.rpartition("@")[2].strip().lower() if "@" in address else ""
+
+
 def sender_for(job: Job, config: Config) -> str:
     """The envelope sender of ``job``: its ``$email_esender``, else the CFG
     file's, else the config's ``esender``."""

@@ -18,7 +18,7 @@ from typing import Any
 
 from copiamail.errors import CopiamailError
 from copiamail.jobfile.fsfile import CommandFile
-from copiamail.spool.jobview import engine_lines, job_state, readable_commands, recipient_of
+from copiamail.spool.jobview import engine_lines, job_state, readable_commands, recipient_domain, recipient_of
 from copiamail.spool.layout import ACTIVE, DELIVERED, FAIL, SENT, SPARE, is_job_name, is_queue_name
 from copiamail.spool.queue import Spool
 
@@ -57,13 +57,6 @@ def folder_choice(name: str) -> str:
     if is_queue_name(upper) or upper in (ACTIVE, SENT, FAIL):
         return upper
     raise ValueError(f"{name!r} is not a spool folder (TOSEND, TOSEND1 ..., ACTIVE, SENT, FAIL)")
-
-
-def _domain_of(recipient: str) -> str:
-    address = recipient
-    if "<" in address and ">" in address:
-        address = address[address.rindex("<") + 1:address.rindex(">")]
-    return address.rpartition("@")[2].strip().lower() if "@" in address else ""
 
 
 def _files(spool: Spool, folders: Collection[str]) -> Iterator[tuple[str, Path]]:
@@ -114,7 +107,7 @@ def list_jobs(spool: Spool, now: float, folders: Collection[str] = DEFAULT_FOLDE
         else:
             found, _, next_attempt = engine_lines(readable_commands(cf))
             recipient = recipient_of(cf)
-        job_domain = _domain_of(recipient)
+        job_domain = recipient_domain(recipient)
         text = found.get("EMAIL_ERROR")
         if wanted is not None and job_domain != wanted:
             continue

@@ -306,7 +306,7 @@ class Spool:
 
     def hand_back(self, claimed: Claimed) -> Path:
         """Return a job unchanged to its own queue (state 2 to 1)."""
-        return self._place(os.fspath(claimed.path), f"{self._root}/{claimed.queue}", claimed.name)
+        return self.place(os.fspath(claimed.path), f"{self._root}/{claimed.queue}", claimed.name)
 
     def commit_result(self, claimed: Claimed, result: str) -> Path:
         """States 4 and 5 for a result written (and fsynced) beside its claimed
@@ -326,9 +326,11 @@ class Spool:
         result = os.fspath(result)
         suffix = result.rsplit(".", 1)[1]
         folder = f"{self._root}/{suffix if suffix in (SENT, FAIL) else claimed.queue}"
-        return self._place(result, folder, claimed.name)
+        return self.place(result, folder, claimed.name)
 
-    def _place(self, src: str, folder: str, name: str) -> Path:
+    def place(self, src: str, folder: str, name: str) -> Path:
+        """Rename ``src`` into ``folder`` (made if missing) as ``name``, or as the
+        first free ``NAME~n.FS`` if a file has that name; returns where it went."""
         candidate = name
         for n in range(1, 10000):
             dest = f"{folder}/{candidate}"
