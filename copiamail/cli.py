@@ -29,7 +29,7 @@ from copiamail.cli_common import fail as _fail
 from copiamail.cli_common import open_spool as _spool
 from copiamail.cli_common import open_spool_folder as _spool_folder
 from copiamail.cli_common import user_errors as _user_errors
-from copiamail.cli_queue import cancel, flush, hold, list_command, release
+from copiamail.cli_queue import cancel, flush, hold, list_command, release, requeue_command
 from copiamail.cli_status import status
 from copiamail.config import Config, load_config, read_password, workers_problem
 from copiamail.errors import CopiamailError, DeliveryError, JobError
@@ -68,6 +68,7 @@ main.add_command(hold)
 main.add_command(release)
 main.add_command(cancel)
 main.add_command(flush)
+main.add_command(requeue_command)
 main.add_command(status)
 
 

@@ -1,4 +1,4 @@
-"""Commands that look at and steer the queue: ``list``, ``hold``, ``release``, ``cancel``, ``flush``."""
+"""Commands that look at and steer the queue: ``list``, ``hold``, ``release``, ``cancel``, ``flush``, ``requeue``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import click
 from copiamail.cli_common import common, config, open_spool
 from copiamail.errors import SpoolError
 from copiamail.spool.control import cancel as cancel_job
-from copiamail.spool.control import finish_cancels, flush_jobs
+from copiamail.spool.control import finish_cancels, flush_jobs, requeue
 from copiamail.spool.holds import Hold, add_hold, remove_hold
 from copiamail.spool.layout import is_job_name
 from copiamail.spool.listing import DEFAULT_FOLDERS, ListedJob, folder_choice, list_jobs
@@ -29,6 +29,13 @@ def _age(seconds: float) -> str:
     if seconds < 86400:
         return f"{seconds / 3600:.1f}h"
     return f"{seconds / 86400:.1f}d"
+
+
+def _pattern(error_pattern: str | None) -> re.Pattern[str] | None:
+    try:
+        return re.compile(error_pattern) if error_pattern is not None else None
+    except re.error as e:
+        raise click.BadParameter(f"{error_pattern!r} is not a regular expression: {e}", param_hint="--error") from None
 
 
 def _line(job: ListedJob) -> str:
@@ -51,12 +58,8 @@ def list_command(folders: tuple[str, ...], domain: str | None, error_pattern: st
         chosen = [folder_choice(f) for f in folders] or list(DEFAULT_FOLDERS)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--folder") from None
-    try:
-        pattern = re.compile(error_pattern) if error_pattern is not None else None
-    except re.error as e:
-        raise click.BadParameter(f"{error_pattern!r} is not a regular expression: {e}", param_hint="--error") from None
     spool = open_spool(config(config_file, spool_dir))
-    jobs = list_jobs(spool, time.time(), chosen, domain, pattern)
+    jobs = list_jobs(spool, time.time(), chosen, domain, _pattern(error_pattern))
     if as_json:
         click.echo(json.dumps([j.as_json() for j in jobs], indent=1))
         return
@@ -158,3 +161,47 @@ def flush(domain: str | None, config_file: Path | None, spool_dir: Path | None) 
     for path in done:
         click.echo(f"due now: {path}")
     click.echo(f"-- {len(done)} job(s) made due")
+
+
+@click.command("requeue")
+@click.option("--domain", help="Only failed jobs to this recipient domain.")
+@click.option("--error", "error_pattern", metavar="REGEX",
+              help="Only failed jobs whose EMAIL_ERROR this regular expression finds.")
+@click.option("--since", type=click.DateTime(["%Y-%m-%d"]), metavar="YYYY-MM-DD",
+              help="Only jobs that failed on or after this day (local time; the file's time in FAIL).")
+@click.argument("files", nargs=-1, type=click.Path(path_type=Path))
+@common
+def requeue_command(domain: str | None, error_pattern: str | None, since: Any, files: tuple[Path, ...],
+                    config_file: Path | None, spool_dir: Path | None) -> None:
+    """Move failed jobs back to the TOSEND folder each came from, with a
+    fresh retry budget (their attempt history stays in the file). Names
+    FILEs in FAIL, or every failed job the filters select."""
+    if not files and domain is None and error_pattern is None and since is None:
+        raise click.UsageError("name what to requeue: FILE..., --domain, --error or --since "
+                               "(--since 1970-01-01 for every failed job)")
+    pattern = _pattern(error_pattern)
+    spool = open_spool(config(config_file, spool_dir))
+    now = time.time()
+    filtered = domain is not None or pattern is not None or since is not None
+    selected = [j.path for j in list_jobs(spool, now, ["FAIL"], domain, pattern)
+                if since is None or j.age <= now - since.timestamp()]
+    if files:
+        matching = {p.absolute() for p in selected}
+        chosen = [f for f in files if not filtered or f.absolute() in matching]
+        for f in files:
+            if filtered and f.absolute() not in matching:
+                click.echo(f"copiamail: {f}: not a failed job the filters select; not requeued", err=True)
+    else:
+        chosen = selected
+    done = 0
+    for path in chosen:
+        try:
+            where = requeue(spool, path)
+        except (SpoolError, OSError) as e:
+            click.echo(f"copiamail: {e if isinstance(e, SpoolError) else f'{path}: {e.strerror}'}", err=True)
+            continue
+        done += 1
+        click.echo(f"requeued: {path} -> {where}")
+    click.echo(f"-- {done} job(s) requeued")
+    if files and done < len(files):
+        sys.exit(2)

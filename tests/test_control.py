@@ -1,4 +1,5 @@
-"""Cancelling a waiting job (copiamail/spool/control.py, `copiamail cancel`):
+"""Cancelling a waiting job, flushing and requeueing (copiamail/spool/control.py,
+`copiamail cancel`, `flush`, `requeue`). For cancel:
 outcome 68 in FAIL, taken by a rename so a node that claims the job first wins,
 an interrupted cancel finished by the next one, and a cancel racing a running
 node losing nothing and leaving nothing in two places."""
@@ -8,13 +9,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from smtpserver import Rule
 from spoolkit import SpoolKit, attempts, stop, var, wait_until
 
 from copiamail.errors import SpoolError
-from copiamail.spool.control import CANCEL_SUFFIX, cancel, finish_cancels
+from copiamail.spool.control import CANCEL_SUFFIX, cancel, finish_cancels, requeue
 from copiamail.spool.queue import Spool
 
 
@@ -180,3 +182,108 @@ def test_flush_sends_a_running_nodes_jobs_that_waited_for_their_retry(tmp_path, 
         code, _, err = stop(proc)
     assert code == 0, err
     assert len(server.messages) == 6 and kit.names("FAIL") == [] and kit.names("TOSEND") == []
+
+
+# --- requeue --------------------------------------------------------------------
+
+
+def _failed_job(spool: Spool, name: str, queue: int, to: str = "a@copia.com", text: str = "550 no such user") -> Path:
+    """A job as a node leaves it in FAIL: one attempt record naming its TOSEND queue, its error, $fax_status1 6."""
+    from copiamail.jobfile import records
+    from copiamail.jobfile.fsfile import CommandFile
+
+    folder = "TOSEND" if queue == 0 else f"TOSEND{queue}"
+    spool.ensure()
+    path = _job(spool, folder, name, to)
+    version = records.failed(CommandFile.read(path), "N1", 550, "Z", text, time.time(), records.Where(queue, 1))
+    dest = spool.root / "FAIL" / name
+    dest.write_bytes(version.to_bytes())
+    os.unlink(path)
+    return dest
+
+
+def test_a_requeued_job_goes_back_to_the_folder_it_came_from_unchanged_with_a_fresh_retry_budget(spool):
+    from copiamail.jobfile.fsfile import CommandFile
+    from copiamail.jobfile.job import parse_job
+
+    failed = _failed_job(spool, "A.FS", 2)
+    before = failed.read_bytes()
+    where = requeue(spool, failed)
+    assert where == spool.root / "TOSEND2" / "A.FS" and not failed.exists()
+    assert where.read_bytes() == before  # history kept: moved, not rewritten
+    job = parse_job(CommandFile.read(where), "A.FS")
+    assert len(job.attempts) == 1 and job.restarted and job.earlier_retries == []
+
+
+def test_requeue_takes_a_free_name_and_refuses_what_is_not_a_failed_job_of_the_spool(spool):
+    failed = _failed_job(spool, "A.FS", 0)
+    (spool.root / "TOSEND" / "A.FS").write_text("$email_address other@copia.com\n")
+    where = requeue(spool, failed)
+    assert where.name == "A~1.FS" and (spool.root / "TOSEND" / "A.FS").read_text() == "$email_address other@copia.com\n"
+    waiting = _job(spool, "TOSEND1", "W.FS")
+    (spool.root / "FAIL" / "H.FS").write_text("$email_address h@copia.com\n$fax_status1 2\n")
+    for path, why in ((waiting, "not in"), (spool.root / "FAIL" / "GONE.FS", "no longer in FAIL"),
+                      (spool.root / "FAIL" / "H.FS", "last \\$fax_status1 is not 6")):
+        with pytest.raises(SpoolError, match=why):
+            requeue(spool, path)
+    assert waiting.exists() and (spool.root / "FAIL" / "H.FS").exists()
+
+
+def test_requeue_selects_by_domain_and_error_and_says_what_it_did(tmp_path):
+    kit = SpoolKit(tmp_path)
+    spool = Spool(kit.root, queues=3)
+    _failed_job(spool, "A.FS", 1, "a@copia.com", "550 mailbox full")
+    _failed_job(spool, "B.FS", 1, "b@other.test", "550 mailbox full")
+    _failed_job(spool, "C.FS", 3, "c@copia.com", "554 spam")
+    result = kit.cli("requeue")
+    assert result.returncode == 2 and "name what to requeue" in result.stderr
+    result = kit.cli("requeue", "--domain", "copia.com", "--error", "full")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"requeued: {kit.root / 'FAIL' / 'A.FS'} -> {kit.root / 'TOSEND1' / 'A.FS'}",
+                                          "-- 1 job(s) requeued"]
+    result = kit.cli("requeue", "--since", "1970-01-01")
+    assert result.returncode == 0 and result.stdout.splitlines()[-1] == "-- 2 job(s) requeued"
+    assert kit.names("FAIL") == [] and kit.names("TOSEND1") == ["A.FS", "B.FS"] and kit.names("TOSEND3") == ["C.FS"]
+    result = kit.cli("requeue", "spool/FAIL/A.FS")
+    assert result.returncode == 2 and "no longer in FAIL" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_requeues_racing_each_other_and_a_claiming_node_lose_nothing_and_leave_nothing_in_two_places(tmp_path, smtp_server):
+    server = smtp_server()
+    server.add_rule(Rule(stage="EOD", delay=0.1))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 2"])
+    spool = Spool(kit.root, queues=3)
+    failed = [f"F{i:03d}.FS" for i in range(60)]
+    for name in failed:
+        _failed_job(spool, name, 2, f"{name.lower()}@copia.com")
+    fresh = [f"N{i:03d}.FS" for i in range(60)]
+    for name in fresh:
+        kit.job("TOSEND2", name, to=f"{name.lower()}@copia.com")
+    proc = kit.start("N1")
+    results: list[int] = []
+
+    def requeue_all() -> None:
+        results.append(kit.cli("requeue", "--since", "1970-01-01").returncode)
+
+    def requeue_one_by_one() -> None:
+        for name in failed[::3]:
+            kit.cli("requeue", f"spool/FAIL/{name}")
+
+    try:
+        wait_until(lambda: len(server.messages) >= 2, timeout=15)  # the node is claiming from TOSEND2
+        threads = [threading.Thread(target=requeue_all), threading.Thread(target=requeue_all),
+                   threading.Thread(target=requeue_one_by_one)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        wait_until(lambda: len(kit.names("SENT")) == 120, timeout=60)
+    finally:
+        code, _, err = stop(proc)
+    assert code == 0, err
+    assert results == [0, 0]
+    assert kit.names("SENT") == sorted(failed + fresh) and kit.names("FAIL") == [] and kit.active() == []
+    assert sorted(m.rcpt_tos[0] for m in server.messages) == sorted(f"{n.lower()}@copia.com" for n in failed + fresh)
+    for name in failed:  # its history kept: the failure, then the delivery
+        assert [a[2] for a in attempts(kit.read("SENT", name))] == ["550", "0"]

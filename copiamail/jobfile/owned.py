@@ -42,6 +42,7 @@ class AttemptRecord:
     klass: str
     text: str
     line: int = field(default=0, compare=False)  # its line in the file
+    queue: int | None = field(default=None, compare=False)  # TOSEND, where the layout has it: the queue it came from
 
     @property
     def counts_as_retry(self) -> bool:
@@ -91,14 +92,17 @@ def parse_attempt(cmd: Command) -> AttemptRecord | None:
     a = cmd.args
     if len(a) < 6:
         return None
+    queue: int | None = None
     if a[2].upper() == "E":
         field, node, text = 4, a[3], " ".join(a[6:])
     elif len(a) >= 7:
         field, node, text = 5, (a[15] if len(a) > 15 else ""), (a[14] if len(a) > 14 else "")
+        if len(a) > 8 and a[8].isascii() and a[8].isdigit():
+            queue = int(a[8])
     else:
         return None
     try:
         code = int(a[field])
     except ValueError:
         return None
-    return AttemptRecord(a[0], a[1], node, code, a[field + 1].upper(), text, cmd.line)
+    return AttemptRecord(a[0], a[1], node, code, a[field + 1].upper(), text, cmd.line, queue)

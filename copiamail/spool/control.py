@@ -1,5 +1,5 @@
-"""An operator's moves of single jobs while nodes run (``copiamail cancel``
-and ``copiamail flush``).
+"""An operator's moves of single jobs while nodes run (``copiamail cancel``,
+``copiamail flush`` and ``copiamail requeue``).
 
 ``cancel`` takes a waiting job out of its TOSEND folder the way a node claims
 one, with a rename, so a job is in one place at any instant and a node that
@@ -23,6 +23,17 @@ written beside it, fsynced and renamed to ``NAME.FS`` (if a submitter wrote a
 new ``NAME.FS`` meanwhile, the flush gives up and puts the old one back under
 ``NAME~1.FS``), and the ``.FLUSH`` file is removed. A crash in between leaves
 ``NAME.FS.FLUSH`` (the job unchanged); the next ``flush`` finishes it.
+
+``requeue`` moves a job from FAIL back to the TOSEND folder it came from (the
+TOSEND field of its last attempt record) with one rename, under its name or
+the first free ``NAME~n.FS``: nothing is written, and a crash leaves it in
+FAIL or in its folder, never in both or neither. Nodes never take jobs from
+FAIL, so the rename races only another ``requeue``, and one of the two finds
+the file gone. The job keeps its whole history; its retry budget starts
+afresh because its ``$fax_status1 6``, written when it failed, is the mark
+after which a job moved back counts its attempts. A file in FAIL without
+that mark as its last status (not written by an engine) is refused: moved
+as it is, its old attempts would still count.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ from copiamail.jobfile.fsfile import CommandFile
 from copiamail.osutil import rename_noreplace
 from copiamail.spool.holds import Holds
 from copiamail.spool.jobview import engine_lines, readable_commands, recipient_domain, recipient_of
-from copiamail.spool.layout import ACTIVE, FAIL, is_job_name, is_queue_name, queue_number
+from copiamail.spool.layout import ACTIVE, FAIL, is_job_name, is_queue_name, queue_names, queue_number
 from copiamail.spool.queue import Spool
 
 CANCEL_SUFFIX = ".CANCEL"
@@ -163,3 +174,40 @@ def flush_jobs(spool: Spool, now: float, domain: str | None = None) -> list[Path
             continue  # a node took it, or another flush is at it
         done.append(_write_flushed(spool, taken, now))
     return done
+
+
+def _queue_folder(spool: Spool, queue: int) -> str:
+    """The folder of TOSEND number ``queue`` as the spool spells it (TOSEND if there is none by that number)."""
+    for name in spool.queue_folders():
+        if queue_number(name) == queue:
+            return name
+    return queue_names(queue)[-1] if queue > 0 else "TOSEND"
+
+
+def requeue(spool: Spool, path: Path) -> Path:
+    """Move the job at ``path`` (in the spool's FAIL) back to the TOSEND
+    folder it came from, for a fresh run; returns where it is. SpoolError, in
+    one line, if it is not a failed job of this spool or not there any more."""
+    path = path.absolute()
+    if not is_job_name(path.name):
+        raise SpoolError(f"{path}: not a job file (NAME.FS)")
+    if path.parent != (spool.root / FAIL).absolute():
+        raise SpoolError(f"{path}: not in {spool.root / FAIL}; not requeued")
+    try:
+        commands = readable_commands(CommandFile.read(path))
+    except FileNotFoundError:
+        raise SpoolError(f"{path}: no longer in FAIL; not requeued") from None
+    status = [c.args[0] for c in commands if c.name == "fax_status1" and c.args]
+    if status[-1:] != ["6"]:
+        raise SpoolError(f"{path}: its last $fax_status1 is not 6, so its earlier attempts would count "
+                         "against its retries; not requeued")
+    _, attempts, _ = engine_lines(commands)
+    queue = next((a.queue for a in reversed(attempts) if a.queue is not None), 0)
+    folder = spool.root / _queue_folder(spool, queue)
+    try:
+        where = spool.place(os.fspath(path), os.fspath(folder), path.name)
+    except FileNotFoundError:
+        raise SpoolError(f"{path}: no longer in FAIL (requeued by another command?); not requeued") from None
+    if spool.fsync:
+        _fsync_dir(folder)
+    return where
