@@ -31,6 +31,7 @@ from copiamail.cli_common import open_spool_folder as _spool_folder
 from copiamail.cli_common import user_errors as _user_errors
 from copiamail.cli_queue import cancel, flush, hold, list_command, release, requeue_command
 from copiamail.cli_status import status
+from copiamail.cli_web import web_command
 from copiamail.config import Config, load_config, read_password, workers_problem
 from copiamail.errors import CopiamailError, DeliveryError, JobError
 from copiamail.jobfile.addresses import parse_address
@@ -44,7 +45,16 @@ from copiamail.logs import live_display_on, setup_logging
 from copiamail.scheduling.adaptive import Learned, learned_cap, learned_in_spool, local_time
 from copiamail.scheduling.limits import Scopes, bindings_for, limits_for
 from copiamail.scheduling.routing import Router, Target
-from copiamail.spool.jobview import ENGINE_VARS, engine_lines, job_state, readable_commands, recipient_of, sender_for
+from copiamail.spool.holds import held_where_it_is
+from copiamail.spool.jobview import (
+    ENGINE_VARS,
+    engine_lines,
+    job_state,
+    readable_commands,
+    recipient_domain,
+    recipient_of,
+    sender_for,
+)
 from copiamail.spool.peers import finish_takeover, takeover_folders
 from copiamail.spool.queue import Spool, is_job_name
 from copiamail.spool.recovery import recover
@@ -56,9 +66,16 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 @click.version_option(__version__)
 @click.option("-v", "--verbose", count=True,
               help="More log lines on stderr (-v deliveries and deferrals, -vv debug, -vvv libraries' debug).")
-def main(verbose: int) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="Log lines as text, or one JSON object a line.")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Append log lines to this file instead of stderr (reopened on SIGHUP).")
+def main(verbose: int, log_format: str, log_file: Path | None) -> None:
     """copiamail: file-spool batch e-mail transmission in the CopiaFacts style."""
-    setup_logging(verbose, sys.stderr)
+    try:
+        setup_logging(verbose, sys.stderr, log_format, log_file)
+    except OSError as e:
+        _fail(f"--log-file: {log_file}: {e.strerror}")
     # watchdog warns when its emitter thread stops during shutdown; not ours to report.
     logging.getLogger("watchdog").setLevel(logging.CRITICAL)
 
@@ -69,6 +86,7 @@ main.add_command(release)
 main.add_command(cancel)
 main.add_command(flush)
 main.add_command(requeue_command)
+main.add_command(web_command)
 main.add_command(status)
 
 
@@ -126,20 +144,25 @@ def node(name: str, relay: str | None, relay_ca: Path | None, relay_no_verify: b
     """Run a node: take jobs from the TOSEND folders and send them."""
     from copiamail.node.node import run_node
 
-    cfg = _config(config_file, spool_dir, relay).with_overrides(
-        relay_ca_file=relay_ca, relay_tls_verify=False if relay_no_verify else None)
-    if workers is not None:
-        cfg = dataclasses.replace(cfg, workers=workers)
-        problem = workers_problem(cfg)
-        if problem is not None:
-            raise CopiamailError(f"--workers: {problem}")
+    def load() -> Config:
+        # Called again on SIGHUP: the same files, with the same options over them.
+        cfg = _config(config_file, spool_dir, relay).with_overrides(
+            relay_ca_file=relay_ca, relay_tls_verify=False if relay_no_verify else None)
+        if workers is not None:
+            cfg = dataclasses.replace(cfg, workers=workers)
+            problem = workers_problem(cfg)
+            if problem is not None:
+                raise CopiamailError(f"--workers: {problem}")
+        return cfg
+
+    cfg = load()
     for warning in cfg.rules.warnings:
         click.echo(f"copiamail: warning: {warning}", err=True)
     total = sum(n for k, n in _spool_folder(cfg).counts().items() if k.upper().startswith("TOSEND"))
     with _Progress(total, drain and sys.stdout.isatty()) as progress:
         # Without a live line nothing reads the events (and workers would send
         # each one to this process).
-        result = run_node(cfg, name, drain=drain, on_event=progress.event if progress.enabled else None)
+        result = run_node(cfg, name, drain=drain, on_event=progress.event if progress.enabled else None, load=load)
     if drain:
         s = result.stats
         click.echo(
@@ -254,13 +277,14 @@ def show(file: Path, as_message: bool, config_file: Path | None, spool_dir: Path
         job = parse_job(cf, file.name, cfg.job_env if cfg is not None else None)
     except JobError as e:
         variables, attempts, next_attempt = engine_lines(readable_commands(cf))
-        click.echo(f"job        {job_state(file, next_attempt, time.time())}: {file}")
+        held = held_where_it_is(file, recipient_domain(recipient_of(cf)))
+        click.echo(f"job        {job_state(file, next_attempt, time.time(), held)}: {file}")
         sys.stdout.flush()
         click.echo(f"copiamail: {e}", err=True)
         click.echo(f"recipient  {recipient_of(cf)}")
         _show_engine_lines(variables, attempts)
         sys.exit(2)
-    click.echo(f"job        {job_state(file, job.next_attempt, time.time())}: {file}")
+    click.echo(f"job        {job_state(file, job.next_attempt, time.time(), held_where_it_is(file, job.domain))}: {file}")
     click.echo(f"recipient  {job.address} (domain {job.domain})")
     if job.subject is not None:
         click.echo(f"subject    {job.subject}")

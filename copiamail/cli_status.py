@@ -8,81 +8,15 @@ import json
 import signal
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import click
 
 from copiamail.cli_common import common, config, open_spool
-from copiamail.scheduling.adaptive import learned_in_spool, local_time
-from copiamail.spool.holds import holds_in
-from copiamail.spool.listing import ListedJob, list_jobs
-from copiamail.spool.livestate import WorkerState, read_states
+from copiamail.report import status_document
+from copiamail.scheduling.adaptive import local_time
 from copiamail.spool.queue import Spool
-
-RECENT_FAILURES = 10  # failures --json and the table show, newest first
-
-
-def _domain_limit(states: list[WorkerState], domain: str) -> int | None:
-    """The cap of ``domain``'s own limit key as the live nodes publish it
-    (its ``$domain_limit`` key, else its per-binding key), summed over nodes."""
-    caps: list[int] = []
-    for s in states:
-        own = s.keys.get(f"domain_limit:{domain}")
-        per_binding = [k.cap for key, k in s.keys.items()
-                       if key.startswith("binding_domain:") and key.endswith(f":{domain}")]
-        if own is not None:
-            caps.append(own.cap)
-        elif per_binding:
-            caps.append(sum(per_binding))
-    return sum(caps) if caps else None
-
-
-def status_document(spool: Spool, now: float) -> dict[str, Any]:
-    """What ``status --json`` prints: ``folders`` (jobs and the oldest job's
-    age per folder), ``domains`` (waiting jobs, connections open on every live
-    node, the domain's limit), ``nodes`` (each live or stale worker state
-    summed per node) and the newest ``failures``."""
-    counts = spool.counts()
-    queued: list[ListedJob] = list(list_jobs(spool, now, ["TOSEND"]))
-    oldest: dict[str, float] = {}
-    for job in queued:
-        oldest[job.folder] = max(oldest.get(job.folder, 0.0), job.age)
-    folders = [{"folder": f, "jobs": n, "oldest_age_seconds": round(oldest[f], 1) if f in oldest else None}
-               for f, n in counts.items()]
-    states = read_states(spool.root, now)
-    alive = [s for s in states if s.alive]
-    waiting: Counter[str] = Counter(j.domain or "(none)" for j in queued)
-    open_now: Counter[str] = Counter()
-    for s in alive:
-        open_now.update(s.domains)
-    domains = [{"domain": d, "waiting": waiting.get(d, 0), "connections": open_now.get(d, 0),
-                "limit": _domain_limit(alive, d)}
-               for d in sorted(set(waiting) | set(open_now), key=lambda d: (-waiting.get(d, 0) - open_now.get(d, 0), d))]
-    nodes: dict[str, dict[str, Any]] = {}
-    for s in states:
-        n = nodes.setdefault(s.node, {"name": s.node, "alive": False, "workers": 0, "connections": 0, "host": s.host,
-                                      "heartbeat_age_seconds": None, "counters": Counter(), "keys": {}})
-        n["workers"] += 1
-        n["alive"] = n["alive"] or s.alive
-        n["connections"] += s.connections if s.alive else 0
-        age = round(max(0.0, now - s.updated), 1)
-        n["heartbeat_age_seconds"] = age if n["heartbeat_age_seconds"] is None else min(n["heartbeat_age_seconds"], age)
-        n["counters"].update(s.counters)
-        for key, k in s.keys.items():
-            entry = n["keys"].setdefault(key, {"open": 0, "cap": 0, "configured": None})
-            entry["open"] += k.open
-            entry["cap"] += k.cap
-            if k.configured is not None:
-                entry["configured"] = (entry["configured"] or 0) + k.configured
-    for n in nodes.values():
-        n["counters"] = dict(n["counters"])
-    failed = sorted(list_jobs(spool, now, ["FAIL"]), key=lambda j: j.age)[:RECENT_FAILURES]
-    failures = [{"name": j.name, "recipient": j.recipient, "domain": j.domain, "age_seconds": round(j.age, 1),
-                 "error": j.error} for j in failed]
-    return {"spool": str(spool.root), "folders": folders, "domains": domains, "nodes": list(nodes.values()),
-            "failures": failures, "holds": sorted(str(h) for h in holds_in(spool.root))}
 
 
 def _tables(spool: Spool) -> Any:
@@ -101,11 +35,11 @@ def _tables(spool: Spool) -> Any:
             age = f["oldest_age_seconds"]
             folders.add_row(name, str(f["jobs"]), "" if age is None else f"{age:.0f}s")
     parts.append(folders)
-    domains = Table(title="per domain: waiting jobs, connections open on the live nodes, limit")
-    for column in ("domain", "waiting", "connections", "limit"):
+    domains = Table(title="per domain: waiting jobs (deferred, held), connections open on the live nodes, limit")
+    for column in ("domain", "waiting", "deferred", "held", "connections", "limit"):
         domains.add_column(column, justify="left" if column == "domain" else "right")
     for d in doc["domains"]:
-        domains.add_row(Text(d["domain"]), str(d["waiting"]), str(d["connections"]),
+        domains.add_row(Text(d["domain"]), str(d["waiting"]), str(d["deferred"]), str(d["held"]), str(d["connections"]),
                         "" if d["limit"] is None else str(d["limit"]))
     parts.append(domains)
     if doc["holds"]:
@@ -132,14 +66,13 @@ def _tables(spool: Spool) -> Any:
         for f in doc["failures"]:
             failures.add_row(Text(f["name"]), Text(f["recipient"]), Text(f["error"] or ""))
         parts.append(failures)
-    learned = learned_in_spool(spool.root)
-    if learned:
+    if doc["learned"]:
         adaptive = Table(title="limits learned from throttle replies")
         for column in ("key", "node", "learned", "since", "reply"):
             adaptive.add_column(column)
-        for key, (node, what) in sorted(learned.items()):
-            adaptive.add_row(Text(key), node, what.describe() or "as configured", local_time(what.at),
-                             Text(f"{what.kind}: {what.reply}"))
+        for entry in doc["learned"]:
+            adaptive.add_row(Text(entry["key"]), Text(entry["node"]), entry["learned"], local_time(entry["since"]),
+                             Text(entry["reply"]))
         parts.append(adaptive)
     return Group(*parts)
 

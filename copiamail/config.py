@@ -47,6 +47,7 @@ from copiamail.config_sections import (
     MessageRate,
     RelayConfig,
     ScopeCaps,
+    WebConfig,
 )
 from copiamail.config_yaml import Reader
 from copiamail.errors import ConfigError
@@ -107,6 +108,7 @@ class Config:
     hosts: tuple[HostStanza, ...] = ()
     default_binding_group: str | None = None
     cluster: ClusterConfig | None = None
+    web: WebConfig = WebConfig()  # where `copiamail web` listens, and its token
     scan_interval: float = 5.0
     watcher: str = "native"  # native | polling
     smtp_timeout: float = 60.0

@@ -18,7 +18,7 @@ from typing import Any
 
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-from copiamail.config_checks import is_address_literal, is_fqdn, is_ip
+from copiamail.config_checks import is_address_literal, is_fqdn, is_ip, parse_listen
 from copiamail.config_scopes import (
     read_binding_groups,
     read_bindings,
@@ -27,7 +27,7 @@ from copiamail.config_scopes import (
     read_global_scope_cap,
     read_hosts,
 )
-from copiamail.config_sections import ClusterConfig, DkimKey, DnsConfig, RelayConfig
+from copiamail.config_sections import ClusterConfig, DkimKey, DnsConfig, RelayConfig, WebConfig
 from copiamail.config_yaml import (
     Read,
     Reader,
@@ -69,6 +69,18 @@ _DNS_KEYS: Mapping[str, Read] = MappingProxyType({
     "nameservers": _nameservers, "port": integer(1, 65535), "timeout": number(0.1),
 })
 _CLUSTER_KEYS: Mapping[str, Read] = MappingProxyType({"redis": string, "lease_seconds": integer(1)})
+
+
+def _listen(r: Reader, m: CommentedMap, key: str, full: str) -> str:
+    text = string(r, m, key, full)
+    try:
+        parse_listen(text)
+    except ValueError as e:
+        raise r.error(m, full, str(e)) from None
+    return text
+
+
+_WEB_KEYS: Mapping[str, Read] = MappingProxyType({"listen": _listen, "token_file": path})
 
 
 # A PEM RSA key of 4096 bits is about 3 KiB; a larger file is not a key.
@@ -237,5 +249,6 @@ TOP_LEVEL: Mapping[str, _Step] = MappingProxyType({
     "host": _field(read_hosts, "hosts"),
     "default_binding_group": read_default_binding_group,
     "cluster": _field(section_of(ClusterConfig, _CLUSTER_KEYS)),
+    "web": _field(section_of(WebConfig, _WEB_KEYS)),
 })
 TOP_KEYS = frozenset(TOP_LEVEL)  # every key the top level may hold

@@ -35,6 +35,16 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """``web:``: where ``copiamail web`` listens (``HOST:PORT``), and the file
+    holding the bearer token every request must carry (None: no token, which
+    only a loopback address may do without)."""
+
+    listen: str = "127.0.0.1:8025"
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True)
 class MessageRate:
     """``max_message_rate: "N/s" | "N/m" | "N/h"``: at most ``count`` messages
     started in any window of ``period`` seconds."""

@@ -1,4 +1,8 @@
-"""Log lines on stderr: ``2026-12-01 11:42:07 copiamail: ...``.
+"""Log lines on stderr (or a file): ``2026-12-01 11:42:07 copiamail: ...``,
+or with ``--log-format json`` one JSON object a line (:class:`JsonLines`).
+A command's own report (a drain's summary, ``status``) goes to stdout, never
+here. A log file (``--log-file``) is reopened on SIGHUP, for logrotate
+(:func:`reopen_log_files`).
 
 What each verbosity shows:
 
@@ -11,11 +15,14 @@ What each verbosity shows:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
 OUTCOMES = "copiamail.outcomes"  # one line per delivery or deferral: -v
 _FORMAT = "%(asctime)s %(source)s: %(message)s"
@@ -39,12 +46,89 @@ class LineStartHandler(logging.StreamHandler[TextIO]):
         return _CLEAR_LINE + text if self.below_live_display else text
 
 
-def setup_logging(verbosity: int, stream: TextIO) -> None:
-    """Send log lines to ``stream`` at the levels ``verbosity`` (the count of
-    ``-v``) selects (see the module doc)."""
-    handler = LineStartHandler(stream)
+# What a log call may add with ``extra=`` for the JSON lines: a short event
+# name, and the job, domain and reply code it is about.
+FIELDS = ("event", "node", "job", "domain", "code")
+
+
+def log_fields(event: str, job: str, recipient: str, code: int | str | None = None) -> dict[str, Any]:
+    """The ``extra=`` of a log line about one job: the fields of :data:`FIELDS`
+    (the domain taken from ``recipient``; ``code`` a reply code, or a reply
+    whose first three characters may be one)."""
+    domain = recipient.rpartition("@")[2].strip(" >").lower() or None
+    if isinstance(code, str):
+        code = int(code[:3]) if code[:3].isascii() and code[:3].isdigit() else None
+    return {"event": event, "job": job, "domain": domain, "code": code}
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object a line: ``ts`` (ISO 8601, local time with its
+    offset), ``level``, ``event`` (``log`` unless the call names one),
+    ``node`` where known, ``job``, ``domain`` and ``code`` where the call gives
+    them, and ``text``, the line as the text format shows it (with a
+    traceback, if any)."""
+
+    def __init__(self, node: str | None = None) -> None:
+        super().__init__()
+        self.node = node  # the node this process runs, once known
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = time.localtime(record.created)
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}" + time.strftime("%z", t)
+        doc: dict[str, Any] = {"ts": ts, "level": record.levelname.lower(), "event": getattr(record, "event", "log")}
+        node = getattr(record, "node", None) or self.node
+        if node is not None:
+            doc["node"] = node
+        for name in ("job", "domain", "code"):
+            value = getattr(record, name, None)
+            if value is not None:
+                doc[name] = value
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        doc["text"] = text
+        if record.name.partition(".")[0] != "copiamail":
+            doc["logger"] = record.name
+        return json.dumps(doc, ensure_ascii=False)
+
+
+class ReopenedFileHandler(logging.FileHandler):
+    """A log file (appended to) that :func:`reopen_log_files` reopens: after
+    logrotate has moved it, the next line goes to a new file of its name."""
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            if self.stream is not None:
+                self.stream.close()
+                self.stream = None  # FileHandler opens it again at the next line
+        finally:
+            self.release()
+
+
+def reopen_log_files() -> None:
+    """Reopen every log file of this process (SIGHUP)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, ReopenedFileHandler):
+            handler.reopen()
+
+
+def set_log_node(node: str) -> None:
+    """The JSON lines of this process name ``node`` from now on."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, JsonLines):
+            handler.formatter.node = node
+
+
+def setup_logging(verbosity: int, stream: TextIO, log_format: str = "text", log_file: Path | None = None) -> None:
+    """Send log lines to ``stream`` (or append them to ``log_file``: OSError
+    if it cannot be opened) at the levels ``verbosity`` (the count of ``-v``)
+    selects (see the module doc), as text or, with ``log_format`` ``json``,
+    as :class:`JsonLines`."""
+    handler: logging.Handler = LineStartHandler(stream) if log_file is None else ReopenedFileHandler(log_file, "a",
+                                                                                                       "utf-8")
     handler.addFilter(_name_source)
-    handler.setFormatter(logging.Formatter(_FORMAT, _DATE_FORMAT))
+    handler.setFormatter(JsonLines() if log_format == "json" else logging.Formatter(_FORMAT, _DATE_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbosity >= 3 else logging.WARNING)

@@ -176,3 +176,21 @@ def test_the_readme_quotes_the_sample_byte_for_byte(sample):
     m = re.search(rf"`{re.escape(sample)}`:?\s*\n\s*\n```[^\n]*\n(.*?)^```", text, re.S | re.M)
     assert m is not None, f"README.md names `{sample}` and quotes it in the code block after it"
     assert m.group(1).encode("utf-8") == (REPO / sample).read_bytes()
+
+
+def test_the_systemd_units_in_samples_start_commands_copiamail_accepts():
+    import configparser
+    import shlex
+    import subprocess
+    import sys
+
+    units = sorted((REPO / "samples" / "systemd").glob("*.service"))
+    assert [u.name for u in units] == ["copiamail-node@.service", "copiamail-web.service"]
+    for unit in units:
+        parser = configparser.ConfigParser(interpolation=None, strict=False)
+        parser.read_string(unit.read_text(encoding="utf-8"))
+        argv = shlex.split(parser["Service"]["ExecStart"].replace("%i", "N1"))
+        assert argv[0].endswith("/copiamail")
+        result = subprocess.run([sys.executable, "-m", "copiamail", *argv[1:], "--help"], capture_output=True,
+                                text=True, timeout=60, cwd=REPO)
+        assert result.returncode == 0, (unit.name, result.stderr)

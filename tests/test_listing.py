@@ -110,7 +110,21 @@ def test_list_json_is_one_array_a_script_can_read(tmp_path):
     [job] = json.loads(result.stdout)
     assert job["name"] == "A.FS" and job["folder"] == "TOSEND" and job["domain"] == "copia.com"
     assert job["error"] == "<script>x</script>" and job["state"] == "waiting (due)"
-    assert set(job) == {"name", "folder", "path", "age_seconds", "size", "recipient", "domain", "state", "error"}
+    assert set(job) == {"name", "folder", "path", "age_seconds", "size", "recipient", "domain", "state", "error",
+                        "held", "domainbusy_count"}
+    assert job["held"] is False and job["domainbusy_count"] == 0
+
+
+def test_a_held_job_lists_and_shows_as_held_with_its_deferral_count(tmp_path):
+    kit = SpoolKit(tmp_path)
+    kit.job("TOSEND", "A.FS", "$var_def DOMAINBUSY_COUNT 3", to="a@held.test")
+    kit.job("TOSEND", "B.FS", to="b@copia.com")
+    assert kit.cli("hold", "--domain", "held.test").returncode == 0
+    a, b = json.loads(kit.cli("list", "--json").stdout)
+    assert (a["held"], a["state"], a["domainbusy_count"]) == (True, "held, waiting (due)", 3)
+    assert (b["held"], b["state"]) == (False, "waiting (due)")
+    assert kit.cli("show", "spool/TOSEND/A.FS").stdout.startswith("job        held, waiting (due): ")
+    assert kit.cli("show", "spool/TOSEND/B.FS").stdout.startswith("job        waiting (due): ")
 
 
 @pytest.mark.parametrize("args, words", [

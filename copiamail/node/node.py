@@ -6,6 +6,10 @@ instead of taking N1's jobs. It recovers N1's interrupted jobs, starts the
 watcher, and runs the scheduler until SIGTERM or SIGINT (or, with ``drain``,
 until no job is due and none is in flight).
 
+SIGHUP reopens the log file and reloads the configuration
+(:mod:`copiamail.node.reload`); with workers, the supervisor reads it first
+and tells the workers to follow only if it is good.
+
 With ``workers:`` above 1 the scheduling runs in worker processes instead
 (:mod:`copiamail.node.workers`); this process keeps the lock, the recovery and
 the node's services (:mod:`copiamail.node.services`: heartbeat, watcher,
@@ -26,6 +30,8 @@ from filelock import FileLock, Timeout
 
 from copiamail.config import Config, read_password
 from copiamail.errors import ConfigError, SpoolError
+from copiamail.logs import set_log_node
+from copiamail.node.reload import ConfigLoader, on_hangup
 from copiamail.node.services import ignore_hangups, node_services
 from copiamail.node.workers import run_workers
 from copiamail.scheduling.scheduler import Scheduler, Stats
@@ -58,9 +64,14 @@ def run_node(
     name: str,
     drain: bool = False,
     on_event: Callable[[str, str], None] | None = None,
+    load: ConfigLoader | None = None,
 ) -> NodeResult:
-    """Run node ``name`` until stopped (or drained); returns what it did."""
+    """Run node ``name`` until stopped (or drained); returns what it did.
+    On SIGHUP the log file is reopened and ``load`` (the loader ``config``
+    came from) is called for the configuration from then on (None: the
+    configuration cannot be reloaded, and SIGHUP says so)."""
     check_node_name(name)
+    set_log_node(name)
     ignore_hangups()
     password = read_password(config)
     # What every scheduler reads again at its start, checked here once: in
@@ -78,12 +89,13 @@ def run_node(
         report = recover(spool, name)
         if config.workers > 1:
             _log_start(config, name)
-            result = run_workers(config, spool, name, password, drain, on_event)
+            result = run_workers(config, spool, name, password, drain, on_event, load)
             done = NodeResult(result.stats, report, time.monotonic() - started, result.failed_workers)
         else:
             scheduler = Scheduler(config, spool, name, password=password, on_event=on_event)
             _log_start(config, name)
-            done = NodeResult(asyncio.run(_serve(config, spool, scheduler, drain)), report, time.monotonic() - started)
+            done = NodeResult(asyncio.run(_serve(config, spool, scheduler, drain, load)), report,
+                              time.monotonic() - started)
     s = done.stats
     log.info("node %s stopped: sent %d, failed %d, retry later %d, deferred %d, handed back %d in %.1f s",
              name, s.sent, s.failed, s.retried, s.deferred, s.handed_back, done.seconds)
@@ -113,7 +125,12 @@ def node_lock(spool: Spool, name: str) -> Iterator[None]:
         lock.release()
 
 
-async def _serve(config: Config, spool: Spool, scheduler: Scheduler, drain: bool) -> Stats:
+async def _serve(config: Config, spool: Spool, scheduler: Scheduler, drain: bool, load: ConfigLoader | None) -> Stats:
+    def reload() -> None:
+        new = on_hangup(load, lambda: scheduler.config)
+        if new is not None:
+            scheduler.reconfigure(new)
+
     async with node_services(config, spool, scheduler.node, on_takeover=scheduler.request_scan,
-                             on_stop=scheduler.request_stop, on_path=scheduler.hint):
+                             on_stop=scheduler.request_stop, on_path=scheduler.hint, on_reload=reload):
         return await scheduler.run(drain=drain)

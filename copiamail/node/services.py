@@ -30,13 +30,14 @@ async def _heartbeat(peers: Peers, on_takeover: Callable[[], None]) -> None:
 
 @asynccontextmanager
 async def node_services(config: Config, spool: Spool, node: str, on_takeover: Callable[[], None],
-                        on_stop: Callable[[], None], on_path: Callable[[str, bool], None]) -> AsyncIterator[None]:
+                        on_stop: Callable[[], None], on_path: Callable[[str, bool], None],
+                        on_reload: Callable[[], None]) -> AsyncIterator[None]:
     """What a node's own process runs besides scheduling, for the block: the
     heartbeat (``on_takeover`` when a dead peer's jobs came back), SIGTERM and
-    SIGINT (``on_stop``), SIGHUP (logged and ignored: no reload yet) and the
-    spool watcher (``on_path(path, written)`` for each event). SIGHUP stays
-    ignored after the block; the caller ignores it before starting any child
-    process (see :func:`ignore_hangups`)."""
+    SIGINT (``on_stop``), SIGHUP (``on_reload``: log file and configuration)
+    and the spool watcher (``on_path(path, written)`` for each event). SIGHUP
+    is ignored before and after the block; the caller ignores it before
+    starting any child process (see :func:`ignore_hangups`)."""
     loop = asyncio.get_running_loop()
     peers = Peers(spool, node, config.node_stale_after)
     beating = loop.create_task(_heartbeat(peers, on_takeover))
@@ -46,7 +47,7 @@ async def node_services(config: Config, spool: Spool, node: str, on_takeover: Ca
     # Started while SIGHUP is still ignored here, so the watcher inherits that
     # from its first instruction on (a handled signal is reset by exec).
     watcher.start(loop)
-    loop.add_signal_handler(signal.SIGHUP, log.warning, "SIGHUP: reload is not supported yet; ignored")
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
     try:
         yield
     finally:

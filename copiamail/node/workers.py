@@ -16,7 +16,9 @@ Pipes, one pair per worker, records ending in NUL:
 
 - supervisor to worker: ``H<path>`` a job file renamed into a queue and
   ``W<path>`` one written there in place (watcher events); ``R`` scan the
-  whole spool (a dead peer's jobs came back); ``Q`` stop. End of file: stop.
+  whole spool (a dead peer's jobs came back); ``L`` reopen the log file and
+  ``C`` read the configuration again (SIGHUP; ``C`` only once the supervisor
+  has read it without error); ``Q`` stop. End of file: stop.
 - worker to supervisor: ``E<kind>\\t<name>`` a job's outcome (only when
   the node shows a progress line); ``S<field>=<count> ...`` its totals
   (:class:`~copiamail.scheduling.results.Stats`, each field by name), last.
@@ -44,6 +46,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from copiamail.config import Config
+from copiamail.logs import reopen_log_files
+from copiamail.node.reload import ConfigLoader, on_hangup, reloaded
 from copiamail.node.services import node_services
 from copiamail.osutil import NulRecords, die_with_parent, write_all
 from copiamail.scheduling.scheduler import Scheduler, Stats
@@ -102,6 +106,7 @@ def run_workers(
     password: str | None,
     drain: bool,
     on_event: Callable[[str, str], None] | None,
+    load: ConfigLoader | None = None,
 ) -> WorkersResult:
     """Fork ``config.workers`` workers and supervise them until all have
     ended (drained, or stopped by SIGTERM/SIGINT). Call with the node's lock
@@ -123,7 +128,7 @@ def run_workers(
                     os.close(w.ctl)
                     os.close(w.out.fd)
                 code = _worker_main(config, spool, node, password, drain, i, ctl_r, out_w, on_event is not None,
-                                    supervisor)
+                                    supervisor, load)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -134,7 +139,7 @@ def run_workers(
         os.set_blocking(ctl_w, False)
         workers.append(_Worker(i, pid, ctl_w, NulRecords(out_r)))
     try:
-        asyncio.run(_supervise(config, spool, node, workers, on_event or (lambda kind, job: None)))
+        asyncio.run(_supervise(config, spool, node, workers, on_event or (lambda kind, job: None), load))
     finally:
         for w in workers:
             for fd in (w.ctl, w.out.fd):
@@ -173,6 +178,7 @@ async def _supervise(
     node: str,
     workers: list[_Worker],
     on_event: Callable[[str, str], None],
+    load: ConfigLoader | None,
 ) -> None:
     loop = asyncio.get_running_loop()
     all_ended = loop.create_future()
@@ -196,6 +202,14 @@ async def _supervise(
     def stop() -> None:
         tell_all(b"Q")
 
+    def reload() -> None:
+        nonlocal config
+        new = on_hangup(load, lambda: config)
+        tell_all(b"L")
+        if new is not None:
+            config = new
+            tell_all(b"C")
+
     def readable(w: _Worker) -> None:
         records = w.out.read()
         if records is not None:
@@ -215,7 +229,8 @@ async def _supervise(
         loop.add_reader(w.out.fd, readable, w)
     try:
         async with node_services(config, spool, node, on_takeover=lambda: tell_all(b"R"), on_stop=stop,
-                                 on_path=lambda p, written: tell_all((b"W" if written else b"H") + os.fsencode(p))):
+                                 on_path=lambda p, written: tell_all((b"W" if written else b"H") + os.fsencode(p)),
+                                 on_reload=reload):
             await all_ended
     finally:
         for w in workers:
@@ -249,7 +264,8 @@ def _send(w: _Worker) -> None:
         except BlockingIOError:
             left = chunk + records[i:]
             w.scan_owed = True
-            w.pending = [b"Q"] if b"Q" in left else []
+            # Kept: a stop, and SIGHUP's records (each once, in order).
+            w.pending = [r for r in (b"L", b"C", b"Q") if r in left]
             asyncio.get_running_loop().call_later(0.01, _send, w)
             return
         except OSError as e:
@@ -272,7 +288,7 @@ def _received(w: _Worker, record: bytes, on_event: Callable[[str, str], None]) -
 
 
 def _worker_main(config: Config, spool: Spool, node: str, password: str | None, drain: bool,
-                 index: int, ctl: int, out: int, report_events: bool, supervisor: int) -> int:
+                 index: int, ctl: int, out: int, report_events: bool, supervisor: int, load: ConfigLoader | None) -> int:
     # Where the death signal is missing (not Linux), the end of file on the
     # control pipe still stops the worker.
     if not die_with_parent(supervisor):
@@ -292,13 +308,13 @@ def _worker_main(config: Config, spool: Spool, node: str, password: str | None, 
 
     scheduler = Scheduler(config, spool, node, password=password, on_event=on_event if report_events else None,
                           worker=index, workers=config.workers)
-    stats = asyncio.run(_serve_worker(scheduler, drain, ctl))
+    stats = asyncio.run(_serve_worker(scheduler, drain, ctl, load))
     flush_events()
     write(b"S" + encode_stats(stats) + b"\0")
     return 0
 
 
-async def _serve_worker(scheduler: Scheduler, drain: bool, ctl: int) -> Stats:
+async def _serve_worker(scheduler: Scheduler, drain: bool, ctl: int, load: ConfigLoader | None) -> Stats:
     loop = asyncio.get_running_loop()
     records = NulRecords(ctl)
 
@@ -314,6 +330,12 @@ async def _serve_worker(scheduler: Scheduler, drain: bool, ctl: int) -> Stats:
                 scheduler.hint(os.fsdecode(record[1:]), written=kind == b"W")
             elif kind == b"R":
                 scheduler.request_scan()
+            elif kind == b"L":
+                reopen_log_files()
+            elif kind == b"C" and load is not None:
+                new = reloaded(load, scheduler.config, report=False)
+                if new is not None:
+                    scheduler.reconfigure(new)
             elif kind == b"Q":
                 scheduler.request_stop()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from copiamail.config import Config
 from copiamail.errors import DeliveryError, JobError
@@ -21,7 +21,7 @@ from copiamail.jobfile.dkim import sign_for_job
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job
 from copiamail.jobfile.message import build_message
-from copiamail.logs import OUTCOMES
+from copiamail.logs import OUTCOMES, log_fields
 from copiamail.scheduling.adaptive import AdaptiveLimits
 from copiamail.scheduling.connections import Connection
 from copiamail.scheduling.limits import Pace, adaptive_limit
@@ -31,6 +31,7 @@ from copiamail.scheduling.retry import GiveUp, TryAlternative, after_error
 from copiamail.scheduling.routing import Item, Router
 from copiamail.smtp.session import CONNECT, Delivered
 from copiamail.spool.jobview import recipient_of
+from copiamail.spool.livestate import TransactionTimes
 from copiamail.spool.queue import Claimed, Destination, Spool, queue_number
 from copiamail.throttle import ThrottleKind
 
@@ -82,6 +83,7 @@ class Attempts:
     adaptive: AdaptiveLimits | None = None  # limits learned from throttle replies (None: not adaptive)
     pacer: Pacer | None = None  # message rates (None: none kept)
     on_cap_raised: Callable[[str, int], None] = lambda key, cap: None  # an adaptive key's cap rose
+    transactions: TransactionTimes = field(default_factory=TransactionTimes)  # how long each send took
 
     async def _pace(self, conn: Connection) -> None:
         """Wait until every message rate of ``conn`` allows a message, and
@@ -142,7 +144,11 @@ class Attempts:
             data = build_message(job, spool_root=self.spool.root, attachment_roots=config.roots, sender=sender,
                                  now=now, path_map=config.path_map)
             data = sign_for_job(data, job, config, self.spool.root)  # DKIM signs the exact bytes sent
-            sent = await conn.session.send(sender, job.address, data, require_tls="reqtls" in job.options)
+            started = time.monotonic()
+            try:
+                sent = await conn.session.send(sender, job.address, data, require_tls="reqtls" in job.options)
+            finally:
+                self.transactions.observe(time.monotonic() - started)
         except JobError as e:
             return self.failed(claimed, cf, e.outcome, outcome.FAILURE, job_error_text(e), self.where(claimed, job, now))
         except DeliveryError as e:
@@ -158,7 +164,8 @@ class Attempts:
             if refused_at_connect(e):
                 self.router.refused(conn.target)
             if e.stage == CONNECT and self.router.host_failed(conn.target, conn.domain, item.tried):
-                log.info("%s: %s; trying the next mail host", claimed.name, e.text)
+                log.info("%s: %s; trying the next mail host", claimed.name, e.text,
+                         extra=log_fields("next_host", claimed.name, job.address, e.code))
                 return None
             connected = None if e.stage in (CONNECT, "DNS") and not reused else now
             return self.after_error(claimed, cf, job, e, self.where(claimed, job, now, connected),
@@ -186,7 +193,9 @@ class Attempts:
 
     def sent(self, claimed: Claimed, cf: CommandFile, result: Delivered, where: records.Where) -> Result:
         if outcomes.isEnabledFor(logging.INFO):
-            outcomes.info("%s to %s delivered (%s): %s", claimed.name, recipient_of(cf), result.ip, result.reply)
+            to = recipient_of(cf)
+            outcomes.info("%s to %s delivered (%s): %s", claimed.name, to, result.ip, result.reply,
+                          extra=log_fields("delivered", claimed.name, to, result.reply[:3]))
         try:
             # First a rename (no disk space needed): from now on a crash or a
             # full disk can no longer make this message go out twice.
@@ -198,7 +207,8 @@ class Attempts:
 
     def failed(self, claimed: Claimed, cf: CommandFile, code: int, klass: str, text: str, where: records.Where,
                connections: int | None = None) -> Result:
-        log.warning("%s to %s failed: %s", claimed.name, recipient_of(cf), text)
+        to = recipient_of(cf)
+        log.warning("%s to %s failed: %s", claimed.name, to, text, extra=log_fields("failed", claimed.name, to, code))
         return Result(claimed, records.failed(cf, self.node, code, klass, text, self.clock(), where, connections),
                       Destination.FAIL, Tally.FAILED)
 
@@ -216,13 +226,14 @@ class Attempts:
         verdict = after_error(job, e, self.config.rules.retry_rules, now)
         if isinstance(verdict, TryAlternative):
             log.warning("%s to %s failed for good: %s; trying its alternative address %s", claimed.name, job.address,
-                        e.text, verdict.address)
+                        e.text, verdict.address, extra=log_fields("alternative", claimed.name, job.address, e.code))
             return Result(claimed, records.to_alternative(cf, self.node, e.code, e.klass, e.text, now, where, connections),
                           Destination.BACK, Tally.RETRIED)
         if isinstance(verdict, GiveUp):
             return self.failed(claimed, cf, e.code, e.klass, e.text, where, connections)
         log.info("%s to %s: retry in %d s%s: %s", claimed.name, job.address, verdict.wait,
-                 " through retry_relay" if verdict.relay else "", e.text)
+                 " through retry_relay" if verdict.relay else "", e.text,
+                 extra=log_fields("retry", claimed.name, job.address, e.code))
         return Result(claimed, records.retry(cf, self.node, e.code, e.klass, e.text, now, now + verdict.wait, where,
                                                    connections),
                       Destination.BACK, Tally.RETRIED)

@@ -40,6 +40,7 @@ class Connection:
     paces: tuple[Pace, ...] = ()  # the message rates it keeps
     opened: float = field(default_factory=time.monotonic)
     message_started: float | None = None  # when (monotonic) its last message started, under adaptive limits
+    retiring: bool = False  # a reload lowered a cap it counts under: it closes after its current message
 
     @property
     def idle(self) -> bool:
@@ -130,6 +131,31 @@ class Connections:
             conn.max_messages = min(conn.max_messages,
                                     self._scopes.deliveries_per_connection(conn.domain, conn.binding, (ip,), names))
             conn.paces = self._scopes.paces(conn.domain, conn.binding, (ip,), names)
+
+    def reconfigure(self, scopes: Scopes) -> None:
+        """Take limits from ``scopes`` from now on (a reload). An open
+        connection keeps the slots it holds (the limiter counts them by key);
+        where a key's new cap is below the connections holding it, idle ones
+        close now and busy ones retire after their current message, until the
+        count fits. Rates and per-connection caps apply at once."""
+        self._scopes = scopes
+        excess: dict[str, int] = {}
+        for conn in self._open:
+            ips, names = conn.target.ips, conn.target.names
+            for limit in scopes.limits(conn.address, conn.domain, conn.binding, ips, names):
+                excess[limit.key] = self._limiter.in_use(limit.key) - limit.cap
+            conn.max_messages = scopes.deliveries_per_connection(conn.domain, conn.binding, ips, names)
+            conn.paces = scopes.paces(conn.domain, conn.binding, ips, names)
+        for conn in sorted(self._open, key=lambda c: not c.idle):
+            over = {l.key for l in conn.limits if excess.get(l.key, 0) > 0}
+            if not over or conn.retiring:
+                continue
+            for limit in conn.limits:
+                excess[limit.key] = excess.get(limit.key, 0) - 1
+            if conn.idle:
+                conn.handoff.set_result(None)  # type: ignore[union-attr]
+            else:
+                conn.retiring = True
 
     def idle_for(self, job: Job, bindings: Collection[BindingConfig | None], targets: Sequence[Target]) -> Connection | None:
         """An idle connection of ``job``'s domain that may carry it: over one of

@@ -1,6 +1,7 @@
 """A scheduler's live state, published into the spool about once a second
 (:mod:`copiamail.spool.livestate`), so that ``status`` shows what every node
-is doing: its connections per limit key and per domain, and its counters."""
+is doing: its connections per limit key and per domain, its counters, and
+how long its SMTP transactions took."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from copiamail.scheduling.connections import Connection
 from copiamail.scheduling.results import Stats
-from copiamail.spool.livestate import PUBLISH_INTERVAL, KeyState, remove_state, write_state
+from copiamail.spool.livestate import PUBLISH_INTERVAL, KeyState, TransactionTimes, remove_state, write_state
 
 log = logging.getLogger("copiamail")
 
@@ -34,7 +35,8 @@ def snapshot(connections: Iterable[Connection]) -> tuple[dict[str, KeyState], di
 
 
 async def publish_live_state(root: Path, node: str, worker: int, connections: Iterable[Connection],
-                             stats: Callable[[], Stats], clock: Callable[[], float]) -> None:
+                             stats: Callable[[], Stats], transactions: TransactionTimes,
+                             clock: Callable[[], float]) -> None:
     """Publish until cancelled, then remove the published file. A write that
     fails (a full disk) is logged once and tried again a second later: it
     never stops the node."""
@@ -43,7 +45,7 @@ async def publish_live_state(root: Path, node: str, worker: int, connections: It
         while True:
             keys, domains = snapshot(connections)
             try:
-                write_state(root, node, worker, clock(), dataclasses.asdict(stats()), keys, domains)
+                write_state(root, node, worker, clock(), dataclasses.asdict(stats()), keys, domains, transactions)
                 failing = False
             except OSError as e:
                 if not failing:

@@ -31,7 +31,7 @@ from pathlib import Path
 from copiamail.jobfile import records
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job
-from copiamail.logs import OUTCOMES
+from copiamail.logs import OUTCOMES, log_fields
 from copiamail.spool.queue import Claimed, Destination, ResultBatch, Spool
 from copiamail.spool.syncer import Syncer
 
@@ -314,7 +314,8 @@ class ResultWriter:
         on, as results are. ``landed(path)`` hears where it is once it is back
         (handed back unmarked if the deferral cannot be written; None, and
         parked, if not even that)."""
-        outcomes.info("%s to %s deferred: %s is busy", claimed.name, job.address, job.domain)
+        outcomes.info("%s to %s deferred: %s is busy", claimed.name, job.address, job.domain,
+                      extra=log_fields("deferred", claimed.name, job.address))
         return self.write(Result(claimed, records.deferred(cf, job.domainbusy_count, reply), Destination.BACK,
                                  Tally.DEFERRED, landed))
 

@@ -235,6 +235,15 @@ class Router:
         if self._on_learned is not None:
             self._on_learned(ip, tuple(sorted(names)))
 
+    def reconfigure(self, config: Config) -> None:
+        """Retry rules, ports, pauses and host stanzas from ``config`` from
+        now on (a reload); the relays, their passwords and the DNS resolver
+        stay as they were at start. New host stanza names are resolved at the
+        next scan."""
+        known = {h.key for h in self._config.hosts}
+        self._config = config
+        self._unresolved_hosts += [h.key for h in config.hosts if not is_ip(h.key) and h.key not in known]
+
     async def learn_host_names(self) -> list[str]:
         """Resolve the host names that host stanzas use and that are not
         resolved yet, so their limits hold for every MX name that comes to the

@@ -118,6 +118,10 @@ class Scanner:
 
     # --- what to look at -----------------------------------------------------
 
+    def reconfigure(self, config: Config) -> None:
+        """Read jobs under ``config`` from now on (a reload: CFG variables, write_settle)."""
+        self._config = config
+
     def hint(self, path: str | Path, written: bool = False) -> bool:
         """A file appeared or changed at ``path``: look at it at the next
         :meth:`scan_hinted`. ``written``: it was written in place rather than

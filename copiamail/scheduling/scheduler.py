@@ -29,25 +29,24 @@ their results: :mod:`.attempts`, :mod:`.results`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from copiamail.config import BindingConfig, Config, read_password
+from copiamail.config import Config, read_password
 from copiamail.errors import DeliveryError, JobError
-from copiamail.jobfile import outcome
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job, parse_job
 from copiamail.scheduling.attempts import Attempts
+from copiamail.scheduling.choosing import Blocked, Chooser, Start, bindings_of
 from copiamail.scheduling.connections import Connection, Connections, starttls_for
 from copiamail.scheduling.limiter import Limiter, LocalLimiter
-from copiamail.scheduling.limits import Limit, bindings_for
 from copiamail.scheduling.publishing import publish_live_state
 from copiamail.scheduling.results import ResultWriter, Stats
-from copiamail.scheduling.routing import Item, Router, Target
+from copiamail.scheduling.routing import Item, Router
 from copiamail.scheduling.scan import Scanner
 from copiamail.scheduling.shaping import Shaping
 from copiamail.scheduling.waiting import WaitEntry, WaitingJobs
@@ -62,30 +61,6 @@ log = logging.getLogger("copiamail")
 # yields a shared slot to another domain's waiting job of the same folder: a
 # fair turn, without a new connection for every message.
 _TURN_MESSAGES = 10
-
-
-@dataclass(frozen=True)
-class _Blocked:
-    """The full limits that kept a job from starting: the first full one of each
-    binding and mail host it could have used (it waits on all of them)."""
-
-    limits: tuple[Limit, ...]
-
-
-@dataclass(eq=False)
-class _Start:
-    binding: BindingConfig | None
-    target: Target | None
-    limits: tuple[Limit, ...] = ()
-    reuse: Connection | None = None
-
-
-def _bindings_of(config: Config, job: Job) -> list[BindingConfig | None]:
-    """The bindings ``job`` may use; JobError if it names one that does not exist."""
-    try:
-        return bindings_for(config, job.binding, job.binding_group)
-    except KeyError as e:
-        raise JobError(str(e.args[0]), outcome.BAD_JOB.code) from None
 
 
 def _as_planned(job: Job, planned: Job, now: float) -> bool:
@@ -116,7 +91,7 @@ def _can_ride(config: Config, router: Router, conn: Connection, job: Job) -> boo
     if not router.same_route(conn.target, job):
         return False
     try:
-        return conn.binding in _bindings_of(config, job)
+        return conn.binding in bindings_of(config, job)
     except JobError:
         return True  # take it: the scheduler's dispatch fails it with the reason
 
@@ -166,12 +141,11 @@ class Scheduler:
         self.limiter: Limiter = limiter if limiter is not None else LocalLimiter()
         self._wake: asyncio.Event | None = None
         self._shaping = Shaping(config, spool, node, worker, workers, self._unpaused, clock)
-        self._scopes = self._shaping.scopes
         self._waiting = WaitingJobs()
         self._results = ResultWriter(spool, node, on_event)
         # Once, at start: machine_helo_name() may ask DNS (an EHLO name is an
         # FQDN, else each connection's address literal, never a bare host name).
-        self._connections = Connections(self._scopes, self.limiter, config.smtp_timeout,
+        self._connections = Connections(self._shaping.scopes, self.limiter, config.smtp_timeout,
                                         config.helo_name or machine_helo_name())
         self._router = Router(config, password, read_password(config, "retry_relay"), clock=clock,
                               on_learned=self._connections.learned_host, on_routed=self._routed,
@@ -180,6 +154,7 @@ class Scheduler:
                                 workers=workers, clock=clock, held_until=self._shaping.job_held_until)
         self._attempts = Attempts(config, spool, node, self._router, worker, clock, self._connections.greeted_sharing,
                                   self._shaping.adaptive, self._shaping.pacer, self._cap_raised)
+        self._chooser = Chooser(config, self._connections, self._router, self._shaping, self.limiter)
 
     @property
     def stats(self) -> Stats:
@@ -206,6 +181,21 @@ class Scheduler:
         self._scanner.full_scan_due = True
         self.wake()
 
+    def reconfigure(self, config: Config) -> None:
+        """Use ``config`` from now on (SIGHUP): new connections take their
+        limits from it, and open ones over a lowered cap retire
+        (:meth:`Connections.reconfigure`). What is settled at start stays:
+        the spool, workers, relays, DNS, EHLO name, SMTP timeout."""
+        self.config = config
+        self._shaping.reconfigure(config)
+        self._connections.reconfigure(self._shaping.scopes)
+        self._router.reconfigure(config)
+        self._scanner.reconfigure(config)
+        self._chooser.config = config
+        self._attempts = dataclasses.replace(self._attempts, config=config)
+        self._offer(self._waiting.keys(), fill=True)  # under the new caps: a raised one starts jobs now
+        self.wake()
+
     def request_stop(self) -> None:
         """Take no new job; in-flight sends get shutdown_grace seconds."""
         self.stopping = True
@@ -222,7 +212,8 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._results.start()
         publisher = asyncio.get_running_loop().create_task(publish_live_state(
-            self.spool.root, self.node, self._attempts.worker, self._connections, lambda: self.stats, self.clock))
+            self.spool.root, self.node, self._attempts.worker, self._connections, lambda: self.stats,
+            self._attempts.transactions, self.clock))
         await self._router.learn_host_names_or_warn()
         scanner = self._scanner
         next_full = 0.0
@@ -287,26 +278,6 @@ class Scheduler:
 
     # --- where a job can go --------------------------------------------------
 
-    def _choose(self, job: Job, targets: list[Target]) -> _Start | _Blocked:
-        candidates = _bindings_of(self.config, job)
-        reuse = self._connections.idle_for(job, candidates, targets)
-        if reuse is not None:
-            return _Start(reuse.binding, reuse.target, reuse.limits, reuse=reuse)
-        blocked: dict[str, Limit] = {}
-        by_load = sorted(candidates, key=lambda b: (self._connections.open_count(b), b.name if b else ""))
-        reserve = self._connections.reserved(job.domain)
-        for target in targets:
-            if (paused := self._router.paused(target)) is not None:
-                blocked.setdefault(paused.key, paused)
-                continue
-            for b in by_load:
-                limits = self._scopes.limits(job.address, job.domain, b, target.ips, target.names)
-                full = reserve or self._shaping.held(limits) or self.limiter.try_acquire(limits)
-                if full is None:
-                    return _Start(b, target, limits)
-                blocked.setdefault(full.key, full)
-        return _Blocked(tuple(blocked.values()))
-
     # --- dispatch ------------------------------------------------------------
 
     def _dispatch(self, claimed: Claimed, cf: CommandFile | None = None, job: Job | None = None) -> None:
@@ -336,11 +307,11 @@ class Scheduler:
             self._router.look_up(item)
             return
         try:
-            choice = self._choose(item.job, targets)
+            choice = self._chooser.choose(item.job, targets)
         except JobError as e:
             self._results.write(self._attempts.bad_job(item.claimed, item.cf, e, item.job))
             return
-        if isinstance(choice, _Blocked):
+        if isinstance(choice, Blocked):
             self._defer(item, choice)
         else:
             self._start(choice, item)
@@ -360,7 +331,7 @@ class Scheduler:
                 self._results.hand_back(item.claimed)
         self.wake()
 
-    def _start(self, choice: _Start, item: Item) -> None:
+    def _start(self, choice: Start, item: Item) -> None:
         self._waiting.served(item.job.domain)
         if choice.reuse is not None:
             assert choice.reuse.handoff is not None
@@ -371,11 +342,11 @@ class Scheduler:
                                       starttls_for(choice.target, item.job))
         conn.task = asyncio.get_running_loop().create_task(self._run_connection(conn, item))
 
-    def _defer(self, item: Item, blocked: _Blocked) -> None:
+    def _defer(self, item: Item, blocked: Blocked) -> None:
         self._results.defer(item.claimed, item.cf, item.job, item.busy_reply,
                             lambda path: self._deferred(item, blocked, path))
 
-    def _deferred(self, item: Item, blocked: _Blocked, path: Path | None) -> None:
+    def _deferred(self, item: Item, blocked: Blocked, path: Path | None) -> None:
         """A deferred job is back in its folder, at ``path``: it waits for a slot."""
         self.wake()
         if path is None or self.stopping:
@@ -403,9 +374,10 @@ class Scheduler:
             return None
         return self.spool.claim(w, self.node)
 
-    def _offer(self, keys: list[str]) -> None:
+    def _offer(self, keys: list[str], fill: bool = False) -> None:
         """Slots of ``keys`` freed: offer them to waiting jobs, the first by
-        :meth:`WaitingJobs.rank` first (none while results are owed)."""
+        :meth:`WaitingJobs.rank` first (none while results are owed); with
+        ``fill`` (caps changed), each key again while it has room."""
         if self._results.paused:
             return
         pending = set(keys)
@@ -415,7 +387,10 @@ class Scheduler:
                 return
             _, key = min(heads)
             pending.discard(key)
+            before = self.limiter.in_use(key)
             self._offer_key(key)
+            if fill and self.limiter.in_use(key) > before:
+                pending.add(key)
 
     def _unpaused(self, key: str) -> None:
         """A host's refusal pause is over: offer the host to every job that
@@ -436,13 +411,13 @@ class Scheduler:
         passed_over: set[str] = set()
         while (entry := self._waiting.pop_head(key, passed_over)) is not None:
             targets = self._router.targets(entry.job, fresh=False)
-            choice: _Start | _Blocked | None = None
+            choice: Start | Blocked | None = None
             if targets is not None:
                 try:
-                    choice = self._choose(entry.job, targets)
+                    choice = self._chooser.choose(entry.job, targets)
                 except JobError:
                     choice = None  # claimed below; _dispatch fails it with the reason
-            if isinstance(choice, _Blocked):
+            if isinstance(choice, Blocked):
                 for limit in choice.limits:
                     self._waiting.wait_on(entry, limit.key, limit.cap)
                 if self.limiter.in_use(key) >= self._waiting.cap(key):
@@ -462,7 +437,7 @@ class Scheduler:
                 self._start_claimed(choice, claimed, entry.job)
             return
 
-    def _start_claimed(self, choice: _Start, claimed: Claimed, planned: Job) -> None:
+    def _start_claimed(self, choice: Start, claimed: Claimed, planned: Job) -> None:
         cf, job = _read_claimed(self.spool, self.config, claimed)
         if cf is None or job is None or not _as_planned(job, planned, self.clock()):
             # Unreadable, or its file changed while it waited: decide afresh.
@@ -478,7 +453,7 @@ class Scheduler:
         another domain that waits on a slot it holds comes first; ``(None,
         False)`` nothing waits for it."""
         if ((not conn.session.greeted and self._router.paused(conn.target) is not None)
-                or self._shaping.held(conn.limits) is not None):
+                or self._shaping.held(conn.limits) is not None or conn.retiring):
             return None, True  # its host refused it, or asked for a rest: reopened, it would be refused again
         can_use = functools.partial(_can_ride, self.config, self._router, conn)
         while True:

@@ -41,6 +41,7 @@ class Shaping:
     def __init__(self, config: Config, spool: Spool, node: str, worker: int, workers: int,
                  on_resumed: Callable[[str], None], clock: Callable[[], float] = time.time) -> None:
         self._config = config
+        self._where = (node, worker, workers)
         self._on_resumed = on_resumed
         self._clock = clock
         self.pacer = Pacer()
@@ -55,6 +56,13 @@ class Shaping:
         self._resuming: set[str] = set()
         # The limits of connections, adaptive keys lowered to what they learned.
         self.scopes = Scopes(config, node, worker, workers, learned=self.learned_cap)
+
+    def reconfigure(self, config: Config) -> None:
+        """Limits from ``config`` from now on (a reload); what was learned,
+        the rates' recent starts and the suspensions stay. Whether anything
+        is adaptive is settled at start."""
+        self._config = config
+        self.scopes = Scopes(config, *self._where, learned=self.learned_cap)
 
     def learned_cap(self, key: str, ceiling: int) -> int:
         return self.adaptive.cap(key, ceiling) if self.adaptive is not None else ceiling

@@ -156,6 +156,10 @@ class WaitingJobs:
             self._by_domain.pop(domain, None)
         return found
 
+    def keys(self) -> list[str]:
+        """Every key jobs wait on (or waited on)."""
+        return list(self._caps)
+
     def keys_with_room(self, in_use: Callable[[str], int]) -> list[str]:
         return [k for k, cap in self._caps.items() if in_use(k) < cap]
 

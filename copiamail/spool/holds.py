@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from copiamail.spool.layout import queue_number
+from copiamail.spool.layout import is_queue_name, queue_number
 
 HOLD_FOLDER = "HOLD"
 _SEP = "~"
@@ -134,3 +134,10 @@ class Holds:
             return False
         return (domain.lower() in self._domains or queue_number(queue) in self._queues
                 or name.upper() in self._jobs)
+
+
+def held_where_it_is(path: Path, domain: str) -> bool:
+    """Whether the job file at ``path``, to ``domain``, waits in a TOSEND
+    folder of a spool with a hold on it (``show``)."""
+    folder = path.absolute().parent
+    return is_queue_name(folder.name) and Holds(folder.parent).held(folder.name, path.name, domain)

@@ -21,10 +21,11 @@ ENGINE_VARS = ("EMAIL_ERROR", *sorted(OWNED_VARS - {"EMAIL_ERROR"}))
 NEXT_TRY_FORMAT = "%m/%d/%Y %H:%M:%S"  # as $fax_next_date/$fax_next_time write it
 
 
-def job_state(path: Path, next_attempt: float | None, now: float) -> str:
+def job_state(path: Path, next_attempt: float | None, now: float, held: bool = False) -> str:
     """Where the job stands, from the folder it is in: ``waiting (due)``,
-    ``waiting (next try ...)``, ``in flight on node N``, ``delivered``,
-    ``failed``, or ``not in a spool folder``."""
+    ``waiting (next try ...)`` (both after ``held, `` when ``held``), ``in
+    flight on node N``, ``delivered``, ``failed``, or ``not in a spool
+    folder``."""
     parts = path.absolute().parts
     folder = parts[-2] if len(parts) >= 2 else ""
     if len(parts) >= 4 and parts[-4] == ACTIVE:  # ACTIVE/<node>/<queue>/<job>
@@ -34,9 +35,10 @@ def job_state(path: Path, next_attempt: float | None, now: float) -> str:
     if folder == FAIL:
         return "failed"
     if is_queue_name(folder):
+        held_by = "held, " if held else ""
         if next_attempt is None or next_attempt <= now:
-            return "waiting (due)"
-        return f"waiting (next try {time.strftime(NEXT_TRY_FORMAT, time.localtime(next_attempt))})"
+            return f"{held_by}waiting (due)"
+        return f"{held_by}waiting (next try {time.strftime(NEXT_TRY_FORMAT, time.localtime(next_attempt))})"
     return "not in a spool folder"
 
 

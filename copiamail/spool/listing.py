@@ -18,6 +18,7 @@ from typing import Any
 
 from copiamail.errors import CopiamailError
 from copiamail.jobfile.fsfile import CommandFile
+from copiamail.spool.holds import Holds
 from copiamail.spool.jobview import engine_lines, job_state, readable_commands, recipient_domain, recipient_of
 from copiamail.spool.layout import ACTIVE, DELIVERED, FAIL, SENT, SPARE, is_job_name, is_queue_name
 from copiamail.spool.queue import Spool
@@ -42,11 +43,13 @@ class ListedJob:
     domain: str
     state: str
     error: str | None
+    held: bool = False  # an operator's hold keeps it in its folder
+    busy_count: int = 0  # DOMAINBUSY_COUNT: how often a full limit deferred it
 
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "folder": self.folder, "path": str(self.path), "age_seconds": round(self.age, 1),
                 "size": self.size, "recipient": self.recipient, "domain": self.domain, "state": self.state,
-                "error": self.error}
+                "error": self.error, "held": self.held, "domainbusy_count": self.busy_count}
 
 
 def folder_choice(name: str) -> str:
@@ -92,6 +95,7 @@ def list_jobs(spool: Spool, now: float, folders: Collection[str] = DEFAULT_FOLDE
     recipient's domain is ``domain`` (any case) and whose ``EMAIL_ERROR``
     ``error`` finds, when given."""
     wanted = domain.lower() if domain is not None else None
+    holds = Holds(spool.root)
     for folder, path in _files(spool, set(folders)):
         try:
             st = path.stat()
@@ -113,9 +117,12 @@ def list_jobs(spool: Spool, now: float, folders: Collection[str] = DEFAULT_FOLDE
             continue
         if error is not None and (text is None or error.search(text) is None):
             continue
-        state = job_state(path, next_attempt, now)
+        held = is_queue_name(folder) and holds.held(folder, path.name, job_domain)
+        state = job_state(path, next_attempt, now, held)
         if path.name.upper().endswith(f".{DELIVERED}"):
             state += " (delivered; its result is being written)"
+        busy = found.get("DOMAINBUSY_COUNT", "0")
         yield ListedJob(path.name.removesuffix(f".{DELIVERED}"), folder, path,
                         max(0.0, now - st.st_mtime) if st is not None else 0.0,
-                        st.st_size if st is not None else 0, recipient, job_domain, state, text)
+                        st.st_size if st is not None else 0, recipient, job_domain, state, text, held,
+                        int(busy) if busy.isascii() and busy.isdigit() else 0)

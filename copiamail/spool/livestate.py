@@ -2,7 +2,8 @@
 
 Every worker of every node writes ``STATE/<node>.w<worker>.json`` about once a
 second: its connections open per limit key (with the key's cap now and its
-configured cap), per recipient domain, its counters, and when it wrote. The
+configured cap), per recipient domain, its counters, how long its SMTP
+transactions took (:class:`TransactionTimes`), and when it wrote. The
 file is replaced whole by a rename, so a reader finds the old version or the
 new one, never half of one. It is not fsynced: it says what is happening now,
 and a crash that loses it loses nothing that matters. A worker that stops
@@ -23,6 +24,42 @@ from typing import Any
 STATE_FOLDER = "STATE"
 PUBLISH_INTERVAL = 1.0  # seconds between two versions of a worker's file
 STALE_AFTER = 10.0  # a file not rewritten for this long is a dead worker's
+
+
+# Upper bounds, in seconds, of the buckets transaction times are counted in
+# (the last, infinity, is implied): from a fast local relay to a receiver
+# that tarpits.
+TRANSACTION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class TransactionTimes:
+    """How long a worker's SMTP transactions took (from MAIL FROM to the
+    reply to the message; a new connection's first one includes connecting
+    and the greeting), counted in :data:`TRANSACTION_BUCKETS`: a histogram,
+    cumulative over the worker's life, as Prometheus keeps one."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(TRANSACTION_BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        i = 0
+        while i < len(TRANSACTION_BUCKETS) and seconds > TRANSACTION_BUCKETS[i]:
+            i += 1
+        self.counts[i] += 1
+        self.total += seconds
+
+    def as_json(self) -> dict[str, Any]:
+        return {"counts": list(self.counts), "sum": self.total}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> TransactionTimes:
+        """What :meth:`as_json` wrote (empty for anything else: a file of an older version)."""
+        times = cls()
+        if isinstance(doc, dict) and isinstance(doc.get("counts"), list) and len(doc["counts"]) == len(times.counts):
+            times.counts = [int(n) for n in doc["counts"]]
+            times.total = float(doc.get("sum", 0.0))
+        return times
 
 
 @dataclass(frozen=True)
@@ -48,6 +85,7 @@ class WorkerState:
     counters: dict[str, int] = field(default_factory=dict)
     keys: dict[str, KeyState] = field(default_factory=dict)
     domains: dict[str, int] = field(default_factory=dict)
+    transactions: TransactionTimes = field(default_factory=TransactionTimes)
 
     @property
     def connections(self) -> int:
@@ -59,12 +97,13 @@ def state_path(root: Path, node: str, worker: int) -> Path:
 
 
 def write_state(root: Path, node: str, worker: int, now: float, counters: dict[str, int],
-                keys: dict[str, KeyState], domains: dict[str, int]) -> None:
+                keys: dict[str, KeyState], domains: dict[str, int], transactions: TransactionTimes | None = None) -> None:
     """Publish one worker's state (creating ``STATE/`` if needed). Raises OSError."""
     path = state_path(root, node, worker)
     path.parent.mkdir(exist_ok=True)
     doc = {"node": node, "worker": worker, "host": socket.gethostname(), "pid": os.getpid(), "updated": now,
            "counters": counters, "domains": domains,
+           "transactions": (transactions or TransactionTimes()).as_json(),
            "keys": {k: {"open": s.open, "cap": s.cap, "configured": s.configured} for k, s in keys.items()}}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(doc, sort_keys=True), encoding="utf-8")
@@ -87,7 +126,8 @@ def _parse(doc: Any, now: float) -> WorkerState | None:
         return WorkerState(str(doc["node"]), int(doc["worker"]), str(doc.get("host", "?")), int(doc.get("pid", 0)),
                            updated, now - updated <= STALE_AFTER,
                            {str(k): int(v) for k, v in doc.get("counters", {}).items()},
-                           keys, {str(k): int(v) for k, v in doc.get("domains", {}).items()})
+                           keys, {str(k): int(v) for k, v in doc.get("domains", {}).items()},
+                           TransactionTimes.from_json(doc.get("transactions")))
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
