@@ -167,7 +167,7 @@ def node(name: str, relay: str | None, relay_ca: Path | None, relay_no_verify: b
         s = result.stats
         click.echo(
             f"{name}: sent {s.sent}, failed {s.failed}, retry later {s.retried}, deferred {s.deferred}, "
-            f"recovered {len(result.recovered.returned) + len(result.recovered.failed)} "
+            f"recovered {len(result.recovered.returned) + len(result.recovered.failed) + len(result.recovered.handed_back)} "
             f"in {result.seconds:.1f} s{_rate(s.sent, result.seconds)}; spool {cfg.spool}"
         )
     if result.failed_workers:
@@ -430,7 +430,8 @@ def advise(since: datetime | None, fmt: str, write_cfg: bool, config_file: Path 
 @click.option("--node", "node_name", required=True, help="The node whose ACTIVE jobs to put back.")
 @_common
 def recover_cmd(node_name: str, config_file: Path | None, spool_dir: Path | None) -> None:
-    """Put a stopped node's ACTIVE jobs back into their folders (outcome 66)."""
+    """Put a stopped node's ACTIVE jobs back into their folders (those it
+    was sending with outcome 66)."""
     from copiamail.node.node import check_node_name, node_lock
 
     check_node_name(node_name)
@@ -440,11 +441,12 @@ def recover_cmd(node_name: str, config_file: Path | None, spool_dir: Path | None
         reports = [recover(spool, node_name)]
         # Folders this node had taken over from dead peers, if it died midway.
         reports += [finish_takeover(spool, folder, node_name) for folder in takeover_folders(spool, node_name)]
-    returned = sum(len(r.returned) for r in reports)
+    interrupted = sum(len(r.returned) for r in reports)
+    returned = interrupted + sum(len(r.handed_back) for r in reports)
     failed = sum(len(r.failed) for r in reports)
     sent = sum(len(r.sent) for r in reports)
-    click.echo(f"{node_name}: returned {returned} job(s) to their folders, {failed} to FAIL, "
-               f"{sent} accepted before the stop to SENT")
+    click.echo(f"{node_name}: returned {returned} job(s) to their folders ({interrupted} interrupted while being sent), "
+               f"{failed} to FAIL, {sent} accepted before the stop to SENT")
 
 
 # --- demo ---------------------------------------------------------------------

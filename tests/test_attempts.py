@@ -31,6 +31,11 @@ class FakeSession:
         self.sent: list[tuple[str, str, bytes]] = []
         self.aborted = False
 
+    async def ready(self) -> None:
+        """Connected and greeted; a host that fails before any SMTP command fails here."""
+        if isinstance(self.answer, DeliveryError) and self.answer.stage == CONNECT:
+            raise self.answer
+
     async def send(self, sender: str, recipient: str, data: bytes, require_tls: bool = False) -> Delivered:
         self.sent.append((sender, recipient, data))
         if isinstance(self.answer, BaseException):
@@ -46,6 +51,11 @@ class FakeSpool:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.marked: list[str] = []
+        self.sending: list[str] = []
+
+    def mark_sending(self, claimed: Claimed) -> Claimed:
+        self.sending.append(claimed.name)
+        return claimed
 
     def mark_delivered(self, claimed: Claimed) -> Claimed:
         self.marked.append(claimed.name)
@@ -90,7 +100,7 @@ def var(cf: CommandFile, name: str) -> str | None:
 def test_a_delivered_message_is_marked_delivered_and_goes_to_sent(tmp_path):
     result, _, session, spool, _ = attempt(tmp_path, Delivered("250 2.0.0 queued", "10.0.0.1", 123))
     assert session.sent[0][:2] == ("bulk@sender.test", "u@a.test") and b"Subject: s" in session.sent[0][2]
-    assert spool.marked == ["J.FS"] and result.claimed.path.name == "J.FS.D"
+    assert spool.sending == spool.marked == ["J.FS"] and result.claimed.path.name == "J.FS.D"
     assert (result.dest, result.tally) == (Destination.SENT, Tally.SENT)
     assert var(result.cf, "EMAIL_CONNECT_IP") == "10.0.0.1" and var(result.cf, "EMAIL_BYTECOUNT") == "123"
 
@@ -116,8 +126,9 @@ def test_a_permanent_refusal_with_an_alternative_address_goes_back_for_it(tmp_pa
 
 def test_a_mail_host_that_fails_before_any_smtp_command_sends_the_job_to_the_next(tmp_path):
     refused = DeliveryError(outcome.CONNECT_FAILED.code, outcome.CONNECT_FAILED.klass, "connection refused", False, CONNECT)
-    result, item, _, _, router = attempt(tmp_path, refused, next_host=True)
+    result, item, _, spool, router = attempt(tmp_path, refused, next_host=True)
     assert result is None and item.tried == {"10.0.0.1"} and router.failed == ["10.0.0.1"]
+    assert spool.sending == []  # not marked: its transaction never started
 
 
 def test_the_last_mail_host_failing_before_any_smtp_command_costs_an_attempt(tmp_path):

@@ -376,10 +376,12 @@ def test_submit_refuses_a_job_with_nothing_to_send(tmp_path):
 def test_recover_finishes_a_takeover_the_node_left_halfway(kit):
     taken = kit.root / "ACTIVE" / "N1~from~N2~1" / "TOSEND1"
     taken.mkdir(parents=True)
-    (taken / "J.FS").write_text("$email_address a@copia.com\n")
+    (taken / "J.FS.SENDING").write_text("$email_address a@copia.com\n")  # N2 was sending it
+    (taken / "K.FS").write_text("$email_address k@copia.com\n")  # only claimed
     result = kit.cli("recover", "--node", "N1")
     assert result.returncode == 0, result.stderr
-    assert "returned 1 job(s) to their folders" in result.stdout
+    assert "returned 2 job(s) to their folders (1 interrupted while being sent)" in result.stdout
     assert (kit.root / "TOSEND1" / "J.FS").exists()
     assert not (kit.root / "ACTIVE" / "N1~from~N2~1").exists()
     assert attempts((kit.root / "TOSEND1" / "J.FS").read_text())[-1][1:3] == ["N1", "66"]
+    assert (kit.root / "TOSEND1" / "K.FS").read_text() == "$email_address k@copia.com\n"

@@ -311,7 +311,7 @@ def test_sigkill_mid_send_loses_nothing_and_the_job_comes_back_with_outcome_66(t
     kit.job("TOSEND2", "J.FS", to="a@copia.com")
     proc = kit.start("N1")
     wait_until(lambda: any(c.open and "DATA" in " ".join(c.commands).upper() for c in server.connections), timeout=10)
-    assert [p.name for p in kit.active()] == ["J.FS"]
+    assert [p.name for p in kit.active()] == ["J.FS.SENDING"]
     proc.kill()
     proc.wait(timeout=10)
     server.remove_rule(rule)
@@ -361,14 +361,16 @@ def test_recover_puts_a_dead_nodes_active_jobs_back_and_third_interruption_fails
     kit = kit_for(tmp_path, server)
     active = kit.root / "ACTIVE" / "N7" / "TOSEND4"
     active.mkdir(parents=True)
-    (active / "A.FS").write_text("$email_address a@copia.com\n")
+    (active / "A.FS.SENDING").write_text("$email_address a@copia.com\n")
     interrupted_twice = "$email_address b@copia.com\n" + "$attempt_record 11/21/2026 10:00:00 E N7 66 Z \"attempt interrupted\"\n" * 2
-    (active / "B.FS").write_text(interrupted_twice)
+    (active / "B.FS.SENDING").write_text(interrupted_twice)
+    (active / "C.FS").write_text(interrupted_twice.replace("b@", "c@"))  # only claimed: this death does not count
     result = kit.cli("recover", "--node", "N7")
     assert result.returncode == 0, result.stderr
-    assert kit.names("TOSEND4") == ["A.FS"]
+    assert kit.names("TOSEND4") == ["A.FS", "C.FS"]
     assert kit.names("FAIL") == ["B.FS"]
     assert [a[2] for a in attempts(kit.read("TOSEND4", "A.FS"))] == ["66"]
+    assert [a[2] for a in attempts(kit.read("TOSEND4", "C.FS"))] == ["66", "66"]
     assert [a[2] for a in attempts(kit.read("FAIL", "B.FS"))] == ["66", "66", "66", "67"]
 
 

@@ -36,7 +36,7 @@ def test_a_dead_nodes_jobs_are_taken_over_by_a_live_node(tmp_path, smtp_server):
     kit = SpoolKit(tmp_path, server.port, [], yaml="node_stale_after: 1\n")
     kit.job("TOSEND2", "J.FS", to="a@copia.com")
     n1 = kit.start("N1")
-    wait_until(lambda: [p.name for p in kit.active()] == ["J.FS"], timeout=15)
+    wait_until(lambda: [p.name for p in kit.active()] == ["J.FS.SENDING"], timeout=15)
     wait_until(lambda: any(c.open and "DATA" in " ".join(c.commands).upper() for c in server.connections), timeout=15)
     n1.send_signal(signal.SIGKILL)
     n1.wait(timeout=10)
@@ -58,11 +58,11 @@ def test_a_live_nodes_jobs_are_not_taken_over(tmp_path, smtp_server):
     kit = SpoolKit(tmp_path, server.port, [], yaml="node_stale_after: 1\n")
     kit.job("TOSEND", "J.FS", to="a@copia.com")
     n1 = kit.start("N1")
-    wait_until(lambda: [p.name for p in kit.active()] == ["J.FS"], timeout=15)
+    wait_until(lambda: [p.name for p in kit.active()] == ["J.FS.SENDING"], timeout=15)
     n2 = kit.start("N2")
     try:
         time.sleep(2.0)  # twice node_stale_after: N1 beats all along
-        assert (kit.root / "ACTIVE" / "N1" / "TOSEND" / "J.FS").exists()
+        assert (kit.root / "ACTIVE" / "N1" / "TOSEND" / "J.FS.SENDING").exists()
         wait_until(lambda: kit.names("SENT") == ["J.FS"], timeout=15)
     finally:
         stop(n2)
@@ -90,7 +90,7 @@ def test_a_peer_is_dead_only_after_its_heartbeat_stays_unchanged_for_stale_after
     assert watcher.check() == []  # 2 s since the change was seen
     now[0] += 9
     [(name, report)] = watcher.check()
-    assert name == "P" and report.returned == ("J.FS",)
+    assert name == "P" and report.handed_back == ("J.FS",)  # only claimed: back unchanged
     assert (tmp_path / "TOSEND" / "J.FS").exists() and not (tmp_path / "ACTIVE" / "P").exists()
 
 
@@ -147,7 +147,7 @@ def test_the_heartbeat_alone_keeps_a_live_node_on_another_machine_from_being_tak
     kit = SpoolKit(tmp_path, server.port, [], yaml="node_stale_after: 1\n")
     kit.job("TOSEND", "J.FS", to="a@copia.com")
     n1 = _start(kit, "N1")
-    wait_until(lambda: [p.name for p in kit.active()] == ["J.FS"], timeout=15)
+    wait_until(lambda: [p.name for p in kit.active()] == ["J.FS.SENDING"], timeout=15)
     n2 = _start(kit, "N2", **{IGNORE_LOCKS_ENV: "1"})  # N2 cannot see N1's lock: as if on another machine
     try:
         wait_until(lambda: kit.names("SENT") == ["J.FS"], timeout=20)
@@ -168,7 +168,7 @@ def test_without_a_heartbeat_a_node_on_another_machine_would_be_taken_over(tmp_p
     kit = SpoolKit(tmp_path, server.port, [], yaml="node_stale_after: 1\n")
     kit.job("TOSEND", "J.FS", to="a@copia.com")
     n1 = _start(kit, "N1", **{NO_HEARTBEAT_ENV: "1"})
-    wait_until(lambda: [p.name for p in kit.active()] == ["J.FS"], timeout=15)
+    wait_until(lambda: [p.name for p in kit.active()] == ["J.FS.SENDING"], timeout=15)
     n2 = _start(kit, "N2", **{IGNORE_LOCKS_ENV: "1"})
     try:
         # The lasting trace of a takeover: N2's outcome-66 record in the job (N1,
@@ -191,7 +191,7 @@ def test_a_takeover_left_halfway_by_a_dead_taker_is_taken_over_in_turn(tmp_path)
     assert watcher.check() == []  # first sight of the still heartbeat of W
     now[0] += 11
     [(_name, report)] = watcher.check()
-    assert report.returned == ("J.FS",)
+    assert report.handed_back == ("J.FS",)
     assert (tmp_path / "TOSEND" / "J.FS").exists() and list((tmp_path / "ACTIVE").glob("*~from~*")) == []
 
 
@@ -202,7 +202,7 @@ def test_a_node_recovers_its_own_half_done_takeover(tmp_path):
     mine.mkdir(parents=True)
     (mine / "J.FS").write_text("$email_address a@b.test\n")
     [(name, report)] = Peers(spool, "N3", stale_after=0).check()
-    assert name == "N3~from~P~1" and report.returned == ("J.FS",)
+    assert name == "N3~from~P~1" and report.handed_back == ("J.FS",)
     assert (tmp_path / "TOSEND1" / "J.FS").exists()
 
 
@@ -246,7 +246,7 @@ def test_finishing_a_takeover_leaves_what_recovery_does_not_know_and_says_so(tmp
     spool.ensure()
     taken = tmp_path / "ACTIVE" / "N3~from~P~1" / "TOSEND"
     taken.mkdir(parents=True)
-    (taken / "J.FS").write_text("$email_address a@b.test\n")
+    (taken / "J.FS.SENDING").write_text("$email_address a@b.test\n")
     (taken / "notes.txt").write_text("someone's")
     report = finish_takeover(spool, "N3~from~P~1", "N3")
     assert report.returned == ("J.FS",)

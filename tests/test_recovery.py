@@ -28,12 +28,14 @@ def make_spool(tmp_path: Path) -> Spool:
     return sp
 
 
-def crash_with(sp: Spool, queue: str, name: str, data: bytes, node: str = "N1") -> Path:
-    """A job claimed by ``node`` (state 2) whose node then died."""
+def crash_with(sp: Spool, queue: str, name: str, data: bytes, node: str = "N1", sending: bool = True) -> Path:
+    """A job ``node`` was sending (state 2a; with ``sending`` False, only
+    claimed: state 2) when it died."""
     d = sp.active_dir(node) / queue
     d.mkdir(parents=True, exist_ok=True)
-    (d / name).write_bytes(data)
-    return d / name
+    path = d / (f"{name}.SENDING" if sending else name)
+    path.write_bytes(data)
+    return path
 
 
 def active_files(sp: Spool) -> list[Path]:
@@ -124,6 +126,16 @@ def test_the_third_interruption_sends_the_job_to_fail_with_outcome_67_and_email_
     assert active_files(sp) == []
 
 
+def test_a_job_only_claimed_goes_back_unchanged_and_never_counts(tmp_path):
+    sp = make_spool(tmp_path)
+    crash_with(sp, "TOSEND3", "X.FS", JOB, sending=False)
+    for i in range(5):  # a node that keeps dying while this job waits for its turn
+        assert recover(sp, "N1", now=NOW + i) == RecoveryReport(handed_back=("X.FS",))
+        assert (sp.folder("TOSEND3") / "X.FS").read_bytes() == JOB
+        os.rename(sp.folder("TOSEND3") / "X.FS", crash_with(sp, "TOSEND3", "X.FS", b"", sending=False))
+    assert os.listdir(sp.folder("FAIL")) == []
+
+
 def test_three_crashes_in_a_row_end_in_fail(tmp_path):
     sp = make_spool(tmp_path)
     crash_with(sp, "TOSEND", "X.FS", JOB)
@@ -141,7 +153,7 @@ def test_committed_results_are_finished_not_recovered_as_interrupted(tmp_path):
     (d / "S.FS.SENT").write_bytes(b"sent version\n")
     (d / "F.FS.FAIL").write_bytes(b"failed version\n")
     (d / "B.FS.BACK").write_bytes(b"back version\n")
-    (d / "U.FS").write_bytes(JOB)
+    (d / "U.FS.SENDING").write_bytes(JOB)
     (d / "U.FS.SENT").write_bytes(b"uncommitted\n")
     report = recover(sp, "N1", now=NOW)
     assert report == RecoveryReport(returned=("U.FS",), failed=())

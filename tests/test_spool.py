@@ -467,9 +467,30 @@ def test_a_delivered_job_is_listed_apart_and_its_uncommitted_result_dropped(tmp_
     d.mkdir(parents=True)
     (d / "X.FS.DELIVERED").write_text("$email_address a@b.test\n")
     (d / "X.FS.SENT").write_text("partial")  # written but not committed: the marker still exists
-    interrupted, delivered = sp.claimed_jobs("N1")
-    assert interrupted == [] and delivered == [Claimed("N1", "TOSEND", "X.FS", d / "X.FS.DELIVERED")]
+    claimed, interrupted, delivered = sp.claimed_jobs("N1")
+    assert claimed == interrupted == [] and delivered == [Claimed("N1", "TOSEND", "X.FS", d / "X.FS.DELIVERED")]
     assert not (d / "X.FS.SENT").exists() and not (tmp_path / "SENT" / "X.FS").exists()
+
+
+def test_a_job_being_sent_is_listed_apart_from_one_only_claimed_and_its_uncommitted_result_dropped(tmp_path):
+    from copiamail.spool.queue import Claimed, Spool
+
+    sp = Spool(tmp_path)
+    sp.ensure()
+    (tmp_path / "TOSEND" / "A.FS").write_text("$email_address a@b.test\n")
+    (tmp_path / "TOSEND" / "B.FS").write_text("$email_address b@b.test\n")
+    [a, b] = sorted(sp.scan(), key=lambda w: w.name)
+    a_claimed, b_claimed = sp.claim(a, "N1"), sp.claim(b, "N1")
+    sending = sp.mark_sending(b_claimed)
+    assert sp.mark_sending(sending) == sending  # marked once: tried again on another host, it stays
+    d = tmp_path / "ACTIVE" / "N1" / "TOSEND"
+    assert sending.path == d / "B.FS.SENDING" and sorted(os.listdir(d)) == ["A.FS", "B.FS.SENDING"]
+    (d / "B.FS.BACK").write_text("partial")  # written but not committed: the mark still exists
+    assert sp.claimed_jobs("N1") == ([a_claimed], [Claimed("N1", "TOSEND", "B.FS", d / "B.FS.SENDING")], [])
+    assert not (d / "B.FS.BACK").exists()
+    assert sp.counts()["ACTIVE/N1"] == 2
+    (tmp_path / "TOSEND" / "B.FS").write_text("a new job of the same name\n")
+    assert sp.claim(next(w for w in sp.scan() if w.name == "B.FS"), "N1") is None  # waits its turn
 
 
 def test_a_claim_never_replaces_a_job_of_the_same_name_still_claimed(tmp_path):
@@ -527,7 +548,7 @@ def test_a_stopping_node_deletes_its_spares_and_recovery_deletes_any_left(tmp_pa
     sp.drop_spares()
     assert spares(sp) == []
     (sp.active_dir("N1") / spool_mod.SPARE / "999-1").write_bytes(b"left by a crash")
-    assert sp.claimed_jobs("N1") == ([], [])
+    assert sp.claimed_jobs("N1") == ([], [], [])
     assert spares(sp) == []
 
 
@@ -554,7 +575,7 @@ def test_finish_many_lands_every_job_and_reports_a_failure_for_its_own_job_only(
     assert not (sp.folder("FAIL") / "B.FS").exists()
     # B's result is the only copy left: recovery publishes it (as state 4).
     assert active_files(sp) == ["N1/TOSEND/B.FS.FAIL"]
-    assert sp.claimed_jobs("N1") == ([], [])
+    assert sp.claimed_jobs("N1") == ([], [], [])
     assert active_files(sp) == []
     assert (sp.folder("FAIL") / "B.FS").read_bytes() == b"b\n"
 

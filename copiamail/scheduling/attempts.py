@@ -144,6 +144,11 @@ class Attempts:
             data = build_message(job, spool_root=self.spool.root, attachment_roots=config.roots, sender=sender,
                                  now=now, path_map=config.path_map)
             data = sign_for_job(data, job, config, self.spool.root)  # DKIM signs the exact bytes sent
+            # Connected and greeted: its transaction starts next, and from
+            # here a crash counts against the job (outcome 66); a job only
+            # claimed, or still waiting for its connection, goes back unchanged.
+            await conn.session.ready()
+            item.claimed = claimed = self.spool.mark_sending(claimed)
             started = time.monotonic()
             try:
                 sent = await conn.session.send(sender, job.address, data, require_tls="reqtls" in job.options)

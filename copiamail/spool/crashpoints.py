@@ -6,6 +6,8 @@ the spool protocol leaves behind. Unset (always, outside tests) it does nothing
 but one dictionary lookup. The points:
 
 ``claimed``                 a job was just renamed into ACTIVE (state 2)
+``sending``                 a job was just marked as sending: its connection is
+                            greeted, its SMTP transaction starts next (state 2a)
 ``written-SENT``, ``written-FAIL``, ``written-BACK``
                             a result was written and fsynced beside the claimed
                             job, not yet committed (state 3)

@@ -29,6 +29,7 @@ class Destination(StrEnum):
 
 
 RESULT_SUFFIXES = tuple(d.value for d in Destination)
+SENDING = "SENDING"  # the suffix of a claimed job whose SMTP transaction has started
 DELIVERED = "DELIVERED"  # the suffix of a claimed job the server has accepted
 _QUEUE_NAME = re.compile(r"^TOSEND(\d*)$", re.IGNORECASE)
 

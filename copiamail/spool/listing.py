@@ -20,7 +20,7 @@ from copiamail.errors import CopiamailError
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.spool.holds import Holds
 from copiamail.spool.jobview import engine_lines, job_state, readable_commands, recipient_domain, recipient_of
-from copiamail.spool.layout import ACTIVE, DELIVERED, FAIL, SENT, SPARE, is_job_name, is_queue_name
+from copiamail.spool.layout import ACTIVE, DELIVERED, FAIL, SENDING, SENT, SPARE, is_job_name, is_queue_name
 from copiamail.spool.queue import Spool
 
 # What ``list`` shows without --folder: what is still to be done or needs a
@@ -76,7 +76,7 @@ def _files(spool: Spool, folders: Collection[str]) -> Iterator[tuple[str, Path]]
         for node_dir in nodes:
             for queue_dir in sorted(q for q in node_dir.iterdir() if q.is_dir() and q.name != SPARE):
                 for name in sorted(os.listdir(queue_dir), key=os.fsencode):
-                    if is_job_name(name) or name.upper().endswith(f".FS.{DELIVERED}"):
+                    if is_job_name(name) or name.upper().endswith((f".FS.{SENDING}", f".FS.{DELIVERED}")):
                         yield f"{ACTIVE}/{node_dir.name}", queue_dir / name
     for plain in (SENT, FAIL):
         if plain in folders:
@@ -121,8 +121,10 @@ def list_jobs(spool: Spool, now: float, folders: Collection[str] = DEFAULT_FOLDE
         state = job_state(path, next_attempt, now, held)
         if path.name.upper().endswith(f".{DELIVERED}"):
             state += " (delivered; its result is being written)"
+        elif path.name.upper().endswith(f".{SENDING}"):
+            state += " (sending)"
         busy = found.get("DOMAINBUSY_COUNT", "0")
-        yield ListedJob(path.name.removesuffix(f".{DELIVERED}"), folder, path,
+        yield ListedJob(path.name.removesuffix(f".{DELIVERED}").removesuffix(f".{SENDING}"), folder, path,
                         max(0.0, now - st.st_mtime) if st is not None else 0.0,
                         st.st_size if st is not None else 0, recipient, job_domain, state, text, held,
                         int(busy) if busy.isascii() and busy.isdigit() else 0)

@@ -24,8 +24,15 @@ from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
    Atomic: if two nodes race, one rename fails with ENOENT and that node skips
    the job. The job is in progress; it is not rewritten to say so. Crash here:
    recovery (node N restarting, or ``copiamail recover --node N``) finds
-   ``ACTIVE/N/Q/X.FS`` alone, adds an attempt record of outcome 66, and
-   returns it to ``Q`` (to FAIL after three interruptions).
+   ``ACTIVE/N/Q/X.FS`` alone and returns it to ``Q`` unchanged, as a
+   hand-back at shutdown: nothing was sent, so nothing counts.
+2a. **sending**: just before its SMTP transaction starts (MAIL FROM) the
+   claimed job is renamed to ``ACTIVE/N/Q/X.FS.SENDING``
+   (:meth:`Spool.mark_sending`). Crash from here: recovery adds an attempt
+   record of outcome 66 and returns it to ``Q``; the third such interruption
+   sends it to FAIL (outcome 67): a job that kills the node as it is sent
+   must not kill it forever. Only this mark counts, so jobs that were merely
+   claimed when a node died never reach FAIL for it.
 2b. **delivered**: right after the server's 250 the claimed job is renamed
    to ``ACTIVE/N/Q/X.FS.DELIVERED`` (:meth:`Spool.mark_delivered`; a rename:
    no disk space needed). A crash from here on never sends the job again:
@@ -40,9 +47,9 @@ from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
    :meth:`Spares.write <copiamail.spool.results.Spares.write>`, then the
    batch's ``sync`` and ``commit``
    (:class:`~copiamail.spool.results.ResultBatch`). While ``ACTIVE/N/Q/X.FS``
-   (or ``X.FS.DELIVERED``) exists the result is not committed: a crash here
-   leaves both files; recovery deletes the result and treats the job as in
-   state 2 (or 2b).
+   (or ``X.FS.SENDING``, ``X.FS.DELIVERED``) exists the result is not
+   committed: a crash here leaves both files; recovery deletes the result and
+   treats the job as in state 2 (or 2a, 2b).
 4. **committed**: ``rename(ACTIVE/N/Q/X.FS, ACTIVE/N/.spare/S2)``
    (:meth:`Spool.commit_result` and :meth:`Spares.retire
    <copiamail.spool.results.Spares.retire>`). The one step that commits the
@@ -63,8 +70,8 @@ from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
    copy and replacing it before this node recovers, drops the link count back
    to 1 and the old version is published again (one extra send).
 
-A job handed back unchanged (at shutdown) goes straight from state 2 to 1 by
-one no-replace rename (:meth:`Spool.hand_back`).
+A job handed back unchanged (at shutdown) goes straight from state 2 (or 2a)
+to 1 by one no-replace rename (:meth:`Spool.hand_back`).
 
 Results are written in batches
 (:class:`~copiamail.spool.results.ResultBatch`, the results of one turn of the
@@ -108,6 +115,7 @@ from copiamail.spool.layout import (
     DELIVERED,
     FAIL,
     RESULT_SUFFIXES,
+    SENDING,
     SENT,
     SPARE,
     TEMP,
@@ -236,7 +244,7 @@ class Spool:
         # node writes into its ACTIVE folder, so checking for the delivered
         # mark first is race-free; the claimed name itself is checked by the
         # rename (move_unless_taken), atomic between nodes on any file system.
-        if os.path.exists(f"{dest}.{DELIVERED}"):
+        if os.path.exists(f"{dest}.{SENDING}") or os.path.exists(f"{dest}.{DELIVERED}"):
             return None
         try:
             move_unless_taken(job.file, dest)
@@ -261,6 +269,16 @@ class Spool:
         except OSError:
             return False
         return (st.st_ino, st.st_mtime_ns, st.st_size) == sig
+
+    def mark_sending(self, claimed: Claimed) -> Claimed:
+        """State 2 to 2a: its SMTP transaction starts now (one rename; a job
+        marked already, tried again on another mail host, stays as it is)."""
+        if claimed.path.name != claimed.name:
+            return claimed
+        path = claimed.path.with_name(f"{claimed.name}.{SENDING}")
+        os.rename(claimed.path, path)
+        crash_point("sending")
+        return Claimed(claimed.node, claimed.queue, claimed.name, path)
 
     def mark_delivered(self, claimed: Claimed) -> Claimed:
         """State 2 to 2b: the server accepted the message (one rename)."""
@@ -365,7 +383,8 @@ class Spool:
                 path = qdir / f
                 try:
                     if suffix in RESULT_SUFFIXES and is_job_name(head):
-                        if head in names or f"{head}.{DELIVERED}" in names or path.stat().st_nlink > 1:
+                        if (head in names or f"{head}.{SENDING}" in names or f"{head}.{DELIVERED}" in names
+                                or path.stat().st_nlink > 1):
                             # Not committed (state 3), or already published by link().
                             if drop_uncommitted:
                                 path.unlink()
@@ -390,24 +409,27 @@ class Spool:
                 except FileNotFoundError:
                     pass
 
-    def claimed_jobs(self, node: str) -> tuple[list[Claimed], list[Claimed]]:
+    def claimed_jobs(self, node: str) -> tuple[list[Claimed], list[Claimed], list[Claimed]]:
         """What node ``node`` holds in ACTIVE after :meth:`finish_committed`:
-        the jobs whose attempt was interrupted, and the jobs the server had
-        accepted (state 2b)."""
+        the jobs only claimed (state 2), those whose SMTP transaction was
+        interrupted (2a), and those the server had accepted (2b)."""
         self.finish_committed(node)
         base = self.active_dir(node)
+        claimed: list[Claimed] = []
         interrupted: list[Claimed] = []
         delivered: list[Claimed] = []
         if not base.is_dir():
-            return interrupted, delivered
+            return claimed, interrupted, delivered
         for qdir in sorted(p for p in base.iterdir() if p.is_dir() and p.name != SPARE):
             for f in sorted(os.listdir(qdir), key=os.fsencode):
                 head, _, suffix = f.rpartition(".")
                 if is_job_name(f):
-                    interrupted.append(Claimed(node, qdir.name, f, qdir / f))
+                    claimed.append(Claimed(node, qdir.name, f, qdir / f))
+                elif suffix == SENDING and is_job_name(head):
+                    interrupted.append(Claimed(node, qdir.name, head, qdir / f))
                 elif suffix == DELIVERED and is_job_name(head):
                     delivered.append(Claimed(node, qdir.name, head, qdir / f))
-        return interrupted, delivered
+        return claimed, interrupted, delivered
 
     def holds_jobs(self, node: str) -> bool:
         """Whether ``ACTIVE/<node>`` holds a claimed job or a result."""
@@ -419,7 +441,7 @@ class Spool:
         for qdir in qdirs:
             for f in os.listdir(qdir):
                 head, _, suffix = f.rpartition(".")
-                if is_job_name(f) or (suffix in (*RESULT_SUFFIXES, DELIVERED) and is_job_name(head)):
+                if is_job_name(f) or (suffix in (*RESULT_SUFFIXES, SENDING, DELIVERED) and is_job_name(head)):
                     return True
         return False
 
@@ -436,6 +458,6 @@ class Spool:
         if active.is_dir():
             for node_dir in sorted(p for p in active.iterdir() if p.is_dir()):
                 out[f"{ACTIVE}/{node_dir.name}"] = sum(
-                    1 for q in node_dir.iterdir() if q.is_dir() and q.name != SPARE for f in os.listdir(q) if is_job_name(f)
-                )
+                    1 for q in node_dir.iterdir() if q.is_dir() and q.name != SPARE for f in os.listdir(q)
+                    if is_job_name(f.removesuffix(f".{SENDING}").removesuffix(f".{DELIVERED}")))
         return out

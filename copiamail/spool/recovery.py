@@ -2,10 +2,12 @@
 
 Run when a node starts, and by ``copiamail recover --node N``. Results the
 node had committed are finished first (see :mod:`copiamail.spool.queue`,
-states 4 and 5). Every job still claimed was interrupted mid-attempt: it gets an
-attempt record of outcome 66 and goes back to its own folder, or to FAIL with
-outcome 67 once it has been interrupted three times. Interruptions do not count
-as retries.
+states 4 and 5). A job whose SMTP transaction had started (state 2a) was
+interrupted mid-attempt: it gets an attempt record of outcome 66 and goes back
+to its own folder, or to FAIL with outcome 67 once it has been interrupted
+three times. A job that was only claimed goes back unchanged, as at a
+shutdown: nothing was sent, nothing counts. Interruptions do not count as
+retries.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ log = logging.getLogger("copiamail")
 
 @dataclass(frozen=True)
 class RecoveryReport:
-    returned: tuple[str, ...] = ()
+    returned: tuple[str, ...] = ()  # with an attempt record of outcome 66
     failed: tuple[str, ...] = ()
     sent: tuple[str, ...] = ()
+    handed_back: tuple[str, ...] = ()  # only claimed: back unchanged
 
 
 def _interruptions(cf: CommandFile) -> int:
@@ -62,16 +65,21 @@ def recover(spool: Spool, node: str, now: float | None = None, recorder: str | N
     returned: list[str] = []
     failed: list[str] = []
     sent: list[str] = []
+    handed_back: list[str] = []
     try:
-        _recover(spool, node, now, me, returned, failed, sent)
+        _recover(spool, node, now, me, returned, failed, sent, handed_back)
     finally:
         # Spares live in the recovered folder, which a takeover removes next.
         spool.drop_spares()
-    return RecoveryReport(tuple(returned), tuple(failed), tuple(sent))
+    return RecoveryReport(tuple(returned), tuple(failed), tuple(sent), tuple(handed_back))
 
 
-def _recover(spool: Spool, node: str, now: float, me: str, returned: list[str], failed: list[str], sent: list[str]) -> None:
-    interrupted, delivered = spool.claimed_jobs(node)
+def _recover(spool: Spool, node: str, now: float, me: str, returned: list[str], failed: list[str], sent: list[str],
+             handed_back: list[str]) -> None:
+    claimed_only, interrupted, delivered = spool.claimed_jobs(node)
+    for claimed in claimed_only:
+        spool.hand_back(claimed)
+        handed_back.append(claimed.name)
     for claimed in delivered:
         # The server accepted it before the stop: finish it, never send it again.
         cf = spool.read(claimed)
