@@ -366,3 +366,36 @@ def test_however_many_results_one_turn_makes_a_batch_holds_at_most_64_files_open
     asyncio.run(go())
     assert [len(b) for b in spool.batches] == [64, 64, 22]
     assert writer.stats == Stats(sent=150) and not writer.busy
+
+
+# --- hand-backs --------------------------------------------------------------------------------
+
+
+def test_a_hand_back_that_fails_is_tried_again_while_the_node_runs(spool, caplog):
+    caplog.set_level("INFO", logger="copiamail")
+
+    async def run() -> None:
+        writer = ResultWriter(spool, "N1", start_syncer=lambda: None, hand_back_retry=0.05)  # type: ignore[arg-type]
+        spool.cannot_hand_back = True
+        assert writer.hand_back(spool.claimed("A.FS")) is None
+        await asyncio.sleep(0.2)  # tried again at 0.05 s and 0.15 s: still failing
+        assert spool.landed == [] and writer.stats.handed_back == 0
+        spool.cannot_hand_back = False
+        await asyncio.sleep(0.5)  # the next try, 0.2 s after the last
+        assert spool.landed == [("A.FS", "handed back")] and writer.stats.handed_back == 1
+        await writer.close(0.1)
+
+    asyncio.run(run())
+    assert "cannot hand the job back" in caplog.text and "handed back to TOSEND after all" in caplog.text
+
+
+def test_a_hand_back_still_failing_at_shutdown_is_left_for_recovery_and_said(spool, caplog):
+    async def run() -> None:
+        writer = ResultWriter(spool, "N1", start_syncer=lambda: None, hand_back_retry=10)  # type: ignore[arg-type]
+        spool.cannot_hand_back = True
+        writer.hand_back(spool.claimed("A.FS"))
+        await writer.close(0.1)
+        assert spool.landed == []
+
+    asyncio.run(run())
+    assert "1 job(s) could not be handed back" in caplog.text

@@ -101,13 +101,16 @@ def _settle(done: asyncio.Future[None] | None) -> None:
         done.set_result(None)
 
 
+HAND_BACK_RETRY_MAX = 30.0  # seconds between two tries of a hand-back that keeps failing
+
+
 class ResultWriter:
     """Writes the results of node ``node``'s jobs into ``spool`` and counts them
     in :attr:`stats`, reporting each to ``on_event(kind, job name)``. Used from
     one event loop. ``start_syncer`` starts the syncer process (None: none)."""
 
     def __init__(self, spool: Spool, node: str, on_event: Callable[[str, str], None] | None = None,
-                 start_syncer: Callable[[], Syncer | None] = Syncer.start) -> None:
+                 start_syncer: Callable[[], Syncer | None] = Syncer.start, hand_back_retry: float = 1.0) -> None:
         self._spool = spool
         self._node = node
         self._on_event = on_event or (lambda kind, name: None)
@@ -124,6 +127,13 @@ class ResultWriter:
         # shutdown.
         self._syncer: Syncer | None = None
         self._syncing: asyncio.Future[None] | None = None
+        # Jobs a hand-back could not move (a file-system error): tried again
+        # after a delay that doubles up to HAND_BACK_RETRY_MAX, not left in
+        # ACTIVE until the node's next start.
+        self._not_handed_back: list[Claimed] = []
+        self._hand_back_retry = hand_back_retry
+        self._hand_back_delay = hand_back_retry
+        self._hand_back_timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         """Start the syncer (with fsync on)."""
@@ -321,18 +331,58 @@ class ResultWriter:
 
     def hand_back(self, claimed: Claimed) -> Path | None:
         """Return a claimed job unchanged to its folder; None if it cannot be
-        (it stays in ACTIVE, for recovery)."""
+        now: it stays in ACTIVE and is tried again while the node runs (and,
+        if it still cannot be, recovered at the node's next start)."""
         try:
             path = self._spool.hand_back(claimed)
         except OSError as e:
-            log.error("%s: cannot hand the job back: %s; it stays in ACTIVE", claimed.path, e.strerror)
+            log.error("%s: cannot hand the job back: %s; trying again in %g s", claimed.path, e.strerror,
+                      self._hand_back_delay)
+            self._not_handed_back.append(claimed)
+            self._retry_hand_backs_later()
             return None
         self.stats.count(Tally.HANDED_BACK)
         return path
 
+    def _retry_hand_backs_later(self) -> None:
+        if self._hand_back_timer is None:
+            self._hand_back_timer = asyncio.get_running_loop().call_later(self._hand_back_delay, self.retry_hand_backs)
+
+    def retry_hand_backs(self) -> None:
+        """Try again the hand-backs that failed; those that fail again wait
+        twice as long (at most HAND_BACK_RETRY_MAX seconds)."""
+        self._hand_back_timer = None
+        left: list[Claimed] = []
+        for claimed in self._not_handed_back:
+            try:
+                self._spool.hand_back(claimed)
+            except FileNotFoundError:
+                continue  # not there any more: nothing of it to hand back
+            except OSError:
+                left.append(claimed)
+                continue
+            self.stats.count(Tally.HANDED_BACK)
+            log.info("%s: handed back to %s after all", claimed.name, claimed.queue)
+        self._not_handed_back = left
+        if left:
+            self._hand_back_delay = min(HAND_BACK_RETRY_MAX, self._hand_back_delay * 2)
+            self._retry_hand_backs_later()
+        else:
+            self._hand_back_delay = self._hand_back_retry
+
     async def close(self, grace: float) -> None:
-        """At shutdown: :meth:`settle`, stop the syncer, and say what is owed."""
+        """At shutdown: :meth:`settle`, a last try of the hand-backs that
+        failed, stop the syncer, and say what is owed."""
         await self.settle(grace)
+        if self._hand_back_timer is not None:
+            self._hand_back_timer.cancel()
+        if self._not_handed_back:
+            self.retry_hand_backs()
+            if self._hand_back_timer is not None:
+                self._hand_back_timer.cancel()
+                self._hand_back_timer = None
+                log.error("%d job(s) could not be handed back: they stay in %s and come back at this node's "
+                          "next start", len(self._not_handed_back), self._spool.active_dir(self._node))
         if self._syncer is not None:
             self._syncer.close()
             self._syncer = None
