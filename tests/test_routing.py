@@ -6,6 +6,7 @@ which asks the same router."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,32 @@ def test_one_lookup_per_domain_however_many_jobs_wait_and_each_job_is_routed_aft
     assert sorted(resolver.lookups) == ["a.test", "b.test"]
     assert routed[0] == (["u1@a.test", "u2@a.test"], None)
     assert routed[1][0] == ["u@b.test"] and routed[1][1] is not None and routed[1][1].permanent
+
+
+def test_thousands_of_jobs_waiting_on_one_lookup_are_routed_in_slices_letting_the_loop_run_between():
+    from copiamail.scheduling.routing import ROUTED_SLICE
+
+    events: list[str | int] = []
+    router, _ = direct({"a.test": A_TEST}, on_routed=lambda items, error: events.append(len(items)))
+
+    async def beat() -> None:  # what else runs on the loop: a heartbeat, open connections
+        while True:
+            events.append("beat")
+            await asyncio.sleep(0)
+
+    async def go() -> None:
+        for i in range(1000):
+            router.look_up(item(fs(f"u{i}@a.test")))
+        beating = asyncio.get_running_loop().create_task(beat())
+        while router.looking_up:
+            await asyncio.sleep(0)
+        beating.cancel()
+
+    asyncio.run(go())
+    slices = [e for e in events if e != "beat"]
+    assert sum(slices) == 1000 and max(slices) == ROUTED_SLICE and len(slices) == 5
+    positions = [i for i, e in enumerate(events) if e != "beat"]
+    assert all("beat" in events[a + 1:b] for a, b in itertools.pairwise(positions))  # the loop ran between
 
 
 def test_closing_cancels_lookups_and_gives_back_the_jobs_not_yet_routed():

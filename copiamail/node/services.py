@@ -18,12 +18,22 @@ from copiamail.spool.watcher import SpoolWatcher
 log = logging.getLogger("copiamail")
 
 
-async def _heartbeat(peers: Peers, on_takeover: Callable[[], None]) -> None:
-    """Beat, and take over dead peers' jobs, until cancelled."""
-    interval = heartbeat_interval(peers.stale_after)
+async def beat(peers: Peers, interval: float) -> None:
+    """Move the heartbeat on every ``interval`` seconds until cancelled."""
     while True:
         peers.beat()
-        if peers.check():  # never raises
+        await asyncio.sleep(interval)
+
+
+async def watch_peers(peers: Peers, on_takeover: Callable[[], None], interval: float) -> None:
+    """Take over dead peers' jobs until cancelled, ``on_takeover`` after each
+    takeover. The check runs in a thread: recovering a large takeover folder
+    takes long, and meanwhile this node must go on beating (or others would
+    take it for dead) and sending. ``peers`` has a spool of its own for that
+    (:func:`node_services`): recovery writes through that spool's spares,
+    never through the scheduler's."""
+    while True:
+        if await asyncio.to_thread(peers.check):  # never raises
             on_takeover()
         await asyncio.sleep(interval)
 
@@ -39,8 +49,9 @@ async def node_services(config: Config, spool: Spool, node: str, on_takeover: Ca
     is ignored before and after the block; the caller ignores it before
     starting any child process (see :func:`ignore_hangups`)."""
     loop = asyncio.get_running_loop()
-    peers = Peers(spool, node, config.node_stale_after)
-    beating = loop.create_task(_heartbeat(peers, on_takeover))
+    peers = Peers(Spool(config.spool, config.queues, config.fsync), node, config.node_stale_after)
+    interval = heartbeat_interval(peers.stale_after)
+    beating = [loop.create_task(beat(peers, interval)), loop.create_task(watch_peers(peers, on_takeover, interval))]
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
     watcher = SpoolWatcher([spool.folder(q) for q in spool.queue_folders()], on_path, polling=config.watcher == "polling")
@@ -51,8 +62,9 @@ async def node_services(config: Config, spool: Spool, node: str, on_takeover: Ca
     try:
         yield
     finally:
-        beating.cancel()
-        await asyncio.gather(beating, return_exceptions=True)
+        for task in beating:
+            task.cancel()
+        await asyncio.gather(*beating, return_exceptions=True)
         peers.stop()
         watcher.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -86,6 +86,10 @@ def relay_target(relay: RelayConfig | None, password: str | None) -> Target | No
                   True, login=login)
 
 
+# Jobs given to on_routed at once when a lookup ends, before the event loop runs again.
+ROUTED_SLICE = 200
+
+
 def pause_key(host: str) -> str:
     """The key jobs wait on while ``host`` is paused after a refusal."""
     return f"pause:{host}"
@@ -291,6 +295,11 @@ class Router:
             task.add_done_callback(self._lookups.discard)
 
     async def _resolve(self, domain: str) -> None:
+        """Look ``domain`` up, then give its parked jobs to ``on_routed``,
+        :data:`ROUTED_SLICE` at a time with the event loop let run between
+        (thousands of jobs may wait on one answer; the heartbeat and the open
+        connections must not wait for all of them). Cancelled (the node
+        stops), the jobs not given yet stay parked for :meth:`close`."""
         assert self._mx is not None
         error: DeliveryError | None = None
         try:
@@ -301,10 +310,16 @@ class Router:
             log.exception("MX lookup of %s failed", domain)
             error = DeliveryError(outcome.DNS_TEMPORARY.code, outcome.DNS_TEMPORARY.klass, f"DNS: lookup of {domain} failed: {e}",
                                   False, "DNS")
-        finally:
+        while True:
             items = self._parked.pop(domain, [])
-            if self._on_routed is not None:
+            if len(items) > ROUTED_SLICE:
+                self._parked[domain] = items[ROUTED_SLICE:]  # still parked: looking_up stays true
+                items = items[:ROUTED_SLICE]
+            if self._on_routed is not None and items:
                 self._on_routed(items, error)
+            if domain not in self._parked:
+                return
+            await asyncio.sleep(0)
 
     async def close(self) -> list[Item]:
         """Stop every lookup and pause; returns the jobs still parked (to hand back)."""

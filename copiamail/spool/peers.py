@@ -13,9 +13,11 @@ heartbeat, so a taker that dies halfway is taken over in turn.
 Taking over is one rename: ``ACTIVE/<peer>`` becomes ``ACTIVE/<me>~from~<peer>~<n>``.
 On a shared spool several nodes may try at once; the rename is atomic, so one
 wins and the others find nothing. The winner then recovers that folder exactly
-as a restarting node recovers its own (committed results finished, interrupted
-jobs back to their folders with outcome 66, FAIL at the third interruption),
-and removes it.
+as a restarting node recovers its own (committed results finished, jobs it
+was sending back to their folders with outcome 66, FAIL at the third
+interruption, jobs only claimed back unchanged), and removes it. A node runs
+its checks in a thread of their own (:func:`copiamail.node.services.watch_peers`),
+so a long recovery never stops its own heartbeat.
 
 What this needs, and its limit: a node taken for dead must really be dead. A
 node that is alive but cannot write its heartbeat for ``node_stale_after``
