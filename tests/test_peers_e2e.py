@@ -1,12 +1,14 @@
 """Several nodes on one spool (issue 4): racing nodes send each job exactly once,
 and a dead node's ACTIVE jobs are taken over by a live node after its heartbeat
-has been still for node_stale_after seconds, while a live node's are not."""
+has been still for node_stale_after seconds, while a live node's are not; and
+a node name is unique across machines."""
 
 from __future__ import annotations
 
 import signal
 import time
 
+import pytest
 from smtpserver import Rule
 from spoolkit import SpoolKit, attempts, stop, wait_until
 
@@ -252,3 +254,71 @@ def test_finishing_a_takeover_leaves_what_recovery_does_not_know_and_says_so(tmp
     assert report.returned == ("J.FS",)
     assert (taken / "notes.txt").read_text() == "someone's"
     assert "left behind after a takeover" in caplog.text
+
+
+# --- node names unique across machines ---------------------------------------------
+
+
+def test_a_heartbeat_of_ones_own_name_from_this_host_is_an_earlier_run_and_not_watched(tmp_path):
+    from copiamail.spool.peers import alive_elsewhere, host_tag
+
+    spool = Spool(tmp_path)
+    spool.ensure()
+    assert alive_elsewhere(spool, "N1", watch=5, sleep=lambda s: pytest.fail("watched")) is None
+    (tmp_path / "ACTIVE" / f"N1.alive.{host_tag()}-0011aabb.7").touch()  # left by a SIGKILLed N1 here
+    assert alive_elsewhere(spool, "N1", watch=5, sleep=lambda s: pytest.fail("watched")) is None
+
+
+def test_another_hosts_heartbeat_of_ones_own_name_is_watched_and_alive_if_it_moves(tmp_path):
+    from copiamail.spool.peers import alive_elsewhere, host_tag
+
+    spool = Spool(tmp_path)
+    spool.ensure()
+    beat = tmp_path / "ACTIVE" / f"N1.alive.{host_tag('box2.example')}-0011aabb.1"
+    beat.touch()
+    assert alive_elsewhere(spool, "N1", watch=0.5) is None  # still: a dead N1 there, its jobs are ours to recover
+    moves = iter(range(2, 100))
+
+    def sleep_while_it_beats(seconds: float) -> None:
+        nonlocal beat
+        nxt = beat.with_name(f"N1.alive.box2_example-0011aabb.{next(moves)}")
+        beat.rename(nxt)
+        beat = nxt
+
+    assert alive_elsewhere(spool, "N1", watch=5, sleep=sleep_while_it_beats) == "box2_example"
+
+
+@pytest.mark.timeout(60)
+def test_a_second_node_of_the_same_name_on_another_machine_refuses_while_the_first_lives(tmp_path, smtp_server):
+    import shutil
+    import subprocess
+
+    from spoolkit import CLI, cli_env
+
+    from copiamail.spool.peers import IGNORE_LOCKS_ENV
+
+    if shutil.which("unshare") is None:
+        pytest.fail("unshare (util-linux) is needed to make the other machine")
+    server = smtp_server()
+    kit = SpoolKit(tmp_path, server.port, [], yaml="node_stale_after: 1\n")
+    # The other machine: its own host name (a UTS namespace), and our lock unseen.
+    other = ["unshare", "--uts", "sh", "-c", 'hostname box2 && exec "$@"', "sh", *CLI, "node", "--name", "N1", "--drain"]
+    env = cli_env(COPIAMAIL_CONFIG=str(kit.config_path), **{IGNORE_LOCKS_ENV: "1"})
+    n1 = _start(kit, "N1")
+    try:
+        wait_until(lambda: list((kit.root / "ACTIVE").glob("N1.alive.*")) != [], timeout=15)
+        second = subprocess.run(other, cwd=kit.base, capture_output=True, text=True, timeout=30, env=env,
+                                stdin=subprocess.DEVNULL)
+        assert second.returncode == 2, second.stderr
+        [line] = [l for l in second.stderr.splitlines() if l.startswith("copiamail: ")]
+        assert "node N1 is running on " in line and "unique across machines" in line
+        assert n1.poll() is None
+    finally:
+        code, _, err = stop(n1)
+    assert code == 0, err
+    # N1 gone (its heartbeat removed at its stop): the other machine's N1 starts.
+    kit.job("TOSEND", "J.FS", to="a@copia.com")
+    again = subprocess.run(other, cwd=kit.base, capture_output=True, text=True, timeout=30, env=env,
+                           stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stderr
+    assert kit.names("SENT") == ["J.FS"]

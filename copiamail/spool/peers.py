@@ -1,9 +1,11 @@
 """Heartbeats, and taking over the jobs of a node that died.
 
 Every running node moves its heartbeat on every few seconds: an empty file
-``ACTIVE/<node>.alive.<token>.<n>`` renamed to ``<n+1>`` (the token is new at
-each start; a rename needs no free disk space, so a node on a full disk still
-beats). Another node that sees jobs in ``ACTIVE/<peer>/`` watches those
+``ACTIVE/<node>.alive.<host>-<token>.<n>`` renamed to ``<n+1>`` (the token is
+new at each start; a rename needs no free disk space, so a node on a full
+disk still beats). A node's name is unique across machines: a node starting
+as N1 where N1's heartbeat comes from another host watches it first, and
+refuses to start if it moves (:func:`alive_elsewhere`). Another node that sees jobs in ``ACTIVE/<peer>/`` watches those
 names: when they have not changed for ``node_stale_after`` seconds *of the
 watcher's own monotonic clock*, the peer is taken for dead. Only names are
 compared, never mtimes: on a shared spool an mtime comes from another
@@ -31,7 +33,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,13 +55,30 @@ TAKEOVER_MARK = "~from~"
 IGNORE_LOCKS_ENV = "COPIAMAIL_IGNORE_PEER_LOCKS"
 # Test-only: a node that runs but never beats (to show the heartbeat matters).
 NO_HEARTBEAT_ENV = "COPIAMAIL_NO_HEARTBEAT"
+# The longest a live node waits between two beats (heartbeat_interval), and
+# how long a starting node watches another host's heartbeat of its own name.
+MAX_BEAT_INTERVAL = 10.0
+WATCH_FOREIGN_BEAT = 1.5 * MAX_BEAT_INTERVAL
+
+
+def host_tag(host: str | None = None) -> str:
+    """This machine's name (or ``host``) as a heartbeat file shows it: letters,
+    digits and ``-`` only."""
+    return re.sub(r"[^A-Za-z0-9-]", "_", host if host is not None else socket.gethostname()) or "_"
+
+
+def _beat_host(name: str, node: str) -> str | None:
+    """The host tag in heartbeat file ``name`` of ``node`` (None: a name without one)."""
+    token = name[len(f"{node}.alive."):].rpartition(".")[0]
+    host, dash, _ = token.rpartition("-")
+    return host if dash else None
 
 
 def heartbeat_interval(stale_after: float) -> float:
     """How often to beat: often enough that a live node is never taken for dead."""
     if stale_after <= 0:
-        return 10.0
-    return max(0.2, min(10.0, stale_after / 5))
+        return MAX_BEAT_INTERVAL
+    return max(0.2, min(MAX_BEAT_INTERVAL, stale_after / 5))
 
 
 @dataclass
@@ -75,7 +96,7 @@ class Peers:
         self.stale_after = stale_after
         self.clock = clock
         self._beats = 0
-        self._token = secrets.token_hex(4)
+        self._token = f"{host_tag()}-{secrets.token_hex(4)}"
         self._current: Path | None = None
         self._seen: dict[str, _Seen] = {}
 
@@ -197,6 +218,37 @@ class Peers:
                 continue
             return name
         return None
+
+
+def alive_elsewhere(spool: Spool, node: str, watch: float = WATCH_FOREIGN_BEAT,
+                   sleep: Callable[[float], None] = time.sleep) -> str | None:
+    """The host where a node named ``node`` runs now, seen by its heartbeat
+    moving within ``watch`` seconds; None if none does. Called by a node
+    that holds its own lock on this machine: a heartbeat left by an earlier
+    run here is dead, so only another host's is watched (every one, with
+    the test-only IGNORE_LOCKS_ENV)."""
+    here = None if os.environ.get(IGNORE_LOCKS_ENV) else host_tag()
+    base = spool.root / ACTIVE
+
+    def beats() -> set[str]:
+        prefix = f"{node}.alive."
+        try:
+            return {n for n in os.listdir(base) if n.startswith(prefix) and _beat_host(n, node) != here}
+        except OSError:
+            return set()
+
+    first = beats()
+    if not first:
+        return None
+    log.info("node %s: a heartbeat of that name from another host (%s); watching it for %.0f s before starting",
+             node, ", ".join(sorted(filter(None, (_beat_host(n, node) for n in first)))) or "?", watch)
+    deadline = time.monotonic() + watch
+    while time.monotonic() < deadline:
+        sleep(0.2)
+        now = beats()
+        if now != first and now:
+            return _beat_host(sorted(now - first or now)[0], node) or "another host"
+    return None
 
 
 def takeover_folders(spool: Spool, node: str) -> list[str]:
