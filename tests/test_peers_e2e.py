@@ -322,3 +322,31 @@ def test_a_second_node_of_the_same_name_on_another_machine_refuses_while_the_fir
                            stdin=subprocess.DEVNULL)
     assert again.returncode == 0, again.stderr
     assert kit.names("SENT") == ["J.FS"]
+
+
+def test_a_peer_is_judged_by_the_larger_node_stale_after_of_the_two_and_the_difference_is_said(tmp_path, caplog):
+    spool = Spool(tmp_path)
+    spool.ensure()
+    (tmp_path / "ACTIVE" / "P" / "TOSEND").mkdir(parents=True)
+    (tmp_path / "ACTIVE" / "P" / "TOSEND" / "J.FS").write_text("$email_address a@b.test\n")
+    Peers(spool, "P", stale_after=30).beat()  # P beats every 6 s, and may stall up to 30 s
+    now = [0.0]
+    watcher = Peers(spool, "W", stale_after=2, clock=lambda: now[0])
+    assert watcher.check() == []  # first sight
+    now[0] += 10  # five times W's own setting: P is alive by its own
+    assert watcher.check() == [] and (tmp_path / "ACTIVE" / "P").exists()
+    assert "node P has node_stale_after 30, this node 2: it is judged by the larger" in caplog.text
+    now[0] += 21
+    [(name, _report)] = watcher.check()
+    assert name == "P"
+
+
+def test_a_heartbeat_name_carries_its_host_and_node_stale_after(tmp_path):
+    from copiamail.spool.peers import _beat_token, host_tag
+
+    spool = Spool(tmp_path)
+    spool.ensure()
+    Peers(spool, "N-1", stale_after=2.5).beat()
+    [name] = [p.name for p in (tmp_path / "ACTIVE").iterdir() if p.name.startswith("N-1.alive.")]
+    assert _beat_token(name, "N-1") == (host_tag(), 2.5)
+    assert _beat_token("N1.alive.old-host-00aa11bb.4", "N1") == ("old-host", None)  # an earlier version's name

@@ -1,13 +1,18 @@
 """Heartbeats, and taking over the jobs of a node that died.
 
 Every running node moves its heartbeat on every few seconds: an empty file
-``ACTIVE/<node>.alive.<host>-<token>.<n>`` renamed to ``<n+1>`` (the token is
-new at each start; a rename needs no free disk space, so a node on a full
-disk still beats). A node's name is unique across machines: a node starting
+``ACTIVE/<node>.alive.<host>-<token>-m<ms>.<n>`` renamed to ``<n+1>`` (the
+token is new at each start; ``<ms>`` is the node's ``node_stale_after`` in
+milliseconds; a rename needs no free disk space, so a node on a full disk
+still beats). A node's name is unique across machines: a node starting
 as N1 where N1's heartbeat comes from another host watches it first, and
 refuses to start if it moves (:func:`alive_elsewhere`). Another node that sees jobs in ``ACTIVE/<peer>/`` watches those
 names: when they have not changed for ``node_stale_after`` seconds *of the
-watcher's own monotonic clock*, the peer is taken for dead. Only names are
+watcher's own monotonic clock*, the peer is taken for dead. The setting is
+one for the whole spool: a peer is judged by the larger of the watcher's
+value and the one its heartbeat declares (it beats at a fifth of its own), so
+nodes configured differently never take a live one for dead; the difference
+is logged. Only names are
 compared, never mtimes: on a shared spool an mtime comes from another
 machine's clock, which may differ from ours. A takeover folder (below) is watched through its taker's
 heartbeat, so a taker that dies halfway is taken over in turn.
@@ -67,11 +72,20 @@ def host_tag(host: str | None = None) -> str:
     return re.sub(r"[^A-Za-z0-9-]", "_", host if host is not None else socket.gethostname()) or "_"
 
 
-def _beat_host(name: str, node: str) -> str | None:
-    """The host tag in heartbeat file ``name`` of ``node`` (None: a name without one)."""
+def _beat_token(name: str, node: str) -> tuple[str | None, float | None]:
+    """The host tag and the declared ``node_stale_after`` (seconds) in heartbeat
+    file ``name`` of ``node``; None for what the name does not carry."""
     token = name[len(f"{node}.alive."):].rpartition(".")[0]
+    stale: float | None = None
+    head, dash, last = token.rpartition("-")
+    if dash and last[:1] == "m" and last[1:].isascii() and last[1:].isdigit():
+        stale, token = int(last[1:]) / 1000, head
     host, dash, _ = token.rpartition("-")
-    return host if dash else None
+    return (host if dash else None), stale
+
+
+def _beat_host(name: str, node: str) -> str | None:
+    return _beat_token(name, node)[0]
 
 
 def heartbeat_interval(stale_after: float) -> float:
@@ -96,9 +110,10 @@ class Peers:
         self.stale_after = stale_after
         self.clock = clock
         self._beats = 0
-        self._token = f"{host_tag()}-{secrets.token_hex(4)}"
+        self._token = f"{host_tag()}-{secrets.token_hex(4)}-m{round(max(0.0, stale_after) * 1000)}"
         self._current: Path | None = None
         self._seen: dict[str, _Seen] = {}
+        self._told: set[str] = set()  # peers whose other node_stale_after was logged
 
     def _beat_files(self, node: str) -> list[str] | None:
         """The names of ``node``'s heartbeat files; None if ACTIVE cannot be listed."""
@@ -180,13 +195,28 @@ class Peers:
             if seen is None or seen.content != content:
                 self._seen[folder] = _Seen(content, now)
                 continue
-            if now - seen.since < self.stale_after or self._locked_here(owner):
+            if now - seen.since < self._stale_after_for(owner, names) or self._locked_here(owner):
                 continue
             taken = self._take(folder)
             self._seen.pop(folder, None)
             if taken is not None:
                 log.warning("node %s: no heartbeat for %.0f s; took over its jobs", owner, now - seen.since)
                 out.append((folder, finish_takeover(self.spool, taken, self.node)))
+
+    def _stale_after_for(self, peer: str, names: list[str]) -> float:
+        """How long ``peer``'s heartbeat may stand still: the larger of this
+        node's ``node_stale_after`` and the one ``peer`` declares (a peer that
+        takes nothing over, 0, beats every MAX_BEAT_INTERVAL: five of those)."""
+        declared = max((s for s in (_beat_token(n, peer)[1] for n in names) if s is not None), default=None)
+        if declared is None or declared == self.stale_after:
+            return self.stale_after
+        if declared <= 0:
+            declared = 5 * MAX_BEAT_INTERVAL
+        if peer not in self._told:
+            self._told.add(peer)
+            log.warning("node %s has node_stale_after %g, this node %g: it is judged by the larger; set one value "
+                        "for every node of the spool", peer, declared, self.stale_after)
+        return max(self.stale_after, declared)
 
     def _locked_here(self, peer: str) -> bool:
         # A peer on this machine holds its lock file while it runs: alive,
