@@ -182,10 +182,8 @@ class Scheduler:
         self.wake()
 
     def reconfigure(self, config: Config) -> None:
-        """Use ``config`` from now on (SIGHUP): new connections take their
-        limits from it, and open ones over a lowered cap retire
-        (:meth:`Connections.reconfigure`). What is settled at start stays:
-        the spool, workers, relays, DNS, EHLO name, SMTP timeout."""
+        """Use ``config`` from now on (SIGHUP): new connections take their limits from it, open ones over a
+        lowered cap retire (:meth:`Connections.reconfigure`); what is settled at start stays (spool, relays ...)."""
         self.config = config
         self._shaping.reconfigure(config)
         self._connections.reconfigure(self._shaping.scopes)
@@ -210,6 +208,7 @@ class Scheduler:
         retry falls due; in between, only the files the watcher names are
         looked at, so the cost of a wake-up does not grow with the backlog."""
         self._wake = asyncio.Event()
+        self._shaping.settle_suspects = not drain  # a drain sends everything due, and then it ends
         self._results.start()
         publisher = asyncio.get_running_loop().create_task(publish_live_state(
             self.spool.root, self.node, self._attempts.worker, self._connections, lambda: self.stats,

@@ -28,6 +28,15 @@ if TYPE_CHECKING:
     from copiamail.spool.queue import Spool
 
 
+# A job whose SMTP transaction was interrupted before (a crash or kill of a
+# node while it was being sent) waits until this node has run this long: a
+# node dying again and again soon after its start (killed, or crashing for a
+# cause of its own) then does not interrupt the same jobs, sent first at each
+# start, until they reach FAIL. A job that itself kills the node still does,
+# once the node has settled.
+SUSPECT_SETTLE = 5.0
+
+
 def suspend_key(key: str) -> str:
     """The key jobs wait on while adaptive key ``key`` is suspended."""
     return f"suspend:{key}"
@@ -54,6 +63,8 @@ class Shaping:
                 recover_after=config.adaptive_recover_after, recover_seconds=config.adaptive_recover_seconds,
                 clock=clock, load={key: learned for key, (_, learned) in own.items()})
         self._resuming: set[str] = set()
+        self._settled_at = clock() + SUSPECT_SETTLE
+        self.settle_suspects = True
         # The limits of connections, adaptive keys lowered to what they learned.
         self.scopes = Scopes(config, node, worker, workers, learned=self.learned_cap)
 
@@ -90,11 +101,16 @@ class Shaping:
 
     def job_held_until(self, job: Job, queue: str) -> float | None:
         """Until when ``job`` (in folder ``queue``) stays in its folder
-        unclaimed: an operator holds it (looked at again a second later), or
-        its domain is suspended (judged by its domain's own limits; a
-        suspended mail host is met only when the job is routed)."""
+        unclaimed: an operator holds it (looked at again a second later), it
+        was interrupted before and this node has not run
+        :data:`SUSPECT_SETTLE` seconds yet (unless ``settle_suspects`` is
+        off: a drain), or its domain is suspended
+        (judged by its domain's own limits; a suspended mail host is met only
+        when the job is routed)."""
         if self._holds.held(queue, job.name, job.domain):
             return self._clock() + 1.0
+        if job.interruptions and self.settle_suspects and self._clock() < self._settled_at:
+            return self._settled_at
         if self.adaptive is None or not self._resuming:
             return None
         try:
