@@ -183,16 +183,19 @@ def requeue_command(domain: str | None, error_pattern: str | None, since: Any, f
     spool = open_spool(config(config_file, spool_dir))
     now = time.time()
     filtered = domain is not None or pattern is not None or since is not None
+    # FAIL only grows: it is read only when filters must select from it.
     selected = [j.path for j in list_jobs(spool, now, ["FAIL"], domain, pattern)
-                if since is None or j.age <= now - since.timestamp()]
-    if files:
-        matching = {p.absolute() for p in selected}
-        chosen = [f for f in files if not filtered or f.absolute() in matching]
-        for f in files:
-            if filtered and f.absolute() not in matching:
-                click.echo(f"copiamail: {f}: not a failed job the filters select; not requeued", err=True)
-    else:
+                if since is None or j.age <= now - since.timestamp()] if filtered else []
+    if not files:
         chosen = selected
+    elif not filtered:
+        chosen = list(files)
+    else:
+        matching = {p.absolute() for p in selected}
+        chosen = [f for f in files if f.absolute() in matching]
+        for f in files:
+            if f.absolute() not in matching:
+                click.echo(f"copiamail: {f}: not a failed job the filters select; not requeued", err=True)
     done = 0
     for path in chosen:
         try:

@@ -46,15 +46,11 @@ class LineStartHandler(logging.StreamHandler[TextIO]):
         return _CLEAR_LINE + text if self.below_live_display else text
 
 
-# What a log call may add with ``extra=`` for the JSON lines: a short event
-# name, and the job, domain and reply code it is about.
-FIELDS = ("event", "node", "job", "domain", "code")
-
-
 def log_fields(event: str, job: str, recipient: str, code: int | str | None = None) -> dict[str, Any]:
-    """The ``extra=`` of a log line about one job: the fields of :data:`FIELDS`
-    (the domain taken from ``recipient``; ``code`` a reply code, or a reply
-    whose first three characters may be one)."""
+    """The ``extra=`` of a log line about one job, for the JSON lines: a
+    short event name, the job, its domain (taken from ``recipient``) and the
+    reply code (``code``: a code, or a reply whose first three characters may
+    be one)."""
     domain = recipient.rpartition("@")[2].strip(" >").lower() or None
     if isinstance(code, str):
         code = int(code[:3]) if code[:3].isascii() and code[:3].isdigit() else None

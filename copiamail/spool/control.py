@@ -177,11 +177,11 @@ def flush_jobs(spool: Spool, now: float, domain: str | None = None) -> list[Path
 
 
 def _queue_folder(spool: Spool, queue: int) -> str:
-    """The folder of TOSEND number ``queue`` as the spool spells it (TOSEND if there is none by that number)."""
+    """The folder of TOSEND number ``queue`` as the spool spells it (its usual name if there is none)."""
     for name in spool.queue_folders():
         if queue_number(name) == queue:
             return name
-    return queue_names(queue)[-1] if queue > 0 else "TOSEND"
+    return queue_names(queue)[-1]
 
 
 def requeue(spool: Spool, path: Path) -> Path:

@@ -14,6 +14,7 @@ nodes on other machines need their clocks in step for that).
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import socket
@@ -33,20 +34,17 @@ TRANSACTION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 
 
 
 class TransactionTimes:
-    """How long a worker's SMTP transactions took (from MAIL FROM to the
-    reply to the message; a new connection's first one includes connecting
-    and the greeting), counted in :data:`TRANSACTION_BUCKETS`: a histogram,
-    cumulative over the worker's life, as Prometheus keeps one."""
+    """How long a worker's SMTP transactions took (from MAIL FROM, on a
+    connection already greeted, to the reply to the message), counted in
+    :data:`TRANSACTION_BUCKETS`: a histogram, cumulative over the worker's
+    life, as Prometheus keeps one."""
 
     def __init__(self) -> None:
         self.counts = [0] * (len(TRANSACTION_BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
         self.total = 0.0
 
     def observe(self, seconds: float) -> None:
-        i = 0
-        while i < len(TRANSACTION_BUCKETS) and seconds > TRANSACTION_BUCKETS[i]:
-            i += 1
-        self.counts[i] += 1
+        self.counts[bisect.bisect_left(TRANSACTION_BUCKETS, seconds)] += 1  # the first bound >= seconds
         self.total += seconds
 
     def as_json(self) -> dict[str, Any]:

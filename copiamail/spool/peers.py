@@ -4,18 +4,20 @@ Every running node moves its heartbeat on every few seconds: an empty file
 ``ACTIVE/<node>.alive.<host>-<token>-m<ms>.<n>`` renamed to ``<n+1>`` (the
 token is new at each start; ``<ms>`` is the node's ``node_stale_after`` in
 milliseconds; a rename needs no free disk space, so a node on a full disk
-still beats). A node's name is unique across machines: a node starting
-as N1 where N1's heartbeat comes from another host watches it first, and
-refuses to start if it moves (:func:`alive_elsewhere`). Another node that sees jobs in ``ACTIVE/<peer>/`` watches those
-names: when they have not changed for ``node_stale_after`` seconds *of the
-watcher's own monotonic clock*, the peer is taken for dead. The setting is
-one for the whole spool: a peer is judged by the larger of the watcher's
-value and the one its heartbeat declares (it beats at a fifth of its own), so
-nodes configured differently never take a live one for dead; the difference
-is logged. Only names are
-compared, never mtimes: on a shared spool an mtime comes from another
-machine's clock, which may differ from ours. A takeover folder (below) is watched through its taker's
-heartbeat, so a taker that dies halfway is taken over in turn.
+still beats). A node's name is unique across machines: a node starting as N1
+where N1's heartbeat comes from another host watches it first, and refuses
+to start if it moves (:func:`alive_elsewhere`).
+
+Another node that sees jobs in ``ACTIVE/<peer>/`` watches those names: when
+they have not changed for ``node_stale_after`` seconds *of the watcher's own
+monotonic clock*, the peer is taken for dead. The setting is one for the
+whole spool: a peer is judged by the larger of the watcher's value and the
+one its heartbeat declares (it beats at a fifth of its own), so nodes
+configured differently never take a live one for dead; the difference is
+logged. Only names are compared, never mtimes: on a shared spool an mtime
+comes from another machine's clock, which may differ from ours. A takeover
+folder (below) is watched through its taker's heartbeat, so a taker that
+dies halfway is taken over in turn.
 
 Taking over is one rename: ``ACTIVE/<peer>`` becomes ``ACTIVE/<me>~from~<peer>~<n>``.
 On a shared spool several nodes may try at once; the rename is atomic, so one
@@ -88,6 +90,16 @@ def _beat_host(name: str, node: str) -> str | None:
     return _beat_token(name, node)[0]
 
 
+def beat_files(root: Path, node: str) -> list[str] | None:
+    """The names of ``node``'s heartbeat files in the spool at ``root``; None
+    if ACTIVE cannot be listed."""
+    prefix = f"{node}.alive."
+    try:
+        return sorted(n for n in os.listdir(root / ACTIVE) if n.startswith(prefix))
+    except OSError:
+        return None
+
+
 def heartbeat_interval(stale_after: float) -> float:
     """How often to beat: often enough that a live node is never taken for dead."""
     if stale_after <= 0:
@@ -115,14 +127,6 @@ class Peers:
         self._seen: dict[str, _Seen] = {}
         self._told: set[str] = set()  # peers whose other node_stale_after was logged
 
-    def _beat_files(self, node: str) -> list[str] | None:
-        """The names of ``node``'s heartbeat files; None if ACTIVE cannot be listed."""
-        prefix = f"{node}.alive."
-        try:
-            return sorted(n for n in os.listdir(self.spool.root / ACTIVE) if n.startswith(prefix))
-        except OSError:
-            return None
-
     def beat(self) -> None:
         """Move this node's heartbeat on: ``ACTIVE/<node>.alive.<n>`` is renamed
         to the next ``n``. A rename needs no free disk space, so a node whose
@@ -136,7 +140,7 @@ class Peers:
         nxt = base / f"{self.node}.alive.{self._token}.{self._beats}"
         try:
             if self._current is None:
-                for old in self._beat_files(self.node) or []:
+                for old in beat_files(self.spool.root, self.node) or []:
                     (base / old).unlink()
                 nxt.touch()
             else:
@@ -187,7 +191,7 @@ class Peers:
             if not self.spool.holds_jobs(folder):
                 self._seen.pop(folder, None)
                 continue
-            names = self._beat_files(owner)
+            names = beat_files(self.spool.root, owner)
             if names is None:
                 continue  # cannot tell: never take a node for dead on a listing error
             content = tuple(names)
@@ -258,14 +262,9 @@ def alive_elsewhere(spool: Spool, node: str, watch: float = WATCH_FOREIGN_BEAT,
     run here is dead, so only another host's is watched (every one, with
     the test-only IGNORE_LOCKS_ENV)."""
     here = None if os.environ.get(IGNORE_LOCKS_ENV) else host_tag()
-    base = spool.root / ACTIVE
 
     def beats() -> set[str]:
-        prefix = f"{node}.alive."
-        try:
-            return {n for n in os.listdir(base) if n.startswith(prefix) and _beat_host(n, node) != here}
-        except OSError:
-            return set()
+        return {n for n in beat_files(spool.root, node) or [] if _beat_host(n, node) != here}
 
     first = beats()
     if not first:

@@ -84,11 +84,6 @@ class StatusSource:
         self._lock = asyncio.Lock()
         self.throughput = Throughput()
 
-    @property
-    def latest(self) -> dict[str, Any] | None:
-        """The document last read, if any."""
-        return self._doc
-
     async def document(self) -> dict[str, Any]:
         async with self._lock:
             if self._doc is None or time.monotonic() - self._read_at >= FRESH_FOR:
@@ -158,7 +153,6 @@ def _authorized(token: str | None) -> Callable[..., Awaitable[web.StreamResponse
 def make_app(spool: Spool, token: str | None = None, clock: Callable[[], float] = time.time) -> web.Application:
     """The application: routes, the token check, and the sampling task for its lifetime."""
     source = StatusSource(spool, clock)
-    registry = metrics_registry(lambda: source.latest or status_document(spool, clock()))
 
     async def page(request: web.Request) -> web.Response:
         return web.Response(text=PAGE_HTML, content_type="text/html", headers=SECURITY_HEADERS)
@@ -170,8 +164,8 @@ def make_app(spool: Spool, token: str | None = None, clock: Callable[[], float] 
         return web.json_response(await source.api_document(), headers={"Cache-Control": "no-store", **SECURITY_HEADERS})
 
     async def metrics(request: web.Request) -> web.Response:
-        await source.document()
-        body = await asyncio.to_thread(generate_latest, registry)
+        doc = await source.document()
+        body = generate_latest(metrics_registry(lambda: doc))  # made from the document: no I/O
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST, **SECURITY_HEADERS})
 
     async def sampling(app: web.Application) -> Any:
