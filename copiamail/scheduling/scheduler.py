@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -41,7 +40,8 @@ from copiamail.errors import DeliveryError, JobError
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job, parse_job
 from copiamail.scheduling.attempts import Attempts
-from copiamail.scheduling.choosing import Blocked, Chooser, Start, bindings_of
+from copiamail.scheduling.carrying import NextJobs, as_planned, read_claimed
+from copiamail.scheduling.choosing import Blocked, Chooser, Start
 from copiamail.scheduling.connections import Connection, Connections, starttls_for
 from copiamail.scheduling.limiter import Limiter, LocalLimiter
 from copiamail.scheduling.publishing import publish_live_state
@@ -56,58 +56,6 @@ from copiamail.spool.queue import Claimed, QueuedJob, Spool
 __all__ = ["Scheduler", "Stats"]
 
 log = logging.getLogger("copiamail")
-
-# A connection carries this many more messages of its own domain before it
-# yields a shared slot to another domain's waiting job of the same folder: a
-# fair turn, without a new connection for every message.
-_TURN_MESSAGES = 10
-
-
-def _as_planned(job: Job, planned: Job, now: float) -> bool:
-    """Whether a job read from the file just claimed is the one its slot was
-    chosen for (same recipient and binding, and due at ``now``): a waiting
-    job's file may have been replaced meanwhile, and the file decides."""
-    return (job.address == planned.address and job.binding == planned.binding
-            and job.binding_group == planned.binding_group and job.options == planned.options
-            and job.attempts == planned.attempts and job.is_due(now))
-
-
-def _read_claimed(spool: Spool, config: Config, claimed: Claimed) -> tuple[CommandFile | None, Job | None]:
-    """The text and meaning of a job just claimed; (None, None) if it cannot
-    be read or parsed (then the scheduler's dispatch tries again and says why)."""
-    try:
-        cf = spool.read(claimed)
-        return cf, parse_job(cf, claimed.name, config.job_env)
-    except (OSError, JobError):
-        return None, None
-
-
-def _can_ride(config: Config, router: Router, conn: Connection, job: Job) -> bool:
-    """Whether ``job`` may ride on ``conn``: the same binding, STARTTLS mode,
-    and route (a retry sent through retry_relay rides only on a connection
-    to it, and nothing else does)."""
-    if conn.session.settings.starttls != starttls_for(conn.target, job):
-        return False
-    if not router.same_route(conn.target, job):
-        return False
-    try:
-        return conn.binding in bindings_of(config, job)
-    except JobError:
-        return True  # take it: the scheduler's dispatch fails it with the reason
-
-
-def _first_other(waiting: WaitingJobs, conn: Connection, can_use: Callable[[Job], bool]) -> WaitEntry | None:
-    """The first waiting job that waits on a slot ``conn`` holds and cannot
-    ride on it (``can_use``)."""
-    best: WaitEntry | None = None
-    for limit in conn.limits:
-        head = waiting.head(limit.key)
-        if head is None or (head.job.domain == conn.domain and can_use(head.job)):
-            continue
-        if best is None or waiting.rank(head) < waiting.rank(best):
-            best = head
-    return best
-
 
 class Scheduler:
     """One node's scheduling loop over one spool (or one worker's part of it).
@@ -155,6 +103,8 @@ class Scheduler:
         self._attempts = Attempts(config, spool, node, self._router, worker, clock, self._connections.greeted_sharing,
                                   self._shaping.adaptive, self._shaping.pacer, self._cap_raised)
         self._chooser = Chooser(config, self._connections, self._router, self._shaping, self.limiter)
+        self._next = NextJobs(config, spool, self._waiting, self._router, self._shaping, self._take, self._dispatch,
+                              clock)
 
     @property
     def stats(self) -> Stats:
@@ -190,6 +140,7 @@ class Scheduler:
         self._router.reconfigure(config)
         self._scanner.reconfigure(config)
         self._chooser.config = config
+        self._next.config = config
         self._attempts = dataclasses.replace(self._attempts, config=config)
         self._offer(self._waiting.keys(), fill=True)  # under the new caps: a raised one starts jobs now
         self.wake()
@@ -437,51 +388,14 @@ class Scheduler:
             return
 
     def _start_claimed(self, choice: Start, claimed: Claimed, planned: Job) -> None:
-        cf, job = _read_claimed(self.spool, self.config, claimed)
-        if cf is None or job is None or not _as_planned(job, planned, self.clock()):
+        cf, job = read_claimed(self.spool, self.config, claimed)
+        if cf is None or job is None or not as_planned(job, planned, self.clock()):
             # Unreadable, or its file changed while it waited: decide afresh.
             if choice.reuse is None:
                 self.limiter.release(choice.limits)
             self._dispatch(claimed, cf, job)
             return
         self._start(choice, Item(claimed, cf, job))
-
-    def _next_for(self, conn: Connection) -> tuple[Item | None, bool]:
-        """What a connection does after a message: ``(item, False)`` carry the
-        next waiting job of its domain; ``(None, True)`` close, because a job of
-        another domain that waits on a slot it holds comes first; ``(None,
-        False)`` nothing waits for it."""
-        if ((not conn.session.greeted and self._router.paused(conn.target) is not None)
-                or self._shaping.held(conn.limits) is not None or conn.retiring):
-            return None, True  # its host refused it, or asked for a rest: reopened, it would be refused again
-        can_use = functools.partial(_can_ride, self.config, self._router, conn)
-        while True:
-            own = self._waiting.next_of_domain(conn.domain, can_use)
-            other = _first_other(self._waiting, conn, can_use)
-            if own is None:
-                return None, other is not None
-            # Another domain's job that comes first: from an earlier folder it
-            # goes first at once; within a folder the connection yields when
-            # its turn is over.
-            if (other is not None and self._waiting.rank(other) < self._waiting.rank(own)
-                    and (other.order[0] < own.order[0] or conn.turn >= _TURN_MESSAGES)):
-                return None, True
-            item = self._claim_for(own, can_use)
-            if item is not None:
-                self._waiting.served(conn.domain)
-                conn.turn += 1
-                return item, False
-
-    def _claim_for(self, entry: WaitEntry, can_use: Callable[[Job], bool]) -> Item | None:
-        """Claim a waiting job to ride on an open connection (``can_use``); None if it cannot."""
-        claimed = self._take(entry)
-        if claimed is None:
-            return None
-        cf, job = _read_claimed(self.spool, self.config, claimed)
-        if cf is None or job is None or not _as_planned(job, entry.job, self.clock()) or not can_use(job):
-            self._dispatch(claimed, cf, job)
-            return None
-        return Item(claimed, cf, job)
 
     # --- connections ---------------------------------------------------------
 
@@ -508,7 +422,7 @@ class Scheduler:
                 item = None
                 if elsewhere is not None or self._halted():
                     break
-                item, close = self._next_for(conn)
+                item, close = self._next.next_for(conn)
                 if item is None and conn.written is not None:
                     # Its slots are not given up before its last result is
                     # written; and deferrals written before that result have
@@ -518,7 +432,7 @@ class Scheduler:
                     if self._halted():
                         break
                     if not close:
-                        item, close = self._next_for(conn)
+                        item, close = self._next.next_for(conn)
                 if item is None and not close and not self.stopping and self.config.connection_idle > 0:
                     item = await self._connections.wait_idle(conn, self.config.connection_idle,
                                                              lambda it: self._results.hand_back(it.claimed))

@@ -1,0 +1,127 @@
+"""What an open connection carries after a message: the next waiting job of
+its domain, or nothing, when a job of another domain that waits on one of its
+slots comes first (then it closes and its slots go there); and claiming a
+waiting job whose slot or connection was chosen while it waited."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from copiamail.config import Config
+from copiamail.errors import JobError
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.jobfile.job import Job, parse_job
+from copiamail.scheduling.choosing import bindings_of
+from copiamail.scheduling.connections import Connection, starttls_for
+from copiamail.scheduling.routing import Item, Router
+from copiamail.scheduling.shaping import Shaping
+from copiamail.scheduling.waiting import WaitEntry, WaitingJobs
+from copiamail.spool.queue import Claimed, Spool
+
+# A connection carries this many more messages of its own domain before it
+# yields a shared slot to another domain's waiting job of the same folder: a
+# fair turn, without a new connection for every message.
+_TURN_MESSAGES = 10
+
+
+def as_planned(job: Job, planned: Job, now: float) -> bool:
+    """Whether a job read from the file just claimed is the one its slot was
+    chosen for (same recipient and binding, and due at ``now``): a waiting
+    job's file may have been replaced meanwhile, and the file decides."""
+    return (job.address == planned.address and job.binding == planned.binding
+            and job.binding_group == planned.binding_group and job.options == planned.options
+            and job.attempts == planned.attempts and job.is_due(now))
+
+
+def read_claimed(spool: Spool, config: Config, claimed: Claimed) -> tuple[CommandFile | None, Job | None]:
+    """The text and meaning of a job just claimed; (None, None) if it cannot
+    be read or parsed (then the scheduler's dispatch tries again and says why)."""
+    try:
+        cf = spool.read(claimed)
+        return cf, parse_job(cf, claimed.name, config.job_env)
+    except (OSError, JobError):
+        return None, None
+
+
+def _can_ride(config: Config, router: Router, conn: Connection, job: Job) -> bool:
+    """Whether ``job`` may ride on ``conn``: the same binding, STARTTLS mode,
+    and route (a retry sent through retry_relay rides only on a connection
+    to it, and nothing else does)."""
+    if conn.session.settings.starttls != starttls_for(conn.target, job):
+        return False
+    if not router.same_route(conn.target, job):
+        return False
+    try:
+        return conn.binding in bindings_of(config, job)
+    except JobError:
+        return True  # take it: the scheduler's dispatch fails it with the reason
+
+
+def _first_other(waiting: WaitingJobs, conn: Connection, can_use: Callable[[Job], bool]) -> WaitEntry | None:
+    """The first waiting job that waits on a slot ``conn`` holds and cannot
+    ride on it (``can_use``)."""
+    best: WaitEntry | None = None
+    for limit in conn.limits:
+        head = waiting.head(limit.key)
+        if head is None or (head.job.domain == conn.domain and can_use(head.job)):
+            continue
+        if best is None or waiting.rank(head) < waiting.rank(best):
+            best = head
+    return best
+
+
+class NextJobs:
+    """Finds what connections carry next, under ``config`` (replaced on a
+    reload). ``take`` claims a waiting job (None: it cannot be now);
+    ``dispatch`` decides afresh for a claimed job that cannot ride."""
+
+    def __init__(self, config: Config, spool: Spool, waiting: WaitingJobs, router: Router, shaping: Shaping,
+                 take: Callable[[WaitEntry], Claimed | None],
+                 dispatch: Callable[[Claimed, CommandFile | None, Job | None], None],
+                 clock: Callable[[], float]) -> None:
+        self.config = config
+        self._spool = spool
+        self._waiting = waiting
+        self._router = router
+        self._shaping = shaping
+        self._take = take
+        self._dispatch = dispatch
+        self._clock = clock
+
+    def next_for(self, conn: Connection) -> tuple[Item | None, bool]:
+        """What a connection does after a message: ``(item, False)`` carry the
+        next waiting job of its domain; ``(None, True)`` close, because a job of
+        another domain that waits on a slot it holds comes first; ``(None,
+        False)`` nothing waits for it."""
+        if ((not conn.session.greeted and self._router.paused(conn.target) is not None)
+                or self._shaping.held(conn.limits) is not None or conn.retiring):
+            return None, True  # its host refused it, or asked for a rest: reopened, it would be refused again
+        can_use = functools.partial(_can_ride, self.config, self._router, conn)
+        while True:
+            own = self._waiting.next_of_domain(conn.domain, can_use)
+            other = _first_other(self._waiting, conn, can_use)
+            if own is None:
+                return None, other is not None
+            # Another domain's job that comes first: from an earlier folder it
+            # goes first at once; within a folder the connection yields when
+            # its turn is over.
+            if (other is not None and self._waiting.rank(other) < self._waiting.rank(own)
+                    and (other.order[0] < own.order[0] or conn.turn >= _TURN_MESSAGES)):
+                return None, True
+            item = self._claim_for(own, can_use)
+            if item is not None:
+                self._waiting.served(conn.domain)
+                conn.turn += 1
+                return item, False
+
+    def _claim_for(self, entry: WaitEntry, can_use: Callable[[Job], bool]) -> Item | None:
+        """Claim a waiting job to ride on an open connection (``can_use``); None if it cannot."""
+        claimed = self._take(entry)
+        if claimed is None:
+            return None
+        cf, job = read_claimed(self._spool, self.config, claimed)
+        if cf is None or job is None or not as_planned(job, entry.job, self._clock()) or not can_use(job):
+            self._dispatch(claimed, cf, job)
+            return None
+        return Item(claimed, cf, job)
