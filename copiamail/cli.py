@@ -393,6 +393,7 @@ def check_config(config_file: Path | None, spool_dir: Path | None) -> None:
     _spool_folder(cfg)
     read_password(cfg)
     read_password(cfg, "retry_relay")
+    read_password(cfg, "cluster")
     for warning in cfg.rules.warnings:
         click.echo(f"warning: {warning}")
     for rule, earlier in shadowed(cfg.rules.domain_limits):

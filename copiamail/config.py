@@ -70,6 +70,7 @@ __all__ = [
     "MessageRate",
     "RelayConfig",
     "ScopeCaps",
+    "cluster_settings",
     "find_config",
     "is_address_literal",
     "is_fqdn",
@@ -108,6 +109,7 @@ class Config:
     hosts: tuple[HostStanza, ...] = ()
     default_binding_group: str | None = None
     cluster: ClusterConfig | None = None
+    cluster_scope_max_outbound_connections: int | None = None  # every node's connections together
     web: WebConfig = WebConfig()  # where `copiamail web` listens, and its token
     scan_interval: float = 5.0
     watcher: str = "native"  # native | polling
@@ -258,9 +260,39 @@ def parse_config(data: Any, path: Path | None) -> Config:
     problem = workers_problem(cfg)
     if problem is not None:
         raise r.error(m, "workers", problem)
+    if cfg.cluster is None:
+        for key in cluster_settings(cfg)[:1]:
+            raise ConfigError(f"key '{key}': a cluster-wide limit needs a Redis server (cluster.redis)",
+                              path, _key_line(r, m, key))
     if cfg.cfg_path is not None:
         cfg = replace(cfg, rules=load_cfg(cfg.cfg_path))
     return cfg
+
+
+def _key_line(r: Reader, m: CommentedMap, key: str) -> int | None:
+    """The line of ``key`` (``a.b.c`` as :func:`cluster_settings` names it) in the YAML top level ``m``."""
+    kind, _, rest = key.partition(".")
+    if not rest:
+        return r.line(m, key)
+    stanzas = m.get(kind)
+    stanza, _, leaf = rest.rpartition(".")
+    for name in stanzas if isinstance(stanzas, CommentedMap) else ():
+        if str(name).lower() == stanza.lower():
+            return r.line(stanzas[name], leaf)
+    return r.line(m, kind)
+
+
+def cluster_settings(cfg: Config) -> list[str]:
+    """Where ``cfg`` sets a cluster-wide limit: each key as the YAML file names it."""
+    found: list[str] = []
+    if cfg.cluster_scope_max_outbound_connections is not None:
+        found.append("cluster_scope_max_outbound_connections")
+    for kind, stanzas in (("domain", cfg.domains), ("host", cfg.hosts)):
+        for stanza in stanzas:
+            for name in ("cluster_scope_max_outbound_connections", "cluster_max_message_rate"):
+                if getattr(stanza.caps, name) is not None:
+                    found.append(f"{kind}.{stanza.key}.{name}")
+    return found
 
 
 def workers_problem(cfg: Config) -> str | None:
@@ -275,11 +307,11 @@ def workers_problem(cfg: Config) -> str | None:
 
 
 def read_password(config: Config, key: str = "relay") -> str | None:
-    """The password of ``relay`` (or ``retry_relay``), read from its
-    ``password_file`` (None without one); a ConfigError naming the YAML file,
-    line and key when it cannot be read (check-config checks this too, so a
-    node never stops on it)."""
-    relay = config.relay if key == "relay" else config.retry_relay
+    """The password of ``relay`` (or ``retry_relay``, or ``cluster``: Redis's),
+    read from its ``password_file`` (None without one); a ConfigError naming
+    the YAML file, line and key when it cannot be read (check-config checks
+    this too, so a node never stops on it)."""
+    relay = {"relay": config.relay, "retry_relay": config.retry_relay, "cluster": config.cluster}[key]
     if relay is None or relay.password_file is None:
         return None
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from urllib.parse import urlsplit
 
 from copiamail.errors import ConfigError
 
@@ -86,3 +87,25 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a Redis server's address as ``cluster.redis`` takes
+    it (``redis://`` or ``rediss://`` (TLS), host, optional port and database
+    number, no password: that goes in ``password_file``), or None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (checks the port: ValueError when it is no number in range)
+    except ValueError as e:
+        return f"not a Redis URL: {e}"
+    if parts.scheme not in ("redis", "rediss"):
+        return "must start with redis:// or rediss:// (TLS)"
+    if not parts.hostname:
+        return "names no host"
+    if parts.password is not None:
+        # A URL is shown in logs and errors; a password in it would be too.
+        return "holds a password: put it in cluster.password_file instead"
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        return f"the database must be a number, not {db!r}"
+    return None

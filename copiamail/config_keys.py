@@ -18,8 +18,9 @@ from typing import Any
 
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-from copiamail.config_checks import is_address_literal, is_fqdn, is_ip, parse_listen
+from copiamail.config_checks import is_address_literal, is_fqdn, is_ip, parse_listen, redis_url_problem
 from copiamail.config_scopes import (
+    DOMAIN_CLUSTER,
     read_binding_groups,
     read_bindings,
     read_default_binding_group,
@@ -68,7 +69,16 @@ def _nameservers(r: Reader, m: CommentedMap, key: str, full: str) -> tuple[str, 
 _DNS_KEYS: Mapping[str, Read] = MappingProxyType({
     "nameservers": _nameservers, "port": integer(1, 65535), "timeout": number(0.1),
 })
-_CLUSTER_KEYS: Mapping[str, Read] = MappingProxyType({"redis": string, "lease_seconds": integer(1)})
+_CLUSTER_KEYS: Mapping[str, Read] = MappingProxyType({
+    "redis": string, "password_file": path, "lease_seconds": integer(1)})
+
+
+def _cluster(r: Reader, parent: CommentedMap, key: str, full: str) -> ClusterConfig:
+    m, cluster = section(r, parent, key, full, ClusterConfig, _CLUSTER_KEYS)
+    problem = redis_url_problem(cluster.redis)
+    if problem is not None:
+        raise r.error(m, f"{full}.redis", problem)
+    return replace(cluster, password_file_line=r.line(m, "password_file"))
 
 
 def _listen(r: Reader, m: CommentedMap, key: str, full: str) -> str:
@@ -218,6 +228,7 @@ TOP_LEVEL: Mapping[str, _Step] = MappingProxyType({
     "max_deliveries_per_connection": _field(integer(1)),
     "workers": _field(integer(1, 64)),
     "scope_max_outbound_connections": read_global_scope_cap,
+    "cluster_scope_max_outbound_connections": _field(integer(1)),
     "shutdown_grace": _field(number(0.0)),
     "scan_interval": _field(number(0.05)),
     "smtp_timeout": _field(number(0.1)),
@@ -245,10 +256,10 @@ TOP_LEVEL: Mapping[str, _Step] = MappingProxyType({
     "dns": _field(section_of(DnsConfig, _DNS_KEYS)),
     "binding_group": read_binding_groups,
     "binding": read_bindings,
-    "domain": _field(lambda r, m, key, full: read_domains(r, m, full), "domains"),
+    "domain": _field(lambda r, m, key, full: read_domains(r, m, full, DOMAIN_CLUSTER), "domains"),
     "host": _field(read_hosts, "hosts"),
     "default_binding_group": read_default_binding_group,
-    "cluster": _field(section_of(ClusterConfig, _CLUSTER_KEYS)),
+    "cluster": _field(_cluster),
     "web": _field(section_of(WebConfig, _WEB_KEYS)),
 })
 TOP_KEYS = frozenset(TOP_LEVEL)  # every key the top level may hold

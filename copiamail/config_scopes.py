@@ -19,27 +19,34 @@ from copiamail.config_sections import BindingConfig, BindingGroupConfig, DomainS
 from copiamail.config_yaml import Read, Reader, boolean, integer, rate, values
 from copiamail.errors import ConfigError
 
-# Accepted in every stanza so that it is refused with a reason, not as unknown.
 _CLUSTER_CAP = "cluster_scope_max_outbound_connections"
+_CLUSTER_RATE = "cluster_max_message_rate"
 _CAP_KEYS: Mapping[str, Read] = MappingProxyType({
     "scope_max_outbound_connections": integer(1), "max_outbound_connections": integer(1),
     "max_deliveries_per_connection": integer(1), "max_message_rate": rate, "adaptive": boolean,
+    _CLUSTER_CAP: integer(1), _CLUSTER_RATE: rate,
 })
 assert set(_CAP_KEYS) == {f.name for f in fields(ScopeCaps)}
-_STANZA_KEYS = frozenset({*_CAP_KEYS, _CLUSTER_CAP})
+_STANZA_KEYS = frozenset(_CAP_KEYS)
+# The cluster keys each kind of stanza may hold; the others are accepted by
+# every stanza only to be refused with the reason, not as unknown.
+DOMAIN_CLUSTER = frozenset({_CLUSTER_CAP, _CLUSTER_RATE})
+HOST_CLUSTER = frozenset({_CLUSTER_CAP})
 
 
-def _caps(r: Reader, m: CommentedMap, full: str) -> ScopeCaps:
-    if m.get(_CLUSTER_CAP) is not None:
-        # Refused rather than enforced per node: a cluster-wide cap held by one
-        # node alone would be a limit users believe in and that does not hold.
-        raise r.error(m, f"{full}.{_CLUSTER_CAP}" if full else _CLUSTER_CAP,
-                      "cluster-wide limits are not available yet; use scope_max_outbound_connections (per node)")
+def _caps(r: Reader, m: CommentedMap, full: str, cluster: frozenset[str] = frozenset()) -> ScopeCaps:
+    for key in sorted({_CLUSTER_CAP, _CLUSTER_RATE} - cluster):
+        if m.get(key) is not None:
+            where = ("the top level and domain: and host: stanzas" if key == _CLUSTER_CAP
+                     else "domain: stanzas")
+            raise r.error(m, f"{full}.{key}", f"a cluster-wide limit is set only in {where}")
     return ScopeCaps(**values(r, m, _CAP_KEYS, full))
 
 
-def read_domains(r: Reader, parent: CommentedMap, full: str) -> tuple[DomainStanza, ...]:
-    """The ``domain`` stanzas of ``parent`` (named ``full``); none without any."""
+def read_domains(r: Reader, parent: CommentedMap, full: str,
+                 cluster: frozenset[str] = frozenset()) -> tuple[DomainStanza, ...]:
+    """The ``domain`` stanzas of ``parent`` (named ``full``); none without
+    any. ``cluster``: the cluster-wide keys they may set (the top level's)."""
     if parent.get("domain") is None:
         return ()
     m = r.child(parent, "domain", full, None)
@@ -52,7 +59,7 @@ def read_domains(r: Reader, parent: CommentedMap, full: str) -> tuple[DomainStan
         stanza_key = f"{full}.{name}"
         body = r.child(m, key, stanza_key, _STANZA_KEYS)
         line = m.lc.key(key)[0] + 1
-        caps = _caps(r, body, stanza_key)
+        caps = _caps(r, body, stanza_key, cluster)
         if len(name) >= 2 and name.startswith("/") and name.endswith("/"):
             try:
                 pattern = re.compile(name[1:-1], re.IGNORECASE)
@@ -83,7 +90,8 @@ def read_hosts(r: Reader, m: CommentedMap, key: str, full: str) -> tuple[HostSta
         if not isinstance(h, str) or not h:
             raise r.error(hm, f"{full}.{h}", "a host key must be a host name or an IP address", leaf=h)
     return tuple(
-        HostStanza(str(h).lower(), _caps(r, r.child(hm, h, f"{full}.{h}", _STANZA_KEYS), f"{full}.{h}"), hm.lc.key(h)[0] + 1)
+        HostStanza(str(h).lower(), _caps(r, r.child(hm, h, f"{full}.{h}", _STANZA_KEYS), f"{full}.{h}", HOST_CLUSTER),
+                   hm.lc.key(h)[0] + 1)
         for h in hm
     )
 

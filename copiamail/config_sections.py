@@ -74,6 +74,9 @@ class ScopeCaps:
     max_deliveries_per_connection: int | None = None  # messages one connection carries
     max_message_rate: MessageRate | None = None
     adaptive: bool | None = None
+    # Held in Redis for every node of the cluster (top level, domain and host stanzas only).
+    cluster_scope_max_outbound_connections: int | None = None
+    cluster_max_message_rate: MessageRate | None = None  # domain stanzas only
 
 
 @dataclass(frozen=True)
@@ -128,11 +131,14 @@ class HostStanza:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """``cluster:``, read and checked; nothing acts on it yet (there is no
-    cluster-wide limiter)."""
+    """``cluster:``: the Redis server that holds the cluster-wide limits
+    (``redis://`` or ``rediss://`` URL, never with a password in it), the file
+    holding its password, and how long a connection's lease lasts unrenewed."""
 
     redis: str
+    password_file: Path | None = None
     lease_seconds: int = 30
+    password_file_line: int | None = field(default=None, compare=False)  # in the YAML file, for errors
 
 
 @dataclass(frozen=True)

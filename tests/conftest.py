@@ -59,3 +59,26 @@ def dns_server():
 # ---------------------------------------------------------------------------
 # END dns test server fixtures
 # ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# redis-server (see tests/redisserver.py)
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory):
+    """Factory: ``redis_server(password=None)`` returns a started RedisServer
+    on a free loopback port; every one made is killed at teardown."""
+    from redisserver import RedisServer
+
+    servers: list[RedisServer] = []
+
+    def make(password: str | None = None) -> RedisServer:
+        server = RedisServer(tmp_path_factory.mktemp("redis"), password)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.kill()

@@ -35,6 +35,7 @@ from copiamail.logs import set_log_node
 from copiamail.node.reload import ConfigLoader, on_hangup
 from copiamail.node.services import ignore_hangups, node_services
 from copiamail.node.workers import run_workers
+from copiamail.scheduling.cluster import check_cluster
 from copiamail.scheduling.scheduler import Scheduler, Stats
 from copiamail.smtp.startup import make_tls_context
 from copiamail.spool.peers import IGNORE_LOCKS_ENV, alive_elsewhere
@@ -79,6 +80,7 @@ def run_node(
     # What every scheduler reads again at its start, checked here once: in
     # worker processes a bad file would not be one clear line.
     read_password(config, "retry_relay")
+    check_cluster(config)
     for relay in (config.relay, config.retry_relay):
         if relay is not None:
             make_tls_context(relay.tls_verify, relay.ca_file)

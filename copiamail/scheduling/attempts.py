@@ -23,8 +23,9 @@ from copiamail.jobfile.job import Job
 from copiamail.jobfile.message import build_message
 from copiamail.logs import OUTCOMES, log_fields
 from copiamail.scheduling.adaptive import AdaptiveLimits
+from copiamail.scheduling.cluster import ClusterLimiter
 from copiamail.scheduling.connections import Connection
-from copiamail.scheduling.limits import Pace, adaptive_limit
+from copiamail.scheduling.limits import Pace, adaptive_limit, is_cluster_key
 from copiamail.scheduling.pacing import Pacer
 from copiamail.scheduling.results import Result, Tally
 from copiamail.scheduling.retry import GiveUp, TryAlternative, after_error
@@ -82,6 +83,7 @@ class Attempts:
     greeted_sharing: Callable[[Connection, str | None], int] = lambda conn, key: 0
     adaptive: AdaptiveLimits | None = None  # limits learned from throttle replies (None: not adaptive)
     pacer: Pacer | None = None  # message rates (None: none kept)
+    cluster: ClusterLimiter | None = None  # cluster-wide leases and rates (None: no cluster)
     on_cap_raised: Callable[[str, int], None] = lambda key, cap: None  # an adaptive key's cap rose
     transactions: TransactionTimes = field(default_factory=TransactionTimes)  # how long each send took
 
@@ -97,11 +99,17 @@ class Attempts:
             per_connection = self.adaptive.per_connection(key.key)
             if per_connection is not None and conn.session.messages >= per_connection:
                 await conn.session.close()
+        shared = [p for p in paces if is_cluster_key(p.key)]
+        if shared:
+            paces = tuple(p for p in paces if not is_cluster_key(p.key))
         if self.pacer is not None and paces:
             # Connected and greeted first: the time a connection takes to
             # open must not come between its turn and its MAIL FROM.
             await conn.session.ready()
             await self.pacer.start(paces, conn.session.close, _CLOSE_BEFORE_WAIT)
+        if shared and self.cluster is not None:
+            await conn.session.ready()
+            await self.cluster.pace(shared, conn.session.close, _CLOSE_BEFORE_WAIT)
         if key is not None and self.adaptive is not None:
             conn.message_started = time.monotonic()
             self.adaptive.started(key.key, conn.message_started)

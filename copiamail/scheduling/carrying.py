@@ -12,7 +12,7 @@ from copiamail.config import Config
 from copiamail.errors import JobError
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job, parse_job
-from copiamail.scheduling.choosing import bindings_of
+from copiamail.scheduling.choosing import Chooser, bindings_of
 from copiamail.scheduling.connections import Connection, starttls_for
 from copiamail.scheduling.routing import Item, Router
 from copiamail.scheduling.shaping import Shaping
@@ -72,15 +72,16 @@ def _first_other(waiting: WaitingJobs, conn: Connection, can_use: Callable[[Job]
 
 
 class NextJobs:
-    """Finds what connections carry next, under ``config`` (replaced on a
-    reload). ``take`` claims a waiting job (None: it cannot be now);
-    ``dispatch`` decides afresh for a claimed job that cannot ride."""
+    """Finds what connections carry next, and holds the ``chooser`` of where
+    a new job starts; ``config`` is theirs (replaced on a reload). ``take``
+    claims a waiting job (None: it cannot be now); ``dispatch`` decides
+    afresh for a claimed job that cannot ride."""
 
-    def __init__(self, config: Config, spool: Spool, waiting: WaitingJobs, router: Router, shaping: Shaping,
+    def __init__(self, chooser: Chooser, spool: Spool, waiting: WaitingJobs, router: Router, shaping: Shaping,
                  take: Callable[[WaitEntry], Claimed | None],
                  dispatch: Callable[[Claimed, CommandFile | None, Job | None], None],
                  clock: Callable[[], float]) -> None:
-        self.config = config
+        self.chooser = chooser
         self._spool = spool
         self._waiting = waiting
         self._router = router
@@ -88,6 +89,14 @@ class NextJobs:
         self._take = take
         self._dispatch = dispatch
         self._clock = clock
+
+    @property
+    def config(self) -> Config:
+        return self.chooser.config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self.chooser.config = config
 
     def next_for(self, conn: Connection) -> tuple[Item | None, bool]:
         """What a connection does after a message: ``(item, False)`` carry the

@@ -40,7 +40,8 @@ class Connection:
     paces: tuple[Pace, ...] = ()  # the message rates it keeps
     opened: float = field(default_factory=time.monotonic)
     message_started: float | None = None  # when (monotonic) its last message started, under adaptive limits
-    retiring: bool = False  # a reload lowered a cap it counts under: it closes after its current message
+    retiring: bool = False  # a reload lowered a cap it counts under, or it lost a lease: closes after its message
+    lease: str | None = None  # the name its cluster-wide leases are held by in Redis (None: it holds none)
 
     @property
     def idle(self) -> bool:
@@ -152,10 +153,14 @@ class Connections:
                 continue
             for limit in conn.limits:
                 excess[limit.key] = excess.get(limit.key, 0) - 1
-            if conn.idle:
-                conn.handoff.set_result(None)  # type: ignore[union-attr]
-            else:
-                conn.retiring = True
+            self.retire(conn)
+
+    def retire(self, conn: Connection) -> None:
+        """``conn`` closes now if idle, else after its current message."""
+        if conn.idle:
+            conn.handoff.set_result(None)  # type: ignore[union-attr]
+        else:
+            conn.retiring = True
 
     def idle_for(self, job: Job, bindings: Collection[BindingConfig | None], targets: Sequence[Target]) -> Connection | None:
         """An idle connection of ``job``'s domain that may carry it: over one of

@@ -18,9 +18,13 @@ Binding::Domain ``scope_max``            ``binding_scope:<binding>:<stanza>``   
 ``max_outbound_connections``             ``binding_domain:<binding>:<domain>``   no
 Global::Domain ``scope_max``             ``global_domain:<stanza>``              regex
 Global::Host ``scope_max``               ``host:<ip>``                           yes
+``cluster_scope_max`` (top level)        ``cluster:total``                       cluster
+``cluster_scope_max`` (domain stanza)    ``cluster:domain:<stanza>``             cluster
+``cluster_scope_max`` (host stanza)      ``cluster:host:<ip>``                   cluster
 =======================================  ======================================  ======
 
-``scope_max`` is ``scope_max_outbound_connections``; ``<binding>`` is
+``scope_max`` is ``scope_max_outbound_connections``, ``cluster_scope_max``
+``cluster_scope_max_outbound_connections``; ``<binding>`` is
 ``default`` for a job without a binding. ``max_outbound_connections`` is taken
 from the innermost scope that sets it (Binding::Domain, Binding,
 Binding_Group::Domain, Binding_Group, Global::Domain, then the top level) and
@@ -37,6 +41,12 @@ never exceeds it. Which config caps are shared is decided in one place,
 :meth:`~copiamail.config.Config.shared_caps` (which also checks, at load,
 that each leaves every worker a slot); a limit is shared when the setting its
 cap comes from is one of those.
+
+The ``cluster:`` keys count every connection of every node and worker of the
+cluster: they are held in Redis (:mod:`copiamail.scheduling.cluster`), so no
+worker's part is divided off; they come last, so a connection asks Redis
+only once every local limit has room. A cluster-wide message rate is the
+pace ``cluster:rate:domain:<stanza>``, kept in Redis too.
 """
 
 from __future__ import annotations
@@ -49,6 +59,12 @@ from copiamail.config import BindingConfig, BindingGroupConfig, Config, DomainSt
 from copiamail.jobfile.rules import match
 
 _SCOPE_MAX = "scope_max_outbound_connections"
+CLUSTER_PREFIX = "cluster:"
+
+
+def is_cluster_key(key: str) -> bool:
+    """Whether limit or pace key ``key`` is held cluster-wide (in Redis)."""
+    return key.startswith(CLUSTER_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -144,7 +160,9 @@ class Scopes:
             *config.domains, *config.hosts, *config.bindings, *config.binding_groups]
         scopes: list[BindingConfig | BindingGroupConfig] = [*config.bindings, *config.binding_groups]
         stanzas += [d for scope in scopes for d in scope.domains]
-        self._rates = config.max_message_rate is not None or any(s.caps.max_message_rate is not None for s in stanzas)
+        self._rates = config.max_message_rate is not None or any(
+            s.caps.max_message_rate is not None or s.caps.cluster_max_message_rate is not None for s in stanzas)
+        self._cluster = config.cluster is not None
         self._node = node
         self._worker = worker
         self._workers = workers
@@ -198,6 +216,8 @@ class Scopes:
                                    f"Global::Domain domain.{global_stanza.key}", f"domain.{global_stanza.key}.{_SCOPE_MAX}"))
         if host_ips:
             self._host_limits(out, host_ips, host_names)
+        if self._cluster:
+            self._cluster_limits(out, global_stanza, host_ips, host_names)
         return self._adapted(out, domain, host_ips, host_names) if self._adaptive else tuple(out)
 
     def _adapted(self, out: list[Limit], domain: str, host_ips: Sequence[str], host_names: Sequence[str]) -> tuple[Limit, ...]:
@@ -243,6 +263,10 @@ class Scopes:
             pooled = stanza.pattern is not None
             found.append((f"rate:domain:{stanza.key if pooled else domain}", stanza.caps.max_message_rate,
                           f"domain.{stanza.key}.max_message_rate", pooled))
+            if self._cluster:
+                # Kept in Redis for every node and worker: never divided.
+                found.append((f"{CLUSTER_PREFIX}rate:domain:{stanza.key}", stanza.caps.cluster_max_message_rate,
+                              f"domain.{stanza.key}.cluster_max_message_rate", False))
         if binding is not None:
             group = config.binding_group(binding.group) if binding.group else None
             for kind, scope in (("group", group), ("binding", binding)):
@@ -330,6 +354,27 @@ class Scopes:
                 smallest = min(scoped, key=lambda h: h.caps.scope_max_outbound_connections or 0)
                 out.append(self._limit(f"host:{ip}", smallest.caps.scope_max_outbound_connections or 0,
                                        f"Global::Host host {ip}", f"host.{smallest.key}.{_SCOPE_MAX}"))
+
+
+    def _cluster_limits(self, out: list[Limit], stanza: DomainStanza | None, host_ips: Sequence[str],
+                        host_names: Sequence[str]) -> None:
+        """Append the cluster-wide limits: the cluster's total, the domain
+        stanza's (a regex stanza's pools every domain it matches), each host's."""
+        config = self._config
+        cap = config.cluster_scope_max_outbound_connections
+        if cap is not None:
+            out.append(Limit(f"{CLUSTER_PREFIX}total", cap, "cluster_scope_max_outbound_connections (every node)", True))
+        if stanza is not None and (cap := stanza.caps.cluster_scope_max_outbound_connections) is not None:
+            out.append(Limit(f"{CLUSTER_PREFIX}domain:{stanza.key}", cap,
+                             f"domain.{stanza.key}.cluster_scope_max_outbound_connections (every node)",
+                             stanza.pattern is not None))
+        names = {h.lower() for h in host_names}
+        for ip in dict.fromkeys(host_ips):
+            caps = [c for h in self._host_stanzas(ip, names)
+                    if (c := h.caps.cluster_scope_max_outbound_connections) is not None]
+            if caps:
+                out.append(Limit(f"{CLUSTER_PREFIX}host:{ip}", min(caps),
+                                 f"host {ip} cluster_scope_max_outbound_connections (every node)", True))
 
 
 def limits_for(

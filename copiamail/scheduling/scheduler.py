@@ -42,8 +42,10 @@ from copiamail.jobfile.job import Job, parse_job
 from copiamail.scheduling.attempts import Attempts
 from copiamail.scheduling.carrying import NextJobs, as_planned, read_claimed
 from copiamail.scheduling.choosing import Blocked, Chooser, Start
+from copiamail.scheduling.cluster import ClusterLimiter, cluster_limiter
 from copiamail.scheduling.connections import Connection, Connections, starttls_for
 from copiamail.scheduling.limiter import Limiter, LocalLimiter
+from copiamail.scheduling.limits import Limit, is_cluster_key
 from copiamail.scheduling.publishing import publish_live_state
 from copiamail.scheduling.results import ResultWriter, Stats
 from copiamail.scheduling.routing import Item, Router
@@ -86,6 +88,8 @@ class Scheduler:
         self.node = node
         self.clock = clock
         self.stopping = False
+        if limiter is None and config.cluster is not None:
+            limiter = cluster_limiter(config.cluster, read_password(config, "cluster"), node, worker)
         self.limiter: Limiter = limiter if limiter is not None else LocalLimiter()
         self._wake: asyncio.Event | None = None
         self._shaping = Shaping(config, spool, node, worker, workers, self._unpaused, clock)
@@ -101,10 +105,14 @@ class Scheduler:
         self._scanner = Scanner(config, spool, node, self._waiting, self._halted, self._dispatch, worker=worker,
                                 workers=workers, clock=clock, held_until=self._shaping.job_held_until)
         self._attempts = Attempts(config, spool, node, self._router, worker, clock, self._connections.greeted_sharing,
-                                  self._shaping.adaptive, self._shaping.pacer, self._cap_raised)
-        self._chooser = Chooser(config, self._connections, self._router, self._shaping, self.limiter)
-        self._next = NextJobs(config, spool, self._waiting, self._router, self._shaping, self._take, self._dispatch,
-                              clock)
+                                  self._shaping.adaptive, self._shaping.pacer, self._cluster, self._cap_raised)
+        self._next = NextJobs(Chooser(config, self._connections, self._router, self._shaping, self.limiter), spool,
+                              self._waiting, self._router, self._shaping, self._take, self._dispatch, clock)
+
+    @property
+    def _cluster(self) -> ClusterLimiter | None:
+        """The limiter, when it holds cluster-wide limits in Redis."""
+        return self.limiter if isinstance(self.limiter, ClusterLimiter) else None
 
     @property
     def stats(self) -> Stats:
@@ -139,7 +147,6 @@ class Scheduler:
         self._connections.reconfigure(self._shaping.scopes)
         self._router.reconfigure(config)
         self._scanner.reconfigure(config)
-        self._chooser.config = config
         self._next.config = config
         self._attempts = dataclasses.replace(self._attempts, config=config)
         self._offer(self._waiting.keys(), fill=True)  # under the new caps: a raised one starts jobs now
@@ -161,9 +168,12 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._shaping.settle_suspects = not drain  # a drain sends everything due, and then it ends
         self._results.start()
-        publisher = asyncio.get_running_loop().create_task(publish_live_state(
+        loop = asyncio.get_running_loop()
+        publisher = loop.create_task(publish_live_state(
             self.spool.root, self.node, self._attempts.worker, self._connections, lambda: self.stats,
             self._attempts.transactions, self.clock))
+        leases = None if self._cluster is None else loop.create_task(self._cluster.run(
+            self._waiting.waited_on, self._cluster_room, self._lease_lost))
         await self._router.learn_host_names_or_warn()
         scanner = self._scanner
         next_full = 0.0
@@ -199,8 +209,12 @@ class Scheduler:
                 await asyncio.sleep(0.01)
         finally:
             await self._shutdown()
-            publisher.cancel()
-            await asyncio.gather(publisher, return_exceptions=True)
+            for task in (publisher, leases):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+            if self._cluster is not None:
+                await self._cluster.close()
         return self.stats
 
     def _halted(self) -> bool:
@@ -257,7 +271,7 @@ class Scheduler:
             self._router.look_up(item)
             return
         try:
-            choice = self._chooser.choose(item.job, targets)
+            choice = self._next.chooser.choose(item.job, targets)
         except JobError as e:
             self._results.write(self._attempts.bad_job(item.claimed, item.cf, e, item.job))
             return
@@ -351,6 +365,15 @@ class Scheduler:
         while not self.stopping and self._waiting.head(key) is not None:
             self._offer_key(key)  # each call starts, claims or moves on at least one job
 
+    def _cluster_room(self) -> None:
+        """Redis was read: offer the cluster keys that have room now."""
+        self._offer([k for k in self._waiting.keys_with_room(self.limiter.in_use) if is_cluster_key(k)], fill=True)
+
+    def _lease_lost(self, member: str) -> None:
+        for conn in self._connections:
+            if conn.lease == member:
+                self._connections.retire(conn)
+
     def _cap_raised(self, key: str, cap: int) -> None:
         """An adaptive key's learned cap rose to ``cap``: its waiting jobs may start."""
         self._waiting.set_cap(key, cap)
@@ -364,7 +387,7 @@ class Scheduler:
             choice: Start | Blocked | None = None
             if targets is not None:
                 try:
-                    choice = self._chooser.choose(entry.job, targets)
+                    choice = self._next.chooser.choose(entry.job, targets)
                 except JobError:
                     choice = None  # claimed below; _dispatch fails it with the reason
             if isinstance(choice, Blocked):
@@ -404,7 +427,14 @@ class Scheduler:
         happens (cancellation, a bug), a claimed job this task holds is either
         attempted or handed back: it is never left in ACTIVE."""
         elsewhere: Item | None = None
+        refused: tuple[Item, Limit] | None = None
         try:
+            if item is not None and self._cluster is not None and any(is_cluster_key(l.key) for l in conn.limits):
+                got = await self._cluster.lease(conn.limits)
+                if isinstance(got, str):
+                    conn.lease = got
+                else:  # a cluster-wide limit is full: its job waits on it, as on any full limit
+                    refused, item = (item, got), None
             while item is not None and not self.stopping:
                 if conn.session.messages >= conn.max_messages:
                     await conn.session.close()
@@ -449,6 +479,10 @@ class Scheduler:
                 conn.session.abort()
                 self._results.hand_back(item.claimed)
             self._connections.closed(conn)
+            if conn.lease is not None and self._cluster is not None:
+                self._cluster.give_back(conn.lease)
+            if refused is not None:
+                self._defer(refused[0], Blocked((refused[1],)))
             if elsewhere is not None:
                 if self._halted():
                     self._results.hand_back(elsewhere.claimed)

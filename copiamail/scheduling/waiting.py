@@ -160,6 +160,10 @@ class WaitingJobs:
         """Every key jobs wait on (or waited on)."""
         return list(self._caps)
 
+    def waited_on(self) -> list[str]:
+        """Every key a job waits on now (or did until lately)."""
+        return [k for k in self._caps if self._by_key.get(k)]
+
     def keys_with_room(self, in_use: Callable[[str], int]) -> list[str]:
         return [k for k, cap in self._caps.items() if in_use(k) < cap]
 

@@ -1,0 +1,289 @@
+"""The limiter of a node in a cluster: local slots as :class:`LocalLimiter`
+counts them, and for cluster-wide keys (``cluster:...``) leases in Redis
+(:mod:`.redis_leases`) shared by every node and worker.
+
+A connection under a cluster key takes its local slots first, as every
+connection does (:meth:`ClusterLimiter.try_acquire`, synchronous, in the
+scheduler's choice); then, before its first message, its leases
+(:meth:`ClusterLimiter.lease`, one round trip). Refused, it gives its slots
+back and its job waits on the full key, as on any full limit.
+
+What the scheduler sees of a cluster key (:meth:`ClusterLimiter.in_use`) is
+its own connections plus the leases of everybody else as last read from
+Redis. No local event tells when another node frees a slot, so
+:meth:`ClusterLimiter.run` reads the keys jobs wait on again every
+:data:`POLL` seconds and calls ``on_room`` after each read; it also renews
+every lease this limiter holds every third of ``lease_seconds``.
+
+Redis unreachable (or refusing us): fail closed. A cluster key counts as
+full, so the jobs under it wait and everything else flows on; a connection
+whose leases cannot be renewed is told to close after its current message
+(``on_lost``); one warning a minute at most; all of it ends by itself when
+Redis answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis.exceptions import AuthenticationError, RedisError
+
+from copiamail.config import ClusterConfig, Config, read_password
+from copiamail.errors import ConfigError
+from copiamail.scheduling.limiter import LocalLimiter
+from copiamail.scheduling.limits import Limit, Pace, is_cluster_key
+from copiamail.scheduling.redis_leases import RedisLeases
+
+log = logging.getLogger("copiamail")
+
+POLL = 0.25  # seconds between two reads of the cluster keys jobs wait on
+WARN_EVERY = 60.0  # seconds between two warnings that Redis cannot be used
+_DOWN_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+
+def redis_client(url: str, password: str | None, timeout: float = 2.0) -> Any:
+    """An asyncio Redis client for ``cluster.redis``; it connects at its first command."""
+    import redis.asyncio
+
+    return redis.asyncio.Redis.from_url(url, password=password, socket_timeout=timeout,
+                                        socket_connect_timeout=timeout, retry_on_timeout=False)
+
+
+def why_down(e: BaseException) -> str:
+    """``e`` in a few words; never what a server says of a password."""
+    if isinstance(e, AuthenticationError):
+        return "it refused our password, or wants one (cluster.password_file)"
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def check_cluster(config: Config) -> None:
+    """At a node's start: a ConfigError (one line, no password in it) when
+    Redis refuses the password of ``cluster.password_file`` or wants one; a
+    warning when it cannot be reached (the node starts, and the jobs under
+    cluster-wide limits wait for it)."""
+    import redis
+
+    cluster = config.cluster
+    if cluster is None:
+        return
+    client = redis.Redis.from_url(cluster.redis, password=read_password(config, "cluster"), socket_timeout=2.0,
+                                  socket_connect_timeout=2.0)
+    try:
+        client.ping()
+    except AuthenticationError:
+        said = "refused the password in cluster.password_file" if cluster.password_file else "wants a password"
+        raise ConfigError(f"key 'cluster.password_file': Redis at {cluster.redis} {said}", config.path,
+                          cluster.password_file_line) from None
+    except (RedisError, OSError) as e:
+        log.warning("Redis at %s cannot be used (%s): connections under cluster-wide limits wait for it; "
+                    "the rest flows on", cluster.redis, why_down(e))
+    finally:
+        client.close()
+
+
+def cluster_limiter(cluster: ClusterConfig, password: str | None, node: str, worker: int) -> ClusterLimiter:
+    """The limiter of worker ``worker`` of node ``node`` under ``cluster:``."""
+    return ClusterLimiter(RedisLeases(redis_client(cluster.redis, password)), node, worker, cluster.lease_seconds,
+                          cluster.redis)
+
+
+class ClusterLimiter(LocalLimiter):
+    """A :class:`~copiamail.scheduling.limiter.Limiter` whose ``cluster:``
+    keys are also held in Redis, for worker ``worker`` of node ``node``
+    (used from one event loop)."""
+
+    def __init__(self, leases: RedisLeases, node: str, worker: int, lease_seconds: float, url: str,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._leases = leases
+        self._lease_ms = max(1, round(lease_seconds * 1000))
+        self._url = url
+        self._monotonic = monotonic
+        self._member = f"{node}.w{worker}.{secrets.token_hex(4)}."
+        self._serial = itertools.count(1)
+        self._others: dict[str, int] = {}  # leases of each cluster key held elsewhere, as last read
+        self._caps: dict[str, int] = {}  # each cluster key's cap, as last asked for
+        self._held: dict[str, tuple[Limit, ...]] = {}  # our leases: member -> its cluster limits
+        self._mine: dict[str, int] = {}  # our leases per key
+        self._pending: set[asyncio.Task[None]] = set()
+        self._warned_at: float | None = None
+        self.down: str | None = None  # why Redis cannot be used now (None: it can)
+
+    # --- what the scheduler counts (synchronous) -----------------------------
+
+    def try_acquire(self, limits: Sequence[Limit]) -> Limit | None:
+        for limit in limits:
+            if is_cluster_key(limit.key):
+                self._caps[limit.key] = limit.cap
+                if self.in_use(limit.key) + 1 > limit.cap:
+                    return limit
+        return super().try_acquire(limits)
+
+    def in_use(self, key: str) -> int:
+        return super().in_use(key) + self._others.get(key, 0)
+
+    # --- leases (one round trip each) ----------------------------------------
+
+    async def lease(self, limits: Sequence[Limit]) -> str | Limit:
+        """Take a lease of every cluster key among ``limits`` (whose local
+        slots are held); the lease's member name, or the limit to wait on."""
+        cluster = [l for l in limits if is_cluster_key(l.key)]
+        member = f"{self._member}{next(self._serial)}"
+        try:
+            refused = await self._leases.acquire(member, [(l.key, l.cap) for l in cluster], self._lease_ms)
+        except _DOWN_ERRORS as e:
+            self._unreachable(e, [l.key for l in cluster])
+            return cluster[0]
+        self._reachable()
+        if refused is not None:
+            if refused.index < 0:
+                self._quiet(refused.count, [l.key for l in cluster])
+                return cluster[0]
+            full = cluster[refused.index]
+            # Seen full: wait until a read finds room, not until a local slot frees.
+            self._others[full.key] = max(0, refused.count - self._mine.get(full.key, 0))
+            return full
+        self._held[member] = tuple(cluster)
+        for l in cluster:
+            self._mine[l.key] = self._mine.get(l.key, 0) + 1
+        return member
+
+    def give_back(self, member: str) -> None:
+        """The connection holding lease ``member`` has closed (its local
+        slots are released apart): its leases go back to Redis, soon."""
+        cluster = self._held.pop(member, ())
+        for l in cluster:
+            n = self._mine.get(l.key, 0) - 1
+            if n > 0:
+                self._mine[l.key] = n
+            else:
+                self._mine.pop(l.key, None)
+        if cluster:
+            task = asyncio.get_running_loop().create_task(self._release(member, [l.key for l in cluster]))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _release(self, member: str, keys: list[str]) -> None:
+        try:
+            await self._leases.release(member, keys)
+        except _DOWN_ERRORS:
+            pass  # it expires within lease_seconds
+
+    async def pace(self, paces: Sequence[Pace], before_long_wait: Callable[[], Any], long_wait: float = 20.0) -> None:
+        """Wait for the next start the cluster-wide rates ``paces`` allow, and
+        take it. Redis unreachable: wait (fail closed), asking again every
+        second; the connection is closed first if that lasts over ``long_wait``."""
+        waited = 0.0
+        while True:
+            try:
+                wait = await self._leases.rate_start([(p.key, p.spacing) for p in paces])
+                self._reachable()
+                break
+            except _DOWN_ERRORS as e:
+                self._unreachable(e, [])
+                await asyncio.sleep(1.0)
+                waited += 1.0
+                if waited > long_wait:
+                    await before_long_wait()
+                    waited = float("-inf")
+        if wait > long_wait:
+            await before_long_wait()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    # --- the loop: renew leases, read the keys jobs wait on ------------------
+
+    async def run(self, watched: Callable[[], list[str]], on_room: Callable[[], None],
+                  on_lost: Callable[[str], None]) -> None:
+        """Until cancelled: read the cluster keys among ``watched()`` (keys
+        jobs wait on) every :data:`POLL` seconds, then call ``on_room()``;
+        renew our leases every third of ``lease_seconds``, calling
+        ``on_lost(member)`` for a lease that could not be renewed."""
+        renew_every = self._lease_ms / 3000
+        next_renew = self._monotonic() + renew_every
+        while True:
+            await asyncio.sleep(POLL)
+            if self._monotonic() >= next_renew:
+                next_renew = self._monotonic() + renew_every
+                await self._renew(on_lost)
+            keys = sorted({k for k in watched() if is_cluster_key(k)} | set(self._mine))
+            if keys:
+                await self._read(keys)
+                on_room()
+
+    async def _renew(self, on_lost: Callable[[str], None]) -> None:
+        held = list(self._held.items())
+        if not held:
+            return
+        try:
+            lost = await self._leases.renew([(m, [l.key for l in ls]) for m, ls in held], self._lease_ms)
+        except _DOWN_ERRORS as e:
+            self._unreachable(e, [])
+            lost = [1] * len(held)
+        for (member, limits), where in zip(held, lost, strict=True):
+            if where:
+                log.warning("cluster lease of %s lost (%s): its connection closes after its current message",
+                            limits[where - 1].key, self.down or "expired")
+                on_lost(member)
+
+    async def _read(self, keys: list[str]) -> None:
+        try:
+            quiet, counts = await self._leases.counts(keys)
+        except _DOWN_ERRORS as e:
+            self._unreachable(e, keys)
+            return
+        self._reachable()
+        if quiet > 0:
+            self._quiet(quiet, keys)
+            return
+        for key, n in zip(keys, counts, strict=True):
+            others = max(0, n - self._mine.get(key, 0))
+            if others:
+                self._others[key] = others
+            else:
+                self._others.pop(key, None)
+
+    # --- Redis's state, told once --------------------------------------------
+
+    def _full(self, keys: Sequence[str]) -> None:
+        """Count ``keys`` full until a read finds otherwise."""
+        for key in keys:
+            self._others[key] = max(self._others.get(key, 0), self._caps.get(key, 1 << 30))
+
+    def _unreachable(self, e: BaseException, keys: Sequence[str]) -> None:
+        self._full(keys)
+        self.down = why_down(e)
+        now = self._monotonic()
+        if self._warned_at is None or now - self._warned_at >= WARN_EVERY:
+            self._warned_at = now
+            log.warning("Redis at %s cannot be used (%s): connections under cluster-wide limits wait; "
+                        "the rest flows on", self._url, self.down)
+
+    def _quiet(self, ms: int, keys: Sequence[str]) -> None:
+        self._full(keys)
+        now = self._monotonic()
+        if self._warned_at is None or now - self._warned_at >= WARN_EVERY:
+            self._warned_at = now
+            log.warning("Redis at %s holds no leases yet (new, restarted or flushed): no cluster-wide lease "
+                        "for %.1f s, while open connections put theirs back", self._url, ms / 1000)
+
+    def _reachable(self) -> None:
+        if self.down is not None:
+            log.warning("Redis at %s answers again: cluster-wide limits in use", self._url)
+            self.down = None
+            self._warned_at = None
+
+    async def close(self) -> None:
+        """Give back what is left, then close the client."""
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=2.0)
+        try:
+            await self._leases.client.aclose()
+        except _DOWN_ERRORS:
+            pass

@@ -1,0 +1,134 @@
+"""Cluster-wide limits held in Redis, end to end: nodes as separate
+processes on one spool, a real redis-server, and the test SMTP server's own
+count of simultaneous connections per recipient domain."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+from smtpserver import Rule
+from spoolkit import SpoolKit, attempts, stop, wait_until
+
+CLUSTER = "cluster: {{redis: '{url}', lease_seconds: {lease}}}\n"
+
+
+def _kit(tmp_path, server, redis, yaml: str, cfg=("$domain_limit * @ 4",), lease: int = 3) -> SpoolKit:
+    return SpoolKit(tmp_path, server.port, list(cfg), yaml=CLUSTER.format(url=redis.url, lease=lease) + yaml)
+
+
+def _jobs(kit: SpoolKit, n: int, domains: list[str]) -> None:
+    for i in range(n):
+        kit.job(f"TOSEND{i % 4}" if i % 4 else "TOSEND", f"R{i:05d}.FS", to=f"u{i}@{domains[i % len(domains)]}")
+
+
+def _drain_all(kit: SpoolKit, names: list[str], timeout: float = 120) -> list[str]:
+    procs = [kit.start(name, "--drain") for name in names]
+    deadline = time.monotonic() + timeout
+    errs = []
+    for p in procs:
+        try:
+            _out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _code, _out, err = stop(p)
+            raise AssertionError(f"a node did not finish its drain: {err}") from None
+        assert p.returncode == 0 and "Traceback" not in err, err
+        errs.append(err)
+    return errs
+
+
+def _sent_once(kit: SpoolKit, server, n: int) -> None:
+    assert len(kit.names("SENT")) == n and kit.waiting() == [] and kit.active() == [] and kit.names("FAIL") == []
+    ids = [m.message_id for m in server.messages]
+    assert len(ids) == n and len(set(ids)) == n
+
+
+def _peak_overlap(server, domains: set[str] | None = None) -> int:
+    """The most connections open at one instant whose recipients are in
+    ``domains`` (None: any), from the server's own open and close times."""
+    events = []
+    for c in server.connections:
+        if c.rcpt_domains and (domains is None or c.rcpt_domains & domains):
+            events += [(c.opened_at, 1), (c.closed_at or time.time(), -1)]
+    peak = n = 0
+    for _, step in sorted(events, key=lambda e: (e[0], e[1])):
+        n += step
+        peak = max(peak, n)
+    return peak
+
+
+def test_four_nodes_keep_each_domains_cluster_cap_over_2000_jobs(tmp_path, smtp_server, redis_server):
+    server = smtp_server()
+    server.add_rule(Rule(stage="EOD", delay=0.01))
+    redis = redis_server()
+    domains = [f"d{i}.test" for i in range(5)]
+    stanzas = "".join(f"  {d}: {{cluster_scope_max_outbound_connections: 3}}\n" for d in domains)
+    kit = _kit(tmp_path, server, redis, "domain:\n" + stanzas)
+    _jobs(kit, 2000, domains)
+    _drain_all(kit, ["N1", "N2", "N3", "N4"])
+    _sent_once(kit, server, 2000)
+    peaks = server.peak_by_domain
+    assert all(peaks[d] <= 3 for d in domains), peaks
+    assert max(peaks[d] for d in domains) == 3, peaks  # the cap is used, not only kept
+
+
+def test_a_pooled_regex_cap_holds_over_all_its_domains_and_other_domains_flow(tmp_path, smtp_server, redis_server):
+    server = smtp_server()
+    server.add_rule(Rule(stage="EOD", delay=0.01))
+    redis = redis_server()
+    pooled = [f"d{i}.pool.test" for i in range(5)]
+    kit = _kit(tmp_path, server, redis,
+               "domain:\n  '/.*\\.pool\\.test/': {cluster_scope_max_outbound_connections: 4}\n")
+    _jobs(kit, 1000, [*pooled, "free.test"])
+    _drain_all(kit, ["N1", "N2", "N3", "N4"])
+    _sent_once(kit, server, 1000)
+    assert _peak_overlap(server, set(pooled)) <= 4
+    assert _peak_overlap(server, set(pooled)) == 4  # all five domains share 4 slots, and use them
+    assert server.peak_by_domain["free.test"] > 4  # no cluster cap: each node's $domain_limit only
+
+
+def test_the_clusters_total_holds_over_every_domain(tmp_path, smtp_server, redis_server):
+    server = smtp_server()
+    server.add_rule(Rule(stage="EOD", delay=0.01))
+    redis = redis_server()
+    kit = _kit(tmp_path, server, redis, "cluster_scope_max_outbound_connections: 5\n")
+    _jobs(kit, 1000, [f"d{i}.test" for i in range(5)])
+    _drain_all(kit, ["N1", "N2", "N3", "N4"])
+    _sent_once(kit, server, 1000)
+    assert server.peak == 5 and _peak_overlap(server) <= 5
+
+
+def test_a_killed_nodes_leases_expire_and_the_others_use_its_slots(tmp_path, smtp_server, redis_server):
+    server = smtp_server()
+    hang = server.add_rule(Rule(stage="EOD", hang=True))
+    redis = redis_server()
+    kit = _kit(tmp_path, server, redis, "node_stale_after: 1\ndomain:\n  d.test: {cluster_scope_max_outbound_connections: 2}\n",
+               lease=3)
+    for i in range(12):
+        kit.job("TOSEND", f"J{i:02d}.FS", to=f"u{i}@d.test")
+    n1 = kit.start("N1")
+    wait_until(lambda: server.current == 2 and len([p for p in kit.active() if p.name.endswith(".SENDING")]) == 2,
+               timeout=30)
+    n2 = kit.start("N2")
+    try:
+        time.sleep(2.0)  # N2 runs, and N1's leases keep it out
+        assert server.connections_total == 2
+        server.remove_rule(hang)
+        n1.send_signal(signal.SIGKILL)
+        n1.wait(timeout=10)
+        killed = time.time()
+        wait_until(lambda: server.connections_total > 2, timeout=15)
+        first = min(c.opened_at for c in server.connections[2:])
+        # Not before N1's leases could have expired (renewed every second:
+        # at least 2 s left at the kill), and within lease_seconds (plus a read).
+        assert 1.5 <= first - killed <= 3 + 1.0, first - killed
+        wait_until(lambda: len(kit.names("SENT")) == 12, timeout=60)
+    finally:
+        code, _, err = stop(n2)
+    assert code == 0 and "Traceback" not in err, err
+    assert kit.active() == [] and kit.waiting() == [] and kit.names("FAIL") == []
+    assert server.peak_by_domain["d.test"] <= 2
+    assert sorted(len(m.message_id or "") > 0 for m in server.messages).count(True) == 12
+    interrupted = [n for n in kit.names("SENT") if [a[2] for a in attempts(kit.read("SENT", n))] == ["66", "0"]]
+    assert len(interrupted) == 2  # the two N1 was sending: recovered by N2, sent once more
