@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,7 +152,16 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> None
 
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, str, str]:
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # Say where it hangs (py-spy, where installed), then end it: a test
+        # that fails here must not leave a process behind.
+        where = subprocess.run(["py-spy", "dump", "--pid", str(proc.pid)], capture_output=True, text=True,
+                               check=False).stdout if shutil.which("py-spy") else ""
+        proc.kill()
+        out, err = proc.communicate(timeout=timeout)
+        raise AssertionError(f"did not stop within {timeout} s:\n{where}\n{err}") from None
     return proc.returncode, out, err
 
 

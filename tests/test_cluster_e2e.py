@@ -132,3 +132,100 @@ def test_a_killed_nodes_leases_expire_and_the_others_use_its_slots(tmp_path, smt
     assert sorted(len(m.message_id or "") > 0 for m in server.messages).count(True) == 12
     interrupted = [n for n in kit.names("SENT") if [a[2] for a in attempts(kit.read("SENT", n))] == ["66", "0"]]
     assert len(interrupted) == 2  # the two N1 was sending: recovered by N2, sent once more
+
+
+def _count_to(server, domain: str) -> int:
+    return sum(1 for m in server.messages if any(r.endswith("@" + domain) for r in m.rcpt_tos))
+
+
+def test_redis_killed_and_restarted_midway_no_cap_exceeded_nothing_failed_free_domains_flow(
+        tmp_path, smtp_server, redis_server):
+    server = smtp_server()
+    server.add_rule(Rule(stage="EOD", delay=0.02))
+    server.add_rule(Rule(stage="EOD", match="@free.test", delay=0.05))
+    redis = redis_server()
+    capped = ["c0.test", "c1.test"]
+    stanzas = "".join(f"  {d}: {{cluster_scope_max_outbound_connections: 2}}\n" for d in capped)
+    # free.test: one connection per node, so it is still sending when Redis goes
+    kit = _kit(tmp_path, server, redis, "domain:\n" + stanzas, lease=2,
+               cfg=("$domain_limit free.test @ 1", "$domain_limit * @ 4"))
+    _jobs(kit, 900, [*capped, "free.test", "free.test"])
+    nodes = [kit.start(name) for name in ("N1", "N2")]
+    try:
+        wait_until(lambda: _count_to(server, "c0.test") >= 20, timeout=30)
+        redis.kill()
+        down = time.time()
+        free_then = _count_to(server, "free.test")
+        time.sleep(4.0)
+        assert _count_to(server, "free.test") > free_then  # uncapped mail flows while Redis is gone
+        capped_later = sum(_count_to(server, d) for d in capped)
+        time.sleep(2.0)
+        # Connections that could not renew closed after their message: nothing more under the caps.
+        assert sum(_count_to(server, d) for d in capped) == capped_later
+        assert kit.names("FAIL") == []
+        redis.start()  # same port, empty: no leases, no epoch
+        wait_until(lambda: len(kit.names("SENT")) == 900, timeout=120)
+        assert time.time() - down > 6
+    finally:
+        errs = [stop(p)[2] for p in nodes]
+    assert all("Traceback" not in e for e in errs), errs
+    _sent_once(kit, server, 900)
+    assert all(server.peak_by_domain[d] <= 2 for d in capped), server.peak_by_domain
+    for err in errs:
+        # one warning a minute at most (the first here), and one line when Redis is back
+        assert err.count("cannot be used") == 1, err
+        assert "answers again" in err
+
+
+def test_redis_absent_at_start_capped_jobs_wait_and_go_once_it_runs(tmp_path, smtp_server, redis_server):
+    server = smtp_server()
+    from redisserver import RedisServer
+
+    redis = RedisServer(tmp_path)  # not started yet
+    kit = _kit(tmp_path, server, redis, "domain:\n  c.test: {cluster_scope_max_outbound_connections: 2}\n", lease=1)
+    for i in range(10):
+        kit.job("TOSEND", f"C{i}.FS", to=f"u{i}@c.test")
+        kit.job("TOSEND", f"F{i}.FS", to=f"u{i}@free.test")
+    node = kit.start("N1")
+    try:
+        wait_until(lambda: len(kit.names("SENT")) == 10, timeout=30)
+        time.sleep(1.0)
+        assert sorted(kit.names("SENT")) == [f"F{i}.FS" for i in range(10)] and kit.names("FAIL") == []
+        redis.start()
+        wait_until(lambda: len(kit.names("SENT")) == 20, timeout=30)
+    finally:
+        redis.kill()
+        code, _, err = stop(node)
+    assert code == 0 and "Traceback" not in err, err
+    assert f"Redis at {redis.url} cannot be used" in err and "wait" in err
+
+
+def test_a_wrong_redis_password_is_one_line_and_never_printed(tmp_path, smtp_server, redis_server):
+    server = smtp_server()
+    redis = redis_server(password="right-one")
+    (tmp_path / "redis.pw").write_text("Wr0ngPassw0rd\n")
+    kit = _kit(tmp_path, server, redis, "domain:\n  c.test: {cluster_scope_max_outbound_connections: 2}\n")
+    text = kit.config_path.read_text().replace("lease_seconds: 3}", "lease_seconds: 3, password_file: redis.pw}")
+    kit.config_path.write_text(text)
+    kit.job("TOSEND", "J.FS", to="u@c.test")
+    result = kit.cli("node", "--name", "N1", "--drain", timeout=30)
+    assert result.returncode != 0
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "refused the password in cluster.password_file" in lines[0], result.stderr
+    assert "Wr0ngPassw0rd" not in result.stderr + result.stdout and "right-one" not in result.stderr
+    assert kit.waiting() == ["J.FS"]
+    (tmp_path / "redis.pw").write_text("right-one\n")
+    assert kit.drain("N1", timeout=60).returncode == 0 and kit.names("SENT") == ["J.FS"]
+
+
+def test_workers_of_several_nodes_share_a_cluster_cap(tmp_path, smtp_server, redis_server):
+    server = smtp_server()
+    server.add_rule(Rule(stage="EOD", delay=0.01))
+    redis = redis_server()
+    domains = [f"d{i}.test" for i in range(4)]
+    # One pooled cap over four domains that the workers of each node divide between them.
+    kit = _kit(tmp_path, server, redis, "workers: 2\ndomain:\n  '/d.\\.test/': {cluster_scope_max_outbound_connections: 3}\n")
+    _jobs(kit, 600, domains)
+    _drain_all(kit, ["N1", "N2"])
+    _sent_once(kit, server, 600)
+    assert _peak_overlap(server, set(domains)) == 3

@@ -15,6 +15,7 @@ from copiamail.config import (
     find_config,
     load_cfg,
     load_config,
+    read_password,
 )
 from copiamail.errors import ConfigError
 from copiamail.jobfile import outcome
@@ -595,3 +596,57 @@ def test_cfg_email_from_and_esender_as_written_give_the_default_from_header(tmp_
     assert load_cfg(path).from_header == '"Acme Mailer" <mailer@acme.test>'
     path = write(tmp_path / "FAXFACTS.CFG", '$email_esender mailer@acme.test\n$email_from "Acme" <info@acme.test>\n')
     assert load_cfg(path).from_header == '"Acme" <info@acme.test>' and load_cfg(path).esender == "mailer@acme.test"
+
+
+# --- the cluster ---------------------------------------------------------------------
+
+CLUSTER_YAML = 'cluster: {redis: "rediss://redis.example:6380/2", password_file: redis.pw, lease_seconds: 12}\n'
+
+
+def test_cluster_caps_are_read_at_the_top_level_and_in_domain_and_host_stanzas(tmp_path, clean):
+    cfg = load_yaml(tmp_path, CLUSTER_YAML + textwrap.dedent("""\
+        cluster_scope_max_outbound_connections: 500
+        domain:
+          gmail.com: {cluster_scope_max_outbound_connections: 20, cluster_max_message_rate: "100/s"}
+        host:
+          mx.shared.test: {cluster_scope_max_outbound_connections: 6}
+        """))
+    assert cfg.cluster is not None and cfg.cluster.redis == "rediss://redis.example:6380/2"
+    assert cfg.cluster.password_file == tmp_path / "redis.pw" and cfg.cluster.lease_seconds == 12
+    assert cfg.cluster_scope_max_outbound_connections == 500
+    assert cfg.domains[0].caps.cluster_scope_max_outbound_connections == 20
+    assert str(cfg.domains[0].caps.cluster_max_message_rate) == "100/s"
+    assert cfg.hosts[0].caps.cluster_scope_max_outbound_connections == 6
+
+
+@pytest.mark.parametrize(
+    "text,line,key,words",
+    [
+        ("cluster_scope_max_outbound_connections: 5\n", 1, "cluster_scope_max_outbound_connections", "cluster.redis"),
+        ("domain:\n  a.test:\n    max_outbound_connections: 2\n    cluster_max_message_rate: 5/s\n", 4,
+         "domain.a.test.cluster_max_message_rate", "cluster.redis"),
+        (CLUSTER_YAML + "host:\n  mx.test: {cluster_max_message_rate: 5/s}\n", 3,
+         "host.mx.test.cluster_max_message_rate", "domain: stanzas"),
+        (CLUSTER_YAML + "binding:\n  b1:\n    cluster_scope_max_outbound_connections: 2\n", 4,
+         "binding.b1.cluster_scope_max_outbound_connections", "top level"),
+        (CLUSTER_YAML + "binding:\n  b1:\n    domain:\n      a.test: {cluster_scope_max_outbound_connections: 2}\n",
+         5, "binding.b1.domain.a.test.cluster_scope_max_outbound_connections", "top level"),
+        ('cluster: {redis: "redis://:hunter2@h:6379/0"}\n', 1, "cluster.redis", "password_file"),
+        ('cluster: {redis: "http://h"}\n', 1, "cluster.redis", "rediss://"),
+        ('cluster:\n  redis: "redis://h:6379/x"\n', 2, "cluster.redis", "number"),
+        ('cluster: {redis: "redis://h", lease_seconds: 0}\n', 1, "cluster.lease_seconds", ""),
+    ],
+)
+def test_bad_cluster_settings_are_one_line_naming_file_line_and_key(tmp_path, clean, text, line, key, words):
+    err = config_error(tmp_path, text)
+    assert_names(err, tmp_path / "copiamail.yaml", line, key)
+    assert words in str(err) and "hunter2" not in str(err)
+
+
+def test_an_unreadable_redis_password_file_is_one_line_at_node_start(tmp_path, clean):
+    cfg = load_yaml(tmp_path, CLUSTER_YAML)
+    with pytest.raises(ConfigError) as info:
+        read_password(cfg, "cluster")
+    assert "cluster.password_file" in str(info.value) and "redis.pw" in str(info.value)
+    (tmp_path / "redis.pw").write_text("s3cret\n")
+    assert read_password(cfg, "cluster") == "s3cret"

@@ -191,18 +191,19 @@ def test_a_per_domain_regex_gives_separate_binding_domain_keys_with_its_cap(tmp_
 
 
 @pytest.mark.parametrize(
-    "yaml",
+    "yaml,why",
     [
-        "domain:\n  x.test: {cluster_scope_max_outbound_connections: 8}\n",
-        "host:\n  192.0.2.1: {cluster_scope_max_outbound_connections: 5}\n",
-        "binding:\n  b1: {bind_address: 127.0.0.2, cluster_scope_max_outbound_connections: 2}\n",
-        "binding_group:\n  g:\n    binding: {b1: {}}\n    domain: {x.test: {cluster_scope_max_outbound_connections: 2}}\n",
+        ("domain:\n  x.test: {cluster_scope_max_outbound_connections: 8}\n", "needs a Redis server"),
+        ("host:\n  192.0.2.1: {cluster_scope_max_outbound_connections: 5}\n", "needs a Redis server"),
+        ("binding:\n  b1: {bind_address: 127.0.0.2, cluster_scope_max_outbound_connections: 2}\n", "only in the top"),
+        ("binding_group:\n  g:\n    binding: {b1: {}}\n    domain: {x.test: {cluster_scope_max_outbound_connections: 2}}\n",
+         "only in the top"),
     ],
 )
-def test_a_cluster_cap_anywhere_is_refused_until_the_cluster_limiter_exists(tmp_path, yaml):
+def test_a_cluster_cap_is_refused_without_redis_or_where_no_cluster_cap_belongs(tmp_path, yaml, why):
     from copiamail.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="cluster-wide limits are not available yet"):
+    with pytest.raises(ConfigError, match=why):
         config(tmp_path, yaml)
 
 
@@ -556,3 +557,44 @@ def test_max_deliveries_per_connection_the_smallest_of_every_stanza_that_applies
     assert _deliveries(yaml, "c.test", ips=("192.0.2.5",)) == 3
     assert _deliveries(yaml, "c.test", "b1") == 15
     assert _deliveries(yaml, "b.test", "b1") == 4
+
+
+# --- cluster-wide limits ------------------------------------------------------------
+
+
+CLUSTER = '''\
+cluster: {redis: "redis://127.0.0.1:6379/0"}
+cluster_scope_max_outbound_connections: 50
+workers: 2
+domain:
+  "gmail.com": {cluster_scope_max_outbound_connections: 20, cluster_max_message_rate: "100/s"}
+  "/^(wanadoo|orange)\\\\.fr$/": {cluster_scope_max_outbound_connections: 3}
+host:
+  "mx.shared.test": {cluster_scope_max_outbound_connections: 6}
+'''
+
+
+def test_cluster_limits_come_last_undivided_between_workers_and_a_regex_pools(tmp_path):
+    cfg = config(tmp_path, CLUSTER)
+    got = limits_for(cfg, "N1", "a@gmail.com", "gmail.com", None, ("192.0.2.7",), ("mx.shared.test",),
+                     worker=1, workers=2)
+    assert [l.key for l in got][-3:] == ["cluster:total", "cluster:domain:gmail.com", "cluster:host:192.0.2.7"]
+    assert caps(got)["cluster:total"] == 50 and caps(got)["cluster:domain:gmail.com"] == 20
+    assert caps(got)["cluster:host:192.0.2.7"] == 6
+    w = lim(cfg, "a@wanadoo.fr")
+    o = lim(cfg, "b@orange.fr")
+    pooled = r"cluster:domain:/^(wanadoo|orange)\.fr$/"
+    assert caps(w)[pooled] == 3 and caps(o)[pooled] == 3  # one key for both domains
+
+
+def test_a_cluster_message_rate_is_a_pace_kept_whole_by_every_worker(tmp_path):
+    from copiamail.scheduling.limits import Scopes
+
+    cfg = config(tmp_path, CLUSTER)
+    paces = Scopes(cfg, "N1", 0, 2).paces("gmail.com")
+    assert [(p.key, p.spacing) for p in paces] == [("cluster:rate:domain:gmail.com", 0.01)]
+
+
+def test_without_cluster_caps_no_cluster_key_is_counted(tmp_path):
+    cfg = config(tmp_path, 'cluster: {redis: "redis://127.0.0.1:6379/0"}\n')
+    assert not any(l.key.startswith("cluster:") for l in lim(cfg, "a@gmail.com"))

@@ -111,8 +111,10 @@ class ClusterLimiter(LocalLimiter):
         self._caps: dict[str, int] = {}  # each cluster key's cap, as last asked for
         self._held: dict[str, tuple[Limit, ...]] = {}  # our leases: member -> its cluster limits
         self._mine: dict[str, int] = {}  # our leases per key
+        self._lost: set[str] = set()  # members whose connections were told their lease is lost
         self._pending: set[asyncio.Task[None]] = set()
-        self._warned_at: float | None = None
+        self._warned_at: float | None = None  # when we last warned that Redis cannot be used
+        self._quiet_warned_at: float | None = None  # ... that it lost its leases
         self.down: str | None = None  # why Redis cannot be used now (None: it can)
 
     # --- what the scheduler counts (synchronous) -----------------------------
@@ -158,6 +160,7 @@ class ClusterLimiter(LocalLimiter):
         """The connection holding lease ``member`` has closed (its local
         slots are released apart): its leases go back to Redis, soon."""
         cluster = self._held.pop(member, ())
+        self._lost.discard(member)
         for l in cluster:
             n = self._mine.get(l.key, 0) - 1
             if n > 0:
@@ -226,11 +229,16 @@ class ClusterLimiter(LocalLimiter):
         except _DOWN_ERRORS as e:
             self._unreachable(e, [])
             lost = [1] * len(held)
-        for (member, limits), where in zip(held, lost, strict=True):
-            if where:
-                log.warning("cluster lease of %s lost (%s): its connection closes after its current message",
-                            limits[where - 1].key, self.down or "expired")
-                on_lost(member)
+        # The rest of a member's leases are renewed on until its connection
+        # closes; it is told only once.
+        gone = [(member, limits[where - 1].key) for (member, limits), where in zip(held, lost, strict=True)
+                if where and member not in self._lost]
+        self._lost.update(member for member, _ in gone)
+        if gone and self.down is None:
+            log.warning("%d cluster lease(s) expired before renewal (%s): their connections close after "
+                        "their current message", len(gone), ", ".join(sorted({key for _, key in gone})))
+        for member, _ in gone:
+            on_lost(member)
 
     async def _read(self, keys: list[str]) -> None:
         try:
@@ -268,16 +276,15 @@ class ClusterLimiter(LocalLimiter):
     def _quiet(self, ms: int, keys: Sequence[str]) -> None:
         self._full(keys)
         now = self._monotonic()
-        if self._warned_at is None or now - self._warned_at >= WARN_EVERY:
-            self._warned_at = now
+        if self._quiet_warned_at is None or now - self._quiet_warned_at >= WARN_EVERY:
+            self._quiet_warned_at = now
             log.warning("Redis at %s holds no leases yet (new, restarted or flushed): no cluster-wide lease "
                         "for %.1f s, while open connections put theirs back", self._url, ms / 1000)
 
     def _reachable(self) -> None:
         if self.down is not None:
-            log.warning("Redis at %s answers again: cluster-wide limits in use", self._url)
+            log.info("Redis at %s answers again: cluster-wide limits in use", self._url)
             self.down = None
-            self._warned_at = None
 
     async def close(self) -> None:
         """Give back what is left, then close the client."""
