@@ -32,6 +32,7 @@ from copiamail.cli_common import user_errors as _user_errors
 from copiamail.cli_queue import cancel, flush, hold, list_command, release, requeue_command
 from copiamail.cli_status import status
 from copiamail.cli_web import web_command
+from copiamail.cluster_report import cluster_leases
 from copiamail.config import Config, load_config, read_password, workers_problem
 from copiamail.errors import CopiamailError, DeliveryError, JobError
 from copiamail.jobfile.addresses import parse_address
@@ -43,7 +44,7 @@ from copiamail.jobfile.owned import AttemptRecord
 from copiamail.jobfile.rules import match, shadowed
 from copiamail.logs import live_display_on, setup_logging
 from copiamail.scheduling.adaptive import Learned, learned_cap, learned_in_spool, local_time
-from copiamail.scheduling.limits import Scopes, bindings_for, limits_for
+from copiamail.scheduling.limits import Scopes, bindings_for, is_cluster_key, limits_for
 from copiamail.scheduling.routing import Router, Target
 from copiamail.spool.holds import held_where_it_is
 from copiamail.spool.jobview import (
@@ -338,6 +339,7 @@ def explain(address: str, node_name: str, binding: str | None, config_file: Path
     def cap_of(key: str, ceiling: int) -> int:
         return learned_cap(learned[key][1] if key in learned else None, ceiling)
 
+    leases: dict[str, Any] | None = None  # the cluster's, read from Redis once, when a cluster key is shown
     dl = match(cfg.rules.domain_limits, node_name, address)
     if dl is None:
         click.echo(f"$domain_limit: no rule applies to {address} on node {node_name}")
@@ -354,8 +356,24 @@ def explain(address: str, node_name: str, binding: str | None, config_file: Path
                 click.echo(f"  {limit.key:<40} {limit.cap:>5}  {limit.scope}")
                 if limit.ceiling is not None:
                     _echo_learned(limit.key, learned)
+                if is_cluster_key(limit.key):
+                    leases = leases if leases is not None else cluster_leases(cfg)
+                    _echo_leases(limit.key, leases)
             for pace in Scopes(cfg, node_name).paces(domain, b, ips, names):
                 click.echo(f"  message rate {pace.key:<27} {pace.scope}: a message every {pace.spacing:g} s at most")
+
+
+def _echo_leases(key: str, leases: dict[str, Any] | None) -> None:
+    """How many leases of cluster key ``key`` Redis holds now, and whose."""
+    if leases is None:
+        return
+    if leases["error"]:
+        click.echo(f"    cluster: Redis at {leases['redis']} cannot be read ({leases['error']}); "
+                   "connections under this limit wait for it")
+        return
+    found = next((k for k in leases["keys"] if k["key"] == key), None)
+    held = ", ".join(f"{n} {c}" for n, c in sorted(found["nodes"].items())) if found else ""
+    click.echo(f"    cluster: {found['leases'] if found else 0} lease(s) held now" + (f" ({held})" if held else ""))
 
 
 def _echo_learned(key: str, learned: dict[str, tuple[str, Learned]]) -> None:

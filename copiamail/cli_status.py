@@ -14,17 +14,18 @@ from typing import Any
 import click
 
 from copiamail.cli_common import common, config, open_spool
+from copiamail.config import Config
 from copiamail.report import status_document
 from copiamail.scheduling.adaptive import local_time
 from copiamail.spool.queue import Spool
 
 
-def _tables(spool: Spool) -> Any:
+def _tables(spool: Spool, cfg: Config) -> Any:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
-    doc = status_document(spool, time.time())
+    doc = status_document(spool, time.time(), cfg)
     parts: list[Any] = []
     folders = Table(title=f"spool {spool.root}")
     for column in ("folder", "jobs", "oldest"):
@@ -59,6 +60,8 @@ def _tables(spool: Spool) -> Any:
                                                   (str(k["open"]), str(k["cap"]),
                                                    "" if k["configured"] is None else str(k["configured"]))))
         parts.append(nodes)
+    if doc["cluster"] is not None:
+        parts.append(_cluster_table(doc["cluster"]))
     if doc["failures"]:
         failures = Table(title="recent failures")
         for column in ("job", "recipient", "EMAIL_ERROR"):
@@ -77,6 +80,25 @@ def _tables(spool: Spool) -> Any:
     return Group(*parts)
 
 
+def _cluster_table(cluster: dict[str, Any]) -> Any:
+    from rich.table import Table
+    from rich.text import Text
+
+    title = f"cluster leases in Redis at {cluster['redis']} (leases / cap, per node)"
+    if cluster["error"]:
+        return Text(f"cluster: Redis at {cluster['redis']} cannot be read ({cluster['error']}); "
+                    "jobs under cluster-wide limits wait")
+    if cluster["quiet_seconds"]:
+        title += f"; no new lease for {cluster['quiet_seconds']:g} s (Redis lost its leases lately)"
+    table = Table(title=title)
+    for column in ("key", "leases", "cap", "nodes"):
+        table.add_column(column, justify="right" if column in ("leases", "cap") else "left")
+    for k in cluster["keys"]:
+        nodes = ", ".join(f"{n} {c}" for n, c in sorted(k["nodes"].items()))
+        table.add_row(Text(k["key"]), str(k["leases"]), "" if k["cap"] is None else str(k["cap"]), Text(nodes))
+    return table
+
+
 @click.command()
 @click.option("--watch", is_flag=True, help="Refresh every second until interrupted.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
@@ -85,13 +107,14 @@ def status(watch: bool, as_json: bool, config_file: Path | None, spool_dir: Path
     """Jobs per folder and per domain, what every node is doing, recent failures."""
     from rich.console import Console
 
-    spool = open_spool(config(config_file, spool_dir))
+    cfg = config(config_file, spool_dir)
+    spool = open_spool(cfg)
     if as_json and not watch:
-        click.echo(json.dumps(status_document(spool, time.time()), indent=1))
+        click.echo(json.dumps(status_document(spool, time.time(), cfg), indent=1))
         return
     console = Console()
     if not watch:
-        console.print(_tables(spool))
+        console.print(_tables(spool, cfg))
         return
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -99,17 +122,17 @@ def status(watch: bool, as_json: bool, config_file: Path | None, spool_dir: Path
     if console.is_terminal and not as_json:
         from rich.live import Live
 
-        with Live(_tables(spool), console=console, refresh_per_second=2) as live:
+        with Live(_tables(spool, cfg), console=console, refresh_per_second=2) as live:
             while not stop.wait(1):
-                live.update(_tables(spool))
+                live.update(_tables(spool, cfg))
         return
     # Piped or redirected: one frame per refresh, each complete when written.
     while True:
         if as_json:
-            click.echo(json.dumps(status_document(spool, time.time())))
+            click.echo(json.dumps(status_document(spool, time.time(), cfg)))
         else:
             console.print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}")
-            console.print(_tables(spool))
+            console.print(_tables(spool, cfg))
             console.file.flush()
         if stop.wait(1):
             return

@@ -29,4 +29,4 @@ def web_command(listen: str | None, config_file: Path | None, spool_dir: Path | 
     shown = f"[{host}]" if ":" in host else host
     log.info("web: serving spool %s on http://%s:%d/%s", spool.root, shown, port,
                 " (a bearer token is required)" if token else "")
-    web.run_app(make_app(spool, token), host=host, port=port, print=None, access_log=None)
+    web.run_app(make_app(spool, token, config=cfg), host=host, port=port, print=None, access_log=None)

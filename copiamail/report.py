@@ -2,15 +2,18 @@
 ``status --json`` prints, ``/api/status`` serves, and the ``status`` tables,
 the web page and ``/metrics`` are made from.
 
-It is read from the spool only (the job files, ``HOLD/``, the nodes' live
-state in ``STATE/`` and the learned limits in ``LIMITS/``), so it covers every
-node on the spool, on any machine, and reading it changes nothing."""
+It is read from the spool (the job files, ``HOLD/``, the nodes' live state in
+``STATE/`` and the learned limits in ``LIMITS/``), so it covers every node on
+the spool, on any machine, and from Redis for a cluster's leases; reading it
+changes nothing."""
 
 from __future__ import annotations
 
 from collections import Counter
 from typing import Any
 
+from copiamail.cluster_report import cluster_leases
+from copiamail.config import Config
 from copiamail.scheduling.adaptive import learned_in_spool
 from copiamail.spool.holds import holds_in
 from copiamail.spool.listing import ListedJob, list_jobs
@@ -101,7 +104,7 @@ def _jobs(jobs: list[ListedJob]) -> list[dict[str, Any]]:
              "age_seconds": round(j.age, 1), "error": j.error} for j in sorted(jobs, key=lambda j: j.age)[:RECENT]]
 
 
-def status_document(spool: Spool, now: float) -> dict[str, Any]:
+def status_document(spool: Spool, now: float, config: Config | None = None) -> dict[str, Any]:
     """The spool now:
 
     - ``folders``: jobs per folder and the oldest waiting job's age;
@@ -116,7 +119,9 @@ def status_document(spool: Spool, now: float) -> dict[str, Any]:
       :data:`~copiamail.spool.livestate.TRANSACTION_BUCKETS`, and their sum);
     - ``failures``: the newest jobs in FAIL; ``replies``: the newest waiting
       jobs that carry a reply (a temporary failure or a throttle reply);
-    - ``holds``, and ``learned``: the limits learned from throttle replies."""
+    - ``holds``, and ``learned``: the limits learned from throttle replies;
+    - ``cluster``: under ``config``'s ``cluster:``, its leases as Redis holds
+      them (:func:`~copiamail.cluster_report.cluster_leases`), else None."""
     counts = spool.counts()
     queued: list[ListedJob] = list(list_jobs(spool, now, ["TOSEND"]))
     oldest: dict[str, float] = {}
@@ -131,4 +136,4 @@ def status_document(spool: Spool, now: float) -> dict[str, Any]:
     return {"spool": str(spool.root), "time": now, "folders": folders, "domains": _domains(queued, alive),
             "nodes": nodes_of(states, now), "failures": _jobs(list(list_jobs(spool, now, ["FAIL"]))),
             "replies": _jobs([j for j in queued if j.error]), "holds": sorted(str(h) for h in holds_in(spool.root)),
-            "learned": learned}
+            "learned": learned, "cluster": cluster_leases(config) if config is not None else None}

@@ -229,3 +229,58 @@ def test_workers_of_several_nodes_share_a_cluster_cap(tmp_path, smtp_server, red
     _drain_all(kit, ["N1", "N2"])
     _sent_once(kit, server, 600)
     assert _peak_overlap(server, set(domains)) == 3
+
+
+def test_a_cluster_message_rate_holds_over_all_nodes(tmp_path, smtp_server, redis_server):
+    server = smtp_server()
+    redis = redis_server()
+    kit = _kit(tmp_path, server, redis, "domain:\n  r.test: {cluster_max_message_rate: 10/s}\n")
+    _jobs(kit, 60, ["r.test"])
+    started = time.time()
+    _drain_all(kit, ["N1", "N2", "N3"])
+    _sent_once(kit, server, 60)
+    assert server.max_messages_in_window(1.0) <= 10
+    assert time.time() - started >= 5.0  # 60 messages at 10 a second, whichever node sends them
+
+
+def test_status_explain_and_the_web_page_show_the_leases_per_key_and_node(tmp_path, smtp_server, redis_server):
+    import json
+
+    from test_web_e2e import CHROMIUM, Web, _chromium, _free_port
+
+    server = smtp_server()
+    hang = server.add_rule(Rule(stage="EOD", hang=True))
+    redis = redis_server()
+    kit = _kit(tmp_path, server, redis, "cluster_scope_max_outbound_connections: 10\n"
+                                        "domain:\n  c.test: {cluster_scope_max_outbound_connections: 2}\n", lease=2)
+    for i in range(4):
+        kit.job("TOSEND", f"J{i}.FS", to=f"u{i}@c.test")
+    node = kit.start("N1")
+    web = Web(kit, f"127.0.0.1:{_free_port()}")
+    try:
+        wait_until(lambda: server.current == 2, timeout=30)
+        doc = json.loads(kit.cli("status", "--json").stdout)
+        keys = {k["key"]: k for k in doc["cluster"]["keys"]}
+        assert doc["cluster"]["error"] is None and doc["cluster"]["redis"] == redis.url
+        assert keys["cluster:domain:c.test"] == {"key": "cluster:domain:c.test", "cap": 2, "leases": 2,
+                                                 "nodes": {"N1": 2}}
+        assert keys["cluster:total"]["leases"] == 2 and keys["cluster:total"]["cap"] == 10
+        assert [n["name"] for n in doc["nodes"] if n["alive"]] == ["N1"]
+        tables = kit.cli("status").stdout
+        assert "cluster leases" in tables and "cluster:domain:c.test" in tables and "N1 2" in tables
+        explained = kit.cli("explain", "u9@c.test").stdout
+        assert "cluster:domain:c.test" in explained and "cluster: 2 lease(s) held now (N1 2)" in explained
+        web.wait_ready()
+        api = {k["key"]: k["leases"] for k in web.status()["cluster"]["keys"]}
+        assert api["cluster:domain:c.test"] == 2
+        if CHROMIUM is not None:
+            dom = _chromium(web.url + "/", "--dump-dom", profile=tmp_path / "chromium")
+            assert 'data-leases="cluster:domain:c.test">2<' in dom
+        redis.kill()
+        down = json.loads(kit.cli("status", "--json").stdout)["cluster"]
+        assert down["error"] and "ConnectionError" in down["error"]
+        assert "cannot be read" in kit.cli("status").stdout
+        server.remove_rule(hang)
+    finally:
+        web.stop()
+        stop(node)

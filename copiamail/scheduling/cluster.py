@@ -38,6 +38,7 @@ from copiamail.config import ClusterConfig, Config, read_password
 from copiamail.errors import ConfigError
 from copiamail.scheduling.limiter import LocalLimiter
 from copiamail.scheduling.limits import Limit, Pace, is_cluster_key
+from copiamail.scheduling.pacing import SLACK
 from copiamail.scheduling.redis_leases import RedisLeases
 
 log = logging.getLogger("copiamail")
@@ -185,7 +186,8 @@ class ClusterLimiter(LocalLimiter):
         waited = 0.0
         while True:
             try:
-                wait = await self._leases.rate_start([(p.key, p.spacing) for p in paces])
+                # A little wider than the rate, as the local pacer keeps it (jitter on the way).
+                wait = await self._leases.rate_start([(p.key, p.spacing * SLACK) for p in paces])
                 self._reachable()
                 break
             except _DOWN_ERRORS as e:

@@ -29,6 +29,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from copiamail.config import Config
 from copiamail.config_checks import is_loopback, parse_listen
 from copiamail.errors import ConfigError
 from copiamail.report import nodes_of, status_document
@@ -76,8 +77,9 @@ class Throughput:
 class StatusSource:
     """The spool's status document, shared between requests and sampled for the chart."""
 
-    def __init__(self, spool: Spool, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, spool: Spool, clock: Callable[[], float] = time.time, config: Config | None = None) -> None:
         self._spool = spool
+        self._config = config  # for its cluster: leases read from Redis
         self._clock = clock
         self._doc: dict[str, Any] | None = None
         self._read_at = 0.0
@@ -87,7 +89,7 @@ class StatusSource:
     async def document(self) -> dict[str, Any]:
         async with self._lock:
             if self._doc is None or time.monotonic() - self._read_at >= FRESH_FOR:
-                self._doc = await asyncio.to_thread(status_document, self._spool, self._clock())
+                self._doc = await asyncio.to_thread(status_document, self._spool, self._clock(), self._config)
                 self._read_at = time.monotonic()
             return self._doc
 
@@ -150,9 +152,11 @@ def _authorized(token: str | None) -> Callable[..., Awaitable[web.StreamResponse
     return middleware
 
 
-def make_app(spool: Spool, token: str | None = None, clock: Callable[[], float] = time.time) -> web.Application:
-    """The application: routes, the token check, and the sampling task for its lifetime."""
-    source = StatusSource(spool, clock)
+def make_app(spool: Spool, token: str | None = None, clock: Callable[[], float] = time.time,
+             config: Config | None = None) -> web.Application:
+    """The application: routes, the token check, and the sampling task for
+    its lifetime; ``config``: whose cluster's leases the status shows."""
+    source = StatusSource(spool, clock, config)
 
     async def page(request: web.Request) -> web.Response:
         return web.Response(text=PAGE_HTML, content_type="text/html", headers=SECURITY_HEADERS)

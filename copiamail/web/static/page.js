@@ -140,6 +140,18 @@ function jobs(list, empty) {
     [0, 1, 2, 4]);
 }
 
+function drawCluster(cluster) {
+  if (!cluster) return none("no cluster: every limit is this spool's nodes' own");
+  if (cluster.error) return none("Redis at " + cluster.redis + " cannot be read (" + cluster.error +
+                                 "); jobs under cluster-wide limits wait");
+  const rows = cluster.keys.map(k => [[k.key, {"data-cluster-key": k.key}], [k.leases, {"data-leases": k.key}],
+    k.cap == null ? "" : k.cap, Object.entries(k.nodes).sort().map(([n, c]) => n + " " + c).join(", ")]);
+  const box = el("div", {}, el("div", {}, "Redis at " + cluster.redis +
+    (cluster.quiet_seconds ? "; no new lease for " + cluster.quiet_seconds + " s (Redis lost its leases lately)" : "")));
+  box.append(rows.length ? table(["key", "leases", "cap", "nodes"], rows, [0, 3]) : none("no cluster-wide limit set"));
+  return box;
+}
+
 function draw(doc) {
   document.getElementById("meta").textContent =
     "spool " + doc.spool + " · " + new Date(doc.time * 1000).toLocaleString() + " · refreshes every 2 s";
@@ -152,6 +164,7 @@ function draw(doc) {
   fill("holds", doc.holds.length ? el("ul", {}, ...doc.holds.map(h => el("li", {}, h))) : none("none"));
   fill("failures", jobs(doc.failures, "none"));
   fill("replies", jobs(doc.replies, "none"));
+  fill("cluster", drawCluster(doc.cluster));
   fill("learned", doc.learned.length
     ? table(["key", "node", "learned", "since", "reply"],
             doc.learned.map(l => [l.key, l.node, l.learned, new Date(l.since * 1000).toLocaleString(), l.reply]),
