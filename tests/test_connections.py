@@ -106,6 +106,26 @@ def test_an_idle_connection_gets_the_job_handed_to_it_or_closes_when_told_or_whe
     assert isinstance(first, Item) and second is None and third is None and handed == []
 
 
+def test_a_slot_freed_for_a_waiting_job_is_not_taken_from_an_idle_connection_of_its_own_domain():
+    rig = Rig()
+
+    async def go() -> tuple[bool, bool]:
+        own = rig.open("a.test", relay())
+        other = rig.open("b.test", relay())
+        waits = [asyncio.ensure_future(rig.connections.wait_idle(conn, 5, lambda item: None)) for conn in (own, other)]
+        await asyncio.sleep(0)
+        # A job of a.test waits on the server total: a.test's idle connection
+        # can carry it, so b.test's is the one told to close.
+        rig.connections.close_one_holding("server", other_than="a.test")
+        await asyncio.sleep(0)
+        closed = (own.handoff is None, other.handoff is None)
+        rig.connections.close_idle()
+        await asyncio.gather(*waits)
+        return closed
+
+    assert asyncio.run(go()) == (False, True)
+
+
 def test_close_idle_tells_every_idle_connection_to_close():
     rig = Rig()
 

@@ -33,11 +33,11 @@ def test_leases_are_taken_all_or_none_and_never_beyond_a_cap(leases):
     async def go(l: RedisLeases, client):
         assert await l.acquire("a", [("k1", 2), ("k2", 1)], 10_000) is None
         assert await l.acquire("b", [("k1", 2), ("k2", 1)], 10_000) == Refused(1, 1)  # k2 full
-        assert await l.counts(["k1", "k2"]) == (0, [1, 1])  # b took nothing, not even k1
+        assert await l.counts("r", ["k1", "k2"], (), 1000) == (0, [(1, 0), (1, 0)])  # b took nothing, not even k1
         assert await l.acquire("c", [("k1", 2)], 10_000) is None
         assert await l.acquire("d", [("k1", 2)], 10_000) == Refused(0, 2)
         await l.release("a", ["k1", "k2"])
-        assert await l.counts(["k1", "k2"]) == (0, [1, 0])
+        assert await l.counts("r", ["k1", "k2"], (), 1000) == (0, [(1, 0), (0, 0)])
         assert sorted(await l.holders("k1")) == ["c"]
     leases(go)
 
@@ -85,4 +85,14 @@ def test_a_cluster_rate_spaces_starts_across_clients(leases):
         # two rates at once: the start is the later of the two, and both move on
         assert await l.rate_start([("r", 0.1), ("s", 1.0)]) >= waits[-1] + 0.09
         assert await l.rate_start([("s", 1.0)]) >= 0.9
+    leases(go)
+
+
+def test_readers_say_which_keys_their_jobs_wait_on_and_learn_who_else_waits(leases):
+    async def go(l: RedisLeases, client):
+        assert await l.counts("A", ["k"], {"k"}, 300) == (0, [(0, 0)])  # only A waits: nobody else
+        assert await l.counts("B", ["k"], (), 300) == (0, [(0, 1)])  # B learns that A waits
+        assert await l.counts("A", ["k"], {"k"}, 300) == (0, [(0, 0)])
+        await asyncio.sleep(0.35)
+        assert await l.counts("B", ["k"], (), 300) == (0, [(0, 0)])  # A's want lapsed untold
     leases(go)

@@ -13,7 +13,11 @@ its own connections plus the leases of everybody else as last read from
 Redis. No local event tells when another node frees a slot, so
 :meth:`ClusterLimiter.run` reads the keys jobs wait on again every
 :data:`POLL` seconds and calls ``on_room`` after each read; it also renews
-every lease this limiter holds every third of ``lease_seconds``.
+every lease this limiter holds every third of ``lease_seconds``. Each read
+also tells Redis which keys this worker's jobs wait on, and learns which
+keys other workers' jobs wait on (:attr:`ClusterLimiter.wanted_elsewhere`):
+an idle connection holding a slot of such a key is closed, so the slot goes
+where it is wanted instead of waiting here for a job of its own node.
 
 Redis unreachable (or refusing us): fail closed. A cluster key counts as
 full, so the jobs under it wait and everything else flows on; a connection
@@ -29,7 +33,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from redis.exceptions import AuthenticationError, RedisError
@@ -44,6 +48,7 @@ from copiamail.scheduling.redis_leases import RedisLeases
 log = logging.getLogger("copiamail")
 
 POLL = 0.25  # seconds between two reads of the cluster keys jobs wait on
+WANT_MS = 1000  # how long a worker's "jobs wait here" lasts in Redis unless told again
 WARN_EVERY = 60.0  # seconds between two warnings that Redis cannot be used
 _DOWN_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
@@ -117,6 +122,7 @@ class ClusterLimiter(LocalLimiter):
         self._warned_at: float | None = None  # when we last warned that Redis cannot be used
         self._quiet_warned_at: float | None = None  # ... that it lost its leases
         self.down: str | None = None  # why Redis cannot be used now (None: it can)
+        self.wanted_elsewhere: set[str] = set()  # cluster keys other workers' jobs wait on, as last read
 
     # --- what the scheduler counts (synchronous) -----------------------------
 
@@ -138,6 +144,11 @@ class ClusterLimiter(LocalLimiter):
         slots are held); the lease's member name, or the limit to wait on."""
         cluster = [l for l in limits if is_cluster_key(l.key)]
         member = f"{self._member}{next(self._serial)}"
+        if self._pending:
+            # Leases given back go first: the slot a closing connection just
+            # freed here is often the one this connection took locally, and
+            # Redis must not still count it (a needless refusal).
+            await asyncio.wait(list(self._pending), timeout=2.0)
         try:
             refused = await self._leases.acquire(member, [(l.key, l.cap) for l in cluster], self._lease_ms)
         except _DOWN_ERRORS as e:
@@ -217,9 +228,10 @@ class ClusterLimiter(LocalLimiter):
             if self._monotonic() >= next_renew:
                 next_renew = self._monotonic() + renew_every
                 await self._renew(on_lost)
-            keys = sorted({k for k in watched() if is_cluster_key(k)} | set(self._mine))
+            wanted = {k for k in watched() if is_cluster_key(k)}
+            keys = sorted(wanted | set(self._mine))
             if keys:
-                await self._read(keys)
+                await self._read(keys, wanted)
                 on_room()
 
     async def _renew(self, on_lost: Callable[[str], None]) -> None:
@@ -242,9 +254,10 @@ class ClusterLimiter(LocalLimiter):
         for member, _ in gone:
             on_lost(member)
 
-    async def _read(self, keys: list[str]) -> None:
+    async def _read(self, keys: list[str], wanted: Collection[str] = ()) -> None:
+        """Read the leases of ``keys`` (and say that jobs here wait on those of ``wanted``)."""
         try:
-            quiet, counts = await self._leases.counts(keys)
+            quiet, counts = await self._leases.counts(self._member, keys, wanted, WANT_MS)
         except _DOWN_ERRORS as e:
             self._unreachable(e, keys)
             return
@@ -252,7 +265,8 @@ class ClusterLimiter(LocalLimiter):
         if quiet > 0:
             self._quiet(quiet, keys)
             return
-        for key, n in zip(keys, counts, strict=True):
+        self.wanted_elsewhere = {key for key, (_, wants) in zip(keys, counts, strict=True) if wants}
+        for key, (n, _) in zip(keys, counts, strict=True):
             others = max(0, n - self._mine.get(key, 0))
             if others:
                 self._others[key] = others

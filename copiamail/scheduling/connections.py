@@ -207,10 +207,14 @@ class Connections:
                 if conn.idle:
                     conn.handoff.set_result(None)  # type: ignore[union-attr]
 
-    def close_one_holding(self, key: str) -> None:
+    def close_one_holding(self, key: str, other_than: str | None = None) -> None:
         """Tell one idle connection that holds a slot of ``key`` to close, so
-        its slot can go to a job that waits for it."""
-        for conns in self._idle.values():
+        its slot can go to a job that waits for it; not one of domain
+        ``other_than``: an idle connection of the waiting job's own domain
+        carries it instead (closing it would only open another)."""
+        for domain, conns in self._idle.items():
+            if domain == other_than:
+                continue
             for conn in conns:
                 if conn.idle and any(l.key == key for l in conn.limits):
                     conn.handoff.set_result(None)  # type: ignore[union-attr]

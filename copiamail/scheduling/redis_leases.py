@@ -13,6 +13,11 @@ Keys, all under ``copiamail:``:
 ``rate:<pace key>``
     The earliest instant (microseconds, Redis's clock) at which the next
     message counted against a cluster-wide rate may start.
+``want:<limit key>``
+    A sorted set of the nodes' workers that have jobs waiting on the key
+    (one member each, scored with the instant its want lapses unless put
+    again): so a node knows when to close an idle connection that holds a
+    slot another node's jobs wait for.
 ``epoch``
     The instant until which no new lease is granted. Redis keeps leases in
     memory: when it restarts without them (or its data is flushed), the
@@ -29,7 +34,7 @@ renewal moves their expiry on; a release removes them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,16 +91,28 @@ end
 return lost
 """
 
-# KEYS: epoch, lease sets. Returns {ms of quiet time left, live leases per set}.
+# KEYS: epoch, then per key its lease set and its want set; ARGV: the
+# reader's name, how long (ms) its wants last, then per key 1 if the reader
+# has jobs waiting on it (its want is put or moved on), else 0. Returns {ms
+# of quiet time left, then per key: live leases, live wants of others}.
 _COUNT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local quiet = tonumber(redis.call('GET', KEYS[1]) or 0)
 local out = {0}
 if quiet == 0 then out[1] = -1 elseif quiet > now then out[1] = quiet - now end
-for i = 2, #KEYS do
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-  out[i] = redis.call('ZCARD', KEYS[i])
+for i = 1, (#KEYS - 1) / 2 do
+  local leases, wants = KEYS[2 * i], KEYS[2 * i + 1]
+  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+  redis.call('ZREMRANGEBYSCORE', wants, '-inf', now)
+  if ARGV[2 + i] == '1' then
+    redis.call('ZADD', wants, now + tonumber(ARGV[2]), ARGV[1])
+    redis.call('PEXPIRE', wants, tonumber(ARGV[2]) * 2)
+  end
+  local others = redis.call('ZCARD', wants)
+  if redis.call('ZSCORE', wants, ARGV[1]) then others = others - 1 end
+  out[2 * i] = redis.call('ZCARD', leases)
+  out[2 * i + 1] = others
 end
 return out
 """
@@ -121,6 +138,11 @@ return start - now
 def lease_key(key: str) -> str:
     """The Redis key of limit key ``key``'s leases."""
     return f"{_PREFIX}lease:{key}"
+
+
+def want_key(key: str) -> str:
+    """The Redis key of the workers whose jobs wait on limit key ``key``."""
+    return f"{_PREFIX}want:{key}"
 
 
 def rate_key(key: str) -> str:
@@ -171,12 +193,17 @@ class RedisLeases:
                 pipe.zrem(lease_key(k), member)
             await pipe.execute()
 
-    async def counts(self, keys: Sequence[str]) -> tuple[int, list[int]]:
-        """The live leases of each of ``keys``, and the milliseconds until
-        leases are granted again (0: now; -1: Redis holds no epoch yet, and
-        the first lease asked for starts one)."""
-        got = await self._count(keys=[EPOCH_KEY, *(lease_key(k) for k in keys)])
-        return int(got[0]), [int(x) for x in got[1:]]
+    async def counts(self, reader: str, keys: Sequence[str], wanted: Collection[str],
+                     want_ms: int) -> tuple[int, list[tuple[int, int]]]:
+        """Per key of ``keys``: its live leases, and how many other readers
+        have jobs waiting on it; ``reader`` has jobs waiting on those of
+        ``wanted`` (told for ``want_ms``). Also the milliseconds until leases
+        are granted again (0: now; -1: Redis holds no epoch yet, and the
+        first lease asked for starts one)."""
+        got = await self._count(keys=[EPOCH_KEY, *(k for key in keys for k in (lease_key(key), want_key(key)))],
+                                args=[reader, want_ms, *("1" if k in wanted else "0" for k in keys)])
+        pairs = [(int(got[i]), int(got[i + 1])) for i in range(1, len(got), 2)]
+        return int(got[0]), pairs
 
     async def holders(self, key: str) -> list[str]:
         """The members holding a live lease of ``key`` (for ``status``)."""

@@ -320,7 +320,7 @@ class Scheduler:
         # Only what scheduling needs is kept: a large backlog costs little memory.
         self._waiting.add(WaitEntry(w, item.job.without_content()), [(l.key, l.cap) for l in blocked.limits])
         for limit in blocked.limits:
-            self._connections.close_one_holding(limit.key)
+            self._connections.close_one_holding(limit.key, other_than=item.job.domain)
         # While its deferral was being written a slot may have freed, or a
         # connection of its domain gone idle: it is offered them now.
         free = [l.key for l in blocked.limits if self.limiter.in_use(l.key) < self._waiting.cap(l.key)]
@@ -366,7 +366,11 @@ class Scheduler:
             self._offer_key(key)  # each call starts, claims or moves on at least one job
 
     def _cluster_room(self) -> None:
-        """Redis was read: offer the cluster keys that have room now."""
+        """Redis was read: idle connections holding a slot that other nodes'
+        jobs wait on close; the cluster keys with room are offered."""
+        assert self._cluster is not None
+        for key in self._cluster.wanted_elsewhere:
+            self._connections.close_one_holding(key)
         self._offer([k for k in self._waiting.keys_with_room(self.limiter.in_use) if is_cluster_key(k)], fill=True)
 
     def _lease_lost(self, member: str) -> None:
