@@ -117,8 +117,7 @@ def test_a_slot_freed_for_a_waiting_job_is_not_taken_from_an_idle_connection_of_
         # A job of a.test waits on the server total: a.test's idle connection
         # can carry it, so b.test's is the one told to close.
         rig.connections.close_one_holding("server", other_than="a.test")
-        await asyncio.sleep(0)
-        closed = (own.handoff is None, other.handoff is None)
+        closed = (not own.idle, not other.idle)
         rig.connections.close_idle()
         await asyncio.gather(*waits)
         return closed
