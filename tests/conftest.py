@@ -68,14 +68,14 @@ def dns_server():
 
 @pytest.fixture
 def redis_server(tmp_path_factory):
-    """Factory: ``redis_server(password=None)`` returns a started RedisServer
+    """Factory: ``redis_server(password=None, tls=None)`` returns a started RedisServer
     on a free loopback port; every one made is killed at teardown."""
     from redisserver import RedisServer
 
     servers: list[RedisServer] = []
 
-    def make(password: str | None = None) -> RedisServer:
-        server = RedisServer(tmp_path_factory.mktemp("redis"), password)
+    def make(password: str | None = None, tls: tuple[str, str] | None = None) -> RedisServer:
+        server = RedisServer(tmp_path_factory.mktemp("redis"), password, tls)
         servers.append(server)
         return server.start()
 

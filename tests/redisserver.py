@@ -19,17 +19,22 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, password: str | None = None) -> None:
+    def __init__(self, workdir: Path, password: str | None = None, tls: tuple[str, str] | None = None) -> None:
+        """``tls``: (certificate, key) files: the server speaks only TLS, and
+        its ``url`` is ``rediss://`` trusting that certificate."""
         binary = shutil.which("redis-server")
         assert binary, "redis-server is missing: .ci/run installs it (apt-get install redis-server)"
         self.binary = binary
         self.workdir = workdir
         self.password = password
+        self.tls = tls
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[0]}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
@@ -37,6 +42,10 @@ class RedisServer:
                 "--dir", str(self.workdir), "--protected-mode", "no"]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.tls is not None:
+            args[1:3] = ["--port", "0", "--tls-port", str(self.port)]
+            args += ["--tls-cert-file", self.tls[0], "--tls-key-file", self.tls[1], "--tls-ca-cert-file", self.tls[0],
+                     "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -89,3 +89,25 @@ def test_the_loop_renews_leases_and_reports_those_it_lost(redis_server):
         await asyncio.gather(task, return_exceptions=True)
         await lim.close()
     asyncio.run(go())
+
+
+def test_the_loop_ends_when_cancelled_even_if_a_redis_call_swallows_the_cancellation():
+    class Swallowing:
+        client = None
+
+        async def counts(self, *args):
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:  # as a client library may, turning it into a timeout
+                raise TimeoutError from None
+            return 0, []
+
+    async def go() -> bool:
+        lim = ClusterLimiter(Swallowing(), "N1", 0, 3.0, "redis://test")  # type: ignore[arg-type]
+        task = asyncio.get_running_loop().create_task(lim.run(lambda: [CAP2.key], lambda: None, lambda m: None))
+        await asyncio.sleep(0.4)  # inside counts() now
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        return task in done and task.cancelled()
+
+    assert asyncio.run(go())

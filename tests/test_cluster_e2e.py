@@ -284,3 +284,17 @@ def test_status_explain_and_the_web_page_show_the_leases_per_key_and_node(tmp_pa
     finally:
         web.stop()
         stop(node)
+
+
+def test_rediss_with_a_password_keeps_the_cap(tmp_path, smtp_server, redis_server, tls_cert):
+    server = smtp_server()
+    server.add_rule(Rule(stage="EOD", delay=0.02))
+    redis = redis_server(password="s3cret", tls=(tls_cert.cert_path, tls_cert.key_path))
+    (tmp_path / "redis.pw").write_text("s3cret\n")
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 4"],
+                   yaml=f"cluster: {{redis: '{redis.url}', password_file: redis.pw, lease_seconds: 1}}\n"
+                        "domain:\n  c.test: {cluster_scope_max_outbound_connections: 2}\n")
+    _jobs(kit, 60, ["c.test"])
+    _drain_all(kit, ["N1", "N2"])
+    _sent_once(kit, server, 60)
+    assert server.peak_by_domain["c.test"] == 2

@@ -53,6 +53,15 @@ WARN_EVERY = 60.0  # seconds between two warnings that Redis cannot be used
 _DOWN_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
+def _still_running() -> None:
+    """Raise CancelledError if the current task was cancelled: a cancellation
+    that met a client-side timeout can come out as TimeoutError, which is
+    otherwise taken for Redis being down, and the task would go on."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def redis_client(url: str, password: str | None, timeout: float = 2.0) -> Any:
     """An asyncio Redis client for ``cluster.redis``; it connects at its first command."""
     import redis.asyncio
@@ -152,6 +161,7 @@ class ClusterLimiter(LocalLimiter):
         try:
             refused = await self._leases.acquire(member, [(l.key, l.cap) for l in cluster], self._lease_ms)
         except _DOWN_ERRORS as e:
+            _still_running()
             self._unreachable(e, [l.key for l in cluster])
             return cluster[0]
         self._reachable()
@@ -188,7 +198,7 @@ class ClusterLimiter(LocalLimiter):
         try:
             await self._leases.release(member, keys)
         except _DOWN_ERRORS:
-            pass  # it expires within lease_seconds
+            _still_running()  # else it expires within lease_seconds
 
     async def pace(self, paces: Sequence[Pace], before_long_wait: Callable[[], Any], long_wait: float = 20.0) -> None:
         """Wait for the next start the cluster-wide rates ``paces`` allow, and
@@ -199,9 +209,11 @@ class ClusterLimiter(LocalLimiter):
             try:
                 # A little wider than the rate, as the local pacer keeps it (jitter on the way).
                 wait = await self._leases.rate_start([(p.key, p.spacing * SLACK) for p in paces])
+                _still_running()
                 self._reachable()
                 break
             except _DOWN_ERRORS as e:
+                _still_running()
                 self._unreachable(e, [])
                 await asyncio.sleep(1.0)
                 waited += 1.0
@@ -225,6 +237,7 @@ class ClusterLimiter(LocalLimiter):
         next_renew = self._monotonic() + renew_every
         while True:
             await asyncio.sleep(POLL)
+            _still_running()
             if self._monotonic() >= next_renew:
                 next_renew = self._monotonic() + renew_every
                 await self._renew(on_lost)
@@ -241,6 +254,7 @@ class ClusterLimiter(LocalLimiter):
         try:
             lost = await self._leases.renew([(m, [l.key for l in ls]) for m, ls in held], self._lease_ms)
         except _DOWN_ERRORS as e:
+            _still_running()
             self._unreachable(e, [])
             lost = [1] * len(held)
         # The rest of a member's leases are renewed on until its connection
@@ -259,6 +273,7 @@ class ClusterLimiter(LocalLimiter):
         try:
             quiet, counts = await self._leases.counts(self._member, keys, wanted, WANT_MS)
         except _DOWN_ERRORS as e:
+            _still_running()
             self._unreachable(e, keys)
             return
         self._reachable()
@@ -266,6 +281,8 @@ class ClusterLimiter(LocalLimiter):
             self._quiet(quiet, keys)
             return
         self.wanted_elsewhere = {key for key, (_, wants) in zip(keys, counts, strict=True) if wants}
+        for key in set(self._others) - set(keys):
+            del self._others[key]  # not read any more: no stale "full" when a job meets it next
         for key, (n, _) in zip(keys, counts, strict=True):
             others = max(0, n - self._mine.get(key, 0))
             if others:

@@ -162,6 +162,13 @@ class Connections:
         else:
             conn.retiring = True
 
+    def lease_lost(self, member: str) -> None:
+        """The cluster leases held as ``member`` could not be renewed: its
+        connection closes now if idle, else after its current message."""
+        for conn in self._open:
+            if conn.lease == member:
+                self.retire(conn)
+
     def idle_for(self, job: Job, bindings: Collection[BindingConfig | None], targets: Sequence[Target]) -> Connection | None:
         """An idle connection of ``job``'s domain that may carry it: over one of
         ``bindings``, to one of ``targets`` (the same place, not only the same

@@ -173,7 +173,7 @@ class Scheduler:
             self.spool.root, self.node, self._attempts.worker, self._connections, lambda: self.stats,
             self._attempts.transactions, self.clock))
         leases = None if self._cluster is None else loop.create_task(self._cluster.run(
-            self._waiting.waited_on, self._cluster_room, self._lease_lost))
+            self._waiting.waited_on, self._cluster_room, self._connections.lease_lost))
         await self._router.learn_host_names_or_warn()
         scanner = self._scanner
         next_full = 0.0
@@ -372,11 +372,6 @@ class Scheduler:
         for key in self._cluster.wanted_elsewhere:
             self._connections.close_one_holding(key)
         self._offer([k for k in self._waiting.keys_with_room(self.limiter.in_use) if is_cluster_key(k)], fill=True)
-
-    def _lease_lost(self, member: str) -> None:
-        for conn in self._connections:
-            if conn.lease == member:
-                self._connections.retire(conn)
 
     def _cap_raised(self, key: str, cap: int) -> None:
         """An adaptive key's learned cap rose to ``cap``: its waiting jobs may start."""
