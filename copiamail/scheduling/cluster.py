@@ -47,7 +47,7 @@ from copiamail.scheduling.redis_leases import RedisLeases
 
 log = logging.getLogger("copiamail")
 
-POLL = 0.25  # seconds between two reads of the cluster keys jobs wait on
+POLL = 0.1  # seconds between two reads of the cluster keys jobs wait on
 WANT_MS = 1000  # how long a worker's "jobs wait here" lasts in Redis unless told again
 WARN_EVERY = 60.0  # seconds between two warnings that Redis cannot be used
 _DOWN_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
