@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from copiamail.config import Config, read_password
-from copiamail.scheduling.cluster import why_down
+from copiamail.config import Config
+from copiamail.config_checks import is_ip
+from copiamail.scheduling.cluster import sync_client, why_down
 from copiamail.scheduling.limits import CLUSTER_PREFIX
 from copiamail.scheduling.redis_leases import EPOCH_KEY, lease_key
 
@@ -28,7 +29,7 @@ def cluster_caps(config: Config) -> dict[str, int]:
             caps[f"{CLUSTER_PREFIX}domain:{stanza.key}"] = cap
     for host in config.hosts:
         cap = host.caps.cluster_scope_max_outbound_connections
-        if cap is not None and all(c in "0123456789abcdef.:" for c in host.key):
+        if cap is not None and is_ip(host.key):
             caps[f"{CLUSTER_PREFIX}host:{host.key}"] = min(cap, caps.get(f"{CLUSTER_PREFIX}host:{host.key}", cap))
     return caps
 
@@ -47,8 +48,7 @@ def cluster_leases(config: Config, timeout: float = 1.0) -> dict[str, Any] | Non
     caps = cluster_caps(config)
     doc: dict[str, Any] = {"redis": cluster.redis, "error": None, "quiet_seconds": 0.0,
                            "keys": [{"key": k, "cap": c, "leases": 0, "nodes": {}} for k, c in sorted(caps.items())]}
-    client = redis.Redis.from_url(cluster.redis, password=read_password(config, "cluster"), socket_timeout=timeout,
-                                  socket_connect_timeout=timeout)
+    client = sync_client(config, timeout)
     try:
         seconds, micros = client.time()
         now_ms = int(seconds) * 1000 + int(micros) // 1000

@@ -33,6 +33,7 @@ import itertools
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -77,18 +78,25 @@ def why_down(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
+def sync_client(config: Config, timeout: float) -> Any:
+    """A blocking Redis client for ``config``'s ``cluster:`` (which it must have), for one-off reads."""
+    import redis
+
+    assert config.cluster is not None
+    return redis.Redis.from_url(config.cluster.redis, password=read_password(config, "cluster"),
+                                socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
 def check_cluster(config: Config) -> None:
     """At a node's start: a ConfigError (one line, no password in it) when
     Redis refuses the password of ``cluster.password_file`` or wants one; a
     warning when it cannot be reached (the node starts, and the jobs under
     cluster-wide limits wait for it)."""
-    import redis
 
     cluster = config.cluster
     if cluster is None:
         return
-    client = redis.Redis.from_url(cluster.redis, password=read_password(config, "cluster"), socket_timeout=2.0,
-                                  socket_connect_timeout=2.0)
+    client = sync_client(config, 2.0)
     try:
         client.ping()
     except AuthenticationError:
@@ -125,7 +133,6 @@ class ClusterLimiter(LocalLimiter):
         self._others: dict[str, int] = {}  # leases of each cluster key held elsewhere, as last read
         self._caps: dict[str, int] = {}  # each cluster key's cap, as last asked for
         self._held: dict[str, tuple[Limit, ...]] = {}  # our leases: member -> its cluster limits
-        self._mine: dict[str, int] = {}  # our leases per key
         self._lost: set[str] = set()  # members whose connections were told their lease is lost
         self._pending: set[asyncio.Task[None]] = set()
         self._warned_at: float | None = None  # when we last warned that Redis cannot be used
@@ -134,6 +141,10 @@ class ClusterLimiter(LocalLimiter):
         self.wanted_elsewhere: set[str] = set()  # cluster keys other workers' jobs wait on, as last read
 
     # --- what the scheduler counts (synchronous) -----------------------------
+
+    def _mine(self) -> Counter[str]:
+        """Our leases per key (a worker holds a few hundred at most)."""
+        return Counter(l.key for limits in self._held.values() for l in limits)
 
     def try_acquire(self, limits: Sequence[Limit]) -> Limit | None:
         for limit in limits:
@@ -171,11 +182,9 @@ class ClusterLimiter(LocalLimiter):
                 return cluster[0]
             full = cluster[refused.index]
             # Seen full: wait until a read finds room, not until a local slot frees.
-            self._others[full.key] = max(0, refused.count - self._mine.get(full.key, 0))
+            self._others[full.key] = max(0, refused.count - self._mine()[full.key])
             return full
         self._held[member] = tuple(cluster)
-        for l in cluster:
-            self._mine[l.key] = self._mine.get(l.key, 0) + 1
         return member
 
     def give_back(self, member: str) -> None:
@@ -183,12 +192,6 @@ class ClusterLimiter(LocalLimiter):
         slots are released apart): its leases go back to Redis, soon."""
         cluster = self._held.pop(member, ())
         self._lost.discard(member)
-        for l in cluster:
-            n = self._mine.get(l.key, 0) - 1
-            if n > 0:
-                self._mine[l.key] = n
-            else:
-                self._mine.pop(l.key, None)
         if cluster:
             task = asyncio.get_running_loop().create_task(self._release(member, [l.key for l in cluster]))
             self._pending.add(task)
@@ -242,7 +245,7 @@ class ClusterLimiter(LocalLimiter):
                 next_renew = self._monotonic() + renew_every
                 await self._renew(on_lost)
             wanted = {k for k in watched() if is_cluster_key(k)}
-            keys = sorted(wanted | set(self._mine))
+            keys = sorted(wanted | set(self._mine()))
             if keys:
                 await self._read(keys, wanted)
                 on_room()
@@ -283,8 +286,9 @@ class ClusterLimiter(LocalLimiter):
         self.wanted_elsewhere = {key for key, (_, wants) in zip(keys, counts, strict=True) if wants}
         for key in set(self._others) - set(keys):
             del self._others[key]  # not read any more: no stale "full" when a job meets it next
+        mine = self._mine()
         for key, (n, _) in zip(keys, counts, strict=True):
-            others = max(0, n - self._mine.get(key, 0))
+            others = max(0, n - mine[key])
             if others:
                 self._others[key] = others
             else:

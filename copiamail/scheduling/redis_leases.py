@@ -41,12 +41,16 @@ from typing import Any
 _PREFIX = "copiamail:"
 EPOCH_KEY = f"{_PREFIX}epoch"
 
+# Every lease script starts here: ``now`` in milliseconds of Redis's clock.
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
 # KEYS: epoch, lease sets; ARGV: member, lease ms, a cap per lease set.
 # Returns {0, 0} when taken; {i, n} when lease set i holds n >= its cap;
 # {-1, ms} while no lease is granted for ms more.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_ACQUIRE = _NOW_MS + """
 local lease = tonumber(ARGV[2])
 local quiet = tonumber(redis.call('GET', KEYS[1]) or 0)
 if quiet == 0 then
@@ -69,9 +73,7 @@ return {0, 0}
 # KEYS: epoch, lease sets; ARGV: member, lease ms. Moves the member's expiry
 # on in every set where it is still live; returns 0, or the first set where
 # its lease was lost (expired or gone, outside the epoch's quiet time).
-_RENEW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_RENEW = _NOW_MS + """
 local lease = tonumber(ARGV[2])
 local quiet = tonumber(redis.call('GET', KEYS[1]) or 0)
 if quiet == 0 then
@@ -95,9 +97,7 @@ return lost
 # reader's name, how long (ms) its wants last, then per key 1 if the reader
 # has jobs waiting on it (its want is put or moved on), else 0. Returns {ms
 # of quiet time left, then per key: live leases, live wants of others}.
-_COUNT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_COUNT = _NOW_MS + """
 local quiet = tonumber(redis.call('GET', KEYS[1]) or 0)
 local out = {0}
 if quiet == 0 then out[1] = -1 elseif quiet > now then out[1] = quiet - now end
