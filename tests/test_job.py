@@ -453,6 +453,7 @@ def _parses(cf: CommandFile) -> bool:
 
 
 @pytest.mark.parametrize("text", [
+    "$email_address a@x.org\n$email_alt_address b@y.org\n$var_def EMAIL_USING_ALT 1\n",
     '$email_address "a b"@x.org\n',
     "$email_address a@x.org\n$EMAIL_ADDRESS b@y.org\n",
     "$email_address a@x.org ;comment\n",

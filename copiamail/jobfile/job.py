@@ -49,13 +49,18 @@ def _check_header_value(value: str, what: str, cmd: Command, cf: CommandFile) ->
     return value
 
 
+_MAY_USE_ALT = re.compile(USING_ALT, re.IGNORECASE)
+
+
 def quick_domain(cf: CommandFile) -> str | None:
     """The recipient's domain read without parsing the whole job, when the file
-    has one plain ``$email_address`` line (no quotes, no comment); else None.
+    has one plain ``$email_address`` line (no quotes, no comment) and does not
+    mention ``EMAIL_USING_ALT``; else None.
     Where it gives a domain and :func:`parse_job` succeeds, the two agree
     (tested): it lets a worker skip other workers' jobs cheaply."""
     lines = address_lines(cf.text)
-    if len(lines) != 1:
+    if len(lines) != 1 or _MAY_USE_ALT.search(cf.text):
+        # A job that has moved to its $email_alt_address goes to that domain.
         return None
     arg = lines[0].rstrip("\r").strip(" \t")
     if not arg or any(c in arg for c in ' \t";\x00'):
