@@ -33,7 +33,7 @@ from copiamail.cli_queue import cancel, flush, hold, list_command, release, requ
 from copiamail.cli_status import status
 from copiamail.cli_web import web_command
 from copiamail.cluster_report import cluster_leases
-from copiamail.config import Config, load_config, read_password, workers_problem
+from copiamail.config import Config, load_config, read_password
 from copiamail.errors import CopiamailError, DeliveryError, JobError
 from copiamail.jobfile.addresses import parse_address
 from copiamail.jobfile.dkim import sign_for_job
@@ -151,9 +151,6 @@ def node(name: str, relay: str | None, relay_ca: Path | None, relay_no_verify: b
             relay_ca_file=relay_ca, relay_tls_verify=False if relay_no_verify else None)
         if workers is not None:
             cfg = dataclasses.replace(cfg, workers=workers)
-            problem = workers_problem(cfg)
-            if problem is not None:
-                raise CopiamailError(f"--workers: {problem}")
         return cfg
 
     cfg = load()

@@ -80,7 +80,6 @@ __all__ = [
     "parse_config",
     "parse_host_port",
     "read_password",
-    "workers_problem",
 ]
 
 CONFIG_ENV = "COPIAMAIL_CONFIG"
@@ -121,7 +120,7 @@ class Config:
     helo_name: str | None = None
     mx_tls_verify: bool = False
     node_stale_after: float = 300.0
-    workers: int = 1
+    workers: int | None = None  # None: "auto", one per CPU this process may run on (worker_count)
     # Windows path prefixes (lower-case, as written in jobs) and the local
     # folders they stand for, longest prefix first.
     path_map: tuple[tuple[str, str], ...] = ()
@@ -155,6 +154,14 @@ class Config:
         """attachment_roots, defaulting to the spool root."""
         return self.attachment_roots or (self.spool,)
 
+    @property
+    def worker_count(self) -> int:
+        """The worker processes a node runs: ``workers``, or with ``auto`` one
+        per CPU this process may run on (at most 64)."""
+        if self.workers is not None:
+            return self.workers
+        return max(1, min(64, len(os.sched_getaffinity(0))))
+
     def binding(self, name: str) -> BindingConfig | None:
         return next((b for b in self.bindings if b.name == name), None)
 
@@ -164,8 +171,9 @@ class Config:
     def shared_caps(self) -> list[tuple[str, int]]:
         """The caps that count connections of more than one domain (key, cap):
         the node total, binding and group totals, the pooled cap of a regex
-        stanza, a host's cap. With ``workers`` > 1 each is divided between the
-        workers; a cap of one domain alone is not (its domain has one worker)."""
+        stanza, a host's cap. With ``workers`` > 1 each is counted once for the
+        node, in the table its workers share; a cap of one domain alone is
+        counted by the one worker that sends that domain."""
         out = [("server_max_outbound_connections", self.server_max_outbound_connections)]
 
         def pooled(stanzas: tuple[DomainStanza, ...], where: str) -> None:
@@ -257,9 +265,6 @@ def parse_config(data: Any, path: Path | None) -> Config:
     cfg = Config(**kw)
     if cfg.server_reserve_outbound_connections >= cfg.server_max_outbound_connections:
         raise r.error(m, "server_reserve_outbound_connections", "must be smaller than server_max_outbound_connections")
-    problem = workers_problem(cfg)
-    if problem is not None:
-        raise r.error(m, "workers", problem)
     if cfg.cluster is None:
         for key in cluster_settings(cfg)[:1]:
             raise ConfigError(f"key '{key}': a cluster-wide limit needs a Redis server (cluster.redis)",
@@ -293,17 +298,6 @@ def cluster_settings(cfg: Config) -> list[str]:
                 if getattr(stanza.caps, name) is not None:
                     found.append(f"{kind}.{stanza.key}.{name}")
     return found
-
-
-def workers_problem(cfg: Config) -> str | None:
-    """Why ``cfg.workers`` cannot run, or None. More workers than a shared cap
-    has slots is refused: a worker with no slot of the node total (or of a
-    pooled cap) could never send its domains."""
-    for key, cap in cfg.shared_caps():
-        if cap < cfg.workers:
-            return (f"{cfg.workers} workers share '{key}' ({cap}), which needs at least one slot per worker; "
-                    f"use at most {cap} workers or raise the cap")
-    return None
 
 
 def read_password(config: Config, key: str = "relay") -> str | None:

@@ -202,6 +202,15 @@ def _folders(r: Reader, m: CommentedMap, key: str, full: str) -> tuple[Path, ...
 _Step = Callable[[Reader, CommentedMap, str, dict[str, Any]], None]
 
 
+def _workers(r: Reader, m: CommentedMap, key: str, kw: dict[str, Any]) -> None:
+    if m.get(key) == "auto":
+        kw[key] = None
+    elif m.get(key) is not None:
+        if isinstance(m[key], str):
+            raise r.error(m, key, f"must be auto or an integer from 1 to 64, got {m[key]!r}")
+        kw[key] = r.integer(m, key, key, 1, 64)
+
+
 def _field(read: Read, name: str | None = None) -> _Step:
     """The step of a key that sets one Config field (``name``, else the key's
     own name) when the file gives it."""
@@ -226,7 +235,7 @@ TOP_LEVEL: Mapping[str, _Step] = MappingProxyType({
     "max_outbound_connections": _field(integer(1)),
     "messages_per_connection": _field(integer(1)),
     "max_deliveries_per_connection": _field(integer(1)),
-    "workers": _field(integer(1, 64)),
+    "workers": _workers,
     "scope_max_outbound_connections": read_global_scope_cap,
     "cluster_scope_max_outbound_connections": _field(integer(1)),
     "shutdown_grace": _field(number(0.0)),

@@ -91,9 +91,11 @@ def nodes_of(states: list[WorkerState], now: float) -> list[dict[str, Any]]:
         for key, k in s.keys.items():
             entry = n["keys"].setdefault(key, {"open": 0, "cap": 0, "configured": None})
             entry["open"] += k.open
-            entry["cap"] += k.cap
+            # A shared key's cap is the node's, the same in each worker; another key's is its worker's.
+            entry["cap"] = max(entry["cap"], k.cap) if k.shared else entry["cap"] + k.cap
             if k.configured is not None:
-                entry["configured"] = (entry["configured"] or 0) + k.configured
+                entry["configured"] = (max(entry["configured"] or 0, k.configured) if k.shared
+                                       else (entry["configured"] or 0) + k.configured)
     for n in nodes.values():
         n["counters"] = dict(n["counters"])
     return list(nodes.values())

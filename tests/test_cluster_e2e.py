@@ -147,7 +147,7 @@ def test_redis_killed_and_restarted_midway_no_cap_exceeded_nothing_failed_free_d
     capped = ["c0.test", "c1.test"]
     stanzas = "".join(f"  {d}: {{cluster_scope_max_outbound_connections: 2}}\n" for d in capped)
     # free.test: one connection per node, so it is still sending when Redis goes
-    kit = _kit(tmp_path, server, redis, "domain:\n" + stanzas, lease=2,
+    kit = _kit(tmp_path, server, redis, "workers: 2\ndomain:\n" + stanzas, lease=2,
                cfg=("$domain_limit free.test @ 1", "$domain_limit * @ 4"))
     _jobs(kit, 900, [*capped, "free.test", "free.test"])
     nodes = [kit.start(name) for name in ("N1", "N2")]
@@ -172,8 +172,8 @@ def test_redis_killed_and_restarted_midway_no_cap_exceeded_nothing_failed_free_d
     _sent_once(kit, server, 900)
     assert all(server.peak_by_domain[d] <= 2 for d in capped), server.peak_by_domain
     for err in errs:
-        # one warning a minute at most (the first here), and one line when Redis is back
-        assert err.count("cannot be used") == 1, err
+        # one warning a minute at most per worker (the first here), and one line when Redis is back
+        assert 1 <= err.count("cannot be used") <= 2, err
         assert "answers again" in err
 
 

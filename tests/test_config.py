@@ -539,20 +539,26 @@ def test_relay_option_refuses_a_bad_host_or_port(text):
 # --- workers ---------------------------------------------------------------------------
 
 
-def test_workers_defaults_to_one_and_is_read(tmp_path):
-    assert load_yaml(tmp_path, "spool: s\n").workers == 1
-    assert load_yaml(tmp_path, "spool: s\nworkers: 4\n").workers == 4
+def test_workers_defaults_to_auto_one_per_cpu_and_is_read(tmp_path):
+    import os
+
+    cpus = len(os.sched_getaffinity(0))
+    assert load_yaml(tmp_path, "spool: s\n").workers is None
+    assert load_yaml(tmp_path, "spool: s\n").worker_count == min(cpus, 64)
+    assert load_yaml(tmp_path, "spool: s\nworkers: auto\n").worker_count == min(cpus, 64)
+    assert load_yaml(tmp_path, "spool: s\nworkers: 4\n").worker_count == 4
 
 
-@pytest.mark.parametrize("value", ["0", "65", "two", "1.5"])
+@pytest.mark.parametrize("value", ["0", "65", "two", "1.5", "Auto", "true"])
 def test_workers_outside_1_to_64_is_refused_naming_the_key(tmp_path, value):
     err = config_error(tmp_path, f"spool: s\nworkers: {value}\n")
     assert_names(err, tmp_path / "copiamail.yaml", 2, "workers")
 
 
-def test_more_workers_than_a_shared_cap_has_slots_is_refused_naming_the_cap(tmp_path):
-    err = config_error(tmp_path, "spool: s\nworkers: 3\nhost:\n  mx.test: {scope_max_outbound_connections: 2}\n")
-    assert_names(err, tmp_path / "copiamail.yaml", 2, "workers", "host.mx.test.scope_max_outbound_connections")
+def test_more_workers_than_a_shared_cap_has_slots_is_accepted(tmp_path):
+    # The workers share the node's count of a shared cap: none needs a slot of its own.
+    cfg = load_yaml(tmp_path, "spool: s\nworkers: 3\nhost:\n  mx.test: {scope_max_outbound_connections: 1}\n")
+    assert cfg.worker_count == 3
 
 
 def test_a_cap_of_one_domain_does_not_limit_the_number_of_workers(tmp_path):

@@ -110,7 +110,7 @@ def test_an_undefined_variable_fails_the_job_and_nothing_is_sent(tmp_path, serve
 
 def test_attempt_records_are_written_in_copiafacts_field_order(tmp_path, server):
     server.add_rule(Rule(stage="RCPT", code=550, text="5.1.1 <x@example.com>: User unknown"))
-    kit = SpoolKit(tmp_path, server.port)
+    kit = SpoolKit(tmp_path, server.port, yaml="workers: 1\n")  # E1: the first worker's number
     kit.job("TOSEND2", "R.FS", to="x@example.com")
     assert kit.drain().returncode == 0
     [record] = [l for l in kit.read("FAIL", "R.FS").splitlines() if l.startswith("$attempt_record")]

@@ -25,7 +25,9 @@ def start_with_crash(kit: SpoolKit, point: str):
     from spoolkit import CLI
 
     return subprocess.Popen(
-        [*CLI, "node", "--name", "N1"], cwd=kit.base, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        # One process: the crash point kills the process the scheduler runs in
+        # (a worker's death taking its node down is tested in test_workers_e2e).
+        [*CLI, "node", "--name", "N1", "--workers", "1"], cwd=kit.base, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL, env=cli_env(COPIAMAIL_CONFIG=str(kit.config_path), **{CRASH_ENV: point}),
     )
 

@@ -36,7 +36,9 @@ def test_five_jobs_of_a_small_domain_go_out_long_before_a_2000_job_domain_is_don
 def test_reserve_keeps_slots_of_the_node_total_for_domains_without_a_connection(tmp_path, smtp_server):
     server = smtp_server()
     server.add_rule(Rule(stage="EOD", delay=0.3))
-    kit = SpoolKit(tmp_path, server.port, [], yaml="server_max_outbound_connections: 4\nserver_reserve_outbound_connections: 2\n")
+    # One worker: which domain starts first is then the queue order this test reads.
+    kit = SpoolKit(tmp_path, server.port, [], yaml="workers: 1\nserver_max_outbound_connections: 4\n"
+                   "server_reserve_outbound_connections: 2\n")
     for i in range(12):
         kit.job("TOSEND", f"B{i:03d}.FS", to=f"u{i}@big.test")
     for i in range(3):
@@ -72,7 +74,9 @@ def test_reserve_must_be_smaller_than_the_node_total(tmp_path):
 def test_a_reserved_slot_goes_to_a_new_domain_even_behind_a_higher_priority_domain(tmp_path, smtp_server):
     server = smtp_server()
     server.add_rule(Rule(stage="EOD", delay=0.4))
-    kit = SpoolKit(tmp_path, server.port, [], yaml="server_max_outbound_connections: 4\nserver_reserve_outbound_connections: 2\n")
+    # One worker: which domain starts first is then the queue order this test reads.
+    kit = SpoolKit(tmp_path, server.port, [], yaml="workers: 1\nserver_max_outbound_connections: 4\n"
+                   "server_reserve_outbound_connections: 2\n")
     for i in range(16):
         kit.job("TOSEND", f"B{i:03d}.FS", to=f"u{i}@big.test")
     for i in range(2):

@@ -13,7 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from copiamail.config import Config, load_config
 from copiamail.scheduling.limiter import LocalLimiter
-from copiamail.scheduling.limits import Limit, limits_for, worker_cap, worker_of
+from copiamail.scheduling.limits import Limit, limits_for, worker_of
 
 # SPEC 5's example, without cluster and cfg.
 SPEC_YAML = r'''
@@ -470,14 +470,7 @@ def test_an_ip_listed_twice_gives_one_host_key(tmp_path):
     assert [l.key for l in got].count("host:192.0.2.1") == 1
 
 
-# --- workers: shared caps divided, one domain's caps whole ------------------------
-
-
-@given(st.integers(1, 10_000), st.integers(1, 64))
-def test_the_workers_parts_of_a_shared_cap_add_up_to_the_cap_and_differ_by_at_most_one(cap, workers):
-    parts = [worker_cap(cap, i, workers) for i in range(workers)]
-    assert sum(parts) == cap
-    assert max(parts) - min(parts) <= 1
+# --- workers: shared caps whole, counted once for the node -------------------------
 
 
 @given(st.text(min_size=1, max_size=30), st.integers(1, 16))
@@ -487,24 +480,21 @@ def test_a_domain_always_goes_to_the_same_worker(domain, workers):
     assert worker_of(domain, 1) == 0
 
 
-def test_with_workers_only_caps_that_span_domains_are_divided(tmp_path):
+def test_with_workers_every_cap_is_whole_and_only_caps_that_span_domains_are_shared(tmp_path):
     cfg = config(tmp_path, SPEC_YAML, cfg="$domain_limit * @ 7\n")
     whole = {l.key: l for l in lim(cfg, "a@yahoo.com", "b1", ips=("10.0.0.1",), names=("mx.shared.test",))}
     for worker in (0, 1):
         b = cfg.binding("b1")
         part = {l.key: l for l in limits_for(cfg, "N1", "a@yahoo.com", "yahoo.com", b, ("10.0.0.1",),
                                               ("mx.shared.test",), worker, 2)}
-        assert part.keys() == whole.keys()
-        for key, l in part.items():
-            expected = worker_cap(whole[key].cap, worker, 2) if whole[key].shared else whole[key].cap
-            assert l.cap == expected, key
+        assert part == whole
     shared = {k for k, l in whole.items() if l.shared}
     assert shared == {"server", "host:10.0.0.1"}
-    # yahoo.com's exact stanzas and its $domain_limit are one domain's: whole.
+    # yahoo.com's exact stanzas and its $domain_limit are one domain's.
     assert {"domain_limit:yahoo.com", "binding_scope:b1:yahoo.com", "group_domain:pool1:yahoo.com"} <= whole.keys() - shared
 
 
-def test_a_pooled_regex_stanza_is_shared_between_workers(tmp_path):
+def test_a_pooled_regex_stanza_is_shared_whole_by_the_workers(tmp_path):
     cfg = config(tmp_path, SPEC_YAML)
     pooled = {l.key: l for l in lim(cfg, "a@wanadoo.fr")}["global_domain:/^(wanadoo|orange)\\.fr$/"]
     assert pooled.shared and pooled.cap == 3
@@ -512,7 +502,7 @@ def test_a_pooled_regex_stanza_is_shared_between_workers(tmp_path):
         {l.key: l.cap for l in limits_for(cfg, "N1", "a@wanadoo.fr", "wanadoo.fr", cfg.binding("b1"), (), (), w, 2)}[pooled.key]
         for w in (0, 1)
     ]
-    assert sorted(parts) == [1, 2]
+    assert parts == [3, 3]
 
 
 def test_a_limit_is_shared_exactly_when_config_shared_caps_names_its_setting(tmp_path, monkeypatch):

@@ -99,7 +99,7 @@ def test_the_syncer_process_ends_when_the_node_closes_it(tmp_path):
 def test_a_node_whose_syncer_is_killed_goes_on_and_sends_every_job_once(tmp_path, smtp_server):
     server = smtp_server()
     server.add_rule(Rule(stage="EOD", delay=0.02))
-    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 2"])
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 2"], "workers: 1\n")  # one syncer, the node's child
     names = [f"J{i:03d}.FS" for i in range(40)]
     for i, name in enumerate(names):
         kit.job("TOSEND", name, to=f"u{i}@d.example")

@@ -95,7 +95,7 @@ def run_node(
             raise SpoolError(f"node {name} is running on {host} (its heartbeat in {spool.root / 'ACTIVE'} moves); "
                              "node names must be unique across machines")
         report = recover(spool, name)
-        if config.workers > 1:
+        if config.worker_count > 1:
             _log_start(config, name)
             result = run_workers(config, spool, name, password, drain, on_event, load)
             done = NodeResult(result.stats, report, time.monotonic() - started, result.failed_workers)
@@ -115,7 +115,7 @@ def _log_start(config: Config, name: str) -> None:
     rules = config.rules
     log.info("node %s started: spool %s, %s, limits %s (%d $domain_limit rule(s)), %d worker(s)",
              name, config.spool, f"relay {relay.host}:{relay.port}" if relay else "direct to each domain's MX",
-             rules.path or "none", len(rules.domain_limits), config.workers)
+             rules.path or "none", len(rules.domain_limits), config.worker_count)
 
 
 @contextmanager

@@ -7,8 +7,10 @@ signals); it sends no mail. It forks ``n`` *workers*, each a full
 :class:`~copiamail.scheduling.scheduler.Scheduler` with its own event loop.
 Worker ``i`` sends only the jobs whose domain
 :func:`~copiamail.scheduling.limits.worker_of` gives it, so every limit of one
-domain lives in one process with its whole cap, and each cap shared between
-domains is divided between the workers (the parts add up to the cap). All
+domain lives in one process with its whole cap; a cap shared between domains
+is counted for the whole node in a table in shared memory
+(:mod:`~copiamail.scheduling.shared_slots`, made here before the fork), so
+any worker may use it in full. All
 workers claim into the same ``ACTIVE/<node>`` folder: a claim is a rename, so
 two workers never hold the same job.
 
@@ -51,6 +53,7 @@ from copiamail.node.reload import ConfigLoader, on_hangup, reloaded
 from copiamail.node.services import node_services
 from copiamail.osutil import NulRecords, die_with_parent, write_all
 from copiamail.scheduling.scheduler import Scheduler, Stats
+from copiamail.scheduling.shared_slots import SharedSlots
 from copiamail.spool.queue import Spool
 
 log = logging.getLogger("copiamail")
@@ -108,12 +111,13 @@ def run_workers(
     on_event: Callable[[str, str], None] | None,
     load: ConfigLoader | None = None,
 ) -> WorkersResult:
-    """Fork ``config.workers`` workers and supervise them until all have
+    """Fork ``config.worker_count`` workers and supervise them until all have
     ended (drained, or stopped by SIGTERM/SIGINT). Call with the node's lock
     held and its recovery done, before any thread or event loop is started."""
     workers: list[_Worker] = []
     supervisor = os.getpid()
-    for i in range(config.workers):
+    shared = SharedSlots.create()
+    for i in range(config.worker_count):
         ctl_r, ctl_w = os.pipe()
         out_r, out_w = os.pipe()
         sys.stdout.flush()
@@ -128,7 +132,7 @@ def run_workers(
                     os.close(w.ctl)
                     os.close(w.out.fd)
                 code = _worker_main(config, spool, node, password, drain, i, ctl_r, out_w, on_event is not None,
-                                    supervisor, load)
+                                    supervisor, load, shared)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -288,7 +292,8 @@ def _received(w: _Worker, record: bytes, on_event: Callable[[str, str], None]) -
 
 
 def _worker_main(config: Config, spool: Spool, node: str, password: str | None, drain: bool,
-                 index: int, ctl: int, out: int, report_events: bool, supervisor: int, load: ConfigLoader | None) -> int:
+                 index: int, ctl: int, out: int, report_events: bool, supervisor: int, load: ConfigLoader | None,
+                 shared: SharedSlots) -> int:
     # Where the death signal is missing (not Linux), the end of file on the
     # control pipe still stops the worker.
     if not die_with_parent(supervisor):
@@ -307,7 +312,7 @@ def _worker_main(config: Config, spool: Spool, node: str, password: str | None, 
             events.clear()
 
     scheduler = Scheduler(config, spool, node, password=password, on_event=on_event if report_events else None,
-                          worker=index, workers=config.workers)
+                          worker=index, workers=config.worker_count, shared=shared)
     stats = asyncio.run(_serve_worker(scheduler, drain, ctl, load))
     flush_events()
     write(b"S" + encode_stats(stats) + b"\0")

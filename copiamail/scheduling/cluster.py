@@ -15,7 +15,7 @@ Redis. No local event tells when another node frees a slot, so
 :data:`POLL` seconds and calls ``on_room`` after each read; it also renews
 every lease this limiter holds every third of ``lease_seconds``. Each read
 also tells Redis which keys this worker's jobs wait on, and learns which
-keys other workers' jobs wait on (:attr:`ClusterLimiter.wanted_elsewhere`):
+keys other workers' jobs wait on (:attr:`ClusterLimiter.cluster_wanted_elsewhere`):
 an idle connection holding a slot of such a key is closed, so the slot goes
 where it is wanted instead of waiting here for a job of its own node.
 
@@ -45,6 +45,7 @@ from copiamail.scheduling.limiter import LocalLimiter
 from copiamail.scheduling.limits import Limit, Pace, is_cluster_key
 from copiamail.scheduling.pacing import SLACK
 from copiamail.scheduling.redis_leases import RedisLeases
+from copiamail.scheduling.shared_slots import SharedSlots
 
 log = logging.getLogger("copiamail")
 
@@ -110,10 +111,12 @@ def check_cluster(config: Config) -> None:
         client.close()
 
 
-def cluster_limiter(cluster: ClusterConfig, password: str | None, node: str, worker: int) -> ClusterLimiter:
-    """The limiter of worker ``worker`` of node ``node`` under ``cluster:``."""
+def cluster_limiter(cluster: ClusterConfig, password: str | None, node: str, worker: int,
+                    shared: SharedSlots | None = None) -> ClusterLimiter:
+    """The limiter of worker ``worker`` of node ``node`` under ``cluster:``
+    (``shared``: the table of the node's workers)."""
     return ClusterLimiter(RedisLeases(redis_client(cluster.redis, password)), node, worker, cluster.lease_seconds,
-                          cluster.redis)
+                          cluster.redis, shared=shared)
 
 
 class ClusterLimiter(LocalLimiter):
@@ -122,8 +125,8 @@ class ClusterLimiter(LocalLimiter):
     (used from one event loop)."""
 
     def __init__(self, leases: RedisLeases, node: str, worker: int, lease_seconds: float, url: str,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
-        super().__init__()
+                 monotonic: Callable[[], float] = time.monotonic, shared: SharedSlots | None = None) -> None:
+        super().__init__(shared, worker)
         self._leases = leases
         self._lease_ms = max(1, round(lease_seconds * 1000))
         self._url = url
@@ -138,7 +141,7 @@ class ClusterLimiter(LocalLimiter):
         self._warned_at: float | None = None  # when we last warned that Redis cannot be used
         self._quiet_warned_at: float | None = None  # ... that it lost its leases
         self.down: str | None = None  # why Redis cannot be used now (None: it can)
-        self.wanted_elsewhere: set[str] = set()  # cluster keys other workers' jobs wait on, as last read
+        self.cluster_wanted_elsewhere: set[str] = set()  # cluster keys other workers' jobs wait on, as last read
 
     # --- what the scheduler counts (synchronous) -----------------------------
 
@@ -283,7 +286,7 @@ class ClusterLimiter(LocalLimiter):
         if quiet > 0:
             self._quiet(quiet, keys)
             return
-        self.wanted_elsewhere = {key for key, (_, wants) in zip(keys, counts, strict=True) if wants}
+        self.cluster_wanted_elsewhere = {key for key, (_, wants) in zip(keys, counts, strict=True) if wants}
         for key in set(self._others) - set(keys):
             del self._others[key]  # not read any more: no stale "full" when a job meets it next
         mine = self._mine()

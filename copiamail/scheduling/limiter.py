@@ -6,6 +6,13 @@ process. A limiter shared by a node's workers, or held in Redis for a cluster
 (leases that expire, so a dead node's slots come back), or one whose caps
 adapt to the replies of a destination, fits behind the same interface.
 
+With workers, the keys that count connections of several domains (a
+:class:`~copiamail.scheduling.limits.Limit` marked ``shared``) are counted
+once for the node, in :class:`~.shared_slots.SharedSlots`, so any worker may
+use a shared cap in full; :meth:`LocalLimiter.watch_shared` tells the
+scheduler when a slot another worker held has freed, and which of its own
+slots other workers' jobs wait on.
+
 The rules every limiter keeps: a connection takes one slot of every key that
 applies to it, in the order given, all or none; it gives them back when it
 closes; a cap is the ``cap`` of the :class:`~copiamail.scheduling.limits.Limit`
@@ -15,10 +22,14 @@ stops new connections until the count falls under it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from copiamail.scheduling.limits import Limit
+from copiamail.scheduling.limits import Limit, is_cluster_key
+from copiamail.scheduling.shared_slots import SharedSlots
+
+SHARED_POLL = 0.02  # seconds between two looks at the shared table while jobs wait on it
 
 
 class Limiter(Protocol):
@@ -46,23 +57,57 @@ class Limiter(Protocol):
 
 
 class LocalLimiter:
-    """A :class:`Limiter` inside one process (one event loop: no locking needed)."""
+    """A :class:`Limiter` inside one process (one event loop), or one worker's
+    part of a node: with ``shared``, the shared keys are counted in that
+    table, for worker ``worker`` of the node."""
 
-    def __init__(self) -> None:
-        self._used: dict[str, int] = {}
+    def __init__(self, shared: SharedSlots | None = None, worker: int = 0) -> None:
+        self._used: dict[str, int] = {}  # this process's connections per key
+        self._shared = shared
+        self._worker = worker
+        self._in_table: set[str] = set()  # keys counted in the shared table
+        self._wanted: set[str] = set()  # keys this worker has said its jobs wait on
+        self.wanted_elsewhere: set[str] = set()  # keys held here that other workers' jobs wait on
+
+    def _table_keys(self, limits: Sequence[Limit]) -> list[str]:
+        if self._shared is None:
+            return []
+        # Cluster keys are Redis's to count (every node's workers), never the table's.
+        keys = [l.key for l in limits if l.shared and not is_cluster_key(l.key)]
+        self._in_table.update(keys)
+        return keys
 
     def try_acquire(self, limits: Sequence[Limit]) -> Limit | None:
+        shared = self._shared
+        if shared is None or not self._table_keys(limits):
+            return self._take(limits, self._used.get)
+        # Check and take under one lock: two workers never both see the last slot free.
+        with shared.locked():
+            full = self._take(limits, self._count)
+            if full is None:
+                added: list[str] = []
+                for limit in limits:
+                    if limit.key in self._in_table:
+                        if not shared.add(limit.key, 1):
+                            for key in added:
+                                shared.add(key, -1)
+                            self._forget(limits)
+                            return limit
+                        added.append(limit.key)
+        return full
+
+    def _take(self, limits: Sequence[Limit], used: Callable[[str, int], int]) -> Limit | None:
         need: dict[str, int] = {}
         for limit in limits:
             # A key listed twice takes two slots: check it against both.
             need[limit.key] = need.get(limit.key, 0) + 1
-            if self._used.get(limit.key, 0) + need[limit.key] > limit.cap:
+            if used(limit.key, 0) + need[limit.key] > limit.cap:
                 return limit
         for limit in limits:
             self._used[limit.key] = self._used.get(limit.key, 0) + 1
         return None
 
-    def release(self, limits: Sequence[Limit]) -> None:
+    def _forget(self, limits: Sequence[Limit]) -> None:
         for limit in limits:
             n = self._used.get(limit.key, 0) - 1
             if n > 0:
@@ -70,9 +115,59 @@ class LocalLimiter:
             else:
                 self._used.pop(limit.key, None)
 
+    def release(self, limits: Sequence[Limit]) -> None:
+        shared = self._shared
+        if shared is not None and any(l.key in self._in_table for l in limits):
+            with shared.locked():
+                for limit in limits:
+                    if limit.key in self._in_table:
+                        shared.add(limit.key, -1)
+        self._forget(limits)
+
     def in_use(self, key: str) -> int:
-        return self._used.get(key, 0)
+        return self._count(key)
+
+    def _count(self, key: str, default: int = 0) -> int:
+        if key in self._in_table:
+            assert self._shared is not None
+            return self._shared.held(key)
+        return self._used.get(key, default)
 
     def force_acquire(self, limits: Sequence[Limit]) -> None:
+        table = self._table_keys(limits)
+        if table:
+            assert self._shared is not None
+            with self._shared.locked():
+                for key in table:
+                    self._shared.add(key, 1)
         for limit in limits:
             self._used[limit.key] = self._used.get(limit.key, 0) + 1
+
+    async def watch_shared(self, watched: Callable[[], list[str]], on_room: Callable[[], None]) -> None:
+        """Until cancelled (only with a shared table): every :data:`SHARED_POLL`
+        seconds, tell the table which shared keys this worker's jobs wait on
+        (``watched()``: the keys jobs wait on), learn which of the keys it holds
+        other workers wait on (:attr:`wanted_elsewhere`), and call ``on_room()``
+        when a slot was given back anywhere or that changed."""
+        shared = self._shared
+        if shared is None:
+            return
+        seen = shared.generation
+        while True:
+            await asyncio.sleep(SHARED_POLL)
+            wanted = {k for k in watched() if k in self._in_table}
+            held = [k for k in self._used if k in self._in_table]
+            generation = shared.generation
+            if wanted == self._wanted and generation == seen and not held:
+                continue
+            with shared.locked():
+                shared.want(self._worker, self._wanted - wanted, False)
+                shared.want(self._worker, wanted - self._wanted, True)
+                elsewhere = shared.wanted_by_others(self._worker, held)
+            self._wanted = wanted
+            if generation != seen or elsewhere:
+                seen = generation
+                self.wanted_elsewhere = elsewhere
+                on_room()
+            else:
+                self.wanted_elsewhere = elsewhere

@@ -33,18 +33,18 @@ limits each domain over each binding on its own. A regex stanza's
 named by the stanza; an exact stanza's counts its one domain.
 
 Workers (``workers:`` > 1): each worker process sends the domains that
-:func:`worker_of` gives it, so a key of one domain lives in one worker and
-keeps its whole cap. A key that counts several domains (*shared*: the table's
-last column) is divided: worker ``i`` of ``n`` gets ``cap // n``, plus one if
-``i < cap % n``. The workers' parts add up to the cap, so the node as a whole
-never exceeds it. Which config caps are shared is decided in one place,
-:meth:`~copiamail.config.Config.shared_caps` (which also checks, at load,
-that each leaves every worker a slot); a limit is shared when the setting its
-cap comes from is one of those.
+:func:`worker_of` gives it, so a key of one domain lives in one worker. A key
+that counts several domains (*shared*: the table's last column) is counted
+once for the whole node, in memory the workers share
+(:mod:`copiamail.scheduling.shared_slots`), so whichever worker needs a slot
+may use the cap in full, and the node as a whole never exceeds it. Which
+config caps are shared is decided in one place,
+:meth:`~copiamail.config.Config.shared_caps`; a limit is shared when the
+setting its cap comes from is one of those.
 
 The ``cluster:`` keys count every connection of every node and worker of the
-cluster: they are held in Redis (:mod:`copiamail.scheduling.cluster`), so no
-worker's part is divided off; they come last, so a connection asks Redis
+cluster: they are held in Redis (:mod:`copiamail.scheduling.cluster`), not
+in the workers' table; they come last, so a connection asks Redis
 only once every local limit has room. A cluster-wide message rate is the
 pace ``cluster:rate:domain:<stanza>``, kept in Redis too.
 """
@@ -108,11 +108,6 @@ def worker_of(key: str, workers: int) -> int:
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % workers
 
 
-def worker_cap(cap: int, worker: int, workers: int) -> int:
-    """Worker ``worker``'s part of a shared cap; the parts add up to ``cap``."""
-    return cap // workers + (1 if worker < cap % workers else 0)
-
-
 def _first(stanzas: Iterable[DomainStanza], domain: str) -> DomainStanza | None:
     # Exact stanzas come first in the tuple, then regexes in file order.
     return next((s for s in stanzas if s.matches(domain)), None)
@@ -142,8 +137,9 @@ def bindings_for(config: Config, binding: str | None, group: str | None) -> list
 
 
 class Scopes:
-    """The limits of connections under one config, as worker ``worker`` of
-    ``workers`` of node ``node`` holds them. A scheduler makes one at start:
+    """The limits of connections under one config, for worker ``worker`` of
+    ``workers`` of node ``node`` (whose part of a shared message rate it
+    keeps). A scheduler makes one at start:
     what does not depend on the connection (the node total, which settings
     are shared) is worked out once, not for every job."""
 
@@ -164,22 +160,17 @@ class Scopes:
             s.caps.max_message_rate is not None or s.caps.cluster_max_message_rate is not None for s in stanzas)
         self._cluster = config.cluster is not None
         self._node = node
-        self._worker = worker
         self._workers = workers
         self._shared = frozenset(setting for setting, _ in config.shared_caps())
         self.server = self._limit("server", config.server_max_outbound_connections, "server_max_outbound_connections",
                                   "server_max_outbound_connections")
-        # The slots of the node total kept for domains with no connection open (this worker's part).
-        self.reserve = worker_cap(config.server_reserve_outbound_connections, worker, workers)
+        # The slots of the node total kept for domains with no connection open (counted for the node).
+        self.reserve = config.server_reserve_outbound_connections
 
     def _limit(self, key: str, cap: int, scope: str, setting: str) -> Limit:
-        """A limit whose cap is the config's ``setting``: divided between the
-        workers when :meth:`Config.shared_caps` names that setting."""
-        if setting not in self._shared:
-            return Limit(key, cap, scope)
-        if self._workers > 1:
-            cap = worker_cap(cap, self._worker, self._workers)
-        return Limit(key, cap, scope, True)
+        """A limit whose cap is the config's ``setting``: marked shared when
+        :meth:`Config.shared_caps` names that setting."""
+        return Limit(key, cap, scope, setting in self._shared)
 
     def limits(
         self,
@@ -391,6 +382,6 @@ def limits_for(
 ) -> tuple[Limit, ...]:
     """:meth:`Scopes.limits` for one connection, without a :class:`Scopes` kept
     (``explain``, tests): every limit it must have room in, in acquire order;
-    shared caps as worker ``worker`` of ``workers`` holds them; ``learned``:
+    shared rates as worker ``worker`` of ``workers`` keeps them; ``learned``:
     as for :class:`Scopes`."""
     return Scopes(config, node, worker, workers, learned).limits(address, domain, binding, host_ips, host_names)

@@ -23,14 +23,14 @@ def snapshot(connections: Iterable[Connection]) -> tuple[dict[str, KeyState], di
     """Connections open per limit key (with each key's cap, and the
     configured cap where a learned one is lower) and per recipient domain."""
     open_per_key: Counter[str] = Counter()
-    caps: dict[str, tuple[int, int | None]] = {}
+    caps: dict[str, tuple[int, int | None, bool]] = {}
     domains: Counter[str] = Counter()
     for conn in connections:
         domains[conn.domain] += 1
         for limit in conn.limits:
             open_per_key[limit.key] += 1
-            caps[limit.key] = (limit.cap, limit.ceiling)
-    keys = {key: KeyState(n, caps[key][0], caps[key][1]) for key, n in sorted(open_per_key.items())}
+            caps[limit.key] = (limit.cap, limit.ceiling, limit.shared)
+    keys = {key: KeyState(n, *caps[key]) for key, n in sorted(open_per_key.items())}
     return keys, dict(sorted(domains.items()))
 
 

@@ -51,6 +51,7 @@ from copiamail.scheduling.results import ResultWriter, Stats
 from copiamail.scheduling.routing import Item, Router
 from copiamail.scheduling.scan import Scanner
 from copiamail.scheduling.shaping import Shaping
+from copiamail.scheduling.shared_slots import SharedSlots
 from copiamail.scheduling.waiting import WaitEntry, WaitingJobs
 from copiamail.smtp.startup import machine_helo_name
 from copiamail.spool.queue import Claimed, QueuedJob, Spool
@@ -77,20 +78,21 @@ class Scheduler:
         worker: int = 0,
         workers: int = 1,
         limiter: Limiter | None = None,
+        shared: SharedSlots | None = None,
     ) -> None:
-        """``worker`` of ``workers``: this scheduler sends only the jobs whose
-        domain :func:`~copiamail.scheduling.limits.worker_of` gives it, and
-        holds its part of each shared cap (the other workers run the same code
-        in other processes, on the same spool and ACTIVE folder). ``limiter``
-        counts the slots of every limit (None: a :class:`LocalLimiter`)."""
+        """``worker`` of ``workers``: this scheduler sends only the jobs whose domain
+        :func:`~copiamail.scheduling.limits.worker_of` gives it, and counts shared caps in
+        ``shared``, the node's workers' table. ``limiter``: None for a :class:`LocalLimiter`."""
+        if workers > 1 and shared is None and limiter is None:
+            raise ValueError("workers of one node need the table of shared slots")
         self.config = config
         self.spool = spool
         self.node = node
         self.clock = clock
         self.stopping = False
         if limiter is None and config.cluster is not None:
-            limiter = cluster_limiter(config.cluster, read_password(config, "cluster"), node, worker)
-        self.limiter: Limiter = limiter if limiter is not None else LocalLimiter()
+            limiter = cluster_limiter(config.cluster, read_password(config, "cluster"), node, worker, shared)
+        self.limiter: Limiter = limiter if limiter is not None else LocalLimiter(shared, worker)
         self._wake: asyncio.Event | None = None
         self._shaping = Shaping(config, spool, node, worker, workers, self._unpaused, clock)
         self._waiting = WaitingJobs()
@@ -172,8 +174,12 @@ class Scheduler:
         publisher = loop.create_task(publish_live_state(
             self.spool.root, self.node, self._attempts.worker, self._connections, lambda: self.stats,
             self._attempts.transactions, self.clock))
-        leases = None if self._cluster is None else loop.create_task(self._cluster.run(
-            self._waiting.waited_on, self._cluster_room, self._connections.lease_lost))
+        cluster, limiter = self._cluster, self.limiter
+        leases = None if cluster is None else loop.create_task(cluster.run(
+            self._waiting.waited_on, lambda: self._room_elsewhere(cluster.cluster_wanted_elsewhere, True),
+            self._connections.lease_lost))
+        shared = None if not isinstance(limiter, LocalLimiter) else loop.create_task(
+            limiter.watch_shared(self._waiting.waited_on, lambda: self._room_elsewhere(limiter.wanted_elsewhere, False)))
         await self._router.learn_host_names_or_warn()
         scanner = self._scanner
         next_full = 0.0
@@ -209,7 +215,7 @@ class Scheduler:
                 await asyncio.sleep(0.01)
         finally:
             await self._shutdown()
-            for task in (publisher, leases):
+            for task in (publisher, leases, shared):
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
@@ -239,8 +245,6 @@ class Scheduler:
         if results.parked:
             results.finish_parked()
         return found
-
-    # --- where a job can go --------------------------------------------------
 
     # --- dispatch ------------------------------------------------------------
 
@@ -365,13 +369,14 @@ class Scheduler:
         while not self.stopping and self._waiting.head(key) is not None:
             self._offer_key(key)  # each call starts, claims or moves on at least one job
 
-    def _cluster_room(self) -> None:
-        """Redis was read: idle connections holding a slot that other nodes'
-        jobs wait on close; the cluster keys with room are offered."""
-        assert self._cluster is not None
-        for key in self._cluster.wanted_elsewhere:
+    def _room_elsewhere(self, wanted: set[str], cluster: bool) -> None:
+        """Redis was read (``cluster``), or the workers' table changed: idle
+        connections holding a slot of ``wanted`` (keys other nodes' or
+        workers' jobs wait on) close; the keys counted there with room are offered."""
+        for key in wanted:
             self._connections.close_one_holding(key)
-        self._offer([k for k in self._waiting.keys_with_room(self.limiter.in_use) if is_cluster_key(k)], fill=True)
+        self._offer([k for k in self._waiting.keys_with_room(self.limiter.in_use) if is_cluster_key(k) == cluster],
+                    fill=True)
 
     def _cap_raised(self, key: str, cap: int) -> None:
         """An adaptive key's learned cap rose to ``cap``: its waiting jobs may start."""

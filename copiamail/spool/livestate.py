@@ -63,11 +63,14 @@ class TransactionTimes:
 @dataclass(frozen=True)
 class KeyState:
     """One limit key of one worker: connections holding a slot of it, its
-    cap now (learned or configured) and the cap configured (None: the same)."""
+    cap now (learned or configured) and the cap configured (None: the same);
+    ``shared``: the cap is the whole node's, which its workers share (so it
+    is not summed over them)."""
 
     open: int
     cap: int
     configured: int | None = None
+    shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,8 @@ def write_state(root: Path, node: str, worker: int, now: float, counters: dict[s
     doc = {"node": node, "worker": worker, "host": socket.gethostname(), "pid": os.getpid(), "updated": now,
            "counters": counters, "domains": domains,
            "transactions": (transactions or TransactionTimes()).as_json(),
-           "keys": {k: {"open": s.open, "cap": s.cap, "configured": s.configured} for k, s in keys.items()}}
+           "keys": {k: {"open": s.open, "cap": s.cap, "configured": s.configured, "shared": s.shared}
+                    for k, s in keys.items()}}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(doc, sort_keys=True), encoding="utf-8")
     os.replace(tmp, path)
@@ -119,7 +123,8 @@ def remove_state(root: Path, node: str, worker: int) -> None:
 def _parse(doc: Any, now: float) -> WorkerState | None:
     try:
         keys = {str(k): KeyState(int(v["open"]), int(v["cap"]), None if v.get("configured") is None
-                                 else int(v["configured"])) for k, v in doc["keys"].items()}
+                                 else int(v["configured"]), bool(v.get("shared", False)))
+                for k, v in doc["keys"].items()}
         updated = float(doc["updated"])
         return WorkerState(str(doc["node"]), int(doc["worker"]), str(doc.get("host", "?")), int(doc.get("pid", 0)),
                            updated, now - updated <= STALE_AFTER,

@@ -1,0 +1,153 @@
+"""The table a node's workers share: shared caps counted once for the node."""
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from copiamail.scheduling.limiter import LocalLimiter
+from copiamail.scheduling.limits import Limit
+from copiamail.scheduling.shared_slots import SharedSlots, key_hash
+
+POOL = Limit("global_domain:/pool/", 4, "pooled", shared=True)
+ONE = Limit("domain_limit:a.test", 9, "one domain")
+
+
+def two_workers(entries: int = 64) -> tuple[SharedSlots, LocalLimiter, LocalLimiter]:
+    table = SharedSlots.create(entries)
+    return table, LocalLimiter(table, 0), LocalLimiter(table, 1)
+
+
+def test_one_worker_may_use_a_shared_cap_in_full_and_the_node_never_more():
+    _, w0, w1 = two_workers()
+    assert [w0.try_acquire([POOL]) for _ in range(4)] == [None] * 4
+    assert w1.try_acquire([POOL]) == POOL
+    assert w0.in_use(POOL.key) == w1.in_use(POOL.key) == 4
+    w0.release([POOL])
+    assert w1.try_acquire([POOL]) is None
+    assert w0.try_acquire([POOL]) == POOL
+
+
+def test_a_key_of_one_domain_stays_the_workers_own():
+    _, w0, w1 = two_workers()
+    assert w0.try_acquire([ONE]) is None
+    assert (w0.in_use(ONE.key), w1.in_use(ONE.key)) == (1, 0)
+
+
+def test_a_refused_acquire_takes_nothing_in_the_table_or_here():
+    table, w0, w1 = two_workers()
+    small = Limit("server", 1, "node total", shared=True)
+    assert w1.try_acquire([small]) is None
+    assert w0.try_acquire([POOL, ONE, small]) == small
+    assert (table.held(POOL.key), w0.in_use(ONE.key), table.held("server")) == (0, 0, 1)
+
+
+def test_cluster_keys_are_never_counted_in_the_table():
+    table, w0, _ = two_workers()
+    cluster = Limit("cluster:total", 5, "cluster", shared=True)
+    assert w0.try_acquire([cluster]) is None
+    assert table.held("cluster:total") == 0 and w0.in_use("cluster:total") == 1
+
+
+def test_a_full_table_counts_a_new_key_as_full_and_takes_nothing(caplog):
+    table, w0, _ = two_workers(entries=2)
+    keys = [Limit(f"host:10.0.0.{i}", 3, "h", shared=True) for i in range(3)]
+    results = [w0.try_acquire([POOL, k]) for k in keys]
+    refused = [r for r in results if r is not None]
+    assert len(refused) >= 1
+    assert table.held(POOL.key) == len(results) - len(refused)  # the refused ones gave the pool back
+    assert "table of shared limit keys is full" in caplog.text
+
+
+@given(st.text(max_size=40))
+def test_a_keys_hash_is_stable_and_never_marks_a_free_entry(key):
+    assert key_hash(key) == key_hash(key) != 0
+
+
+def _hammer(table: SharedSlots, worker: int, rounds: int, w: int) -> None:
+    limiter = LocalLimiter(table, worker)
+    worst = 0
+    for _ in range(rounds):
+        if limiter.try_acquire([POOL]) is None:
+            worst = max(worst, table.held(POOL.key))
+            limiter.release([POOL])
+    os.write(w, f"{worst}\n".encode())
+
+
+def test_workers_in_separate_processes_never_hold_more_than_the_cap_together():
+    table = SharedSlots.create(64)
+    r, w = os.pipe()
+    pids = []
+    for worker in range(6):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _hammer(table, worker, 3000, w)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    os.close(w)
+    worst = [int(line) for line in os.read(r, 4096).split()]
+    os.close(r)
+    assert len(worst) == 6
+    assert max(worst) <= POOL.cap
+    assert max(worst) == POOL.cap  # six processes at once do fill it
+    assert table.held(POOL.key) == 0
+
+
+def test_a_worker_killed_inside_the_lock_does_not_block_the_others():
+    table = SharedSlots.create(64)
+    pid = os.fork()
+    if pid == 0:
+        with table.locked():
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    started = time.monotonic()
+    assert LocalLimiter(table, 1).try_acquire([POOL]) is None
+    assert time.monotonic() - started < 5
+
+
+def test_the_watch_tells_a_worker_of_a_slot_freed_by_another_and_of_slots_wanted_elsewhere():
+    _, w0, w1 = two_workers()
+    for _ in range(4):
+        assert w0.try_acquire([POOL]) is None
+    assert w1.try_acquire([POOL]) == POOL  # w1's job now waits on the pool
+
+    async def main() -> tuple[int, set[str]]:
+        calls = 0
+
+        def room() -> None:
+            nonlocal calls
+            calls += 1
+
+        watch1 = asyncio.create_task(w1.watch_shared(lambda: [POOL.key], room))
+        watch0 = asyncio.create_task(w0.watch_shared(lambda: [], lambda: None))
+        await asyncio.sleep(0.2)
+        wanted = set(w0.wanted_elsewhere)
+        before = calls
+        w0.release([POOL])
+        await asyncio.sleep(0.2)
+        for task in (watch0, watch1):
+            task.cancel()
+        await asyncio.gather(watch0, watch1, return_exceptions=True)
+        return calls - before, wanted
+
+    woken, wanted = asyncio.run(main())
+    assert wanted == {POOL.key}  # w0 holds slots that w1's jobs wait on
+    assert woken >= 1
+    assert w1.try_acquire([POOL]) is None
+
+
+def test_a_scheduler_of_several_workers_needs_the_table(tmp_path):
+    from copiamail.config import Config
+    from copiamail.scheduling.scheduler import Scheduler
+    from copiamail.spool.queue import Spool
+
+    with pytest.raises(ValueError):
+        Scheduler(Config(spool=tmp_path), Spool(tmp_path), "N1", worker=0, workers=2)
