@@ -49,9 +49,6 @@ def _check_header_value(value: str, what: str, cmd: Command, cf: CommandFile) ->
     return value
 
 
-_MAY_USE_ALT = re.compile(USING_ALT, re.IGNORECASE)
-
-
 def quick_domain(cf: CommandFile) -> str | None:
     """The recipient's domain read without parsing the whole job, when the file
     has one plain ``$email_address`` line (no quotes, no comment) and does not
@@ -59,8 +56,9 @@ def quick_domain(cf: CommandFile) -> str | None:
     Where it gives a domain and :func:`parse_job` succeeds, the two agree
     (tested): it lets a worker skip other workers' jobs cheaply."""
     lines = address_lines(cf.text)
-    if len(lines) != 1 or _MAY_USE_ALT.search(cf.text):
-        # A job that has moved to its $email_alt_address goes to that domain.
+    # A job that has moved to its $email_alt_address goes to that domain
+    # (upper(): as parse_job compares the name; a regex search costs 15 times more).
+    if len(lines) != 1 or USING_ALT in cf.text.upper():
         return None
     arg = lines[0].rstrip("\r").strip(" \t")
     if not arg or any(c in arg for c in ' \t";\x00'):
