@@ -28,6 +28,21 @@ def test_bench_deferral_part_reports_writes_per_job_domainbusy_and_cpu(tmp_path)
     assert list(tmp_path.iterdir()) == []  # the work directory is removed
 
 
+def test_bench_limit_bound_part_reports_the_share_of_the_ideal(tmp_path):
+    r = subprocess.run([sys.executable, str(BENCH), "--only", "limit-bound", "--bound-jobs", "40", "--bound-domains", "4",
+                        "--latency", "0.01", "--rounds", "1", "--skip-postfix", "--workdir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, env=cli_env())
+    assert r.returncode == 0, r.stderr + r.stdout
+    out = r.stdout
+    assert "ideal 4 x 2 / 0.01 = 800 msgs/s" in out, out
+    assert re.search(r"copiamail, round 1\s+40 msgs", out), out
+    share = float(re.search(r"share of the ideal: ([\d.]+)", out).group(1))
+    assert 0 < share <= 1.05, out
+    assert "spool writes/job: " in out and "postfix, round" not in out
+    assert re.search(r"copiamail: median share of the ideal [\d.]+", out), out
+    assert list(tmp_path.iterdir()) == []
+
+
 def load_bench():
     """scripts/bench as a module (its helpers, without running it)."""
     import importlib.machinery
