@@ -156,8 +156,11 @@ def node(name: str, relay: str | None, relay_ca: Path | None, relay_no_verify: b
     cfg = load()
     for warning in cfg.rules.warnings:
         click.echo(f"copiamail: warning: {warning}", err=True)
-    total = sum(n for k, n in _spool_folder(cfg).counts().items() if k.upper().startswith("TOSEND"))
-    with _Progress(total, drain and sys.stdout.isatty()) as progress:
+    live = drain and sys.stdout.isatty()
+    spool = _spool_folder(cfg)
+    # Counted only for the live line: on a large backlog the count delays the first message.
+    total = sum(n for k, n in spool.counts().items() if k.upper().startswith("TOSEND")) if live else 0
+    with _Progress(total, live) as progress:
         # Without a live line nothing reads the events (and workers would send
         # each one to this process).
         result = run_node(cfg, name, drain=drain, on_event=progress.event if progress.enabled else None, load=load)

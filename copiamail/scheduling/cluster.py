@@ -37,8 +37,6 @@ from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
-from redis.exceptions import AuthenticationError, RedisError
-
 from copiamail.config import ClusterConfig, Config, read_password
 from copiamail.errors import ConfigError
 from copiamail.scheduling.limiter import LocalLimiter
@@ -52,7 +50,14 @@ log = logging.getLogger("copiamail")
 POLL = 0.1  # seconds between two reads of the cluster keys jobs wait on
 WANT_MS = 1000  # how long a worker's "jobs wait here" lasts in Redis unless told again
 WARN_EVERY = 60.0  # seconds between two warnings that Redis cannot be used
-_DOWN_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+
+def _down_errors() -> tuple[type[BaseException], ...]:
+    """What says Redis cannot be used now. The redis package is imported only
+    here and where a cluster is used: it would cost every node's start 60 ms."""
+    from redis.exceptions import RedisError
+
+    return (RedisError, OSError, asyncio.TimeoutError)
 
 
 def _still_running() -> None:
@@ -74,6 +79,8 @@ def redis_client(url: str, password: str | None, timeout: float = 2.0) -> Any:
 
 def why_down(e: BaseException) -> str:
     """``e`` in a few words; never what a server says of a password."""
+    from redis.exceptions import AuthenticationError
+
     if isinstance(e, AuthenticationError):
         return "it refused our password, or wants one (cluster.password_file)"
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
@@ -97,6 +104,8 @@ def check_cluster(config: Config) -> None:
     cluster = config.cluster
     if cluster is None:
         return
+    from redis.exceptions import AuthenticationError, RedisError
+
     client = sync_client(config, 2.0)
     try:
         client.ping()
@@ -174,7 +183,7 @@ class ClusterLimiter(LocalLimiter):
             await asyncio.wait(list(self._pending), timeout=2.0)
         try:
             refused = await self._leases.acquire(member, [(l.key, l.cap) for l in cluster], self._lease_ms)
-        except _DOWN_ERRORS as e:
+        except _down_errors() as e:
             _still_running()
             self._unreachable(e, [l.key for l in cluster])
             return cluster[0]
@@ -203,7 +212,7 @@ class ClusterLimiter(LocalLimiter):
     async def _release(self, member: str, keys: list[str]) -> None:
         try:
             await self._leases.release(member, keys)
-        except _DOWN_ERRORS:
+        except _down_errors():
             _still_running()  # else it expires within lease_seconds
 
     async def pace(self, paces: Sequence[Pace], before_long_wait: Callable[[], Any], long_wait: float = 20.0) -> None:
@@ -218,7 +227,7 @@ class ClusterLimiter(LocalLimiter):
                 _still_running()
                 self._reachable()
                 break
-            except _DOWN_ERRORS as e:
+            except _down_errors() as e:
                 _still_running()
                 self._unreachable(e, [])
                 await asyncio.sleep(1.0)
@@ -259,7 +268,7 @@ class ClusterLimiter(LocalLimiter):
             return
         try:
             lost = await self._leases.renew([(m, [l.key for l in ls]) for m, ls in held], self._lease_ms)
-        except _DOWN_ERRORS as e:
+        except _down_errors() as e:
             _still_running()
             self._unreachable(e, [])
             lost = [1] * len(held)
@@ -278,7 +287,7 @@ class ClusterLimiter(LocalLimiter):
         """Read the leases of ``keys`` (and say that jobs here wait on those of ``wanted``)."""
         try:
             quiet, counts = await self._leases.counts(self._member, keys, wanted, WANT_MS)
-        except _DOWN_ERRORS as e:
+        except _down_errors() as e:
             _still_running()
             self._unreachable(e, keys)
             return
@@ -332,5 +341,5 @@ class ClusterLimiter(LocalLimiter):
             await asyncio.wait(self._pending, timeout=2.0)
         try:
             await self._leases.client.aclose()
-        except _DOWN_ERRORS:
+        except _down_errors():
             pass
