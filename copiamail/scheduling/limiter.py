@@ -2,9 +2,9 @@
 
 :class:`Limiter` is the one interface the scheduler talks to; the node (or a
 test) chooses what stands behind it. :class:`LocalLimiter` counts inside one
-process. A limiter shared by a node's workers, or held in Redis for a cluster
-(leases that expire, so a dead node's slots come back), or one whose caps
-adapt to the replies of a destination, fits behind the same interface.
+process, and with a table in shared memory for a node's workers together; the
+cluster's limiter (leases in Redis that expire, so a dead node's slots come
+back) is a :class:`LocalLimiter` with cluster keys besides.
 
 With workers, the keys that count connections of several domains (a
 :class:`~copiamail.scheduling.limits.Limit` marked ``shared``) are counted
@@ -165,9 +165,7 @@ class LocalLimiter:
                 shared.want(self._worker, wanted - self._wanted, True)
                 elsewhere = shared.wanted_by_others(self._worker, held)
             self._wanted = wanted
+            self.wanted_elsewhere = elsewhere
             if generation != seen or elsewhere:
                 seen = generation
-                self.wanted_elsewhere = elsewhere
                 on_room()
-            else:
-                self.wanted_elsewhere = elsewhere
