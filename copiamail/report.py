@@ -9,6 +9,7 @@ changes nothing."""
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from typing import Any
 
@@ -92,10 +93,10 @@ def nodes_of(states: list[WorkerState], now: float) -> list[dict[str, Any]]:
             entry = n["keys"].setdefault(key, {"open": 0, "cap": 0, "configured": None})
             entry["open"] += k.open
             # A shared key's cap is the node's, the same in each worker; another key's is its worker's.
-            entry["cap"] = max(entry["cap"], k.cap) if k.shared else entry["cap"] + k.cap
+            combine = max if k.shared else operator.add
+            entry["cap"] = combine(entry["cap"], k.cap)
             if k.configured is not None:
-                entry["configured"] = (max(entry["configured"] or 0, k.configured) if k.shared
-                                       else (entry["configured"] or 0) + k.configured)
+                entry["configured"] = combine(entry["configured"] or 0, k.configured)
     for n in nodes.values():
         n["counters"] = dict(n["counters"])
     return list(nodes.values())

@@ -320,7 +320,7 @@ def test_message_rates_apply_from_every_scope_and_shared_ones_are_divided_betwee
                                'host:\n  192.0.2.5: {max_message_rate: "3600/h"}\n')
     paces = {p.key: p.spacing for p in Scopes(config, "N1").paces("a.test", None, ("192.0.2.5",))}
     assert paces == {"rate:node": 0.01, "rate:domain:a.test": 1.0, "rate:host:192.0.2.5": 1.0}
-    paces = {p.key: p.spacing for p in Scopes(config, "N1", 0, 2).paces("ax.test")}
+    paces = {p.key: p.spacing for p in Scopes(config, "N1", 2).paces("ax.test")}
     assert paces == {"rate:node": 0.02, "rate:domain:/.*x.*/": 0.2}
 
 

@@ -13,7 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from copiamail.config import Config, load_config
 from copiamail.scheduling.limiter import LocalLimiter
-from copiamail.scheduling.limits import Limit, limits_for, worker_of
+from copiamail.scheduling.limits import Limit, Scopes, limits_for, worker_of
 
 # SPEC 5's example, without cluster and cfg.
 SPEC_YAML = r'''
@@ -483,11 +483,9 @@ def test_a_domain_always_goes_to_the_same_worker(domain, workers):
 def test_with_workers_every_cap_is_whole_and_only_caps_that_span_domains_are_shared(tmp_path):
     cfg = config(tmp_path, SPEC_YAML, cfg="$domain_limit * @ 7\n")
     whole = {l.key: l for l in lim(cfg, "a@yahoo.com", "b1", ips=("10.0.0.1",), names=("mx.shared.test",))}
-    for worker in (0, 1):
-        b = cfg.binding("b1")
-        part = {l.key: l for l in limits_for(cfg, "N1", "a@yahoo.com", "yahoo.com", b, ("10.0.0.1",),
-                                              ("mx.shared.test",), worker, 2)}
-        assert part == whole
+    part = {l.key: l for l in Scopes(cfg, "N1", 2).limits("a@yahoo.com", "yahoo.com", cfg.binding("b1"),
+                                                           ("10.0.0.1",), ("mx.shared.test",))}
+    assert part == whole
     shared = {k for k, l in whole.items() if l.shared}
     assert shared == {"server", "host:10.0.0.1"}
     # yahoo.com's exact stanzas and its $domain_limit are one domain's.
@@ -499,7 +497,7 @@ def test_a_pooled_regex_stanza_is_shared_whole_by_the_workers(tmp_path):
     pooled = {l.key: l for l in lim(cfg, "a@wanadoo.fr")}["global_domain:/^(wanadoo|orange)\\.fr$/"]
     assert pooled.shared and pooled.cap == 3
     parts = [
-        {l.key: l.cap for l in limits_for(cfg, "N1", "a@wanadoo.fr", "wanadoo.fr", cfg.binding("b1"), (), (), w, 2)}[pooled.key]
+        {l.key: l.cap for l in Scopes(cfg, "N1", 2).limits("a@wanadoo.fr", "wanadoo.fr", cfg.binding("b1"))}[pooled.key]
         for w in (0, 1)
     ]
     assert parts == [3, 3]
@@ -513,7 +511,8 @@ def test_a_limit_is_shared_exactly_when_config_shared_caps_names_its_setting(tmp
     assert shared == {"server", r"global_domain:/^(wanadoo|orange)\.fr$/", "host:10.0.0.1"}
     settings = dict(cfg.shared_caps())
     monkeypatch.setattr(Config, "shared_caps", lambda self: [(k, c) for k, c in settings.items() if not k.startswith("host.")])
-    shared = {l.key for l in limits_for(cfg, "N1", wanadoo, "wanadoo.fr", b1, ("10.0.0.1",), ("mx.shared.test",), 0, 2) if l.shared}
+    shared = {l.key for l in Scopes(cfg, "N1", 2).limits(wanadoo, "wanadoo.fr", b1, ("10.0.0.1",), ("mx.shared.test",))
+              if l.shared}
     assert shared == {"server", r"global_domain:/^(wanadoo|orange)\.fr$/"}
 
 
@@ -524,7 +523,6 @@ def _deliveries(yaml: str, domain: str, binding: str | None = None, ips: tuple[s
     from ruamel.yaml import YAML
 
     from copiamail.config import parse_config
-    from copiamail.scheduling.limits import Scopes
     cfg = parse_config(YAML(typ="rt").load(io.StringIO(yaml)) or {}, None)
     b = cfg.binding(binding) if binding else None
     return Scopes(cfg, "N1").deliveries_per_connection(domain, b, ips, names)
@@ -566,8 +564,7 @@ host:
 
 def test_cluster_limits_come_last_undivided_between_workers_and_a_regex_pools(tmp_path):
     cfg = config(tmp_path, CLUSTER)
-    got = limits_for(cfg, "N1", "a@gmail.com", "gmail.com", None, ("192.0.2.7",), ("mx.shared.test",),
-                     worker=1, workers=2)
+    got = Scopes(cfg, "N1", 2).limits("a@gmail.com", "gmail.com", None, ("192.0.2.7",), ("mx.shared.test",))
     assert [l.key for l in got][-3:] == ["cluster:total", "cluster:domain:gmail.com", "cluster:host:192.0.2.7"]
     assert caps(got)["cluster:total"] == 50 and caps(got)["cluster:domain:gmail.com"] == 20
     assert caps(got)["cluster:host:192.0.2.7"] == 6
@@ -578,10 +575,8 @@ def test_cluster_limits_come_last_undivided_between_workers_and_a_regex_pools(tm
 
 
 def test_a_cluster_message_rate_is_a_pace_kept_whole_by_every_worker(tmp_path):
-    from copiamail.scheduling.limits import Scopes
-
     cfg = config(tmp_path, CLUSTER)
-    paces = Scopes(cfg, "N1", 0, 2).paces("gmail.com")
+    paces = Scopes(cfg, "N1", 2).paces("gmail.com")
     assert [(p.key, p.spacing) for p in paces] == [("cluster:rate:domain:gmail.com", 0.01)]
 
 

@@ -25,6 +25,17 @@ def test_a_published_state_reads_back_whole_and_goes_when_removed(tmp_path):
     assert read_states(tmp_path, 1001.0) == []
 
 
+def test_a_nodes_workers_add_up_their_open_slots_and_a_shared_caps_cap_is_taken_once(tmp_path):
+    from copiamail.report import nodes_of
+
+    for worker, domain in ((0, "a.test"), (1, "b.test")):
+        write_state(tmp_path, "N1", worker, 1000.0, {}, {"server": KeyState(1, 4, shared=True),
+                                                          f"domain_limit:{domain}": KeyState(1, 2)}, {domain: 1})
+    [node] = nodes_of(read_states(tmp_path, 1000.0), 1000.0)
+    assert node["keys"]["server"] == {"open": 2, "cap": 4, "configured": None}
+    assert node["keys"]["domain_limit:a.test"] == {"open": 1, "cap": 2, "configured": None}
+
+
 def test_a_state_not_rewritten_for_a_while_is_stale_and_a_broken_one_is_left_out(tmp_path):
     write_state(tmp_path, "N1", 0, 1000.0, {}, {}, {})
     write_state(tmp_path, "N2", 1, 1000.0, {}, {}, {})

@@ -126,8 +126,8 @@ def test_the_watch_tells_a_worker_of_a_slot_freed_by_another_and_of_slots_wanted
             nonlocal calls
             calls += 1
 
-        watch1 = asyncio.create_task(w1.watch_shared(lambda: [POOL.key], room))
-        watch0 = asyncio.create_task(w0.watch_shared(lambda: [], lambda: None))
+        watch1 = asyncio.create_task(w1.watch_shared(lambda key: key == POOL.key, room))
+        watch0 = asyncio.create_task(w0.watch_shared(lambda key: False, lambda: None))
         await asyncio.sleep(0.2)
         wanted = set(w0.wanted_elsewhere)
         before = calls

@@ -143,19 +143,25 @@ class LocalLimiter:
         for limit in limits:
             self._used[limit.key] = self._used.get(limit.key, 0) + 1
 
-    async def watch_shared(self, watched: Callable[[], list[str]], on_room: Callable[[], None]) -> None:
+    @property
+    def waited_in_table(self) -> frozenset[str]:
+        """The shared keys this worker's jobs wait on, as :meth:`watch_shared` last found them."""
+        return frozenset(self._wanted)
+
+    async def watch_shared(self, waits_on: Callable[[str], bool], on_room: Callable[[], None]) -> None:
         """Until cancelled (only with a shared table): every :data:`SHARED_POLL`
         seconds, tell the table which shared keys this worker's jobs wait on
-        (``watched()``: the keys jobs wait on), learn which of the keys it holds
-        other workers wait on (:attr:`wanted_elsewhere`), and call ``on_room()``
-        when a slot was given back anywhere or that changed."""
+        (``waits_on(key)``; only the table's keys are asked about, a few, not
+        every key a job waits on), learn which of the keys it holds other
+        workers wait on (:attr:`wanted_elsewhere`), and call ``on_room()`` when
+        a slot was given back anywhere or that changed."""
         shared = self._shared
         if shared is None:
             return
         seen = shared.generation
         while True:
             await asyncio.sleep(SHARED_POLL)
-            wanted = {k for k in watched() if k in self._in_table}
+            wanted = {k for k in self._in_table if waits_on(k)}
             held = [k for k in self._used if k in self._in_table]
             generation = shared.generation
             if wanted == self._wanted and generation == seen and not held:

@@ -137,13 +137,13 @@ def bindings_for(config: Config, binding: str | None, group: str | None) -> list
 
 
 class Scopes:
-    """The limits of connections under one config, for worker ``worker`` of
-    ``workers`` of node ``node`` (whose part of a shared message rate it
-    keeps). A scheduler makes one at start:
+    """The limits of connections under one config, for node ``node`` (run
+    as ``workers`` workers: each keeps its part of a message rate that counts
+    several domains). A scheduler makes one at start:
     what does not depend on the connection (the node total, which settings
     are shared) is worked out once, not for every job."""
 
-    def __init__(self, config: Config, node: str, worker: int = 0, workers: int = 1,
+    def __init__(self, config: Config, node: str, workers: int = 1,
                  learned: Callable[[str, int], int] | None = None) -> None:
         """``learned(key, ceiling)``: the cap an adaptive key has learned (None:
         the configured caps hold)."""
@@ -376,12 +376,9 @@ def limits_for(
     binding: BindingConfig | None = None,
     host_ips: Sequence[str] = (),
     host_names: Sequence[str] = (),
-    worker: int = 0,
-    workers: int = 1,
     learned: Callable[[str, int], int] | None = None,
 ) -> tuple[Limit, ...]:
     """:meth:`Scopes.limits` for one connection, without a :class:`Scopes` kept
-    (``explain``, tests): every limit it must have room in, in acquire order;
-    shared rates as worker ``worker`` of ``workers`` keeps them; ``learned``:
-    as for :class:`Scopes`."""
-    return Scopes(config, node, worker, workers, learned).limits(address, domain, binding, host_ips, host_names)
+    (``explain``, tests): every limit it must have room in, in acquire order
+    (the same for any number of workers); ``learned``: as for :class:`Scopes`."""
+    return Scopes(config, node, learned=learned).limits(address, domain, binding, host_ips, host_names)

@@ -32,7 +32,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 from copiamail.config import Config, read_password
@@ -176,10 +176,11 @@ class Scheduler:
             self._attempts.transactions, self.clock))
         cluster, limiter = self._cluster, self.limiter
         leases = None if cluster is None else loop.create_task(cluster.run(
-            self._waiting.waited_on, lambda: self._room_elsewhere(cluster.cluster_wanted_elsewhere, True),
+            self._waiting.waited_on, lambda: self._room_elsewhere(
+                cluster.cluster_wanted_elsewhere, [k for k in self._waiting.waited_on() if is_cluster_key(k)]),
             self._connections.lease_lost))
-        shared = None if not isinstance(limiter, LocalLimiter) else loop.create_task(
-            limiter.watch_shared(self._waiting.waited_on, lambda: self._room_elsewhere(limiter.wanted_elsewhere, False)))
+        shared = None if not isinstance(limiter, LocalLimiter) else loop.create_task(limiter.watch_shared(
+            self._waiting.waits_on, lambda: self._room_elsewhere(limiter.wanted_elsewhere, limiter.waited_in_table)))
         await self._router.learn_host_names_or_warn()
         scanner = self._scanner
         next_full = 0.0
@@ -369,14 +370,12 @@ class Scheduler:
         while not self.stopping and self._waiting.head(key) is not None:
             self._offer_key(key)  # each call starts, claims or moves on at least one job
 
-    def _room_elsewhere(self, wanted: set[str], cluster: bool) -> None:
-        """Redis was read (``cluster``), or the workers' table changed: idle
-        connections holding a slot of ``wanted`` (keys other nodes' or
-        workers' jobs wait on) close; the keys counted there with room are offered."""
+    def _room_elsewhere(self, wanted: Collection[str], waited: Iterable[str]) -> None:
+        """Redis was read, or the workers' table changed: idle connections holding a slot of ``wanted`` (keys
+        other nodes' or workers' jobs wait on) close; keys of ``waited`` (jobs here wait on) with room are offered."""
         for key in wanted:
             self._connections.close_one_holding(key)
-        self._offer([k for k in self._waiting.keys_with_room(self.limiter.in_use) if is_cluster_key(k) == cluster],
-                    fill=True)
+        self._offer([k for k in waited if self.limiter.in_use(k) < self._waiting.cap(k)], fill=True)
 
     def _cap_raised(self, key: str, cap: int) -> None:
         """An adaptive key's learned cap rose to ``cap``: its waiting jobs may start."""

@@ -50,7 +50,7 @@ class Shaping:
     def __init__(self, config: Config, spool: Spool, node: str, worker: int, workers: int,
                  on_resumed: Callable[[str], None], clock: Callable[[], float] = time.time) -> None:
         self._config = config
-        self._where = (node, worker, workers)
+        self._where = (node, workers)
         self._on_resumed = on_resumed
         self._clock = clock
         self.pacer = Pacer()
@@ -66,7 +66,7 @@ class Shaping:
         self._settled_at = clock() + SUSPECT_SETTLE
         self.settle_suspects = True
         # The limits of connections, adaptive keys lowered to what they learned.
-        self.scopes = Scopes(config, node, worker, workers, learned=self.learned_cap)
+        self.scopes = Scopes(config, node, workers, learned=self.learned_cap)
 
     def reconfigure(self, config: Config) -> None:
         """Limits from ``config`` from now on (a reload); what was learned,

@@ -164,6 +164,10 @@ class WaitingJobs:
         """Every key a job waits on now (or did until lately)."""
         return [k for k in self._caps if self._by_key.get(k)]
 
+    def waits_on(self, key: str) -> bool:
+        """Whether a job waits on ``key`` now (or did until lately): one key of :meth:`waited_on`."""
+        return key in self._caps and bool(self._by_key.get(key))
+
     def keys_with_room(self, in_use: Callable[[str], int]) -> list[str]:
         return [k for k, cap in self._caps.items() if in_use(k) < cap]
 
