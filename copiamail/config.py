@@ -119,6 +119,7 @@ class Config:
     fsync: bool = True
     helo_name: str | None = None
     mx_tls_verify: bool = False
+    smtp_chunking: bool = True  # the message as one BDAT where a server offers CHUNKING
     node_stale_after: float = 300.0
     workers: int | None = None  # None: "auto", one per CPU this process may run on (worker_count)
     # Windows path prefixes (lower-case, as written in jobs) and the local

@@ -254,6 +254,7 @@ TOP_LEVEL: Mapping[str, _Step] = MappingProxyType({
     "watcher": _field(choice("native", "polling")),
     "fsync": _field(boolean),
     "mx_tls_verify": _field(boolean),
+    "smtp_chunking": _field(boolean),
     "helo_name": _field(_helo_name),
     "attachment_roots": _field(_folders),
     "variables": _field(_variables),

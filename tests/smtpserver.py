@@ -130,7 +130,7 @@ STAGES = frozenset({
     "RSET", "NOOP", "QUIT", "VRFY", "HELP",
 })
 _STAGE_ALIASES = {"GREETING": "CONNECT", "BANNER": "CONNECT", "HELO": "EHLO",
-                  "DATA_END": "EOD", "DOT": "EOD"}
+                  "DATA_END": "EOD", "DOT": "EOD", "BDAT": "DATA"}
 
 
 # --------------------------------------------------------------------------
@@ -385,6 +385,8 @@ class _Handler:
             out.insert(len(out) - 1, "250-STARTTLS")
         if srv.pipelining:
             out.insert(len(out) - 1, "250-PIPELINING")
+        if srv.chunking:
+            out.insert(len(out) - 1, "250-CHUNKING")
         return out
 
     async def handle_exception(self, error: Exception) -> str:
@@ -412,6 +414,8 @@ class _TestSMTP(SMTP):
         self._start: MessageStart | None = None  # the current message's start record
         self._rcpt_admitted = False  # a recipient of the current message passed the rate limit
         self._ended_by: str | None = None  # "client" or "server": who ended the connection first
+        self._chunks: list[bytes] = []  # BDAT chunks of the current message
+        self._chunk: bytes | None = None  # the chunk of the BDAT command being answered
         super().__init__(handler, **kwargs)
         for name, method in list(self._smtp_methods.items()):
             self._smtp_methods[name] = functools.partial(self._dispatch, name, method)
@@ -577,6 +581,15 @@ class _TestSMTP(SMTP):
         conn = self._conn
         assert conn is not None
         conn.commands.append(command)
+        if command == "BDAT":
+            # RFC 3030: the chunk is read whole whatever the reply, also a
+            # refusal (else its bytes would be taken for commands).
+            size = re.fullmatch(r"(\d+)(?: +LAST)?", (arg or "").strip(), re.IGNORECASE)
+            if size is None:
+                await self._raw_push("501 5.5.4 Syntax: BDAT chunk-size [LAST]")
+                self._close()
+                return
+            self._chunk = await self._reader.readexactly(int(size.group(1)))
         if self._greeting_rejected and command != "QUIT":
             await self._raw_push("503 5.5.1 Error: bad sequence of commands")
             return
@@ -591,7 +604,7 @@ class _TestSMTP(SMTP):
             if a:
                 addresses = [a]
                 srv._rcpt_seen(conn, a)
-        elif command == "DATA" and self.envelope is not None:
+        elif command in ("DATA", "BDAT") and self.envelope is not None:
             addresses = list(self.envelope.rcpt_tos)
         elif command in ("EHLO", "HELO"):
             conn.helo = (arg or "").strip()
@@ -625,6 +638,34 @@ class _TestSMTP(SMTP):
             if isinstance(login, bytes):
                 login = login.decode("utf-8", "replace")
             conn.login = login
+
+    def _set_rset_state(self) -> None:
+        self._chunks = []
+        super()._set_rset_state()
+
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        """A chunk of the message (RFC 3030; offered where the server was made
+        with ``chunking``): the last one ends the message as its final dot
+        would."""
+        chunk, self._chunk = self._chunk or b"", None
+        if self.envelope is None or not self.envelope.rcpt_tos:
+            self._chunks = []
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        self._chunks.append(chunk)
+        if not (arg or "").upper().rstrip().endswith("LAST"):
+            await self.push(f"250 2.0.0 {len(chunk)} octets received")
+            return
+        content, self._chunks = b"".join(self._chunks), []
+        limit = self._srv.size_limit
+        if limit and len(content) > limit:
+            self._set_post_data_state()
+            await self.push("552 5.3.4 Error: Too much mail data")
+            return
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
 
     async def _end_of_data(self, envelope: Envelope) -> str:
         assert self._conn is not None
@@ -666,6 +707,8 @@ class SMTPTestServer:
                         Message size exceeds fixed limit
       pipelining        advertise PIPELINING (RFC 2920); aiosmtpd reads the
                         commands in order either way
+      chunking          advertise CHUNKING and take BDAT (RFC 3030); a rule at
+                        DATA answers the BDAT command (its chunk read first)
       strict_helo       as Postfix's reject_non_fqdn_helo_hostname: an EHLO or
                         HELO name that is neither a fully qualified domain name
                         nor an address literal gets
@@ -708,6 +751,7 @@ class SMTPTestServer:
         idle_timeout: float = 60.0,
         size_limit: int | None = None,
         pipelining: bool = False,
+        chunking: bool = False,
         strict_helo: bool = False,
         max_connections_per_source: int | None = None,
         over_limit_reply: str = POSTFIX_CONNECTIONS,
@@ -740,6 +784,7 @@ class SMTPTestServer:
         self.idle_timeout = idle_timeout
         self.size_limit = size_limit
         self.pipelining = pipelining
+        self.chunking = chunking
         self.strict_helo = strict_helo
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)

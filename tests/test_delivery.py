@@ -21,6 +21,7 @@ from copiamail.smtp.session import SessionSettings, SmtpSession
 
 EHLO_PLAIN = b"250-test.invalid\r\n250 8BITMIME\r\n"
 EHLO_PIPELINING = b"250-test.invalid\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+EHLO_CHUNKING = b"250-test.invalid\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 CHUNKING\r\n"
 MESSAGE = b"Subject: t\r\n\r\nbody\r\n"
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, list[bytes]], Awaitable[None]]
@@ -47,7 +48,8 @@ async def talk(script: Script, timeout: float = 5.0, message: bytes = MESSAGE) -
     return seen, result
 
 
-async def converse(script: Script, sends: list[tuple[str, bytes]], timeout: float = 5.0) -> tuple[list[bytes], list[object]]:
+async def converse(script: Script, sends: list[tuple[str, bytes]], timeout: float = 5.0,
+                   chunking: bool = True) -> tuple[list[bytes], list[object]]:
     """One SmtpSession sends each (recipient, message) in turn, then closes;
     (what the server saw, the Delivered or DeliveryError of each send)."""
     seen: list[bytes] = []
@@ -63,7 +65,7 @@ async def converse(script: Script, sends: list[tuple[str, bytes]], timeout: floa
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     session = SmtpSession(SessionSettings(host="127.0.0.1", port=port, starttls="never", timeout=timeout,
-                                          helo_name="client.invalid"))
+                                          helo_name="client.invalid", chunking=chunking))
     results: list[object] = []
     for recipient, message in sends:
         try:
@@ -314,3 +316,91 @@ def test_size_offered_without_a_limit_is_declared_and_nothing_is_refused():
     seen, result = asyncio.run(talk(script, message=b"x" * 5000 + b"\r\n"))
     assert result.reply == "250 queued"
     assert seen[0] == b"MAIL FROM:<a@b.test> SIZE=5002\r\n"
+
+
+async def read_bdat(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """A BDAT command and its chunk: (the command line, the chunk)."""
+    line = await reader.readline()
+    return line, await reader.readexactly(int(line.split()[1]))
+
+
+def test_with_chunking_offered_the_message_goes_as_one_bdat_in_the_write_of_mail_and_rcpt():
+    message = b"Subject: t\n\n.leading dot\nbody\n"  # lone LFs, and a line a DATA upload would stuff
+
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_CHUNKING)
+        # No reply until the whole group is here: a client that waited for
+        # a reply before the chunk would time out.
+        seen.append(await reader.readline())
+        seen.append(await reader.readline())
+        seen.extend(await read_bdat(reader))
+        writer.write(b"250 sender ok\r\n250 rcpt ok\r\n250 2.0.0 queued as Z\r\n")
+        seen.append(await reader.readline())
+        writer.write(b"221 bye\r\n")
+
+    seen, result = asyncio.run(talk(script, timeout=2, message=message))
+    chunk = b"Subject: t\r\n\r\n.leading dot\r\nbody\r\n"
+    assert seen == [b"MAIL FROM:<a@b.test> SIZE=%d\r\n" % len(chunk), b"RCPT TO:<c@d.test>\r\n",
+                    b"BDAT %d LAST\r\n" % len(chunk), chunk, b"QUIT\r\n"]
+    assert result.reply == "250 2.0.0 queued as Z" and result.bytecount == len(message)
+
+
+@pytest.mark.parametrize("ehlo", [b"250-test.invalid\r\n250 CHUNKING\r\n", EHLO_CHUNKING], ids=["no-pipelining", "off"])
+def test_chunking_without_pipelining_or_turned_off_sends_data(ehlo):
+    async def script(reader, writer, seen):
+        await greet(reader, writer, ehlo)
+        pipelined = b"PIPELINING" in ehlo
+        for reply in (b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+            seen.append((await reader.readline()).split(b" SIZE=")[0].rstrip(b"\r\n"))
+            if not pipelined:
+                writer.write(reply)
+        if pipelined:
+            writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        await read_message(reader)
+        writer.write(b"250 queued\r\n")
+        await reader.readline()
+        writer.write(b"221 bye\r\n")
+
+    seen, [result] = asyncio.run(converse(script, [("c@d.test", MESSAGE)], chunking=b"PIPELINING" not in ehlo))
+    assert seen == [b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>", b"DATA"]
+    assert result.reply == "250 queued"
+
+
+@pytest.mark.parametrize("refused", ["MAIL", "RCPT", "BDAT"])
+def test_after_a_refusal_of_a_chunked_message_the_next_rides_on_the_same_connection_after_rset(refused):
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_CHUNKING)
+        answers = {"MAIL": b"550 5.7.1 no\r\n503 5.5.1 no sender\r\n503 5.5.1 no recipient\r\n",
+                   "RCPT": b"250 ok\r\n550 5.1.1 unknown\r\n554 5.5.1 no valid recipients\r\n",
+                   "BDAT": b"250 ok\r\n250 ok\r\n554 5.7.1 refused\r\n"}[refused]
+        await reader.readline()
+        await reader.readline()
+        await read_bdat(reader)  # the chunk is read whatever the replies (RFC 3030)
+        writer.write(answers)
+        seen.append(await reader.readline())
+        writer.write(b"250 reset\r\n")
+        seen.append(await reader.readline())
+        seen.append(await reader.readline())
+        seen.append((await read_bdat(reader))[0])
+        writer.write(b"250 ok\r\n250 ok\r\n250 2.0.0 queued\r\n")
+        seen.append(await reader.readline())
+        writer.write(b"221 bye\r\n")
+
+    seen, (first, second) = asyncio.run(converse(script, [("x@d.test", MESSAGE), ("y@d.test", MESSAGE)]))
+    assert isinstance(first, DeliveryError)
+    assert (first.stage, first.permanent) == ({"BDAT": "DATA"}.get(refused, refused), True)
+    assert second.reply == "250 2.0.0 queued"
+    assert seen == [b"RSET\r\n", b"MAIL FROM:<a@b.test> SIZE=%d\r\n" % len(MESSAGE), b"RCPT TO:<y@d.test>\r\n",
+                    b"BDAT %d LAST\r\n" % len(MESSAGE), b"QUIT\r\n"]
+
+
+def test_a_chunked_message_over_the_offered_size_is_refused_before_a_byte_is_sent():
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_CHUNKING)
+        seen.append(await reader.readline())
+        writer.write(b"221 bye\r\n")
+
+    seen, result = asyncio.run(talk(script, message=b"x" * 100_000 + b"\r\n"))
+    assert isinstance(result, DeliveryError) and (result.code, result.stage) == (552, "MAIL")
+    assert "Message size 100002 exceeds the fixed limit 100000" in result.text
+    assert seen == [b"QUIT\r\n"]

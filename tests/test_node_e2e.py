@@ -189,6 +189,37 @@ def test_5xx_at_mail_and_at_data_are_final(tmp_path, server):
     assert var(kit.read("FAIL", "D.FS"), "EMAIL_ERROR") == "552 5.3.4 too big"
 
 
+def test_with_chunking_offered_each_message_goes_as_bdat_and_refusals_land_as_with_data(tmp_path, smtp_server):
+    server = smtp_server(pipelining=True, chunking=True)
+    server.add_rule(Rule(stage="RCPT", code=550, text="5.1.1 <jane@copia.com>: User unknown", match="jane@copia.com"))
+    server.add_rule(Rule(stage="EOD", code=552, text="5.3.4 too big", match="big@copia.com"))
+    kit = kit_for(tmp_path, server)
+    (kit.root / "files").mkdir()
+    (kit.root / "files" / "dots.txt").write_bytes(b"first\n.a line a DATA upload would stuff\nlast\n")
+    kit.job("TOSEND", "A.FS", "$email_body files/dots.txt", to="a@copia.com")
+    kit.job("TOSEND", "B.FS", to="jane@copia.com")
+    kit.job("TOSEND", "C.FS", to="big@copia.com")
+    kit.job("TOSEND", "D.FS", to="d@copia.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("SENT") == ["A.FS", "D.FS"] and kit.names("FAIL") == ["B.FS", "C.FS"]
+    assert var(kit.read("FAIL", "B.FS"), "EMAIL_ERROR") == "550 5.1.1 <jane@copia.com>: User unknown"
+    assert var(kit.read("FAIL", "C.FS"), "EMAIL_ERROR") == "552 5.3.4 too big"
+    [a] = [m for m in server.messages if m.rcpt_tos == ["a@copia.com"]]
+    assert b"\r\nfirst\r\n.a line a DATA upload would stuff\r\nlast\r\n" in a.data
+    commands = [c for conn in server.connections for c in conn.commands]
+    assert commands.count("BDAT") == 4 and "DATA" not in commands
+
+
+def test_with_smtp_chunking_off_a_server_offering_chunking_gets_data(tmp_path, smtp_server):
+    server = smtp_server(pipelining=True, chunking=True)
+    kit = SpoolKit(tmp_path, server.port, (), "smtp_chunking: false\n")
+    kit.job("TOSEND", "A.FS", to="a@copia.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("SENT") == ["A.FS"]
+    commands = [c for conn in server.connections for c in conn.commands]
+    assert "DATA" in commands and "BDAT" not in commands
+
+
 def test_delivered_job_carries_status_connect_ip_and_bytecount(tmp_path, server):
     kit = kit_for(tmp_path, server)
     kit.job("TOSEND", "J.FS", to="a@copia.com")

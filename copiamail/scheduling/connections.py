@@ -71,13 +71,16 @@ class Connections:
     """The open connections (used from one event loop), whose slots
     ``limiter`` counts under the limits ``scopes`` gives. ``timeout``: the
     SMTP timeout; ``helo_name``: the EHLO name (None: each connection's
-    address literal)."""
+    address literal); ``chunking``: whether a message goes as one BDAT where
+    the server offers CHUNKING."""
 
-    def __init__(self, scopes: Scopes, limiter: Limiter, timeout: float, helo_name: str | None) -> None:
+    def __init__(self, scopes: Scopes, limiter: Limiter, timeout: float, helo_name: str | None,
+                 chunking: bool = True) -> None:
         self._scopes = scopes
         self._limiter = limiter
         self._timeout = timeout
         self._helo_name = helo_name
+        self._chunking = chunking
         self._open: set[Connection] = set()
         self._idle: dict[str, list[Connection]] = {}  # by domain
 
@@ -105,6 +108,7 @@ class Connections:
             host=target.host, port=target.port, source_address=source, starttls=starttls, tls_context=target.tls,
             username=login[0] if login is not None else None, password=login[1] if login is not None else None,
             timeout=self._timeout, helo_name=self._helo_name, server_name=target.server_name, relay=target.relay,
+            chunking=self._chunking,
         )
         max_messages = self._scopes.deliveries_per_connection(domain, binding, target.ips, target.names)
         conn = Connection(domain, address, binding, limits, target, SmtpSession(settings), max_messages,

@@ -100,7 +100,7 @@ class Scheduler:
         # Once, at start: machine_helo_name() may ask DNS (an EHLO name is an
         # FQDN, else each connection's address literal, never a bare host name).
         self._connections = Connections(self._shaping.scopes, self.limiter, config.smtp_timeout,
-                                        config.helo_name or machine_helo_name())
+                                        config.helo_name or machine_helo_name(), config.smtp_chunking)
         self._router = Router(config, password, read_password(config, "retry_relay"), clock=clock,
                               on_learned=self._connections.learned_host, on_routed=self._routed,
                               on_unpaused=self._unpaused)
