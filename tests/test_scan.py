@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from copiamail.config import Config
 from copiamail.jobfile.fsfile import CommandFile
+from copiamail.jobfile.job import Job
 from copiamail.scheduling.limits import worker_of
 from copiamail.scheduling.scan import Scanner
 from copiamail.spool.queue import Spool
@@ -31,7 +33,8 @@ class Clock:
 class Rig:
     """A spool, a scanner over it, and what the scanner dispatched."""
 
-    def __init__(self, root: Path, write_settle: float = 5.0, worker: int = 0, workers: int = 1) -> None:
+    def __init__(self, root: Path, write_settle: float = 5.0, worker: int = 0, workers: int = 1,
+                 held_until: Callable[[Job, str], float | None] = lambda job, queue: None) -> None:
         self.spool = Spool(root / "spool", 15, fsync=False)
         self.spool.ensure()
         self.waiting: set[str] = set()
@@ -41,7 +44,8 @@ class Rig:
         self.mono = Clock(100.0)
         self.scanner = Scanner(Config(spool=self.spool.root, write_settle=write_settle), self.spool, "N1", self.waiting,
                                lambda: self.halt, lambda claimed, cf, job: self.dispatched.append((claimed.name, cf is not None)),
-                               worker=worker, workers=workers, clock=self.clock, monotonic=self.mono)
+                               worker=worker, workers=workers, clock=self.clock, monotonic=self.mono,
+                               held_until=held_until)
 
     def job(self, queue: str, name: str, to: str = "u@a.test", *lines: str) -> Path:
         path = self.spool.root / queue / name
@@ -84,6 +88,18 @@ def test_a_job_not_yet_due_is_remembered_and_not_read_again_until_it_changes(tmp
     assert rig.full() == 1 and len(reads) == 2
     rig.scanner.start_full()
     assert rig.scanner.next_due is None
+
+
+def test_a_held_job_is_judged_again_when_its_remembered_time_is_over_and_stays_while_still_held(tmp_path):
+    held = {"H.FS"}
+    rig = Rig(tmp_path, held_until=lambda job, queue: rig.clock() + 1.0 if job.name in held else None)
+    rig.job("TOSEND", "H.FS")
+    assert rig.full() == 0 and rig.scanner.next_due == NOW + 1.0  # held: looked at again a second later
+    rig.clock.now += 2.0
+    assert rig.full() == 0 and rig.names() == []  # still held: not claimed
+    held.clear()
+    rig.clock.now += 2.0
+    assert rig.full() == 1 and rig.names() == ["H.FS"]
 
 
 def test_a_worker_claims_only_the_jobs_of_its_domains_and_does_not_read_the_others_again(tmp_path, monkeypatch):

@@ -208,12 +208,12 @@ class Scanner:
         """Whether this worker sends the jobs of domain (or file name) ``key``."""
         return self._workers == 1 or worker_of(key, self._workers) == self._worker
 
-    def _peeked(self, w: QueuedJob) -> Peek | None:
-        """What the file of ``w`` says now; None if it is gone, unreadable or
-        another worker's. A file whose (inode, mtime, size) has not changed
-        since the last look is not read again (only jobs not yet due are
-        remembered, and only their due time, so a large backlog costs little
-        memory)."""
+    def _peeked(self, w: QueuedJob, now: float) -> Peek | None:
+        """What the file of ``w`` says at ``now``; None if it is gone,
+        unreadable or another worker's. A file whose (inode, mtime, size) has
+        not changed since the last look is not read again while it is not yet
+        due (only such jobs are remembered, and only their due time, so a large
+        backlog costs little memory)."""
         try:
             st = os.stat(w.file)
         except FileNotFoundError:
@@ -222,7 +222,9 @@ class Scanner:
         if self._foreign.get(w.file) == sig:
             return None
         later = self._later.get(w.file)
-        if later is not None and later[0] == sig:
+        # Once due it is read again: what kept it (an operator's hold, a retry
+        # delay) is judged afresh from the job, never taken as over.
+        if later is not None and later[0] == sig and later[1] > now:
             return Peek(sig, None, None, later[1])
         try:
             cf = CommandFile.read(w.file)
@@ -253,7 +255,7 @@ class Scanner:
         waiting; True if it was taken up."""
         if w.file in self._waiting:
             return False
-        peek = self._peeked(w)
+        peek = self._peeked(w, now)
         if peek is None:
             self._settling.pop(w.file, None)  # gone, or another worker's: not ours to settle
             return False
