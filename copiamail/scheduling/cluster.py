@@ -216,9 +216,10 @@ class ClusterLimiter(LocalLimiter):
             _still_running()  # else it expires within lease_seconds
 
     async def pace(self, paces: Sequence[Pace], before_long_wait: Callable[[], Any], long_wait: float = 20.0) -> None:
-        """Wait for the next start the cluster-wide rates ``paces`` allow, and
-        take it. Redis unreachable: wait (fail closed), asking again every
-        second; the connection is closed first if that lasts over ``long_wait``."""
+        """Wait for a start the cluster-wide rates ``paces`` allow, and take
+        it. Redis unreachable: wait (fail closed), asking again every second;
+        the connection is closed first (once) if the wait lasts over
+        ``long_wait``."""
         waited = 0.0
         while True:
             try:
@@ -226,18 +227,16 @@ class ClusterLimiter(LocalLimiter):
                 wait = await self._leases.rate_start([(p.key, p.spacing * SLACK) for p in paces])
                 _still_running()
                 self._reachable()
-                break
             except _down_errors() as e:
                 _still_running()
                 self._unreachable(e, [])
-                await asyncio.sleep(1.0)
-                waited += 1.0
-                if waited > long_wait:
-                    await before_long_wait()
-                    waited = float("-inf")
-        if wait > long_wait:
-            await before_long_wait()
-        if wait > 0:
+                wait = 1.0
+            if wait <= 0:
+                return
+            waited += wait
+            if waited > long_wait:
+                await before_long_wait()
+                waited = float("-inf")
             await asyncio.sleep(wait)
 
     # --- the loop: renew leases, read the keys jobs wait on ------------------

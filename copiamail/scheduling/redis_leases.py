@@ -12,7 +12,8 @@ Keys, all under ``copiamail:``:
     come back within ``lease_seconds`` by themselves.
 ``rate:<pace key>``
     The earliest instant (microseconds, Redis's clock) at which the next
-    message counted against a cluster-wide rate may start.
+    message counted against a cluster-wide rate may start; set when a start
+    is taken, which happens only at the start itself.
 ``want:<limit key>``
     A sorted set of the nodes' workers that have jobs waiting on the key
     (one member each, scored with the instant its want lapses unless put
@@ -117,8 +118,12 @@ end
 return out
 """
 
-# KEYS: rate keys; ARGV: a spacing (microseconds) per key. Takes the next
-# start allowed by every key and returns how many microseconds away it is.
+# KEYS: rate keys; ARGV: a spacing (microseconds) per key. Takes a start
+# now if every key allows one (returns 0), else takes nothing and returns how
+# many microseconds away the next allowed start is. A start is taken only
+# when it happens, never booked ahead: a node that wakes late then widens the
+# gap after the one before it instead of narrowing the one after it, so the
+# starts the receiver sees stay a spacing apart, whichever node makes them.
 _RATE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -127,11 +132,12 @@ for i = 1, #KEYS do
   local nxt = tonumber(redis.call('GET', KEYS[i]) or 0)
   if nxt > start then start = nxt end
 end
+if start > now then return start - now end
 for i = 1, #KEYS do
   local gap = tonumber(ARGV[i])
-  redis.call('SET', KEYS[i], string.format('%.0f', start + gap), 'PX', math.ceil((start + gap - now) / 1000) + 1000)
+  redis.call('SET', KEYS[i], string.format('%.0f', now + gap), 'PX', math.ceil(gap / 1000) + 1000)
 end
-return start - now
+return 0
 """
 
 
@@ -213,8 +219,9 @@ class RedisLeases:
         return [m.decode() if isinstance(m, bytes) else str(m) for m in found]
 
     async def rate_start(self, keys: Sequence[tuple[str, float]]) -> float:
-        """Take the next start allowed by every ``(key, spacing seconds)``;
-        returns the seconds to wait for it."""
+        """Take a start now if every ``(key, spacing seconds)`` allows one
+        (returns 0); else take nothing and return the seconds until one may
+        (ask again then: another node may take it first)."""
         got = await self._rate(keys=[rate_key(k) for k, _ in keys],
                                args=[max(1, round(spacing * 1_000_000)) for _, spacing in keys])
         return max(0, int(got)) / 1_000_000
