@@ -782,3 +782,21 @@ def test_receivers_route_each_domain_by_mx_to_its_own_throttling_receiver():
             "b.test (allows any number of connections): peak 1 open, 1 msgs, throttle replies: none",
         ]
         assert rx.errors() == []
+
+
+def test_with_chunking_it_takes_a_message_in_bdat_chunks_and_reads_a_refused_chunk_whole(smtp_server):
+    srv = smtp_server(chunking=True)
+    with smtplib.SMTP(srv.host, srv.port, timeout=5) as c:
+        c.ehlo("client.copiamail.test")
+        assert c.has_extn("chunking")
+        assert c.mail(FROM)[0] == 250 and c.rcpt("a@x.test")[0] == 250
+        c.send(b"BDAT 12\r\nSubject: s\r\n")
+        assert c.getreply()[0] == 250
+        c.send(b"BDAT 8 LAST\r\n\r\n.dot\r\n")  # nothing in a chunk is unstuffed
+        assert c.getreply()[0] == 250
+        # No transaction: refused, and its chunk is read whole, not taken for commands.
+        c.send(b"BDAT 3 LAST\r\nabc")
+        assert c.getreply()[0] == 503
+        assert c.noop()[0] == 250
+    srv.wait_for(1, timeout=2)
+    assert [m.data for m in srv.messages] == [b"Subject: s\r\n\r\n.dot\r\n"]
