@@ -83,6 +83,17 @@ def bdat_block(message: bytes) -> bytes:
     return b"BDAT %d LAST\r\n" % len(message) + message
 
 
+def message_block(message: bytes, chunked: bool) -> tuple[bytes, int]:
+    """What carries ``message``: its :func:`bdat_block` (``chunked``) or its
+    :func:`data_block`; and its size as sent, which ``SIZE=`` declares (RFC
+    1870: dot-stuffing counted, so never less than the server counts)."""
+    if chunked:
+        block = bdat_block(message)
+        return block, len(block) - block.index(b"\r\n") - 2
+    block = data_block(message)
+    return block, len(block) - 3  # the final ".\r\n"
+
+
 class Link(asyncio.Protocol):
     """A connection after its greeting (taken over from aiosmtplib): writes
     commands and hands out the server's replies in order. A reply that
@@ -93,7 +104,7 @@ class Link(asyncio.Protocol):
                  chunking: bool = False) -> None:
         self.encrypted = False  # STARTTLS made it TLS
         self.pipelining = pipelining
-        self.chunking = chunking  # CHUNKING offered (RFC 3030): the message goes as one BDAT
+        self.chunking = chunking  # each message goes as one BDAT (RFC 3030), pipelined with MAIL and RCPT
         self.size = size  # SIZE as offered (RFC 1870): None not offered, 0 no fixed limit
         self._transport = transport
         self._buffer = bytearray()

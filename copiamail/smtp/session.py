@@ -34,7 +34,7 @@ import aiosmtplib
 
 from copiamail.errors import DeliveryError
 from copiamail.jobfile import outcome
-from copiamail.smtp.link import CONNECTION_LOST, NO_REPLY, Link, Lost, Refused, ReplyTimeout, bdat_block, data_block
+from copiamail.smtp.link import CONNECTION_LOST, NO_REPLY, Link, Lost, Refused, ReplyTimeout, message_block
 from copiamail.smtp.replies import CONNECT, DATA, MAIL, RCPT, classify, reply_text
 
 
@@ -223,8 +223,11 @@ class SmtpSession:
             # then found the connection gone.
             smtp.close()
             raise _engine(outcome.CONNECTION_LOST, f"connection dropped at MAIL: {CONNECTION_LOST}", MAIL)
-        link = Link(transport, smtp.supports_extension("pipelining"), _offered_size(smtp),
-                    chunking=self.settings.chunking and smtp.supports_extension("chunking"))
+        pipelining = smtp.supports_extension("pipelining")
+        # One BDAT chunk only where commands may be pipelined: the chunk goes
+        # out with MAIL and RCPT, unseen by a server that refuses either.
+        link = Link(transport, pipelining, _offered_size(smtp),
+                    chunking=self.settings.chunking and pipelining and smtp.supports_extension("chunking"))
         link.encrypted = transport.get_extra_info("sslcontext") is not None
         self.peer_ip = link.peer_ip() or s.host
         self.messages = 0
@@ -243,16 +246,11 @@ class SmtpSession:
             raise DeliveryError(outcome.TLS_REQUIRED.code, outcome.TLS_REQUIRED.klass,
                                 f"{s.host}:{s.port} offers no TLS and the job requires it (reqTLS); not sent", True, MAIL)
         timeout = self.settings.timeout
-        # One BDAT chunk only where commands may be pipelined: the chunk goes
-        # out with MAIL and RCPT, unseen by a server that refuses either.
-        chunked = link.chunking and link.pipelining
-        block = bdat_block(data) if chunked else data_block(data)
+        block, size = message_block(data, link.chunking)
         mail = b"MAIL FROM:<" + sender.encode("ascii") + b">"
         if link.size is not None:
-            # RFC 1870: the size as sent (dot-stuffing counted, so never less
-            # than the server counts); a message over the server's limit is
-            # refused here, before a byte of it is uploaded.
-            size = len(block) - (block.index(b"\r\n") + 2 if chunked else 3)
+            # A message over the server's limit is refused here, before a byte
+            # of it is uploaded.
             if link.size and size > link.size:
                 s = self.settings
                 raise classify(552, f"5.3.4 Message size {size} exceeds the fixed limit {link.size} that "
@@ -262,7 +260,7 @@ class SmtpSession:
         stage = MAIL
         try:
             rcpt = b"RCPT TO:<" + recipient.encode("ascii") + b">\r\n"
-            if chunked:
+            if link.chunking:
                 link.write(mail + rcpt + block, 3)
             elif link.pipelining:
                 link.write(mail + rcpt + b"DATA\r\n", 3)
@@ -278,7 +276,7 @@ class SmtpSession:
             if code not in (250, 251):
                 raise Refused(code, text)
             stage = DATA
-            if not chunked:
+            if not link.chunking:
                 if not link.pipelining:
                     link.write(b"DATA\r\n", 1)
                 code, text = await link.reply(timeout)
