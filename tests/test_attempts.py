@@ -5,6 +5,7 @@ beyond tmp_path."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,11 @@ class FakeSession:
         if isinstance(self.answer, DeliveryError) and self.answer.stage == CONNECT:
             raise self.answer
 
-    async def send(self, sender: str, recipient: str, data: bytes, require_tls: bool = False) -> Delivered:
+    async def send(self, sender: str, recipient: str, data: bytes, require_tls: bool = False,
+                   on_written: Callable[[], None] | None = None) -> Delivered:
         self.sent.append((sender, recipient, data))
+        if on_written is not None:
+            on_written()
         if isinstance(self.answer, BaseException):
             raise self.answer
         self.messages += 1

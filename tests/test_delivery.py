@@ -404,3 +404,132 @@ def test_a_chunked_message_over_the_offered_size_is_refused_before_a_byte_is_sen
     assert isinstance(result, DeliveryError) and (result.code, result.stage) == (552, "MAIL")
     assert "Message size 100002 exceeds the fixed limit 100000" in result.text
     assert seen == [b"QUIT\r\n"]
+
+
+async def converse_behind(script: Script, recipients: list[str], timeout: float = 5.0,
+                          ehlo_chunking: bool = True) -> tuple[list[bytes], list[object], list[bool]]:
+    """As the node's connections do: each message sent behind the one in
+    flight where the session can (one deep); (what the server saw, the
+    Delivered or DeliveryError of each send, whether each went behind)."""
+    seen: list[bytes] = []
+    served = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await script(reader, writer, seen)
+        finally:
+            writer.close()
+            served.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    session = SmtpSession(SessionSettings(host="127.0.0.1", port=server.sockets[0].getsockname()[1],
+                                          starttls="never", timeout=timeout, helo_name="client.invalid"))
+    loop = asyncio.get_running_loop()
+    sends: list[asyncio.Task[object]] = []
+    behind: list[bool] = []
+
+    async def send(recipient: str) -> object:
+        try:
+            return await session.send("a@b.test", recipient, MESSAGE, on_written=send_behind)
+        except DeliveryError as e:
+            return e
+
+    def send_behind() -> None:
+        if len(sends) < len(recipients) and len(sends) == len(behind) and session.can_send_behind():
+            behind.append(True)
+            sends.append(loop.create_task(send(recipients[len(sends)])))
+
+    results: list[object] = []
+    while len(results) < len(recipients):
+        if len(sends) == len(results):
+            behind.append(False)
+            sends.append(loop.create_task(send(recipients[len(sends)])))
+        results.append(await sends[len(results)])
+        send_behind()
+    await session.close()
+    await asyncio.wait_for(served.wait(), 10)
+    server.close()
+    await server.wait_closed()
+    return seen, results, behind
+
+
+async def read_group(reader: asyncio.StreamReader, seen: list[bytes]) -> None:
+    """One chunked transaction as written: MAIL, RCPT and BDAT (an RSET first, behind another)."""
+    while not (line := await reader.readline()).startswith(b"BDAT") and line:
+        seen.append(line.split(b" SIZE=")[0].rstrip(b"\r\n"))
+    seen.append(line.split()[0])
+    await reader.readexactly(int(line.split()[1]))
+
+
+def test_with_chunking_the_next_message_goes_out_behind_the_one_in_flight_before_its_replies():
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_CHUNKING)
+        # Nothing is answered until both transactions are here: a client that
+        # waited for the first one's replies would time out.
+        await read_group(reader, seen)
+        await read_group(reader, seen)
+        writer.write(b"250 ok\r\n250 ok\r\n250 2.0.0 queued as A\r\n")
+        await read_group(reader, seen)  # the third goes behind the second once the first is read
+        writer.write(b"250 reset\r\n250 ok\r\n250 ok\r\n250 2.0.0 queued as B\r\n")
+        writer.write(b"250 reset\r\n250 ok\r\n250 ok\r\n250 2.0.0 queued as C\r\n")
+        seen.append(await reader.readline())
+        writer.write(b"221 bye\r\n")
+
+    seen, results, behind = asyncio.run(converse_behind(script, ["x@d.test", "y@d.test", "z@d.test"], timeout=3))
+    assert [r.reply for r in results] == ["250 2.0.0 queued as A", "250 2.0.0 queued as B", "250 2.0.0 queued as C"]
+    assert behind == [False, True, True]
+    assert seen == [b"MAIL FROM:<a@b.test>", b"RCPT TO:<x@d.test>", b"BDAT",
+                    b"RSET", b"MAIL FROM:<a@b.test>", b"RCPT TO:<y@d.test>", b"BDAT",
+                    b"RSET", b"MAIL FROM:<a@b.test>", b"RCPT TO:<z@d.test>", b"BDAT", b"QUIT\r\n"]
+
+
+def test_a_refusal_of_the_message_in_flight_leaves_the_one_behind_it_to_be_delivered():
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_CHUNKING)
+        await read_group(reader, seen)
+        await read_group(reader, seen)
+        writer.write(b"250 ok\r\n550 5.1.1 unknown\r\n554 5.5.1 no valid recipients\r\n")
+        writer.write(b"250 reset\r\n250 ok\r\n250 ok\r\n250 2.0.0 queued\r\n")
+        seen.append(await reader.readline())  # no RSET of its own: the one behind carried it
+        writer.write(b"221 bye\r\n")
+
+    seen, (first, second), behind = asyncio.run(converse_behind(script, ["x@d.test", "y@d.test"], timeout=3))
+    assert isinstance(first, DeliveryError) and (first.code, first.stage, first.permanent) == (550, "RCPT", True)
+    assert second.reply == "250 2.0.0 queued" and behind == [False, True]
+    assert seen[-2:] == [b"BDAT", b"QUIT\r\n"]
+
+
+@pytest.mark.parametrize("end", ["421", "silence"])
+def test_when_the_message_in_flight_ends_the_connection_the_one_behind_fails_as_dropped_at_mail(end):
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_CHUNKING)
+        await read_group(reader, seen)
+        await read_group(reader, seen)
+        if end == "421":
+            writer.write(b"250 ok\r\n250 ok\r\n421 4.3.2 shutting down\r\n")
+        await reader.read()  # until the client drops it
+
+    _, (first, second), behind = asyncio.run(converse_behind(script, ["x@d.test", "y@d.test"], timeout=1))
+    assert behind == [False, True]
+    assert isinstance(first, DeliveryError) and not first.permanent
+    assert (first.code, first.stage) == ((421, "DATA") if end == "421" else (outcome.TIMED_OUT.code, "MAIL"))
+    # Its bytes were sent, and the server may have read them: an attempt, retried.
+    assert isinstance(second, DeliveryError) and (second.stage, second.permanent) == ("MAIL", False)
+    assert second.code == outcome.CONNECTION_LOST.code and "connection dropped at MAIL" in second.text
+
+
+def test_without_chunking_no_message_goes_behind_another():
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_PIPELINING)
+        for _ in range(2):
+            for _ in range(3):
+                seen.append((await reader.readline()).rstrip(b"\r\n"))
+            writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+            await read_message(reader)
+            writer.write(b"250 queued\r\n")
+        seen.append(await reader.readline())
+        writer.write(b"221 bye\r\n")
+
+    seen, results, behind = asyncio.run(converse_behind(script, ["x@d.test", "y@d.test"], timeout=3))
+    assert [r.reply for r in results] == ["250 queued", "250 queued"] and behind == [False, False]
+    assert b"RSET" not in seen

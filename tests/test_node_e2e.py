@@ -210,6 +210,40 @@ def test_with_chunking_offered_each_message_goes_as_bdat_and_refusals_land_as_wi
     assert commands.count("BDAT") == 4 and "DATA" not in commands
 
 
+def test_with_chunking_each_next_job_goes_out_behind_the_message_in_flight(tmp_path, smtp_server):
+    server = smtp_server(pipelining=True, chunking=True)
+    server.add_rule(Rule(stage="EOD", delay=0.1))
+    kit = kit_for(tmp_path, server, "$domain_limit * @copia.com 1")
+    for i in range(6):
+        kit.job("TOSEND", f"J{i}.FS", to=f"u{i}@copia.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("SENT") == [f"J{i}.FS" for i in range(6)] and len(server.connections) == 1
+    # An RSET after a message accepted is the mark of one sent behind it,
+    # before its reply: the others are sent only once it came.
+    commands = server.connections[0].commands
+    assert commands.count("RSET") >= 4 and commands.count("BDAT") == 6
+    for i in range(6):
+        [[e, *_]] = attempts(kit.read("SENT", f"J{i}.FS"))
+        assert e == "E"
+
+
+def test_a_job_behind_a_message_whose_server_closes_the_connection_is_retried_not_lost(tmp_path, smtp_server):
+    server = smtp_server(pipelining=True, chunking=True)
+    server.add_rule(Rule(stage="EOD", delay=0.3, match="a@copia.com"))  # the others wait meanwhile
+    server.add_rule(Rule(stage="EOD", code=421, text="4.3.2 shutting down", match="b@copia.com", delay=0.1))
+    kit = kit_for(tmp_path, server, "$domain_limit * @copia.com 1")
+    kit.job("TOSEND", "A.FS", to="a@copia.com")
+    kit.job("TOSEND", "B.FS", to="b@copia.com")
+    kit.job("TOSEND", "C.FS", to="c@copia.com")
+    assert kit.drain().returncode == 0
+    assert kit.names("SENT") == ["A.FS"] and sorted(kit.names("TOSEND")) == ["B.FS", "C.FS"]
+    assert [m.rcpt_tos for m in server.messages] == [["a@copia.com"]]
+    assert var(kit.read("TOSEND", "B.FS"), "EMAIL_ERROR") == "421 4.3.2 shutting down"
+    # C went out behind B: the server may have read it, so it was an attempt.
+    assert var(kit.read("TOSEND", "C.FS"), "EMAIL_ERROR").startswith("connection dropped at MAIL")
+    assert "RSET" in server.connections[0].commands
+
+
 def test_with_smtp_chunking_off_a_server_offering_chunking_gets_data(tmp_path, smtp_server):
     server = smtp_server(pipelining=True, chunking=True)
     kit = SpoolKit(tmp_path, server.port, (), "smtp_chunking: false\n")

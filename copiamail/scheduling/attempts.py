@@ -138,10 +138,13 @@ class Attempts:
         if rose:
             self.on_cap_raised(key.key, self.adaptive.cap(key.key, key.ceiling))
 
-    async def attempt(self, conn: Connection, item: Item) -> Result | None:
+    async def attempt(self, conn: Connection, item: Item,
+                      on_written: Callable[[], None] | None = None) -> Result | None:
         """Send ``item``'s job over ``conn``; its result, or None when the job
         goes to the domain's next mail host because this one failed before any
-        SMTP command. A cancellation propagates with the job still claimed."""
+        SMTP command. A cancellation propagates with the job still claimed.
+        ``on_written``: called once its transaction is written, before its
+        replies are read (:meth:`~copiamail.smtp.session.SmtpSession.send`)."""
         claimed, cf, job = item.claimed, item.cf, item.job
         config = self.config
         reused = conn.session.messages > 0
@@ -159,7 +162,8 @@ class Attempts:
             item.claimed = claimed = self.spool.mark_sending(claimed)
             started = time.monotonic()
             try:
-                sent = await conn.session.send(sender, job.address, data, require_tls="reqtls" in job.options)
+                sent = await conn.session.send(sender, job.address, data, require_tls="reqtls" in job.options,
+                                               on_written=on_written)
             finally:
                 self.transactions.observe(time.monotonic() - started)
         except JobError as e:

@@ -1,7 +1,8 @@
 """What an open connection carries after a message: the next waiting job of
 its domain, or nothing, when a job of another domain that waits on one of its
-slots comes first (then it closes and its slots go there); and claiming a
-waiting job whose slot or connection was chosen while it waited."""
+slots comes first (then it closes and its slots go there); which job it sends
+behind the message in flight, where it can; and claiming a waiting job whose
+slot or connection was chosen while it waited."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job, parse_job
 from copiamail.scheduling.choosing import Chooser, bindings_of
 from copiamail.scheduling.connections import Connection, starttls_for
+from copiamail.scheduling.limits import adaptive_limit
 from copiamail.scheduling.routing import Item, Router
 from copiamail.scheduling.shaping import Shaping
 from copiamail.scheduling.waiting import WaitEntry, WaitingJobs
@@ -123,6 +125,18 @@ class NextJobs:
                 self._waiting.served(conn.domain)
                 conn.turn += 1
                 return item, False
+
+    def behind(self, conn: Connection) -> Item | None:
+        """A job to send over ``conn`` at once, behind its message in flight,
+        before that one's replies (where the session can:
+        :meth:`~copiamail.smtp.session.SmtpSession.can_send_behind`); None if
+        none may. Never where the connection keeps a message rate or learns
+        its limit (each message must start at its own time, and be judged on
+        its own reply), nor past its messages per connection."""
+        if (conn.paces or conn.session.messages + 2 > conn.max_messages or not conn.session.can_send_behind()
+                or (self._shaping.adaptive is not None and adaptive_limit(conn.limits) is not None)):
+            return None
+        return self.next_for(conn)[0]
 
     def _claim_for(self, entry: WaitEntry, can_use: Callable[[Job], bool]) -> Item | None:
         """Claim a waiting job to ride on an open connection (``can_use``); None if it cannot."""

@@ -40,12 +40,13 @@ from copiamail.errors import DeliveryError, JobError
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job, parse_job
 from copiamail.scheduling.attempts import Attempts
+from copiamail.scheduling.carrier import Carrier, Ending
 from copiamail.scheduling.carrying import NextJobs, as_planned, read_claimed
 from copiamail.scheduling.choosing import Blocked, Chooser, Start
 from copiamail.scheduling.cluster import ClusterLimiter, cluster_limiter
 from copiamail.scheduling.connections import Connection, Connections, starttls_for
 from copiamail.scheduling.limiter import Limiter, LocalLimiter
-from copiamail.scheduling.limits import Limit, is_cluster_key
+from copiamail.scheduling.limits import is_cluster_key
 from copiamail.scheduling.publishing import publish_live_state
 from copiamail.scheduling.results import ResultWriter, Stats
 from copiamail.scheduling.routing import Item, Router
@@ -106,10 +107,12 @@ class Scheduler:
                               on_unpaused=self._unpaused)
         self._scanner = Scanner(config, spool, node, self._waiting, self._halted, self._dispatch, worker=worker,
                                 workers=workers, clock=clock, held_until=self._shaping.job_held_until)
-        self._attempts = Attempts(config, spool, node, self._router, worker, clock, self._connections.greeted_sharing,
-                                  self._shaping.adaptive, self._shaping.pacer, self._cluster, self._cap_raised)
+        attempts = Attempts(config, spool, node, self._router, worker, clock, self._connections.greeted_sharing,
+                            self._shaping.adaptive, self._shaping.pacer, self._cluster, self._cap_raised)
         self._next = NextJobs(Chooser(config, self._connections, self._router, self._shaping, self.limiter), spool,
                               self._waiting, self._router, self._shaping, self._take, self._dispatch, clock)
+        self._carrier = Carrier(attempts, self._results, self._next, self._connections, self._cluster,
+                                self._halted, lambda: self.stopping)
 
     @property
     def _cluster(self) -> ClusterLimiter | None:
@@ -150,7 +153,7 @@ class Scheduler:
         self._router.reconfigure(config)
         self._scanner.reconfigure(config)
         self._next.config = config
-        self._attempts = dataclasses.replace(self._attempts, config=config)
+        self._carrier.attempts = dataclasses.replace(self._carrier.attempts, config=config)
         self._offer(self._waiting.keys(), fill=True)  # under the new caps: a raised one starts jobs now
         self.wake()
 
@@ -172,8 +175,8 @@ class Scheduler:
         self._results.start()
         loop = asyncio.get_running_loop()
         publisher = loop.create_task(publish_live_state(
-            self.spool.root, self.node, self._attempts.worker, self._connections, lambda: self.stats,
-            self._attempts.transactions, self.clock))
+            self.spool.root, self.node, self._carrier.attempts.worker, self._connections, lambda: self.stats,
+            self._carrier.attempts.transactions, self.clock))
         cluster, limiter = self._cluster, self.limiter
         leases = None if cluster is None else loop.create_task(cluster.run(
             self._waiting.waited_on, lambda: self._room_elsewhere(
@@ -261,7 +264,7 @@ class Scheduler:
         try:
             job = job if job is not None else parse_job(cf, claimed.name, self.config.job_env)
         except JobError as e:
-            self._results.write(self._attempts.bad_job(claimed, cf, e))
+            self._results.write(self._carrier.attempts.bad_job(claimed, cf, e))
             return
         if not self._scanner.mine(job.domain) or not job.is_due(self.clock()):
             # Its file changed while it waited here: to another worker's
@@ -278,7 +281,7 @@ class Scheduler:
         try:
             choice = self._next.chooser.choose(item.job, targets)
         except JobError as e:
-            self._results.write(self._attempts.bad_job(item.claimed, item.cf, e, item.job))
+            self._results.write(self._carrier.attempts.bad_job(item.claimed, item.cf, e, item.job))
             return
         if isinstance(choice, Blocked):
             self._defer(item, choice)
@@ -292,7 +295,7 @@ class Scheduler:
                 if self._halted():
                     self._results.hand_back(item.claimed)
                 elif error is not None:
-                    self._results.write(self._attempts.lookup_failed(item, error))
+                    self._results.write(self._carrier.attempts.lookup_failed(item, error))
                 else:
                     self._route(item, after_lookup=True)
             except Exception:
@@ -426,67 +429,19 @@ class Scheduler:
     # --- connections ---------------------------------------------------------
 
     async def _run_connection(self, conn: Connection, item: Item | None) -> None:
-        """Carry jobs over one connection until none is left for it. Whatever
-        happens (cancellation, a bug), a claimed job this task holds is either
-        attempted or handed back: it is never left in ACTIVE."""
-        elsewhere: Item | None = None
-        refused: tuple[Item, Limit] | None = None
+        """Carry jobs over one connection until none is left for it
+        (:class:`~.carrier.Carrier`); then give back its lease and slots, and
+        send on what it could not carry."""
+        end = Ending()
         try:
-            if item is not None and self._cluster is not None and any(is_cluster_key(l.key) for l in conn.limits):
-                got = await self._cluster.lease(conn.limits)
-                if isinstance(got, str):
-                    conn.lease = got
-                else:  # a cluster-wide limit is full: its job waits on it, as on any full limit
-                    refused, item = (item, got), None
-            while item is not None and not self.stopping:
-                if conn.session.messages >= conn.max_messages:
-                    await conn.session.close()
-                result = await self._attempts.attempt(conn, item)
-                # The previous result was made durable while this message was
-                # sent: one in flight per connection at most (a full disk
-                # pauses the node after one more message, not more).
-                if conn.written is not None:
-                    await asyncio.shield(conn.written)
-                    conn.written = None
-                if result is None:
-                    elsewhere = item
-                else:
-                    conn.written = self._results.write(result)
-                item = None
-                if elsewhere is not None or self._halted():
-                    break
-                item, close = self._next.next_for(conn)
-                if item is None and conn.written is not None:
-                    # Its slots are not given up before its last result is
-                    # written; and deferrals written before that result have
-                    # landed by then: one of them may be next.
-                    await asyncio.shield(conn.written)
-                    conn.written = None
-                    if self._halted():
-                        break
-                    if not close:
-                        item, close = self._next.next_for(conn)
-                if item is None and not close and not self.stopping and self.config.connection_idle > 0:
-                    item = await self._connections.wait_idle(conn, self.config.connection_idle,
-                                                             lambda it: self._results.hand_back(it.claimed))
-            if item is None:
-                await conn.session.close()
-        except asyncio.CancelledError:
-            conn.session.abort()
-            raise
-        except Exception:
-            log.exception("connection for %s failed", conn.domain)
-            conn.session.abort()
+            await self._carrier.carry(conn, item, end)
         finally:
-            if item is not None:
-                conn.session.abort()
-                self._results.hand_back(item.claimed)
             self._connections.closed(conn)
             if conn.lease is not None and self._cluster is not None:
                 self._cluster.give_back(conn.lease)
-            if refused is not None:
-                self._defer(refused[0], Blocked((refused[1],)))
-            if elsewhere is not None:
+            if end.refused is not None:
+                self._defer(end.refused[0], Blocked((end.refused[1],)))
+            for elsewhere in end.elsewhere:
                 if self._halted():
                     self._results.hand_back(elsewhere.claimed)
                 else:

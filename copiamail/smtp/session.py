@@ -1,7 +1,7 @@
 """SMTP sessions.
 
-A :class:`SmtpSession` is one connection to one host, used by one task at a time
-(never shared). It opens lazily on the first :meth:`SmtpSession.send` and
+A :class:`SmtpSession` is one connection to one host, used by one
+connection's run (never shared between runs). It opens lazily on the first :meth:`SmtpSession.send` and
 carries one message after another. A refusal (a 4xx or 5xx reply to MAIL,
 RCPT, DATA or the message) leaves the dialogue in a known state: the
 connection stays, reset with RSET before the next message, and ends with
@@ -14,7 +14,9 @@ it is final (a 5xx at MAIL, RCPT or DATA).
 
 aiosmtplib opens the connection: connect, greeting, EHLO (HELO), STARTTLS and
 AUTH. The transactions then run on its transport through
-:class:`~copiamail.smtp.link.Link`, pipelined where the server allows it;
+:class:`~copiamail.smtp.link.Link`, pipelined where the server allows it
+(over a chunked link, one transaction may be written behind the one in
+flight, before its replies: :meth:`SmtpSession.send`);
 :mod:`copiamail.smtp.replies` classifies what the server says, and
 :mod:`copiamail.smtp.startup` makes what a node settles once (the TLS context,
 the relay's addresses, the EHLO name).
@@ -27,6 +29,7 @@ import os
 import re
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -147,6 +150,8 @@ class SmtpSession:
         self.settings = settings
         self._link: Link | None = None
         self._reset_due = False  # a transaction was refused: RSET before the next one
+        self._reading: asyncio.Future[None] | None = None  # done once the transaction in flight is read
+        self._in_flight = 0  # transactions written whose replies are still being read
         self.messages = 0
         self.peer_ip = ""
 
@@ -233,19 +238,37 @@ class SmtpSession:
         self.messages = 0
         return link
 
-    async def send(self, sender: str, recipient: str, data: bytes, require_tls: bool = False) -> Delivered:
+    def can_send_behind(self) -> bool:
+        """Whether a message may go now behind the one in flight, before its
+        replies: over a chunked link only, whose last chunk ends a transaction
+        the way no DATA can (RFC 3030, RFC 2920 3.1), and one deep."""
+        link = self._link
+        return (self._in_flight == 1 and link is not None and link.chunking and link.usable
+                and not self._reset_due)
+
+    async def send(self, sender: str, recipient: str, data: bytes, require_tls: bool = False,
+                   on_written: Callable[[], None] | None = None) -> Delivered:
         """Deliver one message; raises DeliveryError on any failure (the
         connection stays after a refusal, see :meth:`_after_refusal`, and is
         dropped after anything else). Both addresses were checked when the
         job was read (ASCII, no control characters). With ``require_tls``
         ($email_options reqTLS) nothing is sent over a connection without TLS:
-        the job fails (outcome 160) before MAIL FROM."""
-        link = await self._ready()
+        the job fails (outcome 160) before MAIL FROM.
+
+        ``on_written`` is called once the transaction is written, before its
+        replies are read. A second send may then start while this one waits
+        (:meth:`can_send_behind`): it goes out at once, behind an RSET, and
+        its replies are read after this one's. Should this one end the
+        connection, the one behind fails as dropped at MAIL: its bytes were
+        sent, so it counts as attempted."""
+        await self._behind_or_ready()
+        ahead = self._reading
+        link = self._link
+        assert link is not None
         if require_tls and not link.encrypted:
             s = self.settings
             raise DeliveryError(outcome.TLS_REQUIRED.code, outcome.TLS_REQUIRED.klass,
                                 f"{s.host}:{s.port} offers no TLS and the job requires it (reqTLS); not sent", True, MAIL)
-        timeout = self.settings.timeout
         block, size = message_block(data, link.chunking)
         mail = b"MAIL FROM:<" + sender.encode("ascii") + b">"
         if link.size is not None:
@@ -257,35 +280,74 @@ class SmtpSession:
                                     f"{s.host}:{s.port} advertises (SIZE); not sent", MAIL)
             mail += b" SIZE=%d" % size
         mail += b"\r\n"
+        rcpt = b"RCPT TO:<" + recipient.encode("ascii") + b">\r\n"
+        code, text = await self._transaction(link, ahead, mail, rcpt, block, on_written)
+        self.messages += 1
+        return Delivered(reply_text(code, text), self.peer_ip, len(data))
+
+    async def _transaction(self, link: Link, ahead: asyncio.Future[None] | None, mail: bytes, rcpt: bytes,
+                           block: bytes, on_written: Callable[[], None] | None) -> tuple[int, str]:
+        """Write one transaction (behind ``ahead``, the one in flight, if
+        any) and read its replies; the final reply, or a DeliveryError."""
+        timeout = self.settings.timeout
         stage = MAIL
+        left = 0  # replies owed to this transaction, not yet read
+        mine: asyncio.Future[None] | None = None
         try:
-            rcpt = b"RCPT TO:<" + recipient.encode("ascii") + b">\r\n"
-            if link.chunking:
+            if ahead is not None:
+                # The transaction ahead may yet be refused part way: RSET makes
+                # this one start from a known state whatever its outcome.
+                link.write(b"RSET\r\n" + mail + rcpt + block, 4)
+                left = 4
+            elif link.chunking:
                 link.write(mail + rcpt + block, 3)
+                left = 3
             elif link.pipelining:
                 link.write(mail + rcpt + b"DATA\r\n", 3)
+                left = 3
             else:
                 link.write(mail, 1)
+                left = 1
+            mine = self._reading = asyncio.get_running_loop().create_future()
+            self._in_flight += 1
+            if on_written is not None:
+                on_written()
+            if ahead is not None:
+                await asyncio.shield(ahead)
+                if link is not self._link:
+                    raise Lost(CONNECTION_LOST)  # the one ahead ended the connection
+                code, text = await link.reply(timeout)
+                left -= 1
+                if code != 250:
+                    raise Refused(code, text)
             code, text = await link.reply(timeout)
+            left -= 1
             if code != 250:
                 raise Refused(code, text)
             stage = RCPT
             if not link.pipelining:
                 link.write(rcpt, 1)
+                left += 1
             code, text = await link.reply(timeout)
+            left -= 1
             if code not in (250, 251):
                 raise Refused(code, text)
             stage = DATA
             if not link.chunking:
                 if not link.pipelining:
                     link.write(b"DATA\r\n", 1)
+                    left += 1
                 code, text = await link.reply(timeout)
+                left -= 1
                 if code != 354:
                     raise Refused(code, text)
                 link.write(block, 1)
+                left += 1
             code, text = await link.reply(timeout)
+            left -= 1
             if code != 250:
                 raise Refused(code, text)
+            return code, text
         except ReplyTimeout:
             self.abort()
             raise _engine(outcome.TIMED_OUT, f"timeout at {stage}: {NO_REPLY}", stage) from None
@@ -294,7 +356,7 @@ class SmtpSession:
             raise _engine(outcome.CONNECTION_LOST, f"connection dropped at {stage}: {e}", stage) from None
         except Refused as e:
             error = classify(e.code, e.message, stage)
-            await self._after_refusal(link, e.code)
+            await self._after_refusal(link, e.code, left)
             raise error from None
         except OSError as e:
             self.abort()
@@ -304,14 +366,28 @@ class SmtpSession:
             # unknown state and must not be reused.
             self.abort()
             raise
-        self.messages += 1
-        return Delivered(reply_text(code, text), self.peer_ip, len(data))
+        finally:
+            if mine is not None:
+                self._in_flight -= 1
+                if self._reading is mine:
+                    self._reading = None
+                mine.set_result(None)
+
+    async def _behind_or_ready(self) -> None:
+        """Wait until this send may start: at once behind the transaction in
+        flight where it can (:meth:`can_send_behind`), else once that one's
+        replies are read, on a connection ready for it (:meth:`_ready`)."""
+        while self._reading is not None and not self.can_send_behind():
+            await asyncio.shield(self._reading)
+        if self._reading is None:
+            await self._ready()
 
     async def ready(self) -> None:
         """Open the connection now (or reset it after a refusal), so that the
-        next :meth:`send` starts its transaction at once; raises DeliveryError
-        as :meth:`send` does when it cannot be opened."""
-        await self._ready()
+        next :meth:`send` starts its transaction at once (behind the one in
+        flight, where it may); raises DeliveryError as :meth:`send` does when
+        it cannot be opened."""
+        await self._behind_or_ready()
 
     async def _ready(self) -> Link:
         """The connection for the next transaction: the open one, reset with
@@ -336,12 +412,14 @@ class SmtpSession:
             self._link = await self._open()
         return self._link
 
-    async def _after_refusal(self, link: Link, code: int) -> None:
+    async def _after_refusal(self, link: Link, code: int, owed: int) -> None:
         """After the server refused a command of the transaction: the dialogue
         is in a known state, so the connection stays, to be reset (RSET) for
         the next message or closed with QUIT (RFC 5321 4.1.1.5, 3.8).
 
-        The replies still owed for pipelined commands are read first. It is
+        The ``owed`` replies still due to this transaction's pipelined
+        commands are read first (a transaction behind it reads its own, and
+        carries its own RSET). It is
         dropped instead where its state is not known or not safe: a 421 (the
         server closes it), a malformed reply, a reply that came while part of
         the message was still unsent (the rest must never reach the server),
@@ -350,7 +428,7 @@ class SmtpSession:
             self.abort()
             return
         try:
-            while link.owed:
+            for _ in range(owed):
                 later, _ = await link.reply(min(5.0, self.settings.timeout))
                 if later in (354, 421):
                     self.abort()
@@ -361,7 +439,7 @@ class SmtpSession:
         except BaseException:
             self.abort()
             raise
-        self._reset_due = True
+        self._reset_due = self._in_flight == 1  # none behind it
 
     def abort(self) -> None:
         """Drop the connection without QUIT (after a timeout, a lost or

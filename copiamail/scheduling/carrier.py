@@ -1,0 +1,141 @@
+"""One connection's run: the jobs it carries, one message after another,
+until none is left for it (:meth:`Carrier.carry`).
+
+Where the session can (a server that takes each message as one chunk), the
+next job goes out behind the message in flight, before that one's replies:
+the server finds it waiting as soon as it has answered, and the connection
+never sits idle for a round trip between messages. One at most is behind:
+its job is claimed, marked sending and written, so it is an attempt like any
+other; if the message ahead ends the connection, the one behind fails as
+dropped (and is retried), since the server may have read it.
+
+Whatever happens (cancellation, a bug), a job the run holds is either
+attempted, with its result written, or handed back: it is never left in
+ACTIVE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from copiamail.scheduling.attempts import Attempts
+from copiamail.scheduling.carrying import NextJobs
+from copiamail.scheduling.cluster import ClusterLimiter
+from copiamail.scheduling.connections import Connection, Connections
+from copiamail.scheduling.limits import Limit, is_cluster_key
+from copiamail.scheduling.results import Result, ResultWriter
+from copiamail.scheduling.routing import Item
+
+log = logging.getLogger("copiamail")
+
+
+@dataclass
+class Ending:
+    """What is left to the scheduler when a connection's run ends."""
+
+    refused: tuple[Item, Limit] | None = None  # its first job, kept from starting by a full cluster-wide limit
+    elsewhere: list[Item] = field(default_factory=list)  # jobs for another mail host: this one failed before SMTP
+
+
+class Carrier:
+    """Runs connections for one scheduler, with its ``attempts`` (replaced
+    on a reload); ``halted``: take no new job; ``stopping``: the scheduler
+    stops (jobs in flight still finish)."""
+
+    def __init__(self, attempts: Attempts, results: ResultWriter, next_jobs: NextJobs,
+                 connections: Connections, cluster: ClusterLimiter | None, halted: Callable[[], bool],
+                 stopping: Callable[[], bool]) -> None:
+        self.attempts = attempts
+        self._results = results
+        self._next = next_jobs
+        self._connections = connections
+        self._cluster = cluster
+        self._halted = halted
+        self._stopping = stopping
+
+    async def carry(self, conn: Connection, item: Item | None, end: Ending) -> None:
+        """Carry ``item``, then the jobs :class:`NextJobs` finds for ``conn``,
+        until none is left (or the scheduler halts); then close it politely.
+        What is left to do is in ``end`` however the run ends (a cancellation
+        included); the connection's lease and limits are the caller's to give
+        back."""
+        # A job sent behind the message in flight, and its attempt: at most one.
+        behind: list[tuple[Item, asyncio.Task[Result | None]]] = []
+        task: asyncio.Task[Result | None] | None = None  # item's attempt, when it was sent behind another
+        loop = asyncio.get_running_loop()
+
+        def send_behind() -> None:
+            if not behind and not self._halted():
+                later = self._next.behind(conn)
+                if later is not None:
+                    behind.append((later, loop.create_task(self.attempts.attempt(conn, later, send_behind))))
+
+        try:
+            if item is not None and self._cluster is not None and any(is_cluster_key(l.key) for l in conn.limits):
+                got = await self._cluster.lease(conn.limits)
+                if isinstance(got, str):
+                    conn.lease = got
+                else:  # a cluster-wide limit is full: its job waits on it, as on any full limit
+                    end.refused, item = (item, got), None
+            while item is not None and (task is not None or not self._stopping()):
+                if task is None:
+                    if conn.session.messages >= conn.max_messages:
+                        await conn.session.close()
+                    result = await self.attempts.attempt(conn, item, send_behind)
+                else:
+                    send_behind()  # it was written while the one ahead was in flight: one more may follow now
+                    result = await task
+                    task = None
+                # The previous result was made durable while this message was
+                # sent: one in flight per connection at most (a full disk
+                # pauses the node after one more message, not more).
+                if conn.written is not None:
+                    await asyncio.shield(conn.written)
+                    conn.written = None
+                if result is None:
+                    end.elsewhere.append(item)
+                else:
+                    conn.written = self._results.write(result)
+                item = None
+                if behind:  # sent already: it is finished whatever comes next
+                    item, task = behind.pop()
+                    continue
+                if end.elsewhere or self._halted():
+                    break
+                item, close = self._next.next_for(conn)
+                if item is None and conn.written is not None:
+                    # Its slots are not given up before its last result is
+                    # written; and deferrals written before that result have
+                    # landed by then: one of them may be next.
+                    await asyncio.shield(conn.written)
+                    conn.written = None
+                    if self._halted():
+                        break
+                    if not close:
+                        item, close = self._next.next_for(conn)
+                idle = self._next.config.connection_idle
+                if item is None and not close and not self._stopping() and idle > 0:
+                    item = await self._connections.wait_idle(conn, idle, lambda it: self._results.hand_back(it.claimed))
+            if item is None:
+                await conn.session.close()
+        except asyncio.CancelledError:
+            conn.session.abort()
+            raise
+        except Exception:
+            log.exception("connection for %s failed", conn.domain)
+            conn.session.abort()
+        finally:
+            # An attempt still running here was cancelled with the run, or
+            # outlived a bug: it ends before its job is handed back.
+            running = [t for t in (task, *(a for _, a in behind)) if t is not None and not t.done()]
+            for t in running:
+                t.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            held = ([item] if item is not None else []) + [later for later, _ in behind]
+            if held:
+                conn.session.abort()
+            for it in held:
+                self._results.hand_back(it.claimed)
