@@ -539,6 +539,11 @@ def test_the_claimed_copy_becomes_a_spare_and_the_next_result_is_written_into_it
     assert (sp.folder("SENT") / "B.FS").stat().st_ino == inode  # written into the spare
     assert (sp.folder("SENT") / "B.FS").read_bytes() == b"b done\n"
     assert len(spares(sp)) == 1
+    # Written over the spare: a shorter result is cut to its length, a longer one grows it.
+    assert len(b"b done\n") < len(JOB)
+    c = _claim(sp, "TOSEND", "C.FS")
+    sp.finish(c, CommandFile.parse(JOB + b"$var_def MORE " + b"x" * 300 + b"\n"), Destination.SENT)
+    assert (sp.folder("SENT") / "C.FS").read_bytes() == JOB + b"$var_def MORE " + b"x" * 300 + b"\n"
 
 
 def test_a_stopping_node_deletes_its_spares_and_recovery_deletes_any_left(tmp_path):

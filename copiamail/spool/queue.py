@@ -86,8 +86,11 @@ Spare files: creating a file costs far more than rewriting an existing one
 where the file system has many recently deleted inodes to step over (ext4
 measured here: 0.2 to 0.45 ms against 10 to 30 µs), and a busy spool deletes
 one file per job. So the claimed copy is not deleted at the commit but kept
-as a spare, and the next result is written into it (truncated first;
-:class:`~copiamail.spool.results.Spares`). A spare is never a job: it has no
+as a spare, and the next result is written over it (then cut to its
+length: truncating synced blocks first would cost sixteen times the write;
+:class:`~copiamail.spool.results.Spares`). Until its fsync, a result may hold
+old bytes of the spare past what was written; a result not yet committed is
+never taken for the job, so they are never read. A spare is never a job: it has no
 job name, and recovery deletes spares, as does a node when it stops. Each
 process of a node takes only the spares it made.
 

@@ -51,18 +51,23 @@ class Spares:
                 write_all(fd, data[: len(data) // 2])
                 crash_point(f"writing-{path.rsplit('.', 1)[1]}")
             write_all(fd, data)
+            # A spare is written over, not emptied first: truncating a file
+            # whose blocks were synced costs the kernel sixteen times the
+            # write. Only what is left past the new end is cut off.
+            if os.fstat(fd).st_size > len(data):
+                os.ftruncate(fd, len(data))
         except OSError:
             _drop(spare, fd)
             raise
         return spare, fd
 
     def _open(self, node: str) -> tuple[str, int]:
-        """A spare file of this process, emptied and open for writing (a new
-        one when none is left)."""
+        """A spare file of this process, open for writing at its start (its
+        old bytes still there; a new one when none is left)."""
         while self._files:
             spare = self._files.pop()
             try:
-                return spare, os.open(spare, os.O_WRONLY | os.O_TRUNC)
+                return spare, os.open(spare, os.O_WRONLY)
             except FileNotFoundError:
                 continue  # removed by hand, or by a recovery: take the next
         folder = self._folder(node)
