@@ -77,3 +77,9 @@ class DeliveryError(CopiamailError):
         self.permanent = permanent
         self.stage = stage  # DNS, CONNECT, MAIL, RCPT or DATA: where it failed
         super().__init__(text)
+
+
+class NotSent(DeliveryError):
+    """A message written behind another on a connection that ended before the
+    server could take it: the server said 421 before reading it, or (with
+    DATA) its content was never sent. It was no attempt; the job is sent again."""

@@ -14,7 +14,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given
 from hypothesis import strategies as st
 
-from copiamail.errors import DeliveryError
+from copiamail.errors import DeliveryError, NotSent
 from copiamail.jobfile import outcome
 from copiamail.smtp.link import data_block
 from copiamail.smtp.session import SessionSettings, SmtpSession
@@ -500,7 +500,7 @@ def test_a_refusal_of_the_message_in_flight_leaves_the_one_behind_it_to_be_deliv
 
 
 @pytest.mark.parametrize("end", ["421", "silence"])
-def test_when_the_message_in_flight_ends_the_connection_the_one_behind_fails_as_dropped_at_mail(end):
+def test_when_the_message_in_flight_ends_the_connection_the_one_behind_is_not_sent_or_dropped_at_mail(end):
     async def script(reader, writer, seen):
         await greet(reader, writer, EHLO_CHUNKING)
         await read_group(reader, seen)
@@ -513,18 +513,84 @@ def test_when_the_message_in_flight_ends_the_connection_the_one_behind_fails_as_
     assert behind == [False, True]
     assert isinstance(first, DeliveryError) and not first.permanent
     assert (first.code, first.stage) == ((421, "DATA") if end == "421" else (outcome.TIMED_OUT.code, "MAIL"))
-    # Its bytes were sent, and the server may have read them: an attempt, retried.
     assert isinstance(second, DeliveryError) and (second.stage, second.permanent) == ("MAIL", False)
-    assert second.code == outcome.CONNECTION_LOST.code and "connection dropped at MAIL" in second.text
+    if end == "421":
+        # After its 421 the server reads nothing more: the one behind was no attempt.
+        assert isinstance(second, NotSent) and "ended the connection before this message" in second.text
+    else:
+        # Its chunk was sent, and the server may have read it: an attempt, retried.
+        assert not isinstance(second, NotSent)
+        assert second.code == outcome.CONNECTION_LOST.code and "connection dropped at MAIL" in second.text
 
 
-def test_without_chunking_no_message_goes_behind_another():
+def test_with_data_a_message_behind_one_that_timed_out_was_never_sent():
     async def script(reader, writer, seen):
         await greet(reader, writer, EHLO_PIPELINING)
+        for _ in range(3):
+            await reader.readline()
+        writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        await read_message(reader)
+        for _ in range(4):
+            seen.append((await reader.readline()).split(b" SIZE=")[0].rstrip(b"\r\n"))
+        await reader.read()  # silence until the client drops it
+
+    seen, (first, second), behind = asyncio.run(converse_behind(script, ["x@d.test", "y@d.test"], timeout=1))
+    assert behind == [False, True] and seen == [b"RSET", b"MAIL FROM:<a@b.test>", b"RCPT TO:<y@d.test>", b"DATA"]
+    assert isinstance(first, DeliveryError) and first.code == outcome.TIMED_OUT.code
+    assert isinstance(second, NotSent)
+
+
+def test_with_pipelining_and_data_the_next_message_goes_out_behind_the_end_of_the_one_in_flight():
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_PIPELINING)
+        for _ in range(3):
+            seen.append((await reader.readline()).split(b" SIZE=")[0].rstrip(b"\r\n"))
+        writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        seen.append(await read_message(reader))
+        # No reply to the first message yet: the second's commands come anyway.
+        for _ in range(4):
+            seen.append((await reader.readline()).split(b" SIZE=")[0].rstrip(b"\r\n"))
+        writer.write(b"250 queued A\r\n250 reset\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        seen.append(await read_message(reader))  # its message only after its own 354
+        writer.write(b"250 queued B\r\n")
+        seen.append(await reader.readline())
+        writer.write(b"221 bye\r\n")
+
+    seen, results, behind = asyncio.run(converse_behind(script, ["x@d.test", "y@d.test"], timeout=3))
+    assert [r.reply for r in results] == ["250 queued A", "250 queued B"] and behind == [False, True]
+    assert seen == [b"MAIL FROM:<a@b.test>", b"RCPT TO:<x@d.test>", b"DATA", MESSAGE,
+                    b"RSET", b"MAIL FROM:<a@b.test>", b"RCPT TO:<y@d.test>", b"DATA", MESSAGE, b"QUIT\r\n"]
+
+
+def test_a_data_refused_before_the_message_sends_nothing_behind_it():
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_PIPELINING)
+        for _ in range(3):
+            await reader.readline()
+        writer.write(b"250 ok\r\n250 ok\r\n554 5.5.1 no\r\n")
+        seen.append((await reader.readline()).rstrip(b"\r\n"))  # the next one's own RSET, after the refusal
+        writer.write(b"250 reset\r\n")
+        for _ in range(3):
+            seen.append((await reader.readline()).split(b" SIZE=")[0].rstrip(b"\r\n"))
+        writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        await read_message(reader)
+        writer.write(b"250 queued\r\n")
+        seen.append(await reader.readline())
+        writer.write(b"221 bye\r\n")
+
+    seen, (first, second), behind = asyncio.run(converse_behind(script, ["x@d.test", "y@d.test"], timeout=3))
+    assert isinstance(first, DeliveryError) and first.stage == "DATA" and behind == [False, False]
+    assert second.reply == "250 queued"
+    assert seen == [b"RSET", b"MAIL FROM:<a@b.test>", b"RCPT TO:<y@d.test>", b"DATA", b"QUIT\r\n"]
+
+
+def test_without_pipelining_no_message_goes_behind_another():
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_PLAIN)
         for _ in range(2):
-            for _ in range(3):
+            for reply in (b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
                 seen.append((await reader.readline()).rstrip(b"\r\n"))
-            writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+                writer.write(reply)
             await read_message(reader)
             writer.write(b"250 queued\r\n")
         seen.append(await reader.readline())

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from copiamail.config import Config
-from copiamail.errors import DeliveryError, JobError
+from copiamail.errors import DeliveryError, JobError, NotSent
 from copiamail.jobfile import outcome, records
 from copiamail.jobfile.dkim import sign_for_job
 from copiamail.jobfile.fsfile import CommandFile
@@ -142,7 +142,8 @@ class Attempts:
                       on_written: Callable[[], None] | None = None) -> Result | None:
         """Send ``item``'s job over ``conn``; its result, or None when the job
         goes to the domain's next mail host because this one failed before any
-        SMTP command. A cancellation propagates with the job still claimed.
+        SMTP command, or is sent again because it was not sent at all (written
+        behind a message that ended the connection first: NotSent). A cancellation propagates with the job still claimed.
         ``on_written``: called once its transaction is written, before its
         replies are read (:meth:`~copiamail.smtp.session.SmtpSession.send`)."""
         claimed, cf, job = item.claimed, item.cf, item.job
@@ -168,6 +169,10 @@ class Attempts:
                 self.transactions.observe(time.monotonic() - started)
         except JobError as e:
             return self.failed(claimed, cf, e.outcome, outcome.FAILURE, job_error_text(e), self.where(claimed, job, now))
+        except NotSent as e:
+            log.info("%s: %s; sending it again", claimed.name, e.text,
+                     extra=log_fields("not_sent", claimed.name, job.address, e.code))
+            return None
         except DeliveryError as e:
             kind = config.throttle_table.kind(e.code, e.text)
             if kind is not None:

@@ -1,10 +1,11 @@
 """One connection's run: the jobs it carries, one message after another,
 until none is left for it (:meth:`Carrier.carry`).
 
-Where the session can (a server that takes each message as one chunk), the
-next job goes out behind the message in flight, before that one's replies:
-the server finds it waiting as soon as it has answered, and the connection
-never sits idle for a round trip between messages. One at most is behind:
+Where the session can (a server that takes pipelined commands), the next
+job goes out behind the message in flight once that one is written whole,
+before its last reply: the server finds it waiting as soon as it has
+answered, and the connection never sits idle for a round trip between
+messages. One at most is behind:
 its job is claimed, marked sending and written, so it is an attempt like any
 other; if the message ahead ends the connection, the one behind fails as
 dropped (and is retried), since the server may have read it.

@@ -128,7 +128,7 @@ class NextJobs:
 
     def behind(self, conn: Connection) -> Item | None:
         """A job to send over ``conn`` at once, behind its message in flight,
-        before that one's replies (where the session can:
+        before that one's last reply (where the session can:
         :meth:`~copiamail.smtp.session.SmtpSession.can_send_behind`); None if
         none may. Never where the connection keeps a message rate or learns
         its limit (each message must start at its own time, and be judged on

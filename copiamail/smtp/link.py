@@ -106,6 +106,7 @@ class Link(asyncio.Protocol):
         self.pipelining = pipelining
         self.chunking = chunking  # each message goes as one BDAT (RFC 3030), pipelined with MAIL and RCPT
         self.size = size  # SIZE as offered (RFC 1870): None not offered, 0 no fixed limit
+        self.closing = False  # the server said 421: it reads nothing after that reply
         self._transport = transport
         self._buffer = bytearray()
         self._replies: deque[tuple[int, str]] = deque()

@@ -31,11 +31,11 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import NoReturn, cast
 
 import aiosmtplib
 
-from copiamail.errors import DeliveryError
+from copiamail.errors import DeliveryError, NotSent
 from copiamail.jobfile import outcome
 from copiamail.smtp.link import CONNECTION_LOST, NO_REPLY, Link, Lost, Refused, ReplyTimeout, message_block
 from copiamail.smtp.replies import CONNECT, DATA, MAIL, RCPT, classify, reply_text
@@ -111,6 +111,24 @@ def _engine(code: outcome.OutcomeCode, detail: str, stage: str = CONNECT) -> Del
     return DeliveryError(code.code, code.klass, detail, False, stage)
 
 
+def _write_start(link: Link, behind: bool, mail: bytes, rcpt: bytes, block: bytes) -> int:
+    """Write what starts a transaction before any reply is awaited; how many
+    replies it owes. ``behind`` another transaction still in flight, it
+    starts with RSET: the one ahead may yet be refused part way, and this
+    one must begin from a known state whatever that one's outcome."""
+    if behind:
+        link.write(b"RSET\r\n" + mail + rcpt + (block if link.chunking else b"DATA\r\n"), 4)
+        return 4
+    if link.chunking:
+        link.write(mail + rcpt + block, 3)
+    elif link.pipelining:
+        link.write(mail + rcpt + b"DATA\r\n", 3)
+    else:
+        link.write(mail, 1)
+        return 1
+    return 3
+
+
 async def _greet(smtp: aiosmtplib.SMTP) -> None:
     """EHLO, or HELO where the server refuses EHLO (RFC 5321 4.1.1.1)."""
     try:
@@ -152,6 +170,7 @@ class SmtpSession:
         self._reset_due = False  # a transaction was refused: RSET before the next one
         self._reading: asyncio.Future[None] | None = None  # done once the transaction in flight is read
         self._in_flight = 0  # transactions written whose replies are still being read
+        self._unwritten = 0  # of those, the ones whose message is still to be written (after DATA's 354)
         self.messages = 0
         self.peer_ip = ""
 
@@ -240,11 +259,12 @@ class SmtpSession:
 
     def can_send_behind(self) -> bool:
         """Whether a message may go now behind the one in flight, before its
-        replies: over a chunked link only, whose last chunk ends a transaction
-        the way no DATA can (RFC 3030, RFC 2920 3.1), and one deep."""
+        replies: where commands may be pipelined, once the one in flight is
+        written whole (its last chunk, or its message after DATA: RFC 2920
+        3.1 lets a group start with a message's content), and one deep."""
         link = self._link
-        return (self._in_flight == 1 and link is not None and link.chunking and link.usable
-                and not self._reset_due)
+        return (self._in_flight == 1 and self._unwritten == 0 and link is not None and link.pipelining
+                and link.usable and not self._reset_due)
 
     async def send(self, sender: str, recipient: str, data: bytes, require_tls: bool = False,
                    on_written: Callable[[], None] | None = None) -> Delivered:
@@ -255,12 +275,15 @@ class SmtpSession:
         ($email_options reqTLS) nothing is sent over a connection without TLS:
         the job fails (outcome 160) before MAIL FROM.
 
-        ``on_written`` is called once the transaction is written, before its
-        replies are read. A second send may then start while this one waits
-        (:meth:`can_send_behind`): it goes out at once, behind an RSET, and
-        its replies are read after this one's. Should this one end the
-        connection, the one behind fails as dropped at MAIL: its bytes were
-        sent, so it counts as attempted."""
+        ``on_written`` is called once the transaction is written whole (with
+        DATA: its message), before its last reply is read. A second send may
+        then start while this one waits (:meth:`can_send_behind`): its
+        commands go out at once, behind an RSET (with DATA, its message after
+        its own 354), and its replies are read after this one's. Should this one end the
+        connection, the one behind raises :class:`~copiamail.errors.NotSent`
+        where the server cannot have taken it (a 421 came first, or its
+        message waited for a 354), else fails as dropped at MAIL: its chunk
+        was sent, so it counts as attempted."""
         await self._behind_or_ready()
         ahead = self._reading
         link = self._link
@@ -293,29 +316,19 @@ class SmtpSession:
         stage = MAIL
         left = 0  # replies owed to this transaction, not yet read
         mine: asyncio.Future[None] | None = None
+        unwritten = not link.chunking  # its message is written only after DATA's 354
         try:
-            if ahead is not None:
-                # The transaction ahead may yet be refused part way: RSET makes
-                # this one start from a known state whatever its outcome.
-                link.write(b"RSET\r\n" + mail + rcpt + block, 4)
-                left = 4
-            elif link.chunking:
-                link.write(mail + rcpt + block, 3)
-                left = 3
-            elif link.pipelining:
-                link.write(mail + rcpt + b"DATA\r\n", 3)
-                left = 3
-            else:
-                link.write(mail, 1)
-                left = 1
+            left = _write_start(link, ahead is not None, mail, rcpt, block)
             mine = self._reading = asyncio.get_running_loop().create_future()
             self._in_flight += 1
-            if on_written is not None:
+            if unwritten:
+                self._unwritten += 1
+            elif on_written is not None:
                 on_written()
             if ahead is not None:
                 await asyncio.shield(ahead)
-                if link is not self._link:
-                    raise Lost(CONNECTION_LOST)  # the one ahead ended the connection
+                if link is not self._link:  # the one ahead ended the connection
+                    self._ended_ahead(link)
                 code, text = await link.reply(timeout)
                 left -= 1
                 if code != 250:
@@ -343,6 +356,10 @@ class SmtpSession:
                     raise Refused(code, text)
                 link.write(block, 1)
                 left += 1
+                self._unwritten -= 1
+                unwritten = False
+                if on_written is not None:
+                    on_written()
             code, text = await link.reply(timeout)
             left -= 1
             if code != 250:
@@ -369,9 +386,22 @@ class SmtpSession:
         finally:
             if mine is not None:
                 self._in_flight -= 1
+                if unwritten:
+                    self._unwritten -= 1
                 if self._reading is mine:
                     self._reading = None
                 mine.set_result(None)
+
+    def _ended_ahead(self, link: Link) -> NoReturn:
+        """The transaction ahead of one written behind it ended ``link``:
+        :class:`NotSent` where the server cannot have taken this one (after
+        its 421 it read nothing more; with DATA, this message waited for its
+        354), else :class:`Lost` (its chunk was sent: an attempt)."""
+        if link.closing or not link.chunking:
+            s = self.settings
+            raise NotSent(outcome.CONNECTION_LOST.code, outcome.CONNECTION_LOST.klass,
+                          f"{s.host}:{s.port} ended the connection before this message", False, MAIL)
+        raise Lost(CONNECTION_LOST)
 
     async def _behind_or_ready(self) -> None:
         """Wait until this send may start: at once behind the transaction in
@@ -425,12 +455,14 @@ class SmtpSession:
         the message was still unsent (the rest must never reach the server),
         or a 354 among the owed replies (the server waits for a message)."""
         if code == 421 or code < 0 or link.unsent:
+            link.closing = code == 421
             self.abort()
             return
         try:
             for _ in range(owed):
                 later, _ = await link.reply(min(5.0, self.settings.timeout))
                 if later in (354, 421):
+                    link.closing = later == 421
                     self.abort()
                     return
         except (Lost, ReplyTimeout, Refused):
