@@ -142,6 +142,15 @@ def test_a_hint_names_one_file_of_a_queue_folder(tmp_path):
     assert rig.hinted() == 1 and rig.names() == ["B.FS"]
 
 
+def test_a_hint_spelled_otherwise_names_the_same_file_as_a_scan(tmp_path):
+    rig = Rig(tmp_path)
+    path = rig.job("TOSEND", "A.FS")
+    rig.waiting.add(str(path))  # as a scan spells it
+    assert rig.scanner.hint(f"{path.parent}//A.FS") and rig.hinted() == 0  # the waiting job, left alone
+    rig.waiting.clear()
+    assert rig.scanner.hint(f"{path.parent}/./A.FS") and rig.hinted() == 1 and rig.names() == ["A.FS"]
+
+
 def test_a_file_written_in_place_is_taken_once_left_alone_for_write_settle(tmp_path):
     rig = Rig(tmp_path, write_settle=5.0)
     path = rig.job("TOSEND", "P.FS")

@@ -96,10 +96,11 @@ class Scanner:
         self._workers = workers
         self._clock = clock
         self._monotonic = monotonic
-        self._queue_dirs = {spool.folder(q) for q in spool.queue_folders()}
+        # Each TOSEND folder's path, as str(Path) spells it, and its name.
+        self._queue_dirs = {str(spool.folder(q)): q for q in spool.queue_folders()}
         self.full_scan_due = True
         self.next_due: float | None = None  # when the first job found not yet due falls due
-        self._hints: set[Path] = set()
+        self._hints: set[str] = set()  # files, as str(Path) spells them
         # The due time of each TOSEND job not yet due, by (inode, mtime, size):
         # a scan reads such a file again only when it changed.
         self._later: dict[str, tuple[Signature, float]] = {}  # by QueuedJob.file
@@ -127,16 +128,22 @@ class Scanner:
         :meth:`scan_hinted`. ``written``: it was written in place rather than
         renamed in, so it may still be incomplete. False if it is no job file
         of a TOSEND folder (nothing to look at)."""
-        p = Path(path)
-        if p.parent not in self._queue_dirs or not is_job_name(p.name):
+        # Strings, not Path: a burst of submissions is thousands of hints,
+        # and pathlib costs twenty times the string operations.
+        file = os.fspath(path)
+        folder, _, name = file.rpartition("/")
+        if folder not in self._queue_dirs:
+            p = Path(file)  # spelled otherwise (a doubled slash ...): as Path spells it
+            file, folder, name = str(p), str(p.parent), p.name
+        if folder not in self._queue_dirs or not is_job_name(name):
             return False
         if written and self._config.write_settle > 0:
-            self._settling[str(p)] = (None, self._monotonic())
-            self._renamed.discard(str(p))
+            self._settling[file] = (None, self._monotonic())
+            self._renamed.discard(file)
         else:
-            self._settling.pop(str(p), None)
-            self._renamed.add(str(p))
-        self._hints.add(p)
+            self._settling.pop(file, None)
+            self._renamed.add(file)
+        self._hints.add(file)
         return True
 
     @property
@@ -154,8 +161,7 @@ class Scanner:
         looked at only when a slot is offered to it)."""
         if self._settling:
             due = self._monotonic() - self._config.write_settle
-            self._hints.update(Path(f) for f, (_, since) in self._settling.items()
-                               if since <= due and f not in self._waiting)
+            self._hints.update(f for f, (_, since) in self._settling.items() if since <= due and f not in self._waiting)
 
     def next_settle_look(self) -> float:
         """When (by monotonic) the first settling file not waiting for a slot
@@ -317,9 +323,13 @@ class Scanner:
             self._hints.clear()
             return 0
         now = self._clock()
-        spool = self._spool
-        hinted = sorted((QueuedJob(spool.priority(p.parent.name), p.parent.name, p.name, str(p)) for p in self._hints),
-                        key=lambda w: w.order)
+        priority, queues = self._spool.priority, self._queue_dirs
+        hinted = []
+        for file in self._hints:
+            folder, _, name = file.rpartition("/")
+            queue = queues[folder]
+            hinted.append(QueuedJob(priority(queue), queue, name, file))
+        hinted.sort(key=lambda w: w.order)
         self._hints.clear()
         return await self._consider_all(hinted, now)
 
