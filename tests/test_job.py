@@ -366,6 +366,13 @@ def test_identity_is_stable_across_the_engines_edits():
     assert parse_job(edited, "00012345.FS").identity == parse_job(cf, "00012345.FS").identity
 
 
+def test_identity_is_the_digest_it_always_was():
+    # A job retried after an upgrade keeps its Message-ID: the digest's bytes never change.
+    data = (b'$email_address a@b.c\r\n$var_def DOMAINBUSY_COUNT 3\r\n$email_text "x\xff"\n'
+            b'$attempt_record 01/02/2026 10:00:00 N1 451 H "busy"\n')
+    assert identity(data) == "78e78882680757679366e1857838b49a"
+
+
 def test_identity_is_stable_when_an_append_ends_the_last_line():
     assert identity(EXAMPLE.rstrip(b"\n")) == identity(EXAMPLE)
     assert identity(EXAMPLE.rstrip(b"\n") + b"\r") == identity(EXAMPLE)
