@@ -12,7 +12,9 @@ interpreter lock at every event, and a busy node makes thousands of events
 ``python -m copiamail.spool.watcher``, which writes a record for each job file
 that appeared or changed to its standard output (how it came, one byte, then
 its path; NUL-terminated); the node reads that pipe from its event loop. The child exits when its standard input closes,
-so it never outlives the node, even one killed with SIGKILL.
+so it never outlives the node, even one killed with SIGKILL. It runs at a
+lower priority (nice 10): its events are hints, and on a busy machine the
+workers that send come first.
 
 Each event says how the file came: renamed into the folder (the submission
 protocol: the file is complete), or written there in place (created, or
@@ -161,6 +163,10 @@ def _child(argv: list[str]) -> int:
     # the node's to handle.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    # Hints only: when the machine is busy, the node's workers come first.
+    # A burst of submissions is thousands of events, and watchdog spends
+    # about 45 us of CPU on each, which the workers sending then missed.
+    os.nice(10)
     # watchdog logs an error when an emitter is asked for events while it
     # stops ("called when the thread is inactive"): noise at every node exit.
     # Failures to watch a folder are exceptions, reported below.
