@@ -599,3 +599,83 @@ def test_without_pipelining_no_message_goes_behind_another():
     seen, results, behind = asyncio.run(converse_behind(script, ["x@d.test", "y@d.test"], timeout=3))
     assert [r.reply for r in results] == ["250 queued", "250 queued"] and behind == [False, False]
     assert b"RSET" not in seen
+
+
+def test_a_refusal_of_the_message_ahead_while_the_one_behind_is_still_uploading_keeps_the_connection():
+    big = b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n"
+    big = big * 8000  # 8 MB: more than the socket buffers hold, so its end is still unsent
+
+    async def script(reader, writer, seen):
+        await greet(reader, writer, b"250-test.invalid\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+        await read_group(reader, seen)
+        await asyncio.sleep(0.2)  # the one behind fills the buffers meanwhile
+        writer.write(b"250 ok\r\n550 5.1.1 unknown\r\n554 5.5.1 no valid recipients\r\n")
+        await read_group(reader, seen)
+        writer.write(b"250 reset\r\n250 ok\r\n250 ok\r\n250 2.0.0 queued\r\n")
+        seen.append(await reader.readline())
+        writer.write(b"221 bye\r\n")
+
+    async def run():
+        server_seen: list[bytes] = []
+        served = asyncio.Event()
+
+        async def serve(reader, writer):
+            try:
+                await script(reader, writer, server_seen)
+            finally:
+                writer.close()
+                served.set()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        session = SmtpSession(SessionSettings(host="127.0.0.1", port=server.sockets[0].getsockname()[1],
+                                              starttls="never", timeout=5, helo_name="client.invalid"))
+        loop = asyncio.get_running_loop()
+        second: list[asyncio.Task[object]] = []
+
+        async def send(to: str, data: bytes, on_written=None) -> object:
+            try:
+                return await session.send("a@b.test", to, data, on_written=on_written)
+            except DeliveryError as e:
+                return e
+
+        def behind() -> None:
+            if not second and session.can_send_behind():
+                second.append(loop.create_task(send("y@d.test", big)))
+
+        first = await send("x@d.test", MESSAGE, behind)
+        result = await second[0]
+        await session.close()
+        await asyncio.wait_for(served.wait(), 10)
+        server.close()
+        await server.wait_closed()
+        return server_seen, first, result
+
+    seen, first, second = asyncio.run(run())
+    # Its own bytes were all sent: the refusal leaves the dialogue known, and
+    # the unsent bytes are the next message's, which goes on.
+    assert isinstance(first, DeliveryError) and (first.code, first.stage) == (550, "RCPT")
+    assert not isinstance(second, DeliveryError), second.text
+    assert second.reply == "250 2.0.0 queued"
+    assert seen[-1] == b"QUIT\r\n"
+
+
+@pytest.mark.parametrize("rset", [b"421 4.3.2 closing\r\n", b"502 5.5.2 RSET not here\r\n"])
+def test_the_reply_to_the_rset_of_a_message_behind_is_no_refusal_of_it(rset):
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_CHUNKING)
+        await read_group(reader, seen)
+        await read_group(reader, seen)
+        writer.write(b"250 ok\r\n250 ok\r\n250 2.0.0 queued as A\r\n" + rset)
+        if rset.startswith(b"421"):
+            await reader.read()
+            return
+        writer.write(b"250 ok\r\n250 ok\r\n250 2.0.0 queued as B\r\n")
+        seen.append(await reader.readline())
+        writer.write(b"221 bye\r\n")
+
+    _, (first, second), behind = asyncio.run(converse_behind(script, ["x@d.test", "y@d.test"], timeout=3))
+    assert first.reply == "250 2.0.0 queued as A" and behind == [False, True]
+    if rset.startswith(b"421"):
+        assert isinstance(second, NotSent)  # the server closes: it read nothing after its 421
+    else:
+        assert second.reply == "250 2.0.0 queued as B"  # the reply to MAIL says the transaction began

@@ -150,6 +150,7 @@ class Attempts:
         config = self.config
         reused = conn.session.messages > 0
         now = self.clock()
+        sending = False  # its transaction may have begun (before: the connection is as it was)
         try:
             await self._pace(conn)
             sender = self._sender(job)
@@ -161,6 +162,7 @@ class Attempts:
             # claimed, or still waiting for its connection, goes back unchanged.
             await conn.session.ready()
             item.claimed = claimed = self.spool.mark_sending(claimed)
+            sending = True
             started = time.monotonic()
             try:
                 sent = await conn.session.send(sender, job.address, data, require_tls="reqtls" in job.options,
@@ -194,7 +196,10 @@ class Attempts:
                                     self.greeted_sharing(conn, None) + 1 if kind is not None else None)
         except Exception as e:
             log.exception("%s: internal error", claimed.name)
-            conn.session.abort()
+            if sending:
+                # Not before: the connection may carry another message, whole
+                # and awaiting its reply, that this error must not drop.
+                conn.session.abort()
             return self.after_error(claimed, cf, job, DeliveryError(
                 outcome.INTERNAL.code, outcome.INTERNAL.klass, f"internal error: {type(e).__name__}: {e}", False),
                 self.where(claimed, job, now))

@@ -5,10 +5,11 @@ Where the session can (a server that takes pipelined commands), the next
 job goes out behind the message in flight once that one is written whole,
 before its last reply: the server finds it waiting as soon as it has
 answered, and the connection never sits idle for a round trip between
-messages. One at most is behind:
-its job is claimed, marked sending and written, so it is an attempt like any
-other; if the message ahead ends the connection, the one behind fails as
-dropped (and is retried), since the server may have read it.
+messages. One at most is behind: its job is claimed, marked sending and
+written, so it is an attempt like any other, unless the message ahead ends
+the connection before the server can have taken it
+(:class:`~copiamail.errors.NotSent`): then the attempt returns None, and the
+job goes again over a new connection.
 
 Whatever happens (cancellation, a bug), a job the run holds is either
 attempted, with its result written, or handed back: it is never left in
@@ -69,10 +70,15 @@ class Carrier:
         loop = asyncio.get_running_loop()
 
         def send_behind() -> None:
-            if not behind and not self._halted():
-                later = self._next.behind(conn)
-                if later is not None:
-                    behind.append((later, loop.create_task(self.attempts.attempt(conn, later, send_behind))))
+            # Called while the message ahead awaits its reply: an error here
+            # must not become that message's.
+            try:
+                if not behind and not self._halted():
+                    later = self._next.behind(conn)
+                    if later is not None:
+                        behind.append((later, loop.create_task(self.attempts.attempt(conn, later, send_behind))))
+            except Exception:
+                log.exception("connection for %s: cannot send a job behind its message", conn.domain)
 
         try:
             if item is not None and self._cluster is not None and any(is_cluster_key(l.key) for l in conn.limits):
@@ -130,12 +136,22 @@ class Carrier:
             conn.session.abort()
         finally:
             # An attempt still running here was cancelled with the run, or
-            # outlived a bug: it ends before its job is handed back.
-            running = [t for t in (task, *(a for _, a in behind)) if t is not None and not t.done()]
+            # outlived a bug: it ends before its job is handed back. One that
+            # ended with a result has its result written, as any other.
+            attempts = ([(item, task)] if item is not None and task is not None else []) + behind
+            running = [t for _, t in attempts if not t.done()]
             for t in running:
                 t.cancel()
             await asyncio.gather(*running, return_exceptions=True)
-            held = ([item] if item is not None else []) + [later for later, _ in behind]
+            held = [item] if item is not None and task is None else []
+            for it, t in attempts:
+                result = None if t.cancelled() or t.exception() is not None else t.result()
+                if result is not None:
+                    self._results.write(result)
+                elif not t.cancelled() and t.exception() is None:
+                    end.elsewhere.append(it)
+                else:
+                    held.append(it)
             if held:
                 conn.session.abort()
             for it in held:

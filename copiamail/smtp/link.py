@@ -107,6 +107,8 @@ class Link(asyncio.Protocol):
         self.chunking = chunking  # each message goes as one BDAT (RFC 3030), pipelined with MAIL and RCPT
         self.size = size  # SIZE as offered (RFC 1870): None not offered, 0 no fixed limit
         self.closing = False  # the server said 421: it reads nothing after that reply
+        self.written = 0  # bytes written since the link took over
+        self.cut_short = False  # dropped with written bytes still unsent (the last written never left)
         self._transport = transport
         self._buffer = bytearray()
         self._replies: deque[tuple[int, str]] = deque()
@@ -125,11 +127,11 @@ class Link(asyncio.Protocol):
         """Replies still to be read for commands written."""
         return len(self._replies) + self._expected
 
-    @property
-    def unsent(self) -> bool:
-        """Whether written bytes still wait in the buffer (a message upload
-        the server answered before it was all sent)."""
-        return self._transport.get_write_buffer_size() > 0
+    def sent_up_to(self, offset: int) -> bool:
+        """Whether every byte written before ``offset`` (a value of
+        :attr:`written`) has left the buffer: a message upload the server
+        answered before it was all sent has not."""
+        return self.written - self._transport.get_write_buffer_size() >= offset
 
     def peer_ip(self) -> str | None:
         info = self._transport.get_extra_info("peername")
@@ -140,6 +142,7 @@ class Link(asyncio.Protocol):
         if self._ended is not None or self._transport.is_closing():
             raise Lost(CONNECTION_LOST)
         self._expected += replies
+        self.written += len(data)
         self._transport.write(data)
 
     async def reply(self, timeout: float | None) -> tuple[int, str]:
@@ -183,6 +186,7 @@ class Link(asyncio.Protocol):
         an error or a timeout, the rest of a message still being uploaded must
         not reach the server (it could accept a message recorded as failed)."""
         self._ended = self._ended or CONNECTION_LOST
+        self.cut_short = self.cut_short or self._transport.get_write_buffer_size() > 0
         self._transport.abort()
 
     # asyncio.Protocol

@@ -15,8 +15,8 @@ it is final (a 5xx at MAIL, RCPT or DATA).
 aiosmtplib opens the connection: connect, greeting, EHLO (HELO), STARTTLS and
 AUTH. The transactions then run on its transport through
 :class:`~copiamail.smtp.link.Link`, pipelined where the server allows it
-(over a chunked link, one transaction may be written behind the one in
-flight, before its replies: :meth:`SmtpSession.send`);
+(one transaction may be written behind the one in flight, before its last
+reply: :meth:`SmtpSession.send`);
 :mod:`copiamail.smtp.replies` classifies what the server says, and
 :mod:`copiamail.smtp.startup` makes what a node settles once (the TLS context,
 the relay's addresses, the EHLO name).
@@ -279,11 +279,13 @@ class SmtpSession:
         DATA: its message), before its last reply is read. A second send may
         then start while this one waits (:meth:`can_send_behind`): its
         commands go out at once, behind an RSET (with DATA, its message after
-        its own 354), and its replies are read after this one's. Should this one end the
-        connection, the one behind raises :class:`~copiamail.errors.NotSent`
-        where the server cannot have taken it (a 421 came first, or its
-        message waited for a 354), else fails as dropped at MAIL: its chunk
-        was sent, so it counts as attempted."""
+        its own 354), and its replies are read after this one's. The reply to
+        its RSET refuses nothing (a 421 excepted: the server closes). Should
+        this one end the connection, the one behind raises
+        :class:`~copiamail.errors.NotSent` where the server cannot have taken
+        it (a 421 came first, its chunk's end was never sent, or its message
+        waited for a 354), else fails as dropped at MAIL: its chunk was sent
+        whole, so it counts as attempted."""
         await self._behind_or_ready()
         ahead = self._reading
         link = self._link
@@ -319,6 +321,7 @@ class SmtpSession:
         unwritten = not link.chunking  # its message is written only after DATA's 354
         try:
             left = _write_start(link, ahead is not None, mail, rcpt, block)
+            end = link.written  # where this transaction's bytes end in the stream
             mine = self._reading = asyncio.get_running_loop().create_future()
             self._in_flight += 1
             if unwritten:
@@ -329,10 +332,14 @@ class SmtpSession:
                 await asyncio.shield(ahead)
                 if link is not self._link:  # the one ahead ended the connection
                     self._ended_ahead(link)
-                code, text = await link.reply(timeout)
+                code, text = await link.reply(timeout)  # to its own RSET
                 left -= 1
-                if code != 250:
-                    raise Refused(code, text)
+                if code == 421:
+                    link.closing = True
+                    self.abort()
+                    self._ended_ahead(link)
+                # Any other refusal of RSET is no refusal of the message: the
+                # reply to MAIL, next, says whether the transaction began.
             code, text = await link.reply(timeout)
             left -= 1
             if code != 250:
@@ -341,6 +348,7 @@ class SmtpSession:
             if not link.pipelining:
                 link.write(rcpt, 1)
                 left += 1
+                end = link.written
             code, text = await link.reply(timeout)
             left -= 1
             if code not in (250, 251):
@@ -350,12 +358,14 @@ class SmtpSession:
                 if not link.pipelining:
                     link.write(b"DATA\r\n", 1)
                     left += 1
+                    end = link.written
                 code, text = await link.reply(timeout)
                 left -= 1
                 if code != 354:
                     raise Refused(code, text)
                 link.write(block, 1)
                 left += 1
+                end = link.written
                 self._unwritten -= 1
                 unwritten = False
                 if on_written is not None:
@@ -367,13 +377,17 @@ class SmtpSession:
             return code, text
         except ReplyTimeout:
             self.abort()
+            if ahead is not None and unwritten:
+                self._ended_ahead(link)  # behind another, its message never left
             raise _engine(outcome.TIMED_OUT, f"timeout at {stage}: {NO_REPLY}", stage) from None
         except Lost as e:
             self.abort()
+            if ahead is not None and unwritten:
+                self._ended_ahead(link)
             raise _engine(outcome.CONNECTION_LOST, f"connection dropped at {stage}: {e}", stage) from None
         except Refused as e:
             error = classify(e.code, e.message, stage)
-            await self._after_refusal(link, e.code, left)
+            await self._after_refusal(link, e.code, left, end)
             raise error from None
         except OSError as e:
             self.abort()
@@ -395,9 +409,10 @@ class SmtpSession:
     def _ended_ahead(self, link: Link) -> NoReturn:
         """The transaction ahead of one written behind it ended ``link``:
         :class:`NotSent` where the server cannot have taken this one (after
-        its 421 it read nothing more; with DATA, this message waited for its
-        354), else :class:`Lost` (its chunk was sent: an attempt)."""
-        if link.closing or not link.chunking:
+        a 421 it read nothing more; its chunk's end was still unsent when the
+        link was dropped; with DATA, its message waited for its 354), else
+        :class:`Lost` (its chunk was sent whole: an attempt)."""
+        if link.closing or link.cut_short or not link.chunking:
             s = self.settings
             raise NotSent(outcome.CONNECTION_LOST.code, outcome.CONNECTION_LOST.klass,
                           f"{s.host}:{s.port} ended the connection before this message", False, MAIL)
@@ -442,19 +457,20 @@ class SmtpSession:
             self._link = await self._open()
         return self._link
 
-    async def _after_refusal(self, link: Link, code: int, owed: int) -> None:
+    async def _after_refusal(self, link: Link, code: int, owed: int, end: int) -> None:
         """After the server refused a command of the transaction: the dialogue
         is in a known state, so the connection stays, to be reset (RSET) for
         the next message or closed with QUIT (RFC 5321 4.1.1.5, 3.8).
 
         The ``owed`` replies still due to this transaction's pipelined
         commands are read first (a transaction behind it reads its own, and
-        carries its own RSET). It is
+        carries its own RSET); ``end``: where its bytes end in the stream
+        (:attr:`Link.written`). It is
         dropped instead where its state is not known or not safe: a 421 (the
         server closes it), a malformed reply, a reply that came while part of
         the message was still unsent (the rest must never reach the server),
         or a 354 among the owed replies (the server waits for a message)."""
-        if code == 421 or code < 0 or link.unsent:
+        if code == 421 or code < 0 or not link.sent_up_to(end):
             link.closing = code == 421
             self.abort()
             return
