@@ -407,7 +407,7 @@ def test_a_chunked_message_over_the_offered_size_is_refused_before_a_byte_is_sen
 
 
 async def converse_behind(script: Script, recipients: list[str], timeout: float = 5.0,
-                          ehlo_chunking: bool = True) -> tuple[list[bytes], list[object], list[bool]]:
+                          messages: dict[str, bytes] | None = None) -> tuple[list[bytes], list[object], list[bool]]:
     """As the node's connections do: each message sent behind the one in
     flight where the session can (one deep); (what the server saw, the
     Delivered or DeliveryError of each send, whether each went behind)."""
@@ -430,7 +430,8 @@ async def converse_behind(script: Script, recipients: list[str], timeout: float 
 
     async def send(recipient: str) -> object:
         try:
-            return await session.send("a@b.test", recipient, MESSAGE, on_written=send_behind)
+            return await session.send("a@b.test", recipient, (messages or {}).get(recipient, MESSAGE),
+                                      on_written=send_behind)
         except DeliveryError as e:
             return e
 
@@ -615,42 +616,9 @@ def test_a_refusal_of_the_message_ahead_while_the_one_behind_is_still_uploading_
         seen.append(await reader.readline())
         writer.write(b"221 bye\r\n")
 
-    async def run():
-        server_seen: list[bytes] = []
-        served = asyncio.Event()
-
-        async def serve(reader, writer):
-            try:
-                await script(reader, writer, server_seen)
-            finally:
-                writer.close()
-                served.set()
-
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        session = SmtpSession(SessionSettings(host="127.0.0.1", port=server.sockets[0].getsockname()[1],
-                                              starttls="never", timeout=5, helo_name="client.invalid"))
-        loop = asyncio.get_running_loop()
-        second: list[asyncio.Task[object]] = []
-
-        async def send(to: str, data: bytes, on_written=None) -> object:
-            try:
-                return await session.send("a@b.test", to, data, on_written=on_written)
-            except DeliveryError as e:
-                return e
-
-        def behind() -> None:
-            if not second and session.can_send_behind():
-                second.append(loop.create_task(send("y@d.test", big)))
-
-        first = await send("x@d.test", MESSAGE, behind)
-        result = await second[0]
-        await session.close()
-        await asyncio.wait_for(served.wait(), 10)
-        server.close()
-        await server.wait_closed()
-        return server_seen, first, result
-
-    seen, first, second = asyncio.run(run())
+    seen, (first, second), behind = asyncio.run(
+        converse_behind(script, ["x@d.test", "y@d.test"], timeout=5, messages={"y@d.test": big}))
+    assert behind == [False, True]
     # Its own bytes were all sent: the refusal leaves the dialogue known, and
     # the unsent bytes are the next message's, which goes on.
     assert isinstance(first, DeliveryError) and (first.code, first.stage) == (550, "RCPT")
