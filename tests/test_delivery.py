@@ -7,7 +7,8 @@ answers each command the way a test needs, and records what arrived when.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
@@ -48,10 +49,12 @@ async def talk(script: Script, timeout: float = 5.0, message: bytes = MESSAGE) -
     return seen, result
 
 
-async def converse(script: Script, sends: list[tuple[str, bytes]], timeout: float = 5.0,
-                   chunking: bool = True) -> tuple[list[bytes], list[object]]:
-    """One SmtpSession sends each (recipient, message) in turn, then closes;
-    (what the server saw, the Delivered or DeliveryError of each send)."""
+@contextlib.asynccontextmanager
+async def scripted(script: Script, timeout: float, chunking: bool = True
+                   ) -> AsyncIterator[tuple[SmtpSession, list[bytes]]]:
+    """A server on 127.0.0.1 running ``script``, and an SmtpSession to it;
+    (the session, what the server saw). On leaving, the session closes and
+    the script has seen the end of the connection."""
     seen: list[bytes] = []
     served = asyncio.Event()
 
@@ -66,16 +69,26 @@ async def converse(script: Script, sends: list[tuple[str, bytes]], timeout: floa
     port = server.sockets[0].getsockname()[1]
     session = SmtpSession(SessionSettings(host="127.0.0.1", port=port, starttls="never", timeout=timeout,
                                           helo_name="client.invalid", chunking=chunking))
+    try:
+        yield session, seen
+        await session.close()
+        await asyncio.wait_for(served.wait(), 10)  # the script saw the end of the connection
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def converse(script: Script, sends: list[tuple[str, bytes]], timeout: float = 5.0,
+                   chunking: bool = True) -> tuple[list[bytes], list[object]]:
+    """One SmtpSession sends each (recipient, message) in turn, then closes;
+    (what the server saw, the Delivered or DeliveryError of each send)."""
     results: list[object] = []
-    for recipient, message in sends:
-        try:
-            results.append(await session.send("a@b.test", recipient, message))
-        except DeliveryError as e:
-            results.append(e)
-    await session.close()
-    await asyncio.wait_for(served.wait(), 10)  # the script saw the end of the connection
-    server.close()
-    await server.wait_closed()
+    async with scripted(script, timeout, chunking) as (session, seen):
+        for recipient, message in sends:
+            try:
+                results.append(await session.send("a@b.test", recipient, message))
+            except DeliveryError as e:
+                results.append(e)
     return seen, results
 
 
@@ -411,46 +424,30 @@ async def converse_behind(script: Script, recipients: list[str], timeout: float 
     """As the node's connections do: each message sent behind the one in
     flight where the session can (one deep); (what the server saw, the
     Delivered or DeliveryError of each send, whether each went behind)."""
-    seen: list[bytes] = []
-    served = asyncio.Event()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await script(reader, writer, seen)
-        finally:
-            writer.close()
-            served.set()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    session = SmtpSession(SessionSettings(host="127.0.0.1", port=server.sockets[0].getsockname()[1],
-                                          starttls="never", timeout=timeout, helo_name="client.invalid"))
     loop = asyncio.get_running_loop()
     sends: list[asyncio.Task[object]] = []
     behind: list[bool] = []
-
-    async def send(recipient: str) -> object:
-        try:
-            return await session.send("a@b.test", recipient, (messages or {}).get(recipient, MESSAGE),
-                                      on_written=send_behind)
-        except DeliveryError as e:
-            return e
-
-    def send_behind() -> None:
-        if len(sends) < len(recipients) and len(sends) == len(behind) and session.can_send_behind():
-            behind.append(True)
-            sends.append(loop.create_task(send(recipients[len(sends)])))
-
     results: list[object] = []
-    while len(results) < len(recipients):
-        if len(sends) == len(results):
-            behind.append(False)
-            sends.append(loop.create_task(send(recipients[len(sends)])))
-        results.append(await sends[len(results)])
-        send_behind()
-    await session.close()
-    await asyncio.wait_for(served.wait(), 10)
-    server.close()
-    await server.wait_closed()
+    async with scripted(script, timeout) as (session, seen):
+
+        async def send(recipient: str) -> object:
+            try:
+                return await session.send("a@b.test", recipient, (messages or {}).get(recipient, MESSAGE),
+                                          on_written=send_behind)
+            except DeliveryError as e:
+                return e
+
+        def send_behind() -> None:
+            if len(sends) < len(recipients) and len(sends) == len(behind) and session.can_send_behind():
+                behind.append(True)
+                sends.append(loop.create_task(send(recipients[len(sends)])))
+
+        while len(results) < len(recipients):
+            if len(sends) == len(results):
+                behind.append(False)
+                sends.append(loop.create_task(send(recipients[len(sends)])))
+            results.append(await sends[len(results)])
+            send_behind()
     return seen, results, behind
 
 

@@ -143,8 +143,8 @@ class Attempts:
         """Send ``item``'s job over ``conn``; its result, or None when the job
         goes to the domain's next mail host because this one failed before any
         SMTP command, or is sent again because it was not sent at all (written
-        behind a message that ended the connection first: NotSent). A cancellation propagates with the job still claimed.
-        ``on_written``: called once its transaction is written, before its
+        behind a message that ended the connection first: NotSent). A
+        cancellation propagates with the job still claimed. ``on_written``: called once its transaction is written, before its
         replies are read (:meth:`~copiamail.smtp.session.SmtpSession.send`)."""
         claimed, cf, job = item.claimed, item.cf, item.job
         config = self.config

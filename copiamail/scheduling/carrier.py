@@ -145,13 +145,12 @@ class Carrier:
             await asyncio.gather(*running, return_exceptions=True)
             held = [item] if item is not None and task is None else []
             for it, t in attempts:
-                result = None if t.cancelled() or t.exception() is not None else t.result()
-                if result is not None:
-                    self._results.write(result)
-                elif not t.cancelled() and t.exception() is None:
+                if t.cancelled() or t.exception() is not None:
+                    held.append(it)
+                elif (result := t.result()) is None:
                     end.elsewhere.append(it)
                 else:
-                    held.append(it)
+                    self._results.write(result)
             if held:
                 conn.session.abort()
             for it in held:

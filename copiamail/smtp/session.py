@@ -378,12 +378,12 @@ class SmtpSession:
         except ReplyTimeout:
             self.abort()
             if ahead is not None and unwritten:
-                self._ended_ahead(link)  # behind another, its message never left
+                raise self._not_sent() from None  # behind another, its message never left
             raise _engine(outcome.TIMED_OUT, f"timeout at {stage}: {NO_REPLY}", stage) from None
         except Lost as e:
             self.abort()
             if ahead is not None and unwritten:
-                self._ended_ahead(link)
+                raise self._not_sent() from None
             raise _engine(outcome.CONNECTION_LOST, f"connection dropped at {stage}: {e}", stage) from None
         except Refused as e:
             error = classify(e.code, e.message, stage)
@@ -413,10 +413,13 @@ class SmtpSession:
         link was dropped; with DATA, its message waited for its 354), else
         :class:`Lost` (its chunk was sent whole: an attempt)."""
         if link.closing or link.cut_short or not link.chunking:
-            s = self.settings
-            raise NotSent(outcome.CONNECTION_LOST.code, outcome.CONNECTION_LOST.klass,
-                          f"{s.host}:{s.port} ended the connection before this message", False, MAIL)
+            raise self._not_sent()
         raise Lost(CONNECTION_LOST)
+
+    def _not_sent(self) -> NotSent:
+        s = self.settings
+        return NotSent(outcome.CONNECTION_LOST.code, outcome.CONNECTION_LOST.klass,
+                       f"{s.host}:{s.port} ended the connection before this message", False, MAIL)
 
     async def _behind_or_ready(self) -> None:
         """Wait until this send may start: at once behind the transaction in
