@@ -63,7 +63,7 @@ class FakeSpool:
 
     def mark_delivered(self, claimed: Claimed) -> Claimed:
         self.marked.append(claimed.name)
-        return Claimed(claimed.node, claimed.queue, claimed.name, claimed.path.with_name(claimed.name + ".D"))
+        return Claimed(claimed.node, claimed.queue, claimed.name, claimed.file + ".D")
 
 
 class FakeRouter:
@@ -87,7 +87,7 @@ TARGET = Target("10.0.0.1", 25, ("10.0.0.1",), ("mx.a.test",), "auto", None, Fal
 def attempt(tmp_path: Path, answer: Delivered | BaseException, *lines: str, next_host: bool = False, messages: int = 0):
     text = "\n".join(["$email_address u@a.test", '$email_subject "s"', '$email_text "hi"', *lines]) + "\n"
     cf = CommandFile.parse(text.encode())
-    item = Item(Claimed("N1", "TOSEND2", "J.FS", tmp_path / "J.FS"), cf, parse_job(cf, "J.FS"))
+    item = Item(Claimed("N1", "TOSEND2", "J.FS", str(tmp_path / "J.FS")), cf, parse_job(cf, "J.FS"))
     session = FakeSession(answer, messages)
     conn = Connection("a.test", "u@a.test", None, (), TARGET, session, 100)  # type: ignore[arg-type]
     spool, router = FakeSpool(tmp_path), FakeRouter(next_host)

@@ -77,7 +77,7 @@ class FakeSpool:
     def claimed(self, name: str) -> Claimed:
         path = self.root / name
         path.write_text(f"$email_address {name.lower()}@a.test\n")
-        return Claimed("N1", "TOSEND", name, path)
+        return Claimed("N1", "TOSEND", name, str(path))
 
     def write_results(self, jobs):
         self.batches.append([c.name for c, _, _ in jobs])

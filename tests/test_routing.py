@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from pathlib import Path
 
 import pytest
 from spoolkit import SpoolKit
@@ -79,7 +78,7 @@ def failed(cf: CommandFile, klass: str = "C") -> CommandFile:
 
 
 def item(cf: CommandFile) -> Item:
-    return Item(Claimed("N1", "TOSEND", "J.FS", Path("/nowhere/J.FS")), cf, job(cf))
+    return Item(Claimed("N1", "TOSEND", "J.FS", "/nowhere/J.FS"), cf, job(cf))
 
 
 RELAY = RelayConfig("192.0.2.1", 2525, starttls="never")

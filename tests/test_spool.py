@@ -140,7 +140,7 @@ def test_claim_moves_the_job_to_active_node_queue_name(tmp_path):
     put(sp, "TOSEND2", "X.FS", b"data\n")
     [w] = sp.scan()
     c = sp.claim(w, "N1")
-    assert c == Claimed("N1", "TOSEND2", "X.FS", sp.root / "ACTIVE" / "N1" / "TOSEND2" / "X.FS")
+    assert c == Claimed("N1", "TOSEND2", "X.FS", str(sp.root / "ACTIVE" / "N1" / "TOSEND2" / "X.FS"))
     assert c.path.read_bytes() == b"data\n"
     assert listing(sp.folder("TOSEND2")) == []
     assert list(sp.scan()) == []
@@ -323,7 +323,7 @@ def test_crash_in_state_2_the_claimed_job_is_returned_as_claimed(tmp_path):
     sp = make_spool(tmp_path)
     d = qdir(sp)
     (d / "X.FS").write_bytes(b"orig")
-    assert sp.claimed_jobs("N1")[0] == [Claimed("N1", "TOSEND4", "X.FS", d / "X.FS")]
+    assert sp.claimed_jobs("N1")[0] == [Claimed("N1", "TOSEND4", "X.FS", str(d / "X.FS"))]
     assert (d / "X.FS").read_bytes() == b"orig"
 
 
@@ -333,7 +333,7 @@ def test_crash_in_state_3_the_uncommitted_result_is_deleted_and_the_job_is_claim
     d = qdir(sp)
     (d / "X.FS").write_bytes(b"orig")
     (d / f"X.FS.{suffix}").write_bytes(b"result")
-    assert sp.claimed_jobs("N1")[0] == [Claimed("N1", "TOSEND4", "X.FS", d / "X.FS")]
+    assert sp.claimed_jobs("N1")[0] == [Claimed("N1", "TOSEND4", "X.FS", str(d / "X.FS"))]
     assert listing(d) == ["X.FS"]
     assert (d / "X.FS").read_bytes() == b"orig"
     for folder in ("SENT", "FAIL", "TOSEND4"):
@@ -468,7 +468,7 @@ def test_a_delivered_job_is_listed_apart_and_its_uncommitted_result_dropped(tmp_
     (d / "X.FS.DELIVERED").write_text("$email_address a@b.test\n")
     (d / "X.FS.SENT").write_text("partial")  # written but not committed: the marker still exists
     claimed, interrupted, delivered = sp.claimed_jobs("N1")
-    assert claimed == interrupted == [] and delivered == [Claimed("N1", "TOSEND", "X.FS", d / "X.FS.DELIVERED")]
+    assert claimed == interrupted == [] and delivered == [Claimed("N1", "TOSEND", "X.FS", str(d / "X.FS.DELIVERED"))]
     assert not (d / "X.FS.SENT").exists() and not (tmp_path / "SENT" / "X.FS").exists()
 
 
@@ -486,7 +486,7 @@ def test_a_job_being_sent_is_listed_apart_from_one_only_claimed_and_its_uncommit
     d = tmp_path / "ACTIVE" / "N1" / "TOSEND"
     assert sending.path == d / "B.FS.SENDING" and sorted(os.listdir(d)) == ["A.FS", "B.FS.SENDING"]
     (d / "B.FS.BACK").write_text("partial")  # written but not committed: the mark still exists
-    assert sp.claimed_jobs("N1") == ([a_claimed], [Claimed("N1", "TOSEND", "B.FS", d / "B.FS.SENDING")], [])
+    assert sp.claimed_jobs("N1") == ([a_claimed], [Claimed("N1", "TOSEND", "B.FS", str(d / "B.FS.SENDING"))], [])
     assert not (d / "B.FS.BACK").exists()
     assert sp.counts()["ACTIVE/N1"] == 2
     (tmp_path / "TOSEND" / "B.FS").write_text("a new job of the same name\n")

@@ -77,9 +77,16 @@ class QueuedJob:
 
 @dataclass(frozen=True)
 class Claimed:
-    """A job node ``node`` holds in ``ACTIVE/<node>/<queue>/<name>``."""
+    """A job node ``node`` holds in ``ACTIVE/<node>/<queue>/<name>``, at
+    ``file`` (its name there may carry a state suffix). ``file`` is a string,
+    as for :class:`QueuedJob`: every job is claimed and marked, and pathlib
+    costs more than the renames themselves."""
 
     node: str
     queue: str
     name: str
-    path: Path
+    file: str
+
+    @functools.cached_property
+    def path(self) -> Path:
+        return Path(self.file)

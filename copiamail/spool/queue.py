@@ -133,6 +133,12 @@ from copiamail.spool.layout import (
 from copiamail.spool.results import ResultBatch, Spares
 
 
+def _beside(file: str, name: str) -> str:
+    """The path of ``name`` in the folder of ``file``."""
+    folder, slash, _ = file.rpartition("/")
+    return f"{folder}{slash}{name}"
+
+
 class Spool:
     """One spool root. Methods do file-system work only; no policy."""
 
@@ -262,13 +268,13 @@ class Spool:
             except (FileExistsError, FileNotFoundError):
                 return None
         crash_point("claimed")
-        return Claimed(node, job.queue, job.name, Path(dest))
+        return Claimed(node, job.queue, job.name, dest)
 
     def unchanged(self, claimed: Claimed, sig: tuple[int, int, int]) -> bool:
         """Whether the claimed file is still the one read as (inode, mtime, size)
         ``sig`` before the claim (a rename keeps all three)."""
         try:
-            st = claimed.path.stat()
+            st = os.stat(claimed.file)
         except OSError:
             return False
         return (st.st_ino, st.st_mtime_ns, st.st_size) == sig
@@ -276,21 +282,21 @@ class Spool:
     def mark_sending(self, claimed: Claimed) -> Claimed:
         """State 2 to 2a: its SMTP transaction starts now (one rename; a job
         marked already, tried again on another mail host, stays as it is)."""
-        if claimed.path.name != claimed.name:
+        if claimed.file.rpartition("/")[2] != claimed.name:
             return claimed
-        path = claimed.path.with_name(f"{claimed.name}.{SENDING}")
-        os.rename(claimed.path, path)
+        path = f"{claimed.file}.{SENDING}"
+        os.rename(claimed.file, path)
         crash_point("sending")
         return Claimed(claimed.node, claimed.queue, claimed.name, path)
 
     def mark_delivered(self, claimed: Claimed) -> Claimed:
         """State 2 to 2b: the server accepted the message (one rename)."""
-        path = claimed.path.with_name(f"{claimed.name}.{DELIVERED}")
-        os.rename(claimed.path, path)
+        path = _beside(claimed.file, f"{claimed.name}.{DELIVERED}")
+        os.rename(claimed.file, path)
         return Claimed(claimed.node, claimed.queue, claimed.name, path)
 
     def read(self, claimed: Claimed) -> CommandFile:
-        return CommandFile.read(claimed.path)
+        return CommandFile.read(claimed.file)
 
     def finish(self, claimed: Claimed, cf: CommandFile, dest: Destination) -> Path:
         """Write the job's next version and move it to SENT, FAIL or BACK (its
@@ -316,7 +322,7 @@ class Spool:
         fsynced. The batch goes on with ``sync`` (or ``synced``) and ``commit``."""
         batch = ResultBatch([claimed for claimed, _, _ in jobs], self.fsync, self.commit_result)
         for i, (claimed, cf, dest) in enumerate(jobs):
-            result = f"{os.path.dirname(claimed.path)}/{claimed.name}.{dest.value}"
+            result = _beside(claimed.file, f"{claimed.name}.{dest.value}")
             try:
                 spare, fd = self._spares.write(result, cf.to_bytes(), claimed.node)
             except OSError as e:
@@ -327,7 +333,7 @@ class Spool:
 
     def hand_back(self, claimed: Claimed) -> Path:
         """Return a job unchanged to its own queue (state 2 to 1)."""
-        return self.place(os.fspath(claimed.path), f"{self._root}/{claimed.queue}", claimed.name)
+        return self.place(claimed.file, f"{self._root}/{claimed.queue}", claimed.name)
 
     def commit_result(self, claimed: Claimed, result: str) -> Path:
         """States 4 and 5 for a result written (and fsynced) beside its claimed
@@ -392,7 +398,7 @@ class Spool:
                             if drop_uncommitted:
                                 path.unlink()
                         else:
-                            self._publish(path, Claimed(node, qdir.name, head, qdir / head))
+                            self._publish(path, Claimed(node, qdir.name, head, f"{qdir}/{head}"))
                     elif f.endswith(".tmp") and drop_uncommitted:
                         path.unlink()
                 except FileNotFoundError:
@@ -427,11 +433,11 @@ class Spool:
             for f in sorted(os.listdir(qdir), key=os.fsencode):
                 head, _, suffix = f.rpartition(".")
                 if is_job_name(f):
-                    claimed.append(Claimed(node, qdir.name, f, qdir / f))
+                    claimed.append(Claimed(node, qdir.name, f, f"{qdir}/{f}"))
                 elif suffix == SENDING and is_job_name(head):
-                    interrupted.append(Claimed(node, qdir.name, head, qdir / f))
+                    interrupted.append(Claimed(node, qdir.name, head, f"{qdir}/{f}"))
                 elif suffix == DELIVERED and is_job_name(head):
-                    delivered.append(Claimed(node, qdir.name, head, qdir / f))
+                    delivered.append(Claimed(node, qdir.name, head, f"{qdir}/{f}"))
         return claimed, interrupted, delivered
 
     def holds_jobs(self, node: str) -> bool:

@@ -86,13 +86,13 @@ class Spares:
         """Remove the claimed job's name (the commit): its inode becomes a
         spare, or is deleted when this process has spares enough."""
         if len(self._files) >= _SPARES_KEPT:
-            os.unlink(claimed.path)
+            os.unlink(claimed.file)
             return
         spare = f"{self._folder(claimed.node)}/{os.getpid()}-{next(self._numbers)}"
         try:
-            os.rename(claimed.path, spare)
+            os.rename(claimed.file, spare)
         except FileNotFoundError:
-            os.unlink(claimed.path)  # the spare folder was removed meanwhile
+            os.unlink(claimed.file)  # the spare folder was removed meanwhile
             return
         self._files.append(spare)
 
