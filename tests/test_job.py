@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import pytest
@@ -371,6 +372,21 @@ def test_identity_is_the_digest_it_always_was():
     data = (b'$email_address a@b.c\r\n$var_def DOMAINBUSY_COUNT 3\r\n$email_text "x\xff"\n'
             b'$attempt_record 01/02/2026 10:00:00 N1 451 H "busy"\n')
     assert identity(data) == "78e78882680757679366e1857838b49a"
+
+
+def test_identity_of_a_plain_job_is_the_digest_it_always_was():
+    # No owned line and no CR: the identity is taken from the text at once.
+    assert identity(b'$email_address a@b.c\n$email_text "x"') == "41cc8a901903d4ab0b289fa3c3d833da"
+
+
+@given(fs_files(first_lines=("$email_address jane@example.com",)))
+def test_identity_is_the_digest_of_the_submitters_lines_each_ended_by_lf(data):
+    cf = CommandFile.parse(data)
+    commands = cf.commands()
+    owned = {c.line for c in commands if is_owned(c)}
+    kept = "".join(raw.rstrip("\r\n") + "\n" for number, raw in enumerate(cf.lines, 1) if number not in owned)
+    h = hashlib.sha256(b"A.FS" + kept.encode("utf-8", "surrogateescape"))
+    assert job_identity("A.FS", cf, commands) == h.hexdigest()[:32]
 
 
 def test_identity_is_stable_when_an_append_ends_the_last_line():

@@ -22,6 +22,7 @@ OWNED_VARS = frozenset({"DOMAINBUSY_COUNT", "EMAIL_ERROR", "EMAIL_CONNECT_IP", "
 # good); its line marks where the alternative's own retries begin.
 USING_ALT = "EMAIL_USING_ALT"
 OWNED_COMMANDS = frozenset({"attempt_record", "fax_status1", "fax_status2", "fax_next_date", "fax_next_time"})
+_MAYBE_OWNED = OWNED_COMMANDS | {"var_def"}
 
 
 def is_owned(command: Command) -> bool:
@@ -60,10 +61,16 @@ def job_identity(name: str, cf: CommandFile, commands: list[Command]) -> str:
     """A digest of the job's name and the lines the engine does not own: stable
     across the engine's own edits, so a retry carries the same Message-ID."""
     h = hashlib.sha256(name.encode("utf-8", "surrogateescape"))
-    owned = {c.line for c in commands if is_owned(c)}
+    owned = {c.line for c in commands if c.name in _MAYBE_OWNED and is_owned(c)}
     # One update for all the lines (the same bytes as one a line, at a
     # fraction of the cost: a job is parsed at every scan that takes it up).
-    kept = "".join(raw.rstrip("\r\n") + "\n" for number, raw in enumerate(cf.lines, 1) if number not in owned)
+    text = cf.text
+    if not owned and "\r" not in text:
+        # Each line already ends in one LF (the last one excepted): the text
+        # is the lines as the loop below would join them.
+        kept = text if not text or text.endswith("\n") else text + "\n"
+    else:
+        kept = "".join(raw.rstrip("\r\n") + "\n" for number, raw in enumerate(cf.lines, 1) if number not in owned)
     h.update(kept.encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:32]
 
