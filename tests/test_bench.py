@@ -5,9 +5,11 @@ report says, and runs its fixed configuration end to end at a small scale."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from spoolkit import cli_env
@@ -40,7 +42,49 @@ def test_bench_limit_bound_part_reports_the_share_of_the_ideal(tmp_path):
     assert 0 < share <= 1.05, out
     assert "spool writes/job: " in out and "postfix, round" not in out
     assert re.search(r"copiamail: median share of the ideal [\d.]+", out), out
+    assert re.search(r"sink replies written late by: mean [\d.]+ ms, p99 [\d.]+ ms", out), out
     assert list(tmp_path.iterdir()) == []
+
+
+class _Wire:
+    """A transport that keeps what the slow sink writes, with the loop time of each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[float, bytes]] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append((asyncio.get_running_loop().time(), data))
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_the_slow_sink_times_each_reply_from_the_previous_ones_due_time_not_its_late_write():
+    bench = load_bench()
+
+    async def run() -> tuple[list[float], _Wire, list[float]]:
+        accepted: list[float] = []
+        late: list[float] = []
+        session = bench._SlowSession(0.05, accepted, True, late)
+        wire = _Wire()
+        session.connection_made(wire)
+        session.data_received(b"EHLO c\r\n")
+        start = asyncio.get_running_loop().time()
+        message = b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 3 LAST\r\nabc"
+        session.data_received(message + message)  # the second sent behind the first
+        # The sink's process is busy for 60 ms just when the first reply falls due.
+        await asyncio.sleep(0.04)
+        time.sleep(0.06)
+        while len(accepted) < 2:
+            await asyncio.sleep(0.005)
+        return [t - start for t, data in wire.writes if b"queued" in data], wire, late
+
+    replies, _, late = asyncio.run(run())
+    # The first reply is written 50 ms late; the second was due 100 ms after
+    # the arrival and goes at once, not 50 ms after that late write (150 ms).
+    assert replies[0] >= 0.095
+    assert replies[-1] < 0.14
+    assert len(late) == 2 and late[0] >= 0.04
 
 
 def load_bench():
