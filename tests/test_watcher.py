@@ -100,11 +100,46 @@ def test_the_watcher_does_not_ask_inotify_for_files_leaving_a_folder():
     # watcher 80 µs of CPU per job.
     from watchdog.observers.inotify_c import InotifyConstants
 
-    from copiamail.spool.watcher import _ArrivalsEmitter
+    from copiamail.spool.watcher import ARRIVALS
 
-    mask = _ArrivalsEmitter.get_event_mask_from_filter(None)  # type: ignore[arg-type]
-    assert not mask & InotifyConstants.IN_MOVED_FROM
-    assert mask & InotifyConstants.IN_MOVED_TO and mask & InotifyConstants.IN_CREATE and mask & InotifyConstants.IN_CLOSE_WRITE
+    assert not ARRIVALS & InotifyConstants.IN_MOVED_FROM
+    assert ARRIVALS & InotifyConstants.IN_MOVED_TO and ARRIVALS & InotifyConstants.IN_CREATE
+    assert ARRIVALS & InotifyConstants.IN_CLOSE_WRITE
+
+
+def test_a_burst_of_jobs_renamed_in_is_reported_whole_each_as_renamed_in(tmp_path):
+    folder = tmp_path / "TOSEND"
+    folder.mkdir()
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    for i in range(2000):
+        (stage / f"{i:08d}.FS").write_bytes(b"$email_address a@b.c\n")
+    (stage / "sub").mkdir()
+
+    def act() -> int:
+        for i in range(2000):
+            os.rename(stage / f"{i:08d}.FS", folder / f"{i:08d}.FS")
+        os.rename(stage / "sub", folder / "SUB.FS")  # a folder named like a job is no job
+        return 2000
+
+    kinds: list[tuple[str, bool]] = []
+    seen, _ = asyncio.run(watch_while([folder], act, kinds=kinds))
+    assert sorted(seen) == [str(folder / f"{i:08d}.FS") for i in range(2000)]
+    assert {written for _, written in kinds} == {False}
+
+
+def test_jobs_in_every_watched_folder_are_reported_with_their_folder(tmp_path):
+    folders = [tmp_path / "TOSEND", tmp_path / "TOSEND1", tmp_path / "TOSEND15"]
+    for f in folders:
+        f.mkdir()
+
+    def act() -> int:
+        for i, f in enumerate(folders):
+            (f / f"J{i}.fs").write_bytes(b"$email_address a@b.c\n")  # the suffix in any case
+        return len(folders)
+
+    seen, _ = asyncio.run(watch_while(folders, act))
+    assert set(seen) == {str(f / f"J{i}.fs") for i, f in enumerate(folders)}
 
 
 @pytest.mark.parametrize("polling", [False, True])
