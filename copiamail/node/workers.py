@@ -100,6 +100,7 @@ class _Worker:
     ended: bool = False
     pending: list[bytes] = field(default_factory=list)
     scan_owed: bool = False
+    blocked: bool = False  # its pipe is full: the rest is written once it can take more
 
 
 def run_workers(
@@ -240,19 +241,32 @@ async def _supervise(
         for w in workers:
             if not w.ended:
                 loop.remove_reader(w.out.fd)
+            if w.blocked:
+                loop.remove_writer(w.ctl)
+
+
+# Records a worker may be owed while its pipe is full (a burst of submissions
+# meeting a busy worker). Up to this many wait in memory, in order; beyond it,
+# the watcher events among them are replaced by one request to scan. Not
+# before: a job a scan finds without its event is not known to have been
+# renamed in, so it waits write_settle seconds as a file written in place.
+_MAX_OWED = 100_000
 
 
 def _send(w: _Worker) -> None:
     """Write what the worker is owed without blocking, in writes of at most
-    PIPE_BUF bytes of whole records (such a write is all or nothing). When
-    the pipe is full, watcher events are replaced by one request to scan
-    (the scan finds those files); a stop is kept and sent again."""
-    if w.ended or not (w.pending or w.scan_owed):
+    PIPE_BUF bytes of whole records (such a write is all or nothing). When the
+    pipe is full, the rest waits and is written as soon as the pipe can take
+    it; past ``_MAX_OWED`` records, the watcher events among them are replaced
+    by one request to scan (the scan finds those files), and a stop and
+    SIGHUP's records are kept."""
+    if w.ended or w.blocked or not (w.pending or w.scan_owed):
         return
     records = ([b"R"] if w.scan_owed else []) + w.pending
     w.pending, w.scan_owed = [], False
     i = 0
     while i < len(records):
+        first = i
         chunk: list[bytes] = []
         size = 0
         while i < len(records) and size + len(records[i]) + 1 <= select.PIPE_BUF:
@@ -266,16 +280,26 @@ def _send(w: _Worker) -> None:
         try:
             os.write(w.ctl, b"".join(r + b"\0" for r in chunk))
         except BlockingIOError:
-            left = chunk + records[i:]
-            w.scan_owed = True
-            # Kept: a stop, and SIGHUP's records (each once, in order).
-            w.pending = [r for r in (b"L", b"C", b"Q") if r in left]
-            asyncio.get_running_loop().call_later(0.01, _send, w)
+            left = records[first:]
+            if len(left) > _MAX_OWED:
+                w.scan_owed = True
+                w.pending = [r for r in (b"L", b"C", b"Q") if r in left]  # each once, in order
+            else:
+                w.pending = left
+            w.blocked = True
+            asyncio.get_running_loop().add_writer(w.ctl, _writable, w)
             return
         except OSError as e:
             if e.errno == errno.EPIPE:
                 return  # it has ended; its reader sees the end of file
             raise
+
+
+def _writable(w: _Worker) -> None:
+    """A full pipe to ``w`` can take more: write what it is owed."""
+    asyncio.get_running_loop().remove_writer(w.ctl)
+    w.blocked = False
+    _send(w)
 
 
 def _received(w: _Worker, record: bytes, on_event: Callable[[str, str], None]) -> None:
