@@ -158,3 +158,20 @@ def test_a_renamed_job_is_reported_as_complete_and_one_written_in_place_as_writt
     assert {written for path, written in kinds if path.endswith("W.FS")} == {True}
     # The polling watcher cannot tell a rename from a write.
     assert {written for path, written in kinds if path.endswith("R.FS")} == {polling}
+
+
+def test_a_watcher_that_can_no_longer_report_ends_so_the_node_sees_it(monkeypatch, capsys):
+    from copiamail.spool import watcher
+
+    class Failing:
+        def pump(self, write) -> None:
+            raise OSError(28, "No space left on device")
+
+    def exit_(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(watcher.os, "_exit", exit_)
+    with pytest.raises(SystemExit) as ended:
+        watcher.pump_or_exit(Failing(), 1)  # type: ignore[arg-type]
+    assert ended.value.code == 1
+    assert "copiamail watcher: [Errno 28] No space left on device" in capsys.readouterr().err

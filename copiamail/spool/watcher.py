@@ -199,6 +199,19 @@ def _write_all(fd: int, data: bytes) -> None:
         data = data[os.write(fd, data):]
 
 
+def pump_or_exit(arrivals: Arrivals, out: int) -> None:
+    """Report ``arrivals`` to the node on ``out``; if that fails, end the
+    process with one line on standard error."""
+    # A watcher that can no longer read or report ends, so the node sees its
+    # pipe close and says that new jobs are found by the scan from now on,
+    # rather than waiting for events that never come.
+    try:
+        arrivals.pump(functools.partial(_write_all, out))
+    except Exception as e:
+        print(f"copiamail watcher: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
 def _child(argv: list[str]) -> int:
     # The node stops this process by closing its standard input; a Ctrl-C,
     # a SIGTERM or a terminal's hang-up sent to the whole process group is
@@ -223,7 +236,7 @@ def _child(argv: list[str]) -> int:
             stop = observe_polling(folders, report).stop
         else:
             arrivals = Arrivals(folders)
-            threading.Thread(target=arrivals.pump, args=(functools.partial(_write_all, out),), daemon=True).start()
+            threading.Thread(target=pump_or_exit, args=(arrivals, out), daemon=True).start()
             stop = arrivals.stop
     except OSError as e:
         print(f"copiamail watcher: {e}", file=sys.stderr)
