@@ -49,7 +49,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.inotify_c import CallbackId, InotifyConstants, InotifyEvent, InotifyFD, Mask, WatchDescriptor
 from watchdog.observers.polling import PollingObserver
 
-from copiamail.osutil import NulRecords
+from copiamail.osutil import NulRecords, write_all
 
 log = logging.getLogger("copiamail")
 
@@ -193,12 +193,6 @@ class SpoolWatcher:
         self._proc = None
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    # A write to a pipe larger than its buffer may be partial.
-    while data:
-        data = data[os.write(fd, data):]
-
-
 def pump_or_exit(arrivals: Arrivals, out: int) -> None:
     """Report ``arrivals`` to the node on ``out``; if that fails, end the
     process with one line on standard error."""
@@ -206,7 +200,7 @@ def pump_or_exit(arrivals: Arrivals, out: int) -> None:
     # pipe close and says that new jobs are found by the scan from now on,
     # rather than waiting for events that never come.
     try:
-        arrivals.pump(functools.partial(_write_all, out))
+        arrivals.pump(functools.partial(write_all, out))
     except Exception as e:
         print(f"copiamail watcher: {e}", file=sys.stderr, flush=True)
         os._exit(1)
@@ -229,7 +223,7 @@ def _child(argv: list[str]) -> int:
     out = sys.stdout.fileno()
 
     def report(path: str, written: bool) -> None:
-        _write_all(out, (_WRITTEN if written else _MOVED) + os.fsencode(path) + b"\0")
+        write_all(out, (_WRITTEN if written else _MOVED) + os.fsencode(path) + b"\0")
 
     try:
         if polling:
