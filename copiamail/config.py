@@ -111,7 +111,7 @@ class Config:
     cluster_scope_max_outbound_connections: int | None = None  # every node's connections together
     web: WebConfig = WebConfig()  # where `copiamail web` listens, and its token
     scan_interval: float = 5.0
-    watcher: str = "native"  # native | polling
+    watcher: str = "native"  # native | polling (or poll, the same)
     smtp_timeout: float = 60.0
     messages_per_connection: int = 100
     max_deliveries_per_connection: int | None = None  # the top level's; stanzas may set their own

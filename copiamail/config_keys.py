@@ -251,7 +251,7 @@ TOP_LEVEL: Mapping[str, _Step] = MappingProxyType({
     "adaptive_recover_after": _field(integer(1)),
     "adaptive_recover_seconds": _field(duration),
     "esender": _field(_esender),
-    "watcher": _field(choice("native", "polling")),
+    "watcher": _field(choice("native", "polling", "poll")),
     "fsync": _field(boolean),
     "mx_tls_verify": _field(boolean),
     "smtp_chunking": _field(boolean),

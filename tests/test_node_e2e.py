@@ -8,7 +8,7 @@ import time
 
 import pytest
 from smtpserver import Rule
-from spoolkit import SpoolKit, attempts, stop, var, wait_until
+from spoolkit import SpoolKit, attempts, children_of, stop, var, wait_until
 
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import parse_job
@@ -467,6 +467,30 @@ def test_a_job_dropped_into_a_running_node_is_sent_without_waiting_for_the_scan_
         tmp.rename(kit.root / "TOSEND" / "J.FS")
         # Far sooner than the 60 s scan timer: the watcher woke the node.
         wait_until(lambda: kit.names("SENT") == ["J.FS"], timeout=15)
+    finally:
+        code, _, err = stop(proc)
+    assert code == 0, err
+
+
+def test_watcher_poll_is_the_polling_watcher(tmp_path, server):
+    # Spelled as the spool's cluster section spells it (`watcher: poll`).
+    kit = kit_for(tmp_path, server, yaml="watcher: poll\n")
+    proc = kit.start("N1")
+    try:
+
+        def watcher_args() -> list[str]:
+            for pid in children_of(proc.pid):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        args = f.read().decode().split("\0")
+                except OSError:
+                    continue
+                if "copiamail.spool.watcher" in args:
+                    return args
+            return []
+
+        wait_until(lambda: watcher_args() != [], timeout=15)
+        assert "--polling" in watcher_args()
     finally:
         code, _, err = stop(proc)
     assert code == 0, err

@@ -54,7 +54,7 @@ async def node_services(config: Config, spool: Spool, node: str, on_takeover: Ca
     beating = [loop.create_task(beat(peers, interval)), loop.create_task(watch_peers(peers, on_takeover, interval))]
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
-    watcher = SpoolWatcher([spool.folder(q) for q in spool.queue_folders()], on_path, polling=config.watcher == "polling")
+    watcher = SpoolWatcher([spool.folder(q) for q in spool.queue_folders()], on_path, polling=config.watcher != "native")
     # Started while SIGHUP is still ignored here, so the watcher inherits that
     # from its first instruction on (a handled signal is reset by exec).
     watcher.start(loop)
