@@ -15,6 +15,7 @@ import pytest
 from copiamail.config import Config
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job
+from copiamail.scheduling.domain_owners import DomainOwners
 from copiamail.scheduling.limits import worker_of
 from copiamail.scheduling.scan import Scanner
 from copiamail.spool.queue import Spool
@@ -34,9 +35,12 @@ class Rig:
     """A spool, a scanner over it, and what the scanner dispatched."""
 
     def __init__(self, root: Path, write_settle: float = 5.0, worker: int = 0, workers: int = 1,
-                 held_until: Callable[[Job, str], float | None] = lambda job, queue: None) -> None:
+                 held_until: Callable[[Job, str], float | None] = lambda job, queue: None,
+                 owners: DomainOwners | None = None) -> None:
         self.spool = Spool(root / "spool", 15, fsync=False)
         self.spool.ensure()
+        if workers > 1 and owners is None:
+            owners = DomainOwners.create(workers, entries=64)
         self.waiting: set[str] = set()
         self.halt = False
         self.dispatched: list[tuple[str, bool]] = []  # (job name, read on the way)
@@ -44,7 +48,7 @@ class Rig:
         self.mono = Clock(100.0)
         self.scanner = Scanner(Config(spool=self.spool.root, write_settle=write_settle), self.spool, "N1", self.waiting,
                                lambda: self.halt, lambda claimed, cf, job: self.dispatched.append((claimed.name, cf is not None)),
-                               worker=worker, workers=workers, clock=self.clock, monotonic=self.mono,
+                               worker=worker, workers=workers, owners=owners, clock=self.clock, monotonic=self.mono,
                                held_until=held_until)
 
     def job(self, queue: str, name: str, to: str = "u@a.test", *lines: str) -> Path:
@@ -103,8 +107,9 @@ def test_a_held_job_is_judged_again_when_its_remembered_time_is_over_and_stays_w
 
 
 def test_a_worker_claims_only_the_jobs_of_its_domains_and_does_not_read_the_others_again(tmp_path, monkeypatch):
-    domains = {worker_of(d, 2): d for d in ("a.test", "b.test", "c.test", "d.test")}
-    rig = Rig(tmp_path, worker=0, workers=2)
+    owners = DomainOwners.create(2, entries=64)
+    domains = {owners.owner(d): d for d in ("a.test", "b.test")}
+    rig = Rig(tmp_path, worker=0, workers=2, owners=owners)
     rig.job("TOSEND", "MINE.FS", f"u@{domains[0]}")
     rig.job("TOSEND", "THEIRS.FS", f"u@{domains[1]}")
     reads: list[str] = []
@@ -113,6 +118,26 @@ def test_a_worker_claims_only_the_jobs_of_its_domains_and_does_not_read_the_othe
     assert rig.full() == 1 and rig.names() == ["MINE.FS"]
     assert rig.full() == 0 and reads == ["MINE.FS", "THEIRS.FS"]
     assert rig.scanner.mine(domains[0]) and not rig.scanner.mine(domains[1])
+
+
+def test_two_workers_split_the_domains_evenly_as_they_meet_them(tmp_path):
+    owners = DomainOwners.create(2, entries=64)
+    rigs = [Rig(tmp_path / f"w{i}", worker=i, workers=2, owners=owners) for i in range(2)]
+    for rig in rigs:
+        for i in range(10):
+            rig.job("TOSEND", f"J{i:02d}.FS", f"u@d{i}.test")
+    # Worker 1 scans first, so it gives out every domain, in turn.
+    assert rigs[1].full() == 5 and rigs[0].full() == 5
+    assert sorted(rigs[0].names() + rigs[1].names()) == [f"J{i:02d}.FS" for i in range(10)]
+    assert owners.given() == [5, 5]
+
+
+def test_a_job_that_cannot_be_read_goes_to_the_worker_its_file_name_gives(tmp_path):
+    name = next(n for n in (f"B{i}.FS" for i in range(20)) if worker_of(n, 2) == 1)
+    rigs = [Rig(tmp_path / f"w{i}", worker=i, workers=2) for i in range(2)]
+    for rig in rigs:
+        (rig.spool.root / "TOSEND" / name).write_text("$email_text no address\n")
+    assert rigs[0].full() == 0 and rigs[1].full() == 1 and rigs[1].names() == [name]
 
 
 def test_a_job_that_waits_for_a_slot_is_left_alone(tmp_path):

@@ -5,9 +5,11 @@ holds the node's lock, recovers, and runs the node's services
 (:func:`~copiamail.node.services.node_services`: heartbeat, spool watcher,
 signals); it sends no mail. It forks ``n`` *workers*, each a full
 :class:`~copiamail.scheduling.scheduler.Scheduler` with its own event loop.
-Worker ``i`` sends only the jobs whose domain
-:func:`~copiamail.scheduling.limits.worker_of` gives it, so every limit of one
-domain lives in one process with its whole cap; a cap shared between domains
+Worker ``i`` sends only the jobs of the domains given to it (each domain to
+the worker with fewest, when first met:
+:mod:`~copiamail.scheduling.domain_owners`, a table in shared memory made here
+before the fork), so every limit of one domain lives in one process with its
+whole cap; a cap shared between domains
 is counted for the whole node in a table in shared memory
 (:mod:`~copiamail.scheduling.shared_slots`, made here before the fork), so
 any worker may use it in full. All
@@ -52,6 +54,7 @@ from copiamail.logs import reopen_log_files
 from copiamail.node.reload import ConfigLoader, on_hangup, reloaded
 from copiamail.node.services import node_services
 from copiamail.osutil import NulRecords, die_with_parent, write_all
+from copiamail.scheduling.domain_owners import DomainOwners
 from copiamail.scheduling.scheduler import Scheduler, Stats
 from copiamail.scheduling.shared_slots import SharedSlots
 from copiamail.spool.queue import Spool
@@ -118,6 +121,7 @@ def run_workers(
     workers: list[_Worker] = []
     supervisor = os.getpid()
     shared = SharedSlots.create()
+    owners = DomainOwners.create(config.worker_count)
     for i in range(config.worker_count):
         ctl_r, ctl_w = os.pipe()
         out_r, out_w = os.pipe()
@@ -133,7 +137,7 @@ def run_workers(
                     os.close(w.ctl)
                     os.close(w.out.fd)
                 code = _worker_main(config, spool, node, password, drain, i, ctl_r, out_w, on_event is not None,
-                                    supervisor, load, shared)
+                                    supervisor, load, shared, owners)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -317,7 +321,7 @@ def _received(w: _Worker, record: bytes, on_event: Callable[[str, str], None]) -
 
 def _worker_main(config: Config, spool: Spool, node: str, password: str | None, drain: bool,
                  index: int, ctl: int, out: int, report_events: bool, supervisor: int, load: ConfigLoader | None,
-                 shared: SharedSlots) -> int:
+                 shared: SharedSlots, owners: DomainOwners) -> int:
     # Where the death signal is missing (not Linux), the end of file on the
     # control pipe still stops the worker.
     if not die_with_parent(supervisor):
@@ -336,7 +340,7 @@ def _worker_main(config: Config, spool: Spool, node: str, password: str | None, 
             events.clear()
 
     scheduler = Scheduler(config, spool, node, password=password, on_event=on_event if report_events else None,
-                          worker=index, workers=config.worker_count, shared=shared)
+                          worker=index, workers=config.worker_count, shared=shared, owners=owners)
     stats = asyncio.run(_serve_worker(scheduler, drain, ctl, load))
     flush_events()
     write(b"S" + encode_stats(stats) + b"\0")

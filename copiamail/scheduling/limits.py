@@ -32,8 +32,9 @@ limits each domain over each binding on its own. A regex stanza's
 ``scope_max_outbound_connections`` pools every domain it matches into one key
 named by the stanza; an exact stanza's counts its one domain.
 
-Workers (``workers:`` > 1): each worker process sends the domains that
-:func:`worker_of` gives it, so a key of one domain lives in one worker. A key
+Workers (``workers:`` > 1): each worker process sends the domains given to
+it (:mod:`~copiamail.scheduling.domain_owners`), so a key of one domain lives
+in one worker. A key
 that counts several domains (*shared*: the table's last column) is counted
 once for the whole node, in memory the workers share
 (:mod:`copiamail.scheduling.shared_slots`), so whichever worker needs a slot
@@ -103,8 +104,9 @@ def adaptive_limit(limits: Sequence[Limit]) -> Limit | None:
 
 
 def worker_of(key: str, workers: int) -> int:
-    """The worker (0 .. workers-1) that sends the jobs of domain ``key`` (a
-    job that cannot be read: of its file name). Stable across runs and machines."""
+    """A fixed worker (0 .. workers-1) for ``key``: the one that sends a job
+    that cannot be read (``key``: its file name), and a domain the table of
+    domain owners has no room for. Stable across runs and machines."""
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % workers
 
 

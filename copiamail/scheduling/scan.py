@@ -3,10 +3,12 @@
 :class:`Scanner` looks at job files in queue order (the whole spool, or only
 the files the watcher named), and claims each one that is
 
-- this worker's: with ``workers`` > 1, a job belongs to the worker
-  :func:`~copiamail.scheduling.limits.worker_of` gives its domain (its file
-  name when it cannot be read); every worker computes the same answer from the
-  same file, and files of other workers are not read again until they change;
+- this worker's: with ``workers`` > 1, a job belongs to the worker its domain
+  was given to (:class:`~copiamail.scheduling.domain_owners.DomainOwners`; a
+  job that cannot be read: the worker
+  :func:`~copiamail.scheduling.limits.worker_of` gives its file name); every
+  worker finds the same answer for the same file, and files of other workers
+  are not read again until they change;
 - due: a job whose next attempt lies ahead is remembered by its due time and
   not read again until its file changes;
 - complete: a file renamed into the folder is (the submission protocol); a
@@ -34,6 +36,7 @@ from copiamail.config import Config
 from copiamail.errors import JobError
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job, parse_job, quick_domain
+from copiamail.scheduling.domain_owners import DomainOwners
 from copiamail.scheduling.limits import worker_of
 from copiamail.spool.queue import Claimed, QueuedJob, Spool, is_job_name
 
@@ -79,12 +82,17 @@ class Scanner:
         *,
         worker: int = 0,
         workers: int = 1,
+        owners: DomainOwners | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         held_until: Callable[[Job, str], float | None] = lambda job, queue: None,
     ) -> None:
-        """``held_until(job, queue)``: until when a due job stays in its folder
-        unclaimed (an operator holds it, or its destination is suspended), or None."""
+        """``owners``: the node's table of which worker sends each domain
+        (needed when ``workers`` > 1). ``held_until(job, queue)``: until when a
+        due job stays in its folder unclaimed (an operator holds it, or its
+        destination is suspended), or None."""
+        if workers > 1 and owners is None:
+            raise ValueError("workers of one node need the table of domain owners")
         self._config = config
         self._held_until = held_until
         self._spool = spool
@@ -94,6 +102,7 @@ class Scanner:
         self._dispatch = dispatch
         self._worker = worker
         self._workers = workers
+        self._owners = owners
         self._clock = clock
         self._monotonic = monotonic
         # Each TOSEND folder's path, as str(Path) spells it, and its name.
@@ -210,9 +219,14 @@ class Scanner:
 
     # --- worker ownership ------------------------------------------------------
 
-    def mine(self, key: str) -> bool:
-        """Whether this worker sends the jobs of domain (or file name) ``key``."""
-        return self._workers == 1 or worker_of(key, self._workers) == self._worker
+    def mine(self, domain: str) -> bool:
+        """Whether this worker sends the jobs of ``domain``."""
+        return self._owners is None or self._owners.owner(domain) == self._worker
+
+    def _mine_unread(self, name: str) -> bool:
+        # A job that cannot be read has no domain: its file name decides,
+        # which every worker computes alike without the table.
+        return self._workers == 1 or worker_of(name, self._workers) == self._worker
 
     def _peeked(self, w: QueuedJob, now: float) -> Peek | None:
         """What the file of ``w`` says at ``now``; None if it is gone,
@@ -249,7 +263,8 @@ class Scanner:
                 job = parse_job(cf, w.name, self._config.job_env)
             except JobError:
                 pass
-        if not self.mine(quick or (job.domain if job is not None else w.name)):
+        domain = quick or (job.domain if job is not None else None)
+        if not (self.mine(domain) if domain is not None else self._mine_unread(w.name)):
             self._foreign[w.file] = sig
             return None
         return Peek(sig, cf, job, job.next_attempt if job is not None else None)

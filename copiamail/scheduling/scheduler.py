@@ -45,6 +45,7 @@ from copiamail.scheduling.carrying import NextJobs, as_planned, read_claimed
 from copiamail.scheduling.choosing import Blocked, Chooser, Start
 from copiamail.scheduling.cluster import ClusterLimiter, cluster_limiter
 from copiamail.scheduling.connections import Connection, Connections, starttls_for
+from copiamail.scheduling.domain_owners import DomainOwners
 from copiamail.scheduling.limiter import Limiter, LocalLimiter
 from copiamail.scheduling.limits import is_cluster_key
 from copiamail.scheduling.publishing import publish_live_state
@@ -80,10 +81,12 @@ class Scheduler:
         workers: int = 1,
         limiter: Limiter | None = None,
         shared: SharedSlots | None = None,
+        owners: DomainOwners | None = None,
     ) -> None:
-        """``worker`` of ``workers``: this scheduler sends only the jobs whose domain
-        :func:`~copiamail.scheduling.limits.worker_of` gives it, and counts shared caps in
-        ``shared``, the node's workers' table. ``limiter``: None for a :class:`LocalLimiter`."""
+        """``worker`` of ``workers``: this scheduler sends only the jobs of the
+        domains ``owners`` (the node's table of domain owners) gives it, and
+        counts shared caps in ``shared``, the node's workers' table.
+        ``limiter``: None for a :class:`LocalLimiter`."""
         if workers > 1 and shared is None and limiter is None:
             raise ValueError("workers of one node need the table of shared slots")
         self.config = config
@@ -106,7 +109,7 @@ class Scheduler:
                               on_learned=self._connections.learned_host, on_routed=self._routed,
                               on_unpaused=self._unpaused)
         self._scanner = Scanner(config, spool, node, self._waiting, self._halted, self._dispatch, worker=worker,
-                                workers=workers, clock=clock, held_until=self._shaping.job_held_until)
+                                workers=workers, owners=owners, clock=clock, held_until=self._shaping.job_held_until)
         attempts = Attempts(config, spool, node, self._router, worker, clock, self._connections.greeted_sharing,
                             self._shaping.adaptive, self._shaping.pacer, self._cluster, self._cap_raised)
         self._next = NextJobs(Chooser(config, self._connections, self._router, self._shaping, self.limiter), spool,

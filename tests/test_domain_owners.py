@@ -1,0 +1,69 @@
+"""Which worker sends each domain: the table the workers of a node share."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from copiamail.scheduling.domain_owners import PROBES, DomainOwners
+from copiamail.scheduling.limits import worker_of
+
+
+def test_domains_are_given_in_turn_so_equal_domains_split_evenly():
+    owners = DomainOwners.create(2)
+    assert [owners.owner(f"d{i}.bench") for i in range(50)] == [0, 1] * 25
+    assert owners.given() == [25, 25]
+    three = DomainOwners.create(3)
+    for i in range(50):
+        three.owner(f"d{i}.bench")
+    assert three.given() == [17, 17, 16]
+
+
+def test_a_domain_keeps_its_worker_and_another_mapping_of_the_table_finds_the_same():
+    owners = DomainOwners.create(2)
+    first = {d: owners.owner(d) for d in ("a.test", "b.test", "c.test")}
+    assert {d: owners.owner(d) for d in first} == first
+    fresh = DomainOwners(os.dup(owners._fd), 2)  # a process that has looked nothing up yet
+    assert {d: fresh.owner(d) for d in reversed(list(first))} == first
+    assert fresh.given() == [2, 1]
+
+
+def test_workers_of_forked_processes_agree_and_stay_even_however_they_race():
+    owners = DomainOwners.create(2)
+    domains = [f"x{i}.test" for i in range(400)]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the other worker, going through the domains the other way round
+        try:
+            answers = bytes(owners.owner(d) for d in reversed(domains))
+            os.write(w, answers)
+        finally:
+            os._exit(0)
+    os.close(w)
+    mine = [owners.owner(d) for d in domains]
+    theirs = b""
+    while chunk := os.read(r, 4096):
+        theirs += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert list(reversed(theirs)) == mine
+    assert owners.given() == [200, 200]
+
+
+def test_a_domain_whose_places_are_all_taken_goes_by_the_fixed_hash_for_good():
+    owners = DomainOwners.create(2, entries=4)
+    domains = [f"d{i}.test" for i in range(12)]
+    answers = [owners.owner(d) for d in domains]
+    assert sum(owners.given()) == 4  # the table is full
+    assert answers[4:] == [worker_of(d, 2) for d in domains[4:]]
+    fresh = DomainOwners(os.dup(owners._fd), 2, entries=4)
+    assert [fresh.owner(d) for d in reversed(domains)] == list(reversed(answers))
+    assert PROBES > 4
+
+
+def test_a_table_must_have_workers_and_a_power_of_two_of_entries():
+    with pytest.raises(ValueError):
+        DomainOwners.create(0)
+    with pytest.raises(ValueError):
+        DomainOwners.create(2, entries=6)
