@@ -598,7 +598,9 @@ def test_sigterm_while_reconnecting_hands_the_next_job_back_untouched(tmp_path, 
 
 
 def test_queue_order_holds_across_domains_when_a_shared_cap_is_full(tmp_path, server):
-    kit = kit_for(tmp_path, server, yaml="server_max_outbound_connections: 1\n")
+    # One worker: two workers each keep their own domains' order, and race for
+    # a shared slot (docs/operating.md, Workers).
+    kit = kit_for(tmp_path, server, yaml="server_max_outbound_connections: 1\nworkers: 1\n")
     kit.job("TOSEND", "A1.FS", to="a1@a.com")
     kit.job("TOSEND", "B1.FS", to="b1@b.com")
     kit.job("TOSEND1", "A2.FS", to="a2@a.com")
@@ -617,6 +619,18 @@ def test_an_idle_connection_gives_a_shared_slot_to_a_waiting_job_of_another_doma
     # slot, this drain would time out.
     assert kit.drain(timeout=30).returncode == 0
     assert kit.names("SENT") == ["A.FS", "B.FS"] and server.peak == 1
+
+
+def test_a_drain_ends_when_its_last_reply_comes_not_connection_idle_later(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", match="@b.com", delay=1.5))
+    kit = kit_for(tmp_path, server)
+    kit.config_path.write_text(kit.config_path.read_text().replace("connection_idle: 0.2", "connection_idle: 120"))
+    kit.job("TOSEND", "A.FS", to="a@a.com")
+    kit.job("TOSEND", "B.FS", to="b@b.com")
+    # The drain finds nothing left while b.com's reply is still 1.5 s away;
+    # were that connection to wait its 120 s for another job, this would time out.
+    assert kit.drain(timeout=30).returncode == 0
+    assert kit.names("SENT") == ["A.FS", "B.FS"]
 
 
 @pytest.mark.parametrize(
