@@ -138,6 +138,24 @@ def test_close_idle_tells_every_idle_connection_to_close():
     assert asyncio.run(go()) == [None, None]
 
 
+def test_a_connection_that_goes_idle_after_close_idle_closes_at_once_while_lingering_is_off():
+    # The race a drain's end meets: close_idle() ran while this connection was
+    # still waiting for its last result; it goes idle just after.
+    rig = Rig()
+
+    async def go() -> tuple[Item | None, float]:
+        conn = rig.open("a.test", relay())
+        rig.connections.close_idle()
+        rig.connections.linger = False
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        item = await rig.connections.wait_idle(conn, 60, lambda item: None)
+        return item, loop.time() - started
+
+    item, waited = asyncio.run(go())
+    assert item is None and waited < 30
+
+
 def test_a_job_handed_over_just_before_a_cancellation_is_handed_back():
     rig = Rig()
     handed: list[Item] = []

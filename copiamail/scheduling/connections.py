@@ -83,6 +83,8 @@ class Connections:
         self._chunking = chunking
         self._open: set[Connection] = set()
         self._idle: dict[str, list[Connection]] = {}  # by domain
+        # Whether an idle connection waits for a job (False: it closes at once).
+        self.linger = True
 
     def __len__(self) -> int:
         return len(self._open)
@@ -233,8 +235,10 @@ class Connections:
 
     async def wait_idle(self, conn: Connection, seconds: float, hand_back: Callable[[Item], object]) -> Item | None:
         """Wait up to ``seconds`` for a job handed to ``conn``; None when the
-        time is up or it is told to close. A job handed over just before a
-        cancellation goes to ``hand_back``."""
+        time is up or it is told to close, and at once when :attr:`linger` is
+        off. A job handed over just before a cancellation goes to ``hand_back``."""
+        if not self.linger:
+            return None
         handoff: asyncio.Future[Item | None] = asyncio.get_running_loop().create_future()
         conn.handoff = handoff
         self._idle.setdefault(conn.domain, []).append(conn)

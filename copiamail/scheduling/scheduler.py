@@ -201,15 +201,22 @@ class Scheduler:
                     next_full = time.monotonic() + self.config.scan_interval
                 else:
                     found = await scanner.scan_hinted()
-                if (drain and not found and not len(self._waiting) and not self._router.looking_up and not scanner.busy
-                        and not self._results.busy):
+                ending = (drain and not found and not len(self._waiting) and not self._router.looking_up
+                          and not scanner.busy and not self._results.busy)
+                if ending:
                     if not full:
                         # Finish only after a whole scan has found nothing left.
                         scanner.full_scan_due = True
                         continue
                     if not self._connections:
                         break
+                    # Nothing left to send: a connection whose last reply
+                    # comes now closes at once, not connection_idle later (the
+                    # drain ends when the last one has closed).
+                    self._connections.linger = False
                     self._connections.close_idle()
+                else:
+                    self._connections.linger = True
                 if scanner.next_due is not None:
                     next_full = min(next_full, time.monotonic() + max(0.01, scanner.next_due - self.clock()))
                 timeout = min(next_full, scanner.next_settle_look()) - time.monotonic()
