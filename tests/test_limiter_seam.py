@@ -53,6 +53,12 @@ class RecordingLimiter:
         self.calls.append("force_acquire")
         self.inner.force_acquire(limits)
 
+    def yields(self, key: str, cap: int) -> bool:
+        return self.inner.yields(key, cap)
+
+    def leaves(self, key: str, cap: int) -> bool:
+        return self.inner.leaves(key, cap)
+
 
 def drain(tmp_path: Path, limiter: Limiter, jobs: int) -> tuple[Stats, Spool]:
     spool = Spool(tmp_path / "spool", 15, fsync=False)

@@ -151,3 +151,29 @@ def test_a_scheduler_of_several_workers_needs_the_table(tmp_path):
 
     with pytest.raises(ValueError):
         Scheduler(Config(spool=tmp_path), Spool(tmp_path), "N1", worker=0, workers=2)
+
+
+def test_a_worker_over_half_of_a_cap_others_wait_on_yields_and_leaves_them_what_it_frees():
+    _, w0, _ = two_workers()
+    for _ in range(4):
+        assert w0.try_acquire([POOL]) is None
+    assert not w0.yields(POOL.key, POOL.cap) and not w0.leaves(POOL.key, POOL.cap)  # nobody else waits
+    w0.wanted_elsewhere = {POOL.key}  # as the watch finds it
+    assert w0.yields(POOL.key, POOL.cap) and w0.leaves(POOL.key, POOL.cap)
+    w0.release([POOL])
+    w0.release([POOL])
+    # At half: no more yielding, and a slot it frees still goes to the others.
+    assert not w0.yields(POOL.key, POOL.cap) and w0.leaves(POOL.key, POOL.cap)
+    w0.release([POOL])
+    assert not w0.leaves(POOL.key, POOL.cap)  # under half: it takes its share again
+
+
+def test_a_cap_of_one_that_others_wait_on_goes_from_worker_to_worker():
+    _, w0, w1 = two_workers()
+    one = Limit("server_total", 1, "node total", shared=True)
+    assert w0.try_acquire([one]) is None
+    w0.wanted_elsewhere = {one.key}
+    assert w0.yields(one.key, 1)
+    w0.release([one])
+    assert w0.leaves(one.key, 1)  # until its watch sees it holds none
+    assert not w1.leaves(one.key, 1) and w1.try_acquire([one]) is None

@@ -127,3 +127,20 @@ def test_a_killed_node_takes_its_workers_with_it_and_the_next_start_recovers(tmp
     result = kit.drain()
     assert result.returncode == 0, result.stderr
     assert len(kit.names("SENT")) == 4
+
+
+def test_two_busy_domains_in_two_workers_share_a_shared_cap_turn_by_turn_and_keep_it_full(tmp_path, server):
+    server.add_rule(Rule(stage="EOD", delay=0.02))
+    kit = SpoolKit(tmp_path, server.port, [], "workers: 2\nserver_max_outbound_connections: 4\n")
+    for i in range(150):
+        kit.job("TOSEND", f"A{i:03d}.FS", to=f"u{i}@a.example")
+    for i in range(150):
+        kit.job("TOSEND", f"B{i:03d}.FS", to=f"u{i}@b.example")
+    result = kit.drain(timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(kit.names("SENT")) == 300 and kit.names("FAIL") == []
+    order = [m.rcpt_tos[0].split("@")[1] for m in server.messages]
+    # b.example's jobs sort after all of a.example's and sit in the other
+    # worker: they get their half of the cap long before a.example is done.
+    assert order.index("b.example") < 100, order[:120]
+    assert server.peak == 4

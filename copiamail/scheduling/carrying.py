@@ -116,9 +116,12 @@ class NextJobs:
                 return None, other is not None
             # Another domain's job that comes first: from an earlier folder it
             # goes first at once; within a folder the connection yields when
-            # its turn is over.
+            # its turn is over. Another worker's jobs have no rank here: they
+            # get their half of a shared cap, turn by turn.
             if (other is not None and self._waiting.rank(other) < self._waiting.rank(own)
                     and (other.order[0] < own.order[0] or conn.turn >= _TURN_MESSAGES)):
+                return None, True
+            if conn.turn >= _TURN_MESSAGES and any(self.chooser.limiter.yields(l.key, l.cap) for l in conn.limits):
                 return None, True
             item = self._claim_for(own, can_use)
             if item is not None:

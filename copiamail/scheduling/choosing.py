@@ -58,7 +58,7 @@ class Chooser:
         self._connections = connections
         self._router = router
         self._shaping = shaping
-        self._limiter = limiter
+        self.limiter = limiter
 
     def choose(self, job: Job, targets: list[Target]) -> Start | Blocked:
         """Where ``job`` starts among ``targets`` (in order), or what blocks
@@ -76,7 +76,7 @@ class Chooser:
                 continue
             for b in by_load:
                 limits = self._shaping.scopes.limits(job.address, job.domain, b, target.ips, target.names)
-                full = reserve or self._shaping.held(limits) or self._limiter.try_acquire(limits)
+                full = reserve or self._shaping.held(limits) or self.limiter.try_acquire(limits)
                 if full is None:
                     return Start(b, target, limits)
                 blocked.setdefault(full.key, full)

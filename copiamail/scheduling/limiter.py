@@ -11,7 +11,11 @@ With workers, the keys that count connections of several domains (a
 once for the node, in :class:`~.shared_slots.SharedSlots`, so any worker may
 use a shared cap in full; :meth:`LocalLimiter.watch_shared` tells the
 scheduler when a slot another worker held has freed, and which of its own
-slots other workers' jobs wait on.
+slots other workers' jobs wait on. While they wait, the cap is split: a worker
+that holds more than half of it lets each connection under it close at the end
+of its turn (:meth:`Limiter.yields`), and one that holds half (rounded down)
+leaves a slot it frees to them (:meth:`Limiter.leaves`), so a domain that fills
+a shared cap does not keep another worker's domain out until it is done.
 
 The rules every limiter keeps: a connection takes one slot of every key that
 applies to it, in the order given, all or none; it gives them back when it
@@ -53,6 +57,18 @@ class Limiter(Protocol):
         open turned out to fall under limits it did not know of when it opened
         (a host name learned late). The count is then true, and no new
         connection opens until it is back under the cap."""
+        ...
+
+    def yields(self, key: str, cap: int) -> bool:
+        """Whether a connection holding a slot of ``key`` should close at the
+        end of its turn: other workers' jobs wait on ``key`` and this process
+        holds more than half of ``cap``."""
+        ...
+
+    def leaves(self, key: str, cap: int) -> bool:
+        """Whether a freed slot of ``key`` is left to other workers' jobs that
+        wait on it: this process holds half of ``cap`` (rounded down) already,
+        so a cap of 1 goes from worker to worker, a turn each."""
         ...
 
 
@@ -126,6 +142,12 @@ class LocalLimiter:
 
     def in_use(self, key: str) -> int:
         return self._count(key)
+
+    def yields(self, key: str, cap: int) -> bool:
+        return key in self.wanted_elsewhere and self._used.get(key, 0) > cap // 2
+
+    def leaves(self, key: str, cap: int) -> bool:
+        return key in self.wanted_elsewhere and self._used.get(key, 0) >= cap // 2
 
     def _count(self, key: str, default: int = 0) -> int:
         if key in self._in_table:

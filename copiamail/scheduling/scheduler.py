@@ -358,13 +358,15 @@ class Scheduler:
 
     def _offer(self, keys: list[str], fill: bool = False) -> None:
         """Slots of ``keys`` freed: offer them to waiting jobs, the first by
-        :meth:`WaitingJobs.rank` first (none while results are owed); with
-        ``fill`` (caps changed), each key again while it has room."""
+        :meth:`WaitingJobs.rank` first (none while results are owed, nor a
+        shared key this worker holds its half of while other workers' jobs
+        wait on it); with ``fill`` (caps changed), each key again while it has room."""
         if self._results.paused:
             return
         pending = set(keys)
         while pending:
-            heads = [(self._waiting.rank(h), k) for k in pending if (h := self._waiting.head(k)) is not None]
+            heads = [(self._waiting.rank(h), k) for k in pending
+                     if not self.limiter.leaves(k, self._waiting.cap(k)) and (h := self._waiting.head(k)) is not None]
             if not heads:
                 return
             _, key = min(heads)
