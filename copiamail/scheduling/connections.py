@@ -85,6 +85,8 @@ class Connections:
         self._idle: dict[str, list[Connection]] = {}  # by domain
         # Whether an idle connection waits for a job (False: it closes at once).
         self.linger = True
+        # Called as a connection starts to wait (a drain looks whether it is done).
+        self.on_idle: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._open)
@@ -239,6 +241,8 @@ class Connections:
         off. A job handed over just before a cancellation goes to ``hand_back``."""
         if not self.linger:
             return None
+        if self.on_idle is not None:
+            self.on_idle()
         handoff: asyncio.Future[Item | None] = asyncio.get_running_loop().create_future()
         conn.handoff = handoff
         self._idle.setdefault(conn.domain, []).append(conn)

@@ -175,6 +175,8 @@ class Scheduler:
         looked at, so the cost of a wake-up does not grow with the backlog."""
         self._wake = asyncio.Event()
         self._shaping.settle_suspects = not drain  # a drain sends everything due, and then it ends
+        # A drain's last connection going idle is the moment to look whether it is done.
+        self._connections.on_idle = self.wake if drain else None
         self._results.start()
         loop = asyncio.get_running_loop()
         publisher = loop.create_task(publish_live_state(
