@@ -76,7 +76,12 @@ class Chooser:
                 continue
             for b in by_load:
                 limits = self._shaping.scopes.limits(job.address, job.domain, b, target.ips, target.names)
-                full = reserve or self._shaping.held(limits) or self.limiter.try_acquire(limits)
+                # A shared slot this worker leaves to another's waiting jobs
+                # counts as full here too, or a job of a domain whose own key
+                # just freed would take it back at once.
+                full = (reserve or self._shaping.held(limits)
+                        or next((l for l in limits if self.limiter.leaves(l.key, l.cap)), None)
+                        or self.limiter.try_acquire(limits))
                 if full is None:
                     return Start(b, target, limits)
                 blocked.setdefault(full.key, full)
