@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from copiamail.scheduling import domain_owners
 from copiamail.scheduling.domain_owners import PROBES, DomainOwners
 from copiamail.scheduling.limits import worker_of
 
@@ -67,3 +68,12 @@ def test_a_table_must_have_workers_and_a_power_of_two_of_entries():
         DomainOwners.create(0)
     with pytest.raises(ValueError):
         DomainOwners.create(2, entries=6)
+
+
+def test_a_workers_copy_is_emptied_when_full_and_the_table_still_answers(monkeypatch):
+    monkeypatch.setattr(domain_owners, "KNOWN_MAX", 3)
+    owners = DomainOwners.create(2)
+    first = [owners.owner(f"d{i}.test") for i in range(5)]
+    assert len(owners._known) <= 3
+    assert [owners.owner(f"d{i}.test") for i in range(5)] == first
+    assert owners.given() == [3, 2]

@@ -38,6 +38,10 @@ from copiamail.scheduling.shared_slots import key_hash
 
 ENTRIES = 1 << 17  # a power of two: 2 MB of table, pages touched only as used
 PROBES = 64  # entries a domain may be placed in, from its hash's place on
+# A worker's copy of what it looked up is emptied past this many domains (the
+# table stays the answer): a node that runs for months meets more domains
+# than it should keep in memory.
+KNOWN_MAX = 100_000
 _COUNT = struct.Struct("<Q")  # domains given to one worker (the header: one per worker)
 _ENTRY = struct.Struct("<QQ")  # domain's hash, its worker + 1
 
@@ -73,6 +77,8 @@ class DomainOwners:
             worker = self._find_or_give(domain)
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        if len(self._known) >= KNOWN_MAX:
+            self._known.clear()
         self._known[domain] = worker
         return worker
 
