@@ -58,6 +58,12 @@ class SpoolKit:
         path.write_bytes(("\n".join(body) + "\n").encode("utf-8"))
         return path
 
+    def submit(self, queue: str, name: str, *lines: str, to: str | None = None) -> Path:
+        """A job handed in as a submitter does: written as ``NAME.TFS``, then
+        renamed to ``name`` (the arrival a running node's watcher reports)."""
+        tfs = self.job(queue, name.rpartition(".")[0] + ".TFS", *lines, to=to)
+        return tfs.rename(tfs.with_name(name))
+
     def names(self, folder: str) -> list[str]:
         d = self.root / folder
         return sorted(p.name for p in d.iterdir() if p.name.upper().endswith(".FS")) if d.is_dir() else []

@@ -18,9 +18,7 @@ def test_five_jobs_of_a_small_domain_go_out_long_before_a_2000_job_domain_is_don
         wait_until(lambda: len(server.messages) >= 100, timeout=60)
         # The small domain's jobs arrive later, and sort after every big one.
         for i in range(5):
-            tmp = kit.root / "TOSEND" / f"Z{i}.TFS"
-            tmp.write_text(f"$email_address s{i}@small.test\n$email_text hi\n")
-            tmp.rename(kit.root / "TOSEND" / f"Z{i}.FS")
+            kit.submit("TOSEND", f"Z{i}.FS", to=f"s{i}@small.test")
         wait_until(lambda: len(kit.names("SENT")) == 2005, timeout=180)
     finally:
         code, _, err = stop(proc)

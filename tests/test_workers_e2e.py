@@ -158,9 +158,7 @@ def test_a_domain_that_fills_a_shared_cap_makes_room_for_one_that_arrives_in_the
     try:
         wait_until(lambda: len(server.messages) >= 60, timeout=60)
         for i in range(1, 41):
-            tmp = kit.root / "TOSEND" / f"B{i:03d}.TFS"
-            tmp.write_text(f"$email_address u{i}@b.example\n$email_text hi\n")
-            tmp.rename(kit.root / "TOSEND" / f"B{i:03d}.FS")
+            kit.submit("TOSEND", f"B{i:03d}.FS", to=f"u{i}@b.example")
         wait_until(lambda: len(kit.names("SENT")) == 641, timeout=120)
     finally:
         code, _, err = stop(proc)

@@ -76,12 +76,7 @@ class Chooser:
                 continue
             for b in by_load:
                 limits = self._shaping.scopes.limits(job.address, job.domain, b, target.ips, target.names)
-                # A shared slot this worker leaves to another's waiting jobs
-                # counts as full here too, or a job of a domain whose own key
-                # just freed would take it back at once.
-                full = (reserve or self._shaping.held(limits)
-                        or next((l for l in limits if self.limiter.leaves(l.key, l.cap)), None)
-                        or self.limiter.try_acquire(limits))
+                full = reserve or self._shaping.held(limits) or self.limiter.try_acquire(limits)
                 if full is None:
                     return Start(b, target, limits)
                 blocked.setdefault(full.key, full)

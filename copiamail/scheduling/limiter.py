@@ -14,8 +14,9 @@ scheduler when a slot another worker held has freed, and which of its own
 slots other workers' jobs wait on. While they wait, the cap is split: a worker
 that holds more than half of it lets each connection under it close at the end
 of its turn (:meth:`Limiter.yields`), and one that holds half (rounded down)
-leaves a slot it frees to them (:meth:`Limiter.leaves`), so a domain that fills
-a shared cap does not keep another worker's domain out until it is done.
+leaves a slot it frees to them (:meth:`Limiter.leaves`; its
+:meth:`~LocalLimiter.try_acquire` counts such a slot as full), so a domain that
+fills a shared cap does not keep another worker's domain out until it is done.
 
 The rules every limiter keeps: a connection takes one slot of every key that
 applies to it, in the order given, all or none; it gives them back when it
@@ -94,6 +95,13 @@ class LocalLimiter:
         return keys
 
     def try_acquire(self, limits: Sequence[Limit]) -> Limit | None:
+        # A slot left to other workers' jobs counts as full here: a job of a
+        # domain whose own key just freed (a connection that yielded) would
+        # otherwise take the shared slot straight back.
+        if self.wanted_elsewhere:
+            left = next((l for l in limits if self.leaves(l.key, l.cap)), None)
+            if left is not None:
+                return left
         shared = self._shared
         if shared is None or not self._table_keys(limits):
             return self._take(limits, self._used.get)
