@@ -81,9 +81,12 @@ def run_node(
     # worker processes a bad file would not be one clear line.
     read_password(config, "retry_relay")
     check_cluster(config)
+    # The TLS contexts are kept, for the workers forked below to inherit.
     for relay in (config.relay, config.retry_relay):
         if relay is not None:
             make_tls_context(relay.tls_verify, relay.ca_file)
+    if config.relay is None:
+        make_tls_context(config.mx_tls_verify, None)
     spool = Spool(config.spool, config.queues, config.fsync)
     spool.ensure()
     for path in spool.writable_by_others():

@@ -27,6 +27,7 @@ import ssl
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from copiamail.config import Config, RelayConfig, is_ip
 from copiamail.errors import DeliveryError
@@ -35,9 +36,11 @@ from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job
 from copiamail.scheduling.limits import Limit
 from copiamail.scheduling.retry import through_retry_relay
-from copiamail.smtp.mx import MxResolver, Route
 from copiamail.smtp.startup import make_tls_context, resolve_relay
 from copiamail.spool.queue import Claimed
+
+if TYPE_CHECKING:
+    from copiamail.smtp.mx import MxResolver, Route
 
 log = logging.getLogger("copiamail")
 
@@ -129,6 +132,10 @@ class Router:
         self._mx: MxResolver | None = None
         self._mx_tls: ssl.SSLContext | None = None
         if self.relay is None:
+            # Imported here: dnspython takes 50 to 90 ms to import, at every
+            # node's start, and a node whose relay takes all mail never uses it.
+            from copiamail.smtp.mx import MxResolver
+
             self._mx = resolver or MxResolver(config.dns)
             self._mx_tls = make_tls_context(config.mx_tls_verify, None)
         self._down: dict[str, float] = {}  # mail host address: down until (monotonic)
