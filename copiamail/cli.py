@@ -517,7 +517,22 @@ def run() -> None:
         sys.exit(1)
     except click.ClickException as e:
         _fail(e.format_message().replace("\n", " "))
-    sys.exit(code if isinstance(code, int) else 0)
+    _exit_now(code if isinstance(code, int) else 0)
+
+
+def _exit_now(code: int) -> None:
+    """End the process once a command is done, without the interpreter's
+    teardown (freeing every module and object: 30 to 40 ms at the end of
+    every command, a node's drain included). Logs and output are flushed
+    first; no command leaves work for exit handlers (the event loop's
+    threads end with it)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can go there
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
