@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,21 @@ def test_the_watcher_process_ends_when_the_node_stops_it(tmp_path):
         assert proc is not None and proc.poll() is None
         watcher.stop()
         assert proc.poll() is not None
+
+    asyncio.run(run())
+
+
+def test_a_watcher_still_starting_is_killed_at_stop_not_waited_for(tmp_path):
+    folder = tmp_path / "TOSEND"
+    folder.mkdir()
+
+    async def run() -> None:
+        watcher = SpoolWatcher([folder], lambda p, written: None)
+        watcher.start(asyncio.get_running_loop())
+        proc = watcher._proc
+        assert proc is not None
+        watcher.stop()  # at once: the child is still importing
+        assert proc.returncode == -signal.SIGKILL
 
     asyncio.run(run())
 
