@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -520,7 +520,7 @@ def run() -> None:
     _exit_now(code if isinstance(code, int) else 0)
 
 
-def _exit_now(code: int) -> None:
+def _exit_now(code: int) -> NoReturn:
     """End the process once a command is done, without the interpreter's
     teardown (freeing every module and object: 30 to 40 ms at the end of
     every command, a node's drain included). Logs and output are flushed
