@@ -165,8 +165,8 @@ def test_a_job_handed_over_just_before_a_cancellation_is_handed_back():
         conn = rig.open("a.test", relay())
         wait = asyncio.ensure_future(rig.connections.wait_idle(conn, 5, handed.append))
         await asyncio.sleep(0)
-        wait.cancel()
-        conn.handoff.set_result(item)  # type: ignore[union-attr]  # before the task sees its cancellation
+        conn.handoff.set_result(item)  # type: ignore[union-attr]
+        wait.cancel()  # before the task has taken the job
         try:
             await wait
         except asyncio.CancelledError:
@@ -174,6 +174,41 @@ def test_a_job_handed_over_just_before_a_cancellation_is_handed_back():
 
     asyncio.run(go())
     assert handed == [item]
+
+
+def test_a_connection_whose_wait_is_cancelled_is_no_longer_idle():
+    rig = Rig()
+
+    async def go() -> bool:
+        conn = rig.open("a.test", relay())
+        wait = asyncio.ensure_future(rig.connections.wait_idle(conn, 5, lambda it: None))
+        await asyncio.sleep(0)
+        wait.cancel()
+        idle = conn.idle  # no job can be handed to it any more, even before the task has seen its cancellation
+        try:
+            await wait
+        except asyncio.CancelledError:
+            pass
+        return idle
+
+    assert asyncio.run(go()) is False
+
+
+def test_an_idle_connection_whose_time_is_up_has_its_handoff_answered_by_the_timer():
+    rig = Rig()
+
+    async def go() -> tuple[object, asyncio.Future[object]]:
+        conn = rig.open("a.test", relay())
+        wait = asyncio.ensure_future(rig.connections.wait_idle(conn, 0.01, lambda it: None))
+        await asyncio.sleep(0)
+        handoff = conn.handoff
+        assert conn.idle and handoff is not None
+        return await wait, handoff
+
+    got, handoff = asyncio.run(go())
+    # Answered (not cancelled) the instant the time ran out: the connection
+    # stopped being idle then, so no job could be handed to it meanwhile.
+    assert got is None and handoff.done() and not handoff.cancelled() and handoff.result() is None
 
 
 def test_the_last_slots_of_the_node_total_are_kept_for_domains_with_no_connection_open():

@@ -49,6 +49,12 @@ class Connection:
         return self.handoff is not None and not self.handoff.done()
 
 
+def _close_if_idle(handoff: asyncio.Future[Item | None]) -> None:
+    """An idle connection's time is up: it closes, unless a job was handed to it."""
+    if not handoff.done():
+        handoff.set_result(None)
+
+
 def job_limit_key(limits: Sequence[Limit]) -> str | None:
     """The key of a connection's limits that a receiver's connection limit
     shows in: its ``$domain_limit`` key, else its per-domain cap's."""
@@ -243,21 +249,25 @@ class Connections:
             return None
         if self.on_idle is not None:
             self.on_idle()
-        handoff: asyncio.Future[Item | None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        handoff: asyncio.Future[Item | None] = loop.create_future()
         conn.handoff = handoff
         self._idle.setdefault(conn.domain, []).append(conn)
+        # The time running out answers the handoff itself, at once: from that
+        # instant the connection is no longer idle, so no job can be handed
+        # to it between the timer and this coroutine's next turn. (One timer
+        # instead of wait_for and shield: this runs once or twice a message.)
+        timer = loop.call_later(seconds, _close_if_idle, handoff)
         try:
-            return await asyncio.wait_for(asyncio.shield(handoff), seconds)
-        except TimeoutError:
-            if handoff.done():
-                return handoff.result()
-            handoff.cancel()
-            return None
+            return await handoff
         except asyncio.CancelledError:
+            # A job handed over just before the cancellation: the task was
+            # resumed with it, and the cancellation came in its place.
             if handoff.done() and not handoff.cancelled() and handoff.result() is not None:
                 hand_back(handoff.result())  # type: ignore[arg-type]
             raise
         finally:
+            timer.cancel()
             self._idle[conn.domain].remove(conn)
             if not self._idle[conn.domain]:
                 del self._idle[conn.domain]
