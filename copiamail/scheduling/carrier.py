@@ -100,7 +100,8 @@ class Carrier:
                 # sent: one in flight per connection at most (a full disk
                 # pauses the node after one more message, not more).
                 if conn.written is not None:
-                    await asyncio.shield(conn.written)
+                    if not conn.written.done():  # shield costs a future and two callbacks
+                        await asyncio.shield(conn.written)
                     conn.written = None
                 if result is None:
                     end.elsewhere.append(item)
@@ -117,7 +118,8 @@ class Carrier:
                     # Its slots are not given up before its last result is
                     # written; and deferrals written before that result have
                     # landed by then: one of them may be next.
-                    await asyncio.shield(conn.written)
+                    if not conn.written.done():
+                        await asyncio.shield(conn.written)
                     conn.written = None
                     if self._halted():
                         break
