@@ -54,7 +54,8 @@ def rules_of(cf: CommandFile) -> list[DomainLimitRule]:
         commands = cf.commands()
     except SyntaxFileError as e:
         raise ConfigError(e.message, cf.path, e.line) from None
-    return [parse_rule(c, cf.path) for c in commands if c.name == "domain_limit"]
+    path = Path(cf.path) if cf.path is not None else None
+    return [parse_rule(c, path) for c in commands if c.name == "domain_limit"]
 
 
 def _same(a: DomainLimitRule, b: DomainLimitRule) -> bool:

@@ -210,7 +210,9 @@ class CommandFile:
     lines: tuple[str, ...]
     encoding: str = "utf-8"
     bom: bool = False
-    path: Path | None = field(default=None, compare=False)
+    # As the caller named it (a job's path stays a str: a Path for every
+    # file read costs more than the reading): for error messages only.
+    path: Path | str | None = field(default=None, compare=False)
 
     @functools.cached_property
     def text(self) -> str:
@@ -227,7 +229,7 @@ class CommandFile:
             text, encoding = data.decode("utf-8"), "utf-8"
         except UnicodeDecodeError:
             text, encoding = data.decode("cp1252", errors="surrogateescape"), "cp1252"
-        return cls(_split_lines(text), encoding, bom, Path(path) if path is not None else None)
+        return cls(_split_lines(text), encoding, bom, path)
 
     @classmethod
     def read(cls, path: Path | str) -> CommandFile:
