@@ -253,7 +253,9 @@ class Spool:
         # node writes into its ACTIVE folder, so checking for the delivered
         # mark first is race-free; the claimed name itself is checked by the
         # rename (move_unless_taken), atomic between nodes on any file system.
-        if os.path.exists(f"{dest}.{SENDING}") or os.path.exists(f"{dest}.{DELIVERED}"):
+        # access(), not exists(): for a missing name (the usual answer) it
+        # returns False instead of raising and catching FileNotFoundError.
+        if os.access(f"{dest}.{SENDING}", os.F_OK) or os.access(f"{dest}.{DELIVERED}", os.F_OK):
             return None
         try:
             move_unless_taken(job.file, dest)
