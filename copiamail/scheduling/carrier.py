@@ -19,6 +19,7 @@ ACTIVE.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ class Ending:
     elsewhere: list[Item] = field(default_factory=list)  # jobs for another mail host: this one failed before SMTP
 
 
+def _call(fn: Callable[[], None], _done: asyncio.Future[None]) -> None:
+    fn()
+
+
 class Carrier:
     """Runs connections for one scheduler, with its ``attempts`` (replaced
     on a reload); ``halted``: take no new job; ``stopping``: the scheduler
@@ -57,6 +62,20 @@ class Carrier:
         self._cluster = cluster
         self._halted = halted
         self._stopping = stopping
+
+    async def _wait_idle(self, conn: Connection, seconds: float) -> Item | None:
+        """``conn`` waits up to ``seconds``, idle, for a job of its domain, its
+        last result possibly still being committed: a commit waits for an
+        fsync, and a connection waiting for it would look busy to the scan,
+        which would defer the next job of its domain instead of handing it
+        over. A deferral that lands meanwhile is offered to it."""
+        on_idle = self._connections.on_idle
+        if on_idle is not None and conn.written is not None and not conn.written.done():
+            # A drain looks whether it is done when a connection goes idle;
+            # with a result still owed it is not, so it looks again when that
+            # result lands.
+            conn.written.add_done_callback(functools.partial(_call, on_idle))
+        return await self._connections.wait_idle(conn, seconds, lambda it: self._results.hand_back(it.claimed))
 
     async def carry(self, conn: Connection, item: Item | None, end: Ending) -> None:
         """Carry ``item``, then the jobs :class:`NextJobs` finds for ``conn``,
@@ -114,10 +133,12 @@ class Carrier:
                 if end.elsewhere or self._halted():
                     break
                 item, close = self._next.next_for(conn)
-                if item is None and conn.written is not None:
-                    # Its slots are not given up before its last result is
-                    # written; and deferrals written before that result have
-                    # landed by then: one of them may be next.
+                idle = self._next.config.connection_idle
+                if item is None and not close and not self._stopping() and idle > 0:
+                    item = await self._wait_idle(conn, idle)
+                elif item is None and conn.written is not None:
+                    # Deferrals written before its last result have landed
+                    # once that result is committed: one of them may be next.
                     if not conn.written.done():
                         await asyncio.shield(conn.written)
                     conn.written = None
@@ -125,9 +146,8 @@ class Carrier:
                         break
                     if not close:
                         item, close = self._next.next_for(conn)
-                idle = self._next.config.connection_idle
-                if item is None and not close and not self._stopping() and idle > 0:
-                    item = await self._connections.wait_idle(conn, idle, lambda it: self._results.hand_back(it.claimed))
+                if item is None and conn.written is not None and not conn.written.done():
+                    await asyncio.shield(conn.written)  # its slots are not given up before its last result is written
             if item is None:
                 await conn.session.close()
         except asyncio.CancelledError:
