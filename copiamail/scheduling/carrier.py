@@ -47,6 +47,15 @@ def _call(fn: Callable[[], None], _done: asyncio.Future[None]) -> None:
     fn()
 
 
+async def _committed(conn: Connection) -> None:
+    """Wait until ``conn``'s last result is committed (or owed)."""
+    if conn.written is not None:
+        if not conn.written.done():  # shield costs a future and two callbacks
+            # Shielded: the commit is its batch's, not this connection's to cancel.
+            await asyncio.shield(conn.written)
+        conn.written = None
+
+
 class Carrier:
     """Runs connections for one scheduler, with its ``attempts`` (replaced
     on a reload); ``halted``: take no new job; ``stopping``: the scheduler
@@ -118,10 +127,7 @@ class Carrier:
                 # The previous result was made durable while this message was
                 # sent: one in flight per connection at most (a full disk
                 # pauses the node after one more message, not more).
-                if conn.written is not None:
-                    if not conn.written.done():  # shield costs a future and two callbacks
-                        await asyncio.shield(conn.written)
-                    conn.written = None
+                await _committed(conn)
                 if result is None:
                     end.elsewhere.append(item)
                 else:
@@ -139,15 +145,13 @@ class Carrier:
                 elif item is None and conn.written is not None:
                     # Deferrals written before its last result have landed
                     # once that result is committed: one of them may be next.
-                    if not conn.written.done():
-                        await asyncio.shield(conn.written)
-                    conn.written = None
+                    await _committed(conn)
                     if self._halted():
                         break
                     if not close:
                         item, close = self._next.next_for(conn)
-                if item is None and conn.written is not None and not conn.written.done():
-                    await asyncio.shield(conn.written)  # its slots are not given up before its last result is written
+                if item is None:
+                    await _committed(conn)  # its slots are not given up before its last result is written
             if item is None:
                 await conn.session.close()
         except asyncio.CancelledError:

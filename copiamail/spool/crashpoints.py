@@ -40,8 +40,7 @@ _FULL_DISK_FLAG = os.environ.get(FULL_DISK_ENV)
 
 def check_disk_space(path: str) -> None:
     """Raise ENOSPC for ``path`` while the simulated disk is full."""
-    flag = _FULL_DISK_FLAG
-    if flag is not None and os.path.exists(flag):
+    if _FULL_DISK_FLAG is not None and os.path.exists(_FULL_DISK_FLAG):
         raise OSError(errno.ENOSPC, "No space left on device (simulated)", path)
 
 
