@@ -44,6 +44,12 @@ def check_disk_space(path: str) -> None:
         raise OSError(errno.ENOSPC, "No space left on device (simulated)", path)
 
 
+def crashes_while_writing() -> bool:
+    """Whether the environment names a ``writing-`` point: then a result is
+    written in two halves, with the point between them."""
+    return _CRASH_AT is not None and _CRASH_AT.startswith("writing-")
+
+
 def crash_point(name: str) -> None:
     """Die here, without any clean-up, if the environment names this point."""
     if name == _CRASH_AT:

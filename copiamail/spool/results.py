@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import cast
 
 from copiamail.osutil import fsync_all, write_all
-from copiamail.spool.crashpoints import CRASH_ENV, check_disk_space, crash_point
+from copiamail.spool.crashpoints import check_disk_space, crash_point, crashes_while_writing
 from copiamail.spool.layout import ACTIVE, SPARE, Claimed
 
 _SPARES_KEPT = 512  # at most this many spares per process; more are deleted
@@ -47,7 +47,7 @@ class Spares:
         check_disk_space(path)
         spare, fd = self._open(node)
         try:
-            if os.environ.get(CRASH_ENV, "").startswith("writing-"):
+            if crashes_while_writing():
                 write_all(fd, data[: len(data) // 2])
                 crash_point(f"writing-{path.rsplit('.', 1)[1]}")
             write_all(fd, data)
