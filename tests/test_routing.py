@@ -7,19 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
+from pathlib import Path
 
 import pytest
 from spoolkit import SpoolKit
 
 from copiamail.cli import _mail_hosts
 from copiamail.config import Config, HostStanza, RelayConfig, ScopeCaps, load_config
-from copiamail.errors import DeliveryError
+from copiamail.errors import ConfigError, DeliveryError
 from copiamail.jobfile import outcome, records
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job, parse_job
 from copiamail.scheduling.limits import limits_for
-from copiamail.scheduling.routing import HOST_DOWN_SECONDS, Item, Router, pause_key
+from copiamail.scheduling.routing import HOST_DOWN_SECONDS, Item, Router, pause_key, relay_target
 from copiamail.smtp.mx import MxHost, Route
+from copiamail.smtp.startup import make_tls_context
 from copiamail.spool.queue import Claimed
 
 NOW = 1_000_000.0
@@ -363,3 +366,29 @@ def test_refusal_pause_0_pauses_nothing():
     assert router.relay is not None
     router.refused(router.relay)
     assert router.paused(router.relay) is None
+
+
+# --- the relay's TLS context ---------------------------------------------------
+
+
+def test_a_relay_with_starttls_never_makes_its_tls_context_only_for_a_connection_that_uses_tls():
+    # Reading the system's certificate store costs 20 ms of every node's
+    # start; with starttls: never only a job with useTLS or reqTLS needs it.
+    make_tls_context.cache_clear()
+    target = relay_target(RelayConfig("127.0.0.1", 2525, starttls="never", tls_verify=False), None)
+    assert target is not None and target.tls is not None
+    assert make_tls_context.cache_info().currsize == 0
+    assert target.tls.context().verify_mode == ssl.CERT_NONE  # the relay's tls_verify: false holds
+    assert make_tls_context.cache_info().currsize == 1
+
+
+def test_a_relay_that_uses_starttls_or_names_a_ca_file_makes_its_context_at_once(tmp_path, tls_cert):
+    make_tls_context.cache_clear()
+    relay_target(RelayConfig("127.0.0.1", 2525, starttls="auto"), None)
+    assert make_tls_context.cache_info().currsize == 1
+    relay_target(RelayConfig("127.0.0.1", 2525, starttls="never", ca_file=Path(tls_cert.cert_path)), None)
+    assert make_tls_context.cache_info().currsize == 2
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="ca_file"):
+        relay_target(RelayConfig("127.0.0.1", 2525, starttls="never", ca_file=bad), None)

@@ -81,9 +81,11 @@ def run_node(
     # worker processes a bad file would not be one clear line.
     read_password(config, "retry_relay")
     check_cluster(config)
-    # The TLS contexts are kept, for the workers forked below to inherit.
+    # The TLS contexts connections will use are made here, for the workers
+    # forked below to inherit (a relay with starttls: never and no CA file
+    # of its own needs one only for a job with useTLS: made then).
     for relay in (config.relay, config.retry_relay):
-        if relay is not None:
+        if relay is not None and (relay.starttls != "never" or relay.ca_file is not None):
             make_tls_context(relay.tls_verify, relay.ca_file)
     if config.relay is None:
         make_tls_context(config.mx_tls_verify, None)

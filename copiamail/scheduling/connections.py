@@ -114,8 +114,9 @@ class Connections:
         as open; it holds a slot of each of ``limits``, taken already."""
         source = binding.bind_address if binding is not None else None
         login = target.login
+        tls = target.tls.context() if target.tls is not None and starttls != "never" else None
         settings = SessionSettings(
-            host=target.host, port=target.port, source_address=source, starttls=starttls, tls_context=target.tls,
+            host=target.host, port=target.port, source_address=source, starttls=starttls, tls_context=tls,
             username=login[0] if login is not None else None, password=login[1] if login is not None else None,
             timeout=self._timeout, helo_name=self._helo_name, server_name=target.server_name, relay=target.relay,
             chunking=self._chunking,

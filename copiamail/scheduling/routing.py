@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job
 from copiamail.scheduling.limits import Limit
 from copiamail.scheduling.retry import through_retry_relay
-from copiamail.smtp.startup import make_tls_context, resolve_relay
+from copiamail.smtp.startup import TlsSettings, resolve_relay
 from copiamail.spool.queue import Claimed
 
 if TYPE_CHECKING:
@@ -57,7 +56,7 @@ class Target:
     ips: tuple[str, ...]  # the addresses host limits count against
     names: tuple[str, ...]  # the names host stanzas may use
     starttls: str
-    tls: ssl.SSLContext | None
+    tls: TlsSettings | None  # None: no STARTTLS
     relay: bool
     server_name: str | None = None  # the MX host's name, which its certificate must carry
     login: tuple[str, str] | None = None  # AUTH (user name, password) for a relay
@@ -81,9 +80,14 @@ def relay_target(relay: RelayConfig | None, password: str | None) -> Target | No
     """The place ``relay`` stands for (None: no relay)."""
     if relay is None:
         return None
-    # The TLS context is made even for starttls: never: a job with
-    # $email_options useTLS or reqTLS uses STARTTLS wherever it is offered.
-    tls = make_tls_context(relay.tls_verify, relay.ca_file)
+    # Even with starttls: never a job with $email_options useTLS or reqTLS
+    # uses STARTTLS wherever it is offered. The context is made now where
+    # connections use it, or a CA file is named (one that cannot be loaded
+    # stops the node at its start); else at the first such job's connection:
+    # reading the system's certificate store costs 20 ms of every start.
+    tls = TlsSettings(relay.tls_verify, relay.ca_file)
+    if relay.starttls != "never" or relay.ca_file is not None:
+        tls.context()
     login = (relay.username, password or "") if relay.username is not None else None
     return Target(relay.host, relay.port, resolve_relay(relay.host, relay.port), (relay.host,), relay.starttls, tls,
                   True, login=login)
@@ -130,14 +134,15 @@ class Router:
         # Retries whose list item carries the I prefix go through here.
         self.retry_relay = relay_target(config.retry_relay, retry_password)
         self._mx: MxResolver | None = None
-        self._mx_tls: ssl.SSLContext | None = None
+        self._mx_tls: TlsSettings | None = None
         if self.relay is None:
             # Imported here: dnspython takes 50 to 90 ms to import, at every
             # node's start, and a node whose relay takes all mail never uses it.
             from copiamail.smtp.mx import MxResolver
 
             self._mx = resolver or MxResolver(config.dns)
-            self._mx_tls = make_tls_context(config.mx_tls_verify, None)
+            self._mx_tls = TlsSettings(config.mx_tls_verify)
+            self._mx_tls.context()
         self._down: dict[str, float] = {}  # mail host address: down until (monotonic)
         # Hosts that refused a connection: the end of each one's pause, and
         # whom to tell of it.

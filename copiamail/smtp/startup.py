@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import socket
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 
 from copiamail.config_checks import is_fqdn, is_ip
@@ -33,6 +34,20 @@ def make_tls_context(verify: bool, ca_file: Path | None) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as e:
         why = getattr(e, "strerror", None) or e
         raise ConfigError(f"key 'relay.ca_file': cannot load CA certificates: {why}", ca_file) from None
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """How STARTTLS checks a mail host's certificate: against ``ca_file``
+    (None: the system's store) unless ``verify`` is off."""
+
+    verify: bool
+    ca_file: Path | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """The TLS context (:func:`make_tls_context`: made at the first call
+        in a process, then the same one)."""
+        return make_tls_context(self.verify, self.ca_file)
 
 
 def resolve_relay(host: str, port: int) -> tuple[str, ...]:
