@@ -37,7 +37,7 @@ from copiamail.node.services import ignore_hangups, node_services
 from copiamail.node.workers import run_workers
 from copiamail.scheduling.cluster import check_cluster
 from copiamail.scheduling.scheduler import Scheduler, Stats
-from copiamail.smtp.startup import make_tls_context
+from copiamail.smtp.startup import make_tls_context, relay_tls
 from copiamail.spool.peers import IGNORE_LOCKS_ENV, alive_elsewhere
 from copiamail.spool.queue import Spool
 from copiamail.spool.recovery import RecoveryReport, recover
@@ -82,11 +82,10 @@ def run_node(
     read_password(config, "retry_relay")
     check_cluster(config)
     # The TLS contexts connections will use are made here, for the workers
-    # forked below to inherit (a relay with starttls: never and no CA file
-    # of its own needs one only for a job with useTLS: made then).
+    # forked below to inherit.
     for relay in (config.relay, config.retry_relay):
-        if relay is not None and (relay.starttls != "never" or relay.ca_file is not None):
-            make_tls_context(relay.tls_verify, relay.ca_file)
+        if relay is not None:
+            relay_tls(relay)
     if config.relay is None:
         make_tls_context(config.mx_tls_verify, None)
     spool = Spool(config.spool, config.queues, config.fsync)

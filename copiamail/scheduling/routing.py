@@ -35,7 +35,7 @@ from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job
 from copiamail.scheduling.limits import Limit
 from copiamail.scheduling.retry import through_retry_relay
-from copiamail.smtp.startup import TlsSettings, resolve_relay
+from copiamail.smtp.startup import TlsSettings, relay_tls, resolve_relay
 from copiamail.spool.queue import Claimed
 
 if TYPE_CHECKING:
@@ -81,13 +81,8 @@ def relay_target(relay: RelayConfig | None, password: str | None) -> Target | No
     if relay is None:
         return None
     # Even with starttls: never a job with $email_options useTLS or reqTLS
-    # uses STARTTLS wherever it is offered. The context is made now where
-    # connections use it, or a CA file is named (one that cannot be loaded
-    # stops the node at its start); else at the first such job's connection:
-    # reading the system's certificate store costs 20 ms of every start.
-    tls = TlsSettings(relay.tls_verify, relay.ca_file)
-    if relay.starttls != "never" or relay.ca_file is not None:
-        tls.context()
+    # uses STARTTLS wherever it is offered: the settings are kept either way.
+    tls = relay_tls(relay)
     login = (relay.username, password or "") if relay.username is not None else None
     return Target(relay.host, relay.port, resolve_relay(relay.host, relay.port), (relay.host,), relay.starttls, tls,
                   True, login=login)
