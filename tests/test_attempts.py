@@ -61,9 +61,9 @@ class FakeSpool:
         self.sending.append(claimed.name)
         return claimed
 
-    def mark_delivered(self, claimed: Claimed) -> Claimed:
+    def mark_delivered(self, claimed: Claimed) -> tuple[Claimed, None]:
         self.marked.append(claimed.name)
-        return Claimed(claimed.node, claimed.queue, claimed.name, claimed.file + ".D")
+        return Claimed(claimed.node, claimed.queue, claimed.name, claimed.file + ".D"), None
 
 
 class FakeRouter:

@@ -44,8 +44,10 @@ def leftovers(kit: SpoolKit) -> list[str]:
         ("claimed", ["0"]),
         # Its SMTP transaction about to start: an interruption (66).
         ("sending", ["66", "0"]),
-        # After the server's 250 the job is marked delivered (a rename); a crash
-        # from then on finishes it to SENT and never sends it again.
+        # After the server's 250 the job is marked delivered (a rename: its
+        # result file named, its data not yet written); a crash from then on
+        # finishes it to SENT and never sends it again.
+        ("delivered", ["0"]),
         ("writing-SENT", ["0"]),
         ("written-SENT", ["0"]),
         ("committed-SENT", ["0"]),
@@ -150,13 +152,13 @@ def test_no_temporary_file_survives_a_crash_loop(tmp_path, smtp_server):
     kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 2"])
     for i in range(30):
         kit.job(f"TOSEND{i % 3}" if i % 3 else "TOSEND", f"J{i:02d}.FS", to=f"u{i}@d{i % 4}.test")
-    for point in ["claimed", "written-SENT", "committed-SENT", "written-BACK", "committed-BACK"]:
+    for point in ["claimed", "delivered", "written-SENT", "committed-SENT", "written-BACK", "committed-BACK"]:
         proc = start_with_crash(kit, point)
         proc.wait(timeout=30)
     assert kit.drain().returncode == 0
     assert kit.waiting() == [] and leftovers(kit) == []
     assert not [p for p in kit.root.rglob("*") if p.name.endswith((".tmp", ".TFS", ".SENT", ".FAIL", ".BACK"))]
-    # Every job is done; one caught in flight by three of the five crashes is
+    # Every job is done; one caught in flight by three of the six crashes is
     # moved to FAIL as interrupted three times (outcome 67), by design.
     failed = kit.names("FAIL")
     assert len(kit.names("SENT")) + len(failed) == 30

@@ -64,6 +64,15 @@ def test_each_job_shows_its_age_size_recipient_domain_state_and_last_error(spool
     assert jobs["G.FS"].state == "failed" and jobs["G.FS"].error == "550 5.1.1 <g@other.test>: User unknown"
 
 
+def test_a_sending_job_is_shown_delivered_once_its_result_file_marks_it_so(spool):
+    active = spool.root / "ACTIVE" / "N1" / "TOSEND"
+    _write(active / "H.FS.SENDING", "$email_address h@copia.com", age=1)
+    assert {j.name: j.state for j in list_jobs(spool, NOW, ["ACTIVE"])}["H.FS"] == "in flight on node N1 (sending)"
+    _write(active / "H.FS.SENT", "", age=0)
+    jobs = [j for j in list_jobs(spool, NOW, ["ACTIVE"]) if j.name.startswith("H.")]
+    assert [(j.name, j.state) for j in jobs] == [("H.FS", "in flight on node N1 (delivered; its result is being written)")]
+
+
 def test_folders_domain_and_error_filter_the_listing(spool):
     assert _names(list_jobs(spool, NOW, ["TOSEND3"])) == [("TOSEND3", "C.FS")]
     assert _names(list_jobs(spool, NOW, ["SENT"])) == [("SENT", "F.FS")]

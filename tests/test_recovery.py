@@ -6,6 +6,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from copiamail.jobfile import outcome
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import parse_job
@@ -154,7 +156,7 @@ def test_committed_results_are_finished_not_recovered_as_interrupted(tmp_path):
     (d / "F.FS.FAIL").write_bytes(b"failed version\n")
     (d / "B.FS.BACK").write_bytes(b"back version\n")
     (d / "U.FS.SENDING").write_bytes(JOB)
-    (d / "U.FS.SENT").write_bytes(b"uncommitted\n")
+    (d / "U.FS.BACK").write_bytes(b"uncommitted\n")
     report = recover(sp, "N1", now=NOW)
     assert report == RecoveryReport(returned=("U.FS",), failed=())
     assert (sp.folder("SENT") / "S.FS").read_bytes() == b"sent version\n"
@@ -215,3 +217,20 @@ def test_a_job_the_server_accepted_before_a_crash_is_finished_to_sent_not_sent_a
     text = (tmp_path / "SENT" / "J.FS").read_text()
     assert " 0 0 0 0 S 0 2 0 E1 0 " in text and text.split("\n")[1].endswith(" N1") and "$fax_status1 6" in text and "$fax_status2 0" in text
     assert not (tmp_path / "TOSEND2" / "J.FS").exists()
+
+
+@pytest.mark.parametrize("mark", [b"", b"half a resu", b"junk \x00\xff left in a spare\n"])
+def test_a_sending_job_with_its_sent_result_beside_it_was_delivered_whatever_the_result_holds(tmp_path, mark):
+    # The result file beside a sending job is its delivered mark, named
+    # before its data is written and synced: the job is finished from its own
+    # copy, never from the mark, and never sent again.
+    sp = make_spool(tmp_path)
+    d = sp.active_dir("N1") / "TOSEND2"
+    d.mkdir(parents=True)
+    (d / "J.FS.SENDING").write_bytes(JOB)
+    (d / "J.FS.SENT").write_bytes(mark)
+    report = recover(sp, "N1", now=NOW)
+    assert report == RecoveryReport(sent=("J.FS",))
+    text = (sp.folder("SENT") / "J.FS").read_bytes()
+    assert text.startswith(JOB) and b"$fax_status2 0" in text and (not mark or mark not in text)
+    assert os.listdir(sp.folder("TOSEND2")) == [] and active_files(sp) == []

@@ -33,9 +33,10 @@ def test_a_full_disk_pauses_the_node_and_loses_nothing_nor_sends_twice(tmp_path,
         # A was delivered but its result cannot be written. Its connection
         # writes a result while it sends the next message, so B, which waited
         # for that connection, went too: one message more, then no new job.
-        # Both stay claimed, marked delivered; C is untouched.
+        # Both stay claimed, marked delivered (their result files are named,
+        # their data could not be written); C is untouched.
         assert [m.rcpt_tos for m in server.messages] == [["a@copia.com"], ["b@copia.com"]]
-        assert sorted(p.name for p in kit.active()) == ["A.FS.DELIVERED", "B.FS.DELIVERED"]
+        assert sorted(p.name for p in kit.active()) == ["A.FS.SENDING", "A.FS.SENT", "B.FS.SENDING", "B.FS.SENT"]
         assert (kit.root / "TOSEND" / "C.FS").read_bytes() == c_before
         flag.unlink()
         wait_until(lambda: kit.names("SENT") == ["A.FS", "B.FS", "C.FS"], timeout=15)
@@ -65,8 +66,9 @@ def test_a_node_stopped_while_the_disk_is_full_keeps_the_job_for_its_next_start(
     wait_until(lambda: len(server.messages) == 1, timeout=15)
     code, _, err = stop(proc)
     assert code == 0 and "could not be written" in err
-    # Not lost: marked delivered (a rename), it is finished at the next start...
-    assert [p.name for p in kit.active()] == ["A.FS.DELIVERED"]
+    # Not lost: marked delivered (its result file named, a rename), it is
+    # finished at the next start...
+    assert [p.name for p in kit.active()] == ["A.FS.SENDING", "A.FS.SENT"]
     flag.unlink()
     assert kit.drain().returncode == 0
     assert kit.names("SENT") == ["A.FS"]

@@ -79,7 +79,7 @@ class FakeSpool:
         path.write_text(f"$email_address {name.lower()}@a.test\n")
         return Claimed("N1", "TOSEND", name, str(path))
 
-    def write_results(self, jobs):
+    def write_results(self, jobs, marks=()):
         self.batches.append([c.name for c, _, _ in jobs])
         return FakeBatch(self, jobs)
 

@@ -524,6 +524,47 @@ def test_a_claim_never_replaces_a_job_of_the_same_name_claimed_or_delivered(tmp_
     assert (sp.folder("TOSEND") / "X.FS").read_bytes() == b"$email_address second@b.c\n"
 
 
+def test_a_delivered_mark_is_the_result_file_named_beside_the_sending_job(tmp_path):
+    sp = make_spool(tmp_path)
+    sp.finish(_claim(sp, "TOSEND", "A.FS"), CommandFile.parse(b"a done\n"), Destination.SENT)  # leaves a spare
+    [spare] = spares(sp)
+    inode = spare.stat().st_ino
+    x = sp.mark_sending(_claim(sp, "TOSEND", "X.FS"))
+    marked, mark = sp.mark_delivered(x)
+    assert marked == x and mark is not None and mark.result == x.file.removesuffix(".SENDING") + ".SENT"
+    assert os.fstat(mark.fd).st_ino == inode and spares(sp) == []  # one rename, the spare's
+    assert active_files(sp) == ["N1/TOSEND/X.FS.SENDING", "N1/TOSEND/X.FS.SENT"]
+    put(sp, "TOSEND", "X.FS", b"$email_address second@b.c\n")  # the name reused meanwhile: not claimed
+    assert sp.claim(next(iter(sp.scan())), "N1") is None
+    assert sp.write_delivered(mark, CommandFile.parse(b"x done\n")) == mark
+    [landed] = sp.write_results([(marked, CommandFile.parse(b"x done\n"), Destination.SENT)], [mark]).commit()
+    assert landed == sp.folder("SENT") / "X.FS" and landed.read_bytes() == b"x done\n"
+    assert active_files(sp) == []
+
+
+def test_without_a_spare_to_rename_the_claimed_job_is_renamed_delivered(tmp_path):
+    sp = make_spool(tmp_path)
+    x = sp.mark_sending(_claim(sp, "TOSEND", "X.FS"))
+    (sp.active_dir("N1") / spool_mod.SPARE).write_bytes(b"")  # no spare folder can be made
+    marked, mark = sp.mark_delivered(x)
+    assert mark is None and marked.path.read_bytes() == JOB
+    assert os.listdir(sp.active_dir("N1") / "TOSEND") == ["X.FS.DELIVERED"]
+
+
+def test_a_delivered_result_not_synced_keeps_its_mark_and_is_written_again_over_it(tmp_path):
+    sp = make_spool(tmp_path)
+    x, mark = sp.mark_delivered(sp.mark_sending(_claim(sp, "TOSEND", "X.FS")))
+    assert mark is not None
+    sp.write_delivered(mark, CommandFile.parse(b"x done\n"))
+    batch = sp.write_results([(x, CommandFile.parse(b"x done\n"), Destination.SENT)], [mark])
+    batch.synced([errno.EIO])
+    [out] = batch.commit()
+    assert isinstance(out, OSError) and out.errno == errno.EIO
+    assert active_files(sp) == ["N1/TOSEND/X.FS.SENDING", "N1/TOSEND/X.FS.SENT"]  # still marked delivered
+    assert sp.finish(x, CommandFile.parse(b"x done, again\n"), Destination.SENT) == sp.folder("SENT") / "X.FS"
+    assert (sp.folder("SENT") / "X.FS").read_bytes() == b"x done, again\n" and active_files(sp) == []
+
+
 # --- spare files -------------------------------------------------------------------
 
 

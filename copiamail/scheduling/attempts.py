@@ -223,14 +223,17 @@ class Attempts:
             to = recipient_of(cf)
             outcomes.info("%s to %s delivered (%s): %s", claimed.name, to, result.ip, result.reply,
                           extra=log_fields("delivered", claimed.name, to, result.reply[:3]))
+        mark = None
         try:
-            # First a rename (no disk space needed): from now on a crash or a
-            # full disk can no longer make this message go out twice.
-            claimed = self.spool.mark_delivered(claimed)
+            # First a rename: from now on a crash or a full disk can no longer
+            # make this message go out twice.
+            claimed, mark = self.spool.mark_delivered(claimed)
         except OSError as e:
             log.error("%s: cannot mark the job delivered: %s", claimed.path, e.strerror)
-        return Result(claimed, records.delivered(cf, self.node, result.reply, result.ip, result.bytecount, self.clock(),
-                                                 where), Destination.SENT, Tally.SENT)
+        cf = records.delivered(cf, self.node, result.reply, result.ip, result.bytecount, self.clock(), where)
+        if mark is not None:
+            mark = self.spool.write_delivered(mark, cf)
+        return Result(claimed, cf, Destination.SENT, Tally.SENT, mark=mark)
 
     def failed(self, claimed: Claimed, cf: CommandFile, code: int, klass: str, text: str, where: records.Where,
                connections: int | None = None) -> Result:

@@ -32,7 +32,7 @@ from copiamail.jobfile import records
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job
 from copiamail.logs import OUTCOMES, log_fields
-from copiamail.spool.queue import Claimed, Destination, ResultBatch, Spool
+from copiamail.spool.queue import Claimed, DeliveredMark, Destination, ResultBatch, Spool
 from copiamail.spool.syncer import Syncer
 
 log = logging.getLogger("copiamail")
@@ -87,13 +87,15 @@ class Stats:
 class Result:
     """A job's next version (``cf``) and where it goes (SENT, FAIL or BACK), and
     what it counts as. ``landed(path)``, if given, hears where the job is once
-    the result is committed (None: nowhere a scan finds it yet)."""
+    the result is committed (None: nowhere a scan finds it yet). ``mark``: a
+    delivered job's mark file, ``cf`` written into it already."""
 
     claimed: Claimed
     cf: CommandFile
     dest: Destination
     tally: Tally
     landed: Callable[[Path | None], None] | None = field(default=None, compare=False)
+    mark: DeliveredMark | None = field(default=None, compare=False)
 
 
 def _settle(done: asyncio.Future[None] | None) -> None:
@@ -187,7 +189,7 @@ class ResultWriter:
                 _settle(done)
                 continue
             try:
-                pending = self._spool.write_results([(r.claimed, r.cf, r.dest) for r in batch])
+                pending = self._spool.write_results([(r.claimed, r.cf, r.dest) for r in batch], [r.mark for r in batch])
             except BaseException:
                 _settle(done)
                 raise

@@ -9,12 +9,16 @@ The points:
 ``claimed``                 a job was just renamed into ACTIVE (state 2)
 ``sending``                 a job was just marked as sending: its connection is
                             greeted, its SMTP transaction starts next (state 2a)
+``delivered``               the server accepted the message and the job was just
+                            marked delivered: its result file named beside it,
+                            nothing written into it yet (state 2b)
 ``written-SENT``, ``written-FAIL``, ``written-BACK``
                             a result was written and fsynced beside the claimed
                             job, not yet committed (state 3)
 ``writing-SENT``, ``writing-FAIL``, ``writing-BACK``
-                            half of a result is written into a spare file, not
-                            fsynced (state 3, with a partial file)
+                            half of a result is written into a spare file (for
+                            SENT: into the delivered mark), not fsynced (state
+                            3, with a partial file)
 ``committed-SENT``, ``committed-FAIL``, ``committed-BACK``
                             the claimed job's name was removed, the result not
                             yet moved to its folder (state 4)

@@ -119,7 +119,10 @@ def list_jobs(spool: Spool, now: float, folders: Collection[str] = DEFAULT_FOLDE
             continue
         held = is_queue_name(folder) and holds.held(folder, path.name, job_domain)
         state = job_state(path, next_attempt, now, held)
-        if path.name.upper().endswith(f".{DELIVERED}"):
+        if path.name.upper().endswith(f".{DELIVERED}") or (
+                path.name.upper().endswith(f".{SENDING}")
+                and path.with_name(f"{path.name[:-len(SENDING)]}{SENT}").exists()):
+            # Delivered: renamed so, or its result file (the delivered mark) named beside it.
             state += " (delivered; its result is being written)"
         elif path.name.upper().endswith(f".{SENDING}"):
             state += " (sending)"

@@ -33,23 +33,31 @@ from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
    sends it to FAIL (outcome 67): a job that kills the node as it is sent
    must not kill it forever. Only this mark counts, so jobs that were merely
    claimed when a node died never reach FAIL for it.
-2b. **delivered**: right after the server's 250 the claimed job is renamed
-   to ``ACTIVE/N/Q/X.FS.DELIVERED`` (:meth:`Spool.mark_delivered`; a rename:
-   no disk space needed). A crash from here on never sends the job again:
-   recovery writes it to SENT (with an attempt record saying the server's
-   reply was lost). The window in which a crash sends a message twice is
-   therefore only the wait for the server's reply to the end of DATA, plus
-   this one rename.
+2b. **delivered**: right after the server's 250 a spare file is renamed to
+   ``ACTIVE/N/Q/X.FS.SENT`` beside ``X.FS.SENDING`` (:meth:`Spool.mark_delivered`;
+   one rename, no data written yet): the job's result file, whose name alone
+   marks the job delivered. Where no spare can be had, the claimed job is
+   renamed ``X.FS.DELIVERED`` instead (a rename needs no disk space). A crash
+   from here on never sends the job again: recovery takes ``X.FS.SENDING``
+   with a ``X.FS.SENT`` beside it (whatever that file holds: it was not known
+   to be synced) as ``X.FS.DELIVERED``, renames it so, drops the result, and
+   writes the job to SENT (with an attempt record saying the server's reply
+   was lost). The window in which a crash sends a message twice is therefore
+   only the wait for the server's reply to the end of DATA, plus this one
+   rename.
 3. **result written**: the engine writes the job's next version into a spare
    file ``ACTIVE/N/.spare/S`` and fsyncs it (a crash meanwhile leaves only a
    spare: no job), then renames it to ``ACTIVE/N/Q/X.FS.<DEST>`` (``.SENT``,
    ``.FAIL`` or ``.BACK`` for the queue): :meth:`Spool.write_results` and
    :meth:`Spares.write <copiamail.spool.results.Spares.write>`, then the
    batch's ``sync`` and ``commit``
-   (:class:`~copiamail.spool.results.ResultBatch`). While ``ACTIVE/N/Q/X.FS``
-   (or ``X.FS.SENDING``, ``X.FS.DELIVERED``) exists the result is not
-   committed: a crash here leaves both files; recovery deletes the result and
-   treats the job as in state 2 (or 2a, 2b).
+   (:class:`~copiamail.spool.results.ResultBatch`). A delivered job's result
+   is written into its mark instead, at once (:meth:`Spool.write_delivered`),
+   and only fsynced with the batch; if that write fails, its result is written
+   as any other's and renamed over the mark. While ``ACTIVE/N/Q/X.FS`` (or
+   ``X.FS.SENDING``, ``X.FS.DELIVERED``) exists the result is not committed:
+   a crash here leaves both files; recovery deletes the result and treats the
+   job as in state 2 (or 2a, 2b; 2b for a ``.SENT`` beside ``.SENDING``).
 4. **committed**: ``rename(ACTIVE/N/Q/X.FS, ACTIVE/N/.spare/S2)``
    (:meth:`Spool.commit_result` and :meth:`Spares.retire
    <copiamail.spool.results.Spares.retire>`). The one step that commits the
@@ -112,7 +120,7 @@ from pathlib import Path
 from copiamail.errors import SpoolError
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.osutil import move_unless_taken, rename_noreplace
-from copiamail.spool.crashpoints import crash_point
+from copiamail.spool.crashpoints import check_disk_space, crash_point
 from copiamail.spool.layout import (
     ACTIVE,
     DELIVERED,
@@ -130,7 +138,7 @@ from copiamail.spool.layout import (
     queue_names,
     queue_number,
 )
-from copiamail.spool.results import ResultBatch, Spares
+from copiamail.spool.results import DeliveredMark, ResultBatch, Spares, fill
 
 
 def _beside(file: str, name: str) -> str:
@@ -291,11 +299,40 @@ class Spool:
         crash_point("sending")
         return Claimed(claimed.node, claimed.queue, claimed.name, path)
 
-    def mark_delivered(self, claimed: Claimed) -> Claimed:
-        """State 2 to 2b: the server accepted the message (one rename)."""
-        path = _beside(claimed.file, f"{claimed.name}.{DELIVERED}")
-        os.rename(claimed.file, path)
-        return Claimed(claimed.node, claimed.queue, claimed.name, path)
+    def mark_delivered(self, claimed: Claimed) -> tuple[Claimed, DeliveredMark | None]:
+        """State 2a to 2b: the server accepted the message. The mark is the
+        job's result file: a spare renamed ``X.FS.SENT`` beside
+        ``X.FS.SENDING`` (one rename; the result's data is written into it
+        next, by :meth:`write_delivered`). Where no spare can be had, the
+        claimed job is renamed ``X.FS.DELIVERED`` instead (a rename needs no
+        disk space) and there is no mark file. The job as it now is, and its
+        mark file."""
+        mark = None
+        if claimed.file.endswith(f".{SENDING}"):
+            result = _beside(claimed.file, f"{claimed.name}.{Destination.SENT.value}")
+            try:
+                mark = DeliveredMark(result, self._spares.mark(result, claimed.node))
+            except OSError:
+                pass
+        if mark is None:
+            path = _beside(claimed.file, f"{claimed.name}.{DELIVERED}")
+            os.rename(claimed.file, path)
+            claimed = Claimed(claimed.node, claimed.queue, claimed.name, path)
+        crash_point("delivered")
+        return claimed, mark
+
+    def write_delivered(self, mark: DeliveredMark, cf: CommandFile) -> DeliveredMark | None:
+        """State 3, first half, for a job marked delivered: its next version
+        ``cf`` written into its mark file, not yet fsynced. None if it could
+        not be (the file is closed, the mark kept: the result is then written
+        as any other, and replaces the mark at its commit)."""
+        try:
+            check_disk_space(mark.result)
+            fill(mark.fd, cf.to_bytes(), mark.result)
+        except OSError:
+            os.close(mark.fd)
+            return None
+        return mark
 
     def read(self, claimed: Claimed) -> CommandFile:
         return CommandFile.read(claimed.file)
@@ -318,12 +355,19 @@ class Spool:
         batch.sync()
         return batch.commit()
 
-    def write_results(self, jobs: Sequence[tuple[Claimed, CommandFile, Destination]]) -> ResultBatch:
+    def write_results(self, jobs: Sequence[tuple[Claimed, CommandFile, Destination]],
+                      marks: Sequence[DeliveredMark | None] = ()) -> ResultBatch:
         """State 3, first half, for each job: its next version (``cf``, for
         ``dest`` SENT, FAIL or back to its queue) written into a spare, not yet
-        fsynced. The batch goes on with ``sync`` (or ``synced``) and ``commit``."""
+        fsynced; for a job whose ``marks`` entry is a mark file, the result
+        written into it already (:meth:`write_delivered`). The batch goes on
+        with ``sync`` (or ``synced``) and ``commit``."""
         batch = ResultBatch([claimed for claimed, _, _ in jobs], self.fsync, self.commit_result)
         for i, (claimed, cf, dest) in enumerate(jobs):
+            mark = marks[i] if i < len(marks) else None
+            if mark is not None:
+                batch.written.append((i, mark.result, mark.fd, mark.result))
+                continue
             result = _beside(claimed.file, f"{claimed.name}.{dest.value}")
             try:
                 spare, fd = self._spares.write(result, cf.to_bytes(), claimed.node)
@@ -398,6 +442,11 @@ class Spool:
                                 or path.stat().st_nlink > 1):
                             # Not committed (state 3), or already published by link().
                             if drop_uncommitted:
+                                if suffix == SENT and f"{head}.{SENDING}" in names and head not in names:
+                                    # The job's delivered mark, whatever it holds (it was not
+                                    # known to be synced): kept as a name first, then dropped.
+                                    os.rename(qdir / f"{head}.{SENDING}", qdir / f"{head}.{DELIVERED}")
+                                    names.add(f"{head}.{DELIVERED}")
                                 path.unlink()
                         else:
                             self._publish(path, Claimed(node, qdir.name, head, f"{qdir}/{head}"))

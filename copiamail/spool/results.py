@@ -10,6 +10,7 @@ import errno
 import itertools
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -20,6 +21,26 @@ from copiamail.spool.layout import ACTIVE, SPARE, Claimed
 _SPARES_KEPT = 512  # at most this many spares per process; more are deleted
 
 
+@dataclass(frozen=True)
+class DeliveredMark:
+    """A delivered job's mark: its result file ``result`` (``X.FS.SENT``)
+    named beside its claimed ``X.FS.SENDING``, open at ``fd`` for the
+    result's data (until its commit)."""
+
+    result: str
+    fd: int
+
+
+def _let_go(spare: str, fd: int, result: str) -> None:
+    """Give up a written result not yet synced: a spare is deleted; a result
+    that is its job's delivered mark (``spare`` is ``result``) is only
+    closed, the mark kept: the job was delivered, whatever the file holds."""
+    if spare == result:
+        os.close(fd)
+    else:
+        _drop(spare, fd)
+
+
 def _drop(spare: str, fd: int | None) -> None:
     """Close and delete a spare whose result could not be written."""
     if fd is not None:
@@ -28,6 +49,20 @@ def _drop(spare: str, fd: int | None) -> None:
         os.unlink(spare)
     except OSError:
         pass
+
+
+def fill(fd: int, data: bytes, path: str) -> None:
+    """Write ``data`` over the file open at ``fd`` (a spare, or a result named
+    already: ``path``), from its start, and cut it to that length."""
+    if crashes_while_writing():
+        write_all(fd, data[: len(data) // 2])
+        crash_point(f"writing-{path.rsplit('.', 1)[1]}")
+    write_all(fd, data)
+    # A spare is written over, not emptied first: truncating a file whose
+    # blocks were synced costs the kernel sixteen times the write. Only what
+    # is left past the new end is cut off.
+    if os.fstat(fd).st_size > len(data):
+        os.ftruncate(fd, len(data))
 
 
 class Spares:
@@ -47,19 +82,24 @@ class Spares:
         check_disk_space(path)
         spare, fd = self._open(node)
         try:
-            if crashes_while_writing():
-                write_all(fd, data[: len(data) // 2])
-                crash_point(f"writing-{path.rsplit('.', 1)[1]}")
-            write_all(fd, data)
-            # A spare is written over, not emptied first: truncating a file
-            # whose blocks were synced costs the kernel sixteen times the
-            # write. Only what is left past the new end is cut off.
-            if os.fstat(fd).st_size > len(data):
-                os.ftruncate(fd, len(data))
+            fill(fd, data, path)
         except OSError:
             _drop(spare, fd)
             raise
         return spare, fd
+
+    def mark(self, path: str, node: str) -> int:
+        """Rename a spare file to the result ``path`` at once, its old bytes
+        still in it (a name that marks a job delivered: one rename, no data
+        written yet); its open descriptor, to :func:`fill` next. Raises the
+        OSError that stopped it, with no name taken."""
+        spare, fd = self._open(node)
+        try:
+            os.rename(spare, path)
+        except OSError:
+            _drop(spare, fd)
+            raise
+        return fd
 
     def _open(self, node: str) -> tuple[str, int]:
         """A spare file of this process, open for writing at its start (its
@@ -115,14 +155,16 @@ class ResultBatch:
     spare, its descriptor still open. Then either ``sync`` (fsync here, when
     ``fsync`` is on) or ``synced`` (the fsyncs were made elsewhere:
     :mod:`copiamail.spool.syncer`), and ``commit``, which hands each result to
-    ``commit_result`` (states 4 and 5: where the job landed)."""
+    ``commit_result`` (states 4 and 5: where the job landed). A delivered
+    job's result may be in place already, written into its delivered mark
+    (an entry whose spare is its result)."""
 
     def __init__(self, claimed: list[Claimed], fsync: bool, commit_result: Callable[[Claimed, str], Path]) -> None:
         self._claimed = claimed
         self._fsync = fsync
         self._commit_result = commit_result
         self.out: list[Path | OSError | None] = [None] * len(claimed)
-        self.written: list[tuple[int, str, int, str]] = []  # (index, spare, fd, result)
+        self.written: list[tuple[int, str, int, str]] = []  # (index, spare, fd, result); spare is result: in place
 
     def __len__(self) -> int:
         return len(self.written)
@@ -149,17 +191,18 @@ class ResultBatch:
         for entry, err in zip(self.written, errors, strict=True):  # errors was made as long just above
             if err:
                 self.out[entry[0]] = OSError(err, os.strerror(err), entry[1])
-                _drop(entry[1], entry[2])
+                _let_go(entry[1], entry[2], entry[3])
             else:
                 kept.append(entry)
         self.written = kept
 
     def abandon(self, error: OSError) -> None:
         """Give up every written result not yet committed: each spare is
-        deleted and its job (intact, still claimed) gets ``error``."""
-        for i, spare, fd, _ in self.written:
+        deleted and its job (intact, still claimed; a delivered job keeps its
+        mark) gets ``error``."""
+        for i, spare, fd, result in self.written:
             self.out[i] = error
-            _drop(spare, fd)
+            _let_go(spare, fd, result)
         self.written = []
 
     def commit(self) -> list[Path | OSError]:
@@ -167,12 +210,13 @@ class ResultBatch:
         landed, or the OSError that stopped it."""
         for i, spare, fd, result in self.written:
             os.close(fd)
-            try:
-                os.rename(spare, result)
-            except OSError as e:
-                self.out[i] = e
-                _drop(spare, None)
-                continue
+            if spare != result:
+                try:
+                    os.rename(spare, result)
+                except OSError as e:
+                    self.out[i] = e
+                    _drop(spare, None)
+                    continue
             crash_point(f"written-{result.rsplit('.', 1)[1]}")
             try:
                 self.out[i] = self._commit_result(self._claimed[i], result)
