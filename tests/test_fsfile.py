@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from fs_strategies import (
     BOM,
@@ -23,6 +25,7 @@ from copiamail.jobfile.fsfile import (
     CommandFile,
     format_arg,
     format_command,
+    read_bytes,
     tokenize,
 )
 
@@ -641,3 +644,12 @@ def test_values_with_grave_accents_and_quotes_are_written_back_as_they_were(valu
 @given(st.text(alphabet=st.sampled_from(list('`"; \tab/*')), max_size=12))
 def test_format_arg_and_tokenize_round_trip_grave_accents_and_quotes(value):
     assert tokenize(format_command("var_def", "X", value)) == ["$var_def", "X", value] if value else True
+
+
+@pytest.mark.parametrize("told", [None, 0, 99, 100, 101, 5000, (1 << 20) + 7])
+def test_a_file_is_read_whole_whatever_size_it_was_last_seen_at(tmp_path, told):
+    # The size a scan saw may be out of date: the file grew or shrank since.
+    path = tmp_path / "X.FS"
+    for data in (b"", b"x" * 100, os.urandom(3000), b"y" * ((1 << 20) + 5)):
+        path.write_bytes(data)
+        assert read_bytes(path, told) == data

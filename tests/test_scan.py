@@ -84,7 +84,7 @@ def test_a_job_not_yet_due_is_remembered_and_not_read_again_until_it_changes(tmp
     later = rig.job("TOSEND", "L.FS", "u@a.test", "$fax_send_date 12/31/2098")
     reads: list[str] = []
     read = CommandFile.read
-    monkeypatch.setattr(CommandFile, "read", classmethod(lambda cls, path: reads.append(str(path)) or read(path)))
+    monkeypatch.setattr(CommandFile, "read", classmethod(lambda cls, path, size=None: reads.append(str(path)) or read(path, size)))
     assert rig.full() == 0 and rig.scanner.next_due is not None and rig.scanner.next_due > NOW
     assert rig.full() == 0 and len(reads) == 1
     rig.job("TOSEND", "L.FS")  # rewritten: due now
@@ -114,7 +114,7 @@ def test_a_worker_claims_only_the_jobs_of_its_domains_and_does_not_read_the_othe
     rig.job("TOSEND", "THEIRS.FS", f"u@{domains[1]}")
     reads: list[str] = []
     read = CommandFile.read
-    monkeypatch.setattr(CommandFile, "read", classmethod(lambda cls, path: reads.append(Path(path).name) or read(path)))
+    monkeypatch.setattr(CommandFile, "read", classmethod(lambda cls, path, size=None: reads.append(Path(path).name) or read(path, size)))
     assert rig.full() == 1 and rig.names() == ["MINE.FS"]
     assert rig.full() == 0 and reads == ["MINE.FS", "THEIRS.FS"]
     assert rig.scanner.mine(domains[0]) and not rig.scanner.mine(domains[1])

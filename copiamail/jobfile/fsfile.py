@@ -232,9 +232,10 @@ class CommandFile:
         return cls(_split_lines(text), encoding, bom, path)
 
     @classmethod
-    def read(cls, path: Path | str) -> CommandFile:
-        """Read a file from disk (an OSError propagates to the caller)."""
-        return cls.parse(read_bytes(path), path)
+    def read(cls, path: Path | str, size: int | None = None) -> CommandFile:
+        """Read a file from disk (an OSError propagates to the caller);
+        ``size``: its size as last seen, if known (:func:`read_bytes`)."""
+        return cls.parse(read_bytes(path, size), path)
 
     def to_bytes(self) -> bytes:
         data = "".join(self.lines).encode(self.encoding, errors="surrogateescape")
@@ -373,11 +374,13 @@ class CommandFile:
 _NOATIME = getattr(os, "O_NOATIME", 0)
 
 
-def read_bytes(path: Path | str) -> bytes:
+def read_bytes(path: Path | str, size: int | None = None) -> bytes:
     """A whole file, read without updating its access time where the system
     allows it: a job file was just created or renamed, so reading it would
     otherwise dirty its inode, and each such update waits for the file
-    system's journal (behind every fsync in flight)."""
+    system's journal (behind every fsync in flight). ``size``: its size as
+    last seen; a read that returns less than asked for has met the end of a
+    regular file, so such a file is read in one call, not two."""
     try:
         fd = os.open(path, os.O_RDONLY | _NOATIME)
     except PermissionError:
@@ -385,7 +388,13 @@ def read_bytes(path: Path | str) -> bytes:
             raise
         fd = os.open(path, os.O_RDONLY)  # O_NOATIME is for the file's owner only
     try:
-        chunks = []
+        if size is not None and size < 1 << 20:
+            data = os.read(fd, size + 1)
+            if len(data) <= size:
+                return data
+            chunks = [data]  # it grew since: read on to its end
+        else:
+            chunks = []
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
         return b"".join(chunks)

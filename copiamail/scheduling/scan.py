@@ -247,7 +247,7 @@ class Scanner:
         if later is not None and later[0] == sig and later[1] > now:
             return Peek(sig, None, None, later[1])
         try:
-            cf = CommandFile.read(w.file)
+            cf = CommandFile.read(w.file, st.st_size)
         except FileNotFoundError:
             return None
         except OSError as e:
