@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from copiamail.errors import DeliveryError, NotSent
 from copiamail.jobfile import outcome
-from copiamail.smtp.link import data_block
+from copiamail.smtp.link import Link, data_block
 from copiamail.smtp.session import SessionSettings, SmtpSession
 
 EHLO_PLAIN = b"250-test.invalid\r\n250 8BITMIME\r\n"
@@ -437,10 +437,12 @@ async def converse_behind(script: Script, recipients: list[str], timeout: float 
             except DeliveryError as e:
                 return e
 
-        def send_behind() -> None:
+        def send_behind() -> bool:
             if len(sends) < len(recipients) and len(sends) == len(behind) and session.can_send_behind():
                 behind.append(True)
                 sends.append(loop.create_task(send(recipients[len(sends)])))
+                return True
+            return False
 
         while len(results) < len(recipients):
             if len(sends) == len(results):
@@ -558,6 +560,51 @@ def test_with_pipelining_and_data_the_next_message_goes_out_behind_the_end_of_th
     assert [r.reply for r in results] == ["250 queued A", "250 queued B"] and behind == [False, True]
     assert seen == [b"MAIL FROM:<a@b.test>", b"RCPT TO:<x@d.test>", b"DATA", MESSAGE,
                     b"RSET", b"MAIL FROM:<a@b.test>", b"RCPT TO:<y@d.test>", b"DATA", MESSAGE, b"QUIT\r\n"]
+
+
+def test_the_end_of_a_message_and_the_start_of_the_one_behind_it_go_in_one_send(monkeypatch):
+    # One send a message instead of two, and one read for the server: the
+    # message's upload waits for the commands of the one behind it, which
+    # start in the callback scheduled just before.
+    sends: list[bytes] = []
+    taken_over = Link.__init__
+
+    def recording(self, transport, *args, **kwargs):
+        write = transport.write
+        transport.write = lambda data: (sends.append(bytes(data)), write(data))[1]
+        taken_over(self, transport, *args, **kwargs)
+
+    monkeypatch.setattr(Link, "__init__", recording)
+    test_with_pipelining_and_data_the_next_message_goes_out_behind_the_end_of_the_one_in_flight()
+    upload = data_block(MESSAGE)
+    assert [w for w in sends if upload in w] == [upload + b"RSET\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<y@d.test>\r\nDATA\r\n",
+                                                 upload]
+
+
+@pytest.mark.parametrize("chunking", [True, False], ids=["bdat", "data"])
+def test_a_message_whose_follower_never_comes_still_goes_out_at_the_next_turn(chunking):
+    # on_written said a message would follow at once, and none did (it
+    # failed before its first command): the held end of this one is not kept
+    # waiting for it.
+    async def script(reader, writer, seen):
+        await greet(reader, writer, EHLO_CHUNKING if chunking else EHLO_PIPELINING)
+        if chunking:
+            await read_group(reader, seen)
+            writer.write(b"250 ok\r\n250 ok\r\n250 queued\r\n")
+        else:
+            for _ in range(3):
+                seen.append((await reader.readline()).split(b" SIZE=")[0].rstrip(b"\r\n"))
+            writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+            seen.append(await read_message(reader))
+            writer.write(b"250 queued\r\n")
+        seen.append(await reader.readline())
+        writer.write(b"221 bye\r\n")
+
+    async def go() -> object:
+        async with scripted(script, 2.0, chunking) as (session, _):
+            return await session.send("a@b.test", "c@d.test", MESSAGE, on_written=lambda: True)
+
+    assert asyncio.run(go()).reply == "250 queued"
 
 
 def test_a_data_refused_before_the_message_sends_nothing_behind_it():

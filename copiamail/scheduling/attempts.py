@@ -139,13 +139,14 @@ class Attempts:
             self.on_cap_raised(key.key, self.adaptive.cap(key.key, key.ceiling))
 
     async def attempt(self, conn: Connection, item: Item,
-                      on_written: Callable[[], None] | None = None) -> Result | None:
+                      on_written: Callable[[], bool] | None = None) -> Result | None:
         """Send ``item``'s job over ``conn``; its result, or None when the job
         goes to the domain's next mail host because this one failed before any
         SMTP command, or is sent again because it was not sent at all (written
         behind a message that ended the connection first: NotSent). A
         cancellation propagates with the job still claimed. ``on_written``: called once its transaction is written, before its
-        replies are read (:meth:`~copiamail.smtp.session.SmtpSession.send`)."""
+        replies are read; whether another attempt starts at once behind it
+        (:meth:`~copiamail.smtp.session.SmtpSession.send`)."""
         claimed, cf, job = item.claimed, item.cf, item.job
         config = self.config
         reused = conn.session.messages > 0

@@ -97,16 +97,18 @@ class Carrier:
         task: asyncio.Task[Result | None] | None = None  # item's attempt, when it was sent behind another
         loop = asyncio.get_running_loop()
 
-        def send_behind() -> None:
+        def send_behind() -> bool:
             # Called while the message ahead awaits its reply: an error here
-            # must not become that message's.
+            # must not become that message's. True: an attempt starts behind it.
             try:
                 if not behind and not self._halted():
                     later = self._next.behind(conn)
                     if later is not None:
                         behind.append((later, loop.create_task(self.attempts.attempt(conn, later, send_behind))))
+                        return True
             except Exception:
                 log.exception("connection for %s: cannot send a job behind its message", conn.domain)
+            return False
 
         try:
             if item is not None and self._cluster is not None and any(is_cluster_key(l.key) for l in conn.limits):

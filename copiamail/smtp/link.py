@@ -110,6 +110,11 @@ class Link(asyncio.Protocol):
         self.written = 0  # bytes written since the link took over
         self.cut_short = False  # dropped with written bytes still unsent (the last written never left)
         self._transport = transport
+        # Written but not yet given to the transport: a message's upload that
+        # the start of the transaction behind it may join, one send for both
+        # (:meth:`flush_soon`).
+        self._held = b""
+        self._flush_due = False
         self._buffer = bytearray()
         self._replies: deque[tuple[int, str]] = deque()
         self._expected = 0  # replies owed for commands written, not yet parsed
@@ -131,19 +136,46 @@ class Link(asyncio.Protocol):
         """Whether every byte written before ``offset`` (a value of
         :attr:`written`) has left the buffer: a message upload the server
         answered before it was all sent has not."""
-        return self.written - self._transport.get_write_buffer_size() >= offset
+        return self.written - len(self._held) - self._transport.get_write_buffer_size() >= offset
 
     def peer_ip(self) -> str | None:
         info = self._transport.get_extra_info("peername")
         return str(info[0]) if info else None
 
-    def write(self, data: bytes, replies: int) -> None:
-        """Send ``data`` (``replies`` commands)."""
+    def write(self, data: bytes, replies: int, hold: bool = False) -> None:
+        """Send ``data`` (``replies`` commands), after what is held; with
+        ``hold``, keep it back until the next write, :meth:`flush` or
+        :meth:`flush_soon`."""
         if self._ended is not None or self._transport.is_closing():
             raise Lost(CONNECTION_LOST)
         self._expected += replies
         self.written += len(data)
-        self._transport.write(data)
+        if self._held:
+            data, self._held = self._held + data, b""
+        if hold:
+            self._held = data
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        """Send what is held now."""
+        if self._held:
+            data, self._held = self._held, b""
+            if self._ended is None and not self._transport.is_closing():
+                self._transport.write(data)
+
+    def flush_soon(self) -> None:
+        """Send what is held at the event loop's next turn, unless a write
+        takes it along first: the next transaction, started by a callback
+        already scheduled, goes out in the same send as this one's message
+        (a send fewer a message, and a read fewer for the server)."""
+        if self._held and not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_due = False
+        self.flush()
 
     async def reply(self, timeout: float | None) -> tuple[int, str]:
         """The next reply, as (code, text with lines joined by LF), within
@@ -151,6 +183,8 @@ class Link(asyncio.Protocol):
         reply byte by byte does not get a new timeout for each byte)."""
         if self._replies:
             return self._replies.popleft()
+        if not self._flush_due:
+            self.flush()  # never wait for the answer to bytes not sent
         loop = asyncio.get_running_loop()
         expired = False
 
@@ -178,6 +212,7 @@ class Link(asyncio.Protocol):
 
     def close(self) -> None:
         """Close after QUIT: what is still buffered is sent first."""
+        self.flush()
         self._ended = self._ended or CONNECTION_LOST
         self._transport.close()
 
@@ -186,7 +221,8 @@ class Link(asyncio.Protocol):
         an error or a timeout, the rest of a message still being uploaded must
         not reach the server (it could accept a message recorded as failed)."""
         self._ended = self._ended or CONNECTION_LOST
-        self.cut_short = self.cut_short or self._transport.get_write_buffer_size() > 0
+        self.cut_short = self.cut_short or bool(self._held) or self._transport.get_write_buffer_size() > 0
+        self._held = b""
         self._transport.abort()
 
     # asyncio.Protocol

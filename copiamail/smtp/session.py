@@ -111,22 +111,39 @@ def _engine(code: outcome.OutcomeCode, detail: str, stage: str = CONNECT) -> Del
     return DeliveryError(code.code, code.klass, detail, False, stage)
 
 
-def _write_start(link: Link, behind: bool, mail: bytes, rcpt: bytes, block: bytes) -> int:
+def _write_start(link: Link, behind: bool, mail: bytes, rcpt: bytes, block: bytes, hold: bool) -> int:
     """Write what starts a transaction before any reply is awaited; how many
     replies it owes. ``behind`` another transaction still in flight, it
     starts with RSET: the one ahead may yet be refused part way, and this
-    one must begin from a known state whatever that one's outcome."""
+    one must begin from a known state whatever that one's outcome. ``hold``:
+    a message written whole (a chunk) is held for the next write
+    (:func:`_written`)."""
     if behind:
-        link.write(b"RSET\r\n" + mail + rcpt + (block if link.chunking else b"DATA\r\n"), 4)
+        link.write(b"RSET\r\n" + mail + rcpt + (block if link.chunking else b"DATA\r\n"), 4, hold and link.chunking)
         return 4
     if link.chunking:
-        link.write(mail + rcpt + block, 3)
+        link.write(mail + rcpt + block, 3, hold)
     elif link.pipelining:
         link.write(mail + rcpt + b"DATA\r\n", 3)
     else:
         link.write(mail, 1)
         return 1
     return 3
+
+
+def _written(link: Link, on_written: Callable[[], bool]) -> None:
+    """A transaction is written whole, its last bytes held: ``on_written()``
+    says whether another transaction follows at once (one written behind
+    it, started by a callback it scheduled); then the held bytes go with
+    that one's start, in one send, else now."""
+    follows = False
+    try:
+        follows = on_written()
+    finally:
+        if follows:
+            link.flush_soon()
+        else:
+            link.flush()
 
 
 async def _greet(smtp: aiosmtplib.SMTP) -> None:
@@ -267,7 +284,7 @@ class SmtpSession:
                 and link.usable and not self._reset_due)
 
     async def send(self, sender: str, recipient: str, data: bytes, require_tls: bool = False,
-                   on_written: Callable[[], None] | None = None) -> Delivered:
+                   on_written: Callable[[], bool] | None = None) -> Delivered:
         """Deliver one message; raises DeliveryError on any failure (the
         connection stays after a refusal, see :meth:`_after_refusal`, and is
         dropped after anything else). Both addresses were checked when the
@@ -276,7 +293,10 @@ class SmtpSession:
         the job fails (outcome 160) before MAIL FROM.
 
         ``on_written`` is called once the transaction is written whole (with
-        DATA: its message), before its last reply is read. A second send may
+        DATA: its message), before its last reply is read; it returns whether
+        a second send starts at once (scheduled by it to run next): then the
+        end of this one waits for that one's first bytes, to go in one send
+        with them (at the loop's next turn whatever comes). A second send may
         then start while this one waits (:meth:`can_send_behind`): its
         commands go out at once, behind an RSET (with DATA, its message after
         its own 354), and its replies are read after this one's. The reply to
@@ -311,7 +331,7 @@ class SmtpSession:
         return Delivered(reply_text(code, text), self.peer_ip, len(data))
 
     async def _transaction(self, link: Link, ahead: asyncio.Future[None] | None, mail: bytes, rcpt: bytes,
-                           block: bytes, on_written: Callable[[], None] | None) -> tuple[int, str]:
+                           block: bytes, on_written: Callable[[], bool] | None) -> tuple[int, str]:
         """Write one transaction (behind ``ahead``, the one in flight, if
         any) and read its replies; the final reply, or a DeliveryError."""
         timeout = self.settings.timeout
@@ -320,14 +340,14 @@ class SmtpSession:
         mine: asyncio.Future[None] | None = None
         unwritten = not link.chunking  # its message is written only after DATA's 354
         try:
-            left = _write_start(link, ahead is not None, mail, rcpt, block)
+            left = _write_start(link, ahead is not None, mail, rcpt, block, on_written is not None)
             end = link.written  # where this transaction's bytes end in the stream
             mine = self._reading = asyncio.get_running_loop().create_future()
             self._in_flight += 1
             if unwritten:
                 self._unwritten += 1
             elif on_written is not None:
-                on_written()
+                _written(link, on_written)
             if ahead is not None:
                 await asyncio.shield(ahead)
                 if link is not self._link:  # the one ahead ended the connection
@@ -363,13 +383,13 @@ class SmtpSession:
                 left -= 1
                 if code != 354:
                     raise Refused(code, text)
-                link.write(block, 1)
+                link.write(block, 1, on_written is not None)
                 left += 1
                 end = link.written
                 self._unwritten -= 1
                 unwritten = False
                 if on_written is not None:
-                    on_written()
+                    _written(link, on_written)
             code, text = await link.reply(timeout)
             left -= 1
             if code != 250:
