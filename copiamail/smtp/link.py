@@ -158,11 +158,14 @@ class Link(asyncio.Protocol):
             self._transport.write(data)
 
     def flush(self) -> None:
-        """Send what is held now."""
+        """Send what is held now (dropped, and counted as cut short, on a
+        connection that has ended)."""
         if self._held:
             data, self._held = self._held, b""
             if self._ended is None and not self._transport.is_closing():
                 self._transport.write(data)
+            else:
+                self.cut_short = True
 
     def flush_soon(self) -> None:
         """Send what is held at the event loop's next turn, unless a write
