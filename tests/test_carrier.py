@@ -95,3 +95,40 @@ def test_a_drain_is_woken_again_when_an_idle_connections_last_result_lands():
         await asyncio.wait_for(task, 5)
 
     asyncio.run(go())
+
+
+class OneMoreJob(NoNextJob):
+    """After the first message, one more job of the domain; then none."""
+
+    def __init__(self) -> None:
+        self.left = 1
+
+    def next_for(self, conn: Connection) -> tuple[Item | None, bool]:
+        if self.left:
+            self.left -= 1
+            return Item(None, None, job()), False  # type: ignore[arg-type]
+        return None, False
+
+
+def test_a_result_made_while_the_last_one_is_committed_is_written_not_handed_back_when_the_run_ends():
+    # A delivered message whose connection is cancelled (shutdown) while it
+    # waits for the previous result's commit: its result is written (the job
+    # goes to SENT), never handed back to be sent again.
+    async def go() -> tuple[int, bool]:
+        rig = Rig()
+        conn = rig.open("a.test", relay())
+        commit: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        results = FakeResults(commit)
+        carrier = Carrier(FakeAttempts(), results, OneMoreJob(), rig.connections, None,  # type: ignore[arg-type]
+                          lambda: False, lambda: False)
+        task = asyncio.get_running_loop().create_task(carrier.carry(conn, Item(None, None, job()), Ending()))  # type: ignore[arg-type]
+        await _until(lambda: len(results.written) == 1)
+        await asyncio.sleep(0.01)  # the second message's result waits for the first one's commit
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        return len(results.written), task.cancelled()
+
+    assert asyncio.run(go()) == (2, True)

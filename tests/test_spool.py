@@ -565,6 +565,33 @@ def test_a_delivered_result_not_synced_keeps_its_mark_and_is_written_again_over_
     assert (sp.folder("SENT") / "X.FS").read_bytes() == b"x done, again\n" and active_files(sp) == []
 
 
+@pytest.mark.parametrize("left", ["X.FS.SENT", "X.FS.FAIL", "X.FS.BACK"])
+def test_a_name_whose_result_waits_in_active_is_not_claimed_again(tmp_path, left):
+    # A result committed but not yet published (its folder could not take it)
+    # is the old job: a new job of the same name must neither replace it nor,
+    # marked sending beside it, be taken for delivered after a crash.
+    sp = make_spool(tmp_path)
+    d = sp.active_dir("N1") / "TOSEND"
+    d.mkdir(parents=True)
+    (d / left).write_bytes(b"the old job, done\n")
+    put(sp, "TOSEND", "X.FS", b"$email_address second@b.c\n")
+    assert sp.claim(next(iter(sp.scan())), "N1") is None
+    assert (sp.folder("TOSEND") / "X.FS").exists() and os.listdir(d) == [left]
+
+
+def test_a_job_marked_delivered_is_never_handed_back(tmp_path):
+    sp = make_spool(tmp_path)
+    x, mark = sp.mark_delivered(sp.mark_sending(_claim(sp, "TOSEND", "X.FS")))
+    assert mark is not None
+    os.close(mark.fd)
+    with pytest.raises(FileExistsError):
+        sp.hand_back(x)
+    assert listing(sp.folder("TOSEND")) == []
+    assert active_files(sp) == ["N1/TOSEND/X.FS.DELIVERED", "N1/TOSEND/X.FS.SENT"]
+    claimed, interrupted, delivered = sp.claimed_jobs("N1")  # at recovery: finished to SENT, not sent again
+    assert claimed == interrupted == [] and [c.name for c in delivered] == ["X.FS"]
+
+
 # --- spare files -------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ there instead (:meth:`Attempts.attempt` returns None).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -231,7 +232,12 @@ class Attempts:
             claimed, mark = self.spool.mark_delivered(claimed)
         except OSError as e:
             log.error("%s: cannot mark the job delivered: %s", claimed.path, e.strerror)
-        cf = records.delivered(cf, self.node, result.reply, result.ip, result.bytecount, self.clock(), where)
+        try:
+            cf = records.delivered(cf, self.node, result.reply, result.ip, result.bytecount, self.clock(), where)
+        except BaseException:
+            if mark is not None:
+                os.close(mark.fd)  # the mark stays: the job is delivered, never handed back
+            raise
         if mark is not None:
             mark = self.spool.write_delivered(mark, cf)
         return Result(claimed, cf, Destination.SENT, Tally.SENT, mark=mark)

@@ -95,6 +95,10 @@ class Carrier:
         # A job sent behind the message in flight, and its attempt: at most one.
         behind: list[tuple[Item, asyncio.Task[Result | None]]] = []
         task: asyncio.Task[Result | None] | None = None  # item's attempt, when it was sent behind another
+        # item's result, made and not yet handed to the writer: written, not
+        # handed back, if the run ends meanwhile (a delivered job must never
+        # go back to its folder).
+        unwritten: Result | None = None
         loop = asyncio.get_running_loop()
 
         def send_behind() -> bool:
@@ -126,10 +130,12 @@ class Carrier:
                     send_behind()  # it was written while the one ahead was in flight: one more may follow now
                     result = await task
                     task = None
+                unwritten = result
                 # The previous result was made durable while this message was
                 # sent: one in flight per connection at most (a full disk
                 # pauses the node after one more message, not more).
                 await _committed(conn)
+                unwritten = None
                 if result is None:
                     end.elsewhere.append(item)
                 else:
@@ -171,7 +177,9 @@ class Carrier:
             for t in running:
                 t.cancel()
             await asyncio.gather(*running, return_exceptions=True)
-            held = [item] if item is not None and task is None else []
+            if unwritten is not None:
+                self._results.write(unwritten)
+            held = [item] if item is not None and task is None and unwritten is None else []
             for it, t in attempts:
                 if t.cancelled() or t.exception() is not None:
                     held.append(it)

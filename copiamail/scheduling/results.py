@@ -39,7 +39,8 @@ log = logging.getLogger("copiamail")
 
 # Results written at once, at most: each holds a file open until it is
 # committed, so however many jobs a scan defers in one turn of the loop, the
-# node's open files stay bounded.
+# node's open files stay bounded. (A delivered job's result holds its file
+# from the server's 250 on: at most two a connection.)
 _MAX_BATCH = 64
 outcomes = logging.getLogger(OUTCOMES)  # deliveries and deferrals: shown from -v on
 

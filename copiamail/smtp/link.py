@@ -187,7 +187,9 @@ class Link(asyncio.Protocol):
         if self._replies:
             return self._replies.popleft()
         if not self._flush_due:
-            self.flush()  # never wait for the answer to bytes not sent
+            # Never wait for the answer to bytes not sent (a flush that is
+            # due sends them at the loop's next turn, before any answer).
+            self.flush()
         loop = asyncio.get_running_loop()
         expired = False
 

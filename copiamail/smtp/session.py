@@ -296,7 +296,8 @@ class SmtpSession:
         DATA: its message), before its last reply is read; it returns whether
         a second send starts at once (scheduled by it to run next): then the
         end of this one waits for that one's first bytes, to go in one send
-        with them (at the loop's next turn whatever comes). A second send may
+        with them (once that one's message is built; at the loop's next turn
+        whatever comes). A second send may
         then start while this one waits (:meth:`can_send_behind`): its
         commands go out at once, behind an RSET (with DATA, its message after
         its own 354), and its replies are read after this one's. The reply to

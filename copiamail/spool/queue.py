@@ -112,6 +112,7 @@ copy under one of its names.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator, Sequence
@@ -139,6 +140,10 @@ from copiamail.spool.layout import (
     queue_number,
 )
 from copiamail.spool.results import DeliveredMark, ResultBatch, Spares, fill
+
+# The suffixes beside a claimed job's name that keep a job of the same name
+# from being claimed: its marks, and its results.
+_TAKEN_BY = (SENDING, DELIVERED, *RESULT_SUFFIXES)
 
 
 def _beside(file: str, name: str) -> str:
@@ -256,15 +261,18 @@ class Spool:
         # Paths as strings on this path: pathlib costs more than the system calls.
         dest_dir = f"{self._root}/{ACTIVE}/{node}/{job.queue}"
         dest = f"{dest_dir}/{job.name}"
-        # A job of the same name still claimed here (a name reused by a
-        # submitter) must not be overwritten: this one waits its turn. Only this
-        # node writes into its ACTIVE folder, so checking for the delivered
-        # mark first is race-free; the claimed name itself is checked by the
-        # rename (move_unless_taken), atomic between nodes on any file system.
-        # access(), not exists(): for a missing name (the usual answer) it
-        # returns False instead of raising and catching FileNotFoundError.
-        if os.access(f"{dest}.{SENDING}", os.F_OK) or os.access(f"{dest}.{DELIVERED}", os.F_OK):
-            return None
+        # A job of the same name still here (a name reused by a submitter),
+        # marked sending or delivered, or its result not yet published, must
+        # not be overwritten nor taken for this one's: this one waits its
+        # turn. Only this node writes into its ACTIVE folder, so these names
+        # are checked before the rename; the claimed name itself is checked by
+        # the rename (move_unless_taken), atomic between nodes on any file
+        # system. access(), not exists(): for a missing name (the usual
+        # answer) it returns False instead of raising and catching
+        # FileNotFoundError.
+        for suffix in _TAKEN_BY:
+            if os.access(f"{dest}.{suffix}", os.F_OK):
+                return None
         try:
             move_unless_taken(job.file, dest)
         except FileExistsError:
@@ -378,7 +386,16 @@ class Spool:
         return batch
 
     def hand_back(self, claimed: Claimed) -> Path:
-        """Return a job unchanged to its own queue (state 2 to 1)."""
+        """Return a job unchanged to its own queue (state 2 to 1). A job
+        marked delivered is never handed back: one whose result file marks it
+        so is renamed ``X.FS.DELIVERED`` instead (recovery finishes it to
+        SENT), and FileExistsError says it stays."""
+        if claimed.file.endswith(f".{SENDING}"):
+            mark = _beside(claimed.file, f"{claimed.name}.{Destination.SENT.value}")
+            if os.access(mark, os.F_OK):
+                delivered = _beside(claimed.file, f"{claimed.name}.{DELIVERED}")
+                os.rename(claimed.file, delivered)
+                raise FileExistsError(errno.EEXIST, "delivered: it stays for recovery to finish", delivered)
         return self.place(claimed.file, f"{self._root}/{claimed.queue}", claimed.name)
 
     def commit_result(self, claimed: Claimed, result: str) -> Path:
