@@ -54,14 +54,15 @@ async def _until(condition: object, turns: int = 200) -> None:
     raise AssertionError("never happened")
 
 
-def _run(woken: list[int] | None = None) -> tuple[Rig, Connection, FakeResults, asyncio.Task[None], asyncio.Future[None]]:
+def _run(woken: list[int] | None = None, next_jobs: NoNextJob | None = None
+         ) -> tuple[Rig, Connection, FakeResults, asyncio.Task[None], asyncio.Future[None]]:
     rig = Rig()
     if woken is not None:
         rig.connections.on_idle = lambda: woken.append(1)
     conn = rig.open("a.test", relay())
     commit: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     results = FakeResults(commit)
-    carrier = Carrier(FakeAttempts(), results, NoNextJob(), rig.connections, None,  # type: ignore[arg-type]
+    carrier = Carrier(FakeAttempts(), results, next_jobs or NoNextJob(), rig.connections, None,  # type: ignore[arg-type]
                       lambda: False, lambda: False)
     task = asyncio.get_running_loop().create_task(carrier.carry(conn, Item(None, None, job()), Ending()))  # type: ignore[arg-type]
     return rig, conn, results, task, commit
@@ -115,13 +116,7 @@ def test_a_result_made_while_the_last_one_is_committed_is_written_not_handed_bac
     # waits for the previous result's commit: its result is written (the job
     # goes to SENT), never handed back to be sent again.
     async def go() -> tuple[int, bool]:
-        rig = Rig()
-        conn = rig.open("a.test", relay())
-        commit: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        results = FakeResults(commit)
-        carrier = Carrier(FakeAttempts(), results, OneMoreJob(), rig.connections, None,  # type: ignore[arg-type]
-                          lambda: False, lambda: False)
-        task = asyncio.get_running_loop().create_task(carrier.carry(conn, Item(None, None, job()), Ending()))  # type: ignore[arg-type]
+        _, _, results, task, _ = _run(next_jobs=OneMoreJob())
         await _until(lambda: len(results.written) == 1)
         await asyncio.sleep(0.01)  # the second message's result waits for the first one's commit
         task.cancel()
