@@ -169,25 +169,31 @@ class Carrier:
             log.exception("connection for %s failed", conn.domain)
             conn.session.abort()
         finally:
-            # An attempt still running here was cancelled with the run, or
-            # outlived a bug: it ends before its job is handed back. One that
-            # ended with a result has its result written, as any other.
             attempts = ([(item, task)] if item is not None and task is not None else []) + behind
-            running = [t for _, t in attempts if not t.done()]
-            for t in running:
-                t.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
             if unwritten is not None:
                 self._results.write(unwritten)
-            held = [item] if item is not None and task is None and unwritten is None else []
-            for it, t in attempts:
-                if t.cancelled() or t.exception() is not None:
-                    held.append(it)
-                elif (result := t.result()) is None:
-                    end.elsewhere.append(it)
-                else:
-                    self._results.write(result)
-            if held:
-                conn.session.abort()
-            for it in held:
-                self._results.hand_back(it.claimed)
+            await self._wind_up(conn, [item] if item is not None and task is None and unwritten is None else [],
+                                attempts, end)
+
+    async def _wind_up(self, conn: Connection, held: list[Item],
+                       attempts: list[tuple[Item, asyncio.Task[Result | None]]], end: Ending) -> None:
+        """The end of a connection's run: its ``attempts`` still running are
+        cancelled (with the run, or outliving a bug) and end before their jobs
+        are handed back; one that ended with a result has its result written,
+        as any other. The jobs ``held`` (not sent) and those of attempts that
+        failed go back to their folders."""
+        running = [t for _, t in attempts if not t.done()]
+        for t in running:
+            t.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        for it, t in attempts:
+            if t.cancelled() or t.exception() is not None:
+                held.append(it)
+            elif (result := t.result()) is None:
+                end.elsewhere.append(it)
+            else:
+                self._results.write(result)
+        if held:
+            conn.session.abort()
+        for it in held:
+            self._results.hand_back(it.claimed)
