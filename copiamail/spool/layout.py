@@ -34,6 +34,12 @@ DELIVERED = "DELIVERED"  # the suffix of a claimed job the server has accepted
 _QUEUE_NAME = re.compile(r"^TOSEND(\d*)$", re.IGNORECASE)
 
 
+def delivered_mark(sending: str) -> str:
+    """The path of the result file that marks the job at ``sending``
+    (``X.FS.SENDING``) delivered: ``X.FS.SENT`` beside it."""
+    return f"{sending[:-len(SENDING)]}{SENT}"
+
+
 def is_job_name(name: str) -> bool:
     return name.upper().endswith(".FS") and len(name) > 3
 

@@ -20,7 +20,17 @@ from copiamail.errors import CopiamailError
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.spool.holds import Holds
 from copiamail.spool.jobview import engine_lines, job_state, readable_commands, recipient_domain, recipient_of
-from copiamail.spool.layout import ACTIVE, DELIVERED, FAIL, SENDING, SENT, SPARE, is_job_name, is_queue_name
+from copiamail.spool.layout import (
+    ACTIVE,
+    DELIVERED,
+    FAIL,
+    SENDING,
+    SENT,
+    SPARE,
+    delivered_mark,
+    is_job_name,
+    is_queue_name,
+)
 from copiamail.spool.queue import Spool
 
 # What ``list`` shows without --folder: what is still to be done or needs a
@@ -120,8 +130,7 @@ def list_jobs(spool: Spool, now: float, folders: Collection[str] = DEFAULT_FOLDE
         held = is_queue_name(folder) and holds.held(folder, path.name, job_domain)
         state = job_state(path, next_attempt, now, held)
         if path.name.upper().endswith(f".{DELIVERED}") or (
-                path.name.upper().endswith(f".{SENDING}")
-                and path.with_name(f"{path.name[:-len(SENDING)]}{SENT}").exists()):
+                path.name.upper().endswith(f".{SENDING}") and os.path.exists(delivered_mark(str(path)))):
             # Delivered: renamed so, or its result file (the delivered mark) named beside it.
             state += " (delivered; its result is being written)"
         elif path.name.upper().endswith(f".{SENDING}"):

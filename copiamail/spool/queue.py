@@ -134,6 +134,7 @@ from copiamail.spool.layout import (
     Claimed,
     Destination,
     QueuedJob,
+    delivered_mark,
     is_job_name,
     is_queue_name,
     queue_names,
@@ -317,7 +318,7 @@ class Spool:
         mark file."""
         mark = None
         if claimed.file.endswith(f".{SENDING}"):
-            result = _beside(claimed.file, f"{claimed.name}.{Destination.SENT.value}")
+            result = delivered_mark(claimed.file)
             try:
                 mark = DeliveredMark(result, self._spares.mark(result, claimed.node))
             except OSError:
@@ -390,12 +391,10 @@ class Spool:
         marked delivered is never handed back: one whose result file marks it
         so is renamed ``X.FS.DELIVERED`` instead (recovery finishes it to
         SENT), and FileExistsError says it stays."""
-        if claimed.file.endswith(f".{SENDING}"):
-            mark = _beside(claimed.file, f"{claimed.name}.{Destination.SENT.value}")
-            if os.access(mark, os.F_OK):
-                delivered = _beside(claimed.file, f"{claimed.name}.{DELIVERED}")
-                os.rename(claimed.file, delivered)
-                raise FileExistsError(errno.EEXIST, "delivered: it stays for recovery to finish", delivered)
+        if claimed.file.endswith(f".{SENDING}") and os.access(delivered_mark(claimed.file), os.F_OK):
+            delivered = _beside(claimed.file, f"{claimed.name}.{DELIVERED}")
+            os.rename(claimed.file, delivered)
+            raise FileExistsError(errno.EEXIST, "delivered: it stays for recovery to finish", delivered)
         return self.place(claimed.file, f"{self._root}/{claimed.queue}", claimed.name)
 
     def commit_result(self, claimed: Claimed, result: str) -> Path:
