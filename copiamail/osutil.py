@@ -1,7 +1,7 @@
 """Low-level operating-system helpers the standard library lacks or that several
 modules need: a rename that never replaces, fsyncs made together, death with
-the parent process, whole writes, and NUL-terminated records read from a
-non-blocking pipe.
+the parent process, the reaping of a child that is ending, whole writes, and
+NUL-terminated records read from a non-blocking pipe.
 
 Linux calls are reached through ctypes, looked up once at import; where one is
 missing (another system, an old C library) each helper says what it does
@@ -15,8 +15,10 @@ import contextlib
 import ctypes
 import errno
 import os
+import select
 import signal
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,42 @@ def die_with_parent(parent: int) -> bool:
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     return os.getppid() == parent
+
+
+def reap_child(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for child ``pid`` to end, and reap it.
+    True once it is reaped (or was already); False if it still runs. The wait
+    ends the moment the child does (a ``pidfd``, Linux 5.3 and later):
+    a process takes milliseconds to die, and polling at a fixed step would
+    add up to one step to the end of every node's run. Elsewhere it polls
+    every 10 ms."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return _reaped(pid)  # no such process: reaped already
+    except (AttributeError, OSError):
+        pidfd = -1
+    deadline = time.monotonic() + timeout
+    try:
+        while not _reaped(pid):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if pidfd >= 0:
+                select.select([pidfd], [], [], left)
+            else:
+                time.sleep(min(0.01, left))
+        return True
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def _reaped(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] != 0
+    except ChildProcessError:  # not our child, or reaped before
+        return True
 
 
 def write_all(fd: int, data: bytes) -> None:

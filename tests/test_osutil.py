@@ -19,6 +19,7 @@ from copiamail.osutil import (
     die_with_parent,
     fsync_all,
     move_unless_taken,
+    reap_child,
     rename_noreplace,
     replace_file,
     write_all,
@@ -172,6 +173,53 @@ def test_a_process_that_dies_with_its_parent_is_killed_when_the_parent_ends(tmp_
         time.sleep(0.01)
     os.kill(int(pid), signal.SIGKILL)
     pytest.fail("the child outlived its parent")
+
+
+# --- reap_child ---------------------------------------------------------------------
+
+
+@pytest.fixture(params=["pidfd", "polling"])
+def reap_impl(request, monkeypatch):
+    if request.param == "polling":
+        def no_pidfd(pid):
+            raise OSError(errno.ENOSYS, "no pidfd here")
+        monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    elif not hasattr(os, "pidfd_open"):
+        pytest.skip("no pidfd_open here")
+    return request.param
+
+
+def _child_ending_after(seconds: float) -> int:
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(seconds)
+        os._exit(0)
+    return pid
+
+
+def test_reap_child_returns_as_soon_as_the_child_ends_and_reaps_it(reap_impl):
+    pid = _child_ending_after(0.05)
+    assert reap_child(pid, 30.0) is True
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left
+
+
+def test_reap_child_gives_up_after_its_timeout_leaving_the_child_running(reap_impl):
+    pid = _child_ending_after(30.0)
+    try:
+        started = time.monotonic()
+        assert reap_child(pid, 0.05) is False
+        assert time.monotonic() - started < 10
+        assert _alive(pid)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def test_reap_child_of_a_child_reaped_before_is_true(reap_impl):
+    pid = _child_ending_after(0.0)
+    os.waitpid(pid, 0)
+    assert reap_child(pid, 1.0) is True
 
 
 # --- write_all ----------------------------------------------------------------------

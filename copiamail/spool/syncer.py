@@ -44,10 +44,9 @@ import os
 import signal
 import socket
 import struct
-import time
 from collections.abc import Callable, Sequence
 
-from copiamail.osutil import die_with_parent, fsync_all
+from copiamail.osutil import die_with_parent, fsync_all, reap_child
 
 log = logging.getLogger("copiamail")
 
@@ -181,15 +180,9 @@ class Syncer:
                 os.kill(self._pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for _ in range(100):
-            try:
-                if os.waitpid(self._pid, os.WNOHANG)[0]:
-                    return
-            except ChildProcessError:
-                return
-            time.sleep(0.01)
-        # Still in the kernel (a disk that does not answer): it is reaped
-        # with the node; nothing of the node waits on it.
+        # Not reaped within the second: still in the kernel (a disk that does
+        # not answer); it is reaped with the node, and nothing waits on it.
+        reap_child(self._pid, 1.0)
 
 
 def _serve(sock: socket.socket, node: int) -> int:
