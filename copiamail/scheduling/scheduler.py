@@ -223,10 +223,9 @@ class Scheduler:
                     next_full = min(next_full, time.monotonic() + max(0.01, scanner.next_due - self.clock()))
                 timeout = min(next_full, scanner.next_settle_look()) - time.monotonic()
                 if timeout > 0 and not scanner.hinted and not scanner.full_scan_due:
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), timeout)
-                    except TimeoutError:
-                        pass
+                    await self._woken(self._wake, timeout, until_closed=ending)
+                if ending and not self._connections:
+                    continue  # the last connection has closed: nothing is left to settle
                 # Let a burst of watcher events and finishing sends settle into one pass.
                 await asyncio.sleep(0.01)
         finally:
@@ -238,6 +237,22 @@ class Scheduler:
             if self._cluster is not None:
                 await self._cluster.close()
         return self.stats
+
+    async def _woken(self, wake: asyncio.Event, timeout: float, until_closed: bool) -> None:
+        """Wait up to ``timeout`` seconds for :meth:`wake` (``wake``: the run's
+        event). ``until_closed`` (a drain with nothing left to send, its
+        connections closing): wait on until the last has closed, or a file is
+        hinted, or the node stops; each closing wakes the loop, and a pass for
+        each would look at the whole spool again for nothing."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await asyncio.wait_for(wake.wait(), deadline - time.monotonic())
+            except TimeoutError:
+                return
+            if not until_closed or not self._connections or self._scanner.hinted or self.stopping:
+                return
+            wake.clear()
 
     def _halted(self) -> bool:
         """Whether to take no new job: stopping, or results are owed."""
