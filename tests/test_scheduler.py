@@ -1,0 +1,75 @@
+"""copiamail.scheduling.scheduler: how the run loop waits to be woken. The
+runs themselves (scans, sends, drains) are shown end to end in
+test_node_e2e, test_workers_e2e and the other e2e tests."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from copiamail.config import Config, RelayConfig
+from copiamail.scheduling.scheduler import Scheduler
+from copiamail.spool.queue import Spool
+
+
+@pytest.fixture
+def scheduler() -> Scheduler:
+    return Scheduler(Config(relay=RelayConfig("192.0.2.1")), Spool(Path("/nonexistent"), 15, False), "N1")
+
+
+async def _turns(n: int = 5) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def _waiting(scheduler: Scheduler, wake: asyncio.Event, open_connections: list[object],
+             until_closed: bool) -> asyncio.Task[None]:
+    scheduler._connections = open_connections  # type: ignore[assignment]  # only its length is asked
+    scheduler._wake = wake  # as run() sets it
+    return asyncio.get_running_loop().create_task(scheduler._woken(wake, 30.0, until_closed))
+
+
+def test_a_closing_drain_waits_through_each_closing_until_the_last_connection_has_closed(scheduler):
+    async def go() -> None:
+        wake, connections = asyncio.Event(), [object(), object()]
+        waiting = _waiting(scheduler, wake, connections, until_closed=True)
+        connections.pop()
+        wake.set()  # one connection closed: the other is still closing
+        await _turns()
+        assert not waiting.done()
+        connections.pop()
+        wake.set()
+        await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(go())
+
+
+def test_a_closing_drain_stops_waiting_when_the_node_stops(scheduler):
+    async def go() -> None:
+        wake = asyncio.Event()
+        waiting = _waiting(scheduler, wake, [object()], until_closed=True)
+        await _turns()
+        scheduler.request_stop()  # wakes the loop
+        await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(go())
+
+
+def test_outside_a_drains_end_the_first_wake_ends_the_wait(scheduler):
+    async def go() -> None:
+        wake = asyncio.Event()
+        waiting = _waiting(scheduler, wake, [object()], until_closed=False)
+        wake.set()
+        await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(go())
+
+
+def test_the_wait_ends_at_its_timeout_without_a_wake(scheduler):
+    async def go() -> None:
+        scheduler._connections = [object()]  # type: ignore[assignment]
+        await asyncio.wait_for(scheduler._woken(asyncio.Event(), 0.01, True), 5)
+
+    asyncio.run(go())
