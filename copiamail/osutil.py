@@ -128,13 +128,18 @@ def reap_child(pid: int, timeout: float) -> bool:
     except (AttributeError, OSError):
         pidfd = -1
     deadline = time.monotonic() + timeout
+    # poll, not select: a busy node's descriptors may be numbered past
+    # select's limit (1024).
+    poller = select.poll()
+    if pidfd >= 0:
+        poller.register(pidfd, select.POLLIN)
     try:
         while not _reaped(pid):
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
             if pidfd >= 0:
-                select.select([pidfd], [], [], left)
+                poller.poll(max(1, int(left * 1000)))
             else:
                 time.sleep(min(0.01, left))
         return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -214,6 +215,29 @@ def test_reap_child_gives_up_after_its_timeout_leaving_the_child_running(reap_im
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no pidfd_open here")
+def test_reap_child_waits_on_a_pidfd_numbered_past_selects_limit(monkeypatch):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip("too few file descriptors allowed here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    real = os.pidfd_open
+
+    def high_pidfd(pid):
+        fd = real(pid)
+        try:
+            return os.dup2(fd, 2000)  # past FD_SETSIZE: select() refuses it
+        finally:
+            os.close(fd)
+
+    monkeypatch.setattr(os, "pidfd_open", high_pidfd)
+    try:
+        pid = _child_ending_after(0.05)
+        assert reap_child(pid, 30.0) is True
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_reap_child_of_a_child_reaped_before_is_true(reap_impl):
