@@ -28,6 +28,7 @@ def _waiting(scheduler: Scheduler, wake: asyncio.Event, open_connections: list[o
              until_closed: bool) -> asyncio.Task[None]:
     scheduler._connections = open_connections  # type: ignore[assignment]  # only its length is asked
     scheduler._wake = wake  # as run() sets it
+    scheduler._scanner.full_scan_due = False  # as after the run's first whole scan
     return asyncio.get_running_loop().create_task(scheduler._woken(wake, 30.0, until_closed))
 
 
@@ -39,6 +40,7 @@ def test_a_closing_drain_waits_through_each_closing_until_the_last_connection_ha
         wake.set()  # one connection closed: the other is still closing
         await _turns()
         assert not waiting.done()
+        assert not wake.is_set()  # taken: the wait goes on asleep, not spinning
         connections.pop()
         wake.set()
         await asyncio.wait_for(waiting, 5)
@@ -52,6 +54,28 @@ def test_a_closing_drain_stops_waiting_when_the_node_stops(scheduler):
         waiting = _waiting(scheduler, wake, [object()], until_closed=True)
         await _turns()
         scheduler.request_stop()  # wakes the loop
+        await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(go())
+
+
+def test_a_closing_drain_stops_waiting_for_a_file_the_watcher_names(scheduler):
+    async def go() -> None:
+        wake = asyncio.Event()
+        waiting = _waiting(scheduler, wake, [object()], until_closed=True)
+        await _turns()
+        scheduler.hint("/nonexistent/TOSEND/00000001.FS")  # a new job: wakes the loop
+        await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(go())
+
+
+def test_a_closing_drain_stops_waiting_when_a_whole_scan_is_asked_for(scheduler):
+    async def go() -> None:
+        wake = asyncio.Event()
+        waiting = _waiting(scheduler, wake, [object()], until_closed=True)
+        await _turns()
+        scheduler.request_scan()  # a dead peer's jobs came back
         await asyncio.wait_for(waiting, 5)
 
     asyncio.run(go())

@@ -241,16 +241,18 @@ class Scheduler:
     async def _woken(self, wake: asyncio.Event, timeout: float, until_closed: bool) -> None:
         """Wait up to ``timeout`` seconds for :meth:`wake` (``wake``: the run's
         event). ``until_closed`` (a drain with nothing left to send, its
-        connections closing): wait on until the last has closed, or a file is
-        hinted, or the node stops; each closing wakes the loop, and a pass for
-        each would look at the whole spool again for nothing."""
+        connections closing): wait on until the last has closed, a file is
+        hinted, a whole scan is asked for, or the node stops; each closing
+        wakes the loop, and a pass for each would look at the whole spool again
+        for nothing."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 await asyncio.wait_for(wake.wait(), deadline - time.monotonic())
             except TimeoutError:
                 return
-            if not until_closed or not self._connections or self._scanner.hinted or self.stopping:
+            scanner = self._scanner
+            if not until_closed or not self._connections or scanner.hinted or scanner.full_scan_due or self.stopping:
                 return
             wake.clear()
 
