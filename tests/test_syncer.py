@@ -97,6 +97,24 @@ def test_the_syncer_process_ends_when_the_node_closes_it(tmp_path):
     assert not Path(f"/proc/{pid}").exists()
 
 
+def test_a_second_close_does_nothing(monkeypatch):
+    import copiamail.spool.syncer as syncer_module
+
+    waits: list[int] = []
+    real = syncer_module.reap_child
+
+    def counted(pid: int, timeout: float) -> bool:
+        waits.append(pid)
+        return real(pid, timeout)
+
+    monkeypatch.setattr(syncer_module, "reap_child", counted)
+    syncer = Syncer.start(lambda: None)
+    assert syncer is not None
+    syncer.close()
+    syncer.close()  # as the writer's close does after a settle that gave the syncer up
+    assert waits == [syncer._pid]
+
+
 def test_a_node_whose_syncer_is_killed_goes_on_and_sends_every_job_once(tmp_path, smtp_server):
     server = smtp_server()
     server.add_rule(Rule(stage="EOD", delay=0.05))  # 1 s of sending: the syncer is killed well before the end
