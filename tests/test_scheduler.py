@@ -48,34 +48,17 @@ def test_a_closing_drain_waits_through_each_closing_until_the_last_connection_ha
     asyncio.run(go())
 
 
-def test_a_closing_drain_stops_waiting_when_the_node_stops(scheduler):
+@pytest.mark.parametrize("event", [
+    pytest.param(lambda s: s.request_stop(), id="the node stops"),
+    pytest.param(lambda s: s.hint("/nonexistent/TOSEND/00000001.FS"), id="the watcher names a new job"),
+    pytest.param(lambda s: s.request_scan(), id="a whole scan is asked for (a dead peer's jobs came back)"),
+])
+def test_a_closing_drain_stops_waiting_at_once_when(scheduler, event):
     async def go() -> None:
         wake = asyncio.Event()
         waiting = _waiting(scheduler, wake, [object()], until_closed=True)
         await _turns()
-        scheduler.request_stop()  # wakes the loop
-        await asyncio.wait_for(waiting, 5)
-
-    asyncio.run(go())
-
-
-def test_a_closing_drain_stops_waiting_for_a_file_the_watcher_names(scheduler):
-    async def go() -> None:
-        wake = asyncio.Event()
-        waiting = _waiting(scheduler, wake, [object()], until_closed=True)
-        await _turns()
-        scheduler.hint("/nonexistent/TOSEND/00000001.FS")  # a new job: wakes the loop
-        await asyncio.wait_for(waiting, 5)
-
-    asyncio.run(go())
-
-
-def test_a_closing_drain_stops_waiting_when_a_whole_scan_is_asked_for(scheduler):
-    async def go() -> None:
-        wake = asyncio.Event()
-        waiting = _waiting(scheduler, wake, [object()], until_closed=True)
-        await _turns()
-        scheduler.request_scan()  # a dead peer's jobs came back
+        event(scheduler)  # each wakes the loop
         await asyncio.wait_for(waiting, 5)
 
     asyncio.run(go())

@@ -67,7 +67,6 @@ class Syncer:
         self._batches: dict[int, tuple[Callable[[list[int] | None], None], list[int], list[list[int] | None]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.alive = True
-        self._closed = False
 
     @classmethod
     def start(cls, on_lost: Callable[[], None] | None = None) -> Syncer | None:
@@ -171,9 +170,8 @@ class Syncer:
         batch still unanswered is given up (answered with None) and the
         syncer killed: a node that stops does not wait on a stuck one. A
         second call does nothing (a stuck syncer is waited for once)."""
-        if self._closed:
+        if self._sock.fileno() < 0:  # closed before
             return
-        self._closed = True
         stuck = bool(self._batches)
         if stuck:
             self._lost("the syncer did not answer in time")
