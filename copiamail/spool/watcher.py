@@ -112,6 +112,10 @@ class Arrivals:
     def on_queue_overflow(self) -> None:
         """Events were lost: nothing to report (the node's scans find those files)."""
 
+    def on_events_lost(self) -> None:
+        """Called after every callback's :meth:`on_queue_overflow` (watchdog 7.1
+        on): nothing more to do."""
+
     def pump(self, write: Callable[[bytes], None]) -> None:
         """Read events and ``write`` each read's records at once, until :meth:`stop`."""
         while not self._stopped:
