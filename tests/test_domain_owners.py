@@ -77,3 +77,48 @@ def test_a_workers_copy_is_emptied_when_full_and_the_table_still_answers(monkeyp
     assert len(owners._known) <= 3
     assert [owners.owner(f"d{i}.test") for i in range(5)] == first
     assert owners.given() == [3, 2]
+
+
+def test_a_domain_left_answers_its_next_worker_here_at_once_and_elsewhere_only_once_moved():
+    owners = DomainOwners.create(2)
+    assert owners.owner("a.test") == 0
+    other = DomainOwners(os.dup(owners._fd), 2)  # another worker's mapping
+    assert other.owner("a.test") == 0
+    generation = owners.generation
+    owners.leave("a.test", 1)
+    assert owners.owner("a.test") == 1  # this process sends it no more
+    assert other.owner("a.test") == 0 and other.generation == generation  # the table still names worker 0
+    owners.move("a.test")
+    assert owners.leaving() == {} and owners.owner("a.test") == 1
+    assert other.generation == generation + 1
+    assert other.owner("a.test") == 0  # its copy, until it forgets it
+    other.forget()
+    assert other.owner("a.test") == 1
+    assert owners.given() == [0, 1]
+
+
+def test_a_domain_that_went_by_the_fixed_hash_cannot_move():
+    owners = DomainOwners.create(2, entries=4)
+    domains = [f"d{i}.test" for i in range(12)]
+    for d in domains:
+        owners.owner(d)
+    assert all(owners.movable(d) for d in domains[:4])
+    assert not any(owners.movable(d) for d in domains[4:])
+
+
+def test_a_request_is_answered_by_one_worker_and_an_unanswered_one_ends_only_when_nobody_can_give():
+    owners = DomainOwners.create(3)
+    assert not owners.asked_by_others(0)
+    owners.ask(1, True)
+    assert owners.asked_by_others(0) and not owners.asked_by_others(1)
+    assert not owners.end_if_unanswered(1)  # workers 0 and 2 still send
+    assert owners.take_request(0) == 1
+    assert owners.take_request(2) is None  # taken once
+    assert not owners.asking(1) and not owners.end_if_unanswered(1)  # answered: it waits for the move
+    owners.ask(1, True)
+    owners.ask(2, True)
+    owners.end(0)
+    assert owners.end_if_unanswered(1)  # 0 has ended and 2 asks too
+    assert owners.take_request(2) is None  # an ended worker's request is gone
+    assert owners.end_if_unanswered(2)
+    assert owners.others_idle(0)

@@ -120,6 +120,28 @@ def test_a_worker_claims_only_the_jobs_of_its_domains_and_does_not_read_the_othe
     assert rig.scanner.mine(domains[0]) and not rig.scanner.mine(domains[1])
 
 
+def test_a_domain_moved_here_is_found_by_the_next_scan_and_its_files_seen_at_start_are_complete(tmp_path):
+    owners = DomainOwners.create(2, entries=64)
+    giver = DomainOwners(os.dup(owners._fd), 2, entries=64)  # the other worker's mapping
+    domains = {owners.owner(d): d for d in ("a.test", "b.test")}
+    rig = Rig(tmp_path, worker=0, workers=2, owners=owners)
+    old = rig.job("TOSEND", "OLD.FS", f"u@{domains[1]}")
+    rig.clock.now = old.stat().st_mtime + 1  # written a second ago: complete only as present at start
+    assert rig.full() == 0
+    written = rig.job("TOSEND", "WRITTEN.FS", f"u@{domains[1]}")
+    rig.scanner.hint(written, written=True)  # being written in place
+    assert rig.hinted() == 0
+    giver.owner(domains[1])
+    giver.leave(domains[1], 0)
+    giver.move(domains[1])
+    assert rig.full() == 0  # this worker's copy of the table still names the other
+    owners.forget()
+    rig.scanner.forget_others()
+    assert rig.full() == 1 and rig.names() == ["OLD.FS"]
+    rig.mono.now += 6  # the file written in place settles as any other
+    assert rig.full() == 1 and rig.names() == ["OLD.FS", "WRITTEN.FS"]
+
+
 def test_two_workers_split_the_domains_evenly_as_they_meet_them(tmp_path):
     owners = DomainOwners.create(2, entries=64)
     rigs = [Rig(tmp_path / f"w{i}", worker=i, workers=2, owners=owners) for i in range(2)]

@@ -171,3 +171,32 @@ def test_a_domain_that_fills_a_shared_cap_makes_room_for_one_that_arrives_in_the
     # a.example, the slots left b.example to the end: 601 to 640).
     assert late[-1] < 300 and late[-1] - late[0] < 160, (late[0], late[-1])
     assert server.peak == 4
+
+
+def test_in_a_drain_a_worker_with_nothing_left_takes_domains_from_one_still_sending_several(tmp_path, server):
+    # The domains are given in turn as first met: the two big ones to worker
+    # 1, the two small ones to worker 2, which is done at once and asks. Worker
+    # 1 leaves it the second of its busy domains; each domain's limit holds
+    # for the node throughout, and every job is sent once.
+    server.add_rule(Rule(stage="EOD", delay=0.05))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 2"], "workers: 2\n")
+    first = ["a-big.example", "a-small.example", "b-big.example", "b-small.example"]
+    for i, domain in enumerate(first):
+        kit.job("TOSEND", f"J{i:03d}.FS", to=f"u{i}@{domain}")
+    for i in range(4, 84):
+        kit.job("TOSEND", f"J{i:03d}.FS", to=f"u{i}@{('a-big.example', 'b-big.example')[i % 2]}")
+    result = kit.drain()
+    assert result.returncode == 0, result.stderr
+    assert len(kit.names("SENT")) == 84 and kit.waiting() == [] and kit.names("FAIL") == []
+    assert len(server.messages) == 84
+    by_worker: dict[str, set[str]] = {}
+    for name in kit.names("SENT"):
+        text = kit.read("SENT", name)
+        domain = text.split("@", 1)[1].split()[0]
+        worker = [line.split()[11] for line in text.splitlines() if line.startswith("$attempt_record")][-1]
+        by_worker.setdefault(domain, set()).add(worker)
+    assert by_worker["a-big.example"] == {"E1"}
+    assert by_worker["b-big.example"] == {"E1", "E2"}  # moved to worker 2 while it still had jobs
+    assert by_worker["a-small.example"] == by_worker["b-small.example"] == {"E2"}
+    for domain in ("a-big.example", "b-big.example"):
+        assert server.peak_by_domain[domain] == 2

@@ -58,15 +58,16 @@ async def _committed(conn: Connection) -> None:
 
 class Carrier:
     """Runs connections for one scheduler, with its ``attempts`` (replaced
-    on a reload); ``halted``: take no new job; ``stopping``: the scheduler
-    stops (jobs in flight still finish)."""
+    on a reload); ``next_jobs``: what a connection carries next (it holds the
+    scheduler's chooser too); ``halted``: take no new job; ``stopping``: the
+    scheduler stops (jobs in flight still finish)."""
 
     def __init__(self, attempts: Attempts, results: ResultWriter, next_jobs: NextJobs,
                  connections: Connections, cluster: ClusterLimiter | None, halted: Callable[[], bool],
                  stopping: Callable[[], bool]) -> None:
         self.attempts = attempts
         self._results = results
-        self._next = next_jobs
+        self.next_jobs = next_jobs
         self._connections = connections
         self._cluster = cluster
         self._halted = halted
@@ -106,7 +107,7 @@ class Carrier:
             # must not become that message's. True: an attempt starts behind it.
             try:
                 if not behind and not self._halted():
-                    later = self._next.behind(conn)
+                    later = self.next_jobs.behind(conn)
                     if later is not None:
                         behind.append((later, loop.create_task(self.attempts.attempt(conn, later, send_behind))))
                         return True
@@ -146,8 +147,8 @@ class Carrier:
                     continue
                 if end.elsewhere or self._halted():
                     break
-                item, close = self._next.next_for(conn)
-                idle = self._next.config.connection_idle
+                item, close = self.next_jobs.next_for(conn)
+                idle = self.next_jobs.config.connection_idle
                 if item is None and not close and not self._stopping() and idle > 0:
                     item = await self._wait_idle(conn, idle)
                 elif item is None and conn.written is not None:
@@ -157,7 +158,7 @@ class Carrier:
                     if self._halted():
                         break
                     if not close:
-                        item, close = self._next.next_for(conn)
+                        item, close = self.next_jobs.next_for(conn)
                 if item is None:
                     await _committed(conn)  # its slots are not given up before its last result is written
             if item is None:

@@ -4,20 +4,35 @@ Every limit of one domain lives in one worker process, so a domain's jobs
 must all go to the same worker. The first worker to meet a domain gives it to
 the worker that has been given the fewest domains so far (the lowest-numbered
 of those), and writes the choice into a table that every worker maps; the
-choice holds until the node stops, so each worker keeps a copy of what it
-looked up and asks the table once per domain.
+choice holds until the node stops (or the domain moves: below), so each
+worker keeps a copy of what it looked up and asks the table once per domain.
 
 Why not a fixed hash of the name: it leaves the workers uneven. Fifty domains
 of equal size split 23 and 27 between two workers by ``crc32``, and for the
 last seventh of such a batch one CPU sits idle while the other sends the rest.
 Given in turn, they split 25 and 25. A batch of domains of very unequal size
-is not evened out by this (a domain is never split or moved), but no worse
+is not evened out by this (a domain is never split), but no worse
 than by a hash.
 
+In a drain, a domain may change worker once (and again) near the end, so the
+workers finish together (:mod:`~copiamail.scheduling.handover`): a worker with
+nothing left :meth:`asks <DomainOwners.ask>`, a worker still sending several
+domains takes the request (:meth:`~DomainOwners.take_request`), stops sending
+some of them at once in its own process (:meth:`~DomainOwners.leave`: from
+then on it answers their new worker for them), and only once its last
+connection of such a domain has closed rewrites its entry
+(:meth:`~DomainOwners.move`), which raises the table's generation. Every
+process that sees the generation change forgets its copy
+(:meth:`~DomainOwners.forget`) and reads the table again. So no instant has
+two workers sending one domain: the old worker has closed its connections
+before the table names the new one.
+
 The table is a ``memfd`` mapped by the supervisor before it forks the workers.
-Its header counts the domains given to each worker; each entry holds a
-domain's 64-bit hash (0: free) and its worker plus one. Entries are never
-removed. Every look-up that is not in the worker's copy runs under a POSIX
+Its header counts the domains given to each worker, then holds the
+generation (raised at each move) and, per worker, whether it asks for
+domains and whether it has ended; each entry holds a domain's 64-bit hash
+(0: free) and its worker plus one. Entries are never removed (a move rewrites
+the worker). Every look-up that is not in the worker's copy runs under a POSIX
 record lock on the ``memfd`` (``lockf``), which the kernel drops if its holder
 dies. A domain is looked for in the :data:`PROBES` entries from its hash's
 place on; when those are all taken by other domains, the domain goes by
@@ -32,6 +47,8 @@ import fcntl
 import mmap
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from copiamail.scheduling.limits import worker_of
 from copiamail.scheduling.shared_slots import key_hash
@@ -42,7 +59,7 @@ PROBES = 64  # entries a domain may be placed in, from its hash's place on
 # table stays the answer): a node that runs for months meets more domains
 # than it should keep in memory.
 KNOWN_MAX = 100_000
-_COUNT = struct.Struct("<Q")  # domains given to one worker (the header: one per worker)
+_COUNT = struct.Struct("<Q")  # domains given to one worker (the header: one per worker); also each word after them
 _ENTRY = struct.Struct("<QQ")  # domain's hash, its worker + 1
 
 
@@ -56,31 +73,145 @@ class DomainOwners:
         self._fd = fd
         self._workers = workers
         self._entries = entries
-        self._base = workers * _COUNT.size
+        # Header: the counts, the generation, then per worker "asks" and "ended".
+        self._generation_at = workers * _COUNT.size
+        self._asks_at = self._generation_at + _COUNT.size
+        self._ended_at = self._asks_at + workers * _COUNT.size
+        self._base = self._ended_at + workers * _COUNT.size
         self._map = mmap.mmap(fd, self._base + entries * _ENTRY.size)
         self._known: dict[str, int] = {}  # domain -> worker, as this process found it
+        self._leaving: dict[str, int] = {}  # domains this process stops sending -> their next worker
 
     @classmethod
     def create(cls, workers: int, entries: int = ENTRIES) -> DomainOwners:
         fd = os.memfd_create("copiamail-owners", os.MFD_CLOEXEC)
-        os.ftruncate(fd, workers * _COUNT.size + entries * _ENTRY.size)
+        os.ftruncate(fd, (3 * workers + 1) * _COUNT.size + entries * _ENTRY.size)
         return cls(fd, workers, entries)
 
     def owner(self, domain: str) -> int:
         """The worker (0 .. workers-1) that sends the jobs of ``domain``;
-        given now, to the worker with fewest domains, if no worker had it yet."""
+        given now, to the worker with fewest domains, if no worker had it yet.
+        A domain this process is leaving is its next worker's already."""
+        if self._leaving and domain in self._leaving:
+            return self._leaving[domain]
         known = self._known.get(domain)
         if known is not None:
             return known
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
-        try:
+        with self._locked():
             worker = self._find_or_give(domain)
-        finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
         if len(self._known) >= KNOWN_MAX:
             self._known.clear()
         self._known[domain] = worker
         return worker
+
+    # --- moves (see the module's docstring) ------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """Raised by every move: a change means copies must be forgotten."""
+        return int(_COUNT.unpack_from(self._map, self._generation_at)[0])
+
+    def forget(self) -> None:
+        """Drop this process's copy of the table (it changed)."""
+        self._known.clear()
+
+    def ask(self, worker: int, asking: bool) -> None:
+        """``worker`` has nothing left and asks for domains (or no longer does)."""
+        self._set(self._asks_at, worker, asking)
+
+    def asking(self, worker: int) -> bool:
+        """Whether ``worker``'s request is still open (nobody has taken it)."""
+        return self._get(self._asks_at, worker)
+
+    def asked_by_others(self, worker: int) -> bool:
+        """Whether any worker but ``worker`` asks for domains (no lock: a hint)."""
+        return any(self._get(self._asks_at, w) for w in range(self._workers) if w != worker)
+
+    def take_request(self, worker: int) -> int | None:
+        """The worker whose request ``worker`` now answers (it asks no longer),
+        or None if nobody asks."""
+        with self._locked():
+            for w in range(self._workers):
+                if w != worker and self._get(self._asks_at, w):
+                    self._set(self._asks_at, w, False)
+                    return w
+        return None
+
+    def end(self, worker: int) -> None:
+        """``worker`` has ended: it gives no domain any more, and takes none."""
+        with self._locked():
+            self._set(self._asks_at, worker, False)
+            self._set(self._ended_at, worker, True)
+
+    def end_if_unanswered(self, worker: int) -> bool:
+        """End ``worker`` (True) if its request is still open and every other
+        worker has ended or asks too: then nobody can give it a domain. In one
+        step, so no worker takes the request of a worker that has ended."""
+        with self._locked():
+            if not self._get(self._asks_at, worker) or not self.others_idle(worker):
+                return False
+            self._set(self._asks_at, worker, False)
+            self._set(self._ended_at, worker, True)
+            return True
+
+    def others_idle(self, worker: int) -> bool:
+        """Whether every other worker has ended or asks for domains itself."""
+        return all(self._get(self._ended_at, w) or self._get(self._asks_at, w)
+                   for w in range(self._workers) if w != worker)
+
+    def movable(self, domain: str) -> bool:
+        """Whether ``domain`` has an entry (one that went by the fixed hash cannot move)."""
+        return self._entry_of(domain) is not None
+
+    def leave(self, domain: str, to: int) -> None:
+        """This process stops sending ``domain`` now: it answers ``to`` for it
+        from here on, while the table still names this worker."""
+        self._leaving[domain] = to
+
+    def leaving(self) -> dict[str, int]:
+        """The domains this process is leaving, and their next workers."""
+        return dict(self._leaving)
+
+    def move(self, domain: str) -> None:
+        """Give a domain this process was leaving to its next worker in the
+        table (its last connection here has closed), and raise the generation."""
+        to = self._leaving.pop(domain)
+        with self._locked():
+            offset = self._entry_of(domain)
+            if offset is not None:
+                h, worker = _ENTRY.unpack_from(self._map, offset)
+                _ENTRY.pack_into(self._map, offset, h, to + 1)
+                for w, step in ((int(worker) - 1, -1), (to, 1)):
+                    count = int(_COUNT.unpack_from(self._map, w * _COUNT.size)[0])
+                    _COUNT.pack_into(self._map, w * _COUNT.size, count + step)
+            _COUNT.pack_into(self._map, self._generation_at, self.generation + 1)
+        self._known[domain] = to
+
+    def _entry_of(self, domain: str) -> int | None:
+        h = key_hash(domain)
+        mask = self._entries - 1
+        for step in range(min(PROBES, self._entries)):
+            offset = self._base + ((h + step) & mask) * _ENTRY.size
+            found = _ENTRY.unpack_from(self._map, offset)[0]
+            if found == h:
+                return offset
+            if found == 0:
+                return None
+        return None
+
+    def _get(self, at: int, worker: int) -> bool:
+        return bool(_COUNT.unpack_from(self._map, at + worker * _COUNT.size)[0])
+
+    def _set(self, at: int, worker: int, on: bool) -> None:
+        _COUNT.pack_into(self._map, at + worker * _COUNT.size, int(on))
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
     def given(self) -> list[int]:
         """How many domains each worker has been given so far."""

@@ -290,6 +290,10 @@ class Router:
         """Whether jobs wait for a route."""
         return bool(self._parked)
 
+    def waits_for_route(self, domain: str) -> bool:
+        """Whether jobs of ``domain`` wait for its route."""
+        return domain in self._parked
+
     def look_up(self, item: Item) -> None:
         """Park a claimed job until its domain's route is known (one lookup per
         domain), then give it to ``on_routed``."""

@@ -114,8 +114,11 @@ class Scanner:
         # a scan reads such a file again only when it changed.
         self._later: dict[str, tuple[Signature, float]] = {}  # by QueuedJob.file
         # Files another worker sends, by (inode, mtime, size): not read again
-        # until they change.
-        self._foreign: dict[str, Signature] = {}  # by QueuedJob.file
+        # until they change; and whether each is complete should its domain
+        # come to this worker (it is, unless its last event said it was
+        # written in place: as files present at the node's start, the other
+        # worker judged it).
+        self._foreign: dict[str, tuple[Signature, bool]] = {}  # by QueuedJob.file
         # Job files written in place (not renamed in) that may still be
         # incomplete: (inode, mtime, size) at the last look, and when (by
         # monotonic) that look found it changed. Taken once left alone for
@@ -223,6 +226,15 @@ class Scanner:
         """Whether this worker sends the jobs of ``domain``."""
         return self._owners is None or self._owners.owner(domain) == self._worker
 
+    def forget_others(self) -> None:
+        """Look at other workers' files again (domains changed worker). A file
+        of a domain taken over counts as complete, as files present at the
+        node's start do, unless an event said it was written in place (then
+        it settles as any such file)."""
+        self._renamed.update(f for f, (_, complete) in self._foreign.items()
+                             if complete and f not in self._settling)
+        self._foreign.clear()
+
     def _mine_unread(self, name: str) -> bool:
         # A job that cannot be read has no domain: its file name decides,
         # which every worker computes alike without the table.
@@ -239,7 +251,8 @@ class Scanner:
         except FileNotFoundError:
             return None
         sig = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if self._foreign.get(w.file) == sig:
+        foreign = self._foreign.get(w.file)
+        if foreign is not None and foreign[0] == sig:
             return None
         later = self._later.get(w.file)
         # Once due it is read again: what kept it (an operator's hold, a retry
@@ -265,7 +278,7 @@ class Scanner:
                 pass
         domain = quick or (job.domain if job is not None else None)
         if not (self.mine(domain) if domain is not None else self._mine_unread(w.name)):
-            self._foreign[w.file] = sig
+            self._foreign[w.file] = (sig, w.file not in self._settling or w.file in self._renamed)
             return None
         return Peek(sig, cf, job, job.next_attempt if job is not None else None)
 

@@ -46,6 +46,7 @@ from copiamail.scheduling.choosing import Blocked, Chooser, Start
 from copiamail.scheduling.cluster import ClusterLimiter, cluster_limiter
 from copiamail.scheduling.connections import Connection, Connections, starttls_for
 from copiamail.scheduling.domain_owners import DomainOwners
+from copiamail.scheduling.handover import Handover
 from copiamail.scheduling.limiter import Limiter, LocalLimiter
 from copiamail.scheduling.limits import is_cluster_key
 from copiamail.scheduling.publishing import publish_live_state
@@ -112,10 +113,12 @@ class Scheduler:
                                 workers=workers, owners=owners, clock=clock, held_until=self._shaping.job_held_until)
         attempts = Attempts(config, spool, node, self._router, worker, clock, self._connections.greeted_sharing,
                             self._shaping.adaptive, self._shaping.pacer, self._cluster, self._cap_raised)
-        self._next = NextJobs(Chooser(config, self._connections, self._router, self._shaping, self.limiter), spool,
-                              self._waiting, self._router, self._shaping, self._take, self._dispatch, clock)
-        self._carrier = Carrier(attempts, self._results, self._next, self._connections, self._cluster,
+        next_jobs = NextJobs(Chooser(config, self._connections, self._router, self._shaping, self.limiter), spool,
+                             self._waiting, self._router, self._shaping, self._take, self._dispatch, clock)
+        self._carrier = Carrier(attempts, self._results, next_jobs, self._connections, self._cluster,
                                 self._halted, lambda: self.stopping)
+        self._handover = None if owners is None or workers < 2 else Handover(
+            owners, worker, self._connections, self._waiting, self._router, self._shaping, self._scanner)
 
     @property
     def _cluster(self) -> ClusterLimiter | None:
@@ -155,7 +158,7 @@ class Scheduler:
         self._connections.reconfigure(self._shaping.scopes)
         self._router.reconfigure(config)
         self._scanner.reconfigure(config)
-        self._next.config = config
+        self._carrier.next_jobs.config = config
         self._carrier.attempts = dataclasses.replace(self._carrier.attempts, config=config)
         self._offer(self._waiting.keys(), fill=True)  # under the new caps: a raised one starts jobs now
         self.wake()
@@ -189,12 +192,16 @@ class Scheduler:
             self._connections.lease_lost))
         shared = None if not isinstance(limiter, LocalLimiter) else loop.create_task(limiter.watch_shared(
             self._waiting.waits_on, lambda: self._room_elsewhere(limiter.wanted_elsewhere, limiter.waited_in_table)))
+        handover = self._handover
+        giving = None if handover is None or not drain else loop.create_task(handover.watch(self.wake))
         await self._router.learn_host_names_or_warn()
         scanner = self._scanner
         next_full = 0.0
         try:
             while not self.stopping:
                 self._wake.clear()
+                if handover is not None:
+                    handover.look()
                 scanner.hint_settled()
                 full = scanner.full_scan_due or time.monotonic() >= next_full
                 if full:
@@ -211,7 +218,10 @@ class Scheduler:
                         scanner.full_scan_due = True
                         continue
                     if not self._connections:
-                        break
+                        # Another worker may still give this one domains.
+                        if handover is None or not await handover.ask(lambda: self.stopping):
+                            break
+                        continue
                     # Nothing left to send: a connection whose last reply
                     # comes now closes at once, not connection_idle later (the
                     # drain ends when the last one has closed).
@@ -230,7 +240,9 @@ class Scheduler:
                 await asyncio.sleep(0.01)
         finally:
             await self._shutdown()
-            for task in (publisher, leases, shared):
+            if handover is not None:
+                handover.end()
+            for task in (publisher, leases, shared, giving):
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
@@ -308,7 +320,7 @@ class Scheduler:
             self._router.look_up(item)
             return
         try:
-            choice = self._next.chooser.choose(item.job, targets)
+            choice = self._carrier.next_jobs.chooser.choose(item.job, targets)
         except JobError as e:
             self._results.write(self._carrier.attempts.bad_job(item.claimed, item.cf, e, item.job))
             return
@@ -321,7 +333,7 @@ class Scheduler:
         """The route lookup these jobs waited for ended (``error``: it failed)."""
         for item in items:
             try:
-                if self._halted():
+                if self._halted() or not self._scanner.mine(item.job.domain):
                     self._results.hand_back(item.claimed)
                 elif error is not None:
                     self._results.write(self._carrier.attempts.lookup_failed(item, error))
@@ -330,6 +342,8 @@ class Scheduler:
             except Exception:
                 log.exception("%s: cannot route the job; handing it back", item.claimed.name)
                 self._results.hand_back(item.claimed)
+        if self._handover is not None:
+            self._handover.closed(*{item.job.domain for item in items})
         self.wake()
 
     def _start(self, choice: Start, item: Item) -> None:
@@ -350,8 +364,8 @@ class Scheduler:
     def _deferred(self, item: Item, blocked: Blocked, path: Path | None) -> None:
         """A deferred job is back in its folder, at ``path``: it waits for a slot."""
         self.wake()
-        if path is None or self.stopping:
-            return
+        if path is None or self.stopping or not self._scanner.mine(item.job.domain):
+            return  # (another worker's now: its scan finds the file)
         claimed = item.claimed
         w = QueuedJob(self.spool.priority(claimed.queue), claimed.queue, path.name, str(path))
         # Only what scheduling needs is kept: a large backlog costs little memory.
@@ -371,7 +385,8 @@ class Scheduler:
         in place, or held, is not claimed: a scan looks at it again later."""
         self._waiting.take(entry)
         w = entry.waiting
-        if not self._scanner.complete(w.file) or self._shaping.held_by_operator(w.queue, w.name, entry.job.domain):
+        if (not self._scanner.mine(entry.job.domain) or not self._scanner.complete(w.file)
+                or self._shaping.held_by_operator(w.queue, w.name, entry.job.domain)):
             return None
         return self.spool.claim(w, self.node)
 
@@ -424,7 +439,7 @@ class Scheduler:
             choice: Start | Blocked | None = None
             if targets is not None:
                 try:
-                    choice = self._next.chooser.choose(entry.job, targets)
+                    choice = self._carrier.next_jobs.chooser.choose(entry.job, targets)
                 except JobError:
                     choice = None  # claimed below; _dispatch fails it with the reason
             if isinstance(choice, Blocked):
@@ -473,12 +488,14 @@ class Scheduler:
             if end.refused is not None:
                 self._defer(end.refused[0], Blocked((end.refused[1],)))
             for elsewhere in end.elsewhere:
-                if self._halted():
+                if self._halted() or not self._scanner.mine(elsewhere.job.domain):
                     self._results.hand_back(elsewhere.claimed)
                 else:
                     self._route(elsewhere, after_lookup=True)
             if not self.stopping:
                 self._offer([l.key for l in conn.limits])
+            if self._handover is not None:
+                self._handover.closed(conn.domain)
             self.wake()
 
     # --- shutdown ------------------------------------------------------------

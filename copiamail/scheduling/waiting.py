@@ -171,6 +171,12 @@ class WaitingJobs:
     def keys_with_room(self, in_use: Callable[[str], int]) -> list[str]:
         return [k for k, cap in self._caps.items() if in_use(k) < cap]
 
+    def drop_domain(self, domain: str) -> None:
+        """Forget every waiting job of ``domain`` (its files stay where they are)."""
+        for entry in self._by_domain.pop(domain, []):
+            if entry.active:
+                self.take(entry)
+
     def drop_missing(self, seen: Collection[str]) -> None:
         """Forget waiting jobs whose file is gone (taken by another node,
         removed); ``seen``: the files (``QueuedJob.file``) just listed, known
