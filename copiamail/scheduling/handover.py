@@ -77,11 +77,6 @@ class Handover:
         self._scanner.full_scan_due = True
         return True
 
-    def look(self) -> None:
-        """At each pass of the worker's loop: :meth:`refresh`, then :meth:`give_if_asked`."""
-        self.refresh()
-        self.give_if_asked()
-
     def give_if_asked(self) -> None:
         """If another worker asks for domains and this one sends two or more
         that may move, leave every second of them to it."""
@@ -113,9 +108,9 @@ class Handover:
                 self._owners.move(domain)
 
     async def watch(self, wake: Callable[[], None]) -> None:
-        """Until cancelled: give domains when another worker asks, and
-        ``wake`` the worker's loop when the table changed (a worker's loop may
-        wait for a while on its own events, which a move is not)."""
+        """Until cancelled (a drain's task): give domains when another worker
+        asks, and ``wake`` the worker's loop when the table changed (the loop
+        waits on its own events, which a move is not)."""
         while True:
             await asyncio.sleep(POLL)
             if self.refresh():

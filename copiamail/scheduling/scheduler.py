@@ -200,8 +200,6 @@ class Scheduler:
         try:
             while not self.stopping:
                 self._wake.clear()
-                if handover is not None:
-                    handover.look()
                 scanner.hint_settled()
                 full = scanner.full_scan_due or time.monotonic() >= next_full
                 if full:
