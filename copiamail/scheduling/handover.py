@@ -122,9 +122,11 @@ class Handover:
         (the table changed: scan again), False when none can come (every
         other worker has ended or asks too; then this worker has ended) or
         the node stops."""
-        self._owners.ask(self._worker, True)
+        # The generation is read before the request is made: every move for
+        # this request raises it past that, whichever refresh notices it.
         self.refresh()
         before = self._seen
+        self._owners.ask(self._worker, True)
         while not stopping():
             # The table may change under the watch's refresh as well as this one's.
             self.refresh()
