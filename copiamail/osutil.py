@@ -14,12 +14,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import select
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +202,15 @@ def replace_file(path: Path, data: bytes, mode: int) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def file_locked(fd: int) -> Iterator[None]:
+    """Hold a POSIX record lock (``lockf``) on the whole of ``fd`` for the block.
+    Per process, so it excludes other processes only; the kernel drops it if
+    its holder dies, so a process killed inside the block blocks nobody."""
+    fcntl.lockf(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.lockf(fd, fcntl.LOCK_UN)

@@ -43,13 +43,11 @@ them full for good, so every worker still gives it the same answer.
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 import struct
-from collections.abc import Iterator
-from contextlib import contextmanager
 
+from copiamail.osutil import file_locked
 from copiamail.scheduling.limits import worker_of
 from copiamail.scheduling.shared_slots import key_hash
 
@@ -97,7 +95,7 @@ class DomainOwners:
         known = self._known.get(domain)
         if known is not None:
             return known
-        with self._locked():
+        with file_locked(self._fd):
             worker = self._find_or_give(domain)
         if len(self._known) >= KNOWN_MAX:
             self._known.clear()
@@ -130,7 +128,7 @@ class DomainOwners:
     def take_request(self, worker: int) -> int | None:
         """The worker whose request ``worker`` now answers (it asks no longer),
         or None if nobody asks."""
-        with self._locked():
+        with file_locked(self._fd):
             for w in range(self._workers):
                 if w != worker and self._get(self._asks_at, w):
                     self._set(self._asks_at, w, False)
@@ -139,7 +137,7 @@ class DomainOwners:
 
     def end(self, worker: int) -> None:
         """``worker`` has ended: it gives no domain any more, and takes none."""
-        with self._locked():
+        with file_locked(self._fd):
             self._set(self._asks_at, worker, False)
             self._set(self._ended_at, worker, True)
 
@@ -147,7 +145,7 @@ class DomainOwners:
         """End ``worker`` (True) if its request is still open and every other
         worker has ended or asks too: then nobody can give it a domain. In one
         step, so no worker takes the request of a worker that has ended."""
-        with self._locked():
+        with file_locked(self._fd):
             if not self._get(self._asks_at, worker) or not self.others_idle(worker):
                 return False
             self._set(self._asks_at, worker, False)
@@ -176,7 +174,7 @@ class DomainOwners:
         """Give a domain this process was leaving to its next worker in the
         table (its last connection here has closed), and raise the generation."""
         to = self._leaving.pop(domain)
-        with self._locked():
+        with file_locked(self._fd):
             offset = self._entry_of(domain)
             if offset is not None:
                 h, worker = _ENTRY.unpack_from(self._map, offset)
@@ -188,16 +186,20 @@ class DomainOwners:
         self._known[domain] = to
 
     def _entry_of(self, domain: str) -> int | None:
+        """The offset of ``domain``'s entry, or None if it has none."""
+        h, offset = self._probe(domain)
+        return offset if offset is not None and _ENTRY.unpack_from(self._map, offset)[0] == h else None
+
+    def _probe(self, domain: str) -> tuple[int, int | None]:
+        """``domain``'s hash, and the offset of its entry or else of the free
+        entry it would take; None when its places are all other domains'."""
         h = key_hash(domain)
         mask = self._entries - 1
         for step in range(min(PROBES, self._entries)):
             offset = self._base + ((h + step) & mask) * _ENTRY.size
-            found = _ENTRY.unpack_from(self._map, offset)[0]
-            if found == h:
-                return offset
-            if found == 0:
-                return None
-        return None
+            if _ENTRY.unpack_from(self._map, offset)[0] in (h, 0):
+                return h, offset
+        return h, None
 
     def _get(self, at: int, worker: int) -> bool:
         return bool(_COUNT.unpack_from(self._map, at + worker * _COUNT.size)[0])
@@ -205,30 +207,19 @@ class DomainOwners:
     def _set(self, at: int, worker: int, on: bool) -> None:
         _COUNT.pack_into(self._map, at + worker * _COUNT.size, int(on))
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
-
     def given(self) -> list[int]:
         """How many domains each worker has been given so far."""
         return [int(_COUNT.unpack_from(self._map, i * _COUNT.size)[0]) for i in range(self._workers)]
 
     def _find_or_give(self, domain: str) -> int:
-        h = key_hash(domain)
-        mask = self._entries - 1
-        for step in range(min(PROBES, self._entries)):
-            offset = self._base + ((h + step) & mask) * _ENTRY.size
-            found, worker = _ENTRY.unpack_from(self._map, offset)
-            if found == h:
-                return int(worker) - 1
-            if found == 0:
-                counts = self.given()
-                chosen = counts.index(min(counts))
-                _ENTRY.pack_into(self._map, offset, h, chosen + 1)
-                _COUNT.pack_into(self._map, chosen * _COUNT.size, counts[chosen] + 1)
-                return chosen
-        return worker_of(domain, self._workers)
+        h, offset = self._probe(domain)
+        if offset is None:
+            return worker_of(domain, self._workers)
+        found, worker = _ENTRY.unpack_from(self._map, offset)
+        if found == h:
+            return int(worker) - 1
+        counts = self.given()
+        chosen = counts.index(min(counts))
+        _ENTRY.pack_into(self._map, offset, h, chosen + 1)
+        _COUNT.pack_into(self._map, chosen * _COUNT.size, counts[chosen] + 1)
+        return chosen

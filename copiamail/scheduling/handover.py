@@ -82,9 +82,7 @@ class Handover:
         that may move, leave every second of them to it."""
         if not self._owners.asked_by_others(self._worker):
             return
-        leaving = self._owners.leaving()
-        movable = sorted({c.domain for c in self._connections
-                          if c.domain not in leaving and self._may_move(c)} - self._unmovable())
+        movable = sorted({c.domain for c in self._connections} - self._owners.leaving().keys() - self._unmovable())
         if len(movable) < 2:
             return
         to = self._owners.take_request(self._worker)

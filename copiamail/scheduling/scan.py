@@ -278,7 +278,7 @@ class Scanner:
                 pass
         domain = quick or (job.domain if job is not None else None)
         if not (self.mine(domain) if domain is not None else self._mine_unread(w.name)):
-            self._foreign[w.file] = (sig, w.file not in self._settling or w.file in self._renamed)
+            self._foreign[w.file] = (sig, w.file not in self._settling)
             return None
         return Peek(sig, cf, job, job.next_attempt if job is not None else None)
 

@@ -26,14 +26,15 @@ left counts a new key as full (never over a cap) and says so once.
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import hashlib
 import logging
 import mmap
 import os
 import struct
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
+
+from copiamail.osutil import file_locked
 
 log = logging.getLogger("copiamail")
 
@@ -66,13 +67,8 @@ class SharedSlots:
         os.ftruncate(fd, _HEADER.size + entries * _ENTRY.size)
         return cls(fd, entries)
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        fcntl.lockf(self._fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        return file_locked(self._fd)
 
     def _place(self, key: str, make: bool) -> int | None:
         """The offset of ``key``'s entry; with ``make``, a free one is taken
