@@ -38,6 +38,7 @@ from copiamail.node.workers import run_workers
 from copiamail.scheduling.cluster import check_cluster
 from copiamail.scheduling.scheduler import Scheduler, Stats
 from copiamail.smtp.startup import make_tls_context, relay_tls
+from copiamail.spool.held import HeldNames
 from copiamail.spool.peers import IGNORE_LOCKS_ENV, alive_elsewhere
 from copiamail.spool.queue import Spool
 from copiamail.spool.recovery import RecoveryReport, recover
@@ -99,11 +100,14 @@ def run_node(
             raise SpoolError(f"node {name} is running on {host} (its heartbeat in {spool.root / 'ACTIVE'} moves); "
                              "node names must be unique across machines")
         report = recover(spool, name)
+        held = HeldNames.create(config.worker_count)
+        held.count_all_in(spool.held_keys(name))
         if config.worker_count > 1:
             _log_start(config, name)
-            result = run_workers(config, spool, name, password, drain, on_event, load)
+            result = run_workers(config, spool, name, password, drain, on_event, load, held)
             done = NodeResult(result.stats, report, time.monotonic() - started, result.failed_workers)
         else:
+            spool.use_held_names(held.for_process(0))
             scheduler = Scheduler(config, spool, name, password=password, on_event=on_event)
             _log_start(config, name)
             done = NodeResult(asyncio.run(_serve(config, spool, scheduler, drain, load)), report,

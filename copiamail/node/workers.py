@@ -57,6 +57,7 @@ from copiamail.osutil import NulRecords, die_with_parent, write_all
 from copiamail.scheduling.domain_owners import DomainOwners
 from copiamail.scheduling.scheduler import Scheduler, Stats
 from copiamail.scheduling.shared_slots import SharedSlots
+from copiamail.spool.held import HeldNames
 from copiamail.spool.queue import Spool
 
 log = logging.getLogger("copiamail")
@@ -114,10 +115,13 @@ def run_workers(
     drain: bool,
     on_event: Callable[[str, str], None] | None,
     load: ConfigLoader | None = None,
+    held: HeldNames | None = None,
 ) -> WorkersResult:
     """Fork ``config.worker_count`` workers and supervise them until all have
     ended (drained, or stopped by SIGTERM/SIGINT). Call with the node's lock
-    held and its recovery done, before any thread or event loop is started."""
+    held and its recovery done, before any thread or event loop is started.
+    ``held``: the node's filter of the job names it holds in ACTIVE
+    (:mod:`copiamail.spool.held`); worker ``i`` claims through row ``i``."""
     workers: list[_Worker] = []
     supervisor = os.getpid()
     shared = SharedSlots.create()
@@ -133,6 +137,8 @@ def run_workers(
             try:
                 os.close(ctl_w)
                 os.close(out_r)
+                if held is not None:
+                    spool.use_held_names(held.for_process(i))
                 for w in workers:
                     os.close(w.ctl)
                     os.close(w.out.fd)

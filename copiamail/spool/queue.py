@@ -22,7 +22,11 @@ from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
    by a rename).
 2. **claimed**: ``rename(Q/X.FS, ACTIVE/N/Q/X.FS)`` (:meth:`Spool.claim`).
    Atomic: if two nodes race, one rename fails with ENOENT and that node skips
-   the job. The job is in progress; it is not rewritten to say so. Crash here:
+   the job. While a job of the same name from ``Q`` is still in
+   ``ACTIVE/N/Q`` under any of its names, the claim waits (the node's filter
+   of held names, :mod:`copiamail.spool.held`, spares it the look-ups on
+   disk for names no job of the node holds). The job is in progress; it is
+   not rewritten to say so. Crash here:
    recovery (node N restarting, or ``copiamail recover --node N``) finds
    ``ACTIVE/N/Q/X.FS`` alone and returns it to ``Q`` unchanged, as a
    hand-back at shutdown: nothing was sent, so nothing counts.
@@ -122,6 +126,7 @@ from copiamail.errors import SpoolError
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.osutil import move_unless_taken, rename_noreplace
 from copiamail.spool.crashpoints import check_disk_space, crash_point
+from copiamail.spool.held import HeldNames, held_key
 from copiamail.spool.layout import (
     ACTIVE,
     DELIVERED,
@@ -147,6 +152,24 @@ from copiamail.spool.results import DeliveredMark, ResultBatch, Spares, fill
 _TAKEN_BY = (SENDING, DELIVERED, *RESULT_SUFFIXES)
 
 
+def _claim_rename(src: str, dest_dir: str, dest: str) -> bool:
+    """The claim's rename of ``src`` to ``dest`` (its folder made if missing);
+    False if the job is gone or the name taken."""
+    try:
+        move_unless_taken(src, dest)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        if not os.path.exists(src):
+            return False
+        os.makedirs(dest_dir, exist_ok=True)
+        try:
+            move_unless_taken(src, dest)
+        except (FileExistsError, FileNotFoundError):
+            return False
+    return True
+
+
 def _beside(file: str, name: str) -> str:
     """The path of ``name`` in the folder of ``file``."""
     folder, slash, _ = file.rpartition("/")
@@ -162,6 +185,13 @@ class Spool:
         self.fsync = fsync
         self._root = os.fspath(self.root)
         self._spares = Spares(self._root)
+        self._held: HeldNames | None = None
+
+    def use_held_names(self, held: HeldNames) -> None:
+        """From now on this process's claims ask ``held`` before they look
+        on disk for a job of the same name (:mod:`copiamail.spool.held`);
+        its claims, commits and hand-backs count names in and out of it."""
+        self._held = held
 
     def folder(self, name: str) -> Path:
         return self.root / name
@@ -266,26 +296,28 @@ class Spool:
         # marked sending or delivered, or its result not yet published, must
         # not be overwritten nor taken for this one's: this one waits its
         # turn. Only this node writes into its ACTIVE folder, so these names
-        # are checked before the rename; the claimed name itself is checked by
+        # are checked before the rename, where the node's filter of held
+        # names cannot rule them out; the claimed name itself is checked by
         # the rename (move_unless_taken), atomic between nodes on any file
         # system. access(), not exists(): for a missing name (the usual
         # answer) it returns False instead of raising and catching
         # FileNotFoundError.
-        for suffix in _TAKEN_BY:
-            if os.access(f"{dest}.{suffix}", os.F_OK):
-                return None
+        held = self._held
+        key = held_key(job.queue, job.name)
+        if held is None or held.may_hold(key):
+            for suffix in _TAKEN_BY:
+                if os.access(f"{dest}.{suffix}", os.F_OK):
+                    return None
+        if held is not None:
+            held.count_in(key)  # before the rename: see spool/held.py
+        taken = False
         try:
-            move_unless_taken(job.file, dest)
-        except FileExistsError:
+            taken = _claim_rename(job.file, dest_dir, dest)
+        finally:
+            if not taken and held is not None:
+                held.count_out(key)
+        if not taken:
             return None
-        except FileNotFoundError:
-            if not os.path.exists(job.file):
-                return None
-            os.makedirs(dest_dir, exist_ok=True)
-            try:
-                move_unless_taken(job.file, dest)
-            except (FileExistsError, FileNotFoundError):
-                return None
         crash_point("claimed")
         return Claimed(node, job.queue, job.name, dest)
 
@@ -395,7 +427,10 @@ class Spool:
             delivered = _beside(claimed.file, f"{claimed.name}.{DELIVERED}")
             os.rename(claimed.file, delivered)
             raise FileExistsError(errno.EEXIST, "delivered: it stays for recovery to finish", delivered)
-        return self.place(claimed.file, f"{self._root}/{claimed.queue}", claimed.name)
+        landed = self.place(claimed.file, f"{self._root}/{claimed.queue}", claimed.name)
+        if self._held is not None:
+            self._held.count_out(held_key(claimed.queue, claimed.name))
+        return landed
 
     def commit_result(self, claimed: Claimed, result: str) -> Path:
         """States 4 and 5 for a result written (and fsynced) beside its claimed
@@ -405,7 +440,10 @@ class Spool:
         published by recovery."""
         self._spares.retire(claimed)
         crash_point(f"committed-{result.rsplit('.', 1)[1]}")
-        return self._publish(result, claimed)
+        landed = self._publish(result, claimed)
+        if self._held is not None:
+            self._held.count_out(held_key(claimed.queue, claimed.name))
+        return landed
 
     def drop_spares(self) -> None:
         """Delete this process's spare files (when it stops)."""
@@ -506,6 +544,21 @@ class Spool:
                 elif suffix == DELIVERED and is_job_name(head):
                     delivered.append(Claimed(node, qdir.name, head, f"{qdir}/{f}"))
         return claimed, interrupted, delivered
+
+    def held_keys(self, node: str) -> list[str]:
+        """The filter keys (:func:`~copiamail.spool.held.held_key`) of every
+        job name node ``node`` holds in ACTIVE under any of its names (each
+        file's own name and its name without its last suffix)."""
+        base = self.active_dir(node)
+        try:
+            qdirs = [q for q in base.iterdir() if q.is_dir() and q.name != SPARE]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        keys = []
+        for qdir in qdirs:
+            for f in os.listdir(qdir):
+                keys += [held_key(qdir.name, f), held_key(qdir.name, f.rpartition(".")[0])]
+        return keys
 
     def holds_jobs(self, node: str) -> bool:
         """Whether ``ACTIVE/<node>`` holds a claimed job or a result."""
