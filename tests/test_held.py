@@ -98,9 +98,9 @@ def test_a_claim_counts_its_name_in_and_the_published_result_counts_it_out(tmp_p
     sp, held = filtered_spool(tmp_path)
     put(sp, "X.FS")
     claimed = sp.claim(waiting(sp, "X.FS"), "N1")
-    assert claimed is not None and held.may_hold(held_key("TOSEND", "X.FS"))
+    assert claimed is not None and held.may_hold(held_key("N1", "TOSEND", "X.FS"))
     sp.finish(claimed, CommandFile.parse(b"done\n"), Destination.SENT)
-    assert not held.may_hold(held_key("TOSEND", "X.FS"))
+    assert not held.may_hold(held_key("N1", "TOSEND", "X.FS"))
 
 
 def test_a_handed_back_job_is_counted_out(tmp_path):
@@ -109,7 +109,25 @@ def test_a_handed_back_job_is_counted_out(tmp_path):
     claimed = sp.claim(waiting(sp, "X.FS"), "N1")
     assert claimed is not None
     sp.hand_back(claimed)
-    assert not held.may_hold(held_key("TOSEND", "X.FS"))
+    assert not held.may_hold(held_key("N1", "TOSEND", "X.FS"))
+
+
+def test_a_job_handed_back_with_its_result_still_beside_it_stays_counted(tmp_path):
+    # A deferral whose commit failed leaves its result (X.FS.BACK) in ACTIVE
+    # and hands the job back: a new job of the name must still wait.
+    sp, held = filtered_spool(tmp_path)
+    put(sp, "X.FS")
+    claimed = sp.claim(waiting(sp, "X.FS"), "N1")
+    assert claimed is not None
+    (Path(claimed.file).parent / "X.FS.BACK").write_bytes(b"a result not committed\n")
+    sp.hand_back(claimed)
+    assert held.may_hold(held_key("N1", "TOSEND", "X.FS"))
+    assert sp.claim(waiting(sp, "X.FS"), "N1") is None
+
+
+def test_keys_ignore_case_and_name_the_node():
+    assert held_key("N1", "tosend1", "x.fs") == held_key("n1", "TOSEND1", "X.FS")
+    assert held_key("N1", "TOSEND", "X.FS") != held_key("N2", "TOSEND", "X.FS")
 
 
 def test_a_claim_that_lost_the_race_counts_nothing_in(tmp_path):
@@ -118,7 +136,7 @@ def test_a_claim_that_lost_the_race_counts_nothing_in(tmp_path):
     w = waiting(sp, "X.FS")
     (sp.folder("TOSEND") / "X.FS").unlink()  # another node took it
     assert sp.claim(w, "N1") is None
-    assert not held.may_hold(held_key("TOSEND", "X.FS"))
+    assert not held.may_hold(held_key("N1", "TOSEND", "X.FS"))
 
 
 @pytest.mark.parametrize("step", ["claimed", "sending", "delivered"])

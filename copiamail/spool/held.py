@@ -14,11 +14,16 @@ name no job holds (the disk is then asked, as without the filter), and it
 never answers "no" for a name a job of the node holds:
 
 - a process counts a name in before the rename that claims its job, and out
-  only after the rename that takes the job's last name out of ACTIVE (its
-  result published, or the job handed back). A count left in (an error left
-  a result in ACTIVE, moved later by a scan) only costs look-ups;
+  only once no name of the job is left in ACTIVE (its result published, or
+  the job handed back with no result of it left beside it). A count left in
+  (an error left a result in ACTIVE, moved later by a scan) only costs
+  look-ups;
 - a second ``Q/X.FS`` can appear in a TOSEND folder only after the first
-  has left it, that is, after the first one's claimer counted it in;
+  has left it, that is, after the first one's claimer counted it in. (The
+  claim's look-up and its rename are two steps, with or without the filter:
+  the filter does not narrow that window, nor widen it;)
+- keys ignore case, as the spool's names do on a file system that ignores
+  it (a share), and name the node;
 - names found in ACTIVE when the node starts (what recovery could not move)
   are counted in a row of their own, and never out.
 """
@@ -28,14 +33,17 @@ from __future__ import annotations
 import mmap
 import zlib
 from collections.abc import Iterable
+from typing import Final
 
 SLOTS = 1 << 14  # counters per row (a power of two): 64 kB a row
-_COUNTER_BYTES = 4
+_COUNTER: Final = "I"  # 32 bits: a row never counts more than the jobs its process holds
 
 
-def held_key(queue: str, name: str) -> str:
-    """The filter's key for job ``name`` of queue folder ``queue``."""
-    return f"{queue}/{name}"
+def held_key(node: str, queue: str, name: str) -> str:
+    """The filter's key for job ``name`` claimed by ``node`` from queue folder
+    ``queue``. Upper case: a name that differs only in case may be the same
+    file, and two keys taken for one only cost a look-up."""
+    return f"{node}/{queue}/{name}".upper()
 
 
 def _slot(key: str) -> int:
@@ -49,7 +57,7 @@ class HeldNames:
 
     def __init__(self, table: mmap.mmap, rows: int, row: int) -> None:
         self._table = table
-        self._counts = memoryview(table).cast("I")
+        self._counts = memoryview(table).cast(_COUNTER)
         self._rows = rows
         self._row = row * SLOTS
         self._mine: dict[str, int] = {}  # keys this process counted in and not yet out
@@ -60,7 +68,8 @@ class HeldNames:
         row with :meth:`for_process`), in memory its forked children share.
         The object returned writes the row of the names found at the start
         (:meth:`count_in` them before the fork)."""
-        table = mmap.mmap(-1, SLOTS * _COUNTER_BYTES * (processes + 1))  # anonymous and shared
+        size = memoryview(bytes(8)).cast(_COUNTER).itemsize
+        table = mmap.mmap(-1, SLOTS * size * (processes + 1))  # anonymous and shared
         return cls(table, processes + 1, processes)
 
     def for_process(self, index: int) -> HeldNames:

@@ -295,15 +295,15 @@ class Spool:
         # A job of the same name still here (a name reused by a submitter),
         # marked sending or delivered, or its result not yet published, must
         # not be overwritten nor taken for this one's: this one waits its
-        # turn. Only this node writes into its ACTIVE folder, so these names
-        # are checked before the rename, where the node's filter of held
-        # names cannot rule them out; the claimed name itself is checked by
+        # turn. Only this node's processes write into its ACTIVE folder, so
+        # these names are checked before the rename, where the node's filter
+        # of held names cannot rule them out; the claimed name itself is checked by
         # the rename (move_unless_taken), atomic between nodes on any file
         # system. access(), not exists(): for a missing name (the usual
         # answer) it returns False instead of raising and catching
         # FileNotFoundError.
         held = self._held
-        key = held_key(job.queue, job.name)
+        key = held_key(node, job.queue, job.name)
         if held is None or held.may_hold(key):
             for suffix in _TAKEN_BY:
                 if os.access(f"{dest}.{suffix}", os.F_OK):
@@ -429,7 +429,12 @@ class Spool:
             raise FileExistsError(errno.EEXIST, "delivered: it stays for recovery to finish", delivered)
         landed = self.place(claimed.file, f"{self._root}/{claimed.queue}", claimed.name)
         if self._held is not None:
-            self._held.count_out(held_key(claimed.queue, claimed.name))
+            # A result whose commit failed may still lie beside it (a
+            # deferral that could not be committed hands its job back): the
+            # name stays counted while it does.
+            left = _beside(claimed.file, claimed.name)
+            if not any(os.access(f"{left}.{suffix}", os.F_OK) for suffix in _TAKEN_BY):
+                self._held.count_out(held_key(claimed.node, claimed.queue, claimed.name))
         return landed
 
     def commit_result(self, claimed: Claimed, result: str) -> Path:
@@ -442,7 +447,7 @@ class Spool:
         crash_point(f"committed-{result.rsplit('.', 1)[1]}")
         landed = self._publish(result, claimed)
         if self._held is not None:
-            self._held.count_out(held_key(claimed.queue, claimed.name))
+            self._held.count_out(held_key(claimed.node, claimed.queue, claimed.name))
         return landed
 
     def drop_spares(self) -> None:
@@ -557,7 +562,7 @@ class Spool:
         keys = []
         for qdir in qdirs:
             for f in os.listdir(qdir):
-                keys += [held_key(qdir.name, f), held_key(qdir.name, f.rpartition(".")[0])]
+                keys += [held_key(node, qdir.name, f), held_key(node, qdir.name, f.rpartition(".")[0])]
         return keys
 
     def holds_jobs(self, node: str) -> bool:
