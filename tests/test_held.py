@@ -10,7 +10,7 @@ import pytest
 
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.spool.held import SLOTS, HeldNames, held_key
-from copiamail.spool.queue import Destination, Spool
+from copiamail.spool.queue import Claimed, Destination, Spool
 
 JOB = b"$email_address a@example.com\n"
 
@@ -29,6 +29,18 @@ def put(sp: Spool, name: str, data: bytes = JOB) -> None:
 
 def waiting(sp: Spool, name: str):
     return next(w for w in sp.scan() if w.name == name)
+
+
+def claimed_x(tmp_path: Path) -> tuple[Spool, HeldNames, Claimed]:
+    """A filtered spool whose node N1 has claimed TOSEND/X.FS."""
+    sp, held = filtered_spool(tmp_path)
+    put(sp, "X.FS")
+    claimed = sp.claim(waiting(sp, "X.FS"), "N1")
+    assert claimed is not None
+    return sp, held, claimed
+
+
+X = held_key("N1", "TOSEND", "X.FS")
 
 
 def test_a_name_counted_in_is_held_for_every_process_until_counted_out():
@@ -95,33 +107,25 @@ def test_there_is_no_row_for_a_process_past_the_count():
 
 
 def test_a_claim_counts_its_name_in_and_the_published_result_counts_it_out(tmp_path):
-    sp, held = filtered_spool(tmp_path)
-    put(sp, "X.FS")
-    claimed = sp.claim(waiting(sp, "X.FS"), "N1")
-    assert claimed is not None and held.may_hold(held_key("N1", "TOSEND", "X.FS"))
+    sp, held, claimed = claimed_x(tmp_path)
+    assert held.may_hold(X)
     sp.finish(claimed, CommandFile.parse(b"done\n"), Destination.SENT)
-    assert not held.may_hold(held_key("N1", "TOSEND", "X.FS"))
+    assert not held.may_hold(X)
 
 
 def test_a_handed_back_job_is_counted_out(tmp_path):
-    sp, held = filtered_spool(tmp_path)
-    put(sp, "X.FS")
-    claimed = sp.claim(waiting(sp, "X.FS"), "N1")
-    assert claimed is not None
+    sp, held, claimed = claimed_x(tmp_path)
     sp.hand_back(claimed)
-    assert not held.may_hold(held_key("N1", "TOSEND", "X.FS"))
+    assert not held.may_hold(X)
 
 
 def test_a_job_handed_back_with_its_result_still_beside_it_stays_counted(tmp_path):
     # A deferral whose commit failed leaves its result (X.FS.BACK) in ACTIVE
     # and hands the job back: a new job of the name must still wait.
-    sp, held = filtered_spool(tmp_path)
-    put(sp, "X.FS")
-    claimed = sp.claim(waiting(sp, "X.FS"), "N1")
-    assert claimed is not None
+    sp, held, claimed = claimed_x(tmp_path)
     (Path(claimed.file).parent / "X.FS.BACK").write_bytes(b"a result not committed\n")
     sp.hand_back(claimed)
-    assert held.may_hold(held_key("N1", "TOSEND", "X.FS"))
+    assert held.may_hold(X)
     assert sp.claim(waiting(sp, "X.FS"), "N1") is None
 
 
@@ -136,7 +140,7 @@ def test_a_claim_that_lost_the_race_counts_nothing_in(tmp_path):
     w = waiting(sp, "X.FS")
     (sp.folder("TOSEND") / "X.FS").unlink()  # another node took it
     assert sp.claim(w, "N1") is None
-    assert not held.may_hold(held_key("N1", "TOSEND", "X.FS"))
+    assert not held.may_hold(X)
 
 
 @pytest.mark.parametrize("step", ["claimed", "sending", "delivered"])
