@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from copiamail.jobfile.fsfile import CommandFile
-from copiamail.spool.held import SLOTS, HeldNames, held_key
+from copiamail.spool.held import SLOTS, HeldNames, held_key, keys_in
 from copiamail.spool.queue import Claimed, Destination, Spool
 
 JOB = b"$email_address a@example.com\n"
@@ -119,14 +119,17 @@ def test_a_handed_back_job_is_counted_out(tmp_path):
     assert not held.may_hold(X)
 
 
-def test_a_job_handed_back_with_its_result_still_beside_it_stays_counted(tmp_path):
+def test_a_job_handed_back_drops_a_result_of_it_left_uncommitted(tmp_path):
     # A deferral whose commit failed leaves its result (X.FS.BACK) in ACTIVE
-    # and hands the job back: a new job of the name must still wait.
+    # and hands the job back: the result must not outlive the job there, or
+    # it would later be published as a second copy of it.
     sp, held, claimed = claimed_x(tmp_path)
     (Path(claimed.file).parent / "X.FS.BACK").write_bytes(b"a result not committed\n")
     sp.hand_back(claimed)
-    assert held.may_hold(X)
-    assert sp.claim(waiting(sp, "X.FS"), "N1") is None
+    assert os.listdir(Path(claimed.file).parent) == [] and os.listdir(sp.folder("TOSEND")) == ["X.FS"]
+    assert not held.may_hold(X)
+    sp.finish_committed("N1", drop_uncommitted=False)
+    assert os.listdir(sp.folder("TOSEND")) == ["X.FS"]
 
 
 def test_keys_ignore_case_and_name_the_node():
@@ -178,7 +181,7 @@ def test_names_left_in_active_at_the_start_keep_a_reused_name_waiting(tmp_path, 
     folder.mkdir(parents=True)
     (folder / left).write_bytes(b"the old job\n")
     held = HeldNames.create(1)
-    held.count_all_in(sp.held_keys("N1"))
+    held.count_all_in(keys_in(sp.active_dir("N1"), "N1"))
     sp.use_held_names(held.for_process(0))
     put(sp, "X.FS", b"$email_address second@b.c\n")
     assert sp.claim(waiting(sp, "X.FS"), "N1") is None

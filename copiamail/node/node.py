@@ -38,7 +38,7 @@ from copiamail.node.workers import run_workers
 from copiamail.scheduling.cluster import check_cluster
 from copiamail.scheduling.scheduler import Scheduler, Stats
 from copiamail.smtp.startup import make_tls_context, relay_tls
-from copiamail.spool.held import HeldNames
+from copiamail.spool.held import HeldNames, keys_in
 from copiamail.spool.peers import IGNORE_LOCKS_ENV, alive_elsewhere
 from copiamail.spool.queue import Spool
 from copiamail.spool.recovery import RecoveryReport, recover
@@ -101,7 +101,7 @@ def run_node(
                              "node names must be unique across machines")
         report = recover(spool, name)
         held = HeldNames.create(config.worker_count)
-        held.count_all_in(spool.held_keys(name))
+        held.count_all_in(keys_in(spool.active_dir(name), name))
         if config.worker_count > 1:
             _log_start(config, name)
             result = run_workers(config, spool, name, password, drain, on_event, load, held)

@@ -31,9 +31,13 @@ never answers "no" for a name a job of the node holds:
 from __future__ import annotations
 
 import mmap
+import os
 import zlib
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Final
+
+from copiamail.spool.layout import SPARE
 
 SLOTS = 1 << 14  # counters per row (a power of two): 64 kB a row
 _COUNTER: Final = "I"  # 32 bits: a row never counts more than the jobs its process holds
@@ -44,6 +48,21 @@ def held_key(node: str, queue: str, name: str) -> str:
     ``queue``. Upper case: a name that differs only in case may be the same
     file, and two keys taken for one only cost a look-up."""
     return f"{node}/{queue}/{name}".upper()
+
+
+def keys_in(active: Path, node: str) -> list[str]:
+    """The keys of every job name node ``node`` holds in its ACTIVE folder
+    ``active`` under any of its names (each file's own name, and its name
+    without its last suffix): those found at the node's start."""
+    try:
+        folders = [q for q in active.iterdir() if q.is_dir() and q.name != SPARE]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    keys = []
+    for folder in folders:
+        for f in os.listdir(folder):
+            keys += [held_key(node, folder.name, f), held_key(node, folder.name, f.rpartition(".")[0])]
+    return keys
 
 
 def _slot(key: str) -> int:

@@ -419,22 +419,28 @@ class Spool:
         return batch
 
     def hand_back(self, claimed: Claimed) -> Path:
-        """Return a job unchanged to its own queue (state 2 to 1). A job
-        marked delivered is never handed back: one whose result file marks it
-        so is renamed ``X.FS.DELIVERED`` instead (recovery finishes it to
-        SENT), and FileExistsError says it stays."""
+        """Return a job unchanged to its own queue (state 2 to 1), a result of
+        it left uncommitted beside it dropped first. A job marked delivered is
+        never handed back: one whose result file marks it so is renamed
+        ``X.FS.DELIVERED`` instead (recovery finishes it to SENT), and
+        FileExistsError says it stays."""
         if claimed.file.endswith(f".{SENDING}") and os.access(delivered_mark(claimed.file), os.F_OK):
             delivered = _beside(claimed.file, f"{claimed.name}.{DELIVERED}")
             os.rename(claimed.file, delivered)
             raise FileExistsError(errno.EEXIST, "delivered: it stays for recovery to finish", delivered)
+        # A result written beside it whose commit failed (a deferral that
+        # could not be committed hands its job back) is not the job: once the
+        # job had left, it would be taken for a committed result and published
+        # as a second copy. It is dropped first, as recovery drops one.
+        base = _beside(claimed.file, claimed.name)
+        for suffix in RESULT_SUFFIXES:
+            try:
+                os.unlink(f"{base}.{suffix}")
+            except FileNotFoundError:
+                pass
         landed = self.place(claimed.file, f"{self._root}/{claimed.queue}", claimed.name)
         if self._held is not None:
-            # A result whose commit failed may still lie beside it (a
-            # deferral that could not be committed hands its job back): the
-            # name stays counted while it does.
-            left = _beside(claimed.file, claimed.name)
-            if not any(os.access(f"{left}.{suffix}", os.F_OK) for suffix in _TAKEN_BY):
-                self._held.count_out(held_key(claimed.node, claimed.queue, claimed.name))
+            self._held.count_out(held_key(claimed.node, claimed.queue, claimed.name))
         return landed
 
     def commit_result(self, claimed: Claimed, result: str) -> Path:
@@ -549,21 +555,6 @@ class Spool:
                 elif suffix == DELIVERED and is_job_name(head):
                     delivered.append(Claimed(node, qdir.name, head, f"{qdir}/{f}"))
         return claimed, interrupted, delivered
-
-    def held_keys(self, node: str) -> list[str]:
-        """The filter keys (:func:`~copiamail.spool.held.held_key`) of every
-        job name node ``node`` holds in ACTIVE under any of its names (each
-        file's own name and its name without its last suffix)."""
-        base = self.active_dir(node)
-        try:
-            qdirs = [q for q in base.iterdir() if q.is_dir() and q.name != SPARE]
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        keys = []
-        for qdir in qdirs:
-            for f in os.listdir(qdir):
-                keys += [held_key(node, qdir.name, f), held_key(node, qdir.name, f.rpartition(".")[0])]
-        return keys
 
     def holds_jobs(self, node: str) -> bool:
         """Whether ``ACTIVE/<node>`` holds a claimed job or a result."""
