@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from pathlib import Path
@@ -11,7 +12,9 @@ import pytest
 import copiamail.spool.queue as spool_mod
 from copiamail import osutil
 from copiamail.jobfile.fsfile import CommandFile
+from copiamail.scheduling.results import Result, ResultWriter, Tally
 from copiamail.spool.queue import Claimed, Destination, QueuedJob, Spool, queue_names
+from copiamail.spool.results import Spares
 
 JOB = b"$email_address a@example.com\n"
 
@@ -668,3 +671,29 @@ def test_a_result_whose_fsync_failed_elsewhere_is_dropped_and_its_job_stays_clai
     assert isinstance(landed[1], OSError) and landed[1].errno == errno.EIO
     assert b.path.exists() and sorted(os.listdir(sp.folder("SENT"))) == ["A.FS"]
     assert active_files(sp) == ["N1/TOSEND/B.FS"]
+
+
+def test_a_deferral_whose_commit_failed_goes_back_once_and_leaves_nothing_to_publish(tmp_path, monkeypatch):
+    # Its result is named X.FS.BACK, then the commit's rename of the claimed
+    # copy fails (a full disk): the job is handed back, and its uncommitted
+    # result must not be published later as a second copy of it.
+    sp = make_spool(tmp_path)
+    claimed = _claim(sp, "TOSEND", "X.FS")
+
+    def full(self, claimed):
+        raise OSError(errno.ENOSPC, "No space left on device", claimed.file)
+
+    monkeypatch.setattr(Spares, "retire", full)
+
+    async def defer() -> list[Path | None]:
+        writer = ResultWriter(sp, "N1", start_syncer=lambda: None)
+        landed: list[Path | None] = []
+        await writer.write(Result(claimed, CommandFile.parse(JOB + b"$var_def DOMAINBUSY_COUNT 1\n"),
+                                  Destination.BACK, Tally.DEFERRED, landed.append))
+        return landed
+
+    assert asyncio.run(defer()) == [sp.folder("TOSEND") / "X.FS"]
+    monkeypatch.undo()
+    assert active_files(sp) == [] and listing(sp.folder("TOSEND")) == ["X.FS"]
+    sp.finish_committed("N1")
+    assert listing(sp.folder("TOSEND")) == ["X.FS"] and (sp.folder("TOSEND") / "X.FS").read_bytes() == JOB
