@@ -697,3 +697,24 @@ def test_a_deferral_whose_commit_failed_goes_back_once_and_leaves_nothing_to_pub
     assert active_files(sp) == [] and listing(sp.folder("TOSEND")) == ["X.FS"]
     sp.finish_committed("N1")
     assert listing(sp.folder("TOSEND")) == ["X.FS"] and (sp.folder("TOSEND") / "X.FS").read_bytes() == JOB
+
+
+def test_a_claim_goes_back_when_the_job_of_its_name_was_marked_sending_during_it(tmp_path, monkeypatch):
+    # The claim looks for the other names first and renames next: another
+    # worker marking its job of the same name sending in between must not
+    # leave two jobs of one name in ACTIVE (the second's own mark would
+    # replace the first's).
+    sp = make_spool(tmp_path)
+    first = _claim(sp, "TOSEND", "X.FS")
+    put(sp, "TOSEND", "X.FS", b"$email_address second@b.c\n")
+    rename = spool_mod._claim_rename
+    marked: list[Claimed] = []
+
+    def marked_meanwhile(src: str, dest_dir: str, dest: str) -> bool:
+        marked.append(sp.mark_sending(first))
+        return rename(src, dest_dir, dest)
+
+    monkeypatch.setattr(spool_mod, "_claim_rename", marked_meanwhile)
+    assert sp.claim(next(iter(sp.scan())), "N1") is None
+    assert active_files(sp) == ["N1/TOSEND/X.FS.SENDING"] and marked[0].path.read_bytes() == JOB
+    assert (sp.folder("TOSEND") / "X.FS").read_bytes() == b"$email_address second@b.c\n"

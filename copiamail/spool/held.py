@@ -19,9 +19,9 @@ never answers "no" for a name a job of the node holds:
   (an error left a result in ACTIVE, moved later by a scan) only costs
   look-ups;
 - a second ``Q/X.FS`` can appear in a TOSEND folder only after the first
-  has left it, that is, after the first one's claimer counted it in. (The
-  claim's look-up and its rename are two steps, with or without the filter:
-  the filter does not narrow that window, nor widen it;)
+  has left it, that is, after the first one's claimer counted it in (so a
+  claim of it meets "maybe", and looks on disk before its rename and again
+  after it: the job of the name may have been marked sending in between);
 - keys ignore case, as the spool's names do on a file system that ignores
   it (a share), and name the node;
 - names found in ACTIVE when the node starts (what recovery could not move)

@@ -152,6 +152,14 @@ from copiamail.spool.results import DeliveredMark, ResultBatch, Spares, fill
 _TAKEN_BY = (SENDING, DELIVERED, *RESULT_SUFFIXES)
 
 
+def _taken_beside(dest: str) -> bool:
+    """Whether a job named as the claimed ``dest`` is in its folder under
+    another of its names. In the order a job moves through them: a name
+    found absent cannot come back while the others are looked at. access(),
+    not exists(): a missing name (the usual answer) raises nothing."""
+    return any(os.access(f"{dest}.{suffix}", os.F_OK) for suffix in _TAKEN_BY)
+
+
 def _claim_rename(src: str, dest_dir: str, dest: str) -> bool:
     """The claim's rename of ``src`` to ``dest`` (its folder made if missing);
     False if the job is gone or the name taken."""
@@ -296,18 +304,15 @@ class Spool:
         # marked sending or delivered, or its result not yet published, must
         # not be overwritten nor taken for this one's: this one waits its
         # turn. Only this node's processes write into its ACTIVE folder, so
-        # these names are checked before the rename, where the node's filter
-        # of held names cannot rule them out; the claimed name itself is checked by
-        # the rename (move_unless_taken), atomic between nodes on any file
-        # system. access(), not exists(): for a missing name (the usual
-        # answer) it returns False instead of raising and catching
-        # FileNotFoundError.
+        # these names are checked before the rename (and after it: another
+        # worker may mark its job sending in between), where the node's
+        # filter of held names cannot rule them out; the claimed name itself
+        # is checked by the rename (move_unless_taken), atomic between nodes.
         held = self._held
         key = held_key(node, job.queue, job.name)
-        if held is None or held.may_hold(key):
-            for suffix in _TAKEN_BY:
-                if os.access(f"{dest}.{suffix}", os.F_OK):
-                    return None
+        maybe = held is None or held.may_hold(key)
+        if maybe and _taken_beside(dest):
+            return None
         if held is not None:
             held.count_in(key)  # before the rename: see spool/held.py
         taken = False
@@ -317,6 +322,13 @@ class Spool:
             if not taken and held is not None:
                 held.count_out(key)
         if not taken:
+            return None
+        if maybe and _taken_beside(dest):
+            # The job of the name was marked sending between the look-up and
+            # the rename (another worker's): this one goes back and waits.
+            self.place(dest, f"{self._root}/{job.queue}", job.name)
+            if held is not None:
+                held.count_out(key)
             return None
         crash_point("claimed")
         return Claimed(node, job.queue, job.name, dest)
