@@ -20,6 +20,7 @@ from copiamail.osutil import (
     NulRecords,
     die_with_parent,
     fsync_all,
+    journal_in_order,
     move_unless_taken,
     reap_child,
     rename_noreplace,
@@ -131,6 +132,99 @@ def test_fsync_all_answers_one_errno_per_file_in_order(tmp_path, monkeypatch, sy
         for fd in (*fds, r, w):
             os.close(fd)
     assert [(tmp_path / f"f{i}").read_bytes() for i in range(3)] == [b"data 0", b"data 1", b"data 2"]
+
+
+def written_files(folder, n):
+    fds = []
+    for i in range(n):
+        fd = os.open(folder / f"g{i}", os.O_WRONLY | os.O_CREAT)
+        os.write(fd, b"result %d" % i)
+        fds.append(fd)
+    return fds
+
+
+def counting_fsyncs(monkeypatch, fail: int = 0):
+    calls = []
+    real = os.fsync
+
+    def fsync(fd):
+        calls.append(fd)
+        if fail:
+            raise OSError(fail, os.strerror(fail))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return calls
+
+
+def test_fsync_all_in_one_commit_answers_one_errno_per_file_and_keeps_every_file(tmp_path):
+    fds = written_files(tmp_path, 3)
+    r, w = os.pipe()  # no write-back for a pipe: ESPIPE for it alone
+    try:
+        assert fsync_all([fds[0], r, fds[1], fds[2]], one_commit=True) == [0, errno.ESPIPE, 0, 0]
+        assert fsync_all([], one_commit=True) == []
+    finally:
+        for fd in (*fds, r, w):
+            os.close(fd)
+    assert [(tmp_path / f"g{i}").read_bytes() for i in range(3)] == [b"result 0", b"result 1", b"result 2"]
+
+
+def test_one_commit_makes_one_fsync_for_a_group_and_the_default_one_a_file(tmp_path, monkeypatch):
+    fds = written_files(tmp_path, 4)
+    calls = counting_fsyncs(monkeypatch)
+    try:
+        fsync_all(fds, one_commit=True)
+        assert calls == [fds[-1]]
+        calls.clear()
+        fsync_all(fds)
+        assert calls == fds
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_a_failed_commit_leaves_no_file_of_its_group_taken_for_durable(tmp_path, monkeypatch):
+    fds = written_files(tmp_path, 3)
+    r, w = os.pipe()
+    counting_fsyncs(monkeypatch, fail=errno.EIO)
+    try:
+        assert fsync_all([fds[0], fds[1], r, fds[2]], one_commit=True) == [errno.EIO, errno.EIO, errno.ESPIPE, errno.EIO]
+    finally:
+        for fd in (*fds, r, w):
+            os.close(fd)
+
+
+def test_without_sync_file_range_one_commit_is_an_fsync_per_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(osutil, "_SYNC_FILE_RANGE", None)
+    fds = written_files(tmp_path, 3)
+    calls = counting_fsyncs(monkeypatch)
+    try:
+        assert fsync_all(fds, one_commit=True) == [0, 0, 0]
+        assert calls == fds
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def mount_line(path, fstype: str, source: str = "/dev/vda") -> str:
+    dev = os.stat(path).st_dev
+    return f"29 1 {os.major(dev)}:{os.minor(dev)} / /spool rw,relatime shared:1 - {fstype} {source} rw\n"
+
+
+@pytest.mark.parametrize(("fstype", "in_order"), [
+    ("ext4", True), ("ext3", True), ("xfs", True),
+    ("ext2", False), ("tmpfs", False), ("nfs4", False), ("overlay", False), ("btrfs", False), ("fuse.sshfs", False),
+])
+def test_only_a_journal_that_commits_in_order_allows_one_commit(tmp_path, fstype, in_order):
+    other = "30 1 254:77 / /other rw - ext4 /dev/vdb rw\n"
+    assert journal_in_order(tmp_path, other + mount_line(tmp_path, fstype)) is in_order
+
+
+def test_a_file_system_that_cannot_be_told_gets_an_fsync_per_file(tmp_path):
+    assert not journal_in_order(tmp_path, "30 1 254:77 / /other rw - ext4 /dev/vdb rw\n")  # not listed
+    assert not journal_in_order(tmp_path, mount_line(tmp_path, "ext4") + mount_line(tmp_path, "nfs4"))  # two answers
+    assert not journal_in_order(tmp_path / "missing", mount_line(tmp_path, "ext4"))
+    assert not journal_in_order(tmp_path, "garbage\n")
 
 
 # --- die_with_parent ----------------------------------------------------------------

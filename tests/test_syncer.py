@@ -9,6 +9,7 @@ import re
 import signal
 from pathlib import Path
 
+import pytest
 from smtpserver import Rule
 from spoolkit import SpoolKit, children_of, wait_until
 
@@ -54,19 +55,34 @@ def test_a_batch_larger_than_one_message_is_answered_once_for_all_its_files(tmp_
     assert asyncio.run(run()) == [0] * (MAX_FDS * 2 + 7)
 
 
-def test_a_file_that_cannot_be_synced_gets_its_errno(tmp_path):
-    # fsync of a pipe is EINVAL: the answer says so for that file only.
+@pytest.mark.parametrize(("one_commit", "pipe_errno"), [(False, errno.EINVAL), (True, errno.ESPIPE)])
+def test_a_file_that_cannot_be_synced_gets_its_errno(tmp_path, one_commit, pipe_errno):
+    # A pipe cannot be fsynced (EINVAL) nor written back (ESPIPE): the answer
+    # says so for that file only.
     async def run() -> list[int] | None:
-        syncer = Syncer.start(lambda: None)
+        syncer = Syncer.start(lambda: None, one_commit=one_commit)
         assert syncer is not None
         r, w = os.pipe()
         try:
-            return await submit(syncer, [open_files(tmp_path, 1)[0], r])
+            return await submit(syncer, [open_files(tmp_path, 1)[0], r, open_files(tmp_path / "more", 1)[0]])
         finally:
             os.close(w)
             syncer.close()
 
-    assert asyncio.run(run()) == [0, errno.EINVAL]
+    (tmp_path / "more").mkdir()
+    assert asyncio.run(run()) == [0, pipe_errno, 0]
+
+
+def test_a_syncer_making_one_commit_a_request_answers_each_file_in_order(tmp_path):
+    async def run() -> list[int] | None:
+        syncer = Syncer.start(lambda: None, one_commit=True)
+        assert syncer is not None
+        try:
+            return await submit(syncer, open_files(tmp_path, MAX_FDS + 3))
+        finally:
+            syncer.close()
+
+    assert asyncio.run(run()) == [0] * (MAX_FDS + 3)
 
 
 def test_when_the_syncer_dies_batches_in_flight_get_none_and_later_ones_are_refused(tmp_path):

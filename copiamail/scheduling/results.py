@@ -32,6 +32,7 @@ from copiamail.jobfile import records
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job
 from copiamail.logs import OUTCOMES, log_fields
+from copiamail.osutil import journal_in_order
 from copiamail.spool.queue import Claimed, DeliveredMark, Destination, ResultBatch, Spool
 from copiamail.spool.syncer import Syncer
 
@@ -110,14 +111,16 @@ HAND_BACK_RETRY_MAX = 30.0  # seconds between two tries of a hand-back that keep
 class ResultWriter:
     """Writes the results of node ``node``'s jobs into ``spool`` and counts them
     in :attr:`stats`, reporting each to ``on_event(kind, job name)``. Used from
-    one event loop. ``start_syncer`` starts the syncer process (None: none)."""
+    one event loop. ``start_syncer`` starts the syncer process (None: none;
+    by default one that makes each batch durable in one journal commit where
+    the spool's file system allows it)."""
 
     def __init__(self, spool: Spool, node: str, on_event: Callable[[str, str], None] | None = None,
-                 start_syncer: Callable[[], Syncer | None] = Syncer.start, hand_back_retry: float = 1.0) -> None:
+                 start_syncer: Callable[[], Syncer | None] | None = None, hand_back_retry: float = 1.0) -> None:
         self._spool = spool
         self._node = node
         self._on_event = on_event or (lambda kind, name: None)
-        self._start_syncer = start_syncer
+        self._start_syncer = start_syncer or (lambda: Syncer.start(one_commit=journal_in_order(spool.root)))
         self.stats = Stats()
         self._owed: list[Result] = []
         self._parked = False

@@ -88,9 +88,9 @@ to 1 by one no-replace rename (:meth:`Spool.hand_back`).
 Results are written in batches
 (:class:`~copiamail.spool.results.ResultBatch`, the results of one turn of the
 node's event loop): each into its spare, then the disk is asked to write them
-all (``sync_file_range``), then each is fsynced, and only then is each
-committed and published in turn. The order per job is as above; the
-fsyncs of a batch overlap instead of adding up. A node has them made by its
+all (``sync_file_range``), then each is fsynced (on ext4 and xfs: each waited
+for, then one fsync commits the journal for all), and only then is each
+committed and published in turn, as above. A node has them made by its
 syncer process (:mod:`copiamail.spool.syncer`, handed the open descriptors) while
 its event loop goes on, and commits each result only after the answer.
 
@@ -106,8 +106,8 @@ never taken for the job, so they are never read. A spare is never a job: it has 
 job name, and recovery deletes spares, as does a node when it stops. Each
 process of a node takes only the spares it made.
 
-Durability: the result's data is fsynced before the commit step, so after a
-power loss a committed job is complete. Directory entries are not fsynced: on
+Durability: the result's data is durable before the commit step (the fsync, or
+the batch's one commit), so after a power loss a committed job is complete. Directory entries are not fsynced: on
 ext4 and xfs the journal keeps renames in order after the data; elsewhere a
 power loss may roll a move back, which at worst sends a job again (the
 at-least-once window), never loses it, since every move leaves a complete

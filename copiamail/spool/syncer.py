@@ -19,8 +19,11 @@ Protocol, over a socket pair (``SOCK_SEQPACKET``: one message is one request):
   (0: the file is durable).
 
 The syncer asks the disk to write the whole request first
-(``sync_file_range``), then fsyncs each file, closes its copies of the
-descriptors, and answers. The node commits a result only after its answer
+(``sync_file_range``), then fsyncs each file -- or, on a file system whose
+journal commits in order (``one_commit``, see
+:func:`~copiamail.osutil.fsync_all`), waits for each file's data and makes
+one fsync for the whole request -- closes its copies of the descriptors, and
+answers. The node commits a result only after its answer
 (the order of states in :mod:`copiamail.spool.queue` is unchanged), and keeps its own
 descriptors open until then.
 
@@ -69,10 +72,13 @@ class Syncer:
         self.alive = True
 
     @classmethod
-    def start(cls, on_lost: Callable[[], None] | None = None) -> Syncer | None:
+    def start(cls, on_lost: Callable[[], None] | None = None, one_commit: bool = False) -> Syncer | None:
         """Fork a syncer; None where that cannot be done (no fork or no
         SCM_RIGHTS here, or the fork failed): the caller fsyncs itself.
-        ``on_lost`` is called once if the syncer is lost while in use."""
+        ``on_lost`` is called once if the syncer is lost while in use;
+        ``one_commit``: each request made durable by one journal commit
+        (only for files on a file system :func:`~copiamail.osutil.journal_in_order`
+        approves)."""
         if not hasattr(os, "fork") or not hasattr(socket, "send_fds"):
             return None
         try:
@@ -93,7 +99,7 @@ class Syncer:
             code = 1
             try:
                 ours.close()
-                code = _serve(theirs, node)
+                code = _serve(theirs, node, one_commit)
             finally:
                 os._exit(code)
         theirs.close()
@@ -188,7 +194,7 @@ class Syncer:
         reap_child(self._pid, 1.0)
 
 
-def _serve(sock: socket.socket, node: int) -> int:
+def _serve(sock: socket.socket, node: int, one_commit: bool) -> int:
     """The syncer process: answer requests until the socket closes (or the
     node process ``node`` ends)."""
     # The node's own signal handling is not this process's: a Ctrl-C sent to
@@ -218,7 +224,7 @@ def _serve(sock: socket.socket, node: int) -> int:
             return 1
         if not msg:
             return 0
-        errnos = fsync_all(fds)
+        errnos = fsync_all(fds, one_commit)
         for fd in fds:
             os.close(fd)
         try:
