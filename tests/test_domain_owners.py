@@ -97,6 +97,33 @@ def test_a_domain_left_answers_its_next_worker_here_at_once_and_elsewhere_only_o
     assert owners.given() == [0, 1]
 
 
+def test_an_ended_workers_domains_go_to_the_next_worker_to_meet_them_and_it_is_given_no_new_one():
+    owners = DomainOwners.create(2)
+    assert owners.owner("a.test") == 0 and owners.owner("b.test") == 1
+    other = DomainOwners(os.dup(owners._fd), 2)  # worker 1's mapping
+    assert other.owner("a.test") == 0
+    generation = owners.generation
+    owners.end(0)  # its connections have all closed
+    assert other.generation == generation + 1  # every copy naming it is forgotten
+    other.forget()
+    assert other.owner("a.test") == 1
+    assert owners.given() == [0, 2]
+    assert [other.owner(d) for d in ("c.test", "d.test", "e.test")] == [1, 1, 1]  # never to the ended worker
+    fresh = DomainOwners(os.dup(owners._fd), 2)
+    assert fresh.owner("a.test") == 1
+
+
+def test_a_worker_ended_for_want_of_work_raises_the_generation_too():
+    owners = DomainOwners.create(2)
+    owners.owner("a.test")
+    generation = owners.generation
+    owners.ask(0, True)
+    owners.ask(1, True)
+    assert owners.end_if_unanswered(0)
+    assert owners.generation == generation + 1
+    assert owners.owner("z.test") == 1
+
+
 def test_a_domain_that_went_by_the_fixed_hash_cannot_move():
     owners = DomainOwners.create(2, entries=4)
     domains = [f"d{i}.test" for i in range(12)]

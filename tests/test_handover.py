@@ -1,15 +1,24 @@
-"""Moving domains between a drain's workers (the giver's side, with stand-ins
-for its connections, waiting jobs, router, shaping and scanner)."""
+"""Moving domains between a drain's workers: the giver's side, with stand-ins
+for its connections, waiting jobs, router, shaping and scanner; then a real
+worker's drain (worker 0 a real Scheduler in this process, worker 1 played
+through its own mapping of the owners' table)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from copiamail.config import Config, RelayConfig
 from copiamail.scheduling.domain_owners import DomainOwners
 from copiamail.scheduling.handover import Handover
 from copiamail.scheduling.limits import Limit
+from copiamail.scheduling.scan import Scanner
+from copiamail.scheduling.scheduler import Scheduler
+from copiamail.scheduling.shared_slots import SharedSlots
+from copiamail.spool.queue import Spool
 
 
 @dataclass(eq=False)
@@ -28,6 +37,7 @@ class Parts:
     dropped: list[str] = field(default_factory=list)
     adaptive: None = None
     full_scan_due: bool = False
+    hinted: bool = False
     forgot: int = 0
 
     # connections
@@ -103,7 +113,8 @@ def test_an_asking_worker_is_given_domains_or_ends_once_nobody_else_can_give():
     owners = DomainOwners.create(2, entries=64)
     owners.owner("a.test")
     other = DomainOwners(os.dup(owners._fd), 2, entries=64)
-    asker = handover(other, Parts([]), worker=1)
+    scanner = Parts([])
+    asker = handover(other, scanner, worker=1)
 
     async def given_while_asking() -> bool:
         asking = asyncio.ensure_future(asker.ask(lambda: False))
@@ -114,6 +125,8 @@ def test_an_asking_worker_is_given_domains_or_ends_once_nobody_else_can_give():
         return await asyncio.wait_for(asking, 5)
 
     assert asyncio.run(given_while_asking())
+    assert scanner.full_scan_due
+    scanner.full_scan_due = False  # the whole scan it asks for, made
 
     async def ended_when_the_other_asks_too() -> bool:
         owners.ask(0, True)
@@ -123,7 +136,127 @@ def test_an_asking_worker_is_given_domains_or_ends_once_nobody_else_can_give():
     assert not owners.end_if_unanswered(1)  # it has ended: nothing of it is open
 
 
+def test_a_worker_with_a_whole_scan_due_or_files_named_looks_before_it_asks():
+    # A move seen during its last whole scan, or a file the watcher named:
+    # its jobs may be this worker's, so it scans again instead of waiting.
+    owners = DomainOwners.create(2, entries=64)
+    for due in (Parts([], full_scan_due=True), Parts([], hinted=True)):
+        assert asyncio.run(handover(owners, due).ask(lambda: False))
+        assert not owners.asking(0)
+
+
+def test_an_asking_worker_goes_back_to_scanning_when_a_file_is_named_while_it_waits():
+    owners = DomainOwners.create(2, entries=64)
+    parts = Parts([])
+
+    async def named_while_asking() -> bool:
+        asking = asyncio.ensure_future(handover(owners, parts).ask(lambda: False))
+        await asyncio.sleep(0.02)
+        assert owners.asking(0)
+        parts.hinted = True
+        return await asyncio.wait_for(asking, 5)
+
+    assert asyncio.run(named_while_asking())
+    assert not owners.asking(0)  # its request is withdrawn: nobody gives to it meanwhile
+
+
 def test_a_stopping_worker_stops_asking():
     owners = DomainOwners.create(2, entries=64)
     assert not asyncio.run(handover(owners, Parts([])).ask(lambda: True))
     assert not owners.asking(0)
+
+
+# --- a real worker's drain -------------------------------------------------------
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _rig(tmp_path: Path):
+    spool = Spool(tmp_path / "spool", 15, fsync=False)
+    spool.ensure()
+    owners = DomainOwners.create(2, entries=64)
+    other = DomainOwners(os.dup(owners._fd), 2, entries=64)  # worker 1's mapping
+    config = Config(spool=spool.root, relay=RelayConfig("127.0.0.1", _closed_port()), helo_name="test.example",
+                    write_settle=0)
+    sched = Scheduler(config, spool, "N1", worker=0, workers=2, shared=SharedSlots.create(), owners=owners)
+    claimed: list[str] = []
+    claim = spool.claim
+
+    def recording_claim(job, node):
+        got = claim(job, node)
+        if got is not None:
+            claimed.append(job.name)
+        return got
+
+    spool.claim = recording_claim  # type: ignore[method-assign]
+    return spool, owners, other, sched, claimed
+
+
+def _job(spool: Spool, queue: str, name: str, to: str) -> Path:
+    tmp = spool.root / queue / (name[:-3] + ".TFS")
+    tmp.write_text(f"$email_address {to}\n$email_text \"hi\"\n")
+    path = spool.root / queue / name
+    os.rename(tmp, path)
+    return path
+
+
+def test_a_job_of_its_own_domain_that_arrives_while_a_worker_asks_is_sent_before_the_drain_ends(tmp_path):
+    spool, owners, other, sched, claimed = _rig(tmp_path)
+
+    async def main() -> None:
+        run = asyncio.ensure_future(sched.run(drain=True))
+        # Worker 0 finds nothing and asks for domains; worker 1 is busy.
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if owners.asking(0):
+                break
+        assert owners.asking(0)
+        # Worker 1's scan meets a new domain first and gives it to worker 0
+        # (fewest domains); the watcher names the file to every worker.
+        assert other.owner("late.test") == 0
+        path = _job(spool, "TOSEND", "LATE.FS", "u@late.test")
+        sched.hint(path)
+        sched.request_scan()  # even a whole scan asked for is not made
+        await asyncio.sleep(0.5)
+        # Worker 1 ends its own work (seconds or minutes later) and asks too.
+        other.ask(1, True)
+        await asyncio.wait_for(run, 10)
+
+    asyncio.run(main())
+    assert "LATE.FS" in claimed, f"drain ended with {sorted(os.listdir(spool.root / 'TOSEND'))} in TOSEND"
+
+
+def test_a_domain_moved_here_while_its_last_whole_scan_ran_is_scanned_before_it_asks(tmp_path, monkeypatch):
+    spool, _owners, other, sched, claimed = _rig(tmp_path)
+    assert other.owner("x.test") == 0 and other.owner("e.test") == 1  # e.test: worker 1's
+    _job(spool, "TOSEND", "E1.FS", "u@e.test")
+    _job(spool, "TOSEND1", "T.FS", "u@e.test")
+    consider = Scanner._consider
+
+    def consider_then_move(self, w, now, unknown_recent=False):
+        if w.name == "T.FS" and other.leaving():
+            # Worker 1 had left e.test to worker 0 (an earlier request); its
+            # last connection of e.test closes now, while worker 0's whole
+            # scan is past E1.FS.
+            other.move("e.test")
+        return consider(self, w, now, unknown_recent)
+
+    other.leave("e.test", 0)
+    monkeypatch.setattr(Scanner, "_consider", consider_then_move)
+
+    async def main() -> None:
+        run = asyncio.ensure_future(sched.run(drain=True))
+        await asyncio.sleep(1.0)
+        other.ask(1, True)  # worker 1 is done with its own domains
+        await asyncio.wait_for(run, 10)
+
+    asyncio.run(main())
+    assert not other.leaving()
+    left = sorted(os.listdir(spool.root / "TOSEND")) + sorted(os.listdir(spool.root / "TOSEND1"))
+    assert sorted(claimed) == ["E1.FS", "T.FS"], f"drain ended with {left} unsent"

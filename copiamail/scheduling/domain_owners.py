@@ -25,7 +25,10 @@ connection of such a domain has closed rewrites its entry
 process that sees the generation change forgets its copy
 (:meth:`~DomainOwners.forget`) and reads the table again. So no instant has
 two workers sending one domain: the old worker has closed its connections
-before the table names the new one.
+before the table names the new one. A worker that has ended (its connections
+all closed) takes no domain and keeps none: its end raises the generation,
+and the next worker to meet one of its domains takes it, so a job that
+arrives late for such a domain is still sent before the drain ends.
 
 The table is a ``memfd`` mapped by the supervisor before it forks the workers.
 Its header counts the domains given to each worker, then holds the
@@ -136,10 +139,13 @@ class DomainOwners:
         return None
 
     def end(self, worker: int) -> None:
-        """``worker`` has ended: it gives no domain any more, and takes none."""
+        """``worker`` has ended: it gives no domain any more, and takes none;
+        its domains go to the next worker to meet them (the generation is
+        raised, so every copy naming it is forgotten)."""
         with file_locked(self._fd):
             self._set(self._asks_at, worker, False)
             self._set(self._ended_at, worker, True)
+            _COUNT.pack_into(self._map, self._generation_at, self.generation + 1)
 
     def end_if_unanswered(self, worker: int) -> bool:
         """End ``worker`` (True) if its request is still open and every other
@@ -150,6 +156,7 @@ class DomainOwners:
                 return False
             self._set(self._asks_at, worker, False)
             self._set(self._ended_at, worker, True)
+            _COUNT.pack_into(self._map, self._generation_at, self.generation + 1)
             return True
 
     def others_idle(self, worker: int) -> bool:
@@ -216,10 +223,17 @@ class DomainOwners:
         if offset is None:
             return worker_of(domain, self._workers)
         found, worker = _ENTRY.unpack_from(self._map, offset)
-        if found == h:
-            return int(worker) - 1
+        owner = int(worker) - 1 if found == h else None
+        live = [w for w in range(self._workers) if not self._get(self._ended_at, w)]
+        if owner is not None and (owner in live or not live):
+            return owner
+        # A new domain, or one whose worker has ended (its connections have
+        # all closed, so another may start at once): to the live worker
+        # given the fewest domains.
         counts = self.given()
-        chosen = counts.index(min(counts))
+        chosen = min(live, key=lambda w: (counts[w], w))
         _ENTRY.pack_into(self._map, offset, h, chosen + 1)
         _COUNT.pack_into(self._map, chosen * _COUNT.size, counts[chosen] + 1)
+        if owner is not None:
+            _COUNT.pack_into(self._map, owner * _COUNT.size, counts[owner] - 1)
         return chosen
