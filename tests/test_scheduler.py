@@ -5,12 +5,18 @@ test_node_e2e, test_workers_e2e and the other e2e tests."""
 from __future__ import annotations
 
 import asyncio
+import errno
 from pathlib import Path
 
 import pytest
 
 from copiamail.config import Config, RelayConfig
+from copiamail.jobfile.fsfile import CommandFile
+from copiamail.jobfile.job import parse_job
 from copiamail.scheduling.scheduler import Scheduler
+from copiamail.scheduling.shared_slots import SharedSlots
+from copiamail.scheduling.waiting import WaitEntry
+from copiamail.spool.layout import QueuedJob
 from copiamail.spool.queue import Spool
 
 
@@ -80,3 +86,35 @@ def test_the_wait_ends_at_its_timeout_without_a_wake(scheduler):
         await asyncio.wait_for(scheduler._woken(asyncio.Event(), 0.01, True), 5)
 
     asyncio.run(go())
+
+
+def test_a_claim_that_raises_after_the_slots_were_taken_gives_them_back(tmp_path, monkeypatch):
+    # A waiting job offered a freed slot: the slots are taken, then its claim
+    # fails (EIO on the spool's share). The slots must come back.
+    for d in ["TOSEND"] + [f"TOSEND{i}" for i in range(1, 16)]:
+        (tmp_path / d).mkdir()
+    job_path = tmp_path / "TOSEND" / "A.FS"
+    job_path.write_text('$email_address a@x.test\n$email_text "hi"\n', encoding="utf-8")
+    table = SharedSlots.create(64)
+    config = Config(spool=tmp_path, relay=RelayConfig("192.0.2.1"), server_max_outbound_connections=2)
+    spool = Spool(tmp_path, 15, False)
+    scheduler = Scheduler(config, spool, "N1", shared=table)
+    job = parse_job(CommandFile.read(job_path), "A.FS", config.job_env)
+    entry = WaitEntry(QueuedJob(spool.priority("TOSEND"), "TOSEND", "A.FS", str(job_path)), job.without_content())
+    scheduler._waiting.add(entry, [("server", 2)])
+
+    def broken_claim(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spool, "claim", broken_claim)
+
+    async def go() -> None:
+        try:
+            scheduler._offer(["server"])
+        except OSError:
+            pass
+
+    asyncio.run(go())
+    assert job_path.exists()  # the job is not lost ...
+    assert scheduler._connections.tasks() == []  # ... and no connection opened ...
+    assert table.held("server") == 0, f"server slots held by nobody: {table.held('server')}"

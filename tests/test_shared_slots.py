@@ -133,9 +133,7 @@ def test_the_watch_tells_a_worker_of_a_slot_freed_by_another_and_of_slots_wanted
         before = calls
         w0.release([POOL])
         await asyncio.sleep(0.2)
-        for task in (watch0, watch1):
-            task.cancel()
-        await asyncio.gather(watch0, watch1, return_exceptions=True)
+        await cancelled(watch0, watch1)
         return calls - before, wanted
 
     woken, wanted = asyncio.run(main())
@@ -177,3 +175,100 @@ def test_a_cap_of_one_that_others_wait_on_goes_from_worker_to_worker():
     w0.release([one])
     assert w0.leaves(one.key, 1)  # until its watch sees it holds none
     assert not w1.leaves(one.key, 1) and w1.try_acquire([one]) is None
+
+
+async def cancelled(*tasks: asyncio.Task[None]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def w0_holding(n: int) -> tuple[SharedSlots, LocalLimiter, LocalLimiter]:
+    """Two workers, worker 0 holding ``n`` slots of :data:`POOL`."""
+    table, w0, w1 = two_workers()
+    for _ in range(n):
+        assert w0.try_acquire([POOL]) is None
+    return table, w0, w1
+
+
+def test_a_watch_goes_on_after_an_error_in_its_callback_and_its_want_bits_follow():
+    # An error while offering a freed slot must not end the watch: the worker
+    # would never hear of freed slots again, and its want bits would keep the
+    # other worker to half the cap for good.
+    _, w0, w1 = w0_holding(4)
+    assert w1.try_acquire([POOL]) == POOL  # w1's job waits on the pool
+    w1_waits = {"yes": True}
+
+    def room_raises() -> None:
+        raise OSError(5, "Input/output error")  # e.g. spool.claim() inside _offer_key
+
+    async def main() -> tuple[bool, set[str]]:
+        watch1 = asyncio.create_task(w1.watch_shared(lambda key: w1_waits["yes"], room_raises))
+        watch0 = asyncio.create_task(w0.watch_shared(lambda key: False, lambda: None))
+        await asyncio.sleep(0.1)
+        w0.release([POOL])  # a slot frees: w1's on_room is called and raises
+        await asyncio.sleep(0.1)
+        w1_waits["yes"] = False  # w1's jobs no longer wait (sent elsewhere, expired ...)
+        await asyncio.sleep(0.2)
+        alive = not watch1.done()
+        elsewhere = set(w0.wanted_elsewhere)
+        await cancelled(watch0, watch1)
+        return alive, elsewhere
+
+    alive, elsewhere = asyncio.run(main())
+    assert alive and elsewhere == set(), f"w1 watch alive={alive}; w0 still believes others wait on {elsewhere}"
+
+
+def test_a_worker_that_left_slots_to_others_hears_when_they_stop_waiting():
+    # w0 holds 2 of 4 and leaves the other 2 to w1, whose job waits; w1's job
+    # then starts elsewhere (another mail host) without giving a slot back: w0
+    # must be told its own waiting jobs may take the 2 free slots.
+    table, w0, w1 = w0_holding(2)
+    assert w1.try_acquire([Limit(POOL.key, 0, "x", shared=True)]) is not None  # w1 learns the key
+    w1_waits = {"yes": True}
+
+    async def main() -> tuple[int, Limit | None]:
+        calls = 0
+
+        def room() -> None:
+            nonlocal calls
+            calls += 1
+
+        watch1 = asyncio.create_task(w1.watch_shared(lambda key: w1_waits["yes"], lambda: None))
+        watch0 = asyncio.create_task(w0.watch_shared(lambda key: True, room))
+        await asyncio.sleep(0.2)
+        assert w0.wanted_elsewhere == {POOL.key}
+        blocked = w0.try_acquire([POOL])  # its job is refused: left to w1
+        before = calls
+        w1_waits["yes"] = False
+        await asyncio.sleep(0.3)
+        await cancelled(watch0, watch1)
+        return calls - before, blocked
+
+    woken, blocked = asyncio.run(main())
+    assert blocked == POOL
+    assert w0.wanted_elsewhere == set() and table.held(POOL.key) == 2
+    assert woken >= 1, "w0 was never told it may take the 2 free slots again"
+
+
+def test_a_watch_that_ends_leaves_no_want_bits_behind():
+    # A drain's worker that ends stops watching: the others must not go on
+    # leaving it slots of their caps.
+    _, w0, w1 = w0_holding(4)
+    assert w1.try_acquire([POOL]) == POOL
+
+    async def main() -> tuple[set[str], set[str]]:
+        watch1 = asyncio.create_task(w1.watch_shared(lambda key: True, lambda: None))
+        watch0 = asyncio.create_task(w0.watch_shared(lambda key: False, lambda: None))
+        await asyncio.sleep(0.2)
+        waited = set(w0.wanted_elsewhere)
+        watch1.cancel()
+        await asyncio.gather(watch1, return_exceptions=True)
+        await asyncio.sleep(0.2)
+        after = set(w0.wanted_elsewhere)
+        watch0.cancel()
+        await asyncio.gather(watch0, return_exceptions=True)
+        return waited, after
+
+    waited, after = asyncio.run(main())
+    assert waited == {POOL.key} and after == set()

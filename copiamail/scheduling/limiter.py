@@ -28,11 +28,14 @@ stops new connections until the count falls under it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from copiamail.scheduling.limits import Limit, is_cluster_key
 from copiamail.scheduling.shared_slots import SharedSlots
+
+log = logging.getLogger("copiamail")
 
 SHARED_POLL = 0.02  # seconds between two looks at the shared table while jobs wait on it
 
@@ -184,24 +187,37 @@ class LocalLimiter:
         (``waits_on(key)``; only the table's keys are asked about, a few, not
         every key a job waits on), learn which of the keys it holds other
         workers wait on (:attr:`wanted_elsewhere`), and call ``on_room()`` when
-        a slot was given back anywhere or that changed."""
+        a slot was given back anywhere, when other workers wait on its keys,
+        or when they stopped waiting on some (what it left them is its own
+        again). An error in ``on_room`` is logged and the watch goes on; when
+        the watch ends, this worker waits on nothing in the table any more
+        (else other workers would go on leaving it their slots)."""
         shared = self._shared
         if shared is None:
             return
         seen = shared.generation
-        while True:
-            await asyncio.sleep(SHARED_POLL)
-            wanted = {k for k in self._in_table if waits_on(k)}
-            held = [k for k in self._used if k in self._in_table]
-            generation = shared.generation
-            if wanted == self._wanted and generation == seen and not held:
-                continue
+        try:
+            while True:
+                await asyncio.sleep(SHARED_POLL)
+                wanted = {k for k in self._in_table if waits_on(k)}
+                held = [k for k in self._used if k in self._in_table]
+                generation = shared.generation
+                if wanted == self._wanted and generation == seen and not held and not self.wanted_elsewhere:
+                    continue
+                with shared.locked():
+                    shared.want(self._worker, self._wanted - wanted, False)
+                    shared.want(self._worker, wanted - self._wanted, True)
+                    elsewhere = shared.wanted_by_others(self._worker, held)
+                self._wanted = wanted
+                fewer = bool(self.wanted_elsewhere - elsewhere)
+                self.wanted_elsewhere = elsewhere
+                if generation != seen or elsewhere or fewer:
+                    seen = generation
+                    try:
+                        on_room()
+                    except Exception as e:  # a bad turn must not end the watch for good
+                        log.error("offering freed shared slots failed: %s: %s", type(e).__name__, e)
+        finally:
             with shared.locked():
-                shared.want(self._worker, self._wanted - wanted, False)
-                shared.want(self._worker, wanted - self._wanted, True)
-                elsewhere = shared.wanted_by_others(self._worker, held)
-            self._wanted = wanted
-            self.wanted_elsewhere = elsewhere
-            if generation != seen or elsewhere:
-                seen = generation
-                on_room()
+                shared.want(self._worker, self._wanted, False)
+            self._wanted = set()

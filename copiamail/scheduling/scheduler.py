@@ -449,10 +449,13 @@ class Scheduler:
                 # of its limits): it goes to the next domain's job instead.
                 passed_over.add(entry.job.domain)
                 continue
-            claimed = self._take(entry)
-            if claimed is None:
-                if choice is not None and choice.reuse is None:
+            claimed = None
+            try:
+                claimed = self._take(entry)
+            finally:  # not claimed, even by an error: its slots go back (else the cap shrinks)
+                if claimed is None and choice is not None and choice.reuse is None:
                     self.limiter.release(choice.limits)
+            if claimed is None:
                 continue
             if choice is None:
                 self._dispatch(claimed)
