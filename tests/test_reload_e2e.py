@@ -6,17 +6,22 @@ restart can change is kept, with a warning; a log file is reopened."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import signal
+import stat
 import subprocess
 import time
+from types import MappingProxyType
 
 import pytest
 from smtpserver import Rule
 from spoolkit import CLI, SpoolKit, cli_env, stop, wait_until
 
 from copiamail.config import load_config
-from copiamail.node.reload import reloaded
+from copiamail.config_sections import DkimKey
+from copiamail.node.reload import hand_over, reloaded, taken_over
 from copiamail.report import status_document
 from copiamail.spool.queue import Spool
 
@@ -119,6 +124,25 @@ def test_what_only_a_restart_can_change_is_kept_with_a_warning(tmp_path, caplog)
     assert after.max_outbound_connections == 7 and after.rules.domain_limits[0].count == 1  # in force
     warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warning == ["SIGHUP: queues, smtp_timeout change only at a restart; kept as they were"]
+
+
+def test_workers_take_over_the_configuration_their_supervisor_read_whole_and_privately(tmp_path, caplog):
+    # The workers do not read the files again: a file changed between two
+    # reads would leave them holding different caps for one shared key.
+    kit = SpoolKit(tmp_path, 2525, ["$domain_limit * @ 3"])
+    config = dataclasses.replace(load_config(kit.config_path), dkim=MappingProxyType(
+        {"a.test": DkimKey("a.test", "s1", tmp_path / "a.pem", b"-----BEGIN PRIVATE KEY-----")}))
+    path = hand_over(config)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        kit.cfg_path.write_text("$domain_limit * @ 1\n")  # changed after the supervisor's read
+        taken = taken_over(path)
+        assert taken == config and isinstance(taken.dkim, MappingProxyType)
+        assert taken.rules.domain_limits[0].count == 3
+    finally:
+        os.unlink(path)
+    assert taken_over(path) is None  # gone: one line, and the configuration in force stays
+    assert any("cannot be taken over" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.timeout(60)

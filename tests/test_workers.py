@@ -65,3 +65,10 @@ def test_past_the_cap_watcher_events_become_one_scan_request_and_a_stop_is_kept(
     got = deliver([*hints(1000), b"Q"])
     assert got.count(b"R") == 1 and got.count(b"Q") == 1
     assert len(got) < 1000
+
+
+def test_past_the_cap_sighups_records_are_kept_with_the_last_configuration_handed_over(
+        monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(workers, "_MAX_OWED", 100)
+    got = deliver([*hints(600), b"L", b"C/tmp/first", *hints(600), b"C/tmp/second", b"Q"])
+    assert [r for r in got if r[:1] in (b"L", b"C", b"Q")] == [b"L", b"C/tmp/second", b"Q"]

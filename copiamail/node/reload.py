@@ -6,13 +6,23 @@ If either has an error, the reload is refused with one line and the old pair
 stays in force; a node never runs half of a new configuration. What a node
 settles at start (:data:`RESTART_ONLY`) keeps its old value, with a warning
 naming the keys that changed; everything else, the limits first, applies to
-connections opened from then on (:meth:`Scheduler.reconfigure`)."""
+connections opened from then on (:meth:`Scheduler.reconfigure`).
+
+A node's worker processes do not read the files themselves: the supervisor
+hands them the configuration it read (:func:`hand_over`, :func:`taken_over`),
+so every worker runs the same one, even when a file changes between two reads
+or one read fails (workers holding different caps for one shared key could
+together go over the cap in force)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import pickle
+import tempfile
 from collections.abc import Callable
+from types import MappingProxyType
 
 from copiamail.config import Config
 from copiamail.errors import CopiamailError
@@ -29,11 +39,10 @@ RESTART_ONLY = ("spool", "queues", "fsync", "workers", "relay", "retry_relay", "
                 "smtp_timeout", "watcher", "node_stale_after", "cluster")
 
 
-def reloaded(load: ConfigLoader, current: Config, report: bool = True) -> Config | None:
+def reloaded(load: ConfigLoader, current: Config) -> Config | None:
     """The configuration ``load`` reads now, with :data:`RESTART_ONLY` kept
-    from ``current``; None (logged in one line) if it cannot be read.
-    ``report``: log what changed (a node's worker processes leave that to
-    their supervisor, which read the same files just before)."""
+    from ``current``; None (logged in one line) if it cannot be read. What
+    changed is logged."""
     try:
         new = load()
     except CopiamailError as e:
@@ -44,12 +53,9 @@ def reloaded(load: ConfigLoader, current: Config, report: bool = True) -> Config
                   e.strerror or e)
         return None
     changed = [name for name in RESTART_ONLY if getattr(new, name) != getattr(current, name)]
-    if changed and report:
-        log.warning("SIGHUP: %s change only at a restart; kept as they were", ", ".join(changed))
     if changed:
+        log.warning("SIGHUP: %s change only at a restart; kept as they were", ", ".join(changed))
         new = dataclasses.replace(new, **{name: getattr(current, name) for name in changed})
-    if not report:
-        return new
     for warning in new.rules.warnings:
         log.warning("%s", warning)
     log.info("SIGHUP: configuration reloaded: %s, limits %s (%d $domain_limit rule(s))",
@@ -57,7 +63,7 @@ def reloaded(load: ConfigLoader, current: Config, report: bool = True) -> Config
     return new
 
 
-def on_hangup(load: ConfigLoader | None, current: Callable[[], Config], report: bool = True) -> Config | None:
+def on_hangup(load: ConfigLoader | None, current: Callable[[], Config]) -> Config | None:
     """SIGHUP: the log file reopened (for logrotate), then the configuration
     read again (:func:`~copiamail.node.reload.reloaded`); returns it, or None
     if it is refused or cannot be reloaded."""
@@ -65,4 +71,32 @@ def on_hangup(load: ConfigLoader | None, current: Callable[[], Config], report: 
     if load is None:
         log.warning("SIGHUP: this node was started without a configuration to read again; log files reopened")
         return None
-    return reloaded(load, current(), report)
+    return reloaded(load, current())
+
+
+def hand_over(config: Config) -> str:
+    """Write ``config`` into a new file only this user may read or write (the
+    system's temporary folder) for the node's workers to take with
+    :func:`taken_over`; its path. Raises OSError."""
+    fd, path = tempfile.mkstemp(prefix="copiamail-config-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            # A read-only mapping cannot be pickled: its dictionary goes instead.
+            pickle.dump(dataclasses.replace(config, dkim=dict(config.dkim)), f)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return path
+
+
+def taken_over(path: str) -> Config | None:
+    """The configuration the node's supervisor handed over in ``path``; None
+    (logged in one line) if it cannot be read, and the one in force stays."""
+    try:
+        with open(path, "rb") as f:
+            config = pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError) as e:
+        log.error("SIGHUP: the configuration the node read cannot be taken over from %s (%s); the one in force stays",
+                  path, e)
+        return None
+    return dataclasses.replace(config, dkim=MappingProxyType(dict(config.dkim)))

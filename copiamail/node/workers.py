@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 from copiamail.config import Config
 from copiamail.logs import reopen_log_files
-from copiamail.node.reload import ConfigLoader, on_hangup, reloaded
+from copiamail.node.reload import ConfigLoader, hand_over, on_hangup, taken_over
 from copiamail.node.services import node_services
 from copiamail.osutil import NulRecords, die_with_parent, write_all
 from copiamail.scheduling.domain_owners import DomainOwners
@@ -143,7 +143,7 @@ def run_workers(
                     os.close(w.ctl)
                     os.close(w.out.fd)
                 code = _worker_main(config, spool, node, password, drain, i, ctl_r, out_w, on_event is not None,
-                                    supervisor, load, shared, owners)
+                                    supervisor, shared, owners)
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -217,13 +217,23 @@ async def _supervise(
     def stop() -> None:
         tell_all(b"Q")
 
+    handed: list[str] = []  # the file of the configuration last handed to the workers
+
     def reload() -> None:
         nonlocal config
         new = on_hangup(load, lambda: config)
         tell_all(b"L")
-        if new is not None:
-            config = new
-            tell_all(b"C")
+        if new is None:
+            return
+        try:
+            path = hand_over(new)
+        except OSError as e:
+            log.error("SIGHUP: the configuration cannot be handed to the workers (%s); the one in force stays", e)
+            return
+        config = new
+        _remove(handed)
+        handed.append(path)
+        tell_all(b"C" + os.fsencode(path))
 
     def readable(w: _Worker) -> None:
         records = w.out.read()
@@ -248,6 +258,7 @@ async def _supervise(
                                  on_reload=reload):
             await all_ended
     finally:
+        _remove(handed)
         for w in workers:
             if not w.ended:
                 loop.remove_reader(w.out.fd)
@@ -293,7 +304,10 @@ def _send(w: _Worker) -> None:
             left = records[first:]
             if len(left) > _MAX_OWED:
                 w.scan_owed = True
-                w.pending = [r for r in (b"L", b"C", b"Q") if r in left]  # each once, in order
+                # A stop and SIGHUP's records each once, in order (of handed
+                # configurations, the last).
+                w.pending = ([b"L"] if b"L" in left else []) + [r for r in left if r[:1] == b"C"][-1:] + (
+                    [b"Q"] if b"Q" in left else [])
             else:
                 w.pending = left
             w.blocked = True
@@ -303,6 +317,17 @@ def _send(w: _Worker) -> None:
             if e.errno == errno.EPIPE:
                 return  # it has ended; its reader sees the end of file
             raise
+
+
+def _remove(paths: list[str]) -> None:
+    """Delete the files of configurations handed over before (a worker that
+    has not read one yet reads the next)."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    paths.clear()
 
 
 def _writable(w: _Worker) -> None:
@@ -326,7 +351,7 @@ def _received(w: _Worker, record: bytes, on_event: Callable[[str, str], None]) -
 
 
 def _worker_main(config: Config, spool: Spool, node: str, password: str | None, drain: bool,
-                 index: int, ctl: int, out: int, report_events: bool, supervisor: int, load: ConfigLoader | None,
+                 index: int, ctl: int, out: int, report_events: bool, supervisor: int,
                  shared: SharedSlots, owners: DomainOwners) -> int:
     # Where the death signal is missing (not Linux), the end of file on the
     # control pipe still stops the worker.
@@ -347,13 +372,13 @@ def _worker_main(config: Config, spool: Spool, node: str, password: str | None, 
 
     scheduler = Scheduler(config, spool, node, password=password, on_event=on_event if report_events else None,
                           worker=index, workers=config.worker_count, shared=shared, owners=owners)
-    stats = asyncio.run(_serve_worker(scheduler, drain, ctl, load))
+    stats = asyncio.run(_serve_worker(scheduler, drain, ctl))
     flush_events()
     write(b"S" + encode_stats(stats) + b"\0")
     return 0
 
 
-async def _serve_worker(scheduler: Scheduler, drain: bool, ctl: int, load: ConfigLoader | None) -> Stats:
+async def _serve_worker(scheduler: Scheduler, drain: bool, ctl: int) -> Stats:
     loop = asyncio.get_running_loop()
     records = NulRecords(ctl)
 
@@ -371,8 +396,8 @@ async def _serve_worker(scheduler: Scheduler, drain: bool, ctl: int, load: Confi
                 scheduler.request_scan()
             elif kind == b"L":
                 reopen_log_files()
-            elif kind == b"C" and load is not None:
-                new = reloaded(load, scheduler.config, report=False)
+            elif kind == b"C":
+                new = taken_over(os.fsdecode(record[1:]))
                 if new is not None:
                     scheduler.reconfigure(new)
             elif kind == b"Q":
