@@ -272,3 +272,30 @@ def test_a_watch_that_ends_leaves_no_want_bits_behind():
 
     waited, after = asyncio.run(main())
     assert waited == {POOL.key} and after == set()
+
+
+THREE = Limit("global_domain:/three/", 3, "pooled", shared=True)
+
+
+def test_an_odd_shared_caps_last_slot_is_used_while_both_workers_want_it():
+    # Cap 3, each worker holding 1, both with jobs waiting: neither may leave
+    # the third slot to the other, or it stays unused.
+    table, w0, w1 = two_workers()
+    assert w0.try_acquire([THREE]) is None and w1.try_acquire([THREE]) is None
+    w0.wanted_elsewhere = w1.wanted_elsewhere = {THREE.key}  # as their watches find it
+    assert w0.try_acquire([THREE]) is None  # the first to ask takes it
+    assert table.held(THREE.key) == 3
+
+
+def test_an_odd_shared_caps_last_slot_goes_round_between_workers_that_want_it():
+    table, w0, w1 = two_workers()
+    assert w0.try_acquire([THREE]) is None and w0.try_acquire([THREE]) is None and w1.try_acquire([THREE]) is None
+    w0.wanted_elsewhere = w1.wanted_elsewhere = {THREE.key}
+    assert w0.yields(THREE.key, 3) and not w1.yields(THREE.key, 3)  # w0 holds more than half
+    w0.release([THREE])  # at the end of its turn
+    assert w0.try_acquire([THREE]) == THREE  # it gave the slot back: it leaves it to w1 ...
+    assert w1.try_acquire([THREE]) is None  # ... who takes it
+    assert w1.yields(THREE.key, 3) and not w0.yields(THREE.key, 3)
+    w1.release([THREE])
+    assert w1.try_acquire([THREE]) == THREE and w0.try_acquire([THREE]) is None  # and back
+    assert table.held(THREE.key) == 3

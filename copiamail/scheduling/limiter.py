@@ -13,8 +13,10 @@ use a shared cap in full; :meth:`LocalLimiter.watch_shared` tells the
 scheduler when a slot another worker held has freed, and which of its own
 slots other workers' jobs wait on. While they wait, the cap is split: a worker
 that holds more than half of it lets each connection under it close at the end
-of its turn (:meth:`Limiter.yields`), and one that holds half (rounded down)
-leaves a slot it frees to them (:meth:`Limiter.leaves`; its
+of its turn (:meth:`Limiter.yields`), and one that holds half (rounded up;
+of an odd cap, rounded down when it was the last to give a slot back, so the
+slot over the halves goes round and is never left unused by both) leaves a
+slot it frees to them (:meth:`Limiter.leaves`; its
 :meth:`~LocalLimiter.try_acquire` counts such a slot as full), so a domain that
 fills a shared cap does not keep another worker's domain out until it is done.
 
@@ -149,6 +151,8 @@ class LocalLimiter:
                 for limit in limits:
                     if limit.key in self._in_table:
                         shared.add(limit.key, -1)
+                        if limit.key in self.wanted_elsewhere:
+                            shared.gave(self._worker, limit.key)
         self._forget(limits)
 
     def in_use(self, key: str) -> int:
@@ -158,7 +162,12 @@ class LocalLimiter:
         return key in self.wanted_elsewhere and self._used.get(key, 0) > cap // 2
 
     def leaves(self, key: str, cap: int) -> bool:
-        return key in self.wanted_elsewhere and self._used.get(key, 0) >= cap // 2
+        if key not in self.wanted_elsewhere:
+            return False
+        used = self._used.get(key, 0)
+        if used >= (cap + 1) // 2:
+            return True
+        return used >= cap // 2 and self._shared is not None and self._shared.last_giver(key) == self._worker
 
     def _count(self, key: str, default: int = 0) -> int:
         if key in self._in_table:

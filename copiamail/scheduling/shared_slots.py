@@ -8,8 +8,10 @@ whole cap, and the cap still holds for the node as a whole.
 
 The table is a ``memfd`` mapped by the supervisor before it forks the workers,
 so every worker sees the same bytes. An entry per key: the key's 64-bit hash
-(0: the entry is free), the slots held, and a bit per worker whose jobs wait
-on the key. The header holds a generation number, raised whenever a slot is
+(0: the entry is free), the slots held, a bit per worker whose jobs wait
+on the key, and the worker that last gave a slot of it back while another
+worker's jobs waited (so the slot over the halves of an odd cap goes round:
+:meth:`~copiamail.scheduling.limiter.LocalLimiter.leaves`). The header holds a generation number, raised whenever a slot is
 given back, so a worker can tell cheaply that something freed.
 
 Every read-then-write runs under a POSIX record lock on the same ``memfd``
@@ -38,9 +40,9 @@ from copiamail.osutil import file_locked
 
 log = logging.getLogger("copiamail")
 
-ENTRIES = 1 << 14  # entries in the table (a power of two): 384 kB
+ENTRIES = 1 << 14  # entries in the table (a power of two): 512 kB
 _HEADER = struct.Struct("<Q")  # generation
-_ENTRY = struct.Struct("<QqQ")  # key hash, slots held, workers waiting (bit per worker)
+_ENTRY = struct.Struct("<QqQq")  # key hash, slots held, workers waiting (bit per worker), last giver + 1
 
 
 def key_hash(key: str) -> int:
@@ -88,7 +90,7 @@ class SharedSlots:
             if found == 0:
                 if not make:
                     return None
-                _ENTRY.pack_into(self._map, offset, h, 0, 0)
+                _ENTRY.pack_into(self._map, offset, h, 0, 0, 0)
                 self._places[key] = offset
                 return offset
             i = (i + 1) & mask
@@ -112,8 +114,8 @@ class SharedSlots:
         place = self._place(key, make=True)
         if place is None:
             return False
-        h, held, wants = _ENTRY.unpack_from(self._map, place)
-        _ENTRY.pack_into(self._map, place, h, max(0, held + n), wants)
+        h, held, wants, giver = _ENTRY.unpack_from(self._map, place)
+        _ENTRY.pack_into(self._map, place, h, max(0, held + n), wants, giver)
         if n < 0:
             _HEADER.pack_into(self._map, 0, self.generation + 1)
         return True
@@ -130,8 +132,22 @@ class SharedSlots:
             place = self._place(key, make=wanted)
             if place is None:
                 continue
-            h, held, wants = _ENTRY.unpack_from(self._map, place)
-            _ENTRY.pack_into(self._map, place, h, held, (wants | bit) if wanted else (wants & ~bit))
+            h, held, wants, giver = _ENTRY.unpack_from(self._map, place)
+            _ENTRY.pack_into(self._map, place, h, held, (wants | bit) if wanted else (wants & ~bit), giver)
+
+    def gave(self, worker: int, key: str) -> None:
+        """Worker ``worker`` gave a slot of ``key`` back while another's jobs
+        waited on it. Under :meth:`locked`."""
+        place = self._place(key, make=False)
+        if place is not None:
+            h, held, wants, _ = _ENTRY.unpack_from(self._map, place)
+            _ENTRY.pack_into(self._map, place, h, held, wants, worker + 1)
+
+    def last_giver(self, key: str) -> int | None:
+        """The worker that last :meth:`gave` a slot of ``key`` back, if any."""
+        place = self._place(key, make=False)
+        giver = int(_ENTRY.unpack_from(self._map, place)[3]) if place is not None else 0
+        return giver - 1 if giver else None
 
     def wanted_by_others(self, worker: int, keys: Iterable[str]) -> set[str]:
         """Those of ``keys`` that another worker's jobs wait on."""
