@@ -4,6 +4,7 @@ running node goes on with the others."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -83,3 +84,14 @@ def test_a_held_domain_stops_within_two_seconds_its_jobs_untouched_and_the_other
         code, _, err = stop(proc)
     assert code == 0, err
     assert kit.names("FAIL") == [] and len(server.messages) == 16  # each sent once
+
+
+def test_a_node_looks_at_the_hold_folder_at_most_every_look_every_seconds(tmp_path):
+    holds = Holds(tmp_path, look_every=0.2)
+    (tmp_path / "HOLD").mkdir()
+    assert not holds.held("TOSEND", "A.FS", "a.test")
+    add_hold(tmp_path, Hold.domain("a.test"))
+    assert not holds.held("TOSEND", "A.FS", "a.test")  # within look_every of the last look
+    time.sleep(0.25)
+    os.utime(tmp_path / "HOLD", ns=(0, 1))  # a time of its own, whatever the clock's tick
+    assert holds.held("TOSEND", "A.FS", "a.test")

@@ -11,6 +11,7 @@ unknown ``$email...`` command is a typo and fails the job. A job that cannot be 
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -25,6 +26,10 @@ from copiamail.jobfile.model import Attachment, BodyItem, Job, JobEnv
 from copiamail.jobfile.outcome import RetryItem
 from copiamail.jobfile.owned import USING_ALT, AttemptRecord, engine_variables, job_identity, parse_attempt, parse_local_time
 from copiamail.jobfile.variables import GRAVE, UndefinedVariable, chained, expand, expand_path, starts_with_path_variable
+
+# BodyItem(...) without the named tuple's Python-level __new__: most lines of
+# most jobs are text lines, and a job is parsed at every claim.
+_text_item = functools.partial(tuple.__new__, BodyItem)
 
 # Commands that set one value: the last occurrence counts.
 _SINGLE = {"email_address", "email_subject", "email_from", "email_esender", "email_charset", "email_alt_address"}
@@ -193,7 +198,8 @@ class _JobReader:
         for cmd in self.commands:
             if cmd.name == "email_text" and not macros:
                 # Most lines of most jobs: the hot path, without a call.
-                body.append(BodyItem("text", " ".join(cmd.args), cmd.line))
+                args = cmd.args
+                body.append(_text_item(("text", args[0] if len(args) == 1 else " ".join(args), cmd.line)))
                 continue
             if self.looked and cmd.name in ("var_def", "email_options"):
                 continue  # read by the first look

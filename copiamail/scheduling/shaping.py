@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 # start, until they reach FAIL. A job that itself kills the node still does,
 # once the node has settled.
 SUSPECT_SETTLE = 5.0
+HOLD_LOOK_EVERY = 0.05  # seconds between two looks at the spool's HOLD folder
 
 
 def suspend_key(key: str) -> str:
@@ -54,7 +55,9 @@ class Shaping:
         self._on_resumed = on_resumed
         self._clock = clock
         self.pacer = Pacer()
-        self._holds = Holds(spool.root)
+        # A hold must reach the node within 2 s: a look every 50 ms spares a
+        # stat of the folder for every job the scan meets.
+        self._holds = Holds(spool.root, look_every=HOLD_LOOK_EVERY)
         self.adaptive: AdaptiveLimits | None = None
         if uses_adaptive(config):
             own = learned_in_spool(spool.root, node)

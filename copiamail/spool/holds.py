@@ -100,13 +100,15 @@ def remove_hold(root: Path, hold: Hold) -> bool:
 
 class Holds:
     """The holds of one spool as a node sees them: the folder is read again
-    whenever its modification time changes (one stat per question), and at
-    least every second (two changes within one tick of the file system's
-    clock leave its time as it was)."""
+    whenever its modification time changes (one stat per question, or per
+    ``look_every`` seconds at most), and at least every second (two changes
+    within one tick of the file system's clock leave its time as it was)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, look_every: float = 0.0) -> None:
         self._folder = root / HOLD_FOLDER
         self._root = root
+        self._look_every = look_every
+        self._looked_at = float("-inf")
         self._seen: int | None = None
         self._read_at = float("-inf")
         self._domains: frozenset[str] = frozenset()
@@ -114,11 +116,14 @@ class Holds:
         self._jobs: frozenset[str] = frozenset()
 
     def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._looked_at < self._look_every:
+            return
+        self._looked_at = now
         try:
             stamp: int | None = os.stat(self._folder).st_mtime_ns
         except FileNotFoundError:
             stamp = None
-        now = time.monotonic()
         if stamp == self._seen and now - self._read_at < 1.0:
             return
         holds = holds_in(self._root)
