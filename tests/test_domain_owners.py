@@ -113,6 +113,23 @@ def test_an_ended_workers_domains_go_to_the_next_worker_to_meet_them_and_it_is_g
     assert fresh.owner("a.test") == 1
 
 
+def test_a_domain_met_after_every_worker_ended_still_gets_a_worker():
+    owners = DomainOwners.create(2)
+    owners.end(0)
+    owners.end(1)
+    assert owners.owner("late.test") in (0, 1)
+
+
+def test_a_domain_given_to_a_worker_that_asks_raises_the_generation_and_one_given_to_a_busy_worker_does_not():
+    owners = DomainOwners.create(2)
+    generation = owners.generation
+    assert owners.owner("a.test") == 0
+    assert owners.generation == generation
+    owners.ask(1, True)
+    assert owners.owner("b.test") == 1
+    assert owners.generation == generation + 1
+
+
 def test_a_worker_ended_for_want_of_work_raises_the_generation_too():
     owners = DomainOwners.create(2)
     owners.owner("a.test")

@@ -136,27 +136,27 @@ def test_an_asking_worker_is_given_domains_or_ends_once_nobody_else_can_give():
     assert not owners.end_if_unanswered(1)  # it has ended: nothing of it is open
 
 
-def test_a_worker_with_a_whole_scan_due_or_files_named_looks_before_it_asks():
-    # A move seen during its last whole scan, or a file the watcher named:
-    # its jobs may be this worker's, so it scans again instead of waiting.
+def test_a_worker_with_a_whole_scan_due_looks_before_it_asks():
+    # A move seen during its last whole scan: its jobs may be this worker's,
+    # so it scans again instead of waiting.
     owners = DomainOwners.create(2, entries=64)
-    for due in (Parts([], full_scan_due=True), Parts([], hinted=True)):
-        assert asyncio.run(handover(owners, due).ask(lambda: False))
-        assert not owners.asking(0)
+    assert asyncio.run(handover(owners, Parts([], full_scan_due=True)).ask(lambda: False))
+    assert not owners.asking(0)
 
 
-def test_an_asking_worker_goes_back_to_scanning_when_a_file_is_named_while_it_waits():
+def test_an_asking_worker_given_a_domain_new_to_the_node_goes_back_to_scanning():
     owners = DomainOwners.create(2, entries=64)
-    parts = Parts([])
+    other = DomainOwners(os.dup(owners._fd), 2, entries=64)  # worker 1's mapping
+    parts = Parts([], hinted=True)  # files named for other workers' domains do not wake it
 
-    async def named_while_asking() -> bool:
+    async def given_while_asking() -> bool:
         asking = asyncio.ensure_future(handover(owners, parts).ask(lambda: False))
-        await asyncio.sleep(0.02)
-        assert owners.asking(0)
-        parts.hinted = True
+        await asyncio.sleep(0.05)
+        assert owners.asking(0) and not asking.done()
+        assert other.owner("new.test") == 0  # worker 1 meets a job of a new domain: worker 0's
         return await asyncio.wait_for(asking, 5)
 
-    assert asyncio.run(named_while_asking())
+    assert asyncio.run(given_while_asking())
     assert not owners.asking(0)  # its request is withdrawn: nobody gives to it meanwhile
 
 

@@ -5,27 +5,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import resource
-import select
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 
 import pytest
 
 from copiamail import osutil
 from copiamail.osutil import (
-    NulRecords,
-    die_with_parent,
     fsync_all,
     journal_in_order,
     move_unless_taken,
-    reap_child,
     rename_noreplace,
-    replace_file,
-    write_all,
 )
 
 
@@ -211,217 +199,57 @@ def mount_line(path, fstype: str, source: str = "/dev/vda") -> str:
     return f"29 1 {os.major(dev)}:{os.minor(dev)} / /spool rw,relatime shared:1 - {fstype} {source} rw\n"
 
 
+def block_device(tmp_path, path, journal: bool) -> dict[str, str]:
+    """Stand-ins for /sys/dev/block and /proc/fs/jbd2: ``path``'s device is
+    ``vdz``, with a journal or not."""
+    dev = os.stat(path).st_dev
+    sys_block, jbd2 = tmp_path / "sys-dev-block", tmp_path / "jbd2"
+    sys_block.mkdir()
+    jbd2.mkdir()
+    (sys_block / f"{os.major(dev)}:{os.minor(dev)}").symlink_to("../../devices/virtio1/block/vdz")
+    (jbd2 / "vdzz-8").mkdir()  # another device's journal
+    if journal:
+        (jbd2 / "vdz-8").mkdir()
+    return {"sys_block": str(sys_block), "jbd2": str(jbd2)}
+
+
 @pytest.mark.parametrize(("fstype", "in_order"), [
     ("ext4", True), ("ext3", True), ("xfs", True),
     ("ext2", False), ("tmpfs", False), ("nfs4", False), ("overlay", False), ("btrfs", False), ("fuse.sshfs", False),
 ])
 def test_only_a_journal_that_commits_in_order_allows_one_commit(tmp_path, fstype, in_order):
     other = "30 1 254:77 / /other rw - ext4 /dev/vdb rw\n"
-    assert journal_in_order(tmp_path, other + mount_line(tmp_path, fstype)) is in_order
+    device = block_device(tmp_path, tmp_path, journal=True)
+    assert journal_in_order(tmp_path, other + mount_line(tmp_path, fstype), **device) is in_order
+
+
+@pytest.mark.parametrize("fstype", ["ext4", "ext3"])
+def test_an_ext4_made_without_a_journal_gets_an_fsync_per_file(tmp_path, fstype):
+    device = block_device(tmp_path, tmp_path, journal=False)
+    assert not journal_in_order(tmp_path, mount_line(tmp_path, fstype), **device)
 
 
 def test_a_file_system_that_cannot_be_told_gets_an_fsync_per_file(tmp_path):
-    assert not journal_in_order(tmp_path, "30 1 254:77 / /other rw - ext4 /dev/vdb rw\n")  # not listed
-    assert not journal_in_order(tmp_path, mount_line(tmp_path, "ext4") + mount_line(tmp_path, "nfs4"))  # two answers
-    assert not journal_in_order(tmp_path / "missing", mount_line(tmp_path, "ext4"))
-    assert not journal_in_order(tmp_path, "garbage\n")
+    device = block_device(tmp_path, tmp_path, journal=True)
+    assert not journal_in_order(tmp_path, "30 1 254:77 / /other rw - ext4 /dev/vdb rw\n", **device)  # not listed
+    assert not journal_in_order(tmp_path, mount_line(tmp_path, "ext4") + mount_line(tmp_path, "nfs4"), **device)
+    assert not journal_in_order(tmp_path / "missing", mount_line(tmp_path, "ext4"), **device)
+    assert not journal_in_order(tmp_path, "garbage\n", **device)
+    assert not journal_in_order(tmp_path, mount_line(tmp_path, "ext4"), jbd2=str(tmp_path / "none"),
+                                sys_block=device["sys_block"])  # no jbd2 to look at
 
 
-# --- die_with_parent ----------------------------------------------------------------
+def test_where_sync_file_range_is_refused_each_file_is_fsynced_alone(tmp_path, monkeypatch):
+    def refused(*args):
+        ctypes.set_errno(errno.EPERM)
+        return -1
 
-
-_CHILD = textwrap.dedent("""\
-    import os, sys, time
-    from copiamail.osutil import die_with_parent
-    print(die_with_parent(int(sys.argv[1])), flush=True)
-    time.sleep(60)
-""")
-
-
-def test_die_with_parent_is_false_when_the_parent_is_not_the_given_one():
-    assert die_with_parent(os.getppid()) is True
-    assert die_with_parent(os.getppid() + 1) is False
-
-
-def _alive(pid: int) -> bool:
-    """Running: neither gone nor a zombie its new parent has not reaped yet."""
+    monkeypatch.setattr(osutil, "_SYNC_FILE_RANGE", refused)
+    fds = written_files(tmp_path, 3)
+    calls = counting_fsyncs(monkeypatch)
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-
-
-@pytest.mark.skipif(osutil._PRCTL is None, reason="no prctl here (not Linux)")
-def test_a_process_that_dies_with_its_parent_is_killed_when_the_parent_ends(tmp_path):
-    # A middle process starts the child and ends; the child must die with it.
-    middle = textwrap.dedent(f"""\
-        import subprocess, sys, os
-        child = subprocess.Popen([sys.executable, "-c", {_CHILD!r}, str(os.getpid())], stdout=subprocess.PIPE)
-        print(child.pid, child.stdout.readline().decode().strip(), flush=True)
-    """)
-    out = subprocess.run([sys.executable, "-c", middle], capture_output=True, text=True, timeout=60, check=True)
-    pid, armed = out.stdout.split()
-    assert armed == "True"
-    for _ in range(500):
-        if not _alive(int(pid)):
-            return
-        time.sleep(0.01)
-    os.kill(int(pid), signal.SIGKILL)
-    pytest.fail("the child outlived its parent")
-
-
-# --- reap_child ---------------------------------------------------------------------
-
-
-@pytest.fixture(params=["pidfd", "refused", "missing"])
-def reap_impl(request, monkeypatch):
-    if request.param == "refused":  # an old kernel, or a seccomp filter
-        def no_pidfd(pid):
-            raise OSError(errno.ENOSYS, "no pidfd here")
-        monkeypatch.setattr(os, "pidfd_open", no_pidfd)
-    elif request.param == "missing":  # Python or system without it
-        monkeypatch.delattr(os, "pidfd_open", raising=False)
-    elif not hasattr(os, "pidfd_open"):
-        pytest.skip("no pidfd_open here")
-    else:
-        def no_polling(seconds):
-            raise AssertionError("polled, though the pidfd says when the child ends")
-        monkeypatch.setattr(osutil.time, "sleep", no_polling)
-    return request.param
-
-
-def _child_ending_after(seconds: float) -> int:
-    pid = os.fork()
-    if pid == 0:
-        try:
-            select.select([], [], [], seconds)  # not time.sleep: a test may have replaced it
-        finally:
-            os._exit(0)
-    return pid
-
-
-def test_reap_child_returns_as_soon_as_the_child_ends_and_reaps_it(reap_impl):
-    pid = _child_ending_after(0.05)
-    assert reap_child(pid, 30.0) is True
-    with pytest.raises(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)  # reaped: no zombie left
-
-
-def test_reap_child_gives_up_after_its_timeout_leaving_the_child_running(reap_impl):
-    pid = _child_ending_after(30.0)
-    try:
-        started = time.monotonic()
-        assert reap_child(pid, 0.05) is False
-        assert time.monotonic() - started < 10
-        assert _alive(pid)
+        assert fsync_all(fds, one_commit=True) == [0, 0, 0]
+        assert calls == fds
     finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-
-
-@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no pidfd_open here")
-def test_reap_child_waits_on_a_pidfd_numbered_past_selects_limit(monkeypatch):
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < 2048:
-        pytest.skip("too few file descriptors allowed here")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
-    real = os.pidfd_open
-
-    try:
-        os.fstat(2000)
-        pytest.skip("descriptor 2000 is in use here")
-    except OSError:
-        pass
-
-    def high_pidfd(pid):
-        fd = real(pid)
-        try:
-            return os.dup2(fd, 2000)  # past FD_SETSIZE: select() refuses it
-        finally:
+        for fd in fds:
             os.close(fd)
-
-    monkeypatch.setattr(os, "pidfd_open", high_pidfd)
-    try:
-        pid = _child_ending_after(0.05)
-        assert reap_child(pid, 30.0) is True
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-def test_reap_child_of_a_child_reaped_before_is_true(reap_impl):
-    pid = _child_ending_after(0.0)
-    os.waitpid(pid, 0)
-    assert reap_child(pid, 1.0) is True
-
-
-# --- write_all ----------------------------------------------------------------------
-
-
-def test_write_all_writes_every_byte_through_partial_writes(monkeypatch):
-    written = bytearray()
-
-    def partial_write(fd, data):
-        n = min(3, len(data))
-        written.extend(bytes(data[:n]))
-        return n
-
-    monkeypatch.setattr(osutil.os, "write", partial_write)
-    write_all(99, b"0123456789")
-    write_all(99, b"")
-    assert bytes(written) == b"0123456789"
-
-
-# --- NulRecords ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def pipe():
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    yield r, w
-    for fd in (r, w):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def test_records_come_whole_however_the_pipe_cuts_them(pipe):
-    r, w = pipe
-    records = NulRecords(r)
-    assert records.fd == r
-    assert records.read() == []  # nothing written yet: not the end
-    os.write(w, b"one\0tw")
-    assert records.read() == [b"one"]
-    os.write(w, b"o\0\0three\0")
-    assert records.read() == [b"two", b"", b"three"]
-    os.write(w, b"four")
-    assert records.read() == []
-    os.write(w, b"\0")
-    assert records.read() == [b"four"]
-
-
-def test_the_end_of_the_pipe_is_none_and_an_unfinished_record_is_dropped(pipe):
-    r, w = pipe
-    records = NulRecords(r)
-    os.write(w, b"last\0cut")
-    os.close(w)
-    assert records.read() == [b"last"]
-    assert records.read() is None
-
-
-def test_replace_file_swaps_in_the_whole_new_content_with_the_mode_asked(tmp_path):
-    target = tmp_path / "state.json"
-    target.write_bytes(b"old")
-    replace_file(target, b"new content", 0o640)
-    assert target.read_bytes() == b"new content" and target.stat().st_mode & 0o777 == 0o640
-    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
-
-
-def test_replace_file_that_cannot_rename_leaves_no_temporary_file(tmp_path):
-    target = tmp_path / "a-folder"
-    target.mkdir()
-    with pytest.raises(OSError):
-        replace_file(target, b"data", 0o644)
-    assert [p.name for p in tmp_path.iterdir()] == ["a-folder"]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import signal
-import stat
 import subprocess
 import time
 from types import MappingProxyType
@@ -21,7 +21,7 @@ from spoolkit import CLI, SpoolKit, cli_env, stop, wait_until
 
 from copiamail.config import load_config
 from copiamail.config_sections import DkimKey
-from copiamail.node.reload import hand_over, reloaded, taken_over
+from copiamail.node.reload import HandedConfig, reloaded, taken_over
 from copiamail.report import status_document
 from copiamail.spool.queue import Spool
 
@@ -132,17 +132,18 @@ def test_workers_take_over_the_configuration_their_supervisor_read_whole_and_pri
     kit = SpoolKit(tmp_path, 2525, ["$domain_limit * @ 3"])
     config = dataclasses.replace(load_config(kit.config_path), dkim=MappingProxyType(
         {"a.test": DkimKey("a.test", "s1", tmp_path / "a.pem", b"-----BEGIN PRIVATE KEY-----")}))
-    path = hand_over(config)
-    try:
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        kit.cfg_path.write_text("$domain_limit * @ 1\n")  # changed after the supervisor's read
-        taken = taken_over(path)
-        assert taken == config and isinstance(taken.dkim, MappingProxyType)
-        assert taken.rules.domain_limits[0].count == 3
-    finally:
-        os.unlink(path)
-    assert taken_over(path) is None  # gone: one line, and the configuration in force stays
-    assert any("cannot be taken over" in r.getMessage() for r in caplog.records)
+    made = HandedConfig(config)
+    assert made.path.startswith(f"/proc/{os.getpid()}/fd/")  # in memory, held by this process only
+    kit.cfg_path.write_text("$domain_limit * @ 1\n")  # changed after the supervisor's read
+    taken = taken_over(made.path)
+    assert taken == config and isinstance(taken.dkim, MappingProxyType)
+    assert taken is not None and taken.rules.domain_limits[0].count == 3
+    made.close()
+    assert taken_over(made.path) is None  # let go: one line, and the configuration in force stays
+    other = tmp_path / "other.pickle"
+    other.write_bytes(pickle.dumps(42))
+    assert taken_over(str(other)) is None  # not a configuration
+    assert sum("cannot be taken over" in r.getMessage() for r in caplog.records) == 2
 
 
 @pytest.mark.timeout(60)

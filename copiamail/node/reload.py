@@ -9,7 +9,7 @@ naming the keys that changed; everything else, the limits first, applies to
 connections opened from then on (:meth:`Scheduler.reconfigure`).
 
 A node's worker processes do not read the files themselves: the supervisor
-hands them the configuration it read (:func:`hand_over`, :func:`taken_over`),
+hands them the configuration it read (:class:`HandedConfig`, :func:`taken_over`),
 so every worker runs the same one, even when a file changes between two reads
 or one read fails (workers holding different caps for one shared key could
 together go over the cap in force)."""
@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import os
 import pickle
-import tempfile
 from collections.abc import Callable
 from types import MappingProxyType
 
@@ -74,29 +73,41 @@ def on_hangup(load: ConfigLoader | None, current: Callable[[], Config]) -> Confi
     return reloaded(load, current())
 
 
-def hand_over(config: Config) -> str:
-    """Write ``config`` into a new file only this user may read or write (the
-    system's temporary folder) for the node's workers to take with
-    :func:`taken_over`; its path. Raises OSError."""
-    fd, path = tempfile.mkstemp(prefix="copiamail-config-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            # A read-only mapping cannot be pickled: its dictionary goes instead.
-            pickle.dump(dataclasses.replace(config, dkim=dict(config.dkim)), f)
-    except BaseException:
-        os.unlink(path)
-        raise
-    return path
+class HandedConfig:
+    """A configuration the node's supervisor hands to its workers: written
+    into an anonymous file in memory (``memfd``) that only the supervisor
+    holds open, which a worker opens through ``/proc/<supervisor>/fd/<n>``
+    (:func:`taken_over`). Nothing is written to a folder another user could
+    write into, nothing outlives the node, and the private keys of ``dkim:``
+    never reach a disk. Raises OSError."""
+
+    def __init__(self, config: Config) -> None:
+        self._fd = os.memfd_create("copiamail-config", os.MFD_CLOEXEC)
+        try:
+            with open(self._fd, "wb", closefd=False) as f:
+                # A read-only mapping cannot be pickled: its dictionary goes instead.
+                pickle.dump(dataclasses.replace(config, dkim=dict(config.dkim)), f)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.path = f"/proc/{os.getpid()}/fd/{self._fd}"
+
+    def close(self) -> None:
+        """Let the file go (a newer one was handed over, or the node stops)."""
+        os.close(self._fd)
 
 
 def taken_over(path: str) -> Config | None:
-    """The configuration the node's supervisor handed over in ``path``; None
-    (logged in one line) if it cannot be read, and the one in force stays."""
+    """The configuration the node's supervisor handed over at ``path`` (a
+    :class:`HandedConfig`); None (logged in one line) if it cannot be read
+    -- gone, or not a configuration -- and the one in force stays."""
     try:
         with open(path, "rb") as f:
             config = pickle.load(f)
-    except (OSError, EOFError, pickle.UnpicklingError) as e:
+        if not isinstance(config, Config):
+            raise TypeError(f"not a configuration: {type(config).__name__}")
+        return dataclasses.replace(config, dkim=MappingProxyType(dict(config.dkim)))
+    except Exception as e:  # whatever the file holds, the worker goes on with the configuration in force
         log.error("SIGHUP: the configuration the node read cannot be taken over from %s (%s); the one in force stays",
                   path, e)
         return None
-    return dataclasses.replace(config, dkim=MappingProxyType(dict(config.dkim)))

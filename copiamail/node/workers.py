@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 from copiamail.config import Config
 from copiamail.logs import reopen_log_files
-from copiamail.node.reload import ConfigLoader, hand_over, on_hangup, taken_over
+from copiamail.node.reload import ConfigLoader, HandedConfig, on_hangup, taken_over
 from copiamail.node.services import node_services
 from copiamail.osutil import NulRecords, die_with_parent, write_all
 from copiamail.scheduling.domain_owners import DomainOwners
@@ -217,7 +217,7 @@ async def _supervise(
     def stop() -> None:
         tell_all(b"Q")
 
-    handed: list[str] = []  # the file of the configuration last handed to the workers
+    handed: list[HandedConfig] = []  # the configuration last handed to the workers
 
     def reload() -> None:
         nonlocal config
@@ -226,14 +226,14 @@ async def _supervise(
         if new is None:
             return
         try:
-            path = hand_over(new)
+            made = HandedConfig(new)
         except OSError as e:
             log.error("SIGHUP: the configuration cannot be handed to the workers (%s); the one in force stays", e)
             return
         config = new
-        _remove(handed)
-        handed.append(path)
-        tell_all(b"C" + os.fsencode(path))
+        _let_go(handed)
+        handed.append(made)
+        tell_all(b"C" + os.fsencode(made.path))
 
     def readable(w: _Worker) -> None:
         records = w.out.read()
@@ -258,7 +258,7 @@ async def _supervise(
                                  on_reload=reload):
             await all_ended
     finally:
-        _remove(handed)
+        _let_go(handed)
         for w in workers:
             if not w.ended:
                 loop.remove_reader(w.out.fd)
@@ -319,15 +319,12 @@ def _send(w: _Worker) -> None:
             raise
 
 
-def _remove(paths: list[str]) -> None:
-    """Delete the files of configurations handed over before (a worker that
-    has not read one yet reads the next)."""
-    for path in paths:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-    paths.clear()
+def _let_go(handed: list[HandedConfig]) -> None:
+    """Close the configurations handed over before (a worker that has not
+    read one yet cannot, and reads the next)."""
+    for made in handed:
+        made.close()
+    handed.clear()
 
 
 def _writable(w: _Worker) -> None:

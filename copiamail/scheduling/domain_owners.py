@@ -28,7 +28,9 @@ two workers sending one domain: the old worker has closed its connections
 before the table names the new one. A worker that has ended (its connections
 all closed) takes no domain and keeps none: its end raises the generation,
 and the next worker to meet one of its domains takes it, so a job that
-arrives late for such a domain is still sent before the drain ends.
+arrives late for such a domain is still sent before the drain ends. A domain
+given to a worker that asks for domains raises the generation too, which
+wakes that worker to scan.
 
 The table is a ``memfd`` mapped by the supervisor before it forks the workers.
 Its header counts the domains given to each worker, then holds the
@@ -224,8 +226,8 @@ class DomainOwners:
             return worker_of(domain, self._workers)
         found, worker = _ENTRY.unpack_from(self._map, offset)
         owner = int(worker) - 1 if found == h else None
-        live = [w for w in range(self._workers) if not self._get(self._ended_at, w)]
-        if owner is not None and (owner in live or not live):
+        live = [w for w in range(self._workers) if not self._get(self._ended_at, w)] or list(range(self._workers))
+        if owner is not None and owner in live:
             return owner
         # A new domain, or one whose worker has ended (its connections have
         # all closed, so another may start at once): to the live worker
@@ -236,4 +238,7 @@ class DomainOwners:
         _COUNT.pack_into(self._map, chosen * _COUNT.size, counts[chosen] + 1)
         if owner is not None:
             _COUNT.pack_into(self._map, owner * _COUNT.size, counts[owner] - 1)
+        if self._get(self._asks_at, chosen):
+            # It waits for domains in a drain: the change wakes it to scan.
+            _COUNT.pack_into(self._map, self._generation_at, self.generation + 1)
         return chosen

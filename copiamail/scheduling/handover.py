@@ -117,24 +117,27 @@ class Handover:
 
     async def ask(self, stopping: Callable[[], bool]) -> bool:
         """This worker has nothing left: ask for domains. True once there is
-        something to look at again (domains given, the table changed since
-        the last whole scan, or files named by the watcher: scan again),
-        False when nothing can come (every other worker has ended or asks
-        too; then this worker has ended) or the node stops."""
+        something to look at again (domains given to it or moved, or the
+        table changed since its last whole scan: scan again), False when
+        nothing can come (every other worker has ended or asks too; then this
+        worker has ended) or the node stops. A domain given to a worker that
+        asks raises the table's generation (:mod:`domain_owners`), so a job
+        that arrives for a domain new to the node wakes it; files the watcher
+        names for other workers' domains do not."""
         # The generation is read before the request is made: every move for
         # this request raises it past that, whichever refresh notices it.
         self.refresh()
         before = self._seen
         scanner = self._scanner
-        if scanner.full_scan_due or scanner.hinted:
-            # A move (seen by the watch's refresh during the last whole scan)
-            # or a new file since: its jobs may be this worker's; look first.
+        if scanner.full_scan_due:
+            # A move seen by the watch's refresh during the last whole scan:
+            # its jobs may be this worker's; look first.
             return True
         self._owners.ask(self._worker, True)
         while not stopping():
             # The table may change under the watch's refresh as well as this one's.
             self.refresh()
-            if self._seen != before or scanner.full_scan_due or scanner.hinted:
+            if self._seen != before or scanner.full_scan_due:
                 self._owners.ask(self._worker, False)
                 return True
             if self._owners.end_if_unanswered(self._worker):

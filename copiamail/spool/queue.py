@@ -88,8 +88,8 @@ to 1 by one no-replace rename (:meth:`Spool.hand_back`).
 Results are written in batches
 (:class:`~copiamail.spool.results.ResultBatch`, the results of one turn of the
 node's event loop): each into its spare, then the disk is asked to write them
-all (``sync_file_range``), then each is fsynced (on ext4 and xfs: each waited
-for, then one fsync commits the journal for all), and only then is each
+all (``sync_file_range``), then each is fsynced (on a journaling ext4 or xfs:
+each waited for, then one fsync commits the journal for all), and only then is each
 committed and published in turn, as above. A node has them made by its
 syncer process (:mod:`copiamail.spool.syncer`, handed the open descriptors) while
 its event loop goes on, and commits each result only after the answer.
