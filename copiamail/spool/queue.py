@@ -108,7 +108,7 @@ process of a node takes only the spares it made.
 
 Durability: the result's data is durable before the commit step (the fsync, or
 the batch's one commit), so after a power loss a committed job is complete. Directory entries are not fsynced: on
-ext4 and xfs the journal keeps renames in order after the data; elsewhere a
+a journaling ext4 or xfs renames stay in order after the data; elsewhere a
 power loss may roll a move back, which at worst sends a job again (the
 at-least-once window), never loses it, since every move leaves a complete
 copy under one of its names.
