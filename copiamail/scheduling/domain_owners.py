@@ -145,9 +145,7 @@ class DomainOwners:
         its domains go to the next worker to meet them (the generation is
         raised, so every copy naming it is forgotten)."""
         with file_locked(self._fd):
-            self._set(self._asks_at, worker, False)
-            self._set(self._ended_at, worker, True)
-            _COUNT.pack_into(self._map, self._generation_at, self.generation + 1)
+            self._end(worker)
 
     def end_if_unanswered(self, worker: int) -> bool:
         """End ``worker`` (True) if its request is still open and every other
@@ -156,10 +154,18 @@ class DomainOwners:
         with file_locked(self._fd):
             if not self._get(self._asks_at, worker) or not self.others_idle(worker):
                 return False
-            self._set(self._asks_at, worker, False)
-            self._set(self._ended_at, worker, True)
-            _COUNT.pack_into(self._map, self._generation_at, self.generation + 1)
+            self._end(worker)
             return True
+
+    def _end(self, worker: int) -> None:
+        """Mark ``worker`` ended (under the lock); its domains are forgotten everywhere."""
+        self._set(self._asks_at, worker, False)
+        self._set(self._ended_at, worker, True)
+        self._raise_generation()
+
+    def _raise_generation(self) -> None:
+        """Under the lock: every process's copy of the table is out of date."""
+        _COUNT.pack_into(self._map, self._generation_at, self.generation + 1)
 
     def others_idle(self, worker: int) -> bool:
         """Whether every other worker has ended or asks for domains itself."""
@@ -191,7 +197,7 @@ class DomainOwners:
                 for w, step in ((int(worker) - 1, -1), (to, 1)):
                     count = int(_COUNT.unpack_from(self._map, w * _COUNT.size)[0])
                     _COUNT.pack_into(self._map, w * _COUNT.size, count + step)
-            _COUNT.pack_into(self._map, self._generation_at, self.generation + 1)
+            self._raise_generation()
         self._known[domain] = to
 
     def _entry_of(self, domain: str) -> int | None:
@@ -240,5 +246,5 @@ class DomainOwners:
             _COUNT.pack_into(self._map, owner * _COUNT.size, counts[owner] - 1)
         if self._get(self._asks_at, chosen):
             # It waits for domains in a drain: the change wakes it to scan.
-            _COUNT.pack_into(self._map, self._generation_at, self.generation + 1)
+            self._raise_generation()
         return chosen

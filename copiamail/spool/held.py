@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -87,8 +88,7 @@ class HeldNames:
         row with :meth:`for_process`), in memory its forked children share.
         The object returned writes the row of the names found at the start
         (:meth:`count_in` them before the fork)."""
-        size = memoryview(bytes(8)).cast(_COUNTER).itemsize
-        table = mmap.mmap(-1, SLOTS * size * (processes + 1))  # anonymous and shared
+        table = mmap.mmap(-1, SLOTS * struct.calcsize(_COUNTER) * (processes + 1))  # anonymous and shared
         return cls(table, processes + 1, processes)
 
     def for_process(self, index: int) -> HeldNames:
