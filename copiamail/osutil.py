@@ -158,6 +158,38 @@ def _fsync_in_one_commit(fds: Sequence[int]) -> list[int]:
     return errnos
 
 
+def _mounted(path: Path | str, mountinfo: str | None) -> tuple[str, str] | None:
+    """The type of the file system ``path`` lies on and its device
+    (``MAJOR:MINOR``), read from ``mountinfo`` (the text of
+    ``/proc/self/mountinfo`` by default); None wherever it cannot be told."""
+    try:
+        dev = os.stat(path).st_dev
+        if mountinfo is None:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+                mountinfo = f.read()
+    except OSError:
+        return None
+    device = f"{os.major(dev)}:{os.minor(dev)}"
+    types = set()
+    for line in mountinfo.splitlines():
+        # ID PARENT MAJOR:MINOR ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER
+        fields = line.split()
+        if len(fields) > 3 and fields[2] == device and " - " in line:
+            types.add(line.split(" - ", 1)[1].split()[0])
+    return (types.pop(), device) if len(types) == 1 else None
+
+
+def _has_journal(device: str, jbd2: str, sys_block: str) -> bool | None:
+    """Whether the ext3/ext4 on ``device`` (``MAJOR:MINOR``) runs a journal:
+    each journal has an entry ``<disk>-<number>`` in ``jbd2``. None where the
+    device's name cannot be read."""
+    try:
+        name = os.path.basename(os.readlink(f"{sys_block}/{device}"))
+        return any(entry.startswith(f"{name}-") for entry in os.listdir(jbd2))
+    except OSError:
+        return None
+
+
 def journal_in_order(path: Path | str, mountinfo: str | None = None, jbd2: str = "/proc/fs/jbd2",
                      sys_block: str = "/sys/dev/block") -> bool:
     """Whether ``path`` lies on a file system whose journal commits in order
@@ -165,29 +197,30 @@ def journal_in_order(path: Path | str, mountinfo: str | None = None, jbd2: str =
     no entry in ``jbd2``), where :func:`fsync_all` may make a group of files
     durable with one commit. Read from ``mountinfo`` (the text of
     ``/proc/self/mountinfo`` by default); False wherever it cannot be told."""
-    try:
-        dev = os.stat(path).st_dev
-        if mountinfo is None:
-            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-                mountinfo = f.read()
-    except OSError:
+    mounted = _mounted(path, mountinfo)
+    if mounted is None or mounted[0] not in _IN_ORDER_JOURNALS:
         return False
-    wanted = f"{os.major(dev)}:{os.minor(dev)}"
-    types = set()
-    for line in mountinfo.splitlines():
-        # ID PARENT MAJOR:MINOR ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER
-        fields = line.split()
-        if len(fields) > 3 and fields[2] == wanted and " - " in line:
-            types.add(line.split(" - ", 1)[1].split()[0])
-    if len(types) != 1 or not types <= _IN_ORDER_JOURNALS:
-        return False
-    if types == {"xfs"}:
+    if mounted[0] == "xfs":
         return True  # xfs always logs
-    try:
-        device = os.path.basename(os.readlink(f"{sys_block}/{wanted}"))
-        return any(entry.startswith(f"{device}-") for entry in os.listdir(jbd2))
-    except OSError:
-        return False
+    return _has_journal(mounted[1], jbd2, sys_block) is True
+
+
+def unordered_metadata(path: Path | str, mountinfo: str | None = None, jbd2: str = "/proc/fs/jbd2",
+                       sys_block: str = "/sys/dev/block") -> str | None:
+    """What ``path`` lies on when it is known to write its metadata back in
+    no order at all: ``"ext2"``, or ``"ext4 without a journal"`` (ext3
+    likewise). There a power loss can keep one half of a rename between
+    folders (the entry gone from the old folder, not yet in the new one), and
+    ``fsck`` puts that file in ``lost+found``. None for any other file
+    system, and wherever it cannot be told."""
+    mounted = _mounted(path, mountinfo)
+    if mounted is None:
+        return None
+    if mounted[0] == "ext2":
+        return "ext2"
+    if mounted[0] in ("ext3", "ext4") and _has_journal(mounted[1], jbd2, sys_block) is False:
+        return f"{mounted[0]} without a journal"
+    return None
 
 
 def die_with_parent(parent: int) -> bool:

@@ -12,6 +12,10 @@ from spoolkit import SpoolKit, attempts, children_of, stop, var, wait_until
 
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import parse_job
+from copiamail.node import node as node_module
+from copiamail.node.node import spool_warnings
+from copiamail.osutil import unordered_metadata
+from copiamail.spool.queue import Spool
 
 
 @pytest.fixture
@@ -749,3 +753,25 @@ def test_a_spool_folder_writable_by_every_user_is_warned_about(tmp_path, server)
     assert "TOSEND: writable by every user" in result.stderr
     (kit.root / "TOSEND").chmod(0o755)
     assert "writable by every user" not in kit.drain().stderr
+
+
+@pytest.mark.parametrize(("kind", "fsync", "warned"), [
+    ("ext4 without a journal", True, True), ("ext2", True, True), (None, True, False),
+    ("ext4 without a journal", False, False),
+])
+def test_a_spool_on_a_file_system_without_ordered_metadata_is_warned_about_when_fsync_promises_power_loss_safety(
+        tmp_path, monkeypatch, kind, fsync, warned):
+    monkeypatch.setattr(node_module, "unordered_metadata", lambda path: kind)
+    spool = Spool(tmp_path)
+    spool.ensure()
+    said = [w for w in spool_warnings(spool, fsync) if "lost+found" in w]
+    assert said == ([f"{tmp_path}: on an {kind}, which writes folders back in no order: after a power loss fsck "
+                     "may find a job moved out of one folder and not into the next, and put it in lost+found; keep "
+                     "the spool on a file system with a journal (ext4 with one, xfs)"] if warned else [])
+
+
+def test_the_node_warns_at_its_start_when_its_spools_file_system_keeps_no_order(tmp_path, server):
+    kit = kit_for(tmp_path, server)
+    result = kit.drain()
+    assert result.returncode == 0
+    assert ("lost+found" in result.stderr) == (unordered_metadata(kit.root) is not None), result.stderr

@@ -14,6 +14,7 @@ from copiamail.osutil import (
     journal_in_order,
     move_unless_taken,
     rename_noreplace,
+    unordered_metadata,
 )
 
 
@@ -225,6 +226,23 @@ def test_a_file_system_that_cannot_be_told_gets_an_fsync_per_file(tmp_path):
     assert not journal_in_order(tmp_path, "garbage\n", **device)
     assert not journal_in_order(tmp_path, mount_line(tmp_path, "ext4"), jbd2=str(tmp_path / "none"),
                                 sys_block=device["sys_block"])  # no jbd2 to look at
+
+
+@pytest.mark.parametrize(("fstype", "journal", "said"), [
+    ("ext2", False, "ext2"), ("ext4", False, "ext4 without a journal"), ("ext3", False, "ext3 without a journal"),
+    ("ext4", True, None), ("xfs", False, None), ("btrfs", False, None), ("tmpfs", False, None), ("nfs4", False, None),
+])
+def test_a_file_system_that_writes_metadata_back_in_no_order_is_named(tmp_path, fstype, journal, said):
+    device = block_device(tmp_path, tmp_path, journal=journal)
+    assert unordered_metadata(tmp_path, mount_line(tmp_path, fstype), **device) == said
+
+
+def test_a_file_system_that_cannot_be_told_is_not_called_unordered(tmp_path):
+    device = block_device(tmp_path, tmp_path, journal=False)
+    assert unordered_metadata(tmp_path / "missing", mount_line(tmp_path, "ext4"), **device) is None
+    assert unordered_metadata(tmp_path, "garbage\n", **device) is None
+    assert unordered_metadata(tmp_path, mount_line(tmp_path, "ext4"), jbd2=str(tmp_path / "none"),
+                              sys_block=device["sys_block"]) is None
 
 
 def refused_sync_file_range(*args):

@@ -35,6 +35,7 @@ from copiamail.logs import set_log_node
 from copiamail.node.reload import ConfigLoader, on_hangup
 from copiamail.node.services import ignore_hangups, node_services
 from copiamail.node.workers import run_workers
+from copiamail.osutil import unordered_metadata
 from copiamail.scheduling.cluster import check_cluster
 from copiamail.scheduling.scheduler import Scheduler, Stats
 from copiamail.smtp.startup import make_tls_context, relay_tls
@@ -91,8 +92,8 @@ def run_node(
         make_tls_context(config.mx_tls_verify, None)
     spool = Spool(config.spool, config.queues, config.fsync)
     spool.ensure()
-    for path in spool.writable_by_others():
-        log.warning("%s: writable by every user: anyone on this machine can drop, change or remove jobs here", path)
+    for warning in spool_warnings(spool, config.fsync):
+        log.warning("%s", warning)
     started = time.monotonic()
     with node_lock(spool, name):
         host = alive_elsewhere(spool, name)
@@ -116,6 +117,21 @@ def run_node(
     log.info("node %s stopped: sent %d, failed %d, retry later %d, deferred %d, handed back %d in %.1f s",
              name, s.sent, s.failed, s.retried, s.deferred, s.handed_back, done.seconds)
     return done
+
+
+def spool_warnings(spool: Spool, fsync: bool) -> list[str]:
+    """What a node says about its spool when it starts: folders any user may
+    write into, and (with ``fsync``, which promises jobs that survive a power
+    loss) a file system that cannot keep that promise for the moves between
+    folders."""
+    out = [f"{path}: writable by every user: anyone on this machine can drop, change or remove jobs here"
+           for path in spool.writable_by_others()]
+    kind = unordered_metadata(spool.root) if fsync else None
+    if kind is not None:
+        out.append(f"{spool.root}: on an {kind}, which writes folders back in no order: after a power loss "
+                   "fsck may find a job moved out of one folder and not into the next, and put it in "
+                   "lost+found; keep the spool on a file system with a journal (ext4 with one, xfs)")
+    return out
 
 
 def _log_start(config: Config, name: str) -> None:

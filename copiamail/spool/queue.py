@@ -107,11 +107,11 @@ job name, and recovery deletes spares, as does a node when it stops. Each
 process of a node takes only the spares it made.
 
 Durability: the result's data is durable before the commit step (the fsync, or
-the batch's one commit), so after a power loss a committed job is complete. Directory entries are not fsynced: on
-a journaling ext4 or xfs renames stay in order after the data; elsewhere a
-power loss may roll a move back, which at worst sends a job again (the
-at-least-once window), never loses it, since every move leaves a complete
-copy under one of its names.
+the batch's one commit), so after a power loss a committed job is complete. Folders
+are not fsynced: a journal (ext4 with one, xfs) keeps each rename whole and in order
+after the data, and a power loss rolls back at most the last moves (at worst a job is
+sent again). With no journal (ext2, an ext4 made without one: the node warns) half a
+move between folders can survive a power loss, and fsck puts that job in lost+found.
 """
 
 from __future__ import annotations
