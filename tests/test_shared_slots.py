@@ -274,6 +274,38 @@ def test_a_watch_that_ends_leaves_no_want_bits_behind():
     assert waited == {POOL.key} and after == set()
 
 
+def test_a_watch_that_dies_of_an_error_stops_leaving_slots_to_others():
+    # After the watch, nothing would tell this worker when the others stop
+    # waiting: it must not go on holding only half of the cap.
+    _, w0, w1 = w0_holding(4)
+    assert w1.try_acquire([POOL]) == POOL  # w1's job waits on the pool
+    broken = False
+
+    def waits_on(key: str) -> bool:
+        if broken:
+            raise RuntimeError("a bug in the scheduler")
+        return False
+
+    async def main() -> tuple[set[str], BaseException | None]:
+        nonlocal broken
+        watch1 = asyncio.create_task(w1.watch_shared(lambda key: True, lambda: None))
+        watch0 = asyncio.create_task(w0.watch_shared(waits_on, lambda: None))
+        for _ in range(200):
+            if w0.wanted_elsewhere:
+                break
+            await asyncio.sleep(0.01)
+        left = set(w0.wanted_elsewhere)
+        broken = True
+        ended = (await asyncio.gather(watch0, return_exceptions=True))[0]
+        watch1.cancel()
+        await asyncio.gather(watch1, return_exceptions=True)
+        return left, ended
+
+    left, ended = asyncio.run(main())
+    assert left == {POOL.key} and isinstance(ended, RuntimeError)
+    assert w0.wanted_elsewhere == set()
+
+
 THREE = Limit("global_domain:/three/", 3, "pooled", shared=True)
 
 

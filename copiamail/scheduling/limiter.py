@@ -199,8 +199,9 @@ class LocalLimiter:
         a slot was given back anywhere, when other workers wait on its keys,
         or when they stopped waiting on some (what it left them is its own
         again). An error in ``on_room`` is logged and the watch goes on; when
-        the watch ends, this worker waits on nothing in the table any more
-        (else other workers would go on leaving it their slots)."""
+        the watch ends (cancelled, or by any other error), this worker waits on
+        nothing in the table any more (else other workers would go on leaving
+        it their slots), nor leaves its slots to others."""
         shared = self._shared
         if shared is None:
             return
@@ -230,3 +231,6 @@ class LocalLimiter:
             with shared.locked():
                 shared.want(self._worker, self._wanted, False)
             self._wanted = set()
+            # Nobody will say when the others stop waiting: leaving them slots
+            # from now on could leave those slots unused for good.
+            self.wanted_elsewhere = set()
