@@ -602,6 +602,16 @@ def test_edited_in_one_pass_equals_the_edits_one_after_another(data, variables, 
     assert got.to_bytes() == expected.to_bytes()
 
 
+@pytest.mark.parametrize("line", [
+    b"$var_def DOMAINBUSY_COUNT 3\n", b"  $VAR_DEF domainbusy_count 3\r\n", b'$"var_def" DOMAINBUSY_COUNT 3\n',
+    b'$va"r_def" DOMAINBUSY_COUNT 3\n', b"\t$Var_Def\tDOMAINBUSY_COUNT 3",
+])
+def test_edited_finds_the_line_it_sets_however_its_command_is_written(line):
+    cf = CommandFile.parse(b'$email_address a@b.test\n$email_text "x"\n' + line)
+    edited = cf.edited(variables=(("DOMAINBUSY_COUNT", 4),))
+    assert len(edited.lines) == len(cf.lines) and edited.var("DOMAINBUSY_COUNT") == "4"
+
+
 def test_as_written_keeps_the_double_quotes_and_joins_tokens_by_one_space():
     cf = CommandFile.parse(b'$email_from   "Doe, Jane"\t <j@x.test> ; note\n$email_text "a ""b"""\n')
     first, second = cf.commands()

@@ -154,6 +154,17 @@ def _candidates(names: frozenset[str]) -> re.Pattern[str]:
     return re.compile(rf'[ \t]*\$(?:(?:{alternatives})(?=[ \t]|\r?\n?$)|[^ \t\r\n"]*")', re.IGNORECASE)
 
 
+@functools.lru_cache(maxsize=64)
+def _any_candidate(names: frozenset[str]) -> re.Pattern[str]:
+    """Whether a text may hold a line :func:`_candidates` takes: any ``$``
+    followed by one of ``names``, or by a token that holds a quote, anywhere
+    (it may say yes where no line is one, never no where one is). A literal
+    ``$`` to look for makes one search of a whole job cheaper than a match
+    at the start of each of its lines."""
+    alternatives = "|".join(re.escape(n) for n in sorted(names))
+    return re.compile(rf'\$(?:{alternatives}|[^ \t\r\n"]*")', re.IGNORECASE)
+
+
 def _newline(lines: tuple[str, ...] | list[str]) -> str:
     for raw in lines:
         if raw.endswith("\n"):
@@ -320,11 +331,15 @@ class CommandFile:
         for name, args in commands:
             wanted[(name.lower(), "")] = self._sanitize(format_command(name, *(str(a) for a in args)))
         assert len(wanted) == len(variables) + len(commands), "each variable and command at most once"
-        candidate = _candidates(frozenset(k[0] for k in wanted)).match
+        names = frozenset(k[0] for k in wanted)
+        candidate = _candidates(names).match
         lines = list(self.lines)
         found: set[tuple[str, str]] = set()
         removed: list[int] = []
-        for i in range(len(lines) - 1, -1, -1):
+        # Most jobs set none of these yet (a first attempt): one search of the
+        # whole text then spares a look at each line.
+        start = len(lines) - 1 if wanted and _any_candidate(names).search(self.text) is not None else -1
+        for i in range(start, -1, -1):
             if len(found) == len(wanted):
                 break
             if candidate(lines[i]) is None:
