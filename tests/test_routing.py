@@ -21,6 +21,7 @@ from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job, parse_job
 from copiamail.scheduling.limits import limits_for
 from copiamail.scheduling.routing import HOST_DOWN_SECONDS, Item, Router, pause_key, relay_target
+from copiamail.scheduling.shared_slots import SharedSlots
 from copiamail.smtp.mx import MxHost, Route
 from copiamail.smtp.startup import make_tls_context
 from copiamail.spool.queue import Claimed
@@ -359,6 +360,31 @@ def test_a_host_that_refused_a_connection_is_paused_for_refusal_pause_then_offer
     during, after, offered = asyncio.run(scenario())
     assert during is not None and during.key == pause_key("192.0.2.1") and during.cap == 0
     assert after is None and offered == [pause_key("192.0.2.1")]
+
+
+def test_a_refusal_in_one_worker_pauses_the_host_for_every_worker_of_the_node():
+    # Each worker has its own Router; the pause goes through the table they share.
+    table = SharedSlots.create(64)
+    unpaused: list[tuple[str, str]] = []
+    config = Config(relay=RelayConfig("192.0.2.1"), refusal_pause=0.3)
+    first = Router(config, on_unpaused=lambda key: unpaused.append(("first", key)), shared=table)
+    second = Router(config, on_unpaused=lambda key: unpaused.append(("second", key)), shared=table)
+    alone = Router(config)  # a node of one process: no table
+    relay = first.relay
+    assert relay is not None
+
+    async def scenario() -> tuple[object, object, object, object]:
+        before = second.paused(relay)
+        first.refused(relay)
+        during, elsewhere = second.paused(relay), alone.paused(relay)
+        await asyncio.sleep(0.5)
+        return before, during, elsewhere, second.paused(relay)
+
+    before, during, elsewhere, after = asyncio.run(scenario())
+    assert before is None and elsewhere is None and after is None
+    assert during is not None and during.key == pause_key("192.0.2.1") and during.cap == 0
+    # The second worker's jobs that waited on the pause are offered the host when it ends.
+    assert sorted(unpaused) == [("first", pause_key("192.0.2.1")), ("second", pause_key("192.0.2.1"))]
 
 
 def test_refusal_pause_0_pauses_nothing():

@@ -306,6 +306,24 @@ def test_a_watch_that_dies_of_an_error_stops_leaving_slots_to_others():
     assert w0.wanted_elsewhere == set()
 
 
+def test_a_pause_written_in_one_process_is_read_in_another_and_only_ever_lengthened():
+    table = SharedSlots.create(64)
+    assert table.paused_until("pause:192.0.2.1") == 0.0
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with table.locked():
+                table.pause("pause:192.0.2.1", 1000.5)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert table.paused_until("pause:192.0.2.1") == 1000.5
+    with table.locked():
+        table.pause("pause:192.0.2.1", 900.0)  # a shorter pause does not cut the longer one
+    assert table.paused_until("pause:192.0.2.1") == 1000.5
+    assert table.held("pause:192.0.2.1") == 1000.5 * 1e9 and table.paused_until("pause:192.0.2.9") == 0.0
+
+
 THREE = Limit("global_domain:/three/", 3, "pooled", shared=True)
 
 

@@ -3,8 +3,10 @@ the evidence the engine writes with each throttled attempt."""
 
 from __future__ import annotations
 
+import time
+
 from smtpserver import Rule
-from spoolkit import SpoolKit, var
+from spoolkit import SpoolKit, stop, var, wait_until
 
 
 def test_a_job_refused_by_a_connection_limit_of_2_records_3_connections_and_the_reply(tmp_path, smtp_server):
@@ -85,3 +87,33 @@ def test_max_deliveries_per_connection_is_never_exceeded_at_the_server(tmp_path,
     a_test = [per_connection[s] for s, domains in by_connection.items() if domains == {"a.test"}]
     assert sum(a_test) == 10 and max(a_test) == 3  # 4 connections: 3, 3, 3, 1
     assert max(per_connection[s] for s, domains in by_connection.items() if domains == {"b.test"}) == 7
+
+
+def test_a_refusal_met_by_one_worker_pauses_the_host_for_the_other_worker_too(tmp_path, smtp_server):
+    # The receiver allows 1 connection from us. Worker 0 sends a.test: its
+    # first message is slow, its second connection is refused. b.test, met
+    # next, goes to worker 1: during the pause it must open nothing either.
+    server = smtp_server(max_connections_per_source=1)
+    server.add_rule(Rule(stage="EOD", delay=3.0))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 2"], "workers: 2\nrefusal_pause: 4\n")
+    kit.submit("TOSEND", "A1.FS", to="user1@a.test")
+    node = kit.start()
+    try:
+        wait_until(lambda: len(server.message_starts) == 1, timeout=10)
+        # Past the node's first second: a job that arrives before its watcher
+        # is up waits write_settle (it might be being written in place).
+        time.sleep(1.0)
+        kit.submit("TOSEND", "A2.FS", to="user2@a.test")
+        wait_until(lambda: len(server.throttle_replies) == 1, timeout=5)
+        opened = len(server.connections)
+        kit.submit("TOSEND", "B1.FS", to="user1@b.test")
+        time.sleep(1.5)
+        assert len(server.throttle_replies) == 1 and len(server.connections) == opened
+        wait_until(lambda: "B1.FS" in kit.names("SENT"), timeout=20)
+    finally:
+        code, _, err = stop(node)
+    assert code == 0, err
+    assert len(server.throttle_replies) == 1
+    assert "A1.FS" in kit.names("SENT") and "A2.FS" in kit.names("TOSEND")  # A2: refused, charged, retried later
+    b1 = kit.read("SENT", "B1.FS")
+    assert b1.count("$attempt_record") == 1 and var(b1, "DOMAINBUSY_COUNT") == "1"  # it waited, uncharged

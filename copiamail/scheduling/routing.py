@@ -35,6 +35,7 @@ from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job
 from copiamail.scheduling.limits import Limit
 from copiamail.scheduling.retry import through_retry_relay
+from copiamail.scheduling.shared_slots import SharedSlots
 from copiamail.smtp.startup import TlsSettings, relay_tls, resolve_relay
 from copiamail.spool.queue import Claimed
 
@@ -119,8 +120,12 @@ class Router:
         on_learned: Callable[[str, tuple[str, ...]], None] | None = None,
         on_routed: Callable[[list[Item], DeliveryError | None], None] | None = None,
         on_unpaused: Callable[[str], None] | None = None,
+        shared: SharedSlots | None = None,
     ) -> None:
+        """``shared``: the table the node's workers share, where a refusal's
+        pause is kept for all of them (None: one process sends alone)."""
         self._config = config
+        self._shared = shared
         self._clock = clock
         self._monotonic = monotonic
         self._on_learned = on_learned
@@ -199,13 +204,18 @@ class Router:
 
     def refused(self, target: Target) -> None:
         """``target`` refused a connection (connection refused, a 4xx greeting
-        or EHLO): open no new connection to it for ``refusal_pause`` seconds.
-        Its connections already open go on. When the pause ends, its key
-        (:func:`pause_key`) is given to ``on_unpaused``, so the jobs that
-        waited for it are offered the host again."""
+        or EHLO): the node opens no new connection to it for
+        ``refusal_pause`` seconds, in any of its workers (the pause is written
+        into the table they share). Its connections already open go on. When
+        the pause ends, its key (:func:`pause_key`) is given to
+        ``on_unpaused``, so the jobs that waited for it are offered the host
+        again."""
         pause = self._config.refusal_pause
         if pause <= 0 or target.host in self._paused:
             return
+        if self._shared is not None:
+            with self._shared.locked():
+                self._shared.pause(pause_key(target.host), self._monotonic() + pause)
         self._paused[target.host] = asyncio.get_running_loop().call_later(pause, self._unpause, target.host)
 
     def _unpause(self, host: str) -> None:
@@ -214,10 +224,16 @@ class Router:
             self._on_unpaused(pause_key(host))
 
     def paused(self, target: Target) -> Limit | None:
-        """While ``target`` is paused after a refusal: a limit with no room
-        that stands for the pause (a job waits on it as on a full limit)."""
+        """While ``target`` is paused after a refusal (this worker's, or
+        another's in the shared table): a limit with no room that stands for
+        the pause (a job waits on it as on a full limit)."""
         if target.host not in self._paused:
-            return None
+            # Another worker's pause: this worker's jobs that wait on it are
+            # offered the host when it ends, as after a pause of its own.
+            left = 0.0 if self._shared is None else self._shared.paused_until(pause_key(target.host)) - self._monotonic()
+            if left <= 0:
+                return None
+            self._paused[target.host] = asyncio.get_running_loop().call_later(left, self._unpause, target.host)
         return Limit(pause_key(target.host), 0, f"refusal_pause: {target.host} refused a connection")
 
     def host_failed(self, target: Target, domain: str, tried: set[str]) -> bool:

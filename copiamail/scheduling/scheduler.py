@@ -108,7 +108,7 @@ class Scheduler:
                                         config.helo_name or machine_helo_name(), config.smtp_chunking)
         self._router = Router(config, password, read_password(config, "retry_relay"), clock=clock,
                               on_learned=self._connections.learned_host, on_routed=self._routed,
-                              on_unpaused=self._unpaused)
+                              on_unpaused=self._unpaused, shared=shared)
         self._scanner = Scanner(config, spool, node, self._waiting, self._halted, self._dispatch, worker=worker,
                                 workers=workers, owners=owners, clock=clock, held_until=self._shaping.job_held_until)
         attempts = Attempts(config, spool, node, self._router, worker, clock, self._connections.greeted_sharing,

@@ -8,7 +8,8 @@ whole cap, and the cap still holds for the node as a whole.
 
 The table is a ``memfd`` mapped by the supervisor before it forks the workers,
 so every worker sees the same bytes. An entry per key: the key's 64-bit hash
-(0: the entry is free), the slots held, a bit per worker whose jobs wait
+(0: the entry is free), the slots held (for the key of a mail host's refusal
+pause, the instant the pause ends instead: :meth:`SharedSlots.pause`), a bit per worker whose jobs wait
 on the key, and the worker that last gave a slot of it back while another
 worker's jobs waited (so the slot over the halves of an odd cap goes round:
 :meth:`~copiamail.scheduling.limiter.LocalLimiter.leaves`). The header holds a generation number, raised whenever a slot is
@@ -148,6 +149,22 @@ class SharedSlots:
         place = self._place(key, make=False)
         giver = int(_ENTRY.unpack_from(self._map, place)[3]) if place is not None else 0
         return giver - 1 if giver else None
+
+    def pause(self, key: str, until: float) -> None:
+        """Pause ``key`` (a mail host's refusal pause: no worker opens a
+        connection to it) until ``until``, seconds of ``time.monotonic()``,
+        which every process of the machine reads alike; a pause that ends
+        later already stays. Under :meth:`locked`. Such a key holds no slots."""
+        place = self._place(key, make=True)
+        if place is None:
+            return
+        h, end, wants, giver = _ENTRY.unpack_from(self._map, place)
+        _ENTRY.pack_into(self._map, place, h, max(end, int(until * 1e9)), wants, giver)
+
+    def paused_until(self, key: str) -> float:
+        """When ``key``'s pause ends (0.0: it was never paused)."""
+        place = self._place(key, make=False)
+        return int(_ENTRY.unpack_from(self._map, place)[1]) / 1e9 if place is not None else 0.0
 
     def wanted_by_others(self, worker: int, keys: Iterable[str]) -> set[str]:
         """Those of ``keys`` that another worker's jobs wait on."""
