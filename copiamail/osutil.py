@@ -209,10 +209,11 @@ def unordered_metadata(path: Path | str, mountinfo: str | None = None, jbd2: str
                        sys_block: str = "/sys/dev/block") -> str | None:
     """What ``path`` lies on when it is known to write its metadata back in
     no order at all: ``"ext2"``, or ``"ext4 without a journal"`` (ext3
-    likewise). There a power loss can keep one half of a rename between
-    folders (the entry gone from the old folder, not yet in the new one), and
-    ``fsck`` puts that file in ``lost+found``. None for any other file
-    system, and wherever it cannot be told."""
+    likewise; an external journal is not seen, and counts as none). There a
+    power loss can keep one half of a rename between folders (the entry gone
+    from the old folder and not in the new one: ``fsck`` puts that file in
+    ``lost+found``; or in both). None for any other file system, and
+    wherever it cannot be told."""
     mounted = _mounted(path, mountinfo)
     if mounted is None:
         return None

@@ -765,9 +765,9 @@ def test_a_spool_on_a_file_system_without_ordered_metadata_is_warned_about_when_
     spool = Spool(tmp_path)
     spool.ensure()
     said = [w for w in spool_warnings(spool, fsync) if "lost+found" in w]
-    assert said == ([f"{tmp_path}: on an {kind}, which writes folders back in no order: after a power loss fsck "
-                     "may find a job moved out of one folder and not into the next, and put it in lost+found; keep "
-                     "the spool on a file system with a journal (ext4 with one, xfs)"] if warned else [])
+    assert said == ([f"{tmp_path}: on an {kind}, which writes folders back in no order: after a power loss a job "
+                     "may be left in lost+found, in two folders, or under another job's name; keep the spool on a "
+                     "file system with a journal (ext4 with one, xfs)"] if warned else [])
 
 
 def test_the_node_warns_at_its_start_when_its_spools_file_system_keeps_no_order(tmp_path, server):

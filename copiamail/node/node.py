@@ -92,14 +92,15 @@ def run_node(
         make_tls_context(config.mx_tls_verify, None)
     spool = Spool(config.spool, config.queues, config.fsync)
     spool.ensure()
-    for warning in spool_warnings(spool, config.fsync):
-        log.warning("%s", warning)
     started = time.monotonic()
     with node_lock(spool, name):
         host = alive_elsewhere(spool, name)
         if host is not None:
             raise SpoolError(f"node {name} is running on {host} (its heartbeat in {spool.root / 'ACTIVE'} moves); "
                              "node names must be unique across machines")
+        # Said by a node that starts only: one refused just above says one line.
+        for warning in spool_warnings(spool, config.fsync):
+            log.warning("%s", warning)
         report = recover(spool, name)
         held = HeldNames.create(config.worker_count)
         held.count_all_in(keys_in(spool.active_dir(name), name))
@@ -129,8 +130,8 @@ def spool_warnings(spool: Spool, fsync: bool) -> list[str]:
     kind = unordered_metadata(spool.root) if fsync else None
     if kind is not None:
         out.append(f"{spool.root}: on an {kind}, which writes folders back in no order: after a power loss "
-                   "fsck may find a job moved out of one folder and not into the next, and put it in "
-                   "lost+found; keep the spool on a file system with a journal (ext4 with one, xfs)")
+                   "a job may be left in lost+found, in two folders, or under another job's name; keep the "
+                   "spool on a file system with a journal (ext4 with one, xfs)")
     return out
 
 

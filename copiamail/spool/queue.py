@@ -110,8 +110,8 @@ Durability: the result's data is durable before the commit step (the fsync, or
 the batch's one commit), so after a power loss a committed job is complete. Folders
 are not fsynced: a journal (ext4 with one, xfs) keeps each rename whole and in order
 after the data, and a power loss rolls back at most the last moves (at worst a job is
-sent again). With no journal (ext2, an ext4 made without one: the node warns) half a
-move between folders can survive a power loss, and fsck puts that job in lost+found.
+sent again). With no journal (ext2, an ext4 made without one: the node warns) a power
+loss can keep half a move (a job in lost+found, or in two folders), or a stale name.
 """
 
 from __future__ import annotations
