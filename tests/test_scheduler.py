@@ -118,3 +118,16 @@ def test_a_claim_that_raises_after_the_slots_were_taken_gives_them_back(tmp_path
     assert job_path.exists()  # the job is not lost ...
     assert scheduler._connections.tasks() == []  # ... and no connection opened ...
     assert table.held("server") == 0, f"server slots held by nobody: {table.held('server')}"
+
+
+def test_a_background_task_of_the_run_that_dies_is_logged_when_it_dies(tmp_path, caplog):
+    spool = Spool(tmp_path, 15, False)
+    spool.ensure()
+    scheduler = Scheduler(Config(relay=RelayConfig("192.0.2.1")), spool, "N1", shared=SharedSlots.create(64))
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    scheduler.limiter.watch_shared = broken  # type: ignore[method-assign,union-attr]
+    asyncio.run(scheduler.run(drain=True))
+    assert "the shared caps task stopped: RuntimeError: a bug" in caplog.text

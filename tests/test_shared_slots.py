@@ -306,6 +306,32 @@ def test_a_watch_that_dies_of_an_error_stops_leaving_slots_to_others():
     assert w0.wanted_elsewhere == set()
 
 
+def test_a_watch_ended_by_the_tables_own_error_stops_leaving_slots_to_others_too():
+    table, w0, w1 = w0_holding(4)
+    assert w1.try_acquire([POOL]) == POOL  # w1's job waits on the pool
+
+    async def main() -> BaseException | None:
+        watch1 = asyncio.create_task(w1.watch_shared(lambda key: True, lambda: None))
+        watch0 = asyncio.create_task(w0.watch_shared(lambda key: key == POOL.key, lambda: None))
+        for _ in range(200):
+            if w0.wanted_elsewhere:
+                break
+            await asyncio.sleep(0.01)
+        assert w0.wanted_elsewhere == {POOL.key}
+
+        def broken(*args: object) -> None:
+            raise OSError("the table")
+
+        table.want = broken  # type: ignore[method-assign]
+        ended = (await asyncio.gather(watch0, return_exceptions=True))[0]
+        watch1.cancel()
+        await asyncio.gather(watch1, return_exceptions=True)
+        return ended
+
+    assert isinstance(asyncio.run(main()), OSError)
+    assert w0.wanted_elsewhere == set()
+
+
 def test_a_pause_written_in_one_process_is_read_in_another_and_only_ever_lengthened():
     table = SharedSlots.create(64)
     assert table.paused_until("pause:192.0.2.1") == 0.0

@@ -228,9 +228,11 @@ class LocalLimiter:
                     except Exception as e:  # a bad turn must not end the watch for good
                         log.error("offering freed shared slots failed: %s: %s", type(e).__name__, e)
         finally:
-            with shared.locked():
-                shared.want(self._worker, self._wanted, False)
-            self._wanted = set()
             # Nobody will say when the others stop waiting: leaving them slots
-            # from now on could leave those slots unused for good.
+            # from now on could leave those slots unused for good. Cleared
+            # first: the table's own error may have ended the watch, and may
+            # come again below.
             self.wanted_elsewhere = set()
+            wanted, self._wanted = self._wanted, set()
+            with shared.locked():
+                shared.want(self._worker, wanted, False)

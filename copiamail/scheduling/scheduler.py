@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable
@@ -62,6 +63,20 @@ from copiamail.spool.queue import Claimed, QueuedJob, Spool
 __all__ = ["Scheduler", "Stats"]
 
 log = logging.getLogger("copiamail")
+
+
+def _say_if_failed(task: asyncio.Task[None], what: str) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("the %s task stopped: %s: %s", what, type(error).__name__, error)
+
+
+def _say_failures(tasks: dict[asyncio.Task[None] | None, str]) -> None:
+    """Log each of a run's background ``tasks`` (with what it does) that ends
+    by an error, when it ends: the run collects them only at its own end,
+    and quietly."""
+    for task, what in tasks.items():
+        if task is not None:
+            task.add_done_callback(functools.partial(_say_if_failed, what=what))
 
 class Scheduler:
     """One node's scheduling loop over one spool (or one worker's part of it).
@@ -182,9 +197,8 @@ class Scheduler:
         self._connections.on_idle = self.wake if drain else None
         self._results.start()
         loop = asyncio.get_running_loop()
-        publisher = loop.create_task(publish_live_state(
-            self.spool.root, self.node, self._carrier.attempts.worker, self._connections, lambda: self.stats,
-            self._carrier.attempts.transactions, self.clock))
+        publisher = loop.create_task(publish_live_state(self.spool.root, self.node, self._carrier.attempts.worker,
+            self._connections, lambda: self.stats, self._carrier.attempts.transactions, self.clock))
         cluster, limiter = self._cluster, self.limiter
         leases = None if cluster is None else loop.create_task(cluster.run(
             self._waiting.waited_on, lambda: self._room_elsewhere(
@@ -194,6 +208,7 @@ class Scheduler:
             self._waiting.waits_on, lambda: self._room_elsewhere(limiter.wanted_elsewhere, limiter.waited_in_table)))
         handover = self._handover
         giving = None if handover is None or not drain else loop.create_task(handover.watch(self.wake))
+        _say_failures({publisher: "live state", leases: "cluster leases", shared: "shared caps", giving: "handover"})
         await self._router.learn_host_names_or_warn()
         scanner = self._scanner
         next_full = 0.0
