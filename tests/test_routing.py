@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import ssl
+import time
 from pathlib import Path
 
 import pytest
@@ -385,6 +386,33 @@ def test_a_refusal_in_one_worker_pauses_the_host_for_every_worker_of_the_node():
     assert during is not None and during.key == pause_key("192.0.2.1") and during.cap == 0
     # The second worker's jobs that waited on the pause are offered the host when it ends.
     assert sorted(unpaused) == [("first", pause_key("192.0.2.1")), ("second", pause_key("192.0.2.1"))]
+
+
+def test_a_pause_another_worker_made_longer_is_offered_at_its_later_end():
+    # Worker 1's connection, already on its way, is refused 0.2 s after
+    # worker 0's: the table's end is the later one, and worker 0's timer must
+    # not offer the host before it (each job would only wait again).
+    table = SharedSlots.create(64)
+    unpaused: list[tuple[str, float]] = []
+    config = Config(relay=RelayConfig("192.0.2.1"), refusal_pause=0.3)
+    first = Router(config, on_unpaused=lambda key: unpaused.append(("first", time.monotonic())), shared=table)
+    second = Router(config, on_unpaused=lambda key: unpaused.append(("second", time.monotonic())), shared=table)
+    relay = first.relay
+    assert relay is not None
+
+    async def scenario() -> float:
+        first.refused(relay)
+        await asyncio.sleep(0.2)
+        second.refused(relay)
+        end = table.paused_until(pause_key("192.0.2.1"))
+        await asyncio.sleep(0.1)
+        assert first.paused(relay) is not None  # past its own 0.3 s, within the later end
+        await asyncio.sleep(0.4)
+        return end
+
+    end = asyncio.run(scenario())
+    assert sorted(who for who, _ in unpaused) == ["first", "second"]
+    assert all(at >= end for _, at in unpaused)
 
 
 def test_refusal_pause_0_pauses_nothing():

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from copiamail.config import Config, RelayConfig
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import parse_job
+from copiamail.scheduling.routing import pause_key
 from copiamail.scheduling.scheduler import Scheduler
 from copiamail.scheduling.shared_slots import SharedSlots
 from copiamail.scheduling.waiting import WaitEntry
@@ -131,3 +134,42 @@ def test_a_background_task_of_the_run_that_dies_is_logged_when_it_dies(tmp_path,
     scheduler.limiter.watch_shared = broken  # type: ignore[method-assign,union-attr]
     asyncio.run(scheduler.run(drain=True))
     assert "the shared caps task stopped: RuntimeError: a bug" in caplog.text
+
+
+def test_the_end_of_a_pause_that_another_worker_lengthened_offers_its_jobs_later_without_spinning(tmp_path):
+    # A job waits on the relay's refusal pause. Worker 0's timer ends at its
+    # own pause; the table (another worker's later refusal) says it goes on.
+    # Its end must neither offer the job early nor loop on it for good.
+    for d in ["TOSEND"] + [f"TOSEND{i}" for i in range(1, 16)]:
+        (tmp_path / d).mkdir()
+    job_path = tmp_path / "TOSEND" / "A.FS"
+    job_path.write_text('$email_address a@x.test\n$email_text "hi"\n', encoding="utf-8")
+    table = SharedSlots.create(64)
+    config = Config(spool=tmp_path, relay=RelayConfig("192.0.2.1"), refusal_pause=0.2)
+    spool = Spool(tmp_path, 15, False)
+    scheduler = Scheduler(config, spool, "N1", shared=table)
+    job = parse_job(CommandFile.read(job_path), "A.FS", config.job_env)
+    entry = WaitEntry(QueuedJob(spool.priority("TOSEND"), "TOSEND", "A.FS", str(job_path)), job.without_content())
+    key = pause_key("192.0.2.1")
+    scheduler._waiting.add(entry, [(key, 0)])
+    relay = scheduler._router.relay
+    assert relay is not None
+
+    def stuck(signum: int, frame: object) -> None:
+        raise TimeoutError("the event loop spins")
+
+    async def go() -> None:
+        scheduler._router.refused(relay)
+        with table.locked():
+            table.pause(key, time.monotonic() + 0.6)  # another worker's later refusal
+        scheduler._unpaused(key)  # as a timer that fired at the worker's own end would
+        await asyncio.sleep(0.3)
+
+    old = signal.signal(signal.SIGALRM, stuck)
+    signal.setitimer(signal.ITIMER_REAL, 5.0)
+    try:
+        asyncio.run(go())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert scheduler._waiting.head(key) is entry and job_path.exists()  # still waiting, untouched

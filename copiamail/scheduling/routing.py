@@ -216,9 +216,21 @@ class Router:
         if self._shared is not None:
             with self._shared.locked():
                 self._shared.pause(pause_key(target.host), self._monotonic() + pause)
-        self._paused[target.host] = asyncio.get_running_loop().call_later(pause, self._unpause, target.host)
+        # Until the end the table holds: another worker's refusal may already have set a later one.
+        left = max(pause, self._shared_pause_left(target.host))
+        self._paused[target.host] = asyncio.get_running_loop().call_later(left, self._unpause, target.host)
+
+    def _shared_pause_left(self, host: str) -> float:
+        """Seconds until ``host``'s pause in the workers' table ends (0 or less: none)."""
+        return 0.0 if self._shared is None else self._shared.paused_until(pause_key(host)) - self._monotonic()
 
     def _unpause(self, host: str) -> None:
+        left = self._shared_pause_left(host)
+        if left > 0:
+            # Another worker's refusal made the pause longer since this timer
+            # was set: the jobs that wait on it are offered the host at its end.
+            self._paused[host] = asyncio.get_running_loop().call_later(left, self._unpause, host)
+            return
         del self._paused[host]
         if self._on_unpaused is not None:
             self._on_unpaused(pause_key(host))
@@ -230,7 +242,7 @@ class Router:
         if target.host not in self._paused:
             # Another worker's pause: this worker's jobs that wait on it are
             # offered the host when it ends, as after a pause of its own.
-            left = 0.0 if self._shared is None else self._shared.paused_until(pause_key(target.host)) - self._monotonic()
+            left = self._shared_pause_left(target.host)
             if left <= 0:
                 return None
             self._paused[target.host] = asyncio.get_running_loop().call_later(left, self._unpause, target.host)

@@ -93,8 +93,7 @@ class Scheduler:
         password: str | None = None,
         clock: Callable[[], float] = time.time,
         on_event: Callable[[str, str], None] | None = None,
-        worker: int = 0,
-        workers: int = 1,
+        worker: int = 0, workers: int = 1,
         limiter: Limiter | None = None,
         shared: SharedSlots | None = None,
         owners: DomainOwners | None = None,
@@ -371,8 +370,7 @@ class Scheduler:
         conn.task = asyncio.get_running_loop().create_task(self._run_connection(conn, item))
 
     def _defer(self, item: Item, blocked: Blocked) -> None:
-        self._results.defer(item.claimed, item.cf, item.job, item.busy_reply,
-                            lambda path: self._deferred(item, blocked, path))
+        self._results.defer(item.claimed, item.cf, item.job, item.busy_reply, lambda path: self._deferred(item, blocked, path))
 
     def _deferred(self, item: Item, blocked: Blocked, path: Path | None) -> None:
         """A deferred job is back in its folder, at ``path``: it waits for a slot."""
@@ -424,13 +422,14 @@ class Scheduler:
                 pending.add(key)
 
     def _unpaused(self, key: str) -> None:
-        """A host's refusal pause is over: offer the host to every job that
-        waited on it (``key`` has no slot to free: this is their one offer)."""
+        """A host's refusal pause is over: offer the host to every job that waited on it (their one offer)."""
         if self._results.paused and not self.stopping:  # results owed: no job is taken now; ask again later
             asyncio.get_running_loop().call_later(1.0, self._unpaused, key)
             return
-        while not self.stopping and self._waiting.head(key) is not None:
-            self._offer_key(key)  # each call starts, claims or moves on at least one job
+        while not self.stopping and (head := self._waiting.head(key)) is not None:
+            self._offer_key(key)  # each call starts, claims or moves on at least one job ...
+            if self._waiting.head(key) is head:
+                break  # ... or it waits on the key again: the pause goes on, and its end offers it
 
     def _room_elsewhere(self, wanted: Collection[str], waited: Iterable[str]) -> None:
         """Redis was read, or the workers' table changed: idle connections holding a slot of ``wanted`` (keys
