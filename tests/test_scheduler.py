@@ -91,20 +91,29 @@ def test_the_wait_ends_at_its_timeout_without_a_wake(scheduler):
     asyncio.run(go())
 
 
-def test_a_claim_that_raises_after_the_slots_were_taken_gives_them_back(tmp_path, monkeypatch):
-    # A waiting job offered a freed slot: the slots are taken, then its claim
-    # fails (EIO on the spool's share). The slots must come back.
+def _waiting_job(tmp_path: Path, config: Config, waits_on: tuple[str, int]
+                 ) -> tuple[Scheduler, SharedSlots, Path, WaitEntry]:
+    """A worker's scheduler over a spool in ``tmp_path`` holding one job,
+    ``A.FS``, that waits on the key and cap ``waits_on``."""
     for d in ["TOSEND"] + [f"TOSEND{i}" for i in range(1, 16)]:
         (tmp_path / d).mkdir()
     job_path = tmp_path / "TOSEND" / "A.FS"
     job_path.write_text('$email_address a@x.test\n$email_text "hi"\n', encoding="utf-8")
     table = SharedSlots.create(64)
-    config = Config(spool=tmp_path, relay=RelayConfig("192.0.2.1"), server_max_outbound_connections=2)
     spool = Spool(tmp_path, 15, False)
     scheduler = Scheduler(config, spool, "N1", shared=table)
     job = parse_job(CommandFile.read(job_path), "A.FS", config.job_env)
     entry = WaitEntry(QueuedJob(spool.priority("TOSEND"), "TOSEND", "A.FS", str(job_path)), job.without_content())
-    scheduler._waiting.add(entry, [("server", 2)])
+    scheduler._waiting.add(entry, [waits_on])
+    return scheduler, table, job_path, entry
+
+
+def test_a_claim_that_raises_after_the_slots_were_taken_gives_them_back(tmp_path, monkeypatch):
+    # A waiting job offered a freed slot: the slots are taken, then its claim
+    # fails (EIO on the spool's share). The slots must come back.
+    config = Config(spool=tmp_path, relay=RelayConfig("192.0.2.1"), server_max_outbound_connections=2)
+    scheduler, table, job_path, _ = _waiting_job(tmp_path, config, ("server", 2))
+    spool = scheduler.spool
 
     def broken_claim(*args, **kwargs):
         raise OSError(errno.EIO, "Input/output error")
@@ -140,18 +149,9 @@ def test_the_end_of_a_pause_that_another_worker_lengthened_offers_its_jobs_later
     # A job waits on the relay's refusal pause. Worker 0's timer ends at its
     # own pause; the table (another worker's later refusal) says it goes on.
     # Its end must neither offer the job early nor loop on it for good.
-    for d in ["TOSEND"] + [f"TOSEND{i}" for i in range(1, 16)]:
-        (tmp_path / d).mkdir()
-    job_path = tmp_path / "TOSEND" / "A.FS"
-    job_path.write_text('$email_address a@x.test\n$email_text "hi"\n', encoding="utf-8")
-    table = SharedSlots.create(64)
-    config = Config(spool=tmp_path, relay=RelayConfig("192.0.2.1"), refusal_pause=0.2)
-    spool = Spool(tmp_path, 15, False)
-    scheduler = Scheduler(config, spool, "N1", shared=table)
-    job = parse_job(CommandFile.read(job_path), "A.FS", config.job_env)
-    entry = WaitEntry(QueuedJob(spool.priority("TOSEND"), "TOSEND", "A.FS", str(job_path)), job.without_content())
     key = pause_key("192.0.2.1")
-    scheduler._waiting.add(entry, [(key, 0)])
+    config = Config(spool=tmp_path, relay=RelayConfig("192.0.2.1"), refusal_pause=0.2)
+    scheduler, table, job_path, entry = _waiting_job(tmp_path, config, (key, 0))
     relay = scheduler._router.relay
     assert relay is not None
 

@@ -217,8 +217,11 @@ class Router:
             with self._shared.locked():
                 self._shared.pause(pause_key(target.host), self._monotonic() + pause)
         # Until the end the table holds: another worker's refusal may already have set a later one.
-        left = max(pause, self._shared_pause_left(target.host))
-        self._paused[target.host] = asyncio.get_running_loop().call_later(left, self._unpause, target.host)
+        self._end_pause_in(target.host, max(pause, self._shared_pause_left(target.host)))
+
+    def _end_pause_in(self, host: str, seconds: float) -> None:
+        """``host``'s pause (this worker's, or one it took from the table) ends in ``seconds``."""
+        self._paused[host] = asyncio.get_running_loop().call_later(seconds, self._unpause, host)
 
     def _shared_pause_left(self, host: str) -> float:
         """Seconds until ``host``'s pause in the workers' table ends (0 or less: none)."""
@@ -229,7 +232,7 @@ class Router:
         if left > 0:
             # Another worker's refusal made the pause longer since this timer
             # was set: the jobs that wait on it are offered the host at its end.
-            self._paused[host] = asyncio.get_running_loop().call_later(left, self._unpause, host)
+            self._end_pause_in(host, left)
             return
         del self._paused[host]
         if self._on_unpaused is not None:
@@ -245,7 +248,7 @@ class Router:
             left = self._shared_pause_left(target.host)
             if left <= 0:
                 return None
-            self._paused[target.host] = asyncio.get_running_loop().call_later(left, self._unpause, target.host)
+            self._end_pause_in(target.host, left)
         return Limit(pause_key(target.host), 0, f"refusal_pause: {target.host} refused a connection")
 
     def host_failed(self, target: Target, domain: str, tried: set[str]) -> bool:

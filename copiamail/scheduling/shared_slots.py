@@ -9,11 +9,12 @@ whole cap, and the cap still holds for the node as a whole.
 The table is a ``memfd`` mapped by the supervisor before it forks the workers,
 so every worker sees the same bytes. An entry per key: the key's 64-bit hash
 (0: the entry is free), the slots held (for the key of a mail host's refusal
-pause, the instant the pause ends instead: :meth:`SharedSlots.pause`), a bit per worker whose jobs wait
-on the key, and the worker that last gave a slot of it back while another
-worker's jobs waited (so the slot over the halves of an odd cap goes round:
-:meth:`~copiamail.scheduling.limiter.LocalLimiter.leaves`). The header holds a generation number, raised whenever a slot is
-given back, so a worker can tell cheaply that something freed.
+pause, the instant the pause ends instead: :meth:`SharedSlots.pause`), a bit
+per worker whose jobs wait on the key, and the worker that last gave a slot of
+it back while another worker's jobs waited (so the slot over the halves of an
+odd cap goes round: :meth:`~copiamail.scheduling.limiter.LocalLimiter.leaves`).
+The header holds a generation number, raised whenever a slot is given back, so
+a worker can tell cheaply that something freed.
 
 Every read-then-write runs under a POSIX record lock on the same ``memfd``
 (``lockf``): it is per process, so the workers exclude each other, and the
