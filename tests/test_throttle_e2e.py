@@ -105,6 +105,10 @@ def test_a_refusal_met_by_one_worker_pauses_the_host_for_the_other_worker_too(tm
         time.sleep(1.0)
         kit.submit("TOSEND", "A2.FS", to="user2@a.test")
         wait_until(lambda: len(server.throttle_replies) == 1, timeout=5)
+        # The node has taken the refusal in (and paused the host) once A2 is
+        # back in its folder with an attempt: a job met before that may still
+        # connect, as no pause can stop a connection opened before it.
+        wait_until(lambda: "$attempt_record" in _text_or_empty(kit.root / "TOSEND" / "A2.FS"), timeout=5)
         opened = len(server.connections)
         kit.submit("TOSEND", "B1.FS", to="user1@b.test")
         time.sleep(1.5)
@@ -117,3 +121,10 @@ def test_a_refusal_met_by_one_worker_pauses_the_host_for_the_other_worker_too(tm
     assert "A1.FS" in kit.names("SENT") and "A2.FS" in kit.names("TOSEND")  # A2: refused, charged, retried later
     b1 = kit.read("SENT", "B1.FS")
     assert b1.count("$attempt_record") == 1 and var(b1, "DOMAINBUSY_COUNT") == "1"  # it waited, uncharged
+
+
+def _text_or_empty(path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ""  # claimed meanwhile
