@@ -404,7 +404,7 @@ def test_a_pause_another_worker_made_longer_is_offered_at_its_later_end():
         first.refused(relay)
         await asyncio.sleep(0.2)
         second.refused(relay)
-        end = table.paused_until(pause_key("192.0.2.1"))
+        end = table.paused_until(pause_key("192.0.2.1"), time.monotonic())
         await asyncio.sleep(0.1)
         assert first.paused(relay) is not None  # past its own 0.3 s, within the later end
         await asyncio.sleep(0.4)

@@ -161,7 +161,7 @@ def test_the_end_of_a_pause_that_another_worker_lengthened_offers_its_jobs_later
     async def go() -> None:
         scheduler._router.refused(relay)
         with table.locked():
-            table.pause(key, time.monotonic() + 0.6)  # another worker's later refusal
+            table.pause(key, time.monotonic() + 0.6, time.monotonic())  # another worker's later refusal
         scheduler._unpaused(key)  # as a timer that fired at the worker's own end would
         await asyncio.sleep(0.3)
 

@@ -334,20 +334,51 @@ def test_a_watch_ended_by_the_tables_own_error_stops_leaving_slots_to_others_too
 
 def test_a_pause_written_in_one_process_is_read_in_another_and_only_ever_lengthened():
     table = SharedSlots.create(64)
-    assert table.paused_until("pause:192.0.2.1") == 0.0
+    assert table.paused_until("pause:192.0.2.1", 100.0) == 0.0  # read (none) before the other process writes
     pid = os.fork()
     if pid == 0:
         try:
             with table.locked():
-                table.pause("pause:192.0.2.1", 1000.5)
+                table.pause("pause:192.0.2.1", 1000.5, 100.0)
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
-    assert table.paused_until("pause:192.0.2.1") == 1000.5
+    assert table.paused_until("pause:192.0.2.1", 100.0) == 1000.5
     with table.locked():
-        table.pause("pause:192.0.2.1", 900.0)  # a shorter pause does not cut the longer one
-    assert table.paused_until("pause:192.0.2.1") == 1000.5
-    assert table.held("pause:192.0.2.1") == 1000.5 * 1e9 and table.paused_until("pause:192.0.2.9") == 0.0
+        assert table.pause("pause:192.0.2.1", 900.0, 100.0)  # a shorter pause does not cut the longer one
+    assert table.paused_until("pause:192.0.2.1", 100.0) == 1000.5
+    assert table.paused_until("pause:192.0.2.9", 100.0) == 0.0
+    assert table.paused_until("pause:192.0.2.1", 1000.5) == 0.0  # over at its end
+
+
+def test_pauses_take_no_slot_entries_and_an_ended_pause_gives_its_entry_to_the_next(caplog):
+    table = SharedSlots.create(8, pauses=4)
+    with table.locked():
+        for i in range(4):
+            assert table.pause(f"pause:192.0.2.{i}", 20.0, 10.0)
+        assert not table.pause("pause:192.0.2.9", 20.0, 10.0)  # four pauses go on: no room
+        assert not table.pause("pause:192.0.2.8", 20.0, 10.0)
+    assert [r.getMessage() for r in caplog.records].count(
+        "the node's table of refusal pauses is full (4 hosts paused at once): "
+        "a new pause holds for the worker that met the refusal only") == 1
+    assert table.paused_until("pause:192.0.2.9", 10.0) == 0.0
+    with table.locked():
+        assert table.pause("pause:192.0.2.9", 40.0, 30.0)  # the others ended at 20
+        for i in range(8):
+            assert table.add(f"key{i}", 1)  # every slot entry is still free for the caps
+    assert table.paused_until("pause:192.0.2.9", 30.0) == 40.0
+    assert all(table.paused_until(f"pause:192.0.2.{i}", 30.0) == 0.0 for i in range(4))
+
+
+def test_a_node_paused_by_ever_more_hosts_keeps_finding_room_for_the_next():
+    table = SharedSlots.create(8, pauses=16)
+    now = 0.0
+    for i in range(2000):  # each host refuses once, its pause ends before the next few
+        now += 1.0
+        with table.locked():
+            assert table.pause(f"pause:10.0.{i // 256}.{i % 256}", now + 10.0, now)
+        assert table.paused_until(f"pause:10.0.{i // 256}.{i % 256}", now) == now + 10.0
+    assert table.paused_until("pause:10.0.0.0", now) == 0.0
 
 
 THREE = Limit("global_domain:/three/", 3, "pooled", shared=True)

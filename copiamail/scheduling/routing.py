@@ -214,8 +214,9 @@ class Router:
         if pause <= 0 or target.host in self._paused:
             return
         if self._shared is not None:
+            now = self._monotonic()
             with self._shared.locked():
-                self._shared.pause(pause_key(target.host), self._monotonic() + pause)
+                self._shared.pause(pause_key(target.host), now + pause, now)
         # Until the end the table holds: another worker's refusal may already have set a later one.
         self._end_pause_in(target.host, max(pause, self._shared_pause_left(target.host)))
 
@@ -225,7 +226,10 @@ class Router:
 
     def _shared_pause_left(self, host: str) -> float:
         """Seconds until ``host``'s pause in the workers' table ends (0 or less: none)."""
-        return 0.0 if self._shared is None else self._shared.paused_until(pause_key(host)) - self._monotonic()
+        if self._shared is None:
+            return 0.0
+        now = self._monotonic()
+        return self._shared.paused_until(pause_key(host), now) - now
 
     def _unpause(self, host: str) -> None:
         left = self._shared_pause_left(host)

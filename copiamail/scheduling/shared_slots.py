@@ -8,13 +8,20 @@ whole cap, and the cap still holds for the node as a whole.
 
 The table is a ``memfd`` mapped by the supervisor before it forks the workers,
 so every worker sees the same bytes. An entry per key: the key's 64-bit hash
-(0: the entry is free), the slots held (for the key of a mail host's refusal
-pause, the instant the pause ends instead: :meth:`SharedSlots.pause`), a bit
-per worker whose jobs wait on the key, and the worker that last gave a slot of
-it back while another worker's jobs waited (so the slot over the halves of an
-odd cap goes round: :meth:`~copiamail.scheduling.limiter.LocalLimiter.leaves`).
-The header holds a generation number, raised whenever a slot is given back, so
-a worker can tell cheaply that something freed.
+(0: the entry is free), the slots held, a bit per worker whose jobs wait on the
+key, and the worker that last gave a slot of it back while another worker's
+jobs waited (so the slot over the halves of an odd cap goes round:
+:meth:`~copiamail.scheduling.limiter.LocalLimiter.leaves`). The header holds a
+generation number, raised whenever a slot is given back, so a worker can tell
+cheaply that something freed.
+
+Mail hosts' refusal pauses (:meth:`SharedSlots.pause`) are kept apart, in a
+small second table of (key hash, end) entries: their keys are every host that
+ever refused, not a few from the configuration, so an entry whose pause has
+ended is taken again by the next pause. A second generation number is raised
+by every pause written; each worker reads the pauses into a dictionary of its
+own when it has moved, so asking whether a host is paused (at each new
+connection) costs no look through the table.
 
 Every read-then-write runs under a POSIX record lock on the same ``memfd``
 (``lockf``): it is per process, so the workers exclude each other, and the
@@ -23,9 +30,11 @@ section cannot block the others. A worker that dies takes the node down with
 it (:mod:`copiamail.node.workers`), and the table is made afresh at the next
 start, so slots a dead worker held are never counted again.
 
-Entries are never removed: the keys are the shared caps of the configuration
-and the hosts they name, a few hundred at most. A table with no free entry
-left counts a new key as full (never over a cap) and says so once.
+Slot entries are never removed: the keys are the shared caps of the
+configuration and the hosts they name, a few hundred at most. A table with no
+free entry left counts a new key as full (never over a cap) and says so once.
+With every pause entry taken by a pause that goes on, a new pause holds for
+the worker that met the refusal only, and that is said once too.
 """
 
 from __future__ import annotations
@@ -43,8 +52,12 @@ from copiamail.osutil import file_locked
 log = logging.getLogger("copiamail")
 
 ENTRIES = 1 << 14  # entries in the table (a power of two): 512 kB
-_HEADER = struct.Struct("<Q")  # generation
+PAUSES = 1 << 10  # entries for refusal pauses: hosts refusing within one refusal_pause (16 kB)
+_GENERATION = struct.Struct("<Q")  # raised by every slot given back
+_PAUSE_GENERATION = struct.Struct("<Q")  # raised by every pause written
+_HEADER_SIZE = _GENERATION.size + _PAUSE_GENERATION.size
 _ENTRY = struct.Struct("<QqQq")  # key hash, slots held, workers waiting (bit per worker), last giver + 1
+_PAUSE = struct.Struct("<Qq")  # key hash (0: never used), end in ns of the callers' monotonic clock
 
 
 def key_hash(key: str) -> int:
@@ -58,18 +71,25 @@ class SharedSlots:
     uses it from one event loop, under :meth:`locked` for anything that both
     reads and writes."""
 
-    def __init__(self, fd: int, entries: int = ENTRIES) -> None:
+    def __init__(self, fd: int, entries: int = ENTRIES, pauses: int = PAUSES) -> None:
         self._fd = fd
         self._entries = entries
-        self._map = mmap.mmap(fd, _HEADER.size + entries * _ENTRY.size)
+        self._pauses_at = _HEADER_SIZE + entries * _ENTRY.size
+        self._pauses_end = self._pauses_at + pauses * _PAUSE.size
+        self._map = mmap.mmap(fd, self._pauses_end)
         self._places: dict[str, int] = {}  # key -> entry offset, as found by this process
         self._told_full = False
+        self._told_pauses_full = False
+        # The pauses as this process last read them (key hash -> end, ns),
+        # and the pauses' generation it read them at (-1: not yet).
+        self._pauses_read: dict[int, int] = {}
+        self._pauses_read_at = -1
 
     @classmethod
-    def create(cls, entries: int = ENTRIES) -> SharedSlots:
+    def create(cls, entries: int = ENTRIES, pauses: int = PAUSES) -> SharedSlots:
         fd = os.memfd_create("copiamail-slots", os.MFD_CLOEXEC)
-        os.ftruncate(fd, _HEADER.size + entries * _ENTRY.size)
-        return cls(fd, entries)
+        os.ftruncate(fd, _HEADER_SIZE + entries * _ENTRY.size + pauses * _PAUSE.size)
+        return cls(fd, entries, pauses)
 
     def locked(self) -> contextlib.AbstractContextManager[None]:
         return file_locked(self._fd)
@@ -84,7 +104,7 @@ class SharedSlots:
         mask = self._entries - 1
         i = h & mask
         for _ in range(self._entries):
-            offset = _HEADER.size + i * _ENTRY.size
+            offset = _HEADER_SIZE + i * _ENTRY.size
             found = _ENTRY.unpack_from(self._map, offset)[0]
             if found == h:
                 self._places[key] = offset
@@ -119,13 +139,13 @@ class SharedSlots:
         h, held, wants, giver = _ENTRY.unpack_from(self._map, place)
         _ENTRY.pack_into(self._map, place, h, max(0, held + n), wants, giver)
         if n < 0:
-            _HEADER.pack_into(self._map, 0, self.generation + 1)
+            _GENERATION.pack_into(self._map, 0, self.generation + 1)
         return True
 
     @property
     def generation(self) -> int:
         """Raised by every release: unchanged means no slot freed since it was read last."""
-        return int(_HEADER.unpack_from(self._map, 0)[0])
+        return int(_GENERATION.unpack_from(self._map, 0)[0])
 
     def want(self, worker: int, keys: Iterable[str], wanted: bool) -> None:
         """Say that worker ``worker``'s jobs wait (``wanted``), or no longer wait, on ``keys``. Under :meth:`locked`."""
@@ -151,21 +171,48 @@ class SharedSlots:
         giver = int(_ENTRY.unpack_from(self._map, place)[3]) if place is not None else 0
         return giver - 1 if giver else None
 
-    def pause(self, key: str, until: float) -> None:
+    def pause(self, key: str, until: float, now: float) -> bool:
         """Pause ``key`` (a mail host's refusal pause: no worker opens a
-        connection to it) until ``until``, seconds of ``time.monotonic()``,
-        which every process of the machine reads alike; a pause that ends
-        later already stays. Under :meth:`locked`. Such a key holds no slots."""
-        place = self._place(key, make=True)
-        if place is None:
-            return
-        h, end, wants, giver = _ENTRY.unpack_from(self._map, place)
-        _ENTRY.pack_into(self._map, place, h, max(end, int(until * 1e9)), wants, giver)
+        connection to it) until ``until``; ``until`` and ``now`` are seconds
+        of one monotonic clock that every process of the machine reads alike
+        (``time.monotonic()``). A pause that ends later already stays. Under
+        :meth:`locked`. False when every pause entry holds a pause that goes
+        on after ``now`` (nothing written)."""
+        h, end, now_ns = key_hash(key), int(until * 1e9), int(now * 1e9)
+        entries = _PAUSE.iter_unpack(self._map[self._pauses_at:self._pauses_end])
+        taken: int | None = None
+        for i, (found, found_end) in enumerate(entries):
+            if found == h:
+                taken, end = i, max(end, found_end)
+                break
+            if taken is None and (found == 0 or found_end <= now_ns):
+                taken = i  # free, or its pause is over: the entry can be taken
+        if taken is None:
+            if not self._told_pauses_full:
+                self._told_pauses_full = True
+                log.error("the node's table of refusal pauses is full (%d hosts paused at once): "
+                          "a new pause holds for the worker that met the refusal only",
+                          (self._pauses_end - self._pauses_at) // _PAUSE.size)
+            return False
+        _PAUSE.pack_into(self._map, self._pauses_at + taken * _PAUSE.size, h, end)
+        generation = int(_PAUSE_GENERATION.unpack_from(self._map, _GENERATION.size)[0])
+        _PAUSE_GENERATION.pack_into(self._map, _GENERATION.size, generation + 1)
+        return True
 
-    def paused_until(self, key: str) -> float:
-        """When ``key``'s pause ends (0.0: it was never paused)."""
-        place = self._place(key, make=False)
-        return int(_ENTRY.unpack_from(self._map, place)[1]) / 1e9 if place is not None else 0.0
+    def paused_until(self, key: str, now: float) -> float:
+        """When ``key``'s pause ends (0.0: it is not paused at ``now``; both
+        as in :meth:`pause`). Not under :meth:`locked`: when a pause was
+        written since this process last read them, it reads them again under
+        the lock, which it takes itself."""
+        generation = _PAUSE_GENERATION.unpack_from(self._map, _GENERATION.size)[0]
+        if generation != self._pauses_read_at:
+            # Under the lock: a pause half written by another worker must not be read.
+            with self.locked():
+                self._pauses_read_at = _PAUSE_GENERATION.unpack_from(self._map, _GENERATION.size)[0]
+                entries = _PAUSE.iter_unpack(self._map[self._pauses_at:self._pauses_end])
+                self._pauses_read = {found: end for found, end in entries if found}
+        end = self._pauses_read.get(key_hash(key), 0)
+        return end / 1e9 if end > int(now * 1e9) else 0.0
 
     def wanted_by_others(self, worker: int, keys: Iterable[str]) -> set[str]:
         """Those of ``keys`` that another worker's jobs wait on."""
