@@ -105,3 +105,24 @@ def test_a_waiting_job_replaced_by_one_due_later_is_not_sent(tmp_path, server):
     assert [m.rcpt_tos for m in server.messages] == [["a@example.com"]]
     assert kit.names("TOSEND") == ["B.FS"]
     assert "$fax_next_date 01/01/2099" in kit.read("TOSEND", "B.FS")
+
+
+@pytest.mark.parametrize("yaml", ["", "workers: 2\n"], ids=["one-worker", "two-workers"])
+def test_jobs_renamed_in_while_the_node_starts_wait_neither_for_a_scan_nor_the_settle_time(tmp_path, server, yaml):
+    # Some of these come after the node's first scan and before its watcher
+    # is up: no event tells of them, and the next full scan is two minutes
+    # away (and would then hold each for write_settle, as a file perhaps
+    # still being written). The watcher lists them once it watches.
+    kit = SpoolKit(tmp_path, server.port, yaml="write_settle: 120\n" + yaml)
+    kit.config_path.write_text(kit.config_path.read_text().replace("scan_interval: 0.3", "scan_interval: 120"))
+    names = [f"S{i:02d}.FS" for i in range(30)]
+    proc = kit.start("N1")
+    try:
+        for i, name in enumerate(names):  # one every 40 ms through the node's first second or so
+            kit.submit("TOSEND", name, to=f"s{i}@example.com")
+            time.sleep(0.04)
+        wait_until(lambda: kit.names("SENT") == names, timeout=30)
+    finally:
+        code, _, err = stop(proc)
+    assert code == 0, err
+    assert kit.waiting() == [] and kit.names("FAIL") == []

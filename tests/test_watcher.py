@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,59 @@ def test_a_watcher_that_can_no_longer_report_ends_so_the_node_sees_it(monkeypatc
         watcher.pump_or_exit(Failing(), 1)  # type: ignore[arg-type]
     assert ended.value.code == 1
     assert "copiamail watcher: [Errno 28] No space left on device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("polling", [False, True])
+def test_jobs_that_came_after_the_node_started_but_before_its_watches_are_reported_as_renamed_in(tmp_path, polling):
+    # The node's first scan has listed the folder; its watcher is still
+    # starting. A job renamed in now has no event: the watcher lists it once
+    # it watches, or it would wait for a full scan and then write_settle.
+    folder = tmp_path / "TOSEND"
+    folder.mkdir()
+    (folder / "OLD.FS").write_bytes(b"$email_address a@b.c\n")
+    os.utime(folder / "OLD.FS")
+    old = (folder / "OLD.FS").stat().st_ctime
+    started = old + 1.0
+    (tmp_path / "NEW.TFS").write_bytes(b"$email_address a@b.c\n")
+    while time.time() < started + 0.2:
+        time.sleep(0.05)
+    os.rename(tmp_path / "NEW.TFS", folder / "NEW.FS")
+    (folder / "NOTES.TXT").write_text("not a job")
+    seen: list[tuple[str, bool]] = []
+
+    async def run() -> None:
+        watcher = SpoolWatcher([folder], lambda p, written: seen.append((p, written)), polling=polling, since=started)
+        watcher.start(asyncio.get_running_loop())
+        try:
+            for _ in range(100):
+                if seen:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # anything more would show now
+        finally:
+            watcher.stop()
+
+    asyncio.run(run())
+    assert seen == [(str(folder / "NEW.FS"), False)]
+
+
+def test_without_a_start_time_the_watcher_reports_only_what_comes_after_it(tmp_path):
+    folder = tmp_path / "TOSEND"
+    folder.mkdir()
+    (folder / "X.FS").write_bytes(b"$email_address a@b.c\n")
+    seen, _ = asyncio.run(watch_while([folder], lambda: 0, seconds=0.5))
+    assert seen == []
+
+
+def test_the_start_time_listing_skips_folders_unchanged_since_and_lists_changed_ones(tmp_path):
+    from copiamail.spool.watcher import arrived_since
+
+    quiet, busy = tmp_path / "TOSEND1", tmp_path / "TOSEND"
+    quiet.mkdir()
+    busy.mkdir()
+    (quiet / "A.FS").write_bytes(b"")
+    (busy / "B.FS").write_bytes(b"")
+    os.utime(quiet, ns=(10**9, 10**9))  # the folder has not changed since long ago
+    since = (busy / "B.FS").stat().st_ctime_ns
+    assert arrived_since([quiet, busy], since) == b"M" + os.fsencode(busy / "B.FS") + b"\0"
+    assert arrived_since([quiet, busy], since + 10**9) == b""

@@ -78,6 +78,8 @@ def run_node(
     check_node_name(name)
     set_log_node(name)
     ignore_hangups()
+    # Job files changed from now on may arrive before the spool watcher is up.
+    started_at = time.time()
     password = read_password(config)
     # What every scheduler reads again at its start, checked here once: in
     # worker processes a bad file would not be one clear line.
@@ -106,13 +108,13 @@ def run_node(
         held.count_all_in(keys_in(spool.active_dir(name), name))
         if config.worker_count > 1:
             _log_start(config, name)
-            result = run_workers(config, spool, name, password, drain, on_event, load, held)
+            result = run_workers(config, spool, name, password, drain, on_event, load, held, started_at)
             done = NodeResult(result.stats, report, time.monotonic() - started, result.failed_workers)
         else:
             spool.use_held_names(held.for_process(0))
             scheduler = Scheduler(config, spool, name, password=password, on_event=on_event)
             _log_start(config, name)
-            done = NodeResult(asyncio.run(_serve(config, spool, scheduler, drain, load)), report,
+            done = NodeResult(asyncio.run(_serve(config, spool, scheduler, drain, load, started_at)), report,
                               time.monotonic() - started)
     s = done.stats
     log.info("node %s stopped: sent %d, failed %d, retry later %d, deferred %d, handed back %d in %.1f s",
@@ -161,12 +163,14 @@ def node_lock(spool: Spool, name: str) -> Iterator[None]:
         lock.release()
 
 
-async def _serve(config: Config, spool: Spool, scheduler: Scheduler, drain: bool, load: ConfigLoader | None) -> Stats:
+async def _serve(config: Config, spool: Spool, scheduler: Scheduler, drain: bool, load: ConfigLoader | None,
+                 started: float) -> Stats:
     def reload() -> None:
         new = on_hangup(load, lambda: scheduler.config)
         if new is not None:
             scheduler.reconfigure(new)
 
     async with node_services(config, spool, scheduler.node, on_takeover=scheduler.request_scan,
-                             on_stop=scheduler.request_stop, on_path=scheduler.hint, on_reload=reload):
+                             on_stop=scheduler.request_stop, on_path=scheduler.hint, on_reload=reload,
+                             started=started):
         return await scheduler.run(drain=drain)

@@ -41,11 +41,13 @@ async def watch_peers(peers: Peers, on_takeover: Callable[[], None], interval: f
 @asynccontextmanager
 async def node_services(config: Config, spool: Spool, node: str, on_takeover: Callable[[], None],
                         on_stop: Callable[[], None], on_path: Callable[[str, bool], None],
-                        on_reload: Callable[[], None]) -> AsyncIterator[None]:
+                        on_reload: Callable[[], None], started: float | None = None) -> AsyncIterator[None]:
     """What a node's own process runs besides scheduling, for the block: the
     heartbeat (``on_takeover`` when a dead peer's jobs came back), SIGTERM and
     SIGINT (``on_stop``), SIGHUP (``on_reload``: log file and configuration)
-    and the spool watcher (``on_path(path, written)`` for each event). SIGHUP
+    and the spool watcher (``on_path(path, written)`` for each event; the job
+    files changed since ``started``, the node's start by ``time.time()``, are
+    told of once it watches). SIGHUP
     is ignored before and after the block; the caller ignores it before
     starting any child process (see :func:`ignore_hangups`)."""
     loop = asyncio.get_running_loop()
@@ -54,7 +56,8 @@ async def node_services(config: Config, spool: Spool, node: str, on_takeover: Ca
     beating = [loop.create_task(beat(peers, interval)), loop.create_task(watch_peers(peers, on_takeover, interval))]
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
-    watcher = SpoolWatcher([spool.folder(q) for q in spool.queue_folders()], on_path, polling=config.watcher != "native")
+    watcher = SpoolWatcher([spool.folder(q) for q in spool.queue_folders()], on_path, polling=config.watcher != "native",
+                           since=started)
     # Started while SIGHUP is still ignored here, so the watcher inherits that
     # from its first instruction on (a handled signal is reset by exec).
     watcher.start(loop)

@@ -116,12 +116,15 @@ def run_workers(
     on_event: Callable[[str, str], None] | None,
     load: ConfigLoader | None = None,
     held: HeldNames | None = None,
+    started: float | None = None,
 ) -> WorkersResult:
     """Fork ``config.worker_count`` workers and supervise them until all have
     ended (drained, or stopped by SIGTERM/SIGINT). Call with the node's lock
     held and its recovery done, before any thread or event loop is started.
     ``held``: the node's filter of the job names it holds in ACTIVE
-    (:mod:`copiamail.spool.held`); worker ``i`` claims through row ``i``."""
+    (:mod:`copiamail.spool.held`); worker ``i`` claims through row ``i``.
+    ``started``: when the node started (``time.time()``), for the spool
+    watcher (:func:`~copiamail.node.services.node_services`)."""
     workers: list[_Worker] = []
     supervisor = os.getpid()
     shared = SharedSlots.create()
@@ -154,7 +157,7 @@ def run_workers(
         os.set_blocking(ctl_w, False)
         workers.append(_Worker(i, pid, ctl_w, NulRecords(out_r)))
     try:
-        asyncio.run(_supervise(config, spool, node, workers, on_event or (lambda kind, job: None), load))
+        asyncio.run(_supervise(config, spool, node, workers, on_event or (lambda kind, job: None), load, started))
     finally:
         for w in workers:
             for fd in (w.ctl, w.out.fd):
@@ -194,6 +197,7 @@ async def _supervise(
     workers: list[_Worker],
     on_event: Callable[[str, str], None],
     load: ConfigLoader | None,
+    started: float | None,
 ) -> None:
     loop = asyncio.get_running_loop()
     all_ended = loop.create_future()
@@ -255,7 +259,7 @@ async def _supervise(
     try:
         async with node_services(config, spool, node, on_takeover=lambda: tell_all(b"R"), on_stop=stop,
                                  on_path=lambda p, written: tell_all((b"W" if written else b"H") + os.fsencode(p)),
-                                 on_reload=reload):
+                                 on_reload=reload, started=started):
             await all_ended
     finally:
         _let_go(handed)

@@ -15,6 +15,15 @@ exits when its standard input closes, so it never outlives the node, even one
 killed with SIGKILL. It runs at a lower priority (nice 10): its events are
 hints, and on a busy machine the workers that send come first.
 
+The child takes some tenths of a second to start, while the node's first scan
+has already listed the folders: a job that arrived in between would have no
+event, and a later scan could not tell it from a file still being written in
+place. So once its watches are in place, the child lists the folders and
+reports every job file changed since the node started (by its ``ctime``,
+which a rename sets) as renamed in: it came while nothing could see it come,
+as the files present at the node's start did, and counts as complete as they
+do.
+
 With inotify the child reads one inotify instance of watchdog's
 (:class:`~watchdog.observers.inotify_c.InotifyFD`) in a loop of its own: each
 read of the kernel's queue becomes one write to the node. watchdog's observer
@@ -56,6 +65,7 @@ log = logging.getLogger("copiamail")
 # The first byte of each record the child writes: how the file came.
 _WRITTEN = b"W"
 _MOVED = b"M"
+_CLOCK_TICK = 0.05  # seconds: more than the kernel's file-time clock may lag time.time()
 
 
 class _Polled(FileSystemEventHandler):
@@ -149,16 +159,25 @@ class SpoolWatcher:
     written)`` on the event loop for each job file event, with the path the
     file has now and whether it was written in place (see the module doc)."""
 
-    def __init__(self, folders: list[Path], on_path: Callable[[str, bool], None], polling: bool = False) -> None:
+    def __init__(self, folders: list[Path], on_path: Callable[[str, bool], None], polling: bool = False,
+                 since: float | None = None) -> None:
+        """``since``: when the node started (``time.time()``): the job files
+        changed since then are reported once the watches are in place (see
+        the module doc; None: none are)."""
         self._folders = folders
         self._on_path = on_path
         self._polling = polling
+        self._since = since
         self._proc: subprocess.Popen[bytes] | None = None
         self._records: NulRecords | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         argv = [sys.executable, "-m", "copiamail.spool.watcher"] + (["--polling"] if self._polling else [])
+        if self._since is not None:
+            # A file's times come from the kernel's coarse clock, which may
+            # lag the clock read for ``since`` by a tick or so.
+            argv += ["--since", str(int((self._since - _CLOCK_TICK) * 1e9))]
         argv += [os.fspath(f) for f in self._folders]
         self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         assert self._proc.stdout is not None
@@ -211,6 +230,30 @@ def pump_or_exit(arrivals: Arrivals, out: int) -> None:
         os._exit(1)
 
 
+def arrived_since(folders: list[Path], since_ns: int) -> bytes:
+    """Records (as renamed in) of the job files in ``folders`` whose
+    ``ctime`` is ``since_ns`` or later (a folder not changed since then is
+    not listed: a file that comes into a folder changes the folder)."""
+    records = []
+    for folder in folders:
+        try:
+            if os.stat(folder).st_mtime_ns < since_ns:
+                continue  # no file came into it, or left it, since
+            entries = os.scandir(folder)
+        except OSError:
+            continue  # a folder that cannot be listed: the node's scans say so
+        with entries:
+            for entry in entries:
+                if not entry.name.upper().endswith(".FS"):
+                    continue
+                try:
+                    if entry.stat(follow_symlinks=False).st_ctime_ns >= since_ns:
+                        records.append(_MOVED + os.fsencode(entry.path) + b"\0")
+                except OSError:
+                    continue  # claimed meanwhile
+    return b"".join(records)
+
+
 def _child(argv: list[str]) -> int:
     # The node stops this process by closing its standard input; a Ctrl-C,
     # a SIGTERM or a terminal's hang-up sent to the whole process group is
@@ -224,19 +267,29 @@ def _child(argv: list[str]) -> int:
     # Failures to watch a folder are exceptions, reported below.
     logging.getLogger("watchdog").setLevel(logging.CRITICAL)
     polling = "--polling" in argv
+    since: int | None = None
+    if "--since" in argv:
+        at = argv.index("--since")
+        since = int(argv[at + 1])
+        argv = argv[:at] + argv[at + 2:]
     folders = [Path(a) for a in argv if a != "--polling"]
     out = sys.stdout.fileno()
+    writing = threading.Lock()  # the polling observer reports from its own thread
 
     def report(path: str, written: bool) -> None:
-        write_all(out, (_WRITTEN if written else _MOVED) + os.fsencode(path) + b"\0")
+        with writing:
+            write_all(out, (_WRITTEN if written else _MOVED) + os.fsencode(path) + b"\0")
 
     try:
-        if polling:
-            stop = observe_polling(folders, report).stop
-        else:
-            arrivals = Arrivals(folders)
+        arrivals = None if polling else Arrivals(folders)
+        # From here every arrival has an event (or is in the polling
+        # observer's first snapshot): those before are listed now.
+        stop = observe_polling(folders, report).stop if arrivals is None else arrivals.stop
+        if since is not None:
+            with writing:
+                write_all(out, arrived_since(folders, since))
+        if arrivals is not None:
             threading.Thread(target=pump_or_exit, args=(arrivals, out), daemon=True).start()
-            stop = arrivals.stop
     except OSError as e:
         print(f"copiamail watcher: {e}", file=sys.stderr)
         return 1
