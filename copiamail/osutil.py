@@ -179,22 +179,32 @@ def _mounted(path: Path | str, mountinfo: str | None) -> tuple[str, str] | None:
     return (types.pop(), device) if len(types) == 1 else None
 
 
-def _has_journal(device: str, jbd2: str, sys_block: str) -> bool | None:
+def _has_journal(device: str, jbd2: str, sys_block: str, sys_ext4: str) -> bool | None:
     """Whether the ext3/ext4 on ``device`` (``MAJOR:MINOR``) runs a journal:
-    each journal has an entry ``<disk>-<number>`` in ``jbd2``. None where the
-    device's name cannot be read."""
+    its ``journal_task`` in ``sys_ext4`` names the journal's thread, or
+    ``<none>`` (an external journal too has a thread); on kernels without that
+    file, each journal on the disk itself has an entry ``<disk>-<number>`` in
+    ``jbd2``. None where the device's name cannot be read."""
     try:
         name = os.path.basename(os.readlink(f"{sys_block}/{device}"))
+    except OSError:
+        return None
+    try:
+        with open(f"{sys_ext4}/{name}/journal_task", encoding="ascii", errors="replace") as f:
+            return f.read().strip() != "<none>"
+    except OSError:
+        pass
+    try:
         return any(entry.startswith(f"{name}-") for entry in os.listdir(jbd2))
     except OSError:
         return None
 
 
 def journal_in_order(path: Path | str, mountinfo: str | None = None, jbd2: str = "/proc/fs/jbd2",
-                     sys_block: str = "/sys/dev/block") -> bool:
+                     sys_block: str = "/sys/dev/block", sys_ext4: str = "/sys/fs/ext4") -> bool:
     """Whether ``path`` lies on a file system whose journal commits in order
-    (xfs; ext3 and ext4 with a journal: one made without has none, and shows
-    no entry in ``jbd2``), where :func:`fsync_all` may make a group of files
+    (xfs; ext3 and ext4 with a journal: one made without has none, and says
+    so in ``sys_ext4``, or shows no entry in ``jbd2``), where :func:`fsync_all` may make a group of files
     durable with one commit. Read from ``mountinfo`` (the text of
     ``/proc/self/mountinfo`` by default); False wherever it cannot be told."""
     mounted = _mounted(path, mountinfo)
@@ -202,14 +212,15 @@ def journal_in_order(path: Path | str, mountinfo: str | None = None, jbd2: str =
         return False
     if mounted[0] == "xfs":
         return True  # xfs always logs
-    return _has_journal(mounted[1], jbd2, sys_block) is True
+    return _has_journal(mounted[1], jbd2, sys_block, sys_ext4) is True
 
 
 def unordered_metadata(path: Path | str, mountinfo: str | None = None, jbd2: str = "/proc/fs/jbd2",
-                       sys_block: str = "/sys/dev/block") -> str | None:
+                       sys_block: str = "/sys/dev/block", sys_ext4: str = "/sys/fs/ext4") -> str | None:
     """What ``path`` lies on when it is known to write its metadata back in
     no order at all: ``"ext2"``, or ``"ext4 without a journal"`` (ext3
-    likewise; an external journal is not seen, and counts as none). There a
+    likewise; on a kernel too old to say so in ``sys_ext4``, an external
+    journal is not seen, and counts as none). There a
     power loss can keep one half of a rename between folders (the entry gone
     from the old folder and not in the new one: ``fsck`` puts that file in
     ``lost+found``; or in both). None for any other file system, and
@@ -219,7 +230,7 @@ def unordered_metadata(path: Path | str, mountinfo: str | None = None, jbd2: str
         return None
     if mounted[0] == "ext2":
         return "ext2"
-    if mounted[0] in ("ext3", "ext4") and _has_journal(mounted[1], jbd2, sys_block) is False:
+    if mounted[0] in ("ext3", "ext4") and _has_journal(mounted[1], jbd2, sys_block, sys_ext4) is False:
         return f"{mounted[0]} without a journal"
     return None
 

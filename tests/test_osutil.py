@@ -237,6 +237,18 @@ def test_a_file_system_that_writes_metadata_back_in_no_order_is_named(tmp_path, 
     assert unordered_metadata(tmp_path, mount_line(tmp_path, fstype), **device) == said
 
 
+@pytest.mark.parametrize(("journal_task", "said"), [("1234\n", None), ("<none>\n", "ext4 without a journal")])
+def test_the_kernels_word_on_the_journal_outweighs_the_journal_list(tmp_path, journal_task, said):
+    # An external journal has a thread but no entry named after the disk in
+    # /proc/fs/jbd2 (its entry is named after the journal's own device).
+    device = block_device(tmp_path, tmp_path, journal=False)
+    ext4 = tmp_path / "sys-fs-ext4"
+    (ext4 / "vdz").mkdir(parents=True)
+    (ext4 / "vdz" / "journal_task").write_text(journal_task)
+    assert unordered_metadata(tmp_path, mount_line(tmp_path, "ext4"), sys_ext4=str(ext4), **device) == said
+    assert journal_in_order(tmp_path, mount_line(tmp_path, "ext4"), sys_ext4=str(ext4), **device) is (said is None)
+
+
 def test_a_file_system_that_cannot_be_told_is_not_called_unordered(tmp_path):
     device = block_device(tmp_path, tmp_path, journal=False)
     assert unordered_metadata(tmp_path / "missing", mount_line(tmp_path, "ext4"), **device) is None
