@@ -23,16 +23,13 @@ from typing import Any, NoReturn
 import click
 
 from copiamail import __version__
+from copiamail.cli_common import LazyGroup
 from copiamail.cli_common import common as _common
 from copiamail.cli_common import config as _config
 from copiamail.cli_common import fail as _fail
 from copiamail.cli_common import open_spool as _spool
 from copiamail.cli_common import open_spool_folder as _spool_folder
 from copiamail.cli_common import user_errors as _user_errors
-from copiamail.cli_queue import cancel, flush, hold, list_command, release, requeue_command
-from copiamail.cli_status import status
-from copiamail.cli_web import web_command
-from copiamail.cluster_report import cluster_leases
 from copiamail.config import Config, load_config, read_password
 from copiamail.errors import CopiamailError, DeliveryError, JobError
 from copiamail.jobfile.addresses import parse_address
@@ -63,7 +60,20 @@ from copiamail.spool.recovery import recover
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
-@click.group()
+# Commands whose modules a node never needs: imported when they run.
+_LAZY_COMMANDS = {
+    "list": "copiamail.cli_queue:list_command",
+    "hold": "copiamail.cli_queue:hold",
+    "release": "copiamail.cli_queue:release",
+    "cancel": "copiamail.cli_queue:cancel",
+    "flush": "copiamail.cli_queue:flush",
+    "requeue": "copiamail.cli_queue:requeue_command",
+    "web": "copiamail.cli_web:web_command",
+    "status": "copiamail.cli_status:status",
+}
+
+
+@click.group(cls=LazyGroup, lazy_commands=_LAZY_COMMANDS)
 @click.version_option(__version__)
 @click.option("-v", "--verbose", count=True,
               help="More log lines on stderr (-v deliveries and deferrals, -vv debug, -vvv libraries' debug).")
@@ -79,16 +89,6 @@ def main(verbose: int, log_format: str, log_file: Path | None) -> None:
         _fail(f"--log-file: {log_file}: {e.strerror}")
     # watchdog warns when its emitter thread stops during shutdown; not ours to report.
     logging.getLogger("watchdog").setLevel(logging.CRITICAL)
-
-
-main.add_command(list_command)
-main.add_command(hold)
-main.add_command(release)
-main.add_command(cancel)
-main.add_command(flush)
-main.add_command(requeue_command)
-main.add_command(web_command)
-main.add_command(status)
 
 
 # --- node ---------------------------------------------------------------------
@@ -357,6 +357,8 @@ def explain(address: str, node_name: str, binding: str | None, config_file: Path
                 if limit.ceiling is not None:
                     _echo_learned(limit.key, learned)
                 if is_cluster_key(limit.key):
+                    from copiamail.cluster_report import cluster_leases
+
                     leases = leases if leases is not None else cluster_leases(cfg)
                     _echo_leases(limit.key, leases)
             for pace in Scopes(cfg, node_name).paces(domain, b, ips, names):

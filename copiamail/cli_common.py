@@ -5,6 +5,7 @@ config and the spool."""
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -65,3 +66,26 @@ def open_spool(cfg: Config) -> Spool:
     if not spool.queue_folders_on_disk():
         raise SpoolError(f"{spool.root}: not a spool (no TOSEND folder; copiamail init --spool {spool.root} makes one)")
     return spool
+
+
+class LazyGroup(click.Group):
+    """A command group some of whose commands live in modules imported only
+    when they run (or are listed): every ``copiamail`` run, a node's start
+    included, would otherwise import every command's module.
+    ``lazy_commands``: name -> ``"module:attribute"``."""
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy_commands))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        where = self.lazy_commands.get(cmd_name)
+        if where is None:
+            return super().get_command(ctx, cmd_name)
+        module, _, attribute = where.partition(":")
+        command = getattr(importlib.import_module(module), attribute)
+        assert isinstance(command, click.Command) and command.name == cmd_name, where
+        return command

@@ -4,6 +4,7 @@ check-config, demo, and one-line errors for everything a user can get wrong."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -385,3 +386,25 @@ def test_recover_finishes_a_takeover_the_node_left_halfway(kit):
     assert not (kit.root / "ACTIVE" / "N1~from~N2~1").exists()
     assert attempts((kit.root / "TOSEND1" / "J.FS").read_text())[-1][1:3] == ["N1", "66"]
     assert (kit.root / "TOSEND1" / "K.FS").read_text() == "$email_address k@copia.com\n"
+
+
+LATE_MODULES = {"copiamail.cli_queue", "copiamail.cli_status", "copiamail.cli_web", "copiamail.cluster_report"}
+
+
+def test_the_modules_of_commands_a_node_never_runs_are_not_imported_with_the_command_line():
+    code = ("import sys, copiamail.cli, copiamail.node.node; "
+            f"print(sorted(m for m in sys.modules if m in {sorted(LATE_MODULES)!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_command_imported_when_it_runs_is_found_under_its_own_name():
+    import click
+
+    from copiamail.cli import _LAZY_COMMANDS, main
+
+    with click.Context(main) as ctx:
+        for name in _LAZY_COMMANDS:
+            command = main.get_command(ctx, name)
+            assert command is not None and command.name == name
+        assert set(_LAZY_COMMANDS) <= set(main.list_commands(ctx))
