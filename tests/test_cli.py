@@ -408,3 +408,9 @@ def test_every_command_imported_when_it_runs_is_found_under_its_own_name():
             command = main.get_command(ctx, name)
             assert command is not None and command.name == name
         assert set(_LAZY_COMMANDS) <= set(main.list_commands(ctx))
+
+
+def test_a_mistyped_command_is_offered_the_command_it_resembles_lazy_or_not(tmp_path):
+    for typed, meant in [("lis", "list"), ("statu", "status"), ("nod", "node")]:
+        out = subprocess.run([*CLI, typed], capture_output=True, text=True, env=cli_env(), cwd=tmp_path)
+        assert out.returncode == 2 and f"Did you mean '{meant}'?" in out.stderr, out.stderr
