@@ -185,8 +185,12 @@ class SharedSlots:
             if found == h:
                 taken, end = i, max(end, found_end)
                 break
-            if taken is None and (found == 0 or found_end <= now_ns):
-                taken = i  # free, or its pause is over: the entry can be taken
+            if found == 0:
+                # Entries are taken first to last: none past a never-used one.
+                taken = i if taken is None else taken
+                break
+            if taken is None and found_end <= now_ns:
+                taken = i  # its pause is over: the entry can be taken
         if taken is None:
             if not self._told_pauses_full:
                 self._told_pauses_full = True
