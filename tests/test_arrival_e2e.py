@@ -109,20 +109,49 @@ def test_a_waiting_job_replaced_by_one_due_later_is_not_sent(tmp_path, server):
 
 @pytest.mark.parametrize("yaml", ["", "workers: 2\n"], ids=["one-worker", "two-workers"])
 def test_jobs_renamed_in_while_the_node_starts_wait_neither_for_a_scan_nor_the_settle_time(tmp_path, server, yaml):
-    # Some of these come after the node's first scan and before its watcher
-    # is up: no event tells of them, and the next full scan is two minutes
-    # away (and would then hold each for write_settle, as a file perhaps
-    # still being written). The watcher lists them once it watches.
+    # A batch written beforehand and released as the node starts: some jobs
+    # come after its first scan and before its watcher is up. No event tells
+    # of them, and the next full scan is two minutes away (and would then
+    # hold each for write_settle, as a file perhaps still being written). The
+    # watcher lists them once it watches.
     kit = SpoolKit(tmp_path, server.port, yaml="write_settle: 120\n" + yaml)
     kit.config_path.write_text(kit.config_path.read_text().replace("scan_interval: 0.3", "scan_interval: 120"))
     names = [f"S{i:02d}.FS" for i in range(30)]
+    staged = [kit.job("TOSEND", name.replace(".FS", ".TFS"), to=f"s{i}@example.com") for i, name in enumerate(names)]
+    time.sleep(0.1)  # written before the node starts
     proc = kit.start("N1")
     try:
-        for i, name in enumerate(names):  # one every 40 ms through the node's first second or so
-            kit.submit("TOSEND", name, to=f"s{i}@example.com")
+        for tfs, name in zip(staged, names, strict=True):  # one every 40 ms through the node's first second or so
+            tfs.rename(tfs.with_name(name))
             time.sleep(0.04)
         wait_until(lambda: kit.names("SENT") == names, timeout=30)
     finally:
         code, _, err = stop(proc)
     assert code == 0, err
     assert kit.waiting() == [] and kit.names("FAIL") == []
+
+
+def test_a_job_written_in_place_while_the_node_starts_is_not_taken_half_written(tmp_path, server):
+    # Its writing begins after the first scan, before the watcher is up: the
+    # watcher's listing must not call it complete.
+    kit = SpoolKit(tmp_path, server.port, yaml="write_settle: 3\n")
+    kit.config_path.write_text(kit.config_path.read_text().replace("scan_interval: 0.3", "scan_interval: 120"))
+    kit.job("TOSEND", "D.FS", to="d@example.com")
+    proc = kit.start("N1")
+    path = kit.root / "TOSEND" / "SLOW.FS"
+    try:
+        wait_until(lambda: "D.FS" not in kit.names("TOSEND"), timeout=15)  # the first scan has run
+        with open(path, "w", encoding="utf-8") as f:
+            for i, piece in enumerate(PIECES):
+                if i:
+                    time.sleep(1.5)
+                f.write(piece)
+                f.flush()
+        wait_until(lambda: kit.names("SENT") == ["D.FS", "SLOW.FS"], timeout=30)
+    finally:
+        code, _, err = stop(proc)
+    assert code == 0, err
+    assert kit.names("FAIL") == []
+    sent = kit.read("SENT", "SLOW.FS")
+    for piece in PIECES:
+        assert piece in sent

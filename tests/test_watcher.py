@@ -210,7 +210,9 @@ def test_jobs_that_came_after_the_node_started_but_before_its_watches_are_report
             watcher.stop()
 
     asyncio.run(run())
-    assert seen == [(str(folder / "NEW.FS"), False)]
+    # Written before the node started, renamed in after: complete (the
+    # polling observer calls every file written in place, and so does its listing).
+    assert seen == [(str(folder / "NEW.FS"), polling)]
 
 
 def test_without_a_start_time_the_watcher_reports_only_what_comes_after_it(tmp_path):
@@ -227,9 +229,28 @@ def test_the_start_time_listing_skips_folders_unchanged_since_and_lists_changed_
     quiet, busy = tmp_path / "TOSEND1", tmp_path / "TOSEND"
     quiet.mkdir()
     busy.mkdir()
+    since = time.time_ns() - 10**9
     (quiet / "A.FS").write_bytes(b"")
     (busy / "B.FS").write_bytes(b"")
+    os.utime(busy / "B.FS", ns=(10**9, 10**9))  # written long ago, renamed in now (its ctime moves)
     os.utime(quiet, ns=(10**9, 10**9))  # the folder has not changed since long ago
-    since = (busy / "B.FS").stat().st_ctime_ns
-    assert arrived_since([quiet, busy], since) == b"M" + os.fsencode(busy / "B.FS") + b"\0"
-    assert arrived_since([quiet, busy], since + 10**9) == b""
+    assert arrived_since([quiet, busy], since, polling=False) == b"M" + os.fsencode(busy / "B.FS") + b"\0"
+    assert arrived_since([quiet, busy], time.time_ns() + 10**9, polling=False) == b""
+
+
+def test_the_start_time_listing_reports_a_file_whose_last_change_was_a_write_as_written_in_place(tmp_path):
+    # Still being written, perhaps: it must wait write_settle, not be taken half-written.
+    from copiamail.spool.watcher import arrived_since
+
+    folder = tmp_path / "TOSEND"
+    folder.mkdir()
+    since = time.time_ns() - 10**9
+    with open(folder / "SLOW.FS", "w") as f:
+        f.write("$email_address a@b.c\n")
+        f.flush()
+        st = os.stat(folder / "SLOW.FS")
+        assert st.st_ctime_ns == st.st_mtime_ns  # a write moves both
+        assert arrived_since([folder], since, polling=False) == b"W" + os.fsencode(folder / "SLOW.FS") + b"\0"
+    os.utime(folder / "SLOW.FS", ns=(since - 10**9, since - 10**9))
+    assert arrived_since([folder], since, polling=False)[:1] == b"M"
+    assert arrived_since([folder], since, polling=True)[:1] == b"W"  # as the polling observer reports every file

@@ -17,12 +17,12 @@ hints, and on a busy machine the workers that send come first.
 
 The child takes some tenths of a second to start, while the node's first scan
 has already listed the folders: a job that arrived in between would have no
-event, and a later scan could not tell it from a file still being written in
-place. So once its watches are in place, the child lists the folders and
-reports every job file changed since the node started (by its ``ctime``,
-which a rename sets) as renamed in: it came while nothing could see it come,
-as the files present at the node's start did, and counts as complete as they
-do.
+event until the next full scan, and that scan could not tell it from a file
+still being written in place. So once its watches are in place, the child
+lists the folders and reports every job file changed since the node started
+(by its ``ctime``): as renamed in when its last change was a rename (its
+``ctime`` after its ``mtime``: a rename moves only the ``ctime``), else as
+written in place, so a file still being written waits ``write_settle``.
 
 With inotify the child reads one inotify instance of watchdog's
 (:class:`~watchdog.observers.inotify_c.InotifyFD`) in a loop of its own: each
@@ -230,15 +230,19 @@ def pump_or_exit(arrivals: Arrivals, out: int) -> None:
         os._exit(1)
 
 
-def arrived_since(folders: list[Path], since_ns: int) -> bytes:
-    """Records (as renamed in) of the job files in ``folders`` whose
-    ``ctime`` is ``since_ns`` or later (a folder not changed since then is
-    not listed: a file that comes into a folder changes the folder)."""
+def arrived_since(folders: list[Path], since_ns: int, polling: bool) -> bytes:
+    """Records of the job files in ``folders`` whose ``ctime`` is
+    ``since_ns`` or later (a folder not changed since then is not listed: a
+    file that comes into a folder changes the folder). Each as renamed in
+    when its last change was no write (``ctime`` after ``mtime``: a rename
+    moves only ``ctime``; or written before ``since_ns``), else as written in
+    place, so that it waits ``write_settle`` as any such file; with
+    ``polling``, every one as written, as the polling observer reports them."""
     records = []
     for folder in folders:
         try:
             if os.stat(folder).st_mtime_ns < since_ns:
-                continue  # no file came into it, or left it, since
+                continue
             entries = os.scandir(folder)
         except OSError:
             continue  # a folder that cannot be listed: the node's scans say so
@@ -247,10 +251,16 @@ def arrived_since(folders: list[Path], since_ns: int) -> bytes:
                 if not entry.name.upper().endswith(".FS"):
                     continue
                 try:
-                    if entry.stat(follow_symlinks=False).st_ctime_ns >= since_ns:
-                        records.append(_MOVED + os.fsencode(entry.path) + b"\0")
+                    st = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue  # claimed meanwhile
+                if st.st_ctime_ns < since_ns:
+                    continue
+                # A file still being written in place has both times of its
+                # last write; one written and renamed within the same tick of
+                # the kernel's clock waits write_settle too (on the safe side).
+                renamed = not polling and (st.st_ctime_ns > st.st_mtime_ns or st.st_mtime_ns < since_ns)
+                records.append((_MOVED if renamed else _WRITTEN) + os.fsencode(entry.path) + b"\0")
     return b"".join(records)
 
 
@@ -287,7 +297,7 @@ def _child(argv: list[str]) -> int:
         stop = observe_polling(folders, report).stop if arrivals is None else arrivals.stop
         if since is not None:
             with writing:
-                write_all(out, arrived_since(folders, since))
+                write_all(out, arrived_since(folders, since, polling))
         if arrivals is not None:
             threading.Thread(target=pump_or_exit, args=(arrivals, out), daemon=True).start()
     except OSError as e:
