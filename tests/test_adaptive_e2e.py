@@ -203,3 +203,24 @@ def test_a_rate_reply_teaches_a_slower_rate_and_the_receiver_is_not_throttled_ag
     last = max(r.at for r in replies)
     admitted = [s.at for s in server.limits.message_starts if s.admitted and s.at > last]
     assert len(admitted) > 50  # most of the run came after the lesson, and went through
+
+
+def test_with_two_workers_a_host_that_limits_connections_is_learned_from_all_of_the_nodes_connections(tmp_path,
+                                                                                                       smtp_server):
+    # Four domains on one host that allows 4 connections from us; the workers
+    # share the host's cap. A worker that judged a refusal by its own
+    # connections alone learned 1 or 2 and then, counted against the whole
+    # node's connections, could hardly open any (a drain twice as long).
+    server = smtp_server(max_connections_per_source=4)
+    server.add_rule(Rule(stage="EOD", delay=0.05))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 10"],
+                   'workers: 2\nadaptive: true\nhost:\n  "127.0.0.1": {scope_max_outbound_connections: 10}\n')
+    for i in range(600):
+        kit.job("TOSEND", f"J{i:04d}.FS", to=f"user{i}@{'abcd'[i % 4]}.test")
+    kit.drain(timeout=180)
+    assert len(kit.names("SENT")) == 600 and kit.names("FAIL") == [] and kit.waiting() == []
+    learned = [json.loads(f.read_text())["keys"].get("host:127.0.0.1")
+               for f in sorted((kit.root / "LIMITS").glob("*.json"))]
+    caps = [entry["connections"] for entry in learned if entry is not None]
+    assert caps and all(cap >= 3 for cap in caps), caps
+    assert len(server.throttle_replies) <= 30

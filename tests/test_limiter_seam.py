@@ -59,6 +59,9 @@ class RecordingLimiter:
     def leaves(self, key: str, cap: int) -> bool:
         return self.inner.leaves(key, cap)
 
+    def greeted_elsewhere(self, key: str) -> int:
+        return self.inner.greeted_elsewhere(key)
+
 
 def drain(tmp_path: Path, limiter: Limiter, jobs: int) -> tuple[Stats, Spool]:
     spool = Spool(tmp_path / "spool", 15, fsync=False)

@@ -406,3 +406,31 @@ def test_an_odd_shared_caps_last_slot_goes_round_between_workers_that_want_it():
     w1.release([THREE])
     assert w1.try_acquire([THREE]) == THREE and w0.try_acquire([THREE]) is None  # and back
     assert table.held(THREE.key) == 3
+
+
+HOST = Limit("host:192.0.2.1", 10, "Global::Host", shared=True, ceiling=10)
+
+
+def test_each_worker_counts_the_other_workers_greeted_connections_as_they_tell_them_and_none_once_they_stop():
+    table, w0, w1 = two_workers()
+    assert w0.try_acquire([HOST]) is None and w1.try_acquire([HOST]) is None  # each counts the key in the table
+    greeted0 = {HOST.key: 3, "domain_limit:a.test": 3}  # a key the table does not count is not told
+
+    async def main() -> list[tuple[int, int]]:
+        seen = []
+        watch0 = asyncio.create_task(w0.watch_shared(lambda key: False, lambda: None, lambda: dict(greeted0)))
+        watch1 = asyncio.create_task(w1.watch_shared(lambda key: False, lambda: None, lambda: {HOST.key: 1}))
+        await asyncio.sleep(0.1)
+        seen.append((w0.greeted_elsewhere(HOST.key), w1.greeted_elsewhere(HOST.key)))
+        greeted0[HOST.key] = 2  # one of worker 0's connections closed
+        await asyncio.sleep(0.1)
+        seen.append((w0.greeted_elsewhere(HOST.key), w1.greeted_elsewhere(HOST.key)))
+        watch0.cancel()
+        await asyncio.gather(watch0, return_exceptions=True)
+        seen.append((w0.greeted_elsewhere(HOST.key), w1.greeted_elsewhere(HOST.key)))
+        watch1.cancel()
+        await asyncio.gather(watch1, return_exceptions=True)
+        return seen
+
+    assert asyncio.run(main()) == [(1, 3), (1, 2), (1, 0)]
+    assert table.greeted(HOST.key) == 0 and w1.greeted_elsewhere("domain_limit:a.test") == 0

@@ -93,6 +93,8 @@ class Connections:
         self.linger = True
         # Called as a connection starts to wait (a drain looks whether it is done).
         self.on_idle: Callable[[], None] | None = None
+        # Whether any connection has held a shared key that learns (see greeted_by_shared_key).
+        self._adaptive_shared = False
 
     def __len__(self) -> int:
         return len(self._open)
@@ -101,12 +103,29 @@ class Connections:
         return iter(self._open)
 
     def greeted_sharing(self, conn: Connection, key: str | None = None) -> int:
-        """How many other open connections, past their greeting, hold a slot
-        of ``key``, by default ``conn``'s job limit (its ``$domain_limit`` key,
-        else its per-domain key): the evidence a throttle reply is judged by."""
+        """How many other open connections of the node, past their greeting,
+        hold a slot of ``key``, by default ``conn``'s job limit (its
+        ``$domain_limit`` key, else its per-domain key): the evidence a
+        throttle reply is judged by. A key that several workers count (a host
+        or a pooled stanza's) counts their connections too, as they last told
+        (:meth:`greeted_by_shared_key`)."""
         key = key or job_limit_key(conn.limits)
-        return sum(1 for c in self._open
+        here = sum(1 for c in self._open
                    if c is not conn and c.session.greeted and any(limit.key == key for limit in c.limits))
+        return here + (self._limiter.greeted_elsewhere(key) if key is not None else 0)
+
+    def greeted_by_shared_key(self) -> dict[str, int]:
+        """This worker's connections past their greeting, by each shared,
+        adaptive key they hold: what it tells the node's other workers."""
+        out: dict[str, int] = {}
+        if not self._adaptive_shared:
+            return out
+        for c in self._open:
+            if c.session.greeted:
+                for limit in c.limits:
+                    if limit.shared and limit.ceiling is not None:
+                        out[limit.key] = out.get(limit.key, 0) + 1
+        return out
 
     def open(self, domain: str, address: str, binding: BindingConfig | None, limits: tuple[Limit, ...], target: Target,
              starttls: str) -> Connection:
@@ -125,6 +144,8 @@ class Connections:
         conn = Connection(domain, address, binding, limits, target, SmtpSession(settings), max_messages,
                           paces=self._scopes.paces(domain, binding, target.ips, target.names))
         self._open.add(conn)
+        if not self._adaptive_shared:
+            self._adaptive_shared = any(limit.shared and limit.ceiling is not None for limit in limits)
         return conn
 
     def closed(self, conn: Connection) -> None:
@@ -144,6 +165,7 @@ class Connections:
             if extra:
                 self._limiter.force_acquire(extra)
                 conn.limits = conn.limits + extra
+                self._adaptive_shared = self._adaptive_shared or any(l.shared and l.ceiling is not None for l in extra)
             conn.max_messages = min(conn.max_messages,
                                     self._scopes.deliveries_per_connection(conn.domain, conn.binding, (ip,), names))
             conn.paces = self._scopes.paces(conn.domain, conn.binding, (ip,), names)

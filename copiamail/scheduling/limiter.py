@@ -77,6 +77,12 @@ class Limiter(Protocol):
         so a cap of 1 goes from worker to worker, a turn each."""
         ...
 
+    def greeted_elsewhere(self, key: str) -> int:
+        """Connections holding ``key`` that the node's other workers have open
+        past their greeting, as they last told (0 for a key no other worker
+        counts)."""
+        ...
+
 
 class LocalLimiter:
     """A :class:`Limiter` inside one process (one event loop), or one worker's
@@ -90,6 +96,7 @@ class LocalLimiter:
         self._in_table: set[str] = set()  # keys counted in the shared table
         self._wanted: set[str] = set()  # keys this worker has said its jobs wait on
         self.wanted_elsewhere: set[str] = set()  # keys held here that other workers' jobs wait on
+        self._greeted_told: dict[str, int] = {}  # this worker's greeted connections by key, as told to the table
 
     def _table_keys(self, limits: Sequence[Limit]) -> list[str]:
         if self._shared is None:
@@ -169,6 +176,21 @@ class LocalLimiter:
             return True
         return used >= cap // 2 and self._shared is not None and self._shared.last_giver(key) == self._worker
 
+    def greeted_elsewhere(self, key: str) -> int:
+        if self._shared is None or key not in self._in_table:
+            return 0
+        return max(0, self._shared.greeted(key) - self._greeted_told.get(key, 0))
+
+    def _tell_greeted(self, greeted: dict[str, int]) -> None:
+        """Write the change from what this worker last told to ``greeted``
+        into the table. Under its lock."""
+        assert self._shared is not None
+        for key in set(greeted) | set(self._greeted_told):
+            change = greeted.get(key, 0) - self._greeted_told.get(key, 0)
+            if change:
+                self._shared.add_greeted(key, change)
+        self._greeted_told = dict(greeted)
+
     def _count(self, key: str, default: int = 0) -> int:
         if key in self._in_table:
             assert self._shared is not None
@@ -190,18 +212,22 @@ class LocalLimiter:
         """The shared keys this worker's jobs wait on, as :meth:`watch_shared` last found them."""
         return frozenset(self._wanted)
 
-    async def watch_shared(self, waits_on: Callable[[str], bool], on_room: Callable[[], None]) -> None:
+    async def watch_shared(self, waits_on: Callable[[str], bool], on_room: Callable[[], None],
+                           greeted_here: Callable[[], dict[str, int]] | None = None) -> None:
         """Until cancelled (only with a shared table): every :data:`SHARED_POLL`
         seconds, tell the table which shared keys this worker's jobs wait on
         (``waits_on(key)``; only the table's keys are asked about, a few, not
-        every key a job waits on), learn which of the keys it holds other
+        every key a job waits on) and how many of its connections hold each
+        past their greeting (``greeted_here()``, by key: read by other workers
+        with :meth:`greeted_elsewhere`), learn which of the keys it holds other
         workers wait on (:attr:`wanted_elsewhere`), and call ``on_room()`` when
         a slot was given back anywhere, when other workers wait on its keys,
         or when they stopped waiting on some (what it left them is its own
         again). An error in ``on_room`` is logged and the watch goes on; when
         the watch ends (cancelled, or by any other error), this worker waits on
         nothing in the table any more (else other workers would go on leaving
-        it their slots), nor leaves its slots to others."""
+        it their slots), nor leaves its slots to others, nor counts any
+        greeted connection there."""
         shared = self._shared
         if shared is None:
             return
@@ -211,12 +237,15 @@ class LocalLimiter:
                 await asyncio.sleep(SHARED_POLL)
                 wanted = {k for k in self._in_table if waits_on(k)}
                 held = [k for k in self._used if k in self._in_table]
+                greeted = {} if greeted_here is None else {k: n for k, n in greeted_here().items() if k in self._in_table}
                 generation = shared.generation
-                if wanted == self._wanted and generation == seen and not held and not self.wanted_elsewhere:
+                if (wanted == self._wanted and generation == seen and not held and not self.wanted_elsewhere
+                        and greeted == self._greeted_told):
                     continue
                 with shared.locked():
                     shared.want(self._worker, self._wanted - wanted, False)
                     shared.want(self._worker, wanted - self._wanted, True)
+                    self._tell_greeted(greeted)
                     elsewhere = shared.wanted_by_others(self._worker, held)
                 self._wanted = wanted
                 fewer = bool(self.wanted_elsewhere - elsewhere)
@@ -236,3 +265,4 @@ class LocalLimiter:
             wanted, self._wanted = self._wanted, set()
             with shared.locked():
                 shared.want(self._worker, wanted, False)
+                self._tell_greeted({})

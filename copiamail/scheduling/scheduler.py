@@ -204,7 +204,8 @@ class Scheduler:
                 cluster.cluster_wanted_elsewhere, [k for k in self._waiting.waited_on() if is_cluster_key(k)]),
             self._connections.lease_lost))
         shared = None if not isinstance(limiter, LocalLimiter) else loop.create_task(limiter.watch_shared(
-            self._waiting.waits_on, lambda: self._room_elsewhere(limiter.wanted_elsewhere, limiter.waited_in_table)))
+            self._waiting.waits_on, lambda: self._room_elsewhere(limiter.wanted_elsewhere, limiter.waited_in_table),
+            self._connections.greeted_by_shared_key))
         handover = self._handover
         giving = None if handover is None or not drain else loop.create_task(handover.watch(self.wake))
         _say_failures({publisher: "live state", leases: "cluster leases", shared: "shared caps", giving: "handover"})

@@ -9,9 +9,12 @@ whole cap, and the cap still holds for the node as a whole.
 The table is a ``memfd`` mapped by the supervisor before it forks the workers,
 so every worker sees the same bytes. An entry per key: the key's 64-bit hash
 (0: the entry is free), the slots held, a bit per worker whose jobs wait on the
-key, and the worker that last gave a slot of it back while another worker's
+key, the worker that last gave a slot of it back while another worker's
 jobs waited (so the slot over the halves of an odd cap goes round:
-:meth:`~copiamail.scheduling.limiter.LocalLimiter.leaves`). The header holds a
+:meth:`~copiamail.scheduling.limiter.LocalLimiter.leaves`), and the
+connections of the key past their greeting, which each worker tells as they
+change (a throttle reply is judged by all the node's connections to the
+receiver, not one worker's: :mod:`copiamail.scheduling.adaptive`). The header holds a
 generation number, raised whenever a slot is given back, so a worker can tell
 cheaply that something freed.
 
@@ -51,12 +54,14 @@ from copiamail.osutil import file_locked
 
 log = logging.getLogger("copiamail")
 
-ENTRIES = 1 << 14  # entries in the table (a power of two): 512 kB
+ENTRIES = 1 << 14  # entries in the table (a power of two): 640 kB
 PAUSES = 1 << 10  # entries for refusal pauses: hosts refusing within one refusal_pause (16 kB)
 _GENERATION = struct.Struct("<Q")  # raised by every slot given back
 _PAUSE_GENERATION = struct.Struct("<Q")  # raised by every pause written
 _HEADER_SIZE = _GENERATION.size + _PAUSE_GENERATION.size
-_ENTRY = struct.Struct("<QqQq")  # key hash, slots held, workers waiting (bit per worker), last giver + 1
+# Key hash, slots held, workers waiting (bit per worker), last giver + 1,
+# connections past their greeting (as the workers last told).
+_ENTRY = struct.Struct("<QqQqq")
 _PAUSE = struct.Struct("<Qq")  # key hash (0: never used), end in ns of the callers' monotonic clock
 
 
@@ -112,7 +117,7 @@ class SharedSlots:
             if found == 0:
                 if not make:
                     return None
-                _ENTRY.pack_into(self._map, offset, h, 0, 0, 0)
+                _ENTRY.pack_into(self._map, offset, h, 0, 0, 0, 0)
                 self._places[key] = offset
                 return offset
             i = (i + 1) & mask
@@ -136,8 +141,8 @@ class SharedSlots:
         place = self._place(key, make=True)
         if place is None:
             return False
-        h, held, wants, giver = _ENTRY.unpack_from(self._map, place)
-        _ENTRY.pack_into(self._map, place, h, max(0, held + n), wants, giver)
+        h, held, wants, giver, greeted = _ENTRY.unpack_from(self._map, place)
+        _ENTRY.pack_into(self._map, place, h, max(0, held + n), wants, giver, greeted)
         if n < 0:
             _GENERATION.pack_into(self._map, 0, self.generation + 1)
         return True
@@ -154,16 +159,32 @@ class SharedSlots:
             place = self._place(key, make=wanted)
             if place is None:
                 continue
-            h, held, wants, giver = _ENTRY.unpack_from(self._map, place)
-            _ENTRY.pack_into(self._map, place, h, held, (wants | bit) if wanted else (wants & ~bit), giver)
+            h, held, wants, giver, greeted = _ENTRY.unpack_from(self._map, place)
+            _ENTRY.pack_into(self._map, place, h, held, (wants | bit) if wanted else (wants & ~bit), giver, greeted)
 
     def gave(self, worker: int, key: str) -> None:
         """Worker ``worker`` gave a slot of ``key`` back while another's jobs
         waited on it. Under :meth:`locked`."""
         place = self._place(key, make=False)
         if place is not None:
-            h, held, wants, _ = _ENTRY.unpack_from(self._map, place)
-            _ENTRY.pack_into(self._map, place, h, held, wants, worker + 1)
+            h, held, wants, _, greeted = _ENTRY.unpack_from(self._map, place)
+            _ENTRY.pack_into(self._map, place, h, held, wants, worker + 1, greeted)
+
+    def add_greeted(self, key: str, n: int) -> bool:
+        """Count ``n`` more connections of ``key`` past their greeting (fewer
+        when ``n`` is negative): each worker tells its own changes. Under
+        :meth:`locked`. False when the table has no room for the key."""
+        place = self._place(key, make=True)
+        if place is None:
+            return False
+        h, held, wants, giver, greeted = _ENTRY.unpack_from(self._map, place)
+        _ENTRY.pack_into(self._map, place, h, held, wants, giver, max(0, greeted + n))
+        return True
+
+    def greeted(self, key: str) -> int:
+        """Connections of ``key`` past their greeting in the node's workers, as they last told."""
+        place = self._place(key, make=False)
+        return int(_ENTRY.unpack_from(self._map, place)[4]) if place is not None else 0
 
     def last_giver(self, key: str) -> int | None:
         """The worker that last :meth:`gave` a slot of ``key`` back, if any."""
