@@ -210,8 +210,11 @@ def test_with_two_workers_a_host_that_limits_connections_is_learned_from_all_of_
     # Four domains on one host that allows 4 connections from us; the workers
     # share the host's cap. A worker that judged a refusal by its own
     # connections alone learned 1 or 2 and then, counted against the whole
-    # node's connections, could hardly open any (a drain twice as long).
-    server = smtp_server(max_connections_per_source=4)
+    # node's connections, could hardly open any (a drain twice as long). The
+    # receiver refuses after 0.3 s, as a loaded one does: by then the other
+    # worker has told its connections (a refusal within its 20 ms of telling
+    # is judged without them, as one before a sibling's greeting is).
+    server = smtp_server(max_connections_per_source=4, over_limit_delay=0.3)
     server.add_rule(Rule(stage="EOD", delay=0.05))
     kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 10"],
                    'workers: 2\nadaptive: true\nhost:\n  "127.0.0.1": {scope_max_outbound_connections: 10}\n')

@@ -221,3 +221,36 @@ def test_the_last_slots_of_the_node_total_are_kept_for_domains_with_no_connectio
     connections.open("a.test", "u@a.test", None, limits, relay(), "never")
     assert connections.reserved("a.test") == scopes.server  # 1 in use >= 3 - 2: a.test has one already
     assert connections.reserved("b.test") is None  # a domain without a connection may take a kept slot
+
+
+def test_a_worker_tells_every_greeted_connection_of_each_shared_key_that_learns_adaptive_there_or_not():
+    # A pooled stanza's key learns on the connections of one mail host and is
+    # merely counted on another host's, whose own adaptive key is the host's:
+    # the other workers must hear of both, as this worker counts both itself.
+    from types import SimpleNamespace
+
+    from copiamail.scheduling.limits import Limit
+
+    rig = Rig()
+    pool = Limit("global_domain:/x/", 10, "pooled", shared=True)
+    host = Limit("host:192.0.2.1", 10, "host", shared=True, ceiling=10)
+    counted = rig.connections.open("a.test", "u@a.test", None, (pool, host), mx("192.0.2.1"), "never")
+    learns = rig.connections.open("b.test", "u@b.test", None, (Limit(pool.key, 10, "pooled", shared=True, ceiling=10),),
+                                  mx("192.0.2.2"), "never")
+    opening = rig.connections.open("c.test", "u@c.test", None, (pool,), mx("192.0.2.3"), "never")
+    assert rig.connections.greeted_by_shared_key() == {}  # none past its greeting yet
+    for conn in (counted, learns):
+        conn.session._link = SimpleNamespace(usable=True)
+    assert rig.connections.greeted_by_shared_key() == {pool.key: 2, host.key: 1}
+    assert rig.connections.greeted_sharing(opening, pool.key) == 2
+    rig.connections.closed(counted)
+    assert rig.connections.greeted_by_shared_key() == {pool.key: 1}
+
+
+def test_without_a_shared_key_that_learns_a_worker_tells_nothing():
+    from types import SimpleNamespace
+
+    rig = Rig()
+    conn = rig.open("a.test", relay())
+    conn.session._link = SimpleNamespace(usable=True)
+    assert rig.connections.greeted_by_shared_key() == {}

@@ -93,8 +93,9 @@ class Connections:
         self.linger = True
         # Called as a connection starts to wait (a drain looks whether it is done).
         self.on_idle: Callable[[], None] | None = None
-        # Whether any connection has held a shared key that learns (see greeted_by_shared_key).
-        self._adaptive_shared = False
+        # The shared keys any connection has learned on (see greeted_by_shared_key): a key is
+        # one connection's adaptive key and merely counted on another, and both are counted.
+        self._adaptive_shared: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -115,15 +116,17 @@ class Connections:
         return here + (self._limiter.greeted_elsewhere(key) if key is not None else 0)
 
     def greeted_by_shared_key(self) -> dict[str, int]:
-        """This worker's connections past their greeting, by each shared,
-        adaptive key they hold: what it tells the node's other workers."""
+        """This worker's connections past their greeting, by each shared key
+        that learns (that any connection has learned on) they hold: what it
+        tells the node's other workers."""
         out: dict[str, int] = {}
-        if not self._adaptive_shared:
+        keys = self._adaptive_shared
+        if not keys:
             return out
         for c in self._open:
             if c.session.greeted:
                 for limit in c.limits:
-                    if limit.shared and limit.ceiling is not None:
+                    if limit.key in keys:
                         out[limit.key] = out.get(limit.key, 0) + 1
         return out
 
@@ -144,8 +147,7 @@ class Connections:
         conn = Connection(domain, address, binding, limits, target, SmtpSession(settings), max_messages,
                           paces=self._scopes.paces(domain, binding, target.ips, target.names))
         self._open.add(conn)
-        if not self._adaptive_shared:
-            self._adaptive_shared = any(limit.shared and limit.ceiling is not None for limit in limits)
+        self._adaptive_shared.update(limit.key for limit in limits if limit.shared and limit.ceiling is not None)
         return conn
 
     def closed(self, conn: Connection) -> None:
@@ -165,7 +167,7 @@ class Connections:
             if extra:
                 self._limiter.force_acquire(extra)
                 conn.limits = conn.limits + extra
-                self._adaptive_shared = self._adaptive_shared or any(l.shared and l.ceiling is not None for l in extra)
+                self._adaptive_shared.update(l.key for l in extra if l.shared and l.ceiling is not None)
             conn.max_messages = min(conn.max_messages,
                                     self._scopes.deliveries_per_connection(conn.domain, conn.binding, (ip,), names))
             conn.paces = self._scopes.paces(conn.domain, conn.binding, (ip,), names)
