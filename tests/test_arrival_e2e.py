@@ -23,6 +23,17 @@ def server(smtp_server):
     return smtp_server()
 
 
+def write_in_pieces(path, pause: float) -> None:
+    """Write PIECES into ``path`` in place through one open file, ``pause``
+    seconds apart, each flushed: an application that writes a job slowly."""
+    with open(path, "w", encoding="utf-8") as f:
+        for i, piece in enumerate(PIECES):
+            if i:
+                time.sleep(pause)
+            f.write(piece)
+            f.flush()
+
+
 def running_node(kit: SpoolKit):
     proc = kit.start("N1")
     active = kit.root / "ACTIVE"
@@ -43,12 +54,7 @@ def test_a_job_written_in_place_in_pieces_is_sent_whole_and_keeps_every_line(tmp
     path = kit.root / "TOSEND" / "SLOW.FS"
     try:
         if keep_open:
-            with open(path, "w", encoding="utf-8") as f:
-                for i, piece in enumerate(PIECES):
-                    if i:
-                        time.sleep(2)
-                    f.write(piece)
-                    f.flush()
+            write_in_pieces(path, 2)
         else:
             for i, piece in enumerate(PIECES):
                 if i:
@@ -141,12 +147,7 @@ def test_a_job_written_in_place_while_the_node_starts_is_not_taken_half_written(
     path = kit.root / "TOSEND" / "SLOW.FS"
     try:
         wait_until(lambda: "D.FS" not in kit.names("TOSEND"), timeout=15)  # the first scan has run
-        with open(path, "w", encoding="utf-8") as f:
-            for i, piece in enumerate(PIECES):
-                if i:
-                    time.sleep(1.5)
-                f.write(piece)
-                f.flush()
+        write_in_pieces(path, 1.5)
         wait_until(lambda: kit.names("SENT") == ["D.FS", "SLOW.FS"], timeout=30)
     finally:
         code, _, err = stop(proc)

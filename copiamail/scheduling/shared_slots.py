@@ -220,20 +220,22 @@ class SharedSlots:
                           (self._pauses_end - self._pauses_at) // _PAUSE.size)
             return False
         _PAUSE.pack_into(self._map, self._pauses_at + taken * _PAUSE.size, h, end)
-        generation = int(_PAUSE_GENERATION.unpack_from(self._map, _GENERATION.size)[0])
-        _PAUSE_GENERATION.pack_into(self._map, _GENERATION.size, generation + 1)
+        _PAUSE_GENERATION.pack_into(self._map, _GENERATION.size, self._pause_generation() + 1)
         return True
+
+    def _pause_generation(self) -> int:
+        """Raised by every pause written."""
+        return int(_PAUSE_GENERATION.unpack_from(self._map, _GENERATION.size)[0])
 
     def paused_until(self, key: str, now: float) -> float:
         """When ``key``'s pause ends (0.0: it is not paused at ``now``; both
         as in :meth:`pause`). Not under :meth:`locked`: when a pause was
         written since this process last read them, it reads them again under
         the lock, which it takes itself."""
-        generation = _PAUSE_GENERATION.unpack_from(self._map, _GENERATION.size)[0]
-        if generation != self._pauses_read_at:
+        if self._pause_generation() != self._pauses_read_at:
             # Under the lock: a pause half written by another worker must not be read.
             with self.locked():
-                self._pauses_read_at = _PAUSE_GENERATION.unpack_from(self._map, _GENERATION.size)[0]
+                self._pauses_read_at = self._pause_generation()
                 entries = _PAUSE.iter_unpack(self._map[self._pauses_at:self._pauses_end])
                 self._pauses_read = {found: end for found, end in entries if found}
         end = self._pauses_read.get(key_hash(key), 0)
