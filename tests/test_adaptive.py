@@ -82,6 +82,15 @@ def test_a_connection_opened_before_the_lowering_and_then_accepted_raises_the_ca
     assert a.cap("k", 10) == 3
 
 
+
+def test_a_cap_lowered_after_a_connection_opened_makes_its_refusal_late_evidence_not_a_new_lesson():
+    a = _limits()
+    assert not a.lowered_after("k", opened=4.0)  # never lowered
+    _throttle(a, open_connections=3, monotonic=10.0)
+    assert a.lowered_after("k", opened=9.0)
+    assert not a.lowered_after("k", opened=11.0) and not a.lowered_after("other", opened=9.0)
+
+
 # --- recovery ----------------------------------------------------------------
 
 def test_recovery_takes_clean_deliveries_and_time_then_rises_one_step_to_the_ceiling_and_forgets():

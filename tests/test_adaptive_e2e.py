@@ -227,3 +227,20 @@ def test_with_two_workers_a_host_that_limits_connections_is_learned_from_all_of_
     caps = [entry["connections"] for entry in learned if entry is not None]
     assert caps and all(cap >= 3 for cap in caps), caps
     assert len(server.throttle_replies) <= 30
+
+
+def test_domains_that_share_a_receiver_counting_all_our_connections_meet_no_storm_of_refusals(tmp_path, smtp_server):
+    # Four domains on one receiver that allows 4 connections from us, no host
+    # stanza: each domain's key sees only its own connections. The workers'
+    # domains learned 1 or 2 each, and a domain at 1 whose lone connection
+    # was refused (the others held the receiver's 4) reopened at once: 3,600
+    # to 6,500 refusals a drain. Now its host rests for refusal_pause.
+    server = smtp_server(max_connections_per_source=4)
+    server.add_rule(Rule(stage="EOD", delay=0.05))
+    kit = SpoolKit(tmp_path, server.port, ["$domain_limit * @ 10"], "workers: 2\nadaptive: true\nrefusal_pause: 2\n")
+    for i in range(600):
+        kit.job("TOSEND", f"J{i:04d}.FS", to=f"user{i}@{'abcd'[i % 4]}.pool")
+    kit.drain(timeout=180)
+    assert len(kit.names("SENT")) == 600 and kit.names("FAIL") == [] and kit.waiting() == []
+    assert len(server.throttle_replies) <= 100
+    assert all(kit.read("SENT", name).count("$attempt_record") == 1 for name in kit.names("SENT"))

@@ -5,6 +5,7 @@ beyond tmp_path."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,8 +16,10 @@ from copiamail.errors import DeliveryError
 from copiamail.jobfile import outcome
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import parse_job
+from copiamail.scheduling.adaptive import AdaptiveLimits
 from copiamail.scheduling.attempts import Attempts, refused_at_connect
 from copiamail.scheduling.connections import Connection
+from copiamail.scheduling.limits import Limit
 from copiamail.scheduling.results import Tally
 from copiamail.scheduling.routing import Item, Target
 from copiamail.smtp.session import CONNECT, Delivered
@@ -84,15 +87,17 @@ class FakeRouter:
 TARGET = Target("10.0.0.1", 25, ("10.0.0.1",), ("mx.a.test",), "auto", None, False, "mx.a.test")
 
 
-def attempt(tmp_path: Path, answer: Delivered | BaseException, *lines: str, next_host: bool = False, messages: int = 0):
+def attempt(tmp_path: Path, answer: Delivered | BaseException, *lines: str, next_host: bool = False, messages: int = 0,
+            adaptive: AdaptiveLimits | None = None, opened: float = 0.0):
     text = "\n".join(["$email_address u@a.test", '$email_subject "s"', '$email_text "hi"', *lines]) + "\n"
     cf = CommandFile.parse(text.encode())
     item = Item(Claimed("N1", "TOSEND2", "J.FS", str(tmp_path / "J.FS")), cf, parse_job(cf, "J.FS"))
     session = FakeSession(answer, messages)
-    conn = Connection("a.test", "u@a.test", None, (), TARGET, session, 100)  # type: ignore[arg-type]
+    limits = (Limit("domain_limit:a.test", 10, "$domain_limit", ceiling=10),) if adaptive is not None else ()
+    conn = Connection("a.test", "u@a.test", None, limits, TARGET, session, 100, opened=opened)  # type: ignore[arg-type]
     spool, router = FakeSpool(tmp_path), FakeRouter(next_host)
     attempts = Attempts(Config(esender="bulk@sender.test", relay=RelayConfig("192.0.2.1")), spool, "N1", router,  # type: ignore[arg-type]
-                        worker=1, clock=lambda: NOW)
+                        worker=1, clock=lambda: NOW, adaptive=adaptive)
     result = asyncio.run(attempts.attempt(conn, item))
     return result, item, session, spool, router
 
@@ -183,3 +188,36 @@ def test_a_refusal_at_connect_is_a_refused_connection_or_a_4xx_greeting(tmp_path
     assert refused_at_connect(error) is refusal
     _, _, _, _, router = attempt(tmp_path, error)
     assert router.refusals == (["10.0.0.1"] if refusal else [])
+
+
+TOO_MANY = DeliveryError(421, "H", "4.7.0 too many connections from 127.0.0.1", False, CONNECT)
+
+
+def _adaptive() -> AdaptiveLimits:
+    return AdaptiveLimits(None, suspend=900.0, recover_after=100, recover_seconds=60.0, clock=lambda: NOW)
+
+
+def test_under_adaptive_a_connections_refusal_that_lowers_the_cap_pauses_nothing_and_charges_no_attempt(tmp_path):
+    limits = _adaptive()
+    result, item, _, _, router = attempt(tmp_path, TOO_MANY, adaptive=limits)
+    assert result is None and item.busy_reply is not None  # it waits for a slot, as a deferred job
+    assert limits.cap("domain_limit:a.test", 10) == 1 and router.refusals == []
+
+
+def test_under_adaptive_a_connections_refusal_of_a_lone_connection_at_a_cap_of_one_pauses_its_host(tmp_path):
+    # Nothing left to lower: the receiver counts connections the key does not
+    # see (other domains on the host). Reopened at once, it refuses again.
+    limits = _adaptive()
+    attempt(tmp_path, TOO_MANY, adaptive=limits, opened=0.0)  # learned 1
+    result, item, _, _, router = attempt(tmp_path, TOO_MANY, adaptive=limits, opened=time.monotonic())
+    assert result is None and item.busy_reply is not None
+    assert router.refusals == ["10.0.0.1"]
+
+
+def test_under_adaptive_the_refusal_of_a_connection_opened_before_the_cap_was_lowered_pauses_nothing(tmp_path):
+    # Opened in the same burst as the one that taught the lesson: late evidence of it.
+    limits = _adaptive()
+    opened = time.monotonic()
+    attempt(tmp_path, TOO_MANY, adaptive=limits, opened=opened)
+    _, _, _, _, router = attempt(tmp_path, TOO_MANY, adaptive=limits, opened=opened)
+    assert router.refusals == []

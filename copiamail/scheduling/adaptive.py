@@ -270,6 +270,12 @@ class AdaptiveLimits:
         self.save()
         return True
 
+    def lowered_after(self, key: str, opened: float) -> bool:
+        """Whether ``key``'s connection cap was lowered after a connection
+        opened at ``opened`` (monotonic): a refusal of that connection is late
+        evidence of a lesson already taken, not a new one."""
+        return opened < self._lowered.get(key, float("-inf"))
+
     def accepted(self, key: str, together: int, opened: float) -> bool:
         """A connection to ``key`` opened at ``opened`` (monotonic) was accepted
         while ``together`` connections to it (itself included) were past their
@@ -279,7 +285,7 @@ class AdaptiveLimits:
         learned = self._keys.get(key)
         if learned is None or learned.connections is None or together <= learned.connections:
             return False
-        if opened >= self._lowered.get(key, float("-inf")):
+        if not self.lowered_after(key, opened):
             return False
         learned.connections = together if together < learned.ceiling else None
         self._forget_if_empty(learned)

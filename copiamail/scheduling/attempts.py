@@ -115,14 +115,15 @@ class Attempts:
             conn.message_started = time.monotonic()
             self.adaptive.started(key.key, conn.message_started)
 
-    def _learn(self, conn: Connection, kind: ThrottleKind | None, e: DeliveryError | None) -> None:
+    def _learn(self, conn: Connection, kind: ThrottleKind | None, e: DeliveryError | None) -> bool:
         """What an attempt on ``conn`` teaches its adaptive key: a throttle
-        reply ``e`` of ``kind``, or (``e`` None) a clean delivery."""
+        reply ``e`` of ``kind``, or (``e`` None) a clean delivery. Returns
+        whether a throttle reply taught anything."""
         if self.adaptive is None:
-            return
+            return False
         key = adaptive_limit(conn.limits)
         if key is None or key.ceiling is None:
-            return
+            return False
         if e is not None and kind is not None:
             learned = self.adaptive.throttled(key.key, key.ceiling, kind, e.text,
                                               open_connections=self.greeted_sharing(conn, key.key) + 1,
@@ -132,12 +133,13 @@ class Attempts:
                 # Its window is full for now: sent at once, the next messages
                 # would be refused whatever the rate.
                 self.pacer.hold(learned_pace_key(key.key), _RATE_HOLD)
-            return
+            return learned
         rose = self.adaptive.delivered(key.key)
         if conn.session.messages == 1:
             rose = self.adaptive.accepted(key.key, self.greeted_sharing(conn, key.key) + 1, conn.opened) or rose
         if rose:
             self.on_cap_raised(key.key, self.adaptive.cap(key.key, key.ceiling))
+        return False
 
     async def attempt(self, conn: Connection, item: Item,
                       on_written: Callable[[], bool] | None = None) -> Result | None:
@@ -180,9 +182,17 @@ class Attempts:
         except DeliveryError as e:
             kind = config.throttle_table.kind(e.code, e.text)
             if kind is not None:
-                self._learn(conn, kind, e)
-                if (kind is ThrottleKind.CONNECTIONS and e.stage == CONNECT and self.adaptive is not None
-                        and adaptive_limit(conn.limits) is not None):
+                taught = self._learn(conn, kind, e)
+                key = adaptive_limit(conn.limits)
+                if kind is ThrottleKind.CONNECTIONS and e.stage == CONNECT and self.adaptive is not None and key is not None:
+                    if not taught and not self.adaptive.lowered_after(key.key, conn.opened):
+                        # Nothing left to lower (one connection, the others
+                        # not ours to count): the receiver counts connections
+                        # this key does not see, other domains' or another
+                        # sender's on our address. Reopened at once it would
+                        # refuse again, hundreds of times a second; the host
+                        # rests for refusal_pause instead.
+                        self.router.refused(conn.target)
                     # Refused for the connection, not for the message: it
                     # waits for a slot under the lowered cap, as a deferred job.
                     item.busy_reply = (e.text, self.greeted_sharing(conn, None) + 1)
