@@ -88,7 +88,7 @@ TARGET = Target("10.0.0.1", 25, ("10.0.0.1",), ("mx.a.test",), "auto", None, Fal
 
 
 def attempt(tmp_path: Path, answer: Delivered | BaseException, *lines: str, next_host: bool = False, messages: int = 0,
-            adaptive: AdaptiveLimits | None = None, opened: float = 0.0):
+            adaptive: AdaptiveLimits | None = None, opened: float = 0.0, greeted: int = 0):
     text = "\n".join(["$email_address u@a.test", '$email_subject "s"', '$email_text "hi"', *lines]) + "\n"
     cf = CommandFile.parse(text.encode())
     item = Item(Claimed("N1", "TOSEND2", "J.FS", str(tmp_path / "J.FS")), cf, parse_job(cf, "J.FS"))
@@ -97,7 +97,7 @@ def attempt(tmp_path: Path, answer: Delivered | BaseException, *lines: str, next
     conn = Connection("a.test", "u@a.test", None, limits, TARGET, session, 100, opened=opened)  # type: ignore[arg-type]
     spool, router = FakeSpool(tmp_path), FakeRouter(next_host)
     attempts = Attempts(Config(esender="bulk@sender.test", relay=RelayConfig("192.0.2.1")), spool, "N1", router,  # type: ignore[arg-type]
-                        worker=1, clock=lambda: NOW, adaptive=adaptive)
+                        worker=1, clock=lambda: NOW, adaptive=adaptive, greeted_sharing=lambda conn, key: greeted)
     result = asyncio.run(attempts.attempt(conn, item))
     return result, item, session, spool, router
 
@@ -221,3 +221,12 @@ def test_under_adaptive_the_refusal_of_a_connection_opened_before_the_cap_was_lo
     attempt(tmp_path, TOO_MANY, adaptive=limits, opened=opened)
     _, _, _, _, router = attempt(tmp_path, TOO_MANY, adaptive=limits, opened=opened)
     assert router.refusals == []
+
+
+def test_under_adaptive_a_connections_refusal_on_a_key_still_full_of_other_connections_pauses_nothing(tmp_path):
+    # Counted against its cap by other connections (another worker's, before a
+    # reload lowered it): it waits on its cap, and a pause would only cost time.
+    limits = _adaptive()
+    attempt(tmp_path, TOO_MANY, adaptive=limits, opened=0.0, greeted=3)  # learned 3
+    _, _, _, _, router = attempt(tmp_path, TOO_MANY, adaptive=limits, opened=time.monotonic(), greeted=3)
+    assert limits.cap("domain_limit:a.test", 10) == 3 and router.refusals == []

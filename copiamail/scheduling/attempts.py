@@ -185,13 +185,16 @@ class Attempts:
                 taught = self._learn(conn, kind, e)
                 key = adaptive_limit(conn.limits)
                 if kind is ThrottleKind.CONNECTIONS and e.stage == CONNECT and self.adaptive is not None and key is not None:
-                    if not taught and not self.adaptive.lowered_after(key.key, conn.opened):
-                        # Nothing left to lower (one connection, the others
-                        # not ours to count): the receiver counts connections
-                        # this key does not see, other domains' or another
-                        # sender's on our address. Reopened at once it would
-                        # refuse again, hundreds of times a second; the host
-                        # rests for refusal_pause instead.
+                    if (not taught and self.adaptive.cap(key.key, key.ceiling) == 1
+                            and self.greeted_sharing(conn, key.key) == 0
+                            and not self.adaptive.lowered_after(key.key, conn.opened)):
+                        # Nothing left to lower (a cap of one, and that one
+                        # refused): the receiver counts connections this key
+                        # does not see, other domains' or another sender's on
+                        # our address. Reopened at once it would refuse again,
+                        # hundreds of times a second; the host rests for
+                        # refusal_pause instead. A key still full (others
+                        # counted against it) only waits on its cap.
                         self.router.refused(conn.target)
                     # Refused for the connection, not for the message: it
                     # waits for a slot under the lowered cap, as a deferred job.
