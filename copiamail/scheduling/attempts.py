@@ -185,7 +185,7 @@ class Attempts:
                 taught = self._learn(conn, kind, e)
                 key = adaptive_limit(conn.limits)
                 if kind is ThrottleKind.CONNECTIONS and e.stage == CONNECT and self.adaptive is not None and key is not None:
-                    if (not taught and self.adaptive.cap(key.key, key.ceiling) == 1
+                    if (not taught and key.ceiling is not None and self.adaptive.cap(key.key, key.ceiling) == 1
                             and self.greeted_sharing(conn, key.key) == 0
                             and not self.adaptive.lowered_after(key.key, conn.opened)):
                         # Nothing left to lower (a cap of one, and that one
