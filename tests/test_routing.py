@@ -363,6 +363,23 @@ def test_a_host_that_refused_a_connection_is_paused_for_refusal_pause_then_offer
     assert after is None and offered == [pause_key("192.0.2.1")]
 
 
+
+def test_ended_pauses_names_the_pause_keys_whose_pause_is_over_and_nothing_else():
+    router = Router(Config(relay=RelayConfig("192.0.2.1"), refusal_pause=0.2))
+    relay = router.relay
+    assert relay is not None
+    keys = [pause_key("192.0.2.1"), pause_key("192.0.2.9"), "domain_limit:a.test"]
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        router.refused(relay)
+        during = router.ended_pauses(keys)
+        await asyncio.sleep(0.3)
+        return during, router.ended_pauses(keys)
+
+    during, after = asyncio.run(scenario())
+    assert during == [pause_key("192.0.2.9")]  # never paused here: nothing left to end it
+    assert after == [pause_key("192.0.2.1"), pause_key("192.0.2.9")]
+
 def test_a_refusal_in_one_worker_pauses_the_host_for_every_worker_of_the_node():
     # Each worker has its own Router; the pause goes through the table they share.
     table = SharedSlots.create(64)

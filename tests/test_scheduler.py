@@ -15,7 +15,9 @@ import pytest
 from copiamail.config import Config, RelayConfig
 from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import parse_job
-from copiamail.scheduling.routing import pause_key
+from copiamail.scheduling.choosing import Blocked
+from copiamail.scheduling.limits import Limit
+from copiamail.scheduling.routing import Item, pause_key
 from copiamail.scheduling.scheduler import Scheduler
 from copiamail.scheduling.shared_slots import SharedSlots
 from copiamail.scheduling.waiting import WaitEntry
@@ -173,3 +175,40 @@ def test_the_end_of_a_pause_that_another_worker_lengthened_offers_its_jobs_later
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
     assert scheduler._waiting.head(key) is entry and job_path.exists()  # still waiting, untouched
+
+
+def _record_starts(scheduler: Scheduler, monkeypatch) -> list[str]:
+    started: list[str] = []
+    monkeypatch.setattr(scheduler, "_start", lambda choice, item: started.append(item.claimed.name))
+    return started
+
+
+def test_a_job_left_waiting_on_a_host_pause_that_has_ended_is_offered_the_host_by_the_next_whole_scan(tmp_path,
+                                                                                                      monkeypatch):
+    # Its deferral landed after the pause's end had offered the host to the
+    # jobs waiting then: nothing else would ever offer it (a pause's key has no room).
+    key = pause_key("192.0.2.1")
+    config = Config(spool=tmp_path, relay=RelayConfig("192.0.2.1"), refusal_pause=0.2)
+    scheduler, _, _, _ = _waiting_job(tmp_path, config, (key, 0))
+    started = _record_starts(scheduler, monkeypatch)
+    asyncio.run(scheduler._scan())
+    assert started == ["A.FS"] and scheduler._waiting.head(key) is None
+
+
+def test_a_deferral_that_lands_after_its_host_pause_ended_is_offered_the_host_at_once(tmp_path, monkeypatch):
+    key = pause_key("192.0.2.1")
+    config = Config(spool=tmp_path, relay=RelayConfig("192.0.2.1"), refusal_pause=0.2)
+    scheduler, _, job_path, entry = _waiting_job(tmp_path, config, ("other", 1))
+    scheduler._waiting.take(entry)
+    started = _record_starts(scheduler, monkeypatch)
+    claimed = scheduler.spool.claim(entry.waiting, "N1")
+    assert claimed is not None
+    cf = CommandFile.read(Path(claimed.path))
+    item = Item(claimed, cf, parse_job(cf, "A.FS", config.job_env))
+    scheduler.spool.hand_back(claimed)  # back in its folder, as a deferral leaves it
+    asyncio.run(_in_loop(lambda: scheduler._deferred(item, Blocked((Limit(key, 0, "refusal_pause"),)), job_path)))
+    assert started == ["A.FS"] and scheduler._waiting.head(key) is None
+
+
+async def _in_loop(call) -> None:
+    call()

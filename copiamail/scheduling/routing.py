@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -93,9 +93,12 @@ def relay_target(relay: RelayConfig | None, password: str | None) -> Target | No
 ROUTED_SLICE = 200
 
 
+_PAUSE_PREFIX = "pause:"
+
+
 def pause_key(host: str) -> str:
     """The key jobs wait on while ``host`` is paused after a refusal."""
-    return f"pause:{host}"
+    return _PAUSE_PREFIX + host
 
 
 class Router:
@@ -241,6 +244,13 @@ class Router:
         del self._paused[host]
         if self._on_unpaused is not None:
             self._on_unpaused(pause_key(host))
+
+    def ended_pauses(self, keys: Iterable[str]) -> list[str]:
+        """Those of ``keys`` that are a host's pause key (:func:`pause_key`)
+        whose pause is over, here and in the workers' table: jobs still
+        waiting on one were deferred after its end offered the host."""
+        return [k for k in keys if k.startswith(_PAUSE_PREFIX) and (host := k[len(_PAUSE_PREFIX):]) not in self._paused
+                and self._shared_pause_left(host) <= 0]
 
     def paused(self, target: Target) -> Limit | None:
         """While ``target`` is paused after a refusal (this worker's, or

@@ -78,6 +78,20 @@ def _say_failures(tasks: dict[asyncio.Task[None] | None, str]) -> None:
         if task is not None:
             task.add_done_callback(functools.partial(_say_if_failed, what=what))
 
+async def _wait_for_wake(wake: asyncio.Event, timeout: float, sleep_on: Callable[[], bool]) -> None:
+    """Wait up to ``timeout`` seconds for ``wake`` to be set; when it is and
+    ``sleep_on()`` says so, clear it and wait on (a wake-up that changes nothing)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await asyncio.wait_for(wake.wait(), deadline - time.monotonic())
+        except TimeoutError:
+            return
+        if not sleep_on():
+            return
+        wake.clear()
+
+
 class Scheduler:
     """One node's scheduling loop over one spool (or one worker's part of it).
     It chooses a binding and limits for each job, starts, reuses and closes
@@ -270,16 +284,9 @@ class Scheduler:
         hinted, a whole scan is asked for, or the node stops; each closing
         wakes the loop, and a pass for each would look at the whole spool again
         for nothing."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                await asyncio.wait_for(wake.wait(), deadline - time.monotonic())
-            except TimeoutError:
-                return
-            scanner = self._scanner
-            if not until_closed or not self._connections or scanner.hinted or scanner.full_scan_due or self.stopping:
-                return
-            wake.clear()
+        scanner = self._scanner
+        await _wait_for_wake(wake, timeout, lambda: until_closed and bool(self._connections) and not scanner.hinted
+                             and not scanner.full_scan_due and not self.stopping)
 
     def _halted(self) -> bool:
         """Whether to take no new job: stopping, or results are owed."""
@@ -300,6 +307,8 @@ class Scheduler:
         # gone, and offer any key that has room.
         self._waiting.drop_missing(seen)
         self._offer(self._waiting.keys_with_room(self.limiter.in_use))
+        for key in self._router.ended_pauses(self._waiting.waited_on()):
+            self._unpaused(key)
         if results.parked:
             results.finish_parked()
         return found
@@ -384,11 +393,14 @@ class Scheduler:
         self._waiting.add(WaitEntry(w, item.job.without_content()), [(l.key, l.cap) for l in blocked.limits])
         for limit in blocked.limits:
             self._connections.close_one_holding(limit.key, other_than=item.job.domain)
-        # While its deferral was being written a slot may have freed, or a
-        # connection of its domain gone idle: it is offered them now.
+        # While its deferral was being written a slot may have freed, a
+        # connection of its domain gone idle, or a host's pause ended (its end
+        # offered the host to the jobs waiting then): it is offered them now.
         free = [l.key for l in blocked.limits if self.limiter.in_use(l.key) < self._waiting.cap(l.key)]
         if free or self._connections.idle_of(item.job.domain):
             self._offer(free or [l.key for l in blocked.limits])
+        for key in self._router.ended_pauses(l.key for l in blocked.limits):
+            self._unpaused(key)
 
     # --- offers: freed slots to waiting jobs ---------------------------------
 
