@@ -19,6 +19,7 @@ from copiamail.scheduling.choosing import Blocked
 from copiamail.scheduling.limits import Limit
 from copiamail.scheduling.routing import Item, pause_key
 from copiamail.scheduling.scheduler import Scheduler
+from copiamail.scheduling.shaping import suspend_key
 from copiamail.scheduling.shared_slots import SharedSlots
 from copiamail.scheduling.waiting import WaitEntry
 from copiamail.spool.layout import QueuedJob
@@ -183,11 +184,14 @@ def _record_starts(scheduler: Scheduler, monkeypatch) -> list[str]:
     return started
 
 
-def test_a_job_left_waiting_on_a_host_pause_that_has_ended_is_offered_the_host_by_the_next_whole_scan(tmp_path,
-                                                                                                      monkeypatch):
-    # Its deferral landed after the pause's end had offered the host to the
-    # jobs waiting then: nothing else would ever offer it (a pause's key has no room).
-    key = pause_key("192.0.2.1")
+ENDED = [pause_key("192.0.2.1"), suspend_key("host:192.0.2.1")]
+
+
+@pytest.mark.parametrize("key", ENDED, ids=["pause", "suspension"])
+def test_a_job_left_waiting_on_a_pause_or_suspension_that_has_ended_is_offered_by_the_next_whole_scan(tmp_path,
+                                                                                                     monkeypatch, key):
+    # Its deferral landed after the end had offered the key to the jobs
+    # waiting then: nothing else would ever offer it (such a key has no room).
     config = Config(spool=tmp_path, relay=RelayConfig("192.0.2.1"), refusal_pause=0.2)
     scheduler, _, _, _ = _waiting_job(tmp_path, config, (key, 0))
     started = _record_starts(scheduler, monkeypatch)
@@ -195,8 +199,8 @@ def test_a_job_left_waiting_on_a_host_pause_that_has_ended_is_offered_the_host_b
     assert started == ["A.FS"] and scheduler._waiting.head(key) is None
 
 
-def test_a_deferral_that_lands_after_its_host_pause_ended_is_offered_the_host_at_once(tmp_path, monkeypatch):
-    key = pause_key("192.0.2.1")
+@pytest.mark.parametrize("key", ENDED, ids=["pause", "suspension"])
+def test_a_deferral_that_lands_after_its_pause_or_suspension_ended_is_offered_at_once(tmp_path, monkeypatch, key):
     config = Config(spool=tmp_path, relay=RelayConfig("192.0.2.1"), refusal_pause=0.2)
     scheduler, _, job_path, entry = _waiting_job(tmp_path, config, ("other", 1))
     scheduler._waiting.take(entry)
@@ -212,3 +216,18 @@ def test_a_deferral_that_lands_after_its_host_pause_ended_is_offered_the_host_at
 
 async def _in_loop(call) -> None:
     call()
+    await asyncio.sleep(0)
+
+
+def test_a_whole_scan_leaves_waiting_a_job_whose_pause_another_worker_still_holds_or_whose_suspension_goes_on(
+        tmp_path, monkeypatch):
+    paused, suspended = pause_key("192.0.2.1"), suspend_key("host:192.0.2.1")
+    config = Config(spool=tmp_path, relay=RelayConfig("192.0.2.1"), refusal_pause=0.2)
+    scheduler, table, _, entry = _waiting_job(tmp_path, config, (paused, 0))
+    scheduler._waiting.wait_on(entry, suspended, 0)
+    scheduler._shaping._resuming.add(suspended)  # its timer is set: the suspension goes on
+    with table.locked():
+        table.pause(paused, time.monotonic() + 30, time.monotonic())  # another worker's refusal
+    started = _record_starts(scheduler, monkeypatch)
+    asyncio.run(scheduler._scan())
+    assert started == [] and scheduler._waiting.head(paused) is entry and scheduler._waiting.head(suspended) is entry

@@ -78,6 +78,7 @@ def _say_failures(tasks: dict[asyncio.Task[None] | None, str]) -> None:
         if task is not None:
             task.add_done_callback(functools.partial(_say_if_failed, what=what))
 
+
 async def _wait_for_wake(wake: asyncio.Event, timeout: float, sleep_on: Callable[[], bool]) -> None:
     """Wait up to ``timeout`` seconds for ``wake`` to be set; when it is and
     ``sleep_on()`` says so, clear it and wait on (a wake-up that changes nothing)."""
@@ -307,7 +308,8 @@ class Scheduler:
         # gone, and offer any key that has room.
         self._waiting.drop_missing(seen)
         self._offer(self._waiting.keys_with_room(self.limiter.in_use))
-        for key in self._router.ended_pauses(self._waiting.waited_on()):
+        waited = self._waiting.waited_on()
+        for key in self._router.ended_pauses(waited) + self._shaping.ended_suspensions(waited):
             self._unpaused(key)
         if results.parked:
             results.finish_parked()
@@ -393,13 +395,13 @@ class Scheduler:
         self._waiting.add(WaitEntry(w, item.job.without_content()), [(l.key, l.cap) for l in blocked.limits])
         for limit in blocked.limits:
             self._connections.close_one_holding(limit.key, other_than=item.job.domain)
-        # While its deferral was being written a slot may have freed, a
-        # connection of its domain gone idle, or a host's pause ended (its end
-        # offered the host to the jobs waiting then): it is offered them now.
-        free = [l.key for l in blocked.limits if self.limiter.in_use(l.key) < self._waiting.cap(l.key)]
+        # While its deferral was being written a slot may have freed, a connection of its
+        # domain gone idle, or the pause or suspension it met ended: it is offered them now.
+        keys = [l.key for l in blocked.limits]
+        free = [k for k in keys if self.limiter.in_use(k) < self._waiting.cap(k)]
         if free or self._connections.idle_of(item.job.domain):
-            self._offer(free or [l.key for l in blocked.limits])
-        for key in self._router.ended_pauses(l.key for l in blocked.limits):
+            self._offer(free or keys)
+        for key in self._router.ended_pauses(keys) + self._shaping.ended_suspensions(keys):
             self._unpaused(key)
 
     # --- offers: freed slots to waiting jobs ---------------------------------
@@ -435,7 +437,7 @@ class Scheduler:
                 pending.add(key)
 
     def _unpaused(self, key: str) -> None:
-        """A host's refusal pause is over: offer the host to every job that waited on it (their one offer)."""
+        """A host's refusal pause, or a key's suspension, is over: offer it to every job that waited on it (their one offer)."""
         if self._results.paused and not self.stopping:  # results owed: no job is taken now; ask again later
             asyncio.get_running_loop().call_later(1.0, self._unpaused, key)
             return

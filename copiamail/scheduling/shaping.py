@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from copiamail.config import Config
@@ -38,9 +38,12 @@ SUSPECT_SETTLE = 5.0
 HOLD_LOOK_EVERY = 0.05  # seconds between two looks at the spool's HOLD folder
 
 
+_SUSPEND_PREFIX = "suspend:"
+
+
 def suspend_key(key: str) -> str:
     """The key jobs wait on while adaptive key ``key`` is suspended."""
-    return f"suspend:{key}"
+    return _SUSPEND_PREFIX + key
 
 
 class Shaping:
@@ -93,6 +96,12 @@ class Shaping:
             self._resuming.add(held.key)
             asyncio.get_running_loop().call_later(max(0.0, until - self._clock()) + 0.01, self._resume, held.key)
         return held
+
+    def ended_suspensions(self, keys: Iterable[str]) -> list[str]:
+        """Those of ``keys`` that are a suspension's key (:func:`suspend_key`)
+        whose suspension is over: jobs still waiting on one were deferred after
+        its end offered it."""
+        return [k for k in keys if k.startswith(_SUSPEND_PREFIX) and k not in self._resuming]
 
     def _resume(self, key: str) -> None:
         self._resuming.discard(key)
