@@ -276,6 +276,15 @@ class AdaptiveLimits:
         evidence of a lesson already taken, not a new one."""
         return opened < self._lowered.get(key, float("-inf"))
 
+    def nothing_left_to_lower(self, key: str, ceiling: int, others: int, opened: float) -> bool:
+        """Whether a ``connections`` refusal of a connection to ``key`` opened
+        at ``opened`` (monotonic), while ``others`` of its connections were
+        past their greeting, has nothing left to teach (after
+        :meth:`throttled`): the cap is down to 1, no other connection holds
+        it, and the connection is not one of the burst that taught the last
+        lowering. A key still full of other connections only waits on its cap."""
+        return others == 0 and self.cap(key, ceiling) == 1 and not self.lowered_after(key, opened)
+
     def accepted(self, key: str, together: int, opened: float) -> bool:
         """A connection to ``key`` opened at ``opened`` (monotonic) was accepted
         while ``together`` connections to it (itself included) were past their

@@ -115,15 +115,14 @@ class Attempts:
             conn.message_started = time.monotonic()
             self.adaptive.started(key.key, conn.message_started)
 
-    def _learn(self, conn: Connection, kind: ThrottleKind | None, e: DeliveryError | None) -> bool:
+    def _learn(self, conn: Connection, kind: ThrottleKind | None, e: DeliveryError | None) -> None:
         """What an attempt on ``conn`` teaches its adaptive key: a throttle
-        reply ``e`` of ``kind``, or (``e`` None) a clean delivery. Returns
-        whether a throttle reply taught anything."""
+        reply ``e`` of ``kind``, or (``e`` None) a clean delivery."""
         if self.adaptive is None:
-            return False
+            return
         key = adaptive_limit(conn.limits)
         if key is None or key.ceiling is None:
-            return False
+            return
         if e is not None and kind is not None:
             learned = self.adaptive.throttled(key.key, key.ceiling, kind, e.text,
                                               open_connections=self.greeted_sharing(conn, key.key) + 1,
@@ -133,13 +132,12 @@ class Attempts:
                 # Its window is full for now: sent at once, the next messages
                 # would be refused whatever the rate.
                 self.pacer.hold(learned_pace_key(key.key), _RATE_HOLD)
-            return learned
+            return
         rose = self.adaptive.delivered(key.key)
         if conn.session.messages == 1:
             rose = self.adaptive.accepted(key.key, self.greeted_sharing(conn, key.key) + 1, conn.opened) or rose
         if rose:
             self.on_cap_raised(key.key, self.adaptive.cap(key.key, key.ceiling))
-        return False
 
     async def attempt(self, conn: Connection, item: Item,
                       on_written: Callable[[], bool] | None = None) -> Result | None:
@@ -182,19 +180,16 @@ class Attempts:
         except DeliveryError as e:
             kind = config.throttle_table.kind(e.code, e.text)
             if kind is not None:
-                taught = self._learn(conn, kind, e)
+                self._learn(conn, kind, e)
                 key = adaptive_limit(conn.limits)
                 if kind is ThrottleKind.CONNECTIONS and e.stage == CONNECT and self.adaptive is not None and key is not None:
-                    if (not taught and key.ceiling is not None and self.adaptive.cap(key.key, key.ceiling) == 1
-                            and self.greeted_sharing(conn, key.key) == 0
-                            and not self.adaptive.lowered_after(key.key, conn.opened)):
-                        # Nothing left to lower (a cap of one, and that one
-                        # refused): the receiver counts connections this key
-                        # does not see, other domains' or another sender's on
-                        # our address. Reopened at once it would refuse again,
+                    if key.ceiling is not None and self.adaptive.nothing_left_to_lower(
+                            key.key, key.ceiling, self.greeted_sharing(conn, key.key), conn.opened):
+                        # The receiver counts connections this key does not
+                        # see, other domains' or another sender's on our
+                        # address. Reopened at once it would refuse again,
                         # hundreds of times a second; the host rests for
-                        # refusal_pause instead. A key still full (others
-                        # counted against it) only waits on its cap.
+                        # refusal_pause instead.
                         self.router.refused(conn.target)
                     # Refused for the connection, not for the message: it
                     # waits for a slot under the lowered cap, as a deferred job.
