@@ -146,6 +146,39 @@ def test_a_claim_that_lost_the_race_counts_nothing_in(tmp_path):
     assert not held.may_hold(X)
 
 
+def test_a_job_claimed_to_send_at_once_is_named_sending_by_the_claim_and_recovered_as_begun(tmp_path):
+    sp, held = filtered_spool(tmp_path)
+    put(sp, "X.FS")
+    claimed = sp.claim(waiting(sp, "X.FS"), "N1", sending=True)
+    assert claimed is not None and claimed.marked_sending and held.may_hold(X)
+    assert os.listdir(sp.active_dir("N1") / "TOSEND") == ["X.FS.SENDING"]
+    assert Path(claimed.file).read_bytes() == JOB
+    assert sp.mark_sending(claimed) == claimed  # no second rename
+    only_claimed, begun, delivered = sp.claimed_jobs("N1")
+    assert (only_claimed, begun, delivered) == ([], [claimed], [])
+
+
+def test_a_claim_to_send_at_once_is_a_plain_claim_where_no_filter_rules_the_name_out(tmp_path):
+    sp = Spool(tmp_path / "spool", fsync=False)
+    sp.ensure()
+    put(sp, "X.FS")
+    claimed = sp.claim(waiting(sp, "X.FS"), "N1", sending=True)
+    assert claimed is not None and not claimed.marked_sending
+    assert os.listdir(sp.active_dir("N1") / "TOSEND") == ["X.FS"]
+
+
+@pytest.mark.parametrize("step", ["claimed", "sending"])
+def test_a_claim_to_send_at_once_never_replaces_a_job_of_its_name_still_in_active(tmp_path, step):
+    sp, _ = filtered_spool(tmp_path)
+    put(sp, "X.FS")
+    first = sp.claim(waiting(sp, "X.FS"), "N1", sending=step == "sending")
+    assert first is not None and first.marked_sending == (step == "sending")
+    put(sp, "X.FS", b"$email_address second@b.c\n")
+    assert sp.claim(waiting(sp, "X.FS"), "N1", sending=True) is None
+    assert Path(first.file).read_bytes() == JOB and len(os.listdir(sp.active_dir("N1") / "TOSEND")) == 1
+    assert (sp.folder("TOSEND") / "X.FS").read_bytes() == b"$email_address second@b.c\n"
+
+
 @pytest.mark.parametrize("step", ["claimed", "sending", "delivered"])
 def test_a_reused_name_waits_while_the_first_job_of_it_is_in_active(tmp_path, step):
     sp, _ = filtered_spool(tmp_path)

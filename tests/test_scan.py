@@ -18,7 +18,8 @@ from copiamail.jobfile.job import Job
 from copiamail.scheduling.domain_owners import DomainOwners
 from copiamail.scheduling.limits import worker_of
 from copiamail.scheduling.scan import Scanner
-from copiamail.spool.queue import Spool
+from copiamail.spool.held import HeldNames
+from copiamail.spool.queue import Claimed, Spool
 
 NOW = 4_000_000_000.0  # jobs dated 2098 are not due yet
 
@@ -36,9 +37,12 @@ class Rig:
 
     def __init__(self, root: Path, write_settle: float = 5.0, worker: int = 0, workers: int = 1,
                  held_until: Callable[[Job, str], float | None] = lambda job, queue: None,
-                 owners: DomainOwners | None = None) -> None:
+                 owners: DomainOwners | None = None, rides_at_once: Callable[[Job], bool] = lambda job: False) -> None:
         self.spool = Spool(root / "spool", 15, fsync=False)
         self.spool.ensure()
+        self.spool.use_held_names(HeldNames.create(1).for_process(0))
+        self.claims: list[Claimed] = []
+        self.handed_back: list[str] = []
         if workers > 1 and owners is None:
             owners = DomainOwners.create(workers, entries=64)
         self.waiting: set[str] = set()
@@ -47,9 +51,13 @@ class Rig:
         self.clock = Clock(NOW)
         self.mono = Clock(100.0)
         self.scanner = Scanner(Config(spool=self.spool.root, write_settle=write_settle), self.spool, "N1", self.waiting,
-                               lambda: self.halt, lambda claimed, cf, job: self.dispatched.append((claimed.name, cf is not None)),
-                               worker=worker, workers=workers, owners=owners, clock=self.clock, monotonic=self.mono,
-                               held_until=held_until)
+                               lambda: self.halt, self._dispatched, worker=worker, workers=workers, owners=owners,
+                               clock=self.clock, monotonic=self.mono, held_until=held_until, rides_at_once=rides_at_once,
+                               hand_back=lambda claimed: self.handed_back.append(self.spool.hand_back(claimed).name))
+
+    def _dispatched(self, claimed: Claimed, cf: CommandFile | None, job: Job | None) -> None:
+        self.claims.append(claimed)
+        self.dispatched.append((claimed.name, cf is not None))
 
     def job(self, queue: str, name: str, to: str = "u@a.test", *lines: str) -> Path:
         path = self.spool.root / queue / name
@@ -77,6 +85,31 @@ def test_due_jobs_are_claimed_in_queue_order_and_dispatched_with_what_was_read(t
     assert rig.dispatched == [("A.FS", True), ("B.FS", True), ("A.FS", True)]
     assert (rig.spool.active_dir("N1") / "TOSEND1" / "A.FS").exists()
     assert rig.full() == 0
+
+
+def test_a_job_that_rides_an_open_connection_at_once_is_claimed_straight_as_sending(tmp_path):
+    rig = Rig(tmp_path, rides_at_once=lambda job: job.domain == "ride.test")
+    rig.job("TOSEND", "A.FS", "u@ride.test")
+    rig.job("TOSEND", "B.FS", "u@new.test")
+    assert rig.full() == 2
+    assert [(c.name, c.marked_sending) for c in rig.claims] == [("A.FS", True), ("B.FS", False)]
+    assert sorted(os.listdir(rig.spool.active_dir("N1") / "TOSEND")) == ["A.FS.SENDING", "B.FS"]
+
+
+def test_a_job_claimed_as_sending_whose_file_changed_since_it_was_read_goes_back_unsent(tmp_path, monkeypatch):
+    rig = Rig(tmp_path, rides_at_once=lambda job: True)
+    rig.job("TOSEND", "A.FS")
+    monkeypatch.setattr(rig.spool, "unchanged", lambda claimed, sig: False)
+    assert rig.full() == 1
+    assert rig.dispatched == [] and rig.handed_back == ["A.FS"]
+    assert os.listdir(rig.spool.folder("TOSEND")) == ["A.FS"] and os.listdir(rig.spool.active_dir("N1") / "TOSEND") == []
+
+
+def test_a_job_only_claimed_whose_file_changed_since_it_was_read_is_read_again(tmp_path, monkeypatch):
+    rig = Rig(tmp_path)
+    rig.job("TOSEND", "A.FS")
+    monkeypatch.setattr(rig.spool, "unchanged", lambda claimed, sig: False)
+    assert rig.full() == 1 and rig.dispatched == [("A.FS", False)] and rig.handed_back == []
 
 
 def test_a_job_not_yet_due_is_remembered_and_not_read_again_until_it_changes(tmp_path, monkeypatch):

@@ -707,14 +707,14 @@ def test_a_claim_goes_back_when_the_job_of_its_name_was_marked_sending_during_it
     sp = make_spool(tmp_path)
     first = _claim(sp, "TOSEND", "X.FS")
     put(sp, "TOSEND", "X.FS", b"$email_address second@b.c\n")
-    rename = spool_mod._claim_rename
+    rename = spool_mod.claim_rename
     marked: list[Claimed] = []
 
     def marked_meanwhile(src: str, dest_dir: str, dest: str) -> bool:
         marked.append(sp.mark_sending(first))
         return rename(src, dest_dir, dest)
 
-    monkeypatch.setattr(spool_mod, "_claim_rename", marked_meanwhile)
+    monkeypatch.setattr(spool_mod, "claim_rename", marked_meanwhile)
     assert sp.claim(next(iter(sp.scan())), "N1") is None
     assert active_files(sp) == ["N1/TOSEND/X.FS.SENDING"] and marked[0].path.read_bytes() == JOB
     assert (sp.folder("TOSEND") / "X.FS").read_bytes() == b"$email_address second@b.c\n"

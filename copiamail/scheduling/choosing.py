@@ -16,7 +16,7 @@ from copiamail.jobfile import outcome
 from copiamail.jobfile.job import Job
 from copiamail.scheduling.connections import Connection, Connections
 from copiamail.scheduling.limiter import Limiter
-from copiamail.scheduling.limits import Limit, bindings_for
+from copiamail.scheduling.limits import Limit, adaptive_limit, bindings_for
 from copiamail.scheduling.routing import Router, Target
 from copiamail.scheduling.shaping import Shaping
 
@@ -59,6 +59,22 @@ class Chooser:
         self._router = router
         self._shaping = shaping
         self.limiter = limiter
+
+    def rides_at_once(self, job: Job) -> bool:
+        """Whether ``job``, dispatched now, would ride an idle connection whose
+        session is greeted and carries it without reopening or waiting for a
+        message rate, kept or learned: then its transaction starts in this
+        turn of the event loop (the spool may claim it straight as sending)."""
+        targets = self._router.targets(job)
+        if targets is None:
+            return False
+        try:
+            conn = self._connections.idle_for(job, bindings_of(self.config, job), targets)
+        except JobError:
+            return False
+        return (conn is not None and conn.session.greeted and not conn.paces
+                and conn.session.messages < conn.max_messages
+                and (self._shaping.adaptive is None or adaptive_limit(conn.limits) is None))
 
     def choose(self, job: Job, targets: list[Target]) -> Start | Blocked:
         """Where ``job`` starts among ``targets`` (in order), or what blocks

@@ -86,15 +86,22 @@ class Scanner:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         held_until: Callable[[Job, str], float | None] = lambda job, queue: None,
+        rides_at_once: Callable[[Job], bool] = lambda job: False,
+        hand_back: Callable[[Claimed], object] = lambda claimed: None,
     ) -> None:
         """``owners``: the node's table of which worker sends each domain
         (needed when ``workers`` > 1). ``held_until(job, queue)``: until when a
         due job stays in its folder unclaimed (an operator holds it, or its
-        destination is suspended), or None."""
+        destination is suspended), or None. ``rides_at_once(job)``: whether
+        its transaction would start as it is dispatched (it is then claimed
+        straight as sending); ``hand_back(claimed)`` returns such a job whose
+        file changed before the claim, unsent, to its folder."""
         if workers > 1 and owners is None:
             raise ValueError("workers of one node need the table of domain owners")
         self._config = config
         self._held_until = held_until
+        self._rides_at_once = rides_at_once
+        self._hand_back = hand_back
         self._spool = spool
         self._node = node
         self._waiting = waiting
@@ -306,13 +313,18 @@ class Scanner:
         if (self._settling or unknown_recent) and not self._left_alone(w.file, peek.sig, peek.sig[1] / 1e9, now, unknown_recent):
             return False
         self._later.pop(w.file, None)
-        claimed = self._spool.claim(w, self._node)
+        claimed = self._spool.claim(w, self._node, peek.job is not None and self._rides_at_once(peek.job))
         if self._renamed:
             self._renamed.discard(w.file)
         if claimed is None:
             return False
         if peek.cf is not None and self._spool.unchanged(claimed, peek.sig):
             self._dispatch(claimed, peek.cf, peek.job)
+        elif claimed.marked_sending:
+            # Its file changed between the read and the claim (a writer in
+            # place): what it now says may not ride, and a job only claimed
+            # must not count as sending. It goes back and is read again.
+            self._hand_back(claimed)
         else:
             self._dispatch(claimed, None, None)
         return True

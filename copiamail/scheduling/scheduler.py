@@ -138,12 +138,13 @@ class Scheduler:
         self._router = Router(config, password, read_password(config, "retry_relay"), clock=clock,
                               on_learned=self._connections.learned_host, on_routed=self._routed,
                               on_unpaused=self._unpaused, shared=shared)
+        chooser = Chooser(config, self._connections, self._router, self._shaping, self.limiter)
         self._scanner = Scanner(config, spool, node, self._waiting, self._halted, self._dispatch, worker=worker,
-                                workers=workers, owners=owners, clock=clock, held_until=self._shaping.job_held_until)
+                                workers=workers, owners=owners, clock=clock, held_until=self._shaping.job_held_until,
+                                rides_at_once=chooser.rides_at_once, hand_back=self._results.hand_back)
         attempts = Attempts(config, spool, node, self._router, worker, clock, self._connections.greeted_sharing,
                             self._shaping.adaptive, self._shaping.pacer, self._cluster, self._cap_raised)
-        next_jobs = NextJobs(Chooser(config, self._connections, self._router, self._shaping, self.limiter), spool,
-                             self._waiting, self._router, self._shaping, self._take, self._dispatch, clock)
+        next_jobs = NextJobs(chooser, spool, self._waiting, self._router, self._shaping, self._take, self._dispatch, clock)
         self._carrier = Carrier(attempts, self._results, next_jobs, self._connections, self._cluster,
                                 self._halted, lambda: self.stopping)
         self._handover = None if owners is None or workers < 2 else Handover(

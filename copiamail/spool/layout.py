@@ -96,3 +96,8 @@ class Claimed:
     @functools.cached_property
     def path(self) -> Path:
         return Path(self.file)
+
+    @property
+    def marked_sending(self) -> bool:
+        """Whether its name marks its SMTP transaction begun (``X.FS.SENDING``)."""
+        return self.file.endswith(f".{SENDING}")

@@ -36,7 +36,14 @@ from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
    record of outcome 66 and returns it to ``Q``; the third such interruption
    sends it to FAIL (outcome 67): a job that kills the node as it is sent
    must not kill it forever. Only this mark counts, so jobs that were merely
-   claimed when a node died never reach FAIL for it.
+   claimed when a node died never reach FAIL for it. A job whose transaction
+   starts at once, over an open connection already greeted that it is handed
+   to as it is claimed, is claimed straight under this name instead
+   (``rename(Q/X.FS, ACTIVE/N/Q/X.FS.SENDING)``, one rename for two): it is
+   never merely claimed. Only where the node's filter of held names rules
+   out a job of its name in ``ACTIVE/N/Q``; elsewhere it is claimed as above.
+   Should its file prove to have changed since it was read (a writer in
+   place), it is handed back at once and read again by a later scan.
 2b. **delivered**: right after the server's 250 a spare file is renamed to
    ``ACTIVE/N/Q/X.FS.SENT`` beside ``X.FS.SENDING`` (:meth:`Spool.mark_delivered`;
    one rename, no data written yet): the job's result file, whose name alone
@@ -124,7 +131,8 @@ from pathlib import Path
 
 from copiamail.errors import SpoolError
 from copiamail.jobfile.fsfile import CommandFile
-from copiamail.osutil import move_unless_taken, rename_noreplace
+from copiamail.osutil import rename_noreplace
+from copiamail.spool.claims import claim_rename, taken_beside
 from copiamail.spool.crashpoints import check_disk_space, crash_point
 from copiamail.spool.held import HeldNames, held_key
 from copiamail.spool.layout import (
@@ -146,36 +154,6 @@ from copiamail.spool.layout import (
     queue_number,
 )
 from copiamail.spool.results import DeliveredMark, ResultBatch, Spares, fill
-
-# The suffixes beside a claimed job's name that keep a job of the same name
-# from being claimed: its marks, and its results.
-_TAKEN_BY = (SENDING, DELIVERED, *RESULT_SUFFIXES)
-
-
-def _taken_beside(dest: str) -> bool:
-    """Whether a job named as the claimed ``dest`` is in its folder under
-    another of its names. In the order a job moves through them: a name
-    found absent cannot come back while the others are looked at. access(),
-    not exists(): a missing name (the usual answer) raises nothing."""
-    return any(os.access(f"{dest}.{suffix}", os.F_OK) for suffix in _TAKEN_BY)
-
-
-def _claim_rename(src: str, dest_dir: str, dest: str) -> bool:
-    """The claim's rename of ``src`` to ``dest`` (its folder made if missing);
-    False if the job is gone or the name taken."""
-    try:
-        move_unless_taken(src, dest)
-    except FileExistsError:
-        return False
-    except FileNotFoundError:
-        if not os.path.exists(src):
-            return False
-        os.makedirs(dest_dir, exist_ok=True)
-        try:
-            move_unless_taken(src, dest)
-        except (FileExistsError, FileNotFoundError):
-            return False
-    return True
 
 
 def _beside(file: str, name: str) -> str:
@@ -295,8 +273,12 @@ class Spool:
 
     # --- moves ---------------------------------------------------------------
 
-    def claim(self, job: QueuedJob, node: str) -> Claimed | None:
-        """Take a waiting job (state 1 to 2); None if another node took it first."""
+    def claim(self, job: QueuedJob, node: str, sending: bool = False) -> Claimed | None:
+        """Take a waiting job (state 1 to 2); None if another node took it first.
+        With ``sending`` (its transaction starts at once, over a connection
+        already greeted) it is claimed straight as sending (state 1 to 2a),
+        where the node's filter of held names rules out a job of its name in
+        ACTIVE; elsewhere it is claimed as any job, and marked later."""
         # Paths as strings on this path: pathlib costs more than the system calls.
         dest_dir = f"{self._root}/{ACTIVE}/{node}/{job.queue}"
         dest = f"{dest_dir}/{job.name}"
@@ -311,26 +293,32 @@ class Spool:
         held = self._held
         key = held_key(node, job.queue, job.name)
         maybe = held is None or held.may_hold(key)
-        if maybe and _taken_beside(dest):
+        # The checks below stand between a plain claim and a job of the same
+        # name marked sending meanwhile; a claim straight as sending would need
+        # them the other way round, so it is made only where none can be held.
+        marked = sending and not maybe
+        if marked:
+            dest = f"{dest}.{SENDING}"
+        if maybe and taken_beside(dest):
             return None
         if held is not None:
             held.count_in(key)  # before the rename: see spool/held.py
         taken = False
         try:
-            taken = _claim_rename(job.file, dest_dir, dest)
+            taken = claim_rename(job.file, dest_dir, dest)
         finally:
             if not taken and held is not None:
                 held.count_out(key)
         if not taken:
             return None
-        if maybe and _taken_beside(dest):
+        if maybe and taken_beside(dest):
             # The job of the name was marked sending between the look-up and
             # the rename (another worker's): this one goes back and waits.
             self.place(dest, f"{self._root}/{job.queue}", job.name)
             if held is not None:
                 held.count_out(key)
             return None
-        crash_point("claimed")
+        crash_point("sending" if marked else "claimed")
         return Claimed(node, job.queue, job.name, dest)
 
     def unchanged(self, claimed: Claimed, sig: tuple[int, int, int]) -> bool:
