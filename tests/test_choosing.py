@@ -64,6 +64,10 @@ def _not_greeted(conn: Connection) -> None:
     conn.session._link = None
 
 
+def _owes_an_rset(conn: Connection) -> None:
+    conn.session._reset_due = True  # its last message was refused
+
+
 def _carried_its_last(conn: Connection) -> None:
     conn.session.messages = conn.max_messages
 
@@ -74,6 +78,7 @@ def _keeps_a_rate(conn: Connection) -> None:
 
 @pytest.mark.parametrize("change", [
     pytest.param(_not_greeted, id="its session is not open: it would connect first"),
+    pytest.param(_owes_an_rset, id="its last message was refused: it sends RSET first"),
     pytest.param(_carried_its_last, id="it has carried its messages per connection: it would reopen first"),
     pytest.param(_keeps_a_rate, id="it keeps a message rate: it may wait first"),
 ])

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,10 @@ from copiamail.scheduling.scheduler import Scheduler
 from copiamail.scheduling.shaping import suspend_key
 from copiamail.scheduling.shared_slots import SharedSlots
 from copiamail.scheduling.waiting import WaitEntry
+from copiamail.spool.held import HeldNames
 from copiamail.spool.layout import QueuedJob
-from copiamail.spool.queue import Spool
+from copiamail.spool.queue import Claimed, Spool
+from tests.smtpserver import Rule, SMTPTestServer
 
 
 @pytest.fixture
@@ -231,3 +235,84 @@ def test_a_whole_scan_leaves_waiting_a_job_whose_pause_another_worker_still_hold
     started = _record_starts(scheduler, monkeypatch)
     asyncio.run(scheduler._scan())
     assert started == [] and scheduler._waiting.head(paused) is entry and scheduler._waiting.head(suspended) is entry
+
+
+# --- jobs claimed straight as sending (a real SMTP server, in-process) --------
+
+
+def _submit(spool: Spool, name: str, to: str) -> Path:
+    tmp = spool.root / "TOSEND" / (name[:-3] + ".TFS")
+    tmp.write_text(f'$email_address {to}\n$email_subject s\n$email_text "hi"\n', encoding="utf-8")
+    dest = spool.root / "TOSEND" / name
+    os.rename(tmp, dest)
+    return dest
+
+
+def _second_job_over_one_connection(tmp_path: Path, first_to: str, rules: list[Rule],
+                                    watch: Callable[[Spool, SMTPTestServer], None] = lambda spool, srv: None,
+                                    ) -> tuple[list[Claimed], SMTPTestServer]:
+    """A.FS to ``first_to`` and, once it is done, B.FS to good@x.test, with
+    the first connection kept open; every claim made, in order. ``watch`` is
+    called every 10 ms until B.FS is in SENT."""
+    with SMTPTestServer(rules=rules) as srv:
+        config = Config(spool=tmp_path / "spool", relay=RelayConfig(srv.host, srv.port), connection_idle=20.0,
+                        fsync=False, write_settle=0.0, scan_interval=60.0)
+        spool = Spool(config.spool, config.queues, False)
+        spool.ensure()
+        spool.use_held_names(HeldNames.create(1).for_process(0))
+        claims: list[Claimed] = []
+        claim = spool.claim
+
+        def recorded(job: QueuedJob, node: str, sending: bool = False) -> Claimed | None:
+            claimed = claim(job, node, sending)
+            if claimed is not None:
+                claims.append(claimed)
+            return claimed
+
+        spool.claim = recorded  # type: ignore[method-assign]
+        scheduler = Scheduler(config, spool, "N1")
+
+        async def until(path: Path, each: Callable[[], None] = lambda: None) -> None:
+            deadline = time.monotonic() + 10
+            while not path.exists():
+                assert time.monotonic() < deadline, f"{path} never came"
+                each()
+                await asyncio.sleep(0.01)
+
+        async def go() -> None:
+            run = asyncio.get_running_loop().create_task(scheduler.run())
+            scheduler.hint(_submit(spool, "A.FS", first_to))
+            await until(spool.root / ("FAIL" if first_to.startswith("bad") else "SENT") / "A.FS")
+            await asyncio.sleep(0.1)
+            scheduler.hint(_submit(spool, "B.FS", "good@x.test"))
+            await until(spool.root / "SENT" / "B.FS", lambda: watch(spool, srv))
+            scheduler.request_stop()
+            await run
+
+        asyncio.run(go())
+    return claims, srv
+
+
+def test_a_job_that_rides_an_idle_greeted_connection_is_claimed_straight_as_sending_and_sent_over_it(tmp_path):
+    claims, srv = _second_job_over_one_connection(tmp_path, "good@x.test", [])
+    assert [(c.name, c.marked_sending) for c in claims] == [("A.FS", False), ("B.FS", True)]
+    assert srv.connections_total == 1 and len(srv.messages) == 2
+
+
+def test_a_job_is_not_named_sending_while_its_idle_connection_still_owes_an_rset(tmp_path):
+    # After a refused message the connection sends RSET before the next MAIL
+    # FROM: a round trip (a reconnection, should RSET fail) in which the next
+    # job has not begun, and must not count as begun should the node die.
+    early: list[list[str]] = []
+
+    def watch(spool: Spool, srv: SMTPTestServer) -> None:
+        active = spool.root / "ACTIVE" / "N1" / "TOSEND"
+        if len(srv.message_starts) < 2:
+            early.append(sorted(os.listdir(active)) if active.exists() else [])
+
+    claims, srv = _second_job_over_one_connection(
+        tmp_path, "bad@x.test", [Rule(stage="RCPT", code=550, text="5.1.1 unknown", match="bad@x.test"),
+                                 Rule(stage="RSET", delay=1.0)], watch)
+    assert [(c.name, c.marked_sending) for c in claims] == [("A.FS", False), ("B.FS", False)]
+    assert early and not any("B.FS.SENDING" in names for names in early)
+    assert srv.connections_total == 1

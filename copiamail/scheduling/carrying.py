@@ -75,14 +75,16 @@ def _first_other(waiting: WaitingJobs, conn: Connection, can_use: Callable[[Job]
 
 class NextJobs:
     """Finds what connections carry next, and holds the ``chooser`` of where
-    a new job starts; ``config`` is theirs (replaced on a reload). ``take``
-    claims a waiting job (None: it cannot be now); ``dispatch`` decides
-    afresh for a claimed job that cannot ride."""
+    a new job starts; ``config`` is theirs (replaced on a reload).
+    ``take(entry, sending)`` claims a waiting job (None: it cannot be now;
+    ``sending``: straight as sending, where it can); ``dispatch`` decides
+    afresh for a claimed job that cannot ride; ``hand_back`` returns one
+    claimed as sending, unsent, to its folder."""
 
     def __init__(self, chooser: Chooser, spool: Spool, waiting: WaitingJobs, router: Router, shaping: Shaping,
-                 take: Callable[[WaitEntry], Claimed | None],
+                 take: Callable[[WaitEntry, bool], Claimed | None],
                  dispatch: Callable[[Claimed, CommandFile | None, Job | None], None],
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], hand_back: Callable[[Claimed], object]) -> None:
         self.chooser = chooser
         self._spool = spool
         self._waiting = waiting
@@ -91,6 +93,7 @@ class NextJobs:
         self._take = take
         self._dispatch = dispatch
         self._clock = clock
+        self._hand_back = hand_back
 
     @property
     def config(self) -> Config:
@@ -123,7 +126,7 @@ class NextJobs:
                 return None, True
             if conn.turn >= _TURN_MESSAGES and any(self.chooser.limiter.yields(l.key, l.cap) for l in conn.limits):
                 return None, True
-            item = self._claim_for(own, can_use)
+            item = self._claim_for(own, can_use, self.chooser.carries_at_once(conn))
             if item is not None:
                 self._waiting.served(conn.domain)
                 conn.turn += 1
@@ -141,13 +144,20 @@ class NextJobs:
             return None
         return self.next_for(conn)[0]
 
-    def _claim_for(self, entry: WaitEntry, can_use: Callable[[Job], bool]) -> Item | None:
-        """Claim a waiting job to ride on an open connection (``can_use``); None if it cannot."""
-        claimed = self._take(entry)
+    def _claim_for(self, entry: WaitEntry, can_use: Callable[[Job], bool], at_once: bool) -> Item | None:
+        """Claim a waiting job to ride on an open connection (``can_use``),
+        straight as sending when the connection starts it ``at_once``; None if
+        it cannot."""
+        claimed = self._take(entry, at_once)
         if claimed is None:
             return None
         cf, job = read_claimed(self._spool, self.config, claimed)
         if cf is None or job is None or not as_planned(job, entry.job, self._clock()) or not can_use(job):
-            self._dispatch(claimed, cf, job)
+            if claimed.marked_sending:
+                # Its file changed while it waited: only claimed after all, it
+                # must not count as sending. It goes back; a scan reads it again.
+                self._hand_back(claimed)
+            else:
+                self._dispatch(claimed, cf, job)
             return None
         return Item(claimed, cf, job)

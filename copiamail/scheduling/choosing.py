@@ -60,11 +60,17 @@ class Chooser:
         self._shaping = shaping
         self.limiter = limiter
 
+    def carries_at_once(self, conn: Connection) -> bool:
+        """Whether a job handed to ``conn`` now starts its transaction at once:
+        its session is greeted and owes no RSET, and it neither reopens first
+        (at its messages per connection) nor waits for a message rate, kept
+        or learned (the spool may then claim the job straight as sending)."""
+        return (conn.session.starts_at_once and not conn.paces and conn.session.messages < conn.max_messages
+                and (self._shaping.adaptive is None or adaptive_limit(conn.limits) is None))
+
     def rides_at_once(self, job: Job) -> bool:
-        """Whether ``job``, dispatched now, would ride an idle connection whose
-        session is greeted and carries it without reopening or waiting for a
-        message rate, kept or learned: then its transaction starts in this
-        turn of the event loop (the spool may claim it straight as sending)."""
+        """Whether ``job``, dispatched now, would ride an idle connection that
+        :meth:`carries_at_once` it."""
         targets = self._router.targets(job)
         if targets is None:
             return False
@@ -72,9 +78,7 @@ class Chooser:
             conn = self._connections.idle_for(job, bindings_of(self.config, job), targets)
         except JobError:
             return False
-        return (conn is not None and conn.session.greeted and not conn.paces
-                and conn.session.messages < conn.max_messages
-                and (self._shaping.adaptive is None or adaptive_limit(conn.limits) is None))
+        return conn is not None and self.carries_at_once(conn)
 
     def choose(self, job: Job, targets: list[Target]) -> Start | Blocked:
         """Where ``job`` starts among ``targets`` (in order), or what blocks

@@ -144,8 +144,8 @@ class Scheduler:
                                 rides_at_once=chooser.rides_at_once, hand_back=self._results.hand_back)
         attempts = Attempts(config, spool, node, self._router, worker, clock, self._connections.greeted_sharing,
                             self._shaping.adaptive, self._shaping.pacer, self._cluster, self._cap_raised)
-        next_jobs = NextJobs(chooser, spool, self._waiting, self._router, self._shaping, self._take, self._dispatch, clock)
-        self._carrier = Carrier(attempts, self._results, next_jobs, self._connections, self._cluster,
+        self._carrier = Carrier(attempts, self._results, NextJobs(chooser, spool, self._waiting, self._router, self._shaping,
+                                self._take, self._dispatch, clock, self._results.hand_back), self._connections, self._cluster,
                                 self._halted, lambda: self.stopping)
         self._handover = None if owners is None or workers < 2 else Handover(
             owners, worker, self._connections, self._waiting, self._router, self._shaping, self._scanner)
@@ -407,15 +407,15 @@ class Scheduler:
 
     # --- offers: freed slots to waiting jobs ---------------------------------
 
-    def _take(self, entry: WaitEntry) -> Claimed | None:
-        """Claim a waiting job; it stops waiting either way. A file being written
-        in place, or held, is not claimed: a scan looks at it again later."""
+    def _take(self, entry: WaitEntry, sending: bool = False) -> Claimed | None:
+        """Claim a waiting job (``sending``: straight as sending, where it can); it stops waiting either way.
+        A file being written in place, or held, is not claimed: a scan looks at it again later."""
         self._waiting.take(entry)
         w = entry.waiting
         if (not self._scanner.mine(entry.job.domain) or not self._scanner.complete(w.file)
                 or self._shaping.held_by_operator(w.queue, w.name, entry.job.domain)):
             return None
-        return self.spool.claim(w, self.node)
+        return self.spool.claim(w, self.node, sending)
 
     def _offer(self, keys: list[str], fill: bool = False) -> None:
         """Slots of ``keys`` freed: offer them to waiting jobs, the first by

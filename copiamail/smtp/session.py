@@ -196,6 +196,12 @@ class SmtpSession:
         """Whether the connection is open and past its greeting and EHLO."""
         return self._link is not None and self._link.usable
 
+    @property
+    def starts_at_once(self) -> bool:
+        """Whether the next transaction's MAIL FROM goes out without a round
+        trip first: the connection is greeted and owes no RSET."""
+        return self.greeted and not self._reset_due
+
     async def _open(self) -> Link:
         s = self.settings
         smtp = aiosmtplib.SMTP(

@@ -7,8 +7,9 @@ process starts: unset (always, outside tests) a point costs one comparison.
 The points:
 
 ``claimed``                 a job was just renamed into ACTIVE (state 2)
-``sending``                 a job was just marked as sending: its connection is
-                            greeted, its SMTP transaction starts next (state 2a)
+``sending``                 a job was just marked as sending, or claimed straight
+                            as sending: its connection is greeted, its SMTP
+                            transaction starts next (state 2a)
 ``delivered``               the server accepted the message and the job was just
                             marked delivered: its result file named beside it,
                             nothing written into it yet (state 2b)

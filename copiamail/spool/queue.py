@@ -36,14 +36,20 @@ from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
    record of outcome 66 and returns it to ``Q``; the third such interruption
    sends it to FAIL (outcome 67): a job that kills the node as it is sent
    must not kill it forever. Only this mark counts, so jobs that were merely
-   claimed when a node died never reach FAIL for it. A job whose transaction
-   starts at once, over an open connection already greeted that it is handed
-   to as it is claimed, is claimed straight under this name instead
-   (``rename(Q/X.FS, ACTIVE/N/Q/X.FS.SENDING)``, one rename for two): it is
-   never merely claimed. Only where the node's filter of held names rules
-   out a job of its name in ``ACTIVE/N/Q``; elsewhere it is claimed as above.
-   Should its file prove to have changed since it was read (a writer in
-   place), it is handed back at once and read again by a later scan.
+   claimed when a node died never reach FAIL for it. A job handed, as it is
+   claimed, to an open connection that starts it at once (greeted, owing no
+   RSET, neither reopening nor waiting for a message rate first) is claimed
+   straight under this name instead (``rename(Q/X.FS,
+   ACTIVE/N/Q/X.FS.SENDING)``, one rename for two). Only where the node's
+   filter of held names rules out a job of its name in ``ACTIVE/N/Q``;
+   elsewhere it is claimed as above. Should its file prove to have changed
+   since it was read (a writer in place), it is handed back at once and read
+   again by a later scan. What lies between such a claim and its MAIL FROM
+   is building the message and the connection's next turn of the event
+   loop; a crash there counts as one in its transaction. (So would one in
+   the rare cases where the connection is lost in that turn and reopened,
+   or where the job's route expires in the microseconds between the choice
+   and the claim and is looked up again.)
 2b. **delivered**: right after the server's 250 a spare file is renamed to
    ``ACTIVE/N/Q/X.FS.SENT`` beside ``X.FS.SENDING`` (:meth:`Spool.mark_delivered`;
    one rename, no data written yet): the job's result file, whose name alone
