@@ -94,3 +94,12 @@ def test_a_waiting_job_only_claimed_whose_file_changed_is_decided_afresh(tmp_pat
     (rig.spool.folder("TOSEND") / "W.FS").write_bytes(b"$email_address other@a.test\n$email_text hi\n")
     item, _ = rig.next_jobs.next_for(rig.conn)
     assert item is None and rig.handed_back == [] and [c.name for c in rig.dispatched] == ["W.FS"]
+
+
+def test_a_job_sent_behind_the_message_in_flight_is_claimed_as_any_job(tmp_path):
+    # The message ahead may yet be refused, and the connection then owe an
+    # RSET before this one's MAIL FROM: it is marked when its turn comes.
+    rig = Rig(tmp_path)
+    rig.conn.session.can_send_behind = lambda: True  # type: ignore[method-assign]
+    item = rig.next_jobs.behind(rig.conn)
+    assert item is not None and not item.claimed.marked_sending and rig.active() == ["W.FS"]

@@ -103,11 +103,12 @@ class NextJobs:
     def config(self, config: Config) -> None:
         self.chooser.config = config
 
-    def next_for(self, conn: Connection) -> tuple[Item | None, bool]:
+    def next_for(self, conn: Connection, as_sending: bool = True) -> tuple[Item | None, bool]:
         """What a connection does after a message: ``(item, False)`` carry the
-        next waiting job of its domain; ``(None, True)`` close, because a job of
-        another domain that waits on a slot it holds comes first; ``(None,
-        False)`` nothing waits for it."""
+        next waiting job of its domain (claimed straight as sending where
+        ``as_sending`` and the connection starts it at once); ``(None, True)``
+        close, because a job of another domain that waits on a slot it holds
+        comes first; ``(None, False)`` nothing waits for it."""
         if ((not conn.session.greeted and self._router.paused(conn.target) is not None)
                 or self._shaping.held(conn.limits) is not None or conn.retiring):
             return None, True  # its host refused it, or asked for a rest: reopened, it would be refused again
@@ -126,7 +127,7 @@ class NextJobs:
                 return None, True
             if conn.turn >= _TURN_MESSAGES and any(self.chooser.limiter.yields(l.key, l.cap) for l in conn.limits):
                 return None, True
-            item = self._claim_for(own, can_use, self.chooser.carries_at_once(conn))
+            item = self._claim_for(own, can_use, as_sending and self.chooser.carries_at_once(conn))
             if item is not None:
                 self._waiting.served(conn.domain)
                 conn.turn += 1
@@ -138,11 +139,13 @@ class NextJobs:
         :meth:`~copiamail.smtp.session.SmtpSession.can_send_behind`); None if
         none may. Never where the connection keeps a message rate or learns
         its limit (each message must start at its own time, and be judged on
-        its own reply), nor past its messages per connection."""
+        its own reply), nor past its messages per connection. Claimed as any
+        job, and marked when its turn comes: the message ahead may yet be
+        refused, and the connection owe an RSET first."""
         if (conn.paces or conn.session.messages + 2 > conn.max_messages or not conn.session.can_send_behind()
                 or (self._shaping.adaptive is not None and adaptive_limit(conn.limits) is not None)):
             return None
-        return self.next_for(conn)[0]
+        return self.next_for(conn, as_sending=False)[0]
 
     def _claim_for(self, entry: WaitEntry, can_use: Callable[[Job], bool], at_once: bool) -> Item | None:
         """Claim a waiting job to ride on an open connection (``can_use``),

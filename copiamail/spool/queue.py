@@ -38,7 +38,8 @@ from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
    must not kill it forever. Only this mark counts, so jobs that were merely
    claimed when a node died never reach FAIL for it. A job handed, as it is
    claimed, to an open connection that starts it at once (greeted, owing no
-   RSET, neither reopening nor waiting for a message rate first) is claimed
+   RSET, neither reopening nor waiting for a message rate first; not behind
+   a message in flight, which may yet be refused) is claimed
    straight under this name instead (``rename(Q/X.FS,
    ACTIVE/N/Q/X.FS.SENDING)``, one rename for two). Only where the node's
    filter of held names rules out a job of its name in ``ACTIVE/N/Q``;
