@@ -188,8 +188,8 @@ def _rig(tmp_path: Path):
     claimed: list[str] = []
     claim = spool.claim
 
-    def recording_claim(job, node):
-        got = claim(job, node)
+    def recording_claim(job, node, sending=False):
+        got = claim(job, node, sending)
         if got is not None:
             claimed.append(job.name)
         return got
