@@ -129,7 +129,7 @@ def test_a_claim_that_raises_after_the_slots_were_taken_gives_them_back(tmp_path
 
     async def go() -> None:
         try:
-            scheduler._offer(["server"])
+            scheduler._offers.offer(["server"])
         except OSError:
             pass
 
@@ -169,7 +169,7 @@ def test_the_end_of_a_pause_that_another_worker_lengthened_offers_its_jobs_later
         scheduler._router.refused(relay)
         with table.locked():
             table.pause(key, time.monotonic() + 0.6, time.monotonic())  # another worker's later refusal
-        scheduler._unpaused(key)  # as a timer that fired at the worker's own end would
+        scheduler._offers.unpaused(key)  # as a timer that fired at the worker's own end would
         await asyncio.sleep(0.3)
 
     old = signal.signal(signal.SIGALRM, stuck)
@@ -184,7 +184,7 @@ def test_the_end_of_a_pause_that_another_worker_lengthened_offers_its_jobs_later
 
 def _record_starts(scheduler: Scheduler, monkeypatch) -> list[str]:
     started: list[str] = []
-    monkeypatch.setattr(scheduler, "_start", lambda choice, item: started.append(item.claimed.name))
+    monkeypatch.setattr(scheduler._offers, "_start", lambda choice, item: started.append(item.claimed.name))
     return started
 
 

@@ -13,8 +13,8 @@ is claimed and then either
   and remembered as *waiting* on the limits that were full.
 
 A waiting job is not taken up by later scans. It is offered a slot when one
-frees (:mod:`.waiting` says which job gets it: folder priority, then
-round-robin across domains, then name). A connection that finishes a message
+frees (:mod:`.offering`; :mod:`.waiting` says which job gets it: folder
+priority, then round-robin across domains, then name). A connection that finishes a message
 carries the next waiting job of its domain unless a job of another domain that
 waits on one of its slots comes first; then it closes and its slots go there.
 So a job is deferred about once per wait, one domain cannot starve another,
@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from copiamail.config import Config, read_password
@@ -42,7 +42,7 @@ from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job, parse_job
 from copiamail.scheduling.attempts import Attempts
 from copiamail.scheduling.carrier import Carrier, Ending
-from copiamail.scheduling.carrying import NextJobs, as_planned, read_claimed
+from copiamail.scheduling.carrying import NextJobs
 from copiamail.scheduling.choosing import Blocked, Chooser, Start
 from copiamail.scheduling.cluster import ClusterLimiter, cluster_limiter
 from copiamail.scheduling.connections import Connection, Connections, starttls_for
@@ -50,6 +50,7 @@ from copiamail.scheduling.domain_owners import DomainOwners
 from copiamail.scheduling.handover import Handover
 from copiamail.scheduling.limiter import Limiter, LocalLimiter
 from copiamail.scheduling.limits import is_cluster_key
+from copiamail.scheduling.offering import Offers
 from copiamail.scheduling.publishing import publish_live_state
 from copiamail.scheduling.results import ResultWriter, Stats
 from copiamail.scheduling.routing import Item, Router
@@ -96,9 +97,11 @@ async def _wait_for_wake(wake: asyncio.Event, timeout: float, sleep_on: Callable
 class Scheduler:
     """One node's scheduling loop over one spool (or one worker's part of it).
     It chooses a binding and limits for each job, starts, reuses and closes
-    connections, defers jobs and offers freed slots to them, and shuts down;
-    finding due jobs, routes, attempts, results and counting slots are the
-    parts' (:mod:`copiamail.scheduling`)."""
+    connections, defers jobs, and shuts down; finding due jobs, offering freed
+    slots, routes, attempts, results and counting slots are the parts'
+    (:mod:`copiamail.scheduling`)."""
+
+    _wake: asyncio.Event | None = None  # while run() runs: set to wake its loop
 
     def __init__(
         self,
@@ -127,8 +130,7 @@ class Scheduler:
         if limiter is None and config.cluster is not None:
             limiter = cluster_limiter(config.cluster, read_password(config, "cluster"), node, worker, shared)
         self.limiter: Limiter = limiter if limiter is not None else LocalLimiter(shared, worker)
-        self._wake: asyncio.Event | None = None
-        self._shaping = Shaping(config, spool, node, worker, workers, self._unpaused, clock)
+        self._shaping = Shaping(config, spool, node, worker, workers, lambda key: self._offers.unpaused(key), clock)
         self._waiting = WaitingJobs()
         self._results = ResultWriter(spool, node, on_event)
         # Once, at start: machine_helo_name() may ask DNS (an EHLO name is an
@@ -137,15 +139,19 @@ class Scheduler:
                                         config.helo_name or machine_helo_name(), config.smtp_chunking)
         self._router = Router(config, password, read_password(config, "retry_relay"), clock=clock,
                               on_learned=self._connections.learned_host, on_routed=self._routed,
-                              on_unpaused=self._unpaused, shared=shared)
+                              on_unpaused=lambda key: self._offers.unpaused(key), shared=shared)
         chooser = Chooser(config, self._connections, self._router, self._shaping, self.limiter)
         self._scanner = Scanner(config, spool, node, self._waiting, self._halted, self._dispatch, worker=worker,
                                 workers=workers, owners=owners, clock=clock, held_until=self._shaping.job_held_until,
                                 rides_at_once=chooser.rides_at_once, hand_back=self._results.hand_back)
         attempts = Attempts(config, spool, node, self._router, worker, clock, self._connections.greeted_sharing,
-                            self._shaping.adaptive, self._shaping.pacer, self._cluster, self._cap_raised)
-        self._carrier = Carrier(attempts, self._results, NextJobs(chooser, spool, self._waiting, self._router, self._shaping,
-                                self._take, self._dispatch, clock, self._results.hand_back), self._connections, self._cluster,
+                            self._shaping.adaptive, self._shaping.pacer, self._cluster,
+                            lambda key, cap: self._offers.cap_raised(key, cap))
+        self._offers = Offers(spool, node, self._waiting, self.limiter, self._results, self._router, chooser, self._scanner,
+                              self._shaping, self._connections, self._start, self._dispatch, lambda: self.stopping, clock)
+        next_jobs = NextJobs(chooser, spool, self._waiting, self._router, self._shaping, self._offers.take, self._dispatch,
+                             clock, self._results.hand_back)
+        self._carrier = Carrier(attempts, self._results, next_jobs, self._connections, self._cluster,
                                 self._halted, lambda: self.stopping)
         self._handover = None if owners is None or workers < 2 else Handover(
             owners, worker, self._connections, self._waiting, self._router, self._shaping, self._scanner)
@@ -190,7 +196,7 @@ class Scheduler:
         self._scanner.reconfigure(config)
         self._carrier.next_jobs.config = config
         self._carrier.attempts = dataclasses.replace(self._carrier.attempts, config=config)
-        self._offer(self._waiting.keys(), fill=True)  # under the new caps: a raised one starts jobs now
+        self._offers.offer(self._waiting.keys(), fill=True)  # under the new caps: a raised one starts jobs now
         self.wake()
 
     def request_stop(self) -> None:
@@ -216,11 +222,11 @@ class Scheduler:
             self._connections, lambda: self.stats, self._carrier.attempts.transactions, self.clock))
         cluster, limiter = self._cluster, self.limiter
         leases = None if cluster is None else loop.create_task(cluster.run(
-            self._waiting.waited_on, lambda: self._room_elsewhere(
+            self._waiting.waited_on, lambda: self._offers.room_elsewhere(
                 cluster.cluster_wanted_elsewhere, [k for k in self._waiting.waited_on() if is_cluster_key(k)]),
             self._connections.lease_lost))
         shared = None if not isinstance(limiter, LocalLimiter) else loop.create_task(limiter.watch_shared(
-            self._waiting.waits_on, lambda: self._room_elsewhere(limiter.wanted_elsewhere, limiter.waited_in_table),
+            self._waiting.waits_on, lambda: self._offers.room_elsewhere(limiter.wanted_elsewhere, limiter.waited_in_table),
             self._connections.greeted_by_shared_key))
         handover = self._handover
         giving = None if handover is None or not drain else loop.create_task(handover.watch(self.wake))
@@ -308,10 +314,8 @@ class Scheduler:
         # The safety net for a lost wake-up: drop waiting jobs whose file is
         # gone, and offer any key that has room.
         self._waiting.drop_missing(seen)
-        self._offer(self._waiting.keys_with_room(self.limiter.in_use))
-        waited = self._waiting.waited_on()
-        for key in self._router.ended_pauses(waited) + self._shaping.ended_suspensions(waited):
-            self._unpaused(key)
+        self._offers.offer(self._waiting.keys_with_room(self.limiter.in_use))
+        self._offers.ended(self._waiting.waited_on())
         if results.parked:
             results.finish_parked()
         return found
@@ -401,107 +405,10 @@ class Scheduler:
         keys = [l.key for l in blocked.limits]
         free = [k for k in keys if self.limiter.in_use(k) < self._waiting.cap(k)]
         if free or self._connections.idle_of(item.job.domain):
-            self._offer(free or keys)
-        for key in self._router.ended_pauses(keys) + self._shaping.ended_suspensions(keys):
-            self._unpaused(key)
+            self._offers.offer(free or keys)
+        self._offers.ended(keys)
 
     # --- offers: freed slots to waiting jobs ---------------------------------
-
-    def _take(self, entry: WaitEntry, sending: bool = False) -> Claimed | None:
-        """Claim a waiting job (``sending``: straight as sending, where it can); it stops waiting either way.
-        A file being written in place, or held, is not claimed: a scan looks at it again later."""
-        self._waiting.take(entry)
-        w = entry.waiting
-        if (not self._scanner.mine(entry.job.domain) or not self._scanner.complete(w.file)
-                or self._shaping.held_by_operator(w.queue, w.name, entry.job.domain)):
-            return None
-        return self.spool.claim(w, self.node, sending)
-
-    def _offer(self, keys: list[str], fill: bool = False) -> None:
-        """Slots of ``keys`` freed: offer them to waiting jobs, the first by
-        :meth:`WaitingJobs.rank` first (none while results are owed, nor a
-        shared key this worker holds its half of while other workers' jobs
-        wait on it); with ``fill`` (caps changed), each key again while it has room."""
-        if self._results.paused:
-            return
-        pending = set(keys)
-        while pending:
-            heads = [(self._waiting.rank(h), k) for k in pending
-                     if not self.limiter.leaves(k, self._waiting.cap(k)) and (h := self._waiting.head(k)) is not None]
-            if not heads:
-                return
-            _, key = min(heads)
-            pending.discard(key)
-            before = self.limiter.in_use(key)
-            self._offer_key(key)
-            if fill and self.limiter.in_use(key) > before:
-                pending.add(key)
-
-    def _unpaused(self, key: str) -> None:
-        """A host's refusal pause, or a key's suspension, is over: offer it to every job that waited on it (their one offer)."""
-        if self._results.paused and not self.stopping:  # results owed: no job is taken now; ask again later
-            asyncio.get_running_loop().call_later(1.0, self._unpaused, key)
-            return
-        while not self.stopping and (head := self._waiting.head(key)) is not None:
-            self._offer_key(key)  # each call starts, claims or moves on at least one job ...
-            if self._waiting.head(key) is head:
-                break  # ... or it waits on the key again: the pause goes on, and its end offers it
-
-    def _room_elsewhere(self, wanted: Collection[str], waited: Iterable[str]) -> None:
-        """Redis was read, or the workers' table changed: idle connections holding a slot of ``wanted`` (keys
-        other nodes' or workers' jobs wait on) close; keys of ``waited`` (jobs here wait on) with room are offered."""
-        for key in wanted:
-            self._connections.close_one_holding(key)
-        self._offer([k for k in waited if self.limiter.in_use(k) < self._waiting.cap(k)], fill=True)
-
-    def _cap_raised(self, key: str, cap: int) -> None:
-        """An adaptive key's learned cap rose to ``cap``: its waiting jobs may start."""
-        self._waiting.set_cap(key, cap)
-        self._offer([key])
-
-    def _offer_key(self, key: str) -> None:
-        """A slot of ``key`` freed: offer it to the first waiting job that can use it."""
-        passed_over: set[str] = set()
-        while (entry := self._waiting.pop_head(key, passed_over)) is not None:
-            targets = self._router.targets(entry.job, fresh=False)
-            choice: Start | Blocked | None = None
-            if targets is not None:
-                try:
-                    choice = self._carrier.next_jobs.chooser.choose(entry.job, targets)
-                except JobError:
-                    choice = None  # claimed below; _dispatch fails it with the reason
-            if isinstance(choice, Blocked):
-                for limit in choice.limits:
-                    self._waiting.wait_on(entry, limit.key, limit.cap)
-                if self.limiter.in_use(key) >= self._waiting.cap(key):
-                    return  # the slot is taken again
-                # The slot is free but not for this job (the reserve, or another
-                # of its limits): it goes to the next domain's job instead.
-                passed_over.add(entry.job.domain)
-                continue
-            claimed = None
-            try:
-                claimed = self._take(entry)
-            finally:  # not claimed, even by an error: its slots go back (else the cap shrinks)
-                if claimed is None and choice is not None and choice.reuse is None:
-                    self.limiter.release(choice.limits)
-            if claimed is None:
-                continue
-            if choice is None:
-                self._dispatch(claimed)
-            else:
-                self._start_claimed(choice, claimed, entry.job)
-            return
-
-    def _start_claimed(self, choice: Start, claimed: Claimed, planned: Job) -> None:
-        cf, job = read_claimed(self.spool, self.config, claimed)
-        if cf is None or job is None or not as_planned(job, planned, self.clock()):
-            # Unreadable, or its file changed while it waited: decide afresh.
-            if choice.reuse is None:
-                self.limiter.release(choice.limits)
-            self._dispatch(claimed, cf, job)
-            return
-        self._start(choice, Item(claimed, cf, job))
 
     # --- connections ---------------------------------------------------------
 
@@ -524,7 +431,7 @@ class Scheduler:
                 else:
                     self._route(elsewhere, after_lookup=True)
             if not self.stopping:
-                self._offer([l.key for l in conn.limits])
+                self._offers.offer([l.key for l in conn.limits])
             if self._handover is not None:
                 self._handover.closed(conn.domain)
             self.wake()
