@@ -408,8 +408,6 @@ class Scheduler:
             self._offers.offer(free or keys)
         self._offers.ended(keys)
 
-    # --- offers: freed slots to waiting jobs ---------------------------------
-
     # --- connections ---------------------------------------------------------
 
     async def _run_connection(self, conn: Connection, item: Item | None) -> None:
