@@ -15,7 +15,6 @@ from copiamail.jobfile.fsfile import CommandFile
 from copiamail.jobfile.job import Job, parse_job
 from copiamail.scheduling.choosing import Chooser, bindings_of
 from copiamail.scheduling.connections import Connection, starttls_for
-from copiamail.scheduling.limits import adaptive_limit
 from copiamail.scheduling.routing import Item, Router
 from copiamail.scheduling.shaping import Shaping
 from copiamail.scheduling.waiting import WaitEntry, WaitingJobs
@@ -142,8 +141,7 @@ class NextJobs:
         its own reply), nor past its messages per connection. Claimed as any
         job, and marked when its turn comes: the message ahead may yet be
         refused, and the connection owe an RSET first."""
-        if (conn.paces or conn.session.messages + 2 > conn.max_messages or not conn.session.can_send_behind()
-                or (self._shaping.adaptive is not None and adaptive_limit(conn.limits) is not None)):
+        if self.chooser.paced(conn) or conn.session.messages + 2 > conn.max_messages or not conn.session.can_send_behind():
             return None
         return self.next_for(conn, as_sending=False)[0]
 

@@ -60,13 +60,18 @@ class Chooser:
         self._shaping = shaping
         self.limiter = limiter
 
+    def paced(self, conn: Connection) -> bool:
+        """Whether each message on ``conn`` starts at its own time: it keeps a
+        message rate, or its limit learns (a rate may be learned, and each
+        message is judged on its own reply)."""
+        return bool(conn.paces) or (self._shaping.adaptive is not None and adaptive_limit(conn.limits) is not None)
+
     def carries_at_once(self, conn: Connection) -> bool:
         """Whether a job handed to ``conn`` now starts its transaction at once:
         its session is greeted and owes no RSET, and it neither reopens first
-        (at its messages per connection) nor waits for a message rate, kept
-        or learned (the spool may then claim the job straight as sending)."""
-        return (conn.session.starts_at_once and not conn.paces and conn.session.messages < conn.max_messages
-                and (self._shaping.adaptive is None or adaptive_limit(conn.limits) is None))
+        (at its messages per connection) nor is :meth:`paced` (the spool may
+        then claim the job straight as sending)."""
+        return conn.session.starts_at_once and conn.session.messages < conn.max_messages and not self.paced(conn)
 
     def rides_at_once(self, job: Job) -> bool:
         """Whether ``job``, dispatched now, would ride an idle connection that

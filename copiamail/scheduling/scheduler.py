@@ -14,9 +14,10 @@ is claimed and then either
 
 A waiting job is not taken up by later scans. It is offered a slot when one
 frees (:mod:`.offering`; :mod:`.waiting` says which job gets it: folder
-priority, then round-robin across domains, then name). A connection that finishes a message
-carries the next waiting job of its domain unless a job of another domain that
-waits on one of its slots comes first; then it closes and its slots go there.
+priority, then round-robin across domains, then name). A connection that
+finishes a message carries the next waiting job of its domain unless a job of
+another domain that waits on one of its slots comes first; then it closes and
+its slots go there.
 So a job is deferred about once per wait, one domain cannot starve another,
 and nothing polls. A periodic scan still checks waiting jobs, so a lost
 wake-up costs one scan interval, not a stuck job.

@@ -431,7 +431,7 @@ class Spool:
         never handed back: one whose result file marks it so is renamed
         ``X.FS.DELIVERED`` instead (recovery finishes it to SENT), and
         FileExistsError says it stays."""
-        if claimed.file.endswith(f".{SENDING}") and os.access(delivered_mark(claimed.file), os.F_OK):
+        if claimed.marked_sending and os.access(delivered_mark(claimed.file), os.F_OK):
             delivered = _beside(claimed.file, f"{claimed.name}.{DELIVERED}")
             os.rename(claimed.file, delivered)
             raise FileExistsError(errno.EEXIST, "delivered: it stays for recovery to finish", delivered)
