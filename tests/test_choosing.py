@@ -48,7 +48,7 @@ def rides(change: Callable[[Connection], None] = lambda conn: None, domain: str 
         waiting = asyncio.ensure_future(connections.wait_idle(conn, 5, lambda it: None))
         await asyncio.sleep(0)
         try:
-            return chooser.rides_at_once(job(domain))
+            return chooser.rides_at_once(job(domain)) is conn
         finally:
             conn.handoff.set_result(None)  # type: ignore[union-attr]
             await waiting

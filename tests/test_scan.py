@@ -37,7 +37,7 @@ class Rig:
 
     def __init__(self, root: Path, write_settle: float = 5.0, worker: int = 0, workers: int = 1,
                  held_until: Callable[[Job, str], float | None] = lambda job, queue: None,
-                 owners: DomainOwners | None = None, rides_at_once: Callable[[Job], bool] = lambda job: False) -> None:
+                 owners: DomainOwners | None = None, rides_at_once: Callable[[Job], object | None] = lambda job: None) -> None:
         self.spool = Spool(root / "spool", 15, fsync=False)
         self.spool.ensure()
         self.spool.use_held_names(HeldNames.create(1).for_process(0))
@@ -48,6 +48,7 @@ class Rig:
         self.waiting: set[str] = set()
         self.halt = False
         self.dispatched: list[tuple[str, bool]] = []  # (job name, read on the way)
+        self.rides: list[object | None] = []  # the connection each dispatched job was chosen to ride
         self.clock = Clock(NOW)
         self.mono = Clock(100.0)
         self.scanner = Scanner(Config(spool=self.spool.root, write_settle=write_settle), self.spool, "N1", self.waiting,
@@ -55,8 +56,9 @@ class Rig:
                                clock=self.clock, monotonic=self.mono, held_until=held_until, rides_at_once=rides_at_once,
                                hand_back=lambda claimed: self.handed_back.append(self.spool.hand_back(claimed).name))
 
-    def _dispatched(self, claimed: Claimed, cf: CommandFile | None, job: Job | None) -> None:
+    def _dispatched(self, claimed: Claimed, cf: CommandFile | None, job: Job | None, ride: object | None) -> None:
         self.claims.append(claimed)
+        self.rides.append(ride)
         self.dispatched.append((claimed.name, cf is not None))
 
     def job(self, queue: str, name: str, to: str = "u@a.test", *lines: str) -> Path:
@@ -87,17 +89,19 @@ def test_due_jobs_are_claimed_in_queue_order_and_dispatched_with_what_was_read(t
     assert rig.full() == 0
 
 
-def test_a_job_that_rides_an_open_connection_at_once_is_claimed_straight_as_sending(tmp_path):
-    rig = Rig(tmp_path, rides_at_once=lambda job: job.domain == "ride.test")
+def test_a_job_that_rides_an_open_connection_at_once_is_claimed_straight_as_sending_and_dispatched_to_it(tmp_path):
+    conn = object()
+    rig = Rig(tmp_path, rides_at_once=lambda job: conn if job.domain == "ride.test" else None)
     rig.job("TOSEND", "A.FS", "u@ride.test")
     rig.job("TOSEND", "B.FS", "u@new.test")
     assert rig.full() == 2
     assert [(c.name, c.marked_sending) for c in rig.claims] == [("A.FS", True), ("B.FS", False)]
+    assert rig.rides == [conn, None]
     assert sorted(os.listdir(rig.spool.active_dir("N1") / "TOSEND")) == ["A.FS.SENDING", "B.FS"]
 
 
 def test_a_job_claimed_as_sending_whose_file_changed_since_it_was_read_goes_back_unsent(tmp_path, monkeypatch):
-    rig = Rig(tmp_path, rides_at_once=lambda job: True)
+    rig = Rig(tmp_path, rides_at_once=lambda job: object())
     rig.job("TOSEND", "A.FS")
     monkeypatch.setattr(rig.spool, "unchanged", lambda claimed, sig: False)
     assert rig.full() == 1
@@ -311,7 +315,7 @@ def test_a_long_scan_gives_the_event_loop_turns(tmp_path, jobs):
         return rig.mono.now
 
     rig.scanner = Scanner(Config(spool=rig.spool.root), rig.spool, "N1", rig.waiting, lambda: False,
-                          lambda claimed, cf, job: rig.dispatched.append((claimed.name, True)), clock=rig.clock, monotonic=tick)
+                          lambda claimed, cf, job, ride: rig.dispatched.append((claimed.name, True)), clock=rig.clock, monotonic=tick)
 
     async def go() -> int:
         def other_work() -> None:

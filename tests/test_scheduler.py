@@ -11,12 +11,13 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from copiamail.config import Config, RelayConfig
 from copiamail.jobfile.fsfile import CommandFile
-from copiamail.jobfile.job import parse_job
+from copiamail.jobfile.job import Job, parse_job
 from copiamail.scheduling.choosing import Blocked
 from copiamail.scheduling.limits import Limit
 from copiamail.scheduling.routing import Item, pause_key
@@ -250,10 +251,12 @@ def _submit(spool: Spool, name: str, to: str) -> Path:
 
 def _second_job_over_one_connection(tmp_path: Path, first_to: str, rules: list[Rule],
                                     watch: Callable[[Spool, SMTPTestServer], None] = lambda spool, srv: None,
+                                    prepare: Callable[[Scheduler], None] = lambda scheduler: None,
                                     ) -> tuple[list[Claimed], SMTPTestServer]:
     """A.FS to ``first_to`` and, once it is done, B.FS to good@x.test, with
     the first connection kept open; every claim made, in order. ``watch`` is
-    called every 10 ms until B.FS is in SENT."""
+    called every 10 ms until B.FS is in SENT; ``prepare`` before B.FS is
+    submitted."""
     with SMTPTestServer(rules=rules) as srv:
         config = Config(spool=tmp_path / "spool", relay=RelayConfig(srv.host, srv.port), connection_idle=20.0,
                         fsync=False, write_settle=0.0, scan_interval=60.0)
@@ -284,6 +287,7 @@ def _second_job_over_one_connection(tmp_path: Path, first_to: str, rules: list[R
             scheduler.hint(_submit(spool, "A.FS", first_to))
             await until(spool.root / ("FAIL" if first_to.startswith("bad") else "SENT") / "A.FS")
             await asyncio.sleep(0.1)
+            prepare(scheduler)
             scheduler.hint(_submit(spool, "B.FS", "good@x.test"))
             await until(spool.root / "SENT" / "B.FS", lambda: watch(spool, srv))
             scheduler.request_stop()
@@ -317,3 +321,24 @@ def test_a_job_is_not_named_sending_while_its_idle_connection_still_owes_an_rset
     assert any("B.FS" in names for names in early)  # the RSET's round trip was watched, B claimed
     assert not any("B.FS.SENDING" in names for names in early)
     assert srv.connections_total == 1
+
+
+def test_a_job_chosen_to_ride_an_idle_connection_starts_on_it_without_its_route_asked_again(tmp_path):
+    # Between the scan's choice and the start nothing may choose again: a
+    # route whose time to live ran out in between would send the job, already
+    # named sending, to a look-up (and a crash there would count an attempt).
+    asked: list[str] = []
+
+    def expire_after_one_look(scheduler: Scheduler) -> None:
+        targets = scheduler._router.targets
+
+        def once(job: Job, *args: Any, **kwargs: Any) -> Any:
+            asked.append(job.name)
+            return targets(job, *args, **kwargs) if asked.count(job.name) == 1 else None
+
+        scheduler._router.targets = once  # type: ignore[method-assign]
+
+    claims, srv = _second_job_over_one_connection(tmp_path, "good@x.test", [], prepare=expire_after_one_look)
+    assert [(c.name, c.marked_sending) for c in claims] == [("A.FS", False), ("B.FS", True)]
+    assert asked == ["B.FS"]
+    assert srv.connections_total == 1 and len(srv.messages) == 2

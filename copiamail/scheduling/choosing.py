@@ -73,17 +73,22 @@ class Chooser:
         then claim the job straight as sending)."""
         return conn.session.starts_at_once and conn.session.messages < conn.max_messages and not self.paced(conn)
 
-    def rides_at_once(self, job: Job) -> bool:
-        """Whether ``job``, dispatched now, would ride an idle connection that
-        :meth:`carries_at_once` it."""
+    def rides_at_once(self, job: Job) -> Connection | None:
+        """The idle connection ``job``, dispatched now, would ride (the one
+        :meth:`choose` reuses), where it :meth:`carries_at_once` it; else None."""
         targets = self._router.targets(job)
         if targets is None:
-            return False
+            return None
         try:
             conn = self._connections.idle_for(job, bindings_of(self.config, job), targets)
         except JobError:
-            return False
-        return conn is not None and self.carries_at_once(conn)
+            return None
+        return conn if conn is not None and self.carries_at_once(conn) else None
+
+    @staticmethod
+    def riding(conn: Connection) -> Start:
+        """The start of a job on ``conn``, an idle connection it may ride."""
+        return Start(conn.binding, conn.target, conn.limits, reuse=conn)
 
     def choose(self, job: Job, targets: list[Target]) -> Start | Blocked:
         """Where ``job`` starts among ``targets`` (in order), or what blocks
@@ -91,7 +96,7 @@ class Chooser:
         candidates = bindings_of(self.config, job)
         reuse = self._connections.idle_for(job, candidates, targets)
         if reuse is not None:
-            return Start(reuse.binding, reuse.target, reuse.limits, reuse=reuse)
+            return self.riding(reuse)
         blocked: dict[str, Limit] = {}
         by_load = sorted(candidates, key=lambda b: (self._connections.open_count(b), b.name if b else ""))
         reserve = self._connections.reserved(job.domain)

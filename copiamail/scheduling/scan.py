@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from copiamail.config import Config
 from copiamail.errors import JobError
@@ -39,6 +40,9 @@ from copiamail.jobfile.job import Job, parse_job, quick_domain
 from copiamail.scheduling.domain_owners import DomainOwners
 from copiamail.scheduling.limits import worker_of
 from copiamail.spool.queue import Claimed, QueuedJob, Spool, is_job_name
+
+if TYPE_CHECKING:
+    from copiamail.scheduling.connections import Connection
 
 log = logging.getLogger("copiamail")
 
@@ -67,8 +71,9 @@ class Scanner:
     """The scans of one scheduler (worker ``worker`` of ``workers`` of node
     ``node``). ``waiting``: the files of jobs that wait for a slot (left
     alone); ``halted()``: whether to stop taking jobs (the scan stops at once);
-    ``dispatch(claimed, cf, job)``: a job just claimed (its text and meaning
-    when read on the way, else None). ``clock``: the time jobs are due by;
+    ``dispatch(claimed, cf, job, ride)``: a job just claimed (its text and
+    meaning when read on the way, else None; ``ride``: the connection it
+    rides at once, or None). ``clock``: the time jobs are due by;
     ``monotonic``: the time files settle by and scans slice by."""
 
     def __init__(
@@ -78,7 +83,7 @@ class Scanner:
         node: str,
         waiting: Container[str],
         halted: Callable[[], bool],
-        dispatch: Callable[[Claimed, CommandFile | None, Job | None], None],
+        dispatch: Callable[[Claimed, CommandFile | None, Job | None, Connection | None], None],
         *,
         worker: int = 0,
         workers: int = 1,
@@ -86,16 +91,18 @@ class Scanner:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         held_until: Callable[[Job, str], float | None] = lambda job, queue: None,
-        rides_at_once: Callable[[Job], bool] = lambda job: False,
+        rides_at_once: Callable[[Job], Connection | None] = lambda job: None,
         hand_back: Callable[[Claimed], object] = lambda claimed: None,
     ) -> None:
         """``owners``: the node's table of which worker sends each domain
         (needed when ``workers`` > 1). ``held_until(job, queue)``: until when a
         due job stays in its folder unclaimed (an operator holds it, or its
-        destination is suspended), or None. ``rides_at_once(job)``: whether
-        its transaction would start as it is dispatched (it is then claimed
-        straight as sending); ``hand_back(claimed)`` returns such a job whose
-        file changed before the claim, unsent, to its folder."""
+        destination is suspended), or None. ``rides_at_once(job)``: the idle
+        connection on which its transaction would start as it is dispatched,
+        or None (it is then claimed straight as sending, and ``dispatch`` is
+        given that connection, so that the choice is not made twice);
+        ``hand_back(claimed)`` returns such a job whose file changed before
+        the claim, unsent, to its folder."""
         if workers > 1 and owners is None:
             raise ValueError("workers of one node need the table of domain owners")
         self._config = config
@@ -313,20 +320,21 @@ class Scanner:
         if (self._settling or unknown_recent) and not self._left_alone(w.file, peek.sig, peek.sig[1] / 1e9, now, unknown_recent):
             return False
         self._later.pop(w.file, None)
-        claimed = self._spool.claim(w, self._node, peek.job is not None and self._rides_at_once(peek.job))
+        ride = self._rides_at_once(peek.job) if peek.job is not None else None
+        claimed = self._spool.claim(w, self._node, ride is not None)
         if self._renamed:
             self._renamed.discard(w.file)
         if claimed is None:
             return False
         if peek.cf is not None and self._spool.unchanged(claimed, peek.sig):
-            self._dispatch(claimed, peek.cf, peek.job)
+            self._dispatch(claimed, peek.cf, peek.job, ride)
         elif claimed.marked_sending:
             # Its file changed between the read and the claim (a writer in
             # place): what it now says may not ride, and a job only claimed
             # must not count as sending. It goes back and is read again.
             self._hand_back(claimed)
         else:
-            self._dispatch(claimed, None, None)
+            self._dispatch(claimed, None, None, None)
         return True
 
     def start_full(self) -> None:

@@ -323,9 +323,11 @@ class Scheduler:
 
     # --- dispatch ------------------------------------------------------------
 
-    def _dispatch(self, claimed: Claimed, cf: CommandFile | None = None, job: Job | None = None) -> None:
+    def _dispatch(self, claimed: Claimed, cf: CommandFile | None = None, job: Job | None = None,
+                  ride: Connection | None = None) -> None:
         """Send, hand off, look up or defer a job this node has just claimed
-        (``cf`` and ``job``: its text and meaning, when already read)."""
+        (``cf`` and ``job``: its text and meaning, when already read; ``ride``:
+        the idle connection the scan chose for it, as it claimed it)."""
         if cf is None:
             try:
                 cf = self.spool.read(claimed)
@@ -341,6 +343,12 @@ class Scheduler:
             # Its file changed while it waited here: to another worker's
             # domain (that worker's limits count it), or to a later time.
             self._results.hand_back(claimed)
+            return
+        if ride is not None:
+            # Chosen a moment ago, with no turn of the event loop since: still
+            # idle. Not chosen again: a route that expired meanwhile would send
+            # a job claimed as sending to a look-up.
+            self._start(Chooser.riding(ride), Item(claimed, cf, job))
             return
         self._route(Item(claimed, cf, job))
 

@@ -48,9 +48,9 @@ from queue Q, and what a crash in each leaves behind (the qmail INTERNALS way):
    again by a later scan. What lies between such a claim and its MAIL FROM
    is building the message and the connection's next turn of the event
    loop; a crash there counts as one in its transaction. (So would one in
-   the rare cases where the connection is lost in that turn and reopened,
-   or where the job's route expires in the microseconds between the choice
-   and the claim and is looked up again.)
+   the rare case where the connection is lost in that turn and reopened.)
+   The connection chosen before the claim is the one the job is handed to:
+   nothing chooses again in between.
 2b. **delivered**: right after the server's 250 a spare file is renamed to
    ``ACTIVE/N/Q/X.FS.SENT`` beside ``X.FS.SENDING`` (:meth:`Spool.mark_delivered`;
    one rename, no data written yet): the job's result file, whose name alone
