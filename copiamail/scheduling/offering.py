@@ -132,8 +132,11 @@ class Offers:
                 passed_over.add(entry.job.domain)
                 continue
             claimed = None
+            # An idle connection of its domain that starts it at once: claimed
+            # straight as sending, as the scan does.
+            at_once = choice is not None and choice.reuse is not None and self._chooser.carries_at_once(choice.reuse)
             try:
-                claimed = self.take(entry)
+                claimed = self.take(entry, at_once)
             finally:  # not claimed, even by an error: its slots go back (else the cap shrinks)
                 if claimed is None and choice is not None and choice.reuse is None:
                     self._limiter.release(choice.limits)
@@ -151,6 +154,11 @@ class Offers:
             # Unreadable, or its file changed while it waited: decide afresh.
             if choice.reuse is None:
                 self._limiter.release(choice.limits)
-            self._dispatch(claimed, cf, job)
+            if claimed.marked_sending:
+                # Only claimed after all, it must not count as sending: it
+                # goes back, and a scan reads it again.
+                self._results.hand_back(claimed)
+            else:
+                self._dispatch(claimed, cf, job)
             return
         self._start(choice, Item(claimed, cf, job))
