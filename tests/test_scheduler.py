@@ -44,7 +44,7 @@ async def _turns(n: int = 5) -> None:
 def _waiting(scheduler: Scheduler, wake: asyncio.Event, open_connections: list[object],
              until_closed: bool) -> asyncio.Task[None]:
     scheduler._connections = open_connections  # type: ignore[assignment]  # only its length is asked
-    scheduler._wake = wake  # as run() sets it
+    scheduler._wake = wake
     scheduler._scanner.full_scan_due = False  # as after the run's first whole scan
     return asyncio.get_running_loop().create_task(scheduler._woken(wake, 30.0, until_closed))
 

@@ -102,8 +102,6 @@ class Scheduler:
     slots, routes, attempts, results and counting slots are the parts'
     (:mod:`copiamail.scheduling`)."""
 
-    _wake: asyncio.Event | None = None  # while run() runs: set to wake its loop
-
     def __init__(
         self,
         config: Config,
@@ -128,34 +126,41 @@ class Scheduler:
         self.node = node
         self.clock = clock
         self.stopping = False
+        self._wake = asyncio.Event()  # set to wake run()'s loop (each run makes its own)
         if limiter is None and config.cluster is not None:
             limiter = cluster_limiter(config.cluster, read_password(config, "cluster"), node, worker, shared)
-        self.limiter: Limiter = limiter if limiter is not None else LocalLimiter(shared, worker)
+        limiter = limiter if limiter is not None else LocalLimiter(shared, worker)
+        cluster = limiter if isinstance(limiter, ClusterLimiter) else None
         self._shaping = Shaping(config, spool, node, worker, workers, lambda key: self._offers.unpaused(key), clock)
         self._waiting = WaitingJobs()
         self._results = ResultWriter(spool, node, on_event)
         # Once, at start: machine_helo_name() may ask DNS (an EHLO name is an
         # FQDN, else each connection's address literal, never a bare host name).
-        self._connections = Connections(self._shaping.scopes, self.limiter, config.smtp_timeout,
+        self._connections = Connections(self._shaping.scopes, limiter, config.smtp_timeout,
                                         config.helo_name or machine_helo_name(), config.smtp_chunking)
         self._router = Router(config, password, read_password(config, "retry_relay"), clock=clock,
                               on_learned=self._connections.learned_host, on_routed=self._routed,
                               on_unpaused=lambda key: self._offers.unpaused(key), shared=shared)
-        chooser = Chooser(config, self._connections, self._router, self._shaping, self.limiter)
+        chooser = Chooser(config, self._connections, self._router, self._shaping, limiter)
         self._scanner = Scanner(config, spool, node, self._waiting, self._halted, self._dispatch, worker=worker,
                                 workers=workers, owners=owners, clock=clock, held_until=self._shaping.job_held_until,
                                 rides_at_once=chooser.rides_at_once, hand_back=self._results.hand_back)
         attempts = Attempts(config, spool, node, self._router, worker, clock, self._connections.greeted_sharing,
-                            self._shaping.adaptive, self._shaping.pacer, self._cluster,
+                            self._shaping.adaptive, self._shaping.pacer, cluster,
                             lambda key, cap: self._offers.cap_raised(key, cap))
-        self._offers = Offers(spool, node, self._waiting, self.limiter, self._results, self._router, chooser, self._scanner,
+        self._offers = Offers(spool, node, self._waiting, limiter, self._results, self._router, chooser, self._scanner,
                               self._shaping, self._connections, self._start, self._dispatch, lambda: self.stopping, clock)
         next_jobs = NextJobs(chooser, spool, self._waiting, self._router, self._shaping, self._offers.take, self._dispatch,
                              clock, self._results.hand_back)
-        self._carrier = Carrier(attempts, self._results, next_jobs, self._connections, self._cluster,
+        self._carrier = Carrier(attempts, self._results, next_jobs, self._connections, cluster,
                                 self._halted, lambda: self.stopping)
         self._handover = None if owners is None or workers < 2 else Handover(
             owners, worker, self._connections, self._waiting, self._router, self._shaping, self._scanner)
+
+    @property
+    def limiter(self) -> Limiter:
+        """What counts the slots of every limit (the chooser's, which takes them)."""
+        return self._carrier.next_jobs.chooser.limiter
 
     @property
     def _cluster(self) -> ClusterLimiter | None:
@@ -171,8 +176,7 @@ class Scheduler:
 
     def wake(self) -> None:
         """Look again at what can be done (a send ended, a lookup finished)."""
-        if self._wake is not None:
-            self._wake.set()
+        self._wake.set()
 
     def hint(self, path: str | Path, written: bool = False) -> None:
         """A file appeared or changed at ``path`` (from the watcher, via the
@@ -213,7 +217,7 @@ class Scheduler:
         The whole spool is scanned at start, every ``scan_interval`` and when a
         retry falls due; in between, only the files the watcher names are
         looked at, so the cost of a wake-up does not grow with the backlog."""
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # an event waits in one event loop only: this run's
         self._shaping.settle_suspects = not drain  # a drain sends everything due, and then it ends
         # A drain's last connection going idle is the moment to look whether it is done.
         self._connections.on_idle = self.wake if drain else None
