@@ -254,3 +254,41 @@ def test_without_a_shared_key_that_learns_a_worker_tells_nothing():
     conn = rig.open("a.test", relay())
     conn.session._link = SimpleNamespace(usable=True)
     assert rig.connections.greeted_by_shared_key() == {}
+
+
+def test_an_idle_connection_closes_at_its_own_time_though_an_earlier_idle_wait_had_a_later_one():
+    rig = Rig()
+
+    async def go() -> tuple[Item | None, Item | None, float]:
+        conn = rig.open("a.test", relay())
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(rig.connections.wait_idle(conn, 30, lambda item: None))
+        await asyncio.sleep(0)
+        conn.handoff.set_result(Item(None, None, job()))  # type: ignore[union-attr, arg-type]
+        got = await first  # its 30 s timer is still running
+        started = loop.time()
+        closed = await rig.connections.wait_idle(conn, 0.05, lambda item: None)
+        return got, closed, loop.time() - started
+
+    got, closed, waited = asyncio.run(go())
+    assert isinstance(got, Item) and closed is None and 0.04 <= waited < 1.0
+
+
+def test_an_idle_connection_is_not_closed_at_the_time_of_an_earlier_idle_wait():
+    rig = Rig()
+
+    async def go() -> tuple[Item | None, bool]:
+        conn = rig.open("a.test", relay())
+        first = asyncio.ensure_future(rig.connections.wait_idle(conn, 0.05, lambda item: None))
+        await asyncio.sleep(0)
+        conn.handoff.set_result(Item(None, None, job()))  # type: ignore[union-attr, arg-type]
+        await first  # its timer fires at 0.05 s, during the next wait
+        second = asyncio.ensure_future(rig.connections.wait_idle(conn, 0.3, lambda item: None))
+        await asyncio.sleep(0.15)
+        still_idle = conn.idle
+        item = Item(None, None, job())  # type: ignore[arg-type]
+        conn.handoff.set_result(item)  # type: ignore[union-attr]
+        return await second, still_idle
+
+    got, still_idle = asyncio.run(go())
+    assert still_idle and isinstance(got, Item)

@@ -1,11 +1,11 @@
-"""The Link's held bytes: a message's end kept back for the start of the one
-behind it, so both go in one send (copiamail/smtp/link.py)."""
+"""The Link's held bytes (a message's end kept back for the start of the one
+behind it, so both go in one send) and its reply timeouts (copiamail/smtp/link.py)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from copiamail.smtp.link import Link
+from copiamail.smtp.link import Link, ReplyTimeout
 
 
 class RecordingTransport(asyncio.Transport):
@@ -94,3 +94,48 @@ def test_an_abort_with_bytes_held_counts_them_as_cut_short_and_never_sends_them(
     link.abort()
     link.flush()
     assert transport.aborted and transport.writes == [] and link.cut_short
+
+
+def test_a_reply_times_out_at_its_own_deadline_though_an_earlier_reply_had_a_longer_one():
+    async def go() -> tuple[str, float]:
+        link, _ = link_and_transport()
+        loop = asyncio.get_running_loop()
+        link.write(b"NOOP\r\n", 1)
+        loop.call_later(0.01, link.data_received, b"250 ok\r\n")
+        await link.reply(30.0)  # its timer, 30 s ahead, outlives the reply
+        link.write(b"NOOP\r\n", 1)
+        started = loop.time()
+        try:
+            await link.reply(0.05)
+        except ReplyTimeout:
+            return "timed out", loop.time() - started
+        return "answered", loop.time() - started
+
+    outcome, waited = asyncio.run(go())
+    assert outcome == "timed out" and 0.04 <= waited < 1.0
+
+
+def test_a_reply_is_not_timed_out_by_the_deadline_of_the_reply_before_it():
+    async def go() -> list[tuple[int, str]]:
+        link, _ = link_and_transport()
+        loop = asyncio.get_running_loop()
+        link.write(b"NOOP\r\n", 1)
+        loop.call_later(0.01, link.data_received, b"250 first\r\n")
+        first = await link.reply(0.05)  # its timer fires at 0.05 s, while the next reply waits
+        link.write(b"NOOP\r\n", 1)
+        loop.call_later(0.12, link.data_received, b"250 second\r\n")
+        return [first, await link.reply(0.5)]
+
+    assert asyncio.run(go()) == [(250, "first"), (250, "second")]
+
+
+def test_a_link_that_ended_leaves_no_timer_behind():
+    async def go() -> int:
+        link, _ = link_and_transport()
+        link.write(b"NOOP\r\n", 1)
+        asyncio.get_running_loop().call_later(0.01, link.data_received, b"250 ok\r\n")
+        await link.reply(30.0)
+        link.connection_lost(None)
+        return len([h for h in asyncio.get_running_loop()._scheduled if not h.cancelled()])  # type: ignore[attr-defined]
+
+    assert asyncio.run(go()) == 0

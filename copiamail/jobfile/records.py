@@ -8,6 +8,7 @@ every line the engine does not own is kept as it was.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import NamedTuple
@@ -21,7 +22,14 @@ STATUS_DONE = 6
 
 def local_stamp(when: float) -> tuple[str, str]:
     """``(MM/DD/YYYY, HH:MM:SS)`` in the node's local time."""
-    t = time.localtime(when)
+    return _stamp_of_second(math.floor(when), time.tzname)
+
+
+# A busy node records many attempts in the same second: each second's stamp
+# is made once (per time zone, which time.tzset may change).
+@functools.lru_cache(maxsize=4)
+def _stamp_of_second(second: int, zone: tuple[str, str]) -> tuple[str, str]:
+    t = time.localtime(second)
     return time.strftime("%m/%d/%Y", t), time.strftime("%H:%M:%S", t)
 
 

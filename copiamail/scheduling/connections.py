@@ -42,6 +42,8 @@ class Connection:
     message_started: float | None = None  # when (monotonic) its last message started, under adaptive limits
     retiring: bool = False  # a reload lowered a cap it counts under, or it lost a lease: closes after its message
     lease: str | None = None  # the name its cluster-wide leases are held by in Redis (None: it holds none)
+    idle_until: float | None = None  # while idle: when (by the loop's clock) it closes if no job comes
+    idle_timer: asyncio.TimerHandle | None = None  # watches idle_until (see Connections.wait_idle)
 
     @property
     def idle(self) -> bool:
@@ -49,10 +51,17 @@ class Connection:
         return self.handoff is not None and not self.handoff.done()
 
 
-def _close_if_idle(handoff: asyncio.Future[Item | None]) -> None:
-    """An idle connection's time is up: it closes, unless a job was handed to it."""
-    if not handoff.done():
-        handoff.set_result(None)
+def _idle_time_come(conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
+    """``conn``'s idle timer fired: if it is idle and its time is up, it
+    closes (unless a job was handed to it); idle with time left (the timer of
+    an earlier wait), it waits on; not idle, the timer just ends."""
+    conn.idle_timer = None
+    if conn.idle_until is None or conn.handoff is None:
+        return
+    if loop.time() < conn.idle_until:
+        conn.idle_timer = loop.call_at(conn.idle_until, _idle_time_come, conn, loop)
+    elif not conn.handoff.done():
+        conn.handoff.set_result(None)
 
 
 def job_limit_key(limits: Sequence[Limit]) -> str | None:
@@ -154,6 +163,9 @@ class Connections:
         """``conn`` has closed: its slots are given back."""
         self._limiter.release(conn.limits)
         self._open.discard(conn)
+        if conn.idle_timer is not None:
+            conn.idle_timer.cancel()
+            conn.idle_timer = None
 
     def learned_host(self, ip: str, names: tuple[str, ...]) -> None:
         """``ip`` is known by ``names`` now: if that brings a host stanza to it,
@@ -280,9 +292,15 @@ class Connections:
         self._idle.setdefault(conn.domain, []).append(conn)
         # The time running out answers the handoff itself, at once: from that
         # instant the connection is no longer idle, so no job can be handed
-        # to it between the timer and this coroutine's next turn. (One timer
-        # instead of wait_for and shield: this runs once or twice a message.)
-        timer = loop.call_later(seconds, _close_if_idle, handoff)
+        # to it between the timer and this coroutine's next turn. One timer a
+        # connection, left running from one idle wait to the next (this runs
+        # once or twice a message), made anew only when it would fire late.
+        conn.idle_until = deadline = loop.time() + seconds
+        timer = conn.idle_timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            conn.idle_timer = loop.call_at(deadline, _idle_time_come, conn, loop)
         try:
             return await handoff
         except asyncio.CancelledError:
@@ -292,7 +310,7 @@ class Connections:
                 hand_back(handoff.result())  # type: ignore[arg-type]
             raise
         finally:
-            timer.cancel()
+            conn.idle_until = None
             self._idle[conn.domain].remove(conn)
             if not self._idle[conn.domain]:
                 del self._idle[conn.domain]

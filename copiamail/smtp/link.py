@@ -121,6 +121,11 @@ class Link(asyncio.Protocol):
         self._ended: str | None = None
         self._bad: Refused | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # The time the reply awaited must come by (None: none awaited), and
+        # the one timer that watches it (see :meth:`_watch`).
+        self._deadline: float | None = None
+        self._expired = False
+        self._timer: asyncio.TimerHandle | None = None
         transport.set_protocol(self)
 
     @property
@@ -191,29 +196,48 @@ class Link(asyncio.Protocol):
             # due sends them at the loop's next turn, before any answer).
             self.flush()
         loop = asyncio.get_running_loop()
-        expired = False
-
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            self._wake()
-
-        timer = loop.call_later(timeout, expire) if timeout else None
+        if timeout:
+            self._watch(loop, loop.time() + timeout)
         try:
             while not self._replies:
                 if self._bad is not None:
                     raise self._bad
                 if self._ended is not None:
                     raise Lost(self._ended)
-                if expired:
+                if self._expired:
                     raise ReplyTimeout()
                 self._waiter = loop.create_future()
                 await self._waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+            self._deadline = None
+            self._expired = False
         return self._replies.popleft()
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """Have the reply awaited time out at ``deadline``. One timer per
+        link, left running from reply to reply rather than made and cancelled
+        for each (two a message, each a heap entry the loop must sort past):
+        when it fires it times out the reply then awaited if that reply's
+        deadline has come, else waits on for it. It is only made anew when it
+        would fire after the deadline (a shorter timeout than the last)."""
+        self._deadline = deadline
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= deadline:
+                return
+            timer.cancel()
+        self._timer = loop.call_at(deadline, self._deadline_come, loop)
+
+    def _deadline_come(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        if self._deadline is None or self._ended is not None:
+            return  # no reply awaited now: the next wait starts the timer again
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._deadline_come, loop)
+            return
+        self._expired = True
+        self._wake()
 
     def close(self) -> None:
         """Close after QUIT: what is still buffered is sent first."""
@@ -288,6 +312,9 @@ class Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ended = self._ended or CONNECTION_LOST
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._wake()
 
     def _wake(self) -> None:
