@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from copiamail.config import BindingConfig
+from copiamail.deadline import Deadline
 from copiamail.jobfile.job import Job
 from copiamail.scheduling.limiter import Limiter
 from copiamail.scheduling.limits import Limit, Pace, Scopes
@@ -42,26 +43,22 @@ class Connection:
     message_started: float | None = None  # when (monotonic) its last message started, under adaptive limits
     retiring: bool = False  # a reload lowered a cap it counts under, or it lost a lease: closes after its message
     lease: str | None = None  # the name its cluster-wide leases are held by in Redis (None: it holds none)
-    idle_until: float | None = None  # while idle: when (by the loop's clock) it closes if no job comes
-    idle_timer: asyncio.TimerHandle | None = None  # watches idle_until (see Connections.wait_idle)
+    # While idle: when it closes if no job comes (one timer from wait to wait).
+    idle_deadline: Deadline = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.idle_deadline = Deadline(self._idle_time_up)
+
+    def _idle_time_up(self) -> None:
+        # Answered here, at once: from this instant the connection is no
+        # longer idle, so no job can be handed to it before its task runs.
+        if self.handoff is not None and not self.handoff.done():
+            self.handoff.set_result(None)
 
     @property
     def idle(self) -> bool:
         """Whether it waits for a job and none was handed to it yet."""
         return self.handoff is not None and not self.handoff.done()
-
-
-def _idle_time_come(conn: Connection, loop: asyncio.AbstractEventLoop) -> None:
-    """``conn``'s idle timer fired: if it is idle and its time is up, it
-    closes (unless a job was handed to it); idle with time left (the timer of
-    an earlier wait), it waits on; not idle, the timer just ends."""
-    conn.idle_timer = None
-    if conn.idle_until is None or conn.handoff is None:
-        return
-    if loop.time() < conn.idle_until:
-        conn.idle_timer = loop.call_at(conn.idle_until, _idle_time_come, conn, loop)
-    elif not conn.handoff.done():
-        conn.handoff.set_result(None)
 
 
 def job_limit_key(limits: Sequence[Limit]) -> str | None:
@@ -163,9 +160,7 @@ class Connections:
         """``conn`` has closed: its slots are given back."""
         self._limiter.release(conn.limits)
         self._open.discard(conn)
-        if conn.idle_timer is not None:
-            conn.idle_timer.cancel()
-            conn.idle_timer = None
+        conn.idle_deadline.cancel()
 
     def learned_host(self, ip: str, names: tuple[str, ...]) -> None:
         """``ip`` is known by ``names`` now: if that brings a host stanza to it,
@@ -290,17 +285,9 @@ class Connections:
         handoff: asyncio.Future[Item | None] = loop.create_future()
         conn.handoff = handoff
         self._idle.setdefault(conn.domain, []).append(conn)
-        # The time running out answers the handoff itself, at once: from that
-        # instant the connection is no longer idle, so no job can be handed
-        # to it between the timer and this coroutine's next turn. One timer a
-        # connection, left running from one idle wait to the next (this runs
-        # once or twice a message), made anew only when it would fire late.
-        conn.idle_until = deadline = loop.time() + seconds
-        timer = conn.idle_timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
-            conn.idle_timer = loop.call_at(deadline, _idle_time_come, conn, loop)
+        # The time running out answers the handoff itself (this runs once or
+        # twice a message: one timer a connection, see copiamail.deadline).
+        conn.idle_deadline.start(loop, seconds)
         try:
             return await handoff
         except asyncio.CancelledError:
@@ -310,7 +297,7 @@ class Connections:
                 hand_back(handoff.result())  # type: ignore[arg-type]
             raise
         finally:
-            conn.idle_until = None
+            conn.idle_deadline.end()
             self._idle[conn.domain].remove(conn)
             if not self._idle[conn.domain]:
                 del self._idle[conn.domain]

@@ -23,6 +23,8 @@ import asyncio
 import re
 from collections import deque
 
+from copiamail.deadline import Deadline
+
 
 class Lost(Exception):
     """The connection ended while a reply was awaited (the text says how)."""
@@ -121,11 +123,8 @@ class Link(asyncio.Protocol):
         self._ended: str | None = None
         self._bad: Refused | None = None
         self._waiter: asyncio.Future[None] | None = None
-        # The time the reply awaited must come by (None: none awaited), and
-        # the one timer that watches it (see :meth:`_watch`).
-        self._deadline: float | None = None
-        self._expired = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False  # the reply awaited did not come in time
+        self._deadline = Deadline(self._expire)
         transport.set_protocol(self)
 
     @property
@@ -197,7 +196,7 @@ class Link(asyncio.Protocol):
             self.flush()
         loop = asyncio.get_running_loop()
         if timeout:
-            self._watch(loop, loop.time() + timeout)
+            self._deadline.start(loop, timeout)
         try:
             while not self._replies:
                 if self._bad is not None:
@@ -210,32 +209,11 @@ class Link(asyncio.Protocol):
                 await self._waiter
         finally:
             self._waiter = None
-            self._deadline = None
+            self._deadline.end()
             self._expired = False
         return self._replies.popleft()
 
-    def _watch(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
-        """Have the reply awaited time out at ``deadline``. One timer per
-        link, left running from reply to reply rather than made and cancelled
-        for each (two a message, each a heap entry the loop must sort past):
-        when it fires it times out the reply then awaited if that reply's
-        deadline has come, else waits on for it. It is only made anew when it
-        would fire after the deadline (a shorter timeout than the last)."""
-        self._deadline = deadline
-        timer = self._timer
-        if timer is not None:
-            if timer.when() <= deadline:
-                return
-            timer.cancel()
-        self._timer = loop.call_at(deadline, self._deadline_come, loop)
-
-    def _deadline_come(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._timer = None
-        if self._deadline is None or self._ended is not None:
-            return  # no reply awaited now: the next wait starts the timer again
-        if loop.time() < self._deadline:
-            self._timer = loop.call_at(self._deadline, self._deadline_come, loop)
-            return
+    def _expire(self) -> None:
         self._expired = True
         self._wake()
 
@@ -312,9 +290,7 @@ class Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._ended = self._ended or CONNECTION_LOST
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.cancel()
         self._wake()
 
     def _wake(self) -> None:
