@@ -113,6 +113,13 @@ def test_throttled_jobs_are_shared_in_proportion_to_the_connections_each_receive
     assert [order[:20].count(d) for d in range(4)] == [2, 3, 5, 10]  # spread evenly over the queue
 
 
+def test_the_stolen_ticks_are_read_from_the_eighth_figure_of_the_cpu_line():
+    bench = load_bench()
+    assert bench.steal_ticks("cpu  24154 57 44808 484915 1398 0 3558 14 0 0\n") == 14
+    assert bench.steal_ticks("cpu  24154 57 44808 484915\n") == 0  # an old kernel's line gives none
+    assert bench.steal_ticks() >= 0  # this machine's own line
+
+
 def test_the_ideal_rate_is_the_connections_allowed_over_the_latency():
     bench = load_bench()
     assert bench.ideal_rate((2, 3, 5, None), 10, 0.05) == 400
