@@ -24,9 +24,13 @@ class Deadline:
         self._on_due = on_due
         self._when: float | None = None  # by the loop's clock; None: no wait on
         self._timer: asyncio.TimerHandle | None = None
+        self._cancelled = False
 
     def start(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
-        """A wait begins that is due in ``seconds``."""
+        """A wait begins that is due in ``seconds`` (none after :meth:`cancel`:
+        a wait on what has ended fails at once, and must leave no timer)."""
+        if self._cancelled:
+            return
         self._when = when = loop.time() + seconds
         timer = self._timer
         if timer is not None:
@@ -41,6 +45,7 @@ class Deadline:
 
     def cancel(self) -> None:
         """No wait will come again: the timer goes too."""
+        self._cancelled = True
         self._when = None
         if self._timer is not None:
             self._timer.cancel()

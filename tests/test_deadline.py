@@ -49,3 +49,17 @@ def test_a_cancelled_deadline_leaves_no_timer_and_is_never_due():
         return calls, len([h for h in loop._scheduled if not h.cancelled()])  # type: ignore[attr-defined]
 
     assert asyncio.run(go()) == ([], 0)
+
+
+def test_a_wait_begun_after_the_deadline_was_cancelled_makes_no_timer():
+    async def go() -> tuple[list[str], int]:
+        loop = asyncio.get_running_loop()
+        calls: list[str] = []
+        deadline = Deadline(lambda: calls.append("due"))
+        deadline.cancel()
+        deadline.start(loop, 0.01)
+        pending = len([h for h in loop._scheduled if not h.cancelled()])  # type: ignore[attr-defined]
+        await asyncio.sleep(0.05)
+        return calls, pending
+
+    assert asyncio.run(go()) == ([], 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from copiamail.smtp.link import Link, ReplyTimeout
+from copiamail.smtp.link import Link, Lost, ReplyTimeout
 
 
 class RecordingTransport(asyncio.Transport):
@@ -139,3 +139,19 @@ def test_a_link_that_ended_leaves_no_timer_behind():
         return len([h for h in asyncio.get_running_loop()._scheduled if not h.cancelled()])  # type: ignore[attr-defined]
 
     assert asyncio.run(go()) == 0
+
+
+def test_a_reply_awaited_after_the_connection_was_lost_fails_at_once_and_leaves_no_timer():
+    async def go() -> tuple[str, int]:
+        link, _ = link_and_transport()
+        link.write(b"NOOP\r\n", 1)
+        link.connection_lost(None)
+        try:
+            await link.reply(60.0)
+        except Lost:
+            outcome = "lost"
+        else:
+            outcome = "answered"
+        return outcome, len([h for h in asyncio.get_running_loop()._scheduled if not h.cancelled()])  # type: ignore[attr-defined]
+
+    assert asyncio.run(go()) == ("lost", 0)
