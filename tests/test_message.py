@@ -158,6 +158,22 @@ def test_date_is_now_in_local_time(tmp_path: Path) -> None:
     assert parsedate_to_datetime(msg["Date"]).timestamp() == NOW
 
 
+def test_date_follows_a_new_time_zone_of_the_same_names_but_another_offset(tmp_path: Path, monkeypatch) -> None:
+    import email.utils
+    import time
+
+    dates = []
+    for zone in ("EST+5", "EST+4"):  # both named ('EST', 'EST')
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+        dates.append((parse(build(make_job(body=texts("hi")), tmp_path, now=NOW))["Date"],
+                      email.utils.formatdate(NOW, localtime=True)))
+    monkeypatch.undo()
+    time.tzset()
+    assert [made for made, _ in dates] == [expected for _, expected in dates]
+    assert dates[0][0].endswith("-0500") and dates[1][0].endswith("-0400")
+
+
 def test_date_defaults_to_the_current_time(tmp_path: Path) -> None:
     import time
 

@@ -241,6 +241,18 @@ def tz_minus5(monkeypatch):
     time.tzset()
 
 
+def test_a_new_time_zone_of_the_same_names_but_another_offset_gives_its_own_stamp(monkeypatch):
+    epoch = 1795269787  # 11/21/2026 14:03:07 UTC
+    stamps = []
+    for zone in ("EST+5", "EST+4"):  # both named ('EST', 'EST')
+        monkeypatch.setenv("TZ", zone)
+        time.tzset()
+        stamps.append(records.local_stamp(epoch))
+    monkeypatch.undo()
+    time.tzset()
+    assert stamps == [("11/21/2026", "09:03:07"), ("11/21/2026", "10:03:07")]
+
+
 def test_stamps_are_in_the_nodes_local_time_not_utc(tz_minus5):
     epoch = 1795269787  # 11/21/2026 14:03:07 UTC
     assert time.gmtime(epoch)[:6] == (2026, 11, 21, 14, 3, 7)

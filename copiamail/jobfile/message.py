@@ -220,13 +220,14 @@ def _encoded_words(name: str, value: str, encoding: str, charset: str) -> str:
 
 def _date(now: float) -> str:
     """``email.utils.formatdate(now, localtime=True)``, in a tenth of its time."""
-    return _date_of_second(math.floor(now), time.tzname)
+    return _date_of_second(math.floor(now), (time.tzname, time.timezone, time.altzone))
 
 
 # A busy node dates many messages in the same second: each second's text is
-# made once (per time zone, which time.tzset may change).
+# made once (per time zone, which time.tzset may change: its names and its
+# offsets, since zones of the same names may differ in offset).
 @functools.lru_cache(maxsize=4)
-def _date_of_second(second: int, zone: tuple[str, str]) -> str:
+def _date_of_second(second: int, zone: tuple[tuple[str, str], int, int]) -> str:
     t = time.localtime(second)
     offset = (t.tm_gmtoff or 0) // 60
     sign = "-" if offset < 0 else "+"

@@ -22,13 +22,14 @@ STATUS_DONE = 6
 
 def local_stamp(when: float) -> tuple[str, str]:
     """``(MM/DD/YYYY, HH:MM:SS)`` in the node's local time."""
-    return _stamp_of_second(math.floor(when), time.tzname)
+    return _stamp_of_second(math.floor(when), (time.tzname, time.timezone, time.altzone))
 
 
 # A busy node records many attempts in the same second: each second's stamp
-# is made once (per time zone, which time.tzset may change).
+# is made once (per time zone, which time.tzset may change: its names and
+# its offsets, since zones of the same names may differ in offset).
 @functools.lru_cache(maxsize=4)
-def _stamp_of_second(second: int, zone: tuple[str, str]) -> tuple[str, str]:
+def _stamp_of_second(second: int, zone: tuple[tuple[str, str], int, int]) -> tuple[str, str]:
     t = time.localtime(second)
     return time.strftime("%m/%d/%Y", t), time.strftime("%H:%M:%S", t)
 
