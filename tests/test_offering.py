@@ -27,21 +27,25 @@ KEY = "domain:x.test"
 
 
 def _offered(tmp_path: Path, change: Callable[[Connection], None] = lambda conn: None,
-             before: Callable[[Path], None] = lambda job_path: None) -> tuple[Item | None, list[str], list[str]]:
-    """A.FS waits on ``KEY``; a connection of x.test is open, greeted (then
-    ``change``) and idle; ``before`` runs on the job's file, then the key is
-    offered. Returns what the connection was handed, the names in the
-    node's ACTIVE folder for TOSEND, and those in TOSEND."""
+             before: Callable[[Path], None] = lambda job_path: None,
+             after: tuple[str, ...] = ()) -> tuple[Item | None, list[str], list[str]]:
+    """A.FS (then the jobs named in ``after``) waits on ``KEY``; a connection
+    of x.test is open, greeted (then ``change``) and idle; ``before`` runs on
+    A.FS, then the key is offered. Returns what the connection was handed,
+    the names in the node's ACTIVE folder for TOSEND, and those in TOSEND."""
     config = Config(spool=tmp_path, relay=RelayConfig("192.0.2.1"))
     spool = Spool(tmp_path, 15, False)
     spool.ensure()
     spool.use_held_names(HeldNames.create(1).for_process(0))
-    job_path = tmp_path / "TOSEND" / "A.FS"
-    job_path.write_text('$email_address a@x.test\n$email_text "hi"\n', encoding="utf-8")
     scheduler = Scheduler(config, spool, "N1")
+    for name in ("A.FS", *after):
+        path = tmp_path / "TOSEND" / name
+        path.write_text('$email_address a@x.test\n$email_text "hi"\n', encoding="utf-8")
+        waiting = parse_job(CommandFile.read(path), name, config.job_env)
+        scheduler._waiting.add(WaitEntry(QueuedJob(spool.priority("TOSEND"), "TOSEND", name, str(path)),
+                                         waiting.without_content()), [(KEY, 2)])
+    job_path = tmp_path / "TOSEND" / "A.FS"
     job = parse_job(CommandFile.read(job_path), "A.FS", config.job_env)
-    scheduler._waiting.add(WaitEntry(QueuedJob(spool.priority("TOSEND"), "TOSEND", "A.FS", str(job_path)),
-                                     job.without_content()), [(KEY, 2)])
     targets = scheduler._router.targets(job)
     assert targets is not None
     limits = scheduler._shaping.scopes.limits("a@x.test", "x.test", None, targets[0].ips, targets[0].names)
@@ -86,3 +90,12 @@ def test_a_waiting_job_claimed_as_sending_whose_file_changed_while_it_waited_goe
     handed, active, folder = _offered(tmp_path, before=readdressed)
     assert handed is None
     assert active == [] and folder == ["A.FS"]
+
+
+def test_when_a_waiting_job_goes_back_unsent_the_idle_connection_is_offered_to_the_next_at_once(tmp_path):
+    def readdressed(job_path: Path) -> None:
+        job_path.write_text('$email_address b@x.test\n$email_text "hi"\n', encoding="utf-8")
+
+    handed, active, folder = _offered(tmp_path, before=readdressed, after=("B.FS",))
+    assert handed is not None and handed.claimed.name == "B.FS" and handed.claimed.marked_sending
+    assert active == ["B.FS.SENDING"] and folder == ["A.FS"]

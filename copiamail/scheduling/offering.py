@@ -144,11 +144,15 @@ class Offers:
                 continue
             if choice is None:
                 self._dispatch(claimed, None, None)
-            else:
-                self._start_claimed(choice, claimed, entry.job)
-            return
+                return
+            if self._start_claimed(choice, claimed, entry.job):
+                return
+            # Handed back unsent: the slot (or the idle connection) is still
+            # free, and goes to the next waiting job now, not at the next event.
 
-    def _start_claimed(self, choice: Start, claimed: Claimed, planned: Job) -> None:
+    def _start_claimed(self, choice: Start, claimed: Claimed, planned: Job) -> bool:
+        """Start ``claimed`` as ``choice`` planned it, or decide afresh where
+        its file changed; False only where it went back to its folder unsent."""
         cf, job = read_claimed(self._spool, self._chooser.config, claimed)
         if cf is None or job is None or not as_planned(job, planned, self._clock()):
             # Unreadable, or its file changed while it waited: decide afresh.
@@ -158,7 +162,8 @@ class Offers:
                 # Only claimed after all, it must not count as sending: it
                 # goes back, and a scan reads it again.
                 self._results.hand_back(claimed)
-            else:
-                self._dispatch(claimed, cf, job)
-            return
+                return False
+            self._dispatch(claimed, cf, job)
+            return True
         self._start(choice, Item(claimed, cf, job))
+        return True
