@@ -50,9 +50,7 @@ import binascii
 import codecs
 import email.charset
 import email.header
-import functools
 import hashlib
-import math
 import mimetypes
 import re
 import time
@@ -69,6 +67,7 @@ from copiamail.jobfile import outcome
 from copiamail.jobfile.addresses import message_id_domain
 from copiamail.jobfile.files import JobFiles
 from copiamail.jobfile.headers import check_header
+from copiamail.jobfile.localtime import once_a_second
 from copiamail.jobfile.model import Attachment, BodyItem, Job
 from copiamail.jobfile.owned import engine_variables
 from copiamail.jobfile.variables import GRAVE, UndefinedVariable, chained, expand
@@ -218,17 +217,10 @@ def _encoded_words(name: str, value: str, encoding: str, charset: str) -> str:
         raise JobError(f"header {name} cannot be written in {charset}", outcome.BAD_CHARSET.code) from None
 
 
-def _date(now: float) -> str:
-    """``email.utils.formatdate(now, localtime=True)``, in a tenth of its time."""
-    return _date_of_second(math.floor(now), (time.tzname, time.timezone, time.altzone))
-
-
-# A busy node dates many messages in the same second: each second's text is
-# made once (per time zone, which time.tzset may change: its names and its
-# offsets, since zones of the same names may differ in offset).
-@functools.lru_cache(maxsize=4)
-def _date_of_second(second: int, zone: tuple[tuple[str, str], int, int]) -> str:
-    t = time.localtime(second)
+@once_a_second
+def _date(t: time.struct_time) -> str:
+    """``email.utils.formatdate(now, localtime=True)``, in a tenth of its time
+    (called with ``now``; ``t`` is its local time, see :func:`once_a_second`)."""
     offset = (t.tm_gmtoff or 0) // 60
     sign = "-" if offset < 0 else "+"
     hours, minutes = divmod(abs(offset), 60)

@@ -8,29 +8,22 @@ every line the engine does not own is kept as it was.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from typing import NamedTuple
 
 from copiamail.jobfile import outcome
 from copiamail.jobfile.fsfile import CommandFile, WrittenLine, format_arg
+from copiamail.jobfile.localtime import once_a_second
 
 STATUS_WAITING = 2
 STATUS_DONE = 6
 
 
-def local_stamp(when: float) -> tuple[str, str]:
-    """``(MM/DD/YYYY, HH:MM:SS)`` in the node's local time."""
-    return _stamp_of_second(math.floor(when), (time.tzname, time.timezone, time.altzone))
-
-
-# A busy node records many attempts in the same second: each second's stamp
-# is made once (per time zone, which time.tzset may change: its names and
-# its offsets, since zones of the same names may differ in offset).
-@functools.lru_cache(maxsize=4)
-def _stamp_of_second(second: int, zone: tuple[tuple[str, str], int, int]) -> tuple[str, str]:
-    t = time.localtime(second)
+@once_a_second
+def local_stamp(t: time.struct_time) -> tuple[str, str]:
+    """``(MM/DD/YYYY, HH:MM:SS)`` of a moment in the node's local time (called
+    with the moment; ``t`` is its local time, see :func:`once_a_second`)."""
     return time.strftime("%m/%d/%Y", t), time.strftime("%H:%M:%S", t)
 
 
